@@ -1,0 +1,346 @@
+"""The per-request context handed to every hook."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterable, Generic, Iterable, Mapping, TypeVar
+
+import orjson
+from multidict import CIMultiDict
+
+from .errors import ProxyError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .chain import CompiledRoute
+    from .sse import Event
+
+T = TypeVar("T")
+_UNPARSED: Any = object()
+
+
+class StashKey(Generic[T]):
+    """A typed key into ``ctx.stash``: each plugin owns its keys, so no two collide."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
+    def __repr__(self) -> str:  # pragma: no cover
+        return f"StashKey({self.name!r})"
+
+
+class Stash:
+    """Per-request private state for plugins, keyed by :class:`StashKey` objects."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[StashKey[Any], Any] = {}
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self._d[key] = value
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        return self._d[key]
+
+    def get(self, key: StashKey[T], default: Any = None) -> T | Any:
+        return self._d.get(key, default)
+
+    def setdefault(self, key: StashKey[T], default: T) -> T:
+        return self._d.setdefault(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+    def __delitem__(self, key: StashKey[T]) -> None:
+        del self._d[key]
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who is calling. Set by an auth plugin; read by limits, metering, cache scope."""
+
+    key_id: str
+    name: str | None = None
+    team: str | None = None
+    user: str | None = None
+    models: tuple[str, ...] | None = None
+    limits: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Target:
+    """Where a request may go: an upstream by name, optionally a model name to send."""
+
+    upstream: str
+    model: str | None = None
+    #: a label recorded with the attempt (alias, experiment variant, ...)
+    label: str | None = None
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One upstream attempt, as the upstream client made it."""
+
+    target: Target
+    start: float
+    status: int | None = None
+    error: str | None = None  # connect | timeout | protocol | None
+    first_byte: float | None = None
+    end: float | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    #: True when counted by Sluice rather than reported by the upstream
+    estimated: bool = False
+
+
+@dataclass(slots=True)
+class Timings:
+    """Monotonic stamps (``time.perf_counter()``); ``None`` where a stage did not happen."""
+
+    start: float = 0.0
+    upstream_start: float | None = None
+    first_byte: float | None = None
+    upstream_end: float | None = None
+    end: float | None = None
+    #: CPU-free wall time spent inside plugin hooks, by "plugin-id.phase"
+    plugins: dict[str, float] = field(default_factory=dict)
+
+
+class Response:
+    """A buffered answer: from the upstream, or an early reply."""
+
+    __slots__ = ("status", "headers", "_body", "_json")
+
+    def __init__(self, status: int, headers: CIMultiDict[str] | Mapping[str, str] | None, body: bytes) -> None:
+        self.status = status
+        self.headers: CIMultiDict[str] = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers or {})
+        self._body = body
+        self._json: Any = _UNPARSED
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self._body = value
+        self._json = _UNPARSED
+
+    @property
+    def json(self) -> Any:
+        """The parsed body, or ``None`` when it is not JSON."""
+        if self._json is _UNPARSED:
+            try:
+                self._json = orjson.loads(self._body) if self._body else None
+            except orjson.JSONDecodeError:
+                self._json = None
+        return self._json
+
+    def set_json(self, value: Any) -> None:
+        self._body = orjson.dumps(value)
+        self._json = value
+
+
+class Reply:
+    """An early answer made by a plugin (``ctx.reply``)."""
+
+    __slots__ = ("status", "headers", "body", "events")
+
+    def __init__(self, status: int, headers: Mapping[str, str] | None, body: bytes, events: AsyncIterable[Event] | Iterable[Event] | None):
+        self.status = status
+        self.headers = dict(headers or {})
+        self.body = body
+        self.events = events
+
+
+class Context:
+    """One request's state, handed to every hook. Slots, not a free-for-all dict."""
+
+    __slots__ = (
+        "request_id", "route", "method", "path", "query", "headers", "raw", "client_ip",
+        "_body", "_body_changed", "identity", "targets", "upstream", "response",
+        "response_headers", "usage", "cost", "answered_by", "answer_reason", "outcome",
+        "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
+        "status", "error", "_current", "passed", "stream_events", "stream_bytes",
+        "runtime",
+    )
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        method: str,
+        path: str,
+        query: str = "",
+        headers: CIMultiDict[str] | Mapping[str, str] | None = None,
+        raw: bytes = b"",
+        route: CompiledRoute | None = None,
+        client_ip: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.route = route
+        self.method = method
+        #: the full request path, prefix included, e.g. ``/v1/chat/completions``
+        self.path = path
+        self.query = query
+        #: request headers forwarded upstream (hop-by-hop ones already removed)
+        self.headers: CIMultiDict[str] = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers or {})
+        #: the request body as received
+        self.raw = raw
+        self.client_ip = client_ip
+        self._body: Any = _UNPARSED
+        self._body_changed = False
+        #: who is calling (set by auth)
+        self.identity: Identity | None = None
+        #: where to send the request, in order of preference (set by routing)
+        self.targets: list[Target] = []
+        #: the target that answered
+        self.upstream: Target | None = None
+        #: the buffered answer, when there is one
+        self.response: Response | None = None
+        #: headers plugins add to the client's answer, whatever it is
+        self.response_headers: CIMultiDict[str] = CIMultiDict()
+        self.usage: Usage | None = None
+        #: money for this request (in the price table's currency), set by metering
+        self.cost: float | None = None
+        self.answered_by: str | None = None
+        self.answer_reason: str | None = None
+        #: ok | answered | upstream_error | client_gone | plugin_error | error
+        self.outcome: str | None = None
+        self.timings = Timings(start=time.perf_counter())
+        self.stash = Stash()
+        self.attempts: list[Attempt] = []
+        #: what guards found, for observers: ``{"pii": {"EMAIL_ADDRESS": 2}}`` (types and counts, never values)
+        self.annotations: dict[str, Any] = {}
+        #: numeric features of this request that observers (drift) record
+        self.features: dict[str, float] = {}
+        #: small labels to record (experiment variant, cache hit, ...)
+        self.tags: dict[str, str] = {}
+        self.reply_value: Reply | None = None
+        #: the status the client got
+        self.status: int | None = None
+        #: the error the client got, if any (message only, safe to log)
+        self.error: str | None = None
+        self._current: str | None = None
+        #: plugin instances whose on_request ran (the onion's way back)
+        self.passed: int = 0
+        #: events and bytes relayed to the client for a stream
+        self.stream_events = 0
+        self.stream_bytes = 0
+        self.runtime: Any = None
+
+    # -- body ---------------------------------------------------------------
+    @property
+    def body(self) -> Any:
+        """The request body parsed as JSON (lazily, once); ``None`` for an empty body.
+
+        Raises a 400 :class:`ProxyError` when a plugin needs it and it is not JSON.
+        After changing it, assign it back (``ctx.body = body``) so it is sent.
+        """
+        if self._body is _UNPARSED:
+            if not self.raw:
+                self._body = None
+            else:
+                try:
+                    self._body = orjson.loads(self.raw)
+                except orjson.JSONDecodeError:
+                    raise ProxyError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
+        return self._body
+
+    @body.setter
+    def body(self, value: Any) -> None:
+        self._body = value
+        self._body_changed = True
+
+    @property
+    def body_changed(self) -> bool:
+        return self._body_changed
+
+    @property
+    def body_is_json(self) -> bool:
+        """True when the body parses as a JSON object (never raises)."""
+        try:
+            return isinstance(self.body, dict)
+        except ProxyError:
+            return False
+
+    def body_bytes(self) -> bytes:
+        """What to send upstream: the original bytes unless a plugin changed the body."""
+        if self._body_changed:
+            return orjson.dumps(self._body)
+        return self.raw
+
+    def _json_field(self, name: str) -> Any:
+        if self._body is _UNPARSED and (not self.raw or self.raw[:1] not in b"{ \t\r\n"):
+            return None
+        try:
+            body = self.body
+        except ProxyError:
+            return None
+        return body.get(name) if isinstance(body, dict) else None
+
+    @property
+    def model(self) -> str | None:
+        """The ``model`` the client asked for (``None`` when the body has none)."""
+        m = self._json_field("model")
+        return m if isinstance(m, str) else None
+
+    @property
+    def stream(self) -> bool:
+        """Whether the client asked for a streamed answer."""
+        return self._json_field("stream") is True
+
+    @property
+    def endpoint(self) -> str:
+        """The path after the route prefix, e.g. ``chat/completions``."""
+        prefix = self.route.prefix if self.route is not None else "/"
+        return self.path[len(prefix):] if self.path.startswith(prefix) else self.path.lstrip("/")
+
+    # -- answers ------------------------------------------------------------
+    @property
+    def answered(self) -> bool:
+        """True once a plugin answered early; later ``on_request`` hooks should step aside."""
+        return self.reply_value is not None
+
+    def reply(
+        self,
+        status: int = 200,
+        body: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        events: AsyncIterable[Event] | Iterable[Event] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Answer the client now, without an upstream call.
+
+        ``body`` is bytes, or anything orjson can serialise. Pass ``events`` (SSE
+        events, sync or async iterable) instead to answer with a stream; the
+        events pass through the outer plugins' ``on_chunk`` and ``data: [DONE]``
+        is appended. ``reason`` goes to ``ctx.answer_reason``.
+        """
+        if events is not None:
+            raw = b""
+        elif isinstance(body, (bytes, bytearray)):
+            raw = bytes(body)
+        else:
+            raw = orjson.dumps(body)
+        hdrs = dict(headers or {})
+        if events is None:
+            hdrs.setdefault("content-type", "application/json")
+        self.reply_value = Reply(status, hdrs, raw, events)
+        self.answered_by = self._current
+        self.answer_reason = reason or ("reply" if status < 400 else "error")
+
+    def __repr__(self) -> str:  # pragma: no cover
+        return f"<Context {self.request_id} {self.method} {self.path}>"

@@ -1,0 +1,151 @@
+"""The small state interfaces plugins use. Backends: memory, sqlite, redis.
+
+* :class:`Counters`: smooth windowed limits with reserve-then-reconcile (GCRA),
+  concurrency leases, and period sums (budgets). Atomic across keys: an acquire
+  over several limits takes all or none.
+* :class:`KV`: bytes with a TTL (cache, key lookups).
+* :class:`Records`: append-only rows written in batches off the loop (ledgers,
+  logs, samples, experiment results).
+
+Every method that talks to Redis or SQLite is bounded by a timeout and raises
+:class:`proxy.errors.StateUnavailable` when the backend is slow, down or its
+breaker is open; plugins decide (via ``on_error``) whether that fails closed or open.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """``limit`` units per ``period_s`` seconds on ``key``, ``cost`` units asked now.
+
+    GCRA semantics: a burst of up to ``limit`` is admitted at once, and capacity
+    refills steadily at ``limit / period_s`` per second.
+    """
+
+    key: str
+    limit: float
+    period_s: float
+    cost: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    limit: Limit
+    #: units still available right after this decision
+    remaining: float
+    #: seconds until the bucket is full again
+    reset_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    #: seconds to wait before the same request could be admitted (0 when allowed)
+    retry_after_s: float
+    statuses: tuple[LimitStatus, ...] = ()
+    #: the limit that refused, when not allowed
+    refused: Limit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SumStatus:
+    allowed: bool
+    #: the period's total after this call (including ``amount`` only when allowed)
+    total: float
+    limit: float
+
+
+class Counters(abc.ABC):
+    @abc.abstractmethod
+    async def acquire(self, limits: Sequence[Limit]) -> Decision:
+        """Admit ``cost`` on every limit at once, or on none (all-or-nothing)."""
+
+    @abc.abstractmethod
+    async def adjust(self, limits: Sequence[Limit]) -> None:
+        """Add ``cost`` (negative to give back) without checking: reconcile after the fact."""
+
+    @abc.abstractmethod
+    async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
+        """Take one of ``limit`` concurrent slots on ``key``; a lease token, or ``None`` when full.
+
+        A lease not released expires after ``ttl_s`` (a crashed replica cannot leak slots).
+        """
+
+    @abc.abstractmethod
+    async def release(self, key: str, token: str) -> None:
+        """Give back a lease."""
+
+    @abc.abstractmethod
+    async def add_sum(self, key: str, amount: float, limit: float | None, expires_at: float) -> SumStatus:
+        """Add ``amount`` to a period total if the total stays within ``limit`` (``None``: no limit).
+
+        A negative ``amount`` always applies. ``expires_at`` (epoch seconds) ends the period.
+        """
+
+    @abc.abstractmethod
+    async def get_sum(self, key: str) -> float:
+        """The current period total of ``key`` (0 when none)."""
+
+    async def close(self) -> None:
+        return None
+
+
+class KV(abc.ABC):
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None: ...
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass
+class Table:
+    """A records table: its name, columns with SQLite types, primary key and indexes."""
+
+    name: str
+    columns: Mapping[str, type]
+    pk: str | None = None
+    indexes: Sequence[Sequence[str]] = field(default_factory=tuple)
+
+
+class Records(abc.ABC):
+    @abc.abstractmethod
+    def ensure(self, table: Table) -> None:
+        """Create the table (and indexes) if it does not exist; add missing columns."""
+
+    @abc.abstractmethod
+    def append(self, table: str, row: Mapping[str, Any]) -> None:
+        """Queue one row for the batched writer. Never blocks, never drops silently."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Wait until every row appended so far is durable."""
+
+    @abc.abstractmethod
+    async def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
+        """Run a read-only query off the loop (pending rows are flushed first)."""
+
+    async def close(self) -> None:
+        return None
+
+
+def chunks(it: Iterable[Any], n: int) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for x in it:
+        batch.append(x)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
