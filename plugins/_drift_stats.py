@@ -1,0 +1,355 @@
+"""The drift engine: sampled windows of request features and their comparison.
+
+Pure Python plus numpy/scipy, no proxy imports, so it is unit-tested on its own and
+its comparisons can run in the CPU executor (``compare`` takes plain snapshots).
+
+* Numeric features (tokens, latency, anything a plugin puts in ``ctx.features``) are
+  kept in a reservoir per window (Vitter's algorithm R, seeded) and compared with the
+  two-sample Kolmogorov-Smirnov test.
+* Categorical features (finish reason, refusal, error) are counted and compared with a
+  chi-square test of homogeneity.
+* Both also get a Population Stability Index, with bins taken from the reference's
+  quantiles (numeric) or its categories.
+
+A feature drifts when its test rejects at ``alpha`` (Bonferroni-corrected over the
+features compared, so more features do not mean more false alarms) *and* its PSI
+reaches ``psi_threshold``: the test says the change is real, PSI says it is big enough
+to matter. Large windows make tiny changes significant; PSI keeps those quiet.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping
+
+import numpy as np
+
+MAX_CATEGORIES = 32
+OTHER = "other"
+
+
+class Reservoir:
+    """A uniform sample of at most ``capacity`` values of a stream of unknown length."""
+
+    __slots__ = ("capacity", "values", "seen", "_rng")
+
+    def __init__(self, capacity: int, rng: random.Random) -> None:
+        self.capacity = capacity
+        self.values: list[float] = []
+        self.seen = 0
+        self._rng = rng
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if len(self.values) < self.capacity:
+            self.values.append(value)
+        else:
+            j = self._rng.randrange(self.seen)
+            if j < self.capacity:
+                self.values[j] = value
+
+
+@dataclass
+class Snapshot:
+    """A frozen copy of a window, safe to hand to another thread or to store as JSON."""
+
+    numeric: dict[str, list[float]]
+    categorical: dict[str, dict[str, int]]
+    count: int
+    started: float
+    ended: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Snapshot:
+        return cls(
+            numeric={k: [float(x) for x in v] for k, v in data.get("numeric", {}).items()},
+            categorical={k: {str(c): int(n) for c, n in v.items()} for k, v in data.get("categorical", {}).items()},
+            count=int(data.get("count", 0)),
+            started=float(data.get("started", 0.0)),
+            ended=float(data.get("ended", 0.0)),
+        )
+
+
+class Window:
+    """The samples of one period for one route and model."""
+
+    __slots__ = ("capacity", "numeric", "categorical", "count", "started", "_rng", "max_features")
+
+    def __init__(self, capacity: int, rng: random.Random, started: float, max_features: int = 32) -> None:
+        self.capacity = capacity
+        self.numeric: dict[str, Reservoir] = {}
+        self.categorical: dict[str, Counter[str]] = {}
+        self.count = 0
+        self.started = started
+        self._rng = rng
+        self.max_features = max_features
+
+    def add(self, numeric: Mapping[str, float], categorical: Mapping[str, str]) -> None:
+        self.count += 1
+        for name, value in numeric.items():
+            if value is None or not math.isfinite(value):
+                continue
+            r = self.numeric.get(name)
+            if r is None:
+                if len(self.numeric) >= self.max_features:
+                    continue
+                r = self.numeric[name] = Reservoir(self.capacity, self._rng)
+            r.add(float(value))
+        for name, value in categorical.items():
+            c = self.categorical.get(name)
+            if c is None:
+                if len(self.categorical) >= self.max_features:
+                    continue
+                c = self.categorical[name] = Counter()
+            if value not in c and len(c) >= MAX_CATEGORIES:
+                value = OTHER
+            c[value] += 1
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        return Snapshot(
+            numeric={k: list(r.values) for k, r in self.numeric.items()},
+            categorical={k: dict(c) for k, c in self.categorical.items()},
+            count=self.count,
+            started=self.started,
+            ended=time.time() if now is None else now,
+        )
+
+
+# -- statistics -----------------------------------------------------------------
+
+PSI_EPS = 1e-4
+
+
+def _psi_from_props(ref: np.ndarray, cur: np.ndarray) -> float:
+    ref = np.clip(ref, PSI_EPS, None)
+    cur = np.clip(cur, PSI_EPS, None)
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def psi_bins(n_ref: int, n_cur: int, most: int = 10) -> int:
+    """Bins for a numeric PSI: ten when samples allow, fewer for small windows.
+
+    PSI's expected value between two samples of one distribution is about
+    ``(bins - 1) * (1/n_ref + 1/n_cur)``; with 100 samples and ten bins that noise alone
+    is 0.1, half the usual alarm level. Keeping about 20 samples a bin bounds it.
+    """
+    return max(2, min(most, min(n_ref, n_cur) // 20))
+
+
+def psi_numeric(ref: list[float], cur: list[float], bins: int | None = None) -> float:
+    """PSI over quantile bins of the reference (ties merged)."""
+    r = np.asarray(ref, dtype=float)
+    c = np.asarray(cur, dtype=float)
+    if r.size == 0 or c.size == 0:
+        return 0.0
+    if bins is None:
+        bins = psi_bins(r.size, c.size)
+    edges = np.unique(np.quantile(r, np.linspace(0, 1, bins + 1)[1:-1]))
+    # searchsorted puts each value in the bin of the first edge >= it: same rule for both
+    rc = np.bincount(np.searchsorted(edges, r, side="left"), minlength=edges.size + 1)
+    cc = np.bincount(np.searchsorted(edges, c, side="left"), minlength=edges.size + 1)
+    return _psi_from_props(rc / r.size, cc / c.size)
+
+
+def psi_categorical(ref: Mapping[str, int], cur: Mapping[str, int]) -> float:
+    cats = sorted(set(ref) | set(cur))
+    rt, ct = sum(ref.values()), sum(cur.values())
+    if not cats or rt == 0 or ct == 0:
+        return 0.0
+    return _psi_from_props(np.array([ref.get(k, 0) / rt for k in cats]), np.array([cur.get(k, 0) / ct for k in cats]))
+
+
+def ks_test(ref: list[float], cur: list[float]) -> tuple[float, float]:
+    from scipy.stats import ks_2samp
+
+    res = ks_2samp(ref, cur, alternative="two-sided", method="auto")
+    return float(res.statistic), float(res.pvalue)
+
+
+def chi2_test(ref: Mapping[str, int], cur: Mapping[str, int]) -> tuple[float, float]:
+    from scipy.stats import chi2_contingency
+
+    cats = [k for k in sorted(set(ref) | set(cur)) if ref.get(k, 0) + cur.get(k, 0) > 0]
+    if len(cats) < 2 or sum(ref.values()) == 0 or sum(cur.values()) == 0:
+        return 0.0, 1.0  # one category on both sides: nothing can have shifted
+    table = np.array([[ref.get(k, 0) for k in cats], [cur.get(k, 0) for k in cats]])
+    res = chi2_contingency(table, correction=False)
+    return float(res.statistic), float(res.pvalue)
+
+
+def p95(values: list[float]) -> float | None:
+    return float(np.quantile(np.asarray(values, dtype=float), 0.95)) if values else None
+
+
+@dataclass
+class FeatureResult:
+    feature: str
+    kind: Literal["numeric", "categorical"]
+    test: Literal["ks", "chi2"]
+    statistic: float
+    p_value: float
+    psi: float
+    n_reference: int
+    n_current: int
+    drifted: bool
+
+
+@dataclass
+class LatencyResult:
+    feature: str
+    baseline_p95: float
+    current_p95: float
+    ratio: float
+    degraded: bool
+
+
+@dataclass
+class Thresholds:
+    alpha: float = 0.01
+    psi: float = 0.2
+    min_samples: int = 100
+    latency_tolerance: float = 0.5
+    latency_feature: str = "latency_s"
+
+
+@dataclass
+class Comparison:
+    features: list[FeatureResult] = field(default_factory=list)
+    latency: LatencyResult | None = None
+
+    @property
+    def drifted(self) -> list[str]:
+        return [f.feature for f in self.features if f.drifted]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "features": [asdict(f) for f in self.features],
+            "latency": asdict(self.latency) if self.latency else None,
+            "drifted": self.drifted,
+        }
+
+
+def compare(reference: Snapshot, current: Snapshot, th: Thresholds, baseline_p95: float | None = None) -> Comparison:
+    """Every feature present on both sides with ``min_samples`` values, compared.
+
+    ``baseline_p95`` (seconds) pins the latency baseline; without it the reference
+    window's own p95 is the baseline.
+    """
+    out = Comparison()
+    numeric = [k for k in sorted(set(reference.numeric) & set(current.numeric))
+               if len(reference.numeric[k]) >= th.min_samples and len(current.numeric[k]) >= th.min_samples]
+    categorical = [k for k in sorted(set(reference.categorical) & set(current.categorical))
+                   if sum(reference.categorical[k].values()) >= th.min_samples
+                   and sum(current.categorical[k].values()) >= th.min_samples]
+    n_tests = len(numeric) + len(categorical)
+    alpha = th.alpha / n_tests if n_tests else th.alpha
+    for k in numeric:
+        r, c = reference.numeric[k], current.numeric[k]
+        stat, p = ks_test(r, c)
+        score = psi_numeric(r, c)
+        out.features.append(FeatureResult(k, "numeric", "ks", stat, p, score, len(r), len(c), p < alpha and score >= th.psi))
+    for k in categorical:
+        r2, c2 = reference.categorical[k], current.categorical[k]
+        stat, p = chi2_test(r2, c2)
+        score = psi_categorical(r2, c2)
+        out.features.append(
+            FeatureResult(k, "categorical", "chi2", stat, p, score, sum(r2.values()), sum(c2.values()), p < alpha and score >= th.psi)
+        )
+    cur_lat = current.numeric.get(th.latency_feature) or []
+    base = baseline_p95 if baseline_p95 is not None else p95(reference.numeric.get(th.latency_feature) or [])
+    if base is not None and base > 0 and len(cur_lat) >= th.min_samples:
+        cur95 = p95(cur_lat) or 0.0
+        ratio = cur95 / base
+        out.latency = LatencyResult(th.latency_feature, base, cur95, ratio, ratio > 1.0 + th.latency_tolerance)
+    return out
+
+
+class Monitor:
+    """One route and model: a current window, a reference, and when to compare.
+
+    ``reference`` is ``"previous"`` (each closed window becomes the reference of the
+    next) or ``"pinned"`` (the first full window, or one set with :meth:`pin`, stays).
+    A window closes after ``window_samples`` samples, or after ``window_seconds`` once it
+    holds ``min_samples``.
+    """
+
+    def __init__(
+        self,
+        *,
+        reservoir_size: int,
+        window_samples: int,
+        window_seconds: float,
+        check_every: int,
+        reference: Literal["previous", "pinned"],
+        thresholds: Thresholds,
+        seed: int | None = None,
+        max_features: int = 32,
+        now: float | None = None,
+    ) -> None:
+        self.reservoir_size = reservoir_size
+        self.window_samples = window_samples
+        self.window_seconds = window_seconds
+        self.check_every = check_every
+        self.mode = reference
+        self.thresholds = thresholds
+        self.max_features = max_features
+        self._rng = random.Random(seed)
+        self.current = Window(reservoir_size, self._rng, time.time() if now is None else now, max_features)
+        self.reference: Snapshot | None = None
+        self.pinned = False
+        self.last: Comparison | None = None
+        self.last_checked_at = 0
+        self.windows_closed = 0
+
+    def add(self, numeric: Mapping[str, float], categorical: Mapping[str, str], now: float | None = None) -> bool:
+        """Record one sample; True when a comparison is due (call :meth:`due_snapshots`)."""
+        now = time.time() if now is None else now
+        self.current.add(numeric, categorical)
+        return self._due(now)
+
+    def _due(self, now: float) -> bool:
+        n = self.current.count
+        if n >= self.window_samples:
+            return True
+        if now - self.current.started >= self.window_seconds and n >= self.thresholds.min_samples:
+            return True
+        return self.reference is not None and n >= self.thresholds.min_samples and n - self.last_checked_at >= self.check_every
+
+    def due_snapshots(self, now: float | None = None) -> tuple[Snapshot | None, Snapshot]:
+        """The (reference, current) pair to compare now; rolls the window when it is full.
+
+        Call on the event loop; hand the result to :func:`compare` anywhere.
+        """
+        now = time.time() if now is None else now
+        cur = self.current.snapshot(now)
+        ref = self.reference
+        self.last_checked_at = self.current.count
+        closing = cur.count >= self.window_samples or (
+            now - self.current.started >= self.window_seconds and cur.count >= self.thresholds.min_samples
+        )
+        if closing:
+            self.windows_closed += 1
+            if self.mode == "previous" or (self.reference is None and not self.pinned):
+                self.reference = cur
+            self.current = Window(self.reservoir_size, self._rng, now, self.max_features)
+            self.last_checked_at = 0
+        return ref, cur
+
+    def pin(self, snapshot: Snapshot) -> None:
+        self.reference = snapshot
+        self.pinned = True
+
+    def check_now(self, baseline_p95: float | None = None, now: float | None = None) -> Comparison | None:
+        """Compare synchronously (tests, the CLI): the due pair, or ``None`` with no reference."""
+        ref, cur = self.due_snapshots(now)
+        if ref is None:
+            return None
+        self.last = compare(ref, cur, self.thresholds, baseline_p95)
+        return self.last

@@ -1,0 +1,244 @@
+"""Prices, cost and token estimates for the metering plugin (and anyone who needs a cost).
+
+Prices are per million tokens. The default table ships in ``plugins/data/prices.yaml``;
+a config overrides or extends it per model (top-level ``prices:`` first, then the
+metering plugin's own ``prices:``). Lookups are resolved once per model name and
+cached, so pricing a request is a dict hit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from proxy import Usage
+
+DEFAULT_PRICES = Path(__file__).with_name("data") / "prices.yaml"
+
+
+class PriceSpec(BaseModel):
+    """One model's price, per million tokens, as written in YAML."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(..., ge=0, le=1e6, description="Price of a million prompt tokens.")
+    cached_input: float | None = Field(
+        None, ge=0, le=1e6, description="Price of a million prompt tokens served from the provider's cache; default: input."
+    )
+    output: float = Field(0.0, ge=0, le=1e6, description="Price of a million completion tokens (reasoning tokens included).")
+    as_of: str | None = Field(None, max_length=32, description="When the price was taken (informational).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dates(cls, data: Any) -> Any:
+        # YAML turns an unquoted 2025-01-31 into a date
+        if isinstance(data, dict) and data.get("as_of") is not None and not isinstance(data["as_of"], str):
+            data = {**data, "as_of": str(data["as_of"])}
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A resolved price per token (not per million), ready to multiply."""
+
+    model: str
+    input: float
+    cached_input: float
+    output: float
+    as_of: str | None = None
+
+    @classmethod
+    def from_spec(cls, model: str, spec: PriceSpec) -> Price:
+        cached = spec.input if spec.cached_input is None else spec.cached_input
+        return cls(model, spec.input / 1e6, cached / 1e6, spec.output / 1e6, spec.as_of)
+
+    def cost(self, usage: Usage) -> float:
+        """Money for one request's usage: cached prompt tokens at their own rate."""
+        cached = min(max(usage.cached_tokens, 0), max(usage.prompt_tokens, 0))
+        fresh = max(usage.prompt_tokens, 0) - cached
+        return fresh * self.input + cached * self.cached_input + max(usage.completion_tokens, 0) * self.output
+
+    def cost_of(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return prompt_tokens * self.input + completion_tokens * self.output
+
+
+def parse_table(data: Mapping[str, Any], where: str) -> dict[str, PriceSpec]:
+    """Validate a ``{model: {input, cached_input, output}}`` mapping; errors name the model."""
+    out: dict[str, PriceSpec] = {}
+    for model, spec in data.items():
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}.{model}: expected a mapping with input, cached_input, output")
+        try:
+            out[str(model)] = PriceSpec.model_validate(dict(spec))
+        except Exception as e:  # pydantic's message names the field
+            first = str(e).splitlines()
+            raise ValueError(f"{where}.{model}: {' '.join(first[1:3]) if len(first) > 1 else first[0]}") from None
+    return out
+
+
+def load_default_table(path: Path = DEFAULT_PRICES) -> tuple[str, dict[str, PriceSpec]]:
+    data = yaml.safe_load(path.read_text()) or {}
+    return str(data.get("currency", "USD")), parse_table(data.get("models") or {}, "models")
+
+
+class PriceTable:
+    """Model name -> :class:`Price`, with provider-prefix and dated-snapshot matching.
+
+    ``"*"`` in an override prices every model the table does not know.
+    """
+
+    def __init__(self, specs: Mapping[str, PriceSpec], currency: str = "USD") -> None:
+        self.currency = currency
+        self._prices = {m: Price.from_spec(m, s) for m, s in specs.items() if m != "*"}
+        self._fallback = Price.from_spec("*", specs["*"]) if "*" in specs else None
+        # longest first, so "gpt-4o-mini-2024-07-18" finds gpt-4o-mini before gpt-4o
+        self._prefixes = sorted(self._prices, key=len, reverse=True)
+        self._resolved: dict[str, Price | None] = {}
+
+    @classmethod
+    def build(cls, *overrides: Mapping[str, Any] | None, base: Path | None = DEFAULT_PRICES) -> PriceTable:
+        """The default table, then each override mapping in order (later wins)."""
+        currency, specs = load_default_table(base) if base is not None else ("USD", {})
+        for i, o in enumerate(overrides):
+            if o:
+                specs.update(parse_table(o, f"prices[{i}]"))
+        return cls(specs, currency)
+
+    def __contains__(self, model: str) -> bool:
+        return self.lookup(model) is not None
+
+    def models(self) -> list[str]:
+        return sorted(self._prices)
+
+    def lookup(self, model: str | None) -> Price | None:
+        if not model:
+            return self._fallback
+        try:
+            return self._resolved[model]
+        except KeyError:
+            pass
+        found = self._resolve(model)
+        if len(self._resolved) < 4096:  # client-chosen names must not grow this forever
+            self._resolved[model] = found
+        return found
+
+    def _resolve(self, model: str) -> Price | None:
+        names = [model]
+        if "/" in model:
+            names.append(model.rsplit("/", 1)[1])
+        for name in names:
+            p = self._prices.get(name)
+            if p is not None:
+                return p
+        for name in names:
+            for known in self._prefixes:
+                if name.startswith(known) and name[len(known):len(known) + 1] in ("-", ":", "@"):
+                    return self._prices[known]
+        return self._fallback
+
+
+# -- token estimates ---------------------------------------------------------------
+#
+# Used only when the upstream reported no usage (a client that went away mid-stream,
+# an upstream without usage). The record is then marked estimated. The heuristic is
+# OpenAI's published rule of thumb (about four characters of English per token) plus
+# the chat format's per-message overhead; it errs on the generous side for code.
+
+CHARS_PER_TOKEN = 4.0
+PER_MESSAGE = 4
+PER_REPLY = 3
+
+
+def _text_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                t = part.get("text")
+                if isinstance(t, str):
+                    parts.append(t)
+            elif isinstance(part, str):
+                parts.append(part)
+        return " ".join(parts)
+    return ""
+
+
+def estimate_prompt_tokens(body: Any) -> int:
+    """Tokens of a chat, completions or embeddings request body, estimated."""
+    if not isinstance(body, dict):
+        return 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        n = PER_REPLY
+        for m in messages:
+            if isinstance(m, dict):
+                n += PER_MESSAGE + _text_tokens(_content_text(m.get("content")))
+                name = m.get("name")
+                if isinstance(name, str):
+                    n += _text_tokens(name)
+                calls = m.get("tool_calls")
+                if calls:
+                    n += _text_tokens(str(calls))
+        tools = body.get("tools")
+        if tools:
+            n += _text_tokens(str(tools))
+        return n
+    for field in ("prompt", "input"):
+        value = body.get(field)
+        if isinstance(value, str):
+            return _text_tokens(value)
+        if isinstance(value, list):
+            if value and all(isinstance(x, int) for x in value):
+                return len(value)  # already token ids
+            return sum(_text_tokens(x) if isinstance(x, str) else len(x) if isinstance(x, list) else 0 for x in value)
+    return 0
+
+
+def estimate_completion_tokens_from_response(body: Any) -> int:
+    """Tokens of a buffered answer's generated text, estimated."""
+    if not isinstance(body, dict):
+        return 0
+    n = 0
+    for choice in body.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        msg = choice.get("message")
+        if isinstance(msg, dict):
+            n += _text_tokens(_content_text(msg.get("content")))
+            if msg.get("tool_calls"):
+                n += _text_tokens(str(msg["tool_calls"]))
+        text = choice.get("text")
+        if isinstance(text, str):
+            n += _text_tokens(text)
+    return n
+
+
+def estimate_completion_tokens_from_stream(events: int) -> int:
+    """Tokens relayed in a stream cut short, from the count of events the client got.
+
+    A streamed answer carries at least one token per content event, plus the role event
+    and the finish event; servers merge tokens under load, so this is a lower bound.
+    """
+    return max(events - 2, 0)
+
+
+def max_output_tokens(body: Any, default: int) -> int:
+    """The output the client allowed (``max_completion_tokens`` or ``max_tokens``), else ``default``."""
+    if isinstance(body, dict):
+        for field in ("max_completion_tokens", "max_tokens"):
+            v = body.get(field)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                n = 1 if not isinstance(body.get("n"), int) else max(body["n"], 1)
+                return v * n
+    return default

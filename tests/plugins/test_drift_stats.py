@@ -1,0 +1,147 @@
+"""The drift engine on its own: reservoirs, PSI, the tests, and alarms with fixed seeds."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from plugins._drift_stats import (
+    Monitor,
+    Reservoir,
+    Snapshot,
+    Thresholds,
+    chi2_test,
+    compare,
+    psi_categorical,
+    psi_numeric,
+)
+
+
+def make_monitor(seed: int, **kw) -> Monitor:
+    args = dict(
+        reservoir_size=500,
+        window_samples=500,
+        window_seconds=1e9,
+        check_every=25,
+        reference="pinned",
+        thresholds=Thresholds(alpha=0.01, psi=0.2, min_samples=100),
+        seed=seed,
+    )
+    args.update(kw)
+    return Monitor(**args)
+
+
+def sample(rng: np.random.Generator, mean_tokens: float, finish_stop: float) -> tuple[dict, dict]:
+    return (
+        {"prompt_tokens": float(max(1, round(rng.normal(mean_tokens, 40)))), "latency_s": float(rng.gamma(4, 0.05))},
+        {"finish_reason": "stop" if rng.random() < finish_stop else "length"},
+    )
+
+
+def test_reservoir_keeps_capacity_and_is_uniform():
+    rng = random.Random(7)
+    means = []
+    for _ in range(200):
+        r = Reservoir(50, rng)
+        for i in range(1000):
+            r.add(float(i))
+        assert len(r.values) == 50 and r.seen == 1000
+        means.append(sum(r.values) / 50)
+    # a uniform sample of 0..999 has mean 499.5; 200 reservoirs pin it within a few units
+    assert abs(sum(means) / len(means) - 499.5) < 15
+
+
+def test_psi_zero_for_same_distribution_and_large_for_a_shift():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 1, 5000).tolist()
+    b = rng.normal(0, 1, 5000).tolist()
+    c = rng.normal(1, 1, 5000).tolist()
+    assert psi_numeric(a, b) < 0.02
+    assert psi_numeric(a, c) > 0.5
+    assert psi_categorical({"stop": 90, "length": 10}, {"stop": 90, "length": 10}) == pytest.approx(0.0)
+    assert psi_categorical({"stop": 90, "length": 10}, {"stop": 50, "length": 50}) > 0.5
+
+
+def test_psi_survives_ties_in_discrete_values():
+    assert psi_numeric([5.0] * 100, [5.0] * 100) == pytest.approx(0.0)
+    assert psi_numeric([5.0] * 100, [6.0] * 100) > 1.0
+
+
+def test_chi2_single_category_is_no_evidence():
+    assert chi2_test({"stop": 10}, {"stop": 30}) == (0.0, 1.0)
+    stat, p = chi2_test({"stop": 90, "length": 10}, {"stop": 40, "length": 60})
+    assert stat > 10 and p < 1e-6
+
+
+def test_known_shift_detected_within_150_samples():
+    """Prompt tokens move from mean 200 to 260 (1.5 sd): an alarm by the 150th sample after the shift."""
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        m = make_monitor(seed)
+        for _ in range(500):
+            m.add(*sample(rng, 200, 0.9), now=0.0)
+        assert m.check_now(now=0.0) is None  # the first full window became the reference
+        assert m.reference is not None and m.reference.count == 500
+        detected_at = None
+        for i in range(1, 501):
+            if m.add(*sample(rng, 260, 0.9), now=0.0):
+                res = m.check_now(now=0.0)
+                if res is not None and "prompt_tokens" in res.drifted:
+                    detected_at = i
+                    break
+        assert detected_at is not None and detected_at <= 150, (seed, detected_at)
+        assert "finish_reason" not in res.drifted  # only what moved is flagged
+
+
+def test_categorical_shift_detected():
+    rng = np.random.default_rng(3)
+    m = make_monitor(3)
+    for _ in range(500):
+        m.add(*sample(rng, 200, 0.95), now=0.0)
+    m.check_now(now=0.0)
+    for _ in range(200):
+        m.add(*sample(rng, 200, 0.6), now=0.0)
+    res = m.check_now(now=0.0)
+    assert res.drifted == ["finish_reason"]
+
+
+def test_no_shift_no_alarm_over_many_checks():
+    checks = 0
+    for seed in range(10):
+        rng = np.random.default_rng(100 + seed)
+        m = make_monitor(100 + seed, reference="previous")
+        for _ in range(3000):
+            if m.add(*sample(rng, 200, 0.9), now=0.0):
+                res = m.check_now(now=0.0)
+                if res is not None:
+                    checks += 1
+                    assert res.drifted == [], (seed, res.to_json())
+                    assert res.latency is None or not res.latency.degraded
+    assert checks > 100
+
+
+def test_latency_degradation_against_reference_and_pinned_baseline():
+    rng = np.random.default_rng(9)
+    ref = Snapshot({"latency_s": rng.gamma(4, 0.05, 400).tolist()}, {}, 400, 0, 1)
+    slow = Snapshot({"latency_s": (rng.gamma(4, 0.05, 400) * 2).tolist()}, {}, 400, 1, 2)
+    same = Snapshot({"latency_s": rng.gamma(4, 0.05, 400).tolist()}, {}, 400, 1, 2)
+    th = Thresholds(min_samples=100, latency_tolerance=0.5)
+    assert compare(ref, slow, th).latency.degraded
+    assert not compare(ref, same, th).latency.degraded
+    # a pinned baseline of 1 s: neither window is slow against it
+    assert not compare(ref, slow, th, baseline_p95=1.0).latency.degraded
+
+
+def test_snapshot_round_trips_through_json():
+    s = Snapshot({"x": [1.0, 2.0]}, {"f": {"stop": 3}}, 3, 1.5, 2.5)
+    assert Snapshot.from_json(s.to_json()) == s
+
+
+def test_window_bounds_features_and_categories():
+    m = make_monitor(0, max_features=3)
+    for i in range(100):
+        m.add({f"f{j}": 1.0 for j in range(10)}, {"c": f"v{i}"}, now=0.0)
+    assert len(m.current.numeric) + 0 <= 3
+    assert len(m.current.categorical["c"]) <= 33  # 32 seen values and "other"
