@@ -1,0 +1,184 @@
+"""Prompt token counting shared by plugins (rate limits, budgets, routing by length).
+
+``count_prompt_tokens(body, model)`` counts the prompt of an OpenAI-shaped request
+body (chat, completions, embeddings, responses). With a real tokenizer it is
+exact for the text; without one it is an estimate:
+
+* text: ``ceil(utf-8 bytes / 4)`` per string, OpenAI's rule of thumb for English
+  (it over-counts code and under-counts some scripts; limits only need the order);
+* chat: plus 3 tokens per message and 3 to prime the answer, as OpenAI's
+  cookbook counts; plus 1 per ``name``;
+* images: 85 tokens each (OpenAI's low-detail price);
+* token-id prompts (lists of ints): their exact length;
+* tools and functions: their JSON, counted as text.
+
+Real tokenizers are HuggingFace ``tokenizer.json`` files loaded with the optional
+``tokenizers`` package, mapped to models by glob pattern (``register_tokenizer``)
+or passed explicitly. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import orjson
+
+#: how many UTF-8 bytes the estimate counts as one token
+BYTES_PER_TOKEN = 4
+PER_MESSAGE = 3
+PER_NAME = 1
+REPLY_PRIMING = 3
+IMAGE_TOKENS = 85
+
+Counter = Callable[[str], int]
+_registered: list[tuple[str, str]] = []
+
+
+def estimate_text(text: str) -> int:
+    """The estimate for one string: ``ceil(len(utf8) / 4)``."""
+    if not text:
+        return 0
+    return math.ceil(len(text.encode("utf-8", "surrogatepass")) / BYTES_PER_TOKEN)
+
+
+@functools.lru_cache(maxsize=16)
+def load_tokenizer(path: str) -> Counter:
+    """A counter from a local ``tokenizer.json`` (needs the ``tokenizers`` extra)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError("a tokenizer path is configured but the 'tokenizers' package is not installed "
+                           "(pip install 'sluice[tokenizers]')") from e
+    tok = Tokenizer.from_file(str(path))
+
+    def count(text: str) -> int:
+        if not text:
+            return 0
+        return len(tok.encode(text, add_special_tokens=False).ids)
+
+    return count
+
+
+def register_tokenizer(model_pattern: str, path: str) -> None:
+    """Use the tokenizer at ``path`` for models matching the glob ``model_pattern``.
+
+    Later registrations win; registering the same pattern again replaces it.
+    """
+    load_tokenizer(path)  # fail at configuration time, not on a request
+    _registered[:] = [(p, f) for p, f in _registered if p != model_pattern]
+    _registered.append((model_pattern, path))
+
+
+def tokenizer_for(model: str | None, mapping: Mapping[str, str] | None = None) -> Counter | None:
+    """The counter for ``model`` from ``mapping`` (pattern -> path) or the registry, else ``None``."""
+    if not model:
+        return None
+    pairs: Iterable[tuple[str, str]] = list(mapping.items()) if mapping else []
+    for pattern, path in [*pairs, *reversed(_registered)]:
+        if fnmatch.fnmatchcase(model, pattern):
+            return load_tokenizer(path)
+    return None
+
+
+def _text_of_content(content: Any, count: Counter) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return count(content)
+    n = 0
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, str):
+                n += count(part)
+            elif isinstance(part, dict):
+                kind = part.get("type")
+                if kind in ("text", "input_text", "output_text"):
+                    n += count(str(part.get("text") or ""))
+                elif kind in ("image_url", "input_image", "image"):
+                    n += IMAGE_TOKENS
+                elif kind in ("input_audio", "file", "input_file"):
+                    n += count(orjson.dumps(part).decode())
+                else:
+                    n += count(str(part.get("text") or ""))
+        return n
+    return count(orjson.dumps(content).decode())
+
+
+def _prompt(value: Any, count: Counter) -> int:
+    """A completions/embeddings ``prompt``/``input``: str, [str], [int] or [[int]]."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return count(value)
+    if isinstance(value, list):
+        if value and all(isinstance(x, int) for x in value):
+            return len(value)
+        n = 0
+        for item in value:
+            if isinstance(item, str):
+                n += count(item)
+            elif isinstance(item, list) and all(isinstance(x, int) for x in item):
+                n += len(item)
+            elif isinstance(item, dict):  # responses API input items
+                n += PER_MESSAGE + _text_of_content(item.get("content"), count)
+            else:
+                n += count(orjson.dumps(item).decode())
+        return n
+    return count(orjson.dumps(value).decode())
+
+
+def count_prompt_tokens(body: Any, model: str | None = None, *, tokenizer: Counter | None = None,
+                        tokenizers: Mapping[str, str] | None = None) -> int:
+    """Tokens of the prompt in an OpenAI request body.
+
+    ``tokenizer`` (a ``str -> int`` counter) wins; else a tokenizer mapped to
+    ``model`` (``tokenizers`` pattern -> tokenizer.json path, then the registry);
+    else the documented estimate. ``model`` defaults to ``body["model"]``.
+    """
+    if not isinstance(body, dict):
+        return 0
+    model = model or (body.get("model") if isinstance(body.get("model"), str) else None)
+    count = tokenizer or tokenizer_for(model, tokenizers) or estimate_text
+    n = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            n += PER_MESSAGE + _text_of_content(m.get("content"), count)
+            if m.get("name"):
+                n += PER_NAME + count(str(m["name"]))
+            if m.get("tool_calls"):
+                n += count(orjson.dumps(m["tool_calls"]).decode())
+            if m.get("function_call"):
+                n += count(orjson.dumps(m["function_call"]).decode())
+        n += REPLY_PRIMING
+    if "prompt" in body:
+        n += _prompt(body.get("prompt"), count)
+    if "input" in body:
+        n += _prompt(body.get("input"), count)
+    if isinstance(body.get("instructions"), str):
+        n += count(body["instructions"])
+    for extra in ("tools", "functions"):
+        if body.get(extra):
+            n += count(orjson.dumps(body[extra]).decode())
+    return n
+
+
+def completion_allowance(body: Any, default: int) -> int:
+    """Tokens the answer may use: ``max_completion_tokens``, ``max_tokens`` or
+    ``max_output_tokens`` when given, else ``default``; times ``n`` choices."""
+    if not isinstance(body, dict):
+        return default
+    limit = None
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        v = body.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            limit = v
+            break
+    choices = body.get("n")
+    n = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
+    return (default if limit is None else limit) * n

@@ -1,0 +1,340 @@
+"""Redis state: GCRA counters, leases and sums in Lua (one round trip each), KV with TTL.
+
+Every call goes through :class:`RedisGuard`: bounded by ``timeout_ms``, and after
+``breaker_failures`` consecutive failures the breaker opens for
+``breaker_cooldown_s`` and calls fail at once with
+:class:`proxy.errors.StateUnavailable` instead of waiting on a dead server.
+
+Time comes from Redis (``TIME``) so replicas with skewed clocks agree; tests may
+inject a clock instead. In Cluster mode every counter key carries one hash tag,
+so a multi-limit acquire is a single-slot script (atomic), at the price of
+keeping counters on one shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from ..config import RedisConfig
+from ..errors import StateUnavailable
+from .base import KV, Counters, Decision, Limit, LimitStatus, SumStatus
+
+log = logging.getLogger("sluice.state")
+T = TypeVar("T")
+
+_CLOCK = """
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# KEYS: one per limit (distinct). ARGV: now, eps, then limit, period, cost per key.
+# Returns {allowed, retry_after, refused_index, remaining_1, reset_1, ...} as strings,
+# because Lua numbers come back to the client truncated to integers.
+ACQUIRE_LUA = _CLOCK + """
+local eps = tonumber(ARGV[2])
+local n = #KEYS
+local new = {}
+local out = {}
+local refused = 0
+local wait_max = 0
+for i = 1, n do
+  local limit = tonumber(ARGV[3 * i])
+  local period = tonumber(ARGV[3 * i + 1])
+  local cost = tonumber(ARGV[3 * i + 2])
+  local interval = period / limit
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local base = tat
+  if base < now then base = now end
+  local nt = base + cost * interval
+  local used = nt - now
+  if used <= period + eps then
+    new[i] = nt
+    out[2 * i - 1] = string.format('%.6f', (period - used) / interval)
+    out[2 * i] = string.format('%.6f', used)
+  else
+    local wait = used - period
+    if cost > limit then wait = period end
+    if refused == 0 or wait > wait_max then
+      refused = i
+      wait_max = wait
+    end
+    out[2 * i - 1] = string.format('%.6f', (period - (base - now)) / interval)
+    out[2 * i] = string.format('%.6f', base - now)
+  end
+end
+if refused == 0 then
+  for i = 1, n do
+    local ms = math.ceil((new[i] - now) * 1000) + 1
+    redis.call('SET', KEYS[i], string.format('%.6f', new[i]), 'PX', ms)
+  end
+end
+local res = {refused == 0 and '1' or '0', string.format('%.6f', wait_max), tostring(refused)}
+for i = 1, 2 * n do res[3 + i] = out[i] end
+return res
+"""
+
+# KEYS: limit keys. ARGV: now, then limit, period, cost per key.
+ADJUST_LUA = _CLOCK + """
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[3 * i - 1])
+  local period = tonumber(ARGV[3 * i])
+  local cost = tonumber(ARGV[3 * i + 1])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  local nt = tat + cost * (period / limit)
+  if nt <= now then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('SET', KEYS[i], string.format('%.6f', nt), 'PX', math.ceil((nt - now) * 1000) + 1)
+  end
+end
+return 1
+"""
+
+# KEYS: the lease set. ARGV: now, limit, ttl_s, token.
+LEASE_LUA = _CLOCK + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+local ttl = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], string.format('%.6f', now + ttl), ARGV[4])
+local left = redis.call('PTTL', KEYS[1])
+local want = math.ceil(ttl * 1000) + 1
+if left < want then redis.call('PEXPIRE', KEYS[1], want) end
+return 1
+"""
+
+# KEYS: the sum, a hash {t: total, e: period end}. ARGV: now, amount, limit ('' for none), expires_at.
+# The period end is kept in the hash (not only as a TTL) so an injected test clock sees it too.
+SUM_LUA = _CLOCK + """
+local amount = tonumber(ARGV[2])
+local expires_at = tonumber(ARGV[4])
+local h = redis.call('HMGET', KEYS[1], 't', 'e')
+local cur = tonumber(h[1] or '0')
+local e = tonumber(h[2] or '0')
+if e <= now then
+  cur = 0
+  e = expires_at
+end
+if ARGV[3] ~= '' and amount >= 0 and cur + amount > tonumber(ARGV[3]) then
+  return {'0', string.format('%.6f', cur)}
+end
+if expires_at > e then e = expires_at end
+local total = cur + amount
+redis.call('HSET', KEYS[1], 't', string.format('%.6f', total), 'e', string.format('%.6f', e))
+local ms = math.ceil((e - now) * 1000)
+if ms < 1 then ms = 1 end
+redis.call('PEXPIRE', KEYS[1], ms + 1000)
+return {'1', string.format('%.6f', total)}
+"""
+
+_FAILURES: tuple[type[BaseException], ...]
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    import redis.exceptions as rx
+
+    # ResponseError (a bug in a script, wrong type) is not a sign of an unhealthy server
+    return (rx.ConnectionError, rx.TimeoutError, rx.ClusterError, rx.BusyLoadingError, rx.ReadOnlyError,
+            rx.MasterDownError, rx.TryAgainError, asyncio.TimeoutError, OSError)
+
+
+def connect(cfg: RedisConfig) -> Any:
+    """A redis.asyncio client for the config: standalone URL, Sentinel or Cluster.
+
+    Built-in retries are off: a retry inside the timeout only hides a slow server
+    from the breaker.
+    """
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    timeout = cfg.timeout_ms / 1000
+    common: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout)
+    if cfg.cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(cfg.url, retry=Retry(NoBackoff(), 0), cluster_error_retry_attempts=0, **common)
+    if cfg.sentinel:
+        from redis.asyncio.sentinel import Sentinel
+        from redis.asyncio.connection import parse_url
+
+        nodes = []
+        for hp in cfg.sentinel:
+            host, _, port = hp.rpartition(":")
+            nodes.append((host or hp, int(port or 26379)))
+        opts = {k: v for k, v in parse_url(cfg.url).items() if k in ("password", "username", "db", "ssl")}
+        sentinel = Sentinel(nodes, sentinel_kwargs=dict(common), retry=Retry(NoBackoff(), 0), **common, **opts)
+        return sentinel.master_for(cfg.master_name)
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(cfg.url, retry=Retry(NoBackoff(), 0), **common)
+
+
+class RedisGuard:
+    """Timeout and circuit breaker around every Redis call of a process."""
+
+    def __init__(self, client: Any, cfg: RedisConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.timeout_s = cfg.timeout_ms / 1000
+        self._clock = clock
+        self.failures = 0
+        self.open_until = 0.0
+        self._shas: dict[str, str] = {}
+        self._errors = _failures()
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.cfg.breaker_failures and self._clock() < self.open_until
+
+    def state(self) -> str:
+        if self.is_open:
+            return "open"
+        return "half-open" if self.failures >= self.cfg.breaker_failures else "closed"
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        if self.is_open:
+            raise StateUnavailable("a state backend is unavailable (circuit open)", reason="redis_breaker_open")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await fn()
+        except self._errors as e:
+            self._failed(e)
+            raise StateUnavailable(reason="redis_unavailable") from None
+        self.failures = 0
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.failures >= self.cfg.breaker_failures:
+            # past the threshold every failure (including a half-open probe) re-opens it
+            if not self.is_open:
+                log.warning("redis: breaker open for %.1fs after %d failures (%s)",
+                            self.cfg.breaker_cooldown_s, self.failures, type(exc).__name__)
+            self.open_until = self._clock() + self.cfg.breaker_cooldown_s
+
+    async def script(self, lua: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA, loading the script when the server does not know it (restart, failover)."""
+        import redis.exceptions as rx
+
+        sha = self._shas.get(lua)
+        if sha is None:
+            sha = self._shas[lua] = hashlib.sha1(lua.encode()).hexdigest()
+
+        async def run() -> Any:
+            try:
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+            except rx.NoScriptError:
+                return await self.client.eval(lua, len(keys), *keys, *args)
+
+        return await self.call(run)
+
+
+class RedisCounters(Counters):
+    """Counters shared by every process and replica on one Redis.
+
+    ``clock`` (epoch seconds) replaces Redis ``TIME`` in tests; leave it ``None``
+    in production so all replicas use one clock.
+    """
+
+    def __init__(self, guard: RedisGuard, prefix: str, cluster: bool = False, clock: Callable[[], float] | None = None) -> None:
+        self.guard = guard
+        # one hash tag for all counters in Cluster mode: an acquire spans key, team and global limits
+        self.prefix = prefix + ("{c}:" if cluster else "c:")
+        self._clock = clock
+
+    def _now(self) -> str:
+        return "-1" if self._clock is None else repr(self._clock())
+
+    async def acquire(self, limits: Sequence[Limit]) -> Decision:
+        merged = _merge(limits)
+        keys = [self.prefix + lim.key for lim in merged]
+        args: list[Any] = [self._now(), "0.000001"]
+        for lim in merged:
+            args += [repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost))]
+        res = await self.guard.script(ACQUIRE_LUA, keys, args)
+        res = [x.decode() if isinstance(x, bytes) else str(x) for x in res]
+        allowed = res[0] == "1"
+        wait = float(res[1])
+        refused_i = int(res[2])
+        by_key = {}
+        for i, lim in enumerate(merged):
+            by_key[lim.key] = (float(res[3 + 2 * i]), float(res[4 + 2 * i]))
+        statuses = tuple(LimitStatus(lim, *by_key[lim.key]) for lim in limits)
+        refused = None
+        if not allowed:
+            rk = merged[refused_i - 1].key
+            refused = next(lim for lim in limits if lim.key == rk)
+        return Decision(allowed, wait if not allowed else 0.0, statuses, refused)
+
+    async def adjust(self, limits: Sequence[Limit]) -> None:
+        limits = [lim for lim in limits if lim.cost != 0]
+        if not limits:
+            return
+        keys = [self.prefix + lim.key for lim in limits]
+        args: list[Any] = [self._now()]
+        for lim in limits:
+            args += [repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost))]
+        await self.guard.script(ADJUST_LUA, keys, args)
+
+    async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
+        token = secrets.token_hex(8)
+        ok = await self.guard.script(LEASE_LUA, [self.prefix + "lease:" + key], [self._now(), limit, repr(float(ttl_s)), token])
+        return token if int(ok) == 1 else None
+
+    async def release(self, key: str, token: str) -> None:
+        await self.guard.call(lambda: self.guard.client.zrem(self.prefix + "lease:" + key, token))
+
+    async def add_sum(self, key: str, amount: float, limit: float | None, expires_at: float) -> SumStatus:
+        res = await self.guard.script(
+            SUM_LUA, [self.prefix + "sum:" + key],
+            [self._now(), repr(float(amount)), "" if limit is None else repr(float(limit)), repr(float(expires_at))],
+        )
+        ok = (res[0].decode() if isinstance(res[0], bytes) else str(res[0])) == "1"
+        total = float(res[1])
+        return SumStatus(ok, total, float("inf") if limit is None else limit)
+
+    async def get_sum(self, key: str) -> float:
+        total, end = await self.guard.call(lambda: self.guard.client.hmget(self.prefix + "sum:" + key, "t", "e"))
+        if total is None or end is None:
+            return 0.0
+        now = self._clock() if self._clock is not None else time.time()
+        return float(total) if float(end) > now else 0.0
+
+
+def _merge(limits: Sequence[Limit]) -> list[Limit]:
+    """One entry per key (costs added): a script must not see one bucket twice."""
+    out: dict[str, Limit] = {}
+    for lim in limits:
+        prev = out.get(lim.key)
+        out[lim.key] = lim if prev is None else Limit(lim.key, prev.limit, prev.period_s, prev.cost + lim.cost)
+    return list(out.values())
+
+
+class RedisKV(KV):
+    """Bytes under ``<prefix>kv:<namespace>:<key>`` with Redis-side expiry.
+
+    ``max_bytes`` is not enforced per namespace: bound Redis itself with
+    ``maxmemory`` and an LRU eviction policy.
+    """
+
+    def __init__(self, guard: RedisGuard, prefix: str, namespace: str) -> None:
+        self.guard = guard
+        self.prefix = f"{prefix}kv:{namespace}:"
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.guard.call(lambda: self.guard.client.get(self.prefix + key))
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        px = None if ttl_s is None else max(1, int(ttl_s * 1000))
+        await self.guard.call(lambda: self.guard.client.set(self.prefix + key, value, px=px))
+
+    async def delete(self, key: str) -> None:
+        await self.guard.call(lambda: self.guard.client.delete(self.prefix + key))

@@ -1,0 +1,305 @@
+"""SQLite state: append-only records through a batched writer thread, and a KV with TTL.
+
+The event loop never touches a SQLite connection: rows are queued to one writer
+thread per file (batched by ``batch_size`` rows or ``flush_interval_ms``), reads
+and KV calls run on a dedicated thread, and every awaited call is bounded by
+``sqlite_timeout_ms`` (raising :class:`proxy.errors.StateUnavailable`). Files use
+WAL so several worker processes can share them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+from ..errors import StateUnavailable
+from .base import KV, Records, Table
+
+log = logging.getLogger("sluice.state")
+T = TypeVar("T")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_CLOSE_WAIT_S = 30.0
+
+
+def connect(path: Path, timeout_ms: int, *, read_only: bool = False, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=timeout_ms / 1000, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
+    if read_only:
+        conn.execute("PRAGMA query_only=1")
+    else:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    return conn
+
+
+class _Thread:
+    """One thread, one connection, jobs awaited with a timeout."""
+
+    def __init__(self, name: str, opener: Callable[[], sqlite3.Connection], timeout_s: float) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._opener = opener
+        self._conn: sqlite3.Connection | None = None
+        self.timeout_s = timeout_s
+
+    def _with_conn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            self._conn = self._opener()
+        return fn(self._conn)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, self._with_conn, fn)
+        try:
+            return await asyncio.wait_for(fut, self.timeout_s)
+        except (asyncio.TimeoutError, sqlite3.OperationalError) as e:
+            log.warning("sqlite: %s", type(e).__name__)
+            raise StateUnavailable(reason="sqlite_unavailable") from None
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        try:
+            self._pool.submit(_close)
+        except RuntimeError:
+            pass
+        self._pool.shutdown(wait=True)
+
+
+class SQLiteRecords(Records):
+    """Rows appended to ``path`` by a background writer thread, in batches.
+
+    Tables declared with a primary key are upserted (the last row with a key
+    wins); others are plain appends. New columns in a row are added to the table.
+    """
+
+    def __init__(self, path: Path, *, timeout_ms: int = 2000, batch_size: int = 500, flush_interval_ms: int = 200) -> None:
+        self.path = Path(path)
+        self.timeout_ms = timeout_ms
+        self.batch_size = batch_size
+        self.interval_s = flush_interval_ms / 1000
+        self._q: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._pks: dict[str, str | None] = {}
+        #: rows given up after a write error (logged); stays 0 in a healthy process
+        self.dropped = 0
+        self.written = 0
+        self._closed = False
+        self._reader = _Thread("sluice-sqlite-read", lambda: connect(self.path, timeout_ms, read_only=True), timeout_ms / 1000)
+        self._thread = threading.Thread(target=self._run, name=f"sluice-records-{self.path.stem}", daemon=True)
+        self._thread.start()
+
+    # -- loop side -----------------------------------------------------------
+    def ensure(self, table: Table) -> None:
+        if not _NAME.match(table.name):
+            raise ValueError(f"invalid table name {table.name!r}")
+        self._pks[table.name] = table.pk
+        self._q.put(("ensure", table))
+
+    def append(self, table: str, row: Mapping[str, Any]) -> None:
+        if self._closed:
+            raise RuntimeError("records are closed")
+        self._q.put(("row", table, dict(row)))
+
+    async def flush(self) -> None:
+        await self._signal("flush", self.timeout_ms / 1000 + self.interval_s + 5)
+
+    async def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
+        await self.flush()
+
+        def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            cur = conn.execute(sql, params)
+            cols = [d[0] for d in cur.description or ()]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+        return await self._reader.run(run)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._signal("close", _CLOSE_WAIT_S)
+        finally:
+            await asyncio.to_thread(self._reader.close)
+
+    async def _signal(self, kind: str, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done() -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            except RuntimeError:  # the loop is gone: nobody is waiting any more
+                pass
+
+        self._q.put((kind, done))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise StateUnavailable(reason="sqlite_unavailable") from None
+
+    # -- writer thread -------------------------------------------------------
+    def _run(self) -> None:
+        import sqlite_utils
+
+        conn = connect(self.path, self.timeout_ms, synchronous="FULL")
+        db = sqlite_utils.Database(conn)
+        pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        count = 0
+        deadline = 0.0
+        while True:
+            wait = None if count == 0 else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._q.get(timeout=wait)
+            except queue.Empty:
+                item = None
+            if item is None:
+                count = self._write(db, pending)
+                continue
+            kind = item[0]
+            if kind == "row":
+                pending[item[1]].append(item[2])
+                count += 1
+                if count == 1:
+                    deadline = time.monotonic() + self.interval_s
+                if count >= self.batch_size:
+                    count = self._write(db, pending)
+                continue
+            count = self._write(db, pending)
+            if kind == "ensure":
+                self._ensure(db, item[1])
+            elif kind == "flush":
+                item[1]()
+            elif kind == "close":
+                conn.close()
+                item[1]()
+                return
+
+    def _ensure(self, db: Any, table: Table) -> None:
+        try:
+            t = db[table.name]
+            if not t.exists():
+                t.create(dict(table.columns), pk=table.pk, if_not_exists=True)
+            else:
+                have = set(t.columns_dict)
+                for col, typ in table.columns.items():
+                    if col not in have:
+                        t.add_column(col, typ)
+            for idx in table.indexes:
+                t.create_index(list(idx), if_not_exists=True)
+        except sqlite3.Error as e:
+            log.error("sqlite: cannot create table %s in %s: %s", table.name, self.path.name, e)
+
+    def _write(self, db: Any, pending: dict[str, list[dict[str, Any]]]) -> int:
+        for name, rows in list(pending.items()):
+            if not rows:
+                continue
+            pk = self._pks.get(name)
+            for attempt in range(3):
+                try:
+                    with db.conn:
+                        db[name].insert_all(rows, pk=pk, replace=pk is not None, alter=True, batch_size=self.batch_size)
+                    self.written += len(rows)
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" in str(e) or "busy" in str(e):
+                        if attempt < 2:
+                            continue
+                    self.dropped += len(rows)
+                    log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
+                    break
+                except sqlite3.Error as e:
+                    self.dropped += len(rows)
+                    log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
+                    break
+            rows.clear()
+        pending.clear()
+        return 0
+
+
+class SQLiteKV(KV):
+    """Bytes with a TTL in table ``kv_<namespace>`` of ``path``.
+
+    Expired rows are skipped on read and swept every few hundred writes. With
+    ``max_bytes``, the oldest-written entries are evicted once the namespace's
+    keys plus values exceed it.
+    """
+
+    _SWEEP_EVERY = 256
+
+    def __init__(self, path: Path, namespace: str, *, timeout_ms: int = 2000, max_bytes: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self.table = "kv_" + re.sub(r"[^A-Za-z0-9_]", "_", namespace)
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._thread = _Thread("sluice-sqlite-kv", lambda: self._open(timeout_ms), timeout_ms / 1000)
+        self._writes = 0
+
+    def _open(self, timeout_ms: int) -> sqlite3.Connection:
+        conn = connect(self.path, timeout_ms)
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.table} "
+            "(key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL, size INTEGER NOT NULL, written REAL NOT NULL)"
+        )
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_written ON {self.table}(written)")
+        return conn
+
+    async def get(self, key: str) -> bytes | None:
+        def run(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(f"SELECT value, expires FROM {self.table} WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            if row[1] is not None and row[1] <= self._clock():
+                conn.execute(f"DELETE FROM {self.table} WHERE key = ? AND expires <= ?", (key, self._clock()))
+                return None
+            return bytes(row[0])
+
+        return await self._thread.run(run)
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self._writes += 1
+        sweep = self._writes % self._SWEEP_EVERY == 0
+
+        def run(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            size = len(key.encode()) + len(value)
+            conn.execute(
+                f"INSERT OR REPLACE INTO {self.table} (key, value, expires, size, written) VALUES (?, ?, ?, ?, ?)",
+                (key, bytes(value), None if ttl_s is None else now + ttl_s, size, now),
+            )
+            if sweep:
+                conn.execute(f"DELETE FROM {self.table} WHERE expires <= ?", (now,))
+            if self.max_bytes is not None:
+                total = conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM {self.table}").fetchone()[0]
+                if total > self.max_bytes:
+                    self._evict(conn, total - self.max_bytes)
+
+        await self._thread.run(run)
+
+    def _evict(self, conn: sqlite3.Connection, excess: int) -> None:
+        doomed: list[str] = []
+        for k, size in conn.execute(f"SELECT key, size FROM {self.table} ORDER BY written"):
+            if excess <= 0:
+                break
+            doomed.append(k)
+            excess -= size
+        conn.executemany(f"DELETE FROM {self.table} WHERE key = ?", [(k,) for k in doomed])
+
+    async def delete(self, key: str) -> None:
+        await self._thread.run(lambda conn: conn.execute(f"DELETE FROM {self.table} WHERE key = ?", (key,)))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._thread.close)

@@ -1,0 +1,154 @@
+"""Counters behave the same on every backend: GCRA bursts and refill, all-or-nothing, leases, sums."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from proxy.config import RedisConfig
+from proxy.state.base import Limit
+from proxy.state.memory import MemoryCounters
+
+BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+@pytest.fixture(params=BACKENDS)
+async def counters(request, clock, key_prefix):
+    if request.param == "memory":
+        yield MemoryCounters(clock)
+        return
+    from proxy.state.redis import RedisCounters, RedisGuard, connect
+
+    rs = request.getfixturevalue("redis_server")
+    cfg = RedisConfig(url=rs.url, timeout_ms=2000)
+    client = connect(cfg)
+    yield RedisCounters(RedisGuard(client, cfg), key_prefix, clock=clock)
+    await client.aclose()
+
+
+async def test_burst_of_limit_then_refused(counters):
+    for i in range(5):
+        d = await counters.acquire([Limit("k", 5, 60)])
+        assert d.allowed, i
+        assert d.statuses[0].remaining == pytest.approx(4 - i, abs=1e-3)
+    d = await counters.acquire([Limit("k", 5, 60)])
+    assert not d.allowed
+    assert d.refused == Limit("k", 5, 60)
+    assert d.retry_after_s == pytest.approx(12.0, abs=1e-3)
+    assert d.statuses[0].remaining == pytest.approx(0, abs=1e-3)
+    assert d.statuses[0].reset_s == pytest.approx(60.0, abs=1e-3)
+
+
+async def test_refills_steadily(counters, clock):
+    for _ in range(5):
+        assert (await counters.acquire([Limit("k", 5, 60)])).allowed
+    clock.advance(11.9)
+    assert not (await counters.acquire([Limit("k", 5, 60)])).allowed
+    clock.advance(0.2)
+    assert (await counters.acquire([Limit("k", 5, 60)])).allowed
+    assert not (await counters.acquire([Limit("k", 5, 60)])).allowed
+    clock.advance(60)
+    admitted = [(await counters.acquire([Limit("k", 5, 60)])).allowed for _ in range(6)]
+    assert admitted == [True] * 5 + [False]
+
+
+async def test_no_double_admission_at_a_boundary(counters, clock):
+    """Whatever the arrivals, any window of d seconds admits at most N + d * N / period."""
+    rng = random.Random(7)
+    limit, period = 10, 6.0
+    admitted: list[float] = []
+    start = clock.now
+    while clock.now - start < 30:
+        clock.advance(rng.expovariate(8.0))
+        if (await counters.acquire([Limit("b", limit, period)])).allowed:
+            admitted.append(clock.now)
+    assert len(admitted) > 40  # the limit was actually exercised, not starved
+    for i, t0 in enumerate(admitted):
+        for j in range(i, len(admitted)):
+            d = admitted[j] - t0
+            assert j - i + 1 <= limit + d * limit / period + 1e-6
+    # a fixed window admits 2N around its edge: N just before and N just after
+    clock.advance(100)
+    before = sum([(await counters.acquire([Limit("e", limit, period)])).allowed for _ in range(limit)])
+    clock.advance(0.2)
+    after = sum([(await counters.acquire([Limit("e", limit, period)])).allowed for _ in range(limit)])
+    assert before == limit and after == 0
+
+
+async def test_weighted_cost_and_oversized_cost(counters):
+    d = await counters.acquire([Limit("tpm", 1000, 60, cost=600)])
+    assert d.allowed and d.statuses[0].remaining == pytest.approx(400, abs=0.1)
+    d = await counters.acquire([Limit("tpm", 1000, 60, cost=500)])
+    assert not d.allowed and d.retry_after_s == pytest.approx(6.0, abs=1e-3)
+    d = await counters.acquire([Limit("big", 1000, 60, cost=1001)])
+    assert not d.allowed and d.retry_after_s == pytest.approx(60.0)
+
+
+async def test_all_or_nothing(counters):
+    wide, narrow = Limit("team", 10, 60), Limit("key", 2, 60)
+    assert (await counters.acquire([wide, narrow])).allowed
+    assert (await counters.acquire([wide, narrow])).allowed
+    d = await counters.acquire([wide, narrow])
+    assert not d.allowed and d.refused == narrow
+    # the refused request took nothing from the wider limit: 8 remain
+    d = await counters.acquire([Limit("team", 10, 60, cost=8)])
+    assert d.allowed and d.statuses[0].remaining == pytest.approx(0, abs=1e-3)
+
+
+async def test_same_key_twice_in_one_acquire_counts_both(counters):
+    d = await counters.acquire([Limit("x", 3, 60, cost=2), Limit("x", 3, 60, cost=2)])
+    assert not d.allowed
+    assert (await counters.acquire([Limit("x", 3, 60, cost=3)])).allowed
+
+
+async def test_adjust_gives_back_and_overdraws(counters, clock):
+    assert (await counters.acquire([Limit("t", 100, 60, cost=100)])).allowed
+    await counters.adjust([Limit("t", 100, 60, cost=-30)])
+    d = await counters.acquire([Limit("t", 100, 60, cost=30)])
+    assert d.allowed and d.statuses[0].remaining == pytest.approx(0, abs=1e-2)
+    # reconcile past the limit: the bucket goes into debt and waits longer
+    await counters.adjust([Limit("t", 100, 60, cost=50)])
+    d = await counters.acquire([Limit("t", 100, 60, cost=1)])
+    assert not d.allowed and d.retry_after_s == pytest.approx(30.6, abs=1e-2)
+    # giving back more than was taken leaves a full bucket, never more
+    clock.advance(1000)
+    await counters.adjust([Limit("t", 100, 60, cost=-500)])
+    d = await counters.acquire([Limit("t", 100, 60, cost=100)])
+    assert d.allowed
+    assert not (await counters.acquire([Limit("t", 100, 60, cost=1)])).allowed
+
+
+async def test_leases(counters, clock):
+    a = await counters.lease("c", 2, ttl_s=30)
+    b = await counters.lease("c", 2, ttl_s=30)
+    assert a and b and a != b
+    assert await counters.lease("c", 2, ttl_s=30) is None
+    await counters.release("c", a)
+    c = await counters.lease("c", 2, ttl_s=30)
+    assert c is not None
+    assert await counters.lease("c", 2, ttl_s=30) is None
+    clock.advance(31)  # a crashed holder's slots come back after the TTL
+    assert await counters.lease("c", 2, ttl_s=30) is not None
+    assert await counters.lease("c", 2, ttl_s=30) is not None
+    assert await counters.lease("c", 2, ttl_s=30) is None
+
+
+async def test_sums(counters, clock):
+    end = clock.now + 100
+    s = await counters.add_sum("budget", 6, 10, end)
+    assert s.allowed and s.total == pytest.approx(6)
+    s = await counters.add_sum("budget", 5, 10, end)
+    assert not s.allowed and s.total == pytest.approx(6)
+    s = await counters.add_sum("budget", 4, 10, end)
+    assert s.allowed and s.total == pytest.approx(10)
+    s = await counters.add_sum("budget", -2, 10, end)  # a refund always applies
+    assert s.allowed and s.total == pytest.approx(8)
+    s = await counters.add_sum("budget", 1000, None, end)
+    assert s.allowed and s.total == pytest.approx(1008)
+    assert await counters.get_sum("budget") == pytest.approx(1008)
+    assert await counters.get_sum("nothing") == 0
+    clock.advance(101)  # a new period starts from zero
+    assert await counters.get_sum("budget") == 0
+    s = await counters.add_sum("budget", 3, 10, clock.now + 100)
+    assert s.allowed and s.total == pytest.approx(3)

@@ -1,0 +1,158 @@
+"""Redis slow or down: every call bounded by the timeout, the breaker opens and closes again."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.config import RedisConfig, StateConfig
+from proxy.errors import StateUnavailable
+from proxy.state import StateHub
+from proxy.state.base import Limit
+from proxy.state.redis import RedisCounters, RedisGuard, connect
+from proxy.state.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def own_redis():
+    async with RedisServer() as rs:
+        yield rs
+
+
+async def test_slow_redis_times_out_within_the_bound(own_redis):
+    cfg = RedisConfig(url=own_redis.url, timeout_ms=50, breaker_failures=100)
+    client = connect(cfg)
+    counters = RedisCounters(RedisGuard(client, cfg), "f:")
+    other = aioredis.Redis.from_url(own_redis.url)
+    try:
+        assert (await counters.acquire([Limit("k", 10, 60)])).allowed
+        await other.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        t0 = time.perf_counter()
+        with pytest.raises(StateUnavailable) as err:
+            await counters.acquire([Limit("k", 10, 60)])
+        elapsed = time.perf_counter() - t0
+        assert elapsed < 0.5, elapsed
+        assert err.value.status == 503 and err.value.code == "state_unavailable"
+        assert "127.0.0.1" not in err.value.message  # nothing about the backend reaches a client
+    finally:
+        await other.execute_command("CLIENT", "UNPAUSE")
+        await other.aclose()
+        await client.aclose()
+
+
+async def test_breaker_opens_fails_fast_and_recovers_after_restart(own_redis):
+    cfg = RedisConfig(url=own_redis.url, timeout_ms=100, breaker_failures=3, breaker_cooldown_s=5)
+    clock = Clock()
+    client = connect(cfg)
+    guard = RedisGuard(client, cfg, clock=clock)
+    counters = RedisCounters(guard, "f:")
+    try:
+        assert (await counters.acquire([Limit("k", 10, 60)])).allowed
+        await own_redis.astop()
+        for _ in range(3):
+            with pytest.raises(StateUnavailable):
+                await counters.acquire([Limit("k", 10, 60)])
+        assert guard.state() == "open"
+        t0 = time.perf_counter()
+        with pytest.raises(StateUnavailable) as err:
+            await counters.lease("c", 1, 5)
+        assert time.perf_counter() - t0 < 0.01  # no network while open
+        assert err.value.reason == "redis_breaker_open"
+
+        await own_redis.arestart()  # empty: the scripts must be loaded again (NOSCRIPT)
+        with pytest.raises(StateUnavailable):  # still cooling down
+            await counters.acquire([Limit("k", 10, 60)])
+        clock.now += 5.1
+        assert guard.state() == "half-open"
+        assert (await counters.acquire([Limit("k", 10, 60)])).allowed
+        assert guard.state() == "closed" and guard.failures == 0
+    finally:
+        await client.aclose()
+
+
+async def test_half_open_failure_reopens_at_once(own_redis):
+    cfg = RedisConfig(url=own_redis.url, timeout_ms=100, breaker_failures=2, breaker_cooldown_s=5)
+    clock = Clock()
+    client = connect(cfg)
+    guard = RedisGuard(client, cfg, clock=clock)
+    counters = RedisCounters(guard, "f:")
+    try:
+        await own_redis.astop()
+        for _ in range(2):
+            with pytest.raises(StateUnavailable):
+                await counters.get_sum("s")
+        clock.now += 6
+        with pytest.raises(StateUnavailable) as err:  # the probe fails...
+            await counters.get_sum("s")
+        assert err.value.reason == "redis_unavailable"
+        assert guard.state() == "open"  # ...and one failure is enough to re-open
+    finally:
+        await client.aclose()
+
+
+async def test_hub_check_reports_redis_down_then_up(own_redis, tmp_path):
+    hub = StateHub(StateConfig(dir=tmp_path, redis=RedisConfig(url=own_redis.url, timeout_ms=100, breaker_failures=50)))
+    await hub.start()
+    try:
+        assert (await hub.check())["redis"] == "ok"
+        await own_redis.astop()
+        report = await hub.check()
+        assert report == {"ok": False, "redis": "down", "sqlite": "ok"}
+        await own_redis.arestart()
+        assert (await hub.check())["redis"] == "ok"
+    finally:
+        await hub.close()
+
+
+async def test_calls_under_load_never_hang_while_redis_flaps(own_redis):
+    """Many concurrent acquires while the server stops and restarts: each ends within the bound."""
+    cfg = RedisConfig(url=own_redis.url, timeout_ms=50, breaker_failures=5, breaker_cooldown_s=0.2)
+    client = connect(cfg)
+    counters = RedisCounters(RedisGuard(client, cfg), "f:")
+    worst = 0.0
+    outcomes = {"ok": 0, "unavailable": 0}
+    stop = asyncio.Event()
+
+    async def worker() -> None:
+        nonlocal worst
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                await counters.acquire([Limit("k", 1e9, 60)])
+                outcomes["ok"] += 1
+            except StateUnavailable:
+                outcomes["unavailable"] += 1
+                await asyncio.sleep(0.005)  # pacing of the load generator, not synchronisation
+            worst = max(worst, time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(20)]
+    try:
+        async with asyncio.timeout(20):
+            while outcomes["ok"] < 200:
+                await asyncio.sleep(0.01)
+            await own_redis.astop()
+            seen = outcomes["unavailable"]
+            while outcomes["unavailable"] < seen + 50:
+                await asyncio.sleep(0.01)
+            await own_redis.arestart()
+            ok = outcomes["ok"]
+            while outcomes["ok"] < ok + 200:  # it recovers on its own
+                await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await client.aclose()
+    assert worst < 0.5, worst
