@@ -1,0 +1,111 @@
+"""The admin listener: health, metrics, reload, config summary, and the plugins' admin endpoints."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import signal
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from aiohttp import web
+
+from .config import load_config
+from .errors import ConfigError
+from .handler import error_response, new_request_id
+from .metrics import exposition
+from .registry import plugin_registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Server
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _bearer(request: web.Request) -> str | None:
+    h = request.headers.get("authorization", "")
+    return h[7:].strip() if h[:7].lower() == "bearer " else None
+
+
+def _allowed(expected: str | None, request: web.Request) -> bool:
+    got = _bearer(request)
+    return expected is not None and got is not None and hmac.compare_digest(got.encode(), expected.encode())
+
+
+def make_admin_app(server: Server) -> web.Application:
+    app = web.Application()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = new_request_id()
+        if request.path.startswith("/admin/"):
+            token = server.loaded.config.admin.token
+            if token is None:
+                return error_response(403, "The admin API is disabled: set admin.token.", rid, code="admin_disabled")
+            if not _allowed(token, request):
+                return error_response(401, "A valid admin bearer token is required.", rid, code="invalid_admin_token")
+        elif request.path == "/metrics":
+            mt = server.loaded.config.admin.metrics_token
+            if mt is not None and not _allowed(mt, request):
+                return error_response(401, "A valid metrics bearer token is required.", rid, code="invalid_metrics_token")
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            return error_response(e.status, e.reason, rid)
+        except ConfigError as e:
+            return error_response(400, str(e), rid, code="invalid_config")
+        resp.headers.setdefault("x-request-id", rid)
+        return resp
+
+    app.middlewares.append(guard)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ok, detail = await server.readiness()
+        return web.json_response(detail, status=200 if ok else 503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = exposition(server.runtime.metrics)
+        return web.Response(body=body, headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def reload(request: web.Request) -> web.Response:
+        if os.environ.get("SLUICE_WORKER") is not None:
+            # several workers: check the file here, then let the master tell every worker
+            load_config(server.config_path)
+            os.kill(os.getppid(), signal.SIGHUP)
+            return web.json_response({"status": "reloading", "workers": "all"}, status=202)
+        ok, message = await server.reload()
+        if not ok:
+            return error_response(400, message, new_request_id(), code="invalid_config")
+        return web.json_response({"status": "reloaded", "source": server.loaded.source})
+
+    async def config_summary(request: web.Request) -> web.Response:
+        cfg = server.loaded.config
+        return web.json_response(
+            {
+                "source": server.loaded.source,
+                "upstreams": {n: {"url": u.url, "kind": u.kind, "models": u.models} for n, u in cfg.upstreams.items()},
+                "routes": [
+                    {"name": r.name, "prefix": r.prefix, "upstreams": [t.upstream for t in r.default_targets], "chain": [p.id for p in r.plugins]}
+                    for r in sorted(server.generation.routes, key=lambda r: r.index)
+                ],
+            }
+        )
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/reload", reload)
+    app.router.add_get("/admin/config", config_summary)
+    for cls in plugin_registry().values():
+        for route in cls.admin_routes():
+            app.router.add_route(route.method, "/admin/" + route.path.lstrip("/"), _bind(route.handler, server))
+    return app
+
+
+def _bind(fn, server: Server) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await fn(request, server.runtime)
+
+    return handler

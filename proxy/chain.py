@@ -1,0 +1,316 @@
+"""Routes and their hook lists, built once per config load; the phases that run them.
+
+pluggy validates each plugin's hooks, but the request path does not go through
+``pm.hook.x()``: with async hooks pluggy would stop at the first coroutine
+without awaiting it. Each route keeps plain lists of bound hook functions in
+chain order, and the phases below await them one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
+
+from .config import LoadedConfig, Retries, RouteConfig
+from .context import Context, Target
+from .errors import ProxyError, StateUnavailable
+from .plugin import Plugin
+from .registry import hook_functions
+from .sse import Event
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runtime import Runtime
+    from .upstream import UpstreamPool
+
+log = logging.getLogger("sluice.chain")
+
+Hook = tuple[Plugin, Callable[..., Any], bool]
+
+
+class CompiledRoute:
+    """A route ready to serve: its match, targets, retries and per-phase hook lists."""
+
+    def __init__(self, index: int, config: RouteConfig, plugins: list[Plugin], default_max_body: int) -> None:
+        self.index = index
+        self.config = config
+        self.prefix = config.match.path
+        self.name = config.name or config.match.path
+        self.methods = frozenset(config.match.methods) if config.match.methods else None
+        self.match_headers = tuple(config.match.headers.items())
+        self.retries: Retries = config.retries
+        self.max_body_bytes = config.max_body_bytes or default_max_body
+        self.default_targets = [Target(upstream=n) for n in config.upstream_names]
+        self.plugins = plugins
+        hooks = [hook_functions(p) for p in plugins]
+        #: per plugin position: its hook or None, so the onion can walk back by position
+        self.on_request: list[Hook] = [(p, *h["on_request"]) for p, h in zip(plugins, hooks) if "on_request" in h]
+        self._by_pos: dict[str, list[Hook | None]] = {
+            phase: [(p, *h[phase]) if phase in h else None for p, h in zip(plugins, hooks)]
+            for phase in ("on_request", "on_response", "on_chunk", "on_stream_end")
+        }
+        self.on_done: list[Hook] = [(p, *h["on_done"]) for p, h in zip(plugins, hooks) if "on_done" in h]
+        self.parse_stream = any(h is not None for h in self._by_pos["on_chunk"])
+        self.needs_usage = any(p.needs_usage for p in plugins)
+        self.has_response_hooks = any(h is not None for h in self._by_pos["on_response"])
+        self.has_stream_end = any(h is not None for h in self._by_pos["on_stream_end"])
+
+    def matches(self, method: str, path: str, headers: Any) -> bool:
+        if not path.startswith(self.prefix):
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        for k, v in self.match_headers:
+            if headers.get(k) != v:
+                return False
+        return True
+
+    def back(self, phase: str, passed: int) -> list[Hook]:
+        """The hooks of ``phase`` of the first ``passed`` plugins, innermost first."""
+        return [h for h in reversed(self._by_pos[phase][:passed]) if h is not None]
+
+
+class Generation:
+    """One loaded config: routes, plugin instances and upstreams, retired as a whole on reload."""
+
+    def __init__(self, loaded: LoadedConfig, runtime: Runtime, pool: UpstreamPool) -> None:
+        self.loaded = loaded
+        self.config = loaded.config
+        self.runtime = runtime
+        self.pool = pool
+        self.plugins: list[Plugin] = []
+        routes = []
+        for i, (rc, chain) in enumerate(zip(loaded.config.routes, loaded.chains)):
+            instances = [cls(conf, runtime) for cls, conf in chain]
+            self.plugins.extend(instances)
+            routes.append(CompiledRoute(i, rc, instances, loaded.config.server.max_body_bytes))
+        # longest prefix first; ties keep file order
+        self.routes = sorted(routes, key=lambda r: (-len(r.prefix), r.index))
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.started = False
+
+    def match(self, method: str, path: str, headers: Any) -> CompiledRoute | None:
+        for r in self.routes:
+            if r.matches(method, path, headers):
+                return r
+        return None
+
+    async def start(self) -> None:
+        await self.pool.start()
+        started: list[Plugin] = []
+        try:
+            for p in self.plugins:
+                await p.start()
+                started.append(p)
+        except BaseException:
+            for p in reversed(started):
+                await _quietly(p.stop())
+            await self.pool.close()
+            raise
+        self.started = True
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        for p in reversed(self.plugins):
+            await _quietly(p.stop())
+        await self.pool.close()
+
+
+async def _quietly(aw: Any) -> None:
+    try:
+        await aw
+    except Exception as e:  # a plugin failing to stop must not stop the others
+        log.error("plugin stop failed: %s", type(e).__name__)
+
+
+# -- running hooks ---------------------------------------------------------
+
+
+def _record(ctx: Context, plugin: Plugin, phase: str, t0: float) -> None:
+    key = f"{plugin.id}.{phase}"
+    dt = time.perf_counter() - t0
+    timings = ctx.timings.plugins
+    timings[key] = timings.get(key, 0.0) + dt
+
+
+def failure(ctx: Context, plugin: Plugin, phase: str, exc: BaseException) -> ProxyError | None:
+    """Apply the plugin's failure policy; the error to answer with, or None to carry on."""
+    if isinstance(exc, ProxyError) and not isinstance(exc, StateUnavailable):
+        return exc  # a decision, not a failure
+    ctx.runtime.on_plugin_error(plugin.id, phase)
+    if plugin.fail_closed:
+        log.error("plugin %s failed in %s (%s), failing closed request_id=%s", plugin.id, phase, type(exc).__name__, ctx.request_id)
+        ctx.outcome = "plugin_error"
+        if isinstance(exc, ProxyError):
+            return exc
+        return ProxyError(500, f"The request could not be processed (plugin {plugin.id} failed).", code="plugin_error", reason="plugin_error")
+    log.warning("plugin %s failed in %s (%s), failing open request_id=%s", plugin.id, phase, type(exc).__name__, ctx.request_id)
+    return None
+
+
+async def run_request(ctx: Context, route: CompiledRoute) -> None:
+    """on_request in chain order until a plugin answers; errors become early answers."""
+    hooks = route._by_pos["on_request"]
+    for pos, hook in enumerate(hooks):
+        ctx.passed = pos + 1
+        if hook is None:
+            continue
+        plugin, fn, is_async = hook
+        ctx._current = plugin.id
+        t0 = time.perf_counter()
+        try:
+            r = fn(ctx)
+            if is_async:
+                await r
+        except Exception as exc:
+            err = failure(ctx, plugin, "on_request", exc)
+            if err is not None:
+                answer_error(ctx, err)
+        finally:
+            _record(ctx, plugin, "on_request", t0)
+        if ctx.reply_value is not None:
+            return
+    ctx._current = None
+
+
+def answer_error(ctx: Context, err: ProxyError) -> None:
+    ctx.reply(err.status, err.body(), headers={"content-type": "application/json", **err.headers}, reason=err.reason)
+    ctx.error = err.message
+
+
+async def run_response(ctx: Context, route: CompiledRoute) -> None:
+    """on_response, innermost plugin first; a ProxyError replaces the answer."""
+    from .context import Response
+
+    for plugin, fn, is_async in route.back("on_response", ctx.passed):
+        t0 = time.perf_counter()
+        try:
+            r = fn(ctx)
+            if is_async:
+                await r
+        except Exception as exc:
+            err = failure(ctx, plugin, "on_response", exc)
+            if err is not None:
+                ctx.response = Response(err.status, {"content-type": "application/json", **err.headers}, err.body())
+                ctx.error = err.message
+                ctx.answered_by = ctx.answered_by or plugin.id
+                ctx.answer_reason = err.reason
+        finally:
+            _record(ctx, plugin, "on_response", t0)
+
+
+class StreamError(Exception):
+    """A plugin stopped a stream mid-way (after the status was sent)."""
+
+    def __init__(self, err: ProxyError) -> None:
+        super().__init__(err.message)
+        self.err = err
+
+
+class ChunkPipeline:
+    """Events pass the route's on_chunk hooks innermost first; on_stream_end flushes held ones."""
+
+    __slots__ = ("ctx", "chunk_hooks", "end_hooks")
+
+    def __init__(self, ctx: Context, route: CompiledRoute) -> None:
+        self.ctx = ctx
+        passed = ctx.passed
+        by_pos = route._by_pos
+        #: (position in the chain, hook), innermost first
+        self.chunk_hooks = [(i, h) for i in range(passed - 1, -1, -1) if (h := by_pos["on_chunk"][i]) is not None]
+        self.end_hooks = []
+        for i in range(passed - 1, -1, -1):
+            h = by_pos["on_stream_end"][i]
+            if h is not None:
+                # what a plugin releases at the end passes the chunk hooks outside it
+                start = next((k for k, (pos, _) in enumerate(self.chunk_hooks) if pos < i), len(self.chunk_hooks))
+                self.end_hooks.append((h, start))
+
+    async def push(self, events: Iterable[Event], start: int = 0) -> list[Event]:
+        out = list(events)
+        ctx = self.ctx
+        for _, (plugin, fn, is_async) in self.chunk_hooks[start:]:
+            if not out:
+                break
+            nxt: list[Event] = []
+            t0 = time.perf_counter()
+            for ev in out:
+                try:
+                    r = fn(ctx, ev)
+                    if is_async:
+                        r = await r
+                except Exception as exc:
+                    err = failure(ctx, plugin, "on_chunk", exc)
+                    if err is not None:
+                        ctx.answered_by, ctx.answer_reason = plugin.id, err.reason
+                        raise StreamError(err) from None
+                    r = None
+                if r is None:
+                    nxt.append(ev)
+                else:
+                    nxt.extend(r)
+            _record(ctx, plugin, "on_chunk", t0)
+            out = nxt
+        return out
+
+    async def end(self) -> list[Event]:
+        out: list[Event] = []
+        ctx = self.ctx
+        for (plugin, fn, is_async), start in self.end_hooks:
+            t0 = time.perf_counter()
+            try:
+                r = fn(ctx)
+                if is_async:
+                    r = await r
+            except Exception as exc:
+                err = failure(ctx, plugin, "on_stream_end", exc)
+                if err is not None:
+                    ctx.answered_by, ctx.answer_reason = plugin.id, err.reason
+                    raise StreamError(err) from None
+                r = None
+            _record(ctx, plugin, "on_stream_end", t0)
+            if r:
+                out.extend(await self.push(r, start))
+        return out
+
+
+async def aiter_events(events: Any) -> AsyncIterator[Event]:
+    if hasattr(events, "__aiter__"):
+        async for ev in events:
+            yield ev
+    else:
+        for ev in events:
+            yield ev
+
+
+async def run_done(ctx: Context, route: CompiledRoute) -> None:
+    for plugin, fn, is_async in route.on_done:
+        t0 = time.perf_counter()
+        try:
+            r = fn(ctx)
+            if is_async:
+                await r
+        except Exception as exc:
+            ctx.runtime.on_plugin_error(plugin.id, "on_done")
+            log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
+        finally:
+            _record(ctx, plugin, "on_done", t0)

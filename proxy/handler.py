@@ -1,0 +1,403 @@
+"""The request lifecycle, top to bottom: match, read, on_request, upstream, answer, on_done."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import chain as ch
+from .context import Attempt, Context, Response
+from .errors import ProxyError, error_body
+from .openai import (
+    STREAM_USAGE_ENDPOINTS,
+    ensure_stream_usage,
+    is_usage_only_chunk,
+    request_headers,
+    response_headers,
+    usage_from,
+)
+from .sse import DONE, Event, Parser, find_boundary, parse_block
+from .upstream import CONNECT_ERRORS, Upstream
+
+if TYPE_CHECKING:  # pragma: no cover
+    import aiohttp
+
+    from .server import Server
+
+log = logging.getLogger("sluice.access")
+SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+FULL_PARSE_LIMIT = 256 * 1024
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(16).hex()
+
+
+def error_response(status: int, message: str, request_id: str, *, code: str | None = None, headers: dict | None = None) -> web.Response:
+    err = ProxyError(status, message, code=code, headers=headers)
+    h = CIMultiDict({"content-type": "application/json", "x-request-id": request_id, **err.headers})
+    return web.Response(status=status, body=err.body(), headers=h)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    cl = request.content_length
+    if cl is not None and cl > limit:
+        raise BodyTooLarge
+    if cl is not None:
+        data = await request.content.readexactly(cl) if cl else b""
+        return data
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            raise BodyTooLarge
+    return bytes(buf)
+
+
+def usage_from_body(body: bytes) -> object:
+    """Usage of a buffered JSON answer without parsing a large body in full."""
+    idx = body.rfind(b'"usage"')
+    if idx < 0:
+        return None
+    if len(body) <= FULL_PARSE_LIMIT:
+        try:
+            return usage_from(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            return None
+    start = body.find(b"{", idx)
+    depth = 0
+    for j in range(start, min(len(body), start + 8192)):
+        c = body[j]
+        if c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                try:
+                    return usage_from({"usage": orjson.loads(body[start : j + 1])})
+                except orjson.JSONDecodeError:
+                    return None
+    return None
+
+
+class Handler:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        gen = self.server.generation
+        gen.enter()
+        try:
+            return await self._serve(request, gen)
+        finally:
+            gen.leave()
+
+    async def _serve(self, request: web.Request, gen: ch.Generation) -> web.StreamResponse:
+        rid = new_request_id()
+        raw_path = request.raw_path
+        path, _, query = raw_path.partition("?")
+        route = gen.match(request.method, path, request.headers)
+        if route is None:
+            return error_response(404, f"No route for {request.method} {path}.", rid, code="route_not_found")
+        try:
+            raw = await read_body(request, route.max_body_bytes)
+        except BodyTooLarge:
+            return error_response(413, f"The request body is larger than {route.max_body_bytes} bytes.", rid, code="request_too_large")
+        ctx = Context(
+            request_id=rid, method=request.method, path=path, query=query,
+            headers=request_headers(request.headers), raw=raw, route=route, client_ip=request.remote,
+        )
+        ctx.runtime = self.server.runtime
+        ctx.targets = list(route.default_targets)
+        try:
+            return await self._proxy(request, ctx, route, gen)
+        except asyncio.CancelledError:
+            # the client went away: aiohttp cancels the handler (handler_cancellation)
+            if ctx.outcome in (None, "ok"):
+                ctx.outcome = "client_gone"
+            raise
+        except ProxyError as e:
+            ctx.outcome = ctx.outcome or "error"
+            ctx.status, ctx.error = e.status, e.message
+            return error_response(e.status, e.message, rid, code=e.code, headers=e.headers)
+        except Exception as e:  # never a stack trace to the client
+            log.error("internal error %s request_id=%s", type(e).__name__, rid, exc_info=self.server.debug)
+            ctx.outcome, ctx.status = "error", 500
+            return error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
+        finally:
+            ctx.timings.end = time.perf_counter()
+            if ctx.outcome is None:
+                ctx.outcome = "error"
+            self.server.done(ctx, route, gen)
+
+    async def _proxy(self, request: web.Request, ctx: Context, route: ch.CompiledRoute, gen: ch.Generation) -> web.StreamResponse:
+        await ch.run_request(ctx, route)
+        if ctx.reply_value is not None:
+            if ctx.outcome is None:
+                ctx.outcome = "answered"
+            return await self._send_reply(request, ctx, route)
+
+        injected = False
+        if route.needs_usage and ctx.stream and ctx.endpoint in STREAM_USAGE_ENDPOINTS:
+            body = ctx.body
+            if isinstance(body, dict) and ensure_stream_usage(body):
+                ctx.body = body
+                injected = True
+
+        try:
+            resp, up, att = await gen.pool.send(ctx, route)
+        except ProxyError as e:
+            ctx.outcome = "upstream_error"
+            ctx.error = e.message
+            ctx.response = Response(e.status, {"content-type": "application/json", **e.headers}, e.body())
+            await ch.run_response(ctx, route)
+            return self._buffered(ctx)
+        ctx.timings.upstream_start = ctx.attempts[0].start
+        ctx.timings.first_byte = att.first_byte
+        try:
+            if resp.headers.get("content-type", "").startswith("text/event-stream"):
+                return await self._relay(request, ctx, route, resp, up, att, injected)
+            async with asyncio.timeout_at(self._deadline(att, up)):
+                data = await resp.read()
+            att.end = ctx.timings.upstream_end = time.perf_counter()
+            ctx.response = Response(resp.status, response_headers(resp.headers), data)
+            ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
+            if resp.status < 300:
+                u = usage_from_body(data)
+                if u is not None:
+                    ctx.usage = u  # type: ignore[assignment]
+            await ch.run_response(ctx, route)
+            return self._buffered(ctx)
+        except TimeoutError:
+            att.error = "timeout"
+            ctx.outcome = "upstream_error"
+            ctx.error = "The upstream did not finish its answer in time."
+            ctx.status = 504
+            return error_response(504, ctx.error, ctx.request_id, code="upstream_timeout")
+        except CONNECT_ERRORS:
+            att.error = "protocol"
+            ctx.outcome = "upstream_error"
+            ctx.error = "The upstream broke the connection."
+            ctx.status = 502
+            return error_response(502, ctx.error, ctx.request_id, code="upstream_disconnected")
+        finally:
+            up.outstanding -= 1
+            if att.end is None:
+                att.end = time.perf_counter()
+            resp.close()  # aborts the upstream request if it is not finished
+
+    @staticmethod
+    def _deadline(att: Attempt, up: Upstream) -> float:
+        loop = asyncio.get_running_loop()
+        return loop.time() + max(0.0, up.config.timeouts.total - (time.perf_counter() - att.start))
+
+    def _finish_headers(self, ctx: Context, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        headers["x-request-id"] = ctx.request_id
+        if ctx.response_headers:
+            headers.update(ctx.response_headers)
+        return headers
+
+    def _buffered(self, ctx: Context) -> web.Response:
+        r = ctx.response
+        assert r is not None
+        ctx.status = r.status
+        return web.Response(status=r.status, body=r.body, headers=self._finish_headers(ctx, CIMultiDict(r.headers)))
+
+    async def _send_reply(self, request: web.Request, ctx: Context, route: ch.CompiledRoute) -> web.StreamResponse:
+        reply = ctx.reply_value
+        assert reply is not None
+        if reply.events is None:
+            ctx.response = Response(reply.status, reply.headers, reply.body)
+            await ch.run_response(ctx, route)
+            return self._buffered(ctx)
+        headers = CIMultiDict(SSE_HEADERS)
+        headers.update(reply.headers)
+        out = web.StreamResponse(status=reply.status, headers=self._finish_headers(ctx, headers))
+        ctx.status = reply.status
+        await out.prepare(request)
+        pipeline = ch.ChunkPipeline(ctx, route)
+        try:
+            async for ev in ch.aiter_events(reply.events):
+                if ev.is_done:
+                    continue
+                await self._write_events(out, ctx, await pipeline.push((ev,)))
+            await self._write_events(out, ctx, await pipeline.end())
+            await out.write(DONE.encode())
+        except ch.StreamError as e:
+            await self._stream_error(out, ctx, e.err)
+        except ConnectionResetError:
+            ctx.outcome = "client_gone"
+            return out
+        await out.write_eof()
+        return out
+
+    async def _write_events(self, out: web.StreamResponse, ctx: Context, events: list[Event]) -> None:
+        if events:
+            data = b"".join([e.encode() for e in events])
+            ctx.stream_events += len(events)
+            ctx.stream_bytes += len(data)
+            await out.write(data)
+
+    async def _stream_error(self, out: web.StreamResponse, ctx: Context, err: ProxyError) -> None:
+        """After the status line is sent, an error can only be an event; then the stream ends."""
+        ctx.error = err.message
+        ctx.answer_reason = ctx.answer_reason or err.reason
+        ev = Event(error_body(err.message, err.type, err.code, err.param).decode())
+        try:
+            await out.write(ev.encode())
+        except ConnectionResetError:
+            ctx.outcome = "client_gone"
+
+    async def _relay(
+        self,
+        request: web.Request,
+        ctx: Context,
+        route: ch.CompiledRoute,
+        resp: aiohttp.ClientResponse,
+        up: Upstream,
+        att: Attempt,
+        injected: bool,
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(status=resp.status, headers=self._finish_headers(ctx, response_headers(resp.headers)))
+        ctx.status = resp.status
+        await out.prepare(request)
+        content = resp.content
+        idle = up.config.timeouts.idle
+        loop = asyncio.get_running_loop()
+        deadline = self._deadline(att, up)
+        parse = route.parse_stream
+        pipeline = ch.ChunkPipeline(ctx, route) if parse else None
+        parser = Parser() if parse else None
+        buf = bytearray()
+        saw_done = False
+        ctx.outcome = "upstream_error"  # until the stream completes
+        try:
+            while True:
+                async with asyncio.timeout_at(min(loop.time() + idle, deadline)):
+                    chunk = await content.readany()
+                if not chunk:
+                    break
+                if parser is None:
+                    buf += chunk
+                    cut = _last_boundary(buf)
+                    if cut:
+                        block = bytes(buf[:cut])
+                        del buf[:cut]
+                        if b"[DONE]" in block:
+                            saw_done = True
+                        if b'"usage"' in block:
+                            block = self._tap_block(ctx, block, injected)
+                        if block:
+                            ctx.stream_bytes += len(block)
+                            await out.write(block)
+                else:
+                    events = []
+                    for ev in parser.feed(chunk):
+                        if ev.is_done:
+                            saw_done = True
+                        elif self._tap_event(ctx, ev, injected):
+                            events.append(ev)
+                    if events:
+                        await self._write_events(out, ctx, await pipeline.push(events))  # type: ignore[union-attr]
+            att.end = ctx.timings.upstream_end = time.perf_counter()
+            if parser is None:
+                if buf:
+                    block = self._tap_block(ctx, bytes(buf), injected) if b'"usage"' in buf else bytes(buf)
+                    await out.write(block)
+            else:
+                tail = [ev for ev in parser.close() if not ev.is_done and self._tap_event(ctx, ev, injected)]
+                if tail:
+                    await self._write_events(out, ctx, await pipeline.push(tail))  # type: ignore[union-attr]
+                await self._write_events(out, ctx, await pipeline.end())  # type: ignore[union-attr]
+                if saw_done:
+                    await out.write(DONE.encode())
+            ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
+        except ch.StreamError as e:
+            if ctx.outcome != "plugin_error":
+                ctx.outcome = "answered"
+            await self._stream_error(out, ctx, e.err)
+        except TimeoutError:
+            att.error = "timeout"
+            ctx.outcome = "upstream_error"
+            await self._end_broken(out, ctx, pipeline, ProxyError(504, "The upstream stream stalled.", code="upstream_timeout"))
+        except CONNECT_ERRORS as e:
+            if isinstance(e, ConnectionResetError) and _client_gone(request):
+                ctx.outcome = "client_gone"
+                return out
+            att.error = "protocol"
+            ctx.outcome = "upstream_error"
+            await self._end_broken(out, ctx, pipeline, ProxyError(502, "The upstream stream broke off.", code="upstream_disconnected"))
+        if ctx.outcome != "client_gone":
+            try:
+                await out.write_eof()
+            except ConnectionResetError:
+                ctx.outcome = "client_gone"
+        return out
+
+    async def _end_broken(self, out: web.StreamResponse, ctx: Context, pipeline: ch.ChunkPipeline | None, err: ProxyError) -> None:
+        """The upstream failed mid-stream: release what plugins hold, then say so in an error event."""
+        try:
+            if pipeline is not None:
+                await self._write_events(out, ctx, await pipeline.end())
+        except ch.StreamError:
+            pass
+        except ConnectionResetError:
+            ctx.outcome = "client_gone"
+            return
+        await self._stream_error(out, ctx, err)
+
+    def _tap_event(self, ctx: Context, ev: Event, injected: bool) -> bool:
+        """Pick the usage out of an event; False for the usage chunk the client did not ask for."""
+        raw = ev._raw
+        if raw is not None and b'"usage"' not in raw:
+            return True
+        obj = ev.json
+        u = usage_from(obj)
+        if u is not None:
+            ctx.usage = u
+            if injected and is_usage_only_chunk(obj):
+                return False
+        return True
+
+    def _tap_block(self, ctx: Context, block: bytes, injected: bool) -> bytes:
+        """Raw relay: the usage from the block's events, minus an injected usage chunk."""
+        out = []
+        pos = 0
+        changed = False
+        while pos < len(block):
+            idx, sep = find_boundary(block, pos)
+            end = len(block) if idx == -1 else idx + sep
+            piece = block[pos:end]
+            pos = end
+            if b'"usage"' in piece:
+                ev = parse_block(piece)
+                if ev is not None and not self._tap_event(ctx, ev, injected):
+                    changed = True
+                    continue
+            out.append(piece)
+        return b"".join(out) if changed else block
+
+
+def _last_boundary(buf: bytearray) -> int:
+    """Length of the prefix of ``buf`` made of complete events (0 when none is complete)."""
+    i = buf.rfind(b"\n\n")
+    j = buf.rfind(b"\r\n\r\n")
+    if j != -1 and j + 4 > i + 2:
+        return j + 4
+    return i + 2 if i != -1 else 0
+
+
+def _client_gone(request: web.Request) -> bool:
+    t = request.transport
+    return t is None or t.is_closing()

@@ -1,0 +1,43 @@
+"""The core's own Prometheus metrics and the registry plugins add theirs to.
+
+With ``server.workers > 1`` the master sets ``PROMETHEUS_MULTIPROC_DIR`` before
+the workers start; every process then writes its values there and one scrape
+of any worker shows the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import multiprocess
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def make_registry() -> CollectorRegistry:
+    return CollectorRegistry(auto_describe=True)
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    if multiprocess_mode():
+        agg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(agg)
+        return generate_latest(agg)
+    return generate_latest(registry)
+
+
+class CoreMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.plugin_errors = Counter(
+            "sluice_plugin_errors", "Plugin failures, by plugin instance and phase.", ["plugin", "phase"], registry=registry
+        )
+        self.dropped = Counter(
+            "sluice_background_dropped", "on_done work dropped because the background queue was full.", registry=registry
+        )
+        self.reloads = Counter("sluice_config_reloads", "Config reloads, by result.", ["result"], registry=registry)
+
+    def plugin_error(self, plugin_id: str, phase: str) -> None:
+        self.plugin_errors.labels(plugin=plugin_id, phase=phase).inc()

@@ -1,0 +1,111 @@
+"""The OpenAI wire format: usage extraction, header hygiene, request shaping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .context import Usage
+
+#: hop-by-hop headers (RFC 9110 7.6.1) plus those the proxy recomputes
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    )
+)
+#: response headers not passed to the client: the body is decompressed and re-framed
+RESPONSE_DROP = HOP_BY_HOP | {"content-encoding"}
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+def request_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones (and those named in ``Connection``)."""
+    drop = HOP_BY_HOP
+    conn = headers.get("connection")
+    if conn:
+        drop = drop | {t.strip().lower() for t in conn.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        if k.lower() not in drop:
+            out.add(k, v)
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in RESPONSE_DROP:
+            continue
+        if lk == "x-request-id":
+            out.add("x-upstream-request-id", v)
+            continue
+        out.add(k, v)
+    return out
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+def usage_from(obj: Any) -> Usage | None:
+    """Usage from a chat/completions/embeddings/responses body or stream event, if any.
+
+    Handles ``usage`` at the top level (chat, completions, embeddings, the usage
+    chunk of a stream) and inside ``response`` (the Responses API's
+    ``response.completed`` event). Malformed usage gives ``None``.
+    """
+    if not isinstance(obj, dict):
+        return None
+    u = obj.get("usage")
+    if u is None:
+        resp = obj.get("response")
+        if isinstance(resp, dict):
+            u = resp.get("usage")
+    if not isinstance(u, dict):
+        return None
+    if "prompt_tokens" in u or "completion_tokens" in u:
+        prompt = _int(u.get("prompt_tokens"))
+        completion = _int(u.get("completion_tokens"))
+        pd = u.get("prompt_tokens_details") or {}
+        cd = u.get("completion_tokens_details") or {}
+    elif "input_tokens" in u or "output_tokens" in u:
+        prompt = _int(u.get("input_tokens"))
+        completion = _int(u.get("output_tokens"))
+        pd = u.get("input_tokens_details") or {}
+        cd = u.get("output_tokens_details") or {}
+    else:
+        return None
+    total = _int(u.get("total_tokens")) or prompt + completion
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cached_tokens=_int(pd.get("cached_tokens")) if isinstance(pd, dict) else 0,
+        reasoning_tokens=_int(cd.get("reasoning_tokens")) if isinstance(cd, dict) else 0,
+    )
+
+
+def is_usage_only_chunk(obj: Any) -> bool:
+    """The extra chunk ``stream_options.include_usage`` adds: no choices, a usage object."""
+    return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+
+
+STREAM_USAGE_ENDPOINTS = ("chat/completions", "completions")
+
+
+def wants_usage(body: Any) -> bool:
+    so = body.get("stream_options") if isinstance(body, dict) else None
+    return isinstance(so, dict) and so.get("include_usage") is True
+
+
+def ensure_stream_usage(body: dict[str, Any]) -> bool:
+    """Ask a streamed chat/completions request for the usage chunk; True when we added it."""
+    if wants_usage(body):
+        return False
+    so = body.get("stream_options")
+    body["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
+    return True

@@ -1,0 +1,460 @@
+"""The aiohttp app, the process's runtime, reload, drain, and the multi-worker master."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from . import chain as ch
+from . import metrics as core_metrics
+from .config import LoadedConfig, load_config
+from .context import Context
+from .errors import ConfigError
+from .handler import Handler, error_response, new_request_id
+from .runtime import Runtime
+from .upstream import UpstreamPool
+
+log = logging.getLogger("sluice")
+access_log = logging.getLogger("sluice.access")
+
+
+def with_demo_upstream(loaded: LoadedConfig, url: str) -> LoadedConfig:
+    """No upstream configured: route everything (or the default /v1/ route) to the demo model."""
+    data = loaded.config.model_dump(mode="json", exclude_none=True)
+    data["upstreams"] = {"demo": {"url": url, "models": ["sluice-demo"]}}
+    if not data.get("routes"):
+        data["routes"] = [{"name": "demo", "match": {"path": "/v1/"}, "chain": []}]
+    for r in data["routes"]:
+        r.setdefault("upstream", "demo")
+    return load_config(loaded.source, data=data, environ={})
+
+
+class Server:
+    """One serving process: runtime (state, metrics, executor), the current generation, listeners."""
+
+    def __init__(self, loaded: LoadedConfig, *, config_path: str | None = None, debug: bool = False, worker_id: int = 0) -> None:
+        self.loaded = loaded
+        self.config_path = config_path
+        self.debug = debug
+        self.worker_id = worker_id
+        self.generation: ch.Generation = None  # type: ignore[assignment]
+        self.runtime: Runtime = None  # type: ignore[assignment]
+        self.demo = None
+        self.runner: web.AppRunner | None = None
+        self.admin_runner: web.AppRunner | None = None
+        self.port = 0
+        self.admin_port = 0
+        self._queue: asyncio.Queue[tuple[Context, ch.CompiledRoute, ch.Generation]] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.metrics: core_metrics.CoreMetrics = None  # type: ignore[assignment]
+
+    # -- life cycle ---------------------------------------------------------
+    async def _apply_demo(self, loaded: LoadedConfig) -> LoadedConfig:
+        if loaded.config.upstreams or not loaded.config.server.demo_upstream:
+            return loaded
+        url = os.environ.get("SLUICE_DEMO_UPSTREAM_URL")
+        if not url:
+            if self.demo is None:
+                from .demo import DemoUpstream
+
+                self.demo = DemoUpstream()
+                await self.demo.start()
+                log.info("no upstream configured: serving the built-in demo model at %s", self.demo.url)
+            url = self.demo.url
+        return with_demo_upstream(loaded, url)
+
+    async def start(self) -> None:
+        from .state import StateHub
+
+        self.loaded = await self._apply_demo(self.loaded)
+        cfg = self.loaded.config
+        hub = StateHub(cfg.state)
+        await hub.start()
+        registry = core_metrics.make_registry()
+        pool = UpstreamPool(cfg.upstreams)
+        self.runtime = Runtime(cfg, hub, registry, pool, executor_threads=cfg.server.executor_threads)
+        self.runtime.worker_id = self.worker_id
+        self.metrics = core_metrics.CoreMetrics(registry)
+        self.runtime.on_plugin_error = self.metrics.plugin_error
+        gen = ch.Generation(self.loaded, self.runtime, pool)
+        await gen.start()
+        self.generation = gen
+        self._queue = asyncio.Queue(maxsize=cfg.server.background_queue)
+        self._workers = [
+            asyncio.get_running_loop().create_task(self._done_worker(), name=f"sluice-done-{i}")
+            for i in range(cfg.server.background_workers)
+        ]
+
+    async def listen(self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False) -> None:
+        cfg = self.loaded.config
+        self.runner = web.AppRunner(make_app(self), handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host or cfg.server.host, cfg.server.port if port is None else port, reuse_port=reuse_port, backlog=2048)
+        await site.start()
+        self.port = _site_port(site)
+        if cfg.admin.enabled:
+            from .admin import make_admin_app
+
+            self.admin_runner = web.AppRunner(make_admin_app(self), access_log=None)
+            await self.admin_runner.setup()
+            asite = web.TCPSite(self.admin_runner, cfg.admin.host, cfg.admin.port, reuse_port=reuse_port)
+            await asite.start()
+            self.admin_port = _site_port(asite)
+
+    async def reload(self, path: str | None = None, data: dict[str, Any] | None = None) -> tuple[bool, str]:
+        """Build and validate a whole new generation, then swap; the old one finishes in-flight work."""
+        try:
+            loaded = load_config(path or self.config_path, data=data) if data is not None else load_config(path or self.config_path)
+            loaded = await self._apply_demo(loaded)
+            if loaded.config.state != self.loaded.config.state:
+                raise ConfigError(f"{loaded.source}: state: changing the state section needs a restart")
+            pool = UpstreamPool(loaded.config.upstreams)
+            gen = ch.Generation(loaded, self.runtime, pool)
+            await gen.start()
+        except ConfigError as e:
+            self.metrics.reloads.labels(result="error").inc()
+            log.error("reload refused, the old config keeps serving: %s", e)
+            return False, str(e)
+        except Exception as e:
+            self.metrics.reloads.labels(result="error").inc()
+            log.error("reload failed while starting plugins (%s); the old config keeps serving", type(e).__name__)
+            return False, f"starting the new config failed: {type(e).__name__}"
+        old, self.generation, self.loaded = self.generation, gen, loaded
+        self.runtime.config = loaded.config
+        self.runtime.upstreams = pool
+        task = asyncio.get_running_loop().create_task(self._retire(old), name="sluice-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        self.metrics.reloads.labels(result="ok").inc()
+        log.info("config reloaded from %s", loaded.source)
+        return True, "reloaded"
+
+    async def _retire(self, gen: ch.Generation) -> None:
+        await gen.wait_idle(self.loaded.config.server.drain_seconds + 60)
+        await gen.stop()
+
+    def done(self, ctx: Context, route: ch.CompiledRoute, gen: ch.Generation) -> None:
+        """Queue on_done work; never blocks, drops and counts when the queue is full."""
+        if not route.on_done and not self.loaded.config.server.access_log:
+            return
+        assert self._queue is not None
+        gen.enter()  # the generation stays alive until its on_done work ran
+        try:
+            self._queue.put_nowait((ctx, route, gen))
+        except asyncio.QueueFull:
+            gen.leave()
+            self.metrics.dropped.inc()
+
+    async def _done_worker(self) -> None:
+        assert self._queue is not None
+        q = self._queue
+        while True:
+            ctx, route, gen = await q.get()
+            try:
+                await ch.run_done(ctx, route)
+                if self.loaded.config.server.access_log:
+                    t = ctx.timings
+                    access_log.info(
+                        "request_id=%s route=%s method=%s status=%s outcome=%s ms=%.1f answered_by=%s",
+                        ctx.request_id, route.name, ctx.method, ctx.status, ctx.outcome,
+                        ((t.end or t.start) - t.start) * 1000, ctx.answered_by or "-",
+                    )
+            except Exception as e:  # pragma: no cover - run_done isolates plugins already
+                log.error("on_done failed: %s", type(e).__name__)
+            finally:
+                gen.leave()
+                q.task_done()
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight requests and streams finish, flush background work."""
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.loaded.config.server.drain_seconds
+        t0 = time.monotonic()
+        if self.runner is not None:
+            for site in list(self.runner.sites):
+                await site.stop()
+        ok = await self.generation.wait_idle(grace)
+        if not ok:
+            log.warning("drain: %d requests still in flight after %.0fs", self.generation.inflight, grace)
+        if self._queue is not None:
+            try:
+                async with asyncio.timeout(max(1.0, grace - (time.monotonic() - t0))):
+                    await self._queue.join()
+            except TimeoutError:
+                log.warning("drain: background queue not empty (%d left)", self._queue.qsize())
+        await self.close()
+
+    async def close(self) -> None:
+        for t in self._workers:
+            t.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        for task in list(self._retiring):
+            task.cancel()
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+            self.admin_runner = None
+        if self.generation is not None:
+            await self.generation.stop()
+        if self.runtime is not None:
+            await self.runtime.close()
+            await self.runtime.state.close()
+        if self.demo is not None:
+            await self.demo.stop()
+            self.demo = None
+
+    # -- health -------------------------------------------------------------
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        gen = self.generation
+        if gen is None or not gen.started or self.draining:
+            return False, {"status": "not ready", "reason": "draining" if self.draining else "starting"}
+        checks = await asyncio.gather(*(_probe(u) for u in gen.pool.upstreams.values()))
+        ups = dict(zip(gen.pool.upstreams, checks))
+        state = await self.runtime.state.check()
+        ok = all(ups.values()) and all(v in (True, "ok") for v in state.values())
+        return ok, {"status": "ready" if ok else "not ready", "upstreams": {k: "ok" if v else "unreachable" for k, v in ups.items()}, "state": state}
+
+
+async def _probe(up: Any) -> bool:
+    """An upstream is reachable: its health path answers below 500, or a TCP connect succeeds."""
+    u = URL(up.base)
+    try:
+        if up.config.health_path:
+            async with up.session.get(up.origin + up.config.health_path, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                return resp.status < 500
+        async with asyncio.timeout(2):
+            _, w = await asyncio.open_connection(u.host, u.port)
+            w.close()
+            await w.wait_closed()
+        return True
+    except Exception:
+        return False
+
+
+def _site_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp keeps the asyncio server here
+    assert server is not None and server.sockets
+    return server.sockets[0].getsockname()[1]
+
+
+SERVER_KEY = web.AppKey("sluice_server", Server)
+
+
+def make_app(server: Server) -> web.Application:
+    app = web.Application()
+    app[SERVER_KEY] = server
+    handler = Handler(server)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"}, headers={"x-request-id": new_request_id()})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ok, detail = await server.readiness()
+        return web.json_response(detail, status=200 if ok else 503, headers={"x-request-id": new_request_id()})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+# -- running ------------------------------------------------------------------
+
+def configure_logging(level: str = "info", fmt: str = "text") -> None:
+    root = logging.getLogger()
+    if getattr(configure_logging, "_done", False):
+        root.setLevel(level.upper())
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()})
+
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    configure_logging._done = True  # type: ignore[attr-defined]
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional on some platforms
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve_async(loaded: LoadedConfig, config_path: str | None, *, worker_id: int = 0, reuse_port: bool = False, ready_fd: int | None = None, ready_file: str | None = None, port: int | None = None) -> int:
+    server = Server(loaded, config_path=config_path, worker_id=worker_id)
+    await server.start()
+    await server.listen(port=port, reuse_port=reuse_port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_hup() -> None:
+        task = loop.create_task(server.reload(), name="sluice-reload")
+        server._retiring.add(task)
+        task.add_done_callback(server._retiring.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    info = {"pid": os.getpid(), "port": server.port, "admin_port": server.admin_port, "host": loaded.config.server.host}
+    log.info("sluice listening on http://%s:%d (admin %s) worker=%d", info["host"], server.port, server.admin_port or "off", worker_id)
+    if ready_fd is not None:
+        os.write(ready_fd, (json.dumps(info) + "\n").encode())
+        os.close(ready_fd)
+    if ready_file:
+        _write_atomic(ready_file, json.dumps(info))
+    await stop.wait()
+    log.info("draining (grace %.0fs)", loaded.config.server.drain_seconds)
+    await server.drain()
+    log.info("stopped")
+    return 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_master(loaded: LoadedConfig, config_path: str | None, ready_file: str | None) -> int:
+    """N worker processes on one port (SO_REUSEPORT); signals are forwarded to them."""
+    cfg = loaded.config
+    n = cfg.server.workers
+    env = dict(os.environ)
+    if "PROMETHEUS_MULTIPROC_DIR" not in env:
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sluice-prom-")
+    port = cfg.server.port or free_port(cfg.server.host)
+    admin_port = cfg.admin.port or (free_port(cfg.admin.host) if cfg.admin.enabled else 0)
+    env["SLUICE__SERVER__PORT"] = str(port)
+    env["SLUICE__ADMIN__PORT"] = str(admin_port)
+    demo = None
+    if not cfg.upstreams and cfg.server.demo_upstream and "SLUICE_DEMO_UPSTREAM_URL" not in env:
+        demo_port = free_port("127.0.0.1")
+        demo = subprocess.Popen([sys.executable, "-m", "proxy.cli", "demo-upstream", "--port", str(demo_port)], env=env)
+        env["SLUICE_DEMO_UPSTREAM_URL"] = f"http://127.0.0.1:{demo_port}/v1"
+        _wait_port("127.0.0.1", demo_port, 20)
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def spawn(i: int) -> None:
+        r, w = os.pipe()
+        cmd = [sys.executable, "-m", "proxy.cli", "serve", "--worker", str(i), "--ready-fd", str(w)]
+        if config_path:
+            cmd += ["-c", config_path]
+        p = subprocess.Popen(cmd, env={**env, "SLUICE_WORKER": str(i)}, pass_fds=(w,))
+        os.close(w)
+        with os.fdopen(r) as f:
+            line = f.readline()
+        if not line:
+            raise RuntimeError(f"worker {i} failed to start")
+        children[p.pid] = p
+        p.worker_index = i  # type: ignore[attr-defined]
+
+    def forward(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+            sig = signal.SIGTERM
+        for p in list(children.values()):
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)
+    try:
+        for i in range(n):
+            spawn(i)
+    except RuntimeError as e:
+        log.error("%s", e)
+        forward(signal.SIGTERM, None)
+        for p in children.values():
+            p.wait()
+        return 1
+    if ready_file:
+        _write_atomic(ready_file, json.dumps({"pid": os.getpid(), "port": port, "admin_port": admin_port, "host": cfg.server.host, "workers": n}))
+    status = 0
+    while children:
+        try:
+            pid, st = os.wait()
+        except ChildProcessError:
+            break
+        p = children.pop(pid, None)
+        if p is None:
+            continue
+        code = os.waitstatus_to_exitcode(st)
+        if not stopping:
+            log.error("worker %d exited with %d; starting it again", p.worker_index, code)  # type: ignore[attr-defined]
+            spawn(p.worker_index)  # type: ignore[attr-defined]
+        elif code != 0:
+            status = code
+    if demo is not None:
+        demo.terminate()
+        demo.wait()
+    return status
+
+
+def _wait_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def serve(config_path: str | None, *, worker: int | None = None, ready_fd: int | None = None, ready_file: str | None = None) -> int:
+    try:
+        loaded = load_config(config_path)
+    except ConfigError as e:
+        print(f"sluice: {e}", file=sys.stderr)
+        return 2
+    configure_logging(loaded.config.logging.level, loaded.config.logging.format)
+    if worker is None and loaded.config.server.workers > 1:
+        return run_master(loaded, config_path, ready_file)
+    install_uvloop()
+    return asyncio.run(
+        serve_async(
+            loaded, config_path, worker_id=worker or 0, reuse_port=worker is not None,
+            ready_fd=ready_fd, ready_file=ready_file,
+        )
+    )
+
+
+__all__ = ["Server", "make_app", "serve", "error_response"]

@@ -1,0 +1,243 @@
+"""Pooled upstream clients: timeouts, retries before the first byte, fallback over ctx.targets."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Mapping
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import UpstreamConfig
+from .context import Attempt, Context, Response, Target
+from .errors import ProxyError
+from .openai import CREDENTIAL_HEADERS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .chain import CompiledRoute
+
+log = logging.getLogger("sluice.upstream")
+
+CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+
+
+def join_url(base: str, tail: str, query: str) -> URL:
+    url = base if not tail else base + "/" + tail.lstrip("/")
+    if query:
+        url += "?" + query
+    return URL(url, encoded=True)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``retry-after`` (seconds or an HTTP date) or OpenAI's ``retry-after-ms``, as seconds."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class Upstream:
+    """One upstream: a pooled keep-alive session and its settings."""
+
+    def __init__(self, name: str, config: UpstreamConfig) -> None:
+        self.name = name
+        self.config = config
+        self.base = config.url
+        u = URL(config.url)
+        self.origin = f"{u.scheme}://{u.host}:{u.port}" if u.port else f"{u.scheme}://{u.host}"
+        self.session: aiohttp.ClientSession | None = None
+        #: requests in flight to this upstream (read by routing strategies)
+        self.outstanding = 0
+        t = config.timeouts
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect)
+        auth = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._extra_headers = {**config.headers, **auth}
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent", "Content-Type"),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def headers_for(self, ctx_headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        headers = CIMultiDict(ctx_headers)
+        if self.config.api_key:
+            for h in CREDENTIAL_HEADERS:
+                headers.popall(h, None)
+        headers.update(self._extra_headers)
+        return headers
+
+    async def open(self, method: str, url: URL, body: bytes, headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+        assert self.session is not None, "upstream pool not started"
+        return await self.session.request(
+            method, url, data=body if body else None, headers=headers, allow_redirects=False, timeout=self._timeout
+        )
+
+    async def call(
+        self,
+        method: str,
+        endpoint: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Response:
+        """A buffered call outside any client request (shadow traffic, probes)."""
+        url = join_url(self.base, endpoint, "")
+        h = self.headers_for(CIMultiDict(headers or {}))
+        if body and "content-type" not in h:
+            h["content-type"] = "application/json"
+        async with asyncio.timeout(timeout or self.config.timeouts.total):
+            async with await self.open(method, url, body, h) as resp:
+                data = await resp.read()
+                return Response(resp.status, CIMultiDict(resp.headers), data)
+
+
+class UpstreamPool:
+    """All configured upstreams, by name."""
+
+    def __init__(self, configs: Mapping[str, UpstreamConfig]) -> None:
+        self.upstreams = {name: Upstream(name, c) for name, c in configs.items()}
+
+    def get(self, name: str) -> Upstream:
+        return self.upstreams[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.upstreams
+
+    async def start(self) -> None:
+        for u in self.upstreams.values():
+            await u.start()
+
+    async def close(self) -> None:
+        for u in self.upstreams.values():
+            await u.close()
+
+    async def call(
+        self,
+        target: Target,
+        method: str,
+        endpoint: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Response:
+        if target.model and body:
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict) and obj.get("model") != target.model:
+                obj["model"] = target.model
+                body = orjson.dumps(obj)
+        return await self.get(target.upstream).call(method, endpoint, body, headers, timeout)
+
+    async def send(self, ctx: Context, route: CompiledRoute) -> tuple[aiohttp.ClientResponse, Upstream, Attempt]:
+        """Open the request on the first target that answers, retrying before the first byte.
+
+        Connect errors, timeouts before the first byte and the route's retry
+        statuses are retried on the same target (``retries.attempts`` times, with
+        exponential backoff, full jitter and ``retry-after`` honoured), then the
+        next target is tried, all within ``retries.deadline_s``. The last
+        upstream error answer is passed through unchanged; with none, 502 or 504.
+        """
+        policy = route.retries
+        targets = ctx.targets or route.default_targets
+        if not targets:
+            raise ProxyError(502, "No upstream is configured for this route.", code="no_upstream")
+        deadline = ctx.timings.start + policy.deadline_s
+        body = ctx.body_bytes()
+        tail = ctx.endpoint
+        plan = [(t, n) for t in targets for n in range(policy.attempts + 1)]
+        last_error: ProxyError | None = None
+        delay = 0.0
+        for i, (target, n) in enumerate(plan):
+            last = i == len(plan) - 1
+            up = self.upstreams.get(target.upstream)
+            if up is None:
+                raise ProxyError(500, "The route names an upstream that is not configured.", code="unknown_upstream")
+            if i:
+                now = time.perf_counter()
+                if n == 0:
+                    delay = 0.0  # a fresh target needs no backoff
+                if now + delay >= deadline:
+                    break
+                if delay:
+                    await asyncio.sleep(delay)
+            send_body = body
+            if target.model and ctx.model is not None and target.model != ctx.model:
+                b = dict(ctx.body)
+                b["model"] = target.model
+                send_body = orjson.dumps(b)
+            headers = up.headers_for(ctx.headers)
+            headers["x-request-id"] = ctx.request_id
+            url = join_url(up.base, tail, ctx.query)
+            att = Attempt(target=target, start=time.perf_counter())
+            ctx.attempts.append(att)
+            t = up.config.timeouts
+            up.outstanding += 1
+            try:
+                async with asyncio.timeout(t.connect + t.first_byte):
+                    resp = await up.open(ctx.method, url, send_body, headers)
+            except asyncio.TimeoutError:
+                up.outstanding -= 1
+                att.error, att.end = "timeout", time.perf_counter()
+                last_error = ProxyError(504, "The upstream did not answer in time.", code="upstream_timeout")
+                delay = self._backoff(policy, n, None)
+                continue
+            except CONNECT_ERRORS as e:
+                up.outstanding -= 1
+                att.error, att.end = "connect", time.perf_counter()
+                log.warning("upstream %s unreachable (%s) request_id=%s", up.name, type(e).__name__, ctx.request_id)
+                last_error = ProxyError(502, "The upstream could not be reached.", code="upstream_unreachable")
+                delay = self._backoff(policy, n, None)
+                continue
+            except BaseException:
+                up.outstanding -= 1
+                att.error, att.end = "cancelled", time.perf_counter()
+                raise
+            att.status = resp.status
+            att.first_byte = time.perf_counter()
+            if resp.status in policy.on_status and not last:
+                ra = retry_after_seconds(resp.headers.get("retry-after"))
+                nxt = 0.0 if plan[i + 1][1] == 0 else self._backoff(policy, n, ra)
+                if time.perf_counter() + nxt < deadline:
+                    resp.release()
+                    up.outstanding -= 1
+                    att.end = time.perf_counter()
+                    delay = nxt
+                    last_error = None
+                    continue
+            ctx.upstream = target
+            return resp, up, att
+        raise last_error or ProxyError(502, "Every upstream attempt failed.", code="upstream_unavailable")
+
+    @staticmethod
+    def _backoff(policy, n: int, retry_after: float | None) -> float:
+        cap = min(policy.max_backoff_s, policy.backoff_s * (2**n))
+        jitter = random.uniform(0, cap) if cap > 0 else 0.0
+        return max(jitter, retry_after or 0.0)
