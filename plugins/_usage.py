@@ -8,13 +8,12 @@ cached, so pricing a request is a dict hit.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from proxy import Usage
 
@@ -75,9 +74,12 @@ def parse_table(data: Mapping[str, Any], where: str) -> dict[str, PriceSpec]:
             raise ValueError(f"{where}.{model}: expected a mapping with input, cached_input, output")
         try:
             out[str(model)] = PriceSpec.model_validate(dict(spec))
-        except Exception as e:  # pydantic's message names the field
-            first = str(e).splitlines()
-            raise ValueError(f"{where}.{model}: {' '.join(first[1:3]) if len(first) > 1 else first[0]}") from None
+        except ValidationError as e:
+            errs = "; ".join(
+                f"{'.'.join(map(str, er['loc'])) or '<root>'}: {'unknown field' if er['type'] == 'extra_forbidden' else er['msg']}"
+                for er in e.errors()
+            )
+            raise ValueError(f"{where}.{model}: {errs}") from None
     return out
 
 
@@ -145,64 +147,24 @@ class PriceTable:
 # -- token estimates ---------------------------------------------------------------
 #
 # Used only when the upstream reported no usage (a client that went away mid-stream,
-# an upstream without usage). The record is then marked estimated. The heuristic is
-# OpenAI's published rule of thumb (about four characters of English per token) plus
-# the chat format's per-message overhead; it errs on the generous side for code.
+# an upstream without usage); the record is then marked estimated. Prompts are
+# counted by plugins/_tokens.py (a real tokenizer when one is configured, else
+# OpenAI's rule of thumb), the same count rate limits use.
 
-CHARS_PER_TOKEN = 4.0
-PER_MESSAGE = 4
-PER_REPLY = 3
+from ._tokens import completion_allowance, count_prompt_tokens, estimate_text  # noqa: E402
 
 
-def _text_tokens(text: str) -> int:
-    return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
+def estimate_prompt_tokens(body: Any, model: str | None = None, tokenizers: Mapping[str, str] | None = None) -> int:
+    """Tokens of a chat, completions or embeddings request body."""
+    return count_prompt_tokens(body, model, tokenizers=tokenizers)
 
 
 def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict):
-                t = part.get("text")
-                if isinstance(t, str):
-                    parts.append(t)
-            elif isinstance(part, str):
-                parts.append(part)
-        return " ".join(parts)
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
-
-
-def estimate_prompt_tokens(body: Any) -> int:
-    """Tokens of a chat, completions or embeddings request body, estimated."""
-    if not isinstance(body, dict):
-        return 0
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        n = PER_REPLY
-        for m in messages:
-            if isinstance(m, dict):
-                n += PER_MESSAGE + _text_tokens(_content_text(m.get("content")))
-                name = m.get("name")
-                if isinstance(name, str):
-                    n += _text_tokens(name)
-                calls = m.get("tool_calls")
-                if calls:
-                    n += _text_tokens(str(calls))
-        tools = body.get("tools")
-        if tools:
-            n += _text_tokens(str(tools))
-        return n
-    for field in ("prompt", "input"):
-        value = body.get(field)
-        if isinstance(value, str):
-            return _text_tokens(value)
-        if isinstance(value, list):
-            if value and all(isinstance(x, int) for x in value):
-                return len(value)  # already token ids
-            return sum(_text_tokens(x) if isinstance(x, str) else len(x) if isinstance(x, list) else 0 for x in value)
-    return 0
 
 
 def estimate_completion_tokens_from_response(body: Any) -> int:
@@ -215,30 +177,31 @@ def estimate_completion_tokens_from_response(body: Any) -> int:
             continue
         msg = choice.get("message")
         if isinstance(msg, dict):
-            n += _text_tokens(_content_text(msg.get("content")))
+            n += estimate_text(_content_text(msg.get("content")))
             if msg.get("tool_calls"):
-                n += _text_tokens(str(msg["tool_calls"]))
+                n += estimate_text(str(msg["tool_calls"]))
         text = choice.get("text")
         if isinstance(text, str):
-            n += _text_tokens(text)
+            n += estimate_text(text)
     return n
 
 
-def estimate_completion_tokens_from_stream(events: int) -> int:
-    """Tokens relayed in a stream cut short, from the count of events the client got.
+#: bytes of one streamed chat chunk event carrying one token (OpenAI and vLLM send 180-240)
+EVENT_BYTES = 200
+
+
+def estimate_completion_tokens_from_stream(events: int, relayed_bytes: int = 0) -> int:
+    """Tokens relayed in a stream cut short, from what the client got.
 
     A streamed answer carries at least one token per content event, plus the role event
     and the finish event; servers merge tokens under load, so this is a lower bound.
+    When the stream was relayed raw (no event count), events are reckoned from bytes.
     """
+    if not events and relayed_bytes:
+        events = relayed_bytes // EVENT_BYTES
     return max(events - 2, 0)
 
 
 def max_output_tokens(body: Any, default: int) -> int:
-    """The output the client allowed (``max_completion_tokens`` or ``max_tokens``), else ``default``."""
-    if isinstance(body, dict):
-        for field in ("max_completion_tokens", "max_tokens"):
-            v = body.get(field)
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                n = 1 if not isinstance(body.get("n"), int) else max(body["n"], 1)
-                return v * n
-    return default
+    """The output the client allowed (``max_completion_tokens``, ``max_tokens``), else ``default``; times ``n``."""
+    return completion_allowance(body, default)

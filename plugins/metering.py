@@ -1,0 +1,534 @@
+"""Usage, cost, a ledger row per request, and spend budgets per key and team.
+
+* Usage comes from the upstream (``ctx.usage``, which the core fills from the answer's
+  ``usage`` or the stream's usage event: ``needs_usage`` makes it ask for one on
+  streams the client did not). Without one (a client gone mid-stream, an upstream
+  that reports none) Sluice counts: the prompt with plugins/_tokens.py, the completion
+  from the buffered answer or the events relayed, and marks the row ``estimated``.
+* Cost comes from the price table (plugins/data/prices.yaml, overridden by the
+  top-level ``prices:`` and this plugin's ``prices:``).
+* The ledger is an append-only SQLite table written by the state's batched writer
+  thread, keyed by request id (a row written twice is still one row).
+* Budgets reserve the request's worst-case cost at admission (prompt estimate plus
+  the output the client allowed) with an atomic ``add_sum`` that refuses past the
+  limit, and give back the difference once the real cost is known. With Redis
+  state the sums are shared, so the limit holds across replicas. Refusals are 429
+  with OpenAI's ``insufficient_quota`` code.
+"""
+
+from __future__ import annotations
+
+import calendar
+import csv
+import io
+import logging
+import sqlite3
+import time
+import weakref
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from proxy import AdminRoute, Command, Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, Usage, hookimpl
+
+from ._usage import (
+    PriceTable,
+    estimate_completion_tokens_from_response,
+    estimate_completion_tokens_from_stream,
+    estimate_prompt_tokens,
+    max_output_tokens,
+    parse_table,
+)
+from .metrics import ModelLabel, families, route_name
+
+log = logging.getLogger("sluice.metering")
+
+LEDGER_TABLE = "ledger"
+RESERVED: StashKey[list[tuple[str, float, float]]] = StashKey("metering.reserved")
+
+GROUPS = {
+    "key": "key_id",
+    "team": "team",
+    "user": "user",
+    "model": "COALESCE(model_served, model_requested)",
+    "day": "day",
+    "route": "route",
+    "upstream": "upstream",
+}
+SUMS = (
+    "COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, "
+    "SUM(cached_tokens) AS cached_tokens, SUM(reasoning_tokens) AS reasoning_tokens, "
+    "ROUND(SUM(cost), 9) AS cost, SUM(estimated) AS estimated, SUM(cache_hit) AS cache_hits"
+)
+
+
+def ledger_table() -> Any:
+    from proxy.state import Table
+
+    return Table(
+        LEDGER_TABLE,
+        {
+            "id": str, "ts": float, "day": str, "key_id": str, "key_name": str, "team": str, "user": str,
+            "route": str, "endpoint": str, "model_requested": str, "model_served": str, "upstream": str,
+            "attempts": int, "stream": int, "prompt_tokens": int, "completion_tokens": int, "cached_tokens": int,
+            "reasoning_tokens": int, "total_tokens": int, "cost": float, "currency": str, "priced": int,
+            "status": int, "outcome": str, "answered_by": str, "latency_ms": float, "ttft_ms": float,
+            "cache_hit": int, "estimated": int, "variant": str, "tags": str,
+        },
+        pk="id",
+        indexes=(("day",), ("key_id", "day"), ("team", "day")),
+    )
+
+
+# -- periods ---------------------------------------------------------------------------
+
+def period_window(period: str, now: float) -> tuple[str, float]:
+    """The UTC period containing ``now``: its label and its end (epoch seconds)."""
+    dt = datetime.fromtimestamp(now, timezone.utc)
+    if period == "day":
+        start = calendar.timegm((dt.year, dt.month, dt.day, 0, 0, 0))
+        return dt.strftime("%Y-%m-%d"), float(start + 86400)
+    year, month = (dt.year + 1, 1) if dt.month == 12 else (dt.year, dt.month + 1)
+    return dt.strftime("%Y-%m"), float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRule:
+    scope: str
+    period: str
+    limit: float
+    ids: frozenset[str] | None
+
+
+class Metering(Plugin):
+    """Meters usage and cost into a ledger, and enforces spend budgets per key and team."""
+
+    name = "metering"
+    kind = "observer"
+    needs_usage = True
+
+    class Budget(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        scope: Literal["key", "team"] = Field(..., description="Whose spend is summed: each API key, or each team.")
+        period: Literal["day", "month"] = Field(..., description="The UTC calendar period the sum covers.")
+        limit: float = Field(..., gt=0, le=1e12, description="Most money per scope and period, in the price table's currency.")
+        ids: list[str] | None = Field(
+            None, max_length=10000, description="Only these key ids or team names (default: every key or team separately).")
+
+    class Config(PluginConfig):
+        prices: dict[str, dict[str, Any]] = Field(
+            default_factory=dict,
+            description="Price overrides per model (input, cached_input, output per million tokens); win over the "
+            "top-level prices and the defaults. '*' prices every unknown model.")
+        ledger: bool = Field(True, description="Write one ledger row per request that reached an upstream or the cache.")
+        ledger_name: str = Field(
+            "ledger", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Records file of the ledger: <state.dir>/<name>.db.")
+        record_answered: bool = Field(
+            False, description="Also write rows for requests answered before any upstream (auth, limits, guards).")
+        tokenizers: dict[str, str] = Field(
+            default_factory=dict, description="Model glob -> local tokenizer.json, for exact prompt estimates.")
+        budgets: list[Metering.Budget] = Field(
+            default_factory=list, max_length=64, description="Spend limits per key or team per day or month.")
+        budget_on_error: Literal["closed", "open"] = Field(
+            "closed", description="When the counters backend is down: 'closed' answers 503, 'open' admits without "
+            "reserving (spend is still reconciled once it is back).")
+        budget_backend: Literal["auto", "memory", "redis"] = Field(
+            "auto", description="Where budget sums live: Redis when configured (shared by replicas), else this process.")
+        reserve_output_tokens: int = Field(
+            1024, ge=0, le=10_000_000,
+            description="Output tokens reserved at admission when the request sets no max_tokens / max_completion_tokens.")
+        identity_budgets: bool = Field(
+            True, description="Also apply per-key budgets an auth plugin puts in identity.limits "
+            "(budget_per_day, budget_per_month).")
+
+        @field_validator("prices")
+        @classmethod
+        def _prices(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+            parse_table(v, "prices")
+            return v
+
+        @model_validator(mode="after")
+        def _budgets(self) -> Metering.Config:
+            seen = set()
+            for b in self.budgets:
+                key = (b.scope, b.period, tuple(sorted(b.ids)) if b.ids else None)
+                if key in seen:
+                    raise ValueError(f"two budgets for scope {b.scope} and period {b.period} over the same ids")
+                seen.add(key)
+            return self
+
+    def __init__(self, config: Config, runtime: Any) -> None:
+        super().__init__(config, runtime)
+        self.config: Metering.Config = config
+        top = getattr(getattr(runtime, "config", None), "prices", None) or {}
+        self.prices = PriceTable.build(top, config.prices)
+        self.rules = [BudgetRule(b.scope, b.period, b.limit, frozenset(b.ids) if b.ids else None) for b in config.budgets]
+        self.ledger: Any = None
+        self.counters: Any = None
+        self.model_label = ModelLabel.for_runtime(runtime)
+        self.families = families(runtime)
+        self._tokenizers = config.tokenizers or None
+
+    async def start(self) -> None:
+        state = self.runtime.state
+        if self.config.ledger:
+            self.ledger = state.records(self.config.ledger_name)
+            self.ledger.ensure(ledger_table())
+        if self.rules or self.config.identity_budgets:
+            self.counters = state.counters(self.config.budget_backend)
+        self.runtime.shared("metering.instances", weakref.WeakSet).add(self)
+
+    async def stop(self) -> None:
+        if self.ledger is not None:
+            try:
+                await self.ledger.flush()
+            except StateUnavailable:
+                log.error("metering: the ledger did not flush before stop")
+
+    # -- budgets -----------------------------------------------------------------------
+    def applicable(self, ctx: Context, now: float) -> list[tuple[str, float, float]]:
+        """(counter key, limit, period end) of every budget this request counts against."""
+        ident = ctx.identity
+        if ident is None:
+            return []
+        out = []
+        for r in self.rules:
+            who = ident.key_id if r.scope == "key" else ident.team
+            if not who or (r.ids is not None and who not in r.ids):
+                continue
+            label, end = period_window(r.period, now)
+            out.append((f"budget:{r.scope}:{who}:{r.period}:{label}", r.limit, end))
+        if self.config.identity_budgets and ident.limits:
+            for period in ("day", "month"):
+                limit = ident.limits.get(f"budget_per_{period}")
+                if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
+                    label, end = period_window(period, now)
+                    key = f"budget:key:{ident.key_id}:{period}:{label}"
+                    if all(k != key for k, _, _ in out):
+                        out.append((key, float(limit), end))
+        return out
+
+    def reserve_amount(self, ctx: Context) -> float:
+        price = self.prices.lookup(self._priced_model(ctx))
+        if price is None:
+            return 0.0
+        body = ctx.body if ctx.body_is_json else None
+        prompt = estimate_prompt_tokens(body, ctx.model, self._tokenizers)
+        return price.cost_of(prompt, max_output_tokens(body, self.config.reserve_output_tokens))
+
+    @hookimpl
+    async def on_request(self, ctx: Context) -> None:
+        if ctx.answered or self.counters is None:
+            return
+        now = time.time()
+        budgets = self.applicable(ctx, now)
+        if not budgets:
+            return
+        amount = self.reserve_amount(ctx)
+        taken: list[tuple[str, float, float]] = []
+        ctx.stash[RESERVED] = taken
+        try:
+            for key, limit, end in budgets:
+                st = await self.counters.add_sum(key, amount, limit, end)
+                if not st.allowed:
+                    await self._give_back(taken)
+                    taken.clear()
+                    raise ProxyError(
+                        429,
+                        "You exceeded your current quota: the spend budget of this key or team for this period is used up.",
+                        type="insufficient_quota",
+                        code="insufficient_quota",
+                        headers={"retry-after": str(max(int(end - now), 1))},
+                        reason="budget_exceeded",
+                    )
+                taken.append((key, amount, end))
+        except StateUnavailable:
+            await self._give_back(taken)
+            taken.clear()
+            if self.config.budget_on_error == "closed":
+                raise
+            log.warning("metering: budget counters unavailable; admitting without a reservation")
+
+    async def _give_back(self, taken: list[tuple[str, float, float]]) -> None:
+        for key, amount, end in taken:
+            if amount:
+                try:
+                    await self.counters.add_sum(key, -amount, None, end)
+                except StateUnavailable:
+                    log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
+
+    # -- after the answer ----------------------------------------------------------------
+    def _priced_model(self, ctx: Context) -> str | None:
+        if ctx.upstream is not None and ctx.upstream.model:
+            return ctx.upstream.model
+        return ctx.model
+
+    def usage_of(self, ctx: Context) -> Usage:
+        """The request's usage: the upstream's, else an estimate marked so."""
+        u = ctx.usage
+        # all-zero usage on an answer is how malformed usage reaches us: no real prompt has 0 tokens
+        if u is not None and (u.prompt_tokens or u.completion_tokens or not ctx.attempts):
+            return u
+        answered = any(a.status is not None and a.status < 400 for a in ctx.attempts)
+        if not answered:
+            return Usage()  # nothing generated: connect errors and upstream 4xx/5xx bill nothing
+        body = ctx.body if ctx.body_is_json else None
+        prompt = estimate_prompt_tokens(body, ctx.model, self._tokenizers)
+        if ctx.response is not None:
+            completion = estimate_completion_tokens_from_response(ctx.response.json)
+        else:
+            completion = estimate_completion_tokens_from_stream(ctx.stream_events, ctx.stream_bytes)
+        return Usage(prompt, completion, prompt + completion, estimated=True)
+
+    @hookimpl
+    async def on_done(self, ctx: Context) -> None:
+        reached = bool(ctx.attempts)
+        cache_hit = ctx.tags.get("cache") == "hit"
+        reserved = ctx.stash.get(RESERVED)
+        if not (reached or cache_hit or reserved or self.config.record_answered):
+            return
+        usage = self.usage_of(ctx) if reached else Usage()
+        served = self._served_model(ctx)
+        price = self.prices.lookup(served or self._priced_model(ctx)) if reached else None
+        cost = price.cost(usage) if price is not None else 0.0
+        ctx.cost = cost
+        if cost:
+            f = self.families
+            f.child(f.cost, route_name(ctx), self.model_label(ctx)).inc(cost)
+        if self.ledger is not None and (reached or cache_hit or self.config.record_answered):
+            self.ledger.append(LEDGER_TABLE, self._row(ctx, usage, served, cost, price is not None, cache_hit))
+        if reserved:
+            for key, amount, end in reserved:
+                delta = cost - amount
+                if delta:
+                    try:
+                        await self.counters.add_sum(key, delta, None, end)
+                    except StateUnavailable:
+                        log.error("metering: could not reconcile a budget (the reservation stays counted)")
+
+    def _served_model(self, ctx: Context) -> str | None:
+        resp = ctx.response
+        if resp is not None and ctx.upstream is not None and resp.status < 400 and len(resp.body) <= 1 << 20:
+            body = resp.json
+            if isinstance(body, dict) and isinstance(body.get("model"), str):
+                return body["model"]
+        if ctx.upstream is not None:
+            return ctx.upstream.model or ctx.model
+        return None
+
+    def _row(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool) -> dict[str, Any]:
+        t = ctx.timings
+        ident = ctx.identity
+        started = time.time() - (time.perf_counter() - t.start)
+        ttft = (t.first_byte - t.start) * 1000 if (t.first_byte is not None and ctx.stream) else None
+        return {
+            "id": ctx.request_id,
+            "ts": round(started, 6),
+            "day": datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%d"),
+            "key_id": ident.key_id if ident else None,
+            "key_name": ident.name if ident else None,
+            "team": ident.team if ident else None,
+            "user": ident.user if ident else None,
+            "route": route_name(ctx),
+            "endpoint": ctx.endpoint,
+            "model_requested": ctx.model,
+            "model_served": served,
+            "upstream": ctx.upstream.upstream if ctx.upstream is not None else None,
+            "attempts": len(ctx.attempts),
+            "stream": int(ctx.stream),
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "total_tokens": usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
+            "cost": cost,
+            "currency": self.prices.currency,
+            "priced": int(priced),
+            "status": ctx.status,
+            "outcome": ctx.outcome,
+            "answered_by": ctx.answered_by,
+            "latency_ms": round((t.end - t.start) * 1000, 3) if t.end is not None else None,
+            "ttft_ms": round(ttft, 3) if ttft is not None else None,
+            "cache_hit": int(cache_hit),
+            "estimated": int(usage.estimated),
+            "variant": ctx.tags.get("variant"),
+            "tags": orjson.dumps(ctx.tags).decode() if ctx.tags else None,
+        }
+
+    # -- reports -------------------------------------------------------------------------
+    @classmethod
+    def commands(cls) -> list[Command]:
+        return [Command("usage", "Spend and tokens from the ledger, grouped by key, team, model or day.", _configure_cli, _run_cli)]
+
+    @classmethod
+    def admin_routes(cls) -> list[AdminRoute]:
+        return [AdminRoute("GET", "usage", _admin_usage), AdminRoute("GET", "budgets", _admin_budgets)]
+
+
+def usage_query(group_by: list[str], since: float | None = None, until: float | None = None,
+                key: str | None = None, team: str | None = None) -> tuple[str, list[Any]]:
+    """SQL summing the ledger per group (names from GROUPS only: never client text in SQL)."""
+    bad = [g for g in group_by if g not in GROUPS]
+    if bad:
+        raise ValueError(f"cannot group by {', '.join(bad)} (choose from {', '.join(GROUPS)})")
+    cols = [f"{GROUPS[g]} AS {g}" for g in group_by]
+    where, params = [], []
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("ts < ?")
+        params.append(until)
+    if key is not None:
+        where.append("key_id = ?")
+        params.append(key)
+    if team is not None:
+        where.append("team = ?")
+        params.append(team)
+    sql = f"SELECT {', '.join([*cols, SUMS])} FROM {LEDGER_TABLE}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if group_by:
+        sql += f" GROUP BY {', '.join(g for g in group_by)} ORDER BY cost DESC, requests DESC"
+    return sql, params
+
+
+def parse_time(value: str | None) -> float | None:
+    """``2025-01-31``, an ISO timestamp, or a relative ``7d`` / ``12h`` back from now."""
+    if value is None or value == "":
+        return None
+    v = value.strip()
+    if v[-1:] in ("d", "h", "m") and v[:-1].isdigit():
+        mult = {"d": 86400, "h": 3600, "m": 60}[v[-1]]
+        return time.time() - int(v[:-1]) * mult
+    try:
+        dt = datetime.fromisoformat(v)
+    except ValueError:
+        raise ValueError(f"cannot read time {value!r} (use 2025-01-31, an ISO timestamp, or 7d / 12h / 30m)") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n"
+    if not rows:
+        return "" if fmt == "csv" else "no usage recorded\n"
+    cols = list(rows[0])
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+    cells = [[("" if r[c] is None else f"{r[c]:.6f}" if isinstance(r[c], float) else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(cols))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in cells:
+        lines.append("  ".join(v.rjust(widths[i]) if i >= len(cols) - 8 else v.ljust(widths[i]) for i, v in enumerate(row)))
+    return "\n".join(lines) + "\n"
+
+
+def _configure_cli(p: Any) -> None:
+    p.add_argument("--by", default="key,model", help=f"comma-separated groups: {', '.join(GROUPS)} (default key,model)")
+    p.add_argument("--since", help="start: 2025-01-31, an ISO time, or 7d / 12h (default: everything)")
+    p.add_argument("--until", help="end, exclusive (same forms)")
+    p.add_argument("--key", help="only this key id")
+    p.add_argument("--team", help="only this team")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
+    p.add_argument("--ledger", default="ledger", help="ledger name, as in the plugin's ledger_name (default ledger)")
+
+
+def _run_cli(args: Any, loaded: Any) -> int:
+    import sys
+
+    try:
+        group_by = [g.strip() for g in args.by.split(",") if g.strip()]
+        sql, params = usage_query(group_by, parse_time(args.since), parse_time(args.until), args.key, args.team)
+    except ValueError as e:
+        print(f"sluice usage: {e}", file=sys.stderr)
+        return 2
+    path = Path(loaded.config.state.dir) / f"{args.ledger}.db"
+    if not path.exists():
+        print(f"sluice usage: no ledger at {path} (is metering in a chain, and state.dir right?)", file=sys.stderr)
+        return 1
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        cur = conn.execute(sql, params)
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+    except sqlite3.OperationalError as e:
+        print(f"sluice usage: cannot read the ledger: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    sys.stdout.write(render(rows, args.format))
+    return 0
+
+
+async def _admin_usage(request: Any, runtime: Any) -> Any:
+    from aiohttp import web
+
+    q = request.query
+    fmt = q.get("format", "json")
+    if fmt not in ("json", "csv", "table"):
+        raise web.HTTPBadRequest(reason="format must be json, csv or table")
+    try:
+        group_by = [g.strip() for g in q.get("group_by", "key,model").split(",") if g.strip()]
+        sql, params = usage_query(group_by, parse_time(q.get("since")), parse_time(q.get("until")), q.get("key"), q.get("team"))
+    except ValueError as e:
+        raise web.HTTPBadRequest(reason=str(e)) from None
+    ledger = runtime.state.records(q.get("ledger", "ledger") if _safe_name(q.get("ledger", "ledger")) else "ledger")
+    ledger.ensure(ledger_table())
+    rows = await ledger.query(sql, params)
+    if fmt == "json":
+        return web.json_response({"group_by": group_by, "rows": rows}, dumps=lambda o: orjson.dumps(o).decode())
+    return web.Response(text=render(rows, fmt), content_type="text/csv" if fmt == "csv" else "text/plain")
+
+
+def _safe_name(name: str) -> bool:
+    return 1 <= len(name) <= 64 and all(ch.isalnum() or ch in "_.-" for ch in name)
+
+
+async def _admin_budgets(request: Any, runtime: Any) -> Any:
+    """Spent and reserved money against each budget that applies to ``key`` (and ``team``) now."""
+    from aiohttp import web
+
+    key = request.query.get("key")
+    team = request.query.get("team")
+    if not key and not team:
+        raise web.HTTPBadRequest(reason="give key=ID and/or team=NAME")
+    now = time.time()
+    out = []
+    for inst in list(runtime.shared("metering.instances", weakref.WeakSet)):
+        if inst.counters is None:
+            continue
+        probe = _probe_context(key or "", team)
+        for ckey, limit, end in inst.applicable(probe, now):
+            if not key and ":key:" in ckey:
+                continue
+            try:
+                spent = await inst.counters.get_sum(ckey)
+            except StateUnavailable:
+                spent = None
+            _, scope, who, period, label = ckey.split(":", 4)
+            out.append({"plugin": inst.id, "scope": scope, "id": who, "period": period, "period_label": label,
+                        "limit": limit, "spent_and_reserved": spent, "resets_at": end})
+    return web.json_response({"budgets": out})
+
+
+def _probe_context(key: str, team: str | None) -> Context:
+    """A bare context carrying only an identity, to ask which budgets apply to it."""
+    from proxy import Identity
+
+    ctx = Context(request_id="admin", method="GET", path="/")
+    ctx.identity = Identity(key_id=key, team=team)
+    return ctx
+

@@ -1,0 +1,297 @@
+"""Prometheus metrics for every request of a route: counts, latencies, tokens, limits, guards, plugins, upstreams.
+
+The families live once per process in ``runtime.metrics`` (``runtime.shared``), so every
+route and every reload share them; with ``server.workers`` > 1 the core points
+``PROMETHEUS_MULTIPROC_DIR`` at a shared directory before the workers start and serves
+the multiprocess collector, and one scrape shows the sum. Gauges therefore declare a
+``multiprocess_mode``.
+
+Label values are bounded: routes, upstreams and plugin ids come from the config;
+models are the configured ones (or the plugin's ``models`` allow-list), anything else
+is ``other``; free-form values (guard finding types, answer reasons) pass through a
+per-process limiter that folds everything past ``max_label_values`` into ``other``.
+No key, user or raw client string is ever a label.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+from pydantic import Field
+
+from proxy import Context, Plugin, PluginConfig, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prometheus_client import CollectorRegistry
+
+OTHER = "other"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+PLUGIN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+OUTCOMES = frozenset({"ok", "answered", "upstream_error", "client_gone", "plugin_error", "error"})
+OPERATIONS = {
+    "chat/completions": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "chat",
+    "messages": "chat",
+}
+
+
+def operation_name(ctx: Context) -> str:
+    """The GenAI operation of a request (``chat``, ``text_completion``, ``embeddings``) or ``other``."""
+    endpoint = ctx.endpoint.strip("/")
+    for suffix, op in OPERATIONS.items():
+        if endpoint == suffix or endpoint.endswith("/" + suffix):
+            return op
+    return OTHER
+
+
+def status_class(status: int | None) -> str:
+    return f"{status // 100}xx" if status else "none"
+
+
+def route_name(ctx: Context) -> str:
+    route = ctx.route
+    if route is None:
+        return "none"
+    name = getattr(route, "name", None) or getattr(route, "prefix", None)
+    return str(name) if name else "none"
+
+
+class LabelLimiter:
+    """Admits the first ``limit`` distinct values of a label in this process, then ``other``."""
+
+    __slots__ = ("limit", "seen")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: Any) -> str:
+        v = str(value)[:64]
+        if v in self.seen:
+            return v
+        if len(self.seen) < self.limit:
+            self.seen.add(v)
+            return v
+        return OTHER
+
+
+class Families:
+    """Every metric family Sluice's observers publish, registered once per process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        r = registry
+        self.requests = Counter(
+            "sluice_requests_total", "Requests answered, by route, model, status class and outcome.",
+            ["route", "model", "status_class", "outcome"], registry=r)
+        self.duration = Histogram(
+            "sluice_request_duration_seconds", "Time from request arrival to the last byte sent to the client.",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = Histogram(
+            "sluice_upstream_duration_seconds", "Time spent in upstream attempts (first send to last byte), per answering upstream.",
+            ["route", "upstream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "sluice_overhead_seconds", "Time of a request not spent waiting on an upstream: Sluice's own latency.",
+            ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.operation_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds", "GenAI operation duration as the client sees it (OTel GenAI semconv).",
+            ["gen_ai_operation_name", "gen_ai_request_model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "Streams: time from request arrival to the first event sent to the client.",
+            ["gen_ai_operation_name", "gen_ai_request_model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds", "Streams: time per output token after the first.",
+            ["gen_ai_operation_name", "gen_ai_request_model", "route"], buckets=TPOT_BUCKETS, registry=r)
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Tokens per request, by token type (input, output).",
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type", "route"], buckets=TOKEN_BUCKETS, registry=r)
+        self.tokens = Counter(
+            "sluice_tokens_total", "Tokens in and out (type: input, output, cached_input, reasoning); estimated ones too.",
+            ["route", "model", "type"], registry=r)
+        self.estimated = Counter(
+            "sluice_usage_estimated_total", "Requests whose usage Sluice estimated because the upstream reported none.",
+            ["route", "model"], registry=r)
+        self.cost = Counter(
+            "sluice_cost_total", "Money spent, from usage and the price table (metering plugin), in the table's currency.",
+            ["route", "model"], registry=r)
+        self.cache = Counter(
+            "sluice_cache_requests_total", "Cache lookups by result (hit, miss, ...), from the cache plugin's tag.",
+            ["route", "result"], registry=r)
+        self.limits = Counter(
+            "sluice_limit_rejections_total", "Requests refused with 429 by a plugin (rate limits, budgets, concurrency).",
+            ["route", "plugin", "reason"], registry=r)
+        self.blocks = Counter(
+            "sluice_guardrail_blocks_total", "Requests a plugin answered early with an error other than 429 (auth, policy, guards).",
+            ["route", "plugin", "reason"], registry=r)
+        self.findings = Counter(
+            "sluice_guardrail_findings_total", "What guards found (types and counts, never values), by plugin.",
+            ["route", "plugin", "type"], registry=r)
+        self.plugin_duration = Histogram(
+            "sluice_plugin_duration_seconds", "Time spent inside each plugin's hooks, by phase.",
+            ["route", "plugin", "phase"], buckets=PLUGIN_BUCKETS, registry=r)
+        self.attempts = Counter(
+            "sluice_upstream_attempts_total", "Upstream attempts by result (ok, http_4xx, http_5xx, connect, timeout, protocol).",
+            ["upstream", "result"], registry=r)
+        self.upstream_up = Gauge(
+            "sluice_upstream_up", "1 when the last attempt on this upstream got an answer below 500, else 0.",
+            ["upstream"], multiprocess_mode="mostrecent", registry=r)
+        # Drift gauges live here too, so one registry call site bounds every family name.
+        self.drift_psi = Gauge(
+            "sluice_drift_psi", "Population stability index of a feature: current window against the reference.",
+            ["route", "model", "feature"], multiprocess_mode="mostrecent", registry=r)
+        self.drift_p_value = Gauge(
+            "sluice_drift_p_value", "p-value of the drift test of a feature (KS for numeric, chi-square for categorical).",
+            ["route", "model", "feature"], multiprocess_mode="mostrecent", registry=r)
+        self.drift_alarm = Gauge(
+            "sluice_drift_alarm", "1 while a feature has drifted past both thresholds, else 0.",
+            ["route", "model", "feature"], multiprocess_mode="mostrecent", registry=r)
+        self.latency_p95 = Gauge(
+            "sluice_drift_latency_p95_seconds", "p95 latency of the sampled window (window: current or baseline).",
+            ["route", "model", "window"], multiprocess_mode="mostrecent", registry=r)
+        self.latency_degraded = Gauge(
+            "sluice_drift_latency_degraded", "1 while the current p95 latency exceeds the baseline by more than the tolerance.",
+            ["route", "model"], multiprocess_mode="mostrecent", registry=r)
+        self.drift_samples = Counter(
+            "sluice_drift_samples_total", "Requests sampled into drift windows.", ["route", "model"], registry=r)
+        self.free_labels = LabelLimiter(256)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, family: Any, *labels: str) -> Any:
+        """``family.labels(*labels)``, cached: the registry's own lookup takes a lock and validates."""
+        key = (id(family), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = family.labels(*labels)
+        return c
+
+
+def families(runtime: Any) -> Families:
+    """The process's metric families (built on first use in ``runtime.metrics``)."""
+    return runtime.shared("metrics.families", lambda: Families(runtime.metrics))
+
+
+class ModelLabel:
+    """Maps model names to bounded label values: configured ones pass, others are ``other``."""
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self.allowed = frozenset(allowed)
+
+    @classmethod
+    def for_runtime(cls, runtime: Any, extra: Iterable[str] = ()) -> ModelLabel:
+        allowed = set(extra)
+        config = getattr(runtime, "config", None)
+        for up in (getattr(config, "upstreams", None) or {}).values():
+            allowed.update(up.models)
+        return cls(allowed)
+
+    def __call__(self, ctx: Context) -> str:
+        served = ctx.upstream.model if ctx.upstream is not None else None
+        if served and served in self.allowed:
+            return served
+        asked = ctx.model
+        if asked and asked in self.allowed:
+            return asked
+        return OTHER
+
+
+def attempt_result(status: int | None, error: str | None) -> str:
+    if error:
+        return error if error in ("connect", "timeout", "protocol") else "error"
+    if status is None:
+        return "error"
+    if status >= 500:
+        return "http_5xx"
+    if status >= 400:
+        return "http_4xx"
+    return "ok"
+
+
+class Metrics(Plugin):
+    """Publishes Prometheus metrics about every request of the route, in ``on_done``."""
+
+    name = "metrics"
+    kind = "observer"
+
+    class Config(PluginConfig):
+        models: list[str] = Field(
+            default_factory=list, max_length=1000,
+            description="Model names allowed as label values besides those the upstreams list; others show as 'other'.")
+        plugin_timings: bool = Field(
+            True, description="Publish sluice_plugin_duration_seconds per plugin and phase (from ctx.timings.plugins).")
+        findings: bool = Field(True, description="Publish sluice_guardrail_findings_total from what guards annotate.")
+
+    def __init__(self, config: Config, runtime: Any) -> None:
+        super().__init__(config, runtime)
+        self.config: Metrics.Config = config
+        self.families = families(runtime)
+        self.model_label = ModelLabel.for_runtime(runtime, config.models)
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        record(self.families, ctx, self.model_label(ctx), self.config.plugin_timings, self.config.findings)
+
+
+def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, findings: bool = True) -> None:
+    """Everything one finished request contributes to the metric families."""
+    route = route_name(ctx)
+    t = ctx.timings
+    child = f.child
+    outcome = ctx.outcome if ctx.outcome in OUTCOMES else "error"
+    child(f.requests, route, model, status_class(ctx.status), outcome).inc()
+    op = operation_name(ctx)
+    end = t.end
+    if end is not None:
+        total = end - t.start
+        child(f.duration, route, model).observe(total)
+        child(f.operation_duration, op, model, route).observe(total)
+        waited = 0.0
+        if t.upstream_start is not None:
+            upstream_end = t.upstream_end if t.upstream_end is not None else end
+            waited = max(upstream_end - t.upstream_start, 0.0)
+            if ctx.upstream is not None:
+                child(f.upstream_duration, route, ctx.upstream.upstream).observe(waited)
+        child(f.overhead, route).observe(max(total - waited, 0.0))
+    usage = ctx.usage
+    if usage is not None:
+        child(f.tokens, route, model, "input").inc(usage.prompt_tokens)
+        child(f.tokens, route, model, "output").inc(usage.completion_tokens)
+        if usage.cached_tokens:
+            child(f.tokens, route, model, "cached_input").inc(usage.cached_tokens)
+        if usage.reasoning_tokens:
+            child(f.tokens, route, model, "reasoning").inc(usage.reasoning_tokens)
+        child(f.token_usage, op, model, "input", route).observe(usage.prompt_tokens)
+        if op != "embeddings":
+            child(f.token_usage, op, model, "output", route).observe(usage.completion_tokens)
+        if usage.estimated:
+            child(f.estimated, route, model).inc()
+    if t.first_byte is not None and ctx.stream and ctx.status == 200:
+        child(f.ttft, op, model, route).observe(max(t.first_byte - t.start, 0.0))
+        if usage is not None and usage.completion_tokens > 1 and t.upstream_end is not None:
+            child(f.tpot, op, model, route).observe(max(t.upstream_end - t.first_byte, 0.0) / (usage.completion_tokens - 1))
+    cache = ctx.tags.get("cache")
+    if cache:
+        child(f.cache, route, f.free_labels(cache)).inc()
+    if ctx.answered_by and ctx.status is not None and ctx.status >= 400:
+        fam = f.limits if ctx.status == 429 else f.blocks
+        child(fam, route, ctx.answered_by, f.free_labels(ctx.answer_reason or "error")).inc()
+    if findings:
+        for plugin_id, found in ctx.annotations.items():
+            if isinstance(found, dict):
+                for kind, n in found.items():
+                    if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
+                        child(f.findings, route, str(plugin_id), f.free_labels(kind)).inc(n)
+    if plugin_timings:
+        for key, seconds in t.plugins.items():
+            plugin_id, _, phase = key.rpartition(".")
+            child(f.plugin_duration, route, plugin_id or key, phase).observe(seconds)
+    for a in ctx.attempts:
+        result = attempt_result(a.status, a.error)
+        up = a.target.upstream
+        child(f.attempts, up, result).inc()
+        child(f.upstream_up, up).set(0 if result in ("http_5xx", "connect", "timeout", "protocol", "error") else 1)

@@ -1,0 +1,310 @@
+"""OpenTelemetry traces: a server span per request, a client span per upstream attempt.
+
+The server span starts at ``ctx.timings.start`` (in ``on_request``, so its context can
+be propagated upstream as W3C ``traceparent``) and is finished in ``on_done`` with
+everything the request learnt: GenAI semantic-convention attributes, usage, the route,
+the key id, cache hits, who answered and each plugin's time. Client spans are created
+in ``on_done`` from ``ctx.attempts`` with their real start and end times, so retries
+and fallbacks show as separate attempts without any work on the request path.
+Spans leave through a ``BatchSpanProcessor``, whose exporter runs in its own thread.
+
+Prompt and completion content is captured only with ``capture_content: true``, and
+then it is what the request carried after the plugins before ``on_done`` changed it:
+place ``tracing`` after ``pii`` in the chain so the completion is seen before PII
+restoration, and the prompt is the redacted one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Literal
+
+import orjson
+from pydantic import Field, model_validator
+
+from proxy import Context, Plugin, PluginConfig, StashKey, hookimpl
+
+from ._otel import Clock, ExportSettings, ProviderPool, request_attributes, response_attributes, server_address, truncate
+from .metrics import operation_name, route_name
+
+log = logging.getLogger("sluice.tracing")
+
+SPAN: StashKey[Any] = StashKey("tracing.span")
+OUTPUT: StashKey[str] = StashKey("tracing.output")
+ERROR_OUTCOMES = frozenset({"upstream_error", "plugin_error", "error"})
+
+
+class Tracing(Plugin):
+    """Exports OpenTelemetry spans for every request of the route (OTLP HTTP/gRPC or console)."""
+
+    name = "tracing"
+    kind = "observer"
+
+    class Config(PluginConfig):
+        exporter: Literal["otlp_http", "otlp_grpc", "console", "none"] = Field(
+            "otlp_http", description="Where spans go: OTLP over HTTP/protobuf, OTLP over gRPC, stdout, or nowhere (propagation only).")
+        endpoint: str | None = Field(
+            None, max_length=2048,
+            description="Collector URL: for otlp_http the full traces URL (http://host:4318/v1/traces), for otlp_grpc host:port "
+            "or http(s)://host:port. Default: the OTEL_EXPORTER_OTLP_* environment variables, else localhost.")
+        headers: dict[str, str] = Field(
+            default_factory=dict, description='Headers sent to the collector (authentication: use {"$env": NAME} values).')
+        timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one export call (in the exporter's thread).")
+        compression: Literal["none", "gzip"] = Field("none", description="Compression of export requests.")
+        insecure: bool | None = Field(
+            None, description="otlp_grpc only: plaintext instead of TLS. Default: plaintext for http:// endpoints.")
+        service_name: str = Field("sluice", min_length=1, max_length=256, description="The service.name resource attribute.")
+        resource_attributes: dict[str, str] = Field(
+            default_factory=dict, description="Extra resource attributes (deployment.environment, service.instance.id, ...).")
+        sample_ratio: float = Field(
+            1.0, ge=0.0, le=1.0, description="Share of new traces recorded (trace-id ratio sampling).")
+        parent_based: bool = Field(
+            True, description="Follow the sampling decision of an incoming traceparent instead of the ratio.")
+        accept_traceparent: bool = Field(
+            True, description="Continue the trace of a client's W3C traceparent (off: every request starts a new trace).")
+        propagate: bool = Field(True, description="Send traceparent (and tracestate) to the upstream.")
+        capture_content: bool = Field(
+            False, description="Record prompts and completions on the server span (gen_ai.input.messages / "
+            "gen_ai.output.messages) as left by the plugins before (redacted by pii).")
+        max_content_chars: int = Field(
+            16384, ge=64, le=1_048_576, description="Longest content recorded per attribute; longer is truncated.")
+        plugin_timings: bool = Field(True, description="Record each plugin's time per phase as sluice.plugin.<id>.<phase>_ms.")
+        max_queue_size: int = Field(
+            8192, ge=16, le=1_000_000, description="Spans buffered for export; when full, new spans are dropped (never waited on).")
+        max_export_batch_size: int = Field(512, ge=1, le=100_000, description="Spans per export request.")
+        schedule_delay_ms: int = Field(1000, ge=1, le=600_000, description="Longest a span waits before its batch is exported.")
+
+        @model_validator(mode="after")
+        def _check(self) -> Tracing.Config:
+            if self.insecure is not None and self.exporter != "otlp_grpc":
+                raise ValueError("insecure applies to exporter otlp_grpc only")
+            if self.endpoint is not None and self.exporter in ("console", "none"):
+                raise ValueError(f"endpoint has no meaning with exporter {self.exporter}")
+            if self.exporter == "otlp_http" and self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+                raise ValueError("endpoint of otlp_http must start with http:// or https://")
+            return self
+
+    def __init__(self, config: Config, runtime: Any) -> None:
+        super().__init__(config, runtime)
+        self.config: Tracing.Config = config
+        self.tracer: Any = None
+        self.provider: Any = None
+        self.clock = Clock()
+        self._settings: ExportSettings | None = None
+        self._propagator: Any = None
+        self._servers: dict[str, tuple[str | None, int | None, str]] = {}
+
+    async def start(self) -> None:
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        c = self.config
+        insecure = c.insecure
+        if c.exporter == "otlp_grpc" and insecure is None and c.endpoint:
+            insecure = c.endpoint.startswith("http://")
+        self._settings = ExportSettings(
+            exporter=c.exporter, endpoint=c.endpoint, headers=tuple(sorted(c.headers.items())), timeout_s=c.timeout_s,
+            compression=c.compression, insecure=insecure, service_name=c.service_name,
+            resource=tuple(sorted(c.resource_attributes.items())), sample_ratio=c.sample_ratio, parent_based=c.parent_based,
+            max_queue_size=c.max_queue_size, max_export_batch_size=c.max_export_batch_size, schedule_delay_ms=c.schedule_delay_ms,
+        )
+        pool = self.runtime.shared("tracing.providers", ProviderPool)
+        self.provider = pool.acquire(self._settings)
+        import proxy
+
+        self.tracer = self.provider.get_tracer("sluice", proxy.__version__)
+        self._propagator = TraceContextTextMapPropagator()
+        self.clock = Clock()
+        config = getattr(self.runtime, "config", None)
+        for name, up in (getattr(config, "upstreams", None) or {}).items():
+            host, port = server_address(up.url)
+            self._servers[name] = (host, port, "openai" if up.kind == "openai" else up.kind)
+
+    async def stop(self) -> None:
+        if self._settings is None:
+            return
+        pool = self.runtime.shared("tracing.providers", ProviderPool)
+        provider = pool.release(self._settings)
+        self._settings = None
+        if provider is not None:
+            # shutdown joins the export thread after a last flush: never on the loop
+            await asyncio.get_running_loop().run_in_executor(None, provider.shutdown)
+
+    # -- request path ---------------------------------------------------------------
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        if ctx.answered or self.tracer is None:
+            return
+        span = self._server_span(ctx)
+        ctx.stash[SPAN] = span
+        if self.config.propagate:
+            from opentelemetry.trace import set_span_in_context
+
+            # the upstream continues our server span: its spans become siblings of our client spans
+            self._propagator.inject(ctx.headers, context=set_span_in_context(span))
+
+    @hookimpl
+    def on_response(self, ctx: Context) -> None:
+        if not self.config.capture_content or ctx.response is None:
+            return
+        span = ctx.stash.get(SPAN)
+        if span is None or not span.is_recording():
+            return
+        body = ctx.response.json
+        if isinstance(body, dict):
+            outputs = []
+            for choice in body.get("choices") or ():
+                if isinstance(choice, dict):
+                    outputs.append(choice.get("message") if "message" in choice else {"text": choice.get("text")})
+            if outputs:
+                ctx.stash[OUTPUT] = orjson.dumps(outputs).decode()
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        if self.tracer is None:
+            return
+        span = ctx.stash.get(SPAN)
+        if span is None:
+            span = self._server_span(ctx)  # answered before reaching us: trace it all the same
+        if not span.is_recording():
+            return
+        self._finish(ctx, span)
+
+    # -- spans --------------------------------------------------------------------------
+    def _server_span(self, ctx: Context) -> Any:
+        from opentelemetry.trace import SpanKind
+
+        parent = None
+        if self.config.accept_traceparent and "traceparent" in ctx.headers:
+            parent = self._propagator.extract(ctx.headers)
+        return self.tracer.start_span(
+            f"{ctx.method} {route_name(ctx)}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            start_time=self.clock.epoch_ns(ctx.timings.start),
+            attributes={"http.request.method": ctx.method, "url.path": ctx.path, "sluice.request_id": ctx.request_id},
+        )
+
+    def _finish(self, ctx: Context, span: Any) -> None:
+        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+
+        c = self.config
+        t = ctx.timings
+        op = operation_name(ctx)
+        asked = ctx.model
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": op,
+            "sluice.route": route_name(ctx),
+            "sluice.outcome": ctx.outcome or "unknown",
+        }
+        if asked:
+            attrs["gen_ai.request.model"] = asked
+        body = ctx.body if ctx.body_is_json else None
+        if body is not None:
+            attrs.update(request_attributes(body))
+        if ctx.status is not None:
+            attrs["http.response.status_code"] = ctx.status
+        ident = ctx.identity
+        if ident is not None:
+            attrs["sluice.key_id"] = ident.key_id
+            if ident.team:
+                attrs["sluice.team"] = ident.team
+        if ctx.answered_by:
+            attrs["sluice.answered_by"] = ctx.answered_by
+            attrs["sluice.answer_reason"] = ctx.answer_reason or ""
+        cache = ctx.tags.get("cache")
+        if cache is not None:
+            attrs["sluice.cache_hit"] = cache == "hit"
+        for k, v in ctx.tags.items():
+            if k != "cache":
+                attrs[f"sluice.tag.{k}"] = str(v)
+        for plugin_id, found in ctx.annotations.items():
+            if isinstance(found, dict):
+                for kind, n in found.items():
+                    if isinstance(n, (int, float)) and not isinstance(n, bool):
+                        attrs[f"sluice.finding.{plugin_id}.{kind}"] = n
+        if c.plugin_timings:
+            for key, seconds in t.plugins.items():
+                attrs[f"sluice.plugin.{key}_ms"] = round(seconds * 1000, 4)
+        if t.first_byte is not None and ctx.stream:
+            attrs["gen_ai.server.time_to_first_token"] = max(t.first_byte - t.start, 0.0)
+        usage = ctx.usage
+        usage_attrs: dict[str, Any] = {}
+        if usage is not None:
+            usage_attrs = {
+                "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                "gen_ai.usage.output_tokens": usage.completion_tokens,
+            }
+            if usage.cached_tokens:
+                usage_attrs["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+            if usage.reasoning_tokens:
+                usage_attrs["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
+            if usage.estimated:
+                usage_attrs["sluice.usage.estimated"] = True
+            attrs.update(usage_attrs)
+        if ctx.cost is not None:
+            attrs["sluice.cost"] = ctx.cost
+        resp_attrs: dict[str, Any] = {}
+        if ctx.response is not None and ctx.upstream is not None and len(ctx.response.body) <= 4 * 1024 * 1024:
+            resp_attrs = response_attributes(ctx.response.json)
+            attrs.update(resp_attrs)
+        if ctx.upstream is not None:
+            host, port, provider = self._servers.get(ctx.upstream.upstream, (None, None, "openai"))
+            attrs["gen_ai.provider.name"] = provider
+            attrs["sluice.upstream"] = ctx.upstream.upstream
+            if "gen_ai.response.model" not in attrs and ctx.upstream.model:
+                attrs["gen_ai.response.model"] = ctx.upstream.model
+        if c.capture_content and body is not None:
+            content = body.get("messages", body.get("prompt", body.get("input")))
+            if content is not None:
+                attrs["gen_ai.input.messages"] = truncate(orjson.dumps(content).decode(), c.max_content_chars)
+            out = ctx.stash.get(OUTPUT)
+            if out is not None:
+                attrs["gen_ai.output.messages"] = truncate(out, c.max_content_chars)
+        span.set_attributes(attrs)
+
+        parent = set_span_in_context(span)
+        n = len(ctx.attempts)
+        for i, a in enumerate(ctx.attempts):
+            model = a.target.model or asked
+            host, port, provider = self._servers.get(a.target.upstream, (None, None, "openai"))
+            cattrs: dict[str, Any] = {
+                "gen_ai.operation.name": op,
+                "gen_ai.provider.name": provider,
+                "sluice.upstream": a.target.upstream,
+                "sluice.attempt": i,
+            }
+            if model:
+                cattrs["gen_ai.request.model"] = model
+            if a.target.label:
+                cattrs["sluice.target.label"] = a.target.label
+            if host:
+                cattrs["server.address"] = host
+            if port:
+                cattrs["server.port"] = port
+            if a.status is not None:
+                cattrs["http.response.status_code"] = a.status
+            if a.first_byte is not None:
+                cattrs["sluice.time_to_first_byte"] = max(a.first_byte - a.start, 0.0)
+            failed = a.error is not None or (a.status is not None and a.status >= 500)
+            if a.error:
+                cattrs["error.type"] = a.error
+            elif failed:
+                cattrs["error.type"] = str(a.status)
+            answered = i == n - 1 and ctx.upstream is not None and not failed
+            if answered:
+                cattrs.update(usage_attrs)
+                cattrs.update(resp_attrs)
+            end = a.end if a.end is not None else (t.end if t.end is not None else t.upstream_end)
+            child = self.tracer.start_span(
+                f"{op} {model}" if model else op, context=parent, kind=SpanKind.CLIENT,
+                start_time=self.clock.epoch_ns(a.start), attributes=cattrs,
+            )
+            if failed:
+                child.set_status(Status(StatusCode.ERROR, a.error or f"HTTP {a.status}"))
+            child.end(end_time=self.clock.epoch_ns(end) if end is not None else None)
+
+        if ctx.outcome in ERROR_OUTCOMES or (ctx.status is not None and ctx.status >= 500):
+            span.set_attribute("error.type", ctx.outcome or str(ctx.status))
+            span.set_status(Status(StatusCode.ERROR, ctx.outcome or f"HTTP {ctx.status}"))
+        span.end(end_time=self.clock.epoch_ns(t.end) if t.end is not None else None)

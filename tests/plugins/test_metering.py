@@ -1,0 +1,234 @@
+"""Metering: usage, cost and the ledger, through a real server, with the openai SDK as client."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from plugins._usage import PriceTable
+from plugins.metering import RESERVED, Metering, period_window, render, usage_query
+from proxy.testing import FakeUpstream, SluiceServer, configure_plugin, make_context, make_runtime
+
+PRICES = {"sluice-demo": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
+
+
+def config(upstream: FakeUpstream, **metering) -> dict:
+    return {
+        "upstreams": {"demo": {"url": upstream.url, "models": ["sluice-demo"]}},
+        "prices": PRICES,
+        "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"metering": metering}]}],
+    }
+
+
+def ledger_rows(tmp_path: Path) -> list[dict]:
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM ledger ORDER BY ts")]
+    finally:
+        conn.close()
+
+
+def client(s: SluiceServer, **kw) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0, **kw)
+
+
+async def test_buffered_and_streamed_rows_with_upstream_usage(upstream: FakeUpstream, tmp_path: Path):
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with client(s) as c:
+            r = await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hello there"}])
+            chunks = [ch async for ch in await c.chat.completions.create(
+                model="sluice-demo", messages=[{"role": "user", "content": "stream me"}], stream=True)]
+        # the client did not ask for usage: it gets none, though Sluice asked the upstream for it
+        assert all(ch.usage is None for ch in chunks)
+        assert upstream.requests[-1].json["stream_options"] == {"include_usage": True}
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    rows = ledger_rows(tmp_path)
+    assert len(rows) == 2
+    buffered, streamed = rows
+    assert buffered["prompt_tokens"] == r.usage.prompt_tokens
+    assert buffered["completion_tokens"] == r.usage.completion_tokens
+    assert buffered["estimated"] == 0 and streamed["estimated"] == 0
+    assert buffered["cost"] == pytest.approx((r.usage.prompt_tokens * 2 + r.usage.completion_tokens * 8) / 1e6)
+    assert streamed["stream"] == 1 and streamed["completion_tokens"] > 0 and streamed["ttft_ms"] > 0
+    for row in rows:
+        assert row["route"] == "main" and row["upstream"] == "demo" and row["model_served"] == "sluice-demo"
+        assert row["status"] == 200 and row["outcome"] == "ok" and row["priced"] == 1 and row["currency"] == "USD"
+        assert row["latency_ms"] > 0 and row["attempts"] == 1
+
+
+async def test_client_asking_for_usage_still_gets_it(upstream: FakeUpstream, tmp_path: Path):
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with client(s) as c:
+            chunks = [ch async for ch in await c.chat.completions.create(
+                model="sluice-demo", messages=[{"role": "user", "content": "x"}], stream=True,
+                stream_options={"include_usage": True})]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        await s.wait_idle()
+    rows = ledger_rows(tmp_path)
+    assert rows[0]["completion_tokens"] == chunks[-1].usage.completion_tokens and rows[0]["estimated"] == 0
+
+
+async def test_client_gone_mid_stream_is_estimated(upstream: FakeUpstream, tmp_path: Path):
+    upstream.token_delay = 0.01
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with client(s) as c:
+            stream = await c.chat.completions.create(
+                model="sluice-demo", messages=[{"role": "user", "content": "a long answer please " * 20}], stream=True,
+                max_tokens=200)
+            got = 0
+            async for _ in stream:
+                got += 1
+                if got == 5:
+                    break
+            await stream.close()
+        await s.wait_idle()
+    rows = ledger_rows(tmp_path)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["estimated"] == 1
+    assert row["prompt_tokens"] > 20 and 1 <= row["completion_tokens"] <= 200
+    assert row["cost"] > 0
+
+
+@pytest.mark.xfail(reason="core: a client gone mid-stream is recorded as upstream_error (handler keeps the "
+                          "provisional outcome when the client disconnects)", strict=True)
+async def test_client_gone_mid_stream_outcome(upstream: FakeUpstream, tmp_path: Path):
+    upstream.token_delay = 0.01
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with client(s) as c:
+            stream = await c.chat.completions.create(
+                model="sluice-demo", messages=[{"role": "user", "content": "long " * 50}], stream=True)
+            async for _ in stream:
+                break
+            await stream.close()
+        await s.wait_idle()
+    (row,) = ledger_rows(tmp_path)
+    assert row["outcome"] == "client_gone"
+
+
+async def test_upstream_failure_is_a_row_with_no_tokens(upstream: FakeUpstream, tmp_path: Path):
+    upstream.fail_next(500)
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        with pytest.raises(openai.InternalServerError):
+            async with client(s) as c:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
+        await s.wait_idle()
+    (row,) = ledger_rows(tmp_path)
+    assert row["status"] == 500 and row["outcome"] == "upstream_error"
+    assert row["prompt_tokens"] == 0 and row["cost"] == 0 and row["estimated"] == 0
+
+
+async def test_no_usage_from_upstream_counts_and_marks_estimated(upstream: FakeUpstream, tmp_path: Path):
+    upstream.malformed_usage = True
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with client(s) as c:
+            await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "count me please"}])
+        await s.wait_idle()
+    (row,) = ledger_rows(tmp_path)
+    assert row["estimated"] == 1 and row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+
+
+async def test_price_overrides_and_unpriced_models(upstream: FakeUpstream, tmp_path: Path):
+    cfg = config(upstream, prices={"sluice-demo": {"input": 1000.0, "output": 0.0}})
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with client(s) as c:
+            r = await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
+        await s.wait_idle()
+    (row,) = ledger_rows(tmp_path)
+    assert row["cost"] == pytest.approx(r.usage.prompt_tokens * 1000 / 1e6)
+    cfg = config(upstream)
+    cfg["prices"] = {}
+    async with SluiceServer(cfg, tmp_path / "b") as s:
+        async with client(s) as c:
+            await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
+        await s.wait_idle()
+    (row,) = ledger_rows(tmp_path / "b")
+    assert row["priced"] == 0 and row["cost"] == 0
+
+
+async def test_usage_admin_endpoint_groups_and_formats(upstream: FakeUpstream, tmp_path: Path):
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with client(s) as c:
+            for _ in range(3):
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
+        await s.wait_idle()
+        headers = {"authorization": f"Bearer {s.admin_token}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            async with http.get(f"{s.admin_url}/admin/usage", params={"group_by": "model,day"}) as r:
+                assert r.status == 200
+                data = await r.json()
+            async with http.get(f"{s.admin_url}/admin/usage", params={"group_by": "model", "format": "csv"}) as r:
+                text = await r.text()
+            async with http.get(f"{s.admin_url}/admin/usage", params={"group_by": "password"}) as r:
+                assert r.status == 400
+            async with aiohttp.ClientSession() as anon, anon.get(f"{s.admin_url}/admin/usage") as r:
+                assert r.status == 401
+    (row,) = data["rows"]
+    assert row["model"] == "sluice-demo" and row["requests"] == 3 and row["cost"] > 0
+    assert list(csv.DictReader(io.StringIO(text)))[0]["requests"] == "3"
+
+
+def test_usage_query_rejects_unknown_groups_and_renders():
+    with pytest.raises(ValueError, match="cannot group by secret"):
+        usage_query(["secret"])
+    sql, params = usage_query(["key", "day"], since=1.0, key="k1")
+    assert "GROUP BY key, day" in sql and params == [1.0, "k1"]
+    rows = [{"key": "k1", "requests": 2, "cost": 0.5}]
+    assert "k1" in render(rows, "table") and json.loads(render(rows, "json")) == rows
+    assert render(rows, "csv").splitlines()[0] == "key,requests,cost"
+
+
+def test_period_windows_are_utc_calendar_periods():
+    # 2025-12-31T23:59:59Z
+    label, end = period_window("day", 1767225599.0)
+    assert label == "2025-12-31" and end == 1767225600.0
+    label, end = period_window("month", 1767225599.0)
+    assert label == "2025-12" and end == 1767225600.0
+
+
+def test_price_table_matching():
+    t = PriceTable.build({"my-model": {"input": 1, "output": 2}})
+    assert t.lookup("gpt-4o-2024-08-06").model == "gpt-4o"
+    assert t.lookup("gpt-4o-mini-2024-07-18").model == "gpt-4o-mini"
+    assert t.lookup("openai/gpt-4.1").model == "gpt-4.1"
+    assert t.lookup("gpt-4oo") is None and t.lookup(None) is None
+    assert t.lookup("my-model").output == pytest.approx(2e-6)
+    star = PriceTable.build({"*": {"input": 1}})
+    assert star.lookup("anything").input == pytest.approx(1e-6)
+
+
+def test_config_errors_are_readable():
+    with pytest.raises(Exception, match=r"prices\.x: input: Field required; inp: unknown field"):
+        Metering.Config.model_validate({"prices": {"x": {"inp": 1}}})
+    with pytest.raises(Exception, match="two budgets for scope key and period day"):
+        Metering.Config.model_validate({"budgets": [{"scope": "key", "period": "day", "limit": 1},
+                                                     {"scope": "key", "period": "day", "limit": 2}]})
+    with pytest.raises(Exception, match="greater than 0"):
+        Metering.Config.model_validate({"budgets": [{"scope": "key", "period": "day", "limit": 0}]})
+
+
+async def test_early_answer_leaves_no_reservation_and_no_row(tmp_path: Path):
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Metering, {"budgets": [{"scope": "key", "period": "day", "limit": 1}]}, runtime=rt)
+        ctx = make_context({"model": "gpt-4o", "messages": []}, runtime=rt)
+        ctx.reply(403, {"error": {"message": "no"}}, reason="blocked")
+        await p.on_request(ctx)
+        assert ctx.stash.get(RESERVED) is None
+        await p.on_done(ctx)
+        await rt.state.records("ledger").flush()
+        rows = await rt.state.records("ledger").query("SELECT COUNT(*) AS n FROM ledger")
+        assert rows[0]["n"] == 0
+        await p.stop()
+    finally:
+        await rt.close_all()
+
