@@ -82,6 +82,12 @@ class MemoryCounters(Counters):
                 if refused is None or wait > wait_max:
                     refused, wait_max = lim, wait
         if refused is not None:
+            # nothing was taken: every status shows the bucket as it stands
+            statuses = []
+            for lim in limits:
+                base = max(self._tat.get(lim.key, 0.0), now)
+                interval = lim.period_s / lim.limit
+                statuses.append(LimitStatus(lim, max(0.0, (lim.period_s - (base - now)) / interval), base - now))
             return Decision(False, wait_max, tuple(statuses), refused)
         self._tat.update(pending)
         return Decision(True, 0.0, tuple(statuses), None)

@@ -43,6 +43,7 @@ local eps = tonumber(ARGV[2])
 local n = #KEYS
 local new = {}
 local out = {}
+local pre = {}
 local refused = 0
 local wait_max = 0
 for i = 1, n do
@@ -55,6 +56,8 @@ for i = 1, n do
   if base < now then base = now end
   local nt = base + cost * interval
   local used = nt - now
+  pre[2 * i - 1] = string.format('%.6f', (period - (base - now)) / interval)
+  pre[2 * i] = string.format('%.6f', base - now)
   if used <= period + eps then
     new[i] = nt
     out[2 * i - 1] = string.format('%.6f', (period - used) / interval)
@@ -77,6 +80,8 @@ if refused == 0 then
   end
 end
 local res = {refused == 0 and '1' or '0', string.format('%.6f', wait_max), tostring(refused)}
+-- refused: nothing was taken, so every status shows the bucket as it stands
+if refused ~= 0 then out = pre end
 for i = 1, 2 * n do res[3 + i] = out[i] end
 return res
 """

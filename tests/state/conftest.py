@@ -1,16 +1,10 @@
-"""Fixtures for state tests: a real redis-server for the session, a fake clock.
-
-``redis_server`` is meant to be promoted to tests/conftest.py (the plugin tests need it too).
-"""
+"""Fixtures for state tests: a fake clock and a per-test Redis key prefix (redis_server is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Iterator
 
 import pytest
-
-from proxy.state.redis_server import RedisServer
 
 
 class FakeClock:
@@ -24,12 +18,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as rs:
-        yield rs
 
 
 @pytest.fixture

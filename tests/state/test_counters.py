@@ -152,3 +152,13 @@ async def test_sums(counters, clock):
     assert await counters.get_sum("budget") == 0
     s = await counters.add_sum("budget", 3, 10, clock.now + 100)
     assert s.allowed and s.total == pytest.approx(3)
+
+
+async def test_a_refused_decision_reports_buckets_as_they_stand(counters):
+    wide, narrow = Limit("w", 100, 60, cost=10), Limit("n", 1, 60)
+    assert (await counters.acquire([wide, narrow])).allowed
+    d = await counters.acquire([wide, narrow])
+    assert not d.allowed
+    by_key = {s.limit.key: s for s in d.statuses}
+    assert by_key["w"].remaining == pytest.approx(90, abs=0.01)  # not 80: the refusal took nothing
+    assert by_key["n"].remaining == pytest.approx(0, abs=0.01)
