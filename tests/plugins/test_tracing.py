@@ -1,0 +1,134 @@
+"""Tracing: spans exported to a real OTLP/HTTP receiver on loopback, through a real server."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from plugins.tracing import Tracing
+from proxy.testing import FakeUpstream, SluiceServer
+
+try:
+    from tests.plugins.otlp_receiver import OTLPReceiver
+except ImportError:  # tests/ is not a package: pytest put this directory on sys.path
+    from otlp_receiver import OTLPReceiver
+
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_PARENT = "b7ad6b7169203331"
+
+
+def config(upstreams: dict, chain: list, **route) -> dict:
+    return {
+        "upstreams": {name: {"url": u.url, "models": ["sluice-demo"]} for name, u in upstreams.items()},
+        "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": list(upstreams), "chain": chain, **route}],
+    }
+
+
+def tracing(rx: OTLPReceiver, **kw) -> dict:
+    return {"tracing": {"endpoint": rx.traces_url, "schedule_delay_ms": 10, **kw}}
+
+
+def by_kind(spans: list[dict], kind: str) -> list[dict]:
+    return [s for s in spans if s["kind"] == kind]
+
+
+async def test_server_and_client_spans_with_genai_attributes_and_propagation(upstream: FakeUpstream, tmp_path):
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx)]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                r = await c.chat.completions.create(
+                    model="sluice-demo", messages=[{"role": "user", "content": "hi"}], temperature=0.5, max_tokens=20,
+                    extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"},
+                )
+            spans = await rx.wait_for(lambda sp: len(sp) >= 2)
+    server, = by_kind(spans, "server")
+    client, = by_kind(spans, "client")
+    assert server["trace_id"] == CLIENT_TRACE and server["parent_span_id"] == CLIENT_PARENT
+    assert client["trace_id"] == CLIENT_TRACE and client["parent_span_id"] == server["span_id"]
+    a = server["attributes"]
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.request.model"] == "sluice-demo" and a["gen_ai.response.model"] == "sluice-demo"
+    assert a["gen_ai.request.temperature"] == 0.5 and a["gen_ai.request.max_tokens"] == 20
+    assert a["gen_ai.usage.input_tokens"] == r.usage.prompt_tokens
+    assert a["gen_ai.usage.output_tokens"] == r.usage.completion_tokens
+    assert a["gen_ai.response.finish_reasons"] == [r.choices[0].finish_reason]
+    assert a["sluice.route"] == "main" and a["http.response.status_code"] == 200
+    assert "gen_ai.input.messages" not in a  # content capture is off by default
+    ca = client["attributes"]
+    assert ca["sluice.upstream"] == "demo" and ca["server.address"] == "127.0.0.1" and ca["http.response.status_code"] == 200
+    assert ca["gen_ai.usage.output_tokens"] == r.usage.completion_tokens
+    assert client["name"] == "chat sluice-demo"
+    assert server["start_ns"] <= client["start_ns"] <= client["end_ns"] <= server["end_ns"]
+    assert server["resource"]["service.name"] == "sluice"
+    # the upstream continued our trace: its parent is our server span
+    tp = upstream.requests[-1].headers["traceparent"]
+    assert tp.split("-")[1] == CLIENT_TRACE and tp.split("-")[2] == server["span_id"]
+
+
+async def test_retries_and_fallbacks_are_separate_client_spans(tmp_path):
+    async with FakeUpstream() as bad, FakeUpstream() as good, OTLPReceiver() as rx:
+        bad.fail_next(503, count=5)
+        cfg = config({"bad": bad, "good": good}, [tracing(rx)], retries={"attempts": 1, "backoff_s": 0})
+        async with SluiceServer(cfg, tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1 and len(by_kind(sp, "client")) >= 3)
+    clients = sorted(by_kind(spans, "client"), key=lambda sp: sp["attributes"]["sluice.attempt"])
+    assert [c["attributes"]["sluice.upstream"] for c in clients] == ["bad", "bad", "good"]
+    assert [c["attributes"]["http.response.status_code"] for c in clients] == [503, 503, 200]
+    assert [c["status"] for c in clients] == [2, 2, 0]  # ERROR, ERROR, UNSET
+    assert clients[0]["attributes"]["error.type"] == "503"
+    assert clients[0]["end_ns"] <= clients[1]["start_ns"] <= clients[1]["end_ns"] <= clients[2]["start_ns"]
+
+
+async def test_stream_span_and_early_answer_span(upstream: FakeUpstream, tmp_path):
+    async with OTLPReceiver() as rx:
+        # metering asks the upstream for the stream's usage, and (being earlier: on_done runs in chain
+        # order) sets ctx.cost before tracing finishes the span
+        chain = [{"metering": {"ledger": False}}, tracing(rx)]
+        async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                stream = await c.chat.completions.create(
+                    model="sluice-demo", messages=[{"role": "user", "content": "hi"}], stream=True)
+                async for _ in stream:
+                    pass
+            spans = await rx.wait_for(lambda sp: len(sp) >= 2)
+    server, = by_kind(spans, "server")
+    a = server["attributes"]
+    assert a["gen_ai.request.stream"] is True and a["gen_ai.server.time_to_first_token"] > 0
+    assert a["gen_ai.usage.output_tokens"] > 0 and "sluice.cost" in a
+
+
+async def test_content_capture_records_the_redacted_prompt(upstream: FakeUpstream, tmp_path):
+    async with OTLPReceiver() as rx:
+        chain = [{"pii": {"action": "redact", "restore": True}}, tracing(rx, capture_content=True)]
+        async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                r = await c.chat.completions.create(
+                    model="sluice-demo", messages=[{"role": "user", "content": "mail me at jane.doe@example.com"}])
+            assert "jane.doe@example.com" in r.choices[0].message.content
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    a = by_kind(spans, "server")[0]["attributes"]
+    assert "jane.doe@example.com" not in a["gen_ai.input.messages"]
+    assert "mail me at" in a["gen_ai.input.messages"]
+    # the demo model echoes the prompt: the client gets the address back (restored), the span does not
+    assert "mail me at" in a["gen_ai.output.messages"] and "jane.doe@example.com" not in a["gen_ai.output.messages"]
+
+
+async def test_sampling_ratio_zero_exports_nothing_but_still_propagates(upstream: FakeUpstream, tmp_path):
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx, sample_ratio=0.0)]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+            await s.wait_idle()
+            tp = upstream.requests[-1].headers["traceparent"]
+    assert int(tp.rsplit("-", 1)[1], 16) & 1 == 0 and rx.spans == []  # sampled flag clear
+
+
+def test_config_cross_field_errors():
+    with pytest.raises(Exception, match="insecure applies to exporter otlp_grpc only"):
+        Tracing.Config.model_validate({"insecure": True})
+    with pytest.raises(Exception, match="endpoint has no meaning with exporter console"):
+        Tracing.Config.model_validate({"exporter": "console", "endpoint": "http://x"})
+    with pytest.raises(Exception, match="less than or equal to 1"):
+        Tracing.Config.model_validate({"sample_ratio": 1.5})
