@@ -1,0 +1,330 @@
+"""The detector interface of the injection plugin, and the built-in signature detector.
+
+A detector looks at one text and says how likely it is to be an injection.
+Another detector (a local classifier, a vendor's model, a stricter rule set)
+plugs in without touching the plugin: name it in the config as
+``detectors: [{use: NAME_OR_PATH, weight: ..., options: {...}}]`` where
+``use`` is a name registered in the ``sluice.injection_detectors`` entry point
+group, or an import path ``package.module:ClassName``. Scores of all detectors
+are combined by the plugin (``combine: noisy_or | max | mean``).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Iterable, Literal, Mapping
+
+from . import _injection_normalize as norm
+from ._injection_signatures import BY_ID, COMPACT, OBFUSCATION_WEIGHTS, SIGNATURES, VERSION, Signature
+
+#: where a text came from: the user, a tool result or retrieved document (indirect), a raw prompt
+Source = Literal["user", "tool", "system", "assistant", "prompt"]
+INDIRECT_SOURCES = frozenset({"tool"})
+ENTRY_POINT_GROUP = "sluice.injection_detectors"
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """What one detector found in one text. Never holds the text itself.
+
+    ``score`` is in [0, 1]; ``categories`` maps each category found to its own
+    score; ``signals`` are stable identifiers (signature ids, feature names) for
+    logs and the evaluation report.
+    """
+
+    score: float
+    categories: Mapping[str, float] = field(default_factory=dict)
+    signals: tuple[str, ...] = ()
+
+
+NOTHING = Detection(0.0)
+
+
+class Detector(abc.ABC):
+    """Scores one text for prompt injection.
+
+    Subclasses set ``name`` and implement :meth:`detect`. ``options`` is the
+    ``options`` mapping of the detector's config entry; validate it in
+    ``__init__`` and raise ``ValueError`` with a clear message (it becomes a
+    config error naming the plugin). Load models in :meth:`start`, never at import.
+
+    ``blocking = True`` marks a detector too slow for the event loop (a model):
+    the plugin then runs it through the runtime's bounded executor. ``detect``
+    must then be thread-safe.
+    """
+
+    name: ClassVar[str] = ""
+    blocking: ClassVar[bool] = False
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = dict(options)
+
+    @property
+    def version(self) -> str:
+        """Identifies the detector's behaviour (model or rule-set version), for reports and caches."""
+        return "0"
+
+    def start(self) -> None:
+        """Load what the detector needs (models, files). Runs once per config load, off the request path."""
+
+    def stop(self) -> None:
+        """Release what :meth:`start` loaded."""
+
+    @abc.abstractmethod
+    def detect(self, text: str, source: Source) -> Detection:
+        """Score ``text`` (raw, as the client sent it) coming from ``source``."""
+
+
+def noisy_or(weights: Iterable[float]) -> float:
+    keep = 1.0
+    for w in weights:
+        keep *= 1.0 - min(max(w, 0.0), 1.0)
+    return 1.0 - keep
+
+
+# Discussion about injections (quoted attack strings in a question about them) is not an attack.
+_META = re.compile(
+    r"\b(?:prompt injections?|injection attacks?|jailbreak (?:attempts?|attacks?|prompts?|examples?|techniques?)|"
+    r"red[- ]team(?:ing|ers?)?|(?:detect|classify|flag|block|filter)(?:s|ing|ion|or)?\b[^\n]{0,40}?\b(?:injections?|jailbreaks?|attacks?)|"
+    r"examples? of (?:an? )?(?:attacks?|injections?|jailbreaks?)|such as|phrases? like)\b"
+)
+_QUOTES = "\"'“”‘’`«»"
+_WINDOW = 320
+_WHOLE_TEXT = 4 * _WINDOW
+
+
+class SignatureDetector(Detector):
+    """The built-in layered detector: normalisation, then anchored signatures, then heuristics.
+
+    Options: ``disable`` (signature ids to skip), ``max_decode_depth`` (how many
+    nested encodings to undo, 0-3).
+    """
+
+    name = "signatures"
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(options)
+        disable = set(options.get("disable", ()))
+        unknown = disable - set(BY_ID)
+        if unknown:
+            raise ValueError(f"unknown signature ids: {', '.join(sorted(unknown))}")
+        unexpected = set(options) - {"disable", "max_decode_depth"}
+        if unexpected:
+            raise ValueError(f"unknown options: {', '.join(sorted(unexpected))}")
+        self.max_depth = int(options.get("max_decode_depth", 2))
+        if not 0 <= self.max_depth <= 3:
+            raise ValueError("max_decode_depth must be between 0 and 3")
+        self.signatures = tuple(s for s in SIGNATURES if s.id not in disable)
+        self._compact = tuple(s for s in COMPACT if s.id not in disable)
+        by_anchor: dict[str, list[Signature]] = {}
+        for sig in self.signatures:
+            for a in (sig.anchors[0] if sig.anchors else ()):
+                by_anchor.setdefault(a, []).append(sig)
+        self._by_anchor = {a: tuple(v) for a, v in by_anchor.items()}
+        self._anchors = frozenset(by_anchor)
+        self._literals = tuple((lit, sig) for sig in self.signatures for lit in sig.literals)
+        literal_set = sorted({lit for lit, _ in self._literals}, key=lambda x: (-len(x), x))
+        # one alternation of literals: every branch starts with a literal character, so the
+        # regex engine skips ahead on the set of first characters instead of trying each offset
+        self._literal_re = re.compile("|".join(map(re.escape, literal_set))) if literal_set else None
+        self._literal_prefix = {lit: [l2 for l2 in literal_set if l2.startswith(lit)] for lit in literal_set}
+        self._version = f"{VERSION}-{'-'.join(sorted(disable))}" if disable else VERSION
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    # -- scanning ---------------------------------------------------------------------
+    def detect(self, text: str, source: Source) -> Detection:
+        hits: dict[str, float] = {}
+        tricks: set[str] = set()
+        self._scan(text, source, hits, tricks, depth=0)
+        if not hits and not tricks & {"tags"}:
+            return NOTHING
+        weights = dict(hits)
+        categories: dict[str, float] = {}
+        for sig_id, w in hits.items():
+            cat = BY_ID[sig_id].category
+            categories[cat] = noisy_or((categories.get(cat, 0.0), w))
+        if tricks and (hits or "tags" in tricks):
+            # Obfuscation alone is not an injection (invisible characters appear in real text), but
+            # hiding a phrase that already looks like one makes it far more likely to be one.
+            for t in tricks:
+                w = OBFUSCATION_WEIGHTS.get(t, 0.2)
+                weights[f"obf:{t}"] = w
+                categories["obfuscation"] = noisy_or((categories.get("obfuscation", 0.0), w))
+        score = noisy_or(weights.values())
+        return Detection(round(score, 4), {k: round(v, 4) for k, v in categories.items()}, tuple(sorted(weights)))
+
+    def _scan(self, raw: str, source: Source, hits: dict[str, float], tricks: set[str], depth: int) -> None:
+        n = norm.normalise(raw)
+        tricks |= n.tricks
+        indirect = source in INDIRECT_SOURCES
+        self._match_view(n.text, n.tokens, indirect, hits)
+        found_plain = bool(hits)
+
+        extra = norm.leet_tokens(n.tokens)
+        if extra & self._anchors:
+            before = len(hits)
+            self._match_view(norm.leet(n.text), n.tokens | extra, indirect, hits)
+            if len(hits) > before:
+                tricks.add("leet")
+        if norm.has_single_letter_runs(n.tokens):
+            spaced = norm.despace(n.text)
+            if spaced is not None:
+                joined, runs = spaced
+                before = len(hits)
+                self._match_view(joined, set(joined.translate(norm._WORD_BREAK).split()), indirect, hits)
+                for run in runs:
+                    for sig in self._compact:
+                        if sig.weight > hits.get(sig.id, 0.0) and sig.pattern.search(run):
+                            hits[sig.id] = sig.weight
+                if len(hits) > before:
+                    tricks.add("spaced")
+        if depth >= self.max_depth:
+            return
+        if n.smuggled:
+            before = len(hits)
+            self._scan(n.smuggled, source, hits, tricks, depth + 1)
+            if len(hits) > before:
+                tricks.add("smuggled")
+        if norm.long_tokens(n.tokens) or (len(raw) >= 16 and not n.tokens):
+            for encoding, decoded in norm.decode_payloads(raw):
+                before = len(hits)
+                self._scan(decoded, source, hits, tricks, depth + 1)
+                if len(hits) > before:
+                    tricks.add(encoding)
+        if "rot13" in n.tokens or "rot" in n.tokens or "caesar" in n.tokens or (not found_plain and len(raw) <= 600 and n.tokens):
+            # Without a cue, rot13 is only tried on short texts: a long document is not rot13.
+            before = len(hits)
+            r = norm.rot13(n.text)
+            self._match_view(r, set(r.translate(norm._WORD_BREAK).split()), indirect, hits)
+            if len(hits) > before:
+                tricks.add("rot13")
+
+    def _match_view(self, text: str, tokens: frozenset[str] | set[str], indirect: bool, hits: dict[str, float]) -> None:
+        present = self._anchors.intersection(tokens)
+        # signature id -> the anchors (or literals) near which to look in a long text
+        candidates: dict[str, tuple[Signature, list[str]]] = {}
+        for a in present:
+            for sig in self._by_anchor[a]:
+                entry = candidates.get(sig.id)
+                if entry is None:
+                    candidates[sig.id] = (sig, [a])
+                else:
+                    entry[1].append(a)
+        lits = set(self._literal_re.findall(text)) if self._literal_re is not None else set()
+        if lits:
+            for lit, sig in self._literals:
+                if lit in lits or any(longer in lits for longer in self._literal_prefix[lit]):
+                    entry = candidates.get(sig.id)
+                    if entry is None:
+                        candidates[sig.id] = (sig, [lit])
+                    else:
+                        entry[1].append(lit)
+        if not candidates:
+            return
+        whole = len(text) <= _WHOLE_TEXT
+        meta: bool | None = None
+        positions: dict[str, list[int]] = {}
+        for sig, near in candidates.values():
+            if sig.id in hits and hits[sig.id] >= sig.weight:
+                continue
+            if sig.scope == "indirect" and not indirect:
+                continue
+            if len(sig.anchors) > 1 and not any(lit in sig.literals for lit in near):
+                if any(g.isdisjoint(tokens) for g in sig.anchors[1:]):
+                    continue
+            if sig.needs and not any(x in text for x in sig.needs):
+                continue
+            m = None
+            if sig.lead:
+                leads = sig.lead.intersection(tokens)
+                for lead in leads:
+                    at = positions.get(lead)
+                    if at is None:
+                        at = positions[lead] = _occurrences(text, lead)
+                    for i in at:
+                        m = sig.pattern.match(text, i)
+                        if m is not None:
+                            break
+                    if m is not None:
+                        break
+                w = text
+            else:
+                for w in ([text] if whole else _windows(text, near)):
+                    m = sig.pattern.search(w)
+                    if m is not None:
+                        break
+            if m is None:
+                continue
+            weight = sig.weight
+            if _quoted(w, m.start(), m.end()):
+                if meta is None:
+                    meta = _META.search(text) is not None
+                if meta:
+                    weight *= 0.4
+            if weight > hits.get(sig.id, 0.0):
+                hits[sig.id] = weight
+
+
+def _occurrences(text: str, word: str) -> list[int]:
+    """Offsets where ``word`` starts a word in ``text``."""
+    out = []
+    i = text.find(word)
+    while i != -1:
+        if i == 0 or not text[i - 1].isalnum():
+            out.append(i)
+        i = text.find(word, i + 1)
+    return out
+
+
+def _quoted(text: str, start: int, end: int) -> bool:
+    before = text[max(0, start - 3):start]
+    after = text[end:end + 40]
+    return any(q in before for q in _QUOTES) and any(q in after for q in _QUOTES)
+
+
+def _windows(text: str, anchors: list[str]) -> list[str]:
+    """Merged slices of ``text`` around every occurrence of an anchor."""
+    spans: list[tuple[int, int]] = []
+    for a in anchors:
+        i = text.find(a)
+        while i != -1:
+            spans.append((max(0, i - _WINDOW), i + len(a) + _WINDOW))
+            i = text.find(a, i + len(a))
+    if not spans:
+        return []
+    spans.sort()
+    merged = [list(spans[0])]
+    for s, e in spans[1:]:
+        if s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return [text[s:e] for s, e in merged]
+
+
+def load_detector(use: str, options: Mapping[str, Any]) -> Detector:
+    """Build a detector from a registered name or a ``module:Class`` import path."""
+    if use == SignatureDetector.name:
+        cls: Any = SignatureDetector
+    elif ":" in use:
+        module, _, attr = use.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import detector {use!r}: {type(e).__name__}: {e}") from None
+    else:
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == use]
+        if not found:
+            known = sorted({SignatureDetector.name, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
+            raise ValueError(f"unknown detector {use!r} (known: {', '.join(known)}; or give 'module:Class')")
+        cls = found[0].load()
+    if not (isinstance(cls, type) and issubclass(cls, Detector)):
+        raise ValueError(f"detector {use!r} is not a subclass of plugins._injection_detectors.Detector")
+    return cls(options)
