@@ -1,0 +1,338 @@
+"""Drift sampling: is what the model receives and returns changing?
+
+Requests that reached an upstream are sampled (``sample_rate``) into per-route,
+per-model windows of features: prompt and completion tokens, latency, time to first
+token, finish reason, refusals, errors, and every numeric feature a plugin put in
+``ctx.features``. Each window is compared with a reference (the previous window, or a
+pinned one) by plugins/_drift_stats.py: KS for numeric features, chi-square for
+categorical ones, PSI for both. Comparisons run in the CPU executor, off the loop,
+from a background task: ``on_done`` only appends to reservoirs.
+
+Results are gauges (``sluice_drift_*``), a warning log event when a feature starts or
+stops drifting or p95 latency degrades past the baseline, a report at
+``GET /admin/drift`` and ``sluice drift``. Windows live in each process; with
+several workers each samples its share of the traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import weakref
+from typing import Any, Literal
+
+import orjson
+from pydantic import Field, model_validator
+
+from proxy import AdminRoute, Command, Context, Plugin, PluginConfig, hookimpl
+
+from ._drift_stats import Comparison, Monitor, Snapshot, Thresholds, compare
+from .metrics import ModelLabel, families, route_name
+
+log = logging.getLogger("sluice.drift")
+
+BUILTIN_NUMERIC = ("prompt_tokens", "completion_tokens", "latency_s", "ttft_s")
+BUILTIN_CATEGORICAL = ("finish_reason", "refusal", "error")
+
+
+class Drift(Plugin):
+    """Samples request features into windows and flags distribution shifts and latency degradation."""
+
+    name = "drift"
+    kind = "observer"
+
+    class Config(PluginConfig):
+        sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="Share of requests sampled into the windows.")
+        reservoir_size: int = Field(
+            1000, ge=10, le=100_000, description="Values kept per feature per window (a uniform reservoir sample).")
+        window_samples: int = Field(
+            1000, ge=20, le=10_000_000, description="A window closes after this many samples...")
+        window_seconds: float = Field(
+            3600.0, ge=1.0, le=30 * 86400, description="...or after this long, once it holds min_samples.")
+        min_samples: int = Field(
+            100, ge=10, le=1_000_000, description="Samples a feature needs on both sides before it is compared.")
+        check_every: int = Field(
+            50, ge=1, le=1_000_000, description="Compare the open window with the reference every this many samples.")
+        reference: Literal["previous", "pinned"] = Field(
+            "previous", description="'previous': each closed window is the next one's reference; 'pinned': the first full "
+            "window (or one pinned through the admin API) stays the reference.")
+        alpha: float = Field(
+            0.01, gt=0.0, lt=0.5, description="Significance of the KS / chi-square tests, Bonferroni-corrected over features.")
+        psi_threshold: float = Field(
+            0.2, gt=0.0, le=10.0, description="PSI a significant change must also reach to count as drift (0.1 small, 0.25 large).")
+        latency_tolerance: float = Field(
+            0.5, gt=0.0, le=100.0, description="p95 latency above baseline * (1 + this) is a degradation.")
+        baseline_p95_ms: float | None = Field(
+            None, gt=0, le=3_600_000, description="A fixed latency baseline (p95, ms); default: the reference window's p95.")
+        features: list[str] | None = Field(
+            None, max_length=64,
+            description=f"Built-in features to record (default all: {', '.join(BUILTIN_NUMERIC + BUILTIN_CATEGORICAL)}).")
+        plugin_features: bool = Field(True, description="Also record the numeric features plugins put in ctx.features.")
+        max_features: int = Field(32, ge=1, le=256, description="Most features per window (the rest are ignored).")
+        max_monitors: int = Field(
+            256, ge=1, le=100_000, description="Most route x model windows per process; models beyond are folded into 'other'.")
+        seed: int | None = Field(None, description="Seed of sampling and reservoirs (tests, reproducible runs).")
+
+        @model_validator(mode="after")
+        def _check(self) -> Drift.Config:
+            if self.window_samples < self.min_samples:
+                raise ValueError("window_samples must be at least min_samples")
+            if self.reservoir_size < self.min_samples:
+                raise ValueError("reservoir_size must be at least min_samples")
+            if self.features is not None:
+                unknown = sorted(set(self.features) - set(BUILTIN_NUMERIC + BUILTIN_CATEGORICAL))
+                if unknown:
+                    raise ValueError(f"unknown features {', '.join(unknown)} "
+                                     f"(choose from {', '.join(BUILTIN_NUMERIC + BUILTIN_CATEGORICAL)})")
+            return self
+
+    def __init__(self, config: Config, runtime: Any) -> None:
+        super().__init__(config, runtime)
+        self.config: Drift.Config = config
+        c = config
+        self.thresholds = Thresholds(
+            alpha=c.alpha, psi=c.psi_threshold, min_samples=c.min_samples, latency_tolerance=c.latency_tolerance)
+        self.baseline = c.baseline_p95_ms / 1000 if c.baseline_p95_ms else None
+        wanted = set(c.features) if c.features is not None else set(BUILTIN_NUMERIC + BUILTIN_CATEGORICAL)
+        self.numeric = tuple(f for f in BUILTIN_NUMERIC if f in wanted)
+        self.categorical = tuple(f for f in BUILTIN_CATEGORICAL if f in wanted)
+        self.rng = random.Random(c.seed)
+        self.model_label = ModelLabel.for_runtime(runtime)
+        self.families = families(runtime)
+        self.monitors: dict[tuple[str, str], Monitor] = {}
+        self.alarms: dict[tuple[str, str], set[str]] = {}
+        self.degraded: dict[tuple[str, str], bool] = {}
+        self._busy: set[tuple[str, str]] = set()
+
+    async def start(self) -> None:
+        self.runtime.shared("drift.instances", weakref.WeakSet).add(self)
+
+    # -- sampling ------------------------------------------------------------------------
+    def monitor(self, key: tuple[str, str]) -> tuple[tuple[str, str], Monitor]:
+        """The monitor of a route and model (``other`` once ``max_monitors`` are taken), and its key."""
+        m = self.monitors.get(key)
+        if m is None:
+            if len(self.monitors) >= self.config.max_monitors:
+                key = (key[0], "other")
+                m = self.monitors.get(key)
+                if m is not None:
+                    return key, m
+            c = self.config
+            m = self.monitors[key] = Monitor(
+                reservoir_size=c.reservoir_size, window_samples=c.window_samples, window_seconds=c.window_seconds,
+                check_every=c.check_every, reference=c.reference, thresholds=self.thresholds,
+                seed=None if c.seed is None else c.seed + len(self.monitors), max_features=c.max_features,
+            )
+        return key, m
+
+    def features_of(self, ctx: Context) -> tuple[dict[str, float], dict[str, str]]:
+        t = ctx.timings
+        num: dict[str, float] = {}
+        cat: dict[str, str] = {}
+        u = ctx.usage
+        if u is not None and (u.prompt_tokens or u.completion_tokens):
+            num["prompt_tokens"] = float(u.prompt_tokens)
+            num["completion_tokens"] = float(u.completion_tokens)
+        if t.end is not None:
+            num["latency_s"] = t.end - t.start
+        if ctx.stream and t.first_byte is not None and ctx.status == 200:
+            num["ttft_s"] = t.first_byte - t.start
+        ok = ctx.outcome == "ok"
+        cat["error"] = "no" if ok else "yes"
+        if ok and ctx.response is not None and len(ctx.response.body) <= 1 << 20:
+            body = ctx.response.json
+            choices = body.get("choices") if isinstance(body, dict) else None
+            if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+                first = choices[0]
+                reason = first.get("finish_reason")
+                if isinstance(reason, str):
+                    cat["finish_reason"] = reason[:32]
+                msg = first.get("message")
+                refused = (isinstance(msg, dict) and bool(msg.get("refusal"))) or reason == "content_filter"
+                cat["refusal"] = "yes" if refused else "no"
+        num = {k: v for k, v in num.items() if k in self.numeric}
+        cat = {k: v for k, v in cat.items() if k in self.categorical}
+        if self.config.plugin_features:
+            for k, v in ctx.features.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in num:
+                    num[str(k)[:64]] = float(v)
+        return num, cat
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        if not ctx.attempts:
+            return  # answered before any model: nothing about the model to learn
+        if self.config.sample_rate < 1.0 and self.rng.random() >= self.config.sample_rate:
+            return
+        key, m = self.monitor((route_name(ctx), self.model_label(ctx)))
+        num, cat = self.features_of(ctx)
+        f = self.families
+        f.child(f.drift_samples, *key).inc()
+        if m.add(num, cat) and key not in self._busy:
+            ref, cur = m.due_snapshots()
+            if ref is not None:
+                self._busy.add(key)
+                self.runtime.spawn(self._evaluate(key, m, ref, cur), name=f"drift.compare.{key[0]}.{key[1]}")
+
+    async def _evaluate(self, key: tuple[str, str], m: Monitor, ref: Snapshot, cur: Snapshot) -> None:
+        try:
+            res = await self.runtime.run_cpu(compare, ref, cur, self.thresholds, self.baseline)
+        finally:
+            self._busy.discard(key)
+        m.last = res
+        self.publish(key, res)
+
+    def publish(self, key: tuple[str, str], res: Comparison) -> None:
+        """Gauges and log events for one comparison."""
+        f = self.families
+        route, model = key
+        now_drifted = set(res.drifted)
+        before = self.alarms.get(key, set())
+        for fr in res.features:
+            f.child(f.drift_psi, route, model, fr.feature).set(fr.psi)
+            f.child(f.drift_p_value, route, model, fr.feature).set(fr.p_value)
+            f.child(f.drift_alarm, route, model, fr.feature).set(1 if fr.drifted else 0)
+            if fr.drifted and fr.feature not in before:
+                log.warning(
+                    "drift detected: route=%s model=%s feature=%s test=%s statistic=%.4f p=%.3g psi=%.3f samples=%d/%d",
+                    route, model, fr.feature, fr.test, fr.statistic, fr.p_value, fr.psi, fr.n_reference, fr.n_current,
+                    extra={"event": "drift", "route": route, "model": model, "feature": fr.feature, "psi": fr.psi},
+                )
+            elif not fr.drifted and fr.feature in before:
+                log.info("drift cleared: route=%s model=%s feature=%s psi=%.3f", route, model, fr.feature, fr.psi,
+                         extra={"event": "drift_cleared", "route": route, "model": model, "feature": fr.feature})
+        self.alarms[key] = now_drifted
+        lat = res.latency
+        if lat is not None:
+            f.child(f.latency_p95, route, model, "current").set(lat.current_p95)
+            f.child(f.latency_p95, route, model, "baseline").set(lat.baseline_p95)
+            f.child(f.latency_degraded, route, model).set(1 if lat.degraded else 0)
+            if lat.degraded and not self.degraded.get(key):
+                log.warning(
+                    "latency degraded: route=%s model=%s p95=%.3fs baseline=%.3fs ratio=%.2f",
+                    route, model, lat.current_p95, lat.baseline_p95, lat.ratio,
+                    extra={"event": "latency_degraded", "route": route, "model": model, "ratio": lat.ratio},
+                )
+            self.degraded[key] = lat.degraded
+
+    # -- reports -------------------------------------------------------------------------
+    def report(self) -> list[dict[str, Any]]:
+        out = []
+        for (route, model), m in sorted(self.monitors.items()):
+            out.append({
+                "plugin": self.id,
+                "route": route,
+                "model": model,
+                "reference": m.mode,
+                "pinned": m.pinned,
+                "window_samples": m.current.count,
+                "window_started": m.current.started,
+                "reference_samples": m.reference.count if m.reference else 0,
+                "windows_closed": m.windows_closed,
+                "drifted": sorted(self.alarms.get((route, model), ())),
+                "latency_degraded": self.degraded.get((route, model), False),
+                "last": m.last.to_json() if m.last else None,
+            })
+        return out
+
+    def pin(self, route: str | None, model: str | None) -> list[tuple[str, str]]:
+        """Make the open window the reference of the matching monitors (not if it is empty)."""
+        pinned = []
+        for (r, mdl), m in self.monitors.items():
+            if (route is None or r == route) and (model is None or mdl == model) and m.current.count:
+                m.pin(m.current.snapshot())
+                pinned.append((r, mdl))
+        return pinned
+
+    @classmethod
+    def admin_routes(cls) -> list[AdminRoute]:
+        return [AdminRoute("GET", "drift", _admin_report), AdminRoute("POST", "drift/pin", _admin_pin)]
+
+    @classmethod
+    def commands(cls) -> list[Command]:
+        return [Command("drift", "Drift report of a running server (from its admin API).", _configure_cli, _run_cli)]
+
+
+def _instances(runtime: Any) -> list[Drift]:
+    return list(runtime.shared("drift.instances", weakref.WeakSet))
+
+
+async def _admin_report(request: Any, runtime: Any) -> Any:
+    from aiohttp import web
+
+    rows = [r for inst in _instances(runtime) for r in inst.report()]
+    return web.json_response({"monitors": rows}, dumps=lambda o: orjson.dumps(o).decode())
+
+
+async def _admin_pin(request: Any, runtime: Any) -> Any:
+    from aiohttp import web
+
+    route = request.query.get("route")
+    model = request.query.get("model")
+    pinned = [list(k) for inst in _instances(runtime) for k in inst.pin(route, model)]
+    return web.json_response({"pinned": pinned})
+
+
+def _configure_cli(p: Any) -> None:
+    p.add_argument("--url", help="admin base URL (default: from the config's admin host and port)")
+    p.add_argument("--token", help="admin token (default: the config's admin.token, or $SLUICE_ADMIN_TOKEN)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    p.add_argument("--pin", action="store_true", help="pin the open windows as the reference instead of reporting")
+    p.add_argument("--route", help="with --pin: only this route")
+    p.add_argument("--model", help="with --pin: only this model")
+
+
+async def _run_cli(args: Any, loaded: Any) -> int:
+    import os
+    import sys
+
+    import aiohttp
+
+    admin = loaded.config.admin
+    url = (args.url or f"http://{admin.host}:{admin.port}").rstrip("/")
+    token = args.token or admin.token or os.environ.get("SLUICE_ADMIN_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    params = {k: v for k, v in (("route", args.route), ("model", args.model)) if v}
+    try:
+        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as http:
+            if args.pin:
+                async with http.post(f"{url}/admin/drift/pin", params=params) as r:
+                    body = await r.json(content_type=None)
+            else:
+                async with http.get(f"{url}/admin/drift") as r:
+                    body = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        print(f"sluice drift: cannot reach the admin API at {url}: {type(e).__name__}", file=sys.stderr)
+        return 1
+    if r.status != 200:
+        msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        print(f"sluice drift: admin API answered {r.status}: {msg or ''}", file=sys.stderr)
+        return 1
+    if args.format == "json" or args.pin:
+        sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    sys.stdout.write(render_report(body.get("monitors", [])))
+    return 0
+
+
+def render_report(monitors: list[dict[str, Any]]) -> str:
+    if not monitors:
+        return "no drift windows yet (is drift in a chain, and has traffic reached an upstream?)\n"
+    lines = []
+    for m in monitors:
+        status = "DRIFT " + ",".join(m["drifted"]) if m["drifted"] else "ok"
+        if m["latency_degraded"]:
+            status += " LATENCY"
+        lines.append(f"{m['route']}  {m['model']}  window={m['window_samples']}  reference={m['reference_samples']}"
+                     f" ({m['reference']}{', pinned' if m['pinned'] else ''})  {status}")
+        last = m.get("last") or {}
+        for fr in last.get("features", []):
+            flag = "  <- drift" if fr["drifted"] else ""
+            lines.append(f"    {fr['feature']:<20} {fr['test']:<5} stat={fr['statistic']:.4f} p={fr['p_value']:.3g}"
+                         f" psi={fr['psi']:.3f} n={fr['n_reference']}/{fr['n_current']}{flag}")
+        lat = last.get("latency")
+        if lat:
+            lines.append(f"    p95 latency {lat['current_p95']:.3f}s vs baseline {lat['baseline_p95']:.3f}s"
+                         f" (x{lat['ratio']:.2f}){'  <- degraded' if lat['degraded'] else ''}")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,153 @@
+"""Drift plugin through a real server: a known shift is flagged, steady traffic is not."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import aiohttp
+import openai
+import pytest
+
+from plugins.drift import Drift, render_report
+from proxy import Attempt, Target, Usage
+from proxy.testing import FakeUpstream, SluiceServer, configure_plugin, make_context, make_runtime
+
+DRIFT = {"window_samples": 60, "reservoir_size": 60, "min_samples": 30, "check_every": 10, "reference": "pinned", "seed": 1}
+
+
+def config(upstream: FakeUpstream, **drift) -> dict:
+    return {
+        "upstreams": {"demo": {"url": upstream.url, "models": ["sluice-demo"]}},
+        "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "demo",
+                    "chain": [{"metrics": {}}, {"drift": {**DRIFT, **drift}}]}],
+    }
+
+
+def prompt(rng: random.Random, words: int) -> str:
+    return " ".join("w%d" % rng.randrange(1000) for _ in range(max(1, int(rng.gauss(words, words * 0.15)))))
+
+
+async def report(s: SluiceServer) -> list[dict]:
+    async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+        async with http.get(f"{s.admin_url}/admin/drift") as r:
+            assert r.status == 200
+            return (await r.json())["monitors"]
+
+
+async def scrape(s: SluiceServer) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{s.admin_url}/metrics") as r:
+        return await r.text()
+
+
+async def send(c: openai.AsyncOpenAI, rng: random.Random, words: int, n: int) -> None:
+    for _ in range(n):
+        await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": prompt(rng, words)}],
+                                        max_tokens=8)
+
+
+async def settle(s: SluiceServer) -> None:
+    await s.wait_idle()
+    await s.runtime.tasks.wait(10)
+
+
+async def test_known_shift_is_detected_within_40_samples(upstream: FakeUpstream, tmp_path, caplog):
+    """Prompts grow from ~40 to ~80 words: the reference is the first 60 requests; drift is flagged
+    at the first comparison that has min_samples (30) shifted requests, and by 40 at the latest."""
+    rng = random.Random(7)
+    caplog.set_level(logging.WARNING, logger="sluice.drift")
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            await send(c, rng, 40, 60)
+            await settle(s)
+            (m,) = await report(s)
+            assert m["reference_samples"] == 60 and m["drifted"] == []
+            detected = None
+            for i in range(1, 5):
+                await send(c, rng, 80, 10)
+                await settle(s)
+                (m,) = await report(s)
+                if "prompt_tokens" in m["drifted"]:
+                    detected = i * 10
+                    break
+            assert detected is not None and detected <= 40, m
+            text = await scrape(s)
+    assert 'sluice_drift_alarm{feature="prompt_tokens",model="sluice-demo",route="main"} 1.0' in text
+    assert any(getattr(r, "event", None) == "drift" and r.feature == "prompt_tokens" for r in caplog.records)
+    assert "prompt_tokens" in render_report([m])
+
+
+async def test_steady_traffic_raises_no_alarm(upstream: FakeUpstream, tmp_path, caplog):
+    rng = random.Random(11)
+    caplog.set_level(logging.WARNING, logger="sluice.drift")
+    async with SluiceServer(config(upstream, reference="previous"), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            for _ in range(8):
+                await send(c, rng, 40, 25)
+                await settle(s)
+        (m,) = await report(s)
+    assert m["windows_closed"] >= 3 and m["last"] is not None
+    assert m["drifted"] == [] and not m["latency_degraded"]
+    assert not [r for r in caplog.records if getattr(r, "event", None) in ("drift", "latency_degraded")]
+
+
+async def test_pin_through_the_admin_api(upstream: FakeUpstream, tmp_path):
+    rng = random.Random(3)
+    async with SluiceServer(config(upstream, reference="previous"), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            await send(c, rng, 20, 5)
+        await settle(s)
+        async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+            async with http.post(f"{s.admin_url}/admin/drift/pin", params={"route": "main"}) as r:
+                assert (await r.json())["pinned"] == [["main", "sluice-demo"]]
+        (m,) = await report(s)
+    assert m["pinned"] and m["reference_samples"] == 5
+
+
+async def test_latency_degradation_and_plugin_features(tmp_path):
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, {**DRIFT, "baseline_p95_ms": 100}, runtime=rt)
+        rng = random.Random(5)
+
+        def ctx(latency: float, score: float):
+            c = make_context({"model": "m", "messages": [{"role": "user", "content": "x"}]}, runtime=rt)
+            c.attempts.append(Attempt(Target("up"), start=c.timings.start))
+            c.outcome, c.status = "ok", 200
+            c.usage = Usage(10, 5, 15)
+            c.timings.end = c.timings.start + latency
+            c.features["toxicity"] = score
+            return c
+
+        for _ in range(60):
+            p.on_done(ctx(rng.uniform(0.01, 0.08), rng.gauss(0.1, 0.02)))
+        await rt.tasks.wait(10)
+        for _ in range(30):
+            p.on_done(ctx(rng.uniform(0.2, 0.4), rng.gauss(0.5, 0.02)))
+        await rt.tasks.wait(10)
+        (m,) = p.report()
+        assert m["latency_degraded"] and "toxicity" in m["drifted"]
+        assert m["last"]["latency"]["baseline_p95"] == pytest.approx(0.1)
+    finally:
+        await rt.close_all()
+
+
+async def test_requests_answered_early_are_not_sampled(tmp_path):
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, DRIFT, runtime=rt)
+        c = make_context({"model": "m"}, runtime=rt)
+        c.reply(401, {"error": {"message": "no"}})
+        p.on_done(c)
+        assert p.report() == []
+    finally:
+        await rt.close_all()
+
+
+def test_config_errors():
+    with pytest.raises(Exception, match="window_samples must be at least min_samples"):
+        Drift.Config.model_validate({"window_samples": 50, "min_samples": 100})
+    with pytest.raises(Exception, match="unknown features colour"):
+        Drift.Config.model_validate({"features": ["colour"]})
+    with pytest.raises(Exception, match="greater than 0"):
+        Drift.Config.model_validate({"sample_rate": 0})
