@@ -83,7 +83,7 @@ class StateConfig(Model):
 
 class Timeouts(Model):
     connect: float = Field(5.0, gt=0, le=600, description="Seconds to open a connection to the upstream.")
-    first_byte: float = Field(120.0, gt=0, le=3600, description="Seconds from sending the request to the first byte of the answer.")
+    first_byte: float = Field(120.0, gt=0, le=3600, description="Seconds from starting the request (connecting included) to the first byte of the answer.")
     idle: float = Field(120.0, gt=0, le=3600, description="Longest silence between two reads of an answer (a stream's events).")
     total: float = Field(900.0, gt=0, le=86400, description="Longest one upstream attempt may take, stream included.")
 

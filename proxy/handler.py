@@ -124,8 +124,7 @@ class Handler:
             return await self._proxy(request, ctx, route, gen)
         except asyncio.CancelledError:
             # the client went away: aiohttp cancels the handler (handler_cancellation)
-            if ctx.outcome in (None, "ok"):
-                ctx.outcome = "client_gone"
+            ctx.outcome = "client_gone"
             raise
         except ProxyError as e:
             ctx.outcome = ctx.outcome or "error"

@@ -201,7 +201,7 @@ class UpstreamPool:
             t = up.config.timeouts
             up.outstanding += 1
             try:
-                async with asyncio.timeout(t.connect + t.first_byte):
+                async with asyncio.timeout(t.first_byte):
                     resp = await up.open(ctx.method, url, send_body, headers)
             except asyncio.TimeoutError:
                 up.outstanding -= 1
