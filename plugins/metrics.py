@@ -120,9 +120,6 @@ class Families:
         self.cost = Counter(
             "sluice_cost_total", "Money spent, from usage and the price table (metering plugin), in the table's currency.",
             ["route", "model"], registry=r)
-        self.cache = Counter(
-            "sluice_cache_requests_total", "Cache lookups by result (hit, miss, ...), from the cache plugin's tag.",
-            ["route", "result"], registry=r)
         self.limits = Counter(
             "sluice_limit_rejections_total", "Requests refused with 429 by a plugin (rate limits, budgets, concurrency).",
             ["route", "plugin", "reason"], registry=r)
@@ -274,9 +271,6 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
         child(f.ttft, op, model, route).observe(max(t.first_byte - t.start, 0.0))
         if usage is not None and usage.completion_tokens > 1 and t.upstream_end is not None:
             child(f.tpot, op, model, route).observe(max(t.upstream_end - t.first_byte, 0.0) / (usage.completion_tokens - 1))
-    cache = ctx.tags.get("cache")
-    if cache:
-        child(f.cache, route, f.free_labels(cache)).inc()
     if ctx.answered_by and ctx.status is not None and ctx.status >= 400:
         fam = f.limits if ctx.status == 429 else f.blocks
         child(fam, route, ctx.answered_by, f.free_labels(ctx.answer_reason or "error")).inc()

@@ -1,0 +1,158 @@
+"""Metrics through a real server and a real scrape; the Grafana dashboard queries only what exists."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from plugins.metrics import LabelLimiter, Metrics
+from proxy.testing import FakeUpstream, SluiceProcess, SluiceServer
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "contrib" / "grafana" / "sluice.json"
+KEY_OK = "sk-metrics-test-key-0001"
+KEY_BROKE = "sk-metrics-test-key-0002"
+
+
+def config(upstream: FakeUpstream) -> dict:
+    return {
+        "upstreams": {"demo": {"url": upstream.url, "models": ["sluice-demo"]}},
+        "prices": {"sluice-demo": {"input": 1.0, "output": 2.0}},
+        "routes": [{
+            "name": "main", "match": {"path": "/v1/"}, "upstream": "demo",
+            "chain": [
+                {"auth": {"keys": [{"key": KEY_OK, "id": "k1", "team": "t1"}, {"key": KEY_BROKE, "id": "k2", "team": "t2"}],
+                          "virtual_keys": False}},
+                {"metrics": {}},
+                {"metering": {"budgets": [{"scope": "key", "period": "day", "limit": 1e-9, "ids": ["k2"]}]}},
+                {"cache": {}},
+                {"drift": {"min_samples": 10, "window_samples": 20, "reservoir_size": 20, "check_every": 5}},
+            ],
+        }],
+    }
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(sm: dict, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(v for (n, ls), v in sm.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def exposed_names(text: str) -> set[str]:
+    """Every series name a query could select, from the families a scrape declares."""
+    names = set()
+    for fam in text_string_to_metric_families(text):
+        names.update(s.name for s in fam.samples)
+        if fam.type == "counter":
+            names.add(fam.name + "_total")
+        elif fam.type == "histogram":
+            names.update(fam.name + suffix for suffix in ("_bucket", "_count", "_sum"))
+        else:
+            names.add(fam.name)
+    return names
+
+
+async def drive(s: SluiceServer) -> str:
+    async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_OK, max_retries=0) as c:
+        msgs = [{"role": "user", "content": "the same question"}]
+        await c.chat.completions.create(model="sluice-demo", messages=msgs)
+        await c.chat.completions.create(model="sluice-demo", messages=msgs)  # a cache hit
+        async for _ in await c.chat.completions.create(
+                model="sluice-demo", messages=[{"role": "user", "content": "stream please"}], stream=True):
+            pass
+        await c.chat.completions.create(model="a-model-nobody-configured", messages=[{"role": "user", "content": "x"}])
+    async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_BROKE, max_retries=0) as c:
+        with pytest.raises(openai.RateLimitError) as exc:
+            await c.chat.completions.create(model="sluice-demo", messages=msgs)
+        assert exc.value.code == "insufficient_quota"
+    async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-wrong-key-000000000", max_retries=0) as c:
+        with pytest.raises(openai.AuthenticationError):
+            await c.chat.completions.create(model="sluice-demo", messages=msgs)
+    await s.wait_idle()
+    async with aiohttp.ClientSession() as http, http.get(f"{s.admin_url}/metrics") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+async def test_a_scrape_shows_every_kind_of_request(upstream: FakeUpstream, tmp_path):
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        text = await drive(s)
+    sm = samples(text)
+    assert value(sm, "sluice_requests_total", route="main", model="sluice-demo", status_class="2xx", outcome="ok") == 2
+    assert value(sm, "sluice_requests_total", route="main", status_class="2xx", outcome="answered") == 1  # the cache hit
+    assert value(sm, "sluice_requests_total", status_class="4xx") == 2
+    # an unconfigured model name never becomes a label value
+    assert value(sm, "sluice_requests_total", model="other", outcome="ok") == 1
+    assert "a-model-nobody-configured" not in text and "k1" not in text and KEY_OK not in text
+    assert value(sm, "sluice_request_duration_seconds_count", route="main") == 6
+    assert value(sm, "gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model="sluice-demo") == 1
+    assert value(sm, "gen_ai_server_time_per_output_token_seconds_count") == 1
+    assert value(sm, "sluice_tokens_total", type="output") > 0 and value(sm, "sluice_tokens_total", type="input") > 0
+    assert value(sm, "sluice_cost_total", model="sluice-demo") > 0
+    assert value(sm, "sluice_cache_requests_total", result="hit") == 1
+    assert value(sm, "sluice_limit_rejections_total", plugin="metering", reason="budget_exceeded") == 1
+    assert value(sm, "sluice_guardrail_blocks_total", plugin="auth") == 1
+    assert value(sm, "sluice_plugin_duration_seconds_count", plugin="auth", phase="on_request") == 6
+    assert value(sm, "sluice_upstream_attempts_total", upstream="demo", result="ok") == 3
+    assert value(sm, "sluice_upstream_up", upstream="demo") == 1
+    assert value(sm, "sluice_overhead_seconds_count", route="main") == 6
+
+
+async def test_every_metric_the_dashboard_queries_exists_in_a_real_scrape(upstream: FakeUpstream, tmp_path):
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    # label names (in "by (...)" and "{...}") are not series: strip them before picking names
+    bare = [re.sub(r"\{[^}]*\}", "", re.sub(r"\bby \([^)]*\)", "", e)) for e in exprs]
+    queried = {m for e in bare for m in re.findall(r"\b((?:sluice|gen_ai)_[a-z0-9_]+)\b", e)}
+    assert len(queried) >= 20
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        text = await drive(s)
+    missing = sorted(queried - exposed_names(text))
+    assert missing == []
+
+
+@pytest.mark.slow
+async def test_two_workers_one_scrape_shows_the_sum(upstream: FakeUpstream, tmp_path):
+    cfg = {
+        "server": {"workers": 2},
+        "upstreams": {"demo": {"url": upstream.url, "models": ["sluice-demo"]}},
+        "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"metrics": {}}]}],
+    }
+    n = 40
+    async with SluiceProcess(cfg, tmp_path) as p:
+        async with openai.AsyncOpenAI(base_url=p.url, api_key="sk", max_retries=0) as c:
+            for _ in range(n):
+                # a new connection each time, so SO_REUSEPORT spreads requests over both workers
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}],
+                                                extra_headers={"connection": "close"})
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{p.admin_url}/metrics") as r:
+                text = await r.text()
+    sm = samples(text)
+    # on_done runs after the answer: the last requests may still be recording when we scrape
+    assert value(sm, "sluice_requests_total", route="main", outcome="ok") in range(n - 4, n + 1)
+    assert value(sm, "sluice_upstream_up", upstream="demo") == 1
+
+
+def test_label_limiter_folds_the_tail_into_other():
+    lim = LabelLimiter(3)
+    assert [lim(v) for v in ("a", "b", "c", "d", "a")] == ["a", "b", "c", "other", "a"]
+    assert len(lim("x" * 500)) <= 64 or lim("x" * 500) == "other"
+
+
+def test_config_rejects_unknown_fields():
+    with pytest.raises(Exception, match="Extra inputs are not permitted"):
+        Metrics.Config.model_validate({"labels": ["key"]})
