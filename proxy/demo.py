@@ -179,7 +179,7 @@ class DemoUpstream:
         body = await request.read()
         self.stats.requests += 1
         if self.record:
-            self.requests.append(Seen(request.method, request.path, request.query_string, dict(request.headers), body))
+            self.requests.append(Seen(request.method, request.path, request.raw_path.partition("?")[2], dict(request.headers), body))
         self._notify()
         for f in self._failures:
             if f.remaining > 0 and (f.path_contains is None or f.path_contains in request.path):
@@ -461,7 +461,7 @@ class DemoUpstream:
         f = form.get("file")
         size = len(f.file.read()) if hasattr(f, "file") else 0
         if self.record:
-            self.requests.append(Seen(request.method, request.path, request.query_string, dict(request.headers), b""))
+            self.requests.append(Seen(request.method, request.path, request.raw_path.partition("?")[2], dict(request.headers), b""))
         self._notify()
         return web.json_response({"text": f"{size} bytes of audio for model {form.get('model')}"})
 

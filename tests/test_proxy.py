@@ -1,0 +1,265 @@
+"""Transparent proxying: any endpoint, headers, bodies, errors, limits, usage on streams."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any, ClassVar
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from proxy import Context, Event, Plugin, PluginConfig, ProxyError, hookimpl
+from proxy.testing import FakeUpstream, SluiceServer, register_plugin
+
+
+def route(up: FakeUpstream | str, chain: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
+    url = up if isinstance(up, str) else up.url
+    return {
+        "upstreams": {"u": {"url": url, **extra.pop("upstream", {})}},
+        "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": chain or [], **extra}],
+    }
+
+
+@pytest.fixture
+async def http():
+    async with httpx.AsyncClient(timeout=20) as c:
+        yield c
+
+
+async def test_any_method_path_query_and_body_pass_through(upstream, http, tmp_path):
+    async with SluiceServer(route(upstream), tmp_path) as s:
+        body = b'{"purpose": "batch", "weird": "\\u00e9"}'
+        r = await http.request(
+            "DELETE", f"{s.url}/files/file-abc%2F1?limit=3&after=x%20y", content=body,
+            headers={"content-type": "application/json", "openai-organization": "org-1", "connection": "keep-alive, x-hop", "x-hop": "drop-me"},
+        )
+        assert r.status_code == 200
+        echo = r.json()
+        assert echo["method"] == "DELETE"
+        assert echo["path"] == "/v1/files/file-abc/1"  # aiohttp decodes for display; raw bytes reached it
+        assert upstream.requests[-1].query == "limit=3&after=x%20y"
+        assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+        assert echo["headers"]["openai-organization"] == "org-1"
+        assert "x-hop" not in echo["headers"]  # named in Connection: hop-by-hop
+        assert echo["headers"]["x-request-id"] == r.headers["x-request-id"]
+        assert r.headers["x-demo-echo"] == "1"
+
+
+async def test_unchanged_body_goes_upstream_byte_for_byte(upstream, http, tmp_path):
+    raw = b'{"model":"m",  "messages":[{"role":"user","content":"hi"}], "zeta": 1, "alpha": [1, 2]}'
+    async with SluiceServer(route(upstream), tmp_path) as s:
+        r = await http.post(f"{s.url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 200
+    assert upstream.requests[-1].body == raw
+
+
+async def test_answer_bytes_and_vllm_fields_pass_through(upstream, http, tmp_path):
+    answer = b'{"id":"chatcmpl-0123456789abcdef","object":"chat.completion","choices":[],"prompt_token_ids":[1,2],"kv_transfer_params":null,"usage":{"prompt_tokens":2,"completion_tokens":0,"total_tokens":2}}'
+    async with SluiceServer(route(upstream), tmp_path) as s:
+        upstream.fail_next(200, body=answer, headers={"x-upstream-header": "v", "openai-processing-ms": "12"})
+        r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert r.content == answer
+    assert r.headers["x-upstream-header"] == "v" and r.headers["openai-processing-ms"] == "12"
+
+
+async def test_openai_sdk_surface(upstream, tmp_path):
+    async with SluiceServer(route(upstream), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+            models = await client.models.list()
+            assert [m.id for m in models.data] == ["sluice-demo"]
+            emb = await client.embeddings.create(model="m", input=["a", "b"])  # the SDK asks for base64
+            assert len(emb.data) == 2 and len(emb.data[0].embedding) == 16
+            speech = await client.audio.speech.create(model="tts", voice="alloy", input="hello")
+            audio = speech.read()
+            assert audio.startswith(b"ID3")
+            tr = await client.audio.transcriptions.create(model="whisper", file=("a.mp3", audio, "audio/mpeg"))
+            assert tr.text == f"{len(audio)} bytes of audio for model whisper"
+
+
+async def test_unknown_route_is_404_openai_shaped(upstream, http, tmp_path):
+    async with SluiceServer(route(upstream), tmp_path) as s:
+        r = await http.get(f"{s.origin}/v2/models")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "route_not_found"
+    assert r.headers["x-request-id"].startswith("req_")
+
+
+async def test_body_over_limit_is_413(upstream, http, tmp_path):
+    async with SluiceServer(route(upstream, max_body_bytes=2048), tmp_path) as s:
+        r = await http.post(f"{s.url}/chat/completions", content=b"x" * 5000)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        async def chunks():
+            for _ in range(10):
+                yield b"y" * 500
+
+        r = await http.post(f"{s.url}/chat/completions", content=chunks())  # chunked, no content-length
+        assert r.status_code == 413
+        assert r.headers["x-request-id"]
+    assert upstream.requests == []
+
+
+class BodyReader(Plugin):
+    name = "body_reader"
+    kind = "guard"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        if not ctx.answered:
+            ctx.annotations["model"] = ctx.body.get("model")
+
+
+async def test_unparsable_body_is_400_only_when_a_plugin_reads_it(upstream, http, tmp_path):
+    with register_plugin(BodyReader):
+        async with SluiceServer(route(upstream, [{"body_reader": {}}]), tmp_path) as s:
+            r = await http.post(f"{s.url}/chat/completions", content=b"{not json")
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        async with SluiceServer(route(upstream), tmp_path) as s:
+            r = await http.post(f"{s.url}/chat/completions", content=b"{not json")
+            assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"  # the upstream's own
+
+
+async def test_unreachable_upstream_is_502(http, tmp_path):
+    async with SluiceServer(route("http://127.0.0.1:9/v1"), tmp_path) as s:
+        r = await http.post(f"{s.url}/chat/completions", json={"model": "m"})
+    assert r.status_code == 502
+    assert r.json() == {"error": {"message": "The upstream could not be reached.", "type": "upstream_error", "param": None, "code": "upstream_unreachable"}}
+    assert r.headers["x-request-id"]
+
+
+async def test_retries_then_fallback_to_next_target(http, tmp_path):
+    async with FakeUpstream() as a, FakeUpstream() as b:
+        cfg = {
+            "upstreams": {"a": {"url": a.url}, "b": {"url": b.url}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": ["a", "b"], "retries": {"attempts": 1, "backoff_s": 0.01}}],
+        }
+        async with SluiceServer(cfg, tmp_path) as s:
+            a.fail_next(503, count=2)
+            r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 200
+            assert len(a.requests) == 2 and len(b.requests) == 1
+            # the last upstream error passes through when every attempt fails
+            a.fail_next(503, count=2)
+            b.fail_next(429, count=2, headers={"retry-after": "0"})
+            r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 429
+
+
+async def test_upstream_api_key_replaces_client_credentials(upstream, http, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-upstream")
+    cfg = route(upstream, upstream={"api_key": {"$env": "TEST_UPSTREAM_KEY"}})
+    async with SluiceServer(cfg, tmp_path) as s:
+        await http.get(f"{s.url}/models", headers={"authorization": "Bearer client-secret", "api-key": "client-secret"})
+    seen = upstream.requests[-1].headers
+    assert seen["Authorization"] == "Bearer sk-upstream"
+    assert "api-key" not in {k.lower() for k in seen}
+
+
+class UsageWanted(Plugin):
+    name = "usage_wanted"
+    needs_usage = True
+    seen: ClassVar[list[Any]] = []
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        self.seen.append(ctx.usage)
+
+
+class Chunky(Plugin):
+    name = "chunky"
+
+    @hookimpl
+    def on_chunk(self, ctx: Context, event: Event) -> None:
+        return None
+
+
+@pytest.mark.parametrize("parse", [False, True], ids=["raw-relay", "parsed"])
+@pytest.mark.parametrize("client_asks", [False, True], ids=["client-no-usage", "client-usage"])
+async def test_usage_obtained_on_streams_without_changing_what_the_client_gets(upstream, tmp_path, parse, client_asks):
+    UsageWanted.seen.clear()
+    chain = [{"usage_wanted": {}}] + ([{"chunky": {}}] if parse else [])
+    with register_plugin(UsageWanted), register_plugin(Chunky):
+        async with SluiceServer(route(upstream, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+                kw: dict[str, Any] = {"stream_options": {"include_usage": True}} if client_asks else {}
+                chunks = [c async for c in await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b"}], stream=True, **kw)]
+            await s.wait_idle()
+    assert upstream.requests[-1].json["stream_options"]["include_usage"] is True
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == (1 if client_asks else 0)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).endswith("You said: a b")
+    u = UsageWanted.seen[0]
+    assert u is not None and u.prompt_tokens == 5 and u.completion_tokens == 10 and not u.estimated
+    if not client_asks:
+        assert "stream_options" not in orjson.loads(b'{"x":1}')  # the client's body was not mutated in place
+
+
+async def test_split_and_merged_sse_events_are_relayed_intact(upstream, tmp_path):
+    upstream.events_per_write = 3  # several events per network write, as vLLM does under load
+    with register_plugin(Chunky):
+        for chain in ([], [{"chunky": {}}]):
+            async with SluiceServer(route(upstream, chain), tmp_path) as s:
+                async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+                    text = ""
+                    async for c in await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x y z"}], stream=True):
+                        text += c.choices[0].delta.content or ""
+            assert text == "Hello from the Sluice demo model. You said: x y z"
+
+
+class Failing(Plugin):
+    name = "failing"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        raise RuntimeError("secret value sk-live-123 leaked?")
+
+
+async def test_failure_policy_closed_and_open(upstream, http, tmp_path, caplog):
+    with register_plugin(Failing):
+        async with SluiceServer(route(upstream, [{"failing": {"on_error": "closed"}}]), tmp_path) as s:
+            r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "plugin_error"
+            assert "sk-live" not in r.text and "Traceback" not in r.text
+        async with SluiceServer(route(upstream, [{"failing": {}}]), tmp_path) as s:  # observers default to open
+            r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 200
+            metrics = (await http.get(f"{s.admin_url}/metrics")).text
+            assert 'sluice_plugin_errors_total{phase="on_request",plugin="failing"} 1.0' in metrics
+    assert "sk-live" not in caplog.text
+
+
+class Blocker(Plugin):
+    name = "blocker"
+    kind = "guard"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        if not ctx.answered:
+            raise ProxyError(403, "Blocked by policy.", code="blocked", headers={"x-blocked": "1"})
+
+
+async def test_proxy_error_is_an_answer_not_a_failure(upstream, http, tmp_path):
+    with register_plugin(Blocker):
+        async with SluiceServer(route(upstream, [{"blocker": {"on_error": "open"}}]), tmp_path) as s:
+            r = await http.post(f"{s.url}/chat/completions", json={"model": "m"})
+    assert r.status_code == 403 and r.headers["x-blocked"] == "1"
+    assert r.json()["error"] == {"message": "Blocked by policy.", "type": "permission_error", "param": None, "code": "blocked"}
+
+
+async def test_slow_client_backpressure_bounds_memory(upstream, tmp_path):
+    """A client that stops reading stalls the upstream read instead of growing buffers."""
+    upstream.reply_text = "word " * 150000
+    async with SluiceServer(route(upstream), tmp_path) as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.server.port)
+        body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        # we read nothing more; the upstream's stream cannot complete while the socket buffers are full
+        with pytest.raises(TimeoutError):
+            await upstream.wait_for(lambda: upstream.stats.completed_streams > 0, timeout=1.5)
+        writer.close()
+        await upstream.wait_for(lambda: upstream.stats.aborted > 0, timeout=10)
