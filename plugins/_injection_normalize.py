@@ -44,6 +44,8 @@ _CONFUSABLES = {
     "ı": "i", "ȷ": "j", "ɑ": "a", "ɩ": "i", "ʟ": "l", "ɴ": "n", "ʀ": "r", "ꜱ": "s", "ᴀ": "a", "ᴄ": "c",
     "ᴅ": "d", "ᴇ": "e", "ɢ": "g", "ʜ": "h", "ɪ": "i", "ᴊ": "j", "ᴋ": "k", "ᴍ": "m", "ᴏ": "o", "ᴘ": "p",
     "ᴛ": "t", "ᴜ": "u", "ᴠ": "v", "ᴡ": "w", "ᴢ": "z",
+    # typographic quotes, so "don’t" and "you’re" match like their ASCII spelling
+    "‘": "'", "’": "'", "‛": "'", "′": "'", "“": '"', "”": '"', "„": '"',
 }
 
 _FOLD_TABLE: dict[int, int | str | None] = {c: None for c in _INVISIBLE + _BIDI}
@@ -67,6 +69,7 @@ _SPACED_SEP = re.compile(r"[ .\-_*/|]+")
 _B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 _HEX_RUN = re.compile(r"(?:[0-9a-fA-F]{2}[ :]?){10,}")
 _LONG_TOKEN = 16
+_INSIDE_WORD = re.compile("[^\\W\\d_][" + "".join(chr(c) for c in _INVISIBLE) + "]+[^\\W\\d_]")
 # "a" and "i" are words; other lone letters in numbers are rare in prose
 _SINGLE_LETTERS = frozenset(string.ascii_lowercase) - {"a", "i"}
 
@@ -93,7 +96,8 @@ def normalise(raw: str) -> Normalised:
         text = raw.lower()
     else:
         codes = set(map(ord, raw))
-        if codes & _INVISIBLE_CODES:
+        if codes & _INVISIBLE_CODES and _INSIDE_WORD.search(raw):
+            # joiners inside emoji sequences are normal; inside a word they split a keyword
             tricks.add("invisible")
         if codes & _BIDI_CODES:
             tricks.add("bidi")

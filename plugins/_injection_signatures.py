@@ -63,7 +63,7 @@ def _gap(n: int) -> str:
 
 
 _G2, _G3, _G4 = _gap(2), _gap(3), _gap(4)
-_OVERRIDE_VERBS = r"(?:ignore|ignoring|disregard|disregarding|forget|forgetting|neglect|overlook|abandon|set aside|throw out)"
+_OVERRIDE_VERBS = r"(?:ignore|ignoring|disregard|disregarding|forget|forgetting|neglect|overlook|abandon|set aside|throw out|throw away|put aside|scratch|pay no (?:attention|heed|mind) to)"
 _WEAK_VERBS = r"(?:override|overriding|bypass|bypassing|discard|cancel|nullify|void|skip)"
 # Words that point back at earlier instructions; "the", "my" alone do not.
 _PRIOR = r"(?:previous|previously|prior|preceding|above|earlier|former|initial|original|foregoing|old|system|developer|all|any|every|your|these|those|given)"
@@ -71,6 +71,11 @@ _FILLER = r"(?:(?:the|of|to|about|that|those|these)\s+)"
 _STRONG_OBJ = r"(?:instructions?|instruction set|prompts?|directions?|directives?|guidelines?|programming|guardrails?|system prompt|system message|constraints?|restrictions?|policies|policy|safety rules|content policy|training)"
 _WEAK_OBJ = r"(?:rules?|commands?|context|messages?|settings|text|orders|tasks?|requests?|conversation)"
 _AI = r"(?:ai|llm|language model|assistant|chatbot|bot|gpt|chatgpt|claude|gemini|copilot|model|agent|ai agent|ai assistant)"
+_STRONG_SECRETS = (
+    r"(?:system prompt|instructions|conversation|chat history|chat log|history|previous messages|messages|"
+    r"user'?s?\s+(?:\w+\s+)?(?:data|info|information|messages|emails?|password|details|credentials|name|address)|"
+    r"personal (?:data|information|details)|session (?:cookies?|tokens?)|email address(?:es)?|credit card(?: numbers?)?|ssn)"
+)
 _SECRETS = (
     r"(?:system prompt|instructions|conversation|chat history|chat log|history|previous messages|messages|"
     r"user'?s? (?:data|info|information|messages|emails?|password|details|credentials|name|address)|"
@@ -90,23 +95,32 @@ def _s(
 SIGNATURES: tuple[Signature, ...] = (
     # -- instruction override ------------------------------------------------------------
     _s("IO-001", "instruction_override", 0.95,
-       "instructions instruction prompts prompt directions direction directives directive guidelines guideline programming guardrails guardrail constraints constraint restrictions restriction policies policy training message set | ignore ignoring disregard disregarding forget forgetting neglect overlook abandon aside throw",
+       "instructions instruction prompts prompt directions direction directives directive guidelines guideline programming guardrails guardrail constraints constraint restrictions restriction policies policy training message set | ignore ignoring disregard disregarding forget forgetting neglect overlook abandon aside throw put scratch pay",
        rf"\b{_OVERRIDE_VERBS}\s+(?!(?:all\s+)?(?:of\s+)?(?:my|our)\b){_FILLER}{{0,2}}(?:{_PRIOR}\s+){{1,3}}(?:{_FILLER}{{0,2}}{_PRIOR}\s+){{0,2}}{_G2}{_STRONG_OBJ}\b",
-       lead='ignore ignoring disregard disregarding forget forgetting neglect overlook abandon set throw'),
+       lead='ignore ignoring disregard disregarding forget forgetting neglect overlook abandon set throw put scratch pay'),
     _s("IO-002", "instruction_override", 0.4,
        "ignore ignoring disregard disregarding forget forgetting neglect overlook abandon aside throw override overriding bypass bypassing discard cancel nullify void skip | rules rule commands command context messages message settings text orders order tasks task requests request conversation instructions instruction prompts prompt directions directives guidelines programming guardrails constraints restrictions policies policy training",
        rf"\b(?:{_OVERRIDE_VERBS}|{_WEAK_VERBS})\s+(?!(?:all\s+)?(?:of\s+)?(?:my|our)\b){_G2}(?:previous|prior|preceding|above|earlier|former|initial|original|all|every|your)\s+{_G2}(?:{_WEAK_OBJ}|{_STRONG_OBJ})\b",
        lead='ignore ignoring disregard disregarding forget forgetting neglect overlook abandon set throw override overriding bypass bypassing discard cancel nullify void skip'),
+    _s("IO-013", "instruction_override", 0.85,
+       "instructions instruction prompt rules guidelines directions directives | ignore ignoring disregard disregarding forget forgetting neglect overlook abandon aside throw put scratch pay",
+       rf"\b{_OVERRIDE_VERBS}\s+(?:all\s+|any\s+|the\s+|every\s+)?(?:of\s+)?(?:the\s+)?(?:instructions|instruction|prompt|rules|guidelines|directions|directives)\s+(?:in|from|of|inside|within)\s+(?:your|the)\s+(?:system|developer|original|initial|previous|prior|hidden)",
+       lead='ignore ignoring disregard disregarding forget forgetting neglect overlook abandon set throw put scratch pay'),
+    _s("IO-014", "instruction_override", 0.85,
+       "void invalid cancelled canceled obsolete irrelevant revoked null apply longer | you",
+       r"\b(?:everything|anything|all|whatever|what|the (?:rules|instructions|guidelines|restrictions|policies))\s+(?:that\s+)?you\s*(?:were|have been|'ve been|had been)\s+(?:told|given|configured(?: with)?|programmed(?: with)?|instructed|trained(?: on| with)?|taught)\b[^\n]{0,60}?"
+       r"\b(?:(?:is|are)\s+(?:now\s+)?(?:void|invalid|cancel+ed|obsolete|irrelevant|revoked|null|no longer (?:valid|relevant|in effect))|(?:do not|don't|does not|doesn't|no longer|won't|will not)\s+apply)",
+       lead='everything anything all whatever what the'),
     _s("IO-012", "instruction_override", 0.75,
        "ignore disregard forget | above previous preceding prior foregoing",
        r"\b(?:ignore|disregard|forget)\s+(?:all\s+|everything\s+)?(?:of\s+)?(?:the\s+|that\s+)?(?:above|previous|preceding|prior|foregoing)\s*(?:and\b|,|\.|;|-|:|!)",
        lead='ignore disregard forget'),
     _s("IO-003", "instruction_override", 0.9,
-       "ignore disregard forget | everything anything all what",
-       r"\b(?:ignore|disregard|forget)\s+(?:about\s+)?(?:everything|anything|all(?: of)?(?: that| this| the above)?|what)\s+"
-       r"(?:(?:you\s+(?:were|have been|'ve been|had been)|i|we|they|was|has been|that was|written|stated|said|mentioned|above|before|prior|previously|earlier|up to (?:this|now)|so far)\s*){1,3}"
+       "ignore disregard forget drop scrap scratch | everything anything all what",
+       r"\b(?:ignore|disregard|forget|drop|scrap|scratch)\s+(?:about\s+)?(?:everything|anything|all(?: of)?(?: that| this| the above)?|what)\s+"
+       r"(?:(?:you\s*(?:were|have been|'ve been|had been)|i|we|they|was|has been|that was|written|stated|said|mentioned|above|before|prior|previously|earlier|up to (?:this|now)|so far)\s*){1,3}"
        r"(?:told|said|given|instructed|programmed|written|mentioned|stated|above|before|earlier|previously|so far|\b)",
-       lead='ignore disregard forget'),
+       lead='ignore disregard forget drop scrap scratch'),
     _s("IO-004", "instruction_override", 0.85,
        "follow following obey obeying listen listening adhere comply abide | instructions rules guidelines programming prompt policies developers developer creators creator training restrictions safety",
        rf"\b(?:do not|don't|dont|never|no longer|stop|cease to|refuse to)\s+(?:follow|following|obey|obeying|listen(?:ing)? to|adhere to|comply with|abide by)\s+{_G2}(?:your|the|any|those|these|its)\s+{_G2}(?:instructions|rules|guidelines|programming|system prompt|policies|developers?|creators?|training|restrictions|safety)\b",
@@ -170,8 +184,8 @@ SIGNATURES: tuple[Signature, ...] = (
        r"\b(?:two|2|both|dual)\s+(?:different\s+|separate\s+)?(?:responses|answers|replies|outputs)\b[^\n]{0,120}?\b(?:normal|classic|filtered|censored|standard|gpt)\b[^\n]{0,120}?\b(?:jailbr\w*|unfiltered|uncensored|unrestricted|developer mode|dan|evil|opposite)",
        lead='two 2 both dual'),
     _s("JB-006", "jailbreak_roleplay", 0.55,
-       "hypothetical fictional imaginary fictitious alternate",
-       r"\b(?:hypothetical|fictional|imaginary|fictitious|alternate)\s+(?:world|scenario|story|universe|reality|setting)\b[^\n]{0,160}?\b(?:no (?:laws|rules|restrictions|ethics|morals|limits)|anything (?:is|goes)(?: allowed| legal| permitted)?|(?:is|are) (?:legal|allowed|permitted) to|without (?:any )?(?:rules|restrictions|limits|ethics))",
+       "hypothetical fictional imaginary fictitious alternate | no anything nothing legal allowed permitted without",
+       r"\b(?:hypothetical|fictional|imaginary|fictitious|alternate)\s+(?:world|scenario|story|universe|reality|setting)\b[^\n]{0,160}?\b(?:no (?:laws|rules|restrictions|ethics|morals|limits)|anything (?:is|goes)(?: allowed| legal| permitted)?|nothing is (?:illegal|forbidden|prohibited|off-limits|off limits|wrong)|(?:is|are) (?:legal|allowed|permitted) to|without (?:any )?(?:rules|restrictions|limits|ethics))",
        lead='hypothetical fictional imaginary fictitious alternate'),
     _s("JB-007", "jailbreak_roleplay", 0.85,
        "freed liberated jailbroken released confines shackles",
@@ -182,14 +196,19 @@ SIGNATURES: tuple[Signature, ...] = (
        "refuse decline reject apologize apologise sorry warnings disclaimers caveats ethics legality morality no | never don not won cannot can must shall mustn",
        r"\b(?:never|don't|do not|won't|will not|must not|cannot|can't|shall not|mustn't)\s+(?:ever\s+)?(?:refuse|decline|reject|say (?:no|you can't|that you can't|that you cannot|sorry|i'm sorry)|apologi[sz]e|add (?:any\s+)?(?:warnings|disclaimers|caveats)|include (?:any\s+)?(?:warnings|disclaimers)|mention (?:ethics|legality|morality))",
        lead='never don won do will must cannot can shall mustn'),
-    _s("JB-009", "jailbreak_roleplay", 0.7,
+    _s("JB-009", "jailbreak_roleplay", 0.45,
        "twin version side ai assistant chatbot model persona ego counterpart",
        rf"\b(?:evil|shadow|dark|unfiltered|uncensored|unrestricted|amoral|unethical|unhinged|rogue|opposite|jailbroken)\s+(?:twin|version of (?:yourself|you|chatgpt|the ai|the assistant)|side of you|{_AI}|persona|alter ego|counterpart)\b",
        lead='evil shadow dark unfiltered uncensored unrestricted amoral unethical unhinged rogue opposite jailbroken'),
+    _s("JB-014", "jailbreak_roleplay", 0.8,
+       "evil shadow dark unfiltered uncensored unrestricted amoral unethical unhinged rogue jailbroken | you act acting pretend become be play playing answer respond reply speak talk write answering responding replying speaking talking writing",
+       rf"\b(?:you are|you're|you will be|act as|acting as|pretend to be|become|be|play|playing|(?:answer|respond|reply|speak|talk|write)(?:ing)? as)\s+(?:now\s+)?(?:an?\s+|my\s+|the\s+|your\s+)?(?:evil|shadow|dark|unfiltered|uncensored|unrestricted|amoral|unethical|unhinged|rogue|jailbroken)\s+(?:\w+\s+){{0,2}}?(?:twin|version|{_AI}|persona|alter ego|counterpart|mode)\b",
+       lead='you act acting pretend become be play playing answer respond reply speak talk write answering responding replying speaking talking writing'),
     _s("JB-010", "jailbreak_roleplay", 0.6,
-       "ai llm model assistant chatbot bot gpt chatgpt claude gemini copilot agent | restrictions filters rules limits ethics guidelines morals boundaries censorship | no",
-       rf"\b{_AI}s?\s+(?:that\s+|which\s+|who\s+)?(?:has|have|with)\s+(?:absolutely\s+)?no\s+(?:restrictions|filters|rules|limits|ethics|guidelines|morals|boundaries|censorship)",
-       lead='ai a llm language model assistant chatbot bot gpt chatgpt claude gemini copilot agent'),
+       "restrictions filters rules limits ethics guidelines morals boundaries censorship limitations policy | ai llm model assistant chatbot bot gpt chatgpt claude gemini copilot agent you",
+       rf"\b(?:{_AI}s?|you(?:\s+now)?)\s+(?:that\s+|which\s+|who\s+)?(?:(?:has|have|with)\s+(?:absolutely\s+)?(?:no|zero)|without(?:\s+any)?|(?:is\s+|are\s+)?(?:not bound by|free (?:of|from)|unbound by)(?:\s+any)?|(?:doesn't|does not|don't|do not|won't|will not|never|can't|cannot)\s+(?:follow|obey|have|respect|care about|abide by)(?:\s+any)?)\s+(?:\w+\s+)?"
+       r"(?:restrictions|filters|rules|limits|limitations|ethics|guidelines|morals|boundaries|censorship|content polic(?:y|ies))",
+       lead='ai llm language model assistant chatbot bot gpt chatgpt claude gemini copilot agent you'),
     _s("JB-011", "jailbreak_roleplay", 0.5,
        "character",
        r"\b(?:stay|remain|keep)\s+in\s+character\b[^\n]{0,80}?(?:no matter what|whatever happens|at all times|always|even if)|\bbreak(?:ing)?\s+character\b[^\n]{0,60}?(?:punish|penal|lose|tokens|die|deleted)",
@@ -205,10 +224,24 @@ SIGNATURES: tuple[Signature, ...] = (
 
     # -- system prompt extraction -------------------------------------------------------------
     _s("SP-001", "system_prompt_extraction", 0.85,
-       "prompt instructions guidelines rules configuration preprompt message | your | reveal show print display output repeat tell give share leak dump disclose expose write spell recite paste copy return provide what",
-       r"\b(?:reveal|show|print|display|output|repeat|tell|give|share|leak|dump|disclose|expose|write out|spell out|recite|paste|copy|return|provide|what(?:'s| is| are| were| was))\s+(?:me\s+|us\s+)?(?:all\s+|exactly\s+|verbatim\s+)?(?:of\s+)?your\s+(?:\w+\s+){0,2}?"
+       "prompt instructions guidelines rules configuration preprompt message | your | reveal show print display output repeat leak dump disclose expose write spell recite paste copy list",
+       r"\b(?:reveal|show|print|display|output|repeat|leak|dump|disclose|expose|write out|spell out|recite|paste|copy|list)\s+(?:me\s+|us\s+)?(?:\w+\s+){0,4}?your\s+(?:\w+\s+){0,2}?"
        r"(?:system\s*(?:prompt|message|instructions)|initial (?:prompt|instructions)|original (?:prompt|instructions)|hidden (?:prompt|instructions|rules)|secret (?:prompt|instructions|rules)|pre-?prompt|instructions|guidelines|rules|developer (?:message|prompt|instructions)|configuration|prompt)\b",
-       lead='reveal show print display output repeat tell give share leak dump disclose expose write spell recite paste copy return provide what'),
+       lead='reveal show print display output repeat leak dump disclose expose write spell recite paste copy list'),
+    _s("SP-010", "system_prompt_extraction", 0.8,
+       "prompt instructions preprompt message | your | tell give share provide what return",
+       r"\b(?:tell|give|share|provide|return|what(?:'s| is| are| were| was))\s+(?:me\s+|us\s+)?(?:\w+\s+){0,4}?your\s+(?:\w+\s+){0,2}?"
+       r"(?:system\s*(?:prompt|message|instructions)|initial (?:prompt|instructions)|original (?:prompt|instructions)|hidden (?:prompt|instructions|rules)|secret (?:prompt|instructions|rules)|pre-?prompt|instructions|developer (?:message|prompt|instructions)|prompt)\b",
+       lead='tell give share provide return what'),
+    _s("SP-012", "system_prompt_extraction", 0.75,
+       "instructions rules guidelines prompt directions | you",
+       r"\b(?:instructions|rules|guidelines|prompt|directions)\s+(?:that\s+)?(?:the\s+|your\s+)?(?:developers?|creators?|operators?|openai|company|admins?|system|they)\s+(?:gave|have given|has given|provided|wrote|set)\s+(?:to\s+|for\s+)?you\b"
+       r"|\b(?:print|show|reveal|list|output|repeat|display|tell me|share|give me)\s+(?:\w+\s+){0,3}?(?:instructions|rules|guidelines|prompt)\s+(?:that\s+)?you\s*(?:were|have been|'ve been)\s+(?:given|programmed with|told|provided)",
+       lead='instructions rules guidelines prompt directions print show reveal list output repeat display tell share give'),
+    _s("SP-011", "system_prompt_extraction", 0.6,
+       "given told assigned provided | you",
+       r"\b(?:password|passphrase|secret|key|code|flag|token)\s+(?:that\s+)?you\s*(?:were|have been|'ve been|had been)\s+(?:given|told|assigned|provided|taught)\b",
+       lead='password passphrase secret key code flag token'),
     _s("SP-002", "system_prompt_extraction", 0.5,
        "system initial hidden secret developer | prompt message instructions | reveal show print display output repeat dump disclose leak recite spell",
        r"\b(?:reveal|show|print|display|output|repeat|dump|disclose|leak|recite|spell out)\s+(?:me\s+)?(?:the\s+)?(?:full\s+|entire\s+|complete\s+|exact\s+)?(?:system\s*(?:prompt|message)|initial (?:prompt|instructions)|hidden (?:prompt|instructions)|secret (?:prompt|instructions)|developer (?:message|prompt))\b",
@@ -232,7 +265,7 @@ SIGNATURES: tuple[Signature, ...] = (
        lead='verbatim word'),
     _s("SP-007", "system_prompt_extraction", 0.45,
        "password secret key flag token credentials passphrase | reveal tell give print output what show leak spell",
-       r"\b(?:reveal|tell me|give me|print|output|what is|what's|show me|leak|spell)\s+(?:\w+\s+){0,2}?(?:the|your)\s+(?:secret\s+)?(?:password|secret key|secret|api key|flag|access token|credentials|passphrase)\b(?!\s+(?:reset|policy|manager|requirements))",
+       r"\b(?:reveal|tell me|give me|print|output|what is|what's|show me|leak|spell)\s+(?:\w+\s+){0,2}?(?:the|your)\s+(?:\w+\s+)?(?:password|secret key|secret|api key|flag|access token|credentials|passphrase)\b(?!\s+(?:reset|policy|manager|requirements))",
        lead='reveal tell give print output what show leak spell'),
     _s("SP-008", "system_prompt_extraction", 0.8,
        "translate summarize summarise encode convert rewrite paraphrase put | your | prompt instructions",
@@ -253,8 +286,12 @@ SIGNATURES: tuple[Signature, ...] = (
        r"\[/?inst\]|<</?sys>>|<start_of_turn>|<end_of_turn>",
        literals=("[inst]", "[/inst]", "<<sys>>", "<start_of_turn>")),
     _s("DL-003", "delimiter_injection", 0.55,
-       "system developer admin administrator root",
-       r"(?:^|\n)[ \t>*#\[]*(?:system|developer|admin|administrator|root|sys)\s*(?:message|prompt|instruction|override|note|update)?\s*[\]:]\s*\S",
+       "system developer sys",
+       r"(?:^|\n)[ \t>*#\[]*(?:system|developer|sys)\s*(?:message|prompt|instruction|override|note|update)?\s*[\]:][ \t]*[^\s`]",
+       needs=(':', ']')),
+    _s("DL-011", "delimiter_injection", 0.3,
+       "admin administrator root",
+       r"(?:^|\n)[ \t>*#\[]*(?:admin|administrator|root)\s*(?:message|prompt|instruction|override|note|update)?\s*[\]:][ \t]*[^\s`]",
        needs=(':', ']')),
     _s("DL-004", "delimiter_injection", 0.35,
        "assistant ai gpt chatgpt | sure certainly course ok okay absolutely here",
@@ -295,8 +332,17 @@ SIGNATURES: tuple[Signature, ...] = (
        needs=('](',)),
     _s("EX-002", "exfiltration", 0.8,
        "url link image img query endpoint webhook request parameter | append add include insert put encode embed attach concatenate place",
+       rf"\b(?:append|add|include|insert|put|encode|embed|attach|concatenate|place)\b[^\n]{{0,80}}?\b{_STRONG_SECRETS}\b[^\n]{{0,80}}?\b(?:url|link|image|img|query (?:string|parameter)|endpoint|webhook|request|parameter)",
+       lead='append add include insert put encode embed attach concatenate place'),
+    _s("EX-007", "exfiltration", 0.35,
+       "url link image img query endpoint webhook request parameter | append add include insert put encode embed attach concatenate place",
        rf"\b(?:append|add|include|insert|put|encode|embed|attach|concatenate|place)\b[^\n]{{0,80}}?\b{_SECRETS}\b[^\n]{{0,80}}?\b(?:url|link|image|img|query (?:string|parameter)|endpoint|webhook|request|parameter)",
        lead='append add include insert put encode embed attach concatenate place'),
+    _s("EX-008", "exfiltration", 0.75,
+       "http https",
+       r"https?://[^\s)\"'>]{1,300}?[?&][\w-]{1,30}=(?:\{\{?|\$\{?|%7b|<|\[)\s*\w{0,20}(?:session|token|key|password|secret|history|conversation|chat|prompt|email|user|cookie|credential)",
+       needs=('={', '=$', '=%7b', '=<', '=['),
+       lead='http https'),
     _s("EX-003", "exfiltration", 0.85,
        "send post forward transmit upload exfiltrate leak email mail | prompt instructions conversation chat history messages data info information emails password passwords api key keys apikey secret secrets credentials tokens token private personal session cookie cookies email address addresses credit card ssn details name",
        rf"\b(?:send|post|forward|transmit|upload|exfiltrate|leak|email|mail)\s+{_G3}(?:the\s+|all\s+|this\s+|your\s+|our\s+|their\s+)?{_SECRETS}\b[^\n]{{0,80}}?\b(?:to|at|via|using)\s+"
@@ -352,6 +398,16 @@ SIGNATURES: tuple[Signature, ...] = (
        scope="indirect",
        needs=(':', '!')),
 
+    _s("IN-008", "indirect", 0.7,
+       "ai assistant agent llm model chatbot gpt bot",
+       r"\b(?:ai|assistant|agent|ai agent|ai assistant|llm|model|language model|chatbot|gpt|bot)\s*[,:]\s*(?:please\s+|now\s+|quietly\s+|immediately\s+)?(?:open|forward|send|delete|ignore|tell|reply|add|remove|cancel|transfer|share|post|email|click|visit|navigate|download|execute|run|call|use|reveal|print|output|write|recommend|say|stop|disregard|forget)\b",
+       scope="indirect", needs=(",", ":"),
+       lead='ai assistant agent llm model language chatbot gpt bot'),
+    _s("IN-009", "indirect", 0.7,
+       "reads processes summarizes summarises sees parses opens views | ai assistant model llm agent bot chatbot",
+       r"\b(?:when|if|once|after|as soon as)\s+(?:the|an|any|this)\s+(?:ai|assistant|model|llm|agent|bot|chatbot|language model)\s+(?:reads|processes|summari[sz]es|sees|parses|opens|views)\s+(?:this|these|the)\b",
+       lead='when if once after as'),
+
     # -- obfuscation cues -------------------------------------------------------------------------------
     _s("OB-001", "obfuscation", 0.6,
        "decode decipher decrypt translate reverse unscramble | follow execute do obey run carry act perform comply",
@@ -376,7 +432,7 @@ COMPACT: tuple[Signature, ...] = (
 OBFUSCATION_WEIGHTS = {
     "tags": 0.6,          # Unicode tag characters hide text from every human reader
     "bidi": 0.15,
-    "invisible": 0.15,
+    "invisible": 0.3,
     "confusable": 0.2,
     "leet": 0.3,
     "spaced": 0.3,
