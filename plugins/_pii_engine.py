@@ -148,23 +148,25 @@ class PiiEngine:
         self._flags = 0
         self._lock = threading.Lock()
         entities = set(settings.entities)
-        triggers: list[str] = []
+        builtin: list[str] = []
         self.gated = True
         for e in settings.entities:
             if e in NER_ENTITIES:
                 # a model reads the whole text: nothing cheap says where a name is
                 self.gated = False
             elif e in TRIGGERS:
-                triggers.append(TRIGGERS[e])
-        for rec in settings.custom:
-            entities.add(rec.entity)
-            triggers.extend(p.regex for p in rec.patterns)
+                builtin.append(TRIGGERS[e])
         for entity, words in settings.deny_list.items():
             entities.add(entity)
             if words:
-                triggers.append(deny_regex(words))
+                builtin.append(deny_regex(words))
+        triggers = [re.compile("|".join(f"(?:{t})" for t in builtin))] if builtin else []
+        for rec in settings.custom:
+            entities.add(rec.entity)
+            # a custom regex may carry its own global flags: it is its own trigger, compiled alone
+            triggers.extend(re.compile(p.regex) for p in rec.patterns)
         self.entities = sorted(entities)
-        self._trigger = re.compile("|".join(f"(?:{t})" for t in triggers)) if triggers else None
+        self._triggers = triggers
         self._analyze_threshold = min([settings.threshold(e) for e in self.entities] or [settings.min_score])
 
     # -- loading -------------------------------------------------------------
@@ -190,7 +192,7 @@ class PiiEngine:
         """Could ``text`` hold anything we look for? Cheap enough for the event loop."""
         if not self.settings.fast_path or not self.gated:
             return bool(text.strip())
-        return self._trigger is not None and self._trigger.search(text) is not None
+        return any(t.search(text) is not None for t in self._triggers)
 
     def windows(self, text: str) -> list[tuple[int, int]] | None:
         """Spans of a long text around its triggers, or ``None`` to read it whole.
@@ -199,9 +201,9 @@ class PiiEngine:
         it would the whole text, and reach far enough for every match and its
         context words.
         """
-        if not self.gated or self._trigger is None or len(text) < self.settings.window_min_chars:
+        if not self.gated or not self._triggers or len(text) < self.settings.window_min_chars:
             return None
-        hits = [(m.start(), m.end()) for m in self._trigger.finditer(text)]
+        hits = sorted((m.start(), m.end()) for t in self._triggers for m in t.finditer(text))
         if not hits:
             return []
         words = [m.start() for m in re.finditer(r"\S+", text)]

@@ -118,7 +118,7 @@ class CustomRecognizer:
 
 def deny_regex(words: Iterable[str]) -> str:
     alts = "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
-    return r"(?i)(?<!\w)(?:" + alts + r")(?!\w)"
+    return r"(?<!\w)(?i:" + alts + r")(?!\w)"
 
 
 def build_recognizers(
@@ -205,7 +205,7 @@ def build_recognizers(
         """
 
         PATTERNS = [
-            Pattern("scheme", r"(?i)\b(?:https?|ftp|wss?)://[^\s<>\"'`]*[^\s<>\"'`.,;:!?)\]}]", 0.7),
+            Pattern("scheme", r"\b(?i:https?|ftp|wss?)://[^\s<>\"'`]*[^\s<>\"'`.,;:!?)\]}]", 0.7),
             Pattern("www", r"(?<![\w.@-])(?i:www)\." + _HOST + r"[A-Za-z]{2,24}\b" + _URL_TAIL, 0.6),
             Pattern("bare", r"(?<![\w.@/-])" + _HOST + r"(?:" + TLDS + r")\b(?![.@\-]\w)" + _URL_TAIL, 0.5),
         ]

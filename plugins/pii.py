@@ -257,6 +257,9 @@ class Pii(Plugin):
         except asyncio.TimeoutError:
             if m is not None:
                 m.timeouts.inc()
+            on_error = getattr(self.runtime, "on_plugin_error", None)
+            if on_error is not None:
+                on_error(self.id, "on_request" if where == "request" else "on_response")
             if self.fail_closed:
                 raise ProxyError(
                     503,

@@ -1,0 +1,319 @@
+"""pii plugin: config validation and the request/answer hooks, through the real config and a real runtime."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from plugins.pii import VAULT, Pii, PiiConfig
+from proxy import ProxyError
+from proxy.context import Response
+from proxy.testing import configure_plugin, make_context, make_runtime
+
+EMAIL = "ann.lee@example.org"
+PHONE = "+1 415 555 0132"
+CARD = "5555 5555 5555 4444"
+
+
+@pytest.fixture
+async def runtime(tmp_path) -> AsyncIterator[Any]:
+    rt = await make_runtime(tmp_path)
+    yield rt
+    await rt.close_all()
+
+
+async def plugin(runtime: Any, **config: Any) -> Pii:
+    p = await configure_plugin(Pii, config, runtime=runtime)
+    assert isinstance(p, Pii)
+    return p
+
+
+def chat(*contents: Any, **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": c} for c in contents], **extra}
+
+
+def sent(ctx: Any) -> Any:
+    return orjson.loads(ctx.body_bytes())
+
+
+# -- config ---------------------------------------------------------------------
+
+def errors(**config: Any) -> str:
+    with pytest.raises(ValidationError) as ei:
+        PiiConfig.model_validate(config)
+    return "; ".join(e["msg"] for e in ei.value.errors())
+
+
+def test_defaults_are_valid_and_pattern_only() -> None:
+    c = PiiConfig()
+    assert c.action == "redact" and not c.ner and not c.restore and c.fast_path
+    assert "PERSON" not in c.entities and "EMAIL_ADDRESS" in c.entities
+
+
+def test_config_errors_are_explicit() -> None:
+    assert "unknown entity type 'EMAIL'" in errors(entities=["EMAIL"])
+    assert errors(entities=["PERSON"]) == "Value error, PERSON needs 'ner: true' (names and places need the NER model)"
+    assert errors(actions={"IBAN": "block"}) == "Value error, actions: 'IBAN' is not an entity type this plugin looks for"
+    assert errors(action="hash") == "Value error, the 'hash' action needs 'hash_key' (a secret of at least 16 characters)"
+    assert errors(restore=True, action="mask") == "Value error, restore: true needs at least one entity type whose action is 'redact'"
+    assert "Extra inputs are not permitted" in errors(colour="red")
+    assert "less than or equal to 1" in errors(min_score=1.5)
+    assert errors(thresholds={"URL": 2.0}) == "Value error, URL: a threshold is between 0 and 1"
+    assert "invalid regex" in errors(recognizers=[{"entity": "TICKET", "patterns": [{"regex": "(unclosed"}]}])
+    assert "matches the empty string" in errors(recognizers=[{"entity": "TICKET", "patterns": [{"regex": "x*"}]}])
+    assert "String should match pattern" in errors(recognizers=[{"entity": "ticket", "patterns": [{"regex": "T-\\d+"}]}])
+    assert errors(ner=True, entities=["EMAIL_ADDRESS"]).startswith("Value error, ner: true but no NER entity type")
+
+
+def test_custom_types_may_take_actions_and_thresholds() -> None:
+    c = PiiConfig.model_validate(
+        {
+            "recognizers": [{"entity": "TICKET", "patterns": [{"regex": r"\bT-\d{5}\b", "score": 0.9}]}],
+            "deny_list": {"PROJECT": ["Bluebird"]},
+            "actions": {"TICKET": "mask", "PROJECT": "block"},
+            "thresholds": {"TICKET": 0.8},
+        }
+    )
+    assert "TICKET" in c.all_entities and "PROJECT" in c.all_entities
+
+
+# -- requests -------------------------------------------------------------------
+
+async def test_redacts_every_role_and_part_with_stable_placeholders(runtime: Any) -> None:
+    p = await plugin(runtime)
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": f"Escalate to {EMAIL}."},
+            {"role": "user", "content": [{"type": "text", "text": f"I am {EMAIL}, call {PHONE}"}, {"type": "image_url", "image_url": {"url": "https://img.example.com/a.png"}}]},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": orjson.dumps({"email": EMAIL}).decode()}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": f"record: card {CARD}, email {EMAIL}"},
+        ],
+    }
+    ctx = make_context(body)
+    await p.on_request(ctx)
+    out = sent(ctx)
+    m = out["messages"]
+    assert m[0]["content"] == "Escalate to <EMAIL_1>."
+    assert m[1]["content"][0]["text"] == "I am <EMAIL_1>, call <PHONE_1>"
+    assert m[1]["content"][1] == body["messages"][1]["content"][1]  # image parts are not text
+    assert orjson.loads(m[2]["tool_calls"][0]["function"]["arguments"]) == {"email": "<EMAIL_1>"}
+    assert m[3]["content"] == "record: card <CREDIT_CARD_1>, email <EMAIL_1>"
+    assert ctx.annotations["pii"] == {"EMAIL_ADDRESS": 4, "PHONE_NUMBER": 1, "CREDIT_CARD": 1}
+    assert EMAIL not in ctx.body_bytes().decode() and CARD not in ctx.body_bytes().decode()
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/v1/completions", {"model": "m", "prompt": f"Mail {EMAIL}"}, "prompt"),
+        ("/v1/completions", {"model": "m", "prompt": [f"Mail {EMAIL}", "nothing here"]}, "prompt"),
+        ("/v1/embeddings", {"model": "m", "input": f"Mail {EMAIL}"}, "input"),
+        ("/v1/embeddings", {"model": "m", "input": ["nothing", f"Mail {EMAIL}"]}, "input"),
+        ("/v1/responses", {"model": "m", "input": f"Mail {EMAIL}"}, "input"),
+        ("/v1/responses", {"model": "m", "instructions": f"Sign as {EMAIL}", "input": "hi"}, "instructions"),
+        (
+            "/v1/responses",
+            {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": f"Mail {EMAIL}"}]}, {"type": "function_call_output", "call_id": "c", "output": f"found {EMAIL}"}]},
+            "input",
+        ),
+    ],
+)
+async def test_every_endpoint_is_in_scope(runtime: Any, path: str, body: dict[str, Any], field: str) -> None:
+    p = await plugin(runtime)
+    ctx = make_context(body, path=path)
+    await p.on_request(ctx)
+    text = orjson.dumps(sent(ctx)[field]).decode()
+    assert EMAIL not in text and "<EMAIL_1>" in text
+
+
+async def test_token_id_prompts_and_non_json_bodies_pass_untouched(runtime: Any) -> None:
+    p = await plugin(runtime)
+    ctx = make_context({"model": "m", "prompt": [[1, 2, 3]]}, path="/v1/completions")
+    await p.on_request(ctx)
+    assert not ctx.body_changed
+    ctx = make_context(b"not json at all " + EMAIL.encode(), path="/v1/audio/speech")
+    await p.on_request(ctx)
+    assert not ctx.body_changed and "pii" not in ctx.annotations
+
+
+async def test_nothing_found_leaves_the_original_bytes(runtime: Any) -> None:
+    p = await plugin(runtime)
+    ctx = make_context(chat("Write a haiku about main.py"))
+    await p.on_request(ctx)
+    assert not ctx.body_changed and ctx.annotations == {} and VAULT not in ctx.stash
+
+
+async def test_an_answered_request_is_left_alone(runtime: Any) -> None:
+    p = await plugin(runtime, action="block")
+    ctx = make_context(chat(f"mail {EMAIL}"))
+    ctx.reply(429, {"error": {"message": "slow down"}})
+    await p.on_request(ctx)
+    assert not ctx.body_changed and "pii" not in ctx.annotations
+
+
+async def test_mask_and_hash_actions(runtime: Any) -> None:
+    p = await plugin(runtime, actions={"CREDIT_CARD": "mask", "EMAIL_ADDRESS": "hash"}, hash_key="k" * 32, mask_keep_last=4)
+    ctx = make_context(chat(f"card {CARD} mail {EMAIL}", f"again {EMAIL}"))
+    await p.on_request(ctx)
+    m = sent(ctx)["messages"]
+    hashed = m[0]["content"].split("mail ")[1]
+    assert m[0]["content"].startswith("card **** **** **** 4444 mail <EMAIL#")
+    assert len(hashed) == len("<EMAIL#>") + 16
+    assert m[1]["content"] == f"again {hashed}"  # the same value hashes the same
+    p2 = await plugin(runtime, action="hash", hash_key="z" * 32, id="other")
+    ctx2 = make_context(chat(f"mail {EMAIL}"))
+    await p2.on_request(ctx2)
+    assert sent(ctx2)["messages"][0]["content"] != f"mail {hashed}"  # keyed: another key, another hash
+
+
+async def test_block_names_types_never_values(runtime: Any) -> None:
+    p = await plugin(runtime, actions={"CREDIT_CARD": "block", "US_SSN": "block"})
+    ctx = make_context(chat(f"card {CARD}, ssn 536-22-1923, mail {EMAIL}"))
+    with pytest.raises(ProxyError) as ei:
+        await p.on_request(ctx)
+    err = ei.value
+    assert err.status == 403 and err.code == "pii_detected"
+    assert err.message == "This request was blocked because it contains personal data (CREDIT_CARD, US_SSN)."
+    assert CARD not in err.body().decode() and "536-22-1923" not in err.body().decode()
+    assert ctx.annotations["pii"] == {"CREDIT_CARD": 1, "US_SSN": 1, "EMAIL_ADDRESS": 1}
+
+
+async def test_client_text_that_looks_like_a_placeholder_is_never_reused(runtime: Any) -> None:
+    p = await plugin(runtime, restore=True)
+    ctx = make_context(chat(f"The template says <EMAIL_1>; mine is {EMAIL}"))
+    await p.on_request(ctx)
+    assert sent(ctx)["messages"][0]["content"] == "The template says <EMAIL_1>; mine is <EMAIL_2>"
+
+
+async def test_allow_and_deny_lists_and_custom_recognizers(runtime: Any) -> None:
+    p = await plugin(
+        runtime,
+        allow_list=["support@example.com"],
+        deny_list={"PROJECT": ["Bluebird"]},
+        recognizers=[{"entity": "TICKET", "patterns": [{"regex": r"\bT-\d{5}\b", "score": 0.9}], "context": ["ticket"]}],
+        actions={"TICKET": "mask"},
+        mask_keep_last=0,
+    )
+    ctx = make_context(chat(f"support@example.com asks about BLUEBIRD ticket T-12345 for {EMAIL}"))
+    await p.on_request(ctx)
+    assert sent(ctx)["messages"][0]["content"] == "support@example.com asks about <PROJECT_1> ticket *-***** for <EMAIL_1>"
+
+
+async def test_cache_serves_resent_history(runtime: Any) -> None:
+    p = await plugin(runtime)
+    history = [f"turn {i}: mail {EMAIL} and call {PHONE}" for i in range(5)]
+    await p.on_request(make_context(chat(*history)))
+    assert p.cache is not None
+    misses = p.cache.misses
+    await p.on_request(make_context(chat(*history, "one more question")))
+    assert p.cache.misses == misses  # "one more question" has no trigger: it is never looked up
+    assert p.cache.hits >= 5
+
+
+async def test_timeout_fails_closed_by_default(runtime: Any) -> None:
+    p = await plugin(runtime, timeout_ms=1, cache_entries=0)
+    big = " ".join(f"user{i}@example.com called 415-555-{i % 10000:04d}" for i in range(3000))
+    with pytest.raises(ProxyError) as ei:
+        await p.on_request(make_context(chat(big)))
+    assert ei.value.status == 503 and ei.value.code == "pii_timeout"
+    assert "example.com" not in ei.value.message
+
+
+async def test_timeout_fails_open_when_configured(runtime: Any) -> None:
+    p = await plugin(runtime, timeout_ms=1, cache_entries=0, on_error="open")
+    big = " ".join(f"user{i}@example.com called 415-555-{i % 10000:04d}" for i in range(3000))
+    ctx = make_context(chat(big))
+    await p.on_request(ctx)
+    assert not ctx.body_changed and ctx.annotations["pii_error"] == "timeout"
+
+
+async def test_presidio_runs_off_the_event_loop(runtime: Any) -> None:
+    p = await plugin(runtime, cache_entries=0)
+    text = " ".join(f"user{i}@example.com" for i in range(400))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.get_running_loop().create_task(ticker())
+    try:
+        await p.on_request(make_context(chat(text)))
+    finally:
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+    assert ticks > 10  # the loop kept turning while Presidio worked
+
+
+# -- buffered answers -------------------------------------------------------------
+
+def chat_answer(content: str) -> Response:
+    return Response(
+        200,
+        {"content-type": "application/json"},
+        orjson.dumps({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}),
+    )
+
+
+async def test_buffered_answer_is_restored(runtime: Any) -> None:
+    p = await plugin(runtime, restore=True)
+    ctx = make_context(chat(f"mail {EMAIL} and call {PHONE}"))
+    await p.on_request(ctx)
+    ctx.response = chat_answer("I wrote to <EMAIL_1> and called <PHONE_1>; <EMAIL_7> is unknown.")
+    await p.on_response(ctx)
+    content = ctx.response.json["choices"][0]["message"]["content"]
+    assert content == f"I wrote to {EMAIL} and called {PHONE}; <EMAIL_7> is unknown."
+    assert "pii_answer" not in ctx.annotations  # the client's own values are not a leak
+
+
+async def test_pii_the_model_writes_is_redacted_and_counted(runtime: Any) -> None:
+    p = await plugin(runtime, restore=True)
+    ctx = make_context(chat(f"mail {EMAIL}"))
+    await p.on_request(ctx)
+    ctx.response = chat_answer("Sure <EMAIL_1>; also try bob@corp.example.com or 5555 5555 5555 4444.")
+    await p.on_response(ctx)
+    content = ctx.response.json["choices"][0]["message"]["content"]
+    assert content == f"Sure {EMAIL}; also try <EMAIL_2> or <CREDIT_CARD_1>."
+    assert ctx.annotations["pii_answer"] == {"EMAIL_ADDRESS": 1, "CREDIT_CARD": 1}
+
+
+async def test_without_restore_placeholders_stay(runtime: Any) -> None:
+    p = await plugin(runtime, scan_answers=False)
+    ctx = make_context(chat(f"mail {EMAIL}"))
+    await p.on_request(ctx)
+    ctx.response = chat_answer("Hello <EMAIL_1>")
+    body = ctx.response.body
+    await p.on_response(ctx)
+    assert ctx.response.body == body
+
+
+async def test_completions_and_responses_answers_are_restored(runtime: Any) -> None:
+    p = await plugin(runtime, restore=True)
+    ctx = make_context({"model": "m", "prompt": f"mail {EMAIL}"}, path="/v1/completions")
+    await p.on_request(ctx)
+    ctx.response = Response(200, None, orjson.dumps({"object": "text_completion", "choices": [{"index": 0, "text": "to <EMAIL_1>"}]}))
+    await p.on_response(ctx)
+    assert ctx.response.json["choices"][0]["text"] == f"to {EMAIL}"
+    ctx = make_context({"model": "m", "input": f"mail {EMAIL}"}, path="/v1/responses")
+    await p.on_request(ctx)
+    ctx.response = Response(
+        200, None, orjson.dumps({"object": "response", "output": [{"type": "message", "content": [{"type": "output_text", "text": "to <EMAIL_1>"}]}]})
+    )
+    await p.on_response(ctx)
+    assert ctx.response.json["output"][0]["content"][0]["text"] == f"to {EMAIL}"
+
+
+async def test_error_answers_are_not_touched(runtime: Any) -> None:
+    p = await plugin(runtime, restore=True)
+    ctx = make_context(chat(f"mail {EMAIL}"))
+    await p.on_request(ctx)
+    ctx.response = Response(400, None, b'{"error": {"message": "bad <EMAIL_1>"}}')
+    await p.on_response(ctx)
+    assert b"<EMAIL_1>" in ctx.response.body
