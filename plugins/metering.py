@@ -250,9 +250,15 @@ class Metering(Plugin):
         except StateUnavailable:
             await self._give_back(taken)
             taken.clear()
+            self.runtime.on_plugin_error(self.id, "on_request")
             if self.config.budget_on_error == "closed":
-                raise
-            log.warning("metering: budget counters unavailable; admitting without a reservation")
+                # a plain ProxyError is the plugin's decision; StateUnavailable would be judged by the
+                # plugin-wide on_error, which is "open" for an observer
+                raise ProxyError(
+                    503, "Spend budgets cannot be checked right now; try again shortly.",
+                    code="state_unavailable", reason="budget_state_unavailable", headers={"retry-after": "1"},
+                ) from None
+            log.warning("metering: budget counters unavailable; admitting without a reservation request_id=%s", ctx.request_id)
 
     async def _give_back(self, taken: list[tuple[str, float, float]]) -> None:
         for key, amount, end in taken:

@@ -1,0 +1,190 @@
+"""Budgets: reserve at admission, reconcile after, 429 insufficient_quota; exact across replicas with Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from plugins.metering import Metering
+from proxy import Attempt, Identity, ProxyError, StateUnavailable, Target, Usage
+from proxy.testing import FakeUpstream, RedisServer, SluiceServer, configure_plugin, make_context, make_runtime
+
+KEY_A = "sk-budget-test-key-aaaa"
+KEY_B = "sk-budget-test-key-bbbb"
+M = 5  # max_tokens of every request: the demo model then writes exactly M tokens
+PER_TOKEN = 1.0  # price of an output token; input is free, so a request costs exactly M
+LONG = "please repeat all of these words back to me now"
+
+
+def config(upstream: FakeUpstream, budgets: list, redis_url: str | None = None, **metering) -> dict:
+    cfg = {
+        "upstreams": {"demo": {"url": upstream.url, "models": ["sluice-demo"]}},
+        "prices": {"sluice-demo": {"input": 0.0, "output": PER_TOKEN * 1e6}},
+        "routes": [{
+            "name": "main", "match": {"path": "/v1/"}, "upstream": "demo",
+            "chain": [
+                {"auth": {"keys": [{"key": KEY_A, "id": "ka", "team": "red"}, {"key": KEY_B, "id": "kb", "team": "red"}],
+                          "virtual_keys": False}},
+                {"metering": {"budgets": budgets, **metering}},
+            ],
+        }],
+    }
+    if redis_url:
+        cfg["state"] = {"redis": {"url": redis_url, "timeout_ms": 2000}}
+    return cfg
+
+
+async def ask(c: openai.AsyncOpenAI, content: str = LONG, max_tokens: int = M):
+    return await c.chat.completions.create(
+        model="sluice-demo", messages=[{"role": "user", "content": content}], max_tokens=max_tokens)
+
+
+async def test_key_budget_admits_until_spent_then_429_insufficient_quota(upstream: FakeUpstream, tmp_path):
+    budgets = [{"scope": "key", "period": "day", "limit": 3.5 * M}]
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a, \
+                openai.AsyncOpenAI(base_url=s.url, api_key=KEY_B, max_retries=0) as b:
+            for _ in range(3):
+                r = await ask(a)
+                assert r.usage.completion_tokens == M
+                await s.wait_idle()
+            with pytest.raises(openai.RateLimitError) as exc:
+                await ask(a)
+            assert exc.value.code == "insufficient_quota"
+            assert exc.value.body["type"] == "insufficient_quota"
+            assert int(exc.value.response.headers["retry-after"]) > 0
+            assert "ka" not in exc.value.message and KEY_A not in exc.value.message
+            await ask(b)  # budgets are per key: the other key still has its own
+    assert len(upstream.requests) == 4
+
+
+async def test_unused_reservation_is_given_back(upstream: FakeUpstream, tmp_path):
+    # each request reserves 50 tokens' worth but writes a few: without reconciliation the second
+    # would be refused (100 > 99); with it, four fit (4 * a few + 50 <= 99)
+    budgets = [{"scope": "key", "period": "month", "limit": 99.0}]
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            for _ in range(4):
+                r = await ask(a, "hi", max_tokens=50)
+                assert r.usage.completion_tokens <= 12
+                await s.wait_idle()
+
+
+async def test_team_budget_is_shared_by_the_team_keys(upstream: FakeUpstream, tmp_path):
+    budgets = [{"scope": "team", "period": "day", "limit": 2.5 * M, "ids": ["red"]}]
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a, \
+                openai.AsyncOpenAI(base_url=s.url, api_key=KEY_B, max_retries=0) as b:
+            await ask(a)
+            await s.wait_idle()
+            await ask(b)
+            await s.wait_idle()
+            with pytest.raises(openai.RateLimitError):
+                await ask(a)
+            with pytest.raises(openai.RateLimitError):
+                await ask(b)
+
+
+@pytest.mark.redis
+async def test_exact_across_two_replicas_under_concurrency(upstream: FakeUpstream, tmp_path, redis_server: RedisServer):
+    """Two servers share one Redis; 40 concurrent requests against a budget worth exactly 10."""
+    budgets = [{"scope": "key", "period": "day", "limit": 10.5 * M}]
+    await asyncio.to_thread(_flush, redis_server.url)
+    cfg = config(upstream, budgets, redis_server.url)
+    async with SluiceServer(cfg, tmp_path / "a") as s1, SluiceServer(cfg, tmp_path / "b") as s2:
+        async with openai.AsyncOpenAI(base_url=s1.url, api_key=KEY_A, max_retries=0) as c1, \
+                openai.AsyncOpenAI(base_url=s2.url, api_key=KEY_A, max_retries=0) as c2:
+            results = await asyncio.gather(*(ask(c1 if i % 2 else c2) for i in range(40)), return_exceptions=True)
+        await s1.wait_idle()
+        await s2.wait_idle()
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, openai.RateLimitError) and r.code == "insufficient_quota"]
+    others = [repr(r)[:200] for r in results if isinstance(r, BaseException) and r not in refused]
+    assert others == [] and len(ok) == 10 and len(refused) == 30
+    assert sum(r.usage.completion_tokens for r in ok) * PER_TOKEN <= 10.5 * M
+
+
+def _flush(url: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        r.flushdb()
+    finally:
+        r.close()
+
+
+@pytest.mark.redis
+async def test_budget_failure_policy_when_redis_is_down(upstream: FakeUpstream, tmp_path):
+    budgets = [{"scope": "key", "period": "day", "limit": 1000.0}]
+    async with RedisServer() as rs:
+        closed = config(upstream, budgets, rs.url)
+        opened = config(upstream, budgets, rs.url, budget_on_error="open")
+        async with SluiceServer(closed, tmp_path / "c") as sc, SluiceServer(opened, tmp_path / "o") as so:
+            async with openai.AsyncOpenAI(base_url=sc.url, api_key=KEY_A, max_retries=0) as c, \
+                    openai.AsyncOpenAI(base_url=so.url, api_key=KEY_A, max_retries=0) as o:
+                await ask(c)
+                await ask(o)
+                await rs.astop()
+                with pytest.raises(openai.APIStatusError) as exc:
+                    await ask(c)
+                assert exc.value.status_code == 503 and exc.value.code == "state_unavailable"
+                r = await ask(o)
+                assert r.usage.completion_tokens == M
+
+
+async def test_identity_budgets_and_early_answers(tmp_path):
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Metering, {"ledger": False, "prices": {"m": {"input": 0, "output": 1e6}}}, runtime=rt)
+
+        def ctx():
+            c = make_context({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10}, runtime=rt,
+                             identity=Identity(key_id="kx", limits={"budget_per_day": 25.0}))
+            return c
+
+        done = []
+        for _ in range(2):
+            c = ctx()
+            await p.on_request(c)
+            done.append(c)
+        with pytest.raises(ProxyError) as exc:
+            await p.on_request(ctx())
+        assert exc.value.status == 429 and exc.value.code == "insufficient_quota"
+        # the first request was answered by a later plugin (a cache hit): its reservation comes back whole
+        done[0].tags["cache"] = "hit"
+        done[0].reply(200, {"ok": True})
+        await p.on_done(done[0])
+        c = ctx()
+        await p.on_request(c)
+        # the second reached the upstream and used 3 tokens: 7 of its 10 come back
+        done[1].attempts.append(Attempt(Target("up"), start=done[1].timings.start, status=200))
+        done[1].usage = Usage(1, 3, 4)
+        await p.on_done(done[1])
+        assert done[1].cost == pytest.approx(3.0)
+        key = p.applicable(done[1], __import__("time").time())[0][0]
+        assert await p.counters.get_sum(key) == pytest.approx(13.0)
+    finally:
+        await rt.close_all()
+
+
+async def test_counters_down_policy_in_process(tmp_path):
+    class Down:
+        async def add_sum(self, *a, **k):
+            raise StateUnavailable()
+
+    rt = await make_runtime(tmp_path)
+    try:
+        budgets = [{"scope": "key", "period": "day", "limit": 5}]
+        closed = await configure_plugin(Metering, {"ledger": False, "budgets": budgets}, runtime=rt)
+        opened = await configure_plugin(Metering, {"ledger": False, "budgets": budgets, "budget_on_error": "open"}, runtime=rt)
+        closed.counters = opened.counters = Down()
+        c = make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k"))
+        with pytest.raises(ProxyError) as exc:
+            await closed.on_request(c)
+        assert exc.value.status == 503 and exc.value.code == "state_unavailable" and type(exc.value) is ProxyError
+        await opened.on_request(make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k")))
+    finally:
+        await rt.close_all()
