@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 TOKEN_RE = re.compile(r"\S+\s*|\s+")
 WORD_RE = re.compile(r"\w+|[^\w\s]")
@@ -51,7 +52,7 @@ class Seen:
     method: str
     path: str
     query: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     body: bytes
 
     @property
@@ -179,7 +180,7 @@ class DemoUpstream:
         body = await request.read()
         self.stats.requests += 1
         if self.record:
-            self.requests.append(Seen(request.method, request.path, request.raw_path.partition("?")[2], dict(request.headers), body))
+            self.requests.append(Seen(request.method, request.path, request.raw_path.partition("?")[2], CIMultiDict(request.headers), body))
         self._notify()
         for f in self._failures:
             if f.remaining > 0 and (f.path_contains is None or f.path_contains in request.path):
@@ -461,7 +462,7 @@ class DemoUpstream:
         f = form.get("file")
         size = len(f.file.read()) if hasattr(f, "file") else 0
         if self.record:
-            self.requests.append(Seen(request.method, request.path, request.raw_path.partition("?")[2], dict(request.headers), b""))
+            self.requests.append(Seen(request.method, request.path, request.raw_path.partition("?")[2], CIMultiDict(request.headers), b""))
         self._notify()
         return web.json_response({"text": f"{size} bytes of audio for model {form.get('model')}"})
 

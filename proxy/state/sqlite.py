@@ -30,6 +30,30 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _CLOSE_WAIT_S = 30.0
 
 
+def _locked(e: sqlite3.OperationalError) -> bool:
+    text = str(e)
+    return "locked" in text or "busy" in text
+
+
+def retrying(fn: Callable[[], T], timeout_ms: int) -> T:
+    """Run ``fn`` again while SQLite says locked or busy, up to ``timeout_ms``.
+
+    The busy handler does not cover every case: two connections opening a new
+    file at once (one switching it to WAL) get SQLITE_BUSY at once, without
+    waiting. Only ever called on a worker thread, never on the loop.
+    """
+    deadline = time.monotonic() + timeout_ms / 1000
+    pause = 0.005
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if not _locked(e) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+
 def connect(path: Path, timeout_ms: int, *, read_only: bool = False, synchronous: str = "NORMAL") -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=timeout_ms / 1000, isolation_level=None, check_same_thread=False)
@@ -37,7 +61,7 @@ def connect(path: Path, timeout_ms: int, *, read_only: bool = False, synchronous
     if read_only:
         conn.execute("PRAGMA query_only=1")
     else:
-        conn.execute("PRAGMA journal_mode=WAL")
+        retrying(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchall(), timeout_ms)
         conn.execute(f"PRAGMA synchronous={synchronous}")
     return conn
 
@@ -189,41 +213,38 @@ class SQLiteRecords(Records):
 
     def _ensure(self, db: Any, table: Table) -> None:
         try:
-            t = db[table.name]
-            if not t.exists():
-                t.create(dict(table.columns), pk=table.pk, if_not_exists=True)
-            else:
-                have = set(t.columns_dict)
-                for col, typ in table.columns.items():
-                    if col not in have:
-                        t.add_column(col, typ)
-            for idx in table.indexes:
-                t.create_index(list(idx), if_not_exists=True)
+            retrying(lambda: self._create(db, table), self.timeout_ms)
         except sqlite3.Error as e:
             log.error("sqlite: cannot create table %s in %s: %s", table.name, self.path.name, e)
+
+    def _create(self, db: Any, table: Table) -> None:
+        t = db[table.name]
+        if not t.exists():
+            t.create(dict(table.columns), pk=table.pk, if_not_exists=True)
+        else:
+            have = set(t.columns_dict)
+            for col, typ in table.columns.items():
+                if col not in have:
+                    t.add_column(col, typ)
+        for idx in table.indexes:
+            t.create_index(list(idx), if_not_exists=True)
 
     def _write(self, db: Any, pending: dict[str, list[dict[str, Any]]]) -> int:
         for name, rows in list(pending.items()):
             if not rows:
                 continue
             pk = self._pks.get(name)
-            for attempt in range(3):
-                try:
-                    with db.conn:
-                        db[name].insert_all(rows, pk=pk, replace=pk is not None, alter=True, batch_size=self.batch_size)
-                    self.written += len(rows)
-                    break
-                except sqlite3.OperationalError as e:
-                    if "locked" in str(e) or "busy" in str(e):
-                        if attempt < 2:
-                            continue
-                    self.dropped += len(rows)
-                    log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
-                    break
-                except sqlite3.Error as e:
-                    self.dropped += len(rows)
-                    log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
-                    break
+
+            def insert() -> None:
+                with db.conn:
+                    db[name].insert_all(rows, pk=pk, replace=pk is not None, alter=True, batch_size=self.batch_size)
+
+            try:
+                retrying(insert, self.timeout_ms)
+                self.written += len(rows)
+            except sqlite3.Error as e:
+                self.dropped += len(rows)
+                log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
             rows.clear()
         pending.clear()
         return 0
@@ -250,11 +271,15 @@ class SQLiteKV(KV):
 
     def _open(self, timeout_ms: int) -> sqlite3.Connection:
         conn = connect(self.path, timeout_ms)
-        conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.table} "
-            "(key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL, size INTEGER NOT NULL, written REAL NOT NULL)"
-        )
-        conn.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_written ON {self.table}(written)")
+
+        def create() -> None:
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.table} "
+                "(key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL, size INTEGER NOT NULL, written REAL NOT NULL)"
+            )
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_written ON {self.table}(written)")
+
+        retrying(create, timeout_ms)
         return conn
 
     async def get(self, key: str) -> bytes | None:

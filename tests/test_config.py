@@ -1,0 +1,123 @@
+"""Config loading: validation messages (verbatim), secrets, env overrides, plugin configs, `sluice check`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import Field
+
+from proxy import Plugin, PluginConfig, hookimpl
+from proxy.config import DEFAULT_CONFIG, load_config
+from proxy.errors import ConfigError
+from proxy.testing import register_plugin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Knob(Plugin):
+    name = "knob"
+
+    class Config(PluginConfig):
+        level: int = Field(1, ge=1, le=5, description="how much")
+
+    @hookimpl
+    def on_request(self, ctx):
+        return None
+
+
+@pytest.fixture(autouse=True)
+def knob():
+    with register_plugin(Knob):
+        yield
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "sluice.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+BASE = {"upstreams": {"u": {"url": "http://127.0.0.1:8000/v1"}}}
+
+
+def test_defaults_load():
+    loaded = load_config(None, environ={})
+    assert loaded.source == str(DEFAULT_CONFIG)
+    assert loaded.config.routes[0].match.path == "/v1/"
+
+
+def test_embedded_defaults_match_configs_default():
+    assert (ROOT / "configs" / "default.yaml").read_text() == DEFAULT_CONFIG.read_text()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"server": {"port": 70000}}, "server.port: Input should be less than or equal to 65535"),
+        ({"server": {"prot": 1}}, "server.prot: unknown field"),
+        ({**BASE, "routes": [{"upstream": "nope"}]}, "routes[0].upstream: unknown upstream 'nope' (known: u)"),
+        ({**BASE, "routes": [{"upstream": "u", "chain": [{"nope": {}}]}]}, "routes[0].chain[0]: unknown plugin 'nope'"),
+        ({**BASE, "routes": [{"upstream": "u", "chain": [{"knob": {"level": 9}}]}]},
+         "routes[0].chain[0].knob.level: Input should be less than or equal to 5 (plugin knob)"),
+        ({**BASE, "routes": [{"upstream": "u", "chain": [{"knob": {"levle": 2}}]}]},
+         "routes[0].chain[0].knob.levle: unknown field (plugin knob)"),
+        ({**BASE, "routes": [{"upstream": "u", "chain": [{"knob": {}}, {"knob": {}}]}]},
+         "routes[0].chain[1].knob: plugin 'knob' appears twice in this chain; give each an 'id' (plugin knob)"),
+        ({"upstreams": {"u": {"url": "ftp://x"}}}, "upstreams.u.url: Value error, must start with http:// or https://"),
+    ],
+)
+def test_errors_name_file_path_and_plugin(tmp_path, data, message):
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={})
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+
+
+def test_same_plugin_twice_with_ids(tmp_path):
+    path = write(tmp_path, {**BASE, "routes": [{"upstream": "u", "chain": [{"knob": {"id": "a"}}, {"knob": {"id": "b", "level": 3}}]}]})
+    loaded = load_config(path, environ={})
+    assert [c.level for _, c in loaded.chains[0]] == [1, 3]
+
+
+def test_env_secrets(tmp_path, monkeypatch):
+    data = {"upstreams": {"u": {"url": "http://h/v1", "api_key": {"$env": "SLUICE_TEST_KEY"}}}}
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError, match=r"upstreams.u.api_key: environment variable SLUICE_TEST_KEY is not set"):
+        load_config(path, environ={})
+    monkeypatch.setenv("SLUICE_TEST_KEY", "sk-1")
+    assert load_config(path, environ={}).config.upstreams["u"].api_key == "sk-1"
+
+
+def test_env_overrides(tmp_path):
+    path = write(tmp_path, BASE)
+    loaded = load_config(path, environ={"SLUICE__SERVER__PORT": "8123", "SLUICE__UPSTREAMS__U__TIMEOUTS__IDLE": "7.5"})
+    assert loaded.config.server.port == 8123
+    assert loaded.config.upstreams["u"].timeouts.idle == 7.5
+
+
+def test_invalid_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("server: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+ invalid YAML"):
+        load_config(p, environ={})
+
+
+def test_sluice_check_cli(tmp_path):
+    good = write(tmp_path, BASE)
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(good)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "ok (0 routes, 1 upstreams" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"server": {"workers": 0}}))
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"sluice: {bad}: server.workers: Input should be greater than or equal to 1"
+
+
+def test_version_cli():
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip().startswith("sluice ")

@@ -1,0 +1,143 @@
+"""Reload, drain, workers, health and the admin listener, against real servers and processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from proxy import Context, Plugin, PluginConfig, hookimpl
+from proxy.testing import FakeUpstream, SluiceProcess, SluiceServer, register_plugin
+
+
+class HeaderTag(Plugin):
+    name = "htag"
+
+    class Config(PluginConfig):
+        value: str = "a"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        ctx.response_headers["x-tag"] = self.config.value
+
+
+def cfg(up: FakeUpstream, value: str) -> dict[str, Any]:
+    return {"upstreams": {"u": {"url": up.url}}, "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"htag": {"value": value}}]}]}
+
+
+@pytest.fixture(autouse=True)
+def plugins():
+    with register_plugin(HeaderTag):
+        yield
+
+
+async def test_reload_swaps_atomically_and_in_flight_streams_finish_on_old_chain(upstream, tmp_path):
+    upstream.token_delay = 0.05
+    async with SluiceServer(cfg(upstream, "old"), tmp_path) as s, httpx.AsyncClient(timeout=30) as http:
+        body = {"model": "m", "messages": [{"role": "user", "content": "a b c d e f"}], "stream": True}
+        async with http.stream("POST", f"{s.url}/chat/completions", json=body) as r:
+            assert r.headers["x-tag"] == "old"
+            it = r.aiter_lines()
+            await it.__anext__()
+            old_gen = s.server.generation
+            ok, msg = await s.reload(cfg(upstream, "new"))
+            assert ok, msg
+            r2 = await http.get(f"{s.url}/models")
+            assert r2.headers["x-tag"] == "new"
+            rest = [line async for line in it]
+            assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
+        assert old_gen.inflight == 0
+        # a bad config leaves the current one serving, and says why
+        ok, msg = await s.reload({"upstreams": {"u": {"url": upstream.url}}, "routes": [{"upstream": "u", "chain": [{"htag": {"valeu": 1}}]}]})
+        assert not ok and "routes[0].chain[0].htag.valeu: unknown field (plugin htag)" in msg
+        r3 = await http.get(f"{s.url}/models")
+        assert r3.headers["x-tag"] == "new"
+
+
+async def test_admin_reload_needs_token(upstream, tmp_path):
+    async with SluiceServer(cfg(upstream, "one"), tmp_path) as s, httpx.AsyncClient() as http:
+        r = await http.post(f"{s.admin_url}/admin/reload")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_token"
+        r = await http.post(f"{s.admin_url}/admin/reload", headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = await http.get(f"{s.admin_url}/admin/config", headers={"authorization": "Bearer admin-token"})
+        assert r.status_code == 200 and r.json()["routes"][0]["chain"] == ["htag"]
+        # the client port does not serve the admin API
+        r = await http.get(f"{s.origin}/admin/config", headers={"authorization": "Bearer admin-token"})
+        assert r.status_code == 404
+
+
+async def test_health_and_readiness(tmp_path):
+    async with FakeUpstream() as up:
+        async with SluiceServer(cfg(up, "x"), tmp_path) as s, httpx.AsyncClient() as http:
+            assert (await http.get(f"{s.origin}/healthz")).json() == {"status": "ok"}
+            r = await http.get(f"{s.origin}/readyz")
+            assert r.status_code == 200 and r.json()["upstreams"] == {"u": "ok"}
+            await up.stop()
+            r = await http.get(f"{s.origin}/readyz")
+            assert r.status_code == 503 and r.json()["upstreams"] == {"u": "unreachable"}
+
+
+def write_cfg(tmp_path, data: dict[str, Any]):
+    p = tmp_path / "sluice.yaml"
+    data = {**data, "server": {"port": 0, "drain_seconds": 20, **data.get("server", {})}, "admin": {"port": 0, "token": "t"}, "state": {"dir": str(tmp_path / "state")}}
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_in_flight_streams_and_exits_zero(upstream, tmp_path):
+    upstream.token_delay = 0.05
+    path = write_cfg(tmp_path, {"upstreams": {"u": {"url": upstream.url}}, "routes": [{"match": {"path": "/v1/"}, "upstream": "u"}]})
+    async with SluiceProcess(path, tmp_path) as p:
+        async with openai.AsyncOpenAI(base_url=p.url, api_key="k", max_retries=0) as client:
+            stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "w " * 30}], stream=True)
+            first = await stream.__anext__()
+            assert first.choices[0].delta.role == "assistant"
+            p.signal(signal.SIGTERM)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream])
+            assert text.endswith("w w")
+        assert await p.wait(30) == 0
+
+
+@pytest.mark.slow
+async def test_sighup_reloads_process(upstream, tmp_path):
+    path = write_cfg(tmp_path, {"upstreams": {"u": {"url": upstream.url}}, "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "max_body_bytes": 2048}]})
+    async with SluiceProcess(path, tmp_path) as p, httpx.AsyncClient() as http:
+        assert (await http.post(f"{p.url}/embeddings", content=b"x" * 4096)).status_code == 413
+        path.write_text(path.read_text().replace("max_body_bytes: 2048", "max_body_bytes: 8192"))
+        p.signal(signal.SIGHUP)
+        async with asyncio.timeout(15):
+            while (await http.post(f"{p.url}/embeddings", content=b"x" * 4096)).status_code == 413:
+                await asyncio.sleep(0.05)  # polling the observable effect of a signal in another process
+
+
+@pytest.mark.slow
+async def test_workers_share_one_port_and_drain(upstream, tmp_path):
+    path = write_cfg(tmp_path, {"server": {"workers": 2}, "upstreams": {"u": {"url": upstream.url}}, "routes": [{"match": {"path": "/v1/"}, "upstream": "u"}]})
+    async with SluiceProcess(path, tmp_path) as p:
+        assert p.info["workers"] == 2
+        async with openai.AsyncOpenAI(base_url=p.url, api_key="k", max_retries=0) as client:
+            results = await asyncio.gather(*[client.chat.completions.create(model="m", messages=[{"role": "user", "content": str(i)}]) for i in range(40)])
+        assert len(results) == 40
+        ids = {s.headers.get("x-request-id") for s in upstream.requests}
+        assert len(ids) == 40
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{p.admin_url}/healthz")).status_code == 200
+        p.signal(signal.SIGTERM)
+        assert await p.wait(30) == 0
+
+
+@pytest.mark.slow
+async def test_serve_with_no_config_uses_demo_upstream(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text(yaml.safe_dump({"server": {"port": 0}, "admin": {"port": 0}, "state": {"dir": str(tmp_path / "s")}}))
+    async with SluiceProcess(path, tmp_path) as p:
+        async with openai.AsyncOpenAI(base_url=p.url, api_key="k", max_retries=0) as client:
+            r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}])
+        assert r.choices[0].message.content == "Hello from the Sluice demo model. You said: hello"
