@@ -44,12 +44,13 @@ _CONFUSABLES = {
     "ı": "i", "ȷ": "j", "ɑ": "a", "ɩ": "i", "ʟ": "l", "ɴ": "n", "ʀ": "r", "ꜱ": "s", "ᴀ": "a", "ᴄ": "c",
     "ᴅ": "d", "ᴇ": "e", "ɢ": "g", "ʜ": "h", "ɪ": "i", "ᴊ": "j", "ᴋ": "k", "ᴍ": "m", "ᴏ": "o", "ᴘ": "p",
     "ᴛ": "t", "ᴜ": "u", "ᴠ": "v", "ᴡ": "w", "ᴢ": "z",
-    # typographic quotes, so "don’t" and "you’re" match like their ASCII spelling
-    "‘": "'", "’": "'", "‛": "'", "′": "'", "“": '"', "”": '"', "„": '"',
 }
+# Typographic quotes, so "don’t" and "you’re" match like their ASCII spelling (not a disguise).
+_QUOTES = {"‘": "'", "’": "'", "‛": "'", "′": "'", "“": '"', "”": '"', "„": '"'}
 
 _FOLD_TABLE: dict[int, int | str | None] = {c: None for c in _INVISIBLE + _BIDI}
 _FOLD_TABLE.update({ord(k): v for k, v in _CONFUSABLES.items()})
+_FOLD_TABLE.update({ord(k): v for k, v in _QUOTES.items()})
 _CONFUSABLE_CODES = frozenset(ord(k) for k in _CONFUSABLES)
 _INVISIBLE_CODES = frozenset(_INVISIBLE)
 _BIDI_CODES = frozenset(_BIDI)

@@ -366,9 +366,13 @@ SIGNATURES: tuple[Signature, ...] = (
     _s("IN-001", "indirect", 0.7,
        "ai llm language model assistant chatbot bot gpt chatgpt claude copilot bing bard gemini agent",
        rf"\b(?:if|when|whenever)\s+you\s+(?:are|'re)\s+(?:an?\s+)?(?:ai|llm|large language model|language model|assistant|chatbot|automated (?:system|agent|assistant)|bot|gpt|model|agent|ai agent|ai assistant)\b"
-       rf"|\b(?:dear|attention|note to|message (?:for|to)|instructions? (?:for|to)|hey|hello|hi)\s+(?:the\s+)?{_AI}s?\b"
        rf"|\b{_AI}s?\s+(?:reading|processing|summari[sz]ing|parsing|analy[sz]ing|reviewing|that (?:reads|processes|summari[sz]es)|who (?:reads|processes))\s+(?:this|these|the)\b",
-       lead='if when whenever dear attention note message instructions instruction hey hello hi ai llm language model assistant chatbot bot gpt chatgpt claude gemini copilot agent'),
+       lead='if when whenever ai llm language model assistant chatbot bot gpt chatgpt claude gemini copilot agent'),
+    _s("IN-010", "indirect", 0.6,
+       "ai llm language model assistant chatbot bot gpt chatgpt claude copilot bing bard gemini agent | dear attention note message instructions instruction hey hello hi",
+       rf"\b(?:dear|attention|note to|message (?:for|to)|instructions? (?:for|to)|hey|hello|hi)[ \t]+(?:the[ \t]+|any[ \t]+|all[ \t]+)?{_AI}s?\b",
+       scope="indirect",
+       lead='dear attention note message instructions instruction hey hello hi'),
     _s("IN-002", "indirect", 0.75,
        "summarize summarise summarizing summarising read reading process processing analyze analyse analyzing analysing parse parsing translate translating | document page email text file message article webpage web content review resume cv ticket",
        r"\b(?:when|if|after|while|before)\s+(?:you\s+|the (?:ai|assistant|model)\s+)?(?:summari[sz]e|summari[sz]ing|read|reading|process|processing|analy[sz]e|analy[sz]ing|parse|parsing|translate|translating)s?\s+(?:this|the)\s+(?:document|page|email|e-mail|text|file|message|article|webpage|web page|content|review|resume|cv|ticket)\b[^\n]{0,40}?,?\s*"
