@@ -1,0 +1,252 @@
+"""pii on streams: placeholders split everywhere, restored with minimal hold-back, event structure intact."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, AsyncIterator
+
+import orjson
+import pytest
+
+from plugins._pii_stream import hold_from
+from plugins._pii_vault import StreamRestorer, Vault
+from plugins.pii import VAULT, Pii
+from proxy import Event
+from proxy.testing import configure_plugin, make_context, make_runtime
+
+EMAIL = "ann.lee@example.org"
+PHONE = "+1 415 555 0132"
+ANSWER = "Hi <EMAIL_1>, a < b and <div>x</div>; call <PHONE_1> or <EMAIL_1>.<EMAIL_"
+
+
+@pytest.fixture
+async def runtime(tmp_path) -> AsyncIterator[Any]:
+    rt = await make_runtime(tmp_path)
+    yield rt
+    await rt.close_all()
+
+
+async def prepared(runtime: Any, **config: Any) -> tuple[Pii, Any]:
+    p = await configure_plugin(Pii, {"restore": True, **config}, runtime=runtime)
+    assert isinstance(p, Pii)
+    ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": f"I am {EMAIL}, call {PHONE}"}]})
+    await p.on_request(ctx)
+    assert ctx.stash[VAULT].value("<EMAIL_1>") == EMAIL and ctx.stash[VAULT].value("<PHONE_1>") == PHONE
+    return p, ctx
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> Event:
+    data = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return Event(orjson.dumps(data).decode(), raw=b"data: " + orjson.dumps(data) + b"\n\n")
+
+
+async def run(p: Pii, ctx: Any, events: list[Event]) -> list[Event]:
+    out: list[Event] = []
+    for ev in events:
+        r = await p.on_chunk(ctx, ev)
+        out.extend([ev] if r is None else r)
+    out.extend(await p.on_stream_end(ctx) or [])
+    return out
+
+
+def contents(events: list[Event]) -> list[str | None]:
+    res = []
+    for ev in events:
+        ch = ev.json["choices"]
+        res.append(ch[0]["delta"].get("content") if ch else None)
+    return res
+
+
+def oracle(text: str, cuts: list[int], vault: Vault) -> list[str]:
+    """What each event would carry had the model written the values, computed from the whole text.
+
+    At each cut the client has everything except the shortest tail that could still become a
+    placeholder: from the last '<' when the text after it is a proper prefix of a known placeholder.
+    A value therefore lands in the event where its placeholder completes.
+    """
+    spans = [(m.start(), m.end()) for m in re.finditer(r"<[A-Z_]+_\d+>", text) if vault.value(m.group(0))]
+
+    def released(c: int) -> int:
+        t = text.rfind("<", 0, c)
+        return t if t != -1 and vault.is_partial(text[t:c]) else c
+
+    def to_out(p: int) -> int:
+        return p + sum(len(vault.value(text[s:e]) or "") - (e - s) for s, e in spans if e <= p)
+
+    full = vault.restore(text)
+    bounds = [0, *(released(c) for c in cuts), len(text)]
+    return [full[to_out(a):to_out(b)] for a, b in zip(bounds, bounds[1:])]
+
+
+def split_points() -> list[list[int]]:
+    n = len(ANSWER)
+    singles = [[i] for i in range(1, n)]
+    pairs = [[i, j] for i in range(1, n) for j in range(i + 1, n) if _in_placeholder(i) or _in_placeholder(j)]
+    return singles + pairs
+
+
+def _in_placeholder(i: int) -> bool:
+    return any(m.start() < i < m.end() for m in re.finditer(r"<[A-Z_]+_\d+>|<EMAIL_$", ANSWER))
+
+
+async def test_restore_split_everywhere_keeps_event_structure(runtime: Any) -> None:
+    p, ctx0 = await prepared(runtime, scan_answers=False)
+    vault = ctx0.stash[VAULT]
+    cases = split_points()
+    assert len(cases) > 500
+    for cuts in cases:
+        ctx = make_context(ctx0.body)
+        ctx.stash[VAULT] = vault
+        bounds = [0, *cuts, len(ANSWER)]
+        pieces = [ANSWER[a:b] for a, b in zip(bounds, bounds[1:])]
+        events = [chat_chunk({"role": "assistant", "content": ""})]
+        events += [chat_chunk({"content": piece}, "stop" if i == len(pieces) - 1 else None) for i, piece in enumerate(pieces)]
+        out = await run(p, ctx, events)
+        assert len(out) == len(events), cuts  # nothing added, nothing dropped
+        got = contents(out)
+        assert got[0] == ""
+        assert got[1:] == oracle(ANSWER, cuts, vault), cuts
+        assert "".join(got[1:]) == vault.restore(ANSWER)
+        for a, b in zip(events, out):
+            assert a.json["choices"][0]["finish_reason"] == b.json["choices"][0]["finish_reason"]
+            assert a.json["id"] == b.json["id"]
+
+
+async def test_unchanged_events_keep_their_original_bytes(runtime: Any) -> None:
+    p, ctx = await prepared(runtime, scan_answers=False)
+    first = chat_chunk({"content": "plain words "})
+    raw = first.encode()
+    out = await run(p, ctx, [first, chat_chunk({"content": "<EMAIL_1>"}, "stop")])
+    assert out[0].encode() == raw
+    assert contents(out) == ["plain words ", EMAIL]
+
+
+async def test_held_tail_flushes_into_a_separate_finish_chunk(runtime: Any) -> None:
+    p, ctx = await prepared(runtime, scan_answers=False)
+    events = [chat_chunk({"content": "see <EMA"}), chat_chunk({}, "stop"), Event(orjson.dumps({"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 1}}).decode())]
+    out = await run(p, ctx, events)
+    assert len(out) == 3
+    assert contents(out)[:2] == ["see ", "<EMA"]
+    assert out[1].json["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_held_tail_is_emitted_at_stream_end_when_no_finish_came(runtime: Any) -> None:
+    p, ctx = await prepared(runtime, scan_answers=False)
+    out = await run(p, ctx, [chat_chunk({"content": "mail <EMAIL_1> or <PHO"})])
+    assert contents(out) == [f"mail {EMAIL} or ", "<PHO"]
+    assert out[1].json["id"] == "chatcmpl-1" and out[1].json["choices"][0]["finish_reason"] is None
+
+
+async def test_tool_call_arguments_and_choices_are_separate_channels(runtime: Any) -> None:
+    p, ctx = await prepared(runtime, scan_answers=False)
+    events = [
+        chat_chunk({"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "send", "arguments": '{"to": "<EMA'}}]}),
+        chat_chunk({"content": "<PHO"}, index=1),
+        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'IL_1>"}'}}]}),
+        chat_chunk({"content": "NE_1>"}, "stop", index=1),
+        chat_chunk({}, "tool_calls"),
+    ]
+    out = await run(p, ctx, events)
+    assert len(out) == 5
+    args = "".join(e.json["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for e in (out[0], out[2]))
+    assert orjson.loads(args) == {"to": EMAIL}
+    assert out[1].json["choices"][0]["delta"]["content"] == "" and out[3].json["choices"][0]["delta"]["content"] == PHONE
+
+
+async def test_completions_stream_is_restored(runtime: Any) -> None:
+    p, ctx = await prepared(runtime, scan_answers=False)
+
+    def c(text: str, finish: str | None = None) -> Event:
+        return Event(orjson.dumps({"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]}).decode())
+
+    out = await run(p, ctx, [c("to <EM"), c("AIL_1> ok", "stop")])
+    assert [e.json["choices"][0]["text"] for e in out] == ["to ", f"{EMAIL} ok"]
+
+
+async def test_responses_stream_is_restored_in_deltas_and_done_events(runtime: Any) -> None:
+    p, ctx = await prepared(runtime, scan_answers=False)
+
+    def ev(**data: Any) -> Event:
+        return Event(orjson.dumps(data).decode(), event=data["type"])
+
+    full = "to <EMAIL_1>"
+    events = [
+        ev(type="response.created", response={"id": "r", "output": []}),
+        ev(type="response.output_text.delta", item_id="m", output_index=0, content_index=0, delta="to <EM"),
+        ev(type="response.output_text.delta", item_id="m", output_index=0, content_index=0, delta="AIL_1"),
+        ev(type="response.output_text.delta", item_id="m", output_index=0, content_index=0, delta=">"),
+        ev(type="response.output_text.done", item_id="m", output_index=0, content_index=0, text=full),
+        ev(type="response.content_part.done", item_id="m", output_index=0, content_index=0, part={"type": "output_text", "text": full}),
+        ev(type="response.output_item.done", output_index=0, item={"type": "message", "content": [{"type": "output_text", "text": full}]}),
+        ev(type="response.completed", response={"id": "r", "output": [{"type": "message", "content": [{"type": "output_text", "text": full}]}]}),
+    ]
+    out = await run(p, ctx, events)
+    assert len(out) == len(events)
+    deltas = [e.json["delta"] for e in out if e.json["type"] == "response.output_text.delta"]
+    assert deltas == ["to ", "", EMAIL]
+    assert out[4].json["text"] == f"to {EMAIL}"
+    assert out[5].json["part"]["text"] == f"to {EMAIL}"
+    assert out[6].json["item"]["content"][0]["text"] == f"to {EMAIL}"
+    assert out[7].json["response"]["output"][0]["content"][0]["text"] == f"to {EMAIL}"
+    assert all(e.event == o.event for e, o in zip(events, out))
+
+
+# -- the model's own PII in streams ------------------------------------------------
+
+WRITTEN = "Reach bob@corp.example.com or 415-555-0199 today."
+
+
+async def test_pii_the_model_streams_is_caught_split_everywhere(runtime: Any) -> None:
+    p = await configure_plugin(Pii, {}, runtime=runtime)
+    for i in range(1, len(WRITTEN)):
+        ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        await p.on_request(ctx)
+        events = [chat_chunk({"content": WRITTEN[:i]}), chat_chunk({"content": WRITTEN[i:]}, "stop")]
+        out = await run(p, ctx, events)
+        got = contents(out)
+        assert len(out) == 2
+        assert "".join(got) == "Reach <EMAIL_1> or <PHONE_1> today.", i
+        for piece in got:
+            assert "bob" not in piece and "0199" not in piece and "415" not in piece, (i, got)
+        assert ctx.annotations["pii_answer"] == {"EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1}
+
+
+async def test_scanning_streams_holds_back_only_the_words_that_could_grow(runtime: Any) -> None:
+    p = await configure_plugin(Pii, {}, runtime=runtime)
+    ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    await p.on_request(ctx)
+    pieces = ["The ", "quick ", "brown ", "fox"]
+    out = await run(p, ctx, [chat_chunk({"content": s}) for s in pieces] + [chat_chunk({}, "stop")])
+    assert contents(out) == ["The ", "quick ", "brown ", "", "fox"]
+
+
+def test_hold_from() -> None:
+    assert hold_from("plain words ") == len("plain words ")
+    assert hold_from("plain word") == len("plain ")
+    assert hold_from("call 415 555") == len("call ")
+    assert hold_from("iban GB82 WEST 1234 ") == len("iban ")
+    assert hold_from("") == 0
+
+
+def test_stream_restorer_holds_only_prefixes_of_known_placeholders() -> None:
+    v = Vault()
+    v.placeholder("EMAIL_ADDRESS", EMAIL)
+    r = StreamRestorer(v)
+    assert r.feed("a <") == "a " and r.held == "<"
+    assert r.feed("b") == "<b" and r.held == ""
+    assert r.feed("<EMAIL_") == "" and r.held == "<EMAIL_"
+    assert r.feed("2> x") == "<EMAIL_2> x"  # unknown: released as written
+    assert r.feed("<EMAIL_1") == ""
+    assert r.feed(">") == EMAIL
+    assert r.feed("<EM") == "" and r.flush() == "<EM"
+
+
+def test_vault_is_stable_and_keeps_answer_placeholders_unrestorable() -> None:
+    v = Vault(avoid=["literal <PHONE_1> in text"])
+    assert v.placeholder("EMAIL_ADDRESS", "a@b.co") == "<EMAIL_1>"
+    assert v.placeholder("EMAIL_ADDRESS", "c@d.co") == "<EMAIL_2>"
+    assert v.placeholder("EMAIL_ADDRESS", "a@b.co") == "<EMAIL_1>"
+    assert v.placeholder("PHONE_NUMBER", "+1 415 555 0132") == "<PHONE_2>"
+    assert v.placeholder("EMAIL_ADDRESS", "model@x.co", restorable=False) == "<EMAIL_3>"
+    assert v.restore("<EMAIL_1> <EMAIL_3>") == "a@b.co <EMAIL_3>"
+    assert v.values == frozenset({"a@b.co", "c@d.co", "+1 415 555 0132"})
