@@ -151,3 +151,31 @@ def test_config_errors():
         Drift.Config.model_validate({"features": ["colour"]})
     with pytest.raises(Exception, match="greater than 0"):
         Drift.Config.model_validate({"sample_rate": 0})
+
+
+async def test_sluice_drift_command_reports_from_the_admin_api(upstream: FakeUpstream, tmp_path):
+    import asyncio
+    import json
+    import sys
+
+    rng = random.Random(2)
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            await send(c, rng, 10, 3)
+        await settle(s)
+
+        async def run(*args: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy.cli", "drift", "--url", s.admin_url, *args,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            return proc.returncode, out.decode(), err.decode()
+
+        code, out, err = await run("--token", s.admin_token, "--format", "json")
+        assert code == 0, err
+        (m,) = json.loads(out)["monitors"]
+        assert m["route"] == "main" and m["window_samples"] == 3
+        code, out, _ = await run("--token", s.admin_token)
+        assert code == 0 and out.startswith("main  sluice-demo  window=3")
+        code, _, err = await run("--token", "wrong")
+        assert code == 1 and "401" in err

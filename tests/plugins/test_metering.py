@@ -232,3 +232,35 @@ async def test_early_answer_leaves_no_reservation_and_no_row(tmp_path: Path):
     finally:
         await rt.close_all()
 
+
+
+async def test_sluice_usage_command_reads_the_ledger(upstream: FakeUpstream, tmp_path: Path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = config(upstream)
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with client(s) as c:
+            for _ in range(2):
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
+        await s.wait_idle()
+    cfg["state"] = {"dir": str(tmp_path)}
+    path = tmp_path / "sluice.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "proxy.cli", "usage", "-c", str(path), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    out = run("--by", "model,route", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)
+    assert row["model"] == "sluice-demo" and row["route"] == "main" and row["requests"] == 2
+    out = run("--by", "day", "--format", "csv", "--since", "1d")
+    assert out.returncode == 0 and out.stdout.splitlines()[0].startswith("day,requests,")
+    out = run("--by", "model")
+    assert out.returncode == 0 and "sluice-demo" in out.stdout and "requests" in out.stdout.splitlines()[0]
+    out = run("--by", "secret")
+    assert out.returncode == 2 and "cannot group by secret" in out.stderr
