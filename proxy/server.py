@@ -25,7 +25,7 @@ from .config import LoadedConfig, load_config
 from .context import Context
 from .errors import ConfigError
 from .handler import Handler, error_response, new_request_id
-from .runtime import Runtime
+from .runtime import Runtime, TaskGroup
 from .upstream import UpstreamPool
 
 log = logging.getLogger("sluice")
@@ -60,7 +60,8 @@ class Server:
         self.admin_port = 0
         self._queue: asyncio.Queue[tuple[Context, ch.CompiledRoute, ch.Generation]] | None = None
         self._workers: list[asyncio.Task[None]] = []
-        self._retiring: set[asyncio.Task[None]] = set()
+        #: the server's own background tasks (on_done workers, retiring generations, reloads)
+        self._tasks = TaskGroup()
         self.draining = False
         self.metrics: core_metrics.CoreMetrics = None  # type: ignore[assignment]
 
@@ -96,10 +97,7 @@ class Server:
         await gen.start()
         self.generation = gen
         self._queue = asyncio.Queue(maxsize=cfg.server.background_queue)
-        self._workers = [
-            asyncio.get_running_loop().create_task(self._done_worker(), name=f"sluice-done-{i}")
-            for i in range(cfg.server.background_workers)
-        ]
+        self._workers = [self._tasks.spawn(self._done_worker(), f"sluice-done-{i}") for i in range(cfg.server.background_workers)]
 
     async def listen(self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False) -> None:
         cfg = self.loaded.config
@@ -138,9 +136,7 @@ class Server:
         old, self.generation, self.loaded = self.generation, gen, loaded
         self.runtime.config = loaded.config
         self.runtime.upstreams = pool
-        task = asyncio.get_running_loop().create_task(self._retire(old), name="sluice-retire")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._tasks.spawn(self._retire(old), "sluice-retire")
         self.metrics.reloads.labels(result="ok").inc()
         log.info("config reloaded from %s", loaded.source)
         return True, "reloaded"
@@ -207,8 +203,7 @@ class Server:
             t.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        for task in list(self._retiring):
-            task.cancel()
+        await self._tasks.cancel()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -316,9 +311,7 @@ async def serve_async(loaded: LoadedConfig, config_path: str | None, *, worker_i
     stop = asyncio.Event()
 
     def on_hup() -> None:
-        task = loop.create_task(server.reload(), name="sluice-reload")
-        server._retiring.add(task)
-        task.add_done_callback(server._retiring.discard)
+        server._tasks.spawn(server.reload(), "sluice-reload")
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
