@@ -7,6 +7,7 @@ hands to ``runtime.run_cpu``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -71,6 +72,8 @@ def _offline_environment() -> None:
     # tldextract (used by Presidio's email recognizer) fetches the public suffix list
     # on first use unless told not to; an empty list makes it use its bundled snapshot.
     os.environ["TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS"] = ""
+    # Presidio logs the words around each match at DEBUG and INFO: PII must never reach a log
+    logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
 
 
 def _lower_lemma(doc: Any) -> Any:
