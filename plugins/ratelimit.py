@@ -297,7 +297,8 @@ class RateLimit(Plugin):
         out: dict[str, str] = {}
         for kind, st in best.items():
             out[f"x-ratelimit-limit-{kind}"] = str(int(st.limit.limit))
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(st.remaining + 1e-6)))
+            # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(st.remaining + 0.01)))
             out[f"x-ratelimit-reset-{kind}"] = format_duration(st.reset_s)
         return out
 
@@ -319,12 +320,17 @@ class RateLimit(Plugin):
             total = u.total_tokens or (u.prompt_tokens + u.completion_tokens)
             return max(0, int(total))
         reached = any(a.status is not None for a in ctx.attempts)
-        if not reached or (ctx.status is not None and ctx.status >= 400 and ctx.stream_events == 0):
+        streamed = ctx.stream_events or ctx.stream_bytes
+        if not reached or (ctx.status is not None and ctx.status >= 400 and not streamed):
             return 0  # no upstream answer, or an error answer: nothing was generated
-        if ctx.stream_events:
-            # a stream cut short without a usage chunk: at least one token per event relayed
-            return res.prompt_tokens + ctx.stream_events
-        return res.tokens  # an answer without usage: keep the reservation
+        # the same estimates metering records, so limits and the ledger agree
+        from ._usage import estimate_completion_tokens_from_response, estimate_completion_tokens_from_stream
+
+        if streamed:
+            return res.prompt_tokens + estimate_completion_tokens_from_stream(ctx.stream_events, ctx.stream_bytes)
+        if ctx.response is not None and ctx.response.status < 300:
+            return res.prompt_tokens + estimate_completion_tokens_from_response(ctx.response.json)
+        return res.tokens  # nothing to go by: the reservation stands
 
     @hookimpl
     async def on_done(self, ctx: Context) -> None:
