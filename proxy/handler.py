@@ -281,18 +281,22 @@ class Handler:
         buf = bytearray()
         saw_done = False
         ctx.outcome = "upstream_error"  # until the stream completes
+        dog = Watchdog(loop, idle, deadline)
         try:
             while True:
-                async with asyncio.timeout_at(min(loop.time() + idle, deadline)):
-                    chunk = await content.readany()
+                dog.last = loop.time()  # only the wait on the upstream counts as idle
+                chunk = await content.readany()
                 if not chunk:
                     break
                 if parser is None:
-                    buf += chunk
-                    cut = _last_boundary(buf)
-                    if cut:
-                        block = bytes(buf[:cut])
+                    if not buf and chunk.endswith(b"\n\n"):
+                        block = chunk  # the common case: whole events, no copy
+                    else:
+                        buf += chunk
+                        cut = _last_boundary(buf)
+                        block = bytes(buf[:cut]) if cut else b""
                         del buf[:cut]
+                    if block:
                         if b"[DONE]" in block:
                             saw_done = True
                         if b'"usage"' in block:
@@ -326,7 +330,10 @@ class Handler:
             if ctx.outcome != "plugin_error":
                 ctx.outcome = "answered"
             await self._stream_error(out, ctx, e.err)
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not dog.fired:
+                raise  # the client went away
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
             att.error = "timeout"
             ctx.outcome = "upstream_error"
             await self._end_broken(out, ctx, pipeline, ProxyError(504, "The upstream stream stalled.", code="upstream_timeout"))
@@ -337,6 +344,8 @@ class Handler:
             att.error = "protocol"
             ctx.outcome = "upstream_error"
             await self._end_broken(out, ctx, pipeline, ProxyError(502, "The upstream stream broke off.", code="upstream_disconnected"))
+        finally:
+            dog.cancel()
         if ctx.outcome != "client_gone":
             try:
                 await out.write_eof()
@@ -386,6 +395,37 @@ class Handler:
                     continue
             out.append(piece)
         return b"".join(out) if changed else block
+
+
+class Watchdog:
+    """Cancels the relaying task when the upstream is idle too long or the deadline passes.
+
+    One timer per stream, re-armed only when it fires, instead of a timeout
+    context per read: a read costs one clock call.
+    """
+
+    __slots__ = ("loop", "idle", "deadline", "last", "fired", "task", "handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, deadline: float) -> None:
+        self.loop = loop
+        self.idle = idle
+        self.deadline = deadline
+        self.last = loop.time()
+        self.fired = False
+        self.task = asyncio.current_task()
+        self.handle = loop.call_at(min(self.last + idle, deadline), self._check)
+
+    def _check(self) -> None:
+        due = min(self.last + self.idle, self.deadline)
+        if self.loop.time() >= due:
+            self.fired = True
+            assert self.task is not None
+            self.task.cancel()
+        else:
+            self.handle = self.loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 def _last_boundary(buf: bytearray) -> int:
