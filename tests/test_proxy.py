@@ -263,3 +263,25 @@ async def test_slow_client_backpressure_bounds_memory(upstream, tmp_path):
             await upstream.wait_for(lambda: upstream.stats.completed_streams > 0, timeout=1.5)
         writer.close()
         await upstream.wait_for(lambda: upstream.stats.aborted > 0, timeout=10)
+
+
+async def test_several_routes_longest_prefix_first_with_their_own_upstreams_and_methods(http, tmp_path):
+    async with FakeUpstream() as a, FakeUpstream() as b, FakeUpstream() as c:
+        cfg = {
+            "upstreams": {"a": {"url": a.url}, "b": {"url": b.url + "/embeddings"}, "c": {"url": c.url + "/extra"}},
+            "routes": [
+                {"match": {"path": "/v1/"}, "upstream": "a"},
+                {"match": {"path": "/v1/embeddings"}, "upstream": "b"},
+                {"match": {"path": "/tenant-x/", "headers": {"x-tenant": "x"}, "methods": ["get"]}, "upstream": "c"},
+            ],
+        }
+        async with SluiceServer(cfg, tmp_path) as s:
+            await http.post(f"{s.url}/embeddings", json={"model": "m", "input": "x"})
+            await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            r = await http.get(f"{s.origin}/tenant-x/models", headers={"x-tenant": "x"})
+            assert r.json()["path"] == "/v1/extra/models"  # what follows the prefix is appended to the url
+            assert (await http.get(f"{s.origin}/tenant-x/models")).status_code == 404  # header must match
+            assert (await http.post(f"{s.origin}/tenant-x/models", headers={"x-tenant": "x"})).status_code == 404
+    assert [r.path for r in a.requests] == ["/v1/chat/completions"]
+    assert [r.path for r in b.requests] == ["/v1/embeddings"]
+    assert [r.path for r in c.requests] == ["/v1/extra/models"]
