@@ -7,7 +7,6 @@ completed and can be replayed as a stream or as a plain answer, and the reverse.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -87,11 +86,12 @@ class Cache(Plugin):
             "x-sluice-cache-ttl", pattern=r"^[A-Za-z0-9-]{1,64}$",
             description="Request header giving this request's TTL in seconds (0 means do not store); removed before the upstream.",
         )
-        backend: Literal["memory", "sqlite", "redis"] = Field(
-            "memory", description="Where entries live: 'memory' (this process, LRU bounded by max_bytes), 'sqlite' (survives restarts), 'redis' (shared by replicas)."
+        backend: Literal["auto", "memory", "sqlite", "redis"] = Field(
+            "auto", description="Where entries live: 'memory' (this process, LRU bounded by max_bytes), 'sqlite' (survives restarts), "
+            "'redis' (shared by replicas), 'auto' (redis when state.redis is configured, else sqlite)."
         )
         max_bytes: int = Field(
-            256 * 1024 * 1024, ge=1024, le=1 << 40, description="Memory backend: total bytes of entries kept before the least recently used are evicted."
+            256 * 1024 * 1024, ge=1024, le=1 << 40, description="Memory and SQLite backends: total bytes of entries kept before the least recently used are evicted."
         )
         max_entry_bytes: int = Field(
             2 * 1024 * 1024, ge=256, le=256 * 1024 * 1024, description="Answers larger than this are not stored."
@@ -127,8 +127,7 @@ class Cache(Plugin):
 
     async def start(self) -> None:
         c = self.config
-        kv = self.runtime.state.kv(c.namespace, c.backend, c.max_bytes)
-        self.kv = await kv if inspect.isawaitable(kv) else kv
+        self.kv = self.runtime.state.kv(c.namespace, c.backend, c.max_bytes)
         self.metrics = self.runtime.shared("cache.metrics", lambda: _Metrics(self.runtime.metrics))
         self._endpoints = frozenset(e.strip("/") for e in c.endpoints)
         self._ignored = tuple(c.ignore_fields)
