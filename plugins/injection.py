@@ -18,9 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
 
+from ._injection_detectors import Detection, Detector, Source
 from ._injection_engine import Engine, Finding, Item, extract
 from ._injection_eval import eval_command
 from ._injection_signatures import BY_ID
+
+__all__ = ["BLOCK_CODE", "Detection", "Detector", "Injection", "InjectionConfig", "Source", "build_engine"]
 
 log = logging.getLogger("sluice.injection")
 
