@@ -1,0 +1,113 @@
+"""Ten no-op plugins for the chain-cost benchmark, and a launcher that serves with them.
+
+``bench_noop_0`` .. ``bench_noop_9`` are ten distinct plugin classes (distinct hook
+functions, as ten real plugins would be), each implementing ``on_request``,
+``on_response``, ``on_chunk`` and ``on_done`` as trivial synchronous functions that
+do what every well-behaved hook does first (look at the context) and nothing else.
+What they cost is the chain's own cost: hook dispatch, timing records, the onion walk,
+and, because ``on_chunk`` is declared, parsing streams into events.
+
+They are registered through the public registry API (``proxy.registry.register_plugin``)
+rather than an entry point, so nothing needs installing. A ``sluice serve`` started by
+``proxy.testing.SluiceProcess`` lives in another process and cannot see programmatic
+registrations, hence this launcher: it registers the plugins in its own process, then
+runs the ordinary server entry point, ``proxy.server.serve``::
+
+    python benchmarks/noop_plugins.py -c sluice.yaml --ready-file ready.json
+    python benchmarks/noop_plugins.py -c sluice.yaml --ready-file ready.json --profile out.prof
+
+``--profile FILE`` runs the server under cProfile and writes the stats when it stops
+(SIGTERM drains, then the profile is dumped): the way to see where the proxy's time
+goes without touching ``proxy/``. Only ``server.workers: 1`` works here: a multi-worker
+master starts fresh ``sluice serve`` processes, which would not have the plugins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from proxy import Context, Event, Plugin, hookimpl  # noqa: E402
+
+COUNT = 10
+NAMES = [f"bench_noop_{i}" for i in range(COUNT)]
+
+
+class _NoOp(Plugin):
+    """Does nothing, on every request-path hook (a template for the ten classes below)."""
+
+    kind = "observer"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        if ctx.answered:
+            return
+
+    @hookimpl
+    def on_response(self, ctx: Context) -> None:
+        return None
+
+    @hookimpl
+    def on_chunk(self, ctx: Context, event: Event) -> None:
+        return None
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        return None
+
+
+def _make(i: int) -> type[Plugin]:
+    # each class gets its own function objects: a chain of ten real plugins calls ten functions
+    ns: dict[str, Any] = {"name": NAMES[i], "__module__": __name__, "__doc__": f"No-op plugin {i} of {COUNT} (benchmark)."}
+    for hook in ("on_request", "on_response", "on_chunk", "on_done"):
+        base = getattr(_NoOp, hook)
+        fn = type(base)(base.__code__, base.__globals__, f"{hook}_{i}", base.__defaults__, base.__closure__)
+        fn.__dict__.update(base.__dict__)  # keeps the @hookimpl marker
+        ns[hook] = fn
+    return type(f"BenchNoOp{i}", (_NoOp,), ns)
+
+
+PLUGINS: list[type[Plugin]] = [_make(i) for i in range(COUNT)]
+
+
+def chain(n: int = COUNT) -> list[dict[str, dict[str, Any]]]:
+    """A config chain of the first ``n`` no-op plugins."""
+    return [{name: {}} for name in NAMES[:n]]
+
+
+def register() -> None:
+    """Register the ten classes in this process (``proxy.registry``'s public door)."""
+    from proxy.registry import register_plugin
+
+    for cls in PLUGINS:
+        register_plugin(cls)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="sluice serve, with the ten benchmark no-op plugins registered.")
+    p.add_argument("-c", "--config", default=None, help="config file (as for `sluice serve`)")
+    p.add_argument("--ready-file", default=None, help="write {pid, port, admin_port} as JSON here once listening")
+    p.add_argument("--profile", default=None, help="run under cProfile and write the stats here on exit")
+    args = p.parse_args(argv)
+    register()
+    from proxy.server import serve
+
+    if args.profile is None:
+        return serve(args.config, ready_file=args.ready_file)
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(serve, args.config, ready_file=args.ready_file)
+    finally:
+        prof.dump_stats(args.profile)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""The core benchmark of issue 2: Sluice against the direct path and a minimal Python proxy.
+
+One run on this machine, every target a separate process, rounds interleaved:
+
+* ``direct``: the demo model server (``sluice demo-upstream``), no proxy;
+* ``baseline``: ``benchmarks/baseline_proxy.py``, a minimal aiohttp pass-through (the floor);
+* ``sluice-empty``: ``sluice serve`` with an empty chain;
+* ``sluice-10noop``: Sluice with the ten no-op plugins of ``benchmarks/noop_plugins.py``.
+
+Two demo upstreams serve them all: one with no token delay (buffered answers) and one
+with a small delay per token (streams, so events reach the proxy one by one and the
+CPU per event is measured on separate events rather than on coalesced reads).
+
+Per round and target (the order rotates every round, so no target always runs first
+or right after another): throughput at saturation (closed loop), latency at a moderate
+open-loop rate (added latency = target minus direct, in the same round), CPU seconds
+per request of the proxy's process tree, streamed CPU per event, time to first token;
+peak RSS at the end. Figures are medians over rounds; ratios are against the baseline,
+computed per round then taken as medians. Each load runs in its own ``loadgen.py``
+process so the client's CPU never counts as the proxy's.
+
+    .venv/bin/python benchmarks/run_core.py                 # full run, about 6-7 minutes
+    .venv/bin/python benchmarks/run_core.py --quick         # about a minute
+    .venv/bin/python benchmarks/run_core.py --profile /tmp/prof   # cProfile of both Sluice targets
+
+``--json FILE`` keeps the whole result; the Markdown summary goes to stdout.
+Only 127.0.0.1 is used, and only the processes this script started are stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import pstats
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+TARGETS = ("direct", "baseline", "sluice-empty", "sluice-10noop")
+PROXIES = TARGETS[1:]
+
+
+@dataclass
+class Proc:
+    """A child process this script started (and is the only one allowed to stop)."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    port: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log.read_text()[-n:]
+        except OSError:
+            return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _wait_until(cond: Any, proc: Proc, timeout: float, what: str) -> None:
+    """Poll a cross-process condition (a ready file, an open port); there is no event to await."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode} before {what}:\n{proc.tail()}")
+            await asyncio.sleep(0.05)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Fleet:
+    """Starts the processes of a run and stops exactly those, by PID."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
+        log = self.tmp / f"{name}.log"
+        f = open(log, "wb")
+        popen = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        f.close()
+        p = Proc(name, popen, log)
+        self.procs.append(p)
+        return p
+
+    async def demo(self, name: str, token_delay_ms: float) -> Proc:
+        port = free_port()
+        p = self.spawn(name, [PY, "-m", "proxy.cli", "demo-upstream", "--port", str(port), "--token-delay-ms", str(token_delay_ms)])
+        p.port = port
+        await _wait_until(lambda: _port_open(port), p, 60, "listening")
+        return p
+
+    async def with_ready_file(self, name: str, cmd: list[str], ready: Path) -> Proc:
+        p = self.spawn(name, cmd)
+        await _wait_until(ready.exists, p, 60, "ready")
+        p.info = json.loads(ready.read_text())
+        p.port = int(p.info["port"])
+        return p
+
+    async def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                async with asyncio.timeout(20):
+                    while p.popen.poll() is None:
+                        await asyncio.sleep(0.05)
+            except TimeoutError:
+                p.popen.kill()
+                p.popen.wait()
+
+
+def sluice_config(tmp: Path, name: str, up_buffered: str, up_stream: str, chain: list[dict[str, Any]]) -> Path:
+    cfg = {
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1, "access_log": False, "drain_seconds": 5},
+        "admin": {"enabled": False},
+        "logging": {"level": "warning"},
+        "state": {"dir": str(tmp / f"state-{name}")},
+        "upstreams": {"buffered": {"url": up_buffered}, "streamed": {"url": up_stream}},
+        "routes": [
+            {"name": "buffered", "match": {"path": "/v1/"}, "upstream": "buffered", "chain": chain},
+            {"name": "streamed", "match": {"path": "/s/v1/"}, "upstream": "streamed", "chain": chain},
+        ],
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@dataclass
+class Target:
+    name: str
+    url: str  # buffered answers
+    stream_url: str
+    pids: list[int]
+
+
+@contextlib.asynccontextmanager
+async def start_targets(tmp: Path, args: argparse.Namespace, profile_dir: Path | None = None) -> AsyncIterator[dict[str, Target]]:
+    fleet = Fleet(tmp)
+    try:
+        up = await fleet.demo("upstream-buffered", 0)
+        ups = await fleet.demo("upstream-streamed", args.token_delay_ms)
+        a = f"http://127.0.0.1:{up.port}/v1"
+        b = f"http://127.0.0.1:{ups.port}/v1"
+        from noop_plugins import chain as noop_chain
+
+        targets: dict[str, Target] = {"direct": Target("direct", a, b, [])}
+        if profile_dir is None:
+            ready = tmp / "ready-baseline.json"
+            base = await fleet.with_ready_file(
+                "baseline", [PY, str(HERE / "baseline_proxy.py"), "--upstream", a, "--route", f"/s/v1/={b}", "--port", "0", "--ready-file", str(ready)], ready
+            )
+            targets["baseline"] = Target("baseline", f"http://127.0.0.1:{base.port}/v1", f"http://127.0.0.1:{base.port}/s/v1", [base.pid])
+        for name, chain in (("sluice-empty", []), ("sluice-10noop", noop_chain())):
+            cfg = sluice_config(tmp, name, a, b, chain)
+            ready = tmp / f"ready-{name}.json"
+            if chain or profile_dir is not None:
+                cmd = [PY, str(HERE / "noop_plugins.py"), "-c", str(cfg), "--ready-file", str(ready)]
+                if profile_dir is not None:
+                    cmd += ["--profile", str(profile_dir / f"{name}.prof")]
+            else:
+                cmd = [PY, "-m", "proxy.cli", "serve", "-c", str(cfg), "--ready-file", str(ready)]  # the real CLI
+            p = await fleet.with_ready_file(name, cmd, ready)
+            targets[name] = Target(name, f"http://127.0.0.1:{p.port}/v1", f"http://127.0.0.1:{p.port}/s/v1", [p.pid])
+        yield targets
+    finally:
+        await fleet.stop_all()
+
+
+async def loadgen(target: Target, *, stream: bool, mode: str, duration: float, warmup: float, concurrency: int = 32, rate: float = 0.0, extra: list[str] | None = None) -> dict[str, Any]:
+    cmd = [PY, str(HERE / "loadgen.py"), "--url", target.stream_url if stream else target.url, "--mode", mode,
+           "--duration", str(duration), "--warmup", str(warmup)]
+    cmd += ["--concurrency", str(concurrency)] if mode == "closed" else ["--rate", str(rate)]
+    if stream:
+        cmd.append("--stream")
+    for pid in target.pids:
+        cmd += ["--pid", str(pid)]
+    cmd += extra or []
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=duration + warmup + 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed for {target.name}: {err.decode()[-2000:]}")
+    return json.loads(out)
+
+
+def med(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return round(statistics.median(vals), 3) if vals else None
+
+
+def spread(xs: list[float | None]) -> list[float] | None:
+    vals = [x for x in xs if x is not None]
+    return [round(min(vals), 3), round(max(vals), 3)] if vals else None
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+async def calibrate_rate(targets: dict[str, Target], args: argparse.Namespace) -> float:
+    """A moderate open-loop rate: a fraction of what the slowest proxy sustains, so queues stay short."""
+    best = []
+    for name in PROXIES:
+        r = await loadgen(targets[name], stream=False, mode="closed", duration=args.duration / 2, warmup=0.5, concurrency=args.concurrency)
+        best.append(r["throughput_rps"])
+    rate = max(20.0, round(min(best) * args.rate_fraction / 10) * 10)
+    return rate
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-core-"))
+    t_start = time.time()
+    load_before = loadavg()
+    rows: dict[str, dict[str, list[Any]]] = {t: {} for t in TARGETS}
+
+    def put(target: str, key: str, value: Any) -> None:
+        rows[target].setdefault(key, []).append(value)
+
+    async with start_targets(tmp, args) as targets:
+        # warm every target's connections and code paths, both answer kinds
+        for name in TARGETS:
+            await loadgen(targets[name], stream=False, mode="closed", duration=1, warmup=0.3, concurrency=8)
+            await loadgen(targets[name], stream=True, mode="closed", duration=1, warmup=0.3, concurrency=4)
+        rate = args.rate or await calibrate_rate(targets, args)
+        raw_rounds: list[dict[str, Any]] = []
+        for rnd in range(args.rounds):
+            order = list(TARGETS[rnd % len(TARGETS):] + TARGETS[: rnd % len(TARGETS)])
+            this: dict[str, Any] = {"order": order}
+            for phase in ("closed", "open", "stream"):
+                for name in order:
+                    t = targets[name]
+                    if phase == "closed":
+                        r = await loadgen(t, stream=False, mode="closed", duration=args.duration, warmup=args.warmup, concurrency=args.concurrency)
+                    elif phase == "open":
+                        r = await loadgen(t, stream=False, mode="open", duration=args.duration, warmup=args.warmup, rate=rate)
+                    else:
+                        r = await loadgen(t, stream=True, mode="closed", duration=args.duration, warmup=args.warmup, concurrency=args.stream_concurrency)
+                    this[f"{phase}:{name}"] = r
+                    print(f"round {rnd + 1}/{args.rounds} {phase:6} {name:14} {_line(r)}", file=sys.stderr, flush=True)
+            raw_rounds.append(this)
+            for name in TARGETS:
+                c, o, s = this[f"closed:{name}"], this[f"open:{name}"], this[f"stream:{name}"]
+                put(name, "throughput_rps", c["throughput_rps"])
+                put(name, "errors", c["error_count"] + o["error_count"] + s["error_count"])
+                put(name, "p50_ms", (o["latency_ms"] or {}).get("p50"))
+                put(name, "p99_ms", (o["latency_ms"] or {}).get("p99"))
+                put(name, "stream_events_per_s", s["events_per_s"])
+                put(name, "ttft_p50_ms", (s["ttft_ms"] or {}).get("p50"))
+                put(name, "ttft_p99_ms", (s["ttft_ms"] or {}).get("p99"))
+                if name != "direct":
+                    d = this["open:direct"]["latency_ms"] or {}
+                    ol = o["latency_ms"] or {}
+                    put(name, "added_p50_ms", _sub(ol.get("p50"), d.get("p50")))
+                    put(name, "added_p99_ms", _sub(ol.get("p99"), d.get("p99")))
+                    dt = this["stream:direct"]["ttft_ms"] or {}
+                    put(name, "added_ttft_p50_ms", _sub((s["ttft_ms"] or {}).get("p50"), dt.get("p50")))
+                    put(name, "cpu_us_per_request", c["proxy"]["cpu_us_per_request"])
+                    put(name, "cpu_us_per_request_open", o["proxy"]["cpu_us_per_request"])
+                    put(name, "cpu_us_per_event", s["proxy"]["cpu_us_per_event"])
+                    put(name, "cpu_util_closed", c["proxy"]["cpu_util"])
+                    put(name, "peak_rss_kb", s["proxy"]["peak_rss_kb"])
+            for name in ("sluice-empty", "sluice-10noop"):
+                b = this["closed:baseline"]
+                c = this[f"closed:{name}"]
+                put(name, "throughput_vs_baseline", _div(c["throughput_rps"], b["throughput_rps"]))
+                put(name, "cpu_per_request_vs_baseline", _div(c["proxy"]["cpu_us_per_request"], b["proxy"]["cpu_us_per_request"]))
+                put(name, "cpu_per_event_vs_baseline", _div(this[f"stream:{name}"]["proxy"]["cpu_us_per_event"], this["stream:baseline"]["proxy"]["cpu_us_per_event"]))
+                put(name, "added_p50_vs_baseline", _div(rows[name]["added_p50_ms"][-1], rows["baseline"]["added_p50_ms"][-1]))
+                put(name, "added_p99_vs_baseline", _div(rows[name]["added_p99_ms"][-1], rows["baseline"]["added_p99_ms"][-1]))
+            e, n = this["closed:sluice-empty"], this["closed:sluice-10noop"]
+            put("sluice-10noop", "noop_cpu_us_per_request", _sub(n["proxy"]["cpu_us_per_request"], e["proxy"]["cpu_us_per_request"]))
+            put("sluice-10noop", "noop_cpu_us_per_request_open", _sub(this["open:sluice-10noop"]["proxy"]["cpu_us_per_request"], this["open:sluice-empty"]["proxy"]["cpu_us_per_request"]))
+        final_rss = {}
+        for name in PROXIES:
+            from loadgen import memory_kb, process_tree
+
+            final_rss[name] = memory_kb(process_tree(targets[name].pids))
+    summary = {name: {k: med(v) for k, v in cols.items()} for name, cols in rows.items()}
+    spreads = {name: {k: spread(v) for k, v in cols.items() if k in ("throughput_rps", "added_p50_ms", "added_p99_ms", "cpu_us_per_request", "cpu_us_per_event")} for name, cols in rows.items()}
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t_start)),
+        "seconds": round(time.time() - t_start, 1),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before, "loadavg_after": loadavg()},
+        "commit": _git_commit(),
+        "settings": {k: getattr(args, k) for k in ("rounds", "duration", "warmup", "concurrency", "stream_concurrency", "token_delay_ms")} | {"open_rate_rps": rate},
+        "summary": summary,
+        "spread_over_rounds": spreads,
+        "final_rss_kb": final_rss,
+        "targets": verdicts(summary),
+        "rounds": raw_rounds,
+    }
+    return result
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 4)
+
+
+def _line(r: dict[str, Any]) -> str:
+    lat = r["latency_ms"] or {}
+    p = r.get("proxy") or {}
+    s = f"rps={r['throughput_rps']:8.1f} p50={lat.get('p50', 0):7.2f}ms p99={lat.get('p99', 0):7.2f}ms err={r['error_count']}"
+    if p:
+        s += f" cpu/req={p['cpu_us_per_request']}us"
+        if p.get("cpu_us_per_event"):
+            s += f" cpu/ev={p['cpu_us_per_event']}us"
+    return s
+
+
+def verdicts(s: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+    """The issue's targets, against the baseline of the same run."""
+    e, n = s["sluice-empty"], s["sluice-10noop"]
+
+    def check(value: float | None, limit: float, le: bool = True) -> dict[str, Any]:
+        ok = None if value is None else (value <= limit if le else value >= limit)
+        return {"value": value, "limit": limit, "ok": ok}
+
+    return {
+        "empty: added p50 latency <= 1.10x baseline": check(e.get("added_p50_vs_baseline"), 1.10),
+        "empty: added p99 latency <= 1.10x baseline": check(e.get("added_p99_vs_baseline"), 1.10),
+        "empty: CPU per request <= 1.10x baseline": check(e.get("cpu_per_request_vs_baseline"), 1.10),
+        "empty: throughput >= 0.90x baseline": check(e.get("throughput_vs_baseline"), 0.90, le=False),
+        "empty: stream CPU per event <= 1.00x baseline": check(e.get("cpu_per_event_vs_baseline"), 1.00),
+        "10 no-op plugins: added CPU per request < 30 us": check(n.get("noop_cpu_us_per_request"), 30.0),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s = res["summary"]
+    st = res["settings"]
+    lines = [
+        f"Run {res['when']} UTC, commit {res['commit']}, {res['machine']['cpus']} CPUs, Python {res['machine']['python']}, "
+        f"load average {res['machine']['loadavg_before']} before / {res['machine']['loadavg_after']} after, {res['seconds']:.0f} s. "
+        f"{st['rounds']} interleaved rounds of {st['duration']} s per measurement (medians; [min, max] over rounds where shown); "
+        f"closed loop {st['concurrency']} workers; open loop {st['open_rate_rps']:.0f} req/s; streams {st['stream_concurrency']} workers, "
+        f"{st['token_delay_ms']} ms per token upstream.",
+        "",
+        "| target | throughput req/s | added p50 ms | added p99 ms | CPU µs/req (saturated) | CPU µs/req (open loop) | CPU µs/stream event | TTFT p50 ms | peak RSS MiB | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    sp = res["spread_over_rounds"]
+
+    def f(v: Any, nd: int = 1) -> str:
+        return "–" if v is None else f"{v:.{nd}f}"
+
+    def rng(name: str, key: str, nd: int = 1) -> str:
+        r = sp.get(name, {}).get(key)
+        return f" [{f(r[0], nd)}, {f(r[1], nd)}]" if r else ""
+
+    for name in TARGETS:
+        r = s[name]
+        rss = r.get("peak_rss_kb")
+        lines.append(
+            f"| {name} | {f(r.get('throughput_rps'), 0)}{rng(name, 'throughput_rps', 0)} | {f(r.get('added_p50_ms'), 2)}{rng(name, 'added_p50_ms', 2)} "
+            f"| {f(r.get('added_p99_ms'), 2)}{rng(name, 'added_p99_ms', 2)} | {f(r.get('cpu_us_per_request'), 0)}{rng(name, 'cpu_us_per_request', 0)} "
+            f"| {f(r.get('cpu_us_per_request_open'), 0)} | {f(r.get('cpu_us_per_event'), 1)}{rng(name, 'cpu_us_per_event', 1)} "
+            f"| {f(r.get('ttft_p50_ms'), 2)} | {f(rss / 1024 if rss else None, 1)} | {f(r.get('errors'), 0)} |"
+        )
+    lines += ["", "| target (issue 2) | measured | limit | met |", "|---|---|---|---|"]
+    for k, v in res["targets"].items():
+        met = {True: "yes", False: "**no**", None: "n/a"}[v["ok"]]
+        lines.append(f"| {k} | {f(v['value'], 3)} | {v['limit']} | {met} |")
+    n = s["sluice-10noop"]
+    lines += [
+        "",
+        f"10 no-op plugins vs empty chain: {f(n.get('noop_cpu_us_per_request'), 1)} µs CPU/request saturated, "
+        f"{f(n.get('noop_cpu_us_per_request_open'), 1)} µs in the open loop; "
+        f"stream CPU per event {f(n.get('cpu_per_event_vs_baseline'), 2)}x baseline (on_chunk makes the route parse events).",
+    ]
+    return "\n".join(lines)
+
+
+# -- profiling -----------------------------------------------------------------
+
+
+async def profile(args: argparse.Namespace) -> str:
+    """Run both Sluice targets under cProfile with saturated load; where their time goes, per request."""
+    out_dir = Path(args.profile)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-prof-"))
+    counts: dict[str, int] = {}
+    async with start_targets(tmp, args, profile_dir=out_dir) as targets:
+        for name in ("sluice-empty", "sluice-10noop"):
+            n = 0
+            for stream in (False, True):
+                r = await loadgen(targets[name], stream=stream, mode="closed", duration=args.duration, warmup=0.5,
+                                  concurrency=args.stream_concurrency if stream else args.concurrency)
+                n += r["started"]  # requests the profile saw: warm-up ones too, approximately
+            counts[name] = n
+    report = []
+    for name in ("sluice-empty", "sluice-10noop"):
+        path = out_dir / f"{name}.prof"
+        st = pstats.Stats(str(path))
+        report.append(f"== {name}: {path} (about {counts[name]} requests in the window; per-request figures below use it)")
+        rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.profile_top]  # type: ignore[attr-defined]
+        report.append(f"{'tottime us/req':>15} {'cumtime us/req':>15} {'calls/req':>10}  function")
+        for (file, line, fn), (cc, nc, tt, ct, _callers) in rows:
+            rel = file.replace(str(ROOT) + "/", "")
+            report.append(f"{tt / counts[name] * 1e6:15.2f} {ct / counts[name] * 1e6:15.2f} {nc / counts[name]:10.2f}  {rel}:{line}:{fn}")
+    return "\n".join(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Core benchmark: direct vs minimal proxy vs Sluice (empty chain, 10 no-op plugins).")
+    p.add_argument("--quick", action="store_true", help="one short round (about a minute): a smoke run, not figures to record")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=float, default=4.0, help="measured seconds per load")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each measurement")
+    p.add_argument("--concurrency", type=int, default=32, help="closed-loop workers (saturation)")
+    p.add_argument("--stream-concurrency", type=int, default=8, help="closed-loop workers for streams")
+    p.add_argument("--token-delay-ms", type=float, default=2.0, help="per-token delay of the streaming upstream")
+    p.add_argument("--rate", type=float, default=None, help="open-loop rate; default: --rate-fraction of the slowest proxy's saturation")
+    p.add_argument("--rate-fraction", type=float, default=0.3)
+    p.add_argument("--json", dest="json_out", default=None, help="write the whole result here")
+    p.add_argument("--profile", default=None, metavar="DIR", help="instead of measuring, profile the Sluice targets into DIR and print hot spots")
+    p.add_argument("--profile-top", type=int, default=40)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 2.0, 0.5
+    sys.path.insert(0, str(HERE))
+    if args.profile:
+        print(asyncio.run(profile(args)))
+        return 0
+    res = asyncio.run(measure(args))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=2))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
