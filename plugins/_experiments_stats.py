@@ -163,14 +163,15 @@ class Verdict:
 
 def canary_verdict(
     stable: VariantSample, canary: VariantSample, *, min_requests: int, max_error_rate_delta: float,
-    max_p95_ratio: float, alpha: float,
+    max_p95_ratio: float, alpha: float, p95_slack_ms: float = 0.0,
 ) -> Verdict:
     """Judge one canary step from the step's outcomes.
 
     Rollback when the canary's error rate exceeds the stable one by more than
     ``max_error_rate_delta`` and a one-sided two-proportion test says it is not
     chance (p < ``alpha``), or when its p95 latency exceeds ``max_p95_ratio``
-    times the stable p95. With too few requests on either side: hold.
+    times the stable p95 and by more than ``p95_slack_ms`` (a few milliseconds of
+    jitter on a fast path are not a regression). With too few requests on either side: hold.
     """
     if canary.n < min_requests or stable.n < min_requests:
         return Verdict("hold", f"waiting for {min_requests} requests per variant (stable {stable.n}, canary {canary.n})")
@@ -186,7 +187,7 @@ def canary_verdict(
             return Verdict("rollback", f"error rate {er_c:.2%} vs stable {er_s:.2%} (p={p_one_sided:.3g})")
     p95_s = percentile(stable.latencies_ms, 95)
     p95_c = percentile(canary.latencies_ms, 95)
-    if p95_s and p95_c and p95_c > p95_s * max_p95_ratio:
+    if p95_s and p95_c and p95_c > p95_s * max_p95_ratio and p95_c - p95_s > p95_slack_ms:
         return Verdict("rollback", f"p95 latency {p95_c:.0f} ms vs stable {p95_s:.0f} ms (limit x{max_p95_ratio:g})")
     return Verdict("advance", f"error rate {er_c:.2%} vs {er_s:.2%}, p95 {p95_c or 0:.0f} vs {p95_s or 0:.0f} ms")
 

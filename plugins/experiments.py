@@ -93,6 +93,10 @@ class CanaryConfig(Model):
         0.02, ge=0, le=1, description="How much higher than the stable error rate the canary's may be (0.02 = 2 points)."
     )
     max_p95_ratio: float = Field(1.5, ge=1, le=100, description="Canary p95 latency above this multiple of the stable p95 rolls back.")
+    p95_slack_ms: float = Field(
+        50.0, ge=0, le=600_000, description="A slower canary p95 rolls back only when it is also this many milliseconds above the stable p95 "
+        "(jitter on a fast path is not a regression)."
+    )
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the error-rate test; a higher rate must also be unlikely by chance.")
     window: int = Field(2000, ge=10, le=1_000_000, description="Most recent outcomes per variant kept for judging.")
 
@@ -252,7 +256,7 @@ class Canary:
         v = canary_verdict(
             self._sample(self.cfg.stable, self.stable), self._sample(self.cfg.canary, self.canary),
             min_requests=self.cfg.min_requests, max_error_rate_delta=self.cfg.max_error_rate_delta,
-            max_p95_ratio=self.cfg.max_p95_ratio, alpha=self.cfg.alpha,
+            max_p95_ratio=self.cfg.max_p95_ratio, alpha=self.cfg.alpha, p95_slack_ms=self.cfg.p95_slack_ms,
         )
         if v.action == "rollback":
             self.status = self.ROLLED_BACK
@@ -311,8 +315,14 @@ class _Answer:
 
 @dataclass(slots=True)
 class _ShadowJob:
+    """A sampled mirror: prepared in on_request, sent once the primary upstream answers."""
+
     shadow: ShadowConfig
-    primary: asyncio.Future[dict[str, Any]]
+    endpoint: str
+    body: bytes
+    headers: dict[str, str]
+    model: str | None
+    primary: asyncio.Future[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -323,9 +333,12 @@ class _Assigned:
     canary: Canary | None
     jobs: list[_ShadowJob] = field(default_factory=list)
     answer: _Answer | None = None
+    launched: bool = False
 
 
 STASH: StashKey[_Assigned] = StashKey("experiments")
+#: marks a mirror not sent because its shadow was at max_concurrency
+_DROPPED: Any = object()
 
 
 def _answer_of(body: Any) -> tuple[str, str | None]:
@@ -454,7 +467,7 @@ class Experiments(Plugin):
             for sh in (*(shadows or ()), *(wild or ())):
                 if sh.sample < 1.0 and random.random() >= sh.sample:
                     continue
-                job = self._mirror(ctx, sh)
+                job = self._prepare(ctx, sh)
                 if job is None:
                     continue
                 if assigned is None:
@@ -514,10 +527,7 @@ class Experiments(Plugin):
         return a
 
     # -- shadow -----------------------------------------------------------------------------
-    def _mirror(self, ctx: Context, sh: ShadowConfig) -> _ShadowJob | None:
-        if self._inflight[sh.name] >= sh.max_concurrency:
-            self.metrics.shadow.labels(sh.name, "dropped").inc()
-            return None
+    def _prepare(self, ctx: Context, sh: ShadowConfig) -> _ShadowJob | None:
         body = ctx.body
         if not isinstance(body, dict):
             return None
@@ -530,24 +540,43 @@ class Experiments(Plugin):
         auth = ctx.headers.get("authorization")
         if auth:
             headers["authorization"] = auth
-        job = _ShadowJob(sh, asyncio.get_running_loop().create_future())
-        self._inflight[sh.name] += 1
-        self.metrics.shadow.labels(sh.name, "sent").inc()
-        self.runtime.spawn(
-            self._shadow(ctx, job, ctx.endpoint, orjson.dumps(shadow_body), headers, shadow_body.get("model")),
-            f"experiments.shadow.{sh.name}",
-        )
-        return job
+        model = shadow_body.get("model")
+        return _ShadowJob(sh, ctx.endpoint, orjson.dumps(shadow_body), headers, model if isinstance(model, str) else None)
 
-    async def _shadow(self, ctx: Context, job: _ShadowJob, endpoint: str, body: bytes, headers: dict[str, str], model: Any) -> None:
+    def _launch(self, ctx: Context, a: _Assigned) -> None:
+        """Send the prepared mirrors, now that the primary upstream answers.
+
+        Not earlier: a plugin later in the chain may still refuse the request (a
+        guard, a limit), and a refused request must not reach the candidate.
+        """
+        if ctx.upstream is None:
+            return
+        for job in a.jobs:
+            if job.primary is not None:
+                continue
+            sh = job.shadow
+            if self._inflight[sh.name] >= sh.max_concurrency:
+                self.metrics.shadow.labels(sh.name, "dropped").inc()
+                job.primary = _DROPPED
+                continue
+            job.primary = asyncio.get_running_loop().create_future()
+            self._inflight[sh.name] += 1
+            self.metrics.shadow.labels(sh.name, "sent").inc()
+            self.runtime.spawn(self._shadow(ctx, job), f"experiments.shadow.{sh.name}")
+        a.launched = True
+
+    async def _shadow(self, ctx: Context, job: _ShadowJob) -> None:
         sh = job.shadow
+        assert job.primary is not None
+        model = job.model
         t0 = time.perf_counter()
         status: int | None = None
         error = None
         resp_body: Any = None
         try:
             resp = await asyncio.wait_for(
-                self.runtime.upstreams.call(Target(sh.target.upstream, sh.target.model), "POST", endpoint, body, headers, timeout=sh.timeout_s),
+                self.runtime.upstreams.call(Target(sh.target.upstream, sh.target.model), "POST", job.endpoint, job.body, job.headers,
+                                            timeout=sh.timeout_s),
                 sh.timeout_s,
             )
             status = resp.status
@@ -572,7 +601,8 @@ class Experiments(Plugin):
         ptext = primary.get("text")
         sim = None
         exact = None
-        if ptext is not None and status == 200 and primary.get("status") == 200:
+        comparable = finish is not None or primary.get("finish_reason") is not None  # embeddings have no text to compare
+        if ptext is not None and status == 200 and primary.get("status") == 200 and comparable:
             exact = int(ptext == text)
             if len(ptext) + len(text) > SIMILARITY_INLINE_CHARS:
                 sim = await self.runtime.run_cpu(similarity, ptext, text)
@@ -611,6 +641,8 @@ class Experiments(Plugin):
         a = ctx.stash.get(STASH)
         if a is None or a.answer is None or ctx.response is None:
             return
+        if not a.launched:
+            self._launch(ctx, a)
         text, finish = _answer_of(ctx.response.json)
         a.answer.text.append(text)
         a.answer.finish_reason = finish
@@ -620,6 +652,8 @@ class Experiments(Plugin):
         a = ctx.stash.get(STASH)
         if a is None or a.answer is None:
             return None
+        if not a.launched:
+            self._launch(ctx, a)
         obj = event.json
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if choices and isinstance(choices[0], dict) and choices[0].get("index", 0) == 0:
@@ -651,7 +685,7 @@ class Experiments(Plugin):
                 "finish_reason": a.answer.finish_reason if a.answer is not None else None,
             }
             for job in a.jobs:
-                if not job.primary.done():
+                if job.primary is not None and job.primary is not _DROPPED and not job.primary.done():
                     job.primary.set_result(summary)
         if a.experiment is None or ctx.outcome == "client_gone":
             return

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from plugins.experiments import Experiments
-from proxy.testing import FakeUpstream, SluiceServer, configure_plugin, make_context, make_runtime
+from proxy import Context, Plugin, hookimpl
+from proxy.testing import FakeUpstream, SluiceServer, configure_plugin, make_context, make_runtime, register_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
 MSG = [{"role": "user", "content": "tell me a story"}]
@@ -141,6 +142,33 @@ async def test_shadow_is_compared_and_never_slows_or_breaks_the_client(tmp_path:
         # what the shadow received: a buffered request with the candidate's model
         sent = chats(b)
         assert all(q["stream"] is False and q["model"] == "cand-model" and "stream_options" not in q for q in sent)
+
+
+class Bouncer(Plugin):
+    """A guard after the experiments plugin: refuses requests carrying x-block."""
+
+    name = "bouncer"
+    kind = "guard"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        if ctx.answered:
+            return
+        if ctx.headers.get("x-block"):
+            ctx.reply(403, {"error": {"message": "blocked by policy", "type": "permission_error", "param": None, "code": "blocked"}})
+
+
+async def test_a_request_refused_later_in_the_chain_is_not_mirrored(tmp_path: Path):
+    async with two() as (a, b):
+        cfg = config(a, b, shadows=[{"name": "m", "target": {"upstream": "b"}, "sample": 1.0}])
+        cfg["routes"][0]["chain"].append({"bouncer": {}})
+        with register_plugin(Bouncer):
+            async with SluiceServer(cfg, tmp_path) as s, client(s) as c:
+                with pytest.raises(openai.PermissionDeniedError):
+                    await ask(c, extra_headers={"x-block": "1"})
+                await ask(c)
+                comps = await rows(s, "SELECT request_id FROM shadow_comparisons")
+        assert len(comps) == 1 and len(chats(b)) == 1 and len(chats(a)) == 1
 
 
 async def test_shadow_drops_and_counts_when_full(tmp_path: Path):

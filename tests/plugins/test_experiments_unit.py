@@ -101,6 +101,8 @@ def test_canary_verdicts():
     assert bad.action == "rollback" and "error rate" in bad.reason
     slow = canary_verdict(ok, VariantSample("c", [True] * 100, [200.0] * 100), **kw)
     assert slow.action == "rollback" and "p95" in slow.reason
+    # twice as slow, but by less than the slack: jitter on a fast path
+    assert canary_verdict(ok, VariantSample("c", [True] * 100, [200.0] * 100), **kw, p95_slack_ms=150).action == "advance"
     # a higher error rate that could be chance does not roll back
     noisy = canary_verdict(VariantSample("s", [True] * 50, [1.0] * 50), VariantSample("c", [True] * 48 + [False] * 2, [1.0] * 48), **kw)
     assert noisy.action == "advance"
