@@ -131,7 +131,10 @@ class SignatureDetector(Detector):
         # one alternation of literals: every branch starts with a literal character, so the
         # regex engine skips ahead on the set of first characters instead of trying each offset
         self._literal_re = re.compile("|".join(map(re.escape, literal_set))) if literal_set else None
+        self._literal_first = sorted({lit[0] for lit in literal_set})
         self._literal_prefix = {lit: [l2 for l2 in literal_set if l2.startswith(lit)] for lit in literal_set}
+        # a literal search (no leading \b) takes the regex engine's fast substring path
+        self._lead_re = {w: re.compile(re.escape(w)) for sig in self.signatures for w in sig.lead}
         self._version = f"{VERSION}-{'-'.join(sorted(disable))}" if disable else VERSION
 
     @property
@@ -217,7 +220,9 @@ class SignatureDetector(Detector):
                     candidates[sig.id] = (sig, [a])
                 else:
                     entry[1].append(a)
-        lits = set(self._literal_re.findall(text)) if self._literal_re is not None else set()
+        lits: set[str] = set()
+        if self._literal_re is not None and any(c in text for c in self._literal_first):
+            lits = set(self._literal_re.findall(text))
         if lits:
             for lit, sig in self._literals:
                 if lit in lits or any(longer in lits for longer in self._literal_prefix[lit]):
@@ -247,7 +252,7 @@ class SignatureDetector(Detector):
                 for lead in leads:
                     at = positions.get(lead)
                     if at is None:
-                        at = positions[lead] = _occurrences(text, lead)
+                        at = positions[lead] = [m.start() for m in self._lead_re[lead].finditer(text)]
                     for i in at:
                         m = sig.pattern.match(text, i)
                         if m is not None:
@@ -270,17 +275,6 @@ class SignatureDetector(Detector):
                     weight *= 0.4
             if weight > hits.get(sig.id, 0.0):
                 hits[sig.id] = weight
-
-
-def _occurrences(text: str, word: str) -> list[int]:
-    """Offsets where ``word`` starts a word in ``text``."""
-    out = []
-    i = text.find(word)
-    while i != -1:
-        if i == 0 or not text[i - 1].isalnum():
-            out.append(i)
-        i = text.find(word, i + 1)
-    return out
 
 
 def _quoted(text: str, start: int, end: int) -> bool:

@@ -108,9 +108,9 @@ SIGNATURES: tuple[Signature, ...] = (
        lead='ignore ignoring disregard disregarding forget forgetting neglect overlook abandon set throw put scratch pay'),
     _s("IO-014", "instruction_override", 0.85,
        "void invalid cancelled canceled obsolete irrelevant revoked null apply longer | you",
-       r"\b(?:everything|anything|all|whatever|what|the (?:rules|instructions|guidelines|restrictions|policies))\s+(?:that\s+)?you\s*(?:were|have been|'ve been|had been)\s+(?:told|given|configured(?: with)?|programmed(?: with)?|instructed|trained(?: on| with)?|taught)\b[^\n]{0,60}?"
+       r"\b(?:everything|anything|all|whatever|what|rules|instructions|guidelines|restrictions|policies)\s+(?:that\s+)?you\s*(?:were|have been|'ve been|had been)\s+(?:told|given|configured(?: with)?|programmed(?: with)?|instructed|trained(?: on| with)?|taught)\b[^\n]{0,60}?"
        r"\b(?:(?:is|are)\s+(?:now\s+)?(?:void|invalid|cancel+ed|obsolete|irrelevant|revoked|null|no longer (?:valid|relevant|in effect))|(?:do not|don't|does not|doesn't|no longer|won't|will not)\s+apply)",
-       lead='everything anything all whatever what the'),
+       lead='everything anything all whatever what rules instructions guidelines restrictions policies'),
     _s("IO-012", "instruction_override", 0.75,
        "ignore disregard forget | above previous preceding prior foregoing",
        r"\b(?:ignore|disregard|forget)\s+(?:all\s+|everything\s+)?(?:of\s+)?(?:the\s+|that\s+)?(?:above|previous|preceding|prior|foregoing)\s*(?:and\b|,|\.|;|-|:|!)",
