@@ -12,22 +12,36 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 # -- triggers ------------------------------------------------------------------
-# Each is a regex that every match of the recognizer contains; keep them in step
-# with the recognizers below (the differential test checks the pair on a corpus).
+# Each recognizer lists (guard, regex) pairs: every match it can make contains a match of
+# one of the regexes, and the guard is a cheaper necessary condition for that regex (a
+# character the regex needs), checked first. Keep them in step with the recognizers
+# below; the differential test holds the pair together on a corpus.
 DIGITS7 = r"\d(?:[\s().\-/+]{0,3}\d){6,}"
-TRIGGERS: dict[str, str] = {
-    "EMAIL_ADDRESS": r"@",
-    "PHONE_NUMBER": DIGITS7,
-    "CREDIT_CARD": DIGITS7,
-    "US_SSN": DIGITS7,
-    "IBAN_CODE": r"[A-Z]{2}[0-9]{2}",
-    "IP_ADDRESS": r"\d\.\d|:[0-9A-Fa-f]{0,4}:",
-    "URL": r"://|(?i:www)\.|\.(?:TLDS)\b",
-    "CRYPTO": r"[a-zA-HJ-NP-Z0-9]{26,}",
-    "MAC_ADDRESS": r"[0-9A-Fa-f]{2}[:\-.][0-9A-Fa-f]{2}",
+_DIGIT = re.compile(r"\d").search
+GUARDS: dict[str, Callable[[str], bool]] = {
+    "any": lambda t: True,
+    "at": lambda t: "@" in t,
+    "digit": lambda t: _DIGIT(t) is not None,
+    "colon2": lambda t: t.count(":") >= 2,
+    "mac": lambda t: t.count(":") >= 5 or t.count("-") >= 5 or t.count(".") >= 2,
+    "scheme": lambda t: "://" in t,
+    "www": lambda t: "www." in t.lower(),
+    "dot": lambda t: "." in t,
+}
+TRIGGERS: dict[str, list[tuple[str, str]]] = {
+    "EMAIL_ADDRESS": [("at", r"@")],
+    "PHONE_NUMBER": [("digit", DIGITS7)],
+    "CREDIT_CARD": [("digit", DIGITS7)],
+    "US_SSN": [("digit", DIGITS7)],
+    "IBAN_CODE": [("digit", r"[A-Z]{2}[0-9]{2}")],
+    "IP_ADDRESS": [("digit", r"\d\.\d"), ("colon2", r":[0-9A-Fa-f]{0,4}:")],
+    "URL": [("scheme", r"://"), ("www", r"(?i:www)\."), ("dot", r"\.(?:TLDS)\b")],
+    # Presidio's pattern is (bc1|[13]) and 25 or more base58/bech32 characters
+    "CRYPTO": [("digit", r"[13][a-zA-HJ-NP-Z0-9]{25}")],
+    "MAC_ADDRESS": [("mac", r"[0-9A-Fa-f]{2}[:\-.][0-9A-Fa-f]{2}")],
 }
 
 #: Entity types Presidio finds with patterns alone (no model).
@@ -44,7 +58,7 @@ TLDS = (
     "com|org|net|edu|gov|mil|biz|aero|coop|museum|mobi|io|ai|co|me|tv|xyz|us|uk|ca|au|nz|ie|de|fr|es|it|nl|ch|at|"
     "se|dk|fi|pt|gr|cz|hu|ro|bg|hr|sk|si|lt|lv|ee|ru|ua|tr|il|jp|cn|hk|tw|kr|sg|th|vn|br|mx|ar|cl|pe|za|ke|ae|sa|eu|asia"
 )
-TRIGGERS["URL"] = TRIGGERS["URL"].replace("TLDS", TLDS)
+TRIGGERS["URL"] = [(g, rx.replace("TLDS", TLDS)) for g, rx in TRIGGERS["URL"]]
 
 _URL_TAIL = r"(?:[/?#][^\s<>\"'`]*[^\s<>\"'`.,;:!?)\]}])?"
 _HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"

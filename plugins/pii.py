@@ -232,15 +232,18 @@ class Pii(Plugin):
         todo: dict[str, list[int]] = {}
         skipped = cached = 0
         for i, t in enumerate(texts):
-            if not t or not engine.triggered(t):
-                skipped += 1
+            if not t:
                 continue
+            # the cache first: a resent history message costs one hash, found or not
             hit = cache.get(t)
             if hit is not None:
                 results[i] = hit
                 cached += 1
-                continue
-            todo.setdefault(t, []).append(i)
+            elif not engine.triggered(t):
+                cache.put(t, ())
+                skipped += 1
+            else:
+                todo.setdefault(t, []).append(i)
         m = self.metrics
         if m is not None:
             if skipped:

@@ -204,15 +204,20 @@ async def test_allow_and_deny_lists_and_custom_recognizers(runtime: Any) -> None
     assert sent(ctx)["messages"][0]["content"] == "support@example.com asks about <PROJECT_1> ticket *-***** for <EMAIL_1>"
 
 
-async def test_cache_serves_resent_history(runtime: Any) -> None:
+def texts_metric(runtime: Any, result: str) -> float:
+    return runtime.metrics.get_sample_value("sluice_pii_texts_total", {"result": result}) or 0.0
+
+
+async def test_prescan_and_cache_keep_resent_history_away_from_presidio(runtime: Any) -> None:
     p = await plugin(runtime)
-    history = [f"turn {i}: mail {EMAIL} and call {PHONE}" for i in range(5)]
+    history = [f"turn {i}: mail {EMAIL} and call {PHONE}" for i in range(5)] + ["a question without personal data"]
     await p.on_request(make_context(chat(*history)))
-    assert p.cache is not None
-    misses = p.cache.misses
-    await p.on_request(make_context(chat(*history, "one more question")))
-    assert p.cache.misses == misses  # "one more question" has no trigger: it is never looked up
-    assert p.cache.hits >= 5
+    assert texts_metric(runtime, "analyzed") == 5 and texts_metric(runtime, "skipped") == 1
+    ctx = make_context(chat(*history, "one more question", f"and {EMAIL} again"))
+    await p.on_request(ctx)
+    assert texts_metric(runtime, "analyzed") == 6  # only the new message with a trigger reached Presidio
+    assert texts_metric(runtime, "skipped") == 2 and texts_metric(runtime, "cached") == 6
+    assert sent(ctx)["messages"][0]["content"] == "turn 0: mail <EMAIL_1> and call <PHONE_1>"
 
 
 async def test_timeout_fails_closed_by_default(runtime: Any) -> None:

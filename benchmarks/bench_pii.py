@@ -1,0 +1,291 @@
+"""The pii plugin's cost: CPU per request on multi-turn chat, and other requests' latency while it works.
+
+Workload: 10-turn chats; each request carries the whole history (as chat clients
+send it), and 1 message in 10 holds PII (an email, a phone number or a card).
+Measured in one run:
+
+1. *Hook CPU per request* (in this process, nothing else running): the process
+   CPU time across ``on_request`` + ``on_response`` of the plugin, executor
+   threads included, per request: p50 / p95 / mean for the fast path (pre-scan,
+   windows, cache; the default), without the fast path (cache still on), and plain
+   Presidio on every text (no fast path, no cache).
+2. *Proxy CPU per request against the empty chain*: three ``sluice serve``
+   processes (empty chain, pii default, pii plain), user + system CPU from /proc,
+   rounds interleaved; the demo upstream runs as its own process.
+3. *Other requests' latency while PII runs*: one ``sluice serve`` with the pii
+   chain; small PII-free probe requests one at a time, while 4 background workers
+   send long prompts. Probe p99 with PII-free background versus background whose
+   every prompt holds fresh PII (the cache cannot help: Presidio runs in the
+   executor for each). Target: p99 within 10 %.
+
+    .venv/bin/python benchmarks/bench_pii.py            # full run (about 50 s)
+    .venv/bin/python benchmarks/bench_pii.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_traffic import demo_upstream, pct  # noqa: E402
+
+from proxy.context import Response  # noqa: E402
+from proxy.testing import SluiceProcess, configure_plugin, make_context, make_runtime  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SENTENCES = [
+    "Can you refactor this function so it streams the rows instead of loading the whole table into memory at once?",
+    "The deployment failed again last night and the logs only show a timeout from the database pool after thirty seconds.",
+    "Write a short summary of the meeting: we agreed to move the launch by two weeks and to hire one more engineer.",
+    "What is the difference between a process pool and a thread pool in Python, and when should I pick each one?",
+    "Here is the traceback from main.py; the error happens when the config file in README.md is missing a key.",
+    "Please draft a polite reply explaining that the invoice will be paid by the end of the month.",
+    "Explain like I am five why the sky is blue and why sunsets are red, in no more than four sentences.",
+    "The customer says the export button does nothing in Firefox but works in Chrome; where should I look first?",
+    "Translate this paragraph into Spanish, keeping the technical terms in English where there is no good equivalent.",
+    "Give me three options for naming a service that moves files between buckets, with a one-line rationale each.",
+    "Our p99 latency doubled after the upgrade to version 2.14.3 and I suspect the new connection pool settings.",
+    "Summarise the attached design document in five bullet points for an audience of product managers.",
+]
+ANSWER = "Here is a careful answer that walks through the steps one by one and ends with a short summary of the trade-offs."
+
+
+def pii_sentence(rng: random.Random, n: int) -> str:
+    kind = n % 3
+    if kind == 0:
+        return f"Please send the report to jordan.{n}@example.com before Friday and copy the team lead."
+    if kind == 1:
+        return f"If anything breaks call me on +1 415 555 {n % 10000:04d}, I am on call this week."
+    card = ["5555 5555 5555 4444", "4111 1111 1111 1111", "2223 0031 2200 3222"][n % 3]
+    return f"The refund should go to the card ending in the number {card}, the one on file."
+
+
+def conversations(n_conv: int, seed: int = 1) -> list[list[dict[str, Any]]]:
+    """Request bodies: for each conversation, its 10 turns, each with the whole history so far."""
+    rng = random.Random(seed)
+    out = []
+    counter = 0
+    for _ in range(n_conv):
+        history: list[dict[str, Any]] = [{"role": "system", "content": "You are a helpful assistant for a software company."}]
+        turns = []
+        for _turn in range(10):
+            counter += 1
+            text = " ".join(rng.sample(SENTENCES, 2))
+            if counter % 10 == 0:  # 1 message in 10 holds PII
+                text = pii_sentence(rng, counter) + " " + text
+            history.append({"role": "user", "content": text})
+            turns.append({"model": "sluice-demo", "messages": [dict(m) for m in history]})
+            history.append({"role": "assistant", "content": ANSWER})
+        out.append(turns)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+async def settle(pid: int, quiet_s: float = 0.25, limit_s: float = 5.0) -> None:
+    """Wait until the process stops burning CPU (background work caught up)."""
+    deadline = time.monotonic() + limit_s
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet_s)
+        now = cpu_seconds(pid)
+        if now - last <= 1 / CLK_TCK:
+            return
+        last = now
+
+
+def stats_us(xs: list[float]) -> dict[str, float]:
+    return {"p50": round(pct(xs, 50), 1), "p95": round(pct(xs, 95), 1), "mean": round(statistics.fmean(xs), 1)}
+
+
+# -- 1. hook CPU -----------------------------------------------------------------
+
+async def hook_cpu(n_conv: int) -> dict[str, Any]:
+    from plugins.pii import Pii
+
+    variants = {
+        "fast_path": {},
+        "no_fast_path": {"fast_path": False},
+        "plain_presidio": {"fast_path": False, "cache_entries": 0},
+    }
+    answer = Response(200, {"content-type": "application/json"}, orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}]}))
+    out: dict[str, Any] = {}
+    rt = await make_runtime(tempfile.mkdtemp(prefix="sluice-bench-pii-"))
+    try:
+        for name, cfg in variants.items():
+            p = await configure_plugin(Pii, {**cfg, "id": name}, runtime=rt)
+            samples: list[float] = []
+            for conv in conversations(n_conv, seed=11):
+                for body in conv:
+                    ctx = make_context(body)
+                    c0 = time.process_time()
+                    await p.on_request(ctx)
+                    ctx.response = Response(answer.status, answer.headers, answer.body)
+                    await p.on_response(ctx)
+                    samples.append((time.process_time() - c0) * 1e6)
+            out[name] = stats_us(samples)
+    finally:
+        await rt.close_all()
+    out["requests"] = n_conv * 10
+    return out
+
+
+# -- 2. proxy CPU against the empty chain ------------------------------------------
+
+def proxy_config(up: str, chain: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "server": {"access_log": False},
+        "logging": {"level": "warning"},
+        "upstreams": {"primary": {"url": up}},
+        "routes": [{"match": {"path": "/v1/"}, "upstream": "primary", "chain": chain}],
+    }
+
+
+async def send_all(http: aiohttp.ClientSession, url: str, bodies: list[bytes], concurrency: int) -> list[float]:
+    lat: list[float] = []
+    todo = iter(bodies)
+
+    async def worker() -> None:
+        for body in todo:
+            t0 = time.perf_counter()
+            async with http.post(url + "/chat/completions", data=body, headers={"content-type": "application/json"}) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"status {r.status}: {(await r.read())[:200]!r}")
+            lat.append((time.perf_counter() - t0) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat
+
+
+async def proxy_cpu(up: str, tmp: Path, n_conv: int, rounds: int) -> dict[str, Any]:
+    chains = {
+        "empty": [],
+        "pii": [{"pii": {}}],
+        "pii_plain": [{"pii": {"fast_path": False, "cache_entries": 0}}],
+    }
+    cpu = {k: 0.0 for k in chains}
+    n = 0
+    async with aiohttp.ClientSession() as http:
+        procs = {}
+        try:
+            for k, chain in chains.items():
+                procs[k] = await SluiceProcess(proxy_config(up, chain), tmp / k).start()
+            warm = [orjson.dumps(b) for conv in conversations(3, seed=99) for b in conv]
+            for p in procs.values():
+                await send_all(http, p.url, warm, 4)
+                await settle(p.pid)
+            for r in range(rounds):
+                # fresh conversations each round, the same ones for every config
+                bodies = [orjson.dumps(b) for conv in conversations(n_conv, seed=100 + r) for b in conv]
+                n += len(bodies)
+                for k, p in procs.items():
+                    c0 = cpu_seconds(p.pid)
+                    await send_all(http, p.url, bodies, 4)
+                    await settle(p.pid)
+                    cpu[k] += cpu_seconds(p.pid) - c0
+        finally:
+            for p in procs.values():
+                await p.__aexit__(None, None, None)
+    us = {k: v / n * 1e6 for k, v in cpu.items()}
+    return {
+        "requests_per_config": n,
+        "cpu_us_per_request": {k: round(v, 1) for k, v in us.items()},
+        "pii_added_cpu_us_per_request": round(us["pii"] - us["empty"], 1),
+        "pii_plain_added_cpu_us_per_request": round(us["pii_plain"] - us["empty"], 1),
+        "cpu_ratio_vs_empty": {"pii": round(us["pii"] / us["empty"], 3), "pii_plain": round(us["pii_plain"] / us["empty"], 3)},
+    }
+
+
+# -- 3. other requests' latency while PII runs -------------------------------------
+
+LONG = " ".join(SENTENCES * 3)
+
+
+def background_body(i: int, with_pii: bool) -> bytes:
+    extra = f" Contact pat.{i}@example.com or +1 415 555 {i % 10000:04d}; card 5555 5555 5555 4444." if with_pii else f" Ticket {i} is about the export button."
+    return orjson.dumps({"model": "sluice-demo", "messages": [{"role": "user", "content": LONG + extra}]})
+
+
+PROBE = orjson.dumps({"model": "sluice-demo", "messages": [{"role": "user", "content": "Say hello in French."}]})
+
+
+async def loop_lag(up: str, tmp: Path, probes: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with SluiceProcess(proxy_config(up, [{"pii": {}}]), tmp / "lag") as p, aiohttp.ClientSession() as http:
+        await send_all(http, p.url, [PROBE] * 50 + [background_body(i, True) for i in range(20)], 4)
+
+        async def probe_run() -> list[float]:
+            return await send_all(http, p.url, [PROBE] * probes, 1)
+
+        out["idle"] = await probe_run()
+        for label, with_pii in (("background_no_pii", False), ("background_pii", True), ("background_no_pii_2", False), ("background_pii_2", True)):
+            stop = asyncio.Event()
+            counter = [0]
+            bg_lat: list[float] = []
+
+            async def background() -> None:
+                while not stop.is_set():
+                    counter[0] += 1
+                    t0 = time.perf_counter()
+                    async with http.post(p.url + "/chat/completions", data=background_body(counter[0] + (10**6 if with_pii else 0), with_pii),
+                                         headers={"content-type": "application/json"}) as r:
+                        await r.read()
+                    bg_lat.append((time.perf_counter() - t0) * 1000)
+
+            c0 = cpu_seconds(p.pid)
+            tasks = [asyncio.ensure_future(background()) for _ in range(4)]
+            try:
+                out[label] = await probe_run()
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+            out[label + "_background_requests"] = counter[0]
+            out[label + "_background_p50_ms"] = round(pct(bg_lat, 50), 2)
+            out[label + "_proxy_cpu_s"] = round(cpu_seconds(p.pid) - c0, 2)
+    res: dict[str, Any] = {}
+    for k, v in out.items():
+        res[k] = {"p50_ms": round(pct(v, 50), 3), "p99_ms": round(pct(v, 99), 3)} if isinstance(v, list) else v
+    no_pii = out["background_no_pii"] + out["background_no_pii_2"]
+    with_pii = out["background_pii"] + out["background_pii_2"]
+    res["probe_p99_ms"] = {"background_no_pii": round(pct(no_pii, 99), 3), "background_pii": round(pct(with_pii, 99), 3)}
+    res["probe_p99_ratio_pii_vs_no_pii"] = round(pct(with_pii, 99) / pct(no_pii, 99), 3)
+    res["probe_p50_ratio_pii_vs_no_pii"] = round(pct(with_pii, 50) / pct(no_pii, 50), 3)
+    return res
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-pii-"))
+    n_conv, rounds, probes = (3, 1, 100) if quick else (10, 3, 300)
+    result: dict[str, Any] = {"workload": "10-turn chats, whole history per request, 1 message in 10 with PII"}
+    result["hook_cpu_us_per_request"] = await hook_cpu(n_conv * 2)
+    async with demo_upstream(0.0) as up:
+        result["proxy"] = await proxy_cpu(up, tmp, n_conv, rounds)
+        result["loop_lag"] = await loop_lag(up, tmp, probes)
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a short smoke run")
+    args = ap.parse_args()
+    print(json.dumps(asyncio.run(main(args.quick)), indent=2))
