@@ -130,7 +130,7 @@ class _Metrics:
             "sluice_router_ejections_total", "Targets taken out of rotation after failures.", ["upstream"], registry=registry
         )
         self.routed = Counter(
-            "sluice_router_requests_total", "Requests routed, by alias and decision.", ["alias", "decision"], registry=registry
+            "sluice_router_requests_total", "Requests for an alias, by decision (ok, too_long, unavailable).", ["alias", "decision"], registry=registry
         )
         self.scrapes = Counter(
             "sluice_router_vllm_scrapes_total", "vLLM /metrics scrapes by result.", ["upstream", "result"], registry=registry
@@ -195,6 +195,7 @@ class Router(Plugin):
         self._pool: Any = None
         self._resolve(pool)
         self._chains = {name: self._fallback_chain(name) for name in c.aliases}
+        self._routed_ok = {name: self.metrics.routed.labels(name, "ok") for name in c.aliases}
         self._tasks: list[asyncio.Task[Any]] = []
         vllm_ups = {t.upstream for a in c.aliases.values() if a.strategy == "vllm" for t in a.targets}
         for up in sorted(vllm_ups):
@@ -309,6 +310,7 @@ class Router(Plugin):
                              code="upstream_overloaded", headers={"retry-after": "1"})
         ctx.targets = targets[: c.max_targets]
         ctx.tags["alias"] = model
+        self._routed_ok[model].inc()
 
     def _by_complexity(self, ctx: Context, cc: ComplexityConfig) -> str:
         body = ctx.body
@@ -324,9 +326,9 @@ class Router(Plugin):
         ctx.features["conversation_turns"] = float(f.turns)
         ctx.tags["complexity"] = "large" if large else "small"
         chosen = cc.large if large else cc.small
-        if chosen not in self.config.aliases:
-            body["model"] = chosen
-            ctx.body = body
+        # as if the client had asked for it: targets without a model of their own send this name
+        body["model"] = chosen
+        ctx.body = body
         return chosen
 
     # -- learning -------------------------------------------------------------------------
