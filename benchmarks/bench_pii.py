@@ -15,8 +15,9 @@ Measured in one run:
 3. *Other requests' latency while PII runs*: one ``sluice serve`` with the pii
    chain; small PII-free probe requests one at a time, while 4 background workers
    send long prompts. Probe p99 with PII-free background versus background whose
-   every prompt holds fresh PII (the cache cannot help: Presidio runs in the
-   executor for each). Target: p99 within 10 %.
+   every prompt holds fresh PII (the cache cannot help: Presidio runs for each).
+   Twice: Presidio in the shared executor threads (the default) and in 2 worker
+   processes (``processes: 2``). Target: p99 within 10 %.
 
     .venv/bin/python benchmarks/bench_pii.py            # full run (about 50 s)
     .venv/bin/python benchmarks/bench_pii.py --quick    # smoke run
@@ -229,9 +230,9 @@ def background_body(i: int, with_pii: bool) -> bytes:
 PROBE = orjson.dumps({"model": "sluice-demo", "messages": [{"role": "user", "content": "Say hello in French."}]})
 
 
-async def loop_lag(up: str, tmp: Path, probes: int) -> dict[str, Any]:
+async def loop_lag(up: str, tmp: Path, probes: int, pii: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    async with SluiceProcess(proxy_config(up, [{"pii": {}}]), tmp / "lag") as p, aiohttp.ClientSession() as http:
+    async with SluiceProcess(proxy_config(up, [{"pii": pii}]), tmp / f"lag-{len(pii)}") as p, aiohttp.ClientSession() as http:
         await send_all(http, p.url, [PROBE] * 50 + [background_body(i, True) for i in range(20)], 4)
 
         async def probe_run() -> list[float]:
@@ -280,7 +281,8 @@ async def main(quick: bool) -> dict[str, Any]:
     result["hook_cpu_us_per_request"] = await hook_cpu(n_conv * 2)
     async with demo_upstream(0.0) as up:
         result["proxy"] = await proxy_cpu(up, tmp, n_conv, rounds)
-        result["loop_lag"] = await loop_lag(up, tmp, probes)
+        result["loop_lag_threads"] = await loop_lag(up, tmp, probes, {})
+        result["loop_lag_processes"] = await loop_lag(up, tmp, probes, {"processes": 2})
     return result
 
 

@@ -322,3 +322,62 @@ class ResultCache:
 
     def __len__(self) -> int:
         return len(self._d)
+
+
+# -- a process pool, for when Presidio must not share the GIL with the event loop ------
+
+_worker_engine: PiiEngine | None = None
+
+
+def _worker_init(settings: EngineSettings) -> None:
+    global _worker_engine
+    _worker_engine = PiiEngine(settings)
+    _worker_engine.load()
+
+
+def _worker_analyze(texts: list[str]) -> list[list[Finding]]:
+    assert _worker_engine is not None, "worker not initialised"
+    return _worker_engine.analyze_many(texts)
+
+
+class ProcessAnalyzer:
+    """Presidio in worker processes: the event loop's thread never waits for the GIL behind it.
+
+    A thread pool keeps the loop free of Presidio's *calls*, but every Python
+    thread shares one GIL: while Presidio runs, the loop gets the interpreter back
+    only every switch interval (5 ms). Workers are spawned (not forked: the
+    server has threads) and each builds its own engine once.
+    """
+
+    def __init__(self, settings: EngineSettings, processes: int) -> None:
+        self.settings = settings
+        self.processes = processes
+        self.pool: Any = None
+        #: plugin instances using this pool (a reload with the same settings shares it)
+        self.users = 0
+
+    async def start(self) -> None:
+        """Spawn every worker and let it build its engine before the first request."""
+        import asyncio
+        import concurrent.futures
+        import multiprocessing
+
+        if self.pool is None:
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(self.settings,),
+            )
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self.pool, _worker_analyze, ["warm up a@b.co"]) for _ in range(self.processes)))
+
+    async def analyze_many(self, texts: list[str]) -> list[list[Finding]]:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, _worker_analyze, texts)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None

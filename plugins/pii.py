@@ -23,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from proxy import Command, Context, Event, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
 
-from ._pii_engine import EngineSettings, Finding, PiiEngine, ResultCache, build_nlp, ner_available
+from ._pii_engine import EngineSettings, Finding, PiiEngine, ProcessAnalyzer, ResultCache, build_nlp, ner_available
 from ._pii_recognizers import NER_ENTITIES, PATTERN_ENTITIES, CustomPattern, CustomRecognizer
 from ._pii_scope import answer_slots, channel_closed_by, endpoint_kind, request_slots, stream_channel_ends, stream_slots
 from ._pii_stream import Channel, StreamScanner
@@ -95,6 +95,13 @@ class PiiConfig(PluginConfig):
     cache_entries: int = Field(4096, ge=0, le=1_000_000, description="Texts whose findings are cached (LRU; 0 disables the cache).")
     cache_max_chars: int = Field(16_000_000, ge=0, le=1_000_000_000, description="Bound on the characters of cached texts.")
     timeout_ms: int = Field(2000, ge=1, le=600_000, description="Longest a request waits for Presidio; then the failure policy ('on_error') applies.")
+    processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Run Presidio in this many worker processes instead of the shared executor threads "
+        "(0: threads). Processes keep Presidio off the event loop's GIL, at the cost of memory per worker.",
+    )
     hash_key: str | None = Field(
         None, min_length=16, description='Secret key of the HMAC for the "hash" action, usually {"$env": "SLUICE_PII_HASH_KEY"}.'
     )
@@ -192,6 +199,7 @@ class Pii(Plugin):
         self.engine: PiiEngine | None = None
         self.cache: ResultCache | None = None
         self.metrics: _Metrics | None = None
+        self.workers: ProcessAnalyzer | None = None
         self._timeout = config.timeout_ms / 1000
         self._hash_key = config.hash_key.encode() if config.hash_key else b""
 
@@ -216,12 +224,28 @@ class Pii(Plugin):
         self.cache = shared(cache_key, make_cache) if shared else make_cache()
         if getattr(rt, "metrics", None) is not None and shared is not None:
             self.metrics = shared("pii.metrics", lambda: _Metrics(rt.metrics))
+        run_cpu = getattr(rt, "run_cpu", None)
         if not self.engine.loaded:
-            run_cpu = getattr(rt, "run_cpu", None)
+            # the pre-scan runs here even with worker processes; loading also proves the config works
             if run_cpu is not None:
                 await run_cpu(self.engine.load)
             else:
                 self.engine.load()
+        if self.config.processes:
+            make_pool = lambda: ProcessAnalyzer(settings, self.config.processes)  # noqa: E731
+            pool = shared(f"pii.processes:{key}:{self.config.processes}", make_pool) if shared else make_pool()
+            pool.users += 1
+            self.workers = pool
+            if pool.pool is None:
+                await pool.start()
+
+    async def stop(self) -> None:
+        pool, self.workers = self.workers, None
+        if pool is not None:
+            pool.users -= 1
+            if pool.users == 0:
+                # a reload that keeps the settings took its reference before this instance retired
+                pool.close()
 
     # -- finding -------------------------------------------------------------
     async def find(self, texts: list[str], where: str = "request") -> list[tuple[Finding, ...]] | None:
@@ -256,7 +280,8 @@ class Pii(Plugin):
             return results
         uniq = list(todo)
         try:
-            found = await asyncio.wait_for(self.runtime.run_cpu(engine.analyze_many, uniq), self._timeout)
+            work = self.workers.analyze_many(uniq) if self.workers is not None else self.runtime.run_cpu(engine.analyze_many, uniq)
+            found = await asyncio.wait_for(work, self._timeout)
         except asyncio.TimeoutError:
             if m is not None:
                 m.timeouts.inc()

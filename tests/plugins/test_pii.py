@@ -322,3 +322,17 @@ async def test_error_answers_are_not_touched(runtime: Any) -> None:
     ctx.response = Response(400, None, b'{"error": {"message": "bad <EMAIL_1>"}}')
     await p.on_response(ctx)
     assert b"<EMAIL_1>" in ctx.response.body
+
+
+@pytest.mark.slow
+async def test_worker_processes_find_the_same_and_stop_cleanly(runtime: Any) -> None:
+    p = await plugin(runtime, processes=1, restore=True)
+    assert p.workers is not None and p.workers.pool is not None
+    ctx = make_context(chat(f"mail {EMAIL}, call {PHONE}, card {CARD}"))
+    await p.on_request(ctx)
+    assert sent(ctx)["messages"][0]["content"] == "mail <EMAIL_1>, call <PHONE_1>, card <CREDIT_CARD_1>"
+    pids = [proc.pid for proc in p.workers.pool._processes.values()]
+    assert len(pids) == 1
+    pool = p.workers
+    await p.stop()
+    assert pool.pool is None and pool.users == 0
