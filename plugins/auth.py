@@ -27,6 +27,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy import AdminRoute, Command, Context, Identity, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
+from proxy.state import Limit
 
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
@@ -42,6 +43,8 @@ RECORD: StashKey[KeyRecord] = StashKey("auth.record")
 _ID = re.compile(r"^key_[0-9a-f]{16}$")
 _LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "concurrency")
 _CACHE_MAX = 10_000
+#: addresses with recent failures tracked at most (beyond, new ones go unchecked until some expire)
+_FAILING_MAX = 100_000
 
 
 def hash_key(secret: str) -> str:
@@ -310,7 +313,9 @@ class Auth(Plugin):
         self._identities = {rec.hash: rec.identity() for _, rec in self._static}
         self.store: KeyStore | None = None
         self._fail = None
-        self._cache: OrderedDict[str, tuple[KeyRecord, float]] = OrderedDict()
+        self._failing: dict[str, float] = {}
+        #: hash -> (record, identity, trusted until): identities are shared read-only between requests
+        self._cache: OrderedDict[str, tuple[KeyRecord, Identity, float]] = OrderedDict()
 
     async def start(self) -> None:
         if self.config.virtual_keys:
@@ -319,6 +324,7 @@ class Auth(Plugin):
             self._cache = self.runtime.shared("auth.cache", OrderedDict)
         if self.config.failure_limit:
             self._fail = self.runtime.state.counters("memory")
+            self._failing = self.runtime.shared("auth.failing", dict)
 
     # -- request path --------------------------------------------------------
     def _presented(self, ctx: Context) -> str | None:
@@ -345,8 +351,6 @@ class Auth(Plugin):
     async def on_request(self, ctx: Context) -> None:
         if ctx.answered:
             return
-        from proxy.state import Limit
-
         secret = self._presented(ctx)
         self._strip(ctx)
         if secret is None:
@@ -357,15 +361,26 @@ class Auth(Plugin):
         fail_limit = None
         if self._fail is not None:
             fail_limit = Limit("auth:fail:" + (ctx.client_ip or "-"), self.config.max_failures, self.config.failure_window_s)
-            d = await self._fail.acquire([fail_limit])
-            if not d.allowed:
-                raise _too_many(d.retry_after_s)
-            await self._fail.adjust([Limit(fail_limit.key, fail_limit.limit, fail_limit.period_s, -1.0)])
+            until = self._failing.get(fail_limit.key)
+            if until is not None:
+                if until > time.monotonic():
+                    # an address that failed lately: would one more failure fit?
+                    d = await self._fail.acquire([fail_limit])
+                    if not d.allowed:
+                        raise _too_many(d.retry_after_s)
+                    await self._fail.adjust([Limit(fail_limit.key, fail_limit.limit, fail_limit.period_s, -1.0)])
+                else:
+                    self._failing.pop(fail_limit.key, None)
 
         h = hash_key(secret)
+        ident: Identity | None = None
         rec = self._static_match(h)
-        if rec is None and self.store is not None:
-            rec = await self._lookup(h)
+        if rec is not None:
+            ident = self._identities[rec.hash]
+        elif self.store is not None:
+            found = await self._lookup(h)
+            if found is not None:
+                rec, ident = found
         if rec is None:
             await self._failed(fail_limit)
             raise ProxyError(401, "Incorrect API key provided.", code="invalid_api_key", reason="invalid_key")
@@ -376,7 +391,6 @@ class Auth(Plugin):
         if rec.expires_at is not None and rec.expires_at <= now:
             await self._failed(fail_limit)
             raise ProxyError(401, "This API key has expired.", code="api_key_expired", reason="expired_key")
-        ident = self._identities.get(rec.hash) or rec.identity()
         ctx.identity = ident
         ctx.stash[RECORD] = rec
         if rec.models is not None:
@@ -394,26 +408,35 @@ class Auth(Plugin):
                 found = rec
         return found
 
-    async def _lookup(self, h: str) -> KeyRecord | None:
+    async def _lookup(self, h: str) -> tuple[KeyRecord, Identity] | None:
         now = time.monotonic()
         hit = self._cache.get(h)
-        if hit is not None and hit[1] > now:
-            return hit[0]
+        if hit is not None and hit[2] > now:
+            return hit[0], hit[1]
         assert self.store is not None
         rec = await self.store.by_hash(h)
         if rec is not None and hmac.compare_digest(rec.hash, h):
+            ident = rec.identity()
             if self.config.cache_ttl_s > 0:
-                self._cache[h] = (rec, now + self.config.cache_ttl_s)
+                self._cache[h] = (rec, ident, now + self.config.cache_ttl_s)
                 self._cache.move_to_end(h)
                 while len(self._cache) > _CACHE_MAX:
                     self._cache.popitem(last=False)
-            return rec
+            return rec, ident
         self._cache.pop(h, None)
         return None
 
     async def _failed(self, limit: Any) -> None:
         if limit is not None and self._fail is not None:
             await self._fail.adjust([limit])
+            failing = self._failing
+            if len(failing) >= _FAILING_MAX:
+                now = time.monotonic()
+                for k in [k for k, t in failing.items() if t <= now]:
+                    del failing[k]
+            if len(failing) < _FAILING_MAX:
+                # a full bucket refills in one window: until then, check this address
+                failing[limit.key] = time.monotonic() + self.config.failure_window_s
 
     @hookimpl
     def on_response(self, ctx: Context) -> None:

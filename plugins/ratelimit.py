@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, hookimpl
+from proxy.state import Decision, Limit
 
 from ._tokens import completion_allowance, count_prompt_tokens, load_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from proxy.runtime import Runtime
-    from proxy.state import Counters, Decision, Limit, LimitStatus
+    from proxy.state import Counters, LimitStatus
 
 log = logging.getLogger("sluice.ratelimit")
 
@@ -101,6 +102,7 @@ class _Metrics:
             "sluice_ratelimit_decisions_total", "Rate-limit decisions by result and, when limited, the limit that refused.",
             ["result", "scope", "limit"], registry=registry,
         )
+        self.admitted = self.decisions.labels("allowed", "", "")
         self.overrun = Counter(
             "sluice_ratelimit_overrun_tokens_total", "Tokens used beyond the reservation (charged after the fact).", registry=registry,
         )
@@ -121,6 +123,20 @@ def format_duration(seconds: float) -> str:
     return s_txt
 
 
+#: (requests per minute, tokens per minute, concurrency), each None when not limited
+Triple = tuple["int | None", "int | None", "int | None"]
+
+
+def _triple(ls: LimitSet | None) -> Triple | None:
+    if ls is None or ls.empty:
+        return None
+    return (ls.requests_per_minute, ls.tokens_per_minute, ls.concurrency)
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 class RateLimit(Plugin):
     """Admits or refuses (429) each request against every configured limit at once."""
 
@@ -135,63 +151,67 @@ class RateLimit(Plugin):
         self.counters: Counters | None = None
         self.prefix = f"rl:{self.id}:"
         c = config
-        self._key_default = LimitSet(requests_per_minute=c.requests_per_minute, tokens_per_minute=c.tokens_per_minute, concurrency=c.concurrency)
-        self._models = list(c.models.items())
-        self._model_cache: dict[str, LimitSet | None] = {}
-        self._counts_tokens = any(
-            ls is not None and ls.tokens_per_minute is not None
-            for ls in [self._key_default, c.team, c.model, c.global_, *c.teams.values(), *c.models.values()]
-        ) or c.identity_limits
+        # plain tuples, not models, on the request path: it runs for every request
+        self._key_default: Triple = (c.requests_per_minute, c.tokens_per_minute, c.concurrency)
+        self._team_default = _triple(c.team)
+        self._teams = {name: _triple(ls) for name, ls in c.teams.items()}
+        self._model_default = _triple(c.model)
+        self._models = [(pat, _triple(ls)) for pat, ls in c.models.items()]
+        self._global = _triple(c.global_)
+        self._model_cache: dict[str, Triple | None] = {}
+        self._no_completion = NO_COMPLETION
 
     async def start(self) -> None:
-        from proxy.state import Limit  # noqa: F401  (fails early if the state package is broken)
-
         self.counters = self.runtime.state.counters(self.config.backend)
         for path in self.config.tokenizers.values():
             await self.runtime.run_cpu(load_tokenizer, path)
         self.metrics = self.runtime.shared("ratelimit.metrics", lambda: _Metrics(self.runtime.metrics))
 
     # -- which limits apply ---------------------------------------------------
-    def _model_limits(self, model: str | None) -> LimitSet | None:
-        if model is None:
-            return None
-        if model in self._model_cache:
+    def _model_limits(self, model: str) -> Triple | None:
+        try:
             return self._model_cache[model]
-        found = next((ls for pat, ls in self._models if fnmatchcase(model, pat)), self.config.model)
+        except KeyError:
+            pass
+        found = next((t for pat, t in self._models if fnmatchcase(model, pat)), self._model_default)
         if len(self._model_cache) < 4096:  # client-chosen strings: keep the memo bounded
             self._model_cache[model] = found
         return found
 
-    def scopes(self, ctx: Context) -> list[tuple[str, str, LimitSet]]:
-        """``(scope, bucket key, limits)`` for every scope that applies to this request."""
-        c = self.config
-        out: list[tuple[str, str, LimitSet]] = []
+    def scopes(self, ctx: Context) -> list[tuple[str, str, Triple]]:
+        """``(scope, bucket key, (rpm, tpm, concurrency))`` for every scope that applies to this request."""
+        out: list[tuple[str, str, Triple]] = []
         ident = ctx.identity
         key_set = self._key_default
         if ident is not None:
-            if c.identity_limits and ident.limits:
-                own = {k: v for k, v in ident.limits.items() if k in LimitSet.model_fields and isinstance(v, int)}
-                if own:
-                    key_set = key_set.model_copy(update=own)
-            who = "k:" + ident.key_id
-        elif c.anonymous == "client_ip":
-            who = "ip:" + (ctx.client_ip or "-")
-        elif c.anonymous == "shared":
-            who = "anon"
+            own = ident.limits
+            if own and self.config.identity_limits:
+                rpm, tpm, conc = key_set
+                v = own.get("requests_per_minute")
+                rpm = v if _positive(v) else rpm
+                v = own.get("tokens_per_minute")
+                tpm = v if _positive(v) else tpm
+                v = own.get("concurrency")
+                conc = v if _positive(v) else conc
+                key_set = (rpm, tpm, conc)
+            who: str | None = "k:" + ident.key_id
         else:
-            who = None
-        if who is not None and not key_set.empty:
+            anon = self.config.anonymous
+            who = "ip:" + (ctx.client_ip or "-") if anon == "client_ip" else ("anon" if anon == "shared" else None)
+        if who is not None and key_set != (None, None, None):
             out.append(("key", who, key_set))
         if ident is not None and ident.team:
-            ts = c.teams.get(ident.team, c.team)
+            ts = self._teams.get(ident.team, self._team_default)
             if ts is not None:
                 out.append(("team", "t:" + ident.team, ts))
-        model = ctx.model
-        ms = self._model_limits(model)
-        if ms is not None and model is not None:
-            out.append(("model", "m:" + model, ms))
-        if c.global_ is not None:
-            out.append(("global", "g", c.global_))
+        if self._models or self._model_default is not None:
+            model = ctx.model
+            if model is not None:
+                ms = self._model_limits(model)
+                if ms is not None:
+                    out.append(("model", "m:" + model, ms))
+        if self._global is not None:
+            out.append(("global", "g", self._global))
         return out
 
     async def reserve_tokens(self, ctx: Context) -> tuple[int, int]:
@@ -199,12 +219,12 @@ class RateLimit(Plugin):
         if ctx.method != "POST" or not ctx.body_is_json:
             return 0, 0
         body = ctx.body
-        model = ctx.model
-        if self.config.tokenizers and len(ctx.raw) > TOKENIZE_OFF_LOOP_BYTES:
-            prompt = await self.runtime.run_cpu(count_prompt_tokens, body, model, tokenizers=self.config.tokenizers)
+        tokenizers = self.config.tokenizers
+        if tokenizers and len(ctx.raw) > TOKENIZE_OFF_LOOP_BYTES:
+            prompt = await self.runtime.run_cpu(count_prompt_tokens, body, None, tokenizers=tokenizers)
         else:
-            prompt = count_prompt_tokens(body, model, tokenizers=self.config.tokenizers or None)
-        completion = 0 if ctx.path.rstrip("/").endswith(NO_COMPLETION) else completion_allowance(body, self.config.default_max_tokens)
+            prompt = count_prompt_tokens(body, None, tokenizers=tokenizers or None)
+        completion = 0 if ctx.path.rstrip("/").endswith(self._no_completion) else completion_allowance(body, self.config.default_max_tokens)
         return prompt, prompt + completion
 
     # -- request path ------------------------------------------------------------
@@ -212,94 +232,112 @@ class RateLimit(Plugin):
     async def on_request(self, ctx: Context) -> None:
         if ctx.answered:
             return
-        from proxy.state import Limit
-
         scopes = self.scopes(ctx)
         if not scopes:
             return
-        counters = self.counters
-        assert counters is not None
-        prompt, tokens = 0, 0
-        if self._counts_tokens and any(ls.tokens_per_minute for _, _, ls in scopes):
-            prompt, tokens = await self.reserve_tokens(ctx)
+        prompt = tokens = 0
+        for _, _, (_, tpm, _) in scopes:
+            if tpm is not None:
+                prompt, tokens = await self.reserve_tokens(ctx)
+                break
         limits: list[Limit] = []
         token_limits: list[Limit] = []
-        scope_of: dict[str, tuple[str, str]] = {}
-        for scope, who, ls in scopes:
-            base = self.prefix + who
-            if ls.requests_per_minute is not None:
-                lim = Limit(base + ":r", ls.requests_per_minute, PERIOD_S, 1.0)
-                limits.append(lim)
-                scope_of[lim.key] = (scope, "requests")
-            if ls.tokens_per_minute is not None:
-                if tokens > ls.tokens_per_minute:
+        leases: list[tuple[str, int, float]] = []
+        kinds: dict[str, tuple[str, str]] = {}
+        prefix = self.prefix
+        for scope, who, (rpm, tpm, conc) in scopes:
+            if rpm is not None:
+                k = prefix + who + ":r"
+                limits.append(Limit(k, rpm, PERIOD_S, 1.0))
+                kinds[k] = (scope, "requests")
+            if tpm is not None:
+                if tokens > tpm:
                     self.metrics.decisions.labels("limited", scope, "tokens").inc()
                     raise ProxyError(
                         429,
                         f"Request too large: it needs about {tokens} tokens (prompt plus max_tokens) but the tokens per "
-                        f"minute limit of this {scope} is {ls.tokens_per_minute}. Lower max_tokens or shorten the prompt.",
+                        f"minute limit of this {scope} is {tpm}. Lower max_tokens or shorten the prompt.",
                         code="rate_limit_exceeded", reason="request_too_large",
                     )
-                lim = Limit(base + ":t", ls.tokens_per_minute, PERIOD_S, float(tokens))
+                k = prefix + who + ":t"
+                lim = Limit(k, tpm, PERIOD_S, float(tokens))
                 limits.append(lim)
                 token_limits.append(lim)
-                scope_of[lim.key] = (scope, "tokens")
+                kinds[k] = (scope, "tokens")
+            if conc is not None:
+                k = prefix + who + ":c"
+                leases.append((k, conc, self.config.lease_ttl_s))
+                kinds[k] = (scope, "concurrency")
 
-        leases: list[tuple[str, str]] = []
-        try:
-            for scope, who, ls in scopes:
-                if ls.concurrency is None:
-                    continue
-                key = self.prefix + who + ":c"
-                token = await counters.lease(key, ls.concurrency, self.config.lease_ttl_s)
-                if token is None:
-                    self.metrics.decisions.labels("limited", scope, "concurrency").inc()
-                    raise ProxyError(
-                        429, f"Too many requests in flight for this {scope} (limit {ls.concurrency}). Retry when one finishes.",
-                        code="rate_limit_exceeded", headers={"retry-after": "1"}, reason="concurrency_limited",
-                    )
-                leases.append((key, token))
-            decision = await counters.acquire(limits) if limits else None
-        except BaseException:
-            await self._release(leases)
-            raise
-
-        headers = self._headers(decision.statuses, scope_of) if decision is not None and self.config.headers else {}
-        if decision is not None and not decision.allowed:
-            await self._release(leases)
-            refused = decision.refused
-            scope, kind = scope_of.get(refused.key, ("key", "requests")) if refused else ("key", "requests")
-            self.metrics.decisions.labels("limited", scope, kind).inc()
-            wait = max(decision.retry_after_s, 0.001)
-            headers["retry-after"] = str(max(1, math.ceil(wait)))
-            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
-            limit_n = int(refused.limit) if refused else 0
-            raise ProxyError(
-                429,
-                f"Rate limit reached for {kind} per minute on this {scope} (limit {limit_n}). "
-                f"Please try again in {format_duration(wait)}.",
-                code="rate_limit_exceeded", headers=headers, reason=f"{kind}_limited",
-            )
-        self.metrics.decisions.labels("allowed", "", "").inc()
-        ctx.stash[RESERVATION] = Reservation(tokens, prompt, token_limits, leases)
+        decision, held = await self._admit(limits, leases)
+        headers = self._headers(decision.statuses, kinds) if self.config.headers and decision.statuses else {}
+        if not decision.allowed:
+            self._refuse(decision, kinds, headers)
+        self.metrics.admitted.inc()
+        ctx.stash[RESERVATION] = Reservation(tokens, prompt, token_limits, list(zip([k for k, _, _ in leases], held)))
         if headers:
             ctx.response_headers.update(headers)
 
+    async def _admit(self, limits: list[Limit], leases: list[tuple[str, int, float]]) -> tuple[Decision, list[str]]:
+        """Every limit and lease in one step when the backend can (one Redis round trip), else in turn."""
+        counters = self.counters
+        assert counters is not None
+        admit = getattr(counters, "admit", None)
+        if admit is not None:
+            return await admit(limits, leases)
+        held: list[str] = []
+        try:
+            for key, limit, ttl in leases:
+                token = await counters.lease(key, limit, ttl)
+                if token is None:
+                    await self._release(list(zip([k for k, _, _ in leases], held)))
+                    return Decision(False, 1.0, (), Limit(key, limit, ttl, 1.0)), []
+                held.append(token)
+            decision = await counters.acquire(limits) if limits else Decision(True, 0.0)
+        except BaseException:
+            await self._release(list(zip([k for k, _, _ in leases], held)))
+            raise
+        if not decision.allowed:
+            await self._release(list(zip([k for k, _, _ in leases], held)))
+            return decision, []
+        return decision, held
+
+    def _refuse(self, decision: Decision, kinds: dict[str, tuple[str, str]], headers: dict[str, str]) -> None:
+        refused = decision.refused
+        scope, kind = kinds.get(refused.key, ("key", "requests")) if refused is not None else ("key", "requests")
+        self.metrics.decisions.labels("limited", scope, kind).inc()
+        limit_n = int(refused.limit) if refused is not None else 0
+        if kind == "concurrency":
+            raise ProxyError(
+                429, f"Too many requests in flight for this {scope} (limit {limit_n}). Retry when one finishes.",
+                code="rate_limit_exceeded", headers={**headers, "retry-after": "1", "retry-after-ms": "1000"},
+                reason="concurrency_limited",
+            )
+        wait = max(decision.retry_after_s, 0.001)
+        headers["retry-after"] = str(max(1, math.ceil(wait)))
+        headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+        raise ProxyError(
+            429,
+            f"Rate limit reached for {kind} per minute on this {scope} (limit {limit_n}). "
+            f"Please try again in {format_duration(wait)}.",
+            code="rate_limit_exceeded", headers=headers, reason=f"{kind}_limited",
+        )
+
     @staticmethod
-    def _headers(statuses: tuple[LimitStatus, ...], scope_of: dict[str, tuple[str, str]]) -> dict[str, str]:
+    def _headers(statuses: tuple[LimitStatus, ...], kinds: dict[str, tuple[str, str]]) -> dict[str, str]:
         """OpenAI's headers for the tightest limit of each kind (the fewest units left)."""
         best: dict[str, LimitStatus] = {}
         for st in statuses:
-            kind = scope_of.get(st.limit.key, ("", ""))[1]
+            kind = kinds[st.limit.key][1]
             cur = best.get(kind)
             if cur is None or st.remaining < cur.remaining:
                 best[kind] = st
         out: dict[str, str] = {}
         for kind, st in best.items():
-            out[f"x-ratelimit-limit-{kind}"] = str(int(st.limit.limit))
+            out["x-ratelimit-limit-" + kind] = str(int(st.limit.limit))
             # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(st.remaining + 0.01)))
-            out[f"x-ratelimit-reset-{kind}"] = format_duration(st.reset_s)
+            out["x-ratelimit-remaining-" + kind] = str(max(0, int(st.remaining + 0.01)))
+            out["x-ratelimit-reset-" + kind] = format_duration(st.reset_s)
         return out
 
     async def _release(self, leases: list[tuple[str, str]]) -> None:
@@ -310,7 +348,6 @@ class RateLimit(Plugin):
                 await self.counters.release(key, token)
             except StateUnavailable:
                 pass  # the lease's TTL frees it
-        leases.clear()
 
     # -- reconcile -----------------------------------------------------------------
     def actual_tokens(self, ctx: Context, res: Reservation) -> int:
@@ -334,19 +371,27 @@ class RateLimit(Plugin):
 
     @hookimpl
     async def on_done(self, ctx: Context) -> None:
-        from proxy.state import Limit
-
         res = ctx.stash.get(RESERVATION)
         if res is None or res.released:
             return
         res.released = True
-        await self._release(res.leases)
-        if not res.token_limits:
+        adjust: list[Limit] = []
+        if res.token_limits:
+            delta = self.actual_tokens(ctx, res) - res.tokens
+            if delta > 0:
+                self.metrics.overrun.inc(delta)
+            if delta:
+                adjust = [Limit(lim.key, lim.limit, lim.period_s, float(delta)) for lim in res.token_limits]
+        if not adjust and not res.leases:
             return
-        used = self.actual_tokens(ctx, res)
-        delta = used - res.tokens
-        if delta > 0:
-            self.metrics.overrun.inc(delta)
-        if delta:
-            assert self.counters is not None
-            await self.counters.adjust([Limit(l.key, l.limit, l.period_s, float(delta)) for l in res.token_limits])
+        counters = self.counters
+        assert counters is not None
+        settle = getattr(counters, "settle", None)
+        if settle is not None:
+            await settle(adjust, res.leases)  # one round trip on Redis
+            return
+        try:
+            await self._release(res.leases)
+        finally:
+            if adjust:
+                await counters.adjust(adjust)

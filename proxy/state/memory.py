@@ -6,8 +6,8 @@ each call is atomic with respect to other requests of the process.
 
 from __future__ import annotations
 
+import itertools
 import math
-import secrets
 import time
 from collections import OrderedDict
 from typing import Callable, Sequence
@@ -51,6 +51,7 @@ class MemoryCounters(Counters):
         self._leases: dict[str, dict[str, float]] = {}
         self._sums: dict[str, tuple[float, float]] = {}
         self._ops = 0
+        self._tokens = itertools.count(1)
 
     def _tick(self, now: float) -> None:
         self._ops += 1
@@ -105,16 +106,48 @@ class MemoryCounters(Counters):
             else:
                 self._tat[lim.key] = new_tat
 
-    async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
-        now = self._clock()
-        held = self._leases.setdefault(key, {})
+    def _has_slot(self, key: str, limit: int, now: float) -> bool:
+        held = self._leases.get(key)
+        if held is None or len(held) < limit:
+            return True
+        # only a full set is worth sweeping for expired slots
         for tok in [t for t, exp in held.items() if exp <= now]:
             del held[tok]
-        if len(held) >= limit:
-            return None
-        token = secrets.token_hex(8)
-        held[token] = now + ttl_s
+        return len(held) < limit
+
+    def _take_slot(self, key: str, ttl_s: float, now: float) -> str:
+        token = f"{next(self._tokens):x}"
+        self._leases.setdefault(key, {})[token] = now + ttl_s
         return token
+
+    async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
+        now = self._clock()
+        if not self._has_slot(key, limit, now):
+            return None
+        return self._take_slot(key, ttl_s, now)
+
+    async def admit(self, limits: Sequence[Limit], leases: Sequence[tuple[str, int, float]]) -> tuple[Decision, list[str]]:
+        """``acquire(limits)`` and a lease on every ``(key, limit, ttl_s)``, all or nothing.
+
+        A full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)`` and a
+        retry of one second (when a slot frees is unknowable). Returns the decision
+        and, when admitted, the lease tokens in order.
+        """
+        now = self._clock()
+        for key, limit, ttl_s in leases:
+            if not self._has_slot(key, limit, now):
+                return Decision(False, 1.0, (), Limit(key, limit, ttl_s, 1.0)), []
+        decision = await self.acquire(limits) if limits else Decision(True, 0.0)
+        if not decision.allowed:
+            return decision, []
+        return decision, [self._take_slot(key, ttl_s, now) for key, _, ttl_s in leases]
+
+    async def settle(self, adjust: Sequence[Limit], releases: Sequence[tuple[str, str]]) -> None:
+        """``adjust(adjust)`` and release every ``(key, token)`` lease."""
+        if adjust:
+            await self.adjust(adjust)
+        for key, token in releases:
+            await self.release(key, token)
 
     async def release(self, key: str, token: str) -> None:
         held = self._leases.get(key)

@@ -35,21 +35,36 @@ if now < 0 then
 end
 """
 
-# KEYS: one per limit (distinct). ARGV: now, eps, then limit, period, cost per key.
-# Returns {allowed, retry_after, refused_index, remaining_1, reset_1, ...} as strings,
-# because Lua numbers come back to the client truncated to integers.
-ACQUIRE_LUA = _CLOCK + """
+# KEYS: n limit keys (distinct), then m lease sets.
+# ARGV: now, eps, n, then limit, period, cost per limit, then limit, ttl_s, token per lease.
+# Leases are checked first; then every GCRA limit; only if all pass is anything written.
+# Returns {allowed, retry_after, refused_index, remaining_1, reset_1, ...} as strings
+# (Lua numbers come back to the client truncated to integers); refused_index counts
+# limits first, then leases.
+ADMIT_LUA = _CLOCK + """
 local eps = tonumber(ARGV[2])
-local n = #KEYS
+local n = tonumber(ARGV[3])
+local m = #KEYS - n
+local nowtxt = string.format('%.6f', now)
+for j = 1, m do
+  local key = KEYS[n + j]
+  local limit = tonumber(ARGV[4 + 3 * n + 3 * (j - 1)])
+  if redis.call('ZCARD', key) >= limit then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', nowtxt)
+    if redis.call('ZCARD', key) >= limit then
+      return {'0', '1.000000', tostring(n + j)}
+    end
+  end
+end
 local new = {}
 local out = {}
 local pre = {}
 local refused = 0
 local wait_max = 0
 for i = 1, n do
-  local limit = tonumber(ARGV[3 * i])
-  local period = tonumber(ARGV[3 * i + 1])
-  local cost = tonumber(ARGV[3 * i + 2])
+  local limit = tonumber(ARGV[1 + 3 * i])
+  local period = tonumber(ARGV[2 + 3 * i])
+  local cost = tonumber(ARGV[3 + 3 * i])
   local interval = period / limit
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   local base = tat
@@ -69,29 +84,36 @@ for i = 1, n do
       refused = i
       wait_max = wait
     end
-    out[2 * i - 1] = string.format('%.6f', (period - (base - now)) / interval)
-    out[2 * i] = string.format('%.6f', base - now)
-  end
-end
-if refused == 0 then
-  for i = 1, n do
-    local ms = math.ceil((new[i] - now) * 1000) + 1
-    redis.call('SET', KEYS[i], string.format('%.6f', new[i]), 'PX', ms)
   end
 end
 local res = {refused == 0 and '1' or '0', string.format('%.6f', wait_max), tostring(refused)}
--- refused: nothing was taken, so every status shows the bucket as it stands
-if refused ~= 0 then out = pre end
+if refused ~= 0 then
+  -- nothing was taken, so every status shows the bucket as it stands
+  for i = 1, 2 * n do res[3 + i] = pre[i] end
+  return res
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i], string.format('%.6f', new[i]), 'PX', math.ceil((new[i] - now) * 1000) + 1)
+end
+for j = 1, m do
+  local key = KEYS[n + j]
+  local at = 4 + 3 * n + 3 * (j - 1)
+  local ttl = tonumber(ARGV[at + 1])
+  redis.call('ZADD', key, string.format('%.6f', now + ttl), ARGV[at + 2])
+  local want = math.ceil(ttl * 1000) + 1
+  if redis.call('PTTL', key) < want then redis.call('PEXPIRE', key, want) end
+end
 for i = 1, 2 * n do res[3 + i] = out[i] end
 return res
 """
 
-# KEYS: limit keys. ARGV: now, then limit, period, cost per key.
-ADJUST_LUA = _CLOCK + """
-for i = 1, #KEYS do
-  local limit = tonumber(ARGV[3 * i - 1])
-  local period = tonumber(ARGV[3 * i])
-  local cost = tonumber(ARGV[3 * i + 1])
+# KEYS: n limit keys, then lease sets. ARGV: now, n, limit/period/cost per limit, then a token per lease.
+SETTLE_LUA = _CLOCK + """
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  local limit = tonumber(ARGV[3 * i])
+  local period = tonumber(ARGV[3 * i + 1])
+  local cost = tonumber(ARGV[3 * i + 2])
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
   local nt = tat + cost * (period / limit)
@@ -101,18 +123,9 @@ for i = 1, #KEYS do
     redis.call('SET', KEYS[i], string.format('%.6f', nt), 'PX', math.ceil((nt - now) * 1000) + 1)
   end
 end
-return 1
-"""
-
-# KEYS: the lease set. ARGV: now, limit, ttl_s, token.
-LEASE_LUA = _CLOCK + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now))
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-local ttl = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], string.format('%.6f', now + ttl), ARGV[4])
-local left = redis.call('PTTL', KEYS[1])
-local want = math.ceil(ttl * 1000) + 1
-if left < want then redis.call('PEXPIRE', KEYS[1], want) end
+for j = n + 1, #KEYS do
+  redis.call('ZREM', KEYS[j], ARGV[3 * n + 2 + (j - n)])
+end
 return 1
 """
 
@@ -259,40 +272,56 @@ class RedisCounters(Counters):
         return "-1" if self._clock is None else repr(self._clock())
 
     async def acquire(self, limits: Sequence[Limit]) -> Decision:
+        decision, _ = await self.admit(limits, ())
+        return decision
+
+    async def admit(self, limits: Sequence[Limit], leases: Sequence[tuple[str, int, float]]) -> tuple[Decision, list[str]]:
+        """``acquire(limits)`` plus a lease on every ``(key, limit, ttl_s)``: one script, all or nothing.
+
+        A full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)`` and a
+        one-second retry. Returns the decision and, when admitted, the lease tokens.
+        """
         merged = _merge(limits)
-        keys = [self.prefix + lim.key for lim in merged]
-        args: list[Any] = [self._now(), "0.000001"]
+        tokens = [secrets.token_hex(8) for _ in leases]
+        keys = [self.prefix + lim.key for lim in merged] + [self.prefix + "lease:" + key for key, _, _ in leases]
+        args: list[Any] = [self._now(), "0.000001", len(merged)]
         for lim in merged:
             args += [repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost))]
-        res = await self.guard.script(ACQUIRE_LUA, keys, args)
+        for (_, limit, ttl_s), token in zip(leases, tokens):
+            args += [int(limit), repr(float(ttl_s)), token]
+        res = await self.guard.script(ADMIT_LUA, keys, args)
         res = [x.decode() if isinstance(x, bytes) else str(x) for x in res]
         allowed = res[0] == "1"
-        wait = float(res[1])
         refused_i = int(res[2])
-        by_key = {}
-        for i, lim in enumerate(merged):
-            by_key[lim.key] = (float(res[3 + 2 * i]), float(res[4 + 2 * i]))
+        if refused_i > len(merged):
+            key, limit, ttl_s = leases[refused_i - len(merged) - 1]
+            return Decision(False, float(res[1]), (), Limit(key, limit, ttl_s, 1.0)), []
+        by_key = {lim.key: (float(res[3 + 2 * i]), float(res[4 + 2 * i])) for i, lim in enumerate(merged)}
         statuses = tuple(LimitStatus(lim, *by_key[lim.key]) for lim in limits)
-        refused = None
-        if not allowed:
-            rk = merged[refused_i - 1].key
-            refused = next(lim for lim in limits if lim.key == rk)
-        return Decision(allowed, wait if not allowed else 0.0, statuses, refused)
+        if allowed:
+            return Decision(True, 0.0, statuses, None), tokens
+        rk = merged[refused_i - 1].key
+        refused = next(lim for lim in limits if lim.key == rk)
+        return Decision(False, float(res[1]), statuses, refused), []
 
     async def adjust(self, limits: Sequence[Limit]) -> None:
-        limits = [lim for lim in limits if lim.cost != 0]
-        if not limits:
+        await self.settle(limits, ())
+
+    async def settle(self, adjust: Sequence[Limit], releases: Sequence[tuple[str, str]]) -> None:
+        """``adjust(adjust)`` and release every ``(key, token)`` lease, in one script."""
+        adjust = [lim for lim in adjust if lim.cost != 0]
+        if not adjust and not releases:
             return
-        keys = [self.prefix + lim.key for lim in limits]
-        args: list[Any] = [self._now()]
-        for lim in limits:
+        keys = [self.prefix + lim.key for lim in adjust] + [self.prefix + "lease:" + key for key, _ in releases]
+        args: list[Any] = [self._now(), len(adjust)]
+        for lim in adjust:
             args += [repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost))]
-        await self.guard.script(ADJUST_LUA, keys, args)
+        args += [token for _, token in releases]
+        await self.guard.script(SETTLE_LUA, keys, args)
 
     async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
-        token = secrets.token_hex(8)
-        ok = await self.guard.script(LEASE_LUA, [self.prefix + "lease:" + key], [self._now(), limit, repr(float(ttl_s)), token])
-        return token if int(ok) == 1 else None
+        decision, tokens = await self.admit((), [(key, limit, ttl_s)])
+        return tokens[0] if decision.allowed else None
 
     async def release(self, key: str, token: str) -> None:
         await self.guard.call(lambda: self.guard.client.zrem(self.prefix + "lease:" + key, token))

@@ -162,3 +162,25 @@ async def test_a_refused_decision_reports_buckets_as_they_stand(counters):
     by_key = {s.limit.key: s for s in d.statuses}
     assert by_key["w"].remaining == pytest.approx(90, abs=0.01)  # not 80: the refusal took nothing
     assert by_key["n"].remaining == pytest.approx(0, abs=0.01)
+
+
+async def test_admit_takes_limits_and_leases_together_or_nothing(counters, clock):
+    rpm = Limit("r", 10, 60)
+    d, tokens = await counters.admit([rpm], [("c", 1, 30.0)])
+    assert d.allowed and len(tokens) == 1
+    d, tokens2 = await counters.admit([rpm], [("c", 1, 30.0)])
+    assert not d.allowed and tokens2 == [] and d.refused == Limit("c", 1, 30.0, 1.0)
+    # the refused admission took nothing from the request bucket: 9 remain
+    d = await counters.acquire([Limit("r", 10, 60, cost=9)])
+    assert d.allowed
+    # a refused limit takes no lease either
+    d, tokens3 = await counters.admit([rpm], [("c2", 1, 30.0)])
+    assert not d.allowed and d.refused == rpm
+    assert await counters.lease("c2", 1, 30.0) is not None
+    # settle gives back tokens and the slot in one step
+    await counters.settle([Limit("r", 10, 60, cost=-10)], [("c", tokens[0])])
+    d, more = await counters.admit([Limit("r", 10, 60, cost=10)], [("c", 1, 30.0)])
+    assert d.allowed and len(more) == 1
+    clock.advance(31)  # an unreleased slot frees itself after its TTL
+    d, _ = await counters.admit([], [("c", 1, 30.0)])
+    assert d.allowed
