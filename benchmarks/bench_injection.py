@@ -72,7 +72,7 @@ def body(text: str) -> dict[str, Any]:
 # -- in-process: the hook itself ------------------------------------------------------------
 
 async def bench_hook(iterations: int) -> dict[str, Any]:
-    plugin = Injection(Injection.Config.model_validate({"cache_size": 0, "action": "log"}), None)
+    plugin = Injection(Injection.Config.model_validate({"cache_size": 0, "action": "flag"}), None)
     await plugin.start()
     out: dict[str, Any] = {}
     cases = [(f"{n} words", prose(n)) for n in SIZES]
@@ -163,7 +163,7 @@ async def bench_server(rounds: int, per_round: int, concurrency: int) -> dict[st
 
 async def main(quick: bool) -> dict[str, Any]:
     iterations = 200 if quick else 2000
-    rounds, per_round, concurrency = (1, 100, 4) if quick else (3, 300, 4)
+    rounds, per_round, concurrency = (1, 100, 4) if quick else (2, 300, 4)
     return {"hook": await bench_hook(iterations), "server": await bench_server(rounds, per_round, concurrency)}
 
 
