@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("sluice.chain")
 
-Hook = tuple[Plugin, Callable[..., Any], bool]
+#: (plugin, bound hook, is coroutine function, timing key "plugin-id.phase")
+Hook = tuple[Plugin, Callable[..., Any], bool, str]
 
 
 class CompiledRoute:
@@ -45,12 +46,11 @@ class CompiledRoute:
         self.plugins = plugins
         hooks = [hook_functions(p) for p in plugins]
         #: per plugin position: its hook or None, so the onion can walk back by position
-        self.on_request: list[Hook] = [(p, *h["on_request"]) for p, h in zip(plugins, hooks) if "on_request" in h]
         self._by_pos: dict[str, list[Hook | None]] = {
-            phase: [(p, *h[phase]) if phase in h else None for p, h in zip(plugins, hooks)]
+            phase: [(p, *h[phase], f"{p.id}.{phase}") if phase in h else None for p, h in zip(plugins, hooks)]
             for phase in ("on_request", "on_response", "on_chunk", "on_stream_end")
         }
-        self.on_done: list[Hook] = [(p, *h["on_done"]) for p, h in zip(plugins, hooks) if "on_done" in h]
+        self.on_done: list[Hook] = [(p, *h["on_done"], f"{p.id}.on_done") for p, h in zip(plugins, hooks) if "on_done" in h]
         self.parse_stream = any(h is not None for h in self._by_pos["on_chunk"])
         self.needs_usage = any(p.needs_usage for p in plugins)
         self.has_response_hooks = any(h is not None for h in self._by_pos["on_response"])
@@ -145,11 +145,9 @@ async def _quietly(aw: Any) -> None:
 # -- running hooks ---------------------------------------------------------
 
 
-def _record(ctx: Context, plugin: Plugin, phase: str, t0: float) -> None:
-    key = f"{plugin.id}.{phase}"
-    dt = time.perf_counter() - t0
+def _record(ctx: Context, key: str, t0: float) -> None:
     timings = ctx.timings.plugins
-    timings[key] = timings.get(key, 0.0) + dt
+    timings[key] = timings.get(key, 0.0) + (time.perf_counter() - t0)
 
 
 def failure(ctx: Context, plugin: Plugin, phase: str, exc: BaseException) -> ProxyError | None:
@@ -174,7 +172,7 @@ async def run_request(ctx: Context, route: CompiledRoute) -> None:
         ctx.passed = pos + 1
         if hook is None:
             continue
-        plugin, fn, is_async = hook
+        plugin, fn, is_async, key = hook
         ctx._current = plugin.id
         t0 = time.perf_counter()
         try:
@@ -186,7 +184,7 @@ async def run_request(ctx: Context, route: CompiledRoute) -> None:
             if err is not None:
                 answer_error(ctx, err)
         finally:
-            _record(ctx, plugin, "on_request", t0)
+            _record(ctx, key, t0)
         if ctx.reply_value is not None:
             return
     ctx._current = None
@@ -201,7 +199,7 @@ async def run_response(ctx: Context, route: CompiledRoute) -> None:
     """on_response, innermost plugin first; a ProxyError replaces the answer."""
     from .context import Response
 
-    for plugin, fn, is_async in route.back("on_response", ctx.passed):
+    for plugin, fn, is_async, key in route.back("on_response", ctx.passed):
         t0 = time.perf_counter()
         try:
             r = fn(ctx)
@@ -215,7 +213,7 @@ async def run_response(ctx: Context, route: CompiledRoute) -> None:
                 ctx.answered_by = ctx.answered_by or plugin.id
                 ctx.answer_reason = err.reason
         finally:
-            _record(ctx, plugin, "on_response", t0)
+            _record(ctx, key, t0)
 
 
 class StreamError(Exception):
@@ -248,7 +246,7 @@ class ChunkPipeline:
     async def push(self, events: Iterable[Event], start: int = 0) -> list[Event]:
         out = list(events)
         ctx = self.ctx
-        for _, (plugin, fn, is_async) in self.chunk_hooks[start:]:
+        for _, (plugin, fn, is_async, key) in self.chunk_hooks[start:]:
             if not out:
                 break
             nxt: list[Event] = []
@@ -268,14 +266,14 @@ class ChunkPipeline:
                     nxt.append(ev)
                 else:
                     nxt.extend(r)
-            _record(ctx, plugin, "on_chunk", t0)
+            _record(ctx, key, t0)
             out = nxt
         return out
 
     async def end(self) -> list[Event]:
         out: list[Event] = []
         ctx = self.ctx
-        for (plugin, fn, is_async), start in self.end_hooks:
+        for (plugin, fn, is_async, key), start in self.end_hooks:
             t0 = time.perf_counter()
             try:
                 r = fn(ctx)
@@ -287,7 +285,7 @@ class ChunkPipeline:
                     ctx.answered_by, ctx.answer_reason = plugin.id, err.reason
                     raise StreamError(err) from None
                 r = None
-            _record(ctx, plugin, "on_stream_end", t0)
+            _record(ctx, key, t0)
             if r:
                 out.extend(await self.push(r, start))
         return out
@@ -303,7 +301,7 @@ async def aiter_events(events: Any) -> AsyncIterator[Event]:
 
 
 async def run_done(ctx: Context, route: CompiledRoute) -> None:
-    for plugin, fn, is_async in route.on_done:
+    for plugin, fn, is_async, key in route.on_done:
         t0 = time.perf_counter()
         try:
             r = fn(ctx)
@@ -313,4 +311,4 @@ async def run_done(ctx: Context, route: CompiledRoute) -> None:
             ctx.runtime.on_plugin_error(plugin.id, "on_done")
             log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
         finally:
-            _record(ctx, plugin, "on_done", t0)
+            _record(ctx, key, t0)
