@@ -107,6 +107,29 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.cleanup()
 
 
+def _profile_on_signals(path: str) -> None:
+    """The same switchable thread-CPU profiler as ``noop_plugins.py``, for a like-for-like comparison."""
+    import cProfile
+    import time
+
+    current: list[cProfile.Profile] = []
+
+    def on(_sig: int, _frame: object) -> None:
+        if not current:
+            current.append(cProfile.Profile(time.thread_time))
+            current[0].enable()
+
+    def off(_sig: int, _frame: object) -> None:
+        if current:
+            prof = current.pop()
+            prof.disable()
+            prof.dump_stats(f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
+
+    signal.signal(signal.SIGUSR1, on)
+    signal.signal(signal.SIGUSR2, off)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Minimal aiohttp pass-through proxy (benchmark baseline).")
     p.add_argument("--upstream", help="base URL serving /v1/, e.g. http://127.0.0.1:8000/v1")
@@ -116,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-file", help="write {pid, port, host} as JSON here once listening")
     p.add_argument("--max-connections", type=int, default=256, help="pooled upstream connections (Sluice's default)")
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false")
+    p.add_argument("--profile", default=None, help="profile CPU between SIGUSR1 and SIGUSR2; the stats are written here at SIGUSR2")
     args = p.parse_args(argv)
+    if args.profile:
+        _profile_on_signals(args.profile)
     if args.uvloop:
         import uvloop
 

@@ -16,15 +16,18 @@ runs the ordinary server entry point, ``proxy.server.serve``::
     python benchmarks/noop_plugins.py -c sluice.yaml --ready-file ready.json
     python benchmarks/noop_plugins.py -c sluice.yaml --ready-file ready.json --profile out.prof
 
-``--profile FILE`` runs the server under cProfile and writes the stats when it stops
-(SIGTERM drains, then the profile is dumped): the way to see where the proxy's time
-goes without touching ``proxy/``. Only ``server.workers: 1`` works here: a multi-worker
-master starts fresh ``sluice serve`` processes, which would not have the plugins.
+``--profile FILE`` adds a cProfile switched on by SIGUSR1 and off by SIGUSR2 (which
+writes the stats to FILE): the way to see where the proxy's CPU goes without touching
+``proxy/`` (``run_core.py --profile DIR`` drives it).
+
+Only ``server.workers: 1`` works here: a multi-worker master starts fresh
+``sluice serve`` processes, which would not have the plugins.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,21 +96,49 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="sluice serve, with the ten benchmark no-op plugins registered.")
     p.add_argument("-c", "--config", default=None, help="config file (as for `sluice serve`)")
     p.add_argument("--ready-file", default=None, help="write {pid, port, admin_port} as JSON here once listening")
-    p.add_argument("--profile", default=None, help="run under cProfile and write the stats here on exit")
+    p.add_argument("--profile", default=None, help="profile CPU between SIGUSR1 and SIGUSR2; the stats are written here at SIGUSR2")
     args = p.parse_args(argv)
     register()
     from proxy.server import serve
 
     if args.profile is None:
         return serve(args.config, ready_file=args.ready_file)
+    return _profiled(args)
+
+
+def _profiled(args: argparse.Namespace) -> int:
+    """Serve with a CPU-time profiler that SIGUSR1 switches on and SIGUSR2 off (stats written then).
+
+    Thread CPU time, not wall time: on a shared machine wall time charges the
+    scheduler's pauses to whatever function happened to be running. The event
+    loop runs on the main thread, so that is the thread measured; start-up and
+    warm-up stay out of the figures because the runner switches the profiler on
+    only around the measured load.
+    """
     import cProfile
+    import signal
+    import time
 
-    prof = cProfile.Profile()
-    try:
-        return prof.runcall(serve, args.config, ready_file=args.ready_file)
-    finally:
-        prof.dump_stats(args.profile)
+    from proxy.server import serve
 
+    current: list[cProfile.Profile] = []
+
+    def on(_sig: int, _frame: Any) -> None:
+        if not current:
+            current.append(cProfile.Profile(time.thread_time))
+            current[0].enable()
+
+    def off(_sig: int, _frame: Any) -> None:
+        if current:
+            prof = current.pop()
+            prof.disable()
+            tmp = f"{args.profile}.tmp"
+            prof.dump_stats(tmp)
+            os.replace(tmp, args.profile)  # the runner waits for the file: it must appear whole
+
+    signal.signal(signal.SIGUSR1, on)
+    signal.signal(signal.SIGUSR2, off)
+    return serve(args.config, ready_file=args.ready_file)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -180,12 +180,12 @@ async def start_targets(tmp: Path, args: argparse.Namespace, profile_dir: Path |
         from noop_plugins import chain as noop_chain
 
         targets: dict[str, Target] = {"direct": Target("direct", a, b, [])}
-        if profile_dir is None:
-            ready = tmp / "ready-baseline.json"
-            base = await fleet.with_ready_file(
-                "baseline", [PY, str(HERE / "baseline_proxy.py"), "--upstream", a, "--route", f"/s/v1/={b}", "--port", "0", "--ready-file", str(ready)], ready
-            )
-            targets["baseline"] = Target("baseline", f"http://127.0.0.1:{base.port}/v1", f"http://127.0.0.1:{base.port}/s/v1", [base.pid])
+        ready = tmp / "ready-baseline.json"
+        cmd = [PY, str(HERE / "baseline_proxy.py"), "--upstream", a, "--route", f"/s/v1/={b}", "--port", "0", "--ready-file", str(ready)]
+        if profile_dir is not None:
+            cmd += ["--profile", str(profile_dir / "baseline.prof")]
+        base = await fleet.with_ready_file("baseline", cmd, ready)
+        targets["baseline"] = Target("baseline", f"http://127.0.0.1:{base.port}/v1", f"http://127.0.0.1:{base.port}/s/v1", [base.pid])
         for name, chain in (("sluice-empty", []), ("sluice-10noop", noop_chain())):
             cfg = sluice_config(tmp, name, a, b, chain)
             ready = tmp / f"ready-{name}.json"
@@ -239,7 +239,7 @@ async def calibrate_rate(targets: dict[str, Target], args: argparse.Namespace) -
     """A moderate open-loop rate: a fraction of what the slowest proxy sustains, so queues stay short."""
     best = []
     for name in PROXIES:
-        r = await loadgen(targets[name], stream=False, mode="closed", duration=args.duration / 2, warmup=0.5, concurrency=args.concurrency)
+        r = await loadgen(targets[name], stream=False, mode="closed", duration=args.duration / 2, warmup=0.2, concurrency=args.concurrency)
         best.append(r["throughput_rps"])
     rate = max(20.0, round(min(best) * args.rate_fraction / 10) * 10)
     return rate
@@ -256,9 +256,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     async with start_targets(tmp, args) as targets:
         # warm every target's connections and code paths, both answer kinds
+        warm = 0.5 if args.quick else 1.0
         for name in TARGETS:
-            await loadgen(targets[name], stream=False, mode="closed", duration=1, warmup=0.3, concurrency=8)
-            await loadgen(targets[name], stream=True, mode="closed", duration=1, warmup=0.3, concurrency=4)
+            await loadgen(targets[name], stream=False, mode="closed", duration=warm, warmup=0.2, concurrency=8)
+            await loadgen(targets[name], stream=True, mode="closed", duration=warm, warmup=0.2, concurrency=4)
         rate = args.rate or await calibrate_rate(targets, args)
         raw_rounds: list[dict[str, Any]] = []
         for rnd in range(args.rounds):
@@ -423,30 +424,73 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 async def profile(args: argparse.Namespace) -> str:
-    """Run both Sluice targets under cProfile with saturated load; where their time goes, per request."""
+    """Profile the baseline and both Sluice targets (thread CPU, between SIGUSR1 and SIGUSR2).
+
+    Buffered and streamed loads are profiled separately; figures are per request,
+    the request count taken from the profile itself.
+    """
     out_dir = Path(args.profile)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-prof-"))
-    counts: dict[str, int] = {}
-    async with start_targets(tmp, args, profile_dir=out_dir) as targets:
-        for name in ("sluice-empty", "sluice-10noop"):
-            n = 0
-            for stream in (False, True):
-                r = await loadgen(targets[name], stream=stream, mode="closed", duration=args.duration, warmup=0.5,
-                                  concurrency=args.stream_concurrency if stream else args.concurrency)
-                n += r["started"]  # requests the profile saw: warm-up ones too, approximately
-            counts[name] = n
     report = []
-    for name in ("sluice-empty", "sluice-10noop"):
-        path = out_dir / f"{name}.prof"
-        st = pstats.Stats(str(path))
-        report.append(f"== {name}: {path} (about {counts[name]} requests in the window; per-request figures below use it)")
-        rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.profile_top]  # type: ignore[attr-defined]
-        report.append(f"{'tottime us/req':>15} {'cumtime us/req':>15} {'calls/req':>10}  function")
-        for (file, line, fn), (cc, nc, tt, ct, _callers) in rows:
-            rel = file.replace(str(ROOT) + "/", "")
-            report.append(f"{tt / counts[name] * 1e6:15.2f} {ct / counts[name] * 1e6:15.2f} {nc / counts[name]:10.2f}  {rel}:{line}:{fn}")
-    return "\n".join(report)
+    async with start_targets(tmp, args, profile_dir=out_dir) as targets:
+        for name in PROXIES:
+            t = targets[name]
+            pid = t.pids[0]
+            live = out_dir / f"{name}.prof"
+            for stream in (False, True):
+                conc = args.stream_concurrency if stream else args.concurrency
+                await loadgen(t, stream=stream, mode="closed", duration=1, warmup=0.3, concurrency=conc)
+                live.unlink(missing_ok=True)
+                os.kill(pid, signal.SIGUSR1)
+                r = await loadgen(t, stream=stream, mode="closed", duration=args.duration, warmup=0, concurrency=conc)
+                os.kill(pid, signal.SIGUSR2)
+                async with asyncio.timeout(30):
+                    while not live.exists():
+                        await asyncio.sleep(0.05)  # the child writes the stats file; no event crosses processes
+                kind = "stream" if stream else "buffered"
+                path = out_dir / f"{name}-{kind}.prof"
+                live.replace(path)
+                report.append(hot_spots(path, f"{name} {kind} ({r['throughput_rps']} req/s, {r['events_per_s']} events/s)", args.profile_top))
+    return "\n\n".join(report)
+
+
+def _area(rel: str) -> str:
+    if rel.startswith(("proxy/", "benchmarks/", "plugins/")):
+        return rel.split(":")[0]
+    for lib in ("aiohttp/web", "aiohttp/client", "aiohttp/http", "aiohttp/streams", "aiohttp/", "multidict", "yarl", "asyncio/"):
+        if lib in rel:
+            return lib.rstrip("/") + "*"
+    return "builtins/other" if rel.startswith("~") else rel.rsplit("/", 1)[-1].split(":")[0]
+
+
+def hot_spots(path: Path, title: str, top: int) -> str:
+    """Self CPU per request by function and by area; one request = one ``UrlDispatcher.resolve`` call.
+
+    cProfile counts every resumption of a coroutine as a call, so the handler's own
+    count is not the number of requests; the router's resolve runs once per request
+    in Sluice and the baseline alike.
+    """
+    st = pstats.Stats(str(path))
+    stats = st.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.values())
+    n = sum(v[1] for (file, _l, fn), v in stats.items() if file.endswith("aiohttp/web_urldispatcher.py") and fn == "resolve" and _l > 900)
+    n = max(n, 1)
+    lines = [f"== {title}: {path}", f"{n} requests; {total / n * 1e6:.1f} us CPU/request on the loop thread, profiler overhead included "
+             "(use the shares, not the absolute figures)", "", f"{'self us/req':>12} {'share':>6}  area"]
+    areas: dict[str, float] = {}
+    for (file, line, fn), v in stats.items():
+        rel = file.replace(str(ROOT) + "/", "").replace(sys.prefix + "/", "")
+        key = _area(f"{rel}:{line}")
+        areas[key] = areas.get(key, 0.0) + v[2]
+    for key, tt in sorted(areas.items(), key=lambda kv: -kv[1])[:15]:
+        lines.append(f"{tt / n * 1e6:12.2f} {tt / total:6.1%}  {key}")
+    lines += ["", f"{'self us/req':>12} {'cum us/req':>11} {'calls/req':>10}  function"]
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    for (file, line, fn), (_cc, nc, tt, ct, _cl) in rows:
+        rel = file.replace(str(ROOT) + "/", "").replace(sys.prefix + "/", "")
+        lines.append(f"{tt / n * 1e6:12.2f} {ct / n * 1e6:11.2f} {nc / n:10.2f}  {rel}:{line}:{fn}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-top", type=int, default=40)
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.duration, args.warmup = 1, 2.0, 0.5
+        args.rounds, args.duration, args.warmup = 1, 2.0, 0.3
     sys.path.insert(0, str(HERE))
     if args.profile:
         print(asyncio.run(profile(args)))
