@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when the recipe changes so cached models are rebuilt rather than reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 # vLLM's CPU attention backend accepts head sizes of 32 and up only.
 HIDDEN_SIZE = 128
@@ -39,7 +39,7 @@ NUM_KV_HEADS = 2
 NUM_LAYERS = 2
 INTERMEDIATE_SIZE = 256
 VOCAB_SIZE = 1024
-MAX_POSITIONS = 1024
+MAX_POSITIONS = 4096
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

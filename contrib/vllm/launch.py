@@ -47,10 +47,11 @@ BUILD_SCRIPT = HERE / "build_tiny_model.py"
 #: what the e2e tests and the docs rely on; see the issue for why each is needed on CPU
 DEFAULT_ARGS = (
     "--dtype", "float32",
-    "--max-model-len", "512",
     "--kv-cache-memory-bytes", str(64 * 1024 * 1024),
     "--enforce-eager",
 )
+#: the tiny model's KV cache is ~1 KiB a token, so 64 MiB holds 64k tokens: room for longer contexts if a test needs them
+DEFAULT_MAX_MODEL_LEN = 512
 DEFAULT_MODEL_NAME = "tiny-llama"
 
 
@@ -126,6 +127,8 @@ class VllmServer:
     port: int
     model_name: str
     log_path: Path
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     ready_after: float | None = None
 
@@ -205,6 +208,15 @@ class VllmServer:
                         total += int(line.split()[1]) * 1024
         return total
 
+    def respawn(self) -> None:
+        """Start the same command again on the same port (after ``kill`` or a crash); then ``wait_healthy``."""
+        if self.alive():
+            raise RuntimeError(f"vLLM on port {self.port} is still running")
+        self.stop()
+        self.proc = _spawn(self.cmd, self.env, self.log_path)
+        self.started_at = time.monotonic()
+        self.ready_after = None
+
     def kill(self) -> None:
         """Kill it now (SIGKILL to its process group): a crash, for failover tests."""
         self._signal_group(signal.SIGKILL)
@@ -239,6 +251,7 @@ def start_server(
     log_dir: Path | None = None,
     extra_args: Sequence[str] = (),
     threads: int | None = 1,
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN,
 ) -> VllmServer:
     """Spawn one vLLM server (not yet healthy: call ``wait_healthy``)."""
     port = port or free_port(host)
@@ -251,19 +264,20 @@ def start_server(
         "--served-model-name", model_name,
         "--host", host,
         "--port", str(port),
+        "--max-model-len", str(max_model_len),
         *DEFAULT_ARGS,
         *extra_args,
     ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=vllm_env(threads),
-            start_new_session=True,
-        )
-    return VllmServer(proc=proc, host=host, port=port, model_name=model_name, log_path=log_path)
+    env = vllm_env(threads)
+    proc = _spawn(cmd, env, log_path)
+    return VllmServer(proc=proc, host=host, port=port, model_name=model_name, log_path=log_path, cmd=cmd, env=env)
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        # A session of its own: the server and the engine-core processes it
+        # forks share one process group that stop() and kill() can signal.
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 @dataclass
@@ -312,8 +326,17 @@ class VllmFleet:
         for s in self.servers:
             s.stop()
 
+    def ensure_alive(self, timeout: float = 600.0) -> list[VllmServer]:
+        """Respawn the servers that died (or were killed by a test) and wait until they are healthy."""
+        dead = [s for s in self.servers if not s.alive()]
+        for s in dead:
+            s.respawn()
+        for s in dead:
+            s.wait_healthy(timeout)
+        return dead
+
     def sluice_config(self, *, chain: list | None = None, port: int = 4000) -> dict:
-        """A Sluice config routing ``/v1/`` to these servers, in order of fallback."""
+        """A Sluice config routing ``/v1/`` to these servers, in order of fallback (the CLI's ``--config``)."""
         names = [f"vllm-{i}" for i in range(len(self.servers))]
         return {
             "server": {"host": "127.0.0.1", "port": port},
@@ -334,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--ports", type=int, nargs="*", help="fixed ports (default: free ones)")
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads per server")
+    p.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN, help="context length served (default 512)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for /health")
     p.add_argument("--log-dir", type=Path, help="where server logs go (default: a temp dir)")
     p.add_argument("--config", type=Path, help="also write a Sluice config routing to the servers here")
@@ -356,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 start_server(
                     model, python=python, host=args.host, port=args.ports[i] if args.ports else None,
                     model_name=args.model_name, log_dir=args.log_dir, extra_args=args.extra, threads=args.threads,
+                    max_model_len=args.max_model_len,
                 )
             )
         for s in servers:
