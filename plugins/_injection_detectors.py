@@ -145,10 +145,16 @@ class SignatureDetector(Detector):
     def detect(self, text: str, source: Source) -> Detection:
         hits: dict[str, float] = {}
         tricks: set[str] = set()
-        self._scan(text, source, hits, tricks, depth=0)
+        quoted: set[str] = set()
+        self._scan(text, source, hits, tricks, quoted, depth=0)
         if not hits and not tricks & {"tags"}:
             return NOTHING
         weights = dict(hits)
+        if quoted:
+            # several signatures matching one quoted example are one piece of evidence, not several
+            top = max(quoted, key=lambda k: weights[k])
+            for k in quoted - {top}:
+                weights[k] = 0.0
         categories: dict[str, float] = {}
         for sig_id, w in hits.items():
             cat = BY_ID[sig_id].category
@@ -163,17 +169,17 @@ class SignatureDetector(Detector):
         score = noisy_or(weights.values())
         return Detection(round(score, 4), {k: round(v, 4) for k, v in categories.items()}, tuple(sorted(weights)))
 
-    def _scan(self, raw: str, source: Source, hits: dict[str, float], tricks: set[str], depth: int) -> None:
+    def _scan(self, raw: str, source: Source, hits: dict[str, float], tricks: set[str], quoted: set[str], depth: int) -> None:
         n = norm.normalise(raw)
         tricks |= n.tricks
         indirect = source in INDIRECT_SOURCES
-        self._match_view(n.text, n.tokens, indirect, hits)
+        self._match_view(n.text, n.tokens, indirect, hits, quoted)
         found_plain = bool(hits)
 
         extra = norm.leet_tokens(n.tokens)
         if extra & self._anchors:
             before = len(hits)
-            self._match_view(norm.leet(n.text), n.tokens | extra, indirect, hits)
+            self._match_view(norm.leet(n.text), n.tokens | extra, indirect, hits, quoted)
             if len(hits) > before:
                 tricks.add("leet")
         if norm.has_single_letter_runs(n.tokens):
@@ -181,7 +187,7 @@ class SignatureDetector(Detector):
             if spaced is not None:
                 joined, runs = spaced
                 before = len(hits)
-                self._match_view(joined, set(joined.translate(norm._WORD_BREAK).split()), indirect, hits)
+                self._match_view(joined, set(joined.translate(norm._WORD_BREAK).split()), indirect, hits, quoted)
                 for run in runs:
                     for sig in self._compact:
                         if sig.weight > hits.get(sig.id, 0.0) and sig.pattern.search(run):
@@ -192,24 +198,26 @@ class SignatureDetector(Detector):
             return
         if n.smuggled:
             before = len(hits)
-            self._scan(n.smuggled, source, hits, tricks, depth + 1)
+            self._scan(n.smuggled, source, hits, tricks, quoted, depth + 1)
             if len(hits) > before:
                 tricks.add("smuggled")
         if norm.long_tokens(n.tokens) or (len(raw) >= 16 and not n.tokens):
             for encoding, decoded in norm.decode_payloads(raw):
                 before = len(hits)
-                self._scan(decoded, source, hits, tricks, depth + 1)
+                self._scan(decoded, source, hits, tricks, quoted, depth + 1)
                 if len(hits) > before:
                     tricks.add(encoding)
         if "rot13" in n.tokens or "rot" in n.tokens or "caesar" in n.tokens or (not found_plain and len(raw) <= 600 and n.tokens):
             # Without a cue, rot13 is only tried on short texts: a long document is not rot13.
             before = len(hits)
             r = norm.rot13(n.text)
-            self._match_view(r, set(r.translate(norm._WORD_BREAK).split()), indirect, hits)
+            self._match_view(r, set(r.translate(norm._WORD_BREAK).split()), indirect, hits, quoted)
             if len(hits) > before:
                 tricks.add("rot13")
 
-    def _match_view(self, text: str, tokens: frozenset[str] | set[str], indirect: bool, hits: dict[str, float]) -> None:
+    def _match_view(
+        self, text: str, tokens: frozenset[str] | set[str], indirect: bool, hits: dict[str, float], quoted: set[str]
+    ) -> None:
         present = self._anchors.intersection(tokens)
         # signature id -> the anchors (or literals) near which to look in a long text
         candidates: dict[str, tuple[Signature, list[str]]] = {}
@@ -268,13 +276,19 @@ class SignatureDetector(Detector):
             if m is None:
                 continue
             weight = sig.weight
+            damped = False
             if _quoted(w, m.start(), m.end()):
                 if meta is None:
                     meta = _META.search(text) is not None
                 if meta:
                     weight *= 0.4
+                    damped = True
             if weight > hits.get(sig.id, 0.0):
                 hits[sig.id] = weight
+                if damped:
+                    quoted.add(sig.id)
+                else:
+                    quoted.discard(sig.id)
 
 
 def _quoted(text: str, start: int, end: int) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-VERSION = "2026.11.1"
+VERSION = "2026.11.2"
 
 CATEGORIES = (
     "instruction_override",
@@ -68,13 +68,26 @@ _WEAK_VERBS = r"(?:override|overriding|bypass|bypassing|discard|cancel|nullify|v
 # Words that point back at earlier instructions; "the", "my" alone do not.
 _PRIOR = r"(?:previous|previously|prior|preceding|above|earlier|former|initial|original|foregoing|old|system|developer|all|any|every|your|these|those|given)"
 _FILLER = r"(?:(?:the|of|to|about|that|those|these)\s+)"
+_RM_VERBS = (
+    r"(?:ignore|ignoring|disregard|disregarding|forget|forgetting|erase|delete|discard|drop|scrap|throw out|throw away|toss|"
+    r"cancel|void|dismiss|skip|bypass|override|overwrite|set aside|put aside|neglect|abandon|ditch|clear|wipe|"
+    r"(?:stop|quit|cease) (?:following|obeying|listening to)|(?:do not|don't|dont|never) (?:pay attention to|follow|obey|listen to)|pay no (?:attention|heed|mind) to)"
+)
+_RM_LEADS = "ignore ignoring disregard disregarding forget forgetting erase delete discard drop scrap throw toss cancel void dismiss skip bypass override overwrite set put neglect abandon ditch clear wipe stop quit cease do don dont never pay"
+_RM_ANCHORS = _RM_LEADS
+_INSTR_NOUNS = (
+    r"(?:instructions?|directives?|guidance|rules|prompt|programming|guidelines|policies|restrictions|"
+    r"constraints|directions|orders|safeguards|system message)\b"
+)
+_NOUN_ANCHORS = "instructions instruction directives directive guidance rules prompt programming guidelines policies restrictions constraints directions orders safeguards message"
 _STRONG_OBJ = r"(?:instructions?|instruction set|prompts?|directions?|directives?|guidelines?|programming|guardrails?|system prompt|system message|constraints?|restrictions?|policies|policy|safety rules|content policy|training)"
 _WEAK_OBJ = r"(?:rules?|commands?|context|messages?|settings|text|orders|tasks?|requests?|conversation)"
 _AI = r"(?:ai|llm|language model|assistant|chatbot|bot|gpt|chatgpt|claude|gemini|copilot|model|agent|ai agent|ai assistant)"
 _STRONG_SECRETS = (
     r"(?:system prompt|instructions|conversation|chat history|chat log|history|previous messages|messages|"
     r"user'?s?\s+(?:\w+\s+)?(?:data|info|information|messages|emails?|password|details|credentials|name|address)|"
-    r"personal (?:data|information|details)|session (?:cookies?|tokens?)|email address(?:es)?|credit card(?: numbers?)?|ssn)"
+    r"personal (?:data|information|details)|session (?:cookies?|tokens?)|email address(?:es)?|credit card(?: numbers?)?|ssn|"
+    r"(?:my|their|his|her|the)\s+(?:account|bank|login|billing|contact)\s+(?:details|info|information|data|numbers?|credentials))"
 )
 _SECRETS = (
     r"(?:system prompt|instructions|conversation|chat history|chat log|history|previous messages|messages|"
@@ -111,6 +124,28 @@ SIGNATURES: tuple[Signature, ...] = (
        r"\b(?:everything|anything|all|whatever|what|rules|instructions|guidelines|restrictions|policies)\s+(?:that\s+)?you\s*(?:were|have been|'ve been|had been)\s+(?:told|given|configured(?: with)?|programmed(?: with)?|instructed|trained(?: on| with)?|taught)\b[^\n]{0,60}?"
        r"\b(?:(?:is|are)\s+(?:now\s+)?(?:void|invalid|cancel+ed|obsolete|irrelevant|revoked|null|no longer (?:valid|relevant|in effect))|(?:do not|don't|does not|doesn't|no longer|won't|will not)\s+apply)",
        lead='everything anything all whatever what rules instructions guidelines restrictions policies'),
+    # Co-occurrence within a sentence rather than a fixed phrase: a removal verb, a word that
+    # points at the model's standing instructions, and an instruction noun.
+    _s("IO-015", "instruction_override", 0.8,
+       f"{_RM_ANCHORS} | {_NOUN_ANCHORS} | your previous prior earlier above system initial original preceding",
+       rf"\b{_RM_VERBS}\s+(?:[^\s.!?;]+\s+){{0,5}}?(?:your|previous|prior|earlier|above|system|initial|original|preceding)\b[^.!?;\n]{{0,60}}?\b{_INSTR_NOUNS}",
+       lead=_RM_LEADS),
+    _s("IO-016", "instruction_override", 0.8,
+       f"{_NOUN_ANCHORS} | cancelled canceled void revoked lifted suspended disabled longer obsolete invalid removed rescinded withdrawn",
+       rf"\b(?:your|(?:the|these|those|all)\s+(?:previous|prior|earlier|above|system|initial|original|preceding))\s+(?:\w+\s+){{0,2}}?{_INSTR_NOUNS}\s+(?:\w+\s+){{0,3}}?(?:are|is|were|have been|has been)\s+(?:now\s+|hereby\s+)?(?:cancel+ed|void|revoked|lifted|suspended|disabled|no longer (?:valid|active|in (?:force|effect)|apply)|obsolete|invalid|removed|rescinded|withdrawn)",
+       lead='your the these those all'),
+    _s("IO-017", "instruction_override", 0.8,
+       f"{_RM_ANCHORS} | said says told wrote",
+       rf"\b{_RM_VERBS}\s+(?:what|whatever|anything|everything)\s+(?:the\s+|your\s+)?(?:system|developers?|admins?|operators?|prompt|creators?|openai)\s+(?:said|says|told you|wrote|writes|instructed)",
+       lead=_RM_LEADS),
+    _s("IO-018", "instruction_override", 0.8,
+       f"{_RM_ANCHORS} | {_NOUN_ANCHORS} | given told programmed trained taught assigned",
+       rf"\b{_RM_VERBS}\s+(?:the\s+|any\s+|all\s+(?:the\s+)?|those\s+)?{_INSTR_NOUNS}\s+(?:that\s+)?you\s*(?:were|have been|'ve been|had been|got)\s+(?:given|told|programmed with|trained (?:on|with)|taught|assigned)",
+       lead=_RM_LEADS),
+    _s("IO-019", "instruction_override", 0.85,
+       "treat consider regard | void invalid null cancelled canceled irrelevant joke fake obsolete nonexistent deleted",
+       r"\b(?:treat|consider|regard)\s+(?:everything|anything|all(?: of)?(?: the)?(?: text| messages| instructions)?|the (?:text|instructions|messages|prompt))\s+(?:before|above|prior to|preceding)\s+(?:this|my)\s+(?:\w+\s+)?as\s+(?:void|invalid|null|cancel+ed|irrelevant|a joke|fake|obsolete|non-?existent|deleted)",
+       lead='treat consider regard'),
     _s("IO-012", "instruction_override", 0.75,
        "ignore disregard forget | above previous preceding prior foregoing",
        r"\b(?:ignore|disregard|forget)\s+(?:all\s+|everything\s+)?(?:of\s+)?(?:the\s+|that\s+)?(?:above|previous|preceding|prior|foregoing)\s*(?:and\b|,|\.|;|-|:|!)",
@@ -118,7 +153,7 @@ SIGNATURES: tuple[Signature, ...] = (
     _s("IO-003", "instruction_override", 0.9,
        "ignore disregard forget drop scrap scratch | everything anything all what",
        r"\b(?:ignore|disregard|forget|drop|scrap|scratch)\s+(?:about\s+)?(?:everything|anything|all(?: of)?(?: that| this| the above)?|what)\s+"
-       r"(?:(?:you\s*(?:were|have been|'ve been|had been)|i|we|they|was|has been|that was|written|stated|said|mentioned|above|before|prior|previously|earlier|up to (?:this|now)|so far)\s*){1,3}"
+       r"(?:(?:you\s*(?:were|have been|'ve been|had been)|they|was|has been|that was|written|stated|said|mentioned|above|before|prior|previously|earlier|up to (?:this|now)|so far)\s*){1,3}"
        r"(?:told|said|given|instructed|programmed|written|mentioned|stated|above|before|earlier|previously|so far|\b)",
        lead='ignore disregard forget drop scrap scratch'),
     _s("IO-004", "instruction_override", 0.85,
@@ -127,9 +162,9 @@ SIGNATURES: tuple[Signature, ...] = (
        lead='do don dont never no stop cease refuse'),
     _s("IO-005", "instruction_override", 0.85,
        "fake false wrong test joke outdated void invalid cancelled canceled obsolete revoked superseded longer null | instructions text prompt rules directions message messages guidelines",
-       r"\b(?:above|previous|prior|preceding|earlier|original|old|system|initial)\s+(?:instructions|text|prompt|rules|directions|messages?|guidelines)\s+(?:is|are|was|were|have been|has been)\s+(?:now\s+)?"
+       r"\b(?:(?:the|these|those|all|your)\s+(?:above|previous|prior|preceding|earlier|original|system|initial)|your)\s+(?:instructions|text|prompt|rules|directions|messages?|guidelines)\s+(?:is|are|was|were|have been|has been)\s+(?:now\s+)?"
        r"(?:fake|false|wrong|a test|a joke|outdated|void|invalid|cancel+ed|obsolete|revoked|superseded|no longer (?:valid|relevant|apply|applicable|in effect)|null)",
-       lead='above previous prior preceding earlier original old system initial'),
+       lead='the these those all your'),
     _s("IO-006", "instruction_override", 0.55,
        "instructions instruction task role goal objective purpose mission job | new real true actual only updated | your",
        r"\byour\s+(?:new|real|true|actual|only|updated)\s+(?:instructions?|task|role|goal|objective|purpose|mission|job)\s+(?:is|are|will be|now is)\b",
@@ -160,9 +195,9 @@ SIGNATURES: tuple[Signature, ...] = (
 
     # -- role-play, persona and "developer mode" jailbreaks --------------------------------
     _s("JB-001", "jailbreak_roleplay", 0.8,
-       "jailbreak jailbroken jail unrestricted unfiltered uncensored dan god evil chaos unlocked limits limit nolimit nolimits amoral rogue anarchy opposite stan dude aim | mode",
-       r"\b(?:jailbreak|jailbroken|jail-broken|unrestricted|unfiltered|uncensored|dan|god|evil|chaos|unlocked|no-?limits?|amoral|rogue|anarchy|opposite|stan|dude|aim)\s+mode\b",
-       lead='jailbreak jailbroken jail unrestricted unfiltered uncensored dan god evil chaos unlocked no nolimit nolimits amoral rogue anarchy opposite stan dude aim'),
+       "jailbreak jailbroken jail unrestricted unfiltered uncensored dan god evil chaos unlocked limits limit nolimit nolimits restrictions restriction filters filter rules free amoral rogue anarchy opposite stan dude aim | mode",
+       r"\b(?:jailbreak|jailbroken|jail-broken|unrestricted|unfiltered|uncensored|dan|god|evil|chaos|unlocked|no-?limits?|no-?restrictions?|no-?filters?|no-?rules|restriction-?free|filter-?free|amoral|rogue|anarchy|opposite|stan|dude|aim)\s+mode\b",
+       lead='jailbreak jailbroken jail unrestricted unfiltered uncensored dan god evil chaos unlocked no nolimit nolimits restriction filter amoral rogue anarchy opposite stan dude aim'),
     _s("JB-002", "jailbreak_roleplay", 0.85,
        "developer dev | mode",
        r"\b(?:developer|dev)\s+mode\s+(?:enabled|output|response|activated|is (?:now )?(?:enabled|on|active)|policies|polic(?:y|ies) (?:enabled|active))"
@@ -204,6 +239,10 @@ SIGNATURES: tuple[Signature, ...] = (
        "evil shadow dark unfiltered uncensored unrestricted amoral unethical unhinged rogue jailbroken | you act acting pretend become be play playing answer respond reply speak talk write answering responding replying speaking talking writing",
        rf"\b(?:you are|you're|you will be|act as|acting as|pretend to be|become|be|play|playing|(?:answer|respond|reply|speak|talk|write)(?:ing)? as)\s+(?:now\s+)?(?:an?\s+|my\s+|the\s+|your\s+)?(?:evil|shadow|dark|unfiltered|uncensored|unrestricted|amoral|unethical|unhinged|rogue|jailbroken)\s+(?:\w+\s+){{0,2}}?(?:twin|version|{_AI}|persona|alter ego|counterpart|mode)\b",
        lead='you act acting pretend become be play playing answer respond reply speak talk write answering responding replying speaking talking writing'),
+    _s("JB-015", "jailbreak_roleplay", 0.75,
+       "ai llm model assistant chatbot bot gpt agent | filters filter guidelines rules restrictions limits programming policies safety",
+       rf"\b{_AI}s?\b[^.!?\n]{{0,60}}?\b(?:who|that|which)\s+(?:has\s+|have\s+)?(?:never\s+(?:applies|apply|uses|follows)|ignores?|doesn't (?:have|follow|apply)|does not (?:have|follow|apply)|won't (?:follow|apply)|broken? out of|broke free (?:of|from)|escaped|is free (?:of|from)|has no|have no)\b[^.!?\n]{{0,40}}?\b(?:filters?|guidelines|rules|restrictions|limits|limitations|programming|policies|safety)",
+       lead='ai llm language model assistant chatbot bot gpt chatgpt claude gemini copilot agent'),
     _s("JB-010", "jailbreak_roleplay", 0.6,
        "restrictions filters rules limits ethics guidelines morals boundaries censorship limitations policy | ai llm model assistant chatbot bot gpt chatgpt claude gemini copilot agent you",
        rf"\b(?:{_AI}s?|you(?:\s+now)?)\s+(?:that\s+|which\s+|who\s+)?(?:(?:has|have|with)\s+(?:absolutely\s+)?(?:no|zero)|without(?:\s+any)?|(?:is\s+|are\s+)?(?:not bound by|free (?:of|from)|unbound by)(?:\s+any)?|(?:doesn't|does not|don't|do not|won't|will not|never|can't|cannot)\s+(?:follow|obey|have|respect|care about|abide by)(?:\s+any)?)\s+(?:\w+\s+)?"
@@ -238,6 +277,14 @@ SIGNATURES: tuple[Signature, ...] = (
        r"\b(?:instructions|rules|guidelines|prompt|directions)\s+(?:that\s+)?(?:the\s+|your\s+)?(?:developers?|creators?|operators?|openai|company|admins?|system|they)\s+(?:gave|have given|has given|provided|wrote|set)\s+(?:to\s+|for\s+)?you\b"
        r"|\b(?:print|show|reveal|list|output|repeat|display|tell me|share|give me)\s+(?:\w+\s+){0,3}?(?:instructions|rules|guidelines|prompt)\s+(?:that\s+)?you\s*(?:were|have been|'ve been)\s+(?:given|programmed with|told|provided)",
        lead='instructions rules guidelines prompt directions print show reveal list output repeat display tell share give'),
+    _s("SP-013", "system_prompt_extraction", 0.75,
+       "hidden initial system setup original secret starting pre | quote print show reveal repeat output copy tell dump written paste",
+       r"\b(?:quote|print|show|reveal|repeat|output|copy|tell me|dump|paste|what (?:was|is|were) written in)\s+(?:\w+\s+){0,3}?(?:hidden|initial|system|setup|original|secret|starting|pre-?|opening)\s*(?:setup\s+|system\s+)?(?:text|prompt|message|instructions|configuration|context|notes)\b",
+       lead='quote print show reveal repeat output copy tell dump paste what'),
+    _s("SP-014", "system_prompt_extraction", 0.7,
+       "before above prior | message question input prompt",
+       r"\b(?:prompt|text|instructions|message|content)s?\s+(?:that\s+(?:came|comes|was|is)\s+)?(?:written\s+)?(?:before|above|prior to|preceding)\s+(?:my|the user'?s?|our)\s+(?:very\s+)?(?:first\s+)?(?:message|question|input|prompt)",
+       lead='prompt text instructions message content'),
     _s("SP-011", "system_prompt_extraction", 0.6,
        "given told assigned provided | you",
        r"\b(?:password|passphrase|secret|key|code|flag|token)\s+(?:that\s+)?you\s*(?:were|have been|'ve been|had been)\s+(?:given|told|assigned|provided|taught)\b",
@@ -310,6 +357,14 @@ SIGNATURES: tuple[Signature, ...] = (
        r"\b(?:new|updated|real|actual|important|admin|system|override|priority|secret|hidden|additional)\s+(?:instructions?|directives?)\s*[:\-]",
        needs=(':', '-'),
        lead='new updated real actual important admin system override priority secret hidden additional'),
+    _s("DL-012", "delimiter_injection", 0.6,
+       "override update instructions instruction prompt system admin",
+       r"(?:#{2,}|={2,}|-{2,}|\*{2,}|\[{1,2})\s*(?:system\s+|instructions?\s+|admin\s+|prompt\s+|security\s+)?(?:override|update|instructions?)(?:\s+(?:override|update))?\s*(?:#{2,}|={2,}|-{2,}|\*{2,}|\]{1,2})",
+       needs=("##", "==", "--", "**", "[")),
+    _s("DL-013", "delimiter_injection", 0.55,
+       "",
+       r"<\s*/?\s*(?:new|real|updated|hidden|secret|admin|system|override|true)[_-](?:instructions?|rules|prompt|task|directives?|system)\s*>",
+       literals=("<new_", "<new-", "<real_", "<updated_", "<hidden_", "<secret_", "<admin_", "<system_", "<system-", "<override_", "<true_", "</new_", "</real_", "</updated_", "</hidden_", "</secret_", "</admin_", "</system_", "</override_")),
     _s("DL-008", "delimiter_injection", 0.6,
        "override update notice alert message command | system admin developer root security",
        r"\b(?:system|admin|developer|root|security)\s+(?:override|update|notice|alert|message|command)\s*[:\-!]",
@@ -332,7 +387,7 @@ SIGNATURES: tuple[Signature, ...] = (
        needs=('](',)),
     _s("EX-002", "exfiltration", 0.8,
        "url link image img query endpoint webhook request parameter | append add include insert put encode embed attach concatenate place",
-       rf"\b(?:append|add|include|insert|put|encode|embed|attach|concatenate|place)\b[^\n]{{0,80}}?\b{_STRONG_SECRETS}\b[^\n]{{0,80}}?\b(?:url|link|image|img|query (?:string|parameter)|endpoint|webhook|request|parameter)",
+       rf"\b(?:append|add|include|insert|put|encode|embed|attach|concatenate|place)\b[^\n]{{0,80}}?{_STRONG_SECRETS}\b[^\n]{{0,80}}?\b(?:url|link|image|img|query (?:string|parameter)|endpoint|webhook|request|parameter)",
        lead='append add include insert put encode embed attach concatenate place'),
     _s("EX-007", "exfiltration", 0.35,
        "url link image img query endpoint webhook request parameter | append add include insert put encode embed attach concatenate place",
@@ -358,21 +413,21 @@ SIGNATURES: tuple[Signature, ...] = (
        needs=('={', '=[', '=<', '=$', '=%7b'),
        lead='http https'),
     _s("EX-006", "exfiltration", 0.6,
-       "markdown image img link | render display show output include print | containing with including includes contains",
-       rf"\b(?:render|display|show|output|include|print)\s+{_G3}(?:a\s+|an\s+|this\s+|the\s+(?:following\s+)?)?(?:markdown\s+)?(?:image|img|link)\b[^\n]{{0,120}}?\b(?:containing|with|including|that includes|whose url contains)\s+{_G2}{_SECRETS}",
-       lead='render display show output include print'),
+       "markdown image img link | render display show output include print generate create make produce embed | containing with including includes contains",
+       rf"\b(?:render|display|show|output|include|print|generate|create|make|produce|embed)\s+{_G3}(?:a\s+|an\s+|this\s+|the\s+(?:following\s+)?)?(?:markdown\s+)?(?:image|img|link)\b[^\n]{{0,120}}?\b(?:containing|with|including|that includes|whose url contains)\s+{_G2}{_SECRETS}",
+       lead='render display show output include print generate create make produce embed'),
 
     # -- indirect injection: text that addresses the model reading a document -----------------------
     _s("IN-001", "indirect", 0.7,
        "ai llm language model assistant chatbot bot gpt chatgpt claude copilot bing bard gemini agent",
        rf"\b(?:if|when|whenever)\s+you\s+(?:are|'re)\s+(?:an?\s+)?(?:ai|llm|large language model|language model|assistant|chatbot|automated (?:system|agent|assistant)|bot|gpt|model|agent|ai agent|ai assistant)\b"
-       rf"|\b{_AI}s?\s+(?:reading|processing|summari[sz]ing|parsing|analy[sz]ing|reviewing|that (?:reads|processes|summari[sz]es)|who (?:reads|processes))\s+(?:this|these|the)\b",
+       rf"|\b{_AI}s?(?:\s+(?:systems?|agents?|models?|assistants?|tools?|bots?|crawlers?|readers?))?\s+(?:reading|processing|summari[sz]ing|parsing|analy[sz]ing|reviewing|crawling|visiting|that (?:reads|processes|summari[sz]es)|who (?:reads|processes))\s+(?:this|these|the|my|our)\b",
        lead='if when whenever ai llm language model assistant chatbot bot gpt chatgpt claude gemini copilot agent'),
     _s("IN-010", "indirect", 0.6,
-       "ai llm language model assistant chatbot bot gpt chatgpt claude copilot bing bard gemini agent | dear attention note message instructions instruction hey hello hi",
-       rf"\b(?:dear|attention|note to|message (?:for|to)|instructions? (?:for|to)|hey|hello|hi)[ \t]+(?:the[ \t]+|any[ \t]+|all[ \t]+)?{_AI}s?\b",
+       "ai llm language model assistant chatbot bot gpt chatgpt claude copilot bing bard gemini agent | dear attention note notice message instructions instruction ps hey hello hi",
+       rf"\b(?:dear|attention|note (?:to|for)|notice (?:to|for)|message (?:for|to)|instructions? (?:for|to)|p\.?s\.? to|hey|hello|hi)[ \t]+(?:the[ \t]+|any[ \t]+|all[ \t]+)?{_AI}s?\b",
        scope="indirect",
-       lead='dear attention note message instructions instruction hey hello hi'),
+       lead='dear attention note notice message instructions instruction p ps hey hello hi'),
     _s("IN-002", "indirect", 0.75,
        "summarize summarise summarizing summarising read reading process processing analyze analyse analyzing analysing parse parsing translate translating | document page email text file message article webpage web content review resume cv ticket",
        r"\b(?:when|if|after|while|before)\s+(?:you\s+|the (?:ai|assistant|model)\s+)?(?:summari[sz]e|summari[sz]ing|read|reading|process|processing|analy[sz]e|analy[sz]ing|parse|parsing|translate|translating)s?\s+(?:this|the)\s+(?:document|page|email|e-mail|text|file|message|article|webpage|web page|content|review|resume|cv|ticket)\b[^\n]{0,40}?,?\s*"
@@ -404,12 +459,12 @@ SIGNATURES: tuple[Signature, ...] = (
 
     _s("IN-008", "indirect", 0.7,
        "ai assistant agent llm model chatbot gpt bot",
-       r"\b(?:ai|assistant|agent|ai agent|ai assistant|llm|model|language model|chatbot|gpt|bot)\s*[,:]\s*(?:please\s+|now\s+|quietly\s+|immediately\s+)?(?:open|forward|send|delete|ignore|tell|reply|add|remove|cancel|transfer|share|post|email|click|visit|navigate|download|execute|run|call|use|reveal|print|output|write|recommend|say|stop|disregard|forget)\b",
+       r"\b(?:ai|assistant|agent|ai agent|ai assistant|llm|model|language model|chatbot|gpt|bot)s?\s*[,:]\s*(?:please\s+|now\s+|quietly\s+|immediately\s+)?(?:open|forward|send|delete|ignore|tell|reply|add|remove|cancel|transfer|share|post|email|click|visit|navigate|download|execute|run|call|use|reveal|print|output|write|recommend|say|stop|disregard|forget)\b",
        scope="indirect", needs=(",", ":"),
        lead='ai assistant agent llm model language chatbot gpt bot'),
     _s("IN-009", "indirect", 0.7,
        "reads processes summarizes summarises sees parses opens views | ai assistant model llm agent bot chatbot",
-       r"\b(?:when|if|once|after|as soon as)\s+(?:the|an|any|this)\s+(?:ai|assistant|model|llm|agent|bot|chatbot|language model)\s+(?:reads|processes|summari[sz]es|sees|parses|opens|views)\s+(?:this|these|the)\b",
+       r"\b(?:when|if|once|after|as soon as)\s+(?:the|an|any|this|a)\s+(?:\w+\s+){0,2}?(?:ai|assistant|model|llm|agent|bot|chatbot|language model)s?\s+(?:\w+\s+)?(?:reads|read|processes|process|summari[sz]es|summari[sz]e|sees|parses|opens|views|crawls|visits)\s+(?:this|these|the|my|our)\b",
        lead='when if once after as'),
 
     # -- obfuscation cues -------------------------------------------------------------------------------

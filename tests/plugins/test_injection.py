@@ -161,7 +161,7 @@ async def test_indirect_injection_in_a_tool_result_and_its_own_threshold(runtime
 
 
 async def test_allow_list_and_disabled_signatures(runtime):
-    plugin = await configure_plugin(Injection, {"allow": [r"ignore all previous instructions"], "disable_signatures": ["SP-001"]}, runtime=runtime)
+    plugin = await configure_plugin(Injection, {"allow": [r"ignore all previous instructions"], "disable_signatures": ["SP-001", "SP-013"]}, runtime=runtime)
     ctx = make_context(chat(user(ATTACK)), runtime=runtime)
     await plugin.on_request(ctx)
     assert not ctx.annotations["injection"]["detected"]
