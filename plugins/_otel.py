@@ -2,20 +2,19 @@
 
 The OTel SDK and its exporters are imported inside functions: a chain without
 tracing never pays for them. Sluice never touches the global tracer provider (an
-embedding application may have its own); each distinct exporter setting gets one
-provider per process, shared by every route that uses it and shut down (flushing
-its batch) when the last of them stops.
+embedding application may have its own). Each distinct exporter setting gets one
+pipeline (resource + batch processor + exporter) per process, shared by every route
+that uses it and shut down (flushing its batch) when the last of them stops.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
-from urllib.parse import urlsplit
+from typing import Any, Mapping
+from urllib.parse import unquote, urlsplit
 
-if TYPE_CHECKING:  # pragma: no cover
-    from opentelemetry.sdk.trace import TracerProvider
 
 
 class Clock:
@@ -50,11 +49,32 @@ class ExportSettings:
     insecure: bool | None
     service_name: str
     resource: tuple[tuple[str, str], ...]
-    sample_ratio: float
-    parent_based: bool
     max_queue_size: int
     max_export_batch_size: int
     schedule_delay_ms: int
+
+
+def http_endpoint(configured: str | None) -> str:
+    """The OTLP/HTTP traces URL: the config's, else the standard OTEL_EXPORTER_OTLP_* variables."""
+    if configured:
+        return configured
+    env = os.environ
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
+    return "http://localhost:4318/v1/traces"
+
+
+def env_headers() -> dict[str, str]:
+    """OTEL_EXPORTER_OTLP_(TRACES_)HEADERS: ``k=v,k2=v2``, URL-encoded values."""
+    raw = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or os.environ.get("OTEL_EXPORTER_OTLP_HEADERS") or ""
+    out = {}
+    for item in raw.split(","):
+        k, sep, v = item.partition("=")
+        if sep and k.strip():
+            out[unquote(k.strip()).lower()] = unquote(v.strip())
+    return out
 
 
 def build_exporter(s: ExportSettings) -> Any:
@@ -64,11 +84,9 @@ def build_exporter(s: ExportSettings) -> Any:
         return ConsoleSpanExporter(service_name=s.service_name)
     headers = dict(s.headers) or None
     if s.exporter == "otlp_http":
-        from opentelemetry.exporter.otlp.proto.http import Compression
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from ._otel_wire import WireExporter
 
-        comp = Compression.Gzip if s.compression == "gzip" else Compression.NoCompression
-        return OTLPSpanExporter(endpoint=s.endpoint, headers=headers, timeout=s.timeout_s, compression=comp)
+        return WireExporter(http_endpoint(s.endpoint), {**env_headers(), **(headers or {})}, s.timeout_s, s.compression == "gzip")
     if s.exporter == "otlp_grpc":
         from grpc import Compression as GrpcCompression
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
@@ -78,47 +96,55 @@ def build_exporter(s: ExportSettings) -> Any:
     raise ValueError(f"unknown exporter {s.exporter!r}")
 
 
-def build_provider(s: ExportSettings) -> TracerProvider:
+@dataclass
+class Pipeline:
+    """What finished spans go through: the resource they carry and the batch processor."""
+
+    resource: Any
+    scope: Any
+    processor: Any  # a BatchSpanProcessor, or None for exporter "none"
+
+    def shutdown(self) -> None:
+        if self.processor is not None:
+            self.processor.shutdown()
+
+
+def build_pipeline(s: ExportSettings) -> Pipeline:
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     import proxy
 
-    ratio = TraceIdRatioBased(s.sample_ratio)
-    sampler = ParentBased(root=ratio) if s.parent_based else ratio
     resource = Resource.create({"service.name": s.service_name, "service.version": proxy.__version__, **dict(s.resource)})
-    provider = TracerProvider(sampler=sampler, resource=resource)
+    processor = None
     if s.exporter != "none":
         # the batch processor exports from its own thread: spans never wait on the network in the loop
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                build_exporter(s),
-                max_queue_size=s.max_queue_size,
-                max_export_batch_size=min(s.max_export_batch_size, s.max_queue_size),
-                schedule_delay_millis=s.schedule_delay_ms,
-                export_timeout_millis=int(s.timeout_s * 1000),
-            )
+        processor = BatchSpanProcessor(
+            build_exporter(s),
+            max_queue_size=s.max_queue_size,
+            max_export_batch_size=min(s.max_export_batch_size, s.max_queue_size),
+            schedule_delay_millis=s.schedule_delay_ms,
+            export_timeout_millis=int(s.timeout_s * 1000),
         )
-    return provider
+    return Pipeline(resource, InstrumentationScope("sluice", proxy.__version__), processor)
 
 
-class ProviderPool:
-    """Refcounted providers per :class:`ExportSettings`, one pool per process (``runtime.shared``)."""
+class PipelinePool:
+    """Refcounted pipelines per :class:`ExportSettings`, one pool per process (``runtime.shared``)."""
 
     def __init__(self) -> None:
         self._entries: dict[ExportSettings, list[Any]] = {}
 
-    def acquire(self, s: ExportSettings) -> TracerProvider:
+    def acquire(self, s: ExportSettings) -> Pipeline:
         entry = self._entries.get(s)
         if entry is None:
-            entry = self._entries[s] = [build_provider(s), 0]
+            entry = self._entries[s] = [build_pipeline(s), 0]
         entry[1] += 1
         return entry[0]
 
-    def release(self, s: ExportSettings) -> TracerProvider | None:
-        """Drop one reference; the provider to shut down when it was the last, else ``None``."""
+    def release(self, s: ExportSettings) -> Pipeline | None:
+        """Drop one reference; the pipeline to shut down when it was the last, else ``None``."""
         entry = self._entries.get(s)
         if entry is None:
             return None
@@ -127,6 +153,39 @@ class ProviderPool:
             del self._entries[s]
             return entry[0]
         return None
+
+
+# -- W3C trace context --------------------------------------------------------------
+
+_HEX = frozenset("0123456789abcdef")
+TRACE_ID_LIMIT = (1 << 64) - 1
+
+
+def parse_traceparent(value: str) -> tuple[int, int, int] | None:
+    """(trace id, parent span id, flags) of a valid W3C ``traceparent``, else ``None``."""
+    parts = value.strip().split("-")
+    if len(parts) < 4:
+        return None
+    version, trace, span, flags = parts[0], parts[1], parts[2], parts[3]
+    if len(version) != 2 or version == "ff" or len(trace) != 32 or len(span) != 16 or len(flags) != 2:
+        return None
+    if version == "00" and len(parts) != 4:
+        return None
+    if not (set(version) | set(trace) | set(span) | set(flags)) <= _HEX:
+        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    return trace_id, span_id, int(flags, 16)
+
+
+def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
+    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+
+
+def ratio_bound(ratio: float) -> int:
+    """The trace-id bound below which a trace is sampled: the SDK's TraceIdRatioBased rule."""
+    return round(ratio * (TRACE_ID_LIMIT + 1))
 
 
 def server_address(url: str) -> tuple[str | None, int | None]:

@@ -52,7 +52,7 @@ class Drift(Plugin):
         min_samples: int = Field(
             100, ge=10, le=1_000_000, description="Samples a feature needs on both sides before it is compared.")
         check_every: int = Field(
-            50, ge=1, le=1_000_000, description="Compare the open window with the reference every this many samples.")
+            100, ge=1, le=1_000_000, description="Compare the open window with the reference every this many samples.")
         reference: Literal["previous", "pinned"] = Field(
             "previous", description="'previous': each closed window is the next one's reference; 'pinned': the first full "
             "window (or one pinned through the admin API) stays the reference.")

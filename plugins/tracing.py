@@ -6,7 +6,12 @@ everything the request learnt: GenAI semantic-convention attributes, usage, the 
 the key id, cache hits, who answered and each plugin's time. Client spans are created
 in ``on_done`` from ``ctx.attempts`` with their real start and end times, so retries
 and fallbacks show as separate attempts without any work on the request path.
-Spans leave through a ``BatchSpanProcessor``, whose exporter runs in its own thread.
+Spans leave through the SDK's ``BatchSpanProcessor``, whose exporter runs in its own
+thread. Because every time is known when a span is recorded, spans are built as SDK
+``ReadableSpan`` objects and handed to the processor directly: the live-span machinery
+(a lock per span, per-attribute validation, sampler objects, context switching) would
+cost several times the rest of the observers together. Sampling follows the SDK's
+rules: trace-id ratio for new traces, the caller's sampled flag when ``parent_based``.
 
 Prompt and completion content is captured only with ``capture_content: true``, and
 then it is what the request carried after the plugins before ``on_done`` changed it:
@@ -17,7 +22,8 @@ restoration, and the prompt is the redacted one.
 from __future__ import annotations
 
 import asyncio
-import logging
+import random
+import time
 from typing import Any, Literal
 
 import orjson
@@ -25,12 +31,23 @@ from pydantic import Field, model_validator
 
 from proxy import Context, Plugin, PluginConfig, StashKey, hookimpl
 
-from ._otel import Clock, ExportSettings, ProviderPool, request_attributes, response_attributes, server_address, truncate
+from ._otel import (
+    TRACE_ID_LIMIT,
+    Clock,
+    ExportSettings,
+    PipelinePool,
+    format_traceparent,
+    parse_traceparent,
+    ratio_bound,
+    request_attributes,
+    response_attributes,
+    server_address,
+    truncate,
+)
 from .metrics import operation_name, route_name
 
-log = logging.getLogger("sluice.tracing")
 
-SPAN: StashKey[Any] = StashKey("tracing.span")
+TRACE: StashKey[tuple[int, int, int | None, bool]] = StashKey("tracing.trace")  # trace id, span id, parent id, sampled
 OUTPUT: StashKey[str] = StashKey("tracing.output")
 ERROR_OUTCOMES = frozenset({"upstream_error", "plugin_error", "error"})
 
@@ -69,7 +86,9 @@ class Tracing(Plugin):
             "gen_ai.output.messages) as left by the plugins before (redacted by pii).")
         max_content_chars: int = Field(
             16384, ge=64, le=1_048_576, description="Longest content recorded per attribute; longer is truncated.")
-        plugin_timings: bool = Field(True, description="Record each plugin's time per phase as sluice.plugin.<id>.<phase>_ms.")
+        plugin_timings: bool = Field(
+            False, description="Record each plugin's time per phase as sluice.plugin.<id>.<phase>_ms (the metrics plugin "
+            "already publishes them; on, they add about ten attributes per span).")
         max_queue_size: int = Field(
             8192, ge=16, le=1_000_000, description="Spans buffered for export; when full, new spans are dropped (never waited on).")
         max_export_batch_size: int = Field(512, ge=1, le=100_000, description="Spans per export request.")
@@ -88,16 +107,20 @@ class Tracing(Plugin):
     def __init__(self, config: Config, runtime: Any) -> None:
         super().__init__(config, runtime)
         self.config: Tracing.Config = config
-        self.tracer: Any = None
-        self.provider: Any = None
+        self.pipeline: Any = None
         self.clock = Clock()
+        self.bound = ratio_bound(config.sample_ratio)
         self._settings: ExportSettings | None = None
-        self._propagator: Any = None
         self._servers: dict[str, tuple[str | None, int | None, str]] = {}
+        self._otel: Any = None
+        self._unset: Any = None
 
     async def start(self) -> None:
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
+        self._otel = (ReadableSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags(1), TraceState)
+        self._unset = Status(StatusCode.UNSET)
         c = self.config
         insecure = c.insecure
         if c.exporter == "otlp_grpc" and insecure is None and c.endpoint:
@@ -105,15 +128,10 @@ class Tracing(Plugin):
         self._settings = ExportSettings(
             exporter=c.exporter, endpoint=c.endpoint, headers=tuple(sorted(c.headers.items())), timeout_s=c.timeout_s,
             compression=c.compression, insecure=insecure, service_name=c.service_name,
-            resource=tuple(sorted(c.resource_attributes.items())), sample_ratio=c.sample_ratio, parent_based=c.parent_based,
+            resource=tuple(sorted(c.resource_attributes.items())),
             max_queue_size=c.max_queue_size, max_export_batch_size=c.max_export_batch_size, schedule_delay_ms=c.schedule_delay_ms,
         )
-        pool = self.runtime.shared("tracing.providers", ProviderPool)
-        self.provider = pool.acquire(self._settings)
-        import proxy
-
-        self.tracer = self.provider.get_tracer("sluice", proxy.__version__)
-        self._propagator = TraceContextTextMapPropagator()
+        self.pipeline = self.runtime.shared("tracing.pipelines", PipelinePool).acquire(self._settings)
         self.clock = Clock()
         config = getattr(self.runtime, "config", None)
         for name, up in (getattr(config, "upstreams", None) or {}).items():
@@ -123,32 +141,47 @@ class Tracing(Plugin):
     async def stop(self) -> None:
         if self._settings is None:
             return
-        pool = self.runtime.shared("tracing.providers", ProviderPool)
-        provider = pool.release(self._settings)
+        pipeline = self.runtime.shared("tracing.pipelines", PipelinePool).release(self._settings)
         self._settings = None
-        if provider is not None:
+        if pipeline is not None:
             # shutdown joins the export thread after a last flush: never on the loop
-            await asyncio.get_running_loop().run_in_executor(None, provider.shutdown)
+            await asyncio.get_running_loop().run_in_executor(None, pipeline.shutdown)
 
     # -- request path ---------------------------------------------------------------
+    def _trace(self, ctx: Context) -> tuple[int, int, int | None, bool]:
+        """This request's (trace id, server span id, parent span id, sampled), decided once."""
+        found = ctx.stash.get(TRACE)
+        if found is not None:
+            return found
+        parent = None
+        if self.config.accept_traceparent:
+            tp = ctx.headers.get("traceparent")
+            if tp is not None:
+                parent = parse_traceparent(tp)
+        if parent is not None:
+            trace_id, parent_id, flags = parent
+            sampled = bool(flags & 1) if self.config.parent_based else (trace_id & TRACE_ID_LIMIT) < self.bound
+        else:
+            trace_id, parent_id = random.getrandbits(128) or 1, None
+            sampled = (trace_id & TRACE_ID_LIMIT) < self.bound
+        found = ctx.stash[TRACE] = (trace_id, random.getrandbits(64) or 1, parent_id, sampled)
+        return found
+
     @hookimpl
     def on_request(self, ctx: Context) -> None:
-        if ctx.answered or self.tracer is None:
+        if ctx.answered or self.pipeline is None:
             return
-        span = self._server_span(ctx)
-        ctx.stash[SPAN] = span
+        trace_id, span_id, _, sampled = self._trace(ctx)
         if self.config.propagate:
-            from opentelemetry.trace import set_span_in_context
-
             # the upstream continues our server span: its spans become siblings of our client spans
-            self._propagator.inject(ctx.headers, context=set_span_in_context(span))
+            ctx.headers["traceparent"] = format_traceparent(trace_id, span_id, sampled)
 
     @hookimpl
     def on_response(self, ctx: Context) -> None:
         if not self.config.capture_content or ctx.response is None:
             return
-        span = ctx.stash.get(SPAN)
-        if span is None or not span.is_recording():
+        found = ctx.stash.get(TRACE)
+        if found is None or not found[3]:
             return
         body = ctx.response.json
         if isinstance(body, dict):
@@ -161,38 +194,31 @@ class Tracing(Plugin):
 
     @hookimpl
     def on_done(self, ctx: Context) -> None:
-        if self.tracer is None:
+        if self.pipeline is None:
             return
-        span = ctx.stash.get(SPAN)
-        if span is None:
-            span = self._server_span(ctx)  # answered before reaching us: trace it all the same
-        if not span.is_recording():
-            return
-        self._finish(ctx, span)
+        trace = self._trace(ctx)  # answered before reaching us: traced all the same
+        if trace[3] and self.pipeline.processor is not None:
+            self._record(ctx, trace)
 
     # -- spans --------------------------------------------------------------------------
-    def _server_span(self, ctx: Context) -> Any:
-        from opentelemetry.trace import SpanKind
-
-        parent = None
-        if self.config.accept_traceparent and "traceparent" in ctx.headers:
-            parent = self._propagator.extract(ctx.headers)
-        return self.tracer.start_span(
-            f"{ctx.method} {route_name(ctx)}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            start_time=self.clock.epoch_ns(ctx.timings.start),
-            attributes={"http.request.method": ctx.method, "url.path": ctx.path, "sluice.request_id": ctx.request_id},
-        )
-
-    def _finish(self, ctx: Context, span: Any) -> None:
-        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
-
+    def _record(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> None:
+        ReadableSpan, SpanContext, SpanKind, Status, StatusCode, sampled_flags, TraceState = self._otel
+        trace_id, span_id, parent_id, _ = trace
+        pipeline = self.pipeline
+        tracestate = ctx.headers.get("tracestate") if parent_id is not None else None
+        state = TraceState.from_header([tracestate]) if tracestate else None
+        own = SpanContext(trace_id, span_id, False, sampled_flags, state)
+        parent = SpanContext(trace_id, parent_id, True, sampled_flags, state) if parent_id is not None else None
+        epoch = self.clock.epoch_ns
         c = self.config
         t = ctx.timings
+        end_ns = epoch(t.end) if t.end is not None else time.time_ns()
         op = operation_name(ctx)
         asked = ctx.model
         attrs: dict[str, Any] = {
+            "http.request.method": ctx.method,
+            "url.path": ctx.path,
+            "sluice.request_id": ctx.request_id,
             "gen_ai.operation.name": op,
             "sluice.route": route_name(ctx),
             "sluice.outcome": ctx.outcome or "unknown",
@@ -249,7 +275,7 @@ class Tracing(Plugin):
             resp_attrs = response_attributes(ctx.response.json)
             attrs.update(resp_attrs)
         if ctx.upstream is not None:
-            host, port, provider = self._servers.get(ctx.upstream.upstream, (None, None, "openai"))
+            _, _, provider = self._servers.get(ctx.upstream.upstream, (None, None, "openai"))
             attrs["gen_ai.provider.name"] = provider
             attrs["sluice.upstream"] = ctx.upstream.upstream
             if "gen_ai.response.model" not in attrs and ctx.upstream.model:
@@ -261,9 +287,8 @@ class Tracing(Plugin):
             out = ctx.stash.get(OUTPUT)
             if out is not None:
                 attrs["gen_ai.output.messages"] = truncate(out, c.max_content_chars)
-        span.set_attributes(attrs)
 
-        parent = set_span_in_context(span)
+        spans = []
         n = len(ctx.attempts)
         for i, a in enumerate(ctx.attempts):
             model = a.target.model or asked
@@ -291,20 +316,28 @@ class Tracing(Plugin):
                 cattrs["error.type"] = a.error
             elif failed:
                 cattrs["error.type"] = str(a.status)
-            answered = i == n - 1 and ctx.upstream is not None and not failed
-            if answered:
+            if i == n - 1 and ctx.upstream is not None and not failed:
                 cattrs.update(usage_attrs)
                 cattrs.update(resp_attrs)
-            end = a.end if a.end is not None else (t.end if t.end is not None else t.upstream_end)
-            child = self.tracer.start_span(
-                f"{op} {model}" if model else op, context=parent, kind=SpanKind.CLIENT,
-                start_time=self.clock.epoch_ns(a.start), attributes=cattrs,
-            )
-            if failed:
-                child.set_status(Status(StatusCode.ERROR, a.error or f"HTTP {a.status}"))
-            child.end(end_time=self.clock.epoch_ns(end) if end is not None else None)
-
+            a_end = a.end if a.end is not None else (t.upstream_end if t.upstream_end is not None else t.end)
+            spans.append(ReadableSpan(
+                f"{op} {model}" if model else op,
+                context=SpanContext(trace_id, random.getrandbits(64) or 1, False, sampled_flags, state),
+                parent=own, resource=pipeline.resource, attributes=cattrs, kind=SpanKind.CLIENT,
+                status=Status(StatusCode.ERROR, a.error or f"HTTP {a.status}") if failed else self._unset,
+                start_time=epoch(a.start), end_time=epoch(a_end) if a_end is not None else end_ns,
+                instrumentation_scope=pipeline.scope,
+            ))
+        status = self._unset
         if ctx.outcome in ERROR_OUTCOMES or (ctx.status is not None and ctx.status >= 500):
-            span.set_attribute("error.type", ctx.outcome or str(ctx.status))
-            span.set_status(Status(StatusCode.ERROR, ctx.outcome or f"HTTP {ctx.status}"))
-        span.end(end_time=self.clock.epoch_ns(t.end) if t.end is not None else None)
+            attrs["error.type"] = ctx.outcome or str(ctx.status)
+            status = Status(StatusCode.ERROR, ctx.outcome or f"HTTP {ctx.status}")
+        spans.append(ReadableSpan(
+            f"{ctx.method} {route_name(ctx)}", context=own, parent=parent, resource=pipeline.resource, attributes=attrs,
+            kind=SpanKind.SERVER, status=status, start_time=epoch(t.start), end_time=end_ns,
+            instrumentation_scope=pipeline.scope,
+        ))
+        on_end = pipeline.processor.on_end
+        for span in spans:
+            on_end(span)
+

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import zlib
 from typing import Any, Callable
 
 from aiohttp import web
@@ -62,6 +61,7 @@ class OTLPReceiver:
     def __init__(self, status: int = 200) -> None:
         self.spans: list[dict[str, Any]] = []
         self.requests = 0
+        self.encodings: list[str] = []
         self.status = status
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -73,11 +73,12 @@ class OTLPReceiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
+        # aiohttp inflates gzip and deflate request bodies itself; count what arrived compressed
         enc = request.headers.get("content-encoding", "")
-        if enc == "gzip":
+        if enc:
+            self.encodings.append(enc)
+        if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-        elif enc == "deflate":
-            raw = zlib.decompress(raw)
         msg = ExportTraceServiceRequest()
         msg.ParseFromString(raw)
         async with self._changed:
@@ -108,3 +109,45 @@ class OTLPReceiver:
     async def __aexit__(self, *exc: Any) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+class OTLPGrpcReceiver:
+    """The same over OTLP/gRPC (``TraceService/Export``) on 127.0.0.1: ``.endpoint`` is host:port."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+        self._server: Any = None
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0) -> list[dict[str, Any]]:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self.spans)), timeout)
+            return list(self.spans)
+
+    async def __aenter__(self) -> OTLPGrpcReceiver:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            async def Export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:
+                async with receiver._changed:
+                    receiver.spans.extend(decode(request))
+                    receiver._changed.notify_all()
+                return ExportTraceServiceResponse()
+
+        self._server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._server is not None:
+            await self._server.stop(None)

@@ -13,6 +13,7 @@ from plugins._drift_stats import (
     Snapshot,
     Thresholds,
     chi2_test,
+    ks_test,
     compare,
     psi_categorical,
     psi_numeric,
@@ -145,3 +146,34 @@ def test_window_bounds_features_and_categories():
         m.add({f"f{j}": 1.0 for j in range(10)}, {"c": f"v{i}"}, now=0.0)
     assert len(m.current.numeric) + 0 <= 3
     assert len(m.current.categorical["c"]) <= 33  # 32 seen values and "other"
+
+
+def test_fast_tests_agree_with_scipy():
+    from scipy.stats import chi2_contingency, ks_2samp
+
+    rng = np.random.default_rng(4)
+    for shift in (0.0, 0.1, 0.3):
+        a, b = rng.normal(0, 1, 700), rng.normal(shift, 1, 400)
+        d, p = ks_test(a.tolist(), b.tolist())
+        ref = ks_2samp(a, b, method="asymp")
+        assert d == pytest.approx(ref.statistic, abs=1e-12)
+        assert p == pytest.approx(ref.pvalue, rel=0.05, abs=1e-4)
+    r, c = {"stop": 500, "length": 40, "tool_calls": 12}, {"stop": 300, "length": 60, "tool_calls": 3}
+    stat, p = chi2_test(r, c)
+    ref = chi2_contingency(np.array([[40, 500, 12], [60, 300, 3]]), correction=False)
+    assert stat == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+
+
+def test_a_comparison_is_cheap():
+    import time
+
+    rng = np.random.default_rng(8)
+    snap = lambda: Snapshot({k: rng.normal(0, 1, 1000).tolist() for k in "abcd"},
+                            {"f": {"x": 900, "y": 100}, "g": {"no": 990, "yes": 10}}, 1000, 0, 1)
+    a, b = snap(), snap()
+    compare(a, b, Thresholds())
+    t = time.process_time()
+    for _ in range(20):
+        compare(a, b, Thresholds())
+    # four 1000-sample numeric features and two categorical ones: well under 5 ms of CPU
+    assert (time.process_time() - t) / 20 < 0.005

@@ -132,3 +132,34 @@ def test_config_cross_field_errors():
         Tracing.Config.model_validate({"exporter": "console", "endpoint": "http://x"})
     with pytest.raises(Exception, match="less than or equal to 1"):
         Tracing.Config.model_validate({"sample_ratio": 1.5})
+
+
+async def test_otlp_grpc_exporter(upstream: FakeUpstream, tmp_path):
+    try:
+        from tests.plugins.otlp_receiver import OTLPGrpcReceiver
+    except ImportError:
+        from otlp_receiver import OTLPGrpcReceiver
+
+    async with OTLPGrpcReceiver() as rx:
+        chain = [{"tracing": {"exporter": "otlp_grpc", "endpoint": rx.endpoint, "schedule_delay_ms": 10}}]
+        async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+            spans = await rx.wait_for(lambda sp: len(sp) >= 2)
+    assert {sp["kind"] for sp in spans} == {"server", "client"}
+    assert by_kind(spans, "server")[0]["attributes"]["gen_ai.operation.name"] == "chat"
+
+
+async def test_gzip_export_and_a_collector_that_is_down(upstream: FakeUpstream, tmp_path):
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx, compression="gzip")]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+            await rx.wait_for(lambda sp: len(sp) >= 2)
+        assert rx.encodings and set(rx.encodings) == {"gzip"}
+        down = rx.traces_url  # the receiver is closed below: nothing listens there any more
+    chain = [{"tracing": {"endpoint": down, "timeout_s": 0.5, "schedule_delay_ms": 10}}]
+    async with SluiceServer(config({"demo": upstream}, chain), tmp_path / "down") as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+            r = await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content
