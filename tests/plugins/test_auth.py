@@ -299,3 +299,23 @@ async def test_keys_cli(tmp_path):
     code, out, _ = await sluice("keys", "list", "--json", "--all")
     status = {k["id"]: k["status"] for k in json.loads(out)}
     assert status == {made["id"]: "active", rotated["id"]: "revoked"}  # the old one is in its grace hour
+
+
+@pytest.mark.redis
+async def test_redis_store_down_fails_closed_but_cached_keys_still_work(tmp_path, sdk):
+    from proxy.testing import RedisServer
+
+    async with RedisServer() as rs, FakeUpstream() as up:
+        cfg = {**_config(up, cache_ttl_s=60), "state": {"redis": {"url": rs.url, "timeout_ms": 100}}}
+        async with SluiceServer(cfg, tmp_path) as s:
+            _, cached = await _admin(s, "POST", "/admin/keys", {"name": "used"})
+            _, fresh = await _admin(s, "POST", "/admin/keys", {"name": "unused"})
+            await sdk(s.url, cached["key"]).chat.completions.create(**CHAT)
+            await rs.astop()
+            await sdk(s.url, cached["key"]).chat.completions.create(**CHAT)  # from the cache
+            t0 = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as err:
+                await sdk(s.url, fresh["key"]).chat.completions.create(**CHAT)
+            assert time.monotonic() - t0 < 2.0
+            assert err.value.status_code == 503 and err.value.body["code"] == "state_unavailable"
+            assert rs.url not in str(err.value.body)
