@@ -11,7 +11,7 @@ Sluice and the upstreams run as separate processes (``sluice serve``, ``sluice d
 so the client, the proxy and the model server do not share an event loop. Rounds of the
 compared configurations are interleaved to spread machine noise over both.
 
-    .venv/bin/python benchmarks/bench_traffic.py            # full run (about 40 s)
+    .venv/bin/python benchmarks/bench_traffic.py            # full run (about a minute; no load phase over 10 s)
     .venv/bin/python benchmarks/bench_traffic.py --quick    # smoke run
 """
 
@@ -80,6 +80,12 @@ async def demo_upstream(token_delay_ms: float = 0.0) -> AsyncIterator[str]:
         proc.wait(10)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
@@ -130,7 +136,8 @@ async def bench_cache(tmp: Path, rounds: int, per_round: int) -> dict[str, Any]:
     """Two upstreams: the demo answering instantly (buffered: the proxy's own cost shows), and the
     demo streaming at TOKEN_DELAY_MS per token (what a model costs). Hits come from memory and SQLite."""
     out: dict[str, Any] = {}
-    for label, delay, body_obj in (("buffered_instant_upstream", 0.0, BODY), ("streamed_model_like_upstream", TOKEN_DELAY_MS, STREAM_BODY)):
+    for label, delay, body_obj, n in (("buffered_instant_upstream", 0.0, BODY, per_round),
+                                      ("streamed_model_like_upstream", TOKEN_DELAY_MS, STREAM_BODY, max(10, per_round // 5))):
         async with demo_upstream(delay) as up:
             ups = {"primary": up}
             sub = tmp / label
@@ -145,10 +152,10 @@ async def bench_cache(tmp: Path, rounds: int, per_round: int) -> dict[str, Any]:
                     await run_load(http, up, 20, 1, body)  # warm connections and code paths
                     await run_load(http, empty.url, 20, 1, body)
                     for _ in range(rounds):
-                        res["direct"] += await run_load(http, up, per_round, 1, body)
-                        res["proxy_empty_chain"] += await run_load(http, empty.url, per_round, 1, body)
-                        res["cache_hit_memory"] += await run_load(http, mem.url, per_round, 1, body)
-                        res["cache_hit_sqlite"] += await run_load(http, sql.url, per_round, 1, body)
+                        res["direct"] += await run_load(http, up, n, 1, body)
+                        res["proxy_empty_chain"] += await run_load(http, empty.url, n, 1, body)
+                        res["cache_hit_memory"] += await run_load(http, mem.url, n, 1, body)
+                        res["cache_hit_sqlite"] += await run_load(http, sql.url, n, 1, body)
         part: dict[str, Any] = {k: summary(v) for k, v in res.items()}
         d = part["direct"]
         for k in ("proxy_empty_chain", "cache_hit_memory", "cache_hit_sqlite"):
@@ -226,17 +233,23 @@ async def bench_shadow(tmp: Path, rounds: int, per_round: int, concurrency: int)
         async with SluiceProcess(none_cfg, tmp / "none") as p_none, SluiceProcess(shadow_cfg, tmp / "shadow") as p_shadow:
             body = orjson.dumps(STREAM_BODY)
             res: dict[str, list[float]] = {"no_shadow": [], "shadow_100pct": []}
+            cpu = {"no_shadow": 0.0, "shadow_100pct": 0.0}
+            procs = {"no_shadow": p_none, "shadow_100pct": p_shadow}
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2)) as http:
-                await run_load(http, p_none.url, 100, concurrency, body)
-                await run_load(http, p_shadow.url, 100, concurrency, body)
+                await run_load(http, p_none.url, 50, concurrency, body)
+                await run_load(http, p_shadow.url, 50, concurrency, body)
                 for _ in range(rounds):
-                    res["no_shadow"] += await run_load(http, p_none.url, per_round, concurrency, body)
-                    res["shadow_100pct"] += await run_load(http, p_shadow.url, per_round, concurrency, body)
+                    for name, proc in procs.items():
+                        c0 = cpu_seconds(proc.pid)
+                        res[name] += await run_load(http, proc.url, per_round, concurrency, body)
+                        cpu[name] += cpu_seconds(proc.pid) - c0
                 async with http.get(p_shadow.admin_url + "/admin/experiments", headers={"authorization": "Bearer admin-token"}) as r:
                     report = await r.json()
     out: dict[str, Any] = {k: summary(v) for k, v in res.items()}
     out["p99_change"] = round(out["shadow_100pct"]["p99_ms"] / out["no_shadow"]["p99_ms"] - 1, 4)
     out["p50_change"] = round(out["shadow_100pct"]["p50_ms"] / out["no_shadow"]["p50_ms"] - 1, 4)
+    for name in cpu:
+        out[name]["proxy_cpu_ms_per_request"] = round(cpu[name] / len(res[name]) * 1000, 3)
     sh = report["shadows"][0] if report.get("shadows") else {}
     out["shadow_compared"] = sh.get("compared")
     out["concurrency"] = concurrency
@@ -248,13 +261,13 @@ async def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     args = ap.parse_args()
-    rounds, per = (2, 50) if args.quick else (6, 150)
+    rounds, per = (2, 50) if args.quick else (4, 100)
     tmp = Path(tempfile.mkdtemp(prefix="bench-traffic-"))
     t0 = time.perf_counter()
     result = {
         "cache": await bench_cache(tmp, rounds, per),
         "router": await bench_router(2000 if args.quick else 20000),
-        "shadow": await bench_shadow(tmp, rounds, per * 2, 8),
+        "shadow": await bench_shadow(tmp, rounds, per + per // 3, 8),
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "seconds": None,
