@@ -155,4 +155,5 @@ async def test_calls_under_load_never_hang_while_redis_flaps(own_redis):
         stop.set()
         await asyncio.gather(*tasks)
         await client.aclose()
-    assert worst < 0.5, worst
+    # far above the 50 ms timeout for a loaded test machine, far below redis-py's own 5 s default
+    assert worst < 1.5, worst
