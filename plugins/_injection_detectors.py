@@ -244,6 +244,7 @@ class SignatureDetector(Detector):
         whole = len(text) <= _WHOLE_TEXT
         meta: bool | None = None
         positions: dict[str, list[int]] = {}
+        needed: dict[str, bool] = {}
         for sig, near in candidates.values():
             if sig.id in hits and hits[sig.id] >= sig.weight:
                 continue
@@ -252,7 +253,7 @@ class SignatureDetector(Detector):
             if len(sig.anchors) > 1 and not any(lit in sig.literals for lit in near):
                 if any(g.isdisjoint(tokens) for g in sig.anchors[1:]):
                     continue
-            if sig.needs and not any(x in text for x in sig.needs):
+            if sig.needs and not any(_has(needed, x, text) for x in sig.needs):
                 continue
             m = None
             if sig.lead:
@@ -289,6 +290,13 @@ class SignatureDetector(Detector):
                     quoted.add(sig.id)
                 else:
                     quoted.discard(sig.id)
+
+
+def _has(cache: dict[str, bool], needle: str, text: str) -> bool:
+    found = cache.get(needle)
+    if found is None:
+        found = cache[needle] = needle in text
+    return found
 
 
 def _quoted(text: str, start: int, end: int) -> bool:

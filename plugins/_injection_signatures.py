@@ -132,8 +132,8 @@ SIGNATURES: tuple[Signature, ...] = (
        lead=_RM_LEADS),
     _s("IO-016", "instruction_override", 0.8,
        f"{_NOUN_ANCHORS} | cancelled canceled void revoked lifted suspended disabled longer obsolete invalid removed rescinded withdrawn",
-       rf"\b(?:your|(?:the|these|those|all)\s+(?:previous|prior|earlier|above|system|initial|original|preceding))\s+(?:\w+\s+){{0,2}}?{_INSTR_NOUNS}\s+(?:\w+\s+){{0,3}}?(?:are|is|were|have been|has been)\s+(?:now\s+|hereby\s+)?(?:cancel+ed|void|revoked|lifted|suspended|disabled|no longer (?:valid|active|in (?:force|effect)|apply)|obsolete|invalid|removed|rescinded|withdrawn)",
-       lead='your the these those all'),
+       rf"\b(?:your|(?:(?<=the )|(?<=these )|(?<=those )|(?<=all ))(?:previous|prior|earlier|above|system|initial|original|preceding))\s+(?:\w+\s+){{0,2}}?{_INSTR_NOUNS}\s+(?:\w+\s+){{0,3}}?(?:are|is|were|have been|has been)\s+(?:now\s+|hereby\s+)?(?:cancel+ed|void|revoked|lifted|suspended|disabled|no longer (?:valid|active|in (?:force|effect)|apply)|obsolete|invalid|removed|rescinded|withdrawn)",
+       lead='your previous prior earlier above system initial original preceding'),
     _s("IO-017", "instruction_override", 0.8,
        f"{_RM_ANCHORS} | said says told wrote",
        rf"\b{_RM_VERBS}\s+(?:what|whatever|anything|everything)\s+(?:the\s+|your\s+)?(?:system|developers?|admins?|operators?|prompt|creators?|openai)\s+(?:said|says|told you|wrote|writes|instructed)",
@@ -162,9 +162,9 @@ SIGNATURES: tuple[Signature, ...] = (
        lead='do don dont never no stop cease refuse'),
     _s("IO-005", "instruction_override", 0.85,
        "fake false wrong test joke outdated void invalid cancelled canceled obsolete revoked superseded longer null | instructions text prompt rules directions message messages guidelines",
-       r"\b(?:(?:the|these|those|all|your)\s+(?:above|previous|prior|preceding|earlier|original|system|initial)|your)\s+(?:instructions|text|prompt|rules|directions|messages?|guidelines)\s+(?:is|are|was|were|have been|has been)\s+(?:now\s+)?"
+       r"\b(?:(?:(?<=the )|(?<=these )|(?<=those )|(?<=all ))(?:above|previous|prior|preceding|earlier|original|system|initial)|your(?:\s+(?:above|previous|prior|preceding|earlier|original|system|initial))?)\s+(?:instructions|text|prompt|rules|directions|messages?|guidelines)\s+(?:is|are|was|were|have been|has been)\s+(?:now\s+)?"
        r"(?:fake|false|wrong|a test|a joke|outdated|void|invalid|cancel+ed|obsolete|revoked|superseded|no longer (?:valid|relevant|apply|applicable|in effect)|null)",
-       lead='the these those all your'),
+       lead='above previous prior preceding earlier original system initial your'),
     _s("IO-006", "instruction_override", 0.55,
        "instructions instruction task role goal objective purpose mission job | new real true actual only updated | your",
        r"\byour\s+(?:new|real|true|actual|only|updated)\s+(?:instructions?|task|role|goal|objective|purpose|mission|job)\s+(?:is|are|will be|now is)\b",
