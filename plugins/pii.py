@@ -19,7 +19,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy import Command, Context, Event, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
 
@@ -39,8 +39,10 @@ KNOWN_ENTITIES = PATTERN_ENTITIES + NER_ENTITIES
 _ENTITY_NAME = r"^[A-Z][A-Z0-9_]{0,39}$"
 
 
-class PatternConfig(PluginConfig):
+class PatternConfig(BaseModel):
     """One regex of a custom recognizer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     regex: str = Field(..., min_length=1, max_length=2000, description="A regular expression (Python syntax) matching the whole entity.")
     score: float = Field(0.8, gt=0, le=1, description="Score of a match; compared with the entity's threshold.")
@@ -57,8 +59,10 @@ class PatternConfig(PluginConfig):
         return v
 
 
-class RecognizerConfig(PluginConfig):
+class RecognizerConfig(BaseModel):
     """A custom pattern recognizer: an entity type of your own (employee ids, ticket numbers, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     entity: str = Field(..., pattern=_ENTITY_NAME, description="Entity type it finds, upper case (EMPLOYEE_ID); its placeholder label.")
     patterns: list[PatternConfig] = Field(..., min_length=1, max_length=50, description="Regexes, each with a score.")
