@@ -94,13 +94,18 @@ def _numeric(annotation) -> bool:
     return any(_numeric(a) for a in typing.get_args(annotation) if a is not type(None))
 
 
+# Any integer is a valid random seed: a bound would only be arbitrary.
+UNBOUNDED_BY_NATURE = frozenset({"seed"})
+
+
 @pytest.mark.parametrize("label,model", list(_all_models()), ids=lambda x: x if isinstance(x, str) else "")
 def test_every_config_field_has_a_description_and_numbers_have_bounds(label: str, model: type[BaseModel]) -> None:
     missing = [n for n, f in model.model_fields.items() if not (f.description or "").strip()]
     assert not missing, f"{label}: fields without a description: {missing}"
     unbounded = [
         n for n, f in model.model_fields.items()
-        if _numeric(f.annotation) and not typing.get_origin(f.annotation) in (list, dict) and not gen_docs.bounds(f)
+        if _numeric(f.annotation) and typing.get_origin(f.annotation) not in (list, dict) and not gen_docs.bounds(f)
+        and n not in UNBOUNDED_BY_NATURE
     ]
     assert not unbounded, f"{label}: numeric fields without bounds: {unbounded}"
 
