@@ -181,10 +181,12 @@ class Router(Plugin):
     async def start(self) -> None:
         c = self.config
         pool = self.runtime.upstreams
-        for name, alias in c.aliases.items():
-            for t in alias.targets:
-                if t.upstream not in pool:
-                    raise ValueError(f"router: aliases.{name}: unknown upstream {t.upstream!r}")
+        # On a reload this chain starts while the old pool still serves (runtime.upstreams is swapped
+        # after every plugin started), so a name missing here may be a new upstream: checked again,
+        # and reported, when the pool changes; requests never go to it while it is unknown.
+        missing = sorted({t.upstream for a in c.aliases.values() for t in a.targets} - set(pool.upstreams))
+        if missing:
+            log.warning("router: upstream(s) %s are not in the serving pool yet; they must be in this config's 'upstreams'", ", ".join(missing))
         # Health and latency outlive a config reload: keyed by target, shared in the process.
         self.stats: dict[str, TargetStats] = self.runtime.shared("router.stats", dict)
         self.metrics = self.runtime.shared("router.metrics", lambda: _Metrics(self.runtime.metrics))
@@ -212,12 +214,14 @@ class Router(Plugin):
         """
         c = self.config
         plans = {}
+        unknown = set()
         for name, alias in c.aliases.items():
             entries = []
             for t in alias.targets:
                 st = self.stats.setdefault(stats_key(t.upstream, t.model), TargetStats())
                 up = pool.upstreams.get(t.upstream)
                 if up is None:
+                    unknown.add(t.upstream)
                     continue
                 entries.append((t, up, st, Target(t.upstream, t.model, label=name)))
             plans[name] = (STRATEGIES[alias.strategy], entries)
@@ -225,6 +229,8 @@ class Router(Plugin):
         self._windows = c.context_window_check and any(
             e[1].config.context_window for _, entries in plans.values() for e in entries
         )
+        if unknown and self._pool is not None:
+            log.error("router: unknown upstream(s) %s: their targets are skipped", ", ".join(sorted(unknown)))
         self._pool = pool
 
     async def stop(self) -> None:
@@ -297,6 +303,9 @@ class Router(Plugin):
                     cand.stats.selected(now)
             if len(targets) >= c.max_targets:
                 break
+        if not targets and not any(self._plans[a][1] for a in chain):
+            self.metrics.routed.labels(model, "misconfigured").inc()
+            raise ProxyError(500, "The router names an upstream that is not configured.", code="unknown_upstream")
         if not targets:
             decision = "too_long" if too_small else "unavailable"
             self.metrics.routed.labels(model, decision).inc()

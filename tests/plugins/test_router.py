@@ -265,13 +265,30 @@ async def test_an_earlier_answer_is_left_alone(tmp_path: Path):
             await rt.close_all()
 
 
-async def test_unknown_upstream_fails_at_start(tmp_path: Path):
-    rt = await make_runtime(tmp_path)
-    try:
-        with pytest.raises(ValueError, match="router: aliases.smart: unknown upstream 'nope'"):
-            await configure_plugin(Router, {"aliases": {"smart": {"targets": [{"upstream": "nope"}]}}}, runtime=rt)
-    finally:
-        await rt.close_all()
+async def test_unknown_upstream_is_reported_and_never_used(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    async with upstreams(1) as (a,):
+        cfg = config([a], {"aliases": {"smart": {"targets": [{"upstream": "nope"}]}, "ok": {"targets": [{"upstream": "a"}]}}})
+        async with SluiceServer(cfg, tmp_path) as s, client(s) as c:
+            assert "upstream(s) nope are not in the serving pool" in caplog.text
+            with pytest.raises(openai.InternalServerError) as e:
+                await ask(c)
+            assert e.value.status_code == 500 and e.value.code == "unknown_upstream"
+            await ask(c, "ok")
+
+
+async def test_reload_adds_an_upstream_and_an_alias(tmp_path: Path):
+    async with upstreams(2) as (a, b):
+        first = config([a], {"aliases": {"smart": {"strategy": "least_outstanding", "targets": [{"upstream": "a"}]}}})
+        async with SluiceServer(first, tmp_path) as s, client(s) as c:
+            await ask(c)
+            second = config([a, b], {"aliases": {
+                "smart": {"strategy": "least_outstanding", "targets": [{"upstream": "a"}]},
+                "new": {"targets": [{"upstream": "b", "model": "fresh"}]}}})
+            ok, why = await s.reload(second)
+            assert ok, why
+            assert (await ask(c, "new")).model == "fresh"
+            await ask(c)
+        assert len(chats(a)) == 2 and [q["model"] for q in chats(b)] == ["fresh"]
 
 
 @pytest.mark.parametrize("cfg,message", [
