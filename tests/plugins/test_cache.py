@@ -297,3 +297,18 @@ def test_config_validation_messages():
         Cache.Config.model_validate({"ignore_fields": ["messages"]})
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         Cache.Config.model_validate({"tll_seconds": 5})
+
+
+@pytest.mark.redis
+async def test_replicas_share_entries_through_redis(upstream: FakeUpstream, tmp_path: Path, redis_server: RedisServer):
+    cfg = config(upstream, backend="redis")
+    cfg["state"] = {"redis": {"url": redis_server.url, "key_prefix": f"replicas-{tmp_path.name}:"}}
+    async with SluiceServer(cfg, tmp_path / "one") as one, SluiceServer(cfg, tmp_path / "two") as two:
+        async with client(one) as c1, client(two) as c2:
+            h1, r1 = await chat(c1)
+            await one.wait_idle()
+            h2, r2 = await chat(c2)
+            _, chunks, text = await stream(c2)
+        assert (h1["x-sluice-cache"], h2["x-sluice-cache"]) == ("miss", "hit")
+        assert r2.choices[0].message.content == r1.choices[0].message.content == text
+        assert chat_requests(upstream) == 1
