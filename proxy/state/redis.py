@@ -178,7 +178,7 @@ def connect(cfg: RedisConfig) -> Any:
     if cfg.cluster:
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url(cfg.url, retry=Retry(NoBackoff(), 0), cluster_error_retry_attempts=0, **common)
+        return RedisCluster.from_url(cfg.url, retry=Retry(NoBackoff(), 0), **common)
     if cfg.sentinel:
         from redis.asyncio.sentinel import Sentinel
         from redis.asyncio.connection import parse_url
