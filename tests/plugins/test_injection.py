@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import openai
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from plugins.injection import BLOCK_CODE, FINDING, Injection, InjectionConfig
+from plugins._injection_engine import Engine
+from plugins.injection import BLOCK_CODE, FINDING, Detection, Detector, Injection, InjectionConfig
 from proxy import Identity, ProxyError
 from proxy.cli import main as cli_main
 from proxy.testing import FakeUpstream, SluiceServer, configure_plugin, make_context, make_runtime
@@ -185,6 +187,34 @@ async def test_large_requests_are_scanned_in_the_executor(runtime):
     with pytest.raises(ProxyError):
         await plugin.on_request(ctx)
     assert ctx.annotations["injection"]["detected"]
+
+
+class _Stuck(Detector):
+    """A model that hangs until released: the plugin must give up after timeout_ms."""
+
+    name = "stuck"
+    blocking = True
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.release = threading.Event()
+
+    def detect(self, text, source):
+        self.release.wait(10)
+        return Detection(0.0)
+
+
+async def test_a_slow_detector_times_out_and_the_failure_policy_decides(runtime):
+    plugin = await configure_plugin(Injection, {"timeout_ms": 50}, runtime=runtime)
+    stuck = _Stuck({})
+    plugin.engine = Engine([(stuck, 1.0)])
+    try:
+        with pytest.raises(TimeoutError):
+            await plugin.on_request(make_context(chat(user(BENIGN)), runtime=runtime))
+    finally:
+        stuck.release.set()
+    assert Injection(InjectionConfig(), runtime).fail_closed
+    assert not Injection(InjectionConfig(on_error="open"), runtime).fail_closed
 
 
 # -- through a real server with the openai SDK -------------------------------------------------------
