@@ -297,10 +297,11 @@ class Router(Plugin):
             if not cands:
                 continue
             ordered = strategy(cands, turn=turn, now=now, stale_after_s=vl.stale_after_s, kv_weight=vl.kv_cache_weight)
+            if ej.enabled and not targets:
+                # only the first target is surely tried: a half-open one listed as a fallback is no probe
+                ordered[0].stats.selected(now)
             for cand in ordered:
                 targets.append(entries[cand.index][3])
-                if ej.enabled:
-                    cand.stats.selected(now)
             if len(targets) >= c.max_targets:
                 break
         if not targets and not any(self._plans[a][1] for a in chain):

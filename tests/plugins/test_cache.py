@@ -312,3 +312,35 @@ async def test_replicas_share_entries_through_redis(upstream: FakeUpstream, tmp_
         assert (h1["x-sluice-cache"], h2["x-sluice-cache"]) == ("miss", "hit")
         assert r2.choices[0].message.content == r1.choices[0].message.content == text
         assert chat_requests(upstream) == 1
+
+
+@pytest.mark.redis
+async def test_redis_down_with_on_error_closed_is_a_503(upstream: FakeUpstream, tmp_path: Path):
+    with RedisServer() as rs:
+        cfg = config(upstream, backend="redis", on_error="closed")
+        cfg["state"] = {"redis": {"url": rs.url, "timeout_ms": 100, "breaker_failures": 2}}
+        async with SluiceServer(cfg, tmp_path) as s, client(s) as c:
+            await chat(c)
+            rs.stop()
+            with pytest.raises(openai.InternalServerError) as e:
+                await chat(c, messages=[{"role": "user", "content": "another"}])
+            assert e.value.status_code == 503 and "redis" not in e.value.message.lower()
+        assert chat_requests(upstream) == 1
+
+
+@pytest.mark.redis
+async def test_redis_down_fails_open_to_the_upstream(upstream: FakeUpstream, tmp_path: Path):
+    with RedisServer() as rs:
+        cfg = config(upstream, backend="redis")
+        cfg["state"] = {"redis": {"url": rs.url, "timeout_ms": 100, "breaker_failures": 2}}
+        async with SluiceServer(cfg, tmp_path) as s, client(s) as c:
+            await chat(c)
+            await s.wait_idle()
+            h, _ = await chat(c)
+            assert h["x-sluice-cache"] == "hit"
+            rs.stop()
+            for _ in range(3):
+                h, r = await chat(c)  # the cache is a transform: it fails open, the upstream answers
+                assert r.choices[0].message.content and "x-sluice-cache" not in h
+            await s.wait_idle()
+        assert chat_requests(upstream) == 4
