@@ -7,9 +7,10 @@ completed and can be replayed as a stream or as a plain answer, and the reverse.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
@@ -38,7 +39,14 @@ class _Pending:
     assembler: StreamAssembler | None = None
     stream_bytes: int = 0
     too_big: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: the in-flight marker this request leads (identical buffered requests wait for its answer)
+    flight: _Flight | None = None
+
+
+@dataclass(slots=True)
+class _Flight:
+    done: asyncio.Future[None]
+    started: float
 
 
 STASH: StashKey[_Pending] = StashKey("cache")
@@ -111,6 +119,11 @@ class Cache(Plugin):
             True, description="Obey the request's cache-control: no-cache (skip lookup, still store) and no-store (neither)."
         )
         cache_streams: bool = Field(True, description="Store streamed answers (assembled once complete) and answer streams from the cache.")
+        coalesce: bool = Field(
+            True, description="A buffered request identical to one in flight in this process waits for that answer "
+            "(at most coalesce_wait_s) instead of going upstream too. Streamed requests never wait.",
+        )
+        coalesce_wait_s: float = Field(30.0, gt=0, le=3600, description="Longest wait for an identical request in flight.")
         namespace: str = Field(
             "cache", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Key-value namespace; two instances with one namespace share entries."
         )
@@ -130,6 +143,7 @@ class Cache(Plugin):
         self.kv = self.runtime.state.kv(c.namespace, c.backend, c.max_bytes)
         self.metrics = self.runtime.shared("cache.metrics", lambda: _Metrics(self.runtime.metrics))
         self._endpoints = frozenset(e.strip("/") for e in c.endpoints)
+        self._flights: dict[str, _Flight] = {}
         self._ignored = tuple(c.ignore_fields)
 
     # -- request ----------------------------------------------------------------
@@ -152,12 +166,35 @@ class Cache(Plugin):
         pending = _Pending(key=request_key(ctx.endpoint, body, scope, self._ignored), ttl_s=ttl or 0.0, store=bool(ttl))
         ctx.stash[STASH] = pending
         if "no-cache" not in cc:
-            raw = await self.kv.get(pending.key)
-            entry = read_entry(raw) if raw is not None else None
+            entry = await self._lookup(pending.key)
+            if entry is None and c.coalesce and not stream and await self._wait_for_flight(pending.key):
+                entry = await self._lookup(pending.key)
             if entry is not None:
                 self._answer(ctx, pending, entry, stream, body)
                 return
+        if pending.store and c.coalesce:
+            flight = self._flights.get(pending.key)
+            if flight is None or flight.done.done() or time.monotonic() - flight.started > c.coalesce_wait_s:
+                pending.flight = self._flights[pending.key] = _Flight(asyncio.get_running_loop().create_future(), time.monotonic())
         self._result(ctx, MISS)
+
+    async def _lookup(self, key: str) -> dict[str, Any] | None:
+        raw = await self.kv.get(key)
+        return read_entry(raw) if raw is not None else None
+
+    async def _wait_for_flight(self, key: str) -> bool:
+        """Wait for an identical request in flight to be answered and stored; False when there is none."""
+        flight = self._flights.get(key)
+        if flight is None or flight.done.done():
+            return False
+        left = self.config.coalesce_wait_s - (time.monotonic() - flight.started)
+        if left <= 0:
+            return False  # its on_done never came (dropped, or the leader is still streaming): go upstream
+        try:
+            await asyncio.wait_for(asyncio.shield(flight.done), left)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def _request_ttl(self, ctx: Context) -> float | None:
         c = self.config
@@ -226,16 +263,25 @@ class Cache(Plugin):
         pending = ctx.stash.get(STASH)
         if pending is None or pending.hit or not pending.store:
             return
-        entry = self._entry(ctx, pending)
-        if isinstance(entry, str):
-            self.metrics.stores.labels(entry).inc()
-            return
         try:
-            await self.kv.set(pending.key, entry, pending.ttl_s)
-        except Exception:
-            self.metrics.stores.labels("error").inc()
-            raise
-        self.metrics.stores.labels("stored").inc()
+            entry = self._entry(ctx, pending)
+            if isinstance(entry, str):
+                self.metrics.stores.labels(entry).inc()
+                return
+            try:
+                await self.kv.set(pending.key, entry, pending.ttl_s)
+            except Exception:
+                self.metrics.stores.labels("error").inc()
+                raise
+            self.metrics.stores.labels("stored").inc()
+        finally:
+            flight = pending.flight
+            if flight is not None:
+                # waiters look the key up again: a hit if stored, else they go upstream themselves
+                if self._flights.get(pending.key) is flight:
+                    del self._flights[pending.key]
+                if not flight.done.done():
+                    flight.done.set_result(None)
 
     def _entry(self, ctx: Context, pending: _Pending) -> bytes | str:
         """The entry to store, or the reason it is not stored."""

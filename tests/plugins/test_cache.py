@@ -344,3 +344,36 @@ async def test_redis_down_fails_open_to_the_upstream(upstream: FakeUpstream, tmp
                 assert r.choices[0].message.content and "x-sluice-cache" not in h
             await s.wait_idle()
         assert chat_requests(upstream) == 4
+
+
+async def test_identical_concurrent_requests_are_coalesced(upstream: FakeUpstream, tmp_path: Path):
+    upstream.first_byte_delay = 0.3
+    async with SluiceServer(config(upstream), tmp_path) as s, client(s) as c:
+        first = asyncio.ensure_future(chat(c))
+        await upstream.wait_for(lambda: chat_requests(upstream) == 1)
+        rest = await asyncio.gather(*(chat(c) for _ in range(4)))
+        h0, r0 = await first
+        assert h0["x-sluice-cache"] == "miss"
+        assert [h["x-sluice-cache"] for h, _ in rest] == ["hit"] * 4
+        assert all(r.choices[0].message.content == r0.choices[0].message.content for _, r in rest)
+        assert chat_requests(upstream) == 1
+        # streamed requests never wait for another one: their first token matters
+        lead = asyncio.ensure_future(chat(c, messages=[{"role": "user", "content": "other"}]))
+        await upstream.wait_for(lambda: chat_requests(upstream) == 2)
+        h, _, _ = await stream(c, messages=[{"role": "user", "content": "other"}])
+        assert h["x-sluice-cache"] == "miss"
+        await lead
+        assert chat_requests(upstream) == 3
+
+
+async def test_coalesced_waiters_go_upstream_when_the_leader_fails(upstream: FakeUpstream, tmp_path: Path):
+    upstream.first_byte_delay = 0.3
+    upstream.fail_next(500)
+    async with SluiceServer(config(upstream), tmp_path) as s, client(s) as c:
+        first = asyncio.ensure_future(chat(c))
+        await upstream.wait_for(lambda: chat_requests(upstream) == 1)
+        h, r = await chat(c)
+        assert h["x-sluice-cache"] == "miss" and r.choices[0].message.content
+        with pytest.raises(openai.InternalServerError):
+            await first
+        assert chat_requests(upstream) == 2
