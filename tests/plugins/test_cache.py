@@ -377,3 +377,25 @@ async def test_coalesced_waiters_go_upstream_when_the_leader_fails(upstream: Fak
         with pytest.raises(openai.InternalServerError):
             await first
         assert chat_requests(upstream) == 2
+
+
+async def test_a_hit_is_metered_with_no_upstream_cost(upstream: FakeUpstream, tmp_path: Path):
+    import sqlite3
+
+    cfg = config(upstream, [{"metering": {}}, {"cache": {"backend": "memory"}}])
+    cfg["prices"] = {"sluice-demo": {"input": 2.0, "output": 8.0}}
+    async with SluiceServer(cfg, tmp_path) as s, client(s) as c:
+        await chat(c)
+        await s.wait_idle()
+        h, _ = await chat(c)
+        assert h["x-sluice-cache"] == "hit"
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    try:
+        rows = conn.execute("SELECT cache_hit, cost, attempts FROM ledger ORDER BY ts").fetchall()
+    finally:
+        conn.close()
+    (miss_hit, miss_cost, miss_attempts), (hit, hit_cost, hit_attempts) = rows
+    assert (miss_hit, hit) == (0, 1)
+    assert miss_cost > 0 and hit_cost == 0 and hit_attempts == 0 and miss_attempts == 1
