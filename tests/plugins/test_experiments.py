@@ -273,3 +273,23 @@ async def test_cli_reports_statistics(tmp_path: Path):
     (rep,) = json.loads(js.stdout)
     assert sum(v["requests"] for v in rep["experiments"][0]["variants"]) == 12
     assert rep["shadows"] == []
+
+
+async def test_variant_reaches_the_ledger(tmp_path: Path):
+    import sqlite3
+
+    async with two() as (a, b):
+        cfg = config(a, b, experiments=[AB])
+        cfg["routes"][0]["chain"].append({"metering": {}})
+        async with SluiceServer(cfg, tmp_path) as s:
+            for k in range(6):
+                async with client(s, f"sk-{k}") as c:
+                    await ask(c)
+            results = await rows(s, "SELECT request_id, variant FROM experiment_results")
+            await s.runtime.state.records("ledger").flush()
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    try:
+        ledger = dict(conn.execute("SELECT id, variant FROM ledger").fetchall())
+    finally:
+        conn.close()
+    assert ledger == {r["request_id"]: r["variant"] for r in results} and len(ledger) == 6
