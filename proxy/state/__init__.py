@@ -162,8 +162,10 @@ class StateHub:
             await kv.close()
         self._kv.clear()
         if self.redis is not None:
+            from .redis import close_client
+
             try:
-                await self.redis.aclose()
+                await close_client(self.redis)
             except Exception as e:  # closing a dead connection must not abort shutdown
                 log.debug("state: redis close: %s", type(e).__name__)
             self.redis = None

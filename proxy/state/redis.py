@@ -189,10 +189,20 @@ def connect(cfg: RedisConfig) -> Any:
             nodes.append((host or hp, int(port or 26379)))
         opts = {k: v for k, v in parse_url(cfg.url).items() if k in ("password", "username", "db", "ssl")}
         sentinel = Sentinel(nodes, sentinel_kwargs=dict(common), retry=Retry(NoBackoff(), 0), **common, **opts)
-        return sentinel.master_for(cfg.master_name)
+        client = sentinel.master_for(cfg.master_name)
+        # the sentinels' own connections outlive the master client: close_client() closes them too
+        client.sluice_sentinels = list(sentinel.sentinels)
+        return client
     import redis.asyncio as aioredis
 
     return aioredis.Redis.from_url(cfg.url, retry=Retry(NoBackoff(), 0), **common)
+
+
+async def close_client(client: Any) -> None:
+    """Close a client made by :func:`connect`, and its Sentinel connections if any."""
+    await client.aclose()
+    for s in getattr(client, "sluice_sentinels", ()):
+        await s.aclose()
 
 
 class RedisGuard:
