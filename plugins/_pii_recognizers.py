@@ -149,7 +149,6 @@ def build_recognizers(
         EmailRecognizer,
         IbanRecognizer,
         IpRecognizer,
-        MacAddressRecognizer,
         SpacyRecognizer,
         UsSsnRecognizer,
     )
@@ -228,6 +227,23 @@ def build_recognizers(
         def __init__(self) -> None:
             super().__init__(supported_entity="URL", patterns=self.PATTERNS, context=self.CONTEXT, name="SluiceUrlRecognizer")
 
+    class MacRecognizer(PatternRecognizer):
+        """MAC addresses: six hex pairs with one separator, or Cisco's three dotted quads."""
+
+        PATTERNS = [
+            Pattern("mac", r"\b[0-9A-Fa-f]{2}([:-])(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}\b", 0.6),
+            Pattern("cisco", r"\b[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\b", 0.6),
+        ]
+        CONTEXT = ["mac", "ethernet", "nic", "hardware", "address", "wifi", "bluetooth"]
+
+        def __init__(self) -> None:
+            super().__init__(supported_entity="MAC_ADDRESS", patterns=self.PATTERNS, context=self.CONTEXT, name="SluiceMacRecognizer")
+
+        def invalidate_result(self, pattern_text: str) -> bool:
+            hexes = [c for c in pattern_text.lower() if c in "0123456789abcdef"]
+            # all zeros or all ones: placeholders in docs and configs, not a device
+            return set(hexes) <= {"0"} or set(hexes) <= {"f"}
+
     builders: dict[str, Any] = {
         "EMAIL_ADDRESS": EmailRecognizer,
         "PHONE_NUMBER": PhoneRecognizer,
@@ -237,7 +253,7 @@ def build_recognizers(
         "IP_ADDRESS": IpRecognizer,
         "URL": UrlRecognizer,
         "CRYPTO": CryptoRecognizer,
-        "MAC_ADDRESS": MacAddressRecognizer,
+        "MAC_ADDRESS": MacRecognizer,
     }
     wanted = set(entities)
     out: list[Any] = [builders[e]() for e in PATTERN_ENTITIES if e in wanted]
