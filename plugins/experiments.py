@@ -431,10 +431,10 @@ class Experiments(Plugin):
                 "SELECT event, step, reason, fingerprint FROM experiment_events WHERE experiment = ? ORDER BY ts DESC, rowid DESC LIMIT 1",
                 (e.name,),
             )
-            if rows:
+            if rows and rows[0].get("fingerprint") == can.fp:
                 can.restore(rows[0])
             else:
-                can.event("start", "rollout started")
+                can.event("start", "rollout started" if not rows else "rollout started (the canary's definition changed)")
             canaries[e.name] = self.canaries[e.name] = can
             self.metrics.canary_share.labels(e.name).set(can.share)
         self._shadows_by_model: dict[str, list[ShadowConfig]] = {}
@@ -776,17 +776,22 @@ async def build_report(records: Any, run_cpu: Any, config: _Config, name: str | 
 
 
 def _instances(runtime: Runtime) -> list[Experiments]:
-    return list(runtime.shared("experiments.registry", _Registry).instances)
+    """Live instances, newest first (during a reload the retiring chain's are still listed)."""
+    return list(reversed(runtime.shared("experiments.registry", _Registry).instances))
 
 
 async def _admin_list(request: web.Request, runtime: Runtime) -> web.StreamResponse:
     from aiohttp import web
 
     out: dict[str, Any] = {"experiments": [], "shadows": []}
+    seen: set[tuple[str, str]] = set()
     for inst in _instances(runtime):
         rep = await inst.report()
-        out["experiments"].extend(rep["experiments"])
-        out["shadows"].extend(rep["shadows"])
+        for kind in ("experiments", "shadows"):
+            for item in rep[kind]:
+                if (kind, item["name"]) not in seen:
+                    seen.add((kind, item["name"]))
+                    out[kind].append(item)
     return web.json_response(out, dumps=lambda o: orjson.dumps(o).decode())
 
 

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from plugins.cache import Cache
-from proxy import Context, Identity, Plugin, PluginConfig, hookimpl
+from proxy import Context, Identity, Plugin, hookimpl
 from proxy.testing import FakeUpstream, RedisServer, SluiceServer, configure_plugin, make_context, make_runtime, register_plugin
 
 MSG = [{"role": "user", "content": "what is the capital of France"}]
