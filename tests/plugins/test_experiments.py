@@ -293,3 +293,22 @@ async def test_variant_reaches_the_ledger(tmp_path: Path):
     finally:
         conn.close()
     assert ledger == {r["request_id"]: r["variant"] for r in results} and len(ledger) == 6
+
+
+async def test_reload_keeps_a_rollout_unless_its_definition_changed(tmp_path: Path):
+    async with two() as (a, b):
+        cfg = config(a, b, experiments=[CANARY])
+        async with SluiceServer(cfg, tmp_path) as s:
+            status, desc = await admin(s, "POST", "/admin/experiments/rollout/promote")
+            assert status == 200 and desc["share"] == 100
+            ok, why = await s.reload(cfg)
+            assert ok, why
+            _, body = await admin(s, "GET", "/admin/experiments")
+            assert [e["canary"]["share"] for e in body["experiments"]] == [100]
+            changed = config(a, b, experiments=[{**CANARY, "canary": {**CANARY["canary"], "steps": [10, 100]}}])
+            ok, why = await s.reload(changed)
+            assert ok, why
+            _, body = await admin(s, "GET", "/admin/experiments/rollout")
+            assert body["experiments"][0]["canary"]["share"] == 10
+            events = await rows(s, "SELECT event FROM experiment_events ORDER BY ts")
+        assert [e["event"] for e in events] == ["start", "promote", "start"]
