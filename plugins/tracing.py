@@ -80,7 +80,8 @@ class Tracing(Plugin):
             True, description="Follow the sampling decision of an incoming traceparent instead of the ratio.")
         accept_traceparent: bool = Field(
             True, description="Continue the trace of a client's W3C traceparent (off: every request starts a new trace).")
-        propagate: bool = Field(True, description="Send traceparent (and tracestate) to the upstream.")
+        propagate: bool = Field(
+            True, description="Send our traceparent to the upstream (a client's tracestate passes on unchanged).")
         capture_content: bool = Field(
             False, description="Record prompts and completions on the server span (gen_ai.input.messages / "
             "gen_ai.output.messages) as left by the plugins before (redacted by pii).")
