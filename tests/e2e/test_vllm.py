@@ -85,6 +85,7 @@ def chain(strategy: str = "vllm") -> list[dict[str, Any]]:
     return [
         {"auth": {"keys": [{"key": KEY, "id": "e2e", "team": "qa"}], "virtual_keys": False}},
         {"ratelimit": {"requests_per_minute": 100000}},
+        {"injection": {"action": "block"}},
         {"pii": {"action": "redact"}},
         {"cache": {}},
         {"router": {
@@ -92,8 +93,10 @@ def chain(strategy: str = "vllm") -> list[dict[str, Any]]:
             "vllm": {"poll_interval_s": 0.1, "stale_after_s": 5},
             "ejection": {"consecutive_failures": 1, "cooldown_s": 30, "max_cooldown_s": 60},
         }},
+        {"experiments": {}},
         {"tracing": {"exporter": "none"}},
         {"metering": {"prices": {MODEL: {"input": PRICE_IN, "output": PRICE_OUT}}}},
+        {"drift": {}},
         {"metrics": {}},
     ]
 
