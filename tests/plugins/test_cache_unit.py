@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -140,3 +142,44 @@ def test_complete_body():
     assert not is_complete_body({"error": {"message": "x"}})
     assert is_complete_body({"object": "list", "data": [{"embedding": [0.1]}]})
     assert not is_complete_body({"choices": []})
+
+
+VLLM = Path(__file__).parent.parent / "fixtures" / "vllm"
+
+
+def _sse(name: str) -> list:
+    from proxy.sse import Parser
+
+    p = Parser()
+    events = [*p.feed((VLLM / name).read_bytes()), *p.close()]
+    return [orjson.loads(e.data) for e in events if not e.is_done]
+
+
+@pytest.mark.parametrize("name", ["chat_stream_usage.sse", "chat_stream.sse", "completion_stream_usage.sse", "completion_stream.sse"])
+def test_recorded_vllm_streams_assemble_and_replay(name: str):
+    chunks = _sse(name)
+    asm = StreamAssembler()
+    for c in chunks:
+        asm.add(c)
+    assert asm.complete
+    body = asm.body()
+    text_of = (lambda ch: ch["delta"].get("content") or "") if "chat" in name else (lambda ch: ch.get("text") or "")
+    expected = "".join(text_of(ch) for c in chunks for ch in c.get("choices") or [])
+    got = body["choices"][0]["message"]["content"] if "chat" in name else body["choices"][0]["text"]
+    assert got == expected and body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert ("usage" in body) == ("usage" in name)
+    # the replay of the stored stream is the upstream's chunks, minus the usage chunk unless asked for
+    entry = read_entry(make_entry(body, asm.chunks))
+    assert replay_chunks(entry, include_usage=False) == [c for c in chunks if c.get("choices")]
+    if "usage" in name:
+        assert replay_chunks(entry, include_usage=True)[-1]["usage"] == chunks[-1]["usage"]
+
+
+def test_recorded_vllm_answer_is_complete_and_replays_as_a_stream():
+    body = orjson.loads((VLLM / "chat.json").read_bytes())
+    assert is_complete_body(body)
+    asm = StreamAssembler()
+    for c in synthesise_chunks(body):
+        asm.add(c)
+    assert asm.body()["choices"][0]["message"]["content"] == body["choices"][0]["message"]["content"]
+    assert not is_complete_body(orjson.loads((VLLM / "error_unknown_model.json").read_bytes()))

@@ -158,3 +158,12 @@ def test_complexity_features():
     assert features({"messages": [{"role": "user", "content": "Please PROVE it"}]}, ["prove"]).keyword
     long = {"messages": [{"role": "user", "content": "word " * 4000}]}
     assert features(long).prompt_tokens > 4000
+
+
+def test_parse_recorded_vllm_metrics():
+    text = (FIX / "vllm" / "metrics.txt").read_text()
+    load = parse_vllm_metrics(text, "tiny-llama")
+    assert load.valid and load.waiting == 0.0 and load.kv_cache_usage == 0.0
+    # the waiting_by_reason breakdown must not be summed into the waiting count
+    assert "vllm:num_requests_waiting_by_reason" not in load.seen
+    assert not parse_vllm_metrics(text, "another-model").valid
