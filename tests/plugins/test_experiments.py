@@ -112,14 +112,14 @@ async def test_variant_is_tagged_on_the_context(tmp_path: Path):
 
 async def test_shadow_is_compared_and_never_slows_or_breaks_the_client(tmp_path: Path):
     async with two() as (a, b):
-        b.first_byte_delay = 1.0
+        b.first_byte_delay = 2.0
         shadow = {"name": "cand", "target": {"upstream": "b", "model": "cand-model"}, "sample": 1.0, "max_concurrency": 8}
         async with SluiceServer(config(a, b, shadows=[shadow]), tmp_path) as s, client(s) as c:
             t0 = time.perf_counter()
             r = await ask(c)
             chunks = [ch async for ch in await ask(c, stream=True, messages=[{"role": "user", "content": "stream please"}])]
             elapsed = time.perf_counter() - t0
-            assert elapsed < 0.9, "the client did not wait for the slow shadow"
+            assert elapsed < 1.5, "the client did not wait for the slow shadow"
             assert r.model == "sluice-demo" and chunks[-1].choices[0].finish_reason == "stop"
             b.first_byte_delay = 0.0
             b.fail_next(500)
@@ -128,7 +128,7 @@ async def test_shadow_is_compared_and_never_slows_or_breaks_the_client(tmp_path:
             comps = await rows(s, "SELECT * FROM shadow_comparisons ORDER BY ts")
         assert len(comps) == 3
         slow = max(comps, key=lambda x: x["shadow_latency_ms"])
-        assert slow["shadow_latency_ms"] >= 1000 and slow["primary_latency_ms"] < 900
+        assert slow["shadow_latency_ms"] >= 2000 and slow["primary_latency_ms"] < 1500
         failed = next(x for x in comps if x["shadow_status"] == 500)
         ok = [x for x in comps if x["shadow_status"] == 200]
         assert len(ok) == 2

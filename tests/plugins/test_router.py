@@ -157,7 +157,7 @@ async def test_concurrency_cap_sends_overflow_elsewhere_or_503(tmp_path: Path):
 
 async def test_lowest_latency_prefers_the_faster_target(tmp_path: Path):
     async with upstreams(2) as (a, b):
-        a.first_byte_delay = 0.08
+        a.first_byte_delay = 0.2
         cfg = config([a, b], {"aliases": {"smart": {"strategy": "lowest_latency", "targets": [{"upstream": "a"}, {"upstream": "b"}]}}})
         async with SluiceServer(cfg, tmp_path) as s, client(s) as c:
             for _ in range(8):
