@@ -156,7 +156,7 @@ class SignatureDetector(Detector):
             for k in quoted - {top}:
                 weights[k] = 0.0
         categories: dict[str, float] = {}
-        for sig_id, w in hits.items():
+        for sig_id, w in weights.items():
             cat = BY_ID[sig_id].category
             categories[cat] = noisy_or((categories.get(cat, 0.0), w))
         if tricks and (hits or "tags" in tricks):
