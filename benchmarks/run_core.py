@@ -235,6 +235,36 @@ def loadavg() -> list[float]:
         return []
 
 
+async def sanity_check(targets: dict[str, Target]) -> None:
+    """Every target gives the direct path's answer (text, stream events, usage) before anything is timed."""
+    import aiohttp
+    import orjson
+
+    body = {"model": "sluice-demo", "messages": [{"role": "user", "content": "check the sluice gate before the boats"}]}
+    want: dict[str, Any] = {}
+    async with aiohttp.ClientSession() as http:
+        for name in TARGETS:
+            t = targets[name]
+            async with http.post(t.url + "/chat/completions", json=body) as r:
+                got = await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{name}: buffered answer {r.status}: {got[:300]!r}")
+                obj = orjson.loads(got)
+                buffered = (obj["choices"][0]["message"]["content"], obj["usage"]["completion_tokens"])
+            async with http.post(t.stream_url + "/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                raw = await r.read()
+                if r.status != 200 or not r.headers.get("content-type", "").startswith("text/event-stream"):
+                    raise RuntimeError(f"{name}: streamed answer {r.status} {r.headers.get('content-type')}")
+            events = [e[6:] for e in raw.decode().split("\n\n") if e.startswith("data: ")]
+            chunks = [orjson.loads(e) for e in events if e != "[DONE]"]
+            text = "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
+            streamed = (text, len(events), events[-1], chunks[-1].get("usage", {}).get("completion_tokens"))
+            if name == "direct":
+                want = {"buffered": buffered, "streamed": streamed}
+            elif (buffered, streamed) != (want["buffered"], want["streamed"]):
+                raise RuntimeError(f"{name} answers differently from the direct path: {buffered} {streamed} != {want}")
+
+
 async def calibrate_rate(targets: dict[str, Target], args: argparse.Namespace) -> float:
     """A moderate open-loop rate: a fraction of what the slowest proxy sustains, so queues stay short."""
     best = []
@@ -255,6 +285,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         rows[target].setdefault(key, []).append(value)
 
     async with start_targets(tmp, args) as targets:
+        await sanity_check(targets)
         # warm every target's connections and code paths, both answer kinds
         warm = 0.5 if args.quick else 1.0
         for name in TARGETS:
@@ -273,7 +304,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     elif phase == "open":
                         r = await loadgen(t, stream=False, mode="open", duration=args.duration, warmup=args.warmup, rate=rate)
                     else:
-                        r = await loadgen(t, stream=True, mode="closed", duration=args.duration, warmup=args.warmup, concurrency=args.stream_concurrency)
+                        r = await loadgen(t, stream=True, mode="open", duration=args.duration, warmup=args.warmup, rate=args.stream_rate)
                     this[f"{phase}:{name}"] = r
                     print(f"round {rnd + 1}/{args.rounds} {phase:6} {name:14} {_line(r)}", file=sys.stderr, flush=True)
             raw_rounds.append(this)
@@ -303,6 +334,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 c = this[f"closed:{name}"]
                 put(name, "throughput_vs_baseline", _div(c["throughput_rps"], b["throughput_rps"]))
                 put(name, "cpu_per_request_vs_baseline", _div(c["proxy"]["cpu_us_per_request"], b["proxy"]["cpu_us_per_request"]))
+                put(name, "cpu_per_request_open_vs_baseline", _div(this[f"open:{name}"]["proxy"]["cpu_us_per_request"], this["open:baseline"]["proxy"]["cpu_us_per_request"]))
                 put(name, "cpu_per_event_vs_baseline", _div(this[f"stream:{name}"]["proxy"]["cpu_us_per_event"], this["stream:baseline"]["proxy"]["cpu_us_per_event"]))
                 put(name, "added_p50_vs_baseline", _div(rows[name]["added_p50_ms"][-1], rows["baseline"]["added_p50_ms"][-1]))
                 put(name, "added_p99_vs_baseline", _div(rows[name]["added_p99_ms"][-1], rows["baseline"]["added_p99_ms"][-1]))
@@ -315,13 +347,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
             final_rss[name] = memory_kb(process_tree(targets[name].pids))
     summary = {name: {k: med(v) for k, v in cols.items()} for name, cols in rows.items()}
-    spreads = {name: {k: spread(v) for k, v in cols.items() if k in ("throughput_rps", "added_p50_ms", "added_p99_ms", "cpu_us_per_request", "cpu_us_per_event")} for name, cols in rows.items()}
+    spreads = {name: {k: spread(v) for k, v in cols.items() if k in ("throughput_rps", "added_p50_ms", "added_p99_ms", "cpu_us_per_request", "cpu_us_per_request_open", "cpu_us_per_event")} for name, cols in rows.items()}
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t_start)),
         "seconds": round(time.time() - t_start, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before, "loadavg_after": loadavg()},
         "commit": _git_commit(),
-        "settings": {k: getattr(args, k) for k in ("rounds", "duration", "warmup", "concurrency", "stream_concurrency", "token_delay_ms")} | {"open_rate_rps": rate},
+        "settings": {k: getattr(args, k) for k in ("rounds", "duration", "warmup", "concurrency", "stream_rate", "token_delay_ms")} | {"open_rate_rps": rate},
         "summary": summary,
         "spread_over_rounds": spreads,
         "final_rss_kb": final_rss,
@@ -361,10 +393,12 @@ def verdicts(s: dict[str, dict[str, float | None]]) -> dict[str, Any]:
     return {
         "empty: added p50 latency <= 1.10x baseline": check(e.get("added_p50_vs_baseline"), 1.10),
         "empty: added p99 latency <= 1.10x baseline": check(e.get("added_p99_vs_baseline"), 1.10),
-        "empty: CPU per request <= 1.10x baseline": check(e.get("cpu_per_request_vs_baseline"), 1.10),
+        "empty: CPU per request, same offered load (open loop) <= 1.10x baseline": check(e.get("cpu_per_request_open_vs_baseline"), 1.10),
+        "empty: CPU per request, saturated (closed loop) <= 1.10x baseline": check(e.get("cpu_per_request_vs_baseline"), 1.10),
         "empty: throughput >= 0.90x baseline": check(e.get("throughput_vs_baseline"), 0.90, le=False),
         "empty: stream CPU per event <= 1.00x baseline": check(e.get("cpu_per_event_vs_baseline"), 1.00),
-        "10 no-op plugins: added CPU per request < 30 us": check(n.get("noop_cpu_us_per_request"), 30.0),
+        "10 no-op plugins: added CPU per request, same offered load < 30 us": check(n.get("noop_cpu_us_per_request_open"), 30.0),
+        "10 no-op plugins: added CPU per request, saturated < 30 us": check(n.get("noop_cpu_us_per_request"), 30.0),
     }
 
 
@@ -382,10 +416,10 @@ def markdown(res: dict[str, Any]) -> str:
         f"Run {res['when']} UTC, commit {res['commit']}, {res['machine']['cpus']} CPUs, Python {res['machine']['python']}, "
         f"load average {res['machine']['loadavg_before']} before / {res['machine']['loadavg_after']} after, {res['seconds']:.0f} s. "
         f"{st['rounds']} interleaved rounds of {st['duration']} s per measurement (medians; [min, max] over rounds where shown); "
-        f"closed loop {st['concurrency']} workers; open loop {st['open_rate_rps']:.0f} req/s; streams {st['stream_concurrency']} workers, "
+        f"closed loop {st['concurrency']} workers; open loop {st['open_rate_rps']:.0f} req/s; streams open loop {st['stream_rate']:.0f}/s, "
         f"{st['token_delay_ms']} ms per token upstream.",
         "",
-        "| target | throughput req/s | added p50 ms | added p99 ms | CPU µs/req (saturated) | CPU µs/req (open loop) | CPU µs/stream event | TTFT p50 ms | peak RSS MiB | errors |",
+        "| target | throughput req/s (saturated) | added p50 ms | added p99 ms | CPU µs/req (open loop) | CPU µs/req (saturated) | CPU µs/stream event | TTFT p50 ms | peak RSS MiB | errors |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     sp = res["spread_over_rounds"]
@@ -402,8 +436,8 @@ def markdown(res: dict[str, Any]) -> str:
         rss = r.get("peak_rss_kb")
         lines.append(
             f"| {name} | {f(r.get('throughput_rps'), 0)}{rng(name, 'throughput_rps', 0)} | {f(r.get('added_p50_ms'), 2)}{rng(name, 'added_p50_ms', 2)} "
-            f"| {f(r.get('added_p99_ms'), 2)}{rng(name, 'added_p99_ms', 2)} | {f(r.get('cpu_us_per_request'), 0)}{rng(name, 'cpu_us_per_request', 0)} "
-            f"| {f(r.get('cpu_us_per_request_open'), 0)} | {f(r.get('cpu_us_per_event'), 1)}{rng(name, 'cpu_us_per_event', 1)} "
+            f"| {f(r.get('added_p99_ms'), 2)}{rng(name, 'added_p99_ms', 2)} | {f(r.get('cpu_us_per_request_open'), 0)}{rng(name, 'cpu_us_per_request_open', 0)} "
+            f"| {f(r.get('cpu_us_per_request'), 0)}{rng(name, 'cpu_us_per_request', 0)} | {f(r.get('cpu_us_per_event'), 1)}{rng(name, 'cpu_us_per_event', 1)} "
             f"| {f(r.get('ttft_p50_ms'), 2)} | {f(rss / 1024 if rss else None, 1)} | {f(r.get('errors'), 0)} |"
         )
     lines += ["", "| target (issue 2) | measured | limit | met |", "|---|---|---|---|"]
@@ -413,8 +447,8 @@ def markdown(res: dict[str, Any]) -> str:
     n = s["sluice-10noop"]
     lines += [
         "",
-        f"10 no-op plugins vs empty chain: {f(n.get('noop_cpu_us_per_request'), 1)} µs CPU/request saturated, "
-        f"{f(n.get('noop_cpu_us_per_request_open'), 1)} µs in the open loop; "
+        f"10 no-op plugins vs empty chain: {f(n.get('noop_cpu_us_per_request_open'), 1)} µs CPU/request at the same offered load, "
+        f"{f(n.get('noop_cpu_us_per_request'), 1)} µs saturated; "
         f"stream CPU per event {f(n.get('cpu_per_event_vs_baseline'), 2)}x baseline (on_chunk makes the route parse events).",
     ]
     return "\n".join(lines)
@@ -500,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per load")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each measurement")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop workers (saturation)")
-    p.add_argument("--stream-concurrency", type=int, default=8, help="closed-loop workers for streams")
+    p.add_argument("--stream-rate", type=float, default=40.0, help="streams per second (open loop), the same for every target")
+    p.add_argument("--stream-concurrency", type=int, default=8, help="closed-loop streaming workers (profiling and warm-up)")
     p.add_argument("--token-delay-ms", type=float, default=2.0, help="per-token delay of the streaming upstream")
     p.add_argument("--rate", type=float, default=None, help="open-loop rate; default: --rate-fraction of the slowest proxy's saturation")
     p.add_argument("--rate-fraction", type=float, default=0.3)
