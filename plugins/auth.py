@@ -409,21 +409,23 @@ class Auth(Plugin):
         return found
 
     async def _lookup(self, h: str) -> tuple[KeyRecord, Identity] | None:
+        assert self.store is not None
         now = time.monotonic()
-        hit = self._cache.get(h)
+        # instances may use different stores: a key is trusted only for the store it came from
+        ck = self.store.backend + ":" + h
+        hit = self._cache.get(ck)
         if hit is not None and hit[2] > now:
             return hit[0], hit[1]
-        assert self.store is not None
         rec = await self.store.by_hash(h)
         if rec is not None and hmac.compare_digest(rec.hash, h):
             ident = rec.identity()
             if self.config.cache_ttl_s > 0:
-                self._cache[h] = (rec, ident, now + self.config.cache_ttl_s)
-                self._cache.move_to_end(h)
+                self._cache[ck] = (rec, ident, now + self.config.cache_ttl_s)
+                self._cache.move_to_end(ck)
                 while len(self._cache) > _CACHE_MAX:
                     self._cache.popitem(last=False)
             return rec, ident
-        self._cache.pop(h, None)
+        self._cache.pop(ck, None)
         return None
 
     async def _failed(self, limit: Any) -> None:
@@ -514,7 +516,8 @@ async def _admin_store(runtime: Runtime) -> KeyStore:
 def _forget(runtime: Runtime, rec: KeyRecord | None) -> None:
     if rec is not None:
         cache = runtime.shared("auth.cache", OrderedDict)
-        cache.pop(rec.hash, None)
+        for backend in ("sqlite", "redis"):
+            cache.pop(backend + ":" + rec.hash, None)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
