@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -150,6 +151,24 @@ def build_engine(config: InjectionConfig) -> Engine:
         raise ValueError(f"detectors: {e}") from None
 
 
+class _Metrics:
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.scans = Counter(
+            "sluice_injection_scans_total", "Requests the injection guard looked at, by result (clean, detected, exempt).",
+            ["result"], registry=registry,
+        )
+        self.detections = Counter(
+            "sluice_injection_detections_total", "Requests that crossed the threshold, by category found and action taken.",
+            ["category", "action"], registry=registry,
+        )
+        self.seconds = Histogram(
+            "sluice_injection_scan_seconds", "Time to scan a request's new texts (cached texts cost nothing).",
+            registry=registry, buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0),
+        )
+
+
 class Injection(Plugin):
     """Blocks, flags or logs requests whose messages look like prompt injection or jailbreaks."""
 
@@ -164,12 +183,15 @@ class Injection(Plugin):
         self._sources = frozenset(config.roles)
         self._exempt_keys = frozenset(config.exempt_keys)
         self._exempt_teams = frozenset(config.exempt_teams)
+        self.metrics: _Metrics | None = None
 
     @classmethod
     def commands(cls):
         return [eval_command(cls)]
 
     async def start(self) -> None:
+        if self.runtime is not None:
+            self.metrics = self.runtime.shared("injection.metrics", lambda: _Metrics(self.runtime.metrics))
         if self.engine.blocking and self.runtime is not None:
             await self.runtime.run_cpu(self.engine.start)
         else:
@@ -190,6 +212,8 @@ class Injection(Plugin):
             return
         if (self._exempt_keys or self._exempt_teams) and self._exempt(ctx):
             ctx.annotations["injection"] = {"exempt": True}
+            if self.metrics is not None:
+                self.metrics.scans.labels("exempt").inc()
             return
         items = extract(ctx.body, ctx.endpoint, self._sources, self.config.last_messages)
         if not items:
@@ -200,9 +224,15 @@ class Injection(Plugin):
         summary["action"] = self.config.action
         summary["version"] = self.engine.version
         ctx.annotations["injection"] = summary
+        if self.metrics is not None:
+            self.metrics.scans.labels("detected" if finding.detected else "clean").inc()
         if not finding.detected:
             return
-        categories = ",".join(sorted(c for c, s in finding.categories.items() if s > 0))
+        found = sorted(c for c, s in finding.categories.items() if s > 0)
+        if self.metrics is not None:
+            for c in found:
+                self.metrics.detections.labels(c, self.config.action).inc()
+        categories = ",".join(found)
         if self.config.header:
             ctx.response_headers[self.config.header] = f"score={finding.score:.2f}; categories={categories}; action={self.config.action}"
         log.log(
@@ -225,6 +255,7 @@ class Injection(Plugin):
         results: list[Any] = [engine.cached(i.text, i.source) for i in items]
         todo = [k for k, r in enumerate(results) if r is None]
         if todo:
+            t0 = time.perf_counter()
             size = sum(len(items[k].text) for k in todo)
             if (engine.blocking or size > self.config.offload_chars) and self.runtime is not None:
                 fresh = await asyncio.wait_for(
@@ -236,6 +267,8 @@ class Injection(Plugin):
             for k, r in zip(todo, fresh):
                 results[k] = r
                 engine.remember(items[k].text, items[k].source, r)
+            if self.metrics is not None:
+                self.metrics.seconds.observe(time.perf_counter() - t0)
         return engine.verdict(items, results)
 
 

@@ -90,6 +90,10 @@ async def test_block_raises_an_openai_shaped_403(runtime):
     assert ann["sources"] == {"user": 1} and "IO-001" in ann["signals"] and ann["version"].startswith("signatures@")
     assert float(ctx.response_headers["x-sluice-injection"].split(";")[0].removeprefix("score=")) >= 0.9
     assert ctx.stash[FINDING].detected
+    m = runtime.metrics
+    assert m.get_sample_value("sluice_injection_detections_total", {"category": "instruction_override", "action": "block"}) == 1
+    assert m.get_sample_value("sluice_injection_scans_total", {"result": "detected"}) == 1
+    assert m.get_sample_value("sluice_injection_scan_seconds_count") == 1
 
 
 async def test_benign_requests_pass_with_a_clean_annotation(runtime):
@@ -98,6 +102,7 @@ async def test_benign_requests_pass_with_a_clean_annotation(runtime):
     await plugin.on_request(ctx)
     assert ctx.annotations["injection"]["detected"] is False and ctx.annotations["injection"]["score"] == 0
     assert "x-sluice-injection" not in ctx.response_headers and not ctx.answered
+    assert runtime.metrics.get_sample_value("sluice_injection_scans_total", {"result": "clean"}) == 1
 
 
 async def test_flag_and_log_let_the_request_through(runtime, caplog):
