@@ -250,3 +250,47 @@ def test_vault_is_stable_and_keeps_answer_placeholders_unrestorable() -> None:
     assert v.placeholder("EMAIL_ADDRESS", "model@x.co", restorable=False) == "<EMAIL_3>"
     assert v.restore("<EMAIL_1> <EMAIL_3>") == "a@b.co <EMAIL_3>"
     assert v.values == frozenset({"a@b.co", "c@d.co", "+1 415 555 0132"})
+
+
+# -- recorded streams, parsed from bytes in every network chunking ------------------
+
+FIXTURES = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "pii"
+
+
+def parse_in_chunks(raw: bytes, size: int) -> list[Event]:
+    from proxy.sse import Parser
+
+    parser, out = Parser(), []
+    for i in range(0, len(raw), size):
+        out.extend(parser.feed(raw[i:i + size]))
+    out.extend(parser.close())
+    return [e for e in out if not e.is_done]
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 10_000])
+async def test_recorded_chat_stream(runtime: Any, size: int) -> None:
+    p, ctx = await prepared(runtime, scan_answers=False)
+    raw = (FIXTURES / "chat_stream_placeholders.sse").read_bytes()
+    events = parse_in_chunks(raw, size)
+    originals = [e.encode() for e in parse_in_chunks(raw, len(raw))]
+    out = await run(p, ctx, events)
+    assert len(out) == len(events) == 6
+    text = "".join(e.json["choices"][0]["delta"].get("content", "") for e in out if e.json["choices"])
+    assert text == f"Sure, I will write to {EMAIL} and call {PHONE} today. Unknown: <EMAIL_9>, math: a<b."
+    assert out[0].encode() == originals[0] and out[-1].encode() == originals[-1]  # role and usage chunks: byte for byte
+    for e in out:
+        assert e.encode().startswith(b"data: {") and e.encode().endswith(b"\n\n")
+
+
+@pytest.mark.parametrize("size", [1, 13, 10_000])
+async def test_recorded_responses_stream(runtime: Any, size: int) -> None:
+    p, ctx = await prepared(runtime, scan_answers=False)
+    events = parse_in_chunks((FIXTURES / "responses_stream_placeholders.sse").read_bytes(), size)
+    out = await run(p, ctx, events)
+    assert [e.event for e in out] == [e.event for e in events]
+    deltas = [e.json["delta"] for e in out if e.event == "response.output_text.delta"]
+    assert deltas == ["Reply sent ", "to ", f"{EMAIL}."]
+    done = {e.event: e.json for e in out}
+    assert done["response.output_text.done"]["text"] == f"Reply sent to {EMAIL}."
+    assert done["response.completed"]["response"]["output"][0]["content"][0]["text"] == f"Reply sent to {EMAIL}."
+    assert done["response.completed"]["response"]["usage"]["total_tokens"] == 15
