@@ -434,8 +434,12 @@ class Auth(Plugin):
             failing = self._failing
             if len(failing) >= _FAILING_MAX:
                 now = time.monotonic()
-                for k in [k for k, t in failing.items() if t <= now]:
-                    del failing[k]
+                # at most one O(n) sweep a second, however many addresses fail; the ""
+                # entry (no address key is empty) holds when the next sweep may run
+                if failing.get("", 0.0) <= now:
+                    for k in [k for k, t in failing.items() if t <= now and k]:
+                        del failing[k]
+                    failing[""] = now + 1.0
             if len(failing) < _FAILING_MAX:
                 # a full bucket refills in one window: until then, check this address
                 failing[limit.key] = time.monotonic() + self.config.failure_window_s

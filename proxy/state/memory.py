@@ -51,12 +51,15 @@ class MemoryCounters(Counters):
         self._leases: dict[str, dict[str, float]] = {}
         self._sums: dict[str, tuple[float, float]] = {}
         self._ops = 0
+        self._next_sweep = _SWEEP_EVERY
         self._tokens = itertools.count(1)
 
     def _tick(self, now: float) -> None:
         self._ops += 1
-        if self._ops % _SWEEP_EVERY:
+        if self._ops < self._next_sweep:
             return
+        # a full sweep is O(entries): spacing sweeps by the entry count keeps it O(1) per call
+        self._next_sweep = self._ops + max(_SWEEP_EVERY, len(self._tat) + len(self._sums) + len(self._leases))
         # a bucket whose TAT has passed is full, exactly as if it were absent
         for k in [k for k, t in self._tat.items() if t <= now]:
             del self._tat[k]

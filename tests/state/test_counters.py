@@ -184,3 +184,15 @@ async def test_admit_takes_limits_and_leases_together_or_nothing(counters, clock
     clock.advance(31)  # an unreleased slot frees itself after its TTL
     d, _ = await counters.admit([], [("c", 1, 30.0)])
     assert d.allowed
+
+
+async def test_memory_counters_forget_full_buckets(clock):
+    """Buckets of clients that went away are swept, so memory follows the active set."""
+    c = MemoryCounters(clock)
+    for i in range(10_000):
+        await c.acquire([Limit(f"gone:{i}", 10, 60)])
+    assert len(c._tat) == 10_000
+    clock.advance(61)  # every bucket has refilled: each is now the same as absent
+    for i in range(20_000):
+        await c.acquire([Limit("active", 1e9, 60)])
+    assert len(c._tat) == 1
