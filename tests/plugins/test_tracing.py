@@ -163,3 +163,43 @@ async def test_gzip_export_and_a_collector_that_is_down(upstream: FakeUpstream, 
         async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
             r = await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
         assert r.choices[0].message.content
+
+
+async def test_an_answered_request_is_left_alone_on_the_way_in(tmp_path):
+    from proxy.testing import configure_plugin, make_context, make_runtime
+
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Tracing, {"exporter": "none"}, runtime=rt)
+        ctx = make_context({"model": "m"}, runtime=rt)
+        ctx.reply(401, {"error": {"message": "no"}})
+        p.on_request(ctx)
+        assert "traceparent" not in ctx.headers
+        await p.stop()
+    finally:
+        await rt.close_all()
+
+
+def test_traceparent_parsing_follows_w3c():
+    from plugins._otel import format_traceparent, parse_traceparent
+
+    good = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
+    assert parse_traceparent(good) == (int(CLIENT_TRACE, 16), int(CLIENT_PARENT, 16), 1)
+    assert format_traceparent(*parse_traceparent(good)[:2], True) == good
+    for bad in (f"ff-{CLIENT_TRACE}-{CLIENT_PARENT}-01", f"00-{'0' * 32}-{CLIENT_PARENT}-01",
+                f"00-{CLIENT_TRACE}-{'0' * 16}-01", f"00-{CLIENT_TRACE.upper()}-{CLIENT_PARENT}-01",
+                f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01-extra", "00-abc-def-01", ""):
+        assert parse_traceparent(bad) is None, bad
+    # a future version may append fields
+    assert parse_traceparent(f"01-{CLIENT_TRACE}-{CLIENT_PARENT}-01-extra") is not None
+
+
+async def test_an_invalid_traceparent_starts_a_new_trace(upstream: FakeUpstream, tmp_path):
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx)]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}],
+                                                extra_headers={"traceparent": "00-zzzz-1234-01"})
+            spans = await rx.wait_for(lambda sp: len(sp) >= 2)
+    server, = by_kind(spans, "server")
+    assert server["parent_span_id"] is None and server["trace_id"] != "0" * 32
