@@ -18,6 +18,9 @@ Measured in one run:
    every prompt holds fresh PII (the cache cannot help: Presidio runs for each).
    Twice: Presidio in the shared executor threads (the default) and in 2 worker
    processes (``processes: 2``). Target: p99 within 10 %.
+4. *Detection quality* on ``tests/data/pii_corpus.jsonl``: per-type precision and
+   recall of Sluice's recognizers and of Presidio's stock ones (same pipeline, same
+   0.5 threshold).
 
     .venv/bin/python benchmarks/bench_pii.py            # full run (about 50 s)
     .venv/bin/python benchmarks/bench_pii.py --quick    # smoke run
@@ -287,10 +290,60 @@ async def loop_lag(up: str, tmp: Path, probes: int, pii: dict[str, Any], rate: f
     return res
 
 
+# -- 4. detection quality: tuned recognizers against Presidio's stock ones ----------------
+
+def corpus_rates() -> dict[str, Any]:
+    """Per-type precision/recall on tests/data/pii_corpus.jsonl: Sluice's recognizers and Presidio's stock set."""
+    import regex
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        CryptoRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        MacAddressRecognizer,
+        PhoneRecognizer,
+        UrlRecognizer,
+        UsSsnRecognizer,
+    )
+
+    from plugins._pii_engine import EngineSettings, Finding, PiiEngine, build_nlp, make_analyzer, resolve_overlaps
+    from plugins._pii_eval import evaluate, load_corpus
+    from plugins._pii_recognizers import PATTERN_ENTITIES
+
+    samples = load_corpus(ROOT / "tests" / "data" / "pii_corpus.jsonl")
+    tuned = PiiEngine(EngineSettings(entities=PATTERN_ENTITIES))
+    tuned.load()
+
+    class Stock(PiiEngine):
+        """Presidio's own recognizers, its default (case-insensitive) flags, the same blank pipeline and threshold."""
+
+        def load(self) -> None:
+            recs = [EmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(), UsSsnRecognizer(), IbanRecognizer(),
+                    IpRecognizer(), UrlRecognizer(), CryptoRecognizer(), MacAddressRecognizer()]
+            self._analyzer = make_analyzer(build_nlp(False), recs)
+            for r in recs:
+                r.global_regex_flags = regex.DOTALL | regex.MULTILINE | regex.IGNORECASE
+
+        def _presidio(self, text: str) -> list[Finding]:
+            res = self._analyzer.analyze(text, language="en", entities=list(PATTERN_ENTITIES), score_threshold=0.5)
+            return resolve_overlaps([Finding(r.entity_type, r.start, r.end, r.score) for r in res])
+
+    stock = Stock(EngineSettings(entities=PATTERN_ENTITIES, fast_path=False))
+    stock.load()
+    out: dict[str, Any] = {"texts": len(samples)}
+    for name, eng in (("sluice", tuned), ("presidio_stock", stock)):
+        rep = evaluate(eng, samples, full=True).as_dict()
+        out[name] = {t: {"precision": v["precision"], "recall": v["recall"]} for t, v in rep["types"].items()}
+        out[name]["TOTAL"] = {"precision": rep["total"]["precision"], "recall": rep["total"]["recall"]}
+    return out
+
+
 async def main(quick: bool) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-pii-"))
     n_conv, rounds, probes = (3, 1, 100) if quick else (10, 3, 300)
     result: dict[str, Any] = {"workload": "10-turn chats, whole history per request, 1 message in 10 with PII"}
+    result["corpus"] = corpus_rates()
     result["hook_cpu_us_per_request"] = await hook_cpu(n_conv * 2)
     async with demo_upstream(0.0) as up:
         result["proxy"] = await proxy_cpu(up, tmp, n_conv, rounds)

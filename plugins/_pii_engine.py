@@ -132,7 +132,7 @@ def make_analyzer(nlp: Any, recognizers: list[Any]) -> Any:
     flags = regex.DOTALL | regex.MULTILINE
     for rec in recognizers:
         if hasattr(rec, "global_regex_flags"):
-            rec.global_regex_flags = flags
+            rec.global_regex_flags = flags | (regex.IGNORECASE if getattr(rec, "case_insensitive", False) else 0)
     registry = RecognizerRegistry(recognizers=recognizers, global_regex_flags=flags)
     return AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"])
 

@@ -36,7 +36,7 @@ TRIGGERS: dict[str, list[tuple[str, str]]] = {
     "PHONE_NUMBER": [("digit", DIGITS7)],
     "CREDIT_CARD": [("digit", DIGITS7)],
     "US_SSN": [("digit", DIGITS7)],
-    "IBAN_CODE": [("digit", r"[A-Z]{2}[0-9]{2}")],
+    "IBAN_CODE": [("digit", r"[A-Za-z]{2}[0-9]{2}")],
     "IP_ADDRESS": [("digit", r"\d\.\d"), ("colon2", r":[0-9A-Fa-f]{0,4}:")],
     "URL": [("scheme", r"://"), ("www", r"(?i:www)\."), ("dot", r"\.(?:TLDS)\b")],
     # Presidio's pattern is (bc1|[13]) and 25 or more base58/bech32 characters
@@ -257,6 +257,10 @@ def build_recognizers(
     }
     wanted = set(entities)
     out: list[Any] = [builders[e]() for e in PATTERN_ENTITIES if e in wanted]
+    for rec in out:
+        if isinstance(rec, IbanRecognizer):
+            # IBANs typed on a phone come in lower case; the checksum keeps this precise
+            rec.case_insensitive = True
     for rec in custom:
         out.append(
             PatternRecognizer(

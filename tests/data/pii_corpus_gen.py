@@ -237,7 +237,7 @@ NEGATIVES = [
 ]
 
 
-# cases the detector is known to get wrong; they stay in the corpus so the figures are honest
+# hard cases, most of them known misses or false alarms; they stay in the corpus so the figures are honest
 HARD = [
     ("My number is 555 0134, call after lunch.", [("PHONE_NUMBER", "555 0134")]),
     ("Write to john dot doe at example dot com for access.", [("EMAIL_ADDRESS", "john dot doe at example dot com")]),
