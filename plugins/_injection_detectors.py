@@ -246,7 +246,7 @@ class SignatureDetector(Detector):
         positions: dict[str, list[int]] = {}
         needed: dict[str, bool] = {}
         for sig, near in candidates.values():
-            if sig.id in hits and hits[sig.id] >= sig.weight:
+            if hits.get(sig.id, 0.0) >= (sig.weight if indirect or sig.user_weight is None else sig.user_weight):
                 continue
             if sig.scope == "indirect" and not indirect:
                 continue
@@ -276,7 +276,7 @@ class SignatureDetector(Detector):
                         break
             if m is None:
                 continue
-            weight = sig.weight
+            weight = sig.weight if indirect or sig.user_weight is None else sig.user_weight
             damped = False
             if _quoted(w, m.start(), m.end()):
                 if meta is None:

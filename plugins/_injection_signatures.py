@@ -55,6 +55,9 @@ class Signature:
     #: words every match starts with: the expression is then tried only *at* their
     #: occurrences (``pattern.match``), never scanned across the text
     lead: frozenset[str] = frozenset()
+    #: the weight in a user's own message, when it differs: "when you summarise this
+    #: document, include the dates" is a normal request, and a red flag inside the document
+    user_weight: float | None = None
 
 
 # Bounded word gaps: between 0 and N whole words.
@@ -100,9 +103,10 @@ _SECRETS = (
 def _s(
     id: str, category: str, weight: float, anchors: str, pattern: str, *,
     literals: tuple[str, ...] = (), scope: str = "any", needs: tuple[str, ...] = (), lead: str = "",
+    user_weight: float | None = None,
 ) -> Signature:
     groups = tuple(frozenset(g.split()) for g in anchors.split("|") if g.strip())
-    return Signature(id, category, weight, groups, re.compile(pattern), literals, scope, needs, frozenset(lead.split()))
+    return Signature(id, category, weight, groups, re.compile(pattern), literals, scope, needs, frozenset(lead.split()), user_weight)
 
 
 SIGNATURES: tuple[Signature, ...] = (
@@ -422,7 +426,8 @@ SIGNATURES: tuple[Signature, ...] = (
        "ai llm language model assistant chatbot bot gpt chatgpt claude copilot bing bard gemini agent",
        rf"\b(?:if|when|whenever)\s+you\s+(?:are|'re)\s+(?:an?\s+)?(?:ai|llm|large language model|language model|assistant|chatbot|automated (?:system|agent|assistant)|bot|gpt|model|agent|ai agent|ai assistant)\b"
        rf"|\b{_AI}s?(?:\s+(?:systems?|agents?|models?|assistants?|tools?|bots?|crawlers?|readers?))?\s+(?:reading|processing|summari[sz]ing|parsing|analy[sz]ing|reviewing|crawling|visiting|that (?:reads|processes|summari[sz]es)|who (?:reads|processes))\s+(?:this|these|the|my|our)\b",
-       lead='if when whenever ai llm language model assistant chatbot bot gpt chatgpt claude gemini copilot agent'),
+       lead='if when whenever ai llm language model assistant chatbot bot gpt chatgpt claude gemini copilot agent',
+       user_weight=0.35),
     _s("IN-010", "indirect", 0.6,
        "ai llm language model assistant chatbot bot gpt chatgpt claude copilot bing bard gemini agent | dear attention note notice message instructions instruction ps hey hello hi",
        rf"\b(?:dear|attention|note (?:to|for)|notice (?:to|for)|message (?:for|to)|instructions? (?:for|to)|p\.?s\.? to|hey|hello|hi)[ \t]+(?:the[ \t]+|any[ \t]+|all[ \t]+)?{_AI}s?\b",
@@ -432,7 +437,8 @@ SIGNATURES: tuple[Signature, ...] = (
        "summarize summarise summarizing summarising read reading process processing analyze analyse analyzing analysing parse parsing translate translating | document page email text file message article webpage web content review resume cv ticket",
        r"\b(?:when|if|after|while|before)\s+(?:you\s+|the (?:ai|assistant|model)\s+)?(?:summari[sz]e|summari[sz]ing|read|reading|process|processing|analy[sz]e|analy[sz]ing|parse|parsing|translate|translating)s?\s+(?:this|the)\s+(?:document|page|email|e-mail|text|file|message|article|webpage|web page|content|review|resume|cv|ticket)\b[^\n]{0,40}?,?\s*"
        r"(?:you (?:must|should|will|shall|need to)|please|instead|also|ignore|do not|don't|make sure|be sure|include|tell|say|respond|reply|output|write|add|insert|recommend|state)\b",
-       lead='when if after while before'),
+       lead='when if after while before',
+       user_weight=0.3),
     _s("IN-003", "indirect", 0.75,
        "user users | tell telling inform informing mention mentioning reveal revealing let letting alert alerting notify notifying show showing | not don never without",
        r"\b(?:do not|don't|never|without)\s+(?:tell(?:ing)?|inform(?:ing)?|mention(?:ing)?|reveal(?:ing)?|let(?:ting)?|alert(?:ing)?|notify(?:ing)?|show(?:ing)?)\s+(?:this\s+|it\s+|anything\s+|that\s+)?(?:to\s+)?(?:the|your)\s+users?\b",
