@@ -10,7 +10,8 @@ Three Sluice processes in one run, rounds interleaved so machine noise falls on 
 
 Measured: CPU per request of the Sluice process (user + system from /proc, so the
 SQLite and background threads count), client latency p50/p99 and their ratios to the
-empty chain, and for Redis the commands per request (``INFO commandstats``), split
+empty chain, the time inside each hook (``ctx.timings.plugins``, median and p90, in
+one in-process server with the memory backend), and for Redis the commands per request (``INFO commandstats``), split
 into the request path (the admission script, and the concurrency lease) and the
 background (lease release and the token reconcile in ``on_done``). Limits are set
 high, so every request is admitted and does the full work. Traffic is 3 buffered :
@@ -73,6 +74,42 @@ async def commandstats(client: aioredis.Redis) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
 
 
+async def hook_timings(n: int, concurrency: int) -> dict[str, dict[str, float]]:
+    """Wall time inside each hook (``ctx.timings.plugins``), in one in-process server, memory backend.
+
+    Hooks of this chain do not suspend on the memory backend, so this is their CPU time
+    plus whatever preemption by other processes adds: medians are the figure to read.
+    """
+    from proxy import Plugin, hookimpl
+    from proxy.testing import FakeUpstream, SluiceServer, register_plugin
+
+    seen: dict[str, list[float]] = {}
+
+    class Probe(Plugin):
+        name = "bench_probe"
+
+        @hookimpl
+        def on_done(self, ctx: Any) -> None:
+            for k, v in ctx.timings.plugins.items():
+                if not k.startswith("bench_probe"):
+                    seen.setdefault(k, []).append(v)
+
+    with register_plugin(Probe):
+        async with FakeUpstream() as up:
+            cfg = config(up.url, [*CHAIN, {"bench_probe": {}}])
+            async with SluiceServer(cfg, tempfile.mkdtemp(prefix="sluice-bench-hooks-")) as s:
+                async with aiohttp.ClientSession() as http:
+                    key = await new_key(http, s)  # type: ignore[arg-type]
+                    async with aiohttp.ClientSession(headers={"authorization": f"Bearer {key}"}) as client:
+                        await load(client, s.url, 200, concurrency)
+                        await s.wait_idle()
+                        seen.clear()
+                        await load(client, s.url, n, concurrency)
+                        await s.wait_idle()
+    return {k: {"median": round(statistics.median(v) * 1e6, 1), "p90": round(pct([x * 1e6 for x in v], 90), 1)}
+            for k, v in sorted(seen.items())}
+
+
 async def main(quick: bool) -> dict[str, Any]:
     rounds, per_round, concurrency = (2, 200, 8) if quick else (5, 800, 8)
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-authrl-"))
@@ -112,7 +149,9 @@ async def main(quick: bool) -> dict[str, Any]:
     redis_calls.pop("info", None)
     us = {k: cpu[k] / n * 1e6 for k in cpu}
     request_path = redis_calls.get("evalsha", 0) + redis_calls.get("eval", 0)
+    hooks = await hook_timings(400 if quick else 2000, concurrency)
     return {
+        "hook_us_in_process_memory": hooks,
         "requests_per_config": n,
         "concurrency": concurrency,
         "mix": "3 buffered : 1 streamed chat requests",
