@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-VERSION = "2026.11.2"
+VERSION = "2026.11.3"
 
 CATEGORIES = (
     "instruction_override",
@@ -231,10 +231,14 @@ SIGNATURES: tuple[Signature, ...] = (
        r"\byou\s+(?:have been|are now|are|'ve been|were)\s+(?:freed|liberated|jailbroken|unchained|released|unleashed|set free)\b"
        r"|\b(?:freed|released|liberated|broken free|break free)\s+(?:from|of)\s+(?:the\s+)?(?:typical\s+|usual\s+)?(?:confines|restrictions|limitations|shackles|chains|rules)\s+of\s+(?:ai|openai|your|the)",
        lead='you freed released liberated broken break'),
-    _s("JB-008", "jailbreak_roleplay", 0.5,
+    _s("JB-008", "jailbreak_roleplay", 0.4,
        "refuse decline reject apologize apologise sorry warnings disclaimers caveats ethics legality morality no | never don not won cannot can must shall mustn",
        r"\b(?:never|don't|do not|won't|will not|must not|cannot|can't|shall not|mustn't)\s+(?:ever\s+)?(?:refuse|decline|reject|say (?:no|you can't|that you can't|that you cannot|sorry|i'm sorry)|apologi[sz]e|add (?:any\s+)?(?:warnings|disclaimers|caveats)|include (?:any\s+)?(?:warnings|disclaimers)|mention (?:ethics|legality|morality))",
        lead='never don won do will must cannot can shall mustn'),
+    _s("JB-016", "jailbreak_roleplay", 0.6,
+       "refuse decline reject | you",
+       r"\byou\s+(?:will|must|shall|should|can|may|are to)\s+(?:never|not|no longer)\s+(?:ever\s+)?(?:refuse|decline|reject)\b",
+       lead='you'),
     _s("JB-009", "jailbreak_roleplay", 0.45,
        "twin version side ai assistant chatbot model persona ego counterpart",
        rf"\b(?:evil|shadow|dark|unfiltered|uncensored|unrestricted|amoral|unethical|unhinged|rogue|opposite|jailbroken)\s+(?:twin|version of (?:yourself|you|chatgpt|the ai|the assistant)|side of you|{_AI}|persona|alter ego|counterpart)\b",
@@ -336,9 +340,15 @@ SIGNATURES: tuple[Signature, ...] = (
        "inst sys",
        r"\[/?inst\]|<</?sys>>|<start_of_turn>|<end_of_turn>",
        literals=("[inst]", "[/inst]", "<<sys>>", "<start_of_turn>")),
-    _s("DL-003", "delimiter_injection", 0.55,
+    # "System: Ubuntu 22.04" heads many bug reports; a system line that talks to the model does not
+    _s("DL-003", "delimiter_injection", 0.35,
        "system developer sys",
        r"(?:^|\n)[ \t>*#\[]*(?:system|developer|sys)\s*(?:message|prompt|instruction|override|note|update)?\s*[\]:][ \t]*[^\s`]",
+       needs=(':', ']')),
+    _s("DL-014", "delimiter_injection", 0.65,
+       "system developer sys",
+       r"(?:^|\n)[ \t>*#\[]*(?:system|developer|sys)\s*(?:message|prompt|instruction|override|note|update)?\s*[\]:][ \t]*[^\n]{0,80}?"
+       r"\b(?:you (?:are|must|will|should|may|can|have)|the (?:assistant|ai|model|bot)|ignore|reveal|grant|comply|obey|respond only|answer (?:all|every|any)|disable|enable|override|bypass|lift|the user (?:is|has|may))\b",
        needs=(':', ']')),
     _s("DL-011", "delimiter_injection", 0.3,
        "admin administrator root",
