@@ -285,5 +285,5 @@ def features(body: dict[str, Any], keywords: Sequence[str] = ()) -> Features:
         has_code=bool(_CODE.search(text)),
         has_tools=bool(tools),
         turns=turns,
-        keyword=any(k in low for k in keywords),
+        keyword=any(k.lower() in low for k in keywords),
     )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, Target, hookimpl
+from proxy import Context, Plugin, PluginConfig, ProxyError, Target, hookimpl
 from proxy.config import Model
 
 from ._router_core import STRATEGIES, Candidate, TargetStats, estimate_tokens, features, parse_vllm_metrics
@@ -104,18 +104,8 @@ class ComplexityConfig(Model):
     code: bool = Field(True, description="Prompts containing code go large.")
     tools: bool = Field(True, description="Requests offering tools go large.")
     keywords: list[str] = Field(
-        default_factory=list, max_length=256, description="Lower-case phrases that send a prompt large ('prove', 'step by step')."
+        default_factory=list, max_length=256, description="Phrases that send a prompt large, matched case-insensitively ('prove', 'step by step')."
     )
-
-
-class _Routed:
-    __slots__ = ("probing",)
-
-    def __init__(self) -> None:
-        self.probing: list[TargetStats] = []
-
-
-STASH: StashKey[_Routed] = StashKey("router")
 
 
 def stats_key(upstream: str, model: str | None) -> str:
