@@ -235,6 +235,13 @@ async def test_openai_sdk_sees_headers_and_429(tmp_path):
             await other.chat.completions.create(**CHAT)  # its own bucket, from its key record: 1 per minute
             with pytest.raises(openai.RateLimitError):
                 await other.chat.completions.create(**CHAT)
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http, http.get(s.admin_url + "/metrics") as r:
+            text = await r.text()
+        assert 'sluice_ratelimit_decisions_total{limit="requests",result="limited",scope="key"} 2.0' in text
+        assert 'sluice_ratelimit_decisions_total{limit="",result="allowed",scope=""} 3.0' in text
+        assert "sk-test" not in text and "k:a" not in text and "k:b" not in text
 
 
 # Refill is 1/60 of the limit per second: the bounds below allow for it, and the limits are kept
