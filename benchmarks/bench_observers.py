@@ -7,6 +7,10 @@ Measured in one run, rounds interleaved so machine noise falls on both:
   all count), for the empty chain, each observer alone, and the four together; the
   difference from the empty chain is what they cost. Target: under 100 us per request.
 * Client latency p50 / p99 of both, and their ratio.
+* ``--hooks``: each observer's own hooks in-process (``on_request`` + ``on_done`` on a
+  finished buffered chat request, garbage collection paused so one plugin's garbage is
+  not billed to another), the OTLP encoding of its spans, and one drift comparison, so
+  the plugins' share can be told from the core's and the state writer's.
 
 Sluice and the demo upstream run as separate processes (``sluice serve``,
 ``sluice demo-upstream``); spans go over OTLP/HTTP to a sink in this process that
@@ -15,6 +19,7 @@ chat requests at a fixed concurrency.
 
     .venv/bin/python benchmarks/bench_observers.py            # full run (about a minute)
     .venv/bin/python benchmarks/bench_observers.py --quick    # smoke run
+    .venv/bin/python benchmarks/bench_observers.py --hooks    # the plugins' own hooks, in-process
 """
 
 from __future__ import annotations
@@ -166,8 +171,111 @@ async def main(quick: bool) -> dict[str, Any]:
     }
 
 
+RESPONSE = orjson.dumps({
+    "id": "chatcmpl-0123456789abcdef", "object": "chat.completion", "created": 1700000000, "model": "sluice-demo",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hamlet avenges his father. " * 4}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 21, "completion_tokens": 28, "total_tokens": 49},
+})
+
+
+class _Capture:
+    """Stands in for the batch processor: keeps the spans so their encoding is timed apart."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+
+    def on_end(self, span: Any) -> None:
+        self.spans.append(span)
+
+    def shutdown(self) -> None:
+        return None
+
+
+async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
+    import gc
+
+    from plugins._drift_stats import Snapshot, Thresholds, compare
+    from plugins._otel_wire import encode_request
+    from plugins.drift import Drift
+    from plugins.metering import Metering
+    from plugins.metrics import Metrics
+    from plugins.tracing import Tracing
+    from proxy import Attempt, Identity, Response, Target, Usage
+    from proxy.testing import configure_plugin, make_context, make_runtime
+
+    rt = await make_runtime(tempfile.mkdtemp(prefix="sluice-bench-hooks-"), config={
+        "upstreams": {"primary": {"url": "http://127.0.0.1:9/v1", "models": ["sluice-demo"]}},
+        "prices": {"sluice-demo": {"input": 0.5, "output": 1.5}}})
+
+    def finished() -> Any:
+        ctx = make_context(orjson.loads(BODY), runtime=rt, identity=Identity(key_id="k1", team="t1"))
+        t = ctx.timings
+        ctx.attempts.append(Attempt(Target("primary"), start=t.start + 1e-4, status=200, first_byte=t.start + 0.01, end=t.start + 0.02))
+        ctx.upstream = Target("primary")
+        t.upstream_start, t.first_byte, t.upstream_end, t.end = t.start + 1e-4, t.start + 0.01, t.start + 0.02, t.start + 0.021
+        ctx.response = Response(200, {"content-type": "application/json"}, RESPONSE)
+        ctx.usage = Usage(21, 28, 49)
+        ctx.outcome, ctx.status = "ok", 200
+        t.plugins.update({"metrics.on_done": 2e-5, "metering.on_request": 1e-5, "metering.on_done": 2e-5, "tracing.on_request": 1e-5})
+        return ctx
+
+    out: dict[str, Any] = {}
+    try:
+        for name, cls, cfg in (("metrics", Metrics, {}), ("metering (hooks; ledger rows go to the state writer)", Metering, {"ledger": False}),
+                               ("drift (sampling; comparisons below)", Drift, {}), ("tracing (span building; encoding below)", Tracing, {"exporter": "console"})):
+            plugin = await configure_plugin(cls, cfg, runtime=rt)
+            cap = None
+            if cls is Tracing:
+                cap = _Capture()
+                plugin.pipeline.processor = cap
+            best = float("inf")
+            for _ in range(repeats):
+                ctxs = [finished() for _ in range(n)]
+                gc.collect()
+                gc.disable()
+                t0 = time.process_time()
+                for ctx in ctxs:
+                    if hasattr(plugin, "on_request"):
+                        r = plugin.on_request(ctx)
+                        if asyncio.iscoroutine(r):
+                            await r
+                    r = plugin.on_done(ctx)
+                    if asyncio.iscoroutine(r):
+                        await r
+                best = min(best, (time.process_time() - t0) / n * 1e6)
+                gc.enable()
+            out[name] = round(best, 1)
+            if cap is not None:
+                spans = cap.spans[: 2 * n]
+                t0 = time.process_time()
+                for i in range(0, len(spans), 512):
+                    encode_request(spans[i:i + 512])
+                out["tracing: OTLP encoding of its 2 spans"] = round((time.process_time() - t0) / n * 1e6, 1)
+            await rt.tasks.wait(30)
+            await plugin.stop()
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        snap = lambda: Snapshot({k: rng.normal(0, 1, 1000).tolist() for k in ("prompt_tokens", "completion_tokens", "latency_s", "ttft_s")},
+                                {"finish_reason": {"stop": 900, "length": 100}, "error": {"no": 1000}, "refusal": {"no": 1000}}, 1000, 0, 1)
+        a, b = snap(), snap()
+        compare(a, b, Thresholds())
+        t0 = time.process_time()
+        for _ in range(50):
+            compare(a, b, Thresholds())
+        one = (time.process_time() - t0) / 50
+        out["drift: one comparison (4 numeric x 1000, 3 categorical), us"] = round(one * 1e6, 1)
+        out["drift: comparisons per request at check_every 100"] = round(one * 1e6 / 100, 1)
+    finally:
+        await rt.close_all()
+    out["unit"] = "us of CPU per request unless stated"
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
+    ap.add_argument("--hooks", action="store_true", help="time the plugins' own hooks in-process")
     args = ap.parse_args()
-    print(json.dumps(asyncio.run(main(args.quick)), indent=2))
+    result = asyncio.run(hooks()) if args.hooks else asyncio.run(main(args.quick))
+    print(json.dumps(result, indent=2))
