@@ -70,6 +70,8 @@ _SPACED_SEP = re.compile(r"[ .\-_*/|]+")
 _B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 _HEX_RUN = re.compile(r"(?:[0-9a-fA-F]{2}[ :]?){10,}")
 _LONG_TOKEN = 16
+# an injection hides in the first tens of kilobytes of a payload; a bigger blob is a file
+_MAX_PAYLOAD = 65536
 _INSIDE_WORD = re.compile("[^\\W\\d_][" + "".join(chr(c) for c in _INVISIBLE) + "]+[^\\W\\d_]")
 # "a" and "i" are words; other lone letters in numbers are rare in prose
 _SINGLE_LETTERS = frozenset(string.ascii_lowercase) - {"a", "i"}
@@ -190,7 +192,7 @@ def decode_payloads(raw: str, limit: int = 8) -> list[tuple[str, str]]:
     for m in _B64_RUN.finditer(raw):
         if len(out) >= limit:
             break
-        chunk = m.group(0)
+        chunk = m.group(0)[:_MAX_PAYLOAD]
         if chunk.isalpha() or chunk.isdigit():
             # plain long words or numbers; base64 of prose almost always mixes classes
             continue
@@ -200,7 +202,7 @@ def decode_payloads(raw: str, limit: int = 8) -> list[tuple[str, str]]:
     for m in _HEX_RUN.finditer(raw):
         if len(out) >= limit:
             break
-        digits = re.sub(r"[ :]", "", m.group(0))
+        digits = re.sub(r"[ :]", "", m.group(0)[:_MAX_PAYLOAD])
         if len(digits) % 2:
             digits = digits[:-1]
         try:
@@ -214,6 +216,7 @@ def decode_payloads(raw: str, limit: int = 8) -> list[tuple[str, str]]:
 
 def _b64(chunk: str) -> str | None:
     s = chunk.rstrip("=")
+    s = s[: len(s) - len(s) % 4] if len(s) % 4 == 1 else s
     altchars = b"-_" if ("-" in s or "_" in s) else None
     s += "=" * (-len(s) % 4)
     try:
@@ -225,7 +228,8 @@ def _b64(chunk: str) -> str | None:
 
 
 def _readable(text: str) -> bool:
-    """Decoded bytes that look like words, not binary or a hash."""
+    """Decoded bytes that look like words, not binary or a hash (judged on their start)."""
+    text = text[:2000]
     if len(text) < 8:
         return False
     printable = sum(1 for c in text if c.isprintable() or c in "\n\t")
