@@ -141,7 +141,9 @@ class Engine:
         self.allow = [re.compile(p, re.IGNORECASE) for p in allow]
         self.blocking = any(d.blocking for d, _ in self.detectors)
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, str], Detection] = OrderedDict()
+        # keyed by the text's hash, not the text: a cache of long documents must not hold them.
+        # str hashes are keyed per process (SipHash), so a client cannot aim a collision.
+        self._cache: OrderedDict[tuple[str, int, int], Detection] = OrderedDict()
 
     @classmethod
     def from_specs(cls, specs: Sequence[Mapping[str, Any]], **kw: Any) -> Engine:
@@ -175,7 +177,7 @@ class Engine:
         return _combine(results, self.combine)
 
     def cached(self, text: str, source: Source) -> Detection | None:
-        key = (source, text)
+        key = (source, len(text), hash(text))
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -184,7 +186,7 @@ class Engine:
     def remember(self, text: str, source: Source, result: Detection) -> None:
         if self.cache_size <= 0:
             return
-        self._cache[(source, text)] = result
+        self._cache[(source, len(text), hash(text))] = result
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
