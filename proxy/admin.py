@@ -106,6 +106,6 @@ def make_admin_app(server: Server) -> web.Application:
 
 def _bind(fn, server: Server) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await fn(request, server.runtime)
+        return await fn(request, server.generation.runtime)
 
     return handler

@@ -77,7 +77,7 @@ class Generation:
     def __init__(self, loaded: LoadedConfig, runtime: Runtime, pool: UpstreamPool) -> None:
         self.loaded = loaded
         self.config = loaded.config
-        self.runtime = runtime
+        self.runtime = runtime = runtime.view(loaded.config, pool)
         self.pool = pool
         self.plugins: list[Plugin] = []
         routes = []

@@ -265,7 +265,9 @@ class DemoUpstream:
         return web.Response(text=text, content_type="text/plain")
 
     async def _models(self, request: web.Request) -> web.Response:
-        await self._enter(request)
+        _, fail = await self._enter(request)
+        if fail is not None:
+            return fail
         return web.json_response(
             {"object": "list", "data": [{"id": self.model, "object": "model", "created": 1700000000, "owned_by": "sluice", "root": self.model, "parent": None, "max_model_len": 4096}]}
         )

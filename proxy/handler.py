@@ -118,7 +118,7 @@ class Handler:
             request_id=rid, method=request.method, path=path, query=query,
             headers=request_headers(request.headers), raw=raw, route=route, client_ip=request.remote,
         )
-        ctx.runtime = self.server.runtime
+        ctx.runtime = gen.runtime
         ctx.targets = list(route.default_targets)
         try:
             return await self._proxy(request, ctx, route, gen)

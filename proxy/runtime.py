@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import contextvars
 import functools
 import logging
@@ -84,6 +85,24 @@ class Runtime:
         #: called with (plugin_id, phase) when a plugin fails open, to count it
         self.on_plugin_error: Callable[[str, str], None] = lambda plugin_id, phase: None
         self.worker_id = 0
+        #: the plugin instances of the generation now serving (set by the server)
+        self._live: Callable[[], list[Any]] = lambda: []
+
+    def view(self, config: SluiceConfig, upstreams: UpstreamPool) -> Runtime:
+        """The same process resources seen with one generation's config and upstreams.
+
+        Each loaded config gets its own view, so plugins of a new generation see
+        its upstreams while they start, and an old generation finishing its
+        in-flight requests keeps seeing its own.
+        """
+        v = copy.copy(self)
+        v.config = config
+        v.upstreams = upstreams
+        return v
+
+    def instances(self, cls: type[T]) -> list[T]:
+        """The live instances of a plugin class in the serving generation (for admin endpoints)."""
+        return [p for p in self._live() if isinstance(p, cls)]
 
     def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
         return self.tasks.spawn(coro, name)

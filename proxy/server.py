@@ -93,6 +93,7 @@ class Server:
         self.runtime.worker_id = self.worker_id
         self.metrics = core_metrics.CoreMetrics(registry)
         self.runtime.on_plugin_error = self.metrics.plugin_error
+        self.runtime._live = lambda: self.generation.plugins if self.generation is not None else []
         gen = ch.Generation(self.loaded, self.runtime, pool)
         await gen.start()
         self.generation = gen

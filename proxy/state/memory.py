@@ -129,13 +129,21 @@ class MemoryCounters(Counters):
             return None
         return self._take_slot(key, ttl_s, now)
 
-    async def admit(self, limits: Sequence[Limit], leases: Sequence[tuple[str, int, float]]) -> tuple[Decision, list[str]]:
+    async def admit(
+        self,
+        limits: Sequence[Limit],
+        leases: Sequence[tuple[str, int, float]],
+        settle: tuple[Sequence[Limit], Sequence[tuple[str, str]]] | None = None,
+    ) -> tuple[Decision, list[str]]:
         """``acquire(limits)`` and a lease on every ``(key, limit, ttl_s)``, all or nothing.
 
-        A full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)`` and a
+        ``settle`` (adjustments, releases) is applied first, whatever the decision. A
+        full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)`` and a
         retry of one second (when a slot frees is unknowable). Returns the decision
         and, when admitted, the lease tokens in order.
         """
+        if settle:
+            await self.settle(*settle)
         now = self._clock()
         for key, limit, ttl_s in leases:
             if not self._has_slot(key, limit, now):

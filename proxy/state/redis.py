@@ -35,20 +35,45 @@ if now < 0 then
 end
 """
 
-# KEYS: n limit keys (distinct), then m lease sets.
-# ARGV: now, eps, n, then limit, period, cost per limit, then limit, ttl_s, token per lease.
-# Leases are checked first; then every GCRA limit; only if all pass is anything written.
+# KEYS: n limit keys (distinct), m lease sets, a keys to adjust, r lease sets to release from.
+# ARGV: now, eps, n, m, a, then limit/period/cost per limit, limit/ttl_s/token per lease,
+# limit/period/cost per adjustment, and a token per release.
+# First the settlement (earlier requests' reconciliations and releases, carried here to
+# save them a round trip of their own), then the admission: leases are checked, then
+# every GCRA limit, and only if all pass is anything of the admission written.
 # Returns {allowed, retry_after, refused_index, remaining_1, reset_1, ...} as strings
 # (Lua numbers come back to the client truncated to integers); refused_index counts
 # limits first, then leases.
 ADMIT_LUA = _CLOCK + """
 local eps = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
-local m = #KEYS - n
+local m = tonumber(ARGV[4])
+local a = tonumber(ARGV[5])
+local L = 5
+local LEASES = L + 3 * n
+local ADJ = LEASES + 3 * m
+local REL = ADJ + 3 * a
+for i = 1, a do
+  local key = KEYS[n + m + i]
+  local limit = tonumber(ARGV[ADJ + 3 * i - 2])
+  local period = tonumber(ARGV[ADJ + 3 * i - 1])
+  local cost = tonumber(ARGV[ADJ + 3 * i])
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local nt = tat + cost * (period / limit)
+  if nt <= now then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, string.format('%.6f', nt), 'PX', math.ceil((nt - now) * 1000) + 1)
+  end
+end
+for k = n + m + a + 1, #KEYS do
+  redis.call('ZREM', KEYS[k], ARGV[REL + (k - n - m - a)])
+end
 local nowtxt = string.format('%.6f', now)
 for j = 1, m do
   local key = KEYS[n + j]
-  local limit = tonumber(ARGV[4 + 3 * n + 3 * (j - 1)])
+  local limit = tonumber(ARGV[LEASES + 3 * j - 2])
   if redis.call('ZCARD', key) >= limit then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', nowtxt)
     if redis.call('ZCARD', key) >= limit then
@@ -62,9 +87,9 @@ local pre = {}
 local refused = 0
 local wait_max = 0
 for i = 1, n do
-  local limit = tonumber(ARGV[1 + 3 * i])
-  local period = tonumber(ARGV[2 + 3 * i])
-  local cost = tonumber(ARGV[3 + 3 * i])
+  local limit = tonumber(ARGV[L + 3 * i - 2])
+  local period = tonumber(ARGV[L + 3 * i - 1])
+  local cost = tonumber(ARGV[L + 3 * i])
   local interval = period / limit
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   local base = tat
@@ -97,36 +122,13 @@ for i = 1, n do
 end
 for j = 1, m do
   local key = KEYS[n + j]
-  local at = 4 + 3 * n + 3 * (j - 1)
-  local ttl = tonumber(ARGV[at + 1])
-  redis.call('ZADD', key, string.format('%.6f', now + ttl), ARGV[at + 2])
+  local ttl = tonumber(ARGV[LEASES + 3 * j - 1])
+  redis.call('ZADD', key, string.format('%.6f', now + ttl), ARGV[LEASES + 3 * j])
   local want = math.ceil(ttl * 1000) + 1
   if redis.call('PTTL', key) < want then redis.call('PEXPIRE', key, want) end
 end
 for i = 1, 2 * n do res[3 + i] = out[i] end
 return res
-"""
-
-# KEYS: n limit keys, then lease sets. ARGV: now, n, limit/period/cost per limit, then a token per lease.
-SETTLE_LUA = _CLOCK + """
-local n = tonumber(ARGV[2])
-for i = 1, n do
-  local limit = tonumber(ARGV[3 * i])
-  local period = tonumber(ARGV[3 * i + 1])
-  local cost = tonumber(ARGV[3 * i + 2])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if tat < now then tat = now end
-  local nt = tat + cost * (period / limit)
-  if nt <= now then
-    redis.call('DEL', KEYS[i])
-  else
-    redis.call('SET', KEYS[i], string.format('%.6f', nt), 'PX', math.ceil((nt - now) * 1000) + 1)
-  end
-end
-for j = n + 1, #KEYS do
-  redis.call('ZREM', KEYS[j], ARGV[3 * n + 2 + (j - n)])
-end
-return 1
 """
 
 # KEYS: the sum, a hash {t: total, e: period end}. ARGV: now, amount, limit ('' for none), expires_at.
@@ -285,20 +287,36 @@ class RedisCounters(Counters):
         decision, _ = await self.admit(limits, ())
         return decision
 
-    async def admit(self, limits: Sequence[Limit], leases: Sequence[tuple[str, int, float]]) -> tuple[Decision, list[str]]:
+    #: admissions can carry settlements (``admit(..., settle=...)``), saving their round trips
+    carries_settlements = True
+
+    async def admit(
+        self,
+        limits: Sequence[Limit],
+        leases: Sequence[tuple[str, int, float]],
+        settle: tuple[Sequence[Limit], Sequence[tuple[str, str]]] | None = None,
+    ) -> tuple[Decision, list[str]]:
         """``acquire(limits)`` plus a lease on every ``(key, limit, ttl_s)``: one script, all or nothing.
 
-        A full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)`` and a
-        one-second retry. Returns the decision and, when admitted, the lease tokens.
+        ``settle`` (adjustments, releases) is applied first in the same script, whatever
+        the decision. A full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)``
+        and a one-second retry. Returns the decision and, when admitted, the lease tokens.
         """
         merged = _merge(limits)
+        adjust = [lim for lim in settle[0] if lim.cost != 0] if settle else []
+        releases = list(settle[1]) if settle else []
         tokens = [secrets.token_hex(8) for _ in leases]
-        keys = [self.prefix + lim.key for lim in merged] + [self.prefix + "lease:" + key for key, _, _ in leases]
-        args: list[Any] = [self._now(), "0.000001", len(merged)]
+        p = self.prefix
+        keys = ([p + lim.key for lim in merged] + [p + "lease:" + key for key, _, _ in leases]
+                + [p + lim.key for lim in adjust] + [p + "lease:" + key for key, _ in releases])
+        args: list[Any] = [self._now(), "0.000001", len(merged), len(leases), len(adjust)]
         for lim in merged:
             args += [repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost))]
         for (_, limit, ttl_s), token in zip(leases, tokens):
             args += [int(limit), repr(float(ttl_s)), token]
+        for lim in adjust:
+            args += [repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost))]
+        args += [token for _, token in releases]
         res = await self.guard.script(ADMIT_LUA, keys, args)
         res = [x.decode() if isinstance(x, bytes) else str(x) for x in res]
         allowed = res[0] == "1"
@@ -319,15 +337,8 @@ class RedisCounters(Counters):
 
     async def settle(self, adjust: Sequence[Limit], releases: Sequence[tuple[str, str]]) -> None:
         """``adjust(adjust)`` and release every ``(key, token)`` lease, in one script."""
-        adjust = [lim for lim in adjust if lim.cost != 0]
-        if not adjust and not releases:
-            return
-        keys = [self.prefix + lim.key for lim in adjust] + [self.prefix + "lease:" + key for key, _ in releases]
-        args: list[Any] = [self._now(), len(adjust)]
-        for lim in adjust:
-            args += [repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost))]
-        args += [token for _, token in releases]
-        await self.guard.script(SETTLE_LUA, keys, args)
+        if any(lim.cost != 0 for lim in adjust) or releases:
+            await self.admit((), (), (adjust, releases))
 
     async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
         decision, tokens = await self.admit((), [(key, limit, ttl_s)])
