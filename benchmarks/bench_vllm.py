@@ -165,7 +165,7 @@ async def main() -> int:
                 "full": (full.url, full.pid),
                 "full_without_pii": (full_no_pii.url, full_no_pii.pid),
             }
-            for name, (url, _) in paths.items():  # warm-up: connections, lazy imports, first-request paths
+            for url, _ in paths.values():  # warm-up: connections, lazy imports, first-request paths
                 for stream in (False, True):
                     await one(http, url, stream)
             res: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "stream": [], "buffered": [], "cpu": []} for n in paths}

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel
 
 from proxy.config import SluiceConfig, load_config
+from proxy.errors import ConfigError
 from proxy.hookspecs import REQUEST_HOOKS, hook_reference
 from proxy.registry import plugin_registry
 
@@ -161,5 +162,5 @@ def test_schema_agrees_with_the_loader() -> None:
         bad_cases.append({"routes": [{"chain": [{plugin: {"no_such_field": 1}}]}]})
     for bad in bad_cases:
         assert list(v.iter_errors(bad)), f"schema accepted {bad}"
-        with pytest.raises(Exception):
+        with pytest.raises(ConfigError):
             load_config(data=bad)

@@ -22,17 +22,13 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
+import aiohttp
+import openai
+import pytest
+
+from proxy.testing import SluiceServer
+
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    # pytest's prepend import mode puts tests/ first on sys.path, where the
-    # tests/plugins folder would shadow the built-in plugins package.
-    sys.path.insert(0, str(ROOT))
-
-import aiohttp  # noqa: E402
-import openai  # noqa: E402
-import pytest  # noqa: E402
-
-from proxy.testing import SluiceServer  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
