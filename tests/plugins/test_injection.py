@@ -270,15 +270,16 @@ async def test_server_blocks_an_injection(tmp_path, sdk, stream):
         assert len(up.requests) == 1
 
 
+@pytest.mark.parametrize("action", ["flag", "log"])
 @pytest.mark.parametrize("stream", [False, True], ids=["buffered", "streamed"])
-async def test_server_flags_with_a_header_and_serves(tmp_path, sdk, stream):
-    async with FakeUpstream() as up, SluiceServer(_config(up, action="flag"), tmp_path) as s:
+async def test_server_flags_or_logs_with_a_header_and_serves(tmp_path, sdk, stream, action):
+    async with FakeUpstream() as up, SluiceServer(_config(up, action=action), tmp_path) as s:
         client = sdk(s.url)
         async with client.chat.completions.with_streaming_response.create(model=MODEL, messages=[user(ATTACK)], stream=stream) as resp:
             assert resp.status_code == 200
             header = resp.headers["x-sluice-injection"]
             assert float(header.split(";")[0].removeprefix("score=")) >= 0.9
-            assert "instruction_override" in header and "action=flag" in header
+            assert "instruction_override" in header and f"action={action}" in header
             if stream:
                 lines = [line async for line in resp.iter_lines() if line]
                 assert lines[-1] == "data: [DONE]" and len(lines) > 2
@@ -295,6 +296,7 @@ async def test_server_log_only_and_per_route_thresholds(tmp_path, sdk, caplog):
         with caplog.at_level(logging.INFO, logger="sluice.injection"):
             r = await sdk(s.url).chat.completions.with_raw_response.create(model=MODEL, messages=[user(ATTACK)])
         assert r.status_code == 200 and r.headers["x-sluice-injection"].endswith("action=log")
+        assert r.parse().choices[0].message.content
         lines = [rec.getMessage() for rec in caplog.records if rec.name == "sluice.injection"]
         assert len(lines) == 1 and "action=log" in lines[0] and "system prompt" not in lines[0].lower()
         # a milder prompt (~0.7): logged on the default route, below the "lab" route's 0.9 threshold
