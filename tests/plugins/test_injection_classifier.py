@@ -53,6 +53,19 @@ def test_tiny_scorer_trains_saves_and_separates(tmp_path):
         TinyScorer.train([(t, 1) for t, _ in read_rows(train)])
 
 
+def test_detector_loads_by_its_entry_point_name(tmp_path, monkeypatch):
+    """What `pip install` of the package registers, reproduced with a dist-info on sys.path."""
+    info = tmp_path / "sluice_injection_classifier-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sluice-injection-classifier\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[sluice.injection_detectors]\nclassifier = {CLASSIFIER}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d = load_detector("classifier", {"backend": "tiny"})
+    assert type(d).__name__ == "ClassifierDetector"
+    conf = InjectionConfig.model_validate({"detectors": [{"use": "signatures"}, {"use": "classifier", "weight": 0.5}]})
+    assert [type(d).__name__ for d, _ in build_engine(conf).detectors] == ["SignatureDetector", "ClassifierDetector"]
+
+
 def test_detector_loads_by_import_path_and_validates_options():
     d = load_detector(CLASSIFIER, {})
     assert d.blocking and d.name == "classifier"
