@@ -105,6 +105,9 @@ class Drift(Plugin):
         self._busy: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
+        # numpy and scipy.special take most of a second of CPU to import: do it now, in the
+        # executor, rather than in the first comparison while requests are being served
+        await self.runtime.run_cpu(_warm_up)
         self.runtime.shared("drift.instances", weakref.WeakSet).add(self)
 
     # -- sampling ------------------------------------------------------------------------
@@ -251,6 +254,13 @@ class Drift(Plugin):
     @classmethod
     def commands(cls) -> list[Command]:
         return [Command("drift", "Drift report of a running server (from its admin API).", _configure_cli, _run_cli)]
+
+
+def _warm_up() -> None:
+    from ._drift_stats import Snapshot, Thresholds, compare
+
+    ref = Snapshot({"x": [0.0, 1.0] * 10}, {"c": {"a": 10, "b": 10}}, 20, 0.0, 0.0)
+    compare(ref, ref, Thresholds(min_samples=10))
 
 
 def _instances(runtime: Any) -> list[Drift]:

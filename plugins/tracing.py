@@ -117,6 +117,9 @@ class Tracing(Plugin):
         self._unset: Any = None
 
     async def start(self) -> None:
+        # the SDK and an exporter's stack (requests, grpc) take a while to import the first
+        # time: in the executor, so a reload that adds tracing does not stall the loop
+        await self.runtime.run_cpu(_import_sdk, self.config.exporter)
         from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
@@ -342,3 +345,12 @@ class Tracing(Plugin):
         for span in spans:
             on_end(span)
 
+
+def _import_sdk(exporter: str) -> None:
+    import opentelemetry.sdk.trace  # noqa: F401
+    import opentelemetry.sdk.trace.export  # noqa: F401
+
+    if exporter == "otlp_http":
+        import requests  # noqa: F401
+    elif exporter == "otlp_grpc":
+        import opentelemetry.exporter.otlp.proto.grpc.trace_exporter  # noqa: F401
