@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import Field, model_validator
 
-from proxy import AdminRoute, Command, Context, Event, Plugin, PluginConfig, StashKey, Target, hookimpl
+from proxy import ConfigError, AdminRoute, Command, Context, Event, Plugin, PluginConfig, StashKey, Target, hookimpl
 from proxy.config import Model
 from proxy.state import Table
 
@@ -400,14 +400,10 @@ class Experiments(Plugin):
 
     async def start(self) -> None:
         c = self.config
-        # On a reload runtime.upstreams is still the old pool (swapped after every plugin started):
-        # a name missing here may be new. A variant aimed at an unknown upstream gets the core's
-        # 500 unknown_upstream; a shadow to one records errors.
         names = {v.upstream for e in c.experiments for v in e.variants if v.upstream} | {sh.target.upstream for sh in c.shadows}
         missing = sorted(names - set(self.runtime.upstreams.upstreams))
         if missing:
-            log.warning("experiments: upstream(s) %s are not in the serving pool yet; they must be in this config's 'upstreams'",
-                        ", ".join(missing))
+            raise ConfigError(f"experiments: unknown upstream(s) {', '.join(missing)}: add them to 'upstreams' (plugin experiments)")
         self.records = self.runtime.state.records(c.records)
         for t in (RESULTS, EVENTS, SHADOWS):
             self.records.ensure(t)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from proxy import Context, Plugin, PluginConfig, ProxyError, Target, hookimpl
+from proxy import ConfigError, Context, Plugin, PluginConfig, ProxyError, Target, hookimpl
 from proxy.config import Model
 
 from ._router_core import STRATEGIES, Candidate, TargetStats, estimate_tokens, features, parse_vllm_metrics
@@ -171,12 +171,10 @@ class Router(Plugin):
     async def start(self) -> None:
         c = self.config
         pool = self.runtime.upstreams
-        # On a reload this chain starts while the old pool still serves (runtime.upstreams is swapped
-        # after every plugin started), so a name missing here may be a new upstream: checked again,
-        # and reported, when the pool changes; requests never go to it while it is unknown.
+        # runtime.upstreams is this generation's own pool, so a missing name is a config error
         missing = sorted({t.upstream for a in c.aliases.values() for t in a.targets} - set(pool.upstreams))
         if missing:
-            log.warning("router: upstream(s) %s are not in the serving pool yet; they must be in this config's 'upstreams'", ", ".join(missing))
+            raise ConfigError(f"router: unknown upstream(s) {', '.join(missing)}: add them to 'upstreams' (plugin router)")
         # Health and latency outlive a config reload: keyed by target, shared in the process.
         self.stats: dict[str, TargetStats] = self.runtime.shared("router.stats", dict)
         self.metrics = self.runtime.shared("router.metrics", lambda: _Metrics(self.runtime.metrics))

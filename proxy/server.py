@@ -443,12 +443,16 @@ def serve(config_path: str | None, *, worker: int | None = None, ready_fd: int |
     if worker is None and loaded.config.server.workers > 1:
         return run_master(loaded, config_path, ready_file)
     install_uvloop()
-    return asyncio.run(
-        serve_async(
-            loaded, config_path, worker_id=worker or 0, reuse_port=worker is not None,
-            ready_fd=ready_fd, ready_file=ready_file,
+    try:
+        return asyncio.run(
+            serve_async(
+                loaded, config_path, worker_id=worker or 0, reuse_port=worker is not None,
+                ready_fd=ready_fd, ready_file=ready_file,
+            )
         )
-    )
+    except ConfigError as e:  # a plugin refused its config while starting
+        print(f"sluice: {e}", file=sys.stderr)
+        return 2
 
 
 __all__ = ["Server", "make_app", "serve", "error_response"]

@@ -153,8 +153,12 @@ class SluiceServer:
 
         loaded = load_config(data=self.data)
         self.server = Server(loaded)
-        await self.server.start()
-        await self.server.listen(host="127.0.0.1", port=0)
+        try:
+            await self.server.start()
+            await self.server.listen(host="127.0.0.1", port=0)
+        except BaseException:
+            await self.server.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

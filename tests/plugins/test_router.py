@@ -10,6 +10,8 @@ from typing import Any, AsyncIterator
 import aiohttp
 import openai
 import pytest
+
+from proxy import ConfigError
 from pydantic import ValidationError
 
 from plugins.router import Router
@@ -264,15 +266,17 @@ async def test_an_earlier_answer_is_left_alone(tmp_path: Path):
             await rt.close_all()
 
 
-async def test_unknown_upstream_is_reported_and_never_used(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+async def test_unknown_upstream_is_refused_at_load_and_on_reload(tmp_path: Path):
     async with upstreams(1) as (a,):
-        cfg = config([a], {"aliases": {"smart": {"targets": [{"upstream": "nope"}]}, "ok": {"targets": [{"upstream": "a"}]}}})
-        async with SluiceServer(cfg, tmp_path) as s, client(s) as c:
-            assert "upstream(s) nope are not in the serving pool" in caplog.text
-            with pytest.raises(openai.InternalServerError) as e:
-                await ask(c)
-            assert e.value.status_code == 500 and e.value.code == "unknown_upstream"
-            await ask(c, "ok")
+        bad = config([a], {"aliases": {"smart": {"targets": [{"upstream": "nope"}]}, "ok": {"targets": [{"upstream": "a"}]}}})
+        with pytest.raises(ConfigError, match=r"router: unknown upstream\(s\) nope: add them to 'upstreams' \(plugin router\)"):
+            async with SluiceServer(bad, tmp_path):
+                pass
+        good = config([a], {"aliases": {"ok": {"targets": [{"upstream": "a"}]}}})
+        async with SluiceServer(good, tmp_path) as s, client(s) as c:
+            ok, why = await s.reload(bad)
+            assert not ok and "unknown upstream(s) nope" in why
+            await ask(c, "ok")  # the old config keeps serving
 
 
 async def test_reload_adds_an_upstream_and_an_alias(tmp_path: Path):
