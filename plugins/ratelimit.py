@@ -9,6 +9,7 @@ completion allowance) and reconciled with the real usage in ``on_done``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ PERIOD_S = 60.0
 NO_COMPLETION = ("/embeddings", "/moderations")
 #: above this body size a real tokenizer runs in the executor, off the loop
 TOKENIZE_OFF_LOOP_BYTES = 32 * 1024
+#: settlements held for the next admission at most; beyond, they are sent at once
+PENDING_MAX = 1000
 
 
 class LimitSet(BaseModel):
@@ -67,6 +70,11 @@ class RateLimitConfig(PluginConfig):
     )
     lease_ttl_s: float = Field(900.0, ge=1, le=86400, description="A concurrency slot not released (crashed replica) frees itself after this long; keep it above the longest request.")
     headers: bool = Field(True, description="Add OpenAI's x-ratelimit-* headers to answers.")
+    settle_delay_ms: int = Field(
+        50, ge=0, le=5000,
+        description="Redis only: reconciliations and slot releases ride on this process's next admission, or are sent "
+        "after this delay, whichever comes first (one round trip per request under load). 0 sends each at once.",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -160,12 +168,21 @@ class RateLimit(Plugin):
         self._global = _triple(c.global_)
         self._model_cache: dict[str, Triple | None] = {}
         self._no_completion = NO_COMPLETION
+        #: settlements waiting to ride on the next admission (Redis): adjustments and lease releases
+        self._carry = False
+        self._pend_adjust: list[Limit] = []
+        self._pend_release: list[tuple[str, str]] = []
+        self._flush_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.counters = self.runtime.state.counters(self.config.backend)
         for path in self.config.tokenizers.values():
             await self.runtime.run_cpu(load_tokenizer, path)
         self.metrics = self.runtime.shared("ratelimit.metrics", lambda: _Metrics(self.runtime.metrics))
+        self._carry = bool(getattr(self.counters, "carries_settlements", False)) and self.config.settle_delay_ms > 0
+
+    async def stop(self) -> None:
+        await self._flush()
 
     # -- which limits apply ---------------------------------------------------
     def _model_limits(self, model: str) -> Triple | None:
@@ -269,7 +286,13 @@ class RateLimit(Plugin):
                 leases.append((k, conc, self.config.lease_ttl_s))
                 kinds[k] = (scope, "concurrency")
 
-        decision, held = await self._admit(limits, leases)
+        settle = self._take() if self._carry and (self._pend_adjust or self._pend_release) else None
+        try:
+            decision, held = await self._admit(limits, leases, settle)
+        except BaseException:
+            if settle:
+                self._requeue(settle)
+            raise
         headers = self._headers(decision.statuses, kinds) if self.config.headers and decision.statuses else {}
         if not decision.allowed:
             self._refuse(decision, kinds, headers)
@@ -278,13 +301,20 @@ class RateLimit(Plugin):
         if headers:
             ctx.response_headers.update(headers)
 
-    async def _admit(self, limits: list[Limit], leases: list[tuple[str, int, float]]) -> tuple[Decision, list[str]]:
+    async def _admit(
+        self, limits: list[Limit], leases: list[tuple[str, int, float]],
+        settle: tuple[list[Limit], list[tuple[str, str]]] | None = None,
+    ) -> tuple[Decision, list[str]]:
         """Every limit and lease in one step when the backend can (one Redis round trip), else in turn."""
         counters = self.counters
         assert counters is not None
         admit = getattr(counters, "admit", None)
         if admit is not None:
-            return await admit(limits, leases)
+            return await admit(limits, leases, settle) if settle else await admit(limits, leases)
+        if settle:
+            await self._release(settle[1])
+            if settle[0]:
+                await counters.adjust(settle[0])
         held: list[str] = []
         try:
             for key, limit, ttl in leases:
@@ -384,6 +414,14 @@ class RateLimit(Plugin):
                 adjust = [Limit(lim.key, lim.limit, lim.period_s, float(delta)) for lim in res.token_limits]
         if not adjust and not res.leases:
             return
+        if self._carry:
+            self._pend_adjust.extend(adjust)
+            self._pend_release.extend(res.leases)
+            if len(self._pend_adjust) + len(self._pend_release) >= PENDING_MAX:
+                await self._flush()
+            elif self._flush_task is None:
+                self._flush_task = self.runtime.spawn(self._flush_later(), f"ratelimit-settle-{self.id}")
+            return
         counters = self.counters
         assert counters is not None
         settle = getattr(counters, "settle", None)
@@ -395,3 +433,38 @@ class RateLimit(Plugin):
         finally:
             if adjust:
                 await counters.adjust(adjust)
+
+    # -- settlements that ride on admissions (Redis) ------------------------------
+    def _take(self) -> tuple[list[Limit], list[tuple[str, str]]]:
+        """The pending settlements, adjustments merged per bucket."""
+        merged: dict[str, Limit] = {}
+        for lim in self._pend_adjust:
+            prev = merged.get(lim.key)
+            merged[lim.key] = lim if prev is None else Limit(lim.key, lim.limit, lim.period_s, prev.cost + lim.cost)
+        releases = self._pend_release
+        self._pend_adjust, self._pend_release = [], []
+        return [lim for lim in merged.values() if lim.cost], releases
+
+    def _requeue(self, settle: tuple[list[Limit], list[tuple[str, str]]]) -> None:
+        # A failed call may still have run on the server (a timeout is ambiguous): releasing
+        # again is harmless, applying an adjustment twice is not, so only releases go back.
+        # A lost adjustment leaves a reservation charged in full: conservative.
+        self._pend_release[:0] = settle[1]
+
+    async def _flush_later(self) -> None:
+        try:
+            await asyncio.sleep(self.config.settle_delay_ms / 1000)  # the batching window, not a wait for a condition
+        finally:
+            self._flush_task = None
+        await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._pend_adjust and not self._pend_release or self.counters is None:
+            return
+        settle = self._take()
+        try:
+            await self.counters.settle(*settle)  # type: ignore[attr-defined]
+        except StateUnavailable:
+            self._requeue(settle)
+            if len(self._pend_release) > PENDING_MAX:
+                del self._pend_release[: len(self._pend_release) - PENDING_MAX]  # their TTL frees them

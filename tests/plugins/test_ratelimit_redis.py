@@ -7,6 +7,7 @@ import time
 
 import openai
 import pytest
+import redis.asyncio as aioredis
 
 from plugins._tokens import count_prompt_tokens
 from proxy.testing import FakeUpstream, RedisServer, SluiceProcess, SluiceServer
@@ -83,7 +84,15 @@ async def test_limits_are_exact_across_two_processes(tmp_path, redis_server):
             ok, _, last_refusal = await _burst(urls, KEYS["conc"][0], 4 * CONCURRENCY)
             assert last_refusal < up.first_byte_delay
             assert sum(ok) == CONCURRENCY
-            # the slots come back once those answers are done, on either process
+            # the slots come back once those answers are done (within settle_delay_ms), on either process
+            slots = cfg["state"]["redis"]["key_prefix"] + "c:lease:rl:ratelimit:k:conc:c"
+            client = aioredis.Redis.from_url(redis_server.url)
+            try:
+                async with asyncio.timeout(5):
+                    while await client.zcard(slots):
+                        await asyncio.sleep(0.02)  # polling Redis, where the other processes release
+            finally:
+                await client.aclose()
             ok, _, _ = await _burst(urls, KEYS["conc"][0], CONCURRENCY)
             assert sum(ok) == CONCURRENCY
 
@@ -143,3 +152,44 @@ async def test_redis_stopped_and_restarted_under_load(tmp_path):
             assert not unexpected, unexpected[:5]
             assert counts[("open", 503)] == 0  # fail open: Redis down never reached a client
             assert worst < 2.0, worst  # a 100 ms Redis timeout, with room for a busy test machine
+
+
+async def test_settlements_ride_on_the_next_admission(redis_server, tmp_path):
+    from plugins.ratelimit import RESERVATION, RateLimit
+    from proxy import Attempt, Identity, Target, Usage
+    from proxy.testing import configure_plugin, make_context, make_runtime
+
+    rt = await make_runtime(tmp_path, redis_url=redis_server.url)
+    client = aioredis.Redis.from_url(redis_server.url)
+    who = Identity(key_id=f"carry-{time.monotonic_ns()}")
+
+    async def scripts() -> int:
+        stats = await client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    try:
+        rl = await configure_plugin(RateLimit, {"tokens_per_minute": 100_000, "concurrency": 1, "settle_delay_ms": 5000}, runtime=rt)
+        before = await scripts()
+        first = make_context(BODY, identity=who, runtime=rt)
+        await rl.on_request(first)
+        reserved = first.stash[RESERVATION].tokens
+        first.attempts.append(Attempt(Target("up"), start=0.0, status=200))
+        first.status, first.usage = 200, Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
+        await rl.on_done(first)  # held back: nothing sent yet
+        assert await scripts() == before + 1
+        second = make_context(BODY, identity=who, runtime=rt)
+        await rl.on_request(second)  # the slot of the first came back inside this same script
+        assert await scripts() == before + 2
+        left = int(second.response_headers["x-ratelimit-remaining-tokens"])
+        assert 100_000 - 5 - reserved - 2 <= left <= 100_000 - 5 - reserved + 200  # the refund applied (plus refill)
+        second.attempts.append(Attempt(Target("up"), start=0.0, status=500))
+        second.status = 500
+        await rl.on_done(second)
+        await rl.stop()  # a retired chain sends what it held
+        assert await scripts() == before + 3
+        third = make_context(BODY, identity=who, runtime=rt)
+        await rl.on_request(third)
+        assert int(third.response_headers["x-ratelimit-remaining-tokens"]) >= 100_000 - 5 - reserved
+    finally:
+        await client.aclose()
+        await rt.close_all()

@@ -196,3 +196,14 @@ async def test_memory_counters_forget_full_buckets(clock):
     for i in range(20_000):
         await c.acquire([Limit("active", 1e9, 60)])
     assert len(c._tat) == 1
+
+
+async def test_an_admission_carries_earlier_settlements(counters):
+    d, first = await counters.admit([Limit("t", 100, 60, cost=100)], [("c", 1, 30.0)])
+    assert d.allowed
+    # refused for its own sake, but the carried settlement (refund 40, free the slot) applies
+    d, _ = await counters.admit([Limit("t", 100, 60, cost=50)], [], ([Limit("t", 100, 60, cost=-40)], [("c", first[0])]))
+    assert not d.allowed
+    assert d.statuses[0].remaining == pytest.approx(40, abs=0.01)
+    d, again = await counters.admit([Limit("t", 100, 60, cost=40)], [("c", 1, 30.0)])
+    assert d.allowed and again
