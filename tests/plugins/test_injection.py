@@ -45,7 +45,7 @@ def user(text: str) -> dict:
         ({"detectors": [{"use": "signatures"}, {"use": "signatures"}]}, "Value error, each detector may appear once in 'detectors'"),
         ({"detectors": [{"use": "plugins._injection_detectors:SignatureDetector"}], "disable_signatures": ["IO-001"]},
          "Value error, 'disable_signatures' needs the 'signatures' detector in 'detectors'"),
-        ({"detectors": [{"use": "nope"}]}, "Value error, detectors: unknown detector 'nope' (known: signatures; or give 'module:Class')"),
+        ({"detectors": [{"use": "nope"}]}, "Value error, detectors: unknown detector 'nope' (known: classifier, signatures; or give 'module:Class')"),
         ({"detectors": [{"use": "signatures", "options": {"colour": 1}}]}, "Value error, detectors: unknown options: colour"),
         ({"detectors": [{"use": "signatures", "weight": 0}]}, "Input should be greater than 0"),
         ({"detectors": [{"use": "signatures", "colour": 1}]}, "Extra inputs are not permitted"),
