@@ -107,10 +107,19 @@ class Runtime:
     def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
         return self.tasks.spawn(coro, name)
 
-    async def run_cpu(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def run_cpu(self, fn: Callable[..., T], *args: Any, timeout: float | None = None, **kwargs: Any) -> T:
+        """Run ``fn`` in the bounded thread pool; ``timeout`` raises ``TimeoutError`` after that long.
+
+        A thread cannot be stopped: on a timeout the job still finishes in the
+        background and its slot is busy until then, which is what bounds the pool.
+        """
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._executor, call)
+        fut = loop.run_in_executor(self._executor, call)
+        if timeout is None:
+            return await fut
+        async with asyncio.timeout(timeout):
+            return await fut
 
     def shared(self, name: str, factory: Callable[[], T]) -> T:
         """One object per process under ``name``, built on first use (metric families, caches)."""
