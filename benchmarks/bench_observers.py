@@ -253,6 +253,27 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
                 out["tracing: OTLP encoding of its 2 spans"] = round((time.process_time() - t0) / n * 1e6, 1)
             await rt.tasks.wait(30)
             await plugin.stop()
+        # the ledger row metering appends, through the state's records writer (its thread included)
+        from plugins.metering import LEDGER_TABLE, ledger_table
+
+        meter = await configure_plugin(Metering, {}, runtime=rt)
+        rows = []
+        for _ in range(n):
+            ctx = finished()
+            rows.append(meter._row(ctx, ctx.usage, "sluice-demo", 0.0001, True, False))
+        records = rt.state.records("bench-ledger")
+        records.ensure(ledger_table())
+        await records.flush()
+        t0 = time.process_time()
+        for i, row in enumerate(rows):
+            records.append(LEDGER_TABLE, row)
+            if i % 8 == 7:
+                await asyncio.sleep(0)  # let the writer thread run as it would between requests
+        await records.flush()
+        out["metering: ledger row through runtime.state.records (state writer thread)"] = round(
+            (time.process_time() - t0) / n * 1e6, 1)
+        await meter.stop()
+
         import numpy as np
 
         rng = np.random.default_rng(0)
