@@ -99,8 +99,6 @@ async def test_client_gone_mid_stream_is_estimated(upstream: FakeUpstream, tmp_p
     assert row["cost"] > 0
 
 
-@pytest.mark.xfail(reason="core: a client gone mid-stream is recorded as upstream_error (handler keeps the "
-                          "provisional outcome when the client disconnects)", strict=True)
 async def test_client_gone_mid_stream_outcome(upstream: FakeUpstream, tmp_path: Path):
     upstream.token_delay = 0.01
     async with SluiceServer(config(upstream), tmp_path) as s:
