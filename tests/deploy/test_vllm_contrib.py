@@ -175,13 +175,21 @@ def test_recorded_streams_have_the_documented_shape(name: str) -> None:
         assert not any("usage" in c for c in chunks)
 
 
-@pytest.mark.parametrize("name", [n for n in INDEX if n.startswith("error_")])
+@pytest.mark.parametrize("name", [n for n in INDEX if n.startswith("error_") and n != "error_unauthorized"])
 def test_recorded_errors_are_openai_shaped(name: str) -> None:
     meta = INDEX[name]
     body = json.loads((FIXTURES / meta["file"]).read_text())
     assert meta["status"] in (400, 404) and meta["content_type"] == "application/json"
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["code"] == meta["status"]
+
+
+def test_recorded_unauthorized_is_not_openai_shaped() -> None:
+    # With --api-key, vLLM's 401 carries a bare string: a proxy passing upstream
+    # errors through must not assume error objects.
+    meta = INDEX["error_unauthorized"]
+    assert meta["status"] == 401
+    assert json.loads((FIXTURES / meta["file"]).read_text()) == {"error": "Unauthorized"}
 
 
 def test_recorded_buffered_answers_carry_usage() -> None:

@@ -63,7 +63,8 @@ def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         python = launch.setup_env(quiet=True)
         model = launch.build_model(python)
     except subprocess.CalledProcessError as e:
-        pytest.fail(f"contrib/vllm setup failed ({e.cmd[-1]} exited {e.returncode}); see its output above")
+        tail = "\n".join(line for line in (e.stderr or "").splitlines() if "is ignored" not in line)[-4000:]
+        pytest.fail(f"contrib/vllm setup failed ({e.cmd[-1]} exited {e.returncode}):\n{tail}")
     with launch.VllmFleet.start(2, model, python=python, log_dir=tmp_path_factory.mktemp("vllm-logs"),
                                  model_name=MODEL, max_model_len=MAX_MODEL_LEN) as fleet:
         yield fleet
