@@ -178,7 +178,12 @@ class SQLiteRecords(Records):
     def _run(self) -> None:
         import sqlite_utils
 
-        conn = connect(self.path, self.timeout_ms, synchronous="FULL")
+        try:
+            conn = connect(self.path, self.timeout_ms, synchronous="FULL")
+        except (sqlite3.Error, OSError) as e:
+            log.error("sqlite: cannot open %s: %s; its rows are dropped", self.path.name, e)
+            self._unwritable()
+            return
         db = sqlite_utils.Database(conn)
         pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
         count = 0
@@ -210,6 +215,17 @@ class SQLiteRecords(Records):
                 conn.close()
                 item[1]()
                 return
+
+    def _unwritable(self) -> None:
+        """The file cannot be opened: count what arrives and answer waiters, never hang them."""
+        while True:
+            item = self._q.get()
+            if item[0] == "row":
+                self.dropped += 1
+            elif item[0] in ("flush", "close"):
+                item[1]()
+                if item[0] == "close":
+                    return
 
     def _ensure(self, db: Any, table: Table) -> None:
         try:

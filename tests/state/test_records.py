@@ -118,3 +118,14 @@ async def test_hub_records_and_kv_are_singletons_and_close_flushes(tmp_path):
         assert c.execute("SELECT line FROM log").fetchall() == [("kept",)]
     with pytest.raises(ValueError, match="state.redis"):
         hub.counters("redis")
+
+
+async def test_an_unopenable_file_drops_and_counts_but_never_hangs(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a directory should be")
+    rec = SQLiteRecords(blocker / "r.db")
+    rec.ensure(LOG)
+    rec.append("log", {"ts": 1.0, "line": "lost"})
+    await asyncio.wait_for(rec.flush(), 10)
+    assert rec.dropped == 1 and rec.written == 0
+    await asyncio.wait_for(rec.close(), 10)
