@@ -188,3 +188,23 @@ async def test_counters_down_policy_in_process(tmp_path):
         await opened.on_request(make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k")))
     finally:
         await rt.close_all()
+
+
+async def test_admin_budgets_shows_spent_and_reserved(upstream: FakeUpstream, tmp_path):
+    import aiohttp
+
+    budgets = [{"scope": "key", "period": "day", "limit": 100.0}, {"scope": "team", "period": "month", "limit": 1000.0}]
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            await ask(a)
+        await s.wait_idle()
+        async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+            async with http.get(f"{s.admin_url}/admin/budgets", params={"key": "ka", "team": "red"}) as r:
+                assert r.status == 200
+                body = await r.json()
+            async with http.get(f"{s.admin_url}/admin/budgets") as r:
+                assert r.status == 400
+    by_scope = {b["scope"]: b for b in body["budgets"]}
+    assert by_scope["key"]["spent_and_reserved"] == pytest.approx(M * PER_TOKEN)
+    assert by_scope["team"]["spent_and_reserved"] == pytest.approx(M * PER_TOKEN)
+    assert by_scope["key"]["limit"] == 100.0 and by_scope["team"]["period"] == "month"
