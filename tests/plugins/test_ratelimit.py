@@ -310,3 +310,25 @@ async def test_concurrent_clients_never_exceed_the_limit(tmp_path):
             results = await asyncio.gather(*[one() for _ in range(60)])
             elapsed = loop.time() - t0
         assert 25 <= sum(results) <= 25 + int(elapsed * 25 / 60)
+
+
+async def test_a_configured_tokenizer_counts_the_prompt(runtime, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "there": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rl = await configure_plugin(RateLimit, {"tokens_per_minute": 10_000, "tokenizers": {"sluice-*": str(tmp_path / "tokenizer.json")}},
+                                runtime=runtime)
+    body = {**CHAT, "messages": [{"role": "user", "content": "hello there " * 50}]}
+    ctx = _ctx(runtime, body=body)
+    await rl.on_request(ctx)
+    assert ctx.stash[RESERVATION].prompt_tokens == 3 + 100 + 3  # exact: 100 words, not 600 bytes / 4
+    other = _ctx(runtime, body={**body, "model": "gpt-4o"}, identity=Identity(key_id="k9"))
+    await rl.on_request(other)
+    assert other.stash[RESERVATION].prompt_tokens == 3 + 150 + 3  # no tokenizer for it: the estimate
+
+
+async def test_a_missing_tokenizer_fails_at_start(runtime, tmp_path):
+    with pytest.raises(Exception):
+        await configure_plugin(RateLimit, {"tokens_per_minute": 10, "tokenizers": {"x": str(tmp_path / "missing.json")}}, runtime=runtime)
