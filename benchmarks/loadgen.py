@@ -5,6 +5,8 @@ accounting and the three parties (client, proxy, model server) do not share a lo
 
     python benchmarks/loadgen.py --url http://127.0.0.1:4000/v1 --mode closed --concurrency 32 --duration 5
     python benchmarks/loadgen.py --url http://127.0.0.1:4000/v1 --mode open --rate 200 --stream --pid 1234
+    python benchmarks/loadgen.py --mode open --rate 100 --target a=http://127.0.0.1:4000/v1 \
+        --target b=http://127.0.0.1:4100/v1 --target-pid a=1234 --target-pid b=5678
 
 Modes:
 
@@ -13,6 +15,11 @@ Modes:
 * ``open``: requests arrive at ``--rate`` per second whatever happens to earlier ones
   (constant spacing, or ``--poisson``); latency is measured from the *scheduled* start,
   so a stalled server cannot hide its queue (no coordinated omission).
+
+Several ``--target NAME=URL`` (open loop only) are loaded at the same time, each at
+``--rate``, their arrivals interleaved evenly: every target then sees the same moments
+of a noisy machine, which sequential runs cannot promise. The report has one entry per
+target under ``"targets"``.
 
 Measurement window: the load runs ``--warmup`` seconds first (connections, caches,
 JIT-free but allocator-warm code paths), then ``--duration`` seconds are measured.
@@ -208,16 +215,30 @@ def _first_content(chunk: bytes) -> bool:
     return False
 
 
+@dataclass
+class Target:
+    """One URL under load, with the processes whose CPU and memory its requests cost."""
+
+    name: str
+    url: str
+    roots: list[int]
+    window: Window = field(default_factory=Window)
+    pids: list[int] = field(default_factory=list)
+    dropped: int = 0
+    cpu0: float = 0.0
+    cpu1: float = 0.0
+    mem: dict[str, int] = field(default_factory=dict)
+
+
 class Load:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, targets: list[Target]) -> None:
         self.args = args
-        self.url = args.url.rstrip("/") + "/chat/completions"
+        self.targets = targets
         self.bodies = {
             False: make_body(args.prompt_words, args.max_tokens, False, args.include_usage, args.seed),
             True: make_body(args.prompt_words, args.max_tokens, True, args.include_usage, args.seed),
         }
         self.headers = {"content-type": "application/json", "authorization": f"Bearer {args.api_key}"}
-        self.window = Window()
         self.stopping = False
         self.rnd = random.Random(args.seed)
         self.timeout = aiohttp.ClientTimeout(total=args.timeout)
@@ -228,7 +249,7 @@ class Load:
             return self.args.stream
         return self.rnd.random() < f
 
-    async def one(self, http: aiohttp.ClientSession, scheduled: float | None = None) -> None:
+    async def one(self, http: aiohttp.ClientSession, target: Target, scheduled: float | None = None) -> None:
         stream = self.pick_stream()
         t0 = time.perf_counter()
         start = scheduled if scheduled is not None else t0
@@ -236,7 +257,7 @@ class Load:
         events = 0
         err = None
         try:
-            async with http.post(self.url, data=self.bodies[stream], headers=self.headers, timeout=self.timeout) as r:
+            async with http.post(target.url, data=self.bodies[stream], headers=self.headers, timeout=self.timeout) as r:
                 if stream and r.status == 200:
                     done = False
                     tail = b""
@@ -261,71 +282,85 @@ class Load:
         except aiohttp.ClientError as e:
             err = type(e).__name__
         t1 = time.perf_counter()
-        w = self.window
+        w = target.window
         if w.start <= start < w.end:
             w.samples.append(Sample(start, t1, t1 - start, err is None, err, ttft, events))
         elif w.start <= t1 < w.end:
-            # completed in the window (counts for throughput/CPU) but started before it
-            w.samples.append(Sample(start, t1, t1 - start, err is None, err, None, events))
-            w.samples[-1].latency = math.nan
+            # completed in the window (counts for throughput and CPU) but started before it
+            w.samples.append(Sample(start, t1, math.nan, err is None, err, None, events))
 
-    async def closed(self, http: aiohttp.ClientSession) -> None:
+    async def closed(self, sessions: dict[str, aiohttp.ClientSession]) -> None:
+        (target,) = self.targets
+        http = sessions[target.name]
+
         async def worker() -> None:
             while not self.stopping:
-                await self.one(http)
+                await self.one(http, target)
 
-        await self._run(http, [asyncio.ensure_future(worker()) for _ in range(self.args.concurrency)])
+        await self._run([asyncio.ensure_future(worker()) for _ in range(self.args.concurrency)])
 
-    async def open(self, http: aiohttp.ClientSession) -> None:
-        inflight: set[asyncio.Task[None]] = set()
-        dropped = 0
+    async def open(self, sessions: dict[str, aiohttp.ClientSession]) -> None:
+        """Arrivals at ``rate`` per target; with several targets their arrivals interleave evenly."""
+        inflight: dict[str, set[asyncio.Task[None]]] = {t.name: set() for t in self.targets}
+        n = len(self.targets)
 
         async def scheduler() -> None:
-            nonlocal dropped
             loop = asyncio.get_running_loop()
             t_next = time.perf_counter()
-            gap = 1.0 / self.args.rate
+            total_rate = self.args.rate * n
+            i = 0
             while not self.stopping:
                 now = time.perf_counter()
                 if t_next > now:
                     await asyncio.sleep(t_next - now)  # the arrival schedule is the point of an open loop
                     continue
-                if len(inflight) >= self.args.max_inflight:
-                    dropped += 1  # the target is this far behind: count it instead of piling up more
+                target = self.targets[i % n]
+                pending = inflight[target.name]
+                if len(pending) >= self.args.max_inflight:
+                    if target.window.start <= t_next < target.window.end:
+                        target.dropped += 1  # this far behind: count it instead of piling up more
                 else:
-                    t = loop.create_task(self.one(http, scheduled=t_next))
-                    inflight.add(t)
-                    t.add_done_callback(inflight.discard)
-                t_next += self.rnd.expovariate(self.args.rate) if self.args.poisson else gap
+                    t = loop.create_task(self.one(sessions[target.name], target, scheduled=t_next))
+                    pending.add(t)
+                    t.add_done_callback(pending.discard)
+                i += 1
+                t_next += self.rnd.expovariate(total_rate) if self.args.poisson else 1.0 / total_rate
 
         sched = asyncio.ensure_future(scheduler())
-        await self._run(http, [sched], inflight)
-        self.dropped = dropped
+        await self._run([sched], inflight)
 
-    async def _run(self, http: aiohttp.ClientSession, tasks: list[asyncio.Future[None]], inflight: set | None = None) -> None:
+    async def _run(self, tasks: list[asyncio.Future[None]], inflight: dict[str, set[asyncio.Task[None]]] | None = None) -> None:
         a = self.args
         await asyncio.sleep(a.warmup)
-        self.pids = process_tree(a.pid) if a.pid else []
-        self.cpu0 = cpu_seconds(self.pids)
+        for t in self.targets:
+            t.pids = process_tree(t.roots) if t.roots else []
+        # every target's window is the same span of time, so all see the same machine
+        for t in self.targets:
+            t.cpu0 = cpu_seconds(t.pids)
         self.client_cpu0 = time.process_time()
-        self.window.start = time.perf_counter()
-        self.window.end = self.window.start + a.duration
+        start = time.perf_counter()
+        for t in self.targets:
+            t.window.start, t.window.end = start, start + a.duration
         await asyncio.sleep(a.duration)
-        self.cpu1 = cpu_seconds(self.pids)
+        for t in self.targets:
+            t.cpu1 = cpu_seconds(t.pids)
         self.client_cpu1 = time.process_time()
-        self.mem = memory_kb(self.pids)
+        for t in self.targets:
+            t.mem = memory_kb(t.pids)
         self.stopping = True
         # requests started in the window are awaited so their latency is not lost
-        pending = set(tasks) | set(inflight or ())
+        pending = set(tasks)
+        for s in (inflight or {}).values():
+            pending |= s
         if pending:
-            done, still = await asyncio.wait(pending, timeout=a.timeout)
+            _, still = await asyncio.wait(pending, timeout=a.timeout)
             for t in still:
                 t.cancel()
             await asyncio.gather(*still, return_exceptions=True)
 
-    def report(self) -> dict[str, Any]:
+    def report_one(self, target: Target) -> dict[str, Any]:
         a = self.args
-        w = self.window
+        w = target.window
         in_window = [s for s in w.samples if w.start <= s.ended < w.end]
         started = [s for s in w.samples if w.start <= s.started < w.end]
         ok_done = [s for s in in_window if s.ok]
@@ -333,13 +368,13 @@ class Load:
         for s in started:
             if s.error:
                 errors[s.error] = errors.get(s.error, 0) + 1
-        if getattr(self, "dropped", 0):
-            errors["dropped_by_generator"] = self.dropped
+        if target.dropped:
+            errors["dropped_by_generator"] = target.dropped
         lat = [s.latency for s in started if s.ok and not math.isnan(s.latency)]
         ttft = [s.ttft for s in started if s.ok and s.ttft is not None]
         events = sum(s.events for s in ok_done)
         out: dict[str, Any] = {
-            "url": a.url,
+            "url": target.url,
             "mode": a.mode,
             "stream": a.stream if a.stream_fraction is None else f"fraction {a.stream_fraction}",
             "concurrency": a.concurrency if a.mode == "closed" else None,
@@ -354,41 +389,63 @@ class Load:
             "ttft_ms": summarise(ttft),
             "events": events,
             "events_per_s": round(events / a.duration, 1),
-            "client_cpu_s": round(self.client_cpu1 - self.client_cpu0, 3),
         }
-        if self.pids:
-            cpu = self.cpu1 - self.cpu0
+        if target.pids:
+            cpu = target.cpu1 - target.cpu0
             out["proxy"] = {
-                "pids": self.pids,
-                "cpu_s": round(cpu, 3),
+                "pids": target.pids,
+                "cpu_s": round(cpu, 4),
                 "cpu_util": round(cpu / a.duration, 3),
                 "cpu_us_per_request": round(cpu / len(ok_done) * 1e6, 2) if ok_done else None,
                 "cpu_us_per_event": round(cpu / events * 1e6, 3) if events else None,
-                **self.mem,
+                **target.mem,
             }
         return out
 
+    def report(self) -> dict[str, Any]:
+        client = {"client_cpu_s": round(self.client_cpu1 - self.client_cpu0, 3)}
+        if len(self.targets) == 1 and self.targets[0].name == "-":
+            return {**self.report_one(self.targets[0]), **client}
+        return {"targets": {t.name: self.report_one(t) for t in self.targets}, **client}
+
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    load = Load(args)
+    targets = [Target("-", args.url.rstrip("/") + "/chat/completions", args.pid)] if args.url else []
+    pids: dict[str, list[int]] = {}
+    for spec in args.target_pid:
+        name, _, pid = spec.partition("=")
+        pids.setdefault(name, []).append(int(pid))
+    for spec in args.target:
+        name, _, url = spec.partition("=")
+        targets.append(Target(name, url.rstrip("/") + "/chat/completions", pids.get(name, [])))
+    load = Load(args, targets)
     limit = args.concurrency if args.mode == "closed" else args.max_inflight
-    conn = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, force_close=False, enable_cleanup_closed=False)
-    async with aiohttp.ClientSession(connector=conn) as http:
+    sessions = {
+        t.name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit))
+        for t in targets
+    }
+    try:
         if args.mode == "closed":
-            await load.closed(http)
+            await load.closed(sessions)
         else:
-            await load.open(http)
+            await load.open(sessions)
+    finally:
+        for http in sessions.values():
+            await http.close()
     return load.report()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Chat-completions load generator (closed or open loop), JSON report on stdout.")
-    p.add_argument("--url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:4000/v1")
+    p.add_argument("--url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:4000/v1")
+    p.add_argument("--target", action="append", default=[], metavar="NAME=URL",
+                   help="open loop: load several base URLs at once, each at --rate, arrivals interleaved (repeatable)")
+    p.add_argument("--target-pid", action="append", default=[], metavar="NAME=PID", help="measure this process tree for target NAME")
     p.add_argument("--mode", choices=("closed", "open"), default="closed")
     p.add_argument("--concurrency", type=int, default=32, help="closed loop: concurrent workers")
-    p.add_argument("--rate", type=float, default=100.0, help="open loop: arrivals per second")
+    p.add_argument("--rate", type=float, default=100.0, help="open loop: arrivals per second (per target)")
     p.add_argument("--poisson", action="store_true", help="open loop: exponential gaps instead of constant ones")
-    p.add_argument("--max-inflight", type=int, default=512, help="open loop: arrivals beyond this many outstanding are counted as dropped")
+    p.add_argument("--max-inflight", type=int, default=512, help="open loop: arrivals beyond this many outstanding (per target) are counted as dropped")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the measured window")
     p.add_argument("--stream", action="store_true", help="streamed requests (SSE)")
@@ -403,6 +460,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretty", action="store_true")
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="use the default asyncio loop")
     args = p.parse_args(argv)
+    if bool(args.url) == bool(args.target):
+        p.error("give either --url or --target NAME=URL (one or more)")
+    if args.target and args.mode == "closed":
+        p.error("several targets at once only in open loop: closed loops would compete for the CPU")
     if args.mode == "closed" and args.concurrency < 1:
         p.error("--concurrency must be at least 1")
     if args.mode == "open" and args.rate <= 0:
