@@ -272,6 +272,9 @@ class Metering(Plugin):
     def _priced_model(self, ctx: Context) -> str | None:
         if ctx.upstream is not None and ctx.upstream.model:
             return ctx.upstream.model
+        # at admission a router before us may already have chosen where the request goes
+        if ctx.upstream is None and ctx.targets and ctx.targets[0].model:
+            return ctx.targets[0].model
         return ctx.model
 
     def usage_of(self, ctx: Context) -> Usage:
