@@ -196,6 +196,8 @@ async def test_virtual_keys_end_to_end(tmp_path, store_config, sdk):
     async with FakeUpstream() as up, SluiceServer({**_config(up, cache_ttl_s=30), **store_config}, tmp_path) as s:
         status, _ = await _admin(s, "POST", "/admin/keys", {"name": "svc"}, token=None)
         assert status == 401
+        status, bad = await _admin(s, "POST", "/admin/keys", {"limits": {"rpm": 5}})
+        assert status == 400 and bad["error"]["message"] == "Invalid key spec: limits.rpm: Extra inputs are not permitted"
         status, created = await _admin(s, "POST", "/admin/keys", {"name": "svc", "team": "blue", "models": ["sluice-*"],
                                                                   "limits": {"requests_per_minute": 100}, "expires_in_s": 3600})
         assert status == 201 and created["key"].startswith("sk-sluice-") and created["status"] == "active"
