@@ -303,6 +303,7 @@ class Handler:
                             block = self._tap_block(ctx, block, injected)
                         if block:
                             ctx.stream_bytes += len(block)
+                            ctx.stream_events += block.count(b"\n\n") or block.count(b"\r\r")
                             await out.write(block)
                 else:
                     events = []

@@ -103,6 +103,8 @@ def on_done(ctx: Context) -> None:
     answer, in a bounded background queue that never delays a client (a full
     queue drops and counts). ``ctx.outcome``, ``ctx.usage``, ``ctx.timings``,
     ``ctx.attempts``, ``ctx.answered_by`` and ``ctx.answer_reason`` are final.
+    What one plugin's ``on_done`` records (``ctx.cost`` from metering, say) is
+    seen by the plugins after it in the chain, so put producers before consumers.
     Exceptions are logged and counted, never raised to anyone.
     """
 

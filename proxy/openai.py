@@ -51,6 +51,10 @@ def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
+def _valid(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def usage_from(obj: Any) -> Usage | None:
     """Usage from a chat/completions/embeddings/responses body or stream event, if any.
 
@@ -67,12 +71,12 @@ def usage_from(obj: Any) -> Usage | None:
             u = resp.get("usage")
     if not isinstance(u, dict):
         return None
-    if "prompt_tokens" in u or "completion_tokens" in u:
+    if _valid(u.get("prompt_tokens")) or _valid(u.get("completion_tokens")):
         prompt = _int(u.get("prompt_tokens"))
         completion = _int(u.get("completion_tokens"))
         pd = u.get("prompt_tokens_details") or {}
         cd = u.get("completion_tokens_details") or {}
-    elif "input_tokens" in u or "output_tokens" in u:
+    elif _valid(u.get("input_tokens")) or _valid(u.get("output_tokens")):
         prompt = _int(u.get("input_tokens"))
         completion = _int(u.get("output_tokens"))
         pd = u.get("input_tokens_details") or {}
