@@ -31,8 +31,9 @@ RUN mkdir -p proxy plugins && touch proxy/__init__.py plugins/__init__.py \
  && /opt/sluice/bin/pip uninstall -y sluice
 COPY proxy ./proxy
 COPY plugins ./plugins
-RUN /opt/sluice/bin/pip install --no-deps ".[${SLUICE_EXTRAS}]" \
- && /opt/sluice/bin/python -m compileall -q /opt/sluice/lib \
+# The stub build's leftovers must not leak into this one.
+RUN rm -rf build ./*.egg-info \
+ && /opt/sluice/bin/pip install --no-deps ".[${SLUICE_EXTRAS}]" \
  && /opt/sluice/bin/sluice check /src/proxy/default.yaml
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
