@@ -210,38 +210,29 @@ class Pii(Plugin):
     async def start(self) -> None:
         rt = self.runtime
         settings = self.settings
-        key = orjson.dumps(repr(settings)).decode()
-        shared = getattr(rt, "shared", None)
+        key = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
+        conf = self.config
 
         def nlp_factory(ner: bool) -> Any:
-            if shared is None:
-                return build_nlp(ner)
-            return shared(f"pii.nlp.{'ner' if ner else 'blank'}", lambda: build_nlp(ner))
+            return rt.shared(f"pii.nlp.{'ner' if ner else 'blank'}", lambda: build_nlp(ner))
 
-        def make_engine() -> PiiEngine:
-            return PiiEngine(settings, nlp_factory=nlp_factory)
+        def make_cache() -> ResultCache:
+            return ResultCache(conf.cache_entries, conf.cache_max_chars)
 
-        # engines and their caches outlive a reload that keeps the same settings
-        self.engine = shared(f"pii.engine:{key}", make_engine) if shared else make_engine()
-        cache_key = f"pii.cache:{key}:{self.config.cache_entries}:{self.config.cache_max_chars}"
-        make_cache = lambda: ResultCache(self.config.cache_entries, self.config.cache_max_chars)  # noqa: E731
-        self.cache = shared(cache_key, make_cache) if shared else make_cache()
-        if getattr(rt, "metrics", None) is not None and shared is not None:
-            self.metrics = shared("pii.metrics", lambda: _Metrics(rt.metrics))
-        run_cpu = getattr(rt, "run_cpu", None)
-        if not self.engine.loaded:
-            # the pre-scan runs here even with worker processes; loading also proves the config works
-            if run_cpu is not None:
-                await run_cpu(self.engine.load)
-            else:
-                self.engine.load()
-        if self.config.processes:
-            make_pool = lambda: ProcessAnalyzer(settings, self.config.processes)  # noqa: E731
-            pool = shared(f"pii.processes:{key}:{self.config.processes}", make_pool) if shared else make_pool()
+        # engines, caches and worker pools outlive a reload that keeps the same settings
+        self.engine = rt.shared(f"pii.engine:{key}", lambda: PiiEngine(settings, nlp_factory=nlp_factory))
+        self.cache = rt.shared(f"pii.cache:{key}:{conf.cache_entries}:{conf.cache_max_chars}", make_cache)
+        self.metrics = rt.shared("pii.metrics", lambda: _Metrics(rt.metrics))
+        if conf.processes:
+            # the workers build their own engines (a bad pattern fails here too); this
+            # process keeps only the pre-scan, which needs no Presidio
+            pool = rt.shared(f"pii.processes:{key}:{conf.processes}", lambda: ProcessAnalyzer(settings, conf.processes))
             pool.users += 1
             self.workers = pool
             if pool.pool is None:
                 await pool.start()
+        elif not self.engine.loaded:
+            await rt.run_cpu(self.engine.load)
 
     async def stop(self) -> None:
         pool, self.workers = self.workers, None
@@ -289,9 +280,7 @@ class Pii(Plugin):
         except asyncio.TimeoutError:
             if m is not None:
                 m.timeouts.inc()
-            on_error = getattr(self.runtime, "on_plugin_error", None)
-            if on_error is not None:
-                on_error(self.id, "on_request" if where == "request" else "on_response")
+            self.runtime.on_plugin_error(self.id, "on_request" if where == "request" else "on_response")
             if self.fail_closed:
                 raise ProxyError(
                     503,
