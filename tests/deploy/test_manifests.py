@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import platform
 import re
 import shlex
@@ -345,6 +346,27 @@ def test_dockerfile_config_path_healthcheck_and_ports(monkeypatch: pytest.Monkey
     assert "SLUICE_HEALTHCHECK_URL" in health
     assert env["SLUICE_HEALTHCHECK_URL"] == f"http://127.0.0.1:{cfg.admin.port}/healthz"
     assert [v for k, v in stage if k == "ENTRYPOINT"] == ['["sluice"]']
+
+
+async def test_image_config_serves_and_passes_the_healthcheck(tmp_path: Path) -> None:
+    """The baked config under `sluice serve`, probed with the image's own HEALTHCHECK command."""
+    from proxy.testing import SluiceProcess
+
+    stage = _final_stage()
+    (baked,) = [v.split()[0] for k, v in stage if k == "COPY" and v.split()[-1] == CONFIG_PATH]
+    (health,) = [v for k, v in stage if k == "HEALTHCHECK"]
+    argv = json.loads(health.split("CMD", 1)[1].strip())
+    # Ports are free ones and the host loopback here; everything else is the image's file.
+    env = {"SLUICE__SERVER__HOST": "127.0.0.1", "SLUICE__ADMIN__HOST": "127.0.0.1", "SLUICE__SERVER__PORT": "0",
+           "SLUICE__ADMIN__PORT": "0", "SLUICE__STATE__DIR": str(tmp_path / "state")}
+    async with SluiceProcess(ROOT / baked, tmp_path, env=env) as s:
+        url = _env(stage)["SLUICE_HEALTHCHECK_URL"].replace(":4001/", f":{s.info['admin_port']}/")
+        cmd = [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+        ok = subprocess.run(cmd, env={**os.environ, "SLUICE_HEALTHCHECK_URL": url}, capture_output=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        dead = subprocess.run(cmd, env={**os.environ, "SLUICE_HEALTHCHECK_URL": "http://127.0.0.1:9/healthz"},
+                              capture_output=True, timeout=30)
+        assert dead.returncode != 0
 
 
 HADOLINT = Path(sys.executable).with_name("hadolint")
