@@ -158,6 +158,7 @@ def walk(model: type[BaseModel], path: str) -> Iterator[tuple[str, type[BaseMode
     """(path, model) for the model and every model nested in it, depth first, in field order."""
     yield path, model
     for name, field in model.model_fields.items():
+        name = field.alias or name  # the key written in YAML
         for sub in _model_in(field.annotation):
             sub_path = f"{path}.{name}" if path else name
             sub_path += _container(field.annotation)
@@ -179,6 +180,7 @@ def field_table(model: type[BaseModel], path: str, *, env: bool) -> list[str]:
         head, sep = head + " environment |", sep + "---|"
     rows = [head, sep]
     for name, field in model.model_fields.items():
+        name = field.alias or name
         typ = type_name(field.annotation)
         b = bounds(field)
         if b:
