@@ -18,7 +18,6 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy import Command, Context, Event, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
