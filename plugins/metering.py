@@ -110,6 +110,7 @@ class Metering(Plugin):
     name = "metering"
     kind = "observer"
     needs_usage = True
+    done_required = True  # a ledger row is never dropped
 
     class Budget(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

@@ -9,6 +9,7 @@ chain order, and the phases below await them one by one.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
@@ -51,6 +52,8 @@ class CompiledRoute:
             for phase in ("on_request", "on_response", "on_chunk", "on_stream_end")
         }
         self.on_done: list[Hook] = [(p, *h["on_done"], f"{p.id}.on_done") for p, h in zip(plugins, hooks) if "on_done" in h]
+        #: some on_done here must never be dropped (a ledger row, a lease to give back)
+        self.done_required = any(h[0].must_finish for h in self.on_done)
         self.parse_stream = any(h is not None for h in self._by_pos["on_chunk"])
         self.needs_usage = any(p.needs_usage for p in plugins)
         self.has_response_hooks = any(h is not None for h in self._by_pos["on_response"])
@@ -85,12 +88,29 @@ class Generation:
             instances = [cls(conf, runtime) for cls, conf in chain]
             self.plugins.extend(instances)
             routes.append(CompiledRoute(i, rc, instances, loaded.config.server.max_body_bytes))
+        self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in loaded.config.server.trusted_proxies)
         # longest prefix first; ties keep file order
         self.routes = sorted(routes, key=lambda r: (-len(r.prefix), r.index))
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.started = False
+
+    def client_ip(self, peer: str | None, forwarded: str | None) -> str | None:
+        """The caller's address: the peer, or through trusted proxies the nearest untrusted hop."""
+        if not self.trusted or not forwarded or peer is None or not self._trusted(peer):
+            return peer
+        for hop in reversed([h.strip() for h in forwarded.split(",")]):
+            if hop and not self._trusted(hop):
+                return hop
+        return peer
+
+    def _trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
 
     def match(self, method: str, path: str, headers: Any) -> CompiledRoute | None:
         for r in self.routes:

@@ -7,6 +7,7 @@ Settings can also come from the environment: ``SLUICE__SERVER__PORT=8080`` sets
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -40,10 +41,26 @@ class ServerConfig(Model):
     )
     background_workers: int = Field(4, ge=1, le=256, description="Tasks draining the on_done queue concurrently.")
     executor_threads: int = Field(2, ge=1, le=64, description="Threads of the bounded executor for CPU-heavy plugin work.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or CIDRs of proxies in front of Sluice whose X-Forwarded-For is believed; "
+        "ctx.client_ip is then the nearest address not in this list.",
+    )
     access_log: bool = Field(False, description="Log one line per request (request id, route, status, timings; never bodies or keys).")
     demo_upstream: bool = Field(
         True, description="With no upstream configured, start the built-in demo model server in-process and route to it."
     )
+
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return v
 
 
 class AdminConfig(Model):

@@ -116,7 +116,8 @@ class Handler:
             return error_response(413, f"The request body is larger than {route.max_body_bytes} bytes.", rid, code="request_too_large")
         ctx = Context(
             request_id=rid, method=request.method, path=path, query=query,
-            headers=request_headers(request.headers), raw=raw, route=route, client_ip=request.remote,
+            headers=request_headers(request.headers), raw=raw, route=route,
+            client_ip=gen.client_ip(request.remote, request.headers.get("x-forwarded-for")),
         )
         ctx.runtime = gen.runtime
         ctx.targets = list(route.default_targets)

@@ -37,6 +37,11 @@ class CoreMetrics:
         self.dropped = Counter(
             "sluice_background_dropped", "on_done work dropped because the background queue was full.", registry=registry
         )
+        self.overflow = Counter(
+            "sluice_background_overflow",
+            "on_done work that had to wait for room in a full background queue (never dropped: ledgers, lease releases).",
+            registry=registry,
+        )
         self.reloads = Counter("sluice_config_reloads", "Config reloads, by result.", ["result"], registry=registry)
 
     def plugin_error(self, plugin_id: str, phase: str) -> None:

@@ -80,12 +80,19 @@ class Plugin:
     #: ask the core to obtain usage on streams even when the client did not ask
     #: (it adds ``stream_options.include_usage`` upstream and hides that event)
     needs_usage: ClassVar[bool] = False
+    #: this plugin's ``on_done`` must run even when the background queue is full
+    #: (ledgers, lease releases); ``None`` means "if the plugin is a guard"
+    done_required: ClassVar[bool | None] = None
 
     def __init__(self, config: PluginConfig, runtime: Runtime) -> None:
         self.config = config
         self.runtime = runtime
         #: the instance's label: the config ``id``, else the plugin name
         self.id: str = config.id or self.name
+
+    @property
+    def must_finish(self) -> bool:
+        return self.done_required if self.done_required is not None else self.kind == "guard"
 
     @property
     def fail_closed(self) -> bool:

@@ -155,11 +155,18 @@ class Server:
             return
         assert self._queue is not None
         gen.enter()  # the generation stays alive until its on_done work ran
+        item = (ctx, route, gen)
         try:
-            self._queue.put_nowait((ctx, route, gen))
+            self._queue.put_nowait(item)
         except asyncio.QueueFull:
-            gen.leave()
-            self.metrics.dropped.inc()
+            if route.done_required:
+                # a ledger row or a lease release is never dropped: it waits for room,
+                # off the client's path, and the overflow is counted
+                self.metrics.overflow.inc()
+                self._tasks.spawn(self._queue.put(item), "sluice-done-overflow")
+            else:
+                gen.leave()
+                self.metrics.dropped.inc()
 
     async def _done_worker(self) -> None:
         assert self._queue is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from typing import Any, ClassVar
 
 import httpx
@@ -285,3 +286,74 @@ async def test_several_routes_longest_prefix_first_with_their_own_upstreams_and_
     assert [r.path for r in a.requests] == ["/v1/chat/completions"]
     assert [r.path for r in b.requests] == ["/v1/embeddings"]
     assert [r.path for r in c.requests] == ["/v1/extra/models"]
+
+
+class SeeIp(Plugin):
+    name = "see_ip"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        ctx.response_headers["x-seen-ip"] = ctx.client_ip or "-"
+
+
+async def test_client_ip_through_trusted_proxies_only(upstream, http, tmp_path):
+    with register_plugin(SeeIp):
+        cfg = route(upstream, [{"see_ip": {}}])
+        async with SluiceServer(cfg, tmp_path) as s:
+            r = await http.get(f"{s.url}/models", headers={"x-forwarded-for": "203.0.113.9"})
+            assert r.headers["x-seen-ip"] == "127.0.0.1"  # no trusted proxies: the header is ignored
+        cfg["server"] = {"trusted_proxies": ["127.0.0.0/8", "10.0.0.0/8"]}
+        async with SluiceServer(cfg, tmp_path) as s:
+            r = await http.get(f"{s.url}/models", headers={"x-forwarded-for": "198.51.100.7, 203.0.113.9, 10.1.2.3"})
+            assert r.headers["x-seen-ip"] == "203.0.113.9"  # the nearest hop not ours; the rest may be forged
+
+
+GATE: dict[str, asyncio.Event] = {}
+
+
+class Recorder(Plugin):
+    name = "recorder"
+    done_required = True
+    seen: ClassVar[list[str]] = []
+
+    @hookimpl
+    async def on_done(self, ctx: Context) -> None:
+        await GATE["open"].wait()  # hold the only background worker so the queue fills up
+        self.seen.append(ctx.request_id)
+
+
+class Optional_(Plugin):
+    name = "optional_observer"
+    seen: ClassVar[list[str]] = []
+
+    @hookimpl
+    async def on_done(self, ctx: Context) -> None:
+        await GATE["open"].wait()
+        self.seen.append(ctx.request_id)
+
+
+async def test_full_background_queue_drops_optional_work_but_never_required_work(upstream, http, tmp_path):
+    Recorder.seen.clear()
+    Optional_.seen.clear()
+    with register_plugin(Recorder), register_plugin(Optional_):
+        cfg = {
+            "server": {"background_queue": 10, "background_workers": 1},
+            "upstreams": {"u": {"url": upstream.url}, "chat": {"url": upstream.url + "/chat"}},
+            "routes": [
+                {"match": {"path": "/v1/chat/"}, "upstream": "chat", "chain": [{"recorder": {}}]},
+                {"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"optional_observer": {}}]},
+            ],
+        }
+        GATE["open"] = asyncio.Event()
+        async with SluiceServer(cfg, tmp_path) as s:
+            body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+            rs = await asyncio.gather(*[http.post(f"{s.url}/chat/completions", json=body) for _ in range(60)],
+                                      *[http.post(f"{s.url}/completions", json={"model": "m", "prompt": "x"}) for _ in range(60)])
+            assert all(r.status_code == 200 for r in rs)  # clients got their answers while on_done was stuck
+            GATE["open"].set()
+            await s.wait_idle()
+            metrics = (await http.get(f"{s.admin_url}/metrics")).text
+    assert len(Recorder.seen) == 60
+    dropped = float(re.search(r"^sluice_background_dropped_total ([0-9.]+)$", metrics, re.M).group(1))
+    assert dropped > 0 and len(Optional_.seen) + dropped == 60
+    assert re.search(r"^sluice_background_overflow_total [1-9]", metrics, re.M)
