@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import queue
 import re
 import sqlite3
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -114,7 +113,11 @@ class SQLiteRecords(Records):
         self.timeout_ms = timeout_ms
         self.batch_size = batch_size
         self.interval_s = flush_interval_ms / 1000
-        self._q: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        # rows are appended to a deque without waking the writer (deque.append is atomic);
+        # the writer drains it every interval, or at once when a batch is full or a
+        # flush or close asks for it
+        self._q: deque[tuple[Any, ...]] = deque()
+        self._wake = threading.Event()
         self._pks: dict[str, str | None] = {}
         #: rows given up after a write error (logged); stays 0 in a healthy process
         self.dropped = 0
@@ -129,12 +132,16 @@ class SQLiteRecords(Records):
         if not _NAME.match(table.name):
             raise ValueError(f"invalid table name {table.name!r}")
         self._pks[table.name] = table.pk
-        self._q.put(("ensure", table))
+        self._q.append(("ensure", table))
+        self._wake.set()
 
     def append(self, table: str, row: Mapping[str, Any]) -> None:
         if self._closed:
             raise RuntimeError("records are closed")
-        self._q.put(("row", table, dict(row)))
+        q = self._q
+        q.append(("row", table, dict(row)))
+        if len(q) >= self.batch_size:
+            self._wake.set()
 
     async def flush(self) -> None:
         await self._signal("flush", self.timeout_ms / 1000 + self.interval_s + 5)
@@ -168,7 +175,8 @@ class SQLiteRecords(Records):
             except RuntimeError:  # the loop is gone: nobody is waiting any more
                 pass
 
-        self._q.put((kind, done))
+        self._q.append((kind, done))
+        self._wake.set()
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
@@ -186,46 +194,47 @@ class SQLiteRecords(Records):
             return
         db = sqlite_utils.Database(conn)
         pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        count = 0
-        deadline = 0.0
+        q = self._q
         while True:
-            wait = None if count == 0 else max(0.0, deadline - time.monotonic())
-            try:
-                item = self._q.get(timeout=wait)
-            except queue.Empty:
-                item = None
-            if item is None:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            count = 0
+            while q:
+                item = q.popleft()
+                kind = item[0]
+                if kind == "row":
+                    pending[item[1]].append(item[2])
+                    count += 1
+                    if count >= self.batch_size:
+                        count = self._write(db, pending)
+                    continue
                 count = self._write(db, pending)
-                continue
-            kind = item[0]
-            if kind == "row":
-                pending[item[1]].append(item[2])
-                count += 1
-                if count == 1:
-                    deadline = time.monotonic() + self.interval_s
-                if count >= self.batch_size:
-                    count = self._write(db, pending)
-                continue
-            count = self._write(db, pending)
-            if kind == "ensure":
-                self._ensure(db, item[1])
-            elif kind == "flush":
-                item[1]()
-            elif kind == "close":
-                conn.close()
-                item[1]()
-                return
+                if kind == "ensure":
+                    self._ensure(db, item[1])
+                elif kind == "flush":
+                    item[1]()
+                elif kind == "close":
+                    self._write(db, pending)
+                    conn.close()
+                    item[1]()
+                    return
+            if count:
+                self._write(db, pending)
 
     def _unwritable(self) -> None:
         """The file cannot be opened: count what arrives and answer waiters, never hang them."""
+        q = self._q
         while True:
-            item = self._q.get()
-            if item[0] == "row":
-                self.dropped += 1
-            elif item[0] in ("flush", "close"):
-                item[1]()
-                if item[0] == "close":
-                    return
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            while q:
+                item = q.popleft()
+                if item[0] == "row":
+                    self.dropped += 1
+                elif item[0] in ("flush", "close"):
+                    item[1]()
+                    if item[0] == "close":
+                        return
 
     def _ensure(self, db: Any, table: Table) -> None:
         try:
