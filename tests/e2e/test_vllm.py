@@ -26,8 +26,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 import aiohttp
 import openai
 import pytest
+import yaml
 
-from proxy.testing import SluiceServer
+from proxy.testing import SluiceProcess, SluiceServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -460,6 +461,29 @@ async def test_vllm_routing_prefers_the_less_busy_server(
 
 async def _ge(value: Awaitable[float], threshold: float) -> bool:
     return (await value) >= threshold
+
+
+# -- the shipped example config, as `sluice serve` runs it ------------------------------------
+
+
+async def test_example_config_serves_in_front_of_vllm(fleet: Any, tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "configs" / "vllm.yaml").read_text())
+    for name, up in data["upstreams"].items():
+        up["url"] = fleet.servers[int(name.rsplit("-", 1)[1])].url  # vllm-0, vllm-1: the fleet's ports
+    data["server"]["workers"] = 2  # SO_REUSEPORT workers, as a deployment would run
+    client_key = data["routes"][0]["chain"][0]["auth"]["keys"][0]["key"]["default"]
+    async with SluiceProcess(data, tmp_path, env={"SLUICE_ADMIN_TOKEN": "admin-token-for-e2e"}) as s, \
+            openai.AsyncOpenAI(base_url=s.url, api_key=client_key, max_retries=0, timeout=120) as c:
+        for _ in range(4):
+            r = await c.chat.completions.create(model=MODEL, messages=messages(), max_tokens=8, temperature=0)
+            assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens > 0
+        stream = await c.chat.completions.create(
+            model=MODEL, messages=messages(), max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [x async for x in stream]
+        assert chunks[-1].usage is not None and chunks[-1].choices == []
+        with pytest.raises(openai.AuthenticationError):
+            await c.chat.completions.create(model=MODEL, messages=messages(), max_tokens=4, extra_headers={"authorization": "Bearer nope"})
 
 
 # -- a server dies mid-run -----------------------------------------------------------------
