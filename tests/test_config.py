@@ -50,6 +50,15 @@ def test_defaults_load():
     assert loaded.config.routes[0].match.path == "/v1/"
 
 
+def test_default_and_full_chain_order_is_pinned():
+    default = load_config(None, environ={})
+    assert [list(e)[0] for e in default.config.routes[0].chain] == ["metrics", "metering"]
+    full = yaml.safe_load((ROOT / "configs" / "full.yaml").read_text())
+    assert [list(e)[0] for e in full["routes"][0]["chain"]] == [
+        "tracing", "metrics", "auth", "ratelimit", "injection", "pii", "cache", "experiments", "router", "metering", "drift",
+    ]
+
+
 def test_embedded_defaults_match_configs_default():
     assert (ROOT / "configs" / "default.yaml").read_text() == DEFAULT_CONFIG.read_text()
 
