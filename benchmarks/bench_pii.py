@@ -18,6 +18,9 @@ Measured in one run:
    every prompt holds fresh PII (the cache cannot help: Presidio runs for each).
    Twice: Presidio in the shared executor threads (the default) and in 2 worker
    processes (``processes: 2``). Target: p99 within 10 %.
+   And the event loop's own lag, in one process without network: how late a 1 ms
+   timer fires while the plugin screens 40 requests/s, PII-free or with PII, with
+   Presidio in threads or in 2 worker processes.
 4. *Detection quality* on ``tests/data/pii_corpus.jsonl``: per-type precision and
    recall of Sluice's recognizers and of Presidio's stock ones (same pipeline, same
    0.5 threshold).
@@ -290,6 +293,64 @@ async def loop_lag(up: str, tmp: Path, probes: int, pii: dict[str, Any], rate: f
     return res
 
 
+# -- 3b. the event loop's own lag, in one process -----------------------------------
+
+async def inprocess_lag(seconds_per_block: float, repeats: int, rate: float = 40.0) -> dict[str, Any]:
+    """How late the event loop wakes up (a 1 ms timer) while the plugin screens requests at ``rate``/s.
+
+    One process, no network: the plugin's on_request on long prompts, PII-free (the
+    pre-scan lets them through) or each with fresh PII (Presidio runs), with Presidio in
+    the executor threads or in 2 worker processes. Blocks of each condition alternate.
+    """
+    from plugins.pii import Pii
+
+    rt = await make_runtime(tempfile.mkdtemp(prefix="sluice-bench-pii-lag-"))
+    try:
+        threads = await configure_plugin(Pii, {"id": "threads"}, runtime=rt)
+        procs = await configure_plugin(Pii, {"id": "procs", "processes": 2}, runtime=rt)
+        lags: dict[str, list[float]] = {"no_pii": [], "pii_threads": [], "pii_processes": []}
+        counter = [0]
+
+        async def block(name: str, plugin: Any, with_pii: bool) -> None:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + seconds_per_block
+            inflight: set[asyncio.Task[None]] = set()
+
+            async def one(body: bytes) -> None:
+                await plugin.on_request(make_context(orjson.loads(body)))
+
+            async def load() -> None:
+                at = loop.time()
+                while loop.time() < end:
+                    counter[0] += 1
+                    t = loop.create_task(one(background_body(counter[0], with_pii)))
+                    inflight.add(t)
+                    t.add_done_callback(inflight.discard)
+                    at += 1 / rate
+                    await asyncio.sleep(max(0.0, at - loop.time()))
+
+            gen = loop.create_task(load())
+            while loop.time() < end:
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.001)
+                lags[name].append((time.perf_counter() - t0 - 0.001) * 1000)
+            await gen
+            await asyncio.gather(*inflight)
+
+        for _ in range(repeats):
+            await block("no_pii", threads, False)
+            await block("pii_threads", threads, True)
+            await block("pii_processes", procs, True)
+        await threads.stop()
+        await procs.stop()
+    finally:
+        await rt.close_all()
+    out: dict[str, Any] = {k: {"p50_ms": round(pct(v, 50), 3), "p99_ms": round(pct(v, 99), 3), "samples": len(v)} for k, v in lags.items()}
+    out["p99_ratio_threads_vs_no_pii"] = round(pct(lags["pii_threads"], 99) / pct(lags["no_pii"], 99), 3)
+    out["p99_ratio_processes_vs_no_pii"] = round(pct(lags["pii_processes"], 99) / pct(lags["no_pii"], 99), 3)
+    return out
+
+
 # -- 4. detection quality: tuned recognizers against Presidio's stock ones ----------------
 
 def corpus_rates() -> dict[str, Any]:
@@ -345,6 +406,7 @@ async def main(quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"workload": "10-turn chats, whole history per request, 1 message in 10 with PII"}
     result["corpus"] = corpus_rates()
     result["hook_cpu_us_per_request"] = await hook_cpu(n_conv * 2)
+    result["inprocess_loop_lag"] = await inprocess_lag(1.0 if quick else 3.0, 2 if quick else 3)
     async with demo_upstream(0.0) as up:
         result["proxy"] = await proxy_cpu(up, tmp, n_conv, rounds)
         result["loop_lag_threads"] = await loop_lag(up, tmp, probes, {})
