@@ -11,17 +11,21 @@ Two demo upstreams serve them all: one with no token delay (buffered answers) an
 with a small delay per token (streams, so events reach the proxy one by one and the
 CPU per event is measured on separate events rather than on coalesced reads).
 
-Per round and target (the order rotates every round, so no target always runs first
-or right after another): throughput at saturation (closed loop), latency at a moderate
-open-loop rate (added latency = target minus direct, in the same round), CPU seconds
-per request of the proxy's process tree, streamed CPU per event, time to first token;
-peak RSS at the end. Figures are medians over rounds; ratios are against the baseline,
-computed per round then taken as medians. Each load runs in its own ``loadgen.py``
-process so the client's CPU never counts as the proxy's.
+Per round: throughput at saturation and CPU per request there (closed loop, one target
+at a time, the order rotating every round so no target always runs first or right after
+another); then two open loops that load *all targets at once*, each at the same rate,
+arrivals interleaved, so every target lives through the same moments of a noisy
+machine: buffered answers at a moderate rate (latency, added latency = target minus
+direct in that same window, CPU per request at the same offered load) and streams
+(CPU per event, time to first token). An open-loop window whose offered load was not
+delivered (a stalled machine) is run again. Peak RSS at the end. Figures are medians
+over rounds; ratios are against the baseline, computed per round then taken as
+medians. Each load runs in its own ``loadgen.py`` process so the client's CPU never
+counts as a proxy's, and each proxy's CPU is read from its own process tree.
 
     .venv/bin/python benchmarks/run_core.py                 # full run, about 6 minutes
-    .venv/bin/python benchmarks/run_core.py --quick         # about a minute
-    .venv/bin/python benchmarks/run_core.py --profile /tmp/prof   # cProfile of both Sluice targets
+    .venv/bin/python benchmarks/run_core.py --quick         # under a minute, a smoke run
+    .venv/bin/python benchmarks/run_core.py --profile /tmp/prof   # where the CPU goes: baseline and both Sluice targets
 
 ``--json FILE`` keeps the whole result; the Markdown summary goes to stdout.
 Only 127.0.0.1 is used, and only the processes this script started are stopped.
