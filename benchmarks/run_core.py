@@ -451,7 +451,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"closed loop {st['concurrency']} workers; open loop {st['open_rate_rps']:.0f} req/s; streams open loop {st['stream_rate']:.0f}/s, "
         f"{st['token_delay_ms']} ms per token upstream.",
         "",
-        "| target | throughput req/s (saturated) | added p50 ms | added p99 ms | CPU µs/req (open loop) | CPU µs/req (saturated) | CPU µs/stream event | TTFT p50 ms | peak RSS MiB | errors |",
+        "| target | throughput req/s (saturated) | added p50 ms | added p99 ms | CPU µs/req (open loop) | CPU µs/req (saturated) | CPU µs/stream event | TTFT p50 ms | peak RSS MiB (end of run) | errors |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     sp = res["spread_over_rounds"]
@@ -465,7 +465,7 @@ def markdown(res: dict[str, Any]) -> str:
 
     for name in TARGETS:
         r = s[name]
-        rss = r.get("peak_rss_kb")
+        rss = res["final_rss_kb"].get(name, {}).get("peak_rss_kb")
         lines.append(
             f"| {name} | {f(r.get('throughput_rps'), 0)}{rng(name, 'throughput_rps', 0)} | {f(r.get('added_p50_ms'), 2)}{rng(name, 'added_p50_ms', 2)} "
             f"| {f(r.get('added_p99_ms'), 2)}{rng(name, 'added_p99_ms', 2)} | {f(r.get('cpu_us_per_request_open'), 0)}{rng(name, 'cpu_us_per_request_open', 0)} "
