@@ -309,6 +309,7 @@ async def calibrate_rate(targets: dict[str, Target], args: argparse.Namespace) -
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-core-"))
     t_start = time.time()
+    commit = _git_commit()  # the processes load the code now; later commits are not what ran
     load_before = loadavg()
     rows: dict[str, dict[str, list[Any]]] = {t: {} for t in TARGETS}
 
@@ -384,7 +385,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "when": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t_start)),
         "seconds": round(time.time() - t_start, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before, "loadavg_after": loadavg()},
-        "commit": _git_commit(),
+        "commit": commit,
         "settings": {k: getattr(args, k) for k in ("rounds", "duration", "warmup", "concurrency", "stream_rate", "token_delay_ms")} | {"open_rate_rps": rate},
         "summary": summary,
         "spread_over_rounds": spreads,

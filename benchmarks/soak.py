@@ -41,6 +41,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     fleet = Fleet(tmp)
     seconds = args.minutes * 60
     samples: list[dict[str, float]] = []
+    commit = _git_commit()  # what the processes load now
     try:
         up = await fleet.demo("upstream", args.token_delay_ms)
         url = f"http://127.0.0.1:{up.port}/v1"
@@ -81,7 +82,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     growth = (last["rss_kb"] - at_base["rss_kb"]) / at_base["rss_kb"] * 100
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
-        "commit": _git_commit(),
+        "commit": commit,
         "settings": {"minutes": args.minutes, "rate_rps": args.rate, "stream_fraction": args.stream_fraction, "chain": args.chain,
                      "token_delay_ms": args.token_delay_ms, "max_tokens": args.max_tokens, "sample_seconds": args.sample_seconds},
         "loadavg_after": loadavg(),
