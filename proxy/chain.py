@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
 
 from .config import LoadedConfig, Retries, RouteConfig
-from .context import Context, Target
+from .context import Context, Response, Target
 from .errors import ProxyError, StateUnavailable
 from .plugin import Plugin
 from .registry import hook_functions
@@ -217,8 +217,6 @@ def answer_error(ctx: Context, err: ProxyError) -> None:
 
 async def run_response(ctx: Context, route: CompiledRoute) -> None:
     """on_response, innermost plugin first; a ProxyError replaces the answer."""
-    from .context import Response
-
     for plugin, fn, is_async, key in route.back("on_response", ctx.passed):
         t0 = time.perf_counter()
         try:

@@ -24,6 +24,7 @@ from .openai import (
     usage_from,
 )
 from .sse import DONE, Event, Parser, find_boundary, parse_block
+from .timers import Alarm, Watchdog
 from .upstream import CONNECT_ERRORS, Upstream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,29 +67,49 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 def usage_from_body(body: bytes) -> object:
-    """Usage of a buffered JSON answer without parsing a large body in full."""
+    """Usage of a buffered JSON answer, read from its last ``"usage": {...}`` without parsing the rest.
+
+    The key inside a JSON string would be escaped (``\\"usage\\"``), so the last
+    unescaped ``"usage"`` followed by ``:`` and an object is the answer's own;
+    anything else falls back to parsing the whole body.
+    """
     idx = body.rfind(b'"usage"')
+    while idx > 0 and body[idx - 1] == 0x5C:  # escaped: inside a string
+        idx = body.rfind(b'"usage"', 0, idx)
     if idx < 0:
         return None
-    if len(body) <= FULL_PARSE_LIMIT:
-        try:
-            return usage_from(orjson.loads(body))
-        except orjson.JSONDecodeError:
-            return None
-    start = body.find(b"{", idx)
-    depth = 0
-    for j in range(start, min(len(body), start + 8192)):
-        c = body[j]
-        if c == 0x7B:
-            depth += 1
-        elif c == 0x7D:
-            depth -= 1
-            if depth == 0:
-                try:
-                    return usage_from({"usage": orjson.loads(body[start : j + 1])})
-                except orjson.JSONDecodeError:
-                    return None
-    return None
+    start = idx + 7
+    n = len(body)
+    while start < n and body[start] in b" \t\r\n:":
+        start += 1
+    if start < n and body[start] == 0x7B:
+        depth = 0
+        in_str = False
+        j = start
+        end = min(n, start + 8192)
+        while j < end:
+            c = body[j]
+            if in_str:
+                if c == 0x5C:
+                    j += 1
+                elif c == 0x22:
+                    in_str = False
+            elif c == 0x22:
+                in_str = True
+            elif c == 0x7B:
+                depth += 1
+            elif c == 0x7D:
+                depth -= 1
+                if depth == 0:
+                    try:
+                        return usage_from({"usage": orjson.loads(body[start : j + 1])})
+                    except orjson.JSONDecodeError:
+                        break
+            j += 1
+    try:
+        return usage_from(orjson.loads(body)) if n <= FULL_PARSE_LIMIT else None
+    except orjson.JSONDecodeError:
+        return None
 
 
 class Handler:
@@ -168,8 +189,16 @@ class Handler:
         try:
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
                 return await self._relay(request, ctx, route, resp, up, att, injected)
-            async with asyncio.timeout_at(self._deadline(att, up)):
+            alarm = Alarm(self._deadline(att, up))
+            try:
                 data = await resp.read()
+            except asyncio.CancelledError:
+                if not alarm.fired:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                raise TimeoutError from None
+            finally:
+                alarm.disarm()
             att.end = ctx.timings.upstream_end = time.perf_counter()
             ctx.response = Response(resp.status, response_headers(resp.headers), data)
             ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
@@ -177,7 +206,8 @@ class Handler:
                 u = usage_from_body(data)
                 if u is not None:
                     ctx.usage = u  # type: ignore[assignment]
-            await ch.run_response(ctx, route)
+            if route.has_response_hooks:
+                await ch.run_response(ctx, route)
             return self._buffered(ctx)
         except TimeoutError:
             att.error = "timeout"
@@ -397,37 +427,6 @@ class Handler:
                     continue
             out.append(piece)
         return b"".join(out) if changed else block
-
-
-class Watchdog:
-    """Cancels the relaying task when the upstream is idle too long or the deadline passes.
-
-    One timer per stream, re-armed only when it fires, instead of a timeout
-    context per read: a read costs one clock call.
-    """
-
-    __slots__ = ("loop", "idle", "deadline", "last", "fired", "task", "handle")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, deadline: float) -> None:
-        self.loop = loop
-        self.idle = idle
-        self.deadline = deadline
-        self.last = loop.time()
-        self.fired = False
-        self.task = asyncio.current_task()
-        self.handle = loop.call_at(min(self.last + idle, deadline), self._check)
-
-    def _check(self) -> None:
-        due = min(self.last + self.idle, self.deadline)
-        if self.loop.time() >= due:
-            self.fired = True
-            assert self.task is not None
-            self.task.cancel()
-        else:
-            self.handle = self.loop.call_at(due, self._check)
-
-    def cancel(self) -> None:
-        self.handle.cancel()
 
 
 def _last_boundary(buf: bytearray) -> int:

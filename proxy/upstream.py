@@ -18,6 +18,7 @@ from .config import UpstreamConfig
 from .context import Attempt, Context, Response, Target
 from .errors import ProxyError
 from .openai import CREDENTIAL_HEADERS
+from .timers import Alarm
 
 if TYPE_CHECKING:  # pragma: no cover
     from .chain import CompiledRoute
@@ -85,6 +86,13 @@ class Upstream:
             self.session = None
 
     def headers_for(self, ctx_headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        """The headers to send: the client's, with this upstream's credentials and extras.
+
+        With neither, the context's own headers go as they are (no copy); they
+        are the request's, so nothing of one upstream leaks into the next attempt.
+        """
+        if not self._extra_headers:
+            return ctx_headers
         headers = CIMultiDict(ctx_headers)
         if self.config.api_key:
             for h in CREDENTIAL_HEADERS:
@@ -200,10 +208,18 @@ class UpstreamPool:
             ctx.attempts.append(att)
             t = up.config.timeouts
             up.outstanding += 1
+            alarm = Alarm(asyncio.get_running_loop().time() + t.first_byte)
             try:
-                async with asyncio.timeout(t.first_byte):
+                try:
                     resp = await up.open(ctx.method, url, send_body, headers)
-            except asyncio.TimeoutError:
+                except asyncio.CancelledError:
+                    if not alarm.fired:
+                        raise
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    raise TimeoutError from None
+                finally:
+                    alarm.disarm()
+            except TimeoutError:
                 up.outstanding -= 1
                 att.error, att.end = "timeout", time.perf_counter()
                 last_error = ProxyError(504, "The upstream did not answer in time.", code="upstream_timeout")

@@ -1,0 +1,55 @@
+"""The wire format: usage extraction from answers and events, header hygiene."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from proxy.handler import usage_from_body
+from proxy.openai import ensure_stream_usage, request_headers, response_headers, usage_from
+
+
+def chat(content: str, usage: object) -> bytes:
+    return orjson.dumps({"id": "x", "choices": [{"message": {"content": content}}], "usage": usage})
+
+
+def test_usage_from_body_reads_the_answers_own_usage():
+    u = usage_from_body(chat("hi", {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                                    "prompt_tokens_details": {"cached_tokens": 2}, "completion_tokens_details": {"reasoning_tokens": 1}}))
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.reasoning_tokens) == (3, 4, 7, 2, 1)
+
+
+def test_usage_inside_content_is_not_mistaken_for_the_answers():
+    body = chat('the JSON was {"usage": {"prompt_tokens": 999}} and "usage"', {"prompt_tokens": 1, "completion_tokens": 2})
+    u = usage_from_body(body)
+    assert (u.prompt_tokens, u.completion_tokens) == (1, 2)
+    # usage first, then content that mentions it: the scan falls back to a full parse
+    body = b'{"usage": {"prompt_tokens": 5, "completion_tokens": 6}, "choices": [{"text": "\\"usage\\": {}"}]}'
+    assert usage_from_body(body).prompt_tokens == 5
+
+
+@pytest.mark.parametrize("usage", [None, "many", {"prompt_tokens": "x", "completion_tokens": None}, {}])
+def test_malformed_or_missing_usage_is_none(usage):
+    assert usage_from_body(chat("x", usage)) is None
+
+
+def test_responses_api_usage_and_events():
+    u = usage_from({"type": "response.completed", "response": {"usage": {"input_tokens": 8, "output_tokens": 2,
+                    "input_tokens_details": {"cached_tokens": 4}, "output_tokens_details": {"reasoning_tokens": 1}}}})
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.reasoning_tokens) == (8, 2, 10, 4, 1)
+
+
+def test_ensure_stream_usage_keeps_other_stream_options():
+    body = {"stream_options": {"continuous_usage_stats": True}}
+    assert ensure_stream_usage(body) is True
+    assert body["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    assert ensure_stream_usage(body) is False
+
+
+def test_header_hygiene():
+    h = request_headers(CIMultiDict({"Host": "x", "Connection": "close, X-Trace", "X-Trace": "1", "Authorization": "Bearer k",
+                                     "Transfer-Encoding": "chunked", "Content-Length": "5", "Keep-Alive": "1"}))
+    assert dict(h) == {"Authorization": "Bearer k"}
+    r = response_headers(CIMultiDict({"Content-Encoding": "gzip", "X-Request-Id": "up-1", "Content-Type": "application/json"}))
+    assert dict(r) == {"x-upstream-request-id": "up-1", "Content-Type": "application/json"}
