@@ -53,6 +53,9 @@ PRICE_IN, PRICE_OUT = 1.5, 6.0  # per million tokens
 # Longer than the launcher's default so one generation lasts seconds (the tiny model
 # makes ~400 tokens/s): a disconnect that reaches vLLM late would still be seen.
 MAX_MODEL_LEN = 4096
+# A small batch, so that load beyond it queues: vLLM's waiting count is the router's
+# strongest signal, and it cannot blink to zero while a queue remains.
+MAX_NUM_SEQS = 4
 NO_CACHE = {"cache-control": "no-cache"}  # compare two real generations, not a generation and its replay
 
 
@@ -68,7 +71,8 @@ def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         tail = "\n".join(line for line in (e.stderr or "").splitlines() if "is ignored" not in line)[-4000:]
         pytest.fail(f"contrib/vllm setup failed ({e.cmd[-1]} exited {e.returncode}):\n{tail}")
     with launch.VllmFleet.start(2, model, python=python, log_dir=tmp_path_factory.mktemp("vllm-logs"),
-                                 model_name=MODEL, max_model_len=MAX_MODEL_LEN) as fleet:
+                                 model_name=MODEL, max_model_len=MAX_MODEL_LEN,
+                                 extra_args=("--max-num-seqs", str(MAX_NUM_SEQS))) as fleet:
         yield fleet
 
 
@@ -143,6 +147,10 @@ async def loads(fleet: Any) -> list[Any]:
     """Each server's load and token counters, read from its /metrics without blocking the loop."""
     async with aiohttp.ClientSession() as http:
         return list(await asyncio.gather(*(signals.fetch_load(http, s.url, timeout=5, model=MODEL) for s in fleet.servers)))
+
+
+async def queued_at_least(fleet: Any, i: int, n: int) -> bool:
+    return (await loads(fleet))[i].waiting >= n
 
 
 async def busy_at_least(fleet: Any, i: int, n: int) -> bool:
@@ -428,13 +436,15 @@ async def test_vllm_routing_prefers_the_less_busy_server(
     free = 1 - busy
 
     # Load one server directly, behind Sluice's back: only its /metrics can tell the router.
+    # Twice its batch size, so requests queue; staggered lengths so they never all end at once.
     stop = asyncio.Event()
+    filler = " ".join(random.choices(["route", "proxy", "token", "stream", "cache"], k=200))
 
-    async def keep_busy(direct: openai.AsyncOpenAI) -> None:
+    async def keep_busy(direct: openai.AsyncOpenAI, max_tokens: int) -> None:
         while not stop.is_set():
             stream = await direct.chat.completions.create(
-                model=MODEL, messages=messages("Talk at length"), max_tokens=2000, temperature=0, stream=True,
-                extra_body={"ignore_eos": True},
+                model=MODEL, messages=messages(f"Talk at length about {filler}"), max_tokens=max_tokens, temperature=0,
+                stream=True, extra_body={"ignore_eos": True},
             )
             async with stream:
                 async for _ in stream:
@@ -442,21 +452,24 @@ async def test_vllm_routing_prefers_the_less_busy_server(
                         break
 
     async with openai.AsyncOpenAI(base_url=fleet.servers[busy].url, api_key="unused", max_retries=0) as direct:
-        load = [asyncio.ensure_future(keep_busy(direct)) for _ in range(4)]
+        load = [asyncio.ensure_future(keep_busy(direct, 1200 + 100 * i)) for i in range(2 * MAX_NUM_SEQS)]
         try:
-            await wait_for(lambda: busy_at_least(fleet, busy, 3), 30, "load on the busy server")
+            await wait_for(lambda: queued_at_least(fleet, busy, 2), 30, "a queue on the busy server")
             seen = await _scrapes(sluice, f"vllm-{busy}")
             await wait_for(lambda: _ge(_scrapes(sluice, f"vllm-{busy}"), seen + 2), 10, "the router to scrape the loaded server")
+            observed = []
             for _ in range(4):
+                observed.append(await loads(fleet))
                 r = await oai.chat.completions.create(model=MODEL, messages=messages(), max_tokens=4, temperature=0)
                 assert r.choices
-            still_busy = await busy_at_least(fleet, busy, 1)
+            still_busy = await queued_at_least(fleet, busy, 1)
         finally:
             stop.set()
             await asyncio.gather(*load, return_exceptions=True)
-    assert still_busy, "the load finished before the routed requests: the test would prove nothing"
+    assert still_busy, "the queue emptied before the routed requests ended: the test would prove nothing"
     rows = await ledger_rows(sluice, tmp_path, 4)
-    assert [r["upstream"] for r in rows] == [f"vllm-{free}"] * 4
+    seen_loads = [[(l.running, l.waiting, round(l.kv_cache_usage, 4)) for l in o] for o in observed]
+    assert [r["upstream"] for r in rows] == [f"vllm-{free}"] * 4, f"(running, waiting, kv) per server before each: {seen_loads}"
 
 
 async def _ge(value: Awaitable[float], threshold: float) -> bool:
