@@ -229,6 +229,10 @@ class Metrics(Plugin):
         self.families = families(runtime)
         self.model_label = ModelLabel.for_runtime(runtime, config.models)
 
+    @property
+    def wants_plugin_timings(self) -> bool:  # type: ignore[override]
+        return self.config.plugin_timings
+
     @hookimpl
     def on_done(self, ctx: Context) -> None:
         record(self.families, ctx, self.model_label(ctx), self.config.plugin_timings, self.config.findings)

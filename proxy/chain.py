@@ -29,6 +29,7 @@ log = logging.getLogger("sluice.chain")
 
 #: (plugin, bound hook, is coroutine function, timing key "plugin-id.phase")
 Hook = tuple[Plugin, Callable[..., Any], bool, str]
+clock = time.perf_counter
 
 
 class CompiledRoute:
@@ -54,6 +55,8 @@ class CompiledRoute:
         self.on_done: list[Hook] = [(p, *h["on_done"], f"{p.id}.on_done") for p, h in zip(plugins, hooks) if "on_done" in h]
         #: some on_done here must never be dropped (a ledger row, a lease to give back)
         self.done_required = any(h[0].must_finish for h in self.on_done)
+        #: time each hook into ctx.timings.plugins (a plugin of the route asked for it)
+        self.timed = any(p.wants_plugin_timings for p in plugins)
         self.parse_stream = any(h is not None for h in self._by_pos["on_chunk"])
         self.needs_usage = any(p.needs_usage for p in plugins)
         self.has_response_hooks = any(h is not None for h in self._by_pos["on_response"])
@@ -166,8 +169,9 @@ async def _quietly(aw: Any) -> None:
 
 
 def _record(ctx: Context, key: str, t0: float) -> None:
-    timings = ctx.timings.plugins
-    timings[key] = timings.get(key, 0.0) + (time.perf_counter() - t0)
+    if t0:
+        timings = ctx.timings.plugins
+        timings[key] = timings.get(key, 0.0) + (time.perf_counter() - t0)
 
 
 def failure(ctx: Context, plugin: Plugin, phase: str, exc: BaseException) -> ProxyError | None:
@@ -188,13 +192,14 @@ def failure(ctx: Context, plugin: Plugin, phase: str, exc: BaseException) -> Pro
 async def run_request(ctx: Context, route: CompiledRoute) -> None:
     """on_request in chain order until a plugin answers; errors become early answers."""
     hooks = route._by_pos["on_request"]
+    timed = route.timed
     for pos, hook in enumerate(hooks):
         ctx.passed = pos + 1
         if hook is None:
             continue
         plugin, fn, is_async, key = hook
         ctx._current = plugin.id
-        t0 = time.perf_counter()
+        t0 = clock() if timed else 0.0
         try:
             r = fn(ctx)
             if is_async:
@@ -217,8 +222,9 @@ def answer_error(ctx: Context, err: ProxyError) -> None:
 
 async def run_response(ctx: Context, route: CompiledRoute) -> None:
     """on_response, innermost plugin first; a ProxyError replaces the answer."""
+    timed = route.timed
     for plugin, fn, is_async, key in route.back("on_response", ctx.passed):
-        t0 = time.perf_counter()
+        t0 = clock() if timed else 0.0
         try:
             r = fn(ctx)
             if is_async:
@@ -245,10 +251,11 @@ class StreamError(Exception):
 class ChunkPipeline:
     """Events pass the route's on_chunk hooks innermost first; on_stream_end flushes held ones."""
 
-    __slots__ = ("ctx", "chunk_hooks", "end_hooks")
+    __slots__ = ("ctx", "chunk_hooks", "end_hooks", "timed")
 
     def __init__(self, ctx: Context, route: CompiledRoute) -> None:
         self.ctx = ctx
+        self.timed = route.timed
         passed = ctx.passed
         by_pos = route._by_pos
         #: (position in the chain, hook), innermost first
@@ -264,11 +271,12 @@ class ChunkPipeline:
     async def push(self, events: Iterable[Event], start: int = 0) -> list[Event]:
         out = list(events)
         ctx = self.ctx
+        timed = self.timed
         for _, (plugin, fn, is_async, key) in self.chunk_hooks[start:]:
             if not out:
                 break
             nxt: list[Event] = []
-            t0 = time.perf_counter()
+            t0 = clock() if timed else 0.0
             for ev in out:
                 try:
                     r = fn(ctx, ev)
@@ -291,8 +299,9 @@ class ChunkPipeline:
     async def end(self) -> list[Event]:
         out: list[Event] = []
         ctx = self.ctx
+        timed = self.timed
         for (plugin, fn, is_async, key), start in self.end_hooks:
-            t0 = time.perf_counter()
+            t0 = clock() if timed else 0.0
             try:
                 r = fn(ctx)
                 if is_async:
@@ -319,8 +328,9 @@ async def aiter_events(events: Any) -> AsyncIterator[Event]:
 
 
 async def run_done(ctx: Context, route: CompiledRoute) -> None:
+    timed = route.timed
     for plugin, fn, is_async, key in route.on_done:
-        t0 = time.perf_counter()
+        t0 = clock() if timed else 0.0
         try:
             r = fn(ctx)
             if is_async:

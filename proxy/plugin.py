@@ -83,6 +83,9 @@ class Plugin:
     #: this plugin's ``on_done`` must run even when the background queue is full
     #: (ledgers, lease releases); ``None`` means "if the plugin is a guard"
     done_required: ClassVar[bool | None] = None
+    #: ask the core to time every hook of this plugin's route into ``ctx.timings.plugins``
+    #: (two clock reads per hook call; off unless some plugin of the route wants them)
+    wants_plugin_timings: bool = False
 
     def __init__(self, config: PluginConfig, runtime: Runtime) -> None:
         self.config = config

@@ -357,3 +357,25 @@ async def test_full_background_queue_drops_optional_work_but_never_required_work
     dropped = float(re.search(r"^sluice_background_dropped_total ([0-9.]+)$", metrics, re.M).group(1))
     assert dropped > 0 and len(Optional_.seen) + dropped == 60
     assert re.search(r"^sluice_background_overflow_total [1-9]", metrics, re.M)
+
+
+class Timed(Plugin):
+    name = "timed"
+    wants_plugin_timings = True
+    seen: ClassVar[list[dict[str, float]]] = []
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        self.seen.append(dict(ctx.timings.plugins))
+
+
+async def test_hook_timings_only_when_a_plugin_of_the_route_wants_them(upstream, http, tmp_path):
+    Timed.seen.clear()
+    UsageWanted.seen.clear()
+    with register_plugin(Timed), register_plugin(UsageWanted), register_plugin(Chunky):
+        for chain in ([{"chunky": {}}, {"timed": {}}], [{"chunky": {}}, {"usage_wanted": {}}]):
+            async with SluiceServer(route(upstream, chain), tmp_path) as s:
+                await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})
+                await s.wait_idle()
+    assert set(Timed.seen[0]) == {"chunky.on_chunk", "timed.on_done"}
+    assert all(v > 0 for v in Timed.seen[0].values())
