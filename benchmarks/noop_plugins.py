@@ -40,6 +40,10 @@ from proxy import Context, Event, Plugin, hookimpl  # noqa: E402
 
 COUNT = 10
 NAMES = [f"bench_noop_{i}" for i in range(COUNT)]
+#: the same plugins without on_chunk and on_done: to tell the chain's cost from the
+#: background on_done queue's and from stream parsing
+NAMES_RR = [f"bench_noop_rr_{i}" for i in range(COUNT)]
+ALL_HOOKS = ("on_request", "on_response", "on_chunk", "on_done")
 
 
 class _NoOp(Plugin):
@@ -65,30 +69,31 @@ class _NoOp(Plugin):
         return None
 
 
-def _make(i: int) -> type[Plugin]:
+def _make(i: int, name: str, hooks: tuple[str, ...]) -> type[Plugin]:
     # each class gets its own function objects: a chain of ten real plugins calls ten functions
-    ns: dict[str, Any] = {"name": NAMES[i], "__module__": __name__, "__doc__": f"No-op plugin {i} of {COUNT} (benchmark)."}
-    for hook in ("on_request", "on_response", "on_chunk", "on_done"):
+    ns: dict[str, Any] = {"name": name, "__module__": __name__, "__doc__": f"No-op plugin {i} of {COUNT} (benchmark): {', '.join(hooks)}."}
+    for hook in hooks:
         base = getattr(_NoOp, hook)
         fn = type(base)(base.__code__, base.__globals__, f"{hook}_{i}", base.__defaults__, base.__closure__)
         fn.__dict__.update(base.__dict__)  # keeps the @hookimpl marker
         ns[hook] = fn
-    return type(f"BenchNoOp{i}", (_NoOp,), ns)
+    return type(f"BenchNoOp{i}" if hooks == ALL_HOOKS else f"BenchNoOpRR{i}", (Plugin,), {"kind": "observer", **ns})
 
 
-PLUGINS: list[type[Plugin]] = [_make(i) for i in range(COUNT)]
+PLUGINS: list[type[Plugin]] = [_make(i, NAMES[i], ALL_HOOKS) for i in range(COUNT)]
+PLUGINS_RR: list[type[Plugin]] = [_make(i, NAMES_RR[i], ("on_request", "on_response")) for i in range(COUNT)]
 
 
-def chain(n: int = COUNT) -> list[dict[str, dict[str, Any]]]:
-    """A config chain of the first ``n`` no-op plugins."""
-    return [{name: {}} for name in NAMES[:n]]
+def chain(n: int = COUNT, *, request_response_only: bool = False) -> list[dict[str, dict[str, Any]]]:
+    """A config chain of the first ``n`` no-op plugins (all four hooks, or on_request/on_response only)."""
+    return [{name: {}} for name in (NAMES_RR if request_response_only else NAMES)[:n]]
 
 
 def register() -> None:
-    """Register the ten classes in this process (``proxy.registry``'s public door)."""
+    """Register the benchmark classes in this process (``proxy.registry``'s public door)."""
     from proxy.registry import register_plugin
 
-    for cls in PLUGINS:
+    for cls in PLUGINS + PLUGINS_RR:
         register_plugin(cls)
 
 

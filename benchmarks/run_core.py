@@ -379,6 +379,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             from loadgen import memory_kb, process_tree
 
             final_rss[name] = memory_kb(process_tree(targets[name].pids))
+    chain = await chain_cost(2000 if args.quick else 10000, rounds=3 if args.quick else 5)
     summary = {name: {k: med(v) for k, v in cols.items()} for name, cols in rows.items()}
     spreads = {name: {k: spread(v) for k, v in cols.items() if k in ("throughput_rps", "added_p50_ms", "added_p99_ms", "cpu_us_per_request", "cpu_us_per_request_open", "cpu_us_per_event")} for name, cols in rows.items()}
     result = {
@@ -390,7 +391,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary,
         "spread_over_rounds": spreads,
         "final_rss_kb": final_rss,
-        "targets": verdicts(summary),
+        "chain_alone": chain,
+        "targets": verdicts(summary, chain),
         "rounds": raw_rounds,
     }
     return result
@@ -415,7 +417,7 @@ def _line(r: dict[str, Any]) -> str:
     return s
 
 
-def verdicts(s: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+def verdicts(s: dict[str, dict[str, float | None]], chain: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, against the baseline of the same run."""
     e, n = s["sluice-empty"], s["sluice-10noop"]
 
@@ -432,6 +434,7 @@ def verdicts(s: dict[str, dict[str, float | None]]) -> dict[str, Any]:
         "empty: stream CPU per event <= 1.00x baseline": check(e.get("cpu_per_event_vs_baseline"), 1.00),
         "10 no-op plugins: added CPU per request, same offered load < 30 us": check(n.get("noop_cpu_us_per_request_open"), 30.0),
         "10 no-op plugins: added CPU per request, saturated < 30 us": check(n.get("noop_cpu_us_per_request"), 30.0),
+        "10 no-op plugins: chain phases alone, in-process < 30 us": check(chain["added_us_per_request_10"], 30.0),
     }
 
 
@@ -483,8 +486,140 @@ def markdown(res: dict[str, Any]) -> str:
         f"10 no-op plugins vs empty chain: {f(n.get('noop_cpu_us_per_request_open'), 1)} µs CPU/request at the same offered load, "
         f"{f(n.get('noop_cpu_us_per_request'), 1)} µs saturated; "
         f"stream CPU per event {f(n.get('cpu_per_event_vs_baseline'), 2)}x baseline (on_chunk makes the route parse events).",
+        "",
+        f"Chain phases alone, in-process (run_request + run_response + run_done per request, ChunkPipeline.push per event): "
+        + ", ".join(f"{k}: {v} µs/request" for k, v in res["chain_alone"]["us_per_request"].items())
+        + "; " + ", ".join(f"{k}: {v} µs/event" for k, v in res["chain_alone"]["us_per_event"].items()) + ".",
     ]
     return "\n".join(lines)
+
+
+# -- what the ten no-op plugins cost, part by part ------------------------------------------
+
+
+async def breakdown(args: argparse.Namespace) -> dict[str, Any]:
+    """Sluice empty vs ten no-op plugins with all four hooks vs the same ten with on_request/on_response only.
+
+    Same method as the open loops of ``measure`` (all targets at once, same rate), so
+    the differences split the ten plugins' cost: the chain dispatch of the request and
+    response hooks; what declaring ``on_done`` adds (the background queue and its
+    worker); what declaring ``on_chunk`` adds to streams (parsing into events, the
+    chunk pipeline).
+    """
+    from noop_plugins import chain as noop_chain
+
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-breakdown-"))
+    fleet = Fleet(tmp)
+    commit = _git_commit()
+    variants = {"empty": [], "10noop-all-hooks": noop_chain(), "10noop-request-response": noop_chain(request_response_only=True)}
+    rows: dict[str, list[float]] = {}
+    try:
+        up = await fleet.demo("upstream-buffered", 0)
+        ups = await fleet.demo("upstream-streamed", args.token_delay_ms)
+        a, b = f"http://127.0.0.1:{up.port}/v1", f"http://127.0.0.1:{ups.port}/v1"
+        targets = []
+        prof_dir = Path(args.profile_breakdown) if args.profile_breakdown else None
+        for name, chain in variants.items():
+            cfg = sluice_config(tmp, name, a, b, chain)
+            ready = tmp / f"ready-{name}.json"
+            cmd = [PY, str(HERE / "noop_plugins.py"), "-c", str(cfg), "--ready-file", str(ready)]
+            if prof_dir is not None:
+                prof_dir.mkdir(parents=True, exist_ok=True)
+                cmd += ["--profile", str(prof_dir / f"{name}.prof")]
+            p = await fleet.with_ready_file(name, cmd, ready)
+            targets.append(Target(name, f"http://127.0.0.1:{p.port}/v1", f"http://127.0.0.1:{p.port}/s/v1", [p.pid]))
+        for t in targets:
+            await loadgen(t, stream=False, mode="closed", duration=1, warmup=0.2, concurrency=8)
+            await loadgen(t, stream=True, mode="closed", duration=1, warmup=0.2, concurrency=4)
+        rate = args.rate or 120.0
+        if prof_dir is not None:
+            # one profiled window of buffered answers on all variants at once, then the per-function difference
+            for t in targets:
+                (prof_dir / f"{t.name}.prof").unlink(missing_ok=True)
+                os.kill(t.pids[0], signal.SIGUSR1)
+            buf, _ = await loadgen_together(targets, stream=False, rate=rate, duration=args.duration * 2, warmup=0, tries=1)
+            for t in targets:
+                os.kill(t.pids[0], signal.SIGUSR2)
+            for t in targets:
+                path = prof_dir / f"{t.name}.prof"
+                async with asyncio.timeout(30):
+                    while not path.exists():
+                        await asyncio.sleep(0.05)  # the child writes the stats file; no event crosses processes
+            return {"commit": commit, "profile_diff": profile_diff(prof_dir / "empty.prof", prof_dir / "10noop-request-response.prof", args.profile_top)}
+        for rnd in range(args.rounds):
+            order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
+            buf, _ = await loadgen_together(order, stream=False, rate=rate, duration=args.duration, warmup=args.warmup)
+            st, _ = await loadgen_together(order, stream=True, rate=args.stream_rate, duration=args.duration, warmup=args.warmup)
+            req = {n: buf[n]["proxy"]["cpu_us_per_request"] for n in variants}
+            ev = {n: st[n]["proxy"]["cpu_us_per_event"] for n in variants}
+            for key, value in (
+                ("buffered: 10 plugins, request/response hooks only (chain dispatch)", req["10noop-request-response"] - req["empty"]),
+                ("buffered: declaring on_done too (the on_done queue and worker)", req["10noop-all-hooks"] - req["10noop-request-response"]),
+                ("buffered: 10 plugins, all hooks", req["10noop-all-hooks"] - req["empty"]),
+                ("stream per event: 10 plugins, request/response hooks only", ev["10noop-request-response"] - ev["empty"]),
+                ("stream per event: declaring on_chunk and on_done too (event parsing, chunk pipeline)", ev["10noop-all-hooks"] - ev["10noop-request-response"]),
+            ):
+                rows.setdefault(key, []).append(round(value, 2))
+            print(f"breakdown round {rnd + 1}/{args.rounds}: CPU/req {req}  CPU/event {ev}", file=sys.stderr, flush=True)
+    finally:
+        await fleet.stop_all()
+    return {"commit": commit, "rate_rps": rate, "stream_rate": args.stream_rate, "rounds": args.rounds,
+            "median_us": {k: med(v) for k, v in rows.items()}, "per_round_us": rows}
+
+
+# -- the chain alone ---------------------------------------------------------------
+
+
+async def chain_cost(n_requests: int, events: int = 34, rounds: int = 5) -> dict[str, Any]:
+    """CPU of the chain phases alone, in this process: 0, 1 and 10 no-op plugins.
+
+    The real ``proxy.chain`` functions run over real contexts (built as the testing kit
+    builds them), without a server, a network or another process: what the chain costs
+    per request (``run_request`` + ``run_response`` + ``run_done``) and per stream event
+    (``ChunkPipeline.push``), net of building the context, with nothing else on the
+    meter. Medians over ``rounds`` passes, the plugin counts interleaved.
+    """
+    from noop_plugins import PLUGINS
+
+    from proxy import Event
+    from proxy.chain import ChunkPipeline, CompiledRoute, run_done, run_request, run_response
+    from proxy.config import RouteConfig
+    from proxy.testing import make_context
+
+    rc = RouteConfig.model_validate({"match": {"path": "/v1/"}, "upstream": "demo"})
+    body = {"model": "sluice-demo", "messages": [{"role": "user", "content": "hello"}]}
+    chunk = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"word "}}]}\n\n'
+    routes = {n: CompiledRoute(0, rc, [cls(cls.Config(), None) for cls in PLUGINS[:n]], 1 << 20) for n in (0, 1, 10)}  # type: ignore[arg-type]
+    per_req: dict[int, list[float]] = {n: [] for n in routes}
+    per_ev: dict[int, list[float]] = {n: [] for n in routes}
+    for _ in range(rounds):
+        for n, route in routes.items():
+            ctxs = [make_context(body) for _ in range(n_requests)]
+            t0 = time.process_time()
+            for ctx in ctxs:
+                await run_request(ctx, route)
+                await run_response(ctx, route)
+                await run_done(ctx, route)
+            per_req[n].append((time.process_time() - t0) / n_requests * 1e6)
+            ctx = make_context(body)
+            await run_request(ctx, route)
+            pipe = ChunkPipeline(ctx, route)
+            evs = [Event(raw=chunk) for _ in range(events)]
+            m = max(1, n_requests // 10)
+            t0 = time.process_time()
+            for _ in range(m):
+                for ev in evs:
+                    await pipe.push((ev,))
+            per_ev[n].append((time.process_time() - t0) / (m * events) * 1e6)
+    req = {n: statistics.median(v) for n, v in per_req.items()}
+    ev = {n: statistics.median(v) for n, v in per_ev.items()}
+    return {
+        "requests_per_pass": n_requests,
+        "us_per_request": {f"{n} plugins": round(v, 2) for n, v in req.items()},
+        "us_per_event": {f"{n} plugins": round(v, 3) for n, v in ev.items()},
+        "added_us_per_request_10": round(req[10] - req[0], 2),
+        "added_us_per_event_10": round(ev[10] - ev[0], 3),
+    }
 
 
 # -- profiling -----------------------------------------------------------------
@@ -531,6 +666,29 @@ def _area(rel: str) -> str:
     return "builtins/other" if rel.startswith("~") else rel.rsplit("/", 1)[-1].split(":")[0]
 
 
+def profile_diff(base: Path, other: Path, top: int) -> list[str]:
+    """Functions whose self CPU per request grew most from ``base`` to ``other`` (same load, same window)."""
+    def per_req(path: Path) -> tuple[dict[str, float], dict[str, float]]:
+        stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+        n = max(1, sum(v[1] for (f, l, fn), v in stats.items() if f.endswith("aiohttp/web_urldispatcher.py") and fn == "resolve" and l > 900))
+        selfs: dict[str, float] = {}
+        calls: dict[str, float] = {}
+        for (f, l, fn), v in stats.items():
+            k = f"{f.replace(str(ROOT) + '/', '').replace(sys.prefix + '/', '')}:{l}:{fn}"
+            selfs[k] = v[2] / n * 1e6
+            calls[k] = v[1] / n
+        return selfs, calls
+    a, ca = per_req(base)
+    b, cb = per_req(other)
+    keys = set(a) | set(b)
+    total = sum(b.values()) - sum(a.values())
+    rows = sorted(keys, key=lambda k: b.get(k, 0) - a.get(k, 0), reverse=True)[:top]
+    out = [f"total self CPU difference: {total:+.1f} us/request (profiled)", f"{'diff us/req':>11} {'calls/req a->b':>16}  function"]
+    for k in rows:
+        out.append(f"{b.get(k, 0) - a.get(k, 0):11.2f} {ca.get(k, 0):7.2f}->{cb.get(k, 0):<7.2f}  {k}")
+    return out
+
+
 def hot_spots(path: Path, title: str, top: int) -> str:
     """Self CPU per request by function and by area; one request = one ``UrlDispatcher.resolve`` call.
 
@@ -575,12 +733,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_out", default=None, help="write the whole result here")
     p.add_argument("--profile", default=None, metavar="DIR", help="instead of measuring, profile the Sluice targets into DIR and print hot spots")
     p.add_argument("--profile-top", type=int, default=40)
+    p.add_argument("--profile-breakdown", default=None, metavar="DIR", help="with --breakdown: profile the variants together and diff empty vs request/response-only")
+    p.add_argument("--breakdown", action="store_true", help="instead of measuring, split the ten no-op plugins' cost (on_done queue, stream parsing, dispatch)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 2.0, 0.3
     sys.path.insert(0, str(HERE))
     if args.profile:
         print(asyncio.run(profile(args)))
+        return 0
+    if args.breakdown:
+        res = asyncio.run(breakdown(args))
+        if "profile_diff" in res:
+            print("\n".join(res["profile_diff"]))
+            return 0
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(res, indent=2))
+        print(f"Ten no-op plugins, part by part (commit {res['commit']}, {res['rounds']} rounds, open loop {res['rate_rps']:.0f} req/s "
+              f"and {res['stream_rate']:.0f} streams/s on all variants at once); µs of Sluice CPU, median [per round]:\n")
+        for k, v in res["median_us"].items():
+            print(f"- {k}: {v} {res['per_round_us'][k]}")
         return 0
     res = asyncio.run(measure(args))
     if args.json_out:
