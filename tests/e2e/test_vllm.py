@@ -84,25 +84,25 @@ def fleet(vllm_fleet: Any) -> Any:
 
 
 def chain(strategy: str = "vllm") -> list[dict[str, Any]]:
-    """The default chain's plugins, in the documented order, configured for this deployment."""
-    return [
-        {"auth": {"keys": [{"key": KEY, "id": "e2e", "team": "qa"}], "virtual_keys": False}},
-        {"ratelimit": {"requests_per_minute": 100000}},
-        {"injection": {"action": "block"}},
-        {"pii": {"action": "redact"}},
-        {"cache": {}},
-        {"router": {
+    """The full chain of configs/full.yaml (every built-in plugin, the recommended order), set up for this fleet."""
+    full = yaml.safe_load((ROOT / "configs" / "full.yaml").read_text())["routes"][0]["chain"]
+    ours: dict[str, dict[str, Any]] = {
+        "auth": {"keys": [{"key": KEY, "id": "e2e", "team": "qa"}], "virtual_keys": False},
+        "router": {
             "aliases": {MODEL: {"strategy": strategy, "targets": [{"upstream": "vllm-0"}, {"upstream": "vllm-1"}]}},
             # a loaded CPU vLLM can take seconds to answer /metrics on a busy machine
             "vllm": {"poll_interval_s": 0.2, "timeout_s": 10, "stale_after_s": 30},
             "ejection": {"consecutive_failures": 1, "cooldown_s": 30, "max_cooldown_s": 60},
-        }},
-        {"experiments": {}},
-        {"tracing": {"exporter": "none"}},
-        {"metering": {"prices": {MODEL: {"input": PRICE_IN, "output": PRICE_OUT}}}},
-        {"drift": {}},
-        {"metrics": {}},
-    ]
+        },
+        "metering": {"prices": {MODEL: {"input": PRICE_IN, "output": PRICE_OUT}}},
+        "tracing": {"exporter": "none"},
+    }
+    out = []
+    for entry in full:
+        ((name, conf),) = entry.items()
+        out.append({name: ours.get(name, conf or {})})
+    assert {n for e in out for n in e} >= set(ours), "configs/full.yaml lost a plugin this tier configures"
+    return out
 
 
 def sluice_config(fleet: Any, strategy: str = "vllm") -> dict[str, Any]:
@@ -481,7 +481,8 @@ async def test_example_config_serves_in_front_of_vllm(fleet: Any, tmp_path: Path
     for name, up in data["upstreams"].items():
         up["url"] = fleet.servers[int(name.rsplit("-", 1)[1])].url  # vllm-0, vllm-1: the fleet's ports
     data["server"]["workers"] = 2  # SO_REUSEPORT workers, as a deployment would run
-    client_key = data["routes"][0]["chain"][0]["auth"]["keys"][0]["key"]["default"]
+    auth = next(e["auth"] for e in data["routes"][0]["chain"] if "auth" in e)
+    client_key = auth["keys"][0]["key"]["default"]
     async with SluiceProcess(data, tmp_path, env={"SLUICE_ADMIN_TOKEN": "admin-token-for-e2e"}) as s, \
             openai.AsyncOpenAI(base_url=s.url, api_key=client_key, max_retries=0, timeout=120) as c:
         for _ in range(4):
