@@ -225,6 +225,8 @@ class Target:
     window: Window = field(default_factory=Window)
     pids: list[int] = field(default_factory=list)
     dropped: int = 0
+    #: most requests outstanding at once (a burst after a stall shows here)
+    max_inflight: int = 0
     cpu0: float = 0.0
     cpu1: float = 0.0
     mem: dict[str, int] = field(default_factory=dict)
@@ -322,6 +324,8 @@ class Load:
                 else:
                     t = loop.create_task(self.one(sessions[target.name], target, scheduled=t_next))
                     pending.add(t)
+                    if len(pending) > target.max_inflight:
+                        target.max_inflight = len(pending)
                     t.add_done_callback(pending.discard)
                 i += 1
                 t_next += self.rnd.expovariate(total_rate) if self.args.poisson else 1.0 / total_rate
@@ -389,6 +393,7 @@ class Load:
             "ttft_ms": summarise(ttft),
             "events": events,
             "events_per_s": round(events / a.duration, 1),
+            "max_inflight": target.max_inflight if a.mode == "open" else a.concurrency,
         }
         if target.pids:
             cpu = target.cpu1 - target.cpu0

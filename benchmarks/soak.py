@@ -80,6 +80,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     last = samples[-1]
     after = [s["rss_kb"] for s in samples if s["t_s"] >= BASELINE_AT_S]
     growth = (last["rss_kb"] - at_base["rss_kb"]) / at_base["rss_kb"] * 100
+    # a leak keeps growing; a high-water mark left by a burst (many requests in flight
+    # at once after a stall) steps up and stays: the second half tells them apart
+    at_half = min(samples, key=lambda s: abs(s["t_s"] - seconds / 2))
+    growth_half = (last["rss_kb"] - at_half["rss_kb"]) / at_half["rss_kb"] * 100
+    steps = [
+        {"t_s": b["t_s"], "from_kb": a["rss_kb"], "to_kb": b["rss_kb"]}
+        for a, b in zip(samples, samples[1:])
+        if b["t_s"] >= BASELINE_AT_S and b["rss_kb"] - a["rss_kb"] > 0.01 * a["rss_kb"]
+    ]
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
         "commit": commit,
@@ -92,8 +101,10 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "rss_median_after_1min_kb": statistics.median(after) if after else None,
         "peak_rss_kb": final["peak_rss_kb"],
         "growth_pct": round(growth, 2),
+        "growth_second_half_pct": round(growth_half, 2),
+        "steps_over_1pct": steps,
         "target_met": growth < 5.0,
-        "load": {k: load.get(k) for k in ("completed", "started", "errors", "error_count", "throughput_rps", "latency_ms", "ttft_ms", "events")},
+        "load": {k: load.get(k) for k in ("completed", "started", "errors", "error_count", "throughput_rps", "latency_ms", "ttft_ms", "events", "max_inflight")},
         "proxy_cpu_us_per_request": (load.get("proxy") or {}).get("cpu_us_per_request"),
         "samples": samples,
         "sluice_log_tail": log_tail if load.get("error_count") else "",
@@ -108,10 +119,14 @@ def markdown(r: dict[str, Any]) -> str:
         f"({s['stream_fraction']:.0%} streamed), chain {s['chain']}; {r['load']['completed']} requests, "
         f"{r['load']['error_count']} errors, p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms; load average after {r['loadavg_after']}.",
         "",
-        "| RSS at 1 min | RSS at end | max after 1 min | growth 1 min → end | target (< 5%) |",
-        "|---|---|---|---|---|",
+        "| RSS at 1 min | RSS at end | max after 1 min | growth 1 min → end | target (< 5%) | growth over the second half |",
+        "|---|---|---|---|---|---|",
         f"| {r['rss_at_1min_kb'] / 1024:.1f} MiB | {r['rss_end_kb'] / 1024:.1f} MiB | {(r['rss_max_after_1min_kb'] or 0) / 1024:.1f} MiB "
-        f"| {r['growth_pct']:+.2f}% | {'met' if r['target_met'] else '**missed**'} |",
+        f"| {r['growth_pct']:+.2f}% | {'met' if r['target_met'] else '**missed**'} | {r['growth_second_half_pct']:+.2f}% |",
+        "",
+        "Steps of more than 1% after the first minute: "
+        + (", ".join(f"{x['from_kb'] / 1024:.1f} → {x['to_kb'] / 1024:.1f} MiB at {x['t_s']:.0f} s" for x in r["steps_over_1pct"]) or "none")
+        + f"; most requests in flight at once: {r['load'].get('max_inflight')}.",
     ])
 
 
