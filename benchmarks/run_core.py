@@ -26,6 +26,7 @@ counts as a proxy's, and each proxy's CPU is read from its own process tree.
     .venv/bin/python benchmarks/run_core.py                 # full run, about 6 minutes
     .venv/bin/python benchmarks/run_core.py --quick         # under a minute, a smoke run
     .venv/bin/python benchmarks/run_core.py --profile /tmp/prof   # where the CPU goes: baseline and both Sluice targets
+    .venv/bin/python benchmarks/run_core.py --breakdown     # the ten no-op plugins' cost, part by part
 
 ``--json FILE`` keeps the whole result; the Markdown summary goes to stdout.
 Only 127.0.0.1 is used, and only the processes this script started are stopped.
