@@ -57,6 +57,10 @@ class CompiledRoute:
         self.done_required = any(h[0].must_finish for h in self.on_done)
         #: time each hook into ctx.timings.plugins (a plugin of the route asked for it)
         self.timed = any(p.wants_plugin_timings for p in plugins)
+        #: someone will read ctx.usage: an on_done observer, a response or chunk hook, or needs_usage
+        self.wants_usage = bool(self.on_done) or any(p.needs_usage for p in plugins) or any(
+            h is not None for phase in ("on_response", "on_chunk", "on_stream_end") for h in self._by_pos[phase]
+        )
         self.parse_stream = any(h is not None for h in self._by_pos["on_chunk"])
         self.needs_usage = any(p.needs_usage for p in plugins)
         self.has_response_hooks = any(h is not None for h in self._by_pos["on_response"])

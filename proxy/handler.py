@@ -117,115 +117,111 @@ class Handler:
         self.server = server
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
+        # one coroutine for the whole lifecycle: every await of a stream read resumes
+        # each enclosing coroutine, so layers cost on every event
         gen = self.server.generation
         gen.enter()
         try:
-            return await self._serve(request, gen)
+            rid = new_request_id()
+            raw_path = request.raw_path
+            path, _, query = raw_path.partition("?")
+            route = gen.match(request.method, path, request.headers)
+            if route is None:
+                return error_response(404, f"No route for {request.method} {path}.", rid, code="route_not_found")
+            try:
+                raw = await read_body(request, route.max_body_bytes)
+            except BodyTooLarge:
+                return error_response(413, f"The request body is larger than {route.max_body_bytes} bytes.", rid, code="request_too_large")
+            ctx = Context(
+                request_id=rid, method=request.method, path=path, query=query,
+                headers=request_headers(request.headers), raw=raw, route=route,
+                client_ip=gen.client_ip(request.remote, request.headers.get("x-forwarded-for")),
+            )
+            ctx.runtime = gen.runtime
+            ctx.targets = list(route.default_targets)
+            try:
+                await ch.run_request(ctx, route)
+                if ctx.reply_value is not None:
+                    if ctx.outcome is None:
+                        ctx.outcome = "answered"
+                    return await self._send_reply(request, ctx, route)
+
+                injected = False
+                if route.needs_usage and ctx.stream and ctx.endpoint in STREAM_USAGE_ENDPOINTS:
+                    body = ctx.body
+                    if isinstance(body, dict) and ensure_stream_usage(body):
+                        ctx.body = body
+                        injected = True
+
+                try:
+                    resp, up, att = await gen.pool.send(ctx, route)
+                except ProxyError as e:
+                    ctx.outcome = "upstream_error"
+                    ctx.error = e.message
+                    ctx.response = Response(e.status, {"content-type": "application/json", **e.headers}, e.body())
+                    await ch.run_response(ctx, route)
+                    return self._buffered(ctx)
+                ctx.timings.upstream_start = ctx.attempts[0].start
+                ctx.timings.first_byte = att.first_byte
+                try:
+                    if resp.headers.get("content-type", "").startswith("text/event-stream"):
+                        return await self._relay(request, ctx, route, resp, up, att, injected)
+                    alarm = Alarm(self._deadline(att, up))
+                    try:
+                        data = await resp.read()
+                    except asyncio.CancelledError:
+                        if not alarm.fired:
+                            raise
+                        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                        raise TimeoutError from None
+                    finally:
+                        alarm.disarm()
+                    att.end = ctx.timings.upstream_end = time.perf_counter()
+                    ctx.response = Response(resp.status, response_headers(resp.headers), data)
+                    ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
+                    if resp.status < 300 and route.wants_usage:
+                        u = usage_from_body(data)
+                        if u is not None:
+                            ctx.usage = u  # type: ignore[assignment]
+                    if route.has_response_hooks:
+                        await ch.run_response(ctx, route)
+                    return self._buffered(ctx)
+                except TimeoutError:
+                    att.error = "timeout"
+                    ctx.outcome = "upstream_error"
+                    ctx.error = "The upstream did not finish its answer in time."
+                    ctx.status = 504
+                    return error_response(504, ctx.error, ctx.request_id, code="upstream_timeout")
+                except CONNECT_ERRORS:
+                    att.error = "protocol"
+                    ctx.outcome = "upstream_error"
+                    ctx.error = "The upstream broke the connection."
+                    ctx.status = 502
+                    return error_response(502, ctx.error, ctx.request_id, code="upstream_disconnected")
+                finally:
+                    up.outstanding -= 1
+                    if att.end is None:
+                        att.end = time.perf_counter()
+                    resp.close()  # aborts the upstream request if it is not finished
+            except asyncio.CancelledError:
+                # the client went away: aiohttp cancels the handler (handler_cancellation)
+                ctx.outcome = "client_gone"
+                raise
+            except ProxyError as e:
+                ctx.outcome = ctx.outcome or "error"
+                ctx.status, ctx.error = e.status, e.message
+                return error_response(e.status, e.message, rid, code=e.code, headers=e.headers)
+            except Exception as e:  # never a stack trace to the client
+                log.error("internal error %s request_id=%s", type(e).__name__, rid, exc_info=self.server.debug)
+                ctx.outcome, ctx.status = "error", 500
+                return error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
+            finally:
+                ctx.timings.end = time.perf_counter()
+                if ctx.outcome is None:
+                    ctx.outcome = "error"
+                self.server.done(ctx, route, gen)
         finally:
             gen.leave()
-
-    async def _serve(self, request: web.Request, gen: ch.Generation) -> web.StreamResponse:
-        rid = new_request_id()
-        raw_path = request.raw_path
-        path, _, query = raw_path.partition("?")
-        route = gen.match(request.method, path, request.headers)
-        if route is None:
-            return error_response(404, f"No route for {request.method} {path}.", rid, code="route_not_found")
-        try:
-            raw = await read_body(request, route.max_body_bytes)
-        except BodyTooLarge:
-            return error_response(413, f"The request body is larger than {route.max_body_bytes} bytes.", rid, code="request_too_large")
-        ctx = Context(
-            request_id=rid, method=request.method, path=path, query=query,
-            headers=request_headers(request.headers), raw=raw, route=route,
-            client_ip=gen.client_ip(request.remote, request.headers.get("x-forwarded-for")),
-        )
-        ctx.runtime = gen.runtime
-        ctx.targets = list(route.default_targets)
-        try:
-            return await self._proxy(request, ctx, route, gen)
-        except asyncio.CancelledError:
-            # the client went away: aiohttp cancels the handler (handler_cancellation)
-            ctx.outcome = "client_gone"
-            raise
-        except ProxyError as e:
-            ctx.outcome = ctx.outcome or "error"
-            ctx.status, ctx.error = e.status, e.message
-            return error_response(e.status, e.message, rid, code=e.code, headers=e.headers)
-        except Exception as e:  # never a stack trace to the client
-            log.error("internal error %s request_id=%s", type(e).__name__, rid, exc_info=self.server.debug)
-            ctx.outcome, ctx.status = "error", 500
-            return error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
-        finally:
-            ctx.timings.end = time.perf_counter()
-            if ctx.outcome is None:
-                ctx.outcome = "error"
-            self.server.done(ctx, route, gen)
-
-    async def _proxy(self, request: web.Request, ctx: Context, route: ch.CompiledRoute, gen: ch.Generation) -> web.StreamResponse:
-        await ch.run_request(ctx, route)
-        if ctx.reply_value is not None:
-            if ctx.outcome is None:
-                ctx.outcome = "answered"
-            return await self._send_reply(request, ctx, route)
-
-        injected = False
-        if route.needs_usage and ctx.stream and ctx.endpoint in STREAM_USAGE_ENDPOINTS:
-            body = ctx.body
-            if isinstance(body, dict) and ensure_stream_usage(body):
-                ctx.body = body
-                injected = True
-
-        try:
-            resp, up, att = await gen.pool.send(ctx, route)
-        except ProxyError as e:
-            ctx.outcome = "upstream_error"
-            ctx.error = e.message
-            ctx.response = Response(e.status, {"content-type": "application/json", **e.headers}, e.body())
-            await ch.run_response(ctx, route)
-            return self._buffered(ctx)
-        ctx.timings.upstream_start = ctx.attempts[0].start
-        ctx.timings.first_byte = att.first_byte
-        try:
-            if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                return await self._relay(request, ctx, route, resp, up, att, injected)
-            alarm = Alarm(self._deadline(att, up))
-            try:
-                data = await resp.read()
-            except asyncio.CancelledError:
-                if not alarm.fired:
-                    raise
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                raise TimeoutError from None
-            finally:
-                alarm.disarm()
-            att.end = ctx.timings.upstream_end = time.perf_counter()
-            ctx.response = Response(resp.status, response_headers(resp.headers), data)
-            ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
-            if resp.status < 300:
-                u = usage_from_body(data)
-                if u is not None:
-                    ctx.usage = u  # type: ignore[assignment]
-            if route.has_response_hooks:
-                await ch.run_response(ctx, route)
-            return self._buffered(ctx)
-        except TimeoutError:
-            att.error = "timeout"
-            ctx.outcome = "upstream_error"
-            ctx.error = "The upstream did not finish its answer in time."
-            ctx.status = 504
-            return error_response(504, ctx.error, ctx.request_id, code="upstream_timeout")
-        except CONNECT_ERRORS:
-            att.error = "protocol"
-            ctx.outcome = "upstream_error"
-            ctx.error = "The upstream broke the connection."
-            ctx.status = 502
-            return error_response(502, ctx.error, ctx.request_id, code="upstream_disconnected")
-        finally:
-            up.outstanding -= 1
-            if att.end is None:
-                att.end = time.perf_counter()
-            resp.close()  # aborts the upstream request if it is not finished
 
     @staticmethod
     def _deadline(att: Attempt, up: Upstream) -> float:
@@ -307,6 +303,7 @@ class Handler:
         loop = asyncio.get_running_loop()
         deadline = self._deadline(att, up)
         parse = route.parse_stream
+        wants_usage = route.wants_usage
         pipeline = ch.ChunkPipeline(ctx, route) if parse else None
         parser = Parser() if parse else None
         buf = bytearray()
@@ -330,7 +327,7 @@ class Handler:
                     if block:
                         if b"[DONE]" in block:
                             saw_done = True
-                        if b'"usage"' in block:
+                        if wants_usage and b'"usage"' in block:
                             block = self._tap_block(ctx, block, injected)
                         if block:
                             ctx.stream_bytes += len(block)

@@ -211,7 +211,10 @@ class UpstreamPool:
             alarm = Alarm(asyncio.get_running_loop().time() + t.first_byte)
             try:
                 try:
-                    resp = await up.open(ctx.method, url, send_body, headers)
+                    # the session directly, not Upstream.open: one coroutine layer less per request
+                    resp = await up.session.request(  # type: ignore[union-attr]
+                        ctx.method, url, data=send_body or None, headers=headers, allow_redirects=False, timeout=up._timeout
+                    )
                 except asyncio.CancelledError:
                     if not alarm.fired:
                         raise
