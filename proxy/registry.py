@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import os
 from typing import Callable
 
 import pluggy
@@ -12,6 +14,7 @@ from .hookspecs import REQUEST_HOOKS
 from .plugin import Plugin
 
 ENTRY_POINT_GROUP = "sluice.plugins"
+PLUGINS_ENV = "SLUICE_PLUGINS"
 
 # plugins registered programmatically (proxy.testing.register_plugin); they win over entry points
 _extra: dict[str, type[Plugin]] = {}
@@ -34,6 +37,12 @@ def _discover() -> dict[str, type[Plugin]]:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    # modules named in $SLUICE_PLUGINS (comma-separated) are loaded like entry points:
+    # a plugin under development, or one registered in code, reaches every worker process
+    for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        module = importlib.import_module(name)
+        if not pm.is_registered(module):
+            pm.register(module, name=f"env:{name}")
     found: dict[str, type[Plugin]] = {}
     origin: dict[str, str] = {}
 
