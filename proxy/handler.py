@@ -170,10 +170,7 @@ class Handler:
                     try:
                         data = await resp.read()
                     except asyncio.CancelledError:
-                        if not alarm.fired:
-                            raise
-                        asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                        raise TimeoutError from None
+                        alarm.timed_out()
                     finally:
                         alarm.disarm()
                     att.end = ctx.timings.upstream_end = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import NoReturn
 
 
 class Alarm:
@@ -27,6 +28,14 @@ class Alarm:
 
     def disarm(self) -> None:
         self.handle.cancel()
+
+    def timed_out(self) -> NoReturn:
+        """Call from ``except CancelledError``: a ``TimeoutError`` if this alarm fired, else the cancellation goes on."""
+        if not self.fired:
+            raise  # noqa: PLE0704 - re-raises the CancelledError being handled
+        assert self.task is not None
+        self.task.uncancel()
+        raise TimeoutError from None
 
 
 class Watchdog:

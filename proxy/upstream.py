@@ -216,10 +216,7 @@ class UpstreamPool:
                         ctx.method, url, data=send_body or None, headers=headers, allow_redirects=False, timeout=up._timeout
                     )
                 except asyncio.CancelledError:
-                    if not alarm.fired:
-                        raise
-                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                    raise TimeoutError from None
+                    alarm.timed_out()
                 finally:
                     alarm.disarm()
             except TimeoutError:
