@@ -13,6 +13,7 @@ counts: vLLM merges tokens into one event under load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import random
 import sqlite3
@@ -145,9 +146,12 @@ def messages(text: str = "Say hello to the proxy") -> list[dict[str, str]]:
 
 
 async def loads(fleet: Any) -> list[Any]:
-    """Each server's load and token counters, read from its /metrics without blocking the loop."""
+    """Each server's load and token counters, read from its /metrics without blocking the loop.
+
+    A busy CPU vLLM on a shared machine can take seconds to answer /metrics.
+    """
     async with aiohttp.ClientSession() as http:
-        return list(await asyncio.gather(*(signals.fetch_load(http, s.url, timeout=5, model=MODEL) for s in fleet.servers)))
+        return list(await asyncio.gather(*(signals.fetch_load(http, s.url, timeout=30, model=MODEL) for s in fleet.servers)))
 
 
 async def queued_at_least(fleet: Any, i: int, n: int) -> bool:
@@ -402,11 +406,13 @@ async def test_client_disconnect_aborts_generation(fleet: Any, sluice: SluiceSer
         model=MODEL, messages=messages(), max_tokens=max_tokens, temperature=0, stream=True,
         extra_body={"ignore_eos": True},  # without the abort, exactly max_tokens would be generated
     )
-    seen = 0
-    async for chunk in stream:
-        seen += bool(chunk.choices and chunk.choices[0].delta.content)
-        if seen >= 3:
-            break
+    # Leave once the stream has begun. Not after a number of content chunks: a guard may
+    # hold text back (pii keeps an unfinished word until it can tell it is no entity, and
+    # the random model writes long unbroken runs), and the client would then see content
+    # only once vLLM had finished anyway.
+    chunks = stream.__aiter__()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(chunks.__anext__(), timeout=2)
     await stream.close()
     await idle(fleet)
     # idle means nothing is running or queued: the counter can no longer grow
