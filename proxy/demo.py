@@ -320,8 +320,12 @@ class DemoUpstream:
         events = [chunk({"role": "assistant", "content": ""}, None, 0)]
         for i, t in enumerate(toks):
             events.append(chunk({"content": t}, finish if i == len(toks) - 1 else None, i + 1))
+        return await self._end_stream(request, events, base, include_usage, prompt_tokens, len(toks))
+
+    async def _end_stream(self, request: web.Request, events: list[bytes], base: dict[str, Any], include_usage: bool, prompt: int, completion: int) -> web.StreamResponse:
+        """Chat and completions streams end alike: the usage chunk when asked for, then [DONE]."""
         if include_usage:
-            events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": self._usage(prompt_tokens, len(toks))}) + b"\n\n")
+            events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": self._usage(prompt, completion)}) + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return await self._sse(request, events)
 
@@ -360,10 +364,7 @@ class DemoUpstream:
             b"data: " + orjson.dumps({**base, "choices": [{"index": 0, "text": t, "logprobs": None, "finish_reason": finish if i == len(toks) - 1 else None, "stop_reason": None}]}) + b"\n\n"
             for i, t in enumerate(toks)
         ]
-        if include_usage:
-            events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": self._usage(prompt_tokens, len(toks))}) + b"\n\n")
-        events.append(b"data: [DONE]\n\n")
-        return await self._sse(request, events)
+        return await self._end_stream(request, events, base, include_usage, prompt_tokens, len(toks))
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         raw, fail = await self._enter(request)
