@@ -191,6 +191,16 @@ class DemoUpstream:
             await asyncio.sleep(self.first_byte_delay)
         return body, None
 
+    async def _accept(self, request: web.Request, required: str) -> tuple[dict[str, Any], web.Response | None]:
+        """Record the request, apply a queued failure, and check the JSON body has ``required``."""
+        raw, fail = await self._enter(request)
+        if fail is not None:
+            return {}, fail
+        body = self._json(raw)
+        if not isinstance(body, dict) or required not in body:
+            return {}, self._bad(f"{required}: Field required", required)
+        return body, None
+
     @staticmethod
     def _bad(message: str, param: str | None = None, status: int = 400) -> web.Response:
         err = {"error": {"message": message, "type": "BadRequestError", "param": param, "code": status}}
@@ -330,12 +340,9 @@ class DemoUpstream:
         return await self._sse(request, events)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        raw, fail = await self._enter(request)
-        if fail is not None:
-            return fail
-        body = self._json(raw)
-        if not isinstance(body, dict) or "prompt" not in body:
-            return self._bad("prompt: Field required", "prompt")
+        body, early = await self._accept(request, "prompt")
+        if early is not None:
+            return early
         prompt = body["prompt"]
         ptext = prompt if isinstance(prompt, str) else " ".join(p for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else ""
         model = body.get("model") or self.model
@@ -367,12 +374,9 @@ class DemoUpstream:
         return await self._end_stream(request, events, base, include_usage, prompt_tokens, len(toks))
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
-        raw, fail = await self._enter(request)
-        if fail is not None:
-            return fail
-        body = self._json(raw)
-        if not isinstance(body, dict) or "input" not in body:
-            return self._bad("input: Field required", "input")
+        body, early = await self._accept(request, "input")
+        if early is not None:
+            return early
         inp = body["input"]
         if isinstance(inp, str):
             ptext = inp
@@ -430,12 +434,9 @@ class DemoUpstream:
         return await self._sse(request, events)
 
     async def _embeddings(self, request: web.Request) -> web.Response:
-        raw, fail = await self._enter(request)
-        if fail is not None:
-            return fail
-        body = self._json(raw)
-        if not isinstance(body, dict) or "input" not in body:
-            return self._bad("input: Field required", "input")
+        body, early = await self._accept(request, "input")
+        if early is not None:
+            return early
         inp = body["input"]
         items = [inp] if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)) else list(inp) if isinstance(inp, list) else []
         dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else 16
