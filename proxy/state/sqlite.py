@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import operator
 import re
 import sqlite3
 import threading
@@ -106,6 +107,9 @@ class SQLiteRecords(Records):
 
     Tables declared with a primary key are upserted (the last row with a key
     wins); others are plain appends. New columns in a row are added to the table.
+    Each wake-up of the writer drains everything queued and writes it per table in
+    one transaction (``executemany`` over runs of rows with the same columns, one
+    commit), so a row costs a few microseconds of the writer's CPU, not a commit.
     """
 
     def __init__(self, path: Path, *, timeout_ms: int = 2000, batch_size: int = 500, flush_interval_ms: int = 200) -> None:
@@ -119,9 +123,14 @@ class SQLiteRecords(Records):
         self._q: deque[tuple[Any, ...]] = deque()
         self._wake = threading.Event()
         self._pks: dict[str, str | None] = {}
+        # writer thread only: known columns per table, and INSERT statements per column set
+        self._cols: dict[str, frozenset[str]] = {}
+        self._stmts: dict[tuple[str, tuple[str, ...], str | None], str] = {}
         #: rows given up after a write error (logged); stays 0 in a healthy process
         self.dropped = 0
         self.written = 0
+        #: transactions written (one per table per wake-up of the writer, when all goes well)
+        self.batches = 0
         self._closed = False
         self._reader = _Thread("sluice-sqlite-read", lambda: connect(self.path, timeout_ms, read_only=True), timeout_ms / 1000)
         self._thread = threading.Thread(target=self._run, name=f"sluice-records-{self.path.stem}", daemon=True)
@@ -211,6 +220,7 @@ class SQLiteRecords(Records):
                 count = self._write(db, pending)
                 if kind == "ensure":
                     self._ensure(db, item[1])
+                    self._cols.pop(item[1].name, None)
                 elif kind == "flush":
                     item[1]()
                 elif kind == "close":
@@ -255,24 +265,106 @@ class SQLiteRecords(Records):
             t.create_index(list(idx), if_not_exists=True)
 
     def _write(self, db: Any, pending: dict[str, list[dict[str, Any]]]) -> int:
+        """Write every pending row: one transaction (one commit) per table per wake-up."""
         for name, rows in list(pending.items()):
             if not rows:
                 continue
-            pk = self._pks.get(name)
-
-            def insert() -> None:
-                with db.conn:
-                    db[name].insert_all(rows, pk=pk, replace=pk is not None, alter=True, batch_size=self.batch_size)
-
             try:
-                retrying(insert, self.timeout_ms)
+                retrying(lambda: self._insert(db, name, rows), self.timeout_ms)
                 self.written += len(rows)
-            except sqlite3.Error as e:
+                self.batches += 1
+            except _ROW_ERRORS as e:
+                if len(rows) == 1:
+                    self.dropped += 1
+                    log.error("sqlite: dropped 1 row of %s: %s", name, e)
+                else:
+                    # a row SQLite refuses must not cost the others: write them one by one
+                    log.warning("sqlite: a batch of %d rows of %s failed (%s); writing them one by one", len(rows), name, e)
+                    for r in rows:
+                        self._write(db, {name: [r]})
+            except sqlite3.Error as e:  # the file, not a row: locked past the timeout, disk full, I/O
                 self.dropped += len(rows)
                 log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
             rows.clear()
         pending.clear()
         return 0
+
+    def _insert(self, db: Any, name: str, rows: list[dict[str, Any]]) -> None:
+        """Rows in order, in one transaction: ``executemany`` per run of rows with the same columns.
+
+        A run with a column the table lacks (or a table nobody ensured) goes through
+        sqlite-utils, which creates the table or adds the columns with types from the
+        values; everything else is plain SQL. Values SQLite cannot bind are converted as
+        sqlite-utils converts them (JSON for dicts and lists, ISO text for dates).
+        """
+        conn = db.conn
+        pk = self._pks.get(name)
+        known = self._columns(conn, name)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            i, n = 0, len(rows)
+            while i < n:
+                keys = rows[i].keys()
+                j = i + 1
+                while j < n and rows[j].keys() == keys:
+                    j += 1
+                run = rows[i:j]
+                cols = tuple(keys)
+                if known is not None and known.issuperset(cols) and cols:
+                    conn.executemany(self._sql(name, cols, pk), _params(run, cols))
+                else:
+                    db[name].insert_all(run, pk=pk, replace=pk is not None, alter=True, batch_size=self.batch_size)
+                    self._cols.pop(name, None)
+                    known = self._columns(conn, name)
+                i = j
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._cols.pop(name, None)
+            raise
+
+    def _columns(self, conn: sqlite3.Connection, name: str) -> frozenset[str] | None:
+        """The table's columns (cached on the writer thread), ``None`` when it does not exist."""
+        cols = self._cols.get(name)
+        if cols is None:
+            found = frozenset(r[1] for r in conn.execute(f"PRAGMA table_info([{name}])"))
+            if not found:
+                return None
+            cols = self._cols[name] = found
+        return cols
+
+    def _sql(self, name: str, cols: tuple[str, ...], pk: str | None) -> str:
+        key = (name, cols, pk)
+        sql = self._stmts.get(key)
+        if sql is None:
+            verb = "INSERT OR REPLACE" if pk is not None else "INSERT"
+            names = ", ".join(f"[{c}]" for c in cols)
+            sql = f"{verb} INTO [{name}] ({names}) VALUES ({', '.join('?' * len(cols))})"
+            if len(self._stmts) < 256:
+                self._stmts[key] = sql
+        return sql
+
+
+_PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
+#: errors caused by one row's values (a value SQLite cannot bind, a constraint), not by the file
+_ROW_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.DataError)
+
+
+def _params(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """Each row's values in ``cols`` order, converted where SQLite cannot bind them as they are."""
+    get = operator.itemgetter(*cols)
+    if len(cols) == 1:
+        params = [(get(r),) for r in rows]
+    else:
+        params = list(map(get, rows))
+    plain = _PLAIN.issuperset
+    for k, p in enumerate(params):
+        if not plain(map(type, p)):
+            from sqlite_utils.db import jsonify_if_needed
+
+            params[k] = tuple(jsonify_if_needed(v) for v in p)
+    return params
 
 
 class SQLiteKV(KV):
