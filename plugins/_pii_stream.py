@@ -9,7 +9,7 @@ words that could still be the start of an entity.
 from __future__ import annotations
 
 import re
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 from ._pii_engine import Finding
 from ._pii_vault import StreamRestorer
@@ -26,24 +26,57 @@ Transform = Callable[[str, list[Finding]], str]
 Triggered = Callable[[str], bool]
 
 
-def hold_from(text: str) -> int:
+#: How far back, in characters, a text can still grow into an entity of each type: the
+#: longest span such an entity can have before its last character arrives. A run without
+#: whitespace longer than this is released except for its last ``limit`` characters: an
+#: entity that already matches is held whole by the analyzer (its start moves the cut back),
+#: and one that does not match yet is shorter than this. Addresses are the long ones: an
+#: e-mail is at most 254 characters, a host name 253.
+MAX_SPAN = {
+    "EMAIL_ADDRESS": 320,
+    "URL": 320,
+    "PHONE_NUMBER": 72,
+    "CREDIT_CARD": 40,
+    "US_SSN": 16,
+    "IBAN_CODE": 48,
+    "IP_ADDRESS": 64,
+    "CRYPTO": 96,
+    "MAC_ADDRESS": 24,
+}
+#: types whose extent nothing bounds (NER, custom patterns): a generous default
+DEFAULT_SPAN = 320
+CUSTOM_SPAN = 1024
+
+
+def grow_limit(entities: Iterable[str], deny_words: Iterable[str] = (), custom: bool = False) -> int:
+    """The hold-back bound of a scanner looking for ``entities`` (and deny-list words, custom patterns)."""
+    spans = [MAX_SPAN.get(e, DEFAULT_SPAN) for e in entities]
+    spans += [len(w) + 1 for w in deny_words]
+    if custom:
+        spans.append(CUSTOM_SPAN)
+    return max(spans, default=DEFAULT_SPAN)
+
+
+def hold_from(text: str, limit: int = DEFAULT_SPAN) -> int:
     """Where the part of ``text`` that could still grow into an entity begins.
 
     The last word could still become an address or a number; before it, a run of
-    short number-like groups could be the first half of a phone, card or IBAN.
+    short number-like groups could be the first half of a phone, card or IBAN. No
+    entity is longer than ``limit``, so nothing before the last ``limit`` characters
+    is held, however long the last word (a URL, a base64 blob).
     """
     n = len(text)
+    floor = n - limit if n > limit else 0
     i = n
-    if i and not text[i - 1].isspace():
-        while i and not text[i - 1].isspace():
-            i -= 1
+    while i > floor and not text[i - 1].isspace():
+        i -= 1
     groups = 0
-    while groups < _MAX_GROUPS:
+    while groups < _MAX_GROUPS and i > floor:
         j = i
-        while j and text[j - 1].isspace():
+        while j > floor and text[j - 1].isspace():
             j -= 1
         k = j
-        while k and not text[k - 1].isspace():
+        while k > floor and not text[k - 1].isspace():
             k -= 1
         if k == j or not _GROUPISH.fullmatch(text, k, j):
             break
@@ -53,20 +86,31 @@ def hold_from(text: str) -> int:
 
 
 class StreamScanner:
-    """Finds entities in a text that arrives in pieces, releasing only what cannot grow into one."""
+    """Finds entities in a text that arrives in pieces, releasing only what cannot grow into one.
 
-    __slots__ = ("pending", "context", "_analyze", "_transform", "_triggered")
+    ``pending`` is what was received and not yet released; ``context`` the last released
+    characters, which the analyzer sees again for context words and look-behinds.
+    """
 
-    def __init__(self, analyze: Analyze, transform: Transform, triggered: Triggered) -> None:
+    __slots__ = ("pending", "context", "limit", "_analyze", "_transform", "_triggered", "_split", "_stuck")
+
+    def __init__(self, analyze: Analyze, transform: Transform, triggered: Triggered, limit: int = DEFAULT_SPAN) -> None:
         self.pending = ""
         self.context = ""
+        self.limit = limit
         self._analyze = analyze
         self._transform = transform
         self._triggered = triggered
+        # the last release cut a word in two: a trigger may straddle the cut
+        self._split = False
+        # length of ``pending`` when an entity reaching its end held everything back: that
+        # entity is still growing, so pieces without whitespace are not analysed again
+        # until ``limit`` more characters came (a long URL costs a few analyses, not one a token)
+        self._stuck = -1
 
     async def _release(self, cut: int) -> str:
         text = self.pending
-        if not self._triggered(text):
+        if not self._triggered(self.context + text if self._split else text):
             out = text[:cut]
         else:
             base = len(self.context)
@@ -75,15 +119,23 @@ class StreamScanner:
             for f in spans:
                 if f.start < cut < f.end:
                     cut = max(0, f.start)
-            keep = [f for f in spans if f.start >= 0 and f.end <= cut]
+            if cut == 0:
+                self._stuck = len(text)
+                return ""
+            # an entity that began in released text (longer than the hold) is redacted from the cut on
+            keep = [Finding(f.type, max(0, f.start), f.end, f.score) for f in spans if f.end <= cut]
             out = self._transform(text[:cut], keep)
+        self._stuck = -1
+        self._split = not text[cut - 1].isspace() and cut < len(text) and not text[cut].isspace()
         self.context = (self.context + text[:cut])[-CONTEXT_CHARS:]
         self.pending = text[cut:]
         return out
 
     async def feed(self, piece: str) -> str:
         self.pending += piece
-        cut = hold_from(self.pending)
+        if self._stuck >= 0 and len(self.pending) - self._stuck < self.limit and not any(c.isspace() for c in piece):
+            return ""
+        cut = hold_from(self.pending, self.limit)
         if cut == 0:
             return ""
         return await self._release(cut)
@@ -91,6 +143,7 @@ class StreamScanner:
     async def flush(self) -> str:
         if not self.pending:
             return ""
+        self._stuck = -1
         return await self._release(len(self.pending))
 
 

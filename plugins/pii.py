@@ -25,7 +25,7 @@ from proxy import Command, Context, Event, Plugin, PluginConfig, ProxyError, Sta
 from ._pii_engine import EngineSettings, Finding, PiiEngine, ProcessAnalyzer, ResultCache, build_nlp, ner_available
 from ._pii_recognizers import NER_ENTITIES, PATTERN_ENTITIES, CustomPattern, CustomRecognizer
 from ._pii_scope import answer_slots, channel_closed_by, endpoint_kind, request_slots, stream_channel_ends, stream_slots
-from ._pii_stream import Channel, StreamScanner
+from ._pii_stream import Channel, StreamScanner, grow_limit
 from ._pii_vault import StreamRestorer, Vault, label
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,6 +205,8 @@ class Pii(Plugin):
         self.workers: ProcessAnalyzer | None = None
         self._timeout = config.timeout_ms / 1000
         self._hash_key = config.hash_key.encode() if config.hash_key else b""
+        #: how much of a run without whitespace a stream scanner may hold back
+        self.grow_limit = grow_limit(config.entities, [w for ws in config.deny_list.values() for w in ws], bool(config.recognizers))
 
     async def start(self) -> None:
         rt = self.runtime
@@ -452,7 +454,7 @@ class Pii(Plugin):
                         self._count(ctx, "pii_answer", [tuple(findings)], "answer", skip, [text])
                     return self.transform(text, findings, self._vault(ctx), skip, restorable=False)
 
-                scanner = StreamScanner(analyze, transform, engine.triggered)
+                scanner = StreamScanner(analyze, transform, engine.triggered, self.grow_limit)
             ch = chans[chan] = Channel(restorer, scanner)
         return ch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,75 @@ async def test_example_config_loads_and_serves(upstream: FakeUpstream, tmp_path:
         r = await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": f"mail {EMAIL}"}])
     assert EMAIL in r.choices[0].message.content
     assert "<EMAIL_1>" in last_user_text(upstream)
+
+
+# -- long runs without whitespace: released as they arrive, not at the end ----------
+
+def _blob(n: int) -> str:
+    """A base64 blob of ``n`` characters (deterministic), the shape of an inline image or a signed token."""
+    import base64
+    import hashlib
+
+    raw = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(n // 32 + 1))
+    return base64.b64encode(raw).decode()[:n]
+
+
+class PieceUpstream(FakeUpstream):
+    """Streams its reply in pieces of a fixed size, as a model streams tokens of a word with no spaces in it."""
+
+    piece = 8
+
+    def _answer(self, prompt_text: str, max_tokens: int | None) -> tuple[list[str], str]:
+        text = self.reply_text or ""
+        return [text[i:i + self.piece] for i in range(0, len(text), self.piece)], "stop"
+
+
+async def _read_until(stream: Any, enough: Any, timeout: float) -> str:
+    """Text of the stream's chunks until ``enough(text)`` holds; what arrived so far if ``timeout`` passes first."""
+    got = ""
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in stream:
+                if chunk.choices:
+                    got += chunk.choices[0].delta.content or ""
+                if enough(got):
+                    break
+    except TimeoutError:
+        pass
+    return got
+
+
+@pytest.mark.parametrize("restore", [False, True])
+async def test_a_long_run_without_whitespace_reaches_the_client_before_the_stream_ends(tmp_path: Path, restore: bool) -> None:
+    head = "Here it is: "
+    # head and blob fill whole pieces, so no piece carries the space after the blob
+    blob = _blob(2400 + (-(len(head) + 2400)) % PieceUpstream.piece)
+    async with PieceUpstream() as up:
+        up.reply_text = head + blob + " and that is all."
+        # the upstream sends the role chunk, the head and the whole blob, then holds the stream
+        # open: whatever the client gets of the blob, it got before the stream ended
+        up.stall_after = 1 + len(head + blob) // up.piece
+        async with SluiceServer(config(up, restore=restore), tmp_path) as s, client(s) as c:
+            stream = await c.chat.completions.create(
+                model="sluice-demo", messages=[{"role": "user", "content": f"send the image to {EMAIL}"}], stream=True
+            )
+            # all of the blob but the part that could still grow into an entity (at most a few hundred characters)
+            want = len(head) + len(blob) - 512
+            # the timeout only bounds a failing run: the read returns as soon as enough arrived
+            got = await _read_until(stream, lambda t: len(t) >= want, timeout=60.0)
+            await stream.close()
+    assert len(got) >= want, f"only {len(got) - len(head)} of {len(blob)} blob characters reached the client before the stream ended"
+    assert (head + blob).startswith(got)
+
+
+async def test_a_long_run_streamed_to_the_end_arrives_whole(tmp_path: Path) -> None:
+    blob = _blob(3000)
+    text = f"Image: {blob} mail <EMAIL_1> or bob@corp.example.com, url {blob[:50]}"
+    async with PieceUpstream() as up:
+        up.reply_text = text
+        async with SluiceServer(config(up, restore=True), tmp_path) as s, client(s) as c:
+            stream = await c.chat.completions.create(
+                model="sluice-demo", messages=[{"role": "user", "content": f"I am {EMAIL}"}], stream=True
+            )
+            got = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+    assert got == f"Image: {blob} mail {EMAIL} or <EMAIL_2>, url {blob[:50]}"

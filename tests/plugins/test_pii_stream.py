@@ -294,3 +294,62 @@ async def test_recorded_responses_stream(runtime: Any, size: int) -> None:
     assert done["response.output_text.done"]["text"] == f"Reply sent to {EMAIL}."
     assert done["response.completed"]["response"]["output"][0]["content"][0]["text"] == f"Reply sent to {EMAIL}."
     assert done["response.completed"]["response"]["usage"]["total_tokens"] == 15
+
+
+# -- runs without whitespace ---------------------------------------------------------
+
+def test_hold_from_a_long_run_keeps_only_the_last_limit_characters() -> None:
+    blob = "A" * 1000
+    assert hold_from("see " + blob, limit=320) == 4 + 1000 - 320
+    assert hold_from("see " + blob[:300], limit=320) == 4  # shorter than the limit: the whole word
+    assert hold_from("call 415 555 " + "9" * 400, limit=64) == 13 + 400 - 64
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+async def test_a_blob_is_released_as_it_streams_and_an_address_at_its_end_is_still_redacted(runtime: Any) -> None:
+    import base64
+
+    p = await configure_plugin(Pii, {}, runtime=runtime)
+    assert p.grow_limit == 320
+    blob = base64.b64encode(bytes(range(256)) * 6).decode()[:1500].replace("+", "x").replace("/", "y")
+    ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    await p.on_request(ctx)
+    text = "img " + blob + "@corp.example.com done"
+    events = [chat_chunk({"content": s}) for s in _pieces(text, 7)] + [chat_chunk({}, "stop")]
+    out = await run(p, ctx, events)
+    got = contents(out)
+    assert len(out) == len(events)
+    # while the blob streamed, all but its last 320 characters reached the client
+    before_at = "".join(got[: text.index("@") // 7])
+    assert len(before_at) >= len("img ") + len(blob) - 320 - 7
+    whole = "".join(got)
+    # the address the blob turned into is redacted from where the hold began: no part of its domain leaks
+    assert "corp.example" not in whole and whole.endswith("<EMAIL_1> done")
+    assert whole.startswith("img " + blob[:1000])
+
+
+async def test_a_long_url_is_held_whole_and_redacted(runtime: Any) -> None:
+    p = await configure_plugin(Pii, {}, runtime=runtime)
+    url = "https://files.example.com/" + "/".join(f"segment{i:03d}" for i in range(120))
+    ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    await p.on_request(ctx)
+    text = "get " + url + " now"
+    out = await run(p, ctx, [chat_chunk({"content": s}) for s in _pieces(text, 5)] + [chat_chunk({}, "stop")])
+    got = contents(out)
+    assert "".join(got) == "get <URL_1> now"
+    assert all("segment" not in g for g in got)
+
+
+async def test_without_urls_a_long_url_streams_through(runtime: Any) -> None:
+    p = await configure_plugin(Pii, {"entities": ["EMAIL_ADDRESS", "PHONE_NUMBER"]}, runtime=runtime)
+    url = "https://files.example.com/" + "/".join(f"segment{i:03d}" for i in range(120))
+    ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    await p.on_request(ctx)
+    pieces = _pieces("get " + url + " now", 5)
+    out = await run(p, ctx, [chat_chunk({"content": s}) for s in pieces] + [chat_chunk({}, "stop")])
+    got = contents(out)
+    assert "".join(got) == "get " + url + " now"
+    assert len("".join(got[: len(pieces) - 1])) >= len("get " + url) - 320
