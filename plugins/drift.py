@@ -170,7 +170,7 @@ class Drift(Plugin):
         key, m = self.monitor((route_name(ctx), self.model_label(ctx)))
         num, cat = self.features_of(ctx)
         f = self.families
-        f.child(f.drift_samples, *key).inc()
+        f.count(f.drift_samples, 1.0, *key)
         if m.add(num, cat) and key not in self._busy:
             ref, cur = m.due_snapshots()
             if ref is not None:

@@ -309,7 +309,7 @@ class Metering(Plugin):
         ctx.cost = cost
         if cost:
             f = self.families
-            f.child(f.cost, route_name(ctx), self.model_label(ctx)).inc(cost)
+            f.count(f.cost, cost, route_name(ctx), self.model_label(ctx))
         if self.ledger is not None and (reached or cache_hit or self.config.record_answered):
             self.ledger.append(LEDGER_TABLE, self._row(ctx, usage, served, cost, price is not None, cache_hit))
         if reserved:

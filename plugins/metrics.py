@@ -11,10 +11,19 @@ models are the configured ones (or the plugin's ``models`` allow-list), anything
 is ``other``; free-form values (guard finding types, answer reasons) pass through a
 per-process limiter that folds everything past ``max_label_values`` into ``other``.
 No key, user or raw client string is ever a label.
+
+Recording is cheap: a request adds to plain Python accumulators (one per labelled
+series, found once per kind of request), and the accumulated counts are applied to the
+Prometheus families when anything reads the registry (a scrape, ``get_sample_value``),
+through a collector registered ahead of them. prometheus-client's own ``inc`` and
+``observe`` take a lock and validate on every call, and cost several times the rest of
+the plugin. With several workers (multiprocess mode) the accumulators are applied at the
+end of every request instead, so a scrape of any worker sees every finished request.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Iterable
 
 from pydantic import Field
@@ -80,13 +89,135 @@ class LabelLimiter:
         return OTHER
 
 
+class _Acc:
+    """What one labelled series accumulated since it was last applied to its Prometheus child.
+
+    The child is made (``family.labels(...)``) when something is first applied, so a
+    series shows in a scrape only once a request touched it, as with direct calls.
+    """
+
+    __slots__ = ("family", "labels", "owner", "dirty", "_child")
+
+    def __init__(self, family: Any, labels: tuple[str, ...], owner: Families) -> None:
+        self.family = family
+        self.labels = labels
+        self.owner = owner
+        self.dirty = False
+        self._child: Any = None
+
+    @property
+    def child(self) -> Any:
+        if self._child is None:
+            self._child = self.owner.child(self.family, *self.labels)
+        return self._child
+
+    def _touch(self) -> None:
+        self.dirty = True
+        self.owner.dirty.append(self)
+
+    def apply(self) -> None:
+        raise NotImplementedError
+
+
+class CounterAcc(_Acc):
+    __slots__ = ("pending",)
+
+    def __init__(self, family: Any, labels: tuple[str, ...], owner: Families) -> None:
+        super().__init__(family, labels, owner)
+        self.pending = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.pending += amount
+        if not self.dirty:
+            self._touch()
+
+    def apply(self) -> None:
+        self.dirty = False
+        pending, self.pending = self.pending, 0.0
+        self.child.inc(pending)
+
+
+class HistogramAcc(_Acc):
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, family: Any, labels: tuple[str, ...], owner: Families) -> None:
+        super().__init__(family, labels, owner)
+        self.bounds = tuple(family._upper_bounds)  # the last is +Inf, as in every child
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        if amount == amount:  # NaN falls in no bucket, as with Histogram.observe
+            # the first bucket whose upper bound is >= amount: Histogram.observe's rule
+            self.counts[bisect_left(self.bounds, amount)] += 1
+        if not self.dirty:
+            self._touch()
+
+    def apply(self) -> None:
+        self.dirty = False
+        child = self.child
+        child._sum.inc(self.sum)
+        self.sum = 0.0
+        counts = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                child._buckets[i].inc(n)
+                counts[i] = 0
+
+
+class GaugeAcc(_Acc):
+    __slots__ = ("value",)
+
+    def __init__(self, family: Any, labels: tuple[str, ...], owner: Families) -> None:
+        super().__init__(family, labels, owner)
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = value
+        if not self.dirty:
+            self._touch()
+
+    def apply(self) -> None:
+        self.dirty = False
+        self.child.set(self.value)
+
+
+class _ApplyOnRead:
+    """A collector with no metrics of its own, registered before the families: reading the
+    registry applies what the accumulators hold before the families are collected."""
+
+    def __init__(self, families: Families) -> None:
+        self.families = families
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self.families.flush()
+        return []
+
+
 class Families:
     """Every metric family Sluice's observers publish, registered once per process."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
+        from proxy.metrics import multiprocess_mode
+
         r = registry
+        #: accumulators touched since they were last applied
+        self.dirty: list[Any] = []
+        #: apply at the end of every request (several workers share the values through files)
+        self.eager = multiprocess_mode()
+        self._accs: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._series: dict[tuple[Any, ...], Series] = {}
+        self._ops: dict[tuple[str, str], str] = {}
+        self._timing: dict[tuple[str, str], HistogramAcc] = {}
+        registry.register(_ApplyOnRead(self))
         self.requests = Counter(
             "sluice_requests_total", "Requests answered, by route, model, status class and outcome.",
             ["route", "model", "status_class", "outcome"], registry=r)
@@ -167,6 +298,57 @@ class Families:
             c = self._children[key] = family.labels(*labels)
         return c
 
+    def acc(self, family: Any, *labels: str) -> Any:
+        """The accumulator of a labelled series (counter, histogram or gauge), made on first use."""
+        key = (id(family), labels)
+        a = self._accs.get(key)
+        if a is None:
+            kind = family._type
+            cls = HistogramAcc if kind == "histogram" else GaugeAcc if kind == "gauge" else CounterAcc
+            a = self._accs[key] = cls(family, labels, self)
+        return a
+
+    def count(self, family: Any, amount: float, *labels: str) -> None:
+        """Add to a labelled counter from outside :func:`record` (metering's cost, drift's samples)."""
+        self.acc(family, *labels).inc(amount)
+        if self.eager:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply every accumulator touched since the last flush to its Prometheus child."""
+        dirty = self.dirty
+        if dirty:
+            self.dirty = []
+            for a in dirty:
+                a.apply()
+
+    def operation(self, ctx: Context) -> str:
+        """:func:`operation_name`, remembered per route and path (a bounded cache: paths are client text)."""
+        route = ctx.route
+        key = (route.prefix if route is not None else "/", ctx.path)  # what ctx.endpoint depends on
+        op = self._ops.get(key)
+        if op is None:
+            op = operation_name(ctx)
+            if len(self._ops) < 4096:
+                self._ops[key] = op
+        return op
+
+    def series(self, route: str, model: str, status: int | None, outcome: str, op: str, upstream: str | None) -> Series:
+        """The accumulators a request of this kind adds to (every label here is bounded)."""
+        key = (route, model, status, outcome, op, upstream)
+        s = self._series.get(key)
+        if s is None:
+            s = self._series[key] = Series(self, route, model, status_class(status), outcome, op, upstream)
+        return s
+
+    def timing(self, route: str, key: str) -> HistogramAcc:
+        """The plugin-duration accumulator of a ``ctx.timings.plugins`` key (``plugin-id.phase``)."""
+        a = self._timing.get((route, key))
+        if a is None:
+            plugin_id, _, phase = key.rpartition(".")
+            a = self._timing[(route, key)] = self.acc(self.plugin_duration, route, plugin_id or key, phase)
+        return a
+
 
 def families(runtime: Any) -> Families:
     """The process's metric families (built on first use in ``runtime.metrics``)."""
@@ -238,58 +420,85 @@ class Metrics(Plugin):
         record(self.families, ctx, self.model_label(ctx), self.config.plugin_timings, self.config.findings)
 
 
+class Series:
+    """Every accumulator one kind of request (route, model, status, outcome, operation, upstream) touches."""
+
+    __slots__ = ("requests", "duration", "op_duration", "overhead", "upstream_duration", "tokens_in", "tokens_out",
+                 "tokens_cached", "tokens_reasoning", "usage_in", "usage_out", "estimated", "ttft", "tpot")
+
+    def __init__(self, f: Families, route: str, model: str, status_class: str, outcome: str, op: str, upstream: str | None) -> None:
+        acc = f.acc
+        self.requests = acc(f.requests, route, model, status_class, outcome)
+        self.duration = acc(f.duration, route, model)
+        self.op_duration = acc(f.operation_duration, op, model, route)
+        self.overhead = acc(f.overhead, route)
+        self.upstream_duration = acc(f.upstream_duration, route, upstream) if upstream is not None else None
+        self.tokens_in = acc(f.tokens, route, model, "input")
+        self.tokens_out = acc(f.tokens, route, model, "output")
+        self.tokens_cached = acc(f.tokens, route, model, "cached_input")
+        self.tokens_reasoning = acc(f.tokens, route, model, "reasoning")
+        self.usage_in = acc(f.token_usage, op, model, "input", route)
+        self.usage_out = acc(f.token_usage, op, model, "output", route) if op != "embeddings" else None
+        self.estimated = acc(f.estimated, route, model)
+        self.ttft = acc(f.ttft, op, model, route)
+        self.tpot = acc(f.tpot, op, model, route)
+
+
 def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, findings: bool = True) -> None:
     """Everything one finished request contributes to the metric families."""
     route = route_name(ctx)
     t = ctx.timings
-    child = f.child
     outcome = ctx.outcome if ctx.outcome in OUTCOMES else "error"
-    child(f.requests, route, model, status_class(ctx.status), outcome).inc()
-    op = operation_name(ctx)
+    status = ctx.status
+    upstream = ctx.upstream
+    s = f.series(route, model, status, outcome, f.operation(ctx), upstream.upstream if upstream is not None else None)
+    s.requests.inc()
     end = t.end
     if end is not None:
         total = end - t.start
-        child(f.duration, route, model).observe(total)
-        child(f.operation_duration, op, model, route).observe(total)
+        s.duration.observe(total)
+        s.op_duration.observe(total)
         waited = 0.0
         if t.upstream_start is not None:
             upstream_end = t.upstream_end if t.upstream_end is not None else end
             waited = max(upstream_end - t.upstream_start, 0.0)
-            if ctx.upstream is not None:
-                child(f.upstream_duration, route, ctx.upstream.upstream).observe(waited)
-        child(f.overhead, route).observe(max(total - waited, 0.0))
+            if s.upstream_duration is not None:
+                s.upstream_duration.observe(waited)
+        s.overhead.observe(max(total - waited, 0.0))
     usage = ctx.usage
     if usage is not None:
-        child(f.tokens, route, model, "input").inc(usage.prompt_tokens)
-        child(f.tokens, route, model, "output").inc(usage.completion_tokens)
+        s.tokens_in.inc(usage.prompt_tokens)
+        s.tokens_out.inc(usage.completion_tokens)
         if usage.cached_tokens:
-            child(f.tokens, route, model, "cached_input").inc(usage.cached_tokens)
+            s.tokens_cached.inc(usage.cached_tokens)
         if usage.reasoning_tokens:
-            child(f.tokens, route, model, "reasoning").inc(usage.reasoning_tokens)
-        child(f.token_usage, op, model, "input", route).observe(usage.prompt_tokens)
-        if op != "embeddings":
-            child(f.token_usage, op, model, "output", route).observe(usage.completion_tokens)
+            s.tokens_reasoning.inc(usage.reasoning_tokens)
+        s.usage_in.observe(usage.prompt_tokens)
+        if s.usage_out is not None:
+            s.usage_out.observe(usage.completion_tokens)
         if usage.estimated:
-            child(f.estimated, route, model).inc()
-    if t.first_byte is not None and ctx.stream and ctx.status == 200:
-        child(f.ttft, op, model, route).observe(max(t.first_byte - t.start, 0.0))
+            s.estimated.inc()
+    if t.first_byte is not None and status == 200 and ctx.stream:
+        s.ttft.observe(max(t.first_byte - t.start, 0.0))
         if usage is not None and usage.completion_tokens > 1 and t.upstream_end is not None:
-            child(f.tpot, op, model, route).observe(max(t.upstream_end - t.first_byte, 0.0) / (usage.completion_tokens - 1))
-    if ctx.answered_by and ctx.status is not None and ctx.status >= 400:
-        fam = f.limits if ctx.status == 429 else f.blocks
-        child(fam, route, ctx.answered_by, f.free_labels(ctx.answer_reason or "error")).inc()
-    if findings:
+            s.tpot.observe(max(t.upstream_end - t.first_byte, 0.0) / (usage.completion_tokens - 1))
+    if ctx.answered_by and status is not None and status >= 400:
+        fam = f.limits if status == 429 else f.blocks
+        f.acc(fam, route, ctx.answered_by, f.free_labels(ctx.answer_reason or "error")).inc()
+    if findings and ctx.annotations:
         for plugin_id, found in ctx.annotations.items():
             if isinstance(found, dict):
                 for kind, n in found.items():
                     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
-                        child(f.findings, route, str(plugin_id), f.free_labels(kind)).inc(n)
+                        f.acc(f.findings, route, str(plugin_id), f.free_labels(kind)).inc(n)
     if plugin_timings:
+        timing = f.timing
         for key, seconds in t.plugins.items():
-            plugin_id, _, phase = key.rpartition(".")
-            child(f.plugin_duration, route, plugin_id or key, phase).observe(seconds)
+            timing(route, key).observe(seconds)
     for a in ctx.attempts:
         result = attempt_result(a.status, a.error)
         up = a.target.upstream
-        child(f.attempts, up, result).inc()
-        child(f.upstream_up, up).set(0 if result in ("http_5xx", "connect", "timeout", "protocol", "error") else 1)
+        f.acc(f.attempts, up, result).inc()
+        f.acc(f.upstream_up, up).set(0 if result in ("http_5xx", "connect", "timeout", "protocol", "error") else 1)
+    if f.eager:
+        f.flush()
