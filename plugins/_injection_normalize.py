@@ -134,6 +134,17 @@ def _mixed_script(text: str) -> bool:
     return ascii_words > 0 and any(ord(c) in _CONFUSABLE_CODES for c in text)
 
 
+_LEET_CHARS = "0134578@$9"
+
+
+def may_be_leet(text: str) -> bool:
+    """Could any token of ``text`` change under leetspeak? (one ``memchr`` per leet character)"""
+    for c in _LEET_CHARS:
+        if c in text:
+            return True
+    return False
+
+
 def leet_tokens(tokens: frozenset[str] | set[str]) -> set[str]:
     """Tokens mixing letters with leetspeak digits or symbols, translated back to letters."""
     mixed = tokens - set(filter(str.isalpha, tokens))
@@ -239,6 +250,6 @@ def _readable(text: str) -> bool:
 
 
 __all__ = [
-    "Normalised", "normalise", "leet", "leet_tokens", "despace", "has_single_letter_runs", "rot13",
+    "Normalised", "normalise", "leet", "leet_tokens", "may_be_leet", "despace", "has_single_letter_runs", "rot13",
     "long_tokens", "decode_payloads",
 ]
