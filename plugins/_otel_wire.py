@@ -31,11 +31,14 @@ _pack_i = struct.Struct("<I").pack
 RETRYABLE = frozenset({429, 502, 503, 504})
 
 
+_SMALL = [bytes((i,)) for i in range(128)]
+
+
 def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _SMALL[n]
     if n < 0:
         n += 1 << 64  # int64 on the wire: two's complement, ten bytes
-    if n < 0x80:
-        return bytes((n,))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -44,16 +47,43 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+#: the tag byte of a length-delimited field (every field number used here is below 16)
+_LEN_TAG = [bytes(((f << 3) | 2,)) for f in range(16)]
+
+
 def _len(field: int, payload: bytes) -> bytes:
-    return _varint((field << 3) | 2) + _varint(len(payload)) + payload
+    n = len(payload)
+    return _LEN_TAG[field] + (_SMALL[n] if n < 0x80 else _varint(n)) + payload
 
 
 def _str(field: int, s: str) -> bytes:
     return _len(field, s.encode("utf-8", "surrogatepass"))
 
 
+def _any_list(v: Any) -> bytes:
+    return _len(5, b"".join([_len(1, any_value(x)) for x in v]))
+
+
+def _any_int(v: int) -> bytes:
+    return b"\x18" + _varint(v)
+
+
+_ANY: dict[type, Any] = {
+    str: lambda v: _str(1, v),
+    bool: lambda v: b"\x10\x01" if v else b"\x10\x00",
+    int: _any_int,
+    float: lambda v: b"\x21" + _pack_d(v),
+    bytes: lambda v: _len(7, v),
+    list: _any_list,
+    tuple: _any_list,
+}
+
+
 def any_value(v: Any) -> bytes:
     """An ``AnyValue`` message (without its own tag)."""
+    enc = _ANY.get(type(v))
+    if enc is not None:
+        return enc(v)
     if isinstance(v, str):
         return _str(1, v)
     if isinstance(v, bool):
@@ -77,6 +107,7 @@ _PAIRS: dict[tuple[str, Any, type], bytes] = {}
 CACHE_MAX = 8192
 #: attributes whose values are unique per request: caching them would only crowd out the rest
 UNIQUE = frozenset({"sluice.request_id", "gen_ai.response.id", "gen_ai.input.messages", "gen_ai.output.messages"})
+_CACHED_TYPES = frozenset({str, bool, int, list, tuple})
 
 
 def key_value(key: str, value: Any) -> bytes:
@@ -88,24 +119,61 @@ def key_value(key: str, value: Any) -> bytes:
     return k + _len(2, any_value(value))
 
 
-def _attribute(field: int, key: str, value: Any) -> bytes:
-    # most attribute values repeat (operation, model, route, upstream, status): reuse their bytes
+#: the field number of ``Span.attributes``: the only attributes whose encodings are cached
+SPAN_ATTRIBUTES = 9
+
+
+def _attribute(key: str, value: Any) -> bytes:
+    """A span attribute (``KeyValue`` in field 9), its bytes reused when the same pair comes again."""
+    # most attribute values repeat (operation, model, route, upstream, status, finish reasons)
     t = type(value)
-    if (t is str or t is bool or (t is int and -1024 < value < 1024)) and key not in UNIQUE:
-        pk = (key, value, t)
-        enc = _PAIRS.get(pk)  # type: ignore[arg-type]
+    if t in _CACHED_TYPES and key not in UNIQUE:
+        if t is int:
+            if not -1024 < value < 1024:
+                return _len(9, key_value(key, value))
+            pk: Any = (key, value, t)
+        elif t is str or t is bool:
+            pk = (key, value, t)
+        else:
+            if len(value) > 8:
+                return _len(9, key_value(key, value))
+            try:
+                pk = (key, tuple(value), t, tuple(map(type, value)))  # [1] and [True] are different attributes
+                hash(pk)
+            except TypeError:
+                return _len(9, key_value(key, value))
+        enc = _PAIRS.get(pk)
         if enc is None:
-            enc = _len(field, key_value(key, value))
+            enc = _len(9, key_value(key, value))
             if len(_PAIRS) < CACHE_MAX and (t is not str or len(value) <= 256):
-                _PAIRS[pk] = enc  # type: ignore[index]
+                _PAIRS[pk] = enc
         return enc
-    return _len(field, key_value(key, value))
+    return _len(9, key_value(key, value))
 
 
 def attributes(field: int, attrs: Mapping[str, Any] | None) -> bytes:
     if not attrs:
         return b""
-    return b"".join([_attribute(field, k, v) for k, v in attrs.items() if v is not None])
+    if field != SPAN_ATTRIBUTES:
+        return b"".join([_len(field, key_value(k, v)) for k, v in attrs.items() if v is not None])
+    get = _PAIRS.get
+    out = []
+    for k, v in attrs.items():
+        t = type(v)
+        if t is str or t is int or t is bool:
+            enc = get((k, v, t))  # the common case first: a pair seen before
+            if enc is not None:
+                out.append(enc)
+                continue
+        if v is not None:
+            out.append(_attribute(k, v))
+    return b"".join(out)
+
+
+_KIND = [b"\x30" + _varint(k + 1) for k in range(8)]  # the proto enum counts UNSPECIFIED as 0
+_FLAGS_LOCAL = b"\x85\x01" + _pack_i(0x100)
+_FLAGS_REMOTE = b"\x85\x01" + _pack_i(0x300)
+_STATUS_UNSET = _len(15, b"")
 
 
 def span(s: Any) -> bytes:
@@ -121,16 +189,19 @@ def span(s: Any) -> bytes:
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
     parts.append(_str(5, s.name))
-    parts.append(b"\x30" + _varint(s.kind.value + 1))  # the proto enum counts UNSPECIFIED as 0
+    parts.append(_KIND[s.kind.value])
     parts.append(b"\x39" + _pack_q(s.start_time))
     parts.append(b"\x41" + _pack_q(s.end_time))
     parts.append(attributes(9, s.attributes))
     status = s.status
     code = status.status_code.value
     # always present, as the SDK encoder writes it (an empty message for UNSET)
-    parts.append(_len(15, (_str(2, status.description) if status.description else b"") + (b"\x18" + _varint(code) if code else b"")))
+    if not code and not status.description:
+        parts.append(_STATUS_UNSET)
+    else:
+        parts.append(_len(15, (_str(2, status.description) if status.description else b"") + (b"\x18" + _varint(code) if code else b"")))
     # SpanFlags: "has is_remote" always, "is_remote" for a remote parent (the SDK leaves the trace flags out)
-    parts.append(b"\x85\x01" + _pack_i(0x300 if parent is not None and parent.is_remote else 0x100))
+    parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     return b"".join(parts)
 
 

@@ -65,3 +65,30 @@ def test_faster_than_the_sdk_encoder():
     encode_request(batch)
     ours = time.process_time() - t
     assert ours < sdk / 2, (ours, sdk)
+
+
+def test_reused_encodings_stay_exact():
+    """Cached pairs (strings, small ints, bools, short lists) come back right, on any later span.
+
+    The same key with values of other types or other lengths, a resource attribute equal to a
+    span attribute, lengths past one and two varint bytes, and ints past the cached range.
+    """
+    res = Resource.create({"service.name": "sluice", "gen_ai.operation.name": "chat"})
+    variants = [
+        {"gen_ai.operation.name": "chat", "n": 1, "flag": True, "reasons": ["stop"], "mixed": [1, True, "x", 0.5]},
+        {"gen_ai.operation.name": "chat", "n": True, "flag": 1, "reasons": ["stop", "length"], "mixed": [True, 1, "x", 0.5]},
+        {"gen_ai.operation.name": "embeddings", "n": 1023, "flag": False, "reasons": ("stop",), "mixed": []},
+        {"gen_ai.operation.name": "x" * 200, "n": -1023, "flag": "True", "reasons": ["s" * 20_000], "mixed": [[1, 2]]},
+        {"gen_ai.operation.name": "chat", "n": 1024, "big": -(2**63), "reasons": ["stop"] * 9, "f": 1.0, "b": b"\x00\xff"},
+        {"sluice.request_id": "req_1", "gen_ai.response.id": "chatcmpl-1", "n": 1, "reasons": ["stop"]},
+    ]
+    batch = []
+    for round_ in range(3):  # the second and third rounds hit the caches the first filled
+        for i, attrs in enumerate(variants):
+            ctx = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0x1000 + i + 100 * round_, False, TraceFlags(1))
+            batch.append(ReadableSpan(f"span {i}", ctx, parent=None, resource=res, attributes=attrs, kind=SpanKind.CLIENT,
+                                      status=Status(StatusCode.UNSET), start_time=1_700_000_000_000_000_000 + i,
+                                      end_time=1_700_000_000_100_000_000, instrumentation_scope=SCOPE))
+        ours = ExportTraceServiceRequest()
+        ours.ParseFromString(encode_request(batch))
+        assert ours == encode_spans(batch)
