@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import math
 from typing import Any, Callable, Iterable, Mapping
 
 import orjson
@@ -39,9 +38,9 @@ _registered: list[tuple[str, str]] = []
 
 def estimate_text(text: str) -> int:
     """The estimate for one string: ``ceil(len(utf8) / 4)``."""
-    if not text:
-        return 0
-    return math.ceil(len(text.encode("utf-8", "surrogatepass")) / BYTES_PER_TOKEN)
+    # an ASCII string's UTF-8 length is its length (isascii() is a flag check, no scan)
+    n = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    return (n + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,7 +73,7 @@ def register_tokenizer(model_pattern: str, path: str) -> None:
 
 def tokenizer_for(model: str | None, mapping: Mapping[str, str] | None = None) -> Counter | None:
     """The counter for ``model`` from ``mapping`` (pattern -> path) or the registry, else ``None``."""
-    if not model:
+    if not model or (not mapping and not _registered):
         return None
     pairs: Iterable[tuple[str, str]] = list(mapping.items()) if mapping else []
     for pattern, path in [*pairs, *reversed(_registered)]:
@@ -140,31 +139,46 @@ def count_prompt_tokens(body: Any, model: str | None = None, *, tokenizer: Count
     """
     if not isinstance(body, dict):
         return 0
-    model = model or (body.get("model") if isinstance(body.get("model"), str) else None)
-    count = tokenizer or tokenizer_for(model, tokenizers) or estimate_text
+    if tokenizer is not None:
+        count = tokenizer
+    elif tokenizers or _registered:
+        if not model:
+            m = body.get("model")
+            model = m if isinstance(m, str) else None
+        count = tokenizer_for(model, tokenizers) or estimate_text
+    else:
+        count = estimate_text
     n = 0
     messages = body.get("messages")
     if isinstance(messages, list):
         for m in messages:
             if not isinstance(m, dict):
                 continue
-            n += PER_MESSAGE + _text_of_content(m.get("content"), count)
-            if m.get("name"):
-                n += PER_NAME + count(str(m["name"]))
-            if m.get("tool_calls"):
-                n += count(orjson.dumps(m["tool_calls"]).decode())
-            if m.get("function_call"):
-                n += count(orjson.dumps(m["function_call"]).decode())
+            content = m.get("content")
+            if type(content) is str and count is estimate_text:
+                # the common case, inline: a plain text message
+                k = len(content) if content.isascii() else len(content.encode("utf-8", "surrogatepass"))
+                n += PER_MESSAGE + (k + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
+            else:
+                n += PER_MESSAGE + _text_of_content(content, count)
+            if len(m) > 2:  # more than role and content: a name, tool calls
+                if m.get("name"):
+                    n += PER_NAME + count(str(m["name"]))
+                if m.get("tool_calls"):
+                    n += count(orjson.dumps(m["tool_calls"]).decode())
+                if m.get("function_call"):
+                    n += count(orjson.dumps(m["function_call"]).decode())
         n += REPLY_PRIMING
     if "prompt" in body:
-        n += _prompt(body.get("prompt"), count)
+        n += _prompt(body["prompt"], count)
     if "input" in body:
-        n += _prompt(body.get("input"), count)
-    if isinstance(body.get("instructions"), str):
+        n += _prompt(body["input"], count)
+    if "instructions" in body and isinstance(body["instructions"], str):
         n += count(body["instructions"])
-    for extra in ("tools", "functions"):
-        if body.get(extra):
-            n += count(orjson.dumps(body[extra]).decode())
+    if "tools" in body or "functions" in body:
+        for extra in ("tools", "functions"):
+            if body.get(extra):
+                n += count(orjson.dumps(body[extra]).decode())
     return n
 
 
@@ -173,12 +187,26 @@ def completion_allowance(body: Any, default: int) -> int:
     ``max_output_tokens`` when given, else ``default``; times ``n`` choices."""
     if not isinstance(body, dict):
         return default
-    limit = None
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+    limit = default
+    for name in _MAX_FIELDS:
         v = body.get(name)
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        if v is not None and type(v) is int and v >= 0:  # type(), not isinstance(): True is not a count
             limit = v
             break
     choices = body.get("n")
-    n = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
-    return (default if limit is None else limit) * n
+    if choices is not None and type(choices) is int and choices > 0:
+        return limit * choices
+    return limit
+
+
+_MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def reservation(body: dict[str, Any], default: int, tokenizers: Mapping[str, str] | None = None,
+                completion: bool = True) -> tuple[int, int]:
+    """``(prompt tokens, prompt plus completion allowance)`` of a request body (a dict), in one call:
+    what a rate limiter reserves. ``completion=False`` for endpoints that generate nothing."""
+    prompt = count_prompt_tokens(body, None, tokenizers=tokenizers)
+    if not completion:
+        return prompt, prompt
+    return prompt, prompt + completion_allowance(body, default)

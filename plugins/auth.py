@@ -316,6 +316,10 @@ class Auth(Plugin):
         self._failing: dict[str, float] = {}
         #: hash -> (record, identity, trusted until): identities are shared read-only between requests
         self._cache: OrderedDict[str, tuple[KeyRecord, Identity, float]] = OrderedDict()
+        #: presented virtual key -> (its cache key, the cache entry it found): saves hashing a key seen
+        #: lately. Only keys the store knew are kept, in this process's memory, never written anywhere.
+        self._memo: dict[str, tuple[str, tuple[KeyRecord, Identity, float]]] = {}
+        self._header_names = tuple(config.headers)
 
     async def start(self) -> None:
         if self.config.virtual_keys:
@@ -328,10 +332,15 @@ class Auth(Plugin):
 
     # -- request path --------------------------------------------------------
     def _presented(self, ctx: Context) -> str | None:
-        for h in self.config.headers:
-            v = ctx.headers.get(h)
-            if not v:
+        """The key the client sent (first of ``headers`` that holds one); removes them all when stripping."""
+        headers = ctx.headers
+        strip = self.config.strip_credentials
+        found = None
+        for h in self._header_names:
+            values = headers.popall(h, None) if strip else headers.getall(h, None)
+            if not values or found is not None:
                 continue
+            v = values[0]
             if h == "authorization":
                 scheme, _, token = v.partition(" ")
                 if scheme.lower() != "bearer":
@@ -339,58 +348,67 @@ class Auth(Plugin):
                 v = token
             v = v.strip()
             if v:
-                return v
-        return None
-
-    def _strip(self, ctx: Context) -> None:
-        if self.config.strip_credentials:
-            for h in self.config.headers:
-                ctx.headers.popall(h, None)
+                found = v
+        return found
 
     @hookimpl
     async def on_request(self, ctx: Context) -> None:
-        if ctx.answered:
+        if ctx.reply_value is not None:
             return
         secret = self._presented(ctx)
-        self._strip(ctx)
         if secret is None:
             if not self.config.required:
                 return
             raise ProxyError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or in the 'api-key' header.",
                              code="missing_api_key", reason="missing_key")
-        fail_limit = None
+        fail_key = None
         if self._fail is not None:
-            fail_limit = Limit("auth:fail:" + (ctx.client_ip or "-"), self.config.max_failures, self.config.failure_window_s)
-            until = self._failing.get(fail_limit.key)
+            fail_key = "auth:fail:" + (ctx.client_ip or "-")
+            until = self._failing.get(fail_key)
             if until is not None:
                 if until > time.monotonic():
                     # an address that failed lately: would one more failure fit?
-                    d = await self._fail.acquire([fail_limit])
+                    probe = Limit(fail_key, self.config.max_failures, self.config.failure_window_s)
+                    d = await self._fail.acquire([probe])
                     if not d.allowed:
                         raise _too_many(d.retry_after_s)
-                    await self._fail.adjust([Limit(fail_limit.key, fail_limit.limit, fail_limit.period_s, -1.0)])
+                    await self._fail.adjust([Limit(fail_key, probe.limit, probe.period_s, -1.0)])
                 else:
-                    self._failing.pop(fail_limit.key, None)
+                    self._failing.pop(fail_key, None)
 
-        h = hash_key(secret)
+        # a key seen lately (and still in the lookup cache) skips hashing: the memo holds
+        # the cache entry it found, so an entry dropped or replaced (revoke, expiry) is missed
+        rec: KeyRecord | None = None
         ident: Identity | None = None
-        rec = self._static_match(h)
-        if rec is not None:
-            ident = self._identities[rec.hash]
-        elif self.store is not None:
-            found = await self._lookup(h)
-            if found is not None:
-                rec, ident = found
+        memo = self._memo.get(secret)
+        if memo is not None and self._cache.get(memo[0]) is memo[1] and memo[1][2] > time.monotonic():
+            rec, ident = memo[1][0], memo[1][1]
+        else:
+            h = hash_key(secret)
+            rec = self._static_match(h) if self._static else None
+            if rec is not None:
+                ident = self._identities[rec.hash]
+            elif self.store is not None:
+                found = await self._lookup(h)
+                if found is not None:
+                    rec, ident = found
+                    ck = self.store.backend + ":" + h
+                    entry = self._cache.get(ck)
+                    if entry is not None:
+                        if len(self._memo) >= _CACHE_MAX:
+                            self._memo.clear()
+                        self._memo[secret] = (ck, entry)
         if rec is None:
-            await self._failed(fail_limit)
+            await self._failed(fail_key)
             raise ProxyError(401, "Incorrect API key provided.", code="invalid_api_key", reason="invalid_key")
-        now = time.time()
-        if rec.revoked_at is not None and rec.revoked_at <= now:
-            await self._failed(fail_limit)
-            raise ProxyError(401, "This API key has been revoked.", code="api_key_revoked", reason="revoked_key")
-        if rec.expires_at is not None and rec.expires_at <= now:
-            await self._failed(fail_limit)
-            raise ProxyError(401, "This API key has expired.", code="api_key_expired", reason="expired_key")
+        if rec.revoked_at is not None or rec.expires_at is not None:
+            now = time.time()
+            if rec.revoked_at is not None and rec.revoked_at <= now:
+                await self._failed(fail_key)
+                raise ProxyError(401, "This API key has been revoked.", code="api_key_revoked", reason="revoked_key")
+            if rec.expires_at is not None and rec.expires_at <= now:
+                await self._failed(fail_key)
+                raise ProxyError(401, "This API key has expired.", code="api_key_expired", reason="expired_key")
         ctx.identity = ident
         ctx.stash[RECORD] = rec
         if rec.models is not None:
@@ -428,8 +446,9 @@ class Auth(Plugin):
         self._cache.pop(ck, None)
         return None
 
-    async def _failed(self, limit: Any) -> None:
-        if limit is not None and self._fail is not None:
+    async def _failed(self, key: str | None) -> None:
+        if key is not None and self._fail is not None:
+            limit = Limit(key, self.config.max_failures, self.config.failure_window_s)
             await self._fail.adjust([limit])
             failing = self._failing
             if len(failing) >= _FAILING_MAX:

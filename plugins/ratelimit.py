@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, hookimpl
 from proxy.state import Decision, Limit
 
-from ._tokens import completion_allowance, count_prompt_tokens, load_tokenizer
+from ._tokens import completion_allowance, count_prompt_tokens, load_tokenizer, reservation
 
 if TYPE_CHECKING:  # pragma: no cover
     from proxy.runtime import Runtime
@@ -97,9 +97,42 @@ class Reservation:
     token_limits: list[Limit]
     leases: list[tuple[str, str]]
     released: bool = False
+    #: memory backend: the token buckets as ``(key, interval_s, period_s)`` (see ``MemoryCounters.take_now``)
+    token_buckets: list[tuple[str, float, float]] | None = None
 
 
 RESERVATION: StashKey[Reservation] = StashKey("ratelimit.reservation")
+#: plans kept per plugin instance at most (one per key identity, per model when model limits apply)
+PLANS_MAX = 4096
+#: paths whose answer has no completion tokens, with or without a trailing slash
+_NO_COMPLETION_PATHS = tuple(p + s for p in NO_COMPLETION for s in ("", "/"))
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything about a request's limits that does not depend on the request's tokens,
+    built once per identity (and model) and reused: bucket keys, limits, leases, header text.
+
+    ``template`` holds, in scope order, the request limits (``Limit`` objects with cost 1,
+    shared by every request) and ``None`` where a token limit goes (its cost is the
+    request's reservation: ``token_specs`` in the same order gives key, limit and scope).
+    """
+
+    template: list[Limit | None]
+    token_specs: list[tuple[str, int, str]]
+    leases: list[tuple[str, int, float]]
+    lease_keys: list[str]
+    kinds: dict[str, tuple[str, str]]
+    #: per limit of ``template``: True for tokens, False for requests
+    is_tokens: list[bool]
+    #: per limit of ``template``: the limit as header text
+    limit_text: list[str]
+    #: per limit of ``template``: ``(key, interval_s, period_s)``, for the memory backend's fast path
+    buckets: list[tuple[str, float, float]]
+    #: the token limits' buckets
+    token_buckets: list[tuple[str, float, float]]
+    #: the costs when no limit counts tokens (all 1)
+    ones: list[float]
 
 
 class _Metrics:
@@ -116,10 +149,14 @@ class _Metrics:
         )
 
 
+_MS_TEXT = [f"{i}ms" for i in range(1001)]
+
+
 def format_duration(seconds: float) -> str:
     """OpenAI's reset format: ``20ms``, ``1s``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
     if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
+        ms = math.ceil(seconds * 1000)
+        return _MS_TEXT[ms] if ms > 0 else "0ms"
     seconds = math.ceil(seconds * 1000) / 1000
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -167,12 +204,23 @@ class RateLimit(Plugin):
         self._models = [(pat, _triple(ls)) for pat, ls in c.models.items()]
         self._global = _triple(c.global_)
         self._model_cache: dict[str, Triple | None] = {}
-        self._no_completion = NO_COMPLETION
+        self._model_scoped = bool(self._models) or self._model_default is not None
+        self._tokenizers = dict(c.tokenizers) or None
+        self._default_max_tokens = c.default_max_tokens
+        self._headers_on = c.headers
+        #: plan cache: identity id (or anonymous address), and model when model limits apply -> (identity, plan)
+        self._plans: dict[Any, tuple[Any, Plan | None]] = {}
         #: settlements waiting to ride on the next admission (Redis): adjustments and lease releases
         self._carry = False
         self._pend_adjust: list[Limit] = []
         self._pend_release: list[tuple[str, str]] = []
         self._flush_task: asyncio.Task[None] | None = None
+        state = runtime.state
+        if (c.backend == "memory" or (c.backend == "auto" and not state.has_redis)) and not c.tokenizers:
+            # nothing on the memory backend waits: plain functions, no coroutine per request
+            self.counters = state.counters("memory")
+            self.on_request = self._on_request_memory  # type: ignore[method-assign]
+            self.on_done = self._on_done_memory  # type: ignore[method-assign]
 
     async def start(self) -> None:
         self.counters = self.runtime.state.counters(self.config.backend)
@@ -231,75 +279,226 @@ class RateLimit(Plugin):
             out.append(("global", "g", self._global))
         return out
 
-    async def reserve_tokens(self, ctx: Context) -> tuple[int, int]:
-        """(prompt tokens, total reserved) for this request."""
-        if ctx.method != "POST" or not ctx.body_is_json:
-            return 0, 0
-        body = ctx.body
-        tokenizers = self.config.tokenizers
-        if tokenizers and len(ctx.raw) > TOKENIZE_OFF_LOOP_BYTES:
-            prompt = await self.runtime.run_cpu(count_prompt_tokens, body, None, tokenizers=tokenizers)
-        else:
-            prompt = count_prompt_tokens(body, None, tokenizers=tokenizers or None)
-        completion = 0 if ctx.path.rstrip("/").endswith(self._no_completion) else completion_allowance(body, self.config.default_max_tokens)
-        return prompt, prompt + completion
+    def _plan(self, ctx: Context) -> Plan | None:
+        """The request's plan, from the cache when its identity (and model) was seen before.
 
-    # -- request path ------------------------------------------------------------
-    @hookimpl
-    async def on_request(self, ctx: Context) -> None:
-        if ctx.answered:
-            return
-        scopes = self.scopes(ctx)
+        Identities are shared read-only between requests of a key (``auth`` caches them),
+        so the identity object itself is the cache key (by ``id``, the entry holding it
+        alive, so the id cannot be reused while cached).
+        """
+        ident = ctx.identity
+        model = ctx.model if self._model_scoped else None
+        if ident is not None:
+            ck: Any = id(ident) if model is None else (id(ident), model)
+        else:
+            ck = ("anon", ctx.client_ip if self.config.anonymous == "client_ip" else None, model)
+        plans = self._plans
+        hit = plans.get(ck)
+        if hit is not None and hit[0] is ident:
+            return hit[1]
+        plan = self._build_plan(self.scopes(ctx))
+        if len(plans) >= PLANS_MAX:
+            plans.clear()  # identities are renewed every cache_ttl_s of auth: old ones go too
+        plans[ck] = (ident, plan)
+        return plan
+
+    def _build_plan(self, scopes: list[tuple[str, str, Triple]]) -> Plan | None:
         if not scopes:
-            return
-        prompt = tokens = 0
-        for _, _, (_, tpm, _) in scopes:
-            if tpm is not None:
-                prompt, tokens = await self.reserve_tokens(ctx)
-                break
-        limits: list[Limit] = []
-        token_limits: list[Limit] = []
+            return None
+        prefix = self.prefix
+        template: list[Limit | None] = []
+        token_specs: list[tuple[str, int, str]] = []
         leases: list[tuple[str, int, float]] = []
         kinds: dict[str, tuple[str, str]] = {}
-        prefix = self.prefix
+        is_tokens: list[bool] = []
+        limit_text: list[str] = []
+        buckets: list[tuple[str, float, float]] = []
         for scope, who, (rpm, tpm, conc) in scopes:
             if rpm is not None:
                 k = prefix + who + ":r"
-                limits.append(Limit(k, rpm, PERIOD_S, 1.0))
+                template.append(Limit(k, rpm, PERIOD_S, 1.0))
                 kinds[k] = (scope, "requests")
+                is_tokens.append(False)
+                limit_text.append(str(int(rpm)))
+                buckets.append((k, PERIOD_S / rpm, PERIOD_S))
             if tpm is not None:
-                if tokens > tpm:
-                    self.metrics.decisions.labels("limited", scope, "tokens").inc()
-                    raise ProxyError(
-                        429,
-                        f"Request too large: it needs about {tokens} tokens (prompt plus max_tokens) but the tokens per "
-                        f"minute limit of this {scope} is {tpm}. Lower max_tokens or shorten the prompt.",
-                        code="rate_limit_exceeded", reason="request_too_large",
-                    )
                 k = prefix + who + ":t"
-                lim = Limit(k, tpm, PERIOD_S, float(tokens))
-                limits.append(lim)
-                token_limits.append(lim)
+                template.append(None)
+                token_specs.append((k, tpm, scope))
                 kinds[k] = (scope, "tokens")
+                is_tokens.append(True)
+                limit_text.append(str(int(tpm)))
+                buckets.append((k, PERIOD_S / tpm, PERIOD_S))
             if conc is not None:
                 k = prefix + who + ":c"
                 leases.append((k, conc, self.config.lease_ttl_s))
                 kinds[k] = (scope, "concurrency")
+        token_buckets = [b for b, t in zip(buckets, is_tokens) if t]
+        return Plan(template, token_specs, leases, [k for k, _, _ in leases], kinds, is_tokens, limit_text,
+                    buckets, token_buckets, [1.0] * len(buckets))
 
+    def count_tokens(self, ctx: Context) -> tuple[int, int]:
+        """(prompt tokens, total reserved) for this request, on the loop."""
+        if ctx.method != "POST":
+            return 0, 0
+        try:
+            body = ctx.body
+        except ProxyError:
+            return 0, 0  # not JSON: nothing to count (the upstream will say what is wrong)
+        if not isinstance(body, dict):
+            return 0, 0
+        return reservation(body, self._default_max_tokens, self._tokenizers, not ctx.path.endswith(_NO_COMPLETION_PATHS))
+
+    async def reserve_tokens(self, ctx: Context) -> tuple[int, int]:
+        """(prompt tokens, total reserved) for this request; big prompts are tokenized off the loop."""
+        if self._tokenizers and ctx.method == "POST" and len(ctx.raw) > TOKENIZE_OFF_LOOP_BYTES and ctx.body_is_json:
+            body = ctx.body
+            prompt = await self.runtime.run_cpu(count_prompt_tokens, body, None, tokenizers=self._tokenizers)
+            if ctx.path.endswith(_NO_COMPLETION_PATHS):
+                return prompt, prompt
+            return prompt, prompt + completion_allowance(body, self.config.default_max_tokens)
+        return self.count_tokens(ctx)
+
+    def _limits(self, plan: Plan, tokens: int) -> tuple[list[Limit], list[Limit]]:
+        """The plan's limits with this request's token reservation: (all limits, the token ones)."""
+        token_limits = []
+        for key, tpm, scope in plan.token_specs:
+            if tokens > tpm:
+                self._too_large(tokens, tpm, scope)
+            token_limits.append(Limit(key, tpm, PERIOD_S, float(tokens)))
+        it = iter(token_limits)
+        return [lim if lim is not None else next(it) for lim in plan.template], token_limits
+
+    def _too_large(self, tokens: int, tpm: int, scope: str) -> None:
+        self.metrics.decisions.labels("limited", scope, "tokens").inc()
+        raise ProxyError(
+            429,
+            f"Request too large: it needs about {tokens} tokens (prompt plus max_tokens) but the tokens per "
+            f"minute limit of this {scope} is {tpm}. Lower max_tokens or shorten the prompt.",
+            code="rate_limit_exceeded", reason="request_too_large",
+        )
+
+    # -- request path ------------------------------------------------------------
+    @hookimpl
+    async def on_request(self, ctx: Context) -> None:
+        if ctx.reply_value is not None:
+            return
+        plan = self._plan(ctx)
+        if plan is None:
+            return
+        prompt = tokens = 0
+        if plan.token_specs:
+            prompt, tokens = await self.reserve_tokens(ctx)
+            limits, token_limits = self._limits(plan, tokens)
+        else:
+            limits, token_limits = plan.template, []  # type: ignore[assignment]
         settle = self._take() if self._carry and (self._pend_adjust or self._pend_release) else None
         try:
-            decision, held = await self._admit(limits, leases, settle)
+            decision, held = await self._admit(limits, plan.leases, settle)
         except BaseException:
             if settle:
                 self._requeue(settle)
             raise
-        headers = self._headers(decision.statuses, kinds) if self.config.headers and decision.statuses else {}
-        if not decision.allowed:
-            self._refuse(decision, kinds, headers)
+        self._admitted(ctx, plan, decision, held, token_limits, tokens, prompt)
+
+    @hookimpl(specname="on_request")
+    def _on_request_memory(self, ctx: Context) -> None:
+        """``on_request`` on the memory backend: the same steps, none of which waits, so no coroutine,
+        and buckets taken by the plan's ``(key, interval, period)`` without a ``Limit`` or status object."""
+        if ctx.reply_value is not None:
+            return
+        plan = self._plan(ctx)
+        if plan is None:
+            return
+        if plan.token_specs:
+            prompt, tokens = self.count_tokens(ctx)
+            for _, tpm, scope in plan.token_specs:
+                if tokens > tpm:
+                    self._too_large(tokens, tpm, scope)
+            costs: list[float] = [tokens if t else 1.0 for t in plan.is_tokens]
+        else:
+            prompt = tokens = 0
+            costs = plan.ones
+        counters = self.counters
+        got = counters.take_now(plan.buckets, costs, plan.leases)  # type: ignore[union-attr]
+        if got is None:
+            # refused (nothing was taken): the full step says which limit and for how long
+            # (or admits, if a bucket refilled in between: a plan's buckets are distinct)
+            limits, token_limits = self._limits(plan, tokens)
+            decision, held = counters.admit_now(limits, plan.leases, None, True)  # type: ignore[union-attr]
+            self._admitted(ctx, plan, decision, held, token_limits, tokens, prompt)
+            return
+        figures, taken = got
         self.metrics.admitted.inc()
-        ctx.stash[RESERVATION] = Reservation(tokens, prompt, token_limits, list(zip([k for k, _, _ in leases], held)))
-        if headers:
-            ctx.response_headers.update(headers)
+        ctx.stash[RESERVATION] = Reservation(tokens, prompt, [], taken, False, plan.token_buckets)
+        if self._headers_on:
+            ctx.response_headers.update(self._figure_headers(plan, figures))
+
+    @staticmethod
+    def _figure_headers(plan: Plan, figures: list[float]) -> list[tuple[str, str]]:
+        """:meth:`_header_pairs` from ``take_now``'s figures (remaining, reset per bucket)."""
+        r = t = -1
+        r_left = t_left = 0.0
+        for i, is_tok in enumerate(plan.is_tokens):
+            left = figures[2 * i]
+            if left < 0.0:
+                left = 0.0
+            if is_tok:
+                if t < 0 or left < t_left:
+                    t, t_left = i, left
+            elif r < 0 or left < r_left:
+                r, r_left = i, left
+        out = []
+        # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
+        if r >= 0:
+            reset = figures[2 * r + 1]
+            ms = math.ceil(reset * 1000)
+            out += (("x-ratelimit-limit-requests", plan.limit_text[r]),
+                    ("x-ratelimit-remaining-requests", str(int(r_left + 0.01))),
+                    ("x-ratelimit-reset-requests", _MS_TEXT[ms] if 0 < ms < 1000 else format_duration(reset)))
+        if t >= 0:
+            reset = figures[2 * t + 1]
+            ms = math.ceil(reset * 1000)
+            out += (("x-ratelimit-limit-tokens", plan.limit_text[t]),
+                    ("x-ratelimit-remaining-tokens", str(int(t_left + 0.01))),
+                    ("x-ratelimit-reset-tokens", _MS_TEXT[ms] if 0 < ms < 1000 else format_duration(reset)))
+        return out
+
+    def _admitted(self, ctx: Context, plan: Plan, decision: Decision, held: list[str], token_limits: list[Limit],
+                  tokens: int, prompt: int) -> None:
+        if not decision.allowed:
+            headers = self._headers(decision.statuses, plan.kinds) if self.config.headers and decision.statuses else {}
+            self._refuse(decision, plan.kinds, headers)
+        self.metrics.admitted.inc()
+        ctx.stash[RESERVATION] = Reservation(tokens, prompt, token_limits, list(zip(plan.lease_keys, held)) if held else [],
+                                             False, plan.token_buckets)
+        if self.config.headers and decision.statuses:
+            ctx.response_headers.update(self._header_pairs(plan, decision.statuses))
+
+    @staticmethod
+    def _header_pairs(plan: Plan, statuses: tuple[LimitStatus, ...]) -> list[tuple[str, str]]:
+        """OpenAI's headers for the tightest limit of each kind (the fewest units left); statuses follow the plan."""
+        r = t = -1
+        r_left = t_left = 0.0
+        is_tokens = plan.is_tokens
+        for i, st in enumerate(statuses):
+            left = st.remaining
+            if is_tokens[i]:
+                if t < 0 or left < t_left:
+                    t, t_left = i, left
+            elif r < 0 or left < r_left:
+                r, r_left = i, left
+        out = []
+        # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
+        if r >= 0:
+            out += (("x-ratelimit-limit-requests", plan.limit_text[r]),
+                    ("x-ratelimit-remaining-requests", str(max(0, int(r_left + 0.01)))),
+                    ("x-ratelimit-reset-requests", format_duration(statuses[r].reset_s)))
+        if t >= 0:
+            out += (("x-ratelimit-limit-tokens", plan.limit_text[t]),
+                    ("x-ratelimit-remaining-tokens", str(max(0, int(t_left + 0.01)))),
+                    ("x-ratelimit-reset-tokens", format_duration(statuses[t].reset_s)))
+        return out
 
     async def _admit(
         self, limits: list[Limit], leases: list[tuple[str, int, float]],
@@ -433,6 +632,25 @@ class RateLimit(Plugin):
         finally:
             if adjust:
                 await counters.adjust(adjust)
+
+    @hookimpl(specname="on_done")
+    def _on_done_memory(self, ctx: Context) -> None:
+        """``on_done`` on the memory backend: reconcile and free the slots at once, no coroutine."""
+        res = ctx.stash.get(RESERVATION)
+        if res is None or res.released:
+            return
+        res.released = True
+        buckets = res.token_buckets
+        delta = 0
+        if buckets:
+            u = ctx.usage
+            if u is not None:  # the usual case, inline: the upstream's usage
+                delta = max(0, int(u.total_tokens or (u.prompt_tokens + u.completion_tokens))) - res.tokens
+            else:
+                delta = self.actual_tokens(ctx, res) - res.tokens
+            if delta > 0:
+                self.metrics.overrun.inc(delta)
+        self.counters.give_back_now(buckets or (), delta, res.leases)  # type: ignore[union-attr]
 
     # -- settlements that ride on admissions (Redis) ------------------------------
     def _take(self) -> tuple[list[Limit], list[tuple[str, str]]]:

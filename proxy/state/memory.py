@@ -17,6 +17,7 @@ from .base import KV, Counters, Decision, Limit, LimitStatus, SumStatus
 #: slack for float rounding when a burst exactly fills a bucket (``limit * T == period``)
 EPSILON_S = 1e-6
 _SWEEP_EVERY = 4096
+_ALLOWED = Decision(True, 0.0)
 
 
 def gcra_check(tat: float, now: float, limit: Limit) -> tuple[bool, float, float, float]:
@@ -43,7 +44,15 @@ def gcra_check(tat: float, now: float, limit: Limit) -> tuple[bool, float, float
 
 
 class MemoryCounters(Counters):
-    """Counters for one process. ``clock`` (epoch seconds) is injectable for tests."""
+    """Counters for one process. ``clock`` (epoch seconds) is injectable for tests.
+
+    Every step is synchronous underneath: the ``*_now`` methods answer without a
+    coroutine (callers on the request path that know they hold memory counters use
+    them directly); the async methods of the :class:`Counters` interface wrap them.
+    """
+
+    #: the ``*_now`` methods exist: admission and settlement without awaiting
+    synchronous = True
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -54,10 +63,7 @@ class MemoryCounters(Counters):
         self._next_sweep = _SWEEP_EVERY
         self._tokens = itertools.count(1)
 
-    def _tick(self, now: float) -> None:
-        self._ops += 1
-        if self._ops < self._next_sweep:
-            return
+    def _sweep(self, now: float) -> None:
         # a full sweep is O(entries): spacing sweeps by the entry count keeps it O(1) per call
         self._next_sweep = self._ops + max(_SWEEP_EVERY, len(self._tat) + len(self._sums) + len(self._leases))
         # a bucket whose TAT has passed is full, exactly as if it were absent
@@ -68,46 +74,92 @@ class MemoryCounters(Counters):
         for k in [k for k, held in self._leases.items() if all(e <= now for e in held.values())]:
             del self._leases[k]
 
-    async def acquire(self, limits: Sequence[Limit]) -> Decision:
-        now = self._clock()
-        self._tick(now)
-        pending: dict[str, float] = {}
-        statuses: list[LimitStatus] = []
-        refused: Limit | None = None
-        wait_max = 0.0
-        for lim in limits:
-            tat = pending.get(lim.key, self._tat.get(lim.key, 0.0))
-            ok, new_tat, remaining, wait = gcra_check(tat, now, lim)
-            if ok:
-                pending[lim.key] = new_tat
-                statuses.append(LimitStatus(lim, remaining, new_tat - now))
-            else:
-                statuses.append(LimitStatus(lim, remaining, max(0.0, max(tat, now) - now)))
-                if refused is None or wait > wait_max:
-                    refused, wait_max = lim, wait
-        if refused is not None:
-            # nothing was taken: every status shows the bucket as it stands
-            statuses = []
+    def _tick(self, now: float) -> None:
+        self._ops += 1
+        if self._ops >= self._next_sweep:
+            self._sweep(now)
+
+    def _acquire(self, limits: Sequence[Limit], now: float, distinct: bool = False) -> Decision:
+        self._ops += 1
+        if self._ops >= self._next_sweep:
+            self._sweep(now)
+        tats = self._tat
+        if distinct:
+            # no bucket twice (the caller knows): no pending map, write once all passed
+            new: list[float] = []
+            statuses: list[LimitStatus] = []
             for lim in limits:
-                base = max(self._tat.get(lim.key, 0.0), now)
-                interval = lim.period_s / lim.limit
-                statuses.append(LimitStatus(lim, max(0.0, (lim.period_s - (base - now)) / interval), base - now))
-            return Decision(False, wait_max, tuple(statuses), refused)
-        self._tat.update(pending)
+                # gcra_check, inline: this runs for every limit of every request
+                tat = tats.get(lim.key, 0.0)
+                period = lim.period_s
+                interval = period / lim.limit
+                new_tat = (tat if tat > now else now) + lim.cost * interval
+                used = new_tat - now
+                if used > period + EPSILON_S:
+                    return self._refusal(limits, now)
+                new.append(new_tat)
+                remaining = (period - used) / interval
+                statuses.append(LimitStatus(lim, remaining if remaining > 0.0 else 0.0, used))
+            for lim, new_tat in zip(limits, new):
+                tats[lim.key] = new_tat
+            return Decision(True, 0.0, tuple(statuses), None)
+        pending: dict[str, float] = {}
+        statuses = []
+        for lim in limits:
+            key = lim.key
+            tat = pending[key] if key in pending else tats.get(key, 0.0)
+            period = lim.period_s
+            interval = period / lim.limit
+            new_tat = (tat if tat > now else now) + lim.cost * interval
+            used = new_tat - now
+            if used > period + EPSILON_S:
+                return self._refusal(limits, now)
+            pending[key] = new_tat
+            remaining = (period - used) / interval
+            statuses.append(LimitStatus(lim, remaining if remaining > 0.0 else 0.0, used))
+        tats.update(pending)
         return Decision(True, 0.0, tuple(statuses), None)
 
-    async def adjust(self, limits: Sequence[Limit]) -> None:
+    def _refusal(self, limits: Sequence[Limit], now: float) -> Decision:
+        """Some limit refused: which one waits longest, and every bucket as it stands (nothing is taken)."""
+        refused: Limit | None = None
+        wait_max = 0.0
+        pending: dict[str, float] = {}
+        for lim in limits:
+            tat = pending.get(lim.key, self._tat.get(lim.key, 0.0))
+            ok, new_tat, _, wait = gcra_check(tat, now, lim)
+            if ok:
+                pending[lim.key] = new_tat
+            elif refused is None or wait > wait_max:
+                refused, wait_max = lim, wait
+        statuses = []
+        for lim in limits:
+            base = max(self._tat.get(lim.key, 0.0), now)
+            interval = lim.period_s / lim.limit
+            statuses.append(LimitStatus(lim, max(0.0, (lim.period_s - (base - now)) / interval), base - now))
+        return Decision(False, wait_max, tuple(statuses), refused)
+
+    def acquire_now(self, limits: Sequence[Limit]) -> Decision:
+        return self._acquire(limits, self._clock())
+
+    async def acquire(self, limits: Sequence[Limit]) -> Decision:
+        return self._acquire(limits, self._clock())
+
+    def adjust_now(self, limits: Sequence[Limit]) -> None:
         now = self._clock()
+        tats = self._tat
         for lim in limits:
             if lim.cost == 0:
                 continue
-            interval = lim.period_s / lim.limit
-            tat = self._tat.get(lim.key, 0.0)
-            new_tat = max(tat, now) + lim.cost * interval
+            tat = tats.get(lim.key, 0.0)
+            new_tat = (tat if tat > now else now) + lim.cost * (lim.period_s / lim.limit)
             if new_tat <= now:
-                self._tat.pop(lim.key, None)
+                tats.pop(lim.key, None)
             else:
-                self._tat[lim.key] = new_tat
+                tats[lim.key] = new_tat
+
+    async def adjust(self, limits: Sequence[Limit]) -> None:
+        self.adjust_now(limits)
 
     def _has_slot(self, key: str, limit: int, now: float) -> bool:
         held = self._leases.get(key)
@@ -120,14 +172,114 @@ class MemoryCounters(Counters):
 
     def _take_slot(self, key: str, ttl_s: float, now: float) -> str:
         token = f"{next(self._tokens):x}"
-        self._leases.setdefault(key, {})[token] = now + ttl_s
+        held = self._leases.get(key)
+        if held is None:
+            self._leases[key] = {token: now + ttl_s}
+        else:
+            held[token] = now + ttl_s
         return token
 
-    async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
+    def lease_now(self, key: str, limit: int, ttl_s: float) -> str | None:
         now = self._clock()
         if not self._has_slot(key, limit, now):
             return None
         return self._take_slot(key, ttl_s, now)
+
+    async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
+        return self.lease_now(key, limit, ttl_s)
+
+    def admit_now(
+        self,
+        limits: Sequence[Limit],
+        leases: Sequence[tuple[str, int, float]],
+        settle: tuple[Sequence[Limit], Sequence[tuple[str, str]]] | None = None,
+        distinct: bool = False,
+    ) -> tuple[Decision, list[str]]:
+        """``acquire(limits)`` and a lease on every ``(key, limit, ttl_s)``, all or nothing.
+
+        ``settle`` (adjustments, releases) is applied first, whatever the decision. A
+        full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)`` and a
+        retry of one second (when a slot frees is unknowable). Returns the decision
+        and, when admitted, the lease tokens in order. ``distinct=True`` promises that
+        no key appears twice in ``limits`` (a shortcut; the result is the same).
+        """
+        if settle:
+            self.settle_now(*settle)
+        now = self._clock()
+        for key, limit, ttl_s in leases:
+            if not self._has_slot(key, limit, now):
+                return Decision(False, 1.0, (), Limit(key, limit, ttl_s, 1.0)), []
+        decision = self._acquire(limits, now, distinct) if limits else _ALLOWED
+        if not decision.allowed:
+            return decision, []
+        if not leases:
+            return decision, []
+        return decision, [self._take_slot(key, ttl_s, now) for key, _, ttl_s in leases]
+
+    def take_now(
+        self,
+        buckets: Sequence[tuple[str, float, float]],
+        costs: Sequence[float],
+        leases: Sequence[tuple[str, int, float]] = (),
+    ) -> tuple[list[float], list[tuple[str, str]]] | None:
+        """The admission's fast path, for callers that build their buckets once and reuse them.
+
+        ``buckets[i]`` is ``(key, interval_s, period_s)`` (``interval_s = period_s / limit``),
+        asked ``costs[i]`` units now; keys must be distinct. Every bucket and a slot of every
+        ``(key, limit, ttl_s)`` lease are taken, or nothing is: ``None`` then, and
+        :meth:`admit_now` tells why. Admitted, returns ``[remaining_0, reset_s_0,
+        remaining_1, ...]`` (the same figures as the statuses of :meth:`admit_now`, remaining
+        not clamped at 0) and the leases taken as ``(key, token)``. No objects are made per bucket.
+        """
+        now = self._clock()
+        held_by_key = self._leases
+        for key, limit, _ in leases:
+            held = held_by_key.get(key)
+            if held is not None and len(held) >= limit and not self._has_slot(key, limit, now):
+                return None
+        self._ops += 1
+        if self._ops >= self._next_sweep:
+            self._sweep(now)
+        tats = self._tat
+        out: list[float] = []
+        new: list[float] = []
+        for (key, interval, period), cost in zip(buckets, costs):
+            tat = tats.get(key, 0.0)
+            new_tat = (tat if tat > now else now) + cost * interval
+            used = new_tat - now
+            if used > period + EPSILON_S:
+                return None
+            new.append(new_tat)
+            out.append((period - used) / interval)
+            out.append(used)
+        for (key, _, _), new_tat in zip(buckets, new):
+            tats[key] = new_tat
+        taken: list[tuple[str, str]] = []
+        for key, _, ttl_s in leases:
+            token = f"{next(self._tokens):x}"
+            held = held_by_key.get(key)
+            if held is None:
+                held_by_key[key] = {token: now + ttl_s}
+            else:
+                held[token] = now + ttl_s
+            taken.append((key, token))
+        return out, taken
+
+    def give_back_now(self, buckets: Sequence[tuple[str, float, float]], cost: float, releases: Sequence[tuple[str, str]]) -> None:
+        """Add ``cost`` (negative to give back) to every bucket of ``buckets`` (as for
+        :meth:`take_now`) without checking, and release every ``(key, token)`` lease."""
+        if cost:
+            now = self._clock()
+            tats = self._tat
+            for key, interval, _ in buckets:
+                tat = tats.get(key, 0.0)
+                new_tat = (tat if tat > now else now) + cost * interval
+                if new_tat <= now:
+                    tats.pop(key, None)
+                else:
+                    tats[key] = new_tat
+        for key, token in releases:
+            self.release_now(key, token)
 
     async def admit(
         self,
@@ -135,37 +287,29 @@ class MemoryCounters(Counters):
         leases: Sequence[tuple[str, int, float]],
         settle: tuple[Sequence[Limit], Sequence[tuple[str, str]]] | None = None,
     ) -> tuple[Decision, list[str]]:
-        """``acquire(limits)`` and a lease on every ``(key, limit, ttl_s)``, all or nothing.
+        """As :meth:`admit_now`."""
+        return self.admit_now(limits, leases, settle)
 
-        ``settle`` (adjustments, releases) is applied first, whatever the decision. A
-        full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)`` and a
-        retry of one second (when a slot frees is unknowable). Returns the decision
-        and, when admitted, the lease tokens in order.
-        """
-        if settle:
-            await self.settle(*settle)
-        now = self._clock()
-        for key, limit, ttl_s in leases:
-            if not self._has_slot(key, limit, now):
-                return Decision(False, 1.0, (), Limit(key, limit, ttl_s, 1.0)), []
-        decision = await self.acquire(limits) if limits else Decision(True, 0.0)
-        if not decision.allowed:
-            return decision, []
-        return decision, [self._take_slot(key, ttl_s, now) for key, _, ttl_s in leases]
+    def settle_now(self, adjust: Sequence[Limit], releases: Sequence[tuple[str, str]]) -> None:
+        """``adjust(adjust)`` and release every ``(key, token)`` lease."""
+        if adjust:
+            self.adjust_now(adjust)
+        for key, token in releases:
+            self.release_now(key, token)
 
     async def settle(self, adjust: Sequence[Limit], releases: Sequence[tuple[str, str]]) -> None:
         """``adjust(adjust)`` and release every ``(key, token)`` lease."""
-        if adjust:
-            await self.adjust(adjust)
-        for key, token in releases:
-            await self.release(key, token)
+        self.settle_now(adjust, releases)
 
-    async def release(self, key: str, token: str) -> None:
+    def release_now(self, key: str, token: str) -> None:
         held = self._leases.get(key)
         if held is not None:
             held.pop(token, None)
             if not held:
                 del self._leases[key]
+
+    async def release(self, key: str, token: str) -> None:
+        self.release_now(key, token)
 
     async def add_sum(self, key: str, amount: float, limit: float | None, expires_at: float) -> SumStatus:
         now = self._clock()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+from typing import Any
 
 import openai
 import pytest
@@ -55,13 +57,19 @@ async def runtime(tmp_path):
     await rt.close_all()
 
 
+async def call(hook: Any, *args: Any) -> Any:
+    """Run a hook as the chain does: on the memory backend ratelimit's hooks are plain functions."""
+    r = hook(*args)
+    return await r if inspect.isawaitable(r) else r
+
+
 def _ctx(runtime, body=CHAT, identity=KEY, **kw):
     return make_context(body, identity=identity, runtime=runtime, **kw)
 
 
 async def _refused(plugin, ctx) -> ProxyError:
     with pytest.raises(ProxyError) as err:
-        await plugin.on_request(ctx)
+        await call(plugin.on_request, ctx)
     return err.value
 
 
@@ -69,7 +77,7 @@ async def test_requests_per_minute_burst_then_429_with_headers(runtime):
     rl = await configure_plugin(RateLimit, {"requests_per_minute": 3}, runtime=runtime)
     for i in range(3):
         ctx = _ctx(runtime)
-        await rl.on_request(ctx)
+        await call(rl.on_request, ctx)
         assert ctx.response_headers["x-ratelimit-limit-requests"] == "3"
         assert ctx.response_headers["x-ratelimit-remaining-requests"] == str(2 - i)
     err = await _refused(rl, _ctx(runtime))
@@ -78,23 +86,23 @@ async def test_requests_per_minute_burst_then_429_with_headers(runtime):
     assert err.headers["retry-after"] == "20" and 19_000 < int(err.headers["retry-after-ms"]) <= 20_000
     assert err.headers["x-ratelimit-remaining-requests"] == "0"
     # another key has its own bucket
-    await rl.on_request(_ctx(runtime, identity=Identity(key_id="k2")))
+    await call(rl.on_request, _ctx(runtime, identity=Identity(key_id="k2")))
 
 
 async def test_tokens_are_reserved_and_all_limits_are_all_or_nothing(runtime):
     rl = await configure_plugin(RateLimit, {"tokens_per_minute": 1000, "team": {"requests_per_minute": 2}}, runtime=runtime)
     ctx = _ctx(runtime)
-    await rl.on_request(ctx)
+    await call(rl.on_request, ctx)
     res = ctx.stash[RESERVATION]
     assert res.tokens == res.prompt_tokens + 20 and res.prompt_tokens > 0
     assert int(ctx.response_headers["x-ratelimit-remaining-tokens"]) == 1000 - res.tokens
     assert ctx.response_headers["x-ratelimit-remaining-requests"] == "1"  # the team's: the tightest
-    await rl.on_request(_ctx(runtime, identity=Identity(key_id="k2", team="blue")))
+    await call(rl.on_request, _ctx(runtime, identity=Identity(key_id="k2", team="blue")))
     err = await _refused(rl, _ctx(runtime, identity=Identity(key_id="k3", team="blue")))
     assert "on this team (limit 2)" in err.message
     # k3 was refused by its team: its own token bucket was not touched
     ctx = _ctx(runtime, identity=Identity(key_id="k3"))
-    await rl.on_request(ctx)
+    await call(rl.on_request, ctx)
     assert int(ctx.response_headers["x-ratelimit-remaining-tokens"]) == 1000 - res.tokens
 
 
@@ -111,31 +119,31 @@ async def test_identity_limits_override_the_config_and_teams_and_models_apply(ru
         "models": {"big-*": {"requests_per_minute": 1}},
     }, runtime=runtime)
     own = Identity(key_id="vip", limits={"requests_per_minute": 1})
-    await rl.on_request(_ctx(runtime, identity=own))
+    await call(rl.on_request, _ctx(runtime, identity=own))
     assert (await _refused(rl, _ctx(runtime, identity=own))).status == 429
-    await rl.on_request(_ctx(runtime, identity=Identity(key_id="a", team="red")))
+    await call(rl.on_request, _ctx(runtime, identity=Identity(key_id="a", team="red")))
     assert "team" in (await _refused(rl, _ctx(runtime, identity=Identity(key_id="b", team="red")))).message
-    await rl.on_request(_ctx(runtime, body={**CHAT, "model": "big-1"}))
+    await call(rl.on_request, _ctx(runtime, body={**CHAT, "model": "big-1"}))
     assert "model" in (await _refused(rl, _ctx(runtime, body={**CHAT, "model": "big-1"}, identity=Identity(key_id="z")))).message
-    await rl.on_request(_ctx(runtime, body={**CHAT, "model": "small"}, identity=Identity(key_id="z")))
+    await call(rl.on_request, _ctx(runtime, body={**CHAT, "model": "small"}, identity=Identity(key_id="z")))
 
 
 async def test_anonymous_requests_are_limited_by_client_address(runtime):
     rl = await configure_plugin(RateLimit, {"requests_per_minute": 1}, runtime=runtime)
-    await rl.on_request(_ctx(runtime, identity=None, client_ip="10.0.0.1"))
+    await call(rl.on_request, _ctx(runtime, identity=None, client_ip="10.0.0.1"))
     assert (await _refused(rl, _ctx(runtime, identity=None, client_ip="10.0.0.1"))).status == 429
-    await rl.on_request(_ctx(runtime, identity=None, client_ip="10.0.0.2"))
+    await call(rl.on_request, _ctx(runtime, identity=None, client_ip="10.0.0.2"))
 
 
 async def test_concurrency_slots_are_released_in_on_done(runtime):
     rl = await configure_plugin(RateLimit, {"concurrency": 1}, runtime=runtime)
     first = _ctx(runtime)
-    await rl.on_request(first)
+    await call(rl.on_request, first)
     err = await _refused(rl, _ctx(runtime))
     assert (err.status, err.reason) == (429, "concurrency_limited")
-    await rl.on_done(first)
-    await rl.on_done(first)  # idempotent
-    await rl.on_request(_ctx(runtime))
+    await call(rl.on_done, first)
+    await call(rl.on_done, first)  # idempotent
+    await call(rl.on_request, _ctx(runtime))
 
 
 def _finished(ctx, usage: Usage | None, status: int = 200, stream_events: int = 0) -> None:
@@ -147,7 +155,7 @@ def _finished(ctx, usage: Usage | None, status: int = 200, stream_events: int = 
 
 async def _remaining_tokens(rl, runtime) -> int:
     probe = _ctx(runtime, body={"model": "sluice-demo", "prompt": "", "max_tokens": 0})
-    await rl.on_request(probe)
+    await call(rl.on_request, probe)
     return int(probe.response_headers["x-ratelimit-remaining-tokens"])
 
 
@@ -166,7 +174,7 @@ async def test_reconcile_with_the_real_usage(runtime, usage, status, events, exp
     rl = await configure_plugin(RateLimit, {"tokens_per_minute": 100_000}, runtime=runtime)
     rl.counters = MemoryCounters(clock=lambda: 1_800_000_000.0)  # time stands still: no refill blurs the figures
     ctx = _ctx(runtime)
-    await rl.on_request(ctx)
+    await call(rl.on_request, ctx)
     res = ctx.stash[RESERVATION]
     if status is None:
         ctx.usage = None
@@ -175,7 +183,7 @@ async def test_reconcile_with_the_real_usage(runtime, usage, status, events, exp
         ctx.response = Response(200, {}, b'{"choices": [{"message": {"content": "abcdefghijkl"}}]}')
     else:
         _finished(ctx, usage, status, events)
-    await rl.on_done(ctx)
+    await call(rl.on_done, ctx)
     used = {"used": 8, "nothing": 0, "stream": res.prompt_tokens + 5, "reserved": res.tokens, "response": res.prompt_tokens + 3}[expected]
     # no refill: the bucket shows exactly what was charged
     assert await _remaining_tokens(rl, runtime) == 100_000 - used
@@ -185,9 +193,9 @@ async def test_a_stream_past_its_reservation_is_charged_after_the_fact(runtime):
     rl = await configure_plugin(RateLimit, {"tokens_per_minute": 1000, "default_max_tokens": 10}, runtime=runtime)
     rl.counters = MemoryCounters(clock=lambda: 1_800_000_000.0)
     ctx = _ctx(runtime, body={k: v for k, v in CHAT.items() if k != "max_tokens"})
-    await rl.on_request(ctx)
+    await call(rl.on_request, ctx)
     _finished(ctx, Usage(prompt_tokens=5, completion_tokens=1195, total_tokens=1200))
-    await rl.on_done(ctx)  # 1200 used of 1000: the bucket is in debt
+    await call(rl.on_done, ctx)  # 1200 used of 1000: the bucket is in debt
     err = await _refused(rl, _ctx(runtime, body={**CHAT, "max_tokens": 1}))
     assert err.status == 429 and int(err.headers["retry-after"]) >= 12
 
@@ -196,10 +204,10 @@ async def test_an_answered_request_is_left_alone(runtime):
     rl = await configure_plugin(RateLimit, {"requests_per_minute": 1}, runtime=runtime)
     ctx = _ctx(runtime)
     ctx.reply(401, {"error": "no"})
-    await rl.on_request(ctx)
+    await call(rl.on_request, ctx)
     assert RESERVATION not in ctx.stash and not ctx.response_headers
-    await rl.on_done(ctx)
-    await rl.on_request(_ctx(runtime))  # the slot is still there
+    await call(rl.on_done, ctx)
+    await call(rl.on_request, _ctx(runtime))  # the slot is still there
 
 
 # -- through a server ----------------------------------------------------------
@@ -322,10 +330,10 @@ async def test_a_configured_tokenizer_counts_the_prompt(runtime, tmp_path):
                                 runtime=runtime)
     body = {**CHAT, "messages": [{"role": "user", "content": "hello there " * 50}]}
     ctx = _ctx(runtime, body=body)
-    await rl.on_request(ctx)
+    await call(rl.on_request, ctx)
     assert ctx.stash[RESERVATION].prompt_tokens == 3 + 100 + 3  # exact: 100 words, not 600 bytes / 4
     other = _ctx(runtime, body={**body, "model": "gpt-4o"}, identity=Identity(key_id="k9"))
-    await rl.on_request(other)
+    await call(rl.on_request, other)
     assert other.stash[RESERVATION].prompt_tokens == 3 + 150 + 3  # no tokenizer for it: the estimate
 
 
