@@ -208,9 +208,17 @@ REQUEST_PARAMS: tuple[tuple[str, str], ...] = (
 )
 
 
+_PARAM_FIELDS = frozenset(field for _, field in REQUEST_PARAMS) | {"stop", "stream"}
+
+
 def request_attributes(body: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    present = _PARAM_FIELDS.intersection(body) if isinstance(body, dict) else _PARAM_FIELDS
+    if not present:
+        return out  # the common case: a body with none of the recorded parameters
     for attr, field in REQUEST_PARAMS:
+        if field not in present:
+            continue
         v = body.get(field)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[attr] = v

@@ -115,6 +115,7 @@ class Tracing(Plugin):
         self._servers: dict[str, tuple[str | None, int | None, str]] = {}
         self._otel: Any = None
         self._unset: Any = None
+        self._ops: dict[tuple[str, str], str] = {}
 
     async def start(self) -> None:
         # the SDK and an exporter's stack (requests, grpc) take a while to import the first
@@ -205,6 +206,17 @@ class Tracing(Plugin):
             self._record(ctx, trace)
 
     # -- spans --------------------------------------------------------------------------
+    def _operation(self, ctx: Context) -> str:
+        """:func:`operation_name`, remembered per route prefix and path (bounded: paths are client text)."""
+        route = ctx.route
+        key = (route.prefix if route is not None else "/", ctx.path)
+        op = self._ops.get(key)
+        if op is None:
+            op = operation_name(ctx)
+            if len(self._ops) < 4096:
+                self._ops[key] = op
+        return op
+
     def _record(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> None:
         ReadableSpan, SpanContext, SpanKind, Status, StatusCode, sampled_flags, TraceState = self._otel
         trace_id, span_id, parent_id, _ = trace
@@ -217,14 +229,15 @@ class Tracing(Plugin):
         c = self.config
         t = ctx.timings
         end_ns = epoch(t.end) if t.end is not None else time.time_ns()
-        op = operation_name(ctx)
+        op = self._operation(ctx)
+        route = route_name(ctx)
         asked = ctx.model
         attrs: dict[str, Any] = {
             "http.request.method": ctx.method,
             "url.path": ctx.path,
             "sluice.request_id": ctx.request_id,
             "gen_ai.operation.name": op,
-            "sluice.route": route_name(ctx),
+            "sluice.route": route,
             "sluice.outcome": ctx.outcome or "unknown",
         }
         if asked:
@@ -337,7 +350,7 @@ class Tracing(Plugin):
             attrs["error.type"] = ctx.outcome or str(ctx.status)
             status = Status(StatusCode.ERROR, ctx.outcome or f"HTTP {ctx.status}")
         spans.append(ReadableSpan(
-            f"{ctx.method} {route_name(ctx)}", context=own, parent=parent, resource=pipeline.resource, attributes=attrs,
+            f"{ctx.method} {route}", context=own, parent=parent, resource=pipeline.resource, attributes=attrs,
             kind=SpanKind.SERVER, status=status, start_time=epoch(t.start), end_time=end_ns,
             instrumentation_scope=pipeline.scope,
         ))
