@@ -55,6 +55,8 @@ class CompiledRoute:
         self.on_done: list[Hook] = [(p, *h["on_done"], f"{p.id}.on_done") for p, h in zip(plugins, hooks) if "on_done" in h]
         #: some on_done here must never be dropped (a ledger row, a lease to give back)
         self.done_required = any(h[0].must_finish for h in self.on_done)
+        #: every on_done is a plain function: run in the request's task once the answer is sent
+        self.done_inline = not any(h[2] for h in self.on_done)
         #: time each hook into ctx.timings.plugins (a plugin of the route asked for it)
         self.timed = any(p.wants_plugin_timings for p in plugins)
         #: someone will read ctx.usage: an on_done observer, a response or chunk hook, or needs_usage
@@ -173,9 +175,9 @@ async def _quietly(aw: Any) -> None:
 
 
 def _record(ctx: Context, key: str, t0: float) -> None:
-    if t0:
-        timings = ctx.timings.plugins
-        timings[key] = timings.get(key, 0.0) + (time.perf_counter() - t0)
+    """Add a timed hook's duration (callers check ``t0`` first: untimed hooks cost no call)."""
+    timings = ctx.timings.plugins
+    timings[key] = timings.get(key, 0.0) + (time.perf_counter() - t0)
 
 
 def failure(ctx: Context, plugin: Plugin, phase: str, exc: BaseException) -> ProxyError | None:
@@ -213,7 +215,8 @@ async def run_request(ctx: Context, route: CompiledRoute) -> None:
             if err is not None:
                 answer_error(ctx, err)
         finally:
-            _record(ctx, key, t0)
+            if t0:
+                _record(ctx, key, t0)
         if ctx.reply_value is not None:
             return
     ctx._current = None
@@ -241,7 +244,8 @@ async def run_response(ctx: Context, route: CompiledRoute) -> None:
                 ctx.answered_by = ctx.answered_by or plugin.id
                 ctx.answer_reason = err.reason
         finally:
-            _record(ctx, key, t0)
+            if t0:
+                _record(ctx, key, t0)
 
 
 class StreamError(Exception):
@@ -296,7 +300,8 @@ class ChunkPipeline:
                     nxt.append(ev)
                 else:
                     nxt.extend(r)
-            _record(ctx, key, t0)
+            if t0:
+                _record(ctx, key, t0)
             out = nxt
         return out
 
@@ -316,7 +321,8 @@ class ChunkPipeline:
                     ctx.answered_by, ctx.answer_reason = plugin.id, err.reason
                     raise StreamError(err) from None
                 r = None
-            _record(ctx, key, t0)
+            if t0:
+                _record(ctx, key, t0)
             if r:
                 out.extend(await self.push(r, start))
         return out
@@ -331,6 +337,21 @@ async def aiter_events(events: Any) -> AsyncIterator[Event]:
             yield ev
 
 
+def run_done_sync(ctx: Context, route: CompiledRoute) -> None:
+    """``run_done`` for a route whose on_done hooks are all plain functions (``done_inline``)."""
+    timed = route.timed
+    for plugin, fn, _, key in route.on_done:
+        t0 = clock() if timed else 0.0
+        try:
+            fn(ctx)
+        except Exception as exc:
+            ctx.runtime.on_plugin_error(plugin.id, "on_done")
+            log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
+        finally:
+            if t0:
+                _record(ctx, key, t0)
+
+
 async def run_done(ctx: Context, route: CompiledRoute) -> None:
     timed = route.timed
     for plugin, fn, is_async, key in route.on_done:
@@ -343,4 +364,5 @@ async def run_done(ctx: Context, route: CompiledRoute) -> None:
             ctx.runtime.on_plugin_error(plugin.id, "on_done")
             log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
         finally:
-            _record(ctx, key, t0)
+            if t0:
+                _record(ctx, key, t0)

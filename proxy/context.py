@@ -170,7 +170,7 @@ class Context:
     __slots__ = (
         "request_id", "route", "method", "path", "query", "headers", "raw", "client_ip",
         "_body", "_body_changed", "identity", "targets", "upstream", "response",
-        "response_headers", "usage", "cost", "answered_by", "answer_reason", "outcome",
+        "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
         "status", "error", "_current", "passed", "stream_events", "stream_bytes",
         "runtime",
@@ -211,7 +211,9 @@ class Context:
         self.response: Response | None = None
         #: headers plugins add to the client's answer, whatever it is
         self.response_headers: CIMultiDict[str] = CIMultiDict()
-        self.usage: Usage | None = None
+        self._usage: Usage | None = None
+        #: a buffered answer whose usage is read from it on first access of ``usage``
+        self._usage_body: bytes | None = None
         #: money for this request (in the price table's currency), set by metering
         self.cost: float | None = None
         self.answered_by: str | None = None
@@ -239,6 +241,27 @@ class Context:
         self.stream_events = 0
         self.stream_bytes = 0
         self.runtime: Any = None
+
+    @property
+    def usage(self) -> Usage | None:
+        """Token counts of the answer: from the upstream's ``usage``, else what a plugin set."""
+        if self._usage_body is not None:
+            body, self._usage_body = self._usage_body, None
+            from .openai import usage_from_body
+
+            u = usage_from_body(body)
+            if u is not None and self._usage is None:
+                self._usage = u
+        return self._usage
+
+    @usage.setter
+    def usage(self, value: Usage | None) -> None:
+        self._usage_body = None
+        self._usage = value
+
+    def defer_usage(self, body: bytes) -> None:
+        """The core's: read usage from this buffered answer only if someone asks for it."""
+        self._usage_body = body
 
     # -- body ---------------------------------------------------------------
     @property

@@ -6,10 +6,10 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
-import orjson
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from . import chain as ch
@@ -34,7 +34,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("sluice.access")
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-FULL_PARSE_LIMIT = 256 * 1024
 
 
 def new_request_id() -> str:
@@ -51,10 +50,16 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+class ExpectationFailed(Exception):
+    pass
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     cl = request.content_length
     if cl is not None and cl > limit:
         raise BodyTooLarge
+    if "expect" in request.headers:
+        await _expect(request)
     if cl is not None:
         data = await request.content.readexactly(cl) if cl else b""
         return data
@@ -66,65 +71,26 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(buf)
 
 
-def usage_from_body(body: bytes) -> object:
-    """Usage of a buffered JSON answer, read from its last ``"usage": {...}`` without parsing the rest.
-
-    The key inside a JSON string would be escaped (``\\"usage\\"``), so the last
-    unescaped ``"usage"`` followed by ``:`` and an object is the answer's own;
-    anything else falls back to parsing the whole body.
-    """
-    idx = body.rfind(b'"usage"')
-    while idx > 0 and body[idx - 1] == 0x5C:  # escaped: inside a string
-        idx = body.rfind(b'"usage"', 0, idx)
-    if idx < 0:
-        return None
-    start = idx + 7
-    n = len(body)
-    while start < n and body[start] in b" \t\r\n:":
-        start += 1
-    if start < n and body[start] == 0x7B:
-        depth = 0
-        in_str = False
-        j = start
-        end = min(n, start + 8192)
-        while j < end:
-            c = body[j]
-            if in_str:
-                if c == 0x5C:
-                    j += 1
-                elif c == 0x22:
-                    in_str = False
-            elif c == 0x22:
-                in_str = True
-            elif c == 0x7B:
-                depth += 1
-            elif c == 0x7D:
-                depth -= 1
-                if depth == 0:
-                    try:
-                        return usage_from({"usage": orjson.loads(body[start : j + 1])})
-                    except orjson.JSONDecodeError:
-                        break
-            j += 1
-    try:
-        return usage_from(orjson.loads(body)) if n <= FULL_PARSE_LIMIT else None
-    except orjson.JSONDecodeError:
-        return None
-
-
 class Handler:
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    """The main listener's request handler (aiohttp's low-level server calls it directly)."""
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    def __init__(self, server: Server, special: dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]] | None = None) -> None:
+        self.server = server
+        #: exact paths served before any route (health checks)
+        self.special = special or {}
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         # one coroutine for the whole lifecycle: every await of a stream read resumes
         # each enclosing coroutine, so layers cost on every event
+        raw_path = request.raw_path
+        path, _, query = raw_path.partition("?")
+        special = self.special.get(path)
+        if special is not None:
+            return await special(request)
         gen = self.server.generation
         gen.enter()
         try:
             rid = new_request_id()
-            raw_path = request.raw_path
-            path, _, query = raw_path.partition("?")
             route = gen.match(request.method, path, request.headers)
             if route is None:
                 return error_response(404, f"No route for {request.method} {path}.", rid, code="route_not_found")
@@ -132,6 +98,8 @@ class Handler:
                 raw = await read_body(request, route.max_body_bytes)
             except BodyTooLarge:
                 return error_response(413, f"The request body is larger than {route.max_body_bytes} bytes.", rid, code="request_too_large")
+            except ExpectationFailed:
+                return error_response(417, "Only 'Expect: 100-continue' is understood.", rid, code="expectation_failed")
             ctx = Context(
                 request_id=rid, method=request.method, path=path, query=query,
                 headers=request_headers(request.headers), raw=raw, route=route,
@@ -139,12 +107,14 @@ class Handler:
             )
             ctx.runtime = gen.runtime
             ctx.targets = list(route.default_targets)
+            resp: web.StreamResponse | None = None  # a buffered answer, sent here before on_done runs inline
             try:
                 await ch.run_request(ctx, route)
                 if ctx.reply_value is not None:
                     if ctx.outcome is None:
                         ctx.outcome = "answered"
-                    return await self._send_reply(request, ctx, route)
+                    resp = await self._send_reply(request, ctx, route)
+                    return resp
 
                 injected = False
                 if route.needs_usage and ctx.stream and ctx.endpoint in STREAM_USAGE_ENDPOINTS:
@@ -154,52 +124,55 @@ class Handler:
                         injected = True
 
                 try:
-                    resp, up, att = await gen.pool.send(ctx, route)
+                    up_resp, up, att = await gen.pool.send(ctx, route)
                 except ProxyError as e:
                     ctx.outcome = "upstream_error"
                     ctx.error = e.message
                     ctx.response = Response(e.status, {"content-type": "application/json", **e.headers}, e.body())
                     await ch.run_response(ctx, route)
-                    return self._buffered(ctx)
+                    resp = self._buffered(ctx)
+                    return resp
                 ctx.timings.upstream_start = ctx.attempts[0].start
                 ctx.timings.first_byte = att.first_byte
                 try:
-                    if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                        return await self._relay(request, ctx, route, resp, up, att, injected)
+                    if up_resp.headers.get("content-type", "").startswith("text/event-stream"):
+                        resp = await self._relay(request, ctx, route, up_resp, up, att, injected)
+                        return resp
                     alarm = Alarm(self._deadline(att, up))
                     try:
-                        data = await resp.read()
+                        data = await up_resp.read()
                     except asyncio.CancelledError:
                         alarm.timed_out()
                     finally:
                         alarm.disarm()
                     att.end = ctx.timings.upstream_end = time.perf_counter()
-                    ctx.response = Response(resp.status, response_headers(resp.headers), data)
-                    ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
-                    if resp.status < 300 and route.wants_usage:
-                        u = usage_from_body(data)
-                        if u is not None:
-                            ctx.usage = u  # type: ignore[assignment]
+                    ctx.response = Response(up_resp.status, response_headers(up_resp.headers), data)
+                    ctx.outcome = "ok" if up_resp.status < 400 else "upstream_error"
+                    if up_resp.status < 300 and route.wants_usage:
+                        ctx.defer_usage(data)  # parsed on first read of ctx.usage
                     if route.has_response_hooks:
                         await ch.run_response(ctx, route)
-                    return self._buffered(ctx)
+                    resp = self._buffered(ctx)
+                    return resp
                 except TimeoutError:
                     att.error = "timeout"
                     ctx.outcome = "upstream_error"
                     ctx.error = "The upstream did not finish its answer in time."
                     ctx.status = 504
-                    return error_response(504, ctx.error, ctx.request_id, code="upstream_timeout")
+                    resp = error_response(504, ctx.error, ctx.request_id, code="upstream_timeout")
+                    return resp
                 except CONNECT_ERRORS:
                     att.error = "protocol"
                     ctx.outcome = "upstream_error"
                     ctx.error = "The upstream broke the connection."
                     ctx.status = 502
-                    return error_response(502, ctx.error, ctx.request_id, code="upstream_disconnected")
+                    resp = error_response(502, ctx.error, ctx.request_id, code="upstream_disconnected")
+                    return resp
                 finally:
                     up.outstanding -= 1
                     if att.end is None:
                         att.end = time.perf_counter()
-                    resp.close()  # aborts the upstream request if it is not finished
+                    up_resp.close()  # aborts the upstream request if it is not finished
             except asyncio.CancelledError:
                 # the client went away: aiohttp cancels the handler (handler_cancellation)
                 ctx.outcome = "client_gone"
@@ -207,16 +180,25 @@ class Handler:
             except ProxyError as e:
                 ctx.outcome = ctx.outcome or "error"
                 ctx.status, ctx.error = e.status, e.message
-                return error_response(e.status, e.message, rid, code=e.code, headers=e.headers)
+                resp = error_response(e.status, e.message, rid, code=e.code, headers=e.headers)
+                return resp
             except Exception as e:  # never a stack trace to the client
                 log.error("internal error %s request_id=%s", type(e).__name__, rid, exc_info=self.server.debug)
                 ctx.outcome, ctx.status = "error", 500
-                return error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
+                resp = error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
+                return resp
             finally:
                 ctx.timings.end = time.perf_counter()
                 if ctx.outcome is None:
                     ctx.outcome = "error"
-                self.server.done(ctx, route, gen)
+                if route.done_inline:
+                    try:
+                        if resp is not None and not resp.prepared:
+                            await _send(request, resp, ctx)
+                    finally:
+                        self.server.done_now(ctx, route)
+                else:
+                    self.server.done(ctx, route, gen)
         finally:
             gen.leave()
 
@@ -237,7 +219,7 @@ class Handler:
         ctx.status = r.status
         return web.Response(status=r.status, body=r.body, headers=self._finish_headers(ctx, CIMultiDict(r.headers)))
 
-    async def _send_reply(self, request: web.Request, ctx: Context, route: ch.CompiledRoute) -> web.StreamResponse:
+    async def _send_reply(self, request: web.BaseRequest, ctx: Context, route: ch.CompiledRoute) -> web.StreamResponse:
         reply = ctx.reply_value
         assert reply is not None
         if reply.events is None:
@@ -284,7 +266,7 @@ class Handler:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         ctx: Context,
         route: ch.CompiledRoute,
         resp: aiohttp.ClientResponse,
@@ -305,6 +287,9 @@ class Handler:
         parser = Parser() if parse else None
         buf = bytearray()
         saw_done = False
+        # after the first write (which carries the headers), raw blocks go to the transport
+        # directly while it keeps up; aiohttp's writer (and its drain) takes over when not
+        direct: asyncio.Transport | None = None
         ctx.outcome = "upstream_error"  # until the stream completes
         dog = Watchdog(loop, idle, deadline)
         try:
@@ -329,7 +314,14 @@ class Handler:
                         if block:
                             ctx.stream_bytes += len(block)
                             ctx.stream_events += block.count(b"\n\n") or block.count(b"\r\r")
-                            await out.write(block)
+                            if direct is not None and direct.get_write_buffer_size() < WRITE_BUFFER_LOW:
+                                if direct.is_closing():
+                                    raise ConnectionResetError("the client closed the connection")
+                                # one chunk of HTTP/1.1 chunked encoding, straight to the socket
+                                direct.write(b"%x\r\n%b\r\n" % (len(block), block))
+                            else:
+                                await out.write(block)
+                                direct = _direct_transport(request, out)
                 else:
                     events = []
                     for ev in parser.feed(chunk):
@@ -432,6 +424,39 @@ def _last_boundary(buf: bytearray) -> int:
     return i + 2 if i != -1 else 0
 
 
-def _client_gone(request: web.Request) -> bool:
+async def _send(request: web.BaseRequest, resp: web.StreamResponse, ctx: Context) -> None:
+    """Send a buffered answer now (aiohttp would after the handler returns; then it finds it sent)."""
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionResetError:
+        ctx.outcome = "client_gone"
+
+
+async def _expect(request: web.BaseRequest) -> None:
+    """Answer ``Expect: 100-continue`` before the body is read, as aiohttp's router would."""
+    if request.headers["expect"].lower() != "100-continue":
+        raise ExpectationFailed
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+
+
+WRITE_BUFFER_LOW = 64 * 1024
+
+
+def _direct_transport(request: web.BaseRequest, out: web.StreamResponse) -> asyncio.Transport | None:
+    """The client's transport, when a raw block may be framed and written to it directly.
+
+    Only for a chunked, uncompressed body whose headers are out: then a chunk is
+    ``<hex length>\\r\\n<data>\\r\\n`` and aiohttp's ``write_eof`` ends the body as usual.
+    """
+    w = request.writer
+    if not isinstance(w, StreamWriter) or not w.chunked or w._compress is not None or w.length is not None or w._headers_buf:
+        return None
+    return request.transport
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
     t = request.transport
     return t is None or t.is_closing()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .context import Usage
@@ -113,3 +115,52 @@ def ensure_stream_usage(body: dict[str, Any]) -> bool:
     so = body.get("stream_options")
     body["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
     return True
+
+
+FULL_PARSE_LIMIT = 256 * 1024
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """Usage of a buffered JSON answer, read from its last ``"usage": {...}`` without parsing the rest.
+
+    The key inside a JSON string would be escaped (``\\"usage\\"``), so the last
+    unescaped ``"usage"`` followed by ``:`` and an object is the answer's own;
+    anything else falls back to parsing the whole body.
+    """
+    idx = body.rfind(b'"usage"')
+    while idx > 0 and body[idx - 1] == 0x5C:  # escaped: inside a string
+        idx = body.rfind(b'"usage"', 0, idx)
+    if idx < 0:
+        return None
+    start = idx + 7
+    n = len(body)
+    while start < n and body[start] in b" \t\r\n:":
+        start += 1
+    if start < n and body[start] == 0x7B:
+        depth = 0
+        in_str = False
+        j = start
+        end = min(n, start + 8192)
+        while j < end:
+            c = body[j]
+            if in_str:
+                if c == 0x5C:
+                    j += 1
+                elif c == 0x22:
+                    in_str = False
+            elif c == 0x22:
+                in_str = True
+            elif c == 0x7B:
+                depth += 1
+            elif c == 0x7D:
+                depth -= 1
+                if depth == 0:
+                    try:
+                        return usage_from({"usage": orjson.loads(body[start : j + 1])})
+                    except orjson.JSONDecodeError:
+                        break
+            j += 1
+    try:
+        return usage_from(orjson.loads(body)) if n <= FULL_PARSE_LIMIT else None
+    except orjson.JSONDecodeError:
+        return None

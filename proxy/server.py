@@ -55,7 +55,7 @@ class Server:
         self.generation: ch.Generation = None  # type: ignore[assignment]
         self.runtime: Runtime = None  # type: ignore[assignment]
         self.demo = None
-        self.runner: web.AppRunner | None = None
+        self.runner: web.ServerRunner | None = None
         self.admin_runner: web.AppRunner | None = None
         self.port = 0
         self.admin_port = 0
@@ -104,7 +104,9 @@ class Server:
 
     async def listen(self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False) -> None:
         cfg = self.loaded.config
-        self.runner = web.AppRunner(make_app(self), handler_cancellation=True, access_log=None)
+        # aiohttp's low-level server: no router, no middleware layer, no Application in
+        # the await chain of every stream read; the handler does its own dispatch
+        self.runner = web.ServerRunner(web.Server(make_handler(self), handler_cancellation=True, access_log=None))
         await self.runner.setup()
         site = web.TCPSite(self.runner, host or cfg.server.host, cfg.server.port if port is None else port, reuse_port=reuse_port, backlog=2048)
         await site.start()
@@ -168,6 +170,27 @@ class Server:
                 gen.leave()
                 self.metrics.dropped.inc()
 
+    def done_now(self, ctx: Context, route: ch.CompiledRoute) -> None:
+        """Run a route's on_done in the request's task, its answer already sent.
+
+        For routes whose on_done hooks are all plain functions: no queue, no
+        task switch, and nothing to cancel them half-way (a sync hook runs to
+        its end), so the work is never dropped either.
+        """
+        if route.on_done:
+            ch.run_done_sync(ctx, route)
+        if self.loaded.config.server.access_log:
+            self._log_access(ctx, route)
+
+    @staticmethod
+    def _log_access(ctx: Context, route: ch.CompiledRoute) -> None:
+        t = ctx.timings
+        access_log.info(
+            "request_id=%s route=%s method=%s status=%s outcome=%s ms=%.1f answered_by=%s",
+            ctx.request_id, route.name, ctx.method, ctx.status, ctx.outcome,
+            ((t.end or t.start) - t.start) * 1000, ctx.answered_by or "-",
+        )
+
     async def _done_worker(self) -> None:
         assert self._queue is not None
         q = self._queue
@@ -176,12 +199,7 @@ class Server:
             try:
                 await ch.run_done(ctx, route)
                 if self.loaded.config.server.access_log:
-                    t = ctx.timings
-                    access_log.info(
-                        "request_id=%s route=%s method=%s status=%s outcome=%s ms=%.1f answered_by=%s",
-                        ctx.request_id, route.name, ctx.method, ctx.status, ctx.outcome,
-                        ((t.end or t.start) - t.start) * 1000, ctx.answered_by or "-",
-                    )
+                    self._log_access(ctx, route)
             except Exception as e:  # pragma: no cover - run_done isolates plugins already
                 log.error("on_done failed: %s", type(e).__name__)
             finally:
@@ -274,25 +292,17 @@ def _site_port(site: web.TCPSite) -> int:
     return server.sockets[0].getsockname()[1]
 
 
-SERVER_KEY = web.AppKey("sluice_server", Server)
+def make_handler(server: Server) -> Handler:
+    """The request handler of the main listener: health paths, then the routes."""
 
-
-def make_app(server: Server) -> web.Application:
-    app = web.Application()
-    app[SERVER_KEY] = server
-    handler = Handler(server)
-
-    async def healthz(request: web.Request) -> web.Response:
+    async def healthz(request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"}, headers={"x-request-id": new_request_id()})
 
-    async def readyz(request: web.Request) -> web.Response:
+    async def readyz(request: web.BaseRequest) -> web.Response:
         ok, detail = await server.readiness()
         return web.json_response(detail, status=200 if ok else 503, headers={"x-request-id": new_request_id()})
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_route("*", "/{tail:.*}", handler.__call__)
-    return app
+    return Handler(server, {"/healthz": healthz, "/readyz": readyz})
 
 
 # -- running ------------------------------------------------------------------
@@ -475,4 +485,4 @@ def serve(config_path: str | None, *, worker: int | None = None, ready_fd: int |
         return 2
 
 
-__all__ = ["Server", "make_app", "serve", "error_response"]
+__all__ = ["Server", "make_handler", "serve", "error_response"]

@@ -384,3 +384,67 @@ async def test_hook_timings_only_when_a_plugin_of_the_route_wants_them(upstream,
     timed, untimed = Timed.seen
     assert set(timed) == {"chunky.on_chunk"} and timed["chunky.on_chunk"] > 0  # its own on_done is timed after it ran
     assert untimed == {}
+
+
+async def test_expect_100_continue_is_answered_before_the_body(upstream, tmp_path):
+    """curl sends ``Expect: 100-continue`` for larger uploads; the interim answer comes before the body."""
+    async with SluiceServer(route(upstream), tmp_path) as s:
+        body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 2000}]})
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.server.port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(body)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.close()
+        assert upstream.requests[-1].body == body
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.server.port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\nContent-Length: 2\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 417") and b"x-request-id: req_" in head.lower()
+        writer.close()
+    assert len(upstream.requests) == 1
+
+
+class AfterAnswer(Plugin):
+    """A plain on_done that waits until a client in another thread has its whole answer."""
+
+    name = "after_answer"
+    got: ClassVar[dict[str, Any]] = {}
+    seen: ClassVar[list[tuple[str, bool]]] = []
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        # blocks the loop: only possible because the answer is already on the wire
+        self.seen.append((ctx.path, self.got[ctx.path].wait(timeout=10)))
+
+
+async def test_plain_on_done_runs_after_the_answer_is_sent(upstream, tmp_path):
+    import threading
+
+    AfterAnswer.seen.clear()
+    AfterAnswer.got.clear()
+    with register_plugin(AfterAnswer):
+        async with SluiceServer(route(upstream, [{"after_answer": {}}]), tmp_path) as s:
+
+            def client(stream: bool) -> None:
+                path = "/v1/chat/completions" if stream else "/v1/completions"
+                c = openai.OpenAI(base_url=s.url, api_key="k", max_retries=0, timeout=20)
+                if stream:
+                    chunks = list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+                    assert chunks
+                else:
+                    assert c.completions.create(model="m", prompt="hi").choices
+                AfterAnswer.got[path].set()
+
+            for stream in (False, True):
+                AfterAnswer.got["/v1/chat/completions" if stream else "/v1/completions"] = threading.Event()
+                # the hook ran before the loop could see the client thread finish
+                await asyncio.wait_for(asyncio.to_thread(client, stream), 30)
+    assert AfterAnswer.seen == [("/v1/completions", True), ("/v1/chat/completions", True)]

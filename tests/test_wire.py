@@ -6,7 +6,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from proxy.handler import usage_from_body
+from proxy.openai import usage_from_body
 from proxy.openai import ensure_stream_usage, request_headers, response_headers, usage_from
 
 
