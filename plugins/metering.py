@@ -86,6 +86,20 @@ def ledger_table() -> Any:
 
 # -- periods ---------------------------------------------------------------------------
 
+_DAYS: dict[int, str] = {}
+
+
+def utc_day(ts: float) -> str:
+    """``YYYY-MM-DD`` of an epoch time in UTC (remembered per day: strftime costs more than the rest of a row)."""
+    n = int(ts // 86400)
+    day = _DAYS.get(n)
+    if day is None:
+        if len(_DAYS) > 64:
+            _DAYS.clear()
+        day = _DAYS[n] = datetime.fromtimestamp(n * 86400, timezone.utc).strftime("%Y-%m-%d")
+    return day
+
+
 def period_window(period: str, now: float) -> tuple[str, float]:
     """The UTC period containing ``now``: its label and its end (epoch seconds)."""
     dt = datetime.fromtimestamp(now, timezone.utc)
@@ -307,11 +321,12 @@ class Metering(Plugin):
         price = self.prices.lookup(served or self._priced_model(ctx)) if reached else None
         cost = price.cost(usage) if price is not None else 0.0
         ctx.cost = cost
+        route = route_name(ctx)
         if cost:
             f = self.families
-            f.count(f.cost, cost, route_name(ctx), self.model_label(ctx))
+            f.count(f.cost, cost, route, self.model_label(ctx))
         if self.ledger is not None and (reached or cache_hit or self.config.record_answered):
-            self.ledger.append(LEDGER_TABLE, self._row(ctx, usage, served, cost, price is not None, cache_hit))
+            self.ledger.append(LEDGER_TABLE, self._row(ctx, usage, served, cost, price is not None, cache_hit, route))
         if reserved:
             for key, amount, end in reserved:
                 delta = cost - amount
@@ -331,26 +346,28 @@ class Metering(Plugin):
             return ctx.upstream.model or ctx.model
         return None
 
-    def _row(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool) -> dict[str, Any]:
+    def _row(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,
+             route: str | None = None) -> dict[str, Any]:
         t = ctx.timings
         ident = ctx.identity
         started = time.time() - (time.perf_counter() - t.start)
-        ttft = (t.first_byte - t.start) * 1000 if (t.first_byte is not None and ctx.stream) else None
+        stream = ctx.stream
+        ttft = (t.first_byte - t.start) * 1000 if (t.first_byte is not None and stream) else None
         return {
             "id": ctx.request_id,
             "ts": round(started, 6),
-            "day": datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%d"),
+            "day": utc_day(started),
             "key_id": ident.key_id if ident else None,
             "key_name": ident.name if ident else None,
             "team": ident.team if ident else None,
             "user": ident.user if ident else None,
-            "route": route_name(ctx),
+            "route": route if route is not None else route_name(ctx),
             "endpoint": ctx.endpoint,
             "model_requested": ctx.model,
             "model_served": served,
             "upstream": ctx.upstream.upstream if ctx.upstream is not None else None,
             "attempts": len(ctx.attempts),
-            "stream": int(ctx.stream),
+            "stream": int(stream),
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens,

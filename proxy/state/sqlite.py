@@ -149,7 +149,9 @@ class SQLiteRecords(Records):
             raise RuntimeError("records are closed")
         q = self._q
         q.append(("row", table, dict(row)))
-        if len(q) >= self.batch_size:
+        # a full batch wakes the writer once (Event.set takes a lock): it clears the event
+        # before draining, so a row appended after that either is drained or sets it again
+        if len(q) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
     async def flush(self) -> None:

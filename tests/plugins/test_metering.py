@@ -262,3 +262,12 @@ async def test_sluice_usage_command_reads_the_ledger(upstream: FakeUpstream, tmp
     assert out.returncode == 0 and "sluice-demo" in out.stdout and "requests" in out.stdout.splitlines()[0]
     out = run("--by", "secret")
     assert out.returncode == 2 and "cannot group by secret" in out.stderr
+
+
+def test_utc_day_matches_strftime_across_day_boundaries():
+    import datetime as dt
+
+    from plugins.metering import utc_day
+
+    for ts in (0.0, 86399.999, 86400.0, 1.7e9, 1763942399.9999, 1763942400.0, 4102444800.0):
+        assert utc_day(ts) == dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d"), ts
