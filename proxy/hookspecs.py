@@ -14,7 +14,7 @@ Order (the "onion"):
   and only for the plugins whose ``on_request`` phase the request passed
   through (a plugin that answered early sees its own answer go out).
 * ``on_done`` runs for every plugin of the route, answered early or not, after
-  the client has its answer, in the background.
+  the client has its answer.
 
 Every request hook should begin by checking ``ctx.answered``: an earlier plugin
 may already have answered (an early answer still passes back outwards).
@@ -100,8 +100,13 @@ def on_done(ctx: Context) -> None:
     """The client has its answer, or went away: record what happened.
 
     Runs for every plugin of the route in chain order, even after an early
-    answer, in a bounded background queue that never delays a client (a full
-    queue drops and counts). ``ctx.outcome``, ``ctx.usage``, ``ctx.timings``,
+    answer, and never delays the client. When every ``on_done`` of the route is
+    a plain function, they run in the request's own task right after the answer
+    was written to the client (no queue; keep them cheap, since the connection's
+    next request waits for them, and hand heavy work to ``runtime.run_cpu`` or
+    ``runtime.spawn``). When one is a coroutine, the route's ``on_done`` work goes
+    to a bounded background queue instead (a full queue drops and counts, except
+    for plugins with ``done_required``, whose work waits for room). ``ctx.outcome``, ``ctx.usage``, ``ctx.timings``,
     ``ctx.attempts``, ``ctx.answered_by`` and ``ctx.answer_reason`` are final.
     What one plugin's ``on_done`` records (``ctx.cost`` from metering, say) is
     seen by the plugins after it in the chain, so put producers before consumers.
