@@ -34,8 +34,9 @@ class TargetStats:
     probe_started: float | None = None
     successes: int = 0
     failures: int = 0
-    #: the last vLLM scrape: (num_requests_waiting, kv_cache_usage 0..1, outstanding at scrape, time of scrape)
-    vllm: tuple[float, float, int, float] | None = None
+    #: the last vLLM scrape: (num_requests_waiting, num_requests_running, kv_cache_usage 0..1,
+    #: outstanding at scrape, time of scrape)
+    vllm: tuple[float, float, float, int, float] | None = None
 
     def state(self, now: float) -> str:
         if self.ejected_until > now:
@@ -142,20 +143,26 @@ def order_lowest_latency(cands: Sequence[Candidate], turn: int = 0, **_: Any) ->
     return sorted(order_round_robin(cands, turn), key=latency_score)
 
 
-def vllm_score(c: Candidate, now: float, stale_after_s: float, kv_weight: float) -> float:
-    """Waiting requests plus KV-cache pressure, plus what we sent since the scrape vLLM has not seen.
+def vllm_score(c: Candidate, now: float, stale_after_s: float, kv_weight: float, running_weight: float = 0.25) -> float:
+    """Waiting requests, the running batch and KV-cache pressure, plus what we sent since the scrape.
 
-    Without a fresh scrape the target is scored by our own in-flight count alone.
+    A waiting request counts fully (it waits for a slot); a running one counts
+    ``running_weight`` (it shares the engine's steps, so a bigger batch decodes
+    each sequence slower). Without a fresh scrape the target is scored by our
+    own in-flight count alone.
     """
     snap = c.stats.vllm
-    if snap is None or now - snap[3] > stale_after_s:
+    if snap is None or now - snap[4] > stale_after_s:
         return float(c.outstanding) + kv_weight
-    waiting, kv, outstanding_then, _ = snap
-    return waiting + kv * kv_weight + max(0, c.outstanding - outstanding_then)
+    waiting, running, kv, outstanding_then, _ = snap
+    return waiting + running * running_weight + kv * kv_weight + max(0, c.outstanding - outstanding_then)
 
 
-def order_vllm(cands: Sequence[Candidate], turn: int = 0, now: float = 0.0, stale_after_s: float = 10.0, kv_weight: float = 4.0, **_: Any) -> list[Candidate]:
-    return sorted(order_round_robin(cands, turn), key=lambda c: vllm_score(c, now, stale_after_s, kv_weight))
+def order_vllm(
+    cands: Sequence[Candidate], turn: int = 0, now: float = 0.0, stale_after_s: float = 10.0, kv_weight: float = 4.0,
+    running_weight: float = 0.25, **_: Any,
+) -> list[Candidate]:
+    return sorted(order_round_robin(cands, turn), key=lambda c: vllm_score(c, now, stale_after_s, kv_weight, running_weight))
 
 
 STRATEGIES: dict[str, Callable[..., list[Candidate]]] = {

@@ -93,6 +93,9 @@ class VllmConfig(Model):
     kv_cache_weight: float = Field(
         4.0, ge=0, le=1000, description="How many waiting requests a full KV cache counts as when comparing targets."
     )
+    running_weight: float = Field(
+        0.25, ge=0, le=1000, description="How many waiting requests one running request counts as (a bigger batch decodes each sequence slower)."
+    )
 
 
 class ComplexityConfig(Model):
@@ -284,7 +287,7 @@ class Router(Plugin):
                 cands.append(Candidate(i, tc.weight, up.outstanding, st))
             if not cands:
                 continue
-            ordered = strategy(cands, turn=turn, now=now, stale_after_s=vl.stale_after_s, kv_weight=vl.kv_cache_weight)
+            ordered = strategy(cands, turn=turn, now=now, stale_after_s=vl.stale_after_s, kv_weight=vl.kv_cache_weight, running_weight=vl.running_weight)
             if ej.enabled and not targets:
                 # only the first target is surely tried: a half-open one listed as a fallback is no probe
                 ordered[0].stats.selected(now)
@@ -400,7 +403,7 @@ class Router(Plugin):
             if not load.valid:
                 load = parse_vllm_metrics(text)
             if load.valid:
-                st.vllm = (load.waiting, load.kv_cache_usage, up.outstanding, now)
+                st.vllm = (load.waiting, load.running, load.kv_cache_usage, up.outstanding, now)
                 ok = True
         self.metrics.scrapes.labels(upstream, "ok" if ok else "invalid").inc()
         return ok

@@ -129,18 +129,33 @@ def test_parse_vllm_metrics_legacy_and_malformed():
 
 def test_vllm_order_prefers_short_queue_then_free_kv():
     a, b, c = cands(0, 0, 0)
-    a.stats.vllm = (5.0, 0.1, 0, 100.0)
-    b.stats.vllm = (1.0, 0.9, 0, 100.0)
-    c.stats.vllm = (1.0, 0.2, 0, 100.0)
+    a.stats.vllm = (5.0, 0.0, 0.1, 0, 100.0)
+    b.stats.vllm = (1.0, 0.0, 0.9, 0, 100.0)
+    c.stats.vllm = (1.0, 0.0, 0.2, 0, 100.0)
     assert [x.index for x in order_vllm([a, b, c], now=101.0, kv_weight=4.0)] == [2, 1, 0]
     # requests we sent since the scrape count as waiting: no herd onto one target between scrapes
     c.outstanding = 10
     assert order_vllm([a, b, c], now=101.0, kv_weight=4.0)[0] is b
     # a stale scrape falls back to our own in-flight count
     for x in (a, b, c):
-        x.stats.vllm = (0.0, 0.0, 0, 0.0)
+        x.stats.vllm = (0.0, 0.0, 0.0, 0, 0.0)
     a.outstanding, b.outstanding, c.outstanding = 3, 1, 2
     assert order_vllm([a, b, c], now=100.0, stale_after_s=10)[0] is b
+
+
+def test_vllm_order_weighs_the_running_batch():
+    a, b = cands(0, 0)
+    # neither has a queue; a runs a full batch, b a small one: b decodes faster
+    a.stats.vllm = (0.0, 48.0, 0.3, 0, 100.0)
+    b.stats.vllm = (0.0, 4.0, 0.3, 0, 100.0)
+    assert [x.index for x in order_vllm([a, b], now=101.0)] == [1, 0]
+    # a queue still outweighs a busy batch at the default weight
+    b.stats.vllm = (20.0, 4.0, 0.3, 0, 100.0)
+    assert order_vllm([a, b], now=101.0)[0] is a
+    # weight 0 ignores the batch: the shorter queue wins alone
+    b.stats.vllm = (0.0, 4.0, 0.3, 0, 100.0)
+    a.stats.vllm = (0.0, 48.0, 0.2, 0, 100.0)
+    assert order_vllm([a, b], now=101.0, running_weight=0.0)[0] is a
 
 
 def test_complexity_features():
