@@ -66,6 +66,28 @@ class Snapshot:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def sorted_numeric(self, name: str) -> np.ndarray:
+        """The values of a numeric feature as a sorted array, computed once per snapshot.
+
+        A reference snapshot is compared with the open window every ``check_every``
+        samples: its sorting (and its PSI bins, below) need not be redone each time.
+        Snapshots are never changed after they are taken, so the cache stays right; it
+        lives outside the dataclass fields, so JSON and equality ignore it.
+        """
+        cache = self.__dict__.setdefault("_sorted_cache", {})
+        a = cache.get(name)
+        if a is None:
+            a = cache[name] = _sorted(self.numeric[name])
+        return a
+
+    def psi_reference(self, name: str, bins: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inner PSI bin edges of a numeric feature and the share of this snapshot's values in each bin."""
+        cache = self.__dict__.setdefault("_psi_cache", {})
+        found = cache.get((name, bins))
+        if found is None:
+            found = cache[(name, bins)] = _psi_bins_of(self.sorted_numeric(name), bins)
+        return found
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Snapshot:
         return cls(
@@ -155,12 +177,22 @@ def psi_numeric(ref: Any, cur: Any, bins: int | None = None) -> float:
         return 0.0
     if bins is None:
         bins = psi_bins(r.size, c.size)
+    edges, ref_props = _psi_bins_of(r, bins)
+    return _psi_against(edges, ref_props, c)
+
+
+def _psi_bins_of(r: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inner quantile edges of a sorted reference (ties merged) and its share of values per bin."""
     # inner quantile edges of the (sorted) reference, without np.quantile's overhead
     edges = np.unique(r[np.minimum((np.arange(1, bins) * r.size) // bins, r.size - 1)])
-    # searchsorted puts each value in the bin of the first edge >= it: same rule for both
+    # searchsorted puts each value in the bin of the first edge >= it: same rule for both sides
     rc = np.bincount(np.searchsorted(edges, r, side="left"), minlength=edges.size + 1)
+    return edges, rc / r.size
+
+
+def _psi_against(edges: np.ndarray, ref_props: np.ndarray, c: np.ndarray) -> float:
     cc = np.bincount(np.searchsorted(edges, c, side="left"), minlength=edges.size + 1)
-    return _psi_from_props(rc / r.size, cc / c.size)
+    return _psi_from_props(ref_props, cc / c.size)
 
 
 def psi_categorical(ref: Mapping[str, int], cur: Mapping[str, int]) -> float:
@@ -168,7 +200,13 @@ def psi_categorical(ref: Mapping[str, int], cur: Mapping[str, int]) -> float:
     rt, ct = sum(ref.values()), sum(cur.values())
     if not cats or rt == 0 or ct == 0:
         return 0.0
-    return _psi_from_props(np.array([ref.get(k, 0) / rt for k in cats]), np.array([cur.get(k, 0) / ct for k in cats]))
+    # at most MAX_CATEGORIES + 1 terms: plain floats cost less than numpy's per-call overhead
+    total = 0.0
+    for k in cats:
+        r = max(ref.get(k, 0) / rt, PSI_EPS)
+        c = max(cur.get(k, 0) / ct, PSI_EPS)
+        total += (c - r) * math.log(c / r)
+    return total
 
 
 def ks_test(ref: Any, cur: Any) -> tuple[float, float]:
@@ -200,14 +238,36 @@ def chi2_test(ref: Mapping[str, int], cur: Mapping[str, int]) -> tuple[float, fl
     cats = [k for k in sorted(set(ref) | set(cur)) if ref.get(k, 0) + cur.get(k, 0) > 0]
     if len(cats) < 2 or sum(ref.values()) == 0 or sum(cur.values()) == 0:
         return 0.0, 1.0  # one category on both sides: nothing can have shifted
-    obs = np.array([[ref.get(k, 0) for k in cats], [cur.get(k, 0) for k in cats]], dtype=float)
-    expected = obs.sum(axis=1, keepdims=True) * obs.sum(axis=0, keepdims=True) / obs.sum()
-    stat = float(((obs - expected) ** 2 / expected).sum())
+    # a 2 x k table, in plain floats (k is at most MAX_CATEGORIES + 1)
+    rows = ([float(ref.get(k, 0)) for k in cats], [float(cur.get(k, 0)) for k in cats])
+    row_sums = [sum(r) for r in rows]
+    total = row_sums[0] + row_sums[1]
+    stat = 0.0
+    for j in range(len(cats)):
+        col = rows[0][j] + rows[1][j]
+        for i in (0, 1):
+            e = row_sums[i] * col / total
+            stat += (rows[i][j] - e) ** 2 / e
     return stat, float(chdtrc(len(cats) - 1, stat))
 
 
-def p95(values: list[float]) -> float | None:
-    return float(np.quantile(np.asarray(values, dtype=float), 0.95)) if values else None
+def p95(values: Any) -> float | None:
+    """The 95th percentile (numpy's default, linear method); takes a list or a sorted array."""
+    a = values if isinstance(values, np.ndarray) else _sorted(values)
+    return _quantile_sorted(a, 0.95) if a.size else None
+
+
+def _quantile_sorted(a: np.ndarray, q: float) -> float:
+    """``np.quantile(a, q)`` of a sorted array, without its argument handling: the same arithmetic."""
+    n = a.size
+    virtual = (n - 1) * q  # numpy's virtual index of the linear method
+    lo = int(math.floor(virtual))
+    hi = min(lo + 1, n - 1)
+    t = virtual - lo
+    x, y = float(a[lo]), float(a[hi])
+    diff = y - x
+    # numpy's _lerp: from the nearer end, so t = 1 gives exactly y
+    return y - diff * (1 - t) if t >= 0.5 else x + diff * t
 
 
 @dataclass
@@ -273,9 +333,10 @@ def compare(reference: Snapshot, current: Snapshot, th: Thresholds, baseline_p95
     n_tests = len(numeric) + len(categorical)
     alpha = th.alpha / n_tests if n_tests else th.alpha
     for k in numeric:
-        r, c = _sorted(reference.numeric[k]), _sorted(current.numeric[k])
+        r, c = reference.sorted_numeric(k), current.sorted_numeric(k)
         stat, p = ks_test(r, c)
-        score = psi_numeric(r, c)
+        edges, ref_props = reference.psi_reference(k, psi_bins(r.size, c.size))
+        score = _psi_against(edges, ref_props, c)
         out.features.append(FeatureResult(k, "numeric", "ks", stat, p, score, r.size, c.size, p < alpha and score >= th.psi))
     for k in categorical:
         r2, c2 = reference.categorical[k], current.categorical[k]
@@ -284,10 +345,14 @@ def compare(reference: Snapshot, current: Snapshot, th: Thresholds, baseline_p95
         out.features.append(
             FeatureResult(k, "categorical", "chi2", stat, p, score, sum(r2.values()), sum(c2.values()), p < alpha and score >= th.psi)
         )
-    cur_lat = current.numeric.get(th.latency_feature) or []
-    base = baseline_p95 if baseline_p95 is not None else p95(reference.numeric.get(th.latency_feature) or [])
+    lat = th.latency_feature
+    cur_lat = current.numeric.get(lat) or []
+    if baseline_p95 is not None:
+        base: float | None = baseline_p95
+    else:
+        base = p95(reference.sorted_numeric(lat)) if reference.numeric.get(lat) else None
     if base is not None and base > 0 and len(cur_lat) >= th.min_samples:
-        cur95 = p95(cur_lat) or 0.0
+        cur95 = p95(current.sorted_numeric(lat)) or 0.0
         ratio = cur95 / base
         out.latency = LatencyResult(th.latency_feature, base, cur95, ratio, ratio > 1.0 + th.latency_tolerance)
     return out

@@ -96,6 +96,7 @@ class Drift(Plugin):
         wanted = set(c.features) if c.features is not None else set(BUILTIN_NUMERIC + BUILTIN_CATEGORICAL)
         self.numeric = tuple(f for f in BUILTIN_NUMERIC if f in wanted)
         self.categorical = tuple(f for f in BUILTIN_CATEGORICAL if f in wanted)
+        self._every_builtin = len(self.numeric) == len(BUILTIN_NUMERIC) and len(self.categorical) == len(BUILTIN_CATEGORICAL)
         self.rng = random.Random(c.seed)
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
@@ -153,9 +154,10 @@ class Drift(Plugin):
                 msg = first.get("message")
                 refused = (isinstance(msg, dict) and bool(msg.get("refusal"))) or reason == "content_filter"
                 cat["refusal"] = "yes" if refused else "no"
-        num = {k: v for k, v in num.items() if k in self.numeric}
-        cat = {k: v for k, v in cat.items() if k in self.categorical}
-        if self.config.plugin_features:
+        if not self._every_builtin:
+            num = {k: v for k, v in num.items() if k in self.numeric}
+            cat = {k: v for k, v in cat.items() if k in self.categorical}
+        if self.config.plugin_features and ctx.features:
             for k, v in ctx.features.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in num:
                     num[str(k)[:64]] = float(v)

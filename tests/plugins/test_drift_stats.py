@@ -177,3 +177,47 @@ def test_a_comparison_is_cheap():
         compare(a, b, Thresholds())
     # four 1000-sample numeric features and two categorical ones: well under 5 ms of CPU
     assert (time.process_time() - t) / 20 < 0.005
+
+
+def test_p95_is_numpys_quantile_exactly():
+    from plugins._drift_stats import p95
+
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 3, 19, 20, 21, 101, 999, 1000, 1001):
+        for _ in range(30):
+            v = rng.normal(0, 1, n).tolist() if rng.random() < 0.7 else [float(x) for x in rng.integers(0, 5, n)]
+            assert p95(v) == float(np.quantile(np.asarray(v), 0.95)), n
+    assert p95([]) is None
+
+
+def test_cached_reference_gives_the_fresh_answer():
+    """A reference compared again and again (its sorted values and PSI bins cached) answers as a fresh copy does."""
+    rng = np.random.default_rng(12)
+    ref = Snapshot({k: rng.normal(0, 1, 800).tolist() for k in ("a", "latency_s")}, {"f": {"x": 700, "y": 100}}, 800, 0, 1)
+    for n in (150, 400, 800, 1000):  # different current sizes: different PSI bin counts
+        shift = rng.random()
+        cur = Snapshot({k: rng.normal(shift, 1, n).tolist() for k in ("a", "latency_s")}, {"f": {"x": n - 50, "y": 50}}, n, 1, 2)
+        fresh = Snapshot.from_json(ref.to_json())
+        assert compare(ref, cur, Thresholds()).to_json() == compare(fresh, cur, Thresholds()).to_json()
+        assert compare(ref, cur, Thresholds()).features[0].psi == pytest.approx(psi_numeric(fresh.numeric["a"], cur.numeric["a"]), abs=0)
+    assert Snapshot.from_json(ref.to_json()) == ref  # the caches are not part of the snapshot
+
+
+def test_categorical_psi_and_chi2_agree_with_numpy_and_scipy():
+    from scipy.stats import chi2_contingency
+
+    rng = np.random.default_rng(13)
+    for _ in range(50):
+        cats = [f"c{i}" for i in range(int(rng.integers(2, 34)))]
+        r = {c: int(rng.integers(0, 200)) for c in cats}
+        c = {k: int(rng.integers(0, 200)) for k in cats if rng.random() < 0.8}
+        r[cats[0]] += 1
+        c[cats[1]] = c.get(cats[1], 0) + 1
+        keys = sorted(set(r) | set(c))
+        rp = np.clip(np.array([r.get(k, 0) for k in keys]) / sum(r.values()), 1e-4, None)
+        cp = np.clip(np.array([c.get(k, 0) for k in keys]) / sum(c.values()), 1e-4, None)
+        assert psi_categorical(r, c) == pytest.approx(float(np.sum((cp - rp) * np.log(cp / rp))), rel=1e-12, abs=1e-12)
+        used = [k for k in keys if r.get(k, 0) + c.get(k, 0) > 0]
+        ref = chi2_contingency(np.array([[r.get(k, 0) for k in used], [c.get(k, 0) for k in used]]), correction=False)
+        stat, p = chi2_test(r, c)
+        assert stat == pytest.approx(ref.statistic, rel=1e-10) and p == pytest.approx(ref.pvalue, rel=1e-8, abs=1e-300)
