@@ -185,3 +185,22 @@ async def test_the_writer_is_one_thread_that_sleeps_between_batches(tmp_path):
         assert rec.written == 500
     finally:
         await rec.close()
+
+
+async def test_last_row_wins_inside_and_across_multi_row_statements(tmp_path):
+    """500 upserts over 7 keys in one batch (several multi-row statements and a remainder): the last of each key wins."""
+    rec = SQLiteRecords(tmp_path / "r.db", batch_size=100_000, flush_interval_ms=60_000)
+    try:
+        rec.ensure(LEDGER)
+        for i in range(500):
+            rec.append("ledger", {"id": f"k{i % 7}", "n": i, "cost": i / 3, "note": str(i)})
+        for i in range(37):  # a plain-append table in the same wake-up: every row kept, in order
+            rec.append("log", {"ts": float(i), "line": f"l{i}"})
+        await rec.flush()
+        got = rows_of(tmp_path / "r.db", "SELECT id, n, note FROM ledger ORDER BY id")
+        assert got == [{"id": f"k{r}", "n": max(i for i in range(500) if i % 7 == r), "note": str(max(i for i in range(500) if i % 7 == r))}
+                       for r in range(7)]
+        assert [r["line"] for r in rows_of(tmp_path / "r.db", "SELECT line FROM log ORDER BY rowid")] == [f"l{i}" for i in range(37)]
+        assert rec.written == 537 and rec.dropped == 0
+    finally:
+        await rec.close()
