@@ -205,8 +205,37 @@ _MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 def reservation(body: dict[str, Any], default: int, tokenizers: Mapping[str, str] | None = None,
                 completion: bool = True) -> tuple[int, int]:
     """``(prompt tokens, prompt plus completion allowance)`` of a request body (a dict), in one call:
-    what a rate limiter reserves. ``completion=False`` for endpoints that generate nothing."""
-    prompt = count_prompt_tokens(body, None, tokenizers=tokenizers)
+    what a rate limiter reserves. ``completion=False`` for endpoints that generate nothing.
+
+    The same figures as :func:`count_prompt_tokens` and :func:`completion_allowance`; the
+    usual chat body (plain text messages, estimated) is counted here inline, in one frame.
+    """
+    prompt = -1
+    messages = body.get("messages")
+    if type(messages) is list and tokenizers is None and not _registered:
+        n = REPLY_PRIMING
+        for m in messages:
+            if type(m) is not dict or len(m) > 2 or (len(m) == 2 and "role" not in m):
+                break  # a name, tool calls, ...: the general count
+            c = m.get("content")
+            if type(c) is not str:
+                break
+            k = len(c) if c.isascii() else len(c.encode("utf-8", "surrogatepass"))
+            n += PER_MESSAGE + (k + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
+        else:
+            if not ("prompt" in body or "input" in body or "instructions" in body or "tools" in body or "functions" in body):
+                prompt = n
+    if prompt < 0:
+        prompt = count_prompt_tokens(body, None, tokenizers=tokenizers)
     if not completion:
         return prompt, prompt
-    return prompt, prompt + completion_allowance(body, default)
+    limit = default
+    for name in _MAX_FIELDS:
+        v = body.get(name)
+        if v is not None and type(v) is int and v >= 0:
+            limit = v
+            break
+    choices = body.get("n")
+    if choices is not None and type(choices) is int and choices > 0:
+        limit *= choices
+    return prompt, prompt + limit

@@ -361,8 +361,7 @@ class Auth(Plugin):
                 return
             raise ProxyError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or in the 'api-key' header.",
                              code="missing_api_key", reason="missing_key")
-        fail_key = None
-        if self._fail is not None:
+        if self._failing and self._fail is not None:  # some address failed lately: is it this one?
             fail_key = "auth:fail:" + (ctx.client_ip or "-")
             until = self._failing.get(fail_key)
             if until is not None:
@@ -399,15 +398,15 @@ class Auth(Plugin):
                             self._memo.clear()
                         self._memo[secret] = (ck, entry)
         if rec is None:
-            await self._failed(fail_key)
+            await self._failed(ctx)
             raise ProxyError(401, "Incorrect API key provided.", code="invalid_api_key", reason="invalid_key")
         if rec.revoked_at is not None or rec.expires_at is not None:
             now = time.time()
             if rec.revoked_at is not None and rec.revoked_at <= now:
-                await self._failed(fail_key)
+                await self._failed(ctx)
                 raise ProxyError(401, "This API key has been revoked.", code="api_key_revoked", reason="revoked_key")
             if rec.expires_at is not None and rec.expires_at <= now:
-                await self._failed(fail_key)
+                await self._failed(ctx)
                 raise ProxyError(401, "This API key has expired.", code="api_key_expired", reason="expired_key")
         ctx.identity = ident
         ctx.stash[RECORD] = rec
@@ -446,9 +445,9 @@ class Auth(Plugin):
         self._cache.pop(ck, None)
         return None
 
-    async def _failed(self, key: str | None) -> None:
-        if key is not None and self._fail is not None:
-            limit = Limit(key, self.config.max_failures, self.config.failure_window_s)
+    async def _failed(self, ctx: Context) -> None:
+        if self._fail is not None:
+            limit = Limit("auth:fail:" + (ctx.client_ip or "-"), self.config.max_failures, self.config.failure_window_s)
             await self._fail.adjust([limit])
             failing = self._failing
             if len(failing) >= _FAILING_MAX:

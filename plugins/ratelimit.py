@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Literal
@@ -136,17 +138,62 @@ class Plan:
 
 
 class _Metrics:
-    def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter
+    """The plugin's counters.
 
-        self.decisions = Counter(
-            "sluice_ratelimit_decisions_total", "Rate-limit decisions by result and, when limited, the limit that refused.",
-            ["result", "scope", "limit"], registry=registry,
-        )
-        self.admitted = self.decisions.labels("allowed", "", "")
-        self.overrun = Counter(
-            "sluice_ratelimit_overrun_tokens_total", "Tokens used beyond the reservation (charged after the fact).", registry=registry,
-        )
+    In one process they are plain numbers that a collector reads at scrape time: an
+    admission adds 1 to an int (no call, no lock). With several workers
+    (``PROMETHEUS_MULTIPROC_DIR`` set) they are ``prometheus_client`` counters, whose
+    values the workers share through files.
+    """
+
+    def __init__(self, registry: Any) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.allowed = 0
+        self.limited: dict[tuple[str, str], int] = {}
+        self.overrun_tokens = 0
+        self._created = time.time()
+        if self.multiprocess:
+            from prometheus_client import Counter
+
+            self.decisions = Counter("sluice_ratelimit_decisions_total", _DECISIONS_HELP, ["result", "scope", "limit"], registry=registry)
+            self.allowed_child = self.decisions.labels("allowed", "", "")
+            self.overrun = Counter("sluice_ratelimit_overrun_tokens_total", _OVERRUN_HELP, registry=registry)
+        elif registry is not None:
+            registry.register(self)
+
+    def count_allowed(self) -> None:
+        if self.multiprocess:
+            self.allowed_child.inc()
+        else:
+            self.allowed += 1
+
+    def count_limited(self, scope: str, kind: str) -> None:
+        if self.multiprocess:
+            self.decisions.labels("limited", scope, kind).inc()
+        else:
+            self.limited[(scope, kind)] = self.limited.get((scope, kind), 0) + 1
+
+    def count_overrun(self, tokens: int) -> None:
+        if self.multiprocess:
+            self.overrun.inc(tokens)
+        else:
+            self.overrun_tokens += tokens
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        d = CounterMetricFamily("sluice_ratelimit_decisions", _DECISIONS_HELP, labels=["result", "scope", "limit"])
+        d.add_metric(["allowed", "", ""], self.allowed, created=self._created)
+        for (scope, kind), n in list(self.limited.items()):
+            d.add_metric(["limited", scope, kind], n, created=self._created)
+        yield d
+        o = CounterMetricFamily("sluice_ratelimit_overrun_tokens", _OVERRUN_HELP)
+        o.add_metric([], self.overrun_tokens, created=self._created)
+        yield o
+
+
+_DECISIONS_HELP = "Rate-limit decisions by result and, when limited, the limit that refused."
+_OVERRUN_HELP = "Tokens used beyond the reservation (charged after the fact)."
 
 
 _MS_TEXT = [f"{i}ms" for i in range(1001)]
@@ -370,7 +417,7 @@ class RateLimit(Plugin):
         return [lim if lim is not None else next(it) for lim in plan.template], token_limits
 
     def _too_large(self, tokens: int, tpm: int, scope: str) -> None:
-        self.metrics.decisions.labels("limited", scope, "tokens").inc()
+        self.metrics.count_limited(scope, "tokens")
         raise ProxyError(
             429,
             f"Request too large: it needs about {tokens} tokens (prompt plus max_tokens) but the tokens per "
@@ -429,7 +476,11 @@ class RateLimit(Plugin):
             self._admitted(ctx, plan, decision, held, token_limits, tokens, prompt)
             return
         figures, taken = got
-        self.metrics.admitted.inc()
+        metrics = self.metrics
+        if metrics.multiprocess:
+            metrics.count_allowed()
+        else:
+            metrics.allowed += 1
         ctx.stash[RESERVATION] = Reservation(tokens, prompt, [], taken, False, plan.token_buckets)
         if self._headers_on:
             ctx.response_headers.update(self._figure_headers(plan, figures))
@@ -469,7 +520,7 @@ class RateLimit(Plugin):
         if not decision.allowed:
             headers = self._headers(decision.statuses, plan.kinds) if self.config.headers and decision.statuses else {}
             self._refuse(decision, plan.kinds, headers)
-        self.metrics.admitted.inc()
+        self.metrics.count_allowed()
         ctx.stash[RESERVATION] = Reservation(tokens, prompt, token_limits, list(zip(plan.lease_keys, held)) if held else [],
                                              False, plan.token_buckets)
         if self.config.headers and decision.statuses:
@@ -534,7 +585,7 @@ class RateLimit(Plugin):
     def _refuse(self, decision: Decision, kinds: dict[str, tuple[str, str]], headers: dict[str, str]) -> None:
         refused = decision.refused
         scope, kind = kinds.get(refused.key, ("key", "requests")) if refused is not None else ("key", "requests")
-        self.metrics.decisions.labels("limited", scope, kind).inc()
+        self.metrics.count_limited(scope, kind)
         limit_n = int(refused.limit) if refused is not None else 0
         if kind == "concurrency":
             raise ProxyError(
@@ -608,7 +659,7 @@ class RateLimit(Plugin):
         if res.token_limits:
             delta = self.actual_tokens(ctx, res) - res.tokens
             if delta > 0:
-                self.metrics.overrun.inc(delta)
+                self.metrics.count_overrun(delta)
             if delta:
                 adjust = [Limit(lim.key, lim.limit, lim.period_s, float(delta)) for lim in res.token_limits]
         if not adjust and not res.leases:
@@ -649,7 +700,7 @@ class RateLimit(Plugin):
             else:
                 delta = self.actual_tokens(ctx, res) - res.tokens
             if delta > 0:
-                self.metrics.overrun.inc(delta)
+                self.metrics.count_overrun(delta)
         self.counters.give_back_now(buckets or (), delta, res.leases)  # type: ignore[union-attr]
 
     # -- settlements that ride on admissions (Redis) ------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import secrets
 import time
@@ -35,29 +36,36 @@ if now < 0 then
 end
 """
 
-# KEYS: n limit keys (distinct), m lease sets, a keys to adjust, r lease sets to release from.
-# ARGV: now, eps, n, m, a, then limit/period/cost per limit, limit/ttl_s/token per lease,
-# limit/period/cost per adjustment, and a token per release.
+# KEYS: every key the step touches, once each (limit buckets, lease sets, buckets to adjust,
+# lease sets to release from). ARGV[1]: now; ARGV[2]: the whole step as one space-separated
+# string (one argument to encode and send, not one per number):
+#   eps n m a r
+#   then n limits     "key-index limit period cost",
+#        m leases     "key-index limit ttl_s token",
+#        a adjustments "key-index limit period cost",
+#        r releases   "key-index token".
 # First the settlement (earlier requests' reconciliations and releases, carried here to
 # save them a round trip of their own), then the admission: leases are checked, then
 # every GCRA limit, and only if all pass is anything of the admission written.
-# Returns {allowed, retry_after, refused_index, remaining_1, reset_1, ...} as strings
-# (Lua numbers come back to the client truncated to integers); refused_index counts
-# limits first, then leases.
+# Returns one string (one reply to parse): "allowed retry_after refused_index remaining_1
+# reset_1 ..." (refused_index counts limits first, then leases).
 ADMIT_LUA = _CLOCK + """
-local eps = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local m = tonumber(ARGV[4])
-local a = tonumber(ARGV[5])
-local L = 5
-local LEASES = L + 3 * n
-local ADJ = LEASES + 3 * m
-local REL = ADJ + 3 * a
+local w = {}
+for x in string.gmatch(ARGV[2], '%S+') do w[#w + 1] = x end
+local eps = tonumber(w[1])
+local n = tonumber(w[2])
+local m = tonumber(w[3])
+local a = tonumber(w[4])
+local r = tonumber(w[5])
+local LIM = 5
+local LEASES = LIM + 4 * n
+local ADJ = LEASES + 4 * m
+local REL = ADJ + 4 * a
 for i = 1, a do
-  local key = KEYS[n + m + i]
-  local limit = tonumber(ARGV[ADJ + 3 * i - 2])
-  local period = tonumber(ARGV[ADJ + 3 * i - 1])
-  local cost = tonumber(ARGV[ADJ + 3 * i])
+  local key = KEYS[tonumber(w[ADJ + 4 * i - 3])]
+  local limit = tonumber(w[ADJ + 4 * i - 2])
+  local period = tonumber(w[ADJ + 4 * i - 1])
+  local cost = tonumber(w[ADJ + 4 * i])
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
   local nt = tat + cost * (period / limit)
@@ -67,17 +75,17 @@ for i = 1, a do
     redis.call('SET', key, string.format('%.6f', nt), 'PX', math.ceil((nt - now) * 1000) + 1)
   end
 end
-for k = n + m + a + 1, #KEYS do
-  redis.call('ZREM', KEYS[k], ARGV[REL + (k - n - m - a)])
+for i = 1, r do
+  redis.call('ZREM', KEYS[tonumber(w[REL + 2 * i - 1])], w[REL + 2 * i])
 end
 local nowtxt = string.format('%.6f', now)
 for j = 1, m do
-  local key = KEYS[n + j]
-  local limit = tonumber(ARGV[LEASES + 3 * j - 2])
+  local key = KEYS[tonumber(w[LEASES + 4 * j - 3])]
+  local limit = tonumber(w[LEASES + 4 * j - 2])
   if redis.call('ZCARD', key) >= limit then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', nowtxt)
     if redis.call('ZCARD', key) >= limit then
-      return {'0', '1.000000', tostring(n + j)}
+      return '0 1.000000 ' .. tostring(n + j)
     end
   end
 end
@@ -87,11 +95,12 @@ local pre = {}
 local refused = 0
 local wait_max = 0
 for i = 1, n do
-  local limit = tonumber(ARGV[L + 3 * i - 2])
-  local period = tonumber(ARGV[L + 3 * i - 1])
-  local cost = tonumber(ARGV[L + 3 * i])
+  local key = KEYS[tonumber(w[LIM + 4 * i - 3])]
+  local limit = tonumber(w[LIM + 4 * i - 2])
+  local period = tonumber(w[LIM + 4 * i - 1])
+  local cost = tonumber(w[LIM + 4 * i])
   local interval = period / limit
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local tat = tonumber(redis.call('GET', key) or '0')
   local base = tat
   if base < now then base = now end
   local nt = base + cost * interval
@@ -111,24 +120,25 @@ for i = 1, n do
     end
   end
 end
-local res = {refused == 0 and '1' or '0', string.format('%.6f', wait_max), tostring(refused)}
+local head = (refused == 0 and '1 ' or '0 ') .. string.format('%.6f', wait_max) .. ' ' .. tostring(refused)
 if refused ~= 0 then
   -- nothing was taken, so every status shows the bucket as it stands
-  for i = 1, 2 * n do res[3 + i] = pre[i] end
-  return res
+  if n == 0 then return head end
+  return head .. ' ' .. table.concat(pre, ' ')
 end
 for i = 1, n do
-  redis.call('SET', KEYS[i], string.format('%.6f', new[i]), 'PX', math.ceil((new[i] - now) * 1000) + 1)
+  local key = KEYS[tonumber(w[LIM + 4 * i - 3])]
+  redis.call('SET', key, string.format('%.6f', new[i]), 'PX', math.ceil((new[i] - now) * 1000) + 1)
 end
 for j = 1, m do
-  local key = KEYS[n + j]
-  local ttl = tonumber(ARGV[LEASES + 3 * j - 1])
-  redis.call('ZADD', key, string.format('%.6f', now + ttl), ARGV[LEASES + 3 * j])
+  local key = KEYS[tonumber(w[LEASES + 4 * j - 3])]
+  local ttl = tonumber(w[LEASES + 4 * j - 1])
+  redis.call('ZADD', key, string.format('%.6f', now + ttl), w[LEASES + 4 * j])
   local want = math.ceil(ttl * 1000) + 1
   if redis.call('PTTL', key) < want then redis.call('PEXPIRE', key, want) end
 end
-for i = 1, 2 * n do res[3 + i] = out[i] end
-return res
+if n == 0 then return head end
+return head .. ' ' .. table.concat(out, ' ')
 """
 
 # KEYS: the sum, a hash {t: total, e: period end}. ARGV: now, amount, limit ('' for none), expires_at.
@@ -201,10 +211,65 @@ def connect(cfg: RedisConfig) -> Any:
 
 
 async def close_client(client: Any) -> None:
-    """Close a client made by :func:`connect`, and its Sentinel connections if any."""
+    """Close a client made by :func:`connect`, its Sentinel connections and its script lane if any."""
     await client.aclose()
     for s in getattr(client, "sluice_sentinels", ()):
         await s.aclose()
+    lane = getattr(client, "sluice_lane", None)
+    if lane is not None:
+        await lane.close()
+
+
+class _Lane:
+    """Plain connections for the scripts of the request path, beside the client's pool.
+
+    The pool's ``execute_command`` path costs a lock, observability records, an event
+    dispatch, a health probe of the socket and a ``wait_for`` task per call; a script
+    on the request path needs none of them: its bound is the guard's timeout, and a
+    connection whose call failed in any way (timeout, cancel, error) is closed, never
+    reused. Error replies (``NOSCRIPT``) leave the connection clean. Only for a
+    standalone client (Sentinel and Cluster keep their own pools).
+    """
+
+    def __init__(self, pool: Any, size: int = 64) -> None:
+        # no socket timeout of its own: the guard bounds every call
+        self.kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        self.cls = pool.connection_class
+        self.size = size
+        self.idle: list[Any] = []
+        self.busy = 0
+
+    async def call(self, *args: Any) -> Any:
+        import redis.exceptions as rx
+
+        conn = self.idle.pop() if self.idle else self.cls(**self.kwargs)
+        self.busy += 1
+        try:
+            if not conn.is_connected:
+                await conn.connect()
+            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            res = await conn.read_response()
+        except rx.ResponseError:
+            self._keep(conn)  # an error reply was read whole: the connection is in step
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            self.busy -= 1
+        self._keep(conn)
+        return res
+
+    def _keep(self, conn: Any) -> None:
+        if len(self.idle) < self.size:
+            self.idle.append(conn)
+        else:
+            asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
+
+    async def close(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            await conn.disconnect(nowait=True)
 
 
 class RedisGuard:
@@ -219,6 +284,14 @@ class RedisGuard:
         self.open_until = 0.0
         self._shas: dict[str, str] = {}
         self._errors = _failures()
+        self._lane: _Lane | None = None
+        try:
+            from redis.asyncio import ConnectionPool
+
+            if type(getattr(client, "connection_pool", None)) is ConnectionPool:
+                self._lane = client.sluice_lane = _Lane(client.connection_pool)
+        except (ImportError, AttributeError):  # pragma: no cover - another client type
+            self._lane = None
 
     @property
     def is_open(self) -> bool:
@@ -258,11 +331,19 @@ class RedisGuard:
         if sha is None:
             sha = self._shas[lua] = hashlib.sha1(lua.encode()).hexdigest()
 
-        async def run() -> Any:
-            try:
-                return await self.client.evalsha(sha, len(keys), *keys, *args)
-            except rx.NoScriptError:
-                return await self.client.eval(lua, len(keys), *keys, *args)
+        lane = self._lane
+        if lane is not None:
+            async def run() -> Any:
+                try:
+                    return await lane.call("EVALSHA", sha, len(keys), *keys, *args)
+                except rx.NoScriptError:
+                    return await lane.call("EVAL", lua, len(keys), *keys, *args)
+        else:
+            async def run() -> Any:
+                try:
+                    return await self.client.evalsha(sha, len(keys), *keys, *args)
+                except rx.NoScriptError:
+                    return await self.client.eval(lua, len(keys), *keys, *args)
 
         return await self.call(run)
 
@@ -279,6 +360,9 @@ class RedisCounters(Counters):
         # one hash tag for all counters in Cluster mode: an acquire spans key, team and global limits
         self.prefix = prefix + ("{c}:" if cluster else "c:")
         self._clock = clock
+        # lease tokens: unique across processes (a random prefix) without a random draw per lease
+        self._token_prefix = secrets.token_hex(6)
+        self._token_seq = itertools.count(1)
 
     def _now(self) -> str:
         return "-1" if self._clock is None else repr(self._clock())
@@ -302,30 +386,50 @@ class RedisCounters(Counters):
         the decision. A full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)``
         and a one-second retry. Returns the decision and, when admitted, the lease tokens.
         """
-        merged = _merge(limits)
-        adjust = [lim for lim in settle[0] if lim.cost != 0] if settle else []
-        releases = list(settle[1]) if settle else []
-        tokens = [secrets.token_hex(8) for _ in leases]
+        merged = _merge(limits) if len(limits) > 1 else list(limits)
         p = self.prefix
-        keys = ([p + lim.key for lim in merged] + [p + "lease:" + key for key, _, _ in leases]
-                + [p + lim.key for lim in adjust] + [p + "lease:" + key for key, _ in releases])
-        args: list[Any] = [self._now(), "0.000001", len(merged), len(leases), len(adjust)]
+        keys: list[str] = []
+        index: dict[str, str] = {}
+
+        def ki(key: str) -> str:
+            # every Redis key once in KEYS; the step refers to it by position
+            i = index.get(key)
+            if i is None:
+                keys.append(key)
+                i = index[key] = str(len(keys))
+            return i
+
+        words = ["0.000001", "", "", "", ""]
         for lim in merged:
-            args += [repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost))]
-        for (_, limit, ttl_s), token in zip(leases, tokens):
-            args += [int(limit), repr(float(ttl_s)), token]
-        for lim in adjust:
-            args += [repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost))]
-        args += [token for _, token in releases]
-        res = await self.guard.script(ADMIT_LUA, keys, args)
-        res = [x.decode() if isinstance(x, bytes) else str(x) for x in res]
-        allowed = res[0] == "1"
+            words += (ki(p + lim.key), repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost)))
+        tokens = []
+        for key, limit, ttl_s in leases:
+            token = self._token_prefix + format(next(self._token_seq), "x")
+            tokens.append(token)
+            words += (ki(p + "lease:" + key), str(int(limit)), repr(float(ttl_s)), token)
+        adjust = 0
+        releases = 0
+        if settle:
+            for lim in settle[0]:
+                if lim.cost != 0:
+                    adjust += 1
+                    words += (ki(p + lim.key), repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost)))
+            for key, token in settle[1]:
+                releases += 1
+                words += (ki(p + "lease:" + key), token)
+        words[1:5] = (str(len(merged)), str(len(leases)), str(adjust), str(releases))
+        raw = await self.guard.script(ADMIT_LUA, keys, (self._now(), " ".join(words)))
+        res = raw.split()
+        allowed = res[0] == b"1" or res[0] == "1"
         refused_i = int(res[2])
         if refused_i > len(merged):
             key, limit, ttl_s = leases[refused_i - len(merged) - 1]
             return Decision(False, float(res[1]), (), Limit(key, limit, ttl_s, 1.0)), []
-        by_key = {lim.key: (float(res[3 + 2 * i]), float(res[4 + 2 * i])) for i, lim in enumerate(merged)}
-        statuses = tuple(LimitStatus(lim, *by_key[lim.key]) for lim in limits)
+        if len(merged) == len(limits):  # no key twice: statuses in order
+            statuses = tuple(LimitStatus(lim, float(res[3 + 2 * i]), float(res[4 + 2 * i])) for i, lim in enumerate(limits))
+        else:
+            by_key = {lim.key: (float(res[3 + 2 * i]), float(res[4 + 2 * i])) for i, lim in enumerate(merged)}
+            statuses = tuple(LimitStatus(lim, *by_key[lim.key]) for lim in limits)
         if allowed:
             return Decision(True, 0.0, statuses, None), tokens
         rk = merged[refused_i - 1].key

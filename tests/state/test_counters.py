@@ -18,13 +18,13 @@ async def counters(request, clock, key_prefix):
     if request.param == "memory":
         yield MemoryCounters(clock)
         return
-    from proxy.state.redis import RedisCounters, RedisGuard, connect
+    from proxy.state.redis import RedisCounters, RedisGuard, close_client, connect
 
     rs = request.getfixturevalue("redis_server")
     cfg = RedisConfig(url=rs.url, timeout_ms=2000)
     client = connect(cfg)
     yield RedisCounters(RedisGuard(client, cfg), key_prefix, clock=clock)
-    await client.aclose()
+    await close_client(client)
 
 
 async def test_burst_of_limit_then_refused(counters):

@@ -23,13 +23,13 @@ async def kv(request, tmp_path, clock, key_prefix):
         yield store
         await store.close()
     else:
-        from proxy.state.redis import RedisGuard, RedisKV, connect
+        from proxy.state.redis import RedisGuard, RedisKV, close_client, connect
 
         rs = request.getfixturevalue("redis_server")
         cfg = RedisConfig(url=rs.url, timeout_ms=2000)
         client = connect(cfg)
         yield RedisKV(RedisGuard(client, cfg), key_prefix, "cache")
-        await client.aclose()
+        await close_client(client)
 
 
 async def test_set_get_delete(kv):

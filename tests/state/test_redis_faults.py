@@ -12,7 +12,7 @@ from proxy.config import RedisConfig, StateConfig
 from proxy.errors import StateUnavailable
 from proxy.state import StateHub
 from proxy.state.base import Limit
-from proxy.state.redis import RedisCounters, RedisGuard, connect
+from proxy.state.redis import RedisCounters, RedisGuard, close_client, connect
 from proxy.state.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -49,8 +49,8 @@ async def test_slow_redis_times_out_within_the_bound(own_redis):
         assert "127.0.0.1" not in err.value.message  # nothing about the backend reaches a client
     finally:
         await other.execute_command("CLIENT", "UNPAUSE")
-        await other.aclose()
-        await client.aclose()
+        await close_client(other)
+        await close_client(client)
 
 
 async def test_breaker_opens_fails_fast_and_recovers_after_restart(own_redis):
@@ -80,7 +80,7 @@ async def test_breaker_opens_fails_fast_and_recovers_after_restart(own_redis):
         assert (await counters.acquire([Limit("k", 10, 60)])).allowed
         assert guard.state() == "closed" and guard.failures == 0
     finally:
-        await client.aclose()
+        await close_client(client)
 
 
 async def test_half_open_failure_reopens_at_once(own_redis):
@@ -100,7 +100,7 @@ async def test_half_open_failure_reopens_at_once(own_redis):
         assert err.value.reason == "redis_unavailable"
         assert guard.state() == "open"  # ...and one failure is enough to re-open
     finally:
-        await client.aclose()
+        await close_client(client)
 
 
 async def test_hub_check_reports_redis_down_then_up(own_redis, tmp_path):
@@ -154,6 +154,6 @@ async def test_calls_under_load_never_hang_while_redis_flaps(own_redis):
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-        await client.aclose()
+        await close_client(client)
     # far above the 50 ms timeout for a loaded test machine, far below redis-py's own 5 s default
     assert worst < 1.5, worst
