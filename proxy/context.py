@@ -168,7 +168,7 @@ class Context:
     """One request's state, handed to every hook. Slots, not a free-for-all dict."""
 
     __slots__ = (
-        "request_id", "route", "method", "path", "query", "headers", "raw", "client_ip",
+        "request_id", "route", "method", "path", "query", "headers", "raw", "_client_ip", "_peer",
         "_body", "_body_changed", "identity", "targets", "upstream", "response",
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
@@ -198,7 +198,9 @@ class Context:
         self.headers: CIMultiDict[str] = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers or {})
         #: the request body as received
         self.raw = raw
-        self.client_ip = client_ip
+        self._client_ip = client_ip
+        #: (resolver, request) the address is found from on first read of ``client_ip``
+        self._peer: Any = None
         self._body: Any = _UNPARSED
         self._body_changed = False
         #: who is calling (set by auth)
@@ -241,6 +243,20 @@ class Context:
         self.stream_events = 0
         self.stream_bytes = 0
         self.runtime: Any = None
+
+    @property
+    def client_ip(self) -> str | None:
+        """The caller's address (through ``server.trusted_proxies``); found on first read."""
+        if self._peer is not None:
+            resolve, request = self._peer
+            self._peer = None
+            self._client_ip = resolve(request.remote, request.headers.get("x-forwarded-for"))
+        return self._client_ip
+
+    @client_ip.setter
+    def client_ip(self, value: str | None) -> None:
+        self._peer = None
+        self._client_ip = value
 
     @property
     def usage(self) -> Usage | None:

@@ -103,8 +103,8 @@ class Handler:
             ctx = Context(
                 request_id=rid, method=request.method, path=path, query=query,
                 headers=request_headers(request.headers), raw=raw, route=route,
-                client_ip=gen.client_ip(request.remote, request.headers.get("x-forwarded-for")),
             )
+            ctx._peer = (gen.client_ip, request)  # the address is looked up if a plugin asks
             ctx.runtime = gen.runtime
             ctx.targets = list(route.default_targets)
             resp: web.StreamResponse | None = None  # a buffered answer, sent here before on_done runs inline
@@ -124,7 +124,7 @@ class Handler:
                         injected = True
 
                 try:
-                    up_resp, up, att = await gen.pool.send(ctx, route)
+                    up_resp, up, att = await gen.pool.send(ctx, route, request.task)
                 except ProxyError as e:
                     ctx.outcome = "upstream_error"
                     ctx.error = e.message
@@ -138,7 +138,8 @@ class Handler:
                     if up_resp.headers.get("content-type", "").startswith("text/event-stream"):
                         resp = await self._relay(request, ctx, route, up_resp, up, att, injected)
                         return resp
-                    alarm = Alarm(self._deadline(att, up))
+                    loop = asyncio.get_running_loop()
+                    alarm = Alarm(self._deadline(att, up, loop), loop, request.task)
                     try:
                         data = await up_resp.read()
                     except asyncio.CancelledError:
@@ -203,21 +204,24 @@ class Handler:
             gen.leave()
 
     @staticmethod
-    def _deadline(att: Attempt, up: Upstream) -> float:
-        loop = asyncio.get_running_loop()
+    def _deadline(att: Attempt, up: Upstream, loop: asyncio.AbstractEventLoop) -> float:
         return loop.time() + max(0.0, up.config.timeouts.total - (time.perf_counter() - att.start))
 
-    def _finish_headers(self, ctx: Context, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    @staticmethod
+    def _finish_headers(ctx: Context, out: web.StreamResponse) -> web.StreamResponse:
+        """Our id and the plugins' headers, on the answer's own copy of the headers."""
+        headers = out.headers
         headers["x-request-id"] = ctx.request_id
         if ctx.response_headers:
             headers.update(ctx.response_headers)
-        return headers
+        return out
 
     def _buffered(self, ctx: Context) -> web.Response:
         r = ctx.response
         assert r is not None
         ctx.status = r.status
-        return web.Response(status=r.status, body=r.body, headers=self._finish_headers(ctx, CIMultiDict(r.headers)))
+        # aiohttp copies the headers it is given, so ctx.response keeps the upstream's as they were
+        return self._finish_headers(ctx, web.Response(status=r.status, body=r.body, headers=r.headers))  # type: ignore[return-value]
 
     async def _send_reply(self, request: web.BaseRequest, ctx: Context, route: ch.CompiledRoute) -> web.StreamResponse:
         reply = ctx.reply_value
@@ -228,7 +232,7 @@ class Handler:
             return self._buffered(ctx)
         headers = CIMultiDict(SSE_HEADERS)
         headers.update(reply.headers)
-        out = web.StreamResponse(status=reply.status, headers=self._finish_headers(ctx, headers))
+        out = self._finish_headers(ctx, web.StreamResponse(status=reply.status, headers=headers))
         ctx.status = reply.status
         await out.prepare(request)
         pipeline = ch.ChunkPipeline(ctx, route)
@@ -274,13 +278,13 @@ class Handler:
         att: Attempt,
         injected: bool,
     ) -> web.StreamResponse:
-        out = web.StreamResponse(status=resp.status, headers=self._finish_headers(ctx, response_headers(resp.headers)))
+        out = self._finish_headers(ctx, web.StreamResponse(status=resp.status, headers=response_headers(resp.headers)))
         ctx.status = resp.status
         await out.prepare(request)
         content = resp.content
         idle = up.config.timeouts.idle
         loop = asyncio.get_running_loop()
-        deadline = self._deadline(att, up)
+        deadline = self._deadline(att, up, loop)
         parse = route.parse_stream
         wants_usage = route.wants_usage
         pipeline = ch.ChunkPipeline(ctx, route) if parse else None

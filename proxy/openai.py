@@ -21,31 +21,34 @@ HOP_BY_HOP = frozenset(
 #: response headers not passed to the client: the body is decompressed and re-framed
 RESPONSE_DROP = HOP_BY_HOP | {"content-encoding"}
 CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+HOP_BY_HOP_ORDER = tuple(sorted(HOP_BY_HOP))
+RESPONSE_DROP_ORDER = tuple(sorted(RESPONSE_DROP))
 
 
 def request_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones (and those named in ``Connection``)."""
-    drop = HOP_BY_HOP
-    conn = headers.get("connection")
+    out: CIMultiDict[str] = CIMultiDict(headers)  # one copy in C, then drop the few that go
+    conn = out.get("connection")
+    for h in HOP_BY_HOP_ORDER:
+        if h in out:
+            del out[h]
     if conn:
-        drop = drop | {t.strip().lower() for t in conn.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        if k.lower() not in drop:
-            out.add(k, v)
+        for t in conn.split(","):
+            t = t.strip()
+            if t and t in out:
+                del out[t]
     return out
 
 
 def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk in RESPONSE_DROP:
-            continue
-        if lk == "x-request-id":
+    """The upstream's headers for the client: framing ones dropped, its ``x-request-id`` renamed."""
+    out: CIMultiDict[str] = CIMultiDict(headers)
+    for h in RESPONSE_DROP_ORDER:
+        if h in out:
+            del out[h]
+    if "x-request-id" in out:
+        for v in out.popall("x-request-id"):
             out.add("x-upstream-request-id", v)
-            continue
-        out.add(k, v)
     return out
 
 

@@ -16,10 +16,13 @@ class Alarm:
 
     __slots__ = ("task", "handle", "fired")
 
-    def __init__(self, when: float) -> None:
-        self.task = asyncio.current_task()
+    def __init__(self, when: float, loop: asyncio.AbstractEventLoop | None = None, task: asyncio.Task | None = None) -> None:
+        # the request path passes the loop and its task: looking them up costs more than the timer
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        self.task = task if task is not None else asyncio.current_task(loop)
         self.fired = False
-        self.handle = asyncio.get_running_loop().call_at(when, self._fire)
+        self.handle = loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
         self.fired = True

@@ -164,7 +164,9 @@ class UpstreamPool:
                 body = orjson.dumps(obj)
         return await self.get(target.upstream).call(method, endpoint, body, headers, timeout)
 
-    async def send(self, ctx: Context, route: CompiledRoute) -> tuple[aiohttp.ClientResponse, Upstream, Attempt]:
+    async def send(
+        self, ctx: Context, route: CompiledRoute, task: asyncio.Task | None = None
+    ) -> tuple[aiohttp.ClientResponse, Upstream, Attempt]:
         """Open the request on the first target that answers, retrying before the first byte.
 
         Connect errors, timeouts before the first byte and the route's retry
@@ -181,6 +183,9 @@ class UpstreamPool:
         body = ctx.body_bytes()
         tail = ctx.endpoint
         plan = [(t, n) for t in targets for n in range(policy.attempts + 1)]
+        loop = asyncio.get_running_loop()
+        if task is None:
+            task = asyncio.current_task(loop)
         last_error: ProxyError | None = None
         delay = 0.0
         for i, (target, n) in enumerate(plan):
@@ -208,7 +213,7 @@ class UpstreamPool:
             ctx.attempts.append(att)
             t = up.config.timeouts
             up.outstanding += 1
-            alarm = Alarm(asyncio.get_running_loop().time() + t.first_byte)
+            alarm = Alarm(loop.time() + t.first_byte, loop, task)
             try:
                 try:
                     # the session directly, not Upstream.open: one coroutine layer less per request
