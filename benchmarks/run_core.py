@@ -667,11 +667,17 @@ def _area(rel: str) -> str:
     return "builtins/other" if rel.startswith("~") else rel.rsplit("/", 1)[-1].split(":")[0]
 
 
+def _requests_in(stats: dict) -> int:
+    """Requests served in a profile: ``BaseRequest.__init__`` calls (the first ``__init__`` of aiohttp's web_request.py)."""
+    inits = {line: v[1] for (file, line, fn), v in stats.items() if file.endswith("aiohttp/web_request.py") and fn == "__init__"}
+    return max(inits[min(inits)] if inits else 0, 1)
+
+
 def profile_diff(base: Path, other: Path, top: int) -> list[str]:
     """Functions whose self CPU per request grew most from ``base`` to ``other`` (same load, same window)."""
     def per_req(path: Path) -> tuple[dict[str, float], dict[str, float]]:
         stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
-        n = max(1, sum(v[1] for (f, l, fn), v in stats.items() if f.endswith("aiohttp/web_urldispatcher.py") and fn == "resolve" and l > 900))
+        n = _requests_in(stats)
         selfs: dict[str, float] = {}
         calls: dict[str, float] = {}
         for (f, l, fn), v in stats.items():
@@ -691,17 +697,17 @@ def profile_diff(base: Path, other: Path, top: int) -> list[str]:
 
 
 def hot_spots(path: Path, title: str, top: int) -> str:
-    """Self CPU per request by function and by area; one request = one ``UrlDispatcher.resolve`` call.
+    """Self CPU per request by function and by area; one request = one ``BaseRequest.__init__`` call.
 
     cProfile counts every resumption of a coroutine as a call, so the handler's own
-    count is not the number of requests; the router's resolve runs once per request
-    in Sluice and the baseline alike.
+    count is not the number of requests; aiohttp builds one ``BaseRequest`` per
+    request in Sluice (low-level server) and the baseline (an ``Application``,
+    whose ``Request.__init__`` calls it) alike.
     """
     st = pstats.Stats(str(path))
     stats = st.stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in stats.values())
-    n = sum(v[1] for (file, _l, fn), v in stats.items() if file.endswith("aiohttp/web_urldispatcher.py") and fn == "resolve" and _l > 900)
-    n = max(n, 1)
+    n = _requests_in(stats)
     lines = [f"== {title}: {path}", f"{n} requests; {total / n * 1e6:.1f} us CPU/request on the loop thread, profiler overhead included "
              "(use the shares, not the absolute figures)", "", f"{'self us/req':>12} {'share':>6}  area"]
     areas: dict[str, float] = {}
