@@ -1,11 +1,15 @@
 """The observers together (tracing + metrics + metering + drift, sampling at 100%) against the empty chain.
 
-Measured in one run, rounds interleaved so machine noise falls on both:
+Measured in one run, many short rounds interleaved so machine noise falls on all:
 
-* CPU per request of the Sluice process (user + system time from /proc, so the
-  exporter thread, the ledger writer thread and the drift comparisons in the executor
-  all count), for the empty chain, each observer alone, and the four together; the
-  difference from the empty chain is what they cost. Target: under 100 us per request.
+* CPU per request of the Sluice process, every thread's nanosecond run time from
+  ``/proc/<pid>/task/*/schedstat`` (so the exporter thread, the ledger writer thread and
+  the drift comparisons in the executor all count, and the loop's thread is reported
+  apart), for the empty chain, the observers' "shape" (four no-op plugins with their
+  hooks and flags: the core's share) and the four observers together (``--each``: also
+  each alone). The added CPU is the median over rounds of each round's difference from
+  the empty chain, with its quartiles; configurations rotate order every round. Target:
+  under 100 us per request. The tick-based /proc figure is printed as a cross-check.
 * Client latency p50 / p99 of both, and their ratio.
 * ``--hooks``: each observer's own hooks in-process (``on_request`` + ``on_done`` on a
   finished buffered chat request, garbage collection paused so one plugin's garbage is
@@ -18,6 +22,7 @@ reads and discards them, so the export path is real. Traffic is 3 buffered : 1 s
 chat requests at a fixed concurrency.
 
     .venv/bin/python benchmarks/bench_observers.py            # full run (about a minute)
+    .venv/bin/python benchmarks/bench_observers.py --each     # and each observer alone
     .venv/bin/python benchmarks/bench_observers.py --quick    # smoke run
     .venv/bin/python benchmarks/bench_observers.py --hooks    # the plugins' own hooks, in-process
 """
@@ -46,7 +51,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_traffic import demo_upstream, pct  # noqa: E402
 
+from pydantic import Field  # noqa: E402
+
+from proxy import Context, Plugin, PluginConfig, hookimpl  # noqa: E402
 from proxy.testing import SluiceProcess  # noqa: E402
+
+#: the "shape" Sluice process loads this module for the SHAPE plugins
+PLUGIN_ENV = {"SLUICE_PLUGINS": Path(__file__).stem,
+              "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY = orjson.dumps({"model": "sluice-demo", "messages": [{"role": "user", "content": "Summarise the plot of Hamlet in two sentences."}]})
@@ -55,9 +67,35 @@ STREAM_BODY = orjson.dumps({"model": "sluice-demo", "stream": True,
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its threads so far."""
+    """User + system CPU of a process and its threads so far (clock ticks; counts exited threads too)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu_ns(pid: int) -> dict[str, int]:
+    """CPU nanoseconds of each live thread of a process, summed by kind (from schedstat).
+
+    Nanosecond run times rather than /proc's 10 ms ticks, and per thread, so the event
+    loop can be told from the rest: ``main`` is the loop's thread; Python does not name
+    its threads for the OS, so the exporter, the ledger writer and the executor threads
+    add up as ``threads``; native threads keep their names (uvloop's ``libuv-worker``).
+    """
+    out: dict[str, int] = {}
+    own = Path(f"/proc/{pid}/comm").read_text().strip()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ns = int((task / "schedstat").read_text().split()[0])
+            comm = (task / "comm").read_text().strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended between listing and reading
+        name = "main" if task.name == str(pid) else "threads" if comm == own else comm
+        out[name] = out.get(name, 0) + ns
+    return out
+
+
+def cpu_ns(pid: int) -> tuple[int, dict[str, int]]:
+    per = thread_cpu_ns(pid)
+    return sum(per.values()), per
 
 
 @contextlib.asynccontextmanager
@@ -102,6 +140,124 @@ def observers(sink: str) -> list[dict[str, Any]]:
     ]
 
 
+# -- the observers' shape, without their work ------------------------------------------
+# Four no-op plugins with the hooks, kinds and flags of the four observers (sync or async as
+# theirs are; metrics asks for plugin timings, metering for stream usage and a never-dropped
+# on_done, and reads ctx.usage, the core's service). What a chain of them costs over the
+# empty chain is the core's share of the observers' cost; what the observers cost over them
+# is the plugins' own work. ``--core`` switches the flags one at a time to price each.
+SHAPE = [{"bench_shape_metrics": {}}, {"bench_shape_metering": {}}, {"bench_shape_drift": {}}, {"bench_shape_tracing": {}}]
+
+
+class ShapeMetrics(Plugin):
+    """Like metrics: a plain on_done, and per-hook timings for the whole chain."""
+
+    name = "bench_shape_metrics"
+    kind = "observer"
+
+    class Config(PluginConfig):
+        timed: bool = Field(True, description="Ask for ctx.timings.plugins, as metrics does.")
+
+    def __init__(self, config: Config, runtime: Any) -> None:
+        super().__init__(config, runtime)
+        self.wants_plugin_timings = config.timed
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        return None
+
+
+class _ShapeMetering(Plugin):
+    kind = "observer"
+    done_required = True
+
+    class Config(PluginConfig):
+        usage: bool = Field(True, description="needs_usage, as metering: usage asked for on streams.")
+        read_usage: bool = Field(True, description="Read ctx.usage in on_done, as every observer does.")
+
+    def __init__(self, config: Config, runtime: Any) -> None:
+        super().__init__(config, runtime)
+        self.needs_usage = config.usage
+        self.read_usage = config.read_usage
+
+    @hookimpl
+    async def on_request(self, ctx: Context) -> None:
+        if ctx.answered:
+            return
+
+
+class ShapeMetering(_ShapeMetering):
+    """Like metering: async on_request and on_done, usage on streams, an on_done never dropped."""
+
+    name = "bench_shape_metering"
+
+    @hookimpl
+    async def on_done(self, ctx: Context) -> None:
+        if self.read_usage:
+            ctx.usage
+
+
+class ShapeMeteringSync(_ShapeMetering):
+    """As ShapeMetering with a plain on_done: every on_done of the chain is then plain."""
+
+    name = "bench_shape_metering_sync"
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        if self.read_usage:
+            ctx.usage
+
+
+class ShapeDrift(Plugin):
+    """Like drift: a plain on_done."""
+
+    name = "bench_shape_drift"
+    kind = "observer"
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        return None
+
+
+class ShapeTracing(Plugin):
+    """Like tracing: plain on_request, on_response and on_done."""
+
+    name = "bench_shape_tracing"
+    kind = "observer"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        if ctx.answered:
+            return
+
+    @hookimpl
+    def on_response(self, ctx: Context) -> None:
+        return None
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        return None
+
+
+#: the shape with one thing changed at a time (``--core``)
+SHAPE_VARIANTS = {
+    "shape, plain on_done everywhere": [SHAPE[0], {"bench_shape_metering_sync": {}}, SHAPE[2], SHAPE[3]],
+    "shape, no hook timings": [{"bench_shape_metrics": {"timed": False}}, *SHAPE[1:]],
+    "shape, no stream usage asked": [SHAPE[0], {"bench_shape_metering": {"usage": False}}, *SHAPE[2:]],
+    "shape, ctx.usage never read": [SHAPE[0], {"bench_shape_metering": {"read_usage": False}}, *SHAPE[2:]],
+}
+
+
+SHAPE_PLUGINS = (ShapeMetrics, ShapeMetering, ShapeMeteringSync, ShapeDrift, ShapeTracing)
+
+
+@hookimpl
+def register_plugins(register: Any) -> None:
+    """Loaded by the "shape" Sluice process through $SLUICE_PLUGINS."""
+    for cls in SHAPE_PLUGINS:
+        register(cls)
+
+
 async def load(http: aiohttp.ClientSession, url: str, n: int, concurrency: int) -> list[float]:
     lat: list[float] = []
     todo = iter(range(n))
@@ -120,48 +276,92 @@ async def load(http: aiohttp.ClientSession, url: str, n: int, concurrency: int) 
     return lat
 
 
-async def settle(pid: int, quiet_s: float = 0.25, limit_s: float = 5.0) -> None:
-    """Wait until the process stops burning CPU (its on_done queue, writer and exporter caught up)."""
+async def settle(pid: int, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
+    """Wait until the process stops burning CPU (its on_done queue, writer and exporter caught up).
+
+    Quiet means under 2 ms of CPU in ``quiet_s``: more than a second ticking of idle timers
+    costs, less than one request. ``quiet_s`` is longer than the ledger writer's interval
+    (200 ms), so its last batch falls inside the measurement.
+    """
     deadline = time.monotonic() + limit_s
-    last = cpu_seconds(pid)
+    last = cpu_ns(pid)[0]
     while time.monotonic() < deadline:
         await asyncio.sleep(quiet_s)
-        now = cpu_seconds(pid)
-        if now - last <= 1 / CLK_TCK:
+        now = cpu_ns(pid)[0]
+        if now - last <= 2_000_000:
             return
         last = now
 
 
-async def main(quick: bool) -> dict[str, Any]:
-    rounds, per_round, concurrency = (2, 200, 8) if quick else (3, 600, 8)
+async def main(quick: bool, rounds: int | None = None, per_round: int | None = None, each: bool = False,
+               core: bool = False) -> dict[str, Any]:
+    rounds_, per_round_, concurrency = (3, 200, 8) if quick else (15, 300, 8)
+    rounds = rounds or rounds_
+    per_round = per_round or per_round_
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-observers-"))
+    load_before = os.getloadavg()
     async with demo_upstream(0.0) as up, otlp_sink() as (sink, received):
         every = observers(sink)
-        chains = {"empty": [], **{next(iter(p)): [p] for p in every}, "observers": every}
+        # many short rounds of few configurations: a pair measured a second apart shares the machine's load
+        alone = {next(iter(p)): [p] for p in every} if each else {}
+        variants = SHAPE_VARIANTS if core else {}
+        chains = {"empty": [], **alone, "shape": SHAPE, **variants, "observers": every}
         async with contextlib.AsyncExitStack() as stack:
-            procs = {name: await stack.enter_async_context(SluiceProcess(config(up, chain), tmp / name))
-                     for name, chain in chains.items()}
-            cpu = {k: 0.0 for k in procs}
+            procs = {name: await stack.enter_async_context(
+                SluiceProcess(config(up, chain), tmp / f"c{i}", env=PLUGIN_ENV if name.startswith("shape") else None))
+                for i, (name, chain) in enumerate(chains.items())}
+            # per round and configuration: CPU ns per request, total and per thread
+            per: dict[str, list[float]] = {k: [] for k in procs}
+            threads: dict[str, dict[str, list[float]]] = {k: {} for k in procs}
+            ticks = {k: 0.0 for k in procs}
             lat: dict[str, list[float]] = {k: [] for k in procs}
             async with aiohttp.ClientSession() as http:
                 for p in procs.values():
-                    await load(http, p.url, 200, concurrency)  # warm up: imports, pools, first windows
+                    await load(http, p.url, 300, concurrency)  # warm up: imports, pools, first windows
                     await settle(p.pid)
-                for _ in range(rounds):
-                    for name, p in procs.items():
-                        c0 = cpu_seconds(p.pid)
+                for r in range(rounds):
+                    # rotate the order each round, so no configuration always follows the same one
+                    names = list(procs)
+                    names = names[r % len(names):] + names[:r % len(names)]
+                    for name in names:
+                        p = procs[name]
+                        t0, th0 = cpu_ns(p.pid)
+                        k0 = cpu_seconds(p.pid)
                         lat[name] += await load(http, p.url, per_round, concurrency)
                         await settle(p.pid)
-                        cpu[name] += cpu_seconds(p.pid) - c0
+                        t1, th1 = cpu_ns(p.pid)
+                        ticks[name] += cpu_seconds(p.pid) - k0
+                        per[name].append((t1 - t0) / per_round / 1000)
+                        for t in th1:
+                            threads[name].setdefault(t, []).append((th1[t] - th0.get(t, 0)) / per_round / 1000)
     n = rounds * per_round
-    us = {k: cpu[k] / n * 1e6 for k in cpu}
+
+    def quartiles(xs: list[float]) -> list[float]:
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        return [round(q[0], 1), round(q[2], 1)]
+
+    med = {k: statistics.median(v) for k, v in per.items()}
+    # the added CPU of a configuration: median over rounds of its difference from the empty chain in that round
+    added = {k: statistics.median(a - b for a, b in zip(v, per["empty"])) for k, v in per.items() if k != "empty"}
+    ratios = [a / b for a, b in zip(per["observers"], per["empty"])]
+    own = statistics.median(a - b for a, b in zip(per["observers"], per["shape"]))
     return {
         "requests_per_config": n,
+        "rounds": rounds,
         "concurrency": concurrency,
         "mix": "3 buffered : 1 streamed chat requests",
-        "cpu_us_per_request": {k: round(v, 1) for k, v in us.items()},
-        "added_cpu_us_per_request": {k: round(v - us["empty"], 1) for k, v in us.items() if k != "empty"},
-        "cpu_ratio_observers_vs_empty": round(us["observers"] / us["empty"], 3),
+        "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "cpu_us_per_request_median": {k: round(v, 1) for k, v in med.items()},
+        "added_cpu_us_per_request_median": {k: round(v, 1) for k, v in added.items()},
+        "added_observers_per_round": [round(a - b, 1) for a, b in zip(per["observers"], per["empty"])],
+        "added_observers_quartiles": quartiles([a - b for a, b in zip(per["observers"], per["empty"])]),
+        "of_which_core_for_the_observers_shape": round(added["shape"], 1),
+        "of_which_the_observers_own_work": round(own, 1),
+        "cpu_ratio_observers_vs_empty_median": round(statistics.median(ratios), 3),
+        "cpu_us_per_request_by_thread_median": {
+            k: {t: round(statistics.median(v + [0.0] * (rounds - len(v))), 1) for t, v in sorted(th.items())}
+            for k, th in threads.items() if k in ("empty", "shape", "observers")},
+        "cpu_us_per_request_from_ticks": {k: round(v / n * 1e6, 1) for k, v in ticks.items()},
         "latency_ms": {k: {"p50": round(pct(v, 50), 3), "p99": round(pct(v, 99), 3), "mean": round(statistics.fmean(v), 3)}
                        for k, v in lat.items()},
         "latency_p50_ratio_observers_vs_empty": round(pct(lat["observers"], 50) / pct(lat["empty"], 50), 3),
@@ -297,6 +497,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--hooks", action="store_true", help="time the plugins' own hooks in-process")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 15; --quick 3)")
+    ap.add_argument("--per-round", type=int, help="requests per configuration and round (default 300; --quick 200)")
+    ap.add_argument("--each", action="store_true", help="also each observer alone (noisier: rounds take longer)")
+    ap.add_argument("--core", action="store_true", help="also the shape with one core feature off at a time")
     args = ap.parse_args()
-    result = asyncio.run(hooks()) if args.hooks else asyncio.run(main(args.quick))
+    result = asyncio.run(hooks()) if args.hooks else asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core))
     print(json.dumps(result, indent=2))
