@@ -34,7 +34,7 @@ Measured in one run:
 
     .venv/bin/python benchmarks/bench_pii.py            # full run (about 50 s)
     .venv/bin/python benchmarks/bench_pii.py --quick    # smoke run
-    .venv/bin/python benchmarks/bench_pii.py --only routes-lag   # two routes, one process (about 90 s)
+    .venv/bin/python benchmarks/bench_pii.py --only routes-lag   # two routes, one process (about 3 min)
 """
 
 from __future__ import annotations
@@ -438,6 +438,8 @@ def two_route_config(up: str, pii: dict[str, Any]) -> dict[str, Any]:
 
 async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[str, Any], rate: float = 40.0) -> dict[str, Any]:
     """Plain-route probe latency and in-process loop lag, with the pii route idle, busy PII-free, or busy with PII."""
+    # many short blocks rather than a few long ones: the other load on a shared machine comes
+    # in bursts of seconds, and fine interleaving spreads them evenly over the conditions
     conditions = ("pii_route_idle", "pii_route_no_pii", "pii_route_pii")
     lat: dict[str, list[float]] = {c: [] for c in conditions}
     ticks: dict[str, list[float]] = {c: [] for c in conditions}
@@ -585,7 +587,7 @@ async def main(quick: bool, only: str | None = None) -> dict[str, Any]:
     if only == "routes-lag":
         async with demo_upstream(0.0) as up:
             for key, pii in (("routes_lag_threads", {}), ("routes_lag_processes", {"processes": 2})):
-                result[key] = await routes_lag(up, tmp, 2 if quick else 6, 0.5 if quick else 2.0, pii)
+                result[key] = await routes_lag(up, tmp, 4 if quick else 24, 0.25 if quick else 0.5, pii)
         return result
     result["corpus"] = corpus_rates()
     result["hook_cpu_us_per_request"] = await hook_cpu(n_conv * 2)
@@ -594,8 +596,8 @@ async def main(quick: bool, only: str | None = None) -> dict[str, Any]:
         result["proxy"] = await proxy_cpu(up, tmp, n_conv, rounds)
         result["loop_lag_threads"] = await loop_lag(up, tmp, probes, {})
         result["loop_lag_processes"] = await loop_lag(up, tmp, probes, {"processes": 2})
-        result["routes_lag_threads"] = await routes_lag(up, tmp, 2 if quick else 6, 0.5 if quick else 2.0, {})
-        result["routes_lag_processes"] = await routes_lag(up, tmp, 2 if quick else 6, 0.5 if quick else 2.0, {"processes": 2})
+        result["routes_lag_threads"] = await routes_lag(up, tmp, 4 if quick else 24, 0.25 if quick else 0.5, {})
+        result["routes_lag_processes"] = await routes_lag(up, tmp, 4 if quick else 24, 0.25 if quick else 0.5, {"processes": 2})
     return result
 
 
