@@ -238,10 +238,11 @@ class _Lane:
         self.size = size
         self.idle: list[Any] = []
         self.busy = 0
-
-    async def call(self, *args: Any) -> Any:
         import redis.exceptions as rx
 
+        self._reply_error = rx.ResponseError
+
+    async def call(self, *args: Any) -> Any:
         conn = self.idle.pop() if self.idle else self.cls(**self.kwargs)
         self.busy += 1
         try:
@@ -249,22 +250,16 @@ class _Lane:
                 await conn.connect()
             await conn.send_packed_command(conn.pack_command(*args), check_health=False)
             res = await conn.read_response()
-        except rx.ResponseError:
-            self._keep(conn)  # an error reply was read whole: the connection is in step
+        except self._reply_error:
+            self.idle.append(conn)  # an error reply was read whole: the connection is in step
             raise
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
         finally:
             self.busy -= 1
-        self._keep(conn)
+        self.idle.append(conn)  # at most ``size``: no call starts here when ``size`` are busy
         return res
-
-    def _keep(self, conn: Any) -> None:
-        if len(self.idle) < self.size:
-            self.idle.append(conn)
-        else:
-            asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
 
     async def close(self) -> None:
         idle, self.idle = self.idle, []
@@ -284,6 +279,9 @@ class RedisGuard:
         self.open_until = 0.0
         self._shas: dict[str, str] = {}
         self._errors = _failures()
+        import redis.exceptions as rx
+
+        self._noscript = rx.NoScriptError
         self._lane: _Lane | None = None
         try:
             from redis.asyncio import ConnectionPool
@@ -325,24 +323,22 @@ class RedisGuard:
 
     async def script(self, lua: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA, loading the script when the server does not know it (restart, failover)."""
-        import redis.exceptions as rx
-
         sha = self._shas.get(lua)
         if sha is None:
             sha = self._shas[lua] = hashlib.sha1(lua.encode()).hexdigest()
 
         lane = self._lane
-        if lane is not None:
+        if lane is not None and lane.busy < lane.size:  # beyond, the client's pool takes the overflow
             async def run() -> Any:
                 try:
                     return await lane.call("EVALSHA", sha, len(keys), *keys, *args)
-                except rx.NoScriptError:
+                except self._noscript:
                     return await lane.call("EVAL", lua, len(keys), *keys, *args)
         else:
             async def run() -> Any:
                 try:
                     return await self.client.evalsha(sha, len(keys), *keys, *args)
-                except rx.NoScriptError:
+                except self._noscript:
                     return await self.client.eval(lua, len(keys), *keys, *args)
 
         return await self.call(run)

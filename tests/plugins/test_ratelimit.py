@@ -340,3 +340,41 @@ async def test_a_configured_tokenizer_counts_the_prompt(runtime, tmp_path):
 async def test_a_missing_tokenizer_fails_at_start(runtime, tmp_path):
     with pytest.raises(Exception):
         await configure_plugin(RateLimit, {"tokens_per_minute": 10, "tokenizers": {"x": str(tmp_path / "missing.json")}}, runtime=runtime)
+
+
+async def test_memory_hooks_are_plain_functions_and_redis_ones_coroutines(runtime, redis_server):
+    """On memory nothing waits, so the chain calls plain functions (no coroutine per request)."""
+    mem = await configure_plugin(RateLimit, {"requests_per_minute": 5, "concurrency": 2}, runtime=runtime)
+    assert not inspect.iscoroutinefunction(mem.on_request) and not inspect.iscoroutinefunction(mem.on_done)
+    rt = await make_runtime(config={"state": {"redis": {"url": redis_server.url, "timeout_ms": 2000}}})
+    try:
+        red = await configure_plugin(RateLimit, {"requests_per_minute": 5}, runtime=rt)
+        assert inspect.iscoroutinefunction(red.on_request) and inspect.iscoroutinefunction(red.on_done)
+    finally:
+        await rt.close_all()
+    # the plain path gives the same answers: headers, reservation, slots
+    first = _ctx(runtime)
+    mem.on_request(first)
+    assert first.response_headers["x-ratelimit-remaining-requests"] == "4"
+    assert first.response_headers["x-ratelimit-reset-requests"] == "12s"
+    mem.on_request(_ctx(runtime))
+    err = await _refused(mem, _ctx(runtime))
+    assert err.reason == "concurrency_limited"
+    mem.on_done(first)
+    ctx = _ctx(runtime)
+    mem.on_request(ctx)
+    assert ctx.response_headers["x-ratelimit-remaining-requests"] == "2"
+
+
+async def test_decision_counts_are_exposed(runtime):
+    from prometheus_client import generate_latest
+
+    rl = await configure_plugin(RateLimit, {"requests_per_minute": 1, "tokens_per_minute": 100}, runtime=runtime)
+    await call(rl.on_request, _ctx(runtime))
+    await _refused(rl, _ctx(runtime))
+    await _refused(rl, _ctx(runtime, body={**CHAT, "max_tokens": 500}, identity=Identity(key_id="big")))
+    text = generate_latest(runtime.metrics).decode()
+    assert 'sluice_ratelimit_decisions_total{limit="",result="allowed",scope=""} 1.0' in text
+    assert 'sluice_ratelimit_decisions_total{limit="requests",result="limited",scope="key"} 1.0' in text
+    assert 'sluice_ratelimit_decisions_total{limit="tokens",result="limited",scope="key"} 1.0' in text
+    assert "sluice_ratelimit_overrun_tokens_total 0.0" in text
