@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,24 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too.
+
+    The kernel's ephemeral ports reach 60999, and a node on a port above 55535
+    has no bus port: redis-server refuses to start there.
+    """
+    for _ in range(100):
+        port = random.randint(20000, 45000)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a, socket.socket(socket.AF_INET, socket.SOCK_STREAM) as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _ping(port: int, timeout: float) -> bool:
@@ -71,7 +90,7 @@ class RedisServer:
         fixed = bool(self.port)
         for _ in range(1 if fixed else 5):
             if not fixed:
-                self.port = _free_port()
+                self.port = _free_cluster_port() if "--cluster-enabled" in self.extra_args else _free_port()
             if self._spawn():
                 return self
         raise RuntimeError(f"redis-server did not answer PING on port {self.port}")
