@@ -338,6 +338,8 @@ class Context:
     @property
     def stream(self) -> bool:
         """Whether the client asked for a streamed answer."""
+        if self._body is _UNPARSED and b"stream" not in self.raw and b"\\u" not in self.raw:
+            return False  # the key cannot be there, even escaped: no parse needed
         return self._json_field("stream") is True
 
     @property

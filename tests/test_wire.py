@@ -53,3 +53,16 @@ def test_header_hygiene():
     assert dict(h) == {"Authorization": "Bearer k"}
     r = response_headers(CIMultiDict({"Content-Encoding": "gzip", "X-Request-Id": "up-1", "Content-Type": "application/json"}))
     assert dict(r) == {"x-upstream-request-id": "up-1", "Content-Type": "application/json"}
+
+
+def test_stream_flag_without_a_parse_unless_the_key_may_be_there():
+    from proxy.context import _UNPARSED, Context
+
+    plain = Context(request_id="r", method="POST", path="/v1/chat/completions", raw=b'{"model": "m", "messages": []}')
+    assert plain.stream is False
+    assert plain._body is _UNPARSED  # nothing was parsed to answer that
+    escaped = Context(request_id="r", method="POST", path="/v1/chat/completions", raw=b'{"\\u0073tream": true}')
+    assert escaped.stream is True
+    off = Context(request_id="r", method="POST", path="/v1/chat/completions", raw=b'{"stream": false, "model": "m"}')
+    assert off.stream is False and off.model == "m"
+
