@@ -99,8 +99,8 @@ class Reservation:
     token_limits: list[Limit]
     leases: list[tuple[str, str]]
     released: bool = False
-    #: memory backend: the token buckets as ``(key, interval_s, period_s)`` (see ``MemoryCounters.take_now``)
-    token_buckets: list[tuple[str, float, float]] | None = None
+    #: memory backend: the token buckets as ``(key, interval_s, period_s, True)`` (see ``MemoryCounters.take_now``)
+    token_buckets: list[tuple[str, float, float, bool]] | None = None
 
 
 RESERVATION: StashKey[Reservation] = StashKey("ratelimit.reservation")
@@ -129,12 +129,10 @@ class Plan:
     is_tokens: list[bool]
     #: per limit of ``template``: the limit as header text
     limit_text: list[str]
-    #: per limit of ``template``: ``(key, interval_s, period_s)``, for the memory backend's fast path
-    buckets: list[tuple[str, float, float]]
+    #: per limit of ``template``: ``(key, interval_s, period_s, counts tokens)``, for the memory backend's fast path
+    buckets: list[tuple[str, float, float, bool]]
     #: the token limits' buckets
-    token_buckets: list[tuple[str, float, float]]
-    #: the costs when no limit counts tokens (all 1)
-    ones: list[float]
+    token_buckets: list[tuple[str, float, float, bool]]
 
 
 class _Metrics:
@@ -359,7 +357,7 @@ class RateLimit(Plugin):
         kinds: dict[str, tuple[str, str]] = {}
         is_tokens: list[bool] = []
         limit_text: list[str] = []
-        buckets: list[tuple[str, float, float]] = []
+        buckets: list[tuple[str, float, float, bool]] = []
         for scope, who, (rpm, tpm, conc) in scopes:
             if rpm is not None:
                 k = prefix + who + ":r"
@@ -367,7 +365,7 @@ class RateLimit(Plugin):
                 kinds[k] = (scope, "requests")
                 is_tokens.append(False)
                 limit_text.append(str(int(rpm)))
-                buckets.append((k, PERIOD_S / rpm, PERIOD_S))
+                buckets.append((k, PERIOD_S / rpm, PERIOD_S, False))
             if tpm is not None:
                 k = prefix + who + ":t"
                 template.append(None)
@@ -375,14 +373,14 @@ class RateLimit(Plugin):
                 kinds[k] = (scope, "tokens")
                 is_tokens.append(True)
                 limit_text.append(str(int(tpm)))
-                buckets.append((k, PERIOD_S / tpm, PERIOD_S))
+                buckets.append((k, PERIOD_S / tpm, PERIOD_S, True))
             if conc is not None:
                 k = prefix + who + ":c"
                 leases.append((k, conc, self.config.lease_ttl_s))
                 kinds[k] = (scope, "concurrency")
-        token_buckets = [b for b, t in zip(buckets, is_tokens) if t]
+        token_buckets = [b for b in buckets if b[3]]
         return Plan(template, token_specs, leases, [k for k, _, _ in leases], kinds, is_tokens, limit_text,
-                    buckets, token_buckets, [1.0] * len(buckets))
+                    buckets, token_buckets)
 
     def count_tokens(self, ctx: Context) -> tuple[int, int]:
         """(prompt tokens, total reserved) for this request, on the loop."""
@@ -451,23 +449,30 @@ class RateLimit(Plugin):
     @hookimpl(specname="on_request")
     def _on_request_memory(self, ctx: Context) -> None:
         """``on_request`` on the memory backend: the same steps, none of which waits, so no coroutine,
-        and buckets taken by the plan's ``(key, interval, period)`` without a ``Limit`` or status object."""
+        and buckets taken by the plan's ``(key, interval, period)`` without a ``Limit`` or status object.
+        (It runs for every request: the usual steps are written out here rather than called.)"""
         if ctx.reply_value is not None:
             return
-        plan = self._plan(ctx)
+        ident = ctx.identity
+        hit = self._plans.get(id(ident)) if ident is not None and not self._model_scoped else None
+        plan = hit[1] if hit is not None and hit[0] is ident else self._plan(ctx)
         if plan is None:
             return
+        prompt = tokens = 0
         if plan.token_specs:
-            prompt, tokens = self.count_tokens(ctx)
+            if ctx.method == "POST":
+                try:
+                    body = ctx.body
+                except ProxyError:
+                    body = None  # not JSON: nothing to count (the upstream will say what is wrong)
+                if isinstance(body, dict):
+                    prompt, tokens = reservation(body, self._default_max_tokens, self._tokenizers,
+                                                 not ctx.path.endswith(_NO_COMPLETION_PATHS))
             for _, tpm, scope in plan.token_specs:
                 if tokens > tpm:
                     self._too_large(tokens, tpm, scope)
-            costs: list[float] = [tokens if t else 1.0 for t in plan.is_tokens]
-        else:
-            prompt = tokens = 0
-            costs = plan.ones
         counters = self.counters
-        got = counters.take_now(plan.buckets, costs, plan.leases)  # type: ignore[union-attr]
+        got = counters.take_now(plan.buckets, tokens, plan.leases)  # type: ignore[union-attr]
         if got is None:
             # refused (nothing was taken): the full step says which limit and for how long
             # (or admits, if a bucket refilled in between: a plan's buckets are distinct)
@@ -482,16 +487,14 @@ class RateLimit(Plugin):
         else:
             metrics.allowed += 1
         ctx.stash[RESERVATION] = Reservation(tokens, prompt, [], taken, False, plan.token_buckets)
-        if self._headers_on:
-            ctx.response_headers.update(self._figure_headers(plan, figures))
-
-    @staticmethod
-    def _figure_headers(plan: Plan, figures: list[float]) -> list[tuple[str, str]]:
-        """:meth:`_header_pairs` from ``take_now``'s figures (remaining, reset per bucket)."""
+        if not self._headers_on:
+            return
+        # the headers (as _header_pairs): the tightest limit of each kind, the fewest units left
         r = t = -1
         r_left = t_left = 0.0
-        for i, is_tok in enumerate(plan.is_tokens):
-            left = figures[2 * i]
+        i = 0
+        for is_tok in plan.is_tokens:
+            left = figures[i]
             if left < 0.0:
                 left = 0.0
             if is_tok:
@@ -499,21 +502,34 @@ class RateLimit(Plugin):
                     t, t_left = i, left
             elif r < 0 or left < r_left:
                 r, r_left = i, left
-        out = []
+            i += 3
         # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
-        if r >= 0:
-            reset = figures[2 * r + 1]
-            ms = math.ceil(reset * 1000)
-            out += (("x-ratelimit-limit-requests", plan.limit_text[r]),
-                    ("x-ratelimit-remaining-requests", str(int(r_left + 0.01))),
-                    ("x-ratelimit-reset-requests", _MS_TEXT[ms] if 0 < ms < 1000 else format_duration(reset)))
-        if t >= 0:
-            reset = figures[2 * t + 1]
-            ms = math.ceil(reset * 1000)
-            out += (("x-ratelimit-limit-tokens", plan.limit_text[t]),
-                    ("x-ratelimit-remaining-tokens", str(int(t_left + 0.01))),
-                    ("x-ratelimit-reset-tokens", _MS_TEXT[ms] if 0 < ms < 1000 else format_duration(reset)))
-        return out
+        text = plan.limit_text
+        if r >= 0 and t >= 0:
+            r_reset, t_reset = figures[r + 1], figures[t + 1]
+            r_ms, t_ms = math.ceil(r_reset * 1000), math.ceil(t_reset * 1000)
+            ctx.response_headers.update({
+                "x-ratelimit-limit-requests": text[r // 3],
+                "x-ratelimit-remaining-requests": str(int(r_left + 0.01)),
+                "x-ratelimit-reset-requests": _MS_TEXT[r_ms] if 0 < r_ms < 1000 else format_duration(r_reset),
+                "x-ratelimit-limit-tokens": text[t // 3],
+                "x-ratelimit-remaining-tokens": str(int(t_left + 0.01)),
+                "x-ratelimit-reset-tokens": _MS_TEXT[t_ms] if 0 < t_ms < 1000 else format_duration(t_reset),
+            })
+        elif r >= 0:
+            reset = figures[r + 1]
+            ctx.response_headers.update({
+                "x-ratelimit-limit-requests": text[r // 3],
+                "x-ratelimit-remaining-requests": str(int(r_left + 0.01)),
+                "x-ratelimit-reset-requests": format_duration(reset),
+            })
+        elif t >= 0:
+            reset = figures[t + 1]
+            ctx.response_headers.update({
+                "x-ratelimit-limit-tokens": text[t // 3],
+                "x-ratelimit-remaining-tokens": str(int(t_left + 0.01)),
+                "x-ratelimit-reset-tokens": format_duration(reset),
+            })
 
     def _admitted(self, ctx: Context, plan: Plan, decision: Decision, held: list[str], token_limits: list[Limit],
                   tokens: int, prompt: int) -> None:

@@ -218,18 +218,20 @@ class MemoryCounters(Counters):
 
     def take_now(
         self,
-        buckets: Sequence[tuple[str, float, float]],
-        costs: Sequence[float],
+        buckets: Sequence[tuple[str, float, float, bool]],
+        tokens: float,
         leases: Sequence[tuple[str, int, float]] = (),
     ) -> tuple[list[float], list[tuple[str, str]]] | None:
         """The admission's fast path, for callers that build their buckets once and reuse them.
 
-        ``buckets[i]`` is ``(key, interval_s, period_s)`` (``interval_s = period_s / limit``),
-        asked ``costs[i]`` units now; keys must be distinct. Every bucket and a slot of every
-        ``(key, limit, ttl_s)`` lease are taken, or nothing is: ``None`` then, and
-        :meth:`admit_now` tells why. Admitted, returns ``[remaining_0, reset_s_0,
-        remaining_1, ...]`` (the same figures as the statuses of :meth:`admit_now`, remaining
-        not clamped at 0) and the leases taken as ``(key, token)``. No objects are made per bucket.
+        ``buckets[i]`` is ``(key, interval_s, period_s, counts_tokens)`` (``interval_s =
+        period_s / limit``); a bucket that counts tokens is asked ``tokens`` units now, the
+        others 1. Keys must be distinct. Every bucket and a slot of every ``(key, limit,
+        ttl_s)`` lease are taken, or nothing is: ``None`` then, and :meth:`admit_now` tells
+        why. Admitted, returns ``[remaining_0, reset_s_0, _, remaining_1, reset_s_1, _, ...]``
+        (three numbers per bucket; the same figures as the statuses of :meth:`admit_now`,
+        remaining not clamped at 0) and the leases taken as ``(key, token)``. Nothing is
+        made per bucket but those numbers.
         """
         now = self._clock()
         held_by_key = self._leases
@@ -242,18 +244,17 @@ class MemoryCounters(Counters):
             self._sweep(now)
         tats = self._tat
         out: list[float] = []
-        new: list[float] = []
-        for (key, interval, period), cost in zip(buckets, costs):
+        for key, interval, period, counts_tokens in buckets:
             tat = tats.get(key, 0.0)
-            new_tat = (tat if tat > now else now) + cost * interval
+            new_tat = (tat if tat > now else now) + (tokens if counts_tokens else 1.0) * interval
             used = new_tat - now
             if used > period + EPSILON_S:
                 return None
-            new.append(new_tat)
-            out.append((period - used) / interval)
-            out.append(used)
-        for (key, _, _), new_tat in zip(buckets, new):
-            tats[key] = new_tat
+            out += ((period - used) / interval, used, new_tat)
+        i = 2
+        for bucket in buckets:
+            tats[bucket[0]] = out[i]
+            i += 3
         taken: list[tuple[str, str]] = []
         for key, _, ttl_s in leases:
             token = f"{next(self._tokens):x}"
@@ -265,21 +266,27 @@ class MemoryCounters(Counters):
             taken.append((key, token))
         return out, taken
 
-    def give_back_now(self, buckets: Sequence[tuple[str, float, float]], cost: float, releases: Sequence[tuple[str, str]]) -> None:
+    def give_back_now(self, buckets: Sequence[tuple[str, float, float, bool]], cost: float,
+                      releases: Sequence[tuple[str, str]]) -> None:
         """Add ``cost`` (negative to give back) to every bucket of ``buckets`` (as for
         :meth:`take_now`) without checking, and release every ``(key, token)`` lease."""
         if cost:
             now = self._clock()
             tats = self._tat
-            for key, interval, _ in buckets:
+            for key, interval, _, _ in buckets:
                 tat = tats.get(key, 0.0)
                 new_tat = (tat if tat > now else now) + cost * interval
                 if new_tat <= now:
                     tats.pop(key, None)
                 else:
                     tats[key] = new_tat
-        for key, token in releases:
-            self.release_now(key, token)
+        leases = self._leases
+        for key, token in releases:  # release_now, inline
+            held = leases.get(key)
+            if held is not None:
+                held.pop(token, None)
+                if not held:
+                    del leases[key]
 
     async def admit(
         self,

@@ -212,49 +212,51 @@ async def test_an_admission_carries_earlier_settlements(counters):
 # -- the memory backend's synchronous fast path (take_now / give_back_now) ------------
 
 
-def _bucket(lim: Limit) -> tuple[str, float, float]:
-    return (lim.key, lim.period_s / lim.limit, lim.period_s)
+def _bucket(lim: Limit, tokens: bool = False) -> tuple[str, float, float, bool]:
+    return (lim.key, lim.period_s / lim.limit, lim.period_s, tokens)
 
 
 async def test_take_now_agrees_with_admit_step_by_step(clock):
     """The fast path and the general step, fed the same random traffic, take and report the same."""
     rng = random.Random(11)
     fast, slow = MemoryCounters(clock), MemoryCounters(clock)
-    limits = [Limit("r", 20, 60), Limit("t", 5000, 60), Limit("g", 50, 60)]
+    r, t, g = Limit("r", 20, 60), Limit("t", 5000, 60), Limit("g", 50, 60)
+    buckets = [_bucket(r), _bucket(t, tokens=True), _bucket(g)]
     held_fast: list[tuple[str, str]] = []
     held_slow: list[tuple[str, str]] = []
     for step in range(400):
         clock.advance(rng.random() * 0.8)
         cost = rng.randint(1, 600)
-        asked = [limits[0], Limit("t", 5000, 60, cost), limits[2]]
-        got = fast.take_now([_bucket(lim) for lim in asked], [lim.cost for lim in asked], [("c", 3, 30.0)])
-        d, tokens = slow.admit_now(asked, [("c", 3, 30.0)])
+        got = fast.take_now(buckets, cost, [("c", 3, 30.0)])
+        d, tokens = slow.admit_now([r, Limit("t", 5000, 60, cost), g], [("c", 3, 30.0)])
         assert (got is not None) == d.allowed, step
         if got is not None:
             figures, taken = got
             assert [k for k, _ in taken] == ["c"]
             for i, st in enumerate(d.statuses):
-                assert max(0.0, figures[2 * i]) == pytest.approx(st.remaining, abs=1e-6)
-                assert figures[2 * i + 1] == pytest.approx(st.reset_s, abs=1e-6)
+                assert max(0.0, figures[3 * i]) == pytest.approx(st.remaining, abs=1e-6)
+                assert figures[3 * i + 1] == pytest.approx(st.reset_s, abs=1e-6)
             held_fast += taken
             held_slow += [("c", tokens[0])]
         if held_fast and rng.random() < 0.6:  # finish one: give back part of its tokens, free its slot
             back = -float(rng.randint(0, 300))
-            fast.give_back_now([_bucket(limits[1])], back, [held_fast.pop(0)])
+            fast.give_back_now([buckets[1]], back, [held_fast.pop(0)])
             slow.settle_now([Limit("t", 5000, 60, back)], [held_slow.pop(0)])
         assert fast._tat == pytest.approx(slow._tat)
+        assert {k: len(v) for k, v in fast._leases.items()} == {k: len(v) for k, v in slow._leases.items()}
 
 
 async def test_take_now_is_all_or_nothing(clock):
     c = MemoryCounters(clock)
     r, t = Limit("r", 10, 60), Limit("t", 100, 60)
-    assert c.take_now([_bucket(r), _bucket(t)], [1, 90], [("c", 1, 30.0)]) is not None
+    both = [_bucket(r), _bucket(t, tokens=True)]
+    assert c.take_now(both, 90, [("c", 1, 30.0)]) is not None
     before = dict(c._tat)
     # tokens would overflow: nothing is taken, not the request, not a slot of another lease set
-    assert c.take_now([_bucket(r), _bucket(t)], [1, 20], [("c2", 1, 30.0)]) is None
+    assert c.take_now(both, 20, [("c2", 1, 30.0)]) is None
     assert c._tat == before and "c2" not in c._leases
     # a full lease set refuses before any bucket is touched
-    assert c.take_now([_bucket(r)], [1], [("c", 1, 30.0)]) is None
+    assert c.take_now([_bucket(r)], 0, [("c", 1, 30.0)]) is None
     assert c._tat == before
     # the general step says why
     d, _ = c.admit_now([r, Limit("t", 100, 60, 20)], [])
@@ -263,10 +265,10 @@ async def test_take_now_is_all_or_nothing(clock):
 
 async def test_give_back_now_frees_slots_and_may_overdraw(clock):
     c = MemoryCounters(clock)
-    t = Limit("t", 100, 60)
-    got = c.take_now([_bucket(t)], [50], [("c", 1, 30.0)])
+    t = _bucket(Limit("t", 100, 60), tokens=True)
+    got = c.take_now([t], 50, [("c", 1, 30.0)])
     assert got is not None
-    c.give_back_now([_bucket(t)], 80.0, got[1])  # used 80 more than reserved: in debt
-    assert c.take_now([_bucket(t)], [1], [("c", 1, 30.0)]) is None  # 130 of 100 used
+    c.give_back_now([t], 80.0, got[1])  # used 80 more than reserved: in debt
+    assert c.take_now([t], 1, [("c", 1, 30.0)]) is None  # 130 of 100 used
     clock.advance(19)  # 30 of debt plus 1 refilled in 18.6 s
-    assert c.take_now([_bucket(t)], [1], [("c", 1, 30.0)]) is not None  # and the slot was free
+    assert c.take_now([t], 1, [("c", 1, 30.0)]) is not None  # and the slot was free
