@@ -266,6 +266,19 @@ class RateLimit(Plugin):
             self.counters = state.counters("memory")
             self.on_request = self._on_request_memory  # type: ignore[method-assign]
             self.on_done = self._on_done_memory  # type: ignore[method-assign]
+        if not self._settles():
+            # only requests-per-minute limits: a request holds nothing to give back, so no
+            # on_done (the core then queues no background work for this plugin) and no usage
+            self.on_done = None  # type: ignore[assignment]
+            self.needs_usage = False  # type: ignore[misc]
+
+    def _settles(self) -> bool:
+        """Whether some request may hold tokens or a concurrency slot (to reconcile or free when it ends)."""
+        if self.config.identity_limits:
+            return True  # a key's own record may carry tokens_per_minute or concurrency
+        sets = [self._key_default, self._team_default, *self._teams.values(), self._model_default,
+                *(t for _, t in self._models), self._global]
+        return any(t is not None and (t[1] is not None or t[2] is not None) for t in sets)
 
     async def start(self) -> None:
         self.counters = self.runtime.state.counters(self.config.backend)

@@ -378,3 +378,17 @@ async def test_decision_counts_are_exposed(runtime):
     assert 'sluice_ratelimit_decisions_total{limit="requests",result="limited",scope="key"} 1.0' in text
     assert 'sluice_ratelimit_decisions_total{limit="tokens",result="limited",scope="key"} 1.0' in text
     assert "sluice_ratelimit_overrun_tokens_total 0.0" in text
+
+
+async def test_requests_per_minute_alone_needs_no_on_done(runtime):
+    """Nothing to reconcile or free: no on_done (no background work per request) and no usage asked for."""
+    from proxy.registry import hook_functions
+
+    rpm_only = await configure_plugin(RateLimit, {"requests_per_minute": 5, "global": {"requests_per_minute": 50},
+                                                  "identity_limits": False}, runtime=runtime)
+    assert "on_done" not in hook_functions(rpm_only) and not rpm_only.needs_usage
+    await call(rpm_only.on_request, _ctx(runtime))
+    for conf in ({"requests_per_minute": 5}, {"requests_per_minute": 5, "identity_limits": False, "team": {"concurrency": 2}},
+                 {"identity_limits": False, "models": {"x*": {"tokens_per_minute": 10}}}):
+        plugin = await configure_plugin(RateLimit, conf, runtime=runtime)
+        assert "on_done" in hook_functions(plugin) and plugin.needs_usage, conf
