@@ -220,7 +220,7 @@ class ShapeDrift(Plugin):
 
 
 class ShapeTracing(Plugin):
-    """Like tracing: plain on_request, on_response and on_done."""
+    """Like tracing without capture_content: plain on_request and on_done (no on_response then)."""
 
     name = "bench_shape_tracing"
     kind = "observer"
@@ -229,10 +229,6 @@ class ShapeTracing(Plugin):
     def on_request(self, ctx: Context) -> None:
         if ctx.answered:
             return
-
-    @hookimpl
-    def on_response(self, ctx: Context) -> None:
-        return None
 
     @hookimpl
     def on_done(self, ctx: Context) -> None:

@@ -116,6 +116,11 @@ class Tracing(Plugin):
         self._otel: Any = None
         self._unset: Any = None
         self._ops: dict[tuple[str, str], str] = {}
+        if not config.capture_content:
+            # on_response only keeps the completion for capture_content: without it, no hook at all,
+            # so a route whose other plugins have none skips the response phase (the chain builds
+            # its hook lists from the instance's attributes)
+            self.on_response = None  # type: ignore[assignment]
 
     async def start(self) -> None:
         # the SDK and an exporter's stack (requests, grpc) take a while to import the first

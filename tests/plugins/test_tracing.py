@@ -203,3 +203,19 @@ async def test_an_invalid_traceparent_starts_a_new_trace(upstream: FakeUpstream,
             spans = await rx.wait_for(lambda sp: len(sp) >= 2)
     server, = by_kind(spans, "server")
     assert server["parent_span_id"] is None and server["trace_id"] != "0" * 32
+
+
+async def test_no_response_hook_unless_content_is_captured(tmp_path):
+    """Without capture_content tracing has nothing to do in on_response: the chain gets no such hook."""
+    from plugins.tracing import Tracing
+    from proxy.registry import hook_functions
+    from proxy.testing import make_runtime
+
+    rt = await make_runtime(tmp_path)
+    try:
+        plain = Tracing(Tracing.Config(exporter="none"), rt)
+        capturing = Tracing(Tracing.Config(exporter="none", capture_content=True), rt)
+        assert sorted(hook_functions(plain)) == ["on_done", "on_request"]
+        assert sorted(hook_functions(capturing)) == ["on_done", "on_request", "on_response"]
+    finally:
+        await rt.close_all()
