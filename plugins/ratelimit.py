@@ -260,6 +260,7 @@ class RateLimit(Plugin):
         self._pend_adjust: list[Limit] = []
         self._pend_release: list[tuple[str, str]] = []
         self._flush_task: asyncio.Task[None] | None = None
+        self._one_step: Any = None
         state = runtime.state
         if (c.backend == "memory" or (c.backend == "auto" and not state.has_redis)) and not c.tokenizers:
             # nothing on the memory backend waits: plain functions, no coroutine per request
@@ -286,6 +287,7 @@ class RateLimit(Plugin):
             await self.runtime.run_cpu(load_tokenizer, path)
         self.metrics = self.runtime.shared("ratelimit.metrics", lambda: _Metrics(self.runtime.metrics))
         self._carry = bool(getattr(self.counters, "carries_settlements", False)) and self.config.settle_delay_ms > 0
+        self._one_step = getattr(self.counters, "admit", None)
 
     async def stop(self) -> None:
         await self._flush()
@@ -452,7 +454,10 @@ class RateLimit(Plugin):
             limits, token_limits = plan.template, []  # type: ignore[assignment]
         settle = self._take() if self._carry and (self._pend_adjust or self._pend_release) else None
         try:
-            decision, held = await self._admit(limits, plan.leases, settle)
+            if self._one_step is not None:  # the backend takes it all in one step (Redis: one script)
+                decision, held = await (self._one_step(limits, plan.leases, settle) if settle else self._one_step(limits, plan.leases))
+            else:
+                decision, held = await self._admit(limits, plan.leases, settle)
         except BaseException:
             if settle:
                 self._requeue(settle)

@@ -328,18 +328,25 @@ class RedisGuard:
             sha = self._shas[lua] = hashlib.sha1(lua.encode()).hexdigest()
 
         lane = self._lane
-        if lane is not None and lane.busy < lane.size:  # beyond, the client's pool takes the overflow
-            async def run() -> Any:
-                try:
-                    return await lane.call("EVALSHA", sha, len(keys), *keys, *args)
-                except self._noscript:
-                    return await lane.call("EVAL", lua, len(keys), *keys, *args)
-        else:
-            async def run() -> Any:
-                try:
-                    return await self.client.evalsha(sha, len(keys), *keys, *args)
-                except self._noscript:
-                    return await self.client.eval(lua, len(keys), *keys, *args)
+        if lane is not None and lane.busy < lane.size and not self.is_open:
+            # call(), written out for the request path: one coroutine less to resume
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    try:
+                        result = await lane.call("EVALSHA", sha, len(keys), *keys, *args)
+                    except self._noscript:
+                        result = await lane.call("EVAL", lua, len(keys), *keys, *args)
+            except self._errors as e:
+                self._failed(e)
+                raise StateUnavailable(reason="redis_unavailable") from None
+            self.failures = 0
+            return result
+
+        async def run() -> Any:  # the client's own pool: Sentinel, Cluster, or a full lane
+            try:
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+            except self._noscript:
+                return await self.client.eval(lua, len(keys), *keys, *args)
 
         return await self.call(run)
 
