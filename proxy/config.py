@@ -47,6 +47,11 @@ class ServerConfig(Model):
         "ctx.client_ip is then the nearest address not in this list.",
     )
     access_log: bool = Field(False, description="Log one line per request (request id, route, status, timings; never bodies or keys).")
+    memory_trim_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="Every this many seconds, hand freed heap memory back to the system (glibc malloc_trim, off the loop), "
+        "so a burst's high-water mark does not stay in RSS; 0 turns it off.",
+    )
     demo_upstream: bool = Field(
         True, description="With no upstream configured, start the built-in demo model server in-process and route to it."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import json
 import logging
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
@@ -101,6 +102,15 @@ class Server:
         _freeze_heap()
         self._queue = asyncio.Queue(maxsize=cfg.server.background_queue)
         self._workers = [self._tasks.spawn(self._done_worker(), f"sluice-done-{i}") for i in range(cfg.server.background_workers)]
+        trim = _malloc_trim()
+        if cfg.server.memory_trim_s and trim is not None:
+            self._workers.append(self._tasks.spawn(self._trim_memory(trim, cfg.server.memory_trim_s), "sluice-memory-trim"))
+
+    async def _trim_memory(self, trim: Callable[[int], int], every: float) -> None:
+        """Return freed heap pages to the system now and then, in a thread (it takes the allocator's locks)."""
+        while True:
+            await asyncio.sleep(every)
+            await asyncio.to_thread(trim, 0)
 
     async def listen(self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False) -> None:
         cfg = self.loaded.config
@@ -258,6 +268,17 @@ class Server:
         state = await self.runtime.state.check()
         ok = all(ups.values()) and all(v in (True, "ok") for v in state.values())
         return ok, {"status": "ready" if ok else "not ready", "upstreams": {k: "ok" if v else "unreachable" for k, v in ups.items()}, "state": state}
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, when the C library has it (musl and macOS do not)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
 
 
 def _freeze_heap() -> None:
