@@ -295,7 +295,7 @@ class Handler:
         # directly while it keeps up; aiohttp's writer (and its drain) takes over when not
         direct: asyncio.Transport | None = None
         ctx.outcome = "upstream_error"  # until the stream completes
-        dog = Watchdog(loop, idle, deadline)
+        dog = Watchdog(loop, idle, deadline, request.task)
         try:
             while True:
                 dog.last = loop.time()  # only the wait on the upstream counts as idle

@@ -50,13 +50,13 @@ class Watchdog:
 
     __slots__ = ("loop", "idle", "deadline", "last", "fired", "task", "handle")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, deadline: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, deadline: float, task: asyncio.Task | None = None) -> None:
         self.loop = loop
         self.idle = idle
         self.deadline = deadline
         self.last = loop.time()
         self.fired = False
-        self.task = asyncio.current_task()
+        self.task = task if task is not None else asyncio.current_task(loop)
         self.handle = loop.call_at(min(self.last + idle, deadline), self._check)
 
     def _check(self) -> None:
