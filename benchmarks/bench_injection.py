@@ -15,7 +15,7 @@ Two measurements in one run:
 
 Prompts are realistic prose (tests/data/injection_prose.txt) of 50, 200, 500,
 1000 and 2000 words, benign (the full scan runs to the end) and, at 2000 words,
-with an injection in the middle.
+with an injection in the middle, and with a number after every 20th word.
 
     .venv/bin/python benchmarks/bench_injection.py            # about 40 s
     .venv/bin/python benchmarks/bench_injection.py --quick    # smoke run
@@ -64,6 +64,13 @@ def prose(words: int, seed: int = 0) -> str:
     return " ".join(" ".join(out).split()[:words])
 
 
+def with_numbers(text: str) -> str:
+    """``text`` with a number after every 20th word (years, counts, versions)."""
+    words = text.split()
+    nums = ("2024", "3", "15", "1.5", "300", "v2", "42", "7")
+    return " ".join(w + (" " + nums[(i // 20) % len(nums)] if i % 20 == 19 else "") for i, w in enumerate(words))
+
+
 def body(text: str) -> dict[str, Any]:
     return {"model": "sluice-demo", "max_tokens": 8, "messages": [
         {"role": "system", "content": "You are a helpful assistant."},
@@ -80,6 +87,9 @@ async def bench_hook(iterations: int) -> dict[str, Any]:
     cases = [(f"{n} words", prose(n)) for n in SIZES]
     doc = prose(2000)
     cases.append(("2000 words + injection", doc[: len(doc) // 2] + " " + ATTACK + " " + doc[len(doc) // 2:]))
+    # the prose has no digits; real documents do, and a digit (a leetspeak character) makes
+    # the detector build the set of all the words instead of its vocabulary's
+    cases.append(("2000 words with numbers", with_numbers(doc)))
     for name, text in cases:
         raw = orjson.dumps(body(text))
         base: list[float] = []
