@@ -4,8 +4,8 @@ Four Sluice processes in one run, rounds interleaved so machine noise falls on a
 
 * ``empty``: no plugins;
 * ``shape``: two plugins with the hooks and needs of auth and ratelimit (an async-free
-  ``on_request`` each, ``on_response``, ``on_done``, ``needs_usage``, the body parsed)
-  that do nothing else: what the core spends because the chain is not empty, so that
+  ``on_request`` each, ``on_response``, ``on_done``, ``needs_usage``, the body parsed,
+  ``ctx.usage`` read) that do nothing else: what the core spends because the chain is not empty, so that
   ``memory - shape`` is the plugins' own cost;
 * ``memory``: ``auth`` (a virtual key, cached) + ``ratelimit`` (rpm, tpm and
   concurrency per key, plus a global rpm) on the memory backend;
@@ -111,7 +111,8 @@ class ShapeAuth(Plugin):
 
 
 class ShapeRateLimit(Plugin):
-    """ratelimit's hooks and needs, doing nothing but reading the model (which parses the body, as counting tokens does)."""
+    """ratelimit's hooks and needs, doing nothing but read the model (which parses the body, as counting tokens
+    does) and the answer's usage (as reconciling does)."""
 
     name = "bench_shape_ratelimit"
     kind = "guard"
@@ -125,7 +126,7 @@ class ShapeRateLimit(Plugin):
 
     @hookimpl
     def on_done(self, ctx: Context) -> None:
-        return None
+        ctx.usage  # noqa: B018  (reconciling needs the answer's usage, which the core may read lazily)
 
 
 @hookimpl
