@@ -135,13 +135,6 @@ class SignatureDetector(Detector):
             for sig in self.signatures
         }
         self._recs = {a: tuple(self._rec[sig.id] for sig in v) for a, v in by_anchor.items()}
-        # every word the scan looks up in a text's token set: anchors of every group, lead
-        # words, the rot13 cues and the single letters of the spaced-letters hint
-        vocab: set[str] = {"rot13", "rot", "caesar", *norm.SINGLE_LETTERS}
-        for sig in self.signatures:
-            vocab.update(*sig.anchors)
-            vocab.update(sig.lead)
-        self._vocab = frozenset(vocab)
         self._anchors = frozenset(by_anchor)
         self._literals = tuple((lit, sig) for sig in self.signatures for lit in sig.literals)
         literal_set = sorted({lit for lit, _ in self._literals}, key=lambda x: (-len(x), x))
@@ -191,7 +184,7 @@ class SignatureDetector(Detector):
         return Detection(round(score, 4), {k: round(v, 4) for k, v in categories.items()}, tuple(sorted(weights)))
 
     def _scan(self, raw: str, source: Source, hits: dict[str, float], tricks: set[str], quoted: set[str], depth: int) -> None:
-        n = norm.normalise(raw, self._vocab)
+        n = norm.normalise(raw)
         tricks |= n.tricks
         indirect = source in INDIRECT_SOURCES
         self._match_view(n.text, n.tokens, indirect, hits, quoted)
@@ -222,13 +215,13 @@ class SignatureDetector(Detector):
             self._scan(n.smuggled, source, hits, tricks, quoted, depth + 1)
             if len(hits) > before:
                 tricks.add("smuggled")
-        if n.long or (len(raw) >= 16 and not n.words):
+        if norm.long_tokens(n.tokens) or (len(raw) >= 16 and not n.tokens):
             for encoding, decoded in norm.decode_payloads(raw):
                 before = len(hits)
                 self._scan(decoded, source, hits, tricks, quoted, depth + 1)
                 if len(hits) > before:
                     tricks.add(encoding)
-        if "rot13" in n.tokens or "rot" in n.tokens or "caesar" in n.tokens or (not found_plain and len(raw) <= 600 and n.words):
+        if "rot13" in n.tokens or "rot" in n.tokens or "caesar" in n.tokens or (not found_plain and len(raw) <= 600 and n.tokens):
             # Without a cue, rot13 is only tried on short texts: a long document is not rot13.
             before = len(hits)
             r = norm.rot13(n.text)

@@ -75,14 +75,6 @@ _MAX_PAYLOAD = 65536
 _INSIDE_WORD = re.compile("[^\\W\\d_][" + "".join(chr(c) for c in _INVISIBLE) + "]+[^\\W\\d_]")
 # "a" and "i" are words; other lone letters in numbers are rare in prose
 _SINGLE_LETTERS = frozenset(string.ascii_lowercase) - {"a", "i"}
-SINGLE_LETTERS = _SINGLE_LETTERS
-
-
-# For the "is any word 16 characters or longer" hint on ASCII text without building the
-# word set: whitespace (as str.split() sees it) and punctuation become spaces, everything
-# else "x", and a run of 16 "x" is a literal search.
-_MARK = str.maketrans({chr(i): (" " if chr(i).isspace() or chr(i) in string.punctuation and chr(i) not in "@$" else "x") for i in range(128)})
-_LONG_RUN = "x" * _LONG_TOKEN
 
 
 @dataclass(slots=True)
@@ -91,35 +83,20 @@ class Normalised:
 
     #: NFKC, confusables folded, invisible and bidi characters removed, lower case
     text: str
-    #: the words of ``text`` (punctuation broken), as a set: the anchor prefilter. With a
-    #: ``vocab`` (see :func:`normalise`) only the words of the text that are in it
+    #: the words of ``text`` (punctuation broken), as a set: the anchor prefilter
     tokens: frozenset[str] | set[str]
     #: tricks seen: "invisible", "bidi", "confusable", "tags" (Unicode tag smuggling)
     tricks: set[str] = field(default_factory=set)
     #: text hidden in Unicode tag characters, decoded to ASCII
     smuggled: str = ""
-    #: the text has at least one word
-    words: bool = True
-    #: one of its words is 16 characters or longer (a possible encoded payload)
-    long: bool = False
 
 
-def normalise(raw: str, vocab: frozenset[str] | None = None) -> Normalised:
-    """Fold a text to the form signatures are written against.
-
-    With ``vocab`` (every word a caller will ever look up in ``tokens``), an ASCII text
-    that no leetspeak could change gets ``tokens = vocab & words``: the intersection
-    hashes each word once and builds a small set, where the set of all the words of a
-    long text costs half of the detector's time. Texts with non-ASCII characters or with
-    a leetspeak character get the full set (leetspeak looks at every token).
-    """
+def normalise(raw: str) -> Normalised:
+    """Fold a text to the form signatures are written against."""
     tricks: set[str] = set()
     smuggled = ""
     if raw.isascii():
         text = raw.lower()
-        if vocab is not None and not may_be_leet(text):
-            words = text.translate(_WORD_BREAK).split()
-            return Normalised(text, vocab.intersection(words), tricks, smuggled, bool(words), _LONG_RUN in text.translate(_MARK))
     else:
         codes = set(map(ord, raw))
         if codes & _INVISIBLE_CODES and _INSIDE_WORD.search(raw):
@@ -140,7 +117,7 @@ def normalise(raw: str, vocab: frozenset[str] | None = None) -> Normalised:
             tricks.add("confusable")
         text = text.translate(_FOLD_TABLE).lower()
     tokens = set(text.translate(_WORD_BREAK).split())
-    return Normalised(text, tokens, tricks, smuggled, bool(tokens), long_tokens(tokens))
+    return Normalised(text, tokens, tricks, smuggled)
 
 
 def _mixed_script(text: str) -> bool:
@@ -274,5 +251,5 @@ def _readable(text: str) -> bool:
 
 __all__ = [
     "Normalised", "normalise", "leet", "leet_tokens", "may_be_leet", "despace", "has_single_letter_runs", "rot13",
-    "long_tokens", "decode_payloads", "SINGLE_LETTERS",
+    "long_tokens", "decode_payloads",
 ]
