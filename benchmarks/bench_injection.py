@@ -87,8 +87,8 @@ async def bench_hook(iterations: int) -> dict[str, Any]:
     cases = [(f"{n} words", prose(n)) for n in SIZES]
     doc = prose(2000)
     cases.append(("2000 words + injection", doc[: len(doc) // 2] + " " + ATTACK + " " + doc[len(doc) // 2:]))
-    # the prose has no digits; real documents do, and a digit (a leetspeak character) makes
-    # the detector build the set of all the words instead of its vocabulary's
+    # the prose has no digits; real documents do, and a digit is a leetspeak character: the
+    # leetspeak hint then looks at every token that mixes letters and digits
     cases.append(("2000 words with numbers", with_numbers(doc)))
     for name, text in cases:
         raw = orjson.dumps(body(text))
