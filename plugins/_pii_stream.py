@@ -43,6 +43,9 @@ MAX_SPAN = {
     "CRYPTO": 96,
     "MAC_ADDRESS": 24,
 }
+#: a long word is released in steps of at least this many characters (each release of a
+#: text that could hold an entity costs an analysis; a base64 blob streams 2-4 characters a token)
+RELEASE_STEP = 64
 #: types whose extent nothing bounds (NER, custom patterns): a generous default
 DEFAULT_SPAN = 320
 CUSTOM_SPAN = 1024
@@ -135,8 +138,12 @@ class StreamScanner:
         self.pending += piece
         if self._stuck >= 0 and len(self.pending) - self._stuck < self.limit and not any(c.isspace() for c in piece):
             return ""
-        cut = hold_from(self.pending, self.limit)
+        text = self.pending
+        cut = hold_from(text, self.limit)
         if cut == 0:
+            return ""
+        if cut < RELEASE_STEP and not text[cut - 1].isspace() and not text[cut].isspace():
+            # inside a long word: release it in steps, one analysis per step rather than per token
             return ""
         return await self._release(cut)
 
