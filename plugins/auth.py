@@ -320,6 +320,10 @@ class Auth(Plugin):
         #: lately. Only keys the store knew are kept, in this process's memory, never written anywhere.
         self._memo: dict[str, tuple[str, tuple[KeyRecord, Identity, float]]] = {}
         self._header_names = tuple(config.headers)
+        if not config.virtual_keys and all(k.models is None for k in config.keys):
+            # no key is restricted to some models: nothing to filter in /models answers, so
+            # no on_response (the core then skips the response phase for this plugin)
+            self.on_response = None  # type: ignore[assignment]
 
     async def start(self) -> None:
         if self.config.virtual_keys:

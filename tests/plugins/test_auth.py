@@ -321,3 +321,13 @@ async def test_redis_store_down_fails_closed_but_cached_keys_still_work(tmp_path
             assert time.monotonic() - t0 < 2.0
             assert err.value.status_code == 503 and err.value.body["code"] == "state_unavailable"
             assert rs.url not in str(err.value.body)
+
+
+async def test_on_response_only_when_some_key_may_be_restricted(runtime):
+    """/models answers are filtered for keys restricted to some models; without such keys there is no response hook."""
+    from proxy.registry import hook_functions
+
+    free = await _auth(runtime, virtual_keys=False, keys=[{"key": STATIC, "id": "app"}])
+    assert "on_response" not in hook_functions(free)
+    for conf in ({}, {"virtual_keys": False}):  # virtual keys may carry models; the default static key does
+        assert "on_response" in hook_functions(await _auth(runtime, **conf)), conf
