@@ -8,8 +8,10 @@ Measured in one run, many short rounds interleaved so machine noise falls on all
   apart), for the empty chain, the observers' "shape" (four no-op plugins with their
   hooks and flags: the core's share) and the four observers together (``--each``: also
   each alone). The added CPU is the median over rounds of each round's difference from
-  the empty chain, with its quartiles; configurations rotate order every round. Target:
-  under 100 us per request. The tick-based /proc figure is printed as a cross-check.
+  the empty chain, with its quartiles; configurations rotate order every round. Other
+  work on a shared machine only adds CPU, so the difference of each configuration's
+  quietest round is printed too (``added_from_minimums``). Target: under 100 us per
+  request. The tick-based /proc figure is printed as a cross-check.
 * Client latency p50 / p99 of both, and their ratio.
 * ``--hooks``: each observer's own hooks in-process (``on_request`` + ``on_done`` on a
   finished buffered chat request, garbage collection paused so one plugin's garbage is
@@ -23,6 +25,7 @@ chat requests at a fixed concurrency.
 
     .venv/bin/python benchmarks/bench_observers.py            # full run (about a minute)
     .venv/bin/python benchmarks/bench_observers.py --each     # and each observer alone
+    .venv/bin/python benchmarks/bench_observers.py --against /tmp/other-tree   # before/after, one run
     .venv/bin/python benchmarks/bench_observers.py --quick    # smoke run
     .venv/bin/python benchmarks/bench_observers.py --hooks    # the plugins' own hooks, in-process
 """
@@ -247,6 +250,31 @@ SHAPE_VARIANTS = {
 SHAPE_PLUGINS = (ShapeMetrics, ShapeMetering, ShapeMeteringSync, ShapeDrift, ShapeTracing)
 
 
+class TreeProcess(SluiceProcess):
+    """``sluice serve`` from another source tree (``--against``): ``python -m proxy.cli`` run in it."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path, tree: Path) -> None:
+        super().__init__(config, tmp)
+        self.tree = tree
+
+    async def start(self) -> SluiceProcess:
+        import subprocess
+
+        ready = self.tmp / "ready.json"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "-c", str(self.config_path), "--ready-file", str(ready)],
+            env=self.env, cwd=self.tree, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        async with asyncio.timeout(self.timeout):
+            while not ready.exists():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"sluice exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
+                await asyncio.sleep(0.02)  # polling a file the child writes; no event to wait on across processes
+        self.info = json.loads(ready.read_text())
+        return self
+
+
 @hookimpl
 def register_plugins(register: Any) -> None:
     """Loaded by the "shape" Sluice process through $SLUICE_PLUGINS."""
@@ -290,7 +318,7 @@ async def settle(pid: int, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
 
 
 async def main(quick: bool, rounds: int | None = None, per_round: int | None = None, each: bool = False,
-               core: bool = False) -> dict[str, Any]:
+               core: bool = False, against: Path | None = None) -> dict[str, Any]:
     rounds_, per_round_, concurrency = (3, 200, 8) if quick else (15, 300, 8)
     rounds = rounds or rounds_
     per_round = per_round or per_round_
@@ -302,10 +330,17 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
         alone = {next(iter(p)): [p] for p in every} if each else {}
         variants = SHAPE_VARIANTS if core else {}
         chains = {"empty": [], **alone, "shape": SHAPE, **variants, "observers": every}
+        if against is not None:
+            chains.update({"empty (against)": [], "observers (against)": every})
+
+        def process(i: int, name: str, chain: list[dict[str, Any]]) -> SluiceProcess:
+            if name.endswith("(against)"):
+                assert against is not None
+                return TreeProcess(config(up, chain), tmp / f"c{i}", against)
+            return SluiceProcess(config(up, chain), tmp / f"c{i}", env=PLUGIN_ENV if name.startswith("shape") else None)
+
         async with contextlib.AsyncExitStack() as stack:
-            procs = {name: await stack.enter_async_context(
-                SluiceProcess(config(up, chain), tmp / f"c{i}", env=PLUGIN_ENV if name.startswith("shape") else None))
-                for i, (name, chain) in enumerate(chains.items())}
+            procs = {name: await stack.enter_async_context(process(i, name, chain)) for i, (name, chain) in enumerate(chains.items())}
             # per round and configuration: CPU ns per request, total and per thread
             per: dict[str, list[float]] = {k: [] for k in procs}
             threads: dict[str, dict[str, list[float]]] = {k: {} for k in procs}
@@ -341,6 +376,11 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
     added = {k: statistics.median(a - b for a, b in zip(v, per["empty"])) for k, v in per.items() if k != "empty"}
     ratios = [a / b for a, b in zip(per["observers"], per["empty"])]
     own = statistics.median(a - b for a, b in zip(per["observers"], per["shape"]))
+    if against is not None:
+        # the other tree's observers against its own empty chain, round by round
+        added["observers (against)"] = statistics.median(
+            a - b for a, b in zip(per["observers (against)"], per["empty (against)"]))
+        added["empty (against)"] = statistics.median(a - b for a, b in zip(per["empty (against)"], per["empty"]))
     return {
         "requests_per_config": n,
         "rounds": rounds,
@@ -351,12 +391,17 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
         "added_cpu_us_per_request_median": {k: round(v, 1) for k, v in added.items()},
         "added_observers_per_round": [round(a - b, 1) for a, b in zip(per["observers"], per["empty"])],
         "added_observers_quartiles": quartiles([a - b for a, b in zip(per["observers"], per["empty"])]),
+        # other work on a shared machine only adds CPU (cache and core contention): each
+        # configuration's quietest round is the nearest to its cost on an idle machine
+        "cpu_us_per_request_min": {k: round(min(v), 1) for k, v in per.items()},
+        "added_from_minimums": {k: round(min(v) - min(per["empty (against)" if k == "observers (against)" else "empty"]), 1)
+                                for k, v in per.items() if k != "empty"},
         "of_which_core_for_the_observers_shape": round(added["shape"], 1),
         "of_which_the_observers_own_work": round(own, 1),
         "cpu_ratio_observers_vs_empty_median": round(statistics.median(ratios), 3),
         "cpu_us_per_request_by_thread_median": {
             k: {t: round(statistics.median(v + [0.0] * (rounds - len(v))), 1) for t, v in sorted(th.items())}
-            for k, th in threads.items() if k in ("empty", "shape", "observers")},
+            for k, th in threads.items() if k in ("empty", "shape", "observers", "observers (against)")},
         "cpu_us_per_request_from_ticks": {k: round(v / n * 1e6, 1) for k, v in ticks.items()},
         "latency_ms": {k: {"p50": round(pct(v, 50), 3), "p99": round(pct(v, 99), 3), "mean": round(statistics.fmean(v), 3)}
                        for k, v in lat.items()},
@@ -499,6 +544,8 @@ if __name__ == "__main__":
     ap.add_argument("--per-round", type=int, help="requests per configuration and round (default 300; --quick 200)")
     ap.add_argument("--each", action="store_true", help="also each observer alone (noisier: rounds take longer)")
     ap.add_argument("--core", action="store_true", help="also the shape with one core feature off at a time")
+    ap.add_argument("--against", type=Path, help="another source tree (a checkout of another commit): its empty chain "
+                    "and observers run in the same rounds, for a before/after in one run")
     args = ap.parse_args()
-    result = asyncio.run(hooks()) if args.hooks else asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core))
+    result = asyncio.run(hooks()) if args.hooks else asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against))
     print(json.dumps(result, indent=2))
