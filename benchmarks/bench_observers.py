@@ -17,6 +17,10 @@ Measured in one run, many short rounds interleaved so machine noise falls on all
   finished buffered chat request, garbage collection paused so one plugin's garbage is
   not billed to another), the OTLP encoding of its spans, and one drift comparison, so
   the plugins' share can be told from the core's and the state writer's.
+* ``--insitu``: the same hooks, the chain's phases and each thread, timed with thread CPU
+  inside a live ``sluice serve`` under the same traffic (shape, then observers): what the
+  hooks cost among everything else a process does, which is about twice the in-process
+  figure (caches are cold), and what the core's phases cost around them.
 
 Sluice and the demo upstream run as separate processes (``sluice serve``,
 ``sluice demo-upstream``); spans go over OTLP/HTTP to a sink in this process that
@@ -28,6 +32,7 @@ chat requests at a fixed concurrency.
     .venv/bin/python benchmarks/bench_observers.py --against /tmp/other-tree   # before/after, one run
     .venv/bin/python benchmarks/bench_observers.py --quick    # smoke run
     .venv/bin/python benchmarks/bench_observers.py --hooks    # the plugins' own hooks, in-process
+    .venv/bin/python benchmarks/bench_observers.py --insitu   # per hook, chain phase and thread, in a live server
 """
 
 from __future__ import annotations
@@ -412,6 +417,140 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
     }
 
 
+# -- in situ: thread CPU around each hook and each chain phase of a live server ---------------
+
+def serve_instrumented(config_path: str, ready_file: str, out: str) -> int:
+    """``sluice serve`` with thread-CPU accounting: each observer hook, each chain phase, each thread.
+
+    Started by ``--insitu`` as a child process (this file with ``--serve-instrumented``).
+    SIGUSR1 starts counting, SIGUSR2 writes the totals (thread CPU ns, calls) to ``out``.
+    The wrappers cost a few tenths of a microsecond a call, inside what they measure.
+    """
+    import functools
+    import inspect
+    import signal
+    import threading
+
+    import proxy.chain as chain_module
+    from plugins.drift import Drift
+    from plugins.metering import Metering
+    from plugins.metrics import Metrics
+    from plugins.tracing import Tracing
+    from proxy.server import serve
+
+    now = time.thread_time_ns
+    acc: dict[str, list[int]] = {}
+    on = [False]
+
+    def add(key: str, ns: int) -> None:
+        if on[0]:
+            v = acc.setdefault(key, [0, 0])
+            v[0] += ns
+            v[1] += 1
+
+    def timed(fn: Any, key: str) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            async def wrapper(*args: Any) -> Any:
+                t0 = now()
+                r = await fn(*args)  # these never suspend in this benchmark (no budgets, no remote state)
+                add(key, now() - t0)
+                return r
+        else:
+            def wrapper(*args: Any) -> Any:
+                t0 = now()
+                r = fn(*args)
+                add(key, now() - t0)
+                return r
+        functools.update_wrapper(wrapper, fn)
+        return wrapper
+
+    for phase in ("run_request", "run_response", "run_done"):
+        setattr(chain_module, phase, timed(getattr(chain_module, phase), f"chain.{phase}"))
+    for cls in (Metrics, Metering, Drift, Tracing):
+        for hook in ("on_request", "on_response", "on_done"):
+            if hook in cls.__dict__:
+                setattr(cls, hook, timed(cls.__dict__[hook], f"{cls.name}.{hook}"))
+
+    def threads() -> dict[str, int]:
+        found: dict[str, int] = {}
+        for t in threading.enumerate():
+            try:
+                ns = int(Path(f"/proc/self/task/{t.native_id}/schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            name = "thread " + t.name.rstrip("0123456789_")
+            found[name] = found.get(name, 0) + ns
+        return found
+
+    start: dict[str, int] = {}
+
+    def begin(*_: Any) -> None:
+        acc.clear()
+        start.clear()
+        start.update(threads())
+        on[0] = True
+
+    def end(*_: Any) -> None:
+        on[0] = False
+        for name, ns in threads().items():
+            acc[name] = [ns - start.get(name, 0), 0]
+        Path(out + ".tmp").write_text(json.dumps(acc))
+        os.replace(out + ".tmp", out)
+
+    signal.signal(signal.SIGUSR1, begin)
+    signal.signal(signal.SIGUSR2, end)
+    return serve(config_path, ready_file=ready_file)
+
+
+class InstrumentedProcess(SluiceProcess):
+    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
+        super().__init__(config, tmp, env=PLUGIN_ENV)
+        self.out = tmp / "insitu.json"
+
+    async def start(self) -> SluiceProcess:
+        import subprocess
+
+        ready = self.tmp / "ready.json"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve-instrumented", str(self.config_path), str(ready), str(self.out)],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        async with asyncio.timeout(self.timeout):
+            while not ready.exists():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"sluice exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
+                await asyncio.sleep(0.02)  # polling a file the child writes; no event to wait on across processes
+        self.info = json.loads(ready.read_text())
+        return self
+
+
+async def insitu(n: int = 4000, concurrency: int = 8) -> dict[str, Any]:
+    """Where a live server's CPU goes, per hook, per chain phase and per thread: shape, then observers."""
+    import signal
+
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-insitu-"))
+    out: dict[str, Any] = {"requests": n, "loadavg_before": round(os.getloadavg()[0], 2)}
+    async with demo_upstream(0.0) as up, otlp_sink() as (sink, _):
+        for name, chain in (("shape", SHAPE), ("observers", observers(sink))):
+            async with InstrumentedProcess(config(up, chain), tmp / name) as p, aiohttp.ClientSession() as http:
+                await load(http, p.url, 300, concurrency)
+                await settle(p.pid)
+                os.kill(p.pid, signal.SIGUSR1)
+                await load(http, p.url, n, concurrency)
+                await settle(p.pid)
+                p.out.unlink(missing_ok=True)
+                os.kill(p.pid, signal.SIGUSR2)
+                async with asyncio.timeout(10):
+                    while not p.out.exists():
+                        await asyncio.sleep(0.02)  # the child writes the file at SIGUSR2
+                got = json.loads(p.out.read_text())
+                out[name] = {k: round(v[0] / n / 1000, 1) for k, v in sorted(got.items()) if v[0]}
+    out["loadavg_after"] = round(os.getloadavg()[0], 2)
+    out["unit"] = "us of thread CPU per request"
+    return out
+
+
 RESPONSE = orjson.dumps({
     "id": "chatcmpl-0123456789abcdef", "object": "chat.completion", "created": 1700000000, "model": "sluice-demo",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hamlet avenges his father. " * 4}, "finish_reason": "stop"}],
@@ -546,6 +685,15 @@ if __name__ == "__main__":
     ap.add_argument("--core", action="store_true", help="also the shape with one core feature off at a time")
     ap.add_argument("--against", type=Path, help="another source tree (a checkout of another commit): its empty chain "
                     "and observers run in the same rounds, for a before/after in one run")
+    ap.add_argument("--insitu", action="store_true", help="thread CPU per hook, chain phase and thread in a live server")
+    ap.add_argument("--serve-instrumented", nargs=3, metavar=("CONFIG", "READY", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    result = asyncio.run(hooks()) if args.hooks else asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against))
+    if args.serve_instrumented:
+        sys.exit(serve_instrumented(*args.serve_instrumented))
+    if args.hooks:
+        result = asyncio.run(hooks())
+    elif args.insitu:
+        result = asyncio.run(insitu())
+    else:
+        result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against))
     print(json.dumps(result, indent=2))
