@@ -260,6 +260,7 @@ class RateLimit(Plugin):
         self._pend_adjust: list[Limit] = []
         self._pend_release: list[tuple[str, str]] = []
         self._flush_task: asyncio.Task[None] | None = None
+        self._flush_now_task: asyncio.Task[None] | None = None
         self._one_step: Any = None
         state = runtime.state
         if (c.backend == "memory" or (c.backend == "auto" and not state.has_redis)) and not c.tokenizers:
@@ -267,6 +268,9 @@ class RateLimit(Plugin):
             self.counters = state.counters("memory")
             self.on_request = self._on_request_memory  # type: ignore[method-assign]
             self.on_done = self._on_done_memory  # type: ignore[method-assign]
+        elif (c.backend == "redis" or (c.backend == "auto" and state.has_redis)) and c.settle_delay_ms > 0:
+            # settlements wait for the next admission: on_done only queues them, without waiting
+            self.on_done = self._on_done_carry  # type: ignore[method-assign]
         if not self._settles():
             # only requests-per-minute limits: a request holds nothing to give back, so no
             # on_done (the core then queues no background work for this plugin) and no usage
@@ -717,6 +721,38 @@ class RateLimit(Plugin):
         finally:
             if adjust:
                 await counters.adjust(adjust)
+
+    @hookimpl(specname="on_done")
+    def _on_done_carry(self, ctx: Context) -> None:
+        """``on_done`` when settlements ride on admissions (Redis, ``settle_delay_ms`` > 0): it only
+        queues the settlement in the process, so a plain function (the core runs it inline, with
+        no background task per request); the send is a task of its own."""
+        res = ctx.stash.get(RESERVATION)
+        if res is None or res.released:
+            return
+        res.released = True
+        adjust: list[Limit] = []
+        if res.token_limits:
+            delta = self.actual_tokens(ctx, res) - res.tokens
+            if delta > 0:
+                self.metrics.count_overrun(delta)
+            if delta:
+                adjust = [Limit(lim.key, lim.limit, lim.period_s, float(delta)) for lim in res.token_limits]
+        if not adjust and not res.leases:
+            return
+        self._pend_adjust.extend(adjust)
+        self._pend_release.extend(res.leases)
+        if len(self._pend_adjust) + len(self._pend_release) >= PENDING_MAX:
+            if self._flush_now_task is None:
+                self._flush_now_task = self.runtime.spawn(self._flush_now(), f"ratelimit-settle-now-{self.id}")
+        elif self._flush_task is None:
+            self._flush_task = self.runtime.spawn(self._flush_later(), f"ratelimit-settle-{self.id}")
+
+    async def _flush_now(self) -> None:
+        try:
+            await self._flush()
+        finally:
+            self._flush_now_task = None
 
     @hookimpl(specname="on_done")
     def _on_done_memory(self, ctx: Context) -> None:

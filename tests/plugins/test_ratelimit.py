@@ -343,13 +343,16 @@ async def test_a_missing_tokenizer_fails_at_start(runtime, tmp_path):
 
 
 async def test_memory_hooks_are_plain_functions_and_redis_ones_coroutines(runtime, redis_server):
-    """On memory nothing waits, so the chain calls plain functions (no coroutine per request)."""
+    """On memory nothing waits, so the chain calls plain functions (no coroutine per request); on
+    Redis admission waits, and on_done waits only when settlements are sent at once."""
     mem = await configure_plugin(RateLimit, {"requests_per_minute": 5, "concurrency": 2}, runtime=runtime)
     assert not inspect.iscoroutinefunction(mem.on_request) and not inspect.iscoroutinefunction(mem.on_done)
     rt = await make_runtime(config={"state": {"redis": {"url": redis_server.url, "timeout_ms": 2000}}})
     try:
         red = await configure_plugin(RateLimit, {"requests_per_minute": 5}, runtime=rt)
-        assert inspect.iscoroutinefunction(red.on_request) and inspect.iscoroutinefunction(red.on_done)
+        assert inspect.iscoroutinefunction(red.on_request) and not inspect.iscoroutinefunction(red.on_done)
+        at_once = await configure_plugin(RateLimit, {"requests_per_minute": 5, "settle_delay_ms": 0}, runtime=rt)
+        assert inspect.iscoroutinefunction(at_once.on_done)
     finally:
         await rt.close_all()
     # the plain path gives the same answers: headers, reservation, slots

@@ -175,7 +175,7 @@ async def test_settlements_ride_on_the_next_admission(redis_server, tmp_path):
         reserved = first.stash[RESERVATION].tokens
         first.attempts.append(Attempt(Target("up"), start=0.0, status=200))
         first.status, first.usage = 200, Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
-        await rl.on_done(first)  # held back: nothing sent yet
+        rl.on_done(first)  # held back: nothing sent yet (a plain function: it only queues)
         assert await scripts() == before + 1
         second = make_context(BODY, identity=who, runtime=rt)
         await rl.on_request(second)  # the slot of the first came back inside this same script
@@ -184,7 +184,7 @@ async def test_settlements_ride_on_the_next_admission(redis_server, tmp_path):
         assert 100_000 - 5 - reserved - 2 <= left <= 100_000 - 5 - reserved + 200  # the refund applied (plus refill)
         second.attempts.append(Attempt(Target("up"), start=0.0, status=500))
         second.status = 500
-        await rl.on_done(second)
+        rl.on_done(second)
         await rl.stop()  # a retired chain sends what it held
         assert await scripts() == before + 3
         third = make_context(BODY, identity=who, runtime=rt)
