@@ -18,7 +18,8 @@ Measured in one run, many short rounds interleaved so machine noise falls on all
   not billed to another), the OTLP encoding of its spans, and one drift comparison, so
   the plugins' share can be told from the core's and the state writer's.
 * ``--insitu``: the same hooks, the chain's phases and each thread, timed with thread CPU
-  inside a live ``sluice serve`` under the same traffic (shape, then observers): what the
+  inside a live ``sluice serve`` under the same traffic (shape and observers, rounds
+  interleaved, medians): what the
   hooks cost among everything else a process does, which is about twice the in-process
   figure (caches are cold), and what the core's phases cost around them.
 
@@ -525,29 +526,54 @@ class InstrumentedProcess(SluiceProcess):
         return self
 
 
-async def insitu(n: int = 4000, concurrency: int = 8) -> dict[str, Any]:
-    """Where a live server's CPU goes, per hook, per chain phase and per thread: shape, then observers."""
+async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -> dict[str, Any]:
+    """Where a live server's CPU goes, per hook, chain phase and thread; rounds interleaved.
+
+    Four servers: the shape, the observers, and the observers without span export
+    (``tracing: {exporter: none}``: propagation only) and without the ledger
+    (``metering: {ledger: false}``), to price the spans and the ledger whole.
+    """
     import signal
 
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-insitu-"))
-    out: dict[str, Any] = {"requests": n, "loadavg_before": round(os.getloadavg()[0], 2)}
+    out: dict[str, Any] = {"rounds": rounds, "requests_per_round": per_round, "loadavg_before": round(os.getloadavg()[0], 2)}
     async with demo_upstream(0.0) as up, otlp_sink() as (sink, _):
-        for name, chain in (("shape", SHAPE), ("observers", observers(sink))):
-            async with InstrumentedProcess(config(up, chain), tmp / name) as p, aiohttp.ClientSession() as http:
-                await load(http, p.url, 300, concurrency)
-                await settle(p.pid)
-                os.kill(p.pid, signal.SIGUSR1)
-                await load(http, p.url, n, concurrency)
-                await settle(p.pid)
-                p.out.unlink(missing_ok=True)
-                os.kill(p.pid, signal.SIGUSR2)
-                async with asyncio.timeout(10):
-                    while not p.out.exists():
-                        await asyncio.sleep(0.02)  # the child writes the file at SIGUSR2
-                got = json.loads(p.out.read_text())
-                out[name] = {k: round(v[0] / n / 1000, 1) for k, v in sorted(got.items()) if v[0]}
+        every = observers(sink)
+        chains = {
+            "shape": SHAPE,
+            "observers": every,
+            "observers, tracing exporter none": [c if "tracing" not in c else {"tracing": {"exporter": "none"}} for c in every],
+            "observers, metering ledger false": [c if "metering" not in c else {"metering": {"ledger": False}} for c in every],
+        }
+        seen: dict[str, dict[str, list[float]]] = {k: {} for k in chains}
+        async with contextlib.AsyncExitStack() as stack:
+            procs = {name: await stack.enter_async_context(InstrumentedProcess(config(up, chain), tmp / f"c{i}"))
+                     for i, (name, chain) in enumerate(chains.items())}
+            async with aiohttp.ClientSession() as http:
+                for p in procs.values():
+                    await load(http, p.url, 300, concurrency)
+                    await settle(p.pid)
+                for r in range(rounds):
+                    names = list(procs)
+                    for name in names[r % len(names):] + names[:r % len(names)]:
+                        p = procs[name]
+                        os.kill(p.pid, signal.SIGUSR1)
+                        await load(http, p.url, per_round, concurrency)
+                        await settle(p.pid)
+                        p.out.unlink(missing_ok=True)
+                        os.kill(p.pid, signal.SIGUSR2)
+                        async with asyncio.timeout(10):
+                            while not p.out.exists():
+                                await asyncio.sleep(0.02)  # the child writes the file at SIGUSR2
+                        for k, v in json.loads(p.out.read_text()).items():
+                            seen[name].setdefault(k, []).append(v[0] / per_round / 1000)
+    for name, got in seen.items():
+        med = {k: round(statistics.median(v), 1) for k, v in sorted(got.items()) if any(v)}
+        phases = med.get("chain.run_request", 0.0) + med.get("chain.run_done", 0.0) + med.get("chain.run_response", 0.0)
+        med["loop thread outside the chain's phases"] = round(med.get("thread MainThread", 0.0) - phases, 1)
+        out[name] = med
     out["loadavg_after"] = round(os.getloadavg()[0], 2)
-    out["unit"] = "us of thread CPU per request"
+    out["unit"] = "us of thread CPU per request, median over rounds"
     return out
 
 
