@@ -291,9 +291,9 @@ class Handler:
         parser = Parser() if parse else None
         buf = bytearray()
         saw_done = False
-        # after the first write (which carries the headers), raw blocks go to the transport
+        # after the first write (which carries the headers), blocks go to the transport
         # directly while it keeps up; aiohttp's writer (and its drain) takes over when not
-        direct: asyncio.Transport | None = None
+        direct = _Direct()
         ctx.outcome = "upstream_error"  # until the stream completes
         dog = Watchdog(loop, idle, deadline, request.task)
         try:
@@ -318,14 +318,9 @@ class Handler:
                         if block:
                             ctx.stream_bytes += len(block)
                             ctx.stream_events += block.count(b"\n\n") or block.count(b"\r\r")
-                            if direct is not None and direct.get_write_buffer_size() < WRITE_BUFFER_LOW:
-                                if direct.is_closing():
-                                    raise ConnectionResetError("the client closed the connection")
-                                # one chunk of HTTP/1.1 chunked encoding, straight to the socket
-                                direct.write(b"%x\r\n%b\r\n" % (len(block), block))
-                            else:
+                            if not direct.send(block):
                                 await out.write(block)
-                                direct = _direct_transport(request, out)
+                                direct.transport = _direct_transport(request, out)
                 else:
                     events = []
                     for ev in parser.feed(chunk):
@@ -334,7 +329,14 @@ class Handler:
                         elif self._tap_event(ctx, ev, injected):
                             events.append(ev)
                     if events:
-                        await self._write_events(out, ctx, await pipeline.push(events))  # type: ignore[union-attr]
+                        events = await pipeline.push(events)  # type: ignore[union-attr]
+                        if events:
+                            data = events[0].encode() if len(events) == 1 else b"".join([e.encode() for e in events])
+                            ctx.stream_events += len(events)
+                            ctx.stream_bytes += len(data)
+                            if not direct.send(data):
+                                await out.write(data)
+                                direct.transport = _direct_transport(request, out)
             att.end = ctx.timings.upstream_end = time.perf_counter()
             if parser is None:
                 if buf:
@@ -447,6 +449,27 @@ async def _expect(request: web.BaseRequest) -> None:
 
 
 WRITE_BUFFER_LOW = 64 * 1024
+
+
+class _Direct:
+    """Writes a stream's blocks straight to the client's socket while that is safe."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+
+    def send(self, data: bytes) -> bool:
+        """One HTTP/1.1 chunk to the socket; False when aiohttp's writer must do it instead.
+
+        That is the first write (it carries the headers), a socket whose buffer is
+        full (the writer's drain is the backpressure) and a closing socket.
+        """
+        t = self.transport
+        if t is None or t.get_write_buffer_size() >= WRITE_BUFFER_LOW or t.is_closing():
+            return False
+        t.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
 
 
 def _direct_transport(request: web.BaseRequest, out: web.StreamResponse) -> asyncio.Transport | None:

@@ -121,6 +121,8 @@ def _split_lines(block: bytes) -> list[bytes]:
 
 def parse_block(block: bytes) -> Event | None:
     """Parse one event block (its lines, without the blank separator line)."""
+    if block[:6] == b"data: " and b"\n" not in block and b"\r" not in block:
+        return Event(block[6:].decode("utf-8", "replace"))  # the usual block: one data line
     data_lines: list[str] = []
     event = id_ = None
     retry = None
@@ -176,6 +178,18 @@ class Parser:
 
     def feed(self, chunk: bytes) -> Iterator[Event]:
         buf = self._buf
+        if not buf and b"\r" not in chunk:
+            # the usual read: whole events separated by blank lines, nothing carried over
+            parts = chunk.split(b"\n\n")
+            tail = parts.pop()
+            for part in parts:
+                ev = parse_block(part)
+                if ev is not None:
+                    ev._raw = part + b"\n\n"
+                    yield ev
+            if tail:
+                buf += tail
+            return
         buf += chunk
         pos = 0
         while True:

@@ -34,6 +34,21 @@ def test_split_at_every_byte_gives_the_same_events():
         assert [e.data for e in parse_all([STREAM[:i], STREAM[i:]])] == reference, i
 
 
+def test_reads_of_whole_events_and_random_cuts_agree_byte_for_byte():
+    import random
+
+    rnd = random.Random(7)
+    reference = parse_all([STREAM])
+    whole = [b + b"\n\n" for b in STREAM.split(b"\n\n") if b]  # one read per event, the usual case
+    assert [e.encode() for e in parse_all(whole)] == [e.encode() for e in reference]
+    for _ in range(200):
+        cuts = sorted(rnd.sample(range(1, len(STREAM)), 3))
+        pieces = [STREAM[a:b] for a, b in zip([0, *cuts], [*cuts, len(STREAM)])]
+        events = parse_all(pieces)
+        assert [e.data for e in events] == [e.data for e in reference]
+        assert b"".join(e.encode() for e in events) == STREAM
+
+
 def test_one_byte_at_a_time():
     events = parse_all([bytes([b]) for b in STREAM])
     assert b"".join(e.encode() for e in events) == STREAM
