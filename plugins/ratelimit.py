@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Literal
 
+from multidict import istr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, hookimpl
@@ -195,6 +196,13 @@ _OVERRUN_HELP = "Tokens used beyond the reservation (charged after the fact)."
 
 
 _MS_TEXT = [f"{i}ms" for i in range(1001)]
+# header names as multidict's case-insensitive strings: their folded form is computed once, not per answer
+_H_LIMIT_REQUESTS = istr("x-ratelimit-limit-requests")
+_H_REMAINING_REQUESTS = istr("x-ratelimit-remaining-requests")
+_H_RESET_REQUESTS = istr("x-ratelimit-reset-requests")
+_H_LIMIT_TOKENS = istr("x-ratelimit-limit-tokens")
+_H_REMAINING_TOKENS = istr("x-ratelimit-remaining-tokens")
+_H_RESET_TOKENS = istr("x-ratelimit-reset-tokens")
 
 
 def format_duration(seconds: float) -> str:
@@ -531,26 +539,26 @@ class RateLimit(Plugin):
             r_reset, t_reset = figures[r + 1], figures[t + 1]
             r_ms, t_ms = math.ceil(r_reset * 1000), math.ceil(t_reset * 1000)
             ctx.response_headers.update({
-                "x-ratelimit-limit-requests": text[r // 3],
-                "x-ratelimit-remaining-requests": str(int(r_left + 0.01)),
-                "x-ratelimit-reset-requests": _MS_TEXT[r_ms] if 0 < r_ms < 1000 else format_duration(r_reset),
-                "x-ratelimit-limit-tokens": text[t // 3],
-                "x-ratelimit-remaining-tokens": str(int(t_left + 0.01)),
-                "x-ratelimit-reset-tokens": _MS_TEXT[t_ms] if 0 < t_ms < 1000 else format_duration(t_reset),
+                _H_LIMIT_REQUESTS: text[r // 3],
+                _H_REMAINING_REQUESTS: str(int(r_left + 0.01)),
+                _H_RESET_REQUESTS: _MS_TEXT[r_ms] if 0 < r_ms < 1000 else format_duration(r_reset),
+                _H_LIMIT_TOKENS: text[t // 3],
+                _H_REMAINING_TOKENS: str(int(t_left + 0.01)),
+                _H_RESET_TOKENS: _MS_TEXT[t_ms] if 0 < t_ms < 1000 else format_duration(t_reset),
             })
         elif r >= 0:
             reset = figures[r + 1]
             ctx.response_headers.update({
-                "x-ratelimit-limit-requests": text[r // 3],
-                "x-ratelimit-remaining-requests": str(int(r_left + 0.01)),
-                "x-ratelimit-reset-requests": format_duration(reset),
+                _H_LIMIT_REQUESTS: text[r // 3],
+                _H_REMAINING_REQUESTS: str(int(r_left + 0.01)),
+                _H_RESET_REQUESTS: format_duration(reset),
             })
         elif t >= 0:
             reset = figures[t + 1]
             ctx.response_headers.update({
-                "x-ratelimit-limit-tokens": text[t // 3],
-                "x-ratelimit-remaining-tokens": str(int(t_left + 0.01)),
-                "x-ratelimit-reset-tokens": format_duration(reset),
+                _H_LIMIT_TOKENS: text[t // 3],
+                _H_REMAINING_TOKENS: str(int(t_left + 0.01)),
+                _H_RESET_TOKENS: format_duration(reset),
             })
 
     def _admitted(self, ctx: Context, plan: Plan, decision: Decision, held: list[str], token_limits: list[Limit],
@@ -580,13 +588,13 @@ class RateLimit(Plugin):
         out = []
         # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
         if r >= 0:
-            out += (("x-ratelimit-limit-requests", plan.limit_text[r]),
-                    ("x-ratelimit-remaining-requests", str(max(0, int(r_left + 0.01)))),
-                    ("x-ratelimit-reset-requests", format_duration(statuses[r].reset_s)))
+            out += ((_H_LIMIT_REQUESTS, plan.limit_text[r]),
+                    (_H_REMAINING_REQUESTS, str(max(0, int(r_left + 0.01)))),
+                    (_H_RESET_REQUESTS, format_duration(statuses[r].reset_s)))
         if t >= 0:
-            out += (("x-ratelimit-limit-tokens", plan.limit_text[t]),
-                    ("x-ratelimit-remaining-tokens", str(max(0, int(t_left + 0.01)))),
-                    ("x-ratelimit-reset-tokens", format_duration(statuses[t].reset_s)))
+            out += ((_H_LIMIT_TOKENS, plan.limit_text[t]),
+                    (_H_REMAINING_TOKENS, str(max(0, int(t_left + 0.01)))),
+                    (_H_RESET_TOKENS, format_duration(statuses[t].reset_s)))
         return out
 
     async def _admit(
