@@ -74,11 +74,6 @@ class MemoryCounters(Counters):
         for k in [k for k, held in self._leases.items() if all(e <= now for e in held.values())]:
             del self._leases[k]
 
-    def _tick(self, now: float) -> None:
-        self._ops += 1
-        if self._ops >= self._next_sweep:
-            self._sweep(now)
-
     def _acquire(self, limits: Sequence[Limit], now: float, distinct: bool = False) -> Decision:
         self._ops += 1
         if self._ops >= self._next_sweep:
