@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 T = TypeVar("T")
 _UNPARSED: Any = object()
+#: a buffered answer up to this size is parsed whole for its usage (and the parse shared)
+SHARED_PARSE_LIMIT = 32 * 1024
 
 
 class StashKey(Generic[T]):
@@ -263,9 +265,14 @@ class Context:
         """Token counts of the answer: from the upstream's ``usage``, else what a plugin set."""
         if self._usage_body is not None:
             body, self._usage_body = self._usage_body, None
-            from .openai import usage_from_body
+            from .openai import usage_from, usage_from_body
 
-            u = usage_from_body(body)
+            r = self.response
+            if r is not None and r._body is body and (r._json is not _UNPARSED or len(body) <= SHARED_PARSE_LIMIT):
+                # one parse of the answer, kept on ctx.response for every later reader
+                u = usage_from(r.json)
+            else:
+                u = usage_from_body(body)  # a big answer (embeddings): only its tail is read
             if u is not None and self._usage is None:
                 self._usage = u
         return self._usage

@@ -66,3 +66,18 @@ def test_stream_flag_without_a_parse_unless_the_key_may_be_there():
     off = Context(request_id="r", method="POST", path="/v1/chat/completions", raw=b'{"stream": false, "model": "m"}')
     assert off.stream is False and off.model == "m"
 
+
+
+def test_request_ids_are_unique_and_time_ordered():
+    import time
+
+    from proxy.handler import new_request_id
+
+    first = new_request_id()
+    ids = [new_request_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert all(i.startswith("req_") and len(i) == 36 for i in ids)
+    # the first 12 hex digits are the millisecond: never decreasing, and now
+    stamps = [int(i[4:16], 16) for i in [first, *ids]]
+    assert stamps == sorted(stamps)
+    assert abs(stamps[-1] - time.time_ns() // 1_000_000) < 60_000
