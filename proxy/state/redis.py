@@ -220,6 +220,16 @@ async def close_client(client: Any) -> None:
         await lane.close()
 
 
+def _pack(args: Sequence[Any]) -> bytes:
+    """A command in RESP, as ``Connection.pack_command`` writes it for str, int and bytes
+    arguments, without its per-argument encoder and type checks."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if type(a) is bytes else (a if type(a) is str else str(a)).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
 class _Lane:
     """Plain connections for the scripts of the request path, beside the client's pool.
 
@@ -248,7 +258,7 @@ class _Lane:
         try:
             if not conn.is_connected:
                 await conn.connect()
-            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            await conn.send_packed_command(_pack(args), check_health=False)
             res = await conn.read_response()
         except self._reply_error:
             self.idle.append(conn)  # an error reply was read whole: the connection is in step
@@ -404,19 +414,19 @@ class RedisCounters(Counters):
 
         words = ["0.000001", "", "", "", ""]
         for lim in merged:
-            words += (ki(p + lim.key), repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost)))
+            words += (ki(p + lim.key), _num(lim.limit), _num(lim.period_s), _num(lim.cost))
         tokens = []
         for key, limit, ttl_s in leases:
             token = self._token_prefix + format(next(self._token_seq), "x")
             tokens.append(token)
-            words += (ki(p + "lease:" + key), str(int(limit)), repr(float(ttl_s)), token)
+            words += (ki(p + "lease:" + key), str(int(limit)), _num(ttl_s), token)
         adjust = 0
         releases = 0
         if settle:
             for lim in settle[0]:
                 if lim.cost != 0:
                     adjust += 1
-                    words += (ki(p + lim.key), repr(float(lim.limit)), repr(float(lim.period_s)), repr(float(lim.cost)))
+                    words += (ki(p + lim.key), _num(lim.limit), _num(lim.period_s), _num(lim.cost))
             for key, token in settle[1]:
                 releases += 1
                 words += (ki(p + "lease:" + key), token)
@@ -469,6 +479,19 @@ class RedisCounters(Counters):
             return 0.0
         now = self._clock() if self._clock is not None else time.time()
         return float(total) if float(end) > now else 0.0
+
+
+_NUM_TEXT: dict[float, str] = {}
+
+
+def _num(x: float) -> str:
+    """``repr(float(x))``, remembered for the few numbers every step repeats (limits, periods, cost 1)."""
+    t = _NUM_TEXT.get(x)
+    if t is None:
+        t = repr(float(x))
+        if len(_NUM_TEXT) < 4096:
+            _NUM_TEXT[x] = t
+    return t
 
 
 def _merge(limits: Sequence[Limit]) -> list[Limit]:

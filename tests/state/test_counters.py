@@ -272,3 +272,15 @@ async def test_give_back_now_frees_slots_and_may_overdraw(clock):
     assert c.take_now([t], 1, [("c", 1, 30.0)]) is None  # 130 of 100 used
     clock.advance(19)  # 30 of debt plus 1 refilled in 18.6 s
     assert c.take_now([t], 1, [("c", 1, 30.0)]) is not None  # and the slot was free
+
+
+def test_redis_commands_are_packed_as_redis_py_packs_them():
+    """The script lane writes RESP itself: byte for byte what redis-py's Connection.pack_command writes."""
+    from redis.asyncio.connection import Connection
+
+    from proxy.state.redis import _num, _pack
+
+    c = Connection()
+    for args in [("EVALSHA", "0" * 40, 3, "k1", "k:é", "1.0 2.5 -3", "-1"), ("EVAL", "return 1", 0), ("GET", b"raw\x00")]:
+        assert _pack(args) == b"".join(c.pack_command(*args))
+    assert [_num(x) for x in (1, 1.0, 60, 1e10, 1040.0, -900.0, 1e-06)] == [repr(float(x)) for x in (1, 1.0, 60, 1e10, 1040.0, -900.0, 1e-06)]
