@@ -67,6 +67,7 @@ class CompiledRoute:
         self.needs_usage = any(p.needs_usage for p in plugins)
         self.has_response_hooks = any(h is not None for h in self._by_pos["on_response"])
         self.has_stream_end = any(h is not None for h in self._by_pos["on_stream_end"])
+        self._back: dict[tuple[str, int], tuple[Hook, ...]] = {}
 
     def matches(self, method: str, path: str, headers: Any) -> bool:
         if not path.startswith(self.prefix):
@@ -78,9 +79,13 @@ class CompiledRoute:
                 return False
         return True
 
-    def back(self, phase: str, passed: int) -> list[Hook]:
-        """The hooks of ``phase`` of the first ``passed`` plugins, innermost first."""
-        return [h for h in reversed(self._by_pos[phase][:passed]) if h is not None]
+    def back(self, phase: str, passed: int) -> tuple[Hook, ...]:
+        """The hooks of ``phase`` of the first ``passed`` plugins, innermost first (built once per pair)."""
+        key = (phase, passed)
+        hooks = self._back.get(key)
+        if hooks is None:
+            hooks = self._back[key] = tuple(h for h in reversed(self._by_pos[phase][:passed]) if h is not None)
+        return hooks
 
 
 class Generation:
