@@ -435,12 +435,12 @@ async def test_plain_on_done_runs_after_the_answer_is_sent(upstream, tmp_path):
 
             def client(stream: bool) -> None:
                 path = "/v1/chat/completions" if stream else "/v1/completions"
-                c = openai.OpenAI(base_url=s.url, api_key="k", max_retries=0, timeout=20)
-                if stream:
-                    chunks = list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
-                    assert chunks
-                else:
-                    assert c.completions.create(model="m", prompt="hi").choices
+                with openai.OpenAI(base_url=s.url, api_key="k", max_retries=0, timeout=20) as c:
+                    if stream:
+                        chunks = list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+                        assert chunks
+                    else:
+                        assert c.completions.create(model="m", prompt="hi").choices
                 AfterAnswer.got[path].set()
 
             for stream in (False, True):
