@@ -15,7 +15,8 @@ Two measurements in one run:
 
 Prompts are realistic prose (tests/data/injection_prose.txt) of 50, 200, 500,
 1000 and 2000 words, benign (the full scan runs to the end) and, at 2000 words,
-with an injection in the middle, and with a number after every 20th word.
+with an injection in the middle, with a number after every 20th word, and with an
+em dash and an accented word after every 50th (not ASCII).
 
     .venv/bin/python benchmarks/bench_injection.py            # about 40 s
     .venv/bin/python benchmarks/bench_injection.py --quick    # smoke run
@@ -71,6 +72,13 @@ def with_numbers(text: str) -> str:
     return " ".join(w + (" " + nums[(i // 20) % len(nums)] if i % 20 == 19 else "") for i, w in enumerate(words))
 
 
+def with_unicode(text: str) -> str:
+    """``text`` with an em dash and an accented word after every 50th word: not ASCII, so the
+    detector takes its Unicode path (NFKC, the look-alike fold), as any text with one such
+    character does."""
+    return " ".join(w + (" — café" if i % 50 == 49 else "") for i, w in enumerate(text.split()))
+
+
 def body(text: str) -> dict[str, Any]:
     return {"model": "sluice-demo", "max_tokens": 8, "messages": [
         {"role": "system", "content": "You are a helpful assistant."},
@@ -90,6 +98,7 @@ async def bench_hook(iterations: int) -> dict[str, Any]:
     # the prose has no digits; real documents do, and a digit is a leetspeak character: the
     # leetspeak hint then looks at every token that mixes letters and digits
     cases.append(("2000 words with numbers", with_numbers(doc)))
+    cases.append(("2000 words, not ASCII", with_unicode(doc)))
     for name, text in cases:
         raw = orjson.dumps(body(text))
         base: list[float] = []

@@ -16,7 +16,7 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Collection, Iterable, Literal, Mapping
 
 from . import _injection_normalize as norm
 from ._injection_signatures import BY_ID, COMPACT, OBFUSCATION_WEIGHTS, SIGNATURES, VERSION, Signature
@@ -95,6 +95,7 @@ _META = re.compile(
 _QUOTES = "\"'“”‘’`«»"
 _WINDOW = 320
 _WHOLE_TEXT = 4 * _WINDOW
+_ALNUM = re.compile("[a-z0-9]+")
 
 
 class SignatureDetector(Detector):
@@ -126,11 +127,14 @@ class SignatureDetector(Detector):
                 by_anchor.setdefault(a, []).append(sig)
         self._by_anchor = {a: tuple(v) for a, v in by_anchor.items()}
         # what the scan needs of each signature, unpacked once: (id, signature, weight in a tool
-        # result, weight in a user's text, indirect only, literals, other anchor groups, needs, lead)
+        # result, weight in a user's text, indirect only, literals, other anchor groups, needs, lead,
+        # whether the lead words' offsets from the vocabulary scan can stand in for ``_lead_re``:
+        # the expression starts with \b and the lead words are letters and digits)
         self._rec = {
             sig.id: (
                 sig.id, sig, sig.weight, sig.weight if sig.user_weight is None else sig.user_weight,
                 sig.scope == "indirect", frozenset(sig.literals), sig.anchors[1:], sig.needs, sig.lead,
+                sig.pattern.pattern.startswith("\\b") and all(_ALNUM.fullmatch(w) for w in sig.lead),
             )
             for sig in self.signatures
         }
@@ -149,6 +153,13 @@ class SignatureDetector(Detector):
         # the punctuation a signature needs, looked up by its first character (memchr) and
         # then by the regex engine's literal search, three times faster than ``in`` for a miss
         self._needle = {x: re.compile(re.escape(x)).search for sig in self.signatures for x in sig.needs if len(x) > 1}
+        # every word the scan asks about, found as whole words in one pass (see norm.Vocabulary)
+        words = set(norm.SCAN_WORDS)
+        for sig in self.signatures:
+            words.update(sig.lead)
+            for g in sig.anchors:
+                words.update(g)
+        self._vocab = norm.Vocabulary(words)
         self._version = f"{VERSION}-{'-'.join(sorted(disable))}" if disable else VERSION
 
     @property
@@ -187,21 +198,26 @@ class SignatureDetector(Detector):
         n = norm.normalise(raw)
         tricks |= n.tricks
         indirect = source in INDIRECT_SOURCES
-        self._match_view(n.text, n.tokens, indirect, hits, quoted)
+        v, lv, leet_tokens = self._vocab.views(n.text)
+        tokens = v.found.keys()
+        self._match_view(v, tokens, indirect, hits, quoted)
         found_plain = bool(hits)
 
-        extra = norm.leet_tokens(n.tokens) if norm.may_be_leet(n.text) else ()
-        if extra and not self._anchors.isdisjoint(extra):
-            before = len(hits)
-            self._match_view(norm.leet(n.text), n.tokens | extra, indirect, hits, quoted)
-            if len(hits) > before:
-                tricks.add("leet")
-        if norm.has_single_letter_runs(n.tokens):
+        if lv is not None:
+            # the leetspeak view's tokens are the plain ones and what the words mixing letters
+            # with leetspeak characters read as; it is scanned if that adds an anchor
+            if not self._anchors.isdisjoint(leet_tokens.difference(tokens)):
+                before = len(hits)
+                self._match_view(lv, leet_tokens, indirect, hits, quoted)
+                if len(hits) > before:
+                    tricks.add("leet")
+        if norm.has_single_letter_runs(tokens):
             spaced = norm.despace(n.text)
             if spaced is not None:
                 joined, runs = spaced
                 before = len(hits)
-                self._match_view(joined, set(joined.translate(norm._WORD_BREAK).split()), indirect, hits, quoted)
+                jv = self._vocab.view(joined)
+                self._match_view(jv, jv.found.keys(), indirect, hits, quoted)
                 for run in runs:
                     for sig in self._compact:
                         if sig.weight > hits.get(sig.id, 0.0) and sig.pattern.search(run):
@@ -215,23 +231,25 @@ class SignatureDetector(Detector):
             self._scan(n.smuggled, source, hits, tricks, quoted, depth + 1)
             if len(hits) > before:
                 tricks.add("smuggled")
-        if norm.long_tokens(n.tokens) or (len(raw) >= 16 and not n.tokens):
+        if v.long_word() or (len(raw) >= 16 and v.empty):
             for encoding, decoded in norm.decode_payloads(raw):
                 before = len(hits)
                 self._scan(decoded, source, hits, tricks, quoted, depth + 1)
                 if len(hits) > before:
                     tricks.add(encoding)
-        if "rot13" in n.tokens or "rot" in n.tokens or "caesar" in n.tokens or (not found_plain and len(raw) <= 600 and n.tokens):
+        if "rot13" in tokens or "rot" in tokens or "caesar" in tokens or (not found_plain and len(raw) <= 600 and not v.empty):
             # Without a cue, rot13 is only tried on short texts: a long document is not rot13.
             before = len(hits)
-            r = norm.rot13(n.text)
-            self._match_view(r, set(r.translate(norm._WORD_BREAK).split()), indirect, hits, quoted)
+            rv = self._vocab.view(norm.rot13(n.text))
+            self._match_view(rv, rv.found.keys(), indirect, hits, quoted)
             if len(hits) > before:
                 tricks.add("rot13")
 
     def _match_view(
-        self, text: str, tokens: frozenset[str] | set[str], indirect: bool, hits: dict[str, float], quoted: set[str]
+        self, view: norm.View, tokens: Collection[str], indirect: bool, hits: dict[str, float], quoted: set[str]
     ) -> None:
+        """Match the signatures on ``view.text``, whose tokens (as far as the vocabulary goes) are ``tokens``."""
+        text = view.text
         # signature id -> [record, the anchors (or literals) near which to look in a long text,
         # whether a literal (which needs no other anchor group) brought it in]
         candidates: dict[str, list[Any]] = {}
@@ -264,10 +282,13 @@ class SignatureDetector(Detector):
             return
         whole = len(text) <= _WHOLE_TEXT
         meta: bool | None = None
+        # where each lead word occurs: the vocabulary scan's offsets when they are exactly the
+        # matches of \bword\b, else (and for expressions that do not start with \b) _lead_re
+        found = view.positions if view.exact else {}
         positions: dict[str, list[int]] = {}
         needed: dict[str, bool] = {}
         lead_re = self._lead_re
-        for (sid, sig, w_tool, w_user, only_indirect, _lits, rest, needs, lead), near, by_literal in candidates.values():
+        for (sid, sig, w_tool, w_user, only_indirect, _lits, rest, needs, lead, bounded), near, by_literal in candidates.values():
             weight = w_tool if indirect else w_user
             if hits.get(sid, 0.0) >= weight:
                 continue
@@ -290,9 +311,11 @@ class SignatureDetector(Detector):
             m = None
             if lead:
                 for word in lead.intersection(tokens):
-                    at = positions.get(word)
+                    at = found.get(word) if bounded else None
                     if at is None:
-                        at = positions[word] = [p.start() for p in lead_re[word].finditer(text)]
+                        at = positions.get(word)
+                        if at is None:
+                            at = positions[word] = [p.start() for p in lead_re[word].finditer(text)]
                     match = sig.pattern.match
                     for i in at:
                         m = match(text, i)

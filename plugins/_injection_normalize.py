@@ -2,8 +2,9 @@
 
 Everything here is built once at import (translation tables, compiled patterns)
 and is linear in the length of the text. The common case, plain ASCII prose,
-takes the fast path: no Unicode work at all, one ``lower``, one ``translate``,
-one ``split``.
+takes the fast path: no Unicode work at all, one ``lower``; the detector's words
+are then found by :class:`Vocabulary`, one Aho-Corasick pass (``pyahocorasick``)
+over the text with its word breaks made spaces, instead of a set of every word.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import re
 import string
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Iterable
+
+import ahocorasick
 
 # Zero-width, joiners, soft hyphen, word joiner, invisible operators, BOM, Mongolian vowel
 # separator, Hangul fillers: all render as nothing and split a keyword for a naive matcher.
@@ -52,6 +56,7 @@ _FOLD_TABLE: dict[int, int | str | None] = {c: None for c in _INVISIBLE + _BIDI}
 _FOLD_TABLE.update({ord(k): v for k, v in _CONFUSABLES.items()})
 _FOLD_TABLE.update({ord(k): v for k, v in _QUOTES.items()})
 _CONFUSABLE_CODES = frozenset(ord(k) for k in _CONFUSABLES)
+_FEW_FOLDS = 8
 _INVISIBLE_CODES = frozenset(_INVISIBLE)
 _BIDI_CODES = frozenset(_BIDI)
 
@@ -75,6 +80,8 @@ _MAX_PAYLOAD = 65536
 _INSIDE_WORD = re.compile("[^\\W\\d_][" + "".join(chr(c) for c in _INVISIBLE) + "]+[^\\W\\d_]")
 # "a" and "i" are words; other lone letters in numbers are rare in prose
 _SINGLE_LETTERS = frozenset(string.ascii_lowercase) - {"a", "i"}
+#: the words the detector's scan asks about besides its signatures' anchors and lead words
+SCAN_WORDS = _SINGLE_LETTERS | {"rot13", "rot", "caesar"}
 
 
 @dataclass(slots=True)
@@ -83,12 +90,16 @@ class Normalised:
 
     #: NFKC, confusables folded, invisible and bidi characters removed, lower case
     text: str
-    #: the words of ``text`` (punctuation broken), as a set: the anchor prefilter
-    tokens: frozenset[str] | set[str]
     #: tricks seen: "invisible", "bidi", "confusable", "tags" (Unicode tag smuggling)
     tricks: set[str] = field(default_factory=set)
     #: text hidden in Unicode tag characters, decoded to ASCII
     smuggled: str = ""
+
+    @property
+    def tokens(self) -> set[str]:
+        """The words of ``text`` (punctuation broken), as a set. Built on demand: the
+        detector does not need it (it finds its own vocabulary with :class:`Vocabulary`)."""
+        return set(self.text.translate(_WORD_BREAK).split())
 
 
 def normalise(raw: str) -> Normalised:
@@ -98,7 +109,7 @@ def normalise(raw: str) -> Normalised:
     if raw.isascii():
         text = raw.lower()
     else:
-        codes = set(map(ord, raw))
+        codes = set(map(ord, set(raw)))  # the distinct characters first: half the cost
         if codes & _INVISIBLE_CODES and _INSIDE_WORD.search(raw):
             # joiners inside emoji sequences are normal; inside a word they split a keyword
             tricks.add("invisible")
@@ -115,9 +126,17 @@ def normalise(raw: str) -> Normalised:
         text = unicodedata.normalize("NFKC", raw)
         if codes & _CONFUSABLE_CODES and _mixed_script(text):
             tricks.add("confusable")
-        text = text.translate(_FOLD_TABLE).lower()
-    tokens = set(text.translate(_WORD_BREAK).split())
-    return Normalised(text, tokens, tricks, smuggled)
+        # NFKC can make a character to fold ("″" is "′′"): look again when it changed the text
+        fold = (codes if text == raw else set(map(ord, set(text)))).intersection(_FOLD_TABLE)
+        if len(fold) > _FEW_FOLDS:
+            text = text.translate(_FOLD_TABLE)
+        else:
+            # a few kinds (typographic quotes, say): one replace each, much cheaper than a
+            # look-up per character; the same result, as no folded character is folded again
+            for c in fold:
+                text = text.replace(chr(c), _FOLD_TABLE[c] or "")
+        text = text.lower()
+    return Normalised(text, tricks, smuggled)
 
 
 def _mixed_script(text: str) -> bool:
@@ -249,7 +268,234 @@ def _readable(text: str) -> bool:
     return printable / len(text) > 0.95 and letters / len(text) > 0.5 and spaces >= 1
 
 
+# -- the detector's words, found in one pass -------------------------------------------------
+#
+# A word of the text is a maximal run of characters that are neither whitespace (as
+# ``str.split`` sees it) nor punctuation other than '@' and '$' (``_WORD_BREAK``). With every
+# such break turned into a space and a space added at both ends, a word ``w`` occurs as a
+# word exactly where " w " occurs, so an Aho-Corasick automaton of " w " for each word of the
+# detector's vocabulary finds them all, with their offsets, in one pass in C: no list of
+# every word, no hashing.
+
+_PAD_BYTES = bytes(
+    32 if (chr(c) in string.punctuation and chr(c) not in "@$") or chr(c).isspace() else c for c in range(256)
+)
+# every character ``str.split`` breaks on (the highest is U+3000) and the punctuation
+_PAD_STR: dict[int, int | str | None] = dict(_WORD_BREAK)
+_PAD_STR.update({c: " " for c in range(0x3001) if chr(c).isspace()})
+_LEET_BYTES = bytes.maketrans(b"0134578@$9", b"oieastbasg")
+# a word of 16 or more characters: runs of 'x' in a mask of the padded bytes
+_LONG_MASK = bytes(32 if c == 32 else 120 for c in range(256))
+_LONG_RUN = b"x" * _LONG_TOKEN
+# a word with a leetspeak character and something other than digits shows in this mask of the
+# padded bytes as '@' (for '@' and '$') or as 'l' (a leetspeak digit) next to 'x' (any other
+# character of a word; 2 and 6 are deleted, so "a21" is "xl"); the search starts at the rare 'l'
+_LEET_MASK = bytes(
+    32 if c == 32 else 108 if chr(c) in "01345789" else 64 if chr(c) in "@$" else 120 for c in range(256)
+)
+_LEET_WORD = re.compile(rb"l(?:x|(?<=xl))")
+# up to this many words with '@' or '$' (e-mail addresses, prices) are looked at one by one
+_FEW = 48
+# characters around which a regular expression's \b and a word break disagree: '@' and '$'
+# (not a word character, not a break; class 2), '_' (a word character and a break) and the
+# control characters that are not whitespace (class 0). Without them (and in ASCII), a word
+# ``w`` of letters and digits occurs as a word at ``i`` exactly when ``\bw\b`` matches at
+# ``i``; in the leetspeak text '@' and '$' have become letters, so only class 0 counts there.
+_ODD_CLASS = bytes(
+    0 if (c < 32 and not chr(c).isspace()) or c == 127 or c == ord("_") else 2 if chr(c) in "@$" else 1 for c in range(256)
+)
+
+
+# the same for UTF-8 bytes: ASCII breaks only (a byte from 0x80 up is part of a character)
+_PAD_UTF8 = _PAD_BYTES[:128] + bytes(range(128, 256))
+# the whitespace beyond ASCII, in UTF-8: U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028,
+# U+2029, U+202F, U+205F, U+3000 (``_PAD_STR``'s); each becomes one space (one character)
+_UNICODE_SPACE = re.compile(rb"\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2(?:\x80[\x80-\x8a\xa8\xa9\xaf]|\x81\x9f)|\xe3\x80\x80")
+
+
+def _pad_unicode(text: str) -> str:
+    """``" " + text.translate(_PAD_STR) + " "``, without a dictionary look-up per character."""
+    data = text.encode("utf-8", "surrogatepass")
+    if _UNICODE_SPACE.search(data):
+        data = _UNICODE_SPACE.sub(b" ", data)
+    return " " + data.translate(_PAD_UTF8).decode("utf-8", "surrogatepass") + " "
+
+
+class View:
+    """One text as the detector's vocabulary sees it: which of its words occur as words, and where."""
+
+    __slots__ = ("text", "padded", "found", "exact", "positions", "_bytes")
+
+    def __init__(self, text: str, padded: str, found: dict[str, list[int]], exact: bool, padded_bytes: bytes | None) -> None:
+        self.text = text
+        #: ``text`` with every word break a space, a space at both ends
+        self.padded = padded
+        #: each vocabulary word that occurs as a word -> the offsets in ``text`` where it does
+        self.found = found
+        #: ``positions`` are exactly where ``\bword\b`` matches (ASCII text without odd characters)
+        self.exact = exact
+        #: each vocabulary word that occurs as a word -> where ``\bword\b`` matches, when ``exact``:
+        #: ``found``, plus the pieces between '@' and '$' inside words
+        self.positions = found
+        self._bytes = padded_bytes
+
+    @property
+    def empty(self) -> bool:
+        """The text has no word at all."""
+        return self.padded.isspace()
+
+    def long_word(self) -> bool:
+        """The text has a word of at least 16 characters (a possible encoded payload)."""
+        if self._bytes is not None:
+            return _LONG_RUN in self._bytes.translate(_LONG_MASK)
+        # a character is at least one byte of UTF-8: no run of 16 bytes, no word of 16 characters
+        if _LONG_RUN not in self.padded.encode("utf-8", "surrogatepass").translate(_LONG_MASK):
+            return False
+        return max(map(len, self.padded.split())) >= _LONG_TOKEN
+
+
+class Vocabulary:
+    """The words a detector looks for, found as whole words by one Aho-Corasick automaton.
+
+    Built once per detector (off the request path); ``view`` is thread-safe (the
+    automaton is only read).
+    """
+
+    def __init__(self, words: Iterable[str]) -> None:
+        self.words = frozenset(words)
+        for w in self.words:
+            if not w or w != w.translate(_PAD_STR) or w != w.lower():
+                raise ValueError(f"not a lower-case word: {w!r}")
+        automaton = ahocorasick.Automaton()
+        for w in self.words:
+            automaton.add_word(f" {w} ", (w, len(w) + 1))
+        automaton.make_automaton()
+        self._iter = automaton.iter
+        self._leet_spelt = frozenset(w for w in self.words if w != leet(w))
+
+    def view(self, text: str) -> View:
+        if text.isascii():
+            raw = text.encode("ascii")
+            pb = b" " + raw.translate(_PAD_BYTES) + b" "
+            padded = pb.decode("ascii")
+            odd = raw.translate(_ODD_CLASS)
+            return View(text, padded, self._scan(padded), 0 not in odd and 2 not in odd, pb)
+        padded = _pad_unicode(text)
+        return View(text, padded, self._scan(padded), False, None)
+
+    def views(self, text: str) -> tuple[View, View | None, set[str]]:
+        """The view of ``text`` and, when a word of it reads differently in leetspeak, the
+        view of ``leet(text)`` and the vocabulary words among the leetspeak view's tokens:
+        the plain ones and those the words mixing letters with leetspeak characters read as
+        (``leet_tokens``; a word of digits alone does not count).
+
+        ASCII text where no word mixes a leetspeak character with other characters (numbers
+        alone do not count), or where only a few words hold '@' or '$', takes one pass over the
+        text. Otherwise one pass over the leetspeak text finds both: a word found there is a
+        plain one where the text itself spells it (a word keeps its place under ``leet``)."""
+        if not may_be_leet(text):
+            return self.view(text), None, set()
+        if not text.isascii():
+            plain = self.view(text)
+            lpadded = plain.padded.translate(_LEET)
+            lfound = self._scan(lpadded)
+            words = set(plain.found)
+            for w, at in lfound.items():
+                if w not in words:
+                    n = len(w)
+                    for i in at:
+                        if not text[i:i + n].isdigit():
+                            words.add(w)
+                            break
+            return plain, View(leet(text), lpadded, lfound, False, None), words
+        raw = text.encode("ascii")
+        pb = b" " + raw.translate(_PAD_BYTES) + b" "
+        mask = pb.translate(_LEET_MASK, b"26")
+        if _LEET_WORD.search(mask) is None and (b"@" not in mask or raw.count(b"@") + raw.count(b"$") <= _FEW):
+            # no word holds a leetspeak digit and a character other than digits, '@' and '$'
+            padded = pb.decode("ascii")
+            odd = raw.translate(_ODD_CLASS)
+            plain = View(text, padded, self._scan(padded), 0 not in odd and 2 not in odd, pb)
+            if b"@" not in mask:
+                # every word reads the same in leetspeak, or is a number (which does not count)
+                return plain, None, set()
+            # the words that can read differently all hold '@' or '$' (e-mail addresses, say),
+            # and there are few: look at each; the leetspeak view matters only if one of them
+            # reads as a word of the vocabulary that is not already one of the text's words
+            new = False
+            starts: set[int] = set()
+            inner: dict[str, list[int]] = {}
+            for c in b"@$":
+                i = raw.find(c)
+                while i != -1 and not new:
+                    # the word around it (offset i in raw is i + 1 in the padded bytes)
+                    s = pb.rfind(b" ", 0, i + 1) + 1
+                    if s not in starts:
+                        starts.add(s)
+                        word = pb[s:pb.find(b" ", i + 1)]
+                        read = word.translate(_LEET_BYTES).decode("ascii")
+                        new = read in self.words and read not in plain.found
+                        # '@' and '$' are not word characters for \b: the pieces between
+                        # them are where ``\bw\b`` matches inside this word
+                        at = s - 1
+                        for piece in word.replace(b"$", b"@").split(b"@"):
+                            if piece:
+                                w = piece.decode("ascii")
+                                if w in self.words:
+                                    inner.setdefault(w, []).append(at)
+                            at += len(piece) + 1
+                    i = raw.find(c, i + 1)
+            if not new:
+                if 0 not in odd:
+                    plain.exact = True
+                    if inner:
+                        found = plain.found
+                        plain.positions = {**found, **{w: sorted(found.get(w, []) + at) for w, at in inner.items()}}
+                return plain, None, set()
+        lpb = pb.translate(_LEET_BYTES)
+        lpadded = lpb.decode("ascii")
+        lfound = self._scan(lpadded)
+        found: dict[str, list[int]] = {}
+        words = set()
+        startswith = text.startswith
+        for w, at in lfound.items():
+            same = [i for i in at if startswith(w, i)]
+            if same:
+                found[w] = same
+                words.add(w)
+            else:
+                n = len(w)
+                for i in at:
+                    if not text[i:i + n].isdigit():
+                        words.add(w)
+                        break
+        padded = pb.decode("ascii")
+        for w in self._leet_spelt:
+            # words the leetspeak text cannot hold (they have a leetspeak character themselves)
+            key = f" {w} "
+            i = padded.find(key)
+            while i != -1:
+                found.setdefault(w, []).append(i)
+                i = padded.find(key, i + len(w) + 1)
+        words.update(self._leet_spelt.intersection(found))
+        odd = raw.translate(_ODD_CLASS)
+        plain = View(text, padded, found, 0 not in odd and 2 not in odd, pb)
+        if words.issubset(found):
+            return plain, None, set()
+        return plain, View(leet(text), lpadded, lfound, 0 not in odd, lpb), words
+
+    def _scan(self, padded: str) -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        for end, (w, back) in self._iter(padded):
+            at = found.get(w)
+            if at is None:
+                found[w] = [end - back]
+            else:
+                at.append(end - back)
+        return found
+
+
 __all__ = [
     "Normalised", "normalise", "leet", "leet_tokens", "may_be_leet", "despace", "has_single_letter_runs", "rot13",
-    "long_tokens", "decode_payloads",
+    "long_tokens", "decode_payloads", "View", "Vocabulary",
 ]
