@@ -48,7 +48,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -168,21 +167,9 @@ class ProfiledSluice(SluiceProcess):
         super().__init__(config, tmp, env=PLUGIN_ENV)
         self.prof = prof
 
-    async def start(self) -> SluiceProcess:
-        ready = self.tmp / "ready.json"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "noop_plugins.py"), "-c", str(self.config_path),
-             "--ready-file", str(ready), "--profile", str(self.prof)],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        async with asyncio.timeout(self.timeout):
-            while not ready.exists():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"sluice exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
-                await asyncio.sleep(0.02)  # polling a file the child writes; no event to wait on across processes
-        self.info = json.loads(ready.read_text())
-        return self
+    def command(self, ready: Path) -> list[str]:
+        return [sys.executable, str(ROOT / "benchmarks" / "noop_plugins.py"), "-c", str(self.config_path),
+                "--ready-file", str(ready), "--profile", str(self.prof)]
 
 
 async def new_key(http: aiohttp.ClientSession, proc: SluiceProcess) -> str:

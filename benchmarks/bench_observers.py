@@ -261,24 +261,7 @@ class TreeProcess(SluiceProcess):
 
     def __init__(self, config: dict[str, Any], tmp: Path, tree: Path) -> None:
         super().__init__(config, tmp)
-        self.tree = tree
-
-    async def start(self) -> SluiceProcess:
-        import subprocess
-
-        ready = self.tmp / "ready.json"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "-c", str(self.config_path), "--ready-file", str(ready)],
-            env=self.env, cwd=self.tree, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        async with asyncio.timeout(self.timeout):
-            while not ready.exists():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"sluice exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
-                await asyncio.sleep(0.02)  # polling a file the child writes; no event to wait on across processes
-        self.info = json.loads(ready.read_text())
-        return self
+        self.cwd = tree
 
 
 @hookimpl
@@ -508,22 +491,8 @@ class InstrumentedProcess(SluiceProcess):
         super().__init__(config, tmp, env=PLUGIN_ENV)
         self.out = tmp / "insitu.json"
 
-    async def start(self) -> SluiceProcess:
-        import subprocess
-
-        ready = self.tmp / "ready.json"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-instrumented", str(self.config_path), str(ready), str(self.out)],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        async with asyncio.timeout(self.timeout):
-            while not ready.exists():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"sluice exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
-                await asyncio.sleep(0.02)  # polling a file the child writes; no event to wait on across processes
-        self.info = json.loads(ready.read_text())
-        return self
+    def command(self, ready: Path) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--serve-instrumented", str(self.config_path), str(ready), str(self.out)]
 
 
 async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -> dict[str, Any]:

@@ -223,13 +223,20 @@ class SluiceProcess:
     def logs(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    #: the working directory of the child (``None``: this process's)
+    cwd: Path | None = None
+
+    def command(self, ready: Path) -> list[str]:
+        """The child's argv: ``sluice serve`` on the config, writing ``ready`` once listening.
+
+        Override to serve through another entry point (a profiler, another source tree).
+        """
+        return [sys.executable, "-m", "proxy.cli", "serve", "-c", str(self.config_path), "--ready-file", str(ready)]
+
     async def start(self) -> SluiceProcess:
         ready = self.tmp / f"ready-{os.urandom(4).hex()}.json"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "-c", str(self.config_path), "--ready-file", str(ready)],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
+        self.proc = subprocess.Popen(self.command(ready), env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT)
         async with asyncio.timeout(self.timeout):
             while not ready.exists():
                 if self.proc.poll() is not None:
