@@ -342,6 +342,12 @@ async def aiter_events(events: Any) -> AsyncIterator[Event]:
             yield ev
 
 
+def _done_failed(ctx: Context, plugin: Plugin, exc: Exception) -> None:
+    """An on_done failure is counted and logged, never raised to anyone."""
+    ctx.runtime.on_plugin_error(plugin.id, "on_done")
+    log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
+
+
 def run_done_sync(ctx: Context, route: CompiledRoute) -> None:
     """``run_done`` for a route whose on_done hooks are all plain functions (``done_inline``)."""
     timed = route.timed
@@ -350,8 +356,7 @@ def run_done_sync(ctx: Context, route: CompiledRoute) -> None:
         try:
             fn(ctx)
         except Exception as exc:
-            ctx.runtime.on_plugin_error(plugin.id, "on_done")
-            log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
+            _done_failed(ctx, plugin, exc)
         finally:
             if t0:
                 _record(ctx, key, t0)
@@ -366,8 +371,7 @@ async def run_done(ctx: Context, route: CompiledRoute) -> None:
             if is_async:
                 await r
         except Exception as exc:
-            ctx.runtime.on_plugin_error(plugin.id, "on_done")
-            log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
+            _done_failed(ctx, plugin, exc)
         finally:
             if t0:
                 _record(ctx, key, t0)
