@@ -695,11 +695,14 @@ class RateLimit(Plugin):
             return res.prompt_tokens + estimate_completion_tokens_from_response(ctx.response.json)
         return res.tokens  # nothing to go by: the reservation stands
 
-    @hookimpl
-    async def on_done(self, ctx: Context) -> None:
+    def _settlement(self, ctx: Context) -> tuple[list[Limit], Reservation] | None:
+        """What a finished request gives back: token corrections and its leases (None: nothing).
+
+        Marks the reservation released, so it is settled once whichever path runs.
+        """
         res = ctx.stash.get(RESERVATION)
         if res is None or res.released:
-            return
+            return None
         res.released = True
         adjust: list[Limit] = []
         if res.token_limits:
@@ -709,7 +712,15 @@ class RateLimit(Plugin):
             if delta:
                 adjust = [Limit(lim.key, lim.limit, lim.period_s, float(delta)) for lim in res.token_limits]
         if not adjust and not res.leases:
+            return None
+        return adjust, res
+
+    @hookimpl
+    async def on_done(self, ctx: Context) -> None:
+        settlement = self._settlement(ctx)
+        if settlement is None:
             return
+        adjust, res = settlement
         if self._carry:
             self._pend_adjust.extend(adjust)
             self._pend_release.extend(res.leases)
@@ -735,19 +746,10 @@ class RateLimit(Plugin):
         """``on_done`` when settlements ride on admissions (Redis, ``settle_delay_ms`` > 0): it only
         queues the settlement in the process, so a plain function (the core runs it inline, with
         no background task per request); the send is a task of its own."""
-        res = ctx.stash.get(RESERVATION)
-        if res is None or res.released:
+        settlement = self._settlement(ctx)
+        if settlement is None:
             return
-        res.released = True
-        adjust: list[Limit] = []
-        if res.token_limits:
-            delta = self.actual_tokens(ctx, res) - res.tokens
-            if delta > 0:
-                self.metrics.count_overrun(delta)
-            if delta:
-                adjust = [Limit(lim.key, lim.limit, lim.period_s, float(delta)) for lim in res.token_limits]
-        if not adjust and not res.leases:
-            return
+        adjust, res = settlement
         self._pend_adjust.extend(adjust)
         self._pend_release.extend(res.leases)
         if len(self._pend_adjust) + len(self._pend_release) >= PENDING_MAX:
