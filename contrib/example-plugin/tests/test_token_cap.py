@@ -56,7 +56,7 @@ async def test_end_to_end(tmp_path):
             "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"token_cap": {"max_tokens": 3}}]}],
         }
         async with SluiceServer(cfg, tmp_path) as s:
-            client = openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0)
-            r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b c d e"}], max_tokens=100)
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+                r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b c d e"}], max_tokens=100)
             assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
             assert up.requests[-1].json["max_tokens"] == 3
