@@ -23,6 +23,7 @@ end of every request instead, so a scrape of any worker sees every finished requ
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -89,7 +90,7 @@ class LabelLimiter:
         return OTHER
 
 
-class _Acc:
+class _Acc(ABC):
     """What one labelled series accumulated since it was last applied to its Prometheus child.
 
     The child is made (``family.labels(...)``) when something is first applied, so a
@@ -115,8 +116,9 @@ class _Acc:
         self.dirty = True
         self.owner.dirty.append(self)
 
+    @abstractmethod
     def apply(self) -> None:
-        raise NotImplementedError
+        """Hand what accumulated to the Prometheus child and start again from nothing."""
 
 
 class CounterAcc(_Acc):
