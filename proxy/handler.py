@@ -161,18 +161,10 @@ class Handler:
                     resp = self._buffered(ctx)
                     return resp
                 except TimeoutError:
-                    att.error = "timeout"
-                    ctx.outcome = "upstream_error"
-                    ctx.error = "The upstream did not finish its answer in time."
-                    ctx.status = 504
-                    resp = error_response(504, ctx.error, ctx.request_id, code="upstream_timeout")
+                    resp = _upstream_broke(ctx, att, "timeout", 504, "The upstream did not finish its answer in time.", "upstream_timeout")
                     return resp
                 except CONNECT_ERRORS:
-                    att.error = "protocol"
-                    ctx.outcome = "upstream_error"
-                    ctx.error = "The upstream broke the connection."
-                    ctx.status = 502
-                    resp = error_response(502, ctx.error, ctx.request_id, code="upstream_disconnected")
+                    resp = _upstream_broke(ctx, att, "protocol", 502, "The upstream broke the connection.", "upstream_disconnected")
                     return resp
                 finally:
                     up.outstanding -= 1
@@ -433,6 +425,15 @@ def _last_boundary(buf: bytearray) -> int:
     if j != -1 and j + 4 > i + 2:
         return j + 4
     return i + 2 if i != -1 else 0
+
+
+def _upstream_broke(ctx: Context, att: Attempt, kind: str, status: int, message: str, code: str) -> web.Response:
+    """The upstream failed while a buffered answer was being read: record it, answer with the error."""
+    att.error = kind
+    ctx.outcome = "upstream_error"
+    ctx.error = message
+    ctx.status = status
+    return error_response(status, message, ctx.request_id, code=code)
 
 
 async def _send(request: web.BaseRequest, resp: web.StreamResponse, ctx: Context) -> None:
