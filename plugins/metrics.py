@@ -59,6 +59,25 @@ def operation_name(ctx: Context) -> str:
     return OTHER
 
 
+class OperationNames:
+    """:func:`operation_name`, remembered per route prefix and path (bounded: paths are client text)."""
+
+    __slots__ = ("_ops",)
+
+    def __init__(self) -> None:
+        self._ops: dict[tuple[str, str], str] = {}
+
+    def __call__(self, ctx: Context) -> str:
+        route = ctx.route
+        key = (route.prefix if route is not None else "/", ctx.path)  # what ctx.endpoint depends on
+        op = self._ops.get(key)
+        if op is None:
+            op = operation_name(ctx)
+            if len(self._ops) < 4096:
+                self._ops[key] = op
+        return op
+
+
 def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "none"
 
@@ -217,7 +236,8 @@ class Families:
         self.eager = multiprocess_mode()
         self._accs: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._series: dict[tuple[Any, ...], Series] = {}
-        self._ops: dict[tuple[str, str], str] = {}
+        #: the GenAI operation of a request, remembered per route and path
+        self.operation = OperationNames()
         self._timing: dict[tuple[str, str], HistogramAcc] = {}
         registry.register(_ApplyOnRead(self))
         self.requests = Counter(
@@ -323,17 +343,6 @@ class Families:
             self.dirty = []
             for a in dirty:
                 a.apply()
-
-    def operation(self, ctx: Context) -> str:
-        """:func:`operation_name`, remembered per route and path (a bounded cache: paths are client text)."""
-        route = ctx.route
-        key = (route.prefix if route is not None else "/", ctx.path)  # what ctx.endpoint depends on
-        op = self._ops.get(key)
-        if op is None:
-            op = operation_name(ctx)
-            if len(self._ops) < 4096:
-                self._ops[key] = op
-        return op
 
     def series(self, route: str, model: str, status: int | None, outcome: str, op: str, upstream: str | None) -> Series:
         """The accumulators a request of this kind adds to (every label here is bounded)."""

@@ -44,7 +44,7 @@ from ._otel import (
     server_address,
     truncate,
 )
-from .metrics import operation_name, route_name
+from .metrics import OperationNames, route_name
 
 
 TRACE: StashKey[tuple[int, int, int | None, bool]] = StashKey("tracing.trace")  # trace id, span id, parent id, sampled
@@ -115,7 +115,7 @@ class Tracing(Plugin):
         self._servers: dict[str, tuple[str | None, int | None, str]] = {}
         self._otel: Any = None
         self._unset: Any = None
-        self._ops: dict[tuple[str, str], str] = {}
+        self._operation = OperationNames()
         if not config.capture_content:
             # on_response only keeps the completion for capture_content: without it, no hook at all,
             # so a route whose other plugins have none skips the response phase (the chain builds
@@ -211,17 +211,6 @@ class Tracing(Plugin):
             self._record(ctx, trace)
 
     # -- spans --------------------------------------------------------------------------
-    def _operation(self, ctx: Context) -> str:
-        """:func:`operation_name`, remembered per route prefix and path (bounded: paths are client text)."""
-        route = ctx.route
-        key = (route.prefix if route is not None else "/", ctx.path)
-        op = self._ops.get(key)
-        if op is None:
-            op = operation_name(ctx)
-            if len(self._ops) < 4096:
-                self._ops[key] = op
-        return op
-
     def _record(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> None:
         ReadableSpan, SpanContext, SpanKind, Status, StatusCode, sampled_flags, TraceState = self._otel
         trace_id, span_id, parent_id, _ = trace
