@@ -507,7 +507,7 @@ class RateLimit(Plugin):
             # refused (nothing was taken): the full step says which limit and for how long
             # (or admits, if a bucket refilled in between: a plan's buckets are distinct)
             limits, token_limits = self._limits(plan, tokens)
-            decision, held = counters.admit_now(limits, plan.leases, None, True)  # type: ignore[union-attr]
+            decision, held = counters.admit_now(limits, plan.leases)  # type: ignore[union-attr]
             self._admitted(ctx, plan, decision, held, token_limits, tokens, prompt)
             return
         figures, taken = got

@@ -74,32 +74,13 @@ class MemoryCounters(Counters):
         for k in [k for k, held in self._leases.items() if all(e <= now for e in held.values())]:
             del self._leases[k]
 
-    def _acquire(self, limits: Sequence[Limit], now: float, distinct: bool = False) -> Decision:
+    def _acquire(self, limits: Sequence[Limit], now: float) -> Decision:
         self._ops += 1
         if self._ops >= self._next_sweep:
             self._sweep(now)
         tats = self._tat
-        if distinct:
-            # no bucket twice (the caller knows): no pending map, write once all passed
-            new: list[float] = []
-            statuses: list[LimitStatus] = []
-            for lim in limits:
-                # gcra_check, inline: this runs for every limit of every request
-                tat = tats.get(lim.key, 0.0)
-                period = lim.period_s
-                interval = period / lim.limit
-                new_tat = (tat if tat > now else now) + lim.cost * interval
-                used = new_tat - now
-                if used > period + EPSILON_S:
-                    return self._refusal(limits, now)
-                new.append(new_tat)
-                remaining = (period - used) / interval
-                statuses.append(LimitStatus(lim, remaining if remaining > 0.0 else 0.0, used))
-            for lim, new_tat in zip(limits, new):
-                tats[lim.key] = new_tat
-            return Decision(True, 0.0, tuple(statuses), None)
         pending: dict[str, float] = {}
-        statuses = []
+        statuses: list[LimitStatus] = []
         for lim in limits:
             key = lim.key
             tat = pending[key] if key in pending else tats.get(key, 0.0)
@@ -188,15 +169,13 @@ class MemoryCounters(Counters):
         limits: Sequence[Limit],
         leases: Sequence[tuple[str, int, float]],
         settle: tuple[Sequence[Limit], Sequence[tuple[str, str]]] | None = None,
-        distinct: bool = False,
     ) -> tuple[Decision, list[str]]:
         """``acquire(limits)`` and a lease on every ``(key, limit, ttl_s)``, all or nothing.
 
         ``settle`` (adjustments, releases) is applied first, whatever the decision. A
         full lease set refuses with ``refused = Limit(key, limit, ttl_s, 1)`` and a
         retry of one second (when a slot frees is unknowable). Returns the decision
-        and, when admitted, the lease tokens in order. ``distinct=True`` promises that
-        no key appears twice in ``limits`` (a shortcut; the result is the same).
+        and, when admitted, the lease tokens in order.
         """
         if settle:
             self.settle_now(*settle)
@@ -204,7 +183,7 @@ class MemoryCounters(Counters):
         for key, limit, ttl_s in leases:
             if not self._has_slot(key, limit, now):
                 return Decision(False, 1.0, (), Limit(key, limit, ttl_s, 1.0)), []
-        decision = self._acquire(limits, now, distinct) if limits else _ALLOWED
+        decision = self._acquire(limits, now) if limits else _ALLOWED
         if not decision.allowed:
             return decision, []
         if not leases:
