@@ -221,6 +221,23 @@ def format_duration(seconds: float) -> str:
     return s_txt
 
 
+def rate_headers(
+    r_text: str | None, r_left: float, r_reset: float, t_text: str | None, t_left: float, t_reset: float
+) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for the tightest request and token limits (text None: no such limit)."""
+    out: dict[str, str] = {}
+    # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
+    if r_text is not None:
+        out[_H_LIMIT_REQUESTS] = r_text
+        out[_H_REMAINING_REQUESTS] = str(max(0, int(r_left + 0.01)))
+        out[_H_RESET_REQUESTS] = format_duration(r_reset)
+    if t_text is not None:
+        out[_H_LIMIT_TOKENS] = t_text
+        out[_H_REMAINING_TOKENS] = str(max(0, int(t_left + 0.01)))
+        out[_H_RESET_TOKENS] = format_duration(t_reset)
+    return out
+
+
 #: (requests per minute, tokens per minute, concurrency), each None when not limited
 Triple = tuple["int | None", "int | None", "int | None"]
 
@@ -519,7 +536,7 @@ class RateLimit(Plugin):
         ctx.stash[RESERVATION] = Reservation(tokens, prompt, [], taken, False, plan.token_buckets)
         if not self._headers_on:
             return
-        # the headers (as _header_pairs): the tightest limit of each kind, the fewest units left
+        # the headers (as _plan_headers, from the figures): the tightest limit of each kind, the fewest units left
         r = t = -1
         r_left = t_left = 0.0
         i = 0
@@ -533,33 +550,11 @@ class RateLimit(Plugin):
             elif r < 0 or left < r_left:
                 r, r_left = i, left
             i += 3
-        # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
         text = plan.limit_text
-        if r >= 0 and t >= 0:
-            r_reset, t_reset = figures[r + 1], figures[t + 1]
-            r_ms, t_ms = math.ceil(r_reset * 1000), math.ceil(t_reset * 1000)
-            ctx.response_headers.update({
-                _H_LIMIT_REQUESTS: text[r // 3],
-                _H_REMAINING_REQUESTS: str(int(r_left + 0.01)),
-                _H_RESET_REQUESTS: _MS_TEXT[r_ms] if 0 < r_ms < 1000 else format_duration(r_reset),
-                _H_LIMIT_TOKENS: text[t // 3],
-                _H_REMAINING_TOKENS: str(int(t_left + 0.01)),
-                _H_RESET_TOKENS: _MS_TEXT[t_ms] if 0 < t_ms < 1000 else format_duration(t_reset),
-            })
-        elif r >= 0:
-            reset = figures[r + 1]
-            ctx.response_headers.update({
-                _H_LIMIT_REQUESTS: text[r // 3],
-                _H_REMAINING_REQUESTS: str(int(r_left + 0.01)),
-                _H_RESET_REQUESTS: format_duration(reset),
-            })
-        elif t >= 0:
-            reset = figures[t + 1]
-            ctx.response_headers.update({
-                _H_LIMIT_TOKENS: text[t // 3],
-                _H_REMAINING_TOKENS: str(int(t_left + 0.01)),
-                _H_RESET_TOKENS: format_duration(reset),
-            })
+        ctx.response_headers.update(rate_headers(
+            text[r // 3] if r >= 0 else None, r_left, figures[r + 1] if r >= 0 else 0.0,
+            text[t // 3] if t >= 0 else None, t_left, figures[t + 1] if t >= 0 else 0.0,
+        ))
 
     def _admitted(self, ctx: Context, plan: Plan, decision: Decision, held: list[str], token_limits: list[Limit],
                   tokens: int, prompt: int) -> None:
@@ -570,10 +565,10 @@ class RateLimit(Plugin):
         ctx.stash[RESERVATION] = Reservation(tokens, prompt, token_limits, list(zip(plan.lease_keys, held)) if held else [],
                                              False, plan.token_buckets)
         if self.config.headers and decision.statuses:
-            ctx.response_headers.update(self._header_pairs(plan, decision.statuses))
+            ctx.response_headers.update(self._plan_headers(plan, decision.statuses))
 
     @staticmethod
-    def _header_pairs(plan: Plan, statuses: tuple[LimitStatus, ...]) -> list[tuple[str, str]]:
+    def _plan_headers(plan: Plan, statuses: tuple[LimitStatus, ...]) -> dict[str, str]:
         """OpenAI's headers for the tightest limit of each kind (the fewest units left); statuses follow the plan."""
         r = t = -1
         r_left = t_left = 0.0
@@ -585,17 +580,11 @@ class RateLimit(Plugin):
                     t, t_left = i, left
             elif r < 0 or left < r_left:
                 r, r_left = i, left
-        out = []
-        # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
-        if r >= 0:
-            out += ((_H_LIMIT_REQUESTS, plan.limit_text[r]),
-                    (_H_REMAINING_REQUESTS, str(max(0, int(r_left + 0.01)))),
-                    (_H_RESET_REQUESTS, format_duration(statuses[r].reset_s)))
-        if t >= 0:
-            out += ((_H_LIMIT_TOKENS, plan.limit_text[t]),
-                    (_H_REMAINING_TOKENS, str(max(0, int(t_left + 0.01)))),
-                    (_H_RESET_TOKENS, format_duration(statuses[t].reset_s)))
-        return out
+        text = plan.limit_text
+        return rate_headers(
+            text[r] if r >= 0 else None, r_left, statuses[r].reset_s if r >= 0 else 0.0,
+            text[t] if t >= 0 else None, t_left, statuses[t].reset_s if t >= 0 else 0.0,
+        )
 
     async def _admit(
         self, limits: list[Limit], leases: list[tuple[str, int, float]],
@@ -658,13 +647,11 @@ class RateLimit(Plugin):
             cur = best.get(kind)
             if cur is None or st.remaining < cur.remaining:
                 best[kind] = st
-        out: dict[str, str] = {}
-        for kind, st in best.items():
-            out["x-ratelimit-limit-" + kind] = str(int(st.limit.limit))
-            # epoch-sized timestamps leave float noise of a fraction of a unit: round it away
-            out["x-ratelimit-remaining-" + kind] = str(max(0, int(st.remaining + 0.01)))
-            out["x-ratelimit-reset-" + kind] = format_duration(st.reset_s)
-        return out
+        r, t = best.get("requests"), best.get("tokens")
+        return rate_headers(
+            str(int(r.limit.limit)) if r is not None else None, r.remaining if r is not None else 0.0, r.reset_s if r is not None else 0.0,
+            str(int(t.limit.limit)) if t is not None else None, t.remaining if t is not None else 0.0, t.reset_s if t is not None else 0.0,
+        )
 
     async def _release(self, leases: list[tuple[str, str]]) -> None:
         if not leases or self.counters is None:
