@@ -186,8 +186,6 @@ class MemoryCounters(Counters):
         decision = self._acquire(limits, now) if limits else _ALLOWED
         if not decision.allowed:
             return decision, []
-        if not leases:
-            return decision, []
         return decision, [self._take_slot(key, ttl_s, now) for key, _, ttl_s in leases]
 
     def take_now(
@@ -229,16 +227,7 @@ class MemoryCounters(Counters):
         for bucket in buckets:
             tats[bucket[0]] = out[i]
             i += 3
-        taken: list[tuple[str, str]] = []
-        for key, _, ttl_s in leases:
-            token = f"{next(self._tokens):x}"
-            held = held_by_key.get(key)
-            if held is None:
-                held_by_key[key] = {token: now + ttl_s}
-            else:
-                held[token] = now + ttl_s
-            taken.append((key, token))
-        return out, taken
+        return out, [(key, self._take_slot(key, ttl_s, now)) for key, _, ttl_s in leases]
 
     def give_back_now(self, buckets: Sequence[tuple[str, float, float, bool]], cost: float,
                       releases: Sequence[tuple[str, str]]) -> None:
