@@ -52,12 +52,13 @@ def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
     return out
 
 
-def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
-
-
 def _valid(v: Any) -> bool:
+    """A token count as OpenAI sends one: a non-negative integer (not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _int(v: Any) -> int:
+    return v if _valid(v) else 0
 
 
 def usage_from(obj: Any) -> Usage | None:
