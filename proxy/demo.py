@@ -104,6 +104,9 @@ class DemoUpstream:
         self.reply_text: str | None = None
         #: events per SSE write: >1 merges several tokens into one network chunk, as vLLM does under load
         self.events_per_write = 1
+        #: cut every SSE write into writes of at most this many bytes (events split mid-way),
+        #: ``token_delay`` apart so that they arrive as separate reads
+        self.piece_bytes: int | None = None
         self.record = record
         self.requests: list[Seen] = []
         self.stats = Counters()
@@ -241,7 +244,14 @@ class DemoUpstream:
                 if self.stall_after is not None and sent >= self.stall_after:
                     await asyncio.Event().wait()  # held open until the client gives up
                 batch = events[i : i + step]
-                await resp.write(b"".join(batch))
+                data = b"".join(batch)
+                if self.piece_bytes:
+                    for j in range(0, len(data), self.piece_bytes):
+                        if j and self.token_delay:
+                            await asyncio.sleep(self.token_delay)
+                        await resp.write(data[j : j + self.piece_bytes])
+                else:
+                    await resp.write(data)
                 sent += len(batch)
                 if self.token_delay and i + step < len(events):
                     await asyncio.sleep(self.token_delay)

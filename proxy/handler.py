@@ -9,7 +9,6 @@ import time
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from . import chain as ch
@@ -18,12 +17,11 @@ from .errors import ProxyError, error_body
 from .openai import (
     STREAM_USAGE_ENDPOINTS,
     ensure_stream_usage,
-    is_usage_only_chunk,
     request_headers,
     response_headers,
-    usage_from,
 )
-from .sse import DONE, Event, Parser, find_boundary, parse_block
+from .relay import RawRelay, attach, detach, direct_transport, tap_block, tap_event
+from .sse import DONE, Event, Parser
 from .timers import Alarm, Watchdog
 from .upstream import CONNECT_ERRORS, Upstream
 
@@ -283,47 +281,33 @@ class Handler:
         loop = asyncio.get_running_loop()
         deadline = self._deadline(att, up, loop)
         parse = route.parse_stream
-        wants_usage = route.wants_usage
         pipeline = ch.ChunkPipeline(ctx, route) if parse else None
         parser = Parser() if parse else None
-        buf = bytearray()
-        saw_done = False
-        # after the first write (which carries the headers), blocks go to the transport
-        # directly while it keeps up; aiohttp's writer (and its drain) takes over when not
-        direct = _Direct()
         ctx.outcome = "upstream_error"  # until the stream completes
         dog = Watchdog(loop, idle, deadline, request.task)
+        # after the first write (which carries the headers), blocks go to the transport
+        # directly while it keeps up; aiohttp's writer (and its drain) takes over when not
+        relay = RawRelay(ctx, route.wants_usage, injected, dog, loop)
+        tapped = parser is None and attach(content, relay)
         try:
             while True:
                 dog.last = loop.time()  # only the wait on the upstream counts as idle
+                relay.waiting = tapped
                 chunk = await content.readany()
+                relay.waiting = False
                 if not chunk:
                     break
                 if parser is None:
-                    if not buf and chunk.endswith(b"\n\n"):
-                        block = chunk  # the common case: whole events, no copy
-                    else:
-                        buf += chunk
-                        cut = _last_boundary(buf)
-                        block = bytes(buf[:cut]) if cut else b""
-                        del buf[:cut]
-                    if block:
-                        if b"[DONE]" in block:
-                            saw_done = True
-                        if wants_usage and b'"usage"' in block:
-                            block = self._tap_block(ctx, block, injected)
-                        if block:
-                            ctx.stream_bytes += len(block)
-                            ctx.stream_events += block.count(b"\n\n") or block.count(b"\r\r")
-                            if not direct.send(block):
-                                await out.write(block)
-                                direct.transport = _direct_transport(request, out)
+                    block = relay.block(chunk)
+                    if block and not relay.send(block):
+                        await out.write(block)
+                        relay.transport = direct_transport(request, out)
                 else:
                     events = []
                     for ev in parser.feed(chunk):
                         if ev.is_done:
-                            saw_done = True
-                        elif self._tap_event(ctx, ev, injected):
+                            relay.saw_done = True
+                        elif tap_event(ctx, ev, injected):
                             events.append(ev)
                     if events:
                         events = await pipeline.push(events)  # type: ignore[union-attr]
@@ -331,27 +315,32 @@ class Handler:
                             data = events[0].encode() if len(events) == 1 else b"".join([e.encode() for e in events])
                             ctx.stream_events += len(events)
                             ctx.stream_bytes += len(data)
-                            if not direct.send(data):
+                            if not relay.send(data):
                                 await out.write(data)
-                                direct.transport = _direct_transport(request, out)
+                                relay.transport = direct_transport(request, out)
             att.end = ctx.timings.upstream_end = time.perf_counter()
+            if tapped:
+                detach(content, relay)
             if parser is None:
+                buf = relay.buf
                 if buf:
-                    block = self._tap_block(ctx, bytes(buf), injected) if b'"usage"' in buf else bytes(buf)
+                    block = tap_block(ctx, bytes(buf), injected) if b'"usage"' in buf else bytes(buf)
                     await out.write(block)
             else:
-                tail = [ev for ev in parser.close() if not ev.is_done and self._tap_event(ctx, ev, injected)]
+                tail = [ev for ev in parser.close() if not ev.is_done and tap_event(ctx, ev, injected)]
                 if tail:
                     await self._write_events(out, ctx, await pipeline.push(tail))  # type: ignore[union-attr]
                 await self._write_events(out, ctx, await pipeline.end())  # type: ignore[union-attr]
-                if saw_done:
+                if relay.saw_done:
                     await out.write(DONE.encode())
             ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
         except ch.StreamError as e:
+            relay.waiting = False
             if ctx.outcome != "plugin_error":
                 ctx.outcome = "answered"
             await self._stream_error(out, ctx, e.err)
         except asyncio.CancelledError:
+            relay.waiting = False  # from here on only this coroutine writes
             if not dog.fired:
                 raise  # the client went away
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
@@ -359,6 +348,7 @@ class Handler:
             ctx.outcome = "upstream_error"
             await self._end_broken(out, ctx, pipeline, ProxyError(504, "The upstream stream stalled.", code="upstream_timeout"))
         except CONNECT_ERRORS as e:
+            relay.waiting = False
             if isinstance(e, ConnectionResetError) and _client_gone(request):
                 ctx.outcome = "client_gone"
                 return out
@@ -367,6 +357,8 @@ class Handler:
             await self._end_broken(out, ctx, pipeline, ProxyError(502, "The upstream stream broke off.", code="upstream_disconnected"))
         finally:
             dog.cancel()
+            if tapped:
+                detach(content, relay)
         if ctx.outcome != "client_gone":
             try:
                 await out.write_eof()
@@ -385,46 +377,6 @@ class Handler:
             ctx.outcome = "client_gone"
             return
         await self._stream_error(out, ctx, err)
-
-    def _tap_event(self, ctx: Context, ev: Event, injected: bool) -> bool:
-        """Pick the usage out of an event; False for the usage chunk the client did not ask for."""
-        raw = ev._raw
-        if raw is not None and b'"usage"' not in raw:
-            return True
-        obj = ev.json
-        u = usage_from(obj)
-        if u is not None:
-            ctx.usage = u
-            if injected and is_usage_only_chunk(obj):
-                return False
-        return True
-
-    def _tap_block(self, ctx: Context, block: bytes, injected: bool) -> bytes:
-        """Raw relay: the usage from the block's events, minus an injected usage chunk."""
-        out = []
-        pos = 0
-        changed = False
-        while pos < len(block):
-            idx, sep = find_boundary(block, pos)
-            end = len(block) if idx == -1 else idx + sep
-            piece = block[pos:end]
-            pos = end
-            if b'"usage"' in piece:
-                ev = parse_block(piece)
-                if ev is not None and not self._tap_event(ctx, ev, injected):
-                    changed = True
-                    continue
-            out.append(piece)
-        return b"".join(out) if changed else block
-
-
-def _last_boundary(buf: bytearray) -> int:
-    """Length of the prefix of ``buf`` made of complete events (0 when none is complete)."""
-    i = buf.rfind(b"\n\n")
-    j = buf.rfind(b"\r\n\r\n")
-    if j != -1 and j + 4 > i + 2:
-        return j + 4
-    return i + 2 if i != -1 else 0
 
 
 def _upstream_broke(ctx: Context, att: Attempt, kind: str, status: int, message: str, code: str) -> web.Response:
@@ -452,42 +404,6 @@ async def _expect(request: web.BaseRequest) -> None:
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
-
-
-WRITE_BUFFER_LOW = 64 * 1024
-
-
-class _Direct:
-    """Writes a stream's blocks straight to the client's socket while that is safe."""
-
-    __slots__ = ("transport",)
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-
-    def send(self, data: bytes) -> bool:
-        """One HTTP/1.1 chunk to the socket; False when aiohttp's writer must do it instead.
-
-        That is the first write (it carries the headers), a socket whose buffer is
-        full (the writer's drain is the backpressure) and a closing socket.
-        """
-        t = self.transport
-        if t is None or t.get_write_buffer_size() >= WRITE_BUFFER_LOW or t.is_closing():
-            return False
-        t.write(b"%x\r\n%b\r\n" % (len(data), data))
-        return True
-
-
-def _direct_transport(request: web.BaseRequest, out: web.StreamResponse) -> asyncio.Transport | None:
-    """The client's transport, when a raw block may be framed and written to it directly.
-
-    Only for a chunked, uncompressed body whose headers are out: then a chunk is
-    ``<hex length>\\r\\n<data>\\r\\n`` and aiohttp's ``write_eof`` ends the body as usual.
-    """
-    w = request.writer
-    if not isinstance(w, StreamWriter) or not w.chunked or w._compress is not None or w.length is not None or w._headers_buf:
-        return None
-    return request.transport
 
 
 def _client_gone(request: web.BaseRequest) -> bool:

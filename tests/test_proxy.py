@@ -210,6 +210,60 @@ async def test_split_and_merged_sse_events_are_relayed_intact(upstream, tmp_path
             assert text == "Hello from the Sluice demo model. You said: x y z"
 
 
+def _events(raw: bytes) -> list[Any]:
+    """A stream's events with the per-request id and time taken out."""
+    out = []
+    for block in raw.split(b"\n\n"):
+        if block.startswith(b"data: {"):
+            obj = orjson.loads(block[6:])
+            obj.pop("id"), obj.pop("created")
+            out.append(obj)
+        elif block:
+            out.append(block)
+    return out
+
+
+@pytest.mark.parametrize("piece", [None, 7, 61], ids=["whole-events", "7-byte-pieces", "61-byte-pieces"])
+@pytest.mark.parametrize("client_asks", [False, True], ids=["usage-hidden", "usage-asked"])
+async def test_raw_stream_events_bypass_the_relay_coroutine_and_arrive_intact(upstream, tmp_path, piece, client_asks):
+    """Whole events go from the upstream reader straight to the client's socket; pieces that end mid-event take the coroutine's path.
+
+    Either way the client gets the upstream's stream byte for byte, minus the usage chunk
+    it did not ask for, and the usage is read.
+    """
+    from proxy import relay as relay_mod
+
+    upstream.token_delay = 0.002
+    upstream.piece_bytes = piece
+    UsageWanted.seen.clear()
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "one two three four five six"}], "stream": True}
+    if client_asks:
+        body["stream_options"] = {"include_usage": True}
+    with register_plugin(UsageWanted):
+        async with SluiceServer(route(upstream, [{"usage_wanted": {}}]), tmp_path) as s, httpx.AsyncClient(timeout=20) as c:
+            relays: list[Any] = []
+            via = b""
+            async with c.stream("POST", f"{s.url}/chat/completions", json=body) as r:
+                async for part in r.aiter_raw():
+                    via += part
+                    relays += [x for x in relay_mod._RELAYS.values() if x not in relays]
+            await s.wait_idle()
+            direct = (await c.post(f"{upstream.url}/chat/completions", json={**body, "stream_options": {"include_usage": True}})).content
+    want = _events(direct)
+    (usage,) = [e["usage"] for e in want if isinstance(e, dict) and e.get("usage")]
+    if not client_asks:
+        want = [e for e in want if not (isinstance(e, dict) and e.get("usage") and not e["choices"])]
+    assert _events(via) == want and via.endswith(b"data: [DONE]\n\n")
+    u = UsageWanted.seen[0]
+    assert u is not None and (u.prompt_tokens, u.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"]) and not u.estimated
+    assert len(relays) == 1 and not relay_mod._RELAYS  # attached for the stream, detached after
+    n_events = len(want)
+    if piece is None:
+        assert relays[0].taken >= n_events - 3  # all but the first write (the headers) and what raced it
+    else:
+        assert relays[0].taken < n_events  # partial events went through the coroutine
+
+
 class Failing(Plugin):
     name = "failing"
 

@@ -1,0 +1,211 @@
+"""The raw stream relay: an upstream's server-sent events to the client's socket, with the usage tap.
+
+A stream costs per event what its reads cost. aiohttp's client hands each decoded
+piece of an upstream body to the response's ``StreamReader.feed_data`` (from the
+protocol's ``data_received``); the reader wakes the coroutine parked in
+``readany()``, which resumes every enclosing coroutine of the handler to write the
+piece out. While that coroutine is parked with nothing buffered and the client's
+socket keeps up, a :class:`RawRelay` takes complete events straight from
+``feed_data`` to the client's transport instead: no future, no task step, no
+coroutine resumed per event. Everything else goes the usual way, into the reader's
+buffer and through the coroutine: a piece that ends mid-event, the first write
+(it carries the response headers), a client whose socket buffer is full (aiohttp's
+writer and its drain are the backpressure, and the reader's high-water mark then
+pauses the upstream), a closing socket. The coroutine still sees the end of the
+body, errors and cancellation as before, so timeouts, client disconnects and the
+end of stream are handled in one place.
+
+Only a reader of exactly aiohttp's ``StreamReader`` class is switched to the
+tapped subclass (same layout, so ``__class__`` may be assigned) and switched back
+when the relay ends; with any other reader, the relay simply never takes a piece.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import StreamReader
+
+from .openai import is_usage_only_chunk, usage_from
+from .sse import Event, find_boundary, parse_block
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aiohttp import web
+
+    from .context import Context
+    from .timers import Watchdog
+
+#: blocks go to the socket directly only while less than this is waiting in its buffer
+WRITE_BUFFER_LOW = 64 * 1024
+
+
+def tap_event(ctx: Context, ev: Event, injected: bool) -> bool:
+    """Pick the usage out of an event; False for the usage chunk the client did not ask for."""
+    raw = ev._raw
+    if raw is not None and b'"usage"' not in raw:
+        return True
+    obj = ev.json
+    u = usage_from(obj)
+    if u is not None:
+        ctx.usage = u
+        if injected and is_usage_only_chunk(obj):
+            return False
+    return True
+
+
+def tap_block(ctx: Context, block: bytes, injected: bool) -> bytes:
+    """Raw relay: the usage from the block's events, minus an injected usage chunk."""
+    out = []
+    pos = 0
+    changed = False
+    while pos < len(block):
+        idx, sep = find_boundary(block, pos)
+        end = len(block) if idx == -1 else idx + sep
+        piece = block[pos:end]
+        pos = end
+        if b'"usage"' in piece:
+            ev = parse_block(piece)
+            if ev is not None and not tap_event(ctx, ev, injected):
+                changed = True
+                continue
+        out.append(piece)
+    return b"".join(out) if changed else block
+
+
+def last_boundary(buf: bytearray) -> int:
+    """Length of the prefix of ``buf`` made of complete events (0 when none is complete)."""
+    i = buf.rfind(b"\n\n")
+    j = buf.rfind(b"\r\n\r\n")
+    if j != -1 and j + 4 > i + 2:
+        return j + 4
+    return i + 2 if i != -1 else 0
+
+
+class Direct:
+    """Writes a stream's blocks straight to the client's socket while that is safe."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+
+    def send(self, data: bytes) -> bool:
+        """One HTTP/1.1 chunk to the socket; False when aiohttp's writer must do it instead.
+
+        That is the first write (it carries the headers), a socket whose buffer is
+        full (the writer's drain is the backpressure) and a closing socket.
+        """
+        t = self.transport
+        if t is None or t.get_write_buffer_size() >= WRITE_BUFFER_LOW or t.is_closing():
+            return False
+        t.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
+
+
+def direct_transport(request: web.BaseRequest, out: web.StreamResponse) -> asyncio.Transport | None:
+    """The client's transport, when a raw block may be framed and written to it directly.
+
+    Only for a chunked, uncompressed body whose headers are out: then a chunk is
+    ``<hex length>\\r\\n<data>\\r\\n`` and aiohttp's ``write_eof`` ends the body as usual.
+    """
+    w = request.writer
+    if not isinstance(w, StreamWriter) or not w.chunked or w._compress is not None or w.length is not None or w._headers_buf:
+        return None
+    return request.transport
+
+
+class RawRelay(Direct):
+    """One raw stream's relay state, shared by the coroutine and the reader's ``feed_data``."""
+
+    __slots__ = ("ctx", "wants_usage", "injected", "buf", "saw_done", "waiting", "dog", "loop", "taken")
+
+    def __init__(self, ctx: Context, wants_usage: bool, injected: bool, dog: Watchdog, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.wants_usage = wants_usage
+        self.injected = injected
+        self.buf = bytearray()  # the start of an event not yet complete
+        self.saw_done = False
+        #: the coroutine is parked in ``readany()`` with nothing buffered: pieces may bypass it
+        self.waiting = False
+        self.dog = dog
+        self.loop = loop
+        #: pieces written from ``feed_data`` (the tests read it)
+        self.taken = 0
+
+    def block(self, chunk: bytes) -> bytes:
+        """The coroutine's path: the complete events so far, tapped, counted; b"" when none."""
+        buf = self.buf
+        if not buf and chunk.endswith(b"\n\n"):
+            block = chunk  # the common case: whole events, no copy
+        else:
+            buf += chunk
+            cut = last_boundary(buf)
+            block = bytes(buf[:cut]) if cut else b""
+            del buf[:cut]
+        if block:
+            if b"[DONE]" in block:
+                self.saw_done = True
+            if self.wants_usage and b'"usage"' in block:
+                block = tap_block(self.ctx, block, self.injected)
+            if block:
+                ctx = self.ctx
+                ctx.stream_bytes += len(block)
+                ctx.stream_events += block.count(b"\n\n") or block.count(b"\r\r")
+        return block
+
+    def take(self, data: bytes) -> bool:
+        """From ``feed_data``: write whole events straight out; False leaves them to the coroutine."""
+        t = self.transport
+        if t is None or self.buf or not data.endswith(b"\n\n") or t.get_write_buffer_size() >= WRITE_BUFFER_LOW or t.is_closing():
+            return False
+        block = data
+        if self.wants_usage and b'"usage"' in block:
+            try:
+                block = tap_block(self.ctx, block, self.injected)
+            except Exception:
+                return False  # the coroutine meets the same error where errors are handled
+        if b"[DONE]" in data:
+            self.saw_done = True
+        if block:
+            ctx = self.ctx
+            ctx.stream_bytes += len(block)
+            ctx.stream_events += block.count(b"\n\n")
+            t.write(b"%x\r\n%b\r\n" % (len(block), block))
+        self.taken += 1
+        self.dog.last = self.loop.time()  # a new wait for the upstream starts now
+        return True
+
+
+_RELAYS: dict[int, RawRelay] = {}
+
+
+class _TappedReader(StreamReader):
+    """aiohttp's reader, whose ``feed_data`` first offers each piece to the stream's relay."""
+
+    __slots__ = ()
+
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        relay = _RELAYS.get(id(self))
+        if relay is not None and relay.waiting and data and relay.take(data):
+            self.total_bytes += len(data)
+            return False
+        return StreamReader.feed_data(self, data, size)
+
+
+def attach(content: StreamReader, relay: RawRelay) -> bool:
+    """Let ``relay`` take pieces of ``content`` as they arrive; False when this reader cannot."""
+    if type(content) is not StreamReader:
+        return False
+    _RELAYS[id(content)] = relay
+    content.__class__ = _TappedReader
+    return True
+
+
+def detach(content: StreamReader, relay: RawRelay) -> None:
+    relay.waiting = False
+    if _RELAYS.get(id(content)) is relay:
+        del _RELAYS[id(content)]
+        content.__class__ = StreamReader
