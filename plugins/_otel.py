@@ -98,15 +98,23 @@ def build_exporter(s: ExportSettings) -> Any:
 
 @dataclass
 class Pipeline:
-    """What finished spans go through: the resource they carry and the batch processor."""
+    """What finished spans go through: the resource they carry and the batch processor.
+
+    OTLP/HTTP takes spans already encoded (``wire``, a :class:`WireBatcher`); the SDK's
+    exporters (gRPC, console) take SDK ``ReadableSpan`` objects through its
+    ``BatchSpanProcessor`` (``processor``). Exporter ``none`` has neither.
+    """
 
     resource: Any
     scope: Any
-    processor: Any  # a BatchSpanProcessor, or None for exporter "none"
+    processor: Any  # a BatchSpanProcessor, or None
+    wire: Any = None  # a WireBatcher, or None
 
     def shutdown(self) -> None:
         if self.processor is not None:
             self.processor.shutdown()
+        if self.wire is not None:
+            self.wire.shutdown()
 
 
 def build_pipeline(s: ExportSettings) -> Pipeline:
@@ -117,7 +125,15 @@ def build_pipeline(s: ExportSettings) -> Pipeline:
     import proxy
 
     resource = Resource.create({"service.name": s.service_name, "service.version": proxy.__version__, **dict(s.resource)})
+    scope = InstrumentationScope("sluice", proxy.__version__)
     processor = None
+    if s.exporter == "otlp_http":
+        from ._otel_wire import WireBatcher
+
+        # encoded spans, batched and posted from the batcher's thread
+        wire = WireBatcher(build_exporter(s), resource, scope, max_queue_size=s.max_queue_size,
+                           max_export_batch_size=s.max_export_batch_size, schedule_delay_s=s.schedule_delay_ms / 1000)
+        return Pipeline(resource, scope, None, wire)
     if s.exporter != "none":
         # the batch processor exports from its own thread: spans never wait on the network in the loop
         processor = BatchSpanProcessor(
@@ -127,7 +143,7 @@ def build_pipeline(s: ExportSettings) -> Pipeline:
             schedule_delay_millis=s.schedule_delay_ms,
             export_timeout_millis=int(s.timeout_s * 1000),
         )
-    return Pipeline(resource, InstrumentationScope("sluice", proxy.__version__), processor)
+    return Pipeline(resource, scope, processor)
 
 
 class PipelinePool:

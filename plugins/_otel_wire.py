@@ -151,6 +151,10 @@ def _attribute(key: str, value: Any) -> bytes:
     return _len(9, key_value(key, value))
 
 
+#: one span attribute's bytes (for encoders that assemble spans from parts)
+span_attribute = _attribute
+
+
 def attributes(field: int, attrs: Mapping[str, Any] | None) -> bytes:
     if not attrs:
         return b""
@@ -218,6 +222,23 @@ def _resource(resource: Any) -> bytes:
     return found[1]
 
 
+def _scope(scope: Any) -> bytes:
+    sc = b""
+    if scope is not None:
+        sc = _str(1, scope.name) + (_str(2, scope.version) if scope.version else b"")
+    return _len(1, sc)
+
+
+def _resource_spans(resource: Any, scopes: Sequence[tuple[Any, Sequence[bytes]]]) -> bytes:
+    """One ``ResourceSpans``: the resource, then per scope its encoded ``Span`` messages."""
+    body = [_resource(resource)]
+    for scope, encoded in scopes:
+        body.append(_len(2, _scope(scope) + b"".join([_len(2, e) for e in encoded])))
+    if resource.schema_url:
+        body.append(_str(3, resource.schema_url))
+    return _len(1, b"".join(body))
+
+
 def encode_request(spans: Sequence[Any]) -> bytes:
     """An ``ExportTraceServiceRequest`` for spans (grouped by resource, then scope)."""
     groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
@@ -225,18 +246,12 @@ def encode_request(spans: Sequence[Any]) -> bytes:
         res = groups.setdefault(id(s.resource), (s.resource, {}))
         scope = s.instrumentation_scope
         res[1].setdefault(id(scope), (scope, []))[1].append(span(s))
-    out = []
-    for resource, scopes in groups.values():
-        body = [_resource(resource)]
-        for scope, encoded in scopes.values():
-            sc = b""
-            if scope is not None:
-                sc = _str(1, scope.name) + (_str(2, scope.version) if scope.version else b"")
-            body.append(_len(2, _len(1, sc) + b"".join(_len(2, e) for e in encoded)))
-        if resource.schema_url:
-            body.append(_str(3, resource.schema_url))
-        out.append(_len(1, b"".join(body)))
-    return b"".join(out)
+    return b"".join([_resource_spans(resource, list(scopes.values())) for resource, scopes in groups.values()])
+
+
+def encode_batch(resource: Any, scope: Any, spans: Sequence[bytes]) -> bytes:
+    """An ``ExportTraceServiceRequest`` of already encoded ``Span`` messages of one resource and scope."""
+    return _resource_spans(resource, [(scope, spans)]) if spans else b""
 
 
 class WireExporter:
@@ -255,12 +270,18 @@ class WireExporter:
         self._shutdown = threading.Event()
 
     def export(self, spans: Sequence[Any]) -> Any:
-        import requests
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         if self._shutdown.is_set():
             return SpanExportResult.FAILURE
-        data = encode_request(spans)
+        return SpanExportResult.SUCCESS if self.post(encode_request(spans), len(spans)) else SpanExportResult.FAILURE
+
+    def post(self, data: bytes, count: int) -> bool:
+        """Send one encoded export request, retrying as the SDK exporter does; False when it was given up."""
+        import requests
+
+        if self._shutdown.is_set():
+            return False
         if self.gzip:
             data = gzip.compress(data, compresslevel=5)
         deadline = time.monotonic() + self.timeout_s
@@ -270,14 +291,14 @@ class WireExporter:
             try:
                 r = self.session.post(self.endpoint, data=data, timeout=max(left, 0.001))
                 if r.ok:
-                    return SpanExportResult.SUCCESS
+                    return True
                 retry, why = r.status_code in RETRYABLE, f"HTTP {r.status_code}"
             except requests.exceptions.RequestException as e:
                 retry, why = True, type(e).__name__
             wait = random.uniform(0, delay)
             if not retry or time.monotonic() + wait >= deadline or self._shutdown.is_set():
-                log.warning("tracing: could not export %d spans (%s)", len(spans), why)
-                return SpanExportResult.FAILURE
+                log.warning("tracing: could not export %d spans (%s)", count, why)
+                return False
             self._shutdown.wait(wait)
             delay *= 2
 
@@ -287,3 +308,141 @@ class WireExporter:
     def shutdown(self) -> None:
         self._shutdown.set()
         self.session.close()
+
+
+class WireBatcher:
+    """The batch processor of already encoded spans: a bounded queue and an export thread.
+
+    The SDK's ``BatchSpanProcessor`` rules: spans wait at most ``schedule_delay_s``, a
+    full batch wakes the thread at once, a full queue drops new spans (never waits), and
+    shutdown exports what is queued before it returns. Spans arrive as ``Span`` message
+    bytes (the tracing plugin encodes them in ``on_done`` from cached parts), so a batch
+    costs the export thread a join and a post.
+    """
+
+    def __init__(self, exporter: WireExporter, resource: Any, scope: Any, *, max_queue_size: int,
+                 max_export_batch_size: int, schedule_delay_s: float, export_timeout_s: float = 30.0) -> None:
+        from collections import deque
+
+        self.exporter = exporter
+        self.resource = resource
+        self.scope = scope
+        self.max_queue_size = max_queue_size
+        self.batch_size = max(1, min(max_export_batch_size, max_queue_size))
+        self.delay_s = schedule_delay_s
+        self.export_timeout_s = export_timeout_s
+        self._q: Any = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        #: spans dropped because the queue was full
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="OtelBatchSpanRecordProcessor", daemon=True)
+        self._thread.start()
+
+    def add(self, encoded: bytes) -> None:
+        """Queue one encoded span (called on the event loop; never blocks)."""
+        q = self._q
+        if len(q) >= self.max_queue_size or self._stopping:
+            if not self.dropped:
+                log.warning("tracing: the span queue is full (%d); new spans are dropped", self.max_queue_size)
+            self.dropped += 1
+            return
+        q.append(encoded)
+        if len(q) >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            woken = self._wake.wait(self.delay_s)
+            self._wake.clear()
+            if self._stopping:
+                break
+            # woken by a full batch: export full batches; on the timer: at least one batch
+            sent = 0
+            while self._q and (len(self._q) >= self.batch_size or (not woken and not sent)):
+                self._export_one()
+                sent += 1
+        while self._q:
+            self._export_one()
+
+    def _export_one(self) -> None:
+        q = self._q
+        batch = [q.popleft() for _ in range(min(self.batch_size, len(q)))]
+        try:
+            self.exporter.post(encode_batch(self.resource, self.scope, batch), len(batch))
+        except Exception:  # noqa: BLE001 - the export thread must survive anything an export does
+            log.exception("tracing: exporting %d spans failed", len(batch))
+
+    def force_flush(self) -> None:
+        """Export what is queued now (tests; from any thread but the export thread)."""
+        while self._q:
+            self._export_one()
+
+    def shutdown(self) -> None:
+        """Export what is queued (waiting at most ``export_timeout_s``, the SDK's 30 s), then stop the thread and the exporter."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(self.export_timeout_s)
+        self.exporter.shutdown()
+
+
+# -- parts of Span messages, for encoders that assemble spans from cached pieces ---------
+
+KIND_SERVER = _KIND[1]  # SpanKind.SERVER.value == 1
+KIND_CLIENT = _KIND[2]  # SpanKind.CLIENT.value == 2
+FLAGS_LOCAL = _FLAGS_LOCAL
+FLAGS_REMOTE = _FLAGS_REMOTE
+STATUS_UNSET = _STATUS_UNSET
+
+
+def float_attribute(key: str) -> Any:
+    """An encoder of ``key``'s attribute for float values, its key encoded once (other types: the general way)."""
+    k = _str(1, key)
+    prefix = _LEN_TAG[9] + _varint(len(k) + 11) + k + b"\x12\x09\x21"  # KeyValue{key, value: AnyValue{double}}
+
+    def encode(value: Any) -> bytes:
+        if type(value) is float:
+            return prefix + _pack_d(value)
+        return b"" if value is None else _attribute(key, value)
+
+    return encode
+
+
+def str_attribute(key: str) -> Any:
+    """An encoder of ``key``'s attribute for string values that are never cached (ids), its key encoded once."""
+    k = _str(1, key)
+
+    def encode(value: Any) -> bytes:
+        if type(value) is str:
+            return _len(9, k + _len(2, _str(1, value)))
+        return b"" if value is None else _attribute(key, value)
+
+    return encode
+
+
+def status_error(description: str) -> bytes:
+    """``Status`` (field 15) with code ERROR and a description, as :func:`span` writes it."""
+    return _len(15, (_str(2, description) if description else b"") + b"\x18\x02")
+
+
+def span_name(name: str) -> bytes:
+    return _str(5, name)
+
+
+def trace_state(header: str) -> bytes:
+    return _str(3, header)
+
+
+def assemble(trace_id: bytes, span_id: int, state: bytes, parent_id: int | None, name: bytes, kind: bytes,
+             start_ns: int, end_ns: int, attrs: bytes, status: bytes, flags: bytes) -> bytes:
+    """A ``Span`` message from its parts, field for field as :func:`span` writes it.
+
+    ``trace_id`` is the field already encoded (``b"\\x0a\\x10"`` + 16 bytes): a request's spans share it.
+    """
+    return b"".join((
+        trace_id, b"\x12\x08", span_id.to_bytes(8, "big"), state,
+        b"\x22\x08" + parent_id.to_bytes(8, "big") if parent_id is not None else b"",
+        name, kind, b"\x39", _pack_q(start_ns), b"\x41", _pack_q(end_ns), attrs, status, flags,
+    ))

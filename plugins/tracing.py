@@ -6,12 +6,16 @@ everything the request learnt: GenAI semantic-convention attributes, usage, the 
 the key id, cache hits, who answered and each plugin's time. Client spans are created
 in ``on_done`` from ``ctx.attempts`` with their real start and end times, so retries
 and fallbacks show as separate attempts without any work on the request path.
-Spans leave through the SDK's ``BatchSpanProcessor``, whose exporter runs in its own
-thread. Because every time is known when a span is recorded, spans are built as SDK
-``ReadableSpan`` objects and handed to the processor directly: the live-span machinery
-(a lock per span, per-attribute validation, sampler objects, context switching) would
-cost several times the rest of the observers together. Sampling follows the SDK's
-rules: trace-id ratio for new traces, the caller's sampled flag when ``parent_based``.
+Because every time is known when a span is recorded, no live SDK span is ever made (its
+lock per span, per-attribute validation, sampler objects and context switching would
+cost several times the rest of the observers together). With OTLP/HTTP, ``on_done``
+writes the spans straight as OTLP protobuf ``Span`` messages, assembled from encodings
+cached per kind of request (route, model, status, key, upstream) plus the few values
+new to each request (ids, times, tokens, cost), and a batcher thread posts them in
+batches (plugins/_otel_wire.py). For the SDK's exporters (gRPC, console) the same spans
+are built as SDK ``ReadableSpan`` objects and go through its ``BatchSpanProcessor``; a
+test checks both give the same messages. Sampling follows the SDK's rules: trace-id
+ratio for new traces, the caller's sampled flag when ``parent_based``.
 
 Prompt and completion content is captured only with ``capture_content: true``, and
 then it is what the request carried after the plugins before ``on_done`` changed it:
@@ -31,6 +35,7 @@ from pydantic import Field, model_validator
 
 from proxy import Context, Plugin, PluginConfig, StashKey, hookimpl
 
+from . import _otel_wire as wire
 from ._otel import (
     TRACE_ID_LIMIT,
     Clock,
@@ -116,6 +121,8 @@ class Tracing(Plugin):
         self._otel: Any = None
         self._unset: Any = None
         self._operation = OperationNames()
+        #: encoded attribute runs and span names per kind of request (see _encoded)
+        self._parts: dict[tuple[Any, ...], bytes] = {}
         if not config.capture_content:
             # on_response only keeps the completion for capture_content: without it, no hook at all,
             # so a route whose other plugins have none skips the response phase (the chain builds
@@ -207,11 +214,21 @@ class Tracing(Plugin):
         if self.pipeline is None:
             return
         trace = self._trace(ctx)  # answered before reaching us: traced all the same
-        if trace[3] and self.pipeline.processor is not None:
-            self._record(ctx, trace)
+        if not trace[3]:
+            return
+        pipeline = self.pipeline
+        if pipeline.wire is not None:
+            add = pipeline.wire.add
+            for encoded in self._encoded(ctx, trace):
+                add(encoded)
+        elif pipeline.processor is not None:
+            on_end = pipeline.processor.on_end
+            for span in self._spans(ctx, trace):
+                on_end(span)
 
     # -- spans --------------------------------------------------------------------------
-    def _record(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> None:
+    def _spans(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> list[Any]:
+        """The request's spans as SDK ``ReadableSpan`` objects (client spans, then the server span)."""
         ReadableSpan, SpanContext, SpanKind, Status, StatusCode, sampled_flags, TraceState = self._otel
         trace_id, span_id, parent_id, _ = trace
         pipeline = self.pipeline
@@ -348,9 +365,213 @@ class Tracing(Plugin):
             kind=SpanKind.SERVER, status=status, start_time=epoch(t.start), end_time=end_ns,
             instrumentation_scope=pipeline.scope,
         ))
-        on_end = pipeline.processor.on_end
-        for span in spans:
-            on_end(span)
+        return spans
+
+    def _encoded(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> list[bytes]:
+        """The spans of :meth:`_spans` as OTLP ``Span`` messages, byte for byte what ``_otel_wire.span`` makes of them.
+
+        Most of a span's attributes are the same for every request of a kind (route, model,
+        status, key, upstream, attempt): their encodings are cached per kind as runs of
+        bytes, in the order :meth:`_spans` gives them, and only the per-request values (ids,
+        times, tokens, cost, the response id) are encoded for each request. No attribute
+        dicts, no span objects: a request's spans cost a few joins.
+        tests/plugins/test_tracing_wire.py checks both methods give the same messages.
+        """
+        trace_id, span_id, parent_id, _ = trace
+        c = self.config
+        t = ctx.timings
+        epoch = self.clock.epoch_ns
+        end_ns = epoch(t.end) if t.end is not None else time.time_ns()
+        op = self._operation(ctx)
+        route = route_name(ctx)
+        asked = ctx.model
+        parts = self._parts
+        if len(parts) >= PARTS_MAX:
+            parts.clear()  # bounded: paths, models and key ids are client text
+        tid = b"\x0a\x10" + trace_id.to_bytes(16, "big")
+        state = b""
+        if parent_id is not None:
+            header = ctx.headers.get("tracestate")
+            if header:
+                ts = self._otel[6].from_header([header])
+                if ts:
+                    state = wire.trace_state(ts.to_header())
+
+        # the server span's attributes, in _spans' order
+        method, path = ctx.method, ctx.path
+        key: tuple[Any, ...] = (0, method, path)
+        head = parts.get(key)
+        if head is None:
+            head = parts[key] = wire.attributes(9, {"http.request.method": method, "url.path": path})
+        body = ctx.body if ctx.body_is_json else None
+        params = request_attributes(body) if body is not None else None
+        ident = ctx.identity
+        tags = ctx.tags
+        cache = tags.get("cache")
+        status = ctx.status
+        outcome = ctx.outcome or "unknown"
+        key = (1, op, route, outcome, asked, status, None if ident is None else (ident.key_id, ident.team),
+               ctx.answered_by and (ctx.answered_by, ctx.answer_reason or ""), _tags_key(tags) if tags else None, _params_key(params) if params else None)
+        kind = parts.get(key)
+        if kind is None:
+            d: dict[str, Any] = {"gen_ai.operation.name": op, "sluice.route": route, "sluice.outcome": outcome}
+            if asked:
+                d["gen_ai.request.model"] = asked
+            if params:
+                d.update(params)
+            if status is not None:
+                d["http.response.status_code"] = status
+            if ident is not None:
+                d["sluice.key_id"] = ident.key_id
+                if ident.team:
+                    d["sluice.team"] = ident.team
+            if ctx.answered_by:
+                d["sluice.answered_by"] = ctx.answered_by
+                d["sluice.answer_reason"] = ctx.answer_reason or ""
+            if cache is not None:
+                d["sluice.cache_hit"] = cache == "hit"
+            for k, v in tags.items():
+                if k != "cache":
+                    d[f"sluice.tag.{k}"] = str(v)
+            kind = parts[key] = wire.attributes(9, d)
+        attrs = [head, _REQUEST_ID(ctx.request_id), kind]
+        if ctx.annotations or c.plugin_timings:
+            extra: dict[str, Any] = {}
+            for plugin_id, found in ctx.annotations.items():
+                if isinstance(found, dict):
+                    for name, n in found.items():
+                        if isinstance(n, (int, float)) and not isinstance(n, bool):
+                            extra[f"sluice.finding.{plugin_id}.{name}"] = n
+            if c.plugin_timings:
+                for name, seconds in t.plugins.items():
+                    extra[f"sluice.plugin.{name}_ms"] = round(seconds * 1000, 4)
+            attrs.append(wire.attributes(9, extra))
+        if t.first_byte is not None and ctx.stream:
+            attrs.append(_TTFT(max(t.first_byte - t.start, 0.0)))
+        usage = ctx.usage
+        used = b""
+        if usage is not None:
+            used = _attr("gen_ai.usage.input_tokens", usage.prompt_tokens) + _attr("gen_ai.usage.output_tokens", usage.completion_tokens)
+            if usage.cached_tokens:
+                used += _attr("gen_ai.usage.cache_read.input_tokens", usage.cached_tokens)
+            if usage.reasoning_tokens:
+                used += _attr("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens)
+            if usage.estimated:
+                used += _attr("sluice.usage.estimated", True)
+            attrs.append(used)
+        if ctx.cost is not None:
+            attrs.append(_COST(ctx.cost))
+        answer = b""
+        upstream = ctx.upstream
+        resp = None
+        if ctx.response is not None and upstream is not None and len(ctx.response.body) <= 4 * 1024 * 1024:
+            resp = response_attributes(ctx.response.json)
+            # the id is new every time; the model and finish reasons repeat
+            key = (6, resp.get("gen_ai.response.model"), tuple(resp.get("gen_ai.response.finish_reasons") or ()))
+            rest = parts.get(key)
+            if rest is None:
+                rest = parts[key] = wire.attributes(9, {k: v for k, v in resp.items() if k != "gen_ai.response.id"})
+            answer = _RESPONSE_ID(resp.get("gen_ai.response.id")) + rest
+            attrs.append(answer)
+        if upstream is not None:
+            fallback = upstream.model if upstream.model and (resp is None or "gen_ai.response.model" not in resp) else None
+            key = (2, upstream.upstream, fallback)
+            served = parts.get(key)
+            if served is None:
+                _, _, provider = self._servers.get(upstream.upstream, (None, None, "openai"))
+                d = {"gen_ai.provider.name": provider, "sluice.upstream": upstream.upstream}
+                if fallback:
+                    d["gen_ai.response.model"] = fallback
+                served = parts[key] = wire.attributes(9, d)
+            attrs.append(served)
+        if c.capture_content and body is not None:
+            content = body.get("messages", body.get("prompt", body.get("input")))
+            if content is not None:
+                attrs.append(_attr("gen_ai.input.messages", truncate(orjson.dumps(content).decode(), c.max_content_chars)))
+            out = ctx.stash.get(OUTPUT)
+            if out is not None:
+                attrs.append(_attr("gen_ai.output.messages", truncate(out, c.max_content_chars)))
+        server_status = wire.STATUS_UNSET
+        if ctx.outcome in ERROR_OUTCOMES or (status is not None and status >= 500):
+            attrs.append(_attr("error.type", ctx.outcome or str(status)))
+            server_status = wire.status_error(ctx.outcome or f"HTTP {status}")
+
+        spans = []
+        n = len(ctx.attempts)
+        for i, a in enumerate(ctx.attempts):
+            target = a.target
+            model = target.model or asked
+            key = (3, op, target.upstream, i, model, target.label, a.status)
+            cattrs = parts.get(key)
+            if cattrs is None:
+                host, port, provider = self._servers.get(target.upstream, (None, None, "openai"))
+                d = {"gen_ai.operation.name": op, "gen_ai.provider.name": provider, "sluice.upstream": target.upstream,
+                     "sluice.attempt": i}
+                if model:
+                    d["gen_ai.request.model"] = model
+                if target.label:
+                    d["sluice.target.label"] = target.label
+                if host:
+                    d["server.address"] = host
+                if port:
+                    d["server.port"] = port
+                if a.status is not None:
+                    d["http.response.status_code"] = a.status
+                cattrs = parts[key] = wire.attributes(9, d)
+            if a.first_byte is not None:
+                cattrs += _TTFB(max(a.first_byte - a.start, 0.0))
+            failed = a.error is not None or (a.status is not None and a.status >= 500)
+            if a.error:
+                cattrs += _attr("error.type", a.error)
+            elif failed:
+                cattrs += _attr("error.type", str(a.status))
+            if i == n - 1 and upstream is not None and not failed:
+                cattrs += used + answer
+            key = (4, op, model)
+            name = parts.get(key)
+            if name is None:
+                name = parts[key] = wire.span_name(f"{op} {model}" if model else op)
+            a_end = a.end if a.end is not None else (t.upstream_end if t.upstream_end is not None else t.end)
+            spans.append(wire.assemble(
+                tid, random.getrandbits(64) or 1, state, span_id, name, wire.KIND_CLIENT, epoch(a.start),
+                epoch(a_end) if a_end is not None else end_ns, cattrs,
+                wire.status_error(a.error or f"HTTP {a.status}") if failed else wire.STATUS_UNSET, wire.FLAGS_LOCAL,
+            ))
+        key = (5, method, route)
+        name = parts.get(key)
+        if name is None:
+            name = parts[key] = wire.span_name(f"{method} {route}")
+        spans.append(wire.assemble(
+            tid, span_id, state, parent_id, name, wire.KIND_SERVER, epoch(t.start), end_ns, b"".join(attrs), server_status,
+            wire.FLAGS_REMOTE if parent_id is not None else wire.FLAGS_LOCAL,
+        ))
+        return spans
+
+
+#: most cached attribute runs per tracing instance (the cache starts again when full)
+PARTS_MAX = 4096
+
+
+_REQUEST_ID = wire.str_attribute("sluice.request_id")
+_RESPONSE_ID = wire.str_attribute("gen_ai.response.id")
+_TTFT = wire.float_attribute("gen_ai.server.time_to_first_token")
+_TTFB = wire.float_attribute("sluice.time_to_first_byte")
+_COST = wire.float_attribute("sluice.cost")
+
+
+def _attr(key: str, value: Any) -> bytes:
+    """One span attribute's bytes (nothing for ``None``, as the SDK leaves such attributes out)."""
+    return b"" if value is None else wire.span_attribute(key, value)
+
+
+def _tags_key(tags: dict[str, Any]) -> tuple[Any, ...]:
+    # values recorded as str(v): a non-string keeps its type, so 1 and True stay apart
+    return tuple([(k, v if type(v) is str else (type(v), str(v))) for k, v in tags.items()])
+
+
+def _params_key(params: dict[str, Any]) -> tuple[Any, ...]:
+    # 1, 1.0 and True are equal keys but different attributes; -0.0 and 0.0 too: types and exact floats
+    return tuple([(k, type(v), v.hex() if type(v) is float else tuple(v) if type(v) is list else v) for k, v in params.items()])
 
 
 def _import_sdk(exporter: str) -> None:

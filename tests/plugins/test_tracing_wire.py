@@ -92,3 +92,120 @@ def test_reused_encodings_stay_exact():
         ours = ExportTraceServiceRequest()
         ours.ParseFromString(encode_request(batch))
         assert ours == encode_spans(batch)
+
+
+# -- the tracing plugin's spans assembled from cached parts -----------------------------
+
+def _contexts(rt):
+    """Finished requests of many kinds: each field the spans read, present and absent."""
+    from types import SimpleNamespace
+
+    import orjson
+
+    from proxy import Attempt, Identity, Response, Target, Usage
+    from proxy.testing import make_context
+
+    route = SimpleNamespace(name="main", prefix="/v1/")
+    answer = orjson.dumps({"id": "chatcmpl-1", "model": "gpt-4o-2024", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"},
+        {"index": 1, "message": {"role": "assistant", "content": "ho"}, "finish_reason": "length"}]})
+    bodies = [
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "temperature": 1, "max_tokens": 20},
+        {"model": "gpt-4o", "messages": [], "temperature": 1.0, "stop": ["a", "b"], "seed": 7},
+        {"model": "gpt-4o", "messages": [], "temperature": True, "stop": "x", "n": 2},
+        {"model": "gpt-4o", "messages": [], "temperature": -0.0, "top_p": 0.0, "stream": True},
+        {"model": "gpt-4o", "messages": [], "temperature": 0.0, "top_p": -0.0, "stream": True},
+        {"model": "other", "prompt": "once upon", "max_completion_tokens": 5},
+        {"messages": [{"role": "user", "content": "no model"}]},
+    ]
+    out = []
+    for i, body in enumerate(bodies):
+        for variant in range(6):
+            headers = {}
+            if variant == 1:
+                headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                           "tracestate": "vendor=abc, other=x"}
+            elif variant == 2:
+                headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+            ident = None if variant in (0, 3) else Identity(key_id=f"k{variant}", team="t" if variant % 2 else None)
+            ctx = make_context(body, runtime=rt, identity=ident, headers=headers, path="/v1/chat/completions" if i != 6 else "/v1/completions")
+            ctx.route = route if variant != 4 else None
+            t = ctx.timings
+            t.end = t.start + 0.05
+            if variant == 3:  # answered early by a plugin: no attempt
+                ctx.answered_by, ctx.answer_reason, ctx.status, ctx.outcome = "auth", "missing_key", 401, "answered"
+                ctx.tags["variant"] = "b"
+                ctx.tags["n"] = 1
+            elif variant == 5:  # two failures then the fallback
+                ctx.attempts += [
+                    Attempt(Target("bad"), start=t.start + 0.001, status=503, end=t.start + 0.002),
+                    Attempt(Target("bad"), start=t.start + 0.003, error="connect"),
+                    Attempt(Target("good", model="gpt-4o-mini", label="cheap"), start=t.start + 0.004, status=200,
+                            first_byte=t.start + 0.01, end=None),
+                ]
+                ctx.upstream = Target("good", model="gpt-4o-mini", label="cheap")
+                t.upstream_start, t.upstream_end = t.start + 0.001, t.start + 0.04
+                ctx.usage = Usage(10, 3, 13, cached_tokens=4, reasoning_tokens=1, estimated=True)
+                ctx.status, ctx.outcome = 200, "ok"
+                ctx.tags["cache"] = "miss"
+                ctx.annotations["pii"] = {"email": 2, "flag": True, "phone": 0.5}
+                ctx.cost = 0.00125
+            else:
+                ctx.attempts.append(Attempt(Target("good"), start=t.start + 0.001, status=200 if variant != 4 else 502,
+                                            first_byte=t.start + 0.01, end=t.start + 0.04))
+                ctx.upstream = Target("good")
+                t.first_byte = t.start + 0.01
+                ctx.status = 200 if variant != 4 else 502
+                ctx.outcome = "ok" if variant != 4 else "upstream_error"
+                if variant != 2:
+                    ctx.response = Response(ctx.status, {"content-type": "application/json"}, answer if variant != 4 else b"{}")
+                ctx.usage = Usage(21, 28, 49) if variant != 4 else None
+                if variant == 0:
+                    ctx.tags["cache"] = "hit"
+            t.plugins.update({"metrics.on_done": 2e-5, "tracing.on_request": 1e-5})
+            out.append(ctx)
+    return out
+
+
+async def test_spans_from_cached_parts_are_the_sdk_encoders_messages(tmp_path):
+    """``Tracing._encoded`` gives, byte for byte, what the SDK encoder makes of ``Tracing._spans``.
+
+    Every kind of request twice (the second time from cached parts), with each option that
+    changes the attributes.
+    """
+    import random
+
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+
+    from plugins._otel_wire import encode_batch
+    from plugins.tracing import OUTPUT, Tracing
+    from proxy.testing import configure_plugin, make_runtime
+
+    rt = await make_runtime(tmp_path, config={"upstreams": {
+        "good": {"url": "https://api.example.com/v1", "models": ["gpt-4o"]},
+        "bad": {"url": "http://127.0.0.1:9/v1", "models": ["gpt-4o"]}}})
+    try:
+        for options in ({}, {"plugin_timings": True}, {"capture_content": True, "max_content_chars": 64}):
+            p = await configure_plugin(Tracing, {"exporter": "none", **options}, runtime=rt)
+            compared = 0
+            for round_ in range(2):
+                for k, ctx in enumerate(_contexts(rt)):
+                    if options.get("capture_content"):
+                        ctx.stash[OUTPUT] = '[{"role": "assistant", "content": "' + "x" * 100 * (k % 2) + '"}]'
+                    trace = p._trace(ctx)
+                    random.seed(k)
+                    sdk = encode_spans(p._spans(ctx, trace))
+                    random.seed(k)
+                    encoded = p._encoded(ctx, trace)
+                    ours = ExportTraceServiceRequest()
+                    ours.ParseFromString(encode_batch(p.pipeline.resource, p.pipeline.scope, encoded))
+                    assert ours == sdk, (options, round_, k)
+                    # and each span's bytes exactly as the SDK's protobuf serialises that span
+                    mine = [PbSpan.FromString(e) for e in encoded]
+                    assert mine == list(sdk.resource_spans[0].scope_spans[0].spans)
+                    compared += len(encoded)
+            assert compared > 100
+            await p.stop()
+    finally:
+        await rt.close_all()
