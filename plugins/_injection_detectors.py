@@ -150,9 +150,18 @@ class SignatureDetector(Detector):
         # a literal search (no leading \b) takes the regex engine's fast substring path; the
         # trailing \b keeps that path and drops the lead inside longer words ("if" in "specific")
         self._lead_re = {w: re.compile(re.escape(w) + (r"\b" if w[-1:].isalnum() else "")) for sig in self.signatures for w in sig.lead}
+        # a view's ASCII stand-in gives the offsets of ``word\b`` for ASCII words of letters and digits
+        self._stand_in = all(_ALNUM.fullmatch(w) for w in self._lead_re)
         # the punctuation a signature needs, looked up by its first character (memchr) and
         # then by the regex engine's literal search, three times faster than ``in`` for a miss
-        self._needle = {x: re.compile(re.escape(x)).search for sig in self.signatures for x in sig.needs if len(x) > 1}
+        needs = {x for sig in self.signatures for x in sig.needs}
+        self._needle = {x: (x[0], re.compile(re.escape(x)).search if len(x) > 1 else None) for x in needs}
+        # the same in UTF-8, for a text that is not ASCII (the literal search is slow on wide
+        # strings): an ASCII needle occurs in a text exactly when it occurs in its UTF-8
+        self._needle_utf8 = (
+            {x: (x[0].encode(), re.compile(re.escape(x.encode())).search if len(x) > 1 else None) for x in needs}
+            if all(x.isascii() for x in needs) else None
+        )
         # every word the scan asks about, found as whole words in one pass (see norm.Vocabulary)
         words = set(norm.SCAN_WORDS)
         for sig in self.signatures:
@@ -198,8 +207,8 @@ class SignatureDetector(Detector):
         n = norm.normalise(raw)
         tricks |= n.tricks
         indirect = source in INDIRECT_SOURCES
-        v, lv, leet_tokens = self._vocab.views(n.text)
-        tokens = v.found.keys()
+        v, lv, leet_tokens = self._vocab.views(n.text, n.utf8, n.chars)
+        tokens = frozenset(v.found)  # set operations with a set iterate the smaller side
         self._match_view(v, tokens, indirect, hits, quoted)
         found_plain = bool(hits)
 
@@ -217,7 +226,7 @@ class SignatureDetector(Detector):
                 joined, runs = spaced
                 before = len(hits)
                 jv = self._vocab.view(joined)
-                self._match_view(jv, jv.found.keys(), indirect, hits, quoted)
+                self._match_view(jv, frozenset(jv.found), indirect, hits, quoted)
                 for run in runs:
                     for sig in self._compact:
                         if sig.weight > hits.get(sig.id, 0.0) and sig.pattern.search(run):
@@ -241,7 +250,7 @@ class SignatureDetector(Detector):
             # Without a cue, rot13 is only tried on short texts: a long document is not rot13.
             before = len(hits)
             rv = self._vocab.view(norm.rot13(n.text))
-            self._match_view(rv, rv.found.keys(), indirect, hits, quoted)
+            self._match_view(rv, frozenset(rv.found), indirect, hits, quoted)
             if len(hits) > before:
                 tricks.add("rot13")
 
@@ -286,7 +295,13 @@ class SignatureDetector(Detector):
         # matches of \bword\b, else (and for expressions that do not start with \b) _lead_re
         found = view.positions if view.exact else {}
         positions: dict[str, list[int]] = {}
+        search_text: str | None = None
         needed: dict[str, bool] = {}
+        haystack: str | bytes = text
+        needles = self._needle
+        if self._needle_utf8 is not None and not text.isascii():
+            haystack = view.utf8()
+            needles = self._needle_utf8
         lead_re = self._lead_re
         for (sid, sig, w_tool, w_user, only_indirect, _lits, rest, needs, lead, bounded), near, by_literal in candidates.values():
             weight = w_tool if indirect else w_user
@@ -304,25 +319,31 @@ class SignatureDetector(Detector):
                     continue
             if needs:
                 for x in needs:
-                    if _has(needed, x, text, self._needle):
+                    if _has(needed, x, haystack, needles):
                         break
                 else:
                     continue
             m = None
             if lead:
+                # the earliest match in the text, whichever lead word it starts with (the order of
+                # a set of words depends on the process's hash seed, and so did the match taken)
+                starts: list[int] | None = None
                 for word in lead.intersection(tokens):
                     at = found.get(word) if bounded else None
                     if at is None:
                         at = positions.get(word)
                         if at is None:
-                            at = positions[word] = [p.start() for p in lead_re[word].finditer(text)]
+                            if search_text is None:
+                                # the same offsets as in ``text``; ASCII where it can be
+                                search_text = view.search_text() if self._stand_in else text
+                            at = positions[word] = [p.start() for p in lead_re[word].finditer(search_text)]
+                    starts = at if starts is None else sorted(starts + at)
+                if starts:
                     match = sig.pattern.match
-                    for i in at:
+                    for i in starts:
                         m = match(text, i)
                         if m is not None:
                             break
-                    if m is not None:
-                        break
                 w = text
             else:
                 for w in ([text] if whole else _windows(text, near)):
@@ -346,15 +367,16 @@ class SignatureDetector(Detector):
                     quoted.discard(sid)
 
 
-def _has(cache: dict[str, bool], needle: str, text: str, search: Mapping[str, Any]) -> bool:
+def _has(cache: dict[str, bool], needle: str, haystack: Any, needles: Mapping[str, Any]) -> bool:
     found = cache.get(needle)
     if found is None:
-        if needle[0] not in text:
+        first, search = needles[needle]
+        if first not in haystack:
             found = False
-        elif len(needle) == 1:
+        elif search is None:
             found = True
         else:
-            found = search[needle](text) is not None
+            found = search(haystack) is not None
         cache[needle] = found
     return found
 

@@ -169,7 +169,7 @@ class Engine:
     def detect(self, text: str, source: Source) -> Detection:
         for pattern in self.allow:
             text = pattern.sub(" ", text)
-        if not text.strip():
+        if not text or text.isspace():
             return NOTHING
         results = [(d.detect(text, source), w) for d, w in self.detectors]
         if len(results) == 1 and results[0][1] == 1.0:
@@ -177,6 +177,8 @@ class Engine:
         return _combine(results, self.combine)
 
     def cached(self, text: str, source: Source) -> Detection | None:
+        if self.cache_size <= 0:
+            return None  # nothing is remembered: no need to hash the text
         key = (source, len(text), hash(text))
         hit = self._cache.get(key)
         if hit is not None:

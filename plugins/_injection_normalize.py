@@ -94,6 +94,10 @@ class Normalised:
     tricks: set[str] = field(default_factory=set)
     #: text hidden in Unicode tag characters, decoded to ASCII
     smuggled: str = ""
+    #: ``text`` in UTF-8 and its distinct characters beyond ASCII, when known (a text that is not
+    #: ASCII); :meth:`Vocabulary.views` takes them instead of working them out again
+    utf8: bytes | None = None
+    chars: frozenset[str] | None = None
 
     @property
     def tokens(self) -> set[str]:
@@ -107,27 +111,36 @@ def normalise(raw: str) -> Normalised:
     tricks: set[str] = set()
     smuggled = ""
     if raw.isascii():
-        text = raw.lower()
-    else:
-        codes = set(map(ord, set(raw)))  # the distinct characters first: half the cost
-        if codes & _INVISIBLE_CODES and _INSIDE_WORD.search(raw):
-            # joiners inside emoji sequences are normal; inside a word they split a keyword
-            tricks.add("invisible")
-        if codes & _BIDI_CODES:
-            tricks.add("bidi")
-        if any(_TAG_FIRST <= c <= _TAG_LAST for c in codes):
-            smuggled = "".join(chr(ord(ch) - _TAG_FIRST) for ch in raw if 0xE0020 <= ord(ch) <= 0xE007E)
-            # Subdivision flags (England, Scotland) are tag sequences after U+1F3F4; they are short.
-            if len(smuggled) > 6:
-                tricks.add("tags")
-            else:
-                smuggled = ""
-            raw = "".join(ch for ch in raw if not (_TAG_FIRST <= ord(ch) <= _TAG_LAST))
-        text = unicodedata.normalize("NFKC", raw)
-        if codes & _CONFUSABLE_CODES and _mixed_script(text):
-            tricks.add("confusable")
-        # NFKC can make a character to fold ("″" is "′′"): look again when it changed the text
-        fold = (codes if text == raw else set(map(ord, set(text)))).intersection(_FOLD_TABLE)
+        return Normalised(raw.lower(), tricks, smuggled)
+    # the distinct characters beyond ASCII, from the UTF-8 with its ASCII bytes deleted: every
+    # character this function looks for is beyond ASCII, and most texts hold few such characters
+    data = raw.encode("utf-8", "surrogatepass")
+    chars = _non_ascii(data)
+    codes = set(map(ord, chars))
+    if codes & _INVISIBLE_CODES and _INSIDE_WORD.search(raw):
+        # joiners inside emoji sequences are normal; inside a word they split a keyword
+        tricks.add("invisible")
+    if codes & _BIDI_CODES:
+        tricks.add("bidi")
+    if any(_TAG_FIRST <= c <= _TAG_LAST for c in codes):
+        smuggled = "".join(chr(ord(ch) - _TAG_FIRST) for ch in raw if 0xE0020 <= ord(ch) <= 0xE007E)
+        # Subdivision flags (England, Scotland) are tag sequences after U+1F3F4; they are short.
+        if len(smuggled) > 6:
+            tricks.add("tags")
+        else:
+            smuggled = ""
+        raw = "".join(ch for ch in raw if not (_TAG_FIRST <= ord(ch) <= _TAG_LAST))
+        data = raw.encode("utf-8", "surrogatepass")
+        chars = {c for c in chars if not _TAG_FIRST <= ord(c) <= _TAG_LAST}
+    text = unicodedata.normalize("NFKC", raw)
+    if codes & _CONFUSABLE_CODES and _mixed_script(text):
+        tricks.add("confusable")
+    # NFKC can make a character to fold ("″" is "′′"): look again when it changed the text
+    if text != raw:
+        data = text.encode("utf-8", "surrogatepass")
+        chars = _non_ascii(data)
+    fold = set(map(ord, chars)).intersection(_FOLD_TABLE)
+    if fold:
         if len(fold) > _FEW_FOLDS:
             text = text.translate(_FOLD_TABLE)
         else:
@@ -135,8 +148,39 @@ def normalise(raw: str) -> Normalised:
             # look-up per character; the same result, as no folded character is folded again
             for c in fold:
                 text = text.replace(chr(c), _FOLD_TABLE[c] or "")
-        text = text.lower()
-    return Normalised(text, tricks, smuggled)
+        # every folded character becomes ASCII or nothing
+        chars = chars.difference(map(chr, fold))
+        data = text.encode("utf-8", "surrogatepass")
+    if not chars:
+        return Normalised(text.lower(), tricks, smuggled)
+    # ``str.lower`` looks each character up; ASCII is lowered as bytes, and the few characters
+    # beyond ASCII that have a lower case (checked one by one) are replaced
+    upper = [c for c in chars if c.lower() != c]
+    if not upper:
+        data = data.lower()
+        return Normalised(data.decode("utf-8", "surrogatepass"), tricks, smuggled, data, frozenset(chars))
+    if len(upper) <= _FEW_FOLDS and all(map(_plain_lower, upper)):
+        text = data.lower().decode("utf-8", "surrogatepass")
+        for c in upper:
+            text = text.replace(c, c.lower())
+        return Normalised(text, tricks, smuggled)
+    return Normalised(text.lower(), tricks, smuggled)
+
+
+_ASCII_BYTES = bytes(range(128))
+
+
+def _non_ascii(data: bytes) -> set[str]:
+    """The distinct characters beyond ASCII of a text, given its UTF-8."""
+    return set(data.translate(None, _ASCII_BYTES).decode("utf-8", "surrogatepass"))
+
+
+def _plain_lower(c: str) -> bool:
+    """``c.lower()`` does not depend on the characters around ``c`` (only capital sigma's does,
+    U+03A3 at the end of a word) and lowers to characters that lower to themselves."""
+    low = c.lower()
+    return c != "\u03a3" and low.lower() == low
+
 
 
 def _mixed_script(text: str) -> bool:
@@ -306,29 +350,50 @@ _ODD_CLASS = bytes(
 )
 
 
-# the same for UTF-8 bytes: ASCII breaks only (a byte from 0x80 up is part of a character)
-_PAD_UTF8 = _PAD_BYTES[:128] + bytes(range(128, 256))
-# the whitespace beyond ASCII, in UTF-8: U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028,
-# U+2029, U+202F, U+205F, U+3000 (``_PAD_STR``'s); each becomes one space (one character)
-_UNICODE_SPACE = re.compile(rb"\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2(?:\x80[\x80-\x8a\xa8\xa9\xaf]|\x81\x9f)|\xe3\x80\x80")
+# the same for UTF-8 bytes, one byte per character: ASCII as in ``_PAD_BYTES``, the first byte of
+# a longer character \x01 (a character of a word, and in no word of a vocabulary, which is
+# ASCII) and the bytes that continue it deleted (``_UTF8_CONT``), so offsets are the text's
+_PAD_ONE = _PAD_BYTES[:128] + b"\x01" * 128
+_UTF8_CONT = bytes(range(0x80, 0xC0))
+# an ASCII stand-in for a text, where ``re`` sees the same literal words and the same \b: ASCII
+# as it is, a character beyond ASCII that is a word character for ``re`` (``str.isalnum``) '_',
+# any other one a space (one ``bytes.replace`` per kind, in the UTF-8, before the translation)
+_WORDISH = bytes(range(128)) + b"_" * 128
+_FEW_KINDS = 32
 
 
-def _pad_unicode(text: str) -> str:
-    """``" " + text.translate(_PAD_STR) + " "``, without a dictionary look-up per character."""
-    data = text.encode("utf-8", "surrogatepass")
-    if _UNICODE_SPACE.search(data):
-        data = _UNICODE_SPACE.sub(b" ", data)
-    return " " + data.translate(_PAD_UTF8).decode("utf-8", "surrogatepass") + " "
+# the whitespace beyond ASCII (``_PAD_STR``'s: U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028,
+# U+2029, U+202F, U+205F, U+3000); each becomes one space (one character)
+_UNICODE_SPACES = frozenset(chr(c) for c in range(128, 0x3001) if chr(c).isspace())
+
+
+def _ascii_stand_in(data: bytes, chars: Iterable[str] | None) -> str | None:
+    """An ASCII text of the same length as the text whose UTF-8 is ``data`` (and whose distinct
+    characters beyond ASCII are ``chars``) where ``word\\b`` matches exactly where it matches in
+    the text, for any ASCII ``word`` of letters and digits; ``None`` past a few kinds of
+    characters that are neither words nor ASCII."""
+    if chars is None:
+        chars = _non_ascii(data)
+    other = [c for c in chars if not c.isalnum()]
+    if len(other) > _FEW_KINDS:
+        return None
+    for c in other:
+        data = data.replace(c.encode("utf-8", "surrogatepass"), b" ")
+    return data.translate(_WORDISH, _UTF8_CONT).decode("ascii")
 
 
 class View:
     """One text as the detector's vocabulary sees it: which of its words occur as words, and where."""
 
-    __slots__ = ("text", "padded", "found", "exact", "positions", "_bytes")
+    __slots__ = ("text", "padded", "found", "exact", "positions", "_bytes", "_stand_in", "_utf8", "_chars")
 
-    def __init__(self, text: str, padded: str, found: dict[str, list[int]], exact: bool, padded_bytes: bytes | None) -> None:
+    def __init__(
+        self, text: str, padded: str, found: dict[str, list[int]], exact: bool, padded_bytes: bytes | None,
+        utf8: bytes | None = None, chars: Iterable[str] | None = None,
+    ) -> None:
         self.text = text
-        #: ``text`` with every word break a space, a space at both ends
+        #: ``text`` with every word break a space, a space at both ends (and, when ``text`` is
+        #: not ASCII, every other character beyond ASCII \x01: one character per character)
         self.padded = padded
         #: each vocabulary word that occurs as a word -> the offsets in ``text`` where it does
         self.found = found
@@ -338,6 +403,22 @@ class View:
         #: ``found``, plus the pieces between '@' and '$' inside words
         self.positions = found
         self._bytes = padded_bytes
+        self._stand_in: str | None = text if text.isascii() else None
+        self._utf8 = utf8
+        self._chars = chars
+
+    def utf8(self) -> bytes:
+        """``text`` in UTF-8."""
+        if self._utf8 is None:
+            self._utf8 = self.text.encode("utf-8", "surrogatepass")
+        return self._utf8
+
+    def search_text(self) -> str:
+        """``text``, or an ASCII stand-in where ``word\\b`` (an ASCII word of letters and digits)
+        matches at the same offsets: the regex engine's literal search is fastest on ASCII."""
+        if self._stand_in is None:
+            self._stand_in = _ascii_stand_in(self.utf8(), self._chars) or self.text
+        return self._stand_in
 
     @property
     def empty(self) -> bool:
@@ -364,26 +445,62 @@ class Vocabulary:
     def __init__(self, words: Iterable[str]) -> None:
         self.words = frozenset(words)
         for w in self.words:
-            if not w or w != w.translate(_PAD_STR) or w != w.lower():
-                raise ValueError(f"not a lower-case word: {w!r}")
+            if not w or w != w.translate(_PAD_STR) or w != w.lower() or not w.isascii():
+                raise ValueError(f"not a lower-case ASCII word: {w!r}")
         automaton = ahocorasick.Automaton()
         for w in self.words:
             automaton.add_word(f" {w} ", (w, len(w) + 1))
         automaton.make_automaton()
         self._iter = automaton.iter
+        both = ahocorasick.Automaton()
+        for w in self.words:
+            for left in " \x02":
+                for right in " \x02":
+                    both.add_word(f"{left}{w}{right}", (w, len(w) + 1, left == right == " "))
+        both.make_automaton()
+        self._iter_both = both.iter
         self._leet_spelt = frozenset(w for w in self.words if w != leet(w))
 
-    def view(self, text: str) -> View:
+    def view(self, text: str, utf8: bytes | None = None, chars: Iterable[str] | None = None) -> View:
+        """``utf8`` and ``chars``: ``text`` in UTF-8 and its distinct characters beyond ASCII, if known."""
         if text.isascii():
             raw = text.encode("ascii")
             pb = b" " + raw.translate(_PAD_BYTES) + b" "
             padded = pb.decode("ascii")
             odd = raw.translate(_ODD_CLASS)
             return View(text, padded, self._scan(padded), 0 not in odd and 2 not in odd, pb)
-        padded = _pad_unicode(text)
-        return View(text, padded, self._scan(padded), False, None)
+        if utf8 is None:
+            utf8 = text.encode("utf-8", "surrogatepass")
+        if chars is None:
+            chars = _non_ascii(utf8)
+        data = utf8
+        for c in _UNICODE_SPACES.intersection(chars):
+            data = data.replace(c.encode("utf-8"), b" ")
+        odd = data.translate(_ODD_CLASS)
+        other = [c for c in chars if not c.isalnum() and c not in _UNICODE_SPACES] if 0 not in odd and 2 not in odd else None
+        if other is None or len(other) > _FEW_KINDS:
+            pb = b" " + data.translate(_PAD_ONE, _UTF8_CONT) + b" "
+            padded = pb.decode("ascii")
+            return View(text, padded, self._scan(padded), False, pb, utf8, chars)
+        # Without '@', '$', '_' and control characters, a word of letters and digits occurs as
+        # ``\bword\b`` where it is between two characters that are not word characters for
+        # ``re``: word breaks, and characters beyond ASCII that are neither letters, digits nor
+        # spaces (a dash, a bullet, an emoji), which are not word breaks. Those become \x02 (a
+        # character of a word, for the token set), and one pass of a second automaton, that also
+        # knows the words between \x02 and a space, finds both the words and where ``\bword\b``
+        # matches
+        for c in other:
+            data = data.replace(c.encode("utf-8", "surrogatepass"), b"\x02")
+        pb = b" " + data.translate(_PAD_ONE, _UTF8_CONT) + b" "
+        padded = pb.decode("ascii")
+        if not other:
+            return View(text, padded, self._scan(padded), True, pb, utf8, chars)
+        found, positions = self._scan_both(padded)
+        v = View(text, padded, found, True, pb, utf8, chars)
+        v.positions = positions
+        return v
 
-    def views(self, text: str) -> tuple[View, View | None, set[str]]:
+    def views(self, text: str, utf8: bytes | None = None, chars: Iterable[str] | None = None) -> tuple[View, View | None, set[str]]:
         """The view of ``text`` and, when a word of it reads differently in leetspeak, the
         view of ``leet(text)`` and the vocabulary words among the leetspeak view's tokens:
         the plain ones and those the words mixing letters with leetspeak characters read as
@@ -394,9 +511,9 @@ class Vocabulary:
         text. Otherwise one pass over the leetspeak text finds both: a word found there is a
         plain one where the text itself spells it (a word keeps its place under ``leet``)."""
         if not may_be_leet(text):
-            return self.view(text), None, set()
+            return self.view(text, utf8, chars), None, set()
         if not text.isascii():
-            plain = self.view(text)
+            plain = self.view(text, utf8, chars)
             lpadded = plain.padded.translate(_LEET)
             lfound = self._scan(lpadded)
             words = set(plain.found)
@@ -483,6 +600,29 @@ class Vocabulary:
         if words.issubset(found):
             return plain, None, set()
         return plain, View(leet(text), lpadded, lfound, 0 not in odd, lpb), words
+
+    def _scan_both(self, padded: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """The words between spaces (as ``_scan``) and the words between spaces or \\x02."""
+        between: dict[str, list[int]] = {}
+        beside: list[tuple[str, int]] = []
+        for end, (w, back, word) in self._iter_both(padded):
+            at = between.get(w)
+            if at is None:
+                between[w] = [end - back]
+            else:
+                at.append(end - back)
+            if not word:
+                beside.append((w, end - back))
+        if not beside:
+            return between, between
+        found = dict(between)
+        for w, i in beside:
+            at = [j for j in found[w] if j != i]
+            if at:
+                found[w] = at
+            else:
+                del found[w]
+        return found, between
 
     def _scan(self, padded: str) -> dict[str, list[int]]:
         found: dict[str, list[int]] = {}
