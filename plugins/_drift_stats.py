@@ -35,20 +35,22 @@ OTHER = "other"
 class Reservoir:
     """A uniform sample of at most ``capacity`` values of a stream of unknown length."""
 
-    __slots__ = ("capacity", "values", "seen", "_rng")
+    __slots__ = ("capacity", "values", "seen", "_rng", "_below")
 
     def __init__(self, capacity: int, rng: random.Random) -> None:
         self.capacity = capacity
         self.values: list[float] = []
         self.seen = 0
         self._rng = rng
+        # rng.randrange(n) for n > 0 is rng._randbelow(n) after argument checks: the same draws, less work
+        self._below = getattr(rng, "_randbelow", rng.randrange)
 
     def add(self, value: float) -> None:
         self.seen += 1
         if len(self.values) < self.capacity:
             self.values.append(value)
         else:
-            j = self._rng.randrange(self.seen)
+            j = self._below(self.seen)
             if j < self.capacity:
                 self.values[j] = value
 
