@@ -54,6 +54,23 @@ def test_reservoir_keeps_capacity_and_is_uniform():
     assert abs(sum(means) / len(means) - 499.5) < 15
 
 
+def test_reservoir_keeps_what_algorithm_r_with_randrange_keeps():
+    """The reservoir's draws are ``randrange``'s: a seeded window keeps the same values as before."""
+    for seed in range(5):
+        r = Reservoir(100, random.Random(seed))
+        rng = random.Random(seed)
+        kept: list[float] = []
+        for i in range(20_000):
+            r.add(float(i))
+            if len(kept) < 100:
+                kept.append(float(i))
+            else:
+                j = rng.randrange(i + 1)
+                if j < 100:
+                    kept[j] = float(i)
+        assert r.values == kept
+
+
 def test_psi_zero_for_same_distribution_and_large_for_a_shift():
     rng = np.random.default_rng(1)
     a = rng.normal(0, 1, 5000).tolist()
