@@ -413,10 +413,16 @@ def float_attribute(key: str) -> Any:
 def str_attribute(key: str) -> Any:
     """An encoder of ``key``'s attribute for string values that are never cached (ids), its key encoded once."""
     k = _str(1, key)
+    small = 128 - len(k) - 4  # values shorter than this fit one-byte lengths throughout
 
     def encode(value: Any) -> bytes:
         if type(value) is str:
-            return _len(9, k + _len(2, _str(1, value)))
+            b = value.encode("utf-8", "surrogatepass")
+            n = len(b)
+            if n < small:
+                # KeyValue{key, value: AnyValue{string_value}} in field 9, lengths written directly
+                return b"".join((b"\x4a", _SMALL[len(k) + n + 4], k, b"\x12", _SMALL[n + 2], b"\x0a", _SMALL[n], b))
+            return _len(9, k + _len(2, _len(1, b)))
         return b"" if value is None else _attribute(key, value)
 
     return encode

@@ -451,30 +451,50 @@ class Tracing(Plugin):
         usage = ctx.usage
         used = b""
         if usage is not None:
-            used = _attr("gen_ai.usage.input_tokens", usage.prompt_tokens) + _attr("gen_ai.usage.output_tokens", usage.completion_tokens)
-            if usage.cached_tokens:
-                used += _attr("gen_ai.usage.cache_read.input_tokens", usage.cached_tokens)
-            if usage.reasoning_tokens:
-                used += _attr("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens)
-            if usage.estimated:
-                used += _attr("sluice.usage.estimated", True)
+            p_, c_, ca, re_ = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.reasoning_tokens
+            # types in the key: 21 and 21.0 are equal keys but different attributes
+            key = (7, p_, c_, ca, re_, not usage.estimated, type(p_), type(c_), type(ca), type(re_))
+            used = parts.get(key)
+            if used is None:
+                d = {"gen_ai.usage.input_tokens": p_, "gen_ai.usage.output_tokens": c_}
+                if ca:
+                    d["gen_ai.usage.cache_read.input_tokens"] = ca
+                if re_:
+                    d["gen_ai.usage.reasoning.output_tokens"] = re_
+                if usage.estimated:
+                    d["sluice.usage.estimated"] = True
+                used = parts[key] = wire.attributes(9, d)
             attrs.append(used)
         if ctx.cost is not None:
             attrs.append(_COST(ctx.cost))
         answer = b""
         upstream = ctx.upstream
-        resp = None
+        answered_model: str | None = None  # the response's own model, when it names one
         if ctx.response is not None and upstream is not None and len(ctx.response.body) <= 4 * 1024 * 1024:
-            resp = response_attributes(ctx.response.json)
-            # the id is new every time; the model and finish reasons repeat
-            key = (6, resp.get("gen_ai.response.model"), tuple(resp.get("gen_ai.response.finish_reasons") or ()))
-            rest = parts.get(key)
-            if rest is None:
-                rest = parts[key] = wire.attributes(9, {k: v for k, v in resp.items() if k != "gen_ai.response.id"})
-            answer = _RESPONSE_ID(resp.get("gen_ai.response.id")) + rest
-            attrs.append(answer)
+            # response_attributes' values, without its dict: the id is new every time; the
+            # model and finish reasons repeat
+            rbody = ctx.response.json
+            if isinstance(rbody, dict):
+                rid = rbody.get("id")
+                rmodel = rbody.get("model")
+                if not isinstance(rmodel, str):
+                    rmodel = None
+                reasons = tuple([r for r in [c.get("finish_reason") for c in rbody.get("choices") or () if isinstance(c, dict)]
+                                 if isinstance(r, str)])
+                key = (6, rmodel, reasons)
+                rest = parts.get(key)
+                if rest is None:
+                    d = {}
+                    if rmodel is not None:
+                        d["gen_ai.response.model"] = rmodel
+                    if reasons:
+                        d["gen_ai.response.finish_reasons"] = list(reasons)
+                    rest = parts[key] = wire.attributes(9, d)
+                answer = (_RESPONSE_ID(rid) if isinstance(rid, str) else b"") + rest
+                attrs.append(answer)
+                answered_model = rmodel
         if upstream is not None:
-            fallback = upstream.model if upstream.model and (resp is None or "gen_ai.response.model" not in resp) else None
+            fallback = upstream.model if upstream.model and answered_model is None else None
             key = (2, upstream.upstream, fallback)
             served = parts.get(key)
             if served is None:

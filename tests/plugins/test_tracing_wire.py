@@ -119,6 +119,13 @@ def _contexts(rt):
         {"model": "other", "prompt": "once upon", "max_completion_tokens": 5},
         {"messages": [{"role": "user", "content": "no model"}]},
     ]
+    answers = [
+        answer,
+        orjson.dumps({"id": "chatcmpl-" + "x" * 200, "model": "gpt-4o-2024", "choices": [{"finish_reason": "stop"}]}),
+        orjson.dumps({"id": "réponse-ü", "choices": [{"finish_reason": "length"}, "odd", {"finish_reason": None}]}),
+        orjson.dumps({"id": 5, "model": 7, "choices": {"finish_reason": "stop"}}),
+        orjson.dumps([1, 2]),
+    ]
     out = []
     for i, body in enumerate(bodies):
         for variant in range(6):
@@ -131,6 +138,7 @@ def _contexts(rt):
             ident = None if variant in (0, 3) else Identity(key_id=f"k{variant}", team="t" if variant % 2 else None)
             ctx = make_context(body, runtime=rt, identity=ident, headers=headers, path="/v1/chat/completions" if i != 6 else "/v1/completions")
             ctx.route = route if variant != 4 else None
+            ctx.request_id = "req_" + "é" * (i * 20) + "x" * (i * 3)
             t = ctx.timings
             t.end = t.start + 0.05
             if variant == 3:  # answered early by a plugin: no attempt
@@ -159,8 +167,9 @@ def _contexts(rt):
                 ctx.status = 200 if variant != 4 else 502
                 ctx.outcome = "ok" if variant != 4 else "upstream_error"
                 if variant != 2:
-                    ctx.response = Response(ctx.status, {"content-type": "application/json"}, answer if variant != 4 else b"{}")
-                ctx.usage = Usage(21, 28, 49) if variant != 4 else None
+                    ctx.response = Response(ctx.status, {"content-type": "application/json"},
+                                            answers[i % len(answers)] if variant != 4 else b"{}")
+                ctx.usage = (Usage(21, 28, 49) if i % 2 else Usage(21.0, 28, 49)) if variant != 4 else None
                 if variant == 0:
                     ctx.tags["cache"] = "hit"
             t.plugins.update({"metrics.on_done": 2e-5, "tracing.on_request": 1e-5})
