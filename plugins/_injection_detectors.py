@@ -16,7 +16,7 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Collection, Iterable, Literal, Mapping
+from typing import AbstractSet, Any, ClassVar, Iterable, Literal, Mapping
 
 from . import _injection_normalize as norm
 from ._injection_signatures import BY_ID, COMPACT, OBFUSCATION_WEIGHTS, SIGNATURES, VERSION, Signature
@@ -255,9 +255,9 @@ class SignatureDetector(Detector):
                 tricks.add("rot13")
 
     def _match_view(
-        self, view: norm.View, tokens: Collection[str], indirect: bool, hits: dict[str, float], quoted: set[str]
+        self, view: norm.View, tokens: AbstractSet[str], indirect: bool, hits: dict[str, float], quoted: set[str]
     ) -> None:
-        """Match the signatures on ``view.text``, whose tokens (as far as the vocabulary goes) are ``tokens``."""
+        """Match the signatures on ``view.text``, whose tokens (as far as the vocabulary goes) are ``tokens`` (a set)."""
         text = view.text
         # signature id -> [record, the anchors (or literals) near which to look in a long text,
         # whether a literal (which needs no other anchor group) brought it in]
@@ -309,17 +309,14 @@ class SignatureDetector(Detector):
                 continue
             if only_indirect and not indirect:
                 continue
-            if rest and not by_literal:
-                skip = False
-                for g in rest:
-                    if g.isdisjoint(tokens):
-                        skip = True
-                        break
-                if skip:
-                    continue
+            if rest and not by_literal and any(map(tokens.isdisjoint, rest)):
+                continue
             if needs:
                 for x in needs:
-                    if _has(needed, x, haystack, needles):
+                    has = needed.get(x)
+                    if has is None:
+                        has = _has(needed, x, haystack, needles)
+                    if has:
                         break
                 else:
                     continue
@@ -381,10 +378,11 @@ def _has(cache: dict[str, bool], needle: str, haystack: Any, needles: Mapping[st
     return found
 
 
+_QUOTE_SET = frozenset(_QUOTES)
+
+
 def _quoted(text: str, start: int, end: int) -> bool:
-    before = text[max(0, start - 3):start]
-    after = text[end:end + 40]
-    return any(q in before for q in _QUOTES) and any(q in after for q in _QUOTES)
+    return not _QUOTE_SET.isdisjoint(text[max(0, start - 3):start]) and not _QUOTE_SET.isdisjoint(text[end:end + 40])
 
 
 def _windows(text: str, anchors: list[str]) -> list[str]:

@@ -345,8 +345,12 @@ _FEW = 48
 # control characters that are not whitespace (class 0). Without them (and in ASCII), a word
 # ``w`` of letters and digits occurs as a word at ``i`` exactly when ``\bw\b`` matches at
 # ``i``; in the leetspeak text '@' and '$' have become letters, so only class 0 counts there.
+# The other characters are ' ' (a word break) or 'x' (a character of a word): without classes 0
+# and 2 this is the long-word mask (``_LONG_MASK``) of ASCII text, so one translation serves both.
 _ODD_CLASS = bytes(
-    0 if (c < 32 and not chr(c).isspace()) or c == 127 or c == ord("_") else 2 if chr(c) in "@$" else 1 for c in range(256)
+    0 if (c < 32 and not chr(c).isspace()) or c == 127 or c == ord("_") else 2 if chr(c) in "@$"
+    else 32 if c < 128 and _PAD_BYTES[c] == 32 else 120
+    for c in range(256)
 )
 
 
@@ -385,7 +389,7 @@ def _ascii_stand_in(data: bytes, chars: Iterable[str] | None) -> str | None:
 class View:
     """One text as the detector's vocabulary sees it: which of its words occur as words, and where."""
 
-    __slots__ = ("text", "padded", "found", "exact", "positions", "_bytes", "_stand_in", "_utf8", "_chars")
+    __slots__ = ("text", "padded", "found", "exact", "positions", "_bytes", "_stand_in", "_utf8", "_chars", "_long_mask")
 
     def __init__(
         self, text: str, padded: str, found: dict[str, list[int]], exact: bool, padded_bytes: bytes | None,
@@ -406,6 +410,8 @@ class View:
         self._stand_in: str | None = text if text.isascii() else None
         self._utf8 = utf8
         self._chars = chars
+        #: ``_LONG_MASK`` of the text when already at hand
+        self._long_mask: bytes | None = None
 
     def utf8(self) -> bytes:
         """``text`` in UTF-8."""
@@ -427,6 +433,8 @@ class View:
 
     def long_word(self) -> bool:
         """The text has a word of at least 16 characters (a possible encoded payload)."""
+        if self._long_mask is not None:
+            return _LONG_RUN in self._long_mask
         if self._bytes is not None:
             return _LONG_RUN in self._bytes.translate(_LONG_MASK)
         # a character is at least one byte of UTF-8: no run of 16 bytes, no word of 16 characters
@@ -468,7 +476,10 @@ class Vocabulary:
             pb = b" " + raw.translate(_PAD_BYTES) + b" "
             padded = pb.decode("ascii")
             odd = raw.translate(_ODD_CLASS)
-            return View(text, padded, self._scan(padded), 0 not in odd and 2 not in odd, pb)
+            v = View(text, padded, self._scan(padded), 0 not in odd and 2 not in odd, pb)
+            if v.exact:
+                v._long_mask = odd
+            return v
         if utf8 is None:
             utf8 = text.encode("utf-8", "surrogatepass")
         if chars is None:
@@ -533,6 +544,8 @@ class Vocabulary:
             padded = pb.decode("ascii")
             odd = raw.translate(_ODD_CLASS)
             plain = View(text, padded, self._scan(padded), 0 not in odd and 2 not in odd, pb)
+            if plain.exact:
+                plain._long_mask = odd
             if b"@" not in mask:
                 # every word reads the same in leetspeak, or is a number (which does not count)
                 return plain, None, set()
