@@ -188,6 +188,23 @@ class Metering(Plugin):
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
         self._tokenizers = config.tokenizers or None
+        if not self._remote_budgets(runtime):
+            # No budgets, or budgets on this process's counters, which answer at once: both hooks
+            # are plain functions that run the same coroutines to their end on the spot. A route
+            # whose on_done hooks are all plain runs them in the request's task, after the answer,
+            # instead of through the core's on_done queue (a task switch and a queued context per
+            # request). Budgets in Redis keep the async hooks.
+            self.on_request = self.on_request_now  # type: ignore[method-assign]
+            self.on_done = self.on_done_now  # type: ignore[method-assign]
+
+    def _remote_budgets(self, runtime: Any) -> bool:
+        """Whether budget calls go to Redis (and can wait); the backend start() will choose."""
+        if not (self.rules or self.config.identity_budgets):
+            return False  # no counters at all
+        backend = self.config.budget_backend
+        if backend == "auto":
+            backend = "redis" if getattr(getattr(runtime, "state", None), "has_redis", False) else "memory"
+        return backend != "memory"
 
     async def start(self) -> None:
         state = self.runtime.state
@@ -275,6 +292,12 @@ class Metering(Plugin):
                 ) from None
             log.warning("metering: budget counters unavailable; admitting without a reservation request_id=%s", ctx.request_id)
 
+    def on_request_now(self, ctx: Context) -> None:
+        """``on_request`` with budgets on in-process counters (or none): finished before it returns."""
+        if ctx.answered or self.counters is None:
+            return
+        _drive(Metering.on_request(self, ctx))
+
     async def _give_back(self, taken: list[tuple[str, float, float]]) -> None:
         for key, amount, end in taken:
             if amount:
@@ -336,6 +359,10 @@ class Metering(Plugin):
                     except StateUnavailable:
                         log.error("metering: could not reconcile a budget (the reservation stays counted)")
 
+    def on_done_now(self, ctx: Context) -> None:
+        """``on_done`` with budgets on in-process counters (or none): finished before it returns."""
+        _drive(Metering.on_done(self, ctx))
+
     def _served_model(self, ctx: Context) -> str | None:
         resp = ctx.response
         if resp is not None and ctx.upstream is not None and resp.status < 400 and len(resp.body) <= 1 << 20:
@@ -395,6 +422,20 @@ class Metering(Plugin):
     @classmethod
     def admin_routes(cls) -> list[AdminRoute]:
         return [AdminRoute("GET", "usage", _admin_usage), AdminRoute("GET", "budgets", _admin_budgets)]
+
+
+def _drive(coro: Any) -> Any:
+    """Run a coroutine that never suspends to its end, here (budgets on in-process counters).
+
+    ``MemoryCounters.add_sum`` answers without awaiting anything, so metering's hooks
+    finish in their first step; one that suspended would be a bug, reported as such.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("metering: a budget call on in-process counters suspended")
 
 
 def usage_query(group_by: list[str], since: float | None = None, until: float | None = None,

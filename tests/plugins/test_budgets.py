@@ -18,6 +18,13 @@ PER_TOKEN = 1.0  # price of an output token; input is free, so a request costs e
 LONG = "please repeat all of these words back to me now"
 
 
+async def hook(fn, ctx) -> None:
+    """Call a hook as the chain does: plain, or awaited when it is a coroutine function."""
+    r = fn(ctx)
+    if asyncio.iscoroutine(r):
+        await r
+
+
 def config(upstream: FakeUpstream, budgets: list, redis_url: str | None = None, **metering) -> dict:
     cfg = {
         "upstreams": {"demo": {"url": upstream.url, "models": ["sluice-demo"]}},
@@ -148,21 +155,21 @@ async def test_identity_budgets_and_early_answers(tmp_path):
         done = []
         for _ in range(2):
             c = ctx()
-            await p.on_request(c)
+            await hook(p.on_request, c)
             done.append(c)
         with pytest.raises(ProxyError) as exc:
-            await p.on_request(ctx())
+            await hook(p.on_request, ctx())
         assert exc.value.status == 429 and exc.value.code == "insufficient_quota"
         # the first request was answered by a later plugin (a cache hit): its reservation comes back whole
         done[0].tags["cache"] = "hit"
         done[0].reply(200, {"ok": True})
-        await p.on_done(done[0])
+        await hook(p.on_done, done[0])
         c = ctx()
-        await p.on_request(c)
+        await hook(p.on_request, c)
         # the second reached the upstream and used 3 tokens: 7 of its 10 come back
         done[1].attempts.append(Attempt(Target("up"), start=done[1].timings.start, status=200))
         done[1].usage = Usage(1, 3, 4)
-        await p.on_done(done[1])
+        await hook(p.on_done, done[1])
         assert done[1].cost == pytest.approx(3.0)
         key = p.applicable(done[1], __import__("time").time())[0][0]
         assert await p.counters.get_sum(key) == pytest.approx(13.0)
@@ -183,9 +190,9 @@ async def test_counters_down_policy_in_process(tmp_path):
         closed.counters = opened.counters = Down()
         c = make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k"))
         with pytest.raises(ProxyError) as exc:
-            await closed.on_request(c)
+            await hook(closed.on_request, c)
         assert exc.value.status == 503 and exc.value.code == "state_unavailable" and type(exc.value) is ProxyError
-        await opened.on_request(make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k")))
+        await hook(opened.on_request, make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k")))
     finally:
         await rt.close_all()
 
@@ -208,3 +215,21 @@ async def test_admin_budgets_shows_spent_and_reserved(upstream: FakeUpstream, tm
     assert by_scope["key"]["spent_and_reserved"] == pytest.approx(M * PER_TOKEN)
     assert by_scope["team"]["spent_and_reserved"] == pytest.approx(M * PER_TOKEN)
     assert by_scope["key"]["limit"] == 100.0 and by_scope["team"]["period"] == "month"
+
+
+async def test_hooks_are_plain_unless_budgets_live_in_redis(tmp_path):
+    """In-process counters answer at once: plain hooks, so a route of observers runs on_done inline."""
+    from proxy.registry import hook_functions
+
+    rt = await make_runtime(tmp_path)
+    try:
+        for cfg in ({}, {"identity_budgets": False}, {"budgets": [{"scope": "key", "period": "day", "limit": 1}]},
+                    {"budget_backend": "memory"}):
+            p = Metering(Metering.Config.model_validate({"ledger": False, **cfg}), rt)
+            kinds = {name: is_async for name, (_, is_async) in hook_functions(p).items()}
+            assert kinds == {"on_request": False, "on_done": False}, cfg
+        # Redis-backed budgets can wait on the network: the hooks stay coroutines
+        p = Metering(Metering.Config.model_validate({"ledger": False, "budget_backend": "redis"}), rt)
+        assert {name: is_async for name, (_, is_async) in hook_functions(p).items()} == {"on_request": True, "on_done": True}
+    finally:
+        await rt.close_all()

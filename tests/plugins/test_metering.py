@@ -220,9 +220,9 @@ async def test_early_answer_leaves_no_reservation_and_no_row(tmp_path: Path):
         p = await configure_plugin(Metering, {"budgets": [{"scope": "key", "period": "day", "limit": 1}]}, runtime=rt)
         ctx = make_context({"model": "gpt-4o", "messages": []}, runtime=rt)
         ctx.reply(403, {"error": {"message": "no"}}, reason="blocked")
-        await p.on_request(ctx)
+        p.on_request(ctx)  # budgets on this process's counters: plain hooks, finished on return
         assert ctx.stash.get(RESERVED) is None
-        await p.on_done(ctx)
+        p.on_done(ctx)
         await rt.state.records("ledger").flush()
         rows = await rt.state.records("ledger").query("SELECT COUNT(*) AS n FROM ledger")
         assert rows[0]["n"] == 0
