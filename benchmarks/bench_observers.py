@@ -457,8 +457,10 @@ def serve_instrumented(config_path: str, ready_file: str, out: str) -> int:
         setattr(chain_module, phase, timed(getattr(chain_module, phase), f"chain.{phase}"))
     for cls in (Metrics, Metering, Drift, Tracing):
         for hook in ("on_request", "on_response", "on_done"):
-            if hook in cls.__dict__:
-                setattr(cls, hook, timed(cls.__dict__[hook], f"{cls.name}.{hook}"))
+            # metering's plain hooks (budgets not in Redis) are on_request_now / on_done_now
+            for attr in (hook, hook + "_now"):
+                if attr in cls.__dict__:
+                    setattr(cls, attr, timed(cls.__dict__[attr], f"{cls.name}.{hook}"))
 
     def threads() -> dict[str, int]:
         found: dict[str, int] = {}

@@ -294,8 +294,8 @@ class Metering(Plugin):
 
     def on_request_now(self, ctx: Context) -> None:
         """``on_request`` with budgets on in-process counters (or none): finished before it returns."""
-        if ctx.answered or self.counters is None:
-            return
+        if ctx.answered or self.counters is None or ctx.identity is None:
+            return  # no budget can apply (applicable() needs an identity)
         _drive(Metering.on_request(self, ctx))
 
     async def _give_back(self, taken: list[tuple[str, float, float]]) -> None:
@@ -334,11 +334,23 @@ class Metering(Plugin):
 
     @hookimpl
     async def on_done(self, ctx: Context) -> None:
+        reserved = self._settle(ctx)
+        if reserved:
+            await self._reconcile(reserved, ctx.cost or 0.0)
+
+    def on_done_now(self, ctx: Context) -> None:
+        """``on_done`` with budgets on in-process counters (or none): finished before it returns."""
+        reserved = self._settle(ctx)
+        if reserved:
+            _drive(self._reconcile(reserved, ctx.cost or 0.0))
+
+    def _settle(self, ctx: Context) -> list[tuple[str, float, float]] | None:
+        """Usage, cost and the ledger row of a finished request; the reservations to reconcile."""
         reached = bool(ctx.attempts)
         cache_hit = ctx.tags.get("cache") == "hit"
         reserved = ctx.stash.get(RESERVED)
         if not (reached or cache_hit or reserved or self.config.record_answered):
-            return
+            return None
         usage = self.usage_of(ctx) if reached else Usage()
         served = self._served_model(ctx)
         price = self.prices.lookup(served or self._priced_model(ctx)) if reached else None
@@ -350,18 +362,16 @@ class Metering(Plugin):
             f.count(f.cost, cost, route, self.model_label(ctx))
         if self.ledger is not None and (reached or cache_hit or self.config.record_answered):
             self.ledger.append(LEDGER_TABLE, self._row(ctx, usage, served, cost, price is not None, cache_hit, route))
-        if reserved:
-            for key, amount, end in reserved:
-                delta = cost - amount
-                if delta:
-                    try:
-                        await self.counters.add_sum(key, delta, None, end)
-                    except StateUnavailable:
-                        log.error("metering: could not reconcile a budget (the reservation stays counted)")
+        return reserved
 
-    def on_done_now(self, ctx: Context) -> None:
-        """``on_done`` with budgets on in-process counters (or none): finished before it returns."""
-        _drive(Metering.on_done(self, ctx))
+    async def _reconcile(self, reserved: list[tuple[str, float, float]], cost: float) -> None:
+        for key, amount, end in reserved:
+            delta = cost - amount
+            if delta:
+                try:
+                    await self.counters.add_sum(key, delta, None, end)
+                except StateUnavailable:
+                    log.error("metering: could not reconcile a budget (the reservation stays counted)")
 
     def _served_model(self, ctx: Context) -> str | None:
         resp = ctx.response
