@@ -20,6 +20,18 @@ _UNPARSED: Any = object()
 #: a buffered answer up to this size is parsed whole for its usage (and the parse shared)
 SHARED_PARSE_LIMIT = 32 * 1024
 
+_openai: Any = None
+
+
+def _wire() -> Any:
+    """proxy.openai, which imports this module: imported on first use, then kept."""
+    global _openai
+    if _openai is None:
+        from . import openai
+
+        _openai = openai
+    return _openai
+
 
 class StashKey(Generic[T]):
     """A typed key into ``ctx.stash``: each plugin owns its keys, so no two collide."""
@@ -265,14 +277,13 @@ class Context:
         """Token counts of the answer: from the upstream's ``usage``, else what a plugin set."""
         if self._usage_body is not None:
             body, self._usage_body = self._usage_body, None
-            from .openai import usage_from, usage_from_body
-
+            wire = _wire()
             r = self.response
             if r is not None and r._body is body and (r._json is not _UNPARSED or len(body) <= SHARED_PARSE_LIMIT):
                 # one parse of the answer, kept on ctx.response for every later reader
-                u = usage_from(r.json)
+                u = wire.usage_from(r.json)
             else:
-                u = usage_from_body(body)  # a big answer (embeddings): only its tail is read
+                u = wire.usage_from_body(body)  # a big answer (embeddings): only its tail is read
             if u is not None and self._usage is None:
                 self._usage = u
         return self._usage

@@ -52,15 +52,6 @@ def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
     return out
 
 
-def _valid(v: Any) -> bool:
-    """A token count as OpenAI sends one: a non-negative integer (not a bool)."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _int(v: Any) -> int:
-    return v if _valid(v) else 0
-
-
 def usage_from(obj: Any) -> Usage | None:
     """Usage from a chat/completions/embeddings/responses body or stream event, if any.
 
@@ -77,25 +68,39 @@ def usage_from(obj: Any) -> Usage | None:
             u = resp.get("usage")
     if not isinstance(u, dict):
         return None
-    if _valid(u.get("prompt_tokens")) or _valid(u.get("completion_tokens")):
-        prompt = _int(u.get("prompt_tokens"))
-        completion = _int(u.get("completion_tokens"))
-        pd = u.get("prompt_tokens_details") or {}
-        cd = u.get("completion_tokens_details") or {}
-    elif _valid(u.get("input_tokens")) or _valid(u.get("output_tokens")):
-        prompt = _int(u.get("input_tokens"))
-        completion = _int(u.get("output_tokens"))
-        pd = u.get("input_tokens_details") or {}
-        cd = u.get("output_tokens_details") or {}
+    # a token count is a non-negative JSON integer (type() is int: a bool is not one);
+    # every check inline, as this runs once per answer on every route that meters or limits
+    prompt = u.get("prompt_tokens")
+    completion = u.get("completion_tokens")
+    p_ok = type(prompt) is int and prompt >= 0
+    c_ok = type(completion) is int and completion >= 0
+    if p_ok or c_ok:
+        pd = u.get("prompt_tokens_details")
+        cd = u.get("completion_tokens_details")
     else:
-        return None
-    total = _int(u.get("total_tokens")) or prompt + completion
+        prompt = u.get("input_tokens")
+        completion = u.get("output_tokens")
+        p_ok = type(prompt) is int and prompt >= 0
+        c_ok = type(completion) is int and completion >= 0
+        if not (p_ok or c_ok):
+            return None
+        pd = u.get("input_tokens_details")
+        cd = u.get("output_tokens_details")
+    if not p_ok:
+        prompt = 0
+    if not c_ok:
+        completion = 0
+    total = u.get("total_tokens")
+    if not (type(total) is int and total > 0):
+        total = prompt + completion
+    cached = pd.get("cached_tokens") if isinstance(pd, dict) else 0
+    reasoning = cd.get("reasoning_tokens") if isinstance(cd, dict) else 0
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
-        cached_tokens=_int(pd.get("cached_tokens")) if isinstance(pd, dict) else 0,
-        reasoning_tokens=_int(cd.get("reasoning_tokens")) if isinstance(cd, dict) else 0,
+        cached_tokens=cached if type(cached) is int and cached >= 0 else 0,
+        reasoning_tokens=reasoning if type(reasoning) is int and reasoning >= 0 else 0,
     )
 
 

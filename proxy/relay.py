@@ -56,7 +56,38 @@ def tap_event(ctx: Context, ev: Event, injected: bool) -> bool:
 
 
 def tap_block(ctx: Context, block: bytes, injected: bool) -> bytes:
-    """Raw relay: the usage from the block's events, minus an injected usage chunk."""
+    """Raw relay: the usage from the block's events, minus an injected usage chunk.
+
+    Only the events holding ``"usage"`` are parsed (inside a JSON string the quotes
+    would be escaped, so the bytes mark a key); with ``\\n\\n`` between events, each is
+    found from that mark without splitting the block.
+    """
+    if b"\r" in block:
+        return _tap_block_any(ctx, block, injected)
+    pos = 0
+    cuts = None
+    while (k := block.find(b'"usage"', pos)) != -1:
+        start = block.rfind(b"\n\n", 0, k)
+        start = 0 if start == -1 else start + 2
+        end = block.find(b"\n\n", k)
+        end = len(block) if end == -1 else end + 2
+        pos = end
+        ev = parse_block(block[start:end].rstrip(b"\n"))
+        if ev is not None and not tap_event(ctx, ev, injected):
+            (cuts := cuts or []).append((start, end))
+    if cuts is None:
+        return block
+    out = []
+    pos = 0
+    for start, end in cuts:
+        out.append(block[pos:start])
+        pos = end
+    out.append(block[pos:])
+    return b"".join(out)
+
+
+def _tap_block_any(ctx: Context, block: bytes, injected: bool) -> bytes:
+    """:func:`tap_block` for blocks with any of the separators SSE allows."""
     out = []
     pos = 0
     changed = False

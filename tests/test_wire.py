@@ -81,3 +81,59 @@ def test_request_ids_are_unique_and_time_ordered():
     stamps = [int(i[4:16], 16) for i in [first, *ids]]
     assert stamps == sorted(stamps)
     assert abs(stamps[-1] - time.time_ns() // 1_000_000) < 60_000
+
+
+@pytest.mark.parametrize(
+    ("usage", "want"),
+    [
+        ({"prompt_tokens": 3, "completion_tokens": 4}, (3, 4, 7, 0, 0)),
+        ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 9}, (3, 4, 9, 0, 0)),
+        ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 0}, (3, 4, 7, 0, 0)),
+        ({"prompt_tokens": 3, "completion_tokens": True}, (3, 0, 3, 0, 0)),  # a bool is not a count
+        ({"prompt_tokens": -1, "completion_tokens": 2}, (0, 2, 2, 0, 0)),
+        ({"prompt_tokens": 2.0, "completion_tokens": None, "input_tokens": 5}, (5, 0, 5, 0, 0)),
+        ({"prompt_tokens": True, "completion_tokens": False}, None),
+        ({"input_tokens": 1, "output_tokens": 2, "input_tokens_details": None, "output_tokens_details": []}, (1, 2, 3, 0, 0)),
+        ({"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": "4"}, "completion_tokens_details": {"reasoning_tokens": -2}}, (1, 0, 1, 0, 0)),
+        ({"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 1}, "completion_tokens_details": {"reasoning_tokens": 0}}, (1, 0, 1, 1, 0)),
+    ],
+)
+def test_usage_counts_are_non_negative_integers_and_nothing_else(usage, want):
+    u = usage_from({"usage": usage})
+    assert (None if u is None else (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.reasoning_tokens)) == want
+
+
+def _tap(fn, block: bytes, injected: bool):
+    from proxy.testing import make_context
+
+    ctx = make_context({"model": "m"})
+    out = fn(ctx, block, injected)
+    u = ctx.usage
+    return out, None if u is None else (u.prompt_tokens, u.completion_tokens)
+
+
+def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
+    """The ``\\n\\n`` fast path of tap_block against the scan that knows every SSE separator."""
+    import itertools
+
+    from proxy.relay import _tap_block_any, tap_block
+
+    content = b'data: {"choices":[{"delta":{"content":"say \\"usage\\" twice"}}]}'
+    finish = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}'
+    usage_only = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
+    with_choices = b'data: {"choices":[{"delta":{}}],"usage":{"prompt_tokens":7,"completion_tokens":1}}'
+    named = b'event: message\nid: 4\ndata: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2}}'
+    comment = b": keep-alive"
+    done = b"data: [DONE]"
+    parts = [content, finish, usage_only, with_choices, named, comment, done]
+    seen = 0
+    for n in (1, 2, 3):
+        for combo in itertools.permutations(parts, n):
+            for tail in (b"\n\n", b"", b"\n"):
+                block = b"\n\n".join(combo) + tail
+                for injected in (False, True):
+                    assert _tap(tap_block, block, injected) == _tap(_tap_block_any, block, injected), block
+                    seen += 1
+    assert seen > 1000
+    out, usage = _tap(tap_block, content + b"\n\n" + usage_only + b"\n\n" + done + b"\n\n", True)
+    assert out == content + b"\n\n" + done + b"\n\n" and usage == (3, 5)
