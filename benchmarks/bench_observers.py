@@ -375,6 +375,9 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
         added["observers (against)"] = statistics.median(
             a - b for a, b in zip(per["observers (against)"], per["empty (against)"]))
         added["empty (against)"] = statistics.median(a - b for a, b in zip(per["empty (against)"], per["empty"]))
+        # the two trees' observers head to head, round by round (the same minute's load on both)
+        added["observers minus observers (against), paired"] = statistics.median(
+            a - b for a, b in zip(per["observers"], per["observers (against)"]))
     return {
         "requests_per_config": n,
         "rounds": rounds,
