@@ -169,6 +169,7 @@ class SignatureDetector(Detector):
             for g in sig.anchors:
                 words.update(g)
         self._vocab = norm.Vocabulary(words)
+        norm.composing()  # built now, off the request path
         self._version = f"{VERSION}-{'-'.join(sorted(disable))}" if disable else VERSION
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import string
 import unicodedata
@@ -132,7 +133,9 @@ def normalise(raw: str) -> Normalised:
         raw = "".join(ch for ch in raw if not (_TAG_FIRST <= ord(ch) <= _TAG_LAST))
         data = raw.encode("utf-8", "surrogatepass")
         chars = {c for c in chars if not _TAG_FIRST <= ord(c) <= _TAG_LAST}
-    text = unicodedata.normalize("NFKC", raw)
+    # a text of stable characters is its own NFKC; ASCII is stable, so the quick check over
+    # every character is needed only when a character beyond ASCII is not
+    text = raw if all(map(_stable, chars)) else unicodedata.normalize("NFKC", raw)
     if codes & _CONFUSABLE_CODES and _mixed_script(text):
         tricks.add("confusable")
     # NFKC can make a character to fold ("″" is "′′"): look again when it changed the text
@@ -168,6 +171,33 @@ def normalise(raw: str) -> Normalised:
 
 
 _ASCII_BYTES = bytes(range(128))
+_COMPOSING: frozenset[int] | None = None
+
+
+def composing() -> frozenset[int]:
+    """The characters that can compose with a character before them (NFC, NFKC): the second
+    character of every two-character canonical decomposition, and the Hangul vowel and trailing
+    consonant jamo. Built once, on first use (tens of milliseconds)."""
+    global _COMPOSING
+    if _COMPOSING is None:
+        found = set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))
+        decomposition = unicodedata.decomposition
+        for c in range(0xC0, 0x110000):
+            d = decomposition(chr(c))
+            if d and d[0] != "<":
+                parts = d.split()
+                if len(parts) == 2:
+                    found.add(int(parts[1], 16))
+        _COMPOSING = frozenset(found)
+    return _COMPOSING
+
+
+@functools.lru_cache(maxsize=4096)
+def _stable(c: str) -> bool:
+    """``c`` is NFKC-stable: its own NFKC, canonical combining class 0 and composing with no
+    character before it; a text of stable characters (and ASCII) is unchanged by NFKC, as its
+    quick check answers yes (UAX #15)."""
+    return unicodedata.combining(c) == 0 and unicodedata.normalize("NFKC", c) == c and ord(c) not in composing()
 
 
 def _non_ascii(data: bytes) -> set[str]:
@@ -371,6 +401,12 @@ _FEW_KINDS = 32
 _UNICODE_SPACES = frozenset(chr(c) for c in range(128, 0x3001) if chr(c).isspace())
 
 
+def _as_one(c: str, byte: int) -> tuple[bytes, bytes]:
+    """``c`` in UTF-8, and as many bytes: ``byte`` then continuation bytes (0x80)."""
+    e = c.encode("utf-8", "surrogatepass")
+    return e, bytes((byte,)) + b"\x80" * (len(e) - 1)
+
+
 def _ascii_stand_in(data: bytes, chars: Iterable[str] | None) -> str | None:
     """An ASCII text of the same length as the text whose UTF-8 is ``data`` (and whose distinct
     characters beyond ASCII are ``chars``) where ``word\\b`` matches exactly where it matches in
@@ -382,7 +418,7 @@ def _ascii_stand_in(data: bytes, chars: Iterable[str] | None) -> str | None:
     if len(other) > _FEW_KINDS:
         return None
     for c in other:
-        data = data.replace(c.encode("utf-8", "surrogatepass"), b" ")
+        data = data.replace(*_as_one(c, 32))
     return data.translate(_WORDISH, _UTF8_CONT).decode("ascii")
 
 
@@ -484,15 +520,23 @@ class Vocabulary:
             utf8 = text.encode("utf-8", "surrogatepass")
         if chars is None:
             chars = _non_ascii(utf8)
+        # characters are replaced in the UTF-8 by as many bytes, the first one ASCII and the
+        # others continuation bytes (the translations delete them): a same-length replace is
+        # twice as fast, and the result is still one byte per character
         data = utf8
         for c in _UNICODE_SPACES.intersection(chars):
-            data = data.replace(c.encode("utf-8"), b" ")
-        odd = data.translate(_ODD_CLASS)
+            data = data.replace(*_as_one(c, 32))
+        # ``_ODD_CLASS`` of each character (one byte per character): the odd classes, and the
+        # long-word mask when there are none
+        odd = data.translate(_ODD_CLASS, _UTF8_CONT)
         other = [c for c in chars if not c.isalnum() and c not in _UNICODE_SPACES] if 0 not in odd and 2 not in odd else None
         if other is None or len(other) > _FEW_KINDS:
             pb = b" " + data.translate(_PAD_ONE, _UTF8_CONT) + b" "
             padded = pb.decode("ascii")
-            return View(text, padded, self._scan(padded), False, pb, utf8, chars)
+            v = View(text, padded, self._scan(padded), False, pb, utf8, chars)
+            if other is not None:
+                v._long_mask = odd
+            return v
         # Without '@', '$', '_' and control characters, a word of letters and digits occurs as
         # ``\bword\b`` where it is between two characters that are not word characters for
         # ``re``: word breaks, and characters beyond ASCII that are neither letters, digits nor
@@ -501,14 +545,16 @@ class Vocabulary:
         # knows the words between \x02 and a space, finds both the words and where ``\bword\b``
         # matches
         for c in other:
-            data = data.replace(c.encode("utf-8", "surrogatepass"), b"\x02")
+            data = data.replace(*_as_one(c, 2))
         pb = b" " + data.translate(_PAD_ONE, _UTF8_CONT) + b" "
         padded = pb.decode("ascii")
         if not other:
-            return View(text, padded, self._scan(padded), True, pb, utf8, chars)
-        found, positions = self._scan_both(padded)
-        v = View(text, padded, found, True, pb, utf8, chars)
-        v.positions = positions
+            v = View(text, padded, self._scan(padded), True, pb, utf8, chars)
+        else:
+            found, positions = self._scan_both(padded)
+            v = View(text, padded, found, True, pb, utf8, chars)
+            v.positions = positions
+        v._long_mask = odd
         return v
 
     def views(self, text: str, utf8: bytes | None = None, chars: Iterable[str] | None = None) -> tuple[View, View | None, set[str]]:

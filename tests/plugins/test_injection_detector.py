@@ -96,6 +96,8 @@ _HARD_CHARACTERS = (
     "\uff49\uff29\U0001d408\u2460\u0301\u0307\u200b\u200d\u2060\ufeff\u00ad\u202e\u2066\u2014\u2026\u2019\u201c\u2033"
     "\u2022\u2192\U0001f600\U0001f3f4\u00a0\u3000\u2028\u0085\ud800\udfff\uac00\u1161\u0663\u093f\u4e2d\u3002"
     "\u0430\u043e\u0435\u0501\U000e0069\U000e0067\U000e006e"
+    # characters that compose with the one before them: Hangul jamo, Oriya vowel signs
+    "\u1100\u11a8\u0b47\u0b3e"
 )
 
 
@@ -115,6 +117,20 @@ def test_normalise_equals_the_plain_way(seed):
         if n.utf8 is not None:
             assert n.utf8 == n.text.encode("utf-8", "surrogatepass")
             assert n.chars == {c for c in n.text if not c.isascii()}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "\u1100\u1161 ignore", "x \uac00\u11a8 y", "\u0b47\u0b3e all", "Ignore\u0301 all", "\u0e40\u0e01", "a\u0b3e",
+        "\u03a3\u039f\u03a3 ignore", "\u0130GNORE", "\ufb01le", "Kelvin \u212a", "x\u2014y", "\u00e9t\u00e9",
+    ],
+)
+def test_normalise_composes_and_lowers_like_the_plain_way(raw):
+    """Characters NFKC joins with the one before them (Hangul jamo, Oriya vowel signs, combining
+    marks) and those lower-casing treats specially must not take the shortcut wrongly."""
+    n = norm.normalise(raw)
+    assert (n.text, n.tricks, n.smuggled) == _normalise_slowly(raw)
 
 
 def test_leet_tokens_and_despacing():
