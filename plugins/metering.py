@@ -84,6 +84,15 @@ def ledger_table() -> Any:
     )
 
 
+#: the ledger's columns in the order metering gives a row's values (the table's own order)
+LEDGER_COLUMNS: tuple[str, ...] = (
+    "id", "ts", "day", "key_id", "key_name", "team", "user", "route", "endpoint", "model_requested", "model_served",
+    "upstream", "attempts", "stream", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
+    "total_tokens", "cost", "currency", "priced", "status", "outcome", "answered_by", "latency_ms", "ttft_ms",
+    "cache_hit", "estimated", "variant", "tags",
+)
+
+
 # -- periods ---------------------------------------------------------------------------
 
 _DAYS: dict[int, str] = {}
@@ -361,7 +370,12 @@ class Metering(Plugin):
             f = self.families
             f.count(f.cost, cost, route, self.model_label(ctx))
         if self.ledger is not None and (reached or cache_hit or self.config.record_answered):
-            self.ledger.append(LEDGER_TABLE, self._row(ctx, usage, served, cost, price is not None, cache_hit, route))
+            values = self._values(ctx, usage, served, cost, price is not None, cache_hit, route)
+            append_values = getattr(self.ledger, "append_values", None)
+            if append_values is not None:
+                append_values(LEDGER_TABLE, LEDGER_COLUMNS, values)  # the row without building a dict
+            else:
+                self.ledger.append(LEDGER_TABLE, dict(zip(LEDGER_COLUMNS, values)))
         return reserved
 
     async def _reconcile(self, reserved: list[tuple[str, float, float]], cost: float) -> None:
@@ -385,44 +399,51 @@ class Metering(Plugin):
 
     def _row(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,
              route: str | None = None) -> dict[str, Any]:
+        """The ledger row of a finished request, by column."""
+        return dict(zip(LEDGER_COLUMNS, self._values(ctx, usage, served, cost, priced, cache_hit, route)))
+
+    def _values(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,
+                route: str | None = None) -> tuple[Any, ...]:
+        """The ledger row's values in LEDGER_COLUMNS order."""
         t = ctx.timings
         ident = ctx.identity
         started = time.time() - (time.perf_counter() - t.start)
         stream = ctx.stream
         ttft = (t.first_byte - t.start) * 1000 if (t.first_byte is not None and stream) else None
-        return {
-            "id": ctx.request_id,
-            "ts": round(started, 6),
-            "day": utc_day(started),
-            "key_id": ident.key_id if ident else None,
-            "key_name": ident.name if ident else None,
-            "team": ident.team if ident else None,
-            "user": ident.user if ident else None,
-            "route": route if route is not None else route_name(ctx),
-            "endpoint": ctx.endpoint,
-            "model_requested": ctx.model,
-            "model_served": served,
-            "upstream": ctx.upstream.upstream if ctx.upstream is not None else None,
-            "attempts": len(ctx.attempts),
-            "stream": int(stream),
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "cached_tokens": usage.cached_tokens,
-            "reasoning_tokens": usage.reasoning_tokens,
-            "total_tokens": usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
-            "cost": cost,
-            "currency": self.prices.currency,
-            "priced": int(priced),
-            "status": ctx.status,
-            "outcome": ctx.outcome,
-            "answered_by": ctx.answered_by,
-            "latency_ms": round((t.end - t.start) * 1000, 3) if t.end is not None else None,
-            "ttft_ms": round(ttft, 3) if ttft is not None else None,
-            "cache_hit": int(cache_hit),
-            "estimated": int(usage.estimated),
-            "variant": ctx.tags.get("variant"),
-            "tags": orjson.dumps(ctx.tags).decode() if ctx.tags else None,
-        }
+        tags = ctx.tags
+        return (
+            ctx.request_id,
+            round(started, 6),
+            utc_day(started),
+            ident.key_id if ident else None,
+            ident.name if ident else None,
+            ident.team if ident else None,
+            ident.user if ident else None,
+            route if route is not None else route_name(ctx),
+            ctx.endpoint,
+            ctx.model,
+            served,
+            ctx.upstream.upstream if ctx.upstream is not None else None,
+            len(ctx.attempts),
+            int(stream),
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+            usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
+            cost,
+            self.prices.currency,
+            int(priced),
+            ctx.status,
+            ctx.outcome,
+            ctx.answered_by,
+            round((t.end - t.start) * 1000, 3) if t.end is not None else None,
+            round(ttft, 3) if ttft is not None else None,
+            int(cache_hit),
+            int(usage.estimated),
+            tags.get("variant"),
+            orjson.dumps(tags).decode() if tags else None,
+        )
 
     # -- reports -------------------------------------------------------------------------
     @classmethod

@@ -155,6 +155,17 @@ class SQLiteRecords(Records):
         if len(q) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
+    def append_values(self, table: str, columns: tuple[str, ...], values: tuple[Any, ...]) -> None:
+        """Queue one row given as its values in ``columns`` order: ``append(table, dict(zip(columns, values)))``
+        without a dict built or copied (for a caller that writes many rows of one shape, such as a ledger;
+        pass the same ``columns`` tuple every time). The values are not copied: pass a fresh tuple."""
+        if self._closed:
+            raise RuntimeError("records are closed")
+        q = self._q
+        q.append(("row", table, _Values(columns, values)))
+        if len(q) >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+
     async def flush(self) -> None:
         await self._signal("flush", self.timeout_ms / 1000 + self.interval_s + 5)
 
@@ -309,13 +320,14 @@ class SQLiteRecords(Records):
             while i < n:
                 keys = rows[i].keys()
                 j = i + 1
-                while j < n and rows[j].keys() == keys:
+                while j < n and ((k := rows[j].keys()) is keys or k == keys):
                     j += 1
                 run = rows[i:j]
                 cols = tuple(keys)
                 if known is not None and known.issuperset(cols) and cols:
                     self._insert_rows(conn, name, cols, pk, _params(run, cols))
                 else:
+                    run = [r.as_dict() if type(r) is _Values else r for r in run]
                     db[name].insert_all(run, pk=pk, replace=pk is not None, alter=True, batch_size=self.batch_size)
                     self._cols.pop(name, None)
                     known = self._columns(conn, name)
@@ -376,13 +388,37 @@ _PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
 _ROW_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.DataError)
 
 
-def _params(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> list[tuple[Any, ...]]:
+class _Values:
+    """A row queued by ``append_values``: its columns and its values in their order.
+
+    ``keys()`` gives the columns, so runs of rows of one shape are found as for dicts
+    (a dict's keys never equal a tuple: the two kinds never share a run).
+    """
+
+    __slots__ = ("cols", "vals")
+
+    def __init__(self, cols: tuple[str, ...], vals: tuple[Any, ...]) -> None:
+        if len(cols) != len(vals):
+            raise ValueError(f"{len(cols)} columns but {len(vals)} values")
+        self.cols = cols
+        self.vals = vals
+
+    def keys(self) -> tuple[str, ...]:
+        return self.cols
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(zip(self.cols, self.vals))
+
+
+def _params(rows: list[Any], cols: tuple[str, ...]) -> list[tuple[Any, ...]]:
     """Each row's values in ``cols`` order, converted where SQLite cannot bind them as they are."""
-    get = operator.itemgetter(*cols)
-    if len(cols) == 1:
+    if type(rows[0]) is _Values:
+        params = [r.vals for r in rows]  # a run of them shares its columns, in this order
+    elif len(cols) == 1:
+        get = operator.itemgetter(*cols)
         params = [(get(r),) for r in rows]
     else:
-        params = list(map(get, rows))
+        params = list(map(operator.itemgetter(*cols), rows))
     plain = _PLAIN.issuperset
     for k, p in enumerate(params):
         if not plain(map(type, p)):

@@ -204,3 +204,40 @@ async def test_last_row_wins_inside_and_across_multi_row_statements(tmp_path):
         assert rec.written == 537 and rec.dropped == 0
     finally:
         await rec.close()
+
+
+async def test_rows_given_as_values_land_as_the_same_rows_as_dicts(tmp_path):
+    """append_values(table, cols, vals) writes what append(table, dict(zip(cols, vals))) writes.
+
+    Mixed with dict rows in one batch, with new columns (the sqlite-utils path), values SQLite
+    cannot bind, upserts across both kinds, and a run of one shape sharing its columns tuple.
+    """
+    when = datetime.datetime(2026, 11, 23, 19, 30, 5, tzinfo=datetime.timezone.utc)
+    shape = ("id", "n", "cost", "note")
+    rows = [
+        {"id": "a", "n": 1, "cost": 0.5, "note": "plain"},
+        {"id": "b", "n": 2, "cost": 1.5, "note": "new column", "team": "red"},
+        {"id": "c", "n": 3, "cost": decimal.Decimal("2.25"), "note": "typed", "meta": {"k": [1, 2]}, "at": when},
+        *({"id": f"r{i}", "n": 10 + i, "cost": i / 4, "note": None} for i in range(150)),
+        {"id": "a", "n": 4, "cost": 0.0, "note": "a again, last wins"},
+    ]
+    for name, as_values in (("dicts", lambda i: False), ("values", lambda i: True), ("mixed", lambda i: i % 3 == 1)):
+        rec = SQLiteRecords(tmp_path / f"{name}.db", batch_size=100_000, flush_interval_ms=60_000)
+        try:
+            rec.ensure(LEDGER)
+            for i, r in enumerate(rows):
+                if as_values(i):
+                    cols = shape if tuple(r) == shape else tuple(r)
+                    rec.append_values("ledger", cols, tuple(r.values()))
+                else:
+                    rec.append("ledger", r)
+            await rec.flush()
+        finally:
+            await rec.close()
+        assert rec.written == len(rows) and rec.dropped == 0
+    want = rows_of(tmp_path / "dicts.db", "SELECT * FROM ledger ORDER BY id")
+    assert len(want) == 153 and want[0]["note"] == "a again, last wins"
+    for name in ("values", "mixed"):
+        assert rows_of(tmp_path / f"{name}.db", "SELECT * FROM ledger ORDER BY id") == want
+        assert rows_of(tmp_path / f"{name}.db", "SELECT name, type FROM pragma_table_info('ledger')") == \
+            rows_of(tmp_path / "dicts.db", "SELECT name, type FROM pragma_table_info('ledger')")
