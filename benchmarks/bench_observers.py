@@ -491,6 +491,21 @@ def serve_instrumented(config_path: str, ready_file: str, out: str) -> int:
         Path(out + ".tmp").write_text(json.dumps(acc))
         os.replace(out + ".tmp", out)
 
+    # garbage collections of the loop thread: their thread CPU by generation (inside whatever they interrupt)
+    import gc
+
+    gc_start = [0]
+
+    def gc_timer(phase: str, info: dict[str, int]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if phase == "start":
+            gc_start[0] = now()
+        elif gc_start[0]:
+            add(f"gc.gen{info['generation']}", now() - gc_start[0])
+            gc_start[0] = 0
+
+    gc.callbacks.append(gc_timer)
     signal.signal(signal.SIGUSR1, begin)
     signal.signal(signal.SIGUSR2, end)
     return serve(config_path, ready_file=ready_file)
@@ -546,8 +561,10 @@ async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -
                                 await asyncio.sleep(0.02)  # the child writes the file at SIGUSR2
                         for k, v in json.loads(p.out.read_text()).items():
                             seen[name].setdefault(k, []).append(v[0] / per_round / 1000)
+                            if k.startswith("gc."):
+                                seen[name].setdefault(k + " collections per 1000 requests", []).append(v[1] / per_round * 1000)
     for name, got in seen.items():
-        med = {k: round(statistics.median(v), 1) for k, v in sorted(got.items()) if any(v)}
+        med = {k: round(statistics.median(v + [0.0] * (rounds - len(v))), 1) for k, v in sorted(got.items()) if any(v)}
         phases = med.get("chain.run_request", 0.0) + med.get("chain.run_done", 0.0) + med.get("chain.run_response", 0.0)
         med["loop thread outside the chain's phases"] = round(med.get("thread MainThread", 0.0) - phases, 1)
         out[name] = med
@@ -639,19 +656,20 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
             await rt.tasks.wait(30)
             await plugin.stop()
         # the ledger row metering appends, through the state's records writer (its thread included)
-        from plugins.metering import LEDGER_TABLE, ledger_table
+        from plugins.metering import LEDGER_COLUMNS, LEDGER_TABLE, ledger_table
 
         meter = await configure_plugin(Metering, {}, runtime=rt)
         rows = []
-        for _ in range(n):
+        for i in range(n):
             ctx = finished()
-            rows.append(meter._row(ctx, ctx.usage, "sluice-demo", 0.0001, True, False))
+            ctx.request_id = f"req_{i:032x}"  # distinct rows, in arrival order as the core's ids are
+            rows.append(meter._values(ctx, ctx.usage, "sluice-demo", 0.0001, True, False))
         records = rt.state.records("bench-ledger")
         records.ensure(ledger_table())
         await records.flush()
         t0 = time.process_time()
         for i, row in enumerate(rows):
-            records.append(LEDGER_TABLE, row)
+            records.append_values(LEDGER_TABLE, LEDGER_COLUMNS, row)  # as metering appends its rows
             if i % 8 == 7:
                 await asyncio.sleep(0)  # let the writer thread run as it would between requests
         await records.flush()
