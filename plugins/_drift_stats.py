@@ -125,7 +125,15 @@ class Window:
                 if len(self.numeric) >= self.max_features:
                     continue
                 r = self.numeric[name] = Reservoir(self.capacity, self._rng)
-            r.add(float(value))
+            # Reservoir.add, inline (once per feature per sample)
+            r.seen += 1
+            values = r.values
+            if len(values) < r.capacity:
+                values.append(float(value))
+            else:
+                j = r._below(r.seen)
+                if j < r.capacity:
+                    values[j] = float(value)
         for name, value in categorical.items():
             c = self.categorical.get(name)
             if c is None:

@@ -104,6 +104,8 @@ class Drift(Plugin):
         self.alarms: dict[tuple[str, str], set[str]] = {}
         self.degraded: dict[tuple[str, str], bool] = {}
         self._busy: set[tuple[str, str]] = set()
+        #: the sluice_drift_samples_total accumulator of each monitor key
+        self._samples: dict[tuple[str, str], Any] = {}
 
     async def start(self) -> None:
         # numpy and scipy.special take most of a second of CPU to import: do it now, in the
@@ -172,7 +174,12 @@ class Drift(Plugin):
         key, m = self.monitor((route_name(ctx), self.model_label(ctx)))
         num, cat = self.features_of(ctx)
         f = self.families
-        f.count(f.drift_samples, 1.0, *key)
+        samples = self._samples.get(key)
+        if samples is None:
+            samples = self._samples[key] = f.acc(f.drift_samples, *key)  # bounded as the monitors are
+        samples.inc(1.0)
+        if f.eager:
+            f.flush()
         if m.add(num, cat) and key not in self._busy:
             ref, cur = m.due_snapshots()
             if ref is not None:

@@ -435,10 +435,12 @@ class Series:
     """Every accumulator one kind of request (route, model, status, outcome, operation, upstream) touches."""
 
     __slots__ = ("requests", "duration", "op_duration", "overhead", "upstream_duration", "tokens_in", "tokens_out",
-                 "tokens_cached", "tokens_reasoning", "usage_in", "usage_out", "estimated", "ttft", "tpot")
+                 "tokens_cached", "tokens_reasoning", "usage_in", "usage_out", "estimated", "ttft", "tpot", "timings")
 
     def __init__(self, f: Families, route: str, model: str, status_class: str, outcome: str, op: str, upstream: str | None) -> None:
         acc = f.acc
+        #: plugin-duration accumulators of this route by ctx.timings.plugins key (Families.timing's, found once here)
+        self.timings: dict[str, HistogramAcc] = {}
         self.requests = acc(f.requests, route, model, status_class, outcome)
         self.duration = acc(f.duration, route, model)
         self.op_duration = acc(f.operation_duration, op, model, route)
@@ -503,9 +505,14 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
                     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
                         f.acc(f.findings, route, str(plugin_id), f.free_labels(kind)).inc(n)
     if plugin_timings:
-        timing = f.timing
+        timings = s.timings
         for key, seconds in t.plugins.items():
-            timing(route, key).observe(seconds)
+            acc = timings.get(key)
+            if acc is None:
+                if len(timings) >= 1024:
+                    timings.clear()  # keys are plugin ids and phases: few, but never unbounded
+                acc = timings[key] = f.timing(route, key)
+            acc.observe(seconds)
     for a in ctx.attempts:
         result = attempt_result(a.status, a.error)
         up = a.target.upstream

@@ -71,6 +71,22 @@ def test_reservoir_keeps_what_algorithm_r_with_randrange_keeps():
         assert r.values == kept
 
 
+def test_a_window_samples_each_feature_as_a_reservoir_would():
+    """Window.add's inline reservoir step is Reservoir.add: same seed, same values kept."""
+    from plugins._drift_stats import Window
+
+    w = Window(50, random.Random(3), 0.0)
+    rng = random.Random(3)
+    ref = {"a": Reservoir(50, rng), "b": Reservoir(50, rng)}
+    for i in range(5000):
+        w.add({"a": float(i), "b": i * 0.5, "skip": float("nan")}, {"c": "x" if i % 3 else "y"})
+        ref["a"].add(float(i))
+        ref["b"].add(i * 0.5)
+    assert {k: r.values for k, r in w.numeric.items()} == {k: r.values for k, r in ref.items()}
+    assert {k: r.seen for k, r in w.numeric.items()} == {"a": 5000, "b": 5000}
+    assert dict(w.categorical["c"]) == {"x": 3333, "y": 1667}
+
+
 def test_psi_zero_for_same_distribution_and_large_for_a_shift():
     rng = np.random.default_rng(1)
     a = rng.normal(0, 1, 5000).tolist()
