@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("sluice.upstream")
 
 CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+URL_CACHE_SIZE = 256
 
 
 def join_url(base: str, tail: str, query: str) -> URL:
@@ -66,6 +67,18 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect)
         auth = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._extra_headers = {**config.headers, **auth}
+        self._urls: dict[tuple[str, str], URL] = {}
+
+    def url_for(self, tail: str, query: str) -> URL:
+        """The URL of an endpoint (and query) on this upstream; yarl URLs are immutable, so
+        the few endpoints a route sees are built once, not parsed again for every request."""
+        key = (tail, query)
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= URL_CACHE_SIZE:
+                self._urls.clear()  # many distinct queries (file ids, cursors): start over
+            url = self._urls[key] = join_url(self.base, tail, query)
+        return url
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -208,7 +221,7 @@ class UpstreamPool:
                 send_body = orjson.dumps(b)
             headers = up.headers_for(ctx.headers)
             headers["x-request-id"] = ctx.request_id
-            url = join_url(up.base, tail, ctx.query)
+            url = up.url_for(tail, ctx.query)
             att = Attempt(target=target, start=time.perf_counter())
             ctx.attempts.append(att)
             t = up.config.timeouts

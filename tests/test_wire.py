@@ -137,3 +137,16 @@ def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
     assert seen > 1000
     out, usage = _tap(tap_block, content + b"\n\n" + usage_only + b"\n\n" + done + b"\n\n", True)
     assert out == content + b"\n\n" + done + b"\n\n" and usage == (3, 5)
+
+
+def test_upstream_urls_are_built_once_per_endpoint_and_stay_right_past_the_cache():
+    from proxy.config import UpstreamConfig
+    from proxy.upstream import URL_CACHE_SIZE, Upstream
+
+    up = Upstream("u", UpstreamConfig(url="http://127.0.0.1:9/v1"))
+    a = up.url_for("chat/completions", "")
+    assert a is up.url_for("chat/completions", "") and str(a) == "http://127.0.0.1:9/v1/chat/completions"
+    for i in range(URL_CACHE_SIZE * 2 + 3):
+        assert str(up.url_for("files", f"after=file_{i}&limit=2")) == f"http://127.0.0.1:9/v1/files?after=file_{i}&limit=2"
+    assert len(up._urls) <= URL_CACHE_SIZE
+    assert str(up.url_for("models/a%2Fb", "")) == "http://127.0.0.1:9/v1/models/a%2Fb"  # sent as the client encoded it
