@@ -456,7 +456,7 @@ def serve_instrumented(config_path: str, ready_file: str, out: str) -> int:
         functools.update_wrapper(wrapper, fn)
         return wrapper
 
-    for phase in ("run_request", "run_response", "run_done"):
+    for phase in ("run_request", "run_response", "run_done", "run_done_sync"):
         setattr(chain_module, phase, timed(getattr(chain_module, phase), f"chain.{phase}"))
     for cls in (Metrics, Metering, Drift, Tracing):
         for hook in ("on_request", "on_response", "on_done"):
@@ -565,7 +565,7 @@ async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -
                                 seen[name].setdefault(k + " collections per 1000 requests", []).append(v[1] / per_round * 1000)
     for name, got in seen.items():
         med = {k: round(statistics.median(v + [0.0] * (rounds - len(v))), 1) for k, v in sorted(got.items()) if any(v)}
-        phases = med.get("chain.run_request", 0.0) + med.get("chain.run_done", 0.0) + med.get("chain.run_response", 0.0)
+        phases = sum(med.get(f"chain.{p}", 0.0) for p in ("run_request", "run_done", "run_done_sync", "run_response"))
         med["loop thread outside the chain's phases"] = round(med.get("thread MainThread", 0.0) - phases, 1)
         out[name] = med
     out["loadavg_after"] = round(os.getloadavg()[0], 2)
