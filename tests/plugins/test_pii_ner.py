@@ -62,3 +62,5 @@ async def test_plugin_redacts_names_with_ner(runtime: Any) -> None:
     await p.on_request(ctx)
     assert orjson.loads(ctx.body_bytes())["messages"][0]["content"] == "Write to <PERSON_1> in <LOCATION_1>."
     assert ctx.annotations["pii"] == {"PERSON": 1, "LOCATION": 1}
+    assert p.workers is not None  # the NER model runs in the worker process (the default)
+    await p.stop()

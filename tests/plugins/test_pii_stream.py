@@ -27,7 +27,7 @@ async def runtime(tmp_path) -> AsyncIterator[Any]:
 
 
 async def prepared(runtime: Any, **config: Any) -> tuple[Pii, Any]:
-    p = await configure_plugin(Pii, {"restore": True, **config}, runtime=runtime)
+    p = await configure_plugin(Pii, {"processes": 0, "restore": True, **config}, runtime=runtime)
     assert isinstance(p, Pii)
     ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": f"I am {EMAIL}, call {PHONE}"}]})
     await p.on_request(ctx)
@@ -197,7 +197,7 @@ WRITTEN = "Reach bob@corp.example.com or 415-555-0199 today."
 
 
 async def test_pii_the_model_streams_is_caught_split_everywhere(runtime: Any) -> None:
-    p = await configure_plugin(Pii, {}, runtime=runtime)
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
     for i in range(1, len(WRITTEN)):
         ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         await p.on_request(ctx)
@@ -212,7 +212,7 @@ async def test_pii_the_model_streams_is_caught_split_everywhere(runtime: Any) ->
 
 
 async def test_scanning_streams_holds_back_only_the_words_that_could_grow(runtime: Any) -> None:
-    p = await configure_plugin(Pii, {}, runtime=runtime)
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
     ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
     await p.on_request(ctx)
     pieces = ["The ", "quick ", "brown ", "fox"]
@@ -312,7 +312,7 @@ def _pieces(text: str, size: int) -> list[str]:
 async def test_a_blob_is_released_as_it_streams_and_an_address_at_its_end_is_still_redacted(runtime: Any) -> None:
     import base64
 
-    p = await configure_plugin(Pii, {}, runtime=runtime)
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
     assert p.grow_limit == 320
     blob = base64.b64encode(bytes(range(256)) * 6).decode()[:1500].replace("+", "x").replace("/", "y")
     ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
@@ -332,7 +332,7 @@ async def test_a_blob_is_released_as_it_streams_and_an_address_at_its_end_is_sti
 
 
 async def test_a_long_url_is_held_whole_and_redacted(runtime: Any) -> None:
-    p = await configure_plugin(Pii, {}, runtime=runtime)
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
     url = "https://files.example.com/" + "/".join(f"segment{i:03d}" for i in range(120))
     ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
     await p.on_request(ctx)
@@ -344,7 +344,7 @@ async def test_a_long_url_is_held_whole_and_redacted(runtime: Any) -> None:
 
 
 async def test_without_urls_a_long_url_streams_through(runtime: Any) -> None:
-    p = await configure_plugin(Pii, {"entities": ["EMAIL_ADDRESS", "PHONE_NUMBER"]}, runtime=runtime)
+    p = await configure_plugin(Pii, {"processes": 0, "entities": ["EMAIL_ADDRESS", "PHONE_NUMBER"]}, runtime=runtime)
     url = "https://files.example.com/" + "/".join(f"segment{i:03d}" for i in range(120))
     ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
     await p.on_request(ctx)
