@@ -235,12 +235,14 @@ class Injection(Plugin):
         categories = ",".join(found)
         if self.config.header:
             ctx.response_headers[self.config.header] = f"score={finding.score:.2f}; categories={categories}; action={self.config.action}"
-        log.log(
-            logging.WARNING if self.config.action == "log" else logging.INFO,
-            "injection detected request_id=%s plugin=%s action=%s score=%.2f categories=%s signals=%s where=%s",
-            ctx.request_id, self.id, self.config.action, finding.score, categories,
-            ",".join(sorted(finding.signals)), ",".join(finding.where[:5]),
-        )
+        level = logging.WARNING if self.config.action == "log" else logging.INFO
+        if log.isEnabledFor(level):  # the arguments cost more than the call when it is filtered out
+            log.log(
+                level,
+                "injection detected request_id=%s plugin=%s action=%s score=%.2f categories=%s signals=%s where=%s",
+                ctx.request_id, self.id, self.config.action, finding.score, categories,
+                ",".join(sorted(finding.signals)), ",".join(finding.where[:5]),
+            )
         if self.config.action == "block":
             raise ProxyError(
                 403,
