@@ -16,6 +16,7 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from itertools import repeat
 from typing import AbstractSet, Any, ClassVar, Iterable, Literal, Mapping
 
 from . import _injection_normalize as norm
@@ -310,8 +311,14 @@ class SignatureDetector(Detector):
                 continue
             if only_indirect and not indirect:
                 continue
-            if rest and not by_literal and any(map(tokens.isdisjoint, rest)):
-                continue
+            if rest and not by_literal:
+                for g in rest:
+                    if g.isdisjoint(tokens):
+                        break
+                else:
+                    g = None
+                if g is not None:
+                    continue
             if needs:
                 for x in needs:
                     has = needed.get(x)
@@ -337,11 +344,8 @@ class SignatureDetector(Detector):
                             at = positions[word] = [p.start() for p in lead_re[word].finditer(search_text)]
                     starts = at if starts is None else sorted(starts + at)
                 if starts:
-                    match = sig.pattern.match
-                    for i in starts:
-                        m = match(text, i)
-                        if m is not None:
-                            break
+                    # the first match at these offsets, the loop in C (map and filter are lazy)
+                    m = next(filter(None, map(sig.pattern.match, repeat(text), starts)), None)
                 w = text
             else:
                 for w in ([text] if whole else _windows(text, near)):
