@@ -255,7 +255,14 @@ def encode_batch(resource: Any, scope: Any, spans: Sequence[bytes]) -> bytes:
 
 
 class WireExporter:
-    """An OTLP/HTTP span exporter (the SDK's ``SpanExporter`` interface) using :func:`encode_request`."""
+    """An OTLP/HTTP span exporter (the SDK's ``SpanExporter`` interface) using :func:`encode_request`.
+
+    A plain ``http://`` collector with no proxy configured for it is posted to over one
+    kept-alive ``http.client`` connection: requests' session costs about four times as
+    much CPU per post (a 300 KB batch: about 1 ms against 0.23). HTTPS, proxies (the
+    ``HTTP_PROXY`` / ``NO_PROXY`` variables requests honours) and redirects go through
+    a requests session, as before.
+    """
 
     def __init__(self, endpoint: str, headers: Mapping[str, str] | None, timeout_s: float, gzip_body: bool) -> None:
         import requests
@@ -268,6 +275,13 @@ class WireExporter:
         if gzip_body:
             self.session.headers["content-encoding"] = "gzip"
         self._shutdown = threading.Event()
+        #: (host, port, path) when posting over http.client, else None (requests)
+        self.direct: tuple[str, int, str] | None = _direct_target(endpoint)
+        self._headers = dict(self.session.headers)
+        self._conn: Any = None
+        self._lock = threading.Lock()  # one request at a time on the kept-alive connection
+        #: posts sent again after a retryable failure (status or connection), since start
+        self.retries = 0
 
     def export(self, spans: Sequence[Any]) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
@@ -278,6 +292,8 @@ class WireExporter:
 
     def post(self, data: bytes, count: int) -> bool:
         """Send one encoded export request, retrying as the SDK exporter does; False when it was given up."""
+        import http.client
+
         import requests
 
         if self._shutdown.is_set():
@@ -289,18 +305,61 @@ class WireExporter:
         while True:
             left = deadline - time.monotonic()
             try:
-                r = self.session.post(self.endpoint, data=data, timeout=max(left, 0.001))
-                if r.ok:
+                status = self._send(data, max(left, 0.001))
+                if status < 400:
                     return True
-                retry, why = r.status_code in RETRYABLE, f"HTTP {r.status_code}"
-            except requests.exceptions.RequestException as e:
+                retry, why = status in RETRYABLE, f"HTTP {status}"
+            except (requests.exceptions.RequestException, OSError, http.client.HTTPException) as e:
                 retry, why = True, type(e).__name__
             wait = random.uniform(0, delay)
             if not retry or time.monotonic() + wait >= deadline or self._shutdown.is_set():
                 log.warning("tracing: could not export %d spans (%s)", count, why)
                 return False
+            self.retries += 1
             self._shutdown.wait(wait)
             delay *= 2
+
+    def _send(self, data: bytes, timeout: float) -> int:
+        """One POST: the response's status (raises on connection and protocol errors)."""
+        if self.direct is None:
+            return self.session.post(self.endpoint, data=data, timeout=timeout).status_code
+        with self._lock:
+            return self._send_direct(data, timeout)
+
+    def _send_direct(self, data: bytes, timeout: float) -> int:
+        import http.client
+
+        assert self.direct is not None
+
+        host, port, path = self.direct
+        for fresh in (False, True):
+            conn = self._conn
+            reused = conn is not None
+            if conn is None:
+                conn = self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            else:
+                conn.timeout = timeout
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
+            try:
+                conn.request("POST", path, body=data, headers=self._headers)
+                r = conn.getresponse()
+                r.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self._conn = None
+                if reused and not fresh:
+                    continue  # the collector closed the idle kept-alive connection: once more on a new one
+                raise
+            if r.will_close:
+                conn.close()
+                self._conn = None
+            if 300 <= r.status < 400:
+                # a redirect: requests follows them; from now on it posts
+                self.direct = None
+                return self.session.post(self.endpoint, data=data, timeout=timeout).status_code
+            return r.status
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
@@ -308,6 +367,25 @@ class WireExporter:
     def shutdown(self) -> None:
         self._shutdown.set()
         self.session.close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _direct_target(endpoint: str) -> tuple[str, int, str] | None:
+    """(host, port, path) of a plain http:// endpoint that no proxy setting applies to, else None."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(endpoint)
+    if parts.scheme != "http" or not parts.hostname or parts.username or parts.password:
+        return None
+    proxies = getproxies()
+    if (proxies.get("http") or proxies.get("all")) and not proxy_bypass(parts.hostname):
+        return None
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    return host, parts.port or 80, path
 
 
 class WireBatcher:

@@ -58,14 +58,16 @@ def decode(request: ExportTraceServiceRequest) -> list[dict[str, Any]]:
 class OTLPReceiver:
     """Serves ``POST /v1/traces`` (protobuf, optionally gzip or deflate) on 127.0.0.1, port 0."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, port: int = 0) -> None:
         self.spans: list[dict[str, Any]] = []
         self.requests = 0
         self.encodings: list[str] = []
+        #: the status answered to each request, in order
+        self.statuses: list[int] = []
         self.status = status
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = port
 
     @property
     def traces_url(self) -> str:
@@ -83,6 +85,7 @@ class OTLPReceiver:
         msg.ParseFromString(raw)
         async with self._changed:
             self.requests += 1
+            self.statuses.append(self.status)
             if self.status == 200:
                 self.spans.extend(decode(msg))
             self._changed.notify_all()
@@ -101,7 +104,7 @@ class OTLPReceiver:
         app.router.add_post("/v1/traces", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self

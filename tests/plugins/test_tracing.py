@@ -219,3 +219,75 @@ async def test_no_response_hook_unless_content_is_captured(tmp_path):
         assert sorted(hook_functions(capturing)) == ["on_done", "on_request", "on_response"]
     finally:
         await rt.close_all()
+
+
+def _batch(n: int) -> bytes:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from plugins._otel_wire import assemble, encode_batch, span_name, KIND_SERVER, FLAGS_LOCAL, STATUS_UNSET
+
+    spans = [assemble(b"\x0a\x10" + bytes(range(1, 17)), i + 1, b"", None, span_name("POST main"), KIND_SERVER,
+                      1_700_000_000_000_000_000, 1_700_000_000_100_000_000, b"", STATUS_UNSET, FLAGS_LOCAL) for i in range(n)]
+    return encode_batch(Resource.create({"service.name": "sluice"}), InstrumentationScope("sluice", "0"), spans)
+
+
+async def test_plain_http_collector_gets_kept_alive_posts_and_a_restart_costs_nothing():
+    """http:// without a proxy: http.client on one kept-alive connection; a collector that
+    restarted (the idle connection closed) is posted to again on a new one, not a failure."""
+    import asyncio
+
+    from plugins._otel_wire import WireExporter
+
+    exp = None
+    try:
+        async with OTLPReceiver() as rx:
+            exp = WireExporter(rx.traces_url, {"x-team": "obs"}, 5.0, False)
+            assert exp.direct == ("127.0.0.1", rx.port, "/v1/traces")
+            assert await asyncio.to_thread(exp.post, _batch(3), 3)
+            conn = exp._conn
+            assert conn is not None
+            assert await asyncio.to_thread(exp.post, _batch(2), 2)
+            assert exp._conn is conn and rx.requests == 2  # the same connection
+            port = rx.port
+        async with OTLPReceiver(port=port) as rx2:  # the same address: the collector restarted
+            assert await asyncio.to_thread(exp.post, _batch(4), 4)
+            assert rx2.statuses == [200] and len(rx2.spans) == 4
+            assert exp.retries == 0  # a new connection at once, not a failed attempt and a backoff
+    finally:
+        if exp is not None:
+            exp.shutdown()
+
+
+async def test_plain_http_collector_503_is_retried():
+    import asyncio
+
+    from plugins._otel_wire import WireExporter
+
+    async with OTLPReceiver(status=503) as rx:
+        exp = WireExporter(rx.traces_url, None, 10.0, True)
+        try:
+            posting = asyncio.create_task(asyncio.to_thread(exp.post, _batch(2), 2))
+            async with rx._changed:
+                await asyncio.wait_for(rx._changed.wait_for(lambda: rx.requests >= 1), 10)
+                rx.status = 200
+            assert await posting
+            assert rx.statuses[0] == 503 and rx.statuses[-1] == 200 and len(rx.spans) == 2 and exp.retries >= 1
+            assert set(rx.encodings) == {"gzip"}
+        finally:
+            exp.shutdown()
+
+
+def test_https_and_proxied_collectors_go_through_requests(monkeypatch):
+    from plugins._otel_wire import _direct_target
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    assert _direct_target("http://collector:4318/v1/traces?x=1") == ("collector", 4318, "/v1/traces?x=1")
+    assert _direct_target("http://[::1]/v1/traces") == ("[::1]", 80, "/v1/traces")
+    assert _direct_target("https://collector:4318/v1/traces") is None
+    assert _direct_target("http://user:pw@collector:4318/v1/traces") is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
+    assert _direct_target("http://collector:4318/v1/traces") is None
+    monkeypatch.setenv("NO_PROXY", "collector")
+    assert _direct_target("http://collector:4318/v1/traces") == ("collector", 4318, "/v1/traces")
