@@ -16,7 +16,7 @@ import re
 import string
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import ahocorasick
 
@@ -496,13 +496,7 @@ class Vocabulary:
             automaton.add_word(f" {w} ", (w, len(w) + 1))
         automaton.make_automaton()
         self._iter = automaton.iter
-        both = ahocorasick.Automaton()
-        for w in self.words:
-            for left in " \x02":
-                for right in " \x02":
-                    both.add_word(f"{left}{w}{right}", (w, len(w) + 1, left == right == " "))
-        both.make_automaton()
-        self._iter_both = both.iter
+        self._iter_both_: Any = None
         self._leet_spelt = frozenset(w for w in self.words if w != leet(w))
 
     def view(self, text: str, utf8: bytes | None = None, chars: Iterable[str] | None = None) -> View:
@@ -664,7 +658,18 @@ class Vocabulary:
         """The words between spaces (as ``_scan``) and the words between spaces or \\x02."""
         between: dict[str, list[int]] = {}
         beside: list[tuple[str, int]] = []
-        for end, (w, back, word) in self._iter_both(padded):
+        iter_both = self._iter_both_
+        if iter_both is None:
+            # built on first use (text beyond ASCII with dashes, bullets, emoji): two threads may
+            # both build it, and either result is the same
+            both = ahocorasick.Automaton()
+            for w in self.words:
+                for left in " \x02":
+                    for right in " \x02":
+                        both.add_word(f"{left}{w}{right}", (w, len(w) + 1, left == right == " "))
+            both.make_automaton()
+            iter_both = self._iter_both_ = both.iter
+        for end, (w, back, word) in iter_both(padded):
             at = between.get(w)
             if at is None:
                 between[w] = [end - back]
