@@ -268,8 +268,11 @@ class Metering(Plugin):
             return
         now = time.time()
         budgets = self.applicable(ctx, now)
-        if not budgets:
-            return
+        if budgets:
+            await self._reserve(ctx, budgets, now)
+
+    async def _reserve(self, ctx: Context, budgets: list[tuple[str, float, float]], now: float) -> None:
+        """Reserve the request's worst case on every budget that applies, or refuse it."""
         amount = self.reserve_amount(ctx)
         taken: list[tuple[str, float, float]] = []
         ctx.stash[RESERVED] = taken
@@ -305,7 +308,10 @@ class Metering(Plugin):
         """``on_request`` with budgets on in-process counters (or none): finished before it returns."""
         if ctx.answered or self.counters is None or ctx.identity is None:
             return  # no budget can apply (applicable() needs an identity)
-        _drive(Metering.on_request(self, ctx))
+        now = time.time()
+        budgets = self.applicable(ctx, now)
+        if budgets:  # a coroutine only when there is something to reserve
+            _drive(self._reserve(ctx, budgets, now))
 
     async def _give_back(self, taken: list[tuple[str, float, float]]) -> None:
         for key, amount, end in taken:
