@@ -1,8 +1,9 @@
 """Presidio, offline and made cheap: the analyzer, the fast pre-scan and the result cache.
 
-Nothing here runs on the event loop except :class:`ResultCache` and
-:meth:`PiiEngine.triggered`; :meth:`PiiEngine.analyze_many` is what the plugin
-hands to ``runtime.run_cpu``.
+Nothing here runs Presidio on the event loop: :class:`ResultCache`,
+:meth:`PiiEngine.triggered` and :class:`ProcessAnalyzer`'s pipe protocol do;
+the analysis runs in its worker processes, or :meth:`PiiEngine.analyze_many` in
+``runtime.run_cpu`` with ``processes: 0``.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Detection is Presidio on a blank spaCy pipeline (no model download), with tuned
 recognizers for phones, cards and URLs, and an optional NER pipeline (the
 ``ner`` extra) for names and places. Only texts that could hold PII reach
-Presidio, results are cached per text, and Presidio runs in the bounded
-executor under a per-request timeout. With ``restore: true`` placeholders in the
+Presidio, results are cached per text, and Presidio runs in a low-priority
+worker process (or the runtime's executor threads) under a per-request timeout. With ``restore: true`` placeholders in the
 answer are put back, in buffered answers and in streams.
 """
 
