@@ -393,6 +393,8 @@ _UTF8_CONT = bytes(range(0x80, 0xC0))
 # as it is, a character beyond ASCII that is a word character for ``re`` (``str.isalnum``) '_',
 # any other one a space (one ``bytes.replace`` per kind, in the UTF-8, before the translation)
 _WORDISH = bytes(range(128)) + b"_" * 128
+# a letter or digit beside \x02 in the padded bytes; the search starts at the rare \x02
+_BESIDE = re.compile(rb"\x02(?:[a-z0-9]|(?<=[a-z0-9]\x02))")
 _FEW_KINDS = 32
 
 
@@ -538,11 +540,25 @@ class Vocabulary:
         # character of a word, for the token set), and one pass of a second automaton, that also
         # knows the words between \x02 and a space, finds both the words and where ``\bword\b``
         # matches
-        for c in other:
-            data = data.replace(*_as_one(c, 2))
-        pb = b" " + data.translate(_PAD_ONE, _UTF8_CONT) + b" "
+        table = _PAD_ONE
+        if other:
+            # a first byte that only such characters of this text have is translated to \x02
+            # directly (a dash and an arrow share theirs); the others are replaced one by one
+            lead = {c: c.encode("utf-8", "surrogatepass")[0] for c in other}
+            mixed = {c.encode("utf-8", "surrogatepass")[0] for c in chars if c not in lead and c not in _UNICODE_SPACES}
+            pure = set(lead.values()) - mixed
+            if pure:
+                t = bytearray(_PAD_ONE)
+                for b in pure:
+                    t[b] = 2
+                table = bytes(t)
+            for c, b in lead.items():
+                if b not in pure:
+                    data = data.replace(*_as_one(c, 2))
+        pb = b" " + data.translate(table, _UTF8_CONT) + b" "
         padded = pb.decode("ascii")
-        if not other:
+        if not other or _BESIDE.search(pb) is None:
+            # no letter or digit touches such a character: ``\bword\b`` is where the word is
             v = View(text, padded, self._scan(padded), True, pb, utf8, chars)
         else:
             found, positions = self._scan_both(padded)
