@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from plugins._pii_engine import EngineSettings, Finding, PiiEngine, ResultCache, resolve_overlaps
+from plugins._pii_engine import EngineSettings, Finding, PiiEngine, ProcessAnalyzer, ResultCache, resolve_overlaps
 from plugins._pii_eval import configure_eval, evaluate, load_corpus, run_eval
 from plugins._pii_recognizers import PATTERN_ENTITIES, CustomPattern, CustomRecognizer, card_number_ok, luhn_ok
 
@@ -187,6 +187,20 @@ def test_fast_path_equals_plain_presidio_on_long_mixed_documents(engine: PiiEngi
         spans = engine.windows(doc)
         assert spans is None or all(doc[a - 1 : a].isspace() or a == 0 for a, _ in spans)
         assert engine.analyze(doc) == engine.analyze_full(doc)
+
+
+@pytest.mark.slow
+async def test_a_worker_process_finds_exactly_what_the_engine_finds(engine: PiiEngine) -> None:
+    """Findings cross the pipe as [type, start, end, score]: the same types, spans and scores come back."""
+    pool = ProcessAnalyzer(engine.settings, 1, "normal")
+    await pool.start()
+    try:
+        texts = [s.text for s in load_corpus(CORPUS)]
+        got = await pool.analyze_many(texts)
+        assert got == [engine.analyze(t) for t in texts]
+        assert sum(map(len, got)) >= 150
+    finally:
+        await pool.close()
 
 
 def test_windows_start_and_end_on_whitespace_and_cover_the_triggers(engine: PiiEngine) -> None:
