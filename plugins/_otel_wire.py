@@ -422,7 +422,10 @@ class WireBatcher:
         q = self._q
         if len(q) >= self.max_queue_size or self._stopping:
             if not self.dropped:
-                log.warning("tracing: the span queue is full (%d); new spans are dropped", self.max_queue_size)
+                if self._stopping:
+                    log.warning("tracing: a span finished after the exporter shut down; dropped")
+                else:
+                    log.warning("tracing: the span queue is full (%d); new spans are dropped", self.max_queue_size)
             self.dropped += 1
             return
         q.append(encoded)
