@@ -471,10 +471,12 @@ class ProcessAnalyzer:
     that exits is replaced; the requests it held fail (the plugin's failure policy).
     """
 
-    def __init__(self, settings: EngineSettings, processes: int, priority: str = "normal") -> None:
+    def __init__(self, settings: EngineSettings, processes: int, priority: str, spawn: Callable[..., asyncio.Task[Any]]) -> None:
         self.settings = settings
         self.processes = processes
         self.priority = priority
+        #: ``runtime.spawn``: where the replacement of a worker that exited runs (a named, referenced task)
+        self._spawn_task = spawn
         self.workers: list[_Worker] = []
         self.started = False
         self.closed = False
@@ -537,7 +539,7 @@ class ProcessAnalyzer:
             assert self._ready is not None
             self._ready.clear()
         log.warning("pii: worker process %s exited (code %s); starting another", w.proc.pid, w.proc.exitcode)
-        task = asyncio.get_running_loop().create_task(self._replace())
+        task = self._spawn_task(self._replace(), "pii-worker-replace")
         self._respawns.add(task)
         task.add_done_callback(self._respawns.discard)
 

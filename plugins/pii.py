@@ -234,7 +234,7 @@ class Pii(Plugin):
             # the workers build their own engines (a bad pattern fails here too); this
             # process keeps only the pre-scan, which needs no Presidio
             pool = rt.shared(
-                f"pii.processes:{key}:{conf.processes}:{conf.worker_priority}", lambda: ProcessAnalyzer(settings, conf.processes, conf.worker_priority)
+                f"pii.processes:{key}:{conf.processes}:{conf.worker_priority}", lambda: ProcessAnalyzer(settings, conf.processes, conf.worker_priority, rt.spawn)
             )
             pool.users += 1
             self.workers = pool

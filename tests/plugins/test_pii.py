@@ -332,7 +332,8 @@ async def test_error_answers_are_not_touched(runtime: Any) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("priority", ["low", "idle", "normal"])
 async def test_worker_processes_find_the_same_and_stop_cleanly(runtime: Any, priority: str) -> None:
-    p = await plugin(runtime, processes=1, restore=True, worker_priority=priority)
+    # a long timeout: an idle-priority worker waits for spare CPU, and the machine may be busy
+    p = await plugin(runtime, processes=1, restore=True, worker_priority=priority, timeout_ms=60_000)
     assert p.workers is not None and p.workers.started
     ctx = make_context(chat(f"mail {EMAIL}, call {PHONE}, card {CARD}"))
     await p.on_request(ctx)
@@ -347,15 +348,17 @@ async def test_worker_processes_find_the_same_and_stop_cleanly(runtime: Any, pri
     pool = p.workers
     await p.stop()
     assert pool.workers == [] and pool.users == 0
-    assert procs[0].exitcode == 0  # it read the closed pipe and left on its own
+    assert not procs[0].is_alive()  # reaped: it read the closed pipe and left (or was killed after 5 s)
 
 
 @pytest.mark.slow
 async def test_a_starved_worker_hits_the_timeout_and_the_failure_policy(runtime: Any) -> None:
-    # two instances with the same settings share one worker process
-    closed = await plugin(runtime, processes=1, timeout_ms=300, cache_entries=0)
-    opened = await plugin(runtime, id="open", processes=1, timeout_ms=300, cache_entries=0, on_error="open")
-    assert closed.workers is opened.workers and closed.workers is not None
+    # instances with the same settings share one worker process
+    same = {"processes": 1, "cache_entries": 0, "worker_priority": "normal"}
+    closed = await plugin(runtime, timeout_ms=300, **same)
+    opened = await plugin(runtime, id="open", timeout_ms=300, on_error="open", **same)
+    patient = await plugin(runtime, id="patient", timeout_ms=60_000, **same)
+    assert closed.workers is opened.workers is patient.workers and closed.workers is not None
     proc = closed.workers.workers[0].proc
     os.kill(proc.pid, signal.SIGSTOP)  # no CPU at all for the worker: the extreme of starvation
     try:
@@ -369,11 +372,11 @@ async def test_a_starved_worker_hits_the_timeout_and_the_failure_policy(runtime:
         os.kill(proc.pid, signal.SIGCONT)
     # the worker skips the two jobs nobody waits for and answers the next one
     ctx = make_context(chat(f"call {PHONE}"))
-    await closed.on_request(ctx)
+    await patient.on_request(ctx)
     assert sent(ctx)["messages"][0]["content"] == "call <PHONE_1>"
     assert closed.workers.workers[0].proc is proc
-    await closed.stop()
-    await opened.stop()
+    for p in (closed, opened, patient):
+        await p.stop()
 
 
 @pytest.mark.slow

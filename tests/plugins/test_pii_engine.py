@@ -14,6 +14,7 @@ import pytest
 from plugins._pii_engine import EngineSettings, Finding, PiiEngine, ProcessAnalyzer, ResultCache, resolve_overlaps
 from plugins._pii_eval import configure_eval, evaluate, load_corpus, run_eval
 from plugins._pii_recognizers import PATTERN_ENTITIES, CustomPattern, CustomRecognizer, card_number_ok, luhn_ok
+from proxy.testing import make_runtime
 
 CORPUS = Path(__file__).parents[1] / "data" / "pii_corpus.jsonl"
 ROOT = Path(__file__).parents[2]
@@ -190,9 +191,10 @@ def test_fast_path_equals_plain_presidio_on_long_mixed_documents(engine: PiiEngi
 
 
 @pytest.mark.slow
-async def test_a_worker_process_finds_exactly_what_the_engine_finds(engine: PiiEngine) -> None:
+async def test_a_worker_process_finds_exactly_what_the_engine_finds(engine: PiiEngine, tmp_path: Path) -> None:
     """Findings cross the pipe as [type, start, end, score]: the same types, spans and scores come back."""
-    pool = ProcessAnalyzer(engine.settings, 1, "normal")
+    rt = await make_runtime(tmp_path)
+    pool = ProcessAnalyzer(engine.settings, 1, "normal", rt.spawn)
     await pool.start()
     try:
         texts = [s.text for s in load_corpus(CORPUS)]
@@ -201,6 +203,7 @@ async def test_a_worker_process_finds_exactly_what_the_engine_finds(engine: PiiE
         assert sum(map(len, got)) >= 150
     finally:
         await pool.close()
+        await rt.close_all()
 
 
 def test_windows_start_and_end_on_whitespace_and_cover_the_triggers(engine: PiiEngine) -> None:

@@ -27,10 +27,15 @@ def _pii_registered() -> Any:
         yield
 
 
+# the default worker (an idle-priority process) waits for spare CPU: on a busy test machine
+# a screened request may wait longer than the default 2 s, which is not what these tests test
+PATIENT = {"timeout_ms": 60_000}
+
+
 def config(up: FakeUpstream, **pii: Any) -> dict[str, Any]:
     return {
         "upstreams": {"up": {"url": up.url}},
-        "routes": [{"match": {"path": "/v1/"}, "upstream": "up", "chain": [{"pii": pii}]}],
+        "routes": [{"match": {"path": "/v1/"}, "upstream": "up", "chain": [{"pii": {**PATIENT, **pii}}]}],
     }
 
 
@@ -130,7 +135,7 @@ async def test_findings_reach_observers_as_types_and_counts(upstream: FakeUpstre
             seen.append({k: v for k, v in ctx.annotations.items() if k.startswith("pii")})
 
     cfg = config(upstream)
-    cfg["routes"][0]["chain"] = [{"pii_test_recorder": {}}, {"pii": {}}]
+    cfg["routes"][0]["chain"] = [{"pii_test_recorder": {}}, {"pii": dict(PATIENT)}]
     assert Pii.name == "pii"
     with register_plugin(Recorder):
         async with SluiceServer(cfg, tmp_path) as s, client(s) as c:

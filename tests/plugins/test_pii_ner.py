@@ -57,7 +57,8 @@ async def runtime(tmp_path) -> AsyncIterator[Any]:
 
 
 async def test_plugin_redacts_names_with_ner(runtime: Any) -> None:
-    p = await configure_plugin(Pii, {"ner": True, "entities": ["PERSON", "LOCATION", "EMAIL_ADDRESS"], "restore": True}, runtime=runtime)
+    # a long timeout: the default worker (idle priority) waits for spare CPU on a busy machine
+    p = await configure_plugin(Pii, {"ner": True, "entities": ["PERSON", "LOCATION", "EMAIL_ADDRESS"], "restore": True, "timeout_ms": 60_000}, runtime=runtime)
     ctx = make_context({"model": "m", "messages": [{"role": "user", "content": "Write to Hannah Schmidt in Lyon."}]})
     await p.on_request(ctx)
     assert orjson.loads(ctx.body_bytes())["messages"][0]["content"] == "Write to <PERSON_1> in <LOCATION_1>."
