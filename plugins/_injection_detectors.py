@@ -87,6 +87,11 @@ def noisy_or(weights: Iterable[float]) -> float:
     return 1.0 - keep
 
 
+def _or2(a: float, b: float) -> float:
+    """``noisy_or((a, b))``, the same float, without the loop (1.0 * x is x)."""
+    return 1.0 - (1.0 - min(max(a, 0.0), 1.0)) * (1.0 - min(max(b, 0.0), 1.0))
+
+
 # Discussion about injections (quoted attack strings in a question about them) is not an attack.
 _META = re.compile(
     r"\b(?:prompt injections?|injection attacks?|jailbreak (?:attempts?|attacks?|prompts?|examples?|techniques?)|"
@@ -94,6 +99,7 @@ _META = re.compile(
     r"examples? of (?:an? )?(?:attacks?|injections?|jailbreaks?)|such as|phrases? like)\b"
 )
 _QUOTES = "\"'“”‘’`«»"
+_CATEGORY = {sig_id: sig.category for sig_id, sig in BY_ID.items()}
 _WINDOW = 320
 _WHOLE_TEXT = 4 * _WINDOW
 _ALNUM = re.compile("[a-z0-9]+")
@@ -156,6 +162,9 @@ class SignatureDetector(Detector):
         # the punctuation a signature needs, looked up by its first character (memchr) and
         # then by the regex engine's literal search, three times faster than ``in`` for a miss
         needs = {x for sig in self.signatures for x in sig.needs}
+        # a needle is absent when a shorter one inside it is ("---" without "--"): that one is
+        # looked for first, and its answer serves both
+        self._needle_in = {x: tuple(sorted((y for y in needs if len(y) > 1 and y != x and y in x), key=len)) for x in needs}
         self._needle = {x: (x[0], re.compile(re.escape(x)).search if len(x) > 1 else None) for x in needs}
         # the same in UTF-8, for a text that is not ASCII (the literal search is slow on wide
         # strings): an ASCII needle occurs in a text exactly when it occurs in its UTF-8
@@ -193,15 +202,15 @@ class SignatureDetector(Detector):
                 weights[k] = 0.0
         categories: dict[str, float] = {}
         for sig_id, w in weights.items():
-            cat = BY_ID[sig_id].category
-            categories[cat] = noisy_or((categories.get(cat, 0.0), w))
+            cat = _CATEGORY[sig_id]
+            categories[cat] = _or2(categories.get(cat, 0.0), w)
         if tricks and (hits or "tags" in tricks):
             # Obfuscation alone is not an injection (invisible characters appear in real text), but
             # hiding a phrase that already looks like one makes it far more likely to be one.
             for t in tricks:
                 w = OBFUSCATION_WEIGHTS.get(t, 0.2)
                 weights[f"obf:{t}"] = w
-                categories["obfuscation"] = noisy_or((categories.get("obfuscation", 0.0), w))
+                categories["obfuscation"] = _or2(categories.get("obfuscation", 0.0), w)
         score = noisy_or(weights.values())
         return Detection(round(score, 4), {k: round(v, 4) for k, v in categories.items()}, tuple(sorted(weights)))
 
@@ -305,6 +314,7 @@ class SignatureDetector(Detector):
             haystack = view.utf8()
             needles = self._needle_utf8
         lead_re = self._lead_re
+        needle_in = self._needle_in
         for (sid, sig, w_tool, w_user, only_indirect, _lits, rest, needs, lead, bounded), near, by_literal in candidates.values():
             weight = w_tool if indirect else w_user
             if hits.get(sid, 0.0) >= weight:
@@ -323,7 +333,7 @@ class SignatureDetector(Detector):
                 for x in needs:
                     has = needed.get(x)
                     if has is None:
-                        has = _has(needed, x, haystack, needles)
+                        has = _has(needed, x, haystack, needles, needle_in)
                     if has:
                         break
                 else:
@@ -369,7 +379,9 @@ class SignatureDetector(Detector):
                     quoted.discard(sid)
 
 
-def _has(cache: dict[str, bool], needle: str, haystack: Any, needles: Mapping[str, Any]) -> bool:
+def _has(
+    cache: dict[str, bool], needle: str, haystack: Any, needles: Mapping[str, Any], inside: Mapping[str, tuple[str, ...]],
+) -> bool:
     found = cache.get(needle)
     if found is None:
         first, search = needles[needle]
@@ -378,7 +390,12 @@ def _has(cache: dict[str, bool], needle: str, haystack: Any, needles: Mapping[st
         elif search is None:
             found = True
         else:
-            found = search(haystack) is not None
+            for shorter in inside[needle]:
+                if not _has(cache, shorter, haystack, needles, inside):
+                    found = False
+                    break
+            else:
+                found = search(haystack) is not None
         cache[needle] = found
     return found
 
