@@ -145,7 +145,12 @@ class SignatureDetector(Detector):
             )
             for sig in self.signatures
         }
-        self._recs = {a: tuple(self._rec[sig.id] for sig in v) for a, v in by_anchor.items()}
+        # anchor word -> the ids of the signatures it brings in (a set union of these, in C, gives
+        # the candidates); the signatures with an anchor that is also one of their literals
+        self._sids = {a: tuple(sig.id for sig in v) for a, v in by_anchor.items()}
+        self._anchor_literals = {
+            sig.id: lits for sig in self.signatures if sig.anchors and (lits := sig.anchors[0].intersection(sig.literals))
+        }
         self._anchors = frozenset(by_anchor)
         self._literals = tuple((lit, sig) for sig in self.signatures for lit in sig.literals)
         literal_set = sorted({lit for lit, _ in self._literals}, key=lambda x: (-len(x), x))
@@ -270,19 +275,11 @@ class SignatureDetector(Detector):
     ) -> None:
         """Match the signatures on ``view.text``, whose tokens (as far as the vocabulary goes) are ``tokens`` (a set)."""
         text = view.text
-        # signature id -> [record, the anchors (or literals) near which to look in a long text,
-        # whether a literal (which needs no other anchor group) brought it in]
-        candidates: dict[str, list[Any]] = {}
-        recs = self._recs
-        for a in self._anchors.intersection(tokens):
-            for rec in recs[a]:
-                entry = candidates.get(rec[0])
-                if entry is None:
-                    candidates[rec[0]] = [rec, [a], a in rec[5]]
-                else:
-                    entry[1].append(a)
-                    if a in rec[5]:
-                        entry[2] = True
+        # the signatures an anchor brings in, and those a literal does (which need no other
+        # anchor group; with the literals, near which to look in a long text)
+        present = self._anchors.intersection(tokens)
+        candidates: set[str] = set().union(*map(self._sids.__getitem__, present))
+        by_literal_near: dict[str, list[str]] = {}
         if self._literal_re is not None:
             lits: set[str] | None = None
             for c in self._literal_first:
@@ -292,12 +289,8 @@ class SignatureDetector(Detector):
             if lits:
                 for lit, sig in self._literals:
                     if lit in lits or any(longer in lits for longer in self._literal_prefix[lit]):
-                        entry = candidates.get(sig.id)
-                        if entry is None:
-                            candidates[sig.id] = [self._rec[sig.id], [lit], True]
-                        else:
-                            entry[1].append(lit)
-                            entry[2] = True
+                        candidates.add(sig.id)
+                        by_literal_near.setdefault(sig.id, []).append(lit)
         if not candidates:
             return
         whole = len(text) <= _WHOLE_TEXT
@@ -315,7 +308,11 @@ class SignatureDetector(Detector):
             needles = self._needle_utf8
         lead_re = self._lead_re
         needle_in = self._needle_in
-        for (sid, sig, w_tool, w_user, only_indirect, _lits, rest, needs, lead, bounded), near, by_literal in candidates.values():
+        rec_of = self._rec
+        anchor_literals = self._anchor_literals
+        for sid in candidates:
+            _, sig, w_tool, w_user, only_indirect, _lits, rest, needs, lead, bounded = rec_of[sid]
+            by_literal = sid in by_literal_near or (sid in anchor_literals and not anchor_literals[sid].isdisjoint(present))
             weight = w_tool if indirect else w_user
             if hits.get(sid, 0.0) >= weight:
                 continue
@@ -358,6 +355,12 @@ class SignatureDetector(Detector):
                     m = next(filter(None, map(sig.pattern.match, repeat(text), starts)), None)
                 w = text
             else:
+                if whole:
+                    near: list[str] = []
+                else:
+                    # the anchors of the first group that the text holds, and the literals found
+                    near = [a for a in present if a in sig.anchors[0]] if sig.anchors else []
+                    near += by_literal_near.get(sid, ())
                 for w in ([text] if whole else _windows(text, near)):
                     m = sig.pattern.search(w)
                     if m is not None:
