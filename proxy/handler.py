@@ -144,7 +144,7 @@ class Handler:
                     if up_resp.headers.get("content-type", "").startswith("text/event-stream"):
                         resp = await self._relay(request, ctx, route, up_resp, up, att, injected)
                         return resp
-                    loop = asyncio.get_running_loop()
+                    loop = request.task.get_loop()  # get_running_loop() costs a getpid() system call
                     alarm = Alarm(self._deadline(att, up, loop), loop, request.task)
                     try:
                         data = await up_resp.read()
@@ -281,7 +281,7 @@ class Handler:
         await out.prepare(request)
         content = resp.content
         idle = up.config.timeouts.idle
-        loop = asyncio.get_running_loop()
+        loop = request.task.get_loop()
         deadline = self._deadline(att, up, loop)
         parse = route.parse_stream
         pipeline = ch.ChunkPipeline(ctx, route) if parse else None

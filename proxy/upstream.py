@@ -196,9 +196,9 @@ class UpstreamPool:
         body = ctx.body_bytes()
         tail = ctx.endpoint
         plan = [(t, n) for t in targets for n in range(policy.attempts + 1)]
-        loop = asyncio.get_running_loop()
         if task is None:
-            task = asyncio.current_task(loop)
+            task = asyncio.current_task()
+        loop = task.get_loop()  # not get_running_loop(): that costs a getpid() system call
         last_error: ProxyError | None = None
         delay = 0.0
         for i, (target, n) in enumerate(plan):
