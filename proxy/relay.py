@@ -150,7 +150,7 @@ def direct_transport(request: web.BaseRequest, out: web.StreamResponse) -> async
 class RawRelay(Direct):
     """One raw stream's relay state, shared by the coroutine and the reader's ``feed_data``."""
 
-    __slots__ = ("ctx", "wants_usage", "injected", "buf", "saw_done", "waiting", "dog", "loop", "taken")
+    __slots__ = ("ctx", "wants_usage", "injected", "buf", "saw_done", "waiting", "dog", "loop", "taken", "reader")
 
     def __init__(self, ctx: Context, wants_usage: bool, injected: bool, dog: Watchdog, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -165,6 +165,8 @@ class RawRelay(Direct):
         self.loop = loop
         #: pieces written from ``feed_data`` (the tests read it)
         self.taken = 0
+        #: the upstream body's reader, while attached
+        self.reader: StreamReader | None = None
 
     def block(self, chunk: bytes) -> bytes:
         """The coroutine's path: the complete events so far, tapped, counted; b"" when none."""
@@ -225,18 +227,30 @@ class _TappedReader(StreamReader):
             return False
         return StreamReader.feed_data(self, data, size)
 
+    def end_http_chunk_receiving(self) -> None:
+        # The parser calls this after every HTTP/1.1 chunk of the upstream's body; aiohttp
+        # then wakes any waiting read, for readchunk()'s sake. The relay never calls
+        # readchunk(), and while it takes the pieces there is nothing for readany() to
+        # return: waking it would put back the task step per event the relay removes.
+        relay = _RELAYS.get(id(self))
+        if relay is not None and relay.waiting:
+            return
+        StreamReader.end_http_chunk_receiving(self)
+
 
 def attach(content: StreamReader, relay: RawRelay) -> bool:
     """Let ``relay`` take pieces of ``content`` as they arrive; False when this reader cannot."""
     if type(content) is not StreamReader:
         return False
     _RELAYS[id(content)] = relay
+    relay.reader = content
     content.__class__ = _TappedReader
     return True
 
 
 def detach(content: StreamReader, relay: RawRelay) -> None:
     relay.waiting = False
+    relay.reader = None
     if _RELAYS.get(id(content)) is relay:
         del _RELAYS[id(content)]
         content.__class__ = StreamReader

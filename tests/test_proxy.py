@@ -242,11 +242,16 @@ async def test_raw_stream_events_bypass_the_relay_coroutine_and_arrive_intact(up
     with register_plugin(UsageWanted):
         async with SluiceServer(route(upstream, [{"usage_wanted": {}}]), tmp_path) as s, httpx.AsyncClient(timeout=20) as c:
             relays: list[Any] = []
+            waiters: list[Any] = []
             via = b""
             async with c.stream("POST", f"{s.url}/chat/completions", json=body) as r:
                 async for part in r.aiter_raw():
                     via += part
                     relays += [x for x in relay_mod._RELAYS.values() if x not in relays]
+                    for x in relays:  # the future the parked coroutine waits on: a new one each time it is woken
+                        w = x.reader._waiter if x.reader is not None else None
+                        if w is not None and all(w is not y for y in waiters):
+                            waiters.append(w)
             await s.wait_idle()
             direct = (await c.post(f"{upstream.url}/chat/completions", json={**body, "stream_options": {"include_usage": True}})).content
     want = _events(direct)
@@ -260,6 +265,7 @@ async def test_raw_stream_events_bypass_the_relay_coroutine_and_arrive_intact(up
     n_events = len(want)
     if piece is None:
         assert relays[0].taken >= n_events - 3  # all but the first write (the headers) and what raced it
+        assert len(waiters) <= 3  # and the coroutine slept through them
     else:
         assert relays[0].taken < n_events  # partial events went through the coroutine
 
