@@ -170,11 +170,12 @@ class SignatureDetector(Detector):
         # a needle is absent when a shorter one inside it is ("---" without "--"): that one is
         # looked for first, and its answer serves both
         self._needle_in = {x: tuple(sorted((y for y in needs if len(y) > 1 and y != x and y in x), key=len)) for x in needs}
-        self._needle = {x: (x[0], re.compile(re.escape(x)).search if len(x) > 1 else None) for x in needs}
+        # (first character, literal search or None for one character, the needle)
+        self._needle = {x: (x[0], re.compile(re.escape(x)).search if len(x) > 1 else None, x) for x in needs}
         # the same in UTF-8, for a text that is not ASCII (the literal search is slow on wide
         # strings): an ASCII needle occurs in a text exactly when it occurs in its UTF-8
         self._needle_utf8 = (
-            {x: (x[0].encode(), re.compile(re.escape(x.encode())).search if len(x) > 1 else None) for x in needs}
+            {x: (x[0].encode(), re.compile(re.escape(x.encode())).search if len(x) > 1 else None, x.encode()) for x in needs}
             if all(x.isascii() for x in needs) else None
         )
         # every word the scan asks about, found as whole words in one pass (see norm.Vocabulary)
@@ -387,8 +388,9 @@ def _has(
 ) -> bool:
     found = cache.get(needle)
     if found is None:
-        first, search = needles[needle]
-        if first not in haystack:
+        first, search, whole = needles[needle]
+        i = haystack.find(first)
+        if i == -1:
             found = False
         elif search is None:
             found = True
@@ -398,12 +400,25 @@ def _has(
                     found = False
                     break
             else:
-                found = search(haystack) is not None
+                # at the first few occurrences of its first character (a hyphen, a quote: prose
+                # has few), then by the literal search from there on
+                startswith, find = haystack.startswith, haystack.find
+                for _ in range(_FEW_FIRSTS):
+                    if startswith(whole, i):
+                        found = True
+                        break
+                    i = find(first, i + 1)
+                    if i == -1:
+                        found = False
+                        break
+                else:
+                    found = search(haystack, i) is not None
         cache[needle] = found
     return found
 
 
 _QUOTE_SET = frozenset(_QUOTES)
+_FEW_FIRSTS = 12
 
 
 def _quoted(text: str, start: int, end: int) -> bool:
