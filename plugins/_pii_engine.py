@@ -3,12 +3,13 @@
 Nothing here runs Presidio on the event loop: :class:`ResultCache`,
 :meth:`PiiEngine.triggered` and :class:`ProcessAnalyzer`'s pipe protocol do;
 the analysis runs in its worker processes, or :meth:`PiiEngine.analyze_many` in
-``runtime.run_cpu`` with ``processes: 0``.
+``runtime.run_cpu`` with ``processes: 0`` (and for a hedged analysis, see ``hedge_ms``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -410,8 +411,15 @@ class _Worker(asyncio.Protocol):
 
         fut: asyncio.Future[list[list[Finding]]] = asyncio.get_running_loop().create_future()
         self.pending[job] = fut
+        fut.add_done_callback(functools.partial(self._forget, job))
         self.writer.write(_frame(orjson.dumps([job, deadline, texts])))
         return fut
+
+    def _forget(self, job: int, fut: asyncio.Future[Any]) -> None:
+        # a request that stopped waiting (timeout, or the executor answered first) cancels its
+        # future: drop it now rather than when (if ever) the worker answers; that answer is ignored
+        if fut.cancelled() and self.pending.get(job) is fut:
+            del self.pending[job]
 
     # -- asyncio.Protocol, on the read pipe ----------------------------------
     def connection_made(self, transport: Any) -> None:

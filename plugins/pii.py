@@ -4,7 +4,9 @@ Detection is Presidio on a blank spaCy pipeline (no model download), with tuned
 recognizers for phones, cards and URLs, and an optional NER pipeline (the
 ``ner`` extra) for names and places. Only texts that could hold PII reach
 Presidio, results are cached per text, and Presidio runs in a low-priority
-worker process (or the runtime's executor threads) under a per-request timeout. With ``restore: true`` placeholders in the
+worker process (or the runtime's executor threads) under a per-request timeout;
+an analysis the worker has not answered within ``hedge_ms`` also runs in the
+executor, and the first answer wins. With ``restore: true`` placeholders in the
 answer are put back, in buffered answers and in streams.
 """
 
@@ -111,6 +113,14 @@ class PiiConfig(PluginConfig):
         description="CPU priority of the worker processes: 'idle' (Linux SCHED_IDLE: the server preempts an analysis the moment it has "
         "work; nice 19 elsewhere), 'low' (nice 19) or 'normal'. Below 'normal', screened requests wait when the server keeps the CPU busy.",
     )
+    hedge_ms: int = Field(
+        50,
+        ge=0,
+        le=600_000,
+        description="With worker processes: when a worker has not answered a request's analysis after this long, also run it in the "
+        "runtime's executor threads and take the first answer (0: never). Bounds the wait of screened requests when the workers get no "
+        "CPU; costs an in-process engine (memory) and, while hedging, the event loop shares the GIL with the analysis.",
+    )
     hash_key: str | None = Field(
         None, min_length=16, description='Secret key of the HMAC for the "hash" action, usually {"$env": "SLUICE_PII_HASH_KEY"}.'
     )
@@ -191,6 +201,13 @@ class _Metrics:
             "sluice_pii_texts", "Texts the pii plugin looked at, by what it took: skipped (pre-scan), cached or analyzed.", ["result"], registry=registry
         )
         self.timeouts = PCounter("sluice_pii_timeouts", "Requests whose PII analysis exceeded timeout_ms.", registry=registry)
+        self.hedged = PCounter(
+            "sluice_pii_hedged",
+            "Analyses a worker process had not answered within hedge_ms, so that the executor ran them too, by which answered first: "
+            "executor, worker, or none (both failed or timeout_ms passed).",
+            ["first"],
+            registry=registry,
+        )
 
 
 class Pii(Plugin):
@@ -210,6 +227,7 @@ class Pii(Plugin):
         self.metrics: _Metrics | None = None
         self.workers: ProcessAnalyzer | None = None
         self._timeout = config.timeout_ms / 1000
+        self._hedge = config.hedge_ms / 1000 if config.processes and config.hedge_ms < config.timeout_ms else 0.0
         self._hash_key = config.hash_key.encode() if config.hash_key else b""
         #: how much of a run without whitespace a stream scanner may hold back
         self.grow_limit = grow_limit(config.entities, [w for ws in config.deny_list.values() for w in ws], bool(config.recognizers))
@@ -238,8 +256,14 @@ class Pii(Plugin):
             )
             pool.users += 1
             self.workers = pool
-            if not pool.started:
-                await pool.start()
+            starting = [] if pool.started else [pool.start()]
+            if self._hedge and not self.engine.loaded:
+                # the hedge runs the analysis here, in the executor: the engine is built now, not on a starved request
+                starting.append(rt.run_cpu(self.engine.load))
+            got = await asyncio.gather(*starting, return_exceptions=True)
+            for e in got:
+                if isinstance(e, BaseException):
+                    raise e
         elif not self.engine.loaded:
             await rt.run_cpu(self.engine.load)
 
@@ -284,11 +308,12 @@ class Pii(Plugin):
             return results
         uniq = list(todo)
         try:
-            if self.workers is not None:
-                work = self.workers.analyze_many(uniq, time.monotonic() + self._timeout)
+            if self.workers is None:
+                found = await asyncio.wait_for(self.runtime.run_cpu(engine.analyze_many, uniq), self._timeout)
+            elif not self._hedge:
+                found = await asyncio.wait_for(self.workers.analyze_many(uniq, time.monotonic() + self._timeout), self._timeout)
             else:
-                work = self.runtime.run_cpu(engine.analyze_many, uniq)
-            found = await asyncio.wait_for(work, self._timeout)
+                found = await self._hedged(engine, uniq)
         except asyncio.TimeoutError:
             if m is not None:
                 m.timeouts.inc()
@@ -308,6 +333,50 @@ class Pii(Plugin):
             for i in todo[t]:
                 results[i] = tup
         return results
+
+    async def _hedged(self, engine: PiiEngine, uniq: list[str]) -> list[list[Finding]]:
+        """The worker's findings; if it has not answered within ``hedge_ms``, whichever of it and the executor answers first.
+
+        Both run the same engine settings (the same findings). The loser is cancelled: the
+        worker's job leaves its pending map at once (the worker skips it if its deadline
+        passed, else its answer is ignored), and an executor thread finishes and is ignored.
+        """
+        assert self.workers is not None
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self._timeout
+        # tasks this call holds, awaits and cancels itself (not background work: no runtime.spawn)
+        work = loop.create_task(self.workers.analyze_many(uniq, time.monotonic() + self._timeout), name="pii-worker-analysis")
+        tasks: list[asyncio.Future[Any]] = [work]
+        first = "none"
+        try:
+            await asyncio.wait(tasks, timeout=self._hedge)
+            if work.done():
+                return work.result()
+            tasks.append(loop.create_task(self.runtime.run_cpu(engine.analyze_many, uniq), name="pii-hedge-analysis"))
+            errors: list[BaseException] = []
+            pending = set(tasks)
+            async with asyncio.timeout_at(end):
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    ok = None
+                    for t in tasks:  # the worker first when both are done: every exception is retrieved
+                        if t not in done:
+                            continue
+                        e = asyncio.CancelledError() if t.cancelled() else t.exception()
+                        if e is not None:
+                            errors.append(e)
+                        elif ok is None:
+                            ok = t
+                    if ok is not None:
+                        first = "worker" if ok is work else "executor"
+                        return ok.result()
+            raise errors[0]
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            if len(tasks) > 1 and self.metrics is not None:
+                self.metrics.hedged.labels(first).inc()
 
     # -- changing text -------------------------------------------------------
     def _mask(self, value: str) -> str:

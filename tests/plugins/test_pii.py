@@ -352,9 +352,9 @@ async def test_worker_processes_find_the_same_and_stop_cleanly(runtime: Any, pri
 
 
 @pytest.mark.slow
-async def test_a_starved_worker_hits_the_timeout_and_the_failure_policy(runtime: Any) -> None:
+async def test_a_starved_worker_hits_the_timeout_and_the_failure_policy_without_the_hedge(runtime: Any) -> None:
     # instances with the same settings share one worker process
-    same = {"processes": 1, "cache_entries": 0, "worker_priority": "normal"}
+    same = {"processes": 1, "cache_entries": 0, "worker_priority": "normal", "hedge_ms": 0}
     closed = await plugin(runtime, timeout_ms=300, **same)
     opened = await plugin(runtime, id="open", timeout_ms=300, on_error="open", **same)
     patient = await plugin(runtime, id="patient", timeout_ms=60_000, **same)
@@ -375,7 +375,68 @@ async def test_a_starved_worker_hits_the_timeout_and_the_failure_policy(runtime:
     await patient.on_request(ctx)
     assert sent(ctx)["messages"][0]["content"] == "call <PHONE_1>"
     assert closed.workers.workers[0].proc is proc
+    assert closed.engine is not None and not closed.engine.loaded  # no hedge: no engine in this process
+    assert hedged_metric(runtime, "executor") == hedged_metric(runtime, "worker") == 0
     for p in (closed, opened, patient):
+        await p.stop()
+
+
+async def forgotten(w: Any) -> None:
+    """Until the worker's pending map is empty (a cancelled job's callback runs on a later loop turn)."""
+    async with asyncio.timeout(10):
+        while w.pending:
+            await asyncio.sleep(0)
+
+
+def hedged_metric(runtime: Any, first: str) -> float:
+    return runtime.metrics.get_sample_value("sluice_pii_hedged_total", {"first": first}) or 0.0
+
+
+@pytest.mark.slow
+async def test_a_starved_worker_is_hedged_by_the_executor(runtime: Any) -> None:
+    # the default timeout and failure policy (closed): without the hedge this request would get a 503
+    p = await plugin(runtime, processes=1, cache_entries=0, hedge_ms=50)
+    assert p.workers is not None and p.engine is not None and p.engine.loaded
+    w = p.workers.workers[0]
+    os.kill(w.proc.pid, signal.SIGSTOP)
+    try:
+        ctx = make_context(chat(f"mail {EMAIL}, call {PHONE}, card {CARD}"))
+        await p.on_request(ctx)
+        assert sent(ctx)["messages"][0]["content"] == "mail <EMAIL_1>, call <PHONE_1>, card <CREDIT_CARD_1>"
+        assert hedged_metric(runtime, "executor") == 1 and hedged_metric(runtime, "worker") == 0
+        await forgotten(w)  # the job the executor answered no longer waits on the worker
+    finally:
+        os.kill(w.proc.pid, signal.SIGCONT)
+    await p.stop()
+
+
+@pytest.mark.slow
+async def test_a_worker_answering_after_the_hedge_won_does_not_corrupt_the_next_request(runtime: Any) -> None:
+    same = {"processes": 1, "cache_entries": 0, "timeout_ms": 60_000}
+    hedged = await plugin(runtime, hedge_ms=50, **same)
+    patient = await plugin(runtime, id="patient", hedge_ms=0, **same)  # the same worker process, never hedged
+    assert hedged.workers is patient.workers and hedged.workers is not None
+    w = hedged.workers.workers[0]
+    os.kill(w.proc.pid, signal.SIGSTOP)
+    try:
+        ctx = make_context(chat(f"mail {EMAIL}"))
+        await hedged.on_request(ctx)
+        assert sent(ctx)["messages"][0]["content"] == "mail <EMAIL_1>"
+        assert hedged_metric(runtime, "executor") == 1
+        await forgotten(w)
+    finally:
+        os.kill(w.proc.pid, signal.SIGCONT)
+    # the worker now analyses the hedged job (its deadline is a minute away) and answers it
+    # first: that answer is dropped, and the next job gets its own findings
+    ctx = make_context(chat(f"call {PHONE} or card {CARD}"))
+    await patient.on_request(ctx)
+    assert sent(ctx)["messages"][0]["content"] == "call <PHONE_1> or card <CREDIT_CARD_1>"
+    ctx = make_context(chat(f"again {EMAIL}"))
+    await patient.on_request(ctx)
+    assert sent(ctx)["messages"][0]["content"] == "again <EMAIL_1>"
+    assert w.pending == {} and hedged.workers.workers[0] is w
+    assert hedged_metric(runtime, "executor") == 1
+    for p in (hedged, patient):
         await p.stop()
 
 
