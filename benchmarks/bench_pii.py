@@ -31,7 +31,12 @@ Measured in one run:
    ``--variants`` entry: ``threads`` (``processes: 0``), ``threads-siN`` (the same with a
    GIL switch interval of N ms), ``procsN`` (N worker processes, default priority) or
    ``procsN-idle|low|normal`` (``--only routes-lag`` runs just this part).
-4. *Detection quality* on ``tests/data/pii_corpus.jsonl``: per-type precision and
+4. *Starvation* (``--only starved``): two busy-loop processes at normal priority keep both
+   cores busy for 12 s while the pii route gets 10 requests/s with fresh PII and the plain
+   route 50 probes/s (open loop); the pii route's latency and status codes, the probes'
+   latency and the hedge and timeout counters, quiet then burning, per ``--variants`` entry
+   (``procs1-idle-hedge0`` is the worker without the hedge).
+5. *Detection quality* on ``tests/data/pii_corpus.jsonl``: per-type precision and
    recall of Sluice's recognizers and of Presidio's stock ones (same pipeline, same
    0.5 threshold).
 
@@ -39,19 +44,23 @@ Measured in one run:
     .venv/bin/python benchmarks/bench_pii.py --quick    # smoke run
     .venv/bin/python benchmarks/bench_pii.py --only routes-lag   # two routes, one process (about 4 min)
     .venv/bin/python benchmarks/bench_pii.py --only routes-lag --probe-rate 300 --variants threads,procs1
+    .venv/bin/python benchmarks/bench_pii.py --only starved --variants procs1-idle-hedge0,procs1,procs1-normal,threads
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -608,18 +617,106 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
 
 
 def variant_config(name: str) -> dict[str, Any]:
-    """``threads`` (``threads-siN``: GIL switch interval N ms), or ``procsN`` with an optional ``-normal``/``-low``/``-idle`` worker priority."""
+    """``threads`` (``threads-siN``: GIL switch interval N ms), or ``procsN`` with an optional ``-normal``/``-low``/``-idle``
+    worker priority and ``-hedgeN`` (``hedge_ms: N``; 0 turns the hedge off)."""
     if name == "threads":
         return {"processes": 0}
     if name.startswith("threads-si"):
         return {"processes": 0, "switch_interval_ms": float(name[len("threads-si"):])}
     if not name.startswith("procs"):
         raise ValueError(f"unknown variant {name!r}")
-    n, _, prio = name[5:].partition("-")
+    n, *opts = name[5:].split("-")
     cfg: dict[str, Any] = {"processes": int(n)}
-    if prio:
-        cfg["worker_priority"] = prio
+    for o in opts:
+        if o.startswith("hedge"):
+            cfg["hedge_ms"] = int(o[5:])
+        elif o in ("idle", "low", "normal"):
+            cfg["worker_priority"] = o
+        else:
+            raise ValueError(f"unknown variant {name!r}")
     return cfg
+
+
+async def pii_metrics(http: aiohttp.ClientSession, admin_url: str) -> dict[str, float]:
+    """The pii plugin's timeout and hedge counters, from the admin listener's /metrics."""
+    async with http.get(admin_url + "/metrics", headers={"authorization": "Bearer admin-token"}) as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("sluice_pii_hedged_total", "sluice_pii_timeouts_total")):
+            k, _, v = line.rpartition(" ")
+            out[k] = float(v)
+    return out
+
+
+# -- 5. starvation: both cores kept busy by other processes --------------------------------
+
+BURN = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
+
+
+async def starved(up: str, tmp: Path, pii: dict[str, Any], seconds: float, rate: float = 10.0, burners: int = 2,
+                  probe_rate: float = 50.0) -> dict[str, Any]:
+    """The pii route's latency and status, and the plain route's, while ``burners`` busy-loop processes (normal priority,
+    same cgroup, stopping by themselves) keep the cores busy: screened requests at ``rate``/s with fresh PII, probes at
+    ``probe_rate``/s, both open loop; then the same traffic without the burners."""
+    name = "starved-" + ("procs" if pii.get("processes") else "threads") + os.urandom(2).hex()
+    out: dict[str, Any] = {"pii_config": pii, "pii_rate_per_s": rate, "probe_rate_per_s": probe_rate, "seconds": seconds, "burners": burners}
+    async with SluiceProcess(two_route_config(up, pii), tmp / name, env=dict(PLUGIN_ENV)) as p, aiohttp.ClientSession() as http:
+        pii_url = p.url.replace("/v1", "/pii/v1")
+        loop = asyncio.get_running_loop()
+        n = 3 * 10**6
+
+        async def one(url: str, body: bytes, lat: list[float], status: Counter[int]) -> None:
+            t0 = time.perf_counter()
+            async with http.post(url + "/chat/completions", data=body, headers={"content-type": "application/json"}) as r:
+                await r.read()
+            lat.append((time.perf_counter() - t0) * 1000)
+            status[r.status] += 1
+
+        async def paced(url: str, bodies: Any, per_s: float, lat: list[float], status: Counter[int]) -> None:
+            tasks: set[asyncio.Task[None]] = set()
+            at = loop.time()
+            end = at + seconds
+            while loop.time() < end:
+                t = loop.create_task(one(url, next(bodies), lat, status))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                at += 1 / per_s
+                await asyncio.sleep(max(0.0, at - loop.time()))  # pacing an open-loop generator
+            await asyncio.gather(*tasks)
+
+        def fresh() -> Any:
+            nonlocal n
+            while True:
+                n += 1
+                yield background_body(n, True)
+
+        await send_all(http, p.url, [PROBE] * 50, 4)
+        await asyncio.gather(*(one(pii_url, next(fresh()), [], Counter()) for _ in range(10)))
+        for cond in ("quiet", "burning"):
+            await settle(p.pid)
+            m0 = await pii_metrics(http, p.admin_url)
+            procs = []
+            if cond == "burning":
+                procs = [subprocess.Popen([sys.executable, "-c", BURN, str(seconds + 2)]) for _ in range(burners)]
+            lat: list[float] = []
+            plat: list[float] = []
+            status: Counter[int] = Counter()
+            pstatus: Counter[int] = Counter()
+            try:
+                await asyncio.gather(paced(pii_url, fresh(), rate, lat, status), paced(p.url, itertools.repeat(PROBE), probe_rate, plat, pstatus))
+            finally:
+                for b in procs:
+                    b.wait()
+            m1 = await pii_metrics(http, p.admin_url)
+            out[cond] = {
+                "pii_requests": len(lat), "pii_status": dict(status),
+                "pii_p50_ms": round(pct(lat, 50), 1), "pii_p99_ms": round(pct(lat, 99), 1), "pii_max_ms": round(max(lat), 1),
+                "probe_p50_ms": round(pct(plat, 50), 2), "probe_p99_ms": round(pct(plat, 99), 2),
+                "counters": {k: v - m0.get(k, 0.0) for k, v in m1.items() if v - m0.get(k, 0.0)},
+            }
+        out["rss_mb"] = tree_rss_mb(p.pid)
+    return out
 
 
 # -- 4. detection quality: tuned recognizers against Presidio's stock ones ----------------
@@ -692,6 +789,11 @@ async def main(quick: bool, only: str | None = None, variants: str = DEFAULT_VAR
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-pii-"))
     n_conv, rounds, probes = (3, 1, 100) if quick else (10, 3, 300)
     result: dict[str, Any] = {"workload": "10-turn chats, whole history per request, 1 message in 10 with PII"}
+    if only == "starved":
+        async with demo_upstream(0.0) as up:
+            for v in variants.split(","):
+                result[f"starved_{v}"] = await starved(up, tmp, variant_config(v), 4.0 if quick else 12.0)
+        return result
     if only == "routes-lag":
         async with demo_upstream(0.0) as up:
             for v in variants.split(","):
@@ -714,7 +816,9 @@ async def main(quick: bool, only: str | None = None, variants: str = DEFAULT_VAR
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
-    ap.add_argument("--only", choices=["routes-lag"], help="run one mode only: routes-lag (two routes, one process, interleaved blocks)")
+    ap.add_argument("--only", choices=["routes-lag", "starved"],
+                    help="run one mode only: routes-lag (two routes, one process, interleaved blocks) or starved (two "
+                    "busy-loop processes keep the cores busy; the pii route's own latency and status, per variant)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help="with --only routes-lag: comma-separated pii setups, 'threads' or 'procsN[-normal|-low|-idle]' "
                     f"(default {DEFAULT_VARIANTS})")
