@@ -105,8 +105,9 @@ class DemoUpstream:
         #: events per SSE write: >1 merges several tokens into one network chunk, as vLLM does under load
         self.events_per_write = 1
         #: cut every SSE write into writes of at most this many bytes (events split mid-way),
-        #: ``token_delay`` apart so that they arrive as separate reads
+        #: ``piece_delay`` apart (None: ``token_delay``; 0: at once, so that a read holds several)
         self.piece_bytes: int | None = None
+        self.piece_delay: float | None = None
         self.record = record
         self.requests: list[Seen] = []
         self.stats = Counters()
@@ -246,9 +247,10 @@ class DemoUpstream:
                 batch = events[i : i + step]
                 data = b"".join(batch)
                 if self.piece_bytes:
+                    gap = self.token_delay if self.piece_delay is None else self.piece_delay
                     for j in range(0, len(data), self.piece_bytes):
-                        if j and self.token_delay:
-                            await asyncio.sleep(self.token_delay)
+                        if j and gap:
+                            await asyncio.sleep(gap)
                         await resp.write(data[j : j + self.piece_bytes])
                 else:
                     await resp.write(data)

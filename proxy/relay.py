@@ -159,7 +159,7 @@ class RawRelay(Direct):
         self.injected = injected
         self.buf = bytearray()  # the start of an event not yet complete
         self.saw_done = False
-        #: the coroutine is parked in ``readany()`` with nothing buffered: pieces may bypass it
+        #: the coroutine is parked in ``readany()``: pieces may bypass it while the reader holds none
         self.waiting = False
         self.dog = dog
         self.loop = loop
@@ -222,7 +222,9 @@ class _TappedReader(StreamReader):
 
     def feed_data(self, data: bytes, size: int = 0) -> bool:
         relay = _RELAYS.get(id(self))
-        if relay is not None and relay.waiting and data and relay.take(data):
+        # not past what is buffered for the coroutine: one read of the socket can hold several
+        # HTTP chunks, and the parser feeds them one by one before the woken coroutine runs
+        if relay is not None and relay.waiting and not self._buffer and data and relay.take(data):
             self.total_bytes += len(data)
             return False
         return StreamReader.feed_data(self, data, size)

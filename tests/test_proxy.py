@@ -223,18 +223,24 @@ def _events(raw: bytes) -> list[Any]:
     return out
 
 
-@pytest.mark.parametrize("piece", [None, 7, 61], ids=["whole-events", "7-byte-pieces", "61-byte-pieces"])
+@pytest.mark.parametrize(
+    ("piece", "delay"), [(None, None), (7, None), (61, None), (7, 0.0), (61, 0.0)],
+    ids=["whole-events", "7-byte-pieces", "61-byte-pieces", "7-byte-pieces-at-once", "61-byte-pieces-at-once"],
+)
 @pytest.mark.parametrize("client_asks", [False, True], ids=["usage-hidden", "usage-asked"])
-async def test_raw_stream_events_bypass_the_relay_coroutine_and_arrive_intact(upstream, tmp_path, piece, client_asks):
+async def test_raw_stream_events_bypass_the_relay_coroutine_and_arrive_intact(upstream, tmp_path, piece, delay, client_asks):
     """Whole events go from the upstream reader straight to the client's socket; pieces that end mid-event take the coroutine's path.
 
     Either way the client gets the upstream's stream byte for byte, minus the usage chunk
-    it did not ask for, and the usage is read.
+    it did not ask for, and the usage is read. Pieces written at once reach the proxy as
+    several HTTP chunks in one read: one that ends mid-event must hold back the whole
+    events after it until the coroutine has written it.
     """
     from proxy import relay as relay_mod
 
     upstream.token_delay = 0.002
     upstream.piece_bytes = piece
+    upstream.piece_delay = delay
     UsageWanted.seen.clear()
     body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "one two three four five six"}], "stream": True}
     if client_asks:
