@@ -272,14 +272,7 @@ class Tracing(Plugin):
         for k, v in ctx.tags.items():
             if k != "cache":
                 attrs[f"sluice.tag.{k}"] = str(v)
-        for plugin_id, found in ctx.annotations.items():
-            if isinstance(found, dict):
-                for kind, n in found.items():
-                    if isinstance(n, (int, float)) and not isinstance(n, bool):
-                        attrs[f"sluice.finding.{plugin_id}.{kind}"] = n
-        if c.plugin_timings:
-            for key, seconds in t.plugins.items():
-                attrs[f"sluice.plugin.{key}_ms"] = round(seconds * 1000, 4)
+        _findings_and_timings(ctx, c.plugin_timings, attrs)
         if t.first_byte is not None and ctx.stream:
             attrs["gen_ai.server.time_to_first_token"] = max(t.first_byte - t.start, 0.0)
         usage = ctx.usage
@@ -436,16 +429,7 @@ class Tracing(Plugin):
             kind = parts[key] = wire.attributes(9, d)
         attrs = [head, _REQUEST_ID(ctx.request_id), kind]
         if ctx.annotations or c.plugin_timings:
-            extra: dict[str, Any] = {}
-            for plugin_id, found in ctx.annotations.items():
-                if isinstance(found, dict):
-                    for name, n in found.items():
-                        if isinstance(n, (int, float)) and not isinstance(n, bool):
-                            extra[f"sluice.finding.{plugin_id}.{name}"] = n
-            if c.plugin_timings:
-                for name, seconds in t.plugins.items():
-                    extra[f"sluice.plugin.{name}_ms"] = round(seconds * 1000, 4)
-            attrs.append(wire.attributes(9, extra))
+            attrs.append(wire.attributes(9, _findings_and_timings(ctx, c.plugin_timings, {})))
         if t.first_byte is not None and ctx.stream:
             attrs.append(_TTFT(max(t.first_byte - t.start, 0.0)))
         usage = ctx.usage
@@ -602,3 +586,16 @@ def _import_sdk(exporter: str) -> None:
         import requests  # noqa: F401
     elif exporter == "otlp_grpc":
         import opentelemetry.exporter.otlp.proto.grpc.trace_exporter  # noqa: F401
+
+
+def _findings_and_timings(ctx: Context, plugin_timings: bool, out: dict[str, Any]) -> dict[str, Any]:
+    """The guards' findings (types and counts) and, when asked, each hook's time, as span attributes into ``out``."""
+    for plugin_id, found in ctx.annotations.items():
+        if isinstance(found, dict):
+            for kind, n in found.items():
+                if isinstance(n, (int, float)) and not isinstance(n, bool):
+                    out[f"sluice.finding.{plugin_id}.{kind}"] = n
+    if plugin_timings:
+        for key, seconds in ctx.timings.plugins.items():
+            out[f"sluice.plugin.{key}_ms"] = round(seconds * 1000, 4)
+    return out

@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from proxy import Context, Event, Plugin, PluginConfig, ProxyError, hookimpl
+from proxy import Context, Event, Plugin, ProxyError, hookimpl
 from proxy.testing import FakeUpstream, SluiceServer, register_plugin
 
 
