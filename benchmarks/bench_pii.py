@@ -570,11 +570,12 @@ async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[
                     await asyncio.gather(*inflight)
                 cpu[cond] += cpu_seconds(p.pid) - c0
         rss = tree_rss_mb(p.pid)
+        counters = await pii_metrics(http, p.admin_url)
     if si is not None:
         pii["switch_interval_ms"] = si
     res: dict[str, Any] = {"pii_config": pii, "background_rate_per_s": rate, "rounds": rounds, "seconds_per_block": seconds,
                            "probes": f"{probe_rate:g}/s, open loop" if probe_rate else "back to back",
-                           "rss_mb": rss}
+                           "rss_mb": rss, "pii_counters": counters}
     for c in conditions:
         res[c] = {
             "probes": len(lat[c]), "probe_p50_ms": round(pct(lat[c], 50), 3), "probe_p99_ms": round(pct(lat[c], 99), 3),
@@ -782,6 +783,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "loop_lag_p99_ms": [c[k]["loop_lag_p99_ms"] for k in c],
         "pii_route_p50_p99_ms": [c["pii_route_pii"]["pii_route_p50_ms"], c["pii_route_pii"]["pii_route_p99_ms"]],
         "rss_total_mb": res["rss_mb"]["total"],
+        "pii_counters": res["pii_counters"],
     }
 
 
