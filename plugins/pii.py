@@ -118,7 +118,7 @@ class PiiConfig(PluginConfig):
         ge=0,
         le=600_000,
         description="With worker processes: when a worker has not answered a request's analysis after this long, also run it in the "
-        "runtime's executor threads and take the first answer (0: never). Bounds the wait of screened requests when the workers get no "
+        "runtime's executor threads and take the first answer (0, or not below timeout_ms: never). Bounds the wait of screened requests when the workers get no "
         "CPU; costs an in-process engine (memory) and, while hedging, the event loop shares the GIL with the analysis.",
     )
     hash_key: str | None = Field(
