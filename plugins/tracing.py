@@ -243,35 +243,9 @@ class Tracing(Plugin):
         op = self._operation(ctx)
         route = route_name(ctx)
         asked = ctx.model
-        attrs: dict[str, Any] = {
-            "http.request.method": ctx.method,
-            "url.path": ctx.path,
-            "sluice.request_id": ctx.request_id,
-            "gen_ai.operation.name": op,
-            "sluice.route": route,
-            "sluice.outcome": ctx.outcome or "unknown",
-        }
-        if asked:
-            attrs["gen_ai.request.model"] = asked
+        attrs: dict[str, Any] = {"http.request.method": ctx.method, "url.path": ctx.path, "sluice.request_id": ctx.request_id}
         body = ctx.body if ctx.body_is_json else None
-        if body is not None:
-            attrs.update(request_attributes(body))
-        if ctx.status is not None:
-            attrs["http.response.status_code"] = ctx.status
-        ident = ctx.identity
-        if ident is not None:
-            attrs["sluice.key_id"] = ident.key_id
-            if ident.team:
-                attrs["sluice.team"] = ident.team
-        if ctx.answered_by:
-            attrs["sluice.answered_by"] = ctx.answered_by
-            attrs["sluice.answer_reason"] = ctx.answer_reason or ""
-        cache = ctx.tags.get("cache")
-        if cache is not None:
-            attrs["sluice.cache_hit"] = cache == "hit"
-        for k, v in ctx.tags.items():
-            if k != "cache":
-                attrs[f"sluice.tag.{k}"] = str(v)
+        _kind_attributes(attrs, ctx, op, route, ctx.outcome or "unknown", asked, request_attributes(body) if body is not None else None)
         _findings_and_timings(ctx, c.plugin_timings, attrs)
         if t.first_byte is not None and ctx.stream:
             attrs["gen_ai.server.time_to_first_token"] = max(t.first_byte - t.start, 0.0)
@@ -313,23 +287,7 @@ class Tracing(Plugin):
         n = len(ctx.attempts)
         for i, a in enumerate(ctx.attempts):
             model = a.target.model or asked
-            host, port, provider = self._servers.get(a.target.upstream, (None, None, "openai"))
-            cattrs: dict[str, Any] = {
-                "gen_ai.operation.name": op,
-                "gen_ai.provider.name": provider,
-                "sluice.upstream": a.target.upstream,
-                "sluice.attempt": i,
-            }
-            if model:
-                cattrs["gen_ai.request.model"] = model
-            if a.target.label:
-                cattrs["sluice.target.label"] = a.target.label
-            if host:
-                cattrs["server.address"] = host
-            if port:
-                cattrs["server.port"] = port
-            if a.status is not None:
-                cattrs["http.response.status_code"] = a.status
+            cattrs = self._attempt_attributes(op, i, a, model)
             if a.first_byte is not None:
                 cattrs["sluice.time_to_first_byte"] = max(a.first_byte - a.start, 0.0)
             failed = a.error is not None or (a.status is not None and a.status >= 500)
@@ -359,6 +317,23 @@ class Tracing(Plugin):
             instrumentation_scope=pipeline.scope,
         ))
         return spans
+
+    def _attempt_attributes(self, op: str, i: int, a: Any, model: str | None) -> dict[str, Any]:
+        """A client span's attributes but its time to first byte, in span order."""
+        host, port, provider = self._servers.get(a.target.upstream, (None, None, "openai"))
+        out: dict[str, Any] = {"gen_ai.operation.name": op, "gen_ai.provider.name": provider,
+                               "sluice.upstream": a.target.upstream, "sluice.attempt": i}
+        if model:
+            out["gen_ai.request.model"] = model
+        if a.target.label:
+            out["sluice.target.label"] = a.target.label
+        if host:
+            out["server.address"] = host
+        if port:
+            out["server.port"] = port
+        if a.status is not None:
+            out["http.response.status_code"] = a.status
+        return out
 
     def _encoded(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> list[bytes]:
         """The spans of :meth:`_spans` as OTLP ``Span`` messages, byte for byte what ``_otel_wire.span`` makes of them.
@@ -400,33 +375,13 @@ class Tracing(Plugin):
         params = request_attributes(body) if body is not None else None
         ident = ctx.identity
         tags = ctx.tags
-        cache = tags.get("cache")
         status = ctx.status
         outcome = ctx.outcome or "unknown"
         key = (1, op, route, outcome, asked, status, None if ident is None else (ident.key_id, ident.team),
                ctx.answered_by and (ctx.answered_by, ctx.answer_reason or ""), _tags_key(tags) if tags else None, _params_key(params) if params else None)
         kind = parts.get(key)
         if kind is None:
-            d: dict[str, Any] = {"gen_ai.operation.name": op, "sluice.route": route, "sluice.outcome": outcome}
-            if asked:
-                d["gen_ai.request.model"] = asked
-            if params:
-                d.update(params)
-            if status is not None:
-                d["http.response.status_code"] = status
-            if ident is not None:
-                d["sluice.key_id"] = ident.key_id
-                if ident.team:
-                    d["sluice.team"] = ident.team
-            if ctx.answered_by:
-                d["sluice.answered_by"] = ctx.answered_by
-                d["sluice.answer_reason"] = ctx.answer_reason or ""
-            if cache is not None:
-                d["sluice.cache_hit"] = cache == "hit"
-            for k, v in tags.items():
-                if k != "cache":
-                    d[f"sluice.tag.{k}"] = str(v)
-            kind = parts[key] = wire.attributes(9, d)
+            kind = parts[key] = wire.attributes(9, _kind_attributes({}, ctx, op, route, outcome, asked, params))
         attrs = [head, _REQUEST_ID(ctx.request_id), kind]
         if ctx.annotations or c.plugin_timings:
             attrs.append(wire.attributes(9, _findings_and_timings(ctx, c.plugin_timings, {})))
@@ -508,20 +463,7 @@ class Tracing(Plugin):
             key = (3, op, target.upstream, i, model, target.label, a.status)
             cattrs = parts.get(key)
             if cattrs is None:
-                host, port, provider = self._servers.get(target.upstream, (None, None, "openai"))
-                d = {"gen_ai.operation.name": op, "gen_ai.provider.name": provider, "sluice.upstream": target.upstream,
-                     "sluice.attempt": i}
-                if model:
-                    d["gen_ai.request.model"] = model
-                if target.label:
-                    d["sluice.target.label"] = target.label
-                if host:
-                    d["server.address"] = host
-                if port:
-                    d["server.port"] = port
-                if a.status is not None:
-                    d["http.response.status_code"] = a.status
-                cattrs = parts[key] = wire.attributes(9, d)
+                cattrs = parts[key] = wire.attributes(9, self._attempt_attributes(op, i, a, model))
             if a.first_byte is not None:
                 cattrs += _TTFB(max(a.first_byte - a.start, 0.0))
             failed = a.error is not None or (a.status is not None and a.status >= 500)
@@ -598,4 +540,33 @@ def _findings_and_timings(ctx: Context, plugin_timings: bool, out: dict[str, Any
     if plugin_timings:
         for key, seconds in ctx.timings.plugins.items():
             out[f"sluice.plugin.{key}_ms"] = round(seconds * 1000, 4)
+    return out
+
+
+def _kind_attributes(out: dict[str, Any], ctx: Context, op: str, route: str, outcome: str, asked: str | None,
+                     params: dict[str, Any] | None) -> dict[str, Any]:
+    """The server span's attributes that are the same for every request of a kind, in span order, into ``out``."""
+    out["gen_ai.operation.name"] = op
+    out["sluice.route"] = route
+    out["sluice.outcome"] = outcome
+    if asked:
+        out["gen_ai.request.model"] = asked
+    if params:
+        out.update(params)
+    if ctx.status is not None:
+        out["http.response.status_code"] = ctx.status
+    ident = ctx.identity
+    if ident is not None:
+        out["sluice.key_id"] = ident.key_id
+        if ident.team:
+            out["sluice.team"] = ident.team
+    if ctx.answered_by:
+        out["sluice.answered_by"] = ctx.answered_by
+        out["sluice.answer_reason"] = ctx.answer_reason or ""
+    cache = ctx.tags.get("cache")
+    if cache is not None:
+        out["sluice.cache_hit"] = cache == "hit"
+    for k, v in ctx.tags.items():
+        if k != "cache":
+            out[f"sluice.tag.{k}"] = str(v)
     return out
