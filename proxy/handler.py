@@ -296,8 +296,10 @@ class Handler:
             while True:
                 dog.last = loop.time()  # only the wait on the upstream counts as idle
                 relay.waiting = tapped
-                chunk = await content.readany()
-                relay.waiting = False
+                try:
+                    chunk = await content.readany()
+                finally:
+                    relay.waiting = False  # from here on only this coroutine writes, until it waits again
                 if not chunk:
                     break
                 if parser is None:
@@ -322,8 +324,6 @@ class Handler:
                                 await out.write(data)
                                 relay.transport = direct_transport(request, out)
             att.end = ctx.timings.upstream_end = time.perf_counter()
-            if tapped:
-                detach(content, relay)
             if parser is None:
                 buf = relay.buf
                 if buf:
@@ -338,12 +338,10 @@ class Handler:
                     await out.write(DONE.encode())
             ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
         except ch.StreamError as e:
-            relay.waiting = False
             if ctx.outcome != "plugin_error":
                 ctx.outcome = "answered"
             await self._stream_error(out, ctx, e.err)
         except asyncio.CancelledError:
-            relay.waiting = False  # from here on only this coroutine writes
             if not dog.fired:
                 raise  # the client went away
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
@@ -351,7 +349,6 @@ class Handler:
             ctx.outcome = "upstream_error"
             await self._end_broken(out, ctx, pipeline, ProxyError(504, "The upstream stream stalled.", code="upstream_timeout"))
         except CONNECT_ERRORS as e:
-            relay.waiting = False
             if isinstance(e, ConnectionResetError) and _client_gone(request):
                 ctx.outcome = "client_gone"
                 return out

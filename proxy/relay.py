@@ -114,27 +114,6 @@ def last_boundary(buf: bytearray) -> int:
     return i + 2 if i != -1 else 0
 
 
-class Direct:
-    """Writes a stream's blocks straight to the client's socket while that is safe."""
-
-    __slots__ = ("transport",)
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-
-    def send(self, data: bytes) -> bool:
-        """One HTTP/1.1 chunk to the socket; False when aiohttp's writer must do it instead.
-
-        That is the first write (it carries the headers), a socket whose buffer is
-        full (the writer's drain is the backpressure) and a closing socket.
-        """
-        t = self.transport
-        if t is None or t.get_write_buffer_size() >= WRITE_BUFFER_LOW or t.is_closing():
-            return False
-        t.write(b"%x\r\n%b\r\n" % (len(data), data))
-        return True
-
-
 def direct_transport(request: web.BaseRequest, out: web.StreamResponse) -> asyncio.Transport | None:
     """The client's transport, when a raw block may be framed and written to it directly.
 
@@ -147,13 +126,18 @@ def direct_transport(request: web.BaseRequest, out: web.StreamResponse) -> async
     return request.transport
 
 
-class RawRelay(Direct):
-    """One raw stream's relay state, shared by the coroutine and the reader's ``feed_data``."""
+class RawRelay:
+    """One stream's relay state, shared by the coroutine and the reader's ``feed_data``.
 
-    __slots__ = ("ctx", "wants_usage", "injected", "buf", "saw_done", "waiting", "dog", "loop", "taken", "reader")
+    Blocks go straight to the client's socket (``transport``, set by the coroutine once its
+    first write has carried the headers) while that is safe; aiohttp's writer takes over
+    when not.
+    """
+
+    __slots__ = ("transport", "ctx", "wants_usage", "injected", "buf", "saw_done", "waiting", "dog", "loop", "taken", "reader")
 
     def __init__(self, ctx: Context, wants_usage: bool, injected: bool, dog: Watchdog, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
+        self.transport: asyncio.Transport | None = None
         self.ctx = ctx
         self.wants_usage = wants_usage
         self.injected = injected
@@ -168,44 +152,61 @@ class RawRelay(Direct):
         #: the upstream body's reader, while attached
         self.reader: StreamReader | None = None
 
+    def _open(self) -> asyncio.Transport | None:
+        """The client's socket when a block may go to it directly: not before the first write,
+        not while its buffer is full (the writer's drain is the backpressure), not closing."""
+        t = self.transport
+        if t is None or t.get_write_buffer_size() >= WRITE_BUFFER_LOW or t.is_closing():
+            return None
+        return t
+
+    def send(self, data: bytes) -> bool:
+        """One HTTP/1.1 chunk to the socket; False when aiohttp's writer must do it instead."""
+        t = self._open()
+        if t is None:
+            return False
+        t.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
+
+    def _whole(self, block: bytes) -> bytes:
+        """Complete events: the usage tapped (first: it is what can fail), ``[DONE]`` noted, counted."""
+        if self.wants_usage and b'"usage"' in block:
+            out = tap_block(self.ctx, block, self.injected)
+        else:
+            out = block
+        if b"[DONE]" in block:
+            self.saw_done = True
+        if out:
+            ctx = self.ctx
+            ctx.stream_bytes += len(out)
+            ctx.stream_events += out.count(b"\n\n") or out.count(b"\r\r")
+        return out
+
     def block(self, chunk: bytes) -> bytes:
         """The coroutine's path: the complete events so far, tapped, counted; b"" when none."""
         buf = self.buf
         if not buf and chunk.endswith(b"\n\n"):
-            block = chunk  # the common case: whole events, no copy
-        else:
-            buf += chunk
-            cut = last_boundary(buf)
-            block = bytes(buf[:cut]) if cut else b""
-            del buf[:cut]
-        if block:
-            if b"[DONE]" in block:
-                self.saw_done = True
-            if self.wants_usage and b'"usage"' in block:
-                block = tap_block(self.ctx, block, self.injected)
-            if block:
-                ctx = self.ctx
-                ctx.stream_bytes += len(block)
-                ctx.stream_events += block.count(b"\n\n") or block.count(b"\r\r")
-        return block
+            return self._whole(chunk)  # the common case: whole events, no copy
+        buf += chunk
+        cut = last_boundary(buf)
+        if not cut:
+            return b""
+        block = bytes(buf[:cut])
+        del buf[:cut]
+        return self._whole(block)
 
     def take(self, data: bytes) -> bool:
         """From ``feed_data``: write whole events straight out; False leaves them to the coroutine."""
-        t = self.transport
-        if t is None or self.buf or not data.endswith(b"\n\n") or t.get_write_buffer_size() >= WRITE_BUFFER_LOW or t.is_closing():
+        if self.buf or not data.endswith(b"\n\n"):
             return False
-        block = data
-        if self.wants_usage and b'"usage"' in block:
-            try:
-                block = tap_block(self.ctx, block, self.injected)
-            except Exception:
-                return False  # the coroutine meets the same error where errors are handled
-        if b"[DONE]" in data:
-            self.saw_done = True
+        t = self._open()
+        if t is None:
+            return False
+        try:
+            block = self._whole(data)
+        except Exception:
+            return False  # nothing noted yet: the coroutine meets the same error where errors are handled
         if block:
-            ctx = self.ctx
-            ctx.stream_bytes += len(block)
-            ctx.stream_events += block.count(b"\n\n")
             t.write(b"%x\r\n%b\r\n" % (len(block), block))
         self.taken += 1
         self.dog.last = self.loop.time()  # a new wait for the upstream starts now

@@ -128,7 +128,7 @@ class Upstream:
         timeout: float | None = None,
     ) -> Response:
         """A buffered call outside any client request (shadow traffic, probes)."""
-        url = join_url(self.base, endpoint, "")
+        url = self.url_for(endpoint, "")
         h = self.headers_for(CIMultiDict(headers or {}))
         if body and "content-type" not in h:
             h["content-type"] = "application/json"
