@@ -376,12 +376,7 @@ class Metering(Plugin):
             f = self.families
             f.count(f.cost, cost, route, self.model_label(ctx))
         if self.ledger is not None and (reached or cache_hit or self.config.record_answered):
-            values = self._values(ctx, usage, served, cost, price is not None, cache_hit, route)
-            append_values = getattr(self.ledger, "append_values", None)
-            if append_values is not None:
-                append_values(LEDGER_TABLE, LEDGER_COLUMNS, values)  # the row without building a dict
-            else:
-                self.ledger.append(LEDGER_TABLE, dict(zip(LEDGER_COLUMNS, values)))
+            self.ledger.append_values(LEDGER_TABLE, LEDGER_COLUMNS, self._values(ctx, usage, served, cost, price is not None, cache_hit, route))
         return reserved
 
     async def _reconcile(self, reserved: list[tuple[str, float, float]], cost: float) -> None:
@@ -402,11 +397,6 @@ class Metering(Plugin):
         if ctx.upstream is not None:
             return ctx.upstream.model or ctx.model
         return None
-
-    def _row(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,
-             route: str | None = None) -> dict[str, Any]:
-        """The ledger row of a finished request, by column."""
-        return dict(zip(LEDGER_COLUMNS, self._values(ctx, usage, served, cost, priced, cache_hit, route)))
 
     def _values(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,
                 route: str | None = None) -> tuple[Any, ...]:

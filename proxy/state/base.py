@@ -128,6 +128,11 @@ class Records(abc.ABC):
     def append(self, table: str, row: Mapping[str, Any]) -> None:
         """Queue one row for the batched writer. Never blocks, never drops silently."""
 
+    def append_values(self, table: str, columns: tuple[str, ...], values: tuple[Any, ...]) -> None:
+        """``append`` for a row given as its values in ``columns`` order (a writer of many rows of
+        one shape passes the same tuple of columns each time); backends may queue it without a dict."""
+        self.append(table, dict(zip(columns, values)))
+
     @abc.abstractmethod
     async def flush(self) -> None:
         """Wait until every row appended so far is durable."""
