@@ -255,7 +255,7 @@ def encode_batch(resource: Any, scope: Any, spans: Sequence[bytes]) -> bytes:
 
 
 class WireExporter:
-    """An OTLP/HTTP span exporter (the SDK's ``SpanExporter`` interface) using :func:`encode_request`.
+    """Posts encoded OTLP/HTTP export requests for a :class:`WireBatcher`, retrying as the SDK's exporter does.
 
     A plain ``http://`` collector with no proxy configured for it is posted to over one
     kept-alive ``http.client`` connection: requests' session costs about four times as
@@ -282,13 +282,6 @@ class WireExporter:
         self._lock = threading.Lock()  # one request at a time on the kept-alive connection
         #: posts sent again after a retryable failure (status or connection), since start
         self.retries = 0
-
-    def export(self, spans: Sequence[Any]) -> Any:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        if self._shutdown.is_set():
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS if self.post(encode_request(spans), len(spans)) else SpanExportResult.FAILURE
 
     def post(self, data: bytes, count: int) -> bool:
         """Send one encoded export request, retrying as the SDK exporter does; False when it was given up."""
@@ -360,9 +353,6 @@ class WireExporter:
                 return self.session.post(self.endpoint, data=data, timeout=timeout).status_code
             return r.status
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
 
     def shutdown(self) -> None:
         self._shutdown.set()
@@ -453,11 +443,6 @@ class WireBatcher:
             self.exporter.post(encode_batch(self.resource, self.scope, batch), len(batch))
         except Exception:  # noqa: BLE001 - the export thread must survive anything an export does
             log.exception("tracing: exporting %d spans failed", len(batch))
-
-    def force_flush(self) -> None:
-        """Export what is queued now (tests; from any thread but the export thread)."""
-        while self._q:
-            self._export_one()
 
     def shutdown(self) -> None:
         """Export what is queued (waiting at most ``export_timeout_s``, the SDK's 30 s), then stop the thread and the exporter."""
