@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import orjson
 import pytest
@@ -351,34 +352,14 @@ async def test_worker_processes_find_the_same_and_stop_cleanly(runtime: Any, pri
     assert not procs[0].is_alive()  # reaped: it read the closed pipe and left (or was killed after 5 s)
 
 
-@pytest.mark.slow
-async def test_a_starved_worker_hits_the_timeout_and_the_failure_policy_without_the_hedge(runtime: Any) -> None:
-    # instances with the same settings share one worker process
-    same = {"processes": 1, "cache_entries": 0, "worker_priority": "normal", "hedge_ms": 0}
-    closed = await plugin(runtime, timeout_ms=300, **same)
-    opened = await plugin(runtime, id="open", timeout_ms=300, on_error="open", **same)
-    patient = await plugin(runtime, id="patient", timeout_ms=60_000, **same)
-    assert closed.workers is opened.workers is patient.workers and closed.workers is not None
-    proc = closed.workers.workers[0].proc
-    os.kill(proc.pid, signal.SIGSTOP)  # no CPU at all for the worker: the extreme of starvation
+@contextlib.contextmanager
+def stopped(proc: Any) -> Iterator[None]:
+    """The worker process gets no CPU at all inside the block (SIGSTOP), the extreme of starvation."""
+    os.kill(proc.pid, signal.SIGSTOP)
     try:
-        with pytest.raises(ProxyError) as ei:
-            await closed.on_request(make_context(chat(f"mail {EMAIL}")))
-        assert ei.value.status == 503 and ei.value.code == "pii_timeout"
-        ctx = make_context(chat(f"mail {EMAIL}"))
-        await opened.on_request(ctx)
-        assert not ctx.body_changed and ctx.annotations["pii_error"] == "timeout"
+        yield
     finally:
         os.kill(proc.pid, signal.SIGCONT)
-    # the worker skips the two jobs nobody waits for and answers the next one
-    ctx = make_context(chat(f"call {PHONE}"))
-    await patient.on_request(ctx)
-    assert sent(ctx)["messages"][0]["content"] == "call <PHONE_1>"
-    assert closed.workers.workers[0].proc is proc
-    assert closed.engine is not None and not closed.engine.loaded  # no hedge: no engine in this process
-    assert hedged_metric(runtime, "executor") == hedged_metric(runtime, "worker") == 0
-    for p in (closed, opened, patient):
-        await p.stop()
 
 
 async def forgotten(w: Any) -> None:
@@ -393,20 +374,44 @@ def hedged_metric(runtime: Any, first: str) -> float:
 
 
 @pytest.mark.slow
+async def test_a_starved_worker_hits_the_timeout_and_the_failure_policy_without_the_hedge(runtime: Any) -> None:
+    # instances with the same settings share one worker process
+    same = {"processes": 1, "cache_entries": 0, "worker_priority": "normal", "hedge_ms": 0}
+    closed = await plugin(runtime, timeout_ms=300, **same)
+    opened = await plugin(runtime, id="open", timeout_ms=300, on_error="open", **same)
+    patient = await plugin(runtime, id="patient", timeout_ms=60_000, **same)
+    assert closed.workers is opened.workers is patient.workers and closed.workers is not None
+    proc = closed.workers.workers[0].proc
+    with stopped(proc):
+        with pytest.raises(ProxyError) as ei:
+            await closed.on_request(make_context(chat(f"mail {EMAIL}")))
+        assert ei.value.status == 503 and ei.value.code == "pii_timeout"
+        ctx = make_context(chat(f"mail {EMAIL}"))
+        await opened.on_request(ctx)
+        assert not ctx.body_changed and ctx.annotations["pii_error"] == "timeout"
+    # the worker skips the two jobs nobody waits for and answers the next one
+    ctx = make_context(chat(f"call {PHONE}"))
+    await patient.on_request(ctx)
+    assert sent(ctx)["messages"][0]["content"] == "call <PHONE_1>"
+    assert closed.workers.workers[0].proc is proc
+    assert closed.engine is not None and not closed.engine.loaded  # no hedge: no engine in this process
+    assert hedged_metric(runtime, "executor") == hedged_metric(runtime, "worker") == 0
+    for p in (closed, opened, patient):
+        await p.stop()
+
+
+@pytest.mark.slow
 async def test_a_starved_worker_is_hedged_by_the_executor(runtime: Any) -> None:
     # the default timeout and failure policy (closed): without the hedge this request would get a 503
     p = await plugin(runtime, processes=1, cache_entries=0, hedge_ms=50)
     assert p.workers is not None and p.engine is not None and p.engine.loaded
     w = p.workers.workers[0]
-    os.kill(w.proc.pid, signal.SIGSTOP)
-    try:
+    with stopped(w.proc):
         ctx = make_context(chat(f"mail {EMAIL}, call {PHONE}, card {CARD}"))
         await p.on_request(ctx)
         assert sent(ctx)["messages"][0]["content"] == "mail <EMAIL_1>, call <PHONE_1>, card <CREDIT_CARD_1>"
         assert hedged_metric(runtime, "executor") == 1 and hedged_metric(runtime, "worker") == 0
         await forgotten(w)  # the job the executor answered no longer waits on the worker
-    finally:
-        os.kill(w.proc.pid, signal.SIGCONT)
     await p.stop()
 
 
@@ -417,15 +422,12 @@ async def test_a_worker_answering_after_the_hedge_won_does_not_corrupt_the_next_
     patient = await plugin(runtime, id="patient", hedge_ms=0, **same)  # the same worker process, never hedged
     assert hedged.workers is patient.workers and hedged.workers is not None
     w = hedged.workers.workers[0]
-    os.kill(w.proc.pid, signal.SIGSTOP)
-    try:
+    with stopped(w.proc):
         ctx = make_context(chat(f"mail {EMAIL}"))
         await hedged.on_request(ctx)
         assert sent(ctx)["messages"][0]["content"] == "mail <EMAIL_1>"
         assert hedged_metric(runtime, "executor") == 1
         await forgotten(w)
-    finally:
-        os.kill(w.proc.pid, signal.SIGCONT)
     # the worker now analyses the hedged job (its deadline is a minute away) and answers it
     # first: that answer is dropped, and the next job gets its own findings
     ctx = make_context(chat(f"call {PHONE} or card {CARD}"))
