@@ -1,0 +1,105 @@
+"""The request path's alarms: exact when near, sharing a timer per slot when far, never early."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import uvloop
+
+from proxy import timers
+from proxy.timers import COARSE_AFTER, SLOTS_PER_SECOND, Alarm
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def run(factory, coro):
+    loop = factory()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+async def _wait_out(delay: float) -> tuple[Alarm, float, bool]:
+    """Arm an alarm ``delay`` ahead and block on something that never ends; how long until it fired."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    alarm = Alarm(start + delay)
+    timed_out = False
+    try:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            alarm.timed_out()
+        finally:
+            alarm.disarm()
+    except TimeoutError:
+        timed_out = True
+    return alarm, loop.time() - start, timed_out
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_near_alarm_has_its_own_timer_and_fires_on_time(loop_name):
+    alarm, took, timed_out = run(LOOPS[loop_name], _wait_out(0.05))
+    assert timed_out and alarm.fired
+    assert alarm.alarms is None and alarm.handle is not None  # exact: a timer of its own
+    assert 0.05 - 0.002 <= took < 0.05 + 1.0  # uvloop counts in milliseconds
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_far_alarm_shares_a_slot_and_fires_within_it_never_early(loop_name):
+    delay = COARSE_AFTER + 0.05
+    alarm, took, timed_out = run(LOOPS[loop_name], _wait_out(delay))
+    assert timed_out and alarm.fired
+    assert alarm.handle is None and alarm.alarms is not None  # no timer of its own
+    assert delay - 0.002 <= took < delay + 1 / SLOTS_PER_SECOND + 1.0
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_far_alarms_in_one_slot_share_one_timer_and_a_disarmed_one_never_fires(loop_name):
+    async def main():
+        loop = asyncio.get_running_loop()
+        # pick a moment in the middle of a slot, so all three land in the same one
+        when = (int((loop.time() + COARSE_AFTER + 0.2) * SLOTS_PER_SECOND) + 0.5) / SLOTS_PER_SECOND
+        sleepers = [asyncio.ensure_future(asyncio.Event().wait()) for _ in range(3)]
+        await asyncio.sleep(0)  # the three are running
+        alarms = [Alarm(when, loop, t) for t in sleepers]
+        slots = timers._slots(loop)
+        assert len(slots.due) == 1 and all(a.alarms is alarms[0].alarms for a in alarms)
+        alarms[1].disarm()
+        done, _ = await asyncio.wait([sleepers[0], sleepers[2]], timeout=when - loop.time() + 5)
+        assert len(done) == 2 and all(t.cancelled() for t in done)
+        assert [a.fired for a in alarms] == [True, False, True]
+        assert not sleepers[1].done()  # the disarmed one's task goes on
+        assert loop.time() >= when - 0.002
+        assert not slots.due  # the slot is gone once rung
+        sleepers[1].cancel()
+
+    run(LOOPS[loop_name], main())
+
+
+def test_disarmed_before_its_slot_leaves_the_task_alone_and_cancellation_still_propagates():
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        alarm = Alarm(loop.time() + COARSE_AFTER + 0.1, loop, task)
+        alarm.disarm()
+        alarm.disarm()  # twice is harmless
+        # a cancellation that is not the alarm's stays a cancellation
+        other = asyncio.ensure_future(asyncio.Event().wait())
+        await asyncio.sleep(0)
+        a2 = Alarm(loop.time() + COARSE_AFTER + 0.1, loop, other)
+        other.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await other
+        a2.disarm()
+        assert not alarm.fired and not a2.fired
+        # the slot still rings (nothing in it): waiting for it ends with no cancellation of this task
+        slots = timers._slots(loop)
+        rung = loop.create_future()
+        loop.call_at(max(slots.due) / SLOTS_PER_SECOND + 0.01, rung.set_result, None)
+        await asyncio.wait_for(rung, 5)
+        assert not slots.due
+
+    run(asyncio.new_event_loop, main())
