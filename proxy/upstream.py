@@ -27,6 +27,21 @@ log = logging.getLogger("sluice.upstream")
 
 CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
 URL_CACHE_SIZE = 256
+#: headers aiohttp adds when a request lacks them; the upstream must see only the client's
+SKIP_AUTO_HEADERS = ("User-Agent", "Content-Type")
+
+
+def skip_auto_headers(headers: CIMultiDict[str], body: bytes | None) -> tuple[str, ...] | None:
+    """What aiohttp must not add to these headers, or None when it would add nothing anyway.
+
+    aiohttp adds a ``User-Agent`` and, to a body, a ``Content-Type`` the client did
+    not send, unless told to skip them. Telling it costs a sort, a multidict and a
+    copy of the headers on every request, so it is told only when one is missing
+    (the OpenAI SDKs send both).
+    """
+    if "user-agent" in headers and (not body or "content-type" in headers):
+        return None
+    return SKIP_AUTO_HEADERS
 
 
 def join_url(base: str, tail: str, query: str) -> URL:
@@ -89,7 +104,6 @@ class Upstream:
             timeout=self._timeout,
             cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
             auto_decompress=True,
-            skip_auto_headers=("User-Agent", "Content-Type"),
             trust_env=False,
         )
 
@@ -116,7 +130,8 @@ class Upstream:
     async def open(self, method: str, url: URL, body: bytes, headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
         assert self.session is not None, "upstream pool not started"
         return await self.session.request(
-            method, url, data=body if body else None, headers=headers, allow_redirects=False, timeout=self._timeout
+            method, url, data=body if body else None, headers=headers, allow_redirects=False, timeout=self._timeout,
+            skip_auto_headers=skip_auto_headers(headers, body),
         )
 
     async def call(
@@ -231,7 +246,8 @@ class UpstreamPool:
                 try:
                     # the session directly, not Upstream.open: one coroutine layer less per request
                     resp = await up.session.request(  # type: ignore[union-attr]
-                        ctx.method, url, data=send_body or None, headers=headers, allow_redirects=False, timeout=up._timeout
+                        ctx.method, url, data=send_body or None, headers=headers, allow_redirects=False, timeout=up._timeout,
+                        skip_auto_headers=skip_auto_headers(headers, send_body),
                     )
                 except asyncio.CancelledError:
                     alarm.timed_out()

@@ -159,6 +159,23 @@ async def test_upstream_api_key_replaces_client_credentials(upstream, http, tmp_
     assert "api-key" not in {k.lower() for k in seen}
 
 
+@pytest.mark.parametrize("sent", [{}, {"user-agent": "raw/1"}, {"content-type": "text/plain"}, {"user-agent": "raw/1", "content-type": "text/plain"}])
+async def test_the_upstream_gets_no_user_agent_or_content_type_the_client_did_not_send(upstream, tmp_path, sent):
+    async with SluiceServer(route(upstream), tmp_path) as s:
+        for method, body in (("POST", b"some bytes"), ("GET", b"")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.server.port)  # no client library adds headers
+            head = "".join(f"{k}: {v}\r\n" for k, v in sent.items())
+            length = f"content-length: {len(body)}\r\n" if body else ""
+            writer.write(f"{method} /v1/files HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{length}{head}\r\n".encode() + body)
+            status = await asyncio.wait_for(reader.readline(), 10)
+            assert status.startswith(b"HTTP/1.1 200"), status
+            await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            seen = {k.lower(): v for k, v in upstream.requests[-1].headers.items()}
+            assert seen.get("user-agent") == sent.get("user-agent")
+            assert seen.get("content-type") == sent.get("content-type")
+
+
 class UsageWanted(Plugin):
     name = "usage_wanted"
     needs_usage = True
