@@ -464,13 +464,6 @@ def serve_instrumented(config_path: str, ready_file: str, out: str) -> int:
             for attr in (hook, hook + "_now"):
                 if attr in cls.__dict__:
                     setattr(cls, attr, timed(cls.__dict__[attr], f"{cls.name}.{hook}"))
-        # the on_done work the hooks queue, done in batches (plugins.metrics.Deferred)
-        for attr in ("_record", "_settle_later", "_sample", "_export"):
-            if attr in cls.__dict__:
-                setattr(cls, attr, timed(cls.__dict__[attr], f"{cls.name}.deferred"))
-    from plugins.metrics import Deferred
-
-    Deferred.run = timed(Deferred.run, "deferred.run (all four, batched)")
 
     def threads() -> dict[str, int]:
         found: dict[str, int] = {}
@@ -628,9 +621,6 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
         t.plugins.update({"metrics.on_done": 2e-5, "metering.on_request": 1e-5, "metering.on_done": 2e-5, "tracing.on_request": 1e-5})
         return ctx
 
-    from plugins.metrics import deferred
-
-    queued = deferred(rt)
     out: dict[str, Any] = {}
     try:
         for name, cls, cfg in (("metrics", Metrics, {}), ("metering (hooks; ledger rows go to the state writer)", Metering, {"ledger": False}),
@@ -654,7 +644,6 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
                     r = plugin.on_done(ctx)
                     if asyncio.iscoroutine(r):
                         await r
-                queued.run()  # the on_done work the hooks queued (plugins.metrics.Deferred), in batches
                 best = min(best, (time.process_time() - t0) / n * 1e6)
                 gc.enable()
             out[name] = round(best, 1)

@@ -6,9 +6,7 @@ token, finish reason, refusals, errors, and every numeric feature a plugin put i
 ``ctx.features``. Each window is compared with a reference (the previous window, or a
 pinned one) by plugins/_drift_stats.py: KS for numeric features, chi-square for
 categorical ones, PSI for both. Comparisons run in the CPU executor, off the loop,
-from a background task: sampling only appends to reservoirs, in the observers' batches
-(plugins.metrics.Deferred), and a check that falls due while a comparison runs is made
-after it. The report settles both first.
+from a background task: ``on_done`` only appends to reservoirs.
 
 Results are gauges (``sluice_drift_*``), a warning log event when a feature starts or
 stops drifting or p95 latency degrades past the baseline, a report at
@@ -18,7 +16,6 @@ several workers each samples its share of the traffic.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import weakref
@@ -30,7 +27,7 @@ from pydantic import Field, model_validator
 from proxy import AdminRoute, Command, Context, Plugin, PluginConfig, hookimpl
 
 from ._drift_stats import Comparison, Monitor, Snapshot, Thresholds, compare
-from .metrics import ModelLabel, deferred, families, route_name
+from .metrics import ModelLabel, families, route_name
 
 log = logging.getLogger("sluice.drift")
 
@@ -103,12 +100,10 @@ class Drift(Plugin):
         self.rng = random.Random(c.seed)
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
-        self.deferred = deferred(runtime)
         self.monitors: dict[tuple[str, str], Monitor] = {}
         self.alarms: dict[tuple[str, str], set[str]] = {}
         self.degraded: dict[tuple[str, str], bool] = {}
-        #: the comparison running for each monitor key
-        self._busy: dict[tuple[str, str], Any] = {}
+        self._busy: set[tuple[str, str]] = set()
         #: the sluice_drift_samples_total accumulator of each monitor key
         self._samples: dict[tuple[str, str], Any] = {}
 
@@ -170,26 +165,12 @@ class Drift(Plugin):
                     num[str(k)[:64]] = float(v)
         return num, cat
 
-    async def stop(self) -> None:
-        self.deferred.run()
-
-    async def settled(self) -> None:
-        """Every finished request sampled, and the comparisons that started compared (for reports)."""
-        self.deferred.run()
-        running = list(self._busy.values())
-        if running:
-            await asyncio.wait(running)
-
     @hookimpl
     def on_done(self, ctx: Context) -> None:
         if not ctx.attempts:
             return  # answered before any model: nothing about the model to learn
         if self.config.sample_rate < 1.0 and self.rng.random() >= self.config.sample_rate:
             return
-        self.deferred.add(self, self._sample, ctx)
-
-    def _sample(self, ctx: Context, _: Any) -> Any:
-        """One sampled request into its window; the comparison task it started, if any."""
         key, m = self.monitor((route_name(ctx), self.model_label(ctx)))
         num, cat = self.features_of(ctx)
         f = self.families
@@ -199,26 +180,17 @@ class Drift(Plugin):
         samples.inc(1.0)
         if f.eager:
             f.flush()
-        if m.add(num, cat):
+        if m.add(num, cat) and key not in self._busy:
             ref, cur = m.due_snapshots()
             if ref is not None:
-                # samples arrive in batches: a comparison due while the last one runs is made after it, not
-                # skipped, so every check_every samples are compared and windows close at window_samples
-                before = self._busy.get(key)
-                task = self._busy[key] = self.runtime.spawn(
-                    self._evaluate(key, m, ref, cur, before), name=f"drift.compare.{key[0]}.{key[1]}")
-                return task
-        return None
+                self._busy.add(key)
+                self.runtime.spawn(self._evaluate(key, m, ref, cur), name=f"drift.compare.{key[0]}.{key[1]}")
 
-    async def _evaluate(self, key: tuple[str, str], m: Monitor, ref: Snapshot, cur: Snapshot, before: Any = None) -> None:
-        me = asyncio.current_task()
+    async def _evaluate(self, key: tuple[str, str], m: Monitor, ref: Snapshot, cur: Snapshot) -> None:
         try:
-            if before is not None:
-                await asyncio.wait((before,))  # results are published in the order the checks fell due
             res = await self.runtime.run_cpu(compare, ref, cur, self.thresholds, self.baseline)
         finally:
-            if self._busy.get(key) is me:
-                del self._busy[key]
+            self._busy.discard(key)
         m.last = res
         self.publish(key, res)
 
@@ -307,8 +279,6 @@ def _instances(runtime: Any) -> list[Drift]:
 async def _admin_report(request: Any, runtime: Any) -> Any:
     from aiohttp import web
 
-    for inst in _instances(runtime):
-        await inst.settled()
     rows = [r for inst in _instances(runtime) for r in inst.report()]
     return web.json_response({"monitors": rows}, dumps=lambda o: orjson.dumps(o).decode())
 
@@ -318,8 +288,6 @@ async def _admin_pin(request: Any, runtime: Any) -> Any:
 
     route = request.query.get("route")
     model = request.query.get("model")
-    for inst in _instances(runtime):
-        await inst.settled()
     pinned = [list(k) for inst in _instances(runtime) for k in inst.pin(route, model)]
     return web.json_response({"pinned": pinned})
 

@@ -43,7 +43,7 @@ from ._usage import (
     max_output_tokens,
     parse_table,
 )
-from .metrics import ModelLabel, deferred, families, route_name
+from .metrics import ModelLabel, families, route_name
 
 log = logging.getLogger("sluice.metering")
 
@@ -196,7 +196,6 @@ class Metering(Plugin):
         self.counters: Any = None
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
-        self.deferred = deferred(runtime)
         self._tokenizers = config.tokenizers or None
         if not self._remote_budgets(runtime):
             # No budgets, or budgets on this process's counters, which answer at once: both hooks
@@ -226,7 +225,6 @@ class Metering(Plugin):
         self.runtime.shared("metering.instances", weakref.WeakSet).add(self)
 
     async def stop(self) -> None:
-        self.deferred.run()  # rows of requests finished before the stop
         if self.ledger is not None:
             try:
                 await self.ledger.flush()
@@ -356,20 +354,10 @@ class Metering(Plugin):
             await self._reconcile(reserved, ctx.cost or 0.0)
 
     def on_done_now(self, ctx: Context) -> None:
-        """``on_done`` with budgets on in-process counters (or none).
-
-        With a reservation to reconcile, finished before it returns (the budget is right
-        for the next request); else the row is made with the observers' deferred work.
-        """
-        if ctx.stash.get(RESERVED):
-            reserved = self._settle(ctx)
-            if reserved:
-                _drive(self._reconcile(reserved, ctx.cost or 0.0))
-        elif ctx.attempts or self.config.record_answered or ctx.tags.get("cache") == "hit":
-            self.deferred.add(self, self._settle_later, ctx)
-
-    def _settle_later(self, ctx: Context, _: Any) -> None:
-        self._settle(ctx)
+        """``on_done`` with budgets on in-process counters (or none): finished before it returns."""
+        reserved = self._settle(ctx)
+        if reserved:
+            _drive(self._reconcile(reserved, ctx.cost or 0.0))
 
     def _settle(self, ctx: Context) -> list[tuple[str, float, float]] | None:
         """Usage, cost and the ledger row of a finished request; the reservations to reconcile."""
@@ -592,7 +580,6 @@ async def _admin_usage(request: Any, runtime: Any) -> Any:
         sql, params = usage_query(group_by, parse_time(q.get("since")), parse_time(q.get("until")), q.get("key"), q.get("team"))
     except ValueError as e:
         raise web.HTTPBadRequest(reason=str(e)) from None
-    deferred(runtime).run()  # the rows of every finished request
     ledger = runtime.state.records(q.get("ledger", "ledger") if _safe_name(q.get("ledger", "ledger")) else "ledger")
     ledger.ensure(ledger_table())
     rows = await ledger.query(sql, params)

@@ -19,19 +19,13 @@ through a collector registered ahead of them. prometheus-client's own ``inc`` an
 ``observe`` take a lock and validate on every call, and cost several times the rest of
 the plugin. With several workers (multiprocess mode) the accumulators are applied at the
 end of every request instead, so a scrape of any worker sees every finished request.
-
-The four observers' ``on_done`` hooks (metrics, metering, drift, tracing) only queue the
-request; :class:`Deferred` does their work in batches, and before anything reads it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from abc import ABC, abstractmethod
 from bisect import bisect_left
-from itertools import islice
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from pydantic import Field
 
@@ -39,8 +33,6 @@ from proxy import Context, Plugin, PluginConfig, hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
     from prometheus_client import CollectorRegistry
-
-log = logging.getLogger("sluice.observers")
 
 OTHER = "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -225,10 +217,7 @@ class _ApplyOnRead:
         return []
 
     def collect(self) -> list[Any]:
-        f = self.families
-        if f.deferred is not None:
-            f.deferred.run()  # every finished request's work, before its counts are read
-        f.flush()
+        self.families.flush()
         return []
 
 
@@ -241,8 +230,6 @@ class Families:
         from proxy.metrics import multiprocess_mode
 
         r = registry
-        #: the observers' queued on_done work, run before the registry is read (set by families())
-        self.deferred: Deferred | None = None
         #: accumulators touched since they were last applied
         self.dirty: list[Any] = []
         #: apply at the end of every request (several workers share the values through files)
@@ -374,94 +361,9 @@ class Families:
         return a
 
 
-class Deferred:
-    """The observers' ``on_done`` work, done in batches instead of once per request.
-
-    In a live server an observer's hook runs once between the core's work on other
-    requests, with cold caches, and costs three to four times what the same code costs
-    run back to back. So the observers' ``on_done`` hooks only queue the request here
-    (with the little they must note at once), and the queue is worked through, in
-    arrival order and each request's hooks in chain order, when ``LIMIT`` requests are
-    waiting, ``DELAY`` seconds after the first of them, or when anything reads what the
-    work produces: a scrape or any read of the metrics registry, the drift report, the
-    usage report, and a plugin's ``stop`` (so draining loses nothing).
-
-    With several workers (multiprocess metrics) nothing waits: a scrape of one worker
-    cannot run another's queue, and it must show every finished request.
-    """
-
-    LIMIT = 64
-    DELAY = 0.05
-
-    __slots__ = ("items", "eager", "runtime", "_timer")
-
-    def __init__(self, runtime: Any, eager: bool) -> None:
-        #: (plugin, work, ctx, argument) in arrival order
-        self.items: list[tuple[Any, Callable[[Context, Any], Any], Context, Any]] = []
-        self.eager = eager
-        self.runtime = runtime
-        self._timer: Any = None
-
-    def add(self, plugin: Any, work: Callable[[Context, Any], Any], ctx: Context, arg: Any = None) -> None:
-        """Queue ``work(ctx, arg)`` on behalf of ``plugin`` (its failures are counted as the plugin's on_done errors)."""
-        if self.eager:
-            _run_one(plugin, work, ctx, arg)
-            return
-        items = self.items
-        items.append((plugin, work, ctx, arg))
-        if len(items) >= self.LIMIT:
-            self.run()
-        elif self._timer is None:
-            try:
-                self._timer = self.runtime.spawn(self._later(), name="observers.deferred")
-            except RuntimeError:  # no running loop (a plain test): now, then
-                self.run()
-
-    async def _later(self) -> None:
-        try:
-            await asyncio.sleep(self.DELAY)
-        finally:
-            self._timer = None
-        started = self.run()
-        if started:
-            # what the work started (drift comparisons) is part of it: who waits for this task waits for them
-            await asyncio.wait(started)
-
-    def run(self) -> list[Any]:
-        """Do everything queued now; the tasks the work started."""
-        started: list[Any] = []
-        while self.items:
-            items, self.items = self.items, []
-            for plugin, work, ctx, arg in items:
-                r = _run_one(plugin, work, ctx, arg)
-                if r is not None:
-                    started.append(r)
-        return started
-
-
-def _run_one(plugin: Any, work: Callable[[Context, Any], Any], ctx: Context, arg: Any) -> Any:
-    try:
-        return work(ctx, arg)
-    except Exception as exc:  # as the chain treats an on_done failure: counted and logged, never raised
-        runtime = ctx.runtime if ctx.runtime is not None else plugin.runtime
-        runtime.on_plugin_error(plugin.id, "on_done")
-        log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
-        return None
-
-
-def deferred(runtime: Any) -> Deferred:
-    """The process's queue of observers' on_done work (see :class:`Deferred`)."""
-    from proxy.metrics import multiprocess_mode
-
-    return runtime.shared("observers.deferred", lambda: Deferred(runtime, multiprocess_mode()))
-
-
 def families(runtime: Any) -> Families:
     """The process's metric families (built on first use in ``runtime.metrics``)."""
-    f = runtime.shared("metrics.families", lambda: Families(runtime.metrics))
-    if f.deferred is None:
-        f.deferred = deferred(runtime)
-    return f
+    return runtime.shared("metrics.families", lambda: Families(runtime.metrics))
 
 
 class ModelLabel:
@@ -518,11 +420,7 @@ class Metrics(Plugin):
         super().__init__(config, runtime)
         self.config: Metrics.Config = config
         self.families = families(runtime)
-        self.deferred = deferred(runtime)
         self.model_label = ModelLabel.for_runtime(runtime, config.models)
-
-    async def stop(self) -> None:
-        self.deferred.run()
 
     @property
     def wants_plugin_timings(self) -> bool:  # type: ignore[override]
@@ -530,11 +428,7 @@ class Metrics(Plugin):
 
     @hookimpl
     def on_done(self, ctx: Context) -> None:
-        # the hook timings recorded so far are this request's (on_done's own come after, as always)
-        self.deferred.add(self, self._record, ctx, len(ctx.timings.plugins))
-
-    def _record(self, ctx: Context, timings: int) -> None:
-        record(self.families, ctx, self.model_label(ctx), self.config.plugin_timings, self.config.findings, timings)
+        record(self.families, ctx, self.model_label(ctx), self.config.plugin_timings, self.config.findings)
 
 
 class Series:
@@ -563,10 +457,8 @@ class Series:
         self.tpot = acc(f.tpot, op, model, route)
 
 
-def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, findings: bool = True,
-           timings: int | None = None) -> None:
-    """Everything one finished request contributes to the metric families (of its hook timings, the first
-    ``timings`` when given: those recorded before its on_done ran)."""
+def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, findings: bool = True) -> None:
+    """Everything one finished request contributes to the metric families."""
     route = route_name(ctx)
     t = ctx.timings
     outcome = ctx.outcome if ctx.outcome in OUTCOMES else "error"
@@ -613,14 +505,13 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
                     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
                         f.acc(f.findings, route, str(plugin_id), f.free_labels(kind)).inc(n)
     if plugin_timings:
-        accs = s.timings
-        items = t.plugins.items()
-        for key, seconds in (items if timings is None or timings >= len(items) else islice(items, timings)):
-            acc = accs.get(key)
+        timings = s.timings
+        for key, seconds in t.plugins.items():
+            acc = timings.get(key)
             if acc is None:
-                if len(accs) >= 1024:
-                    accs.clear()  # keys are plugin ids and phases: few, but never unbounded
-                acc = accs[key] = f.timing(route, key)
+                if len(timings) >= 1024:
+                    timings.clear()  # keys are plugin ids and phases: few, but never unbounded
+                acc = timings[key] = f.timing(route, key)
             acc.observe(seconds)
     for a in ctx.attempts:
         result = attempt_result(a.status, a.error)

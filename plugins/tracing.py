@@ -49,7 +49,7 @@ from ._otel import (
     server_address,
     truncate,
 )
-from .metrics import OperationNames, deferred, route_name
+from .metrics import OperationNames, route_name
 
 
 TRACE: StashKey[tuple[int, int, int | None, bool]] = StashKey("tracing.trace")  # trace id, span id, parent id, sampled
@@ -121,7 +121,6 @@ class Tracing(Plugin):
         self._otel: Any = None
         self._unset: Any = None
         self._operation = OperationNames()
-        self.deferred = deferred(runtime)
         #: encoded attribute runs and span names per kind of request (see _encoded)
         self._parts: dict[tuple[Any, ...], bytes] = {}
         if not config.capture_content:
@@ -159,7 +158,6 @@ class Tracing(Plugin):
     async def stop(self) -> None:
         if self._settings is None:
             return
-        self.deferred.run()  # the spans of requests finished before the stop
         pipeline = self.runtime.shared("tracing.pipelines", PipelinePool).release(self._settings)
         self._settings = None
         if pipeline is not None:
@@ -216,13 +214,9 @@ class Tracing(Plugin):
         if self.pipeline is None:
             return
         trace = self._trace(ctx)  # answered before reaching us: traced all the same
-        if trace[3]:
-            self.deferred.add(self, self._export, ctx, trace)
-
-    def _export(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> None:
-        pipeline = self.pipeline
-        if pipeline is None:
+        if not trace[3]:
             return
+        pipeline = self.pipeline
         if pipeline.wire is not None:
             add = pipeline.wire.add
             for encoded in self._encoded(ctx, trace):
