@@ -114,7 +114,7 @@ class UpstreamConfig(Model):
     url: str = Field(..., description="Base URL; what follows a route's prefix is appended to it.")
     api_key: str | None = Field(None, description='The upstream\'s own key, usually {"$env": "OPENAI_API_KEY"}; replaces the client\'s credentials.')
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent with every request to this upstream.")
-    timeouts: Timeouts = Field(default_factory=Timeouts, description="Connect, first byte, idle and total timeouts.")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="Connect, first byte, idle and total timeouts. First byte and total of a second or more fire up to 0.1 s late (they share timers).")
     max_connections: int = Field(256, ge=1, le=100000, description="Pooled keep-alive connections at most.")
     kind: Literal["openai", "vllm", "other"] = Field("openai", description="'vllm' enables vLLM-aware signals (/metrics polling).")
     models: list[str] = Field(default_factory=list, description="Models this upstream serves (informational; used by routing).")
