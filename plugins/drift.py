@@ -98,6 +98,7 @@ class Drift(Plugin):
         self.categorical = tuple(f for f in BUILTIN_CATEGORICAL if f in wanted)
         self._every_builtin = len(self.numeric) == len(BUILTIN_NUMERIC) and len(self.categorical) == len(BUILTIN_CATEGORICAL)
         self.rng = random.Random(c.seed)
+        self._sampling = c.sample_rate < 1.0
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
         self.monitors: dict[tuple[str, str], Monitor] = {}
@@ -169,7 +170,7 @@ class Drift(Plugin):
     def on_done(self, ctx: Context) -> None:
         if not ctx.attempts:
             return  # answered before any model: nothing about the model to learn
-        if self.config.sample_rate < 1.0 and self.rng.random() >= self.config.sample_rate:
+        if self._sampling and self.rng.random() >= self.config.sample_rate:
             return
         key, m = self.monitor((route_name(ctx), self.model_label(ctx)))
         num, cat = self.features_of(ctx)

@@ -49,6 +49,7 @@ log = logging.getLogger("sluice.metering")
 
 LEDGER_TABLE = "ledger"
 RESERVED: StashKey[list[tuple[str, float, float]]] = StashKey("metering.reserved")
+_UNREAD: Any = object()  # an argument not given (None is a value: no model asked)
 
 GROUPS = {
     "key": "key_id",
@@ -197,6 +198,8 @@ class Metering(Plugin):
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
         self._tokenizers = config.tokenizers or None
+        #: the sluice_cost_total accumulator per (route, model label)
+        self._cost: dict[tuple[str, str], Any] = {}
         if not self._remote_budgets(runtime):
             # No budgets, or budgets on this process's counters, which answer at once: both hooks
             # are plain functions that run the same coroutines to their end on the spot. A route
@@ -362,21 +365,31 @@ class Metering(Plugin):
     def _settle(self, ctx: Context) -> list[tuple[str, float, float]] | None:
         """Usage, cost and the ledger row of a finished request; the reservations to reconcile."""
         reached = bool(ctx.attempts)
-        cache_hit = ctx.tags.get("cache") == "hit"
+        tags = ctx.tags
+        cache_hit = bool(tags) and tags.get("cache") == "hit"
         reserved = ctx.stash.get(RESERVED)
         if not (reached or cache_hit or reserved or self.config.record_answered):
             return None
+        asked = ctx.model  # read once: each read looks into the request body
         usage = self.usage_of(ctx) if reached else Usage()
-        served = self._served_model(ctx)
+        served = self._served_model(ctx, asked)
         price = self.prices.lookup(served or self._priced_model(ctx)) if reached else None
         cost = price.cost(usage) if price is not None else 0.0
         ctx.cost = cost
         route = route_name(ctx)
         if cost:
-            f = self.families
-            f.count(f.cost, cost, route, self.model_label(ctx))
+            upstream = ctx.upstream
+            label = self.model_label.of(upstream.model if upstream is not None else None, asked)
+            acc = self._cost.get((route, label))
+            if acc is None:
+                f = self.families
+                acc = self._cost[(route, label)] = f.acc(f.cost, route, label)  # bounded: routes x allowed models
+            acc.inc(cost)
+            if self.families.eager:
+                self.families.flush()
         if self.ledger is not None and (reached or cache_hit or self.config.record_answered):
-            self.ledger.append_values(LEDGER_TABLE, LEDGER_COLUMNS, self._values(ctx, usage, served, cost, price is not None, cache_hit, route))
+            self.ledger.append_values(LEDGER_TABLE, LEDGER_COLUMNS,
+                                      self._values(ctx, usage, served, cost, price is not None, cache_hit, route, asked))
         return reserved
 
     async def _reconcile(self, reserved: list[tuple[str, float, float]], cost: float) -> None:
@@ -388,19 +401,24 @@ class Metering(Plugin):
                 except StateUnavailable:
                     log.error("metering: could not reconcile a budget (the reservation stays counted)")
 
-    def _served_model(self, ctx: Context) -> str | None:
+    def _served_model(self, ctx: Context, asked: str | None = None) -> str | None:
+        """The model that answered: the answer's own ``model``, else the target's, else the one asked
+        (``asked``: ``ctx.model`` when the caller already read it)."""
+        upstream = ctx.upstream
+        if upstream is None:
+            return None
         resp = ctx.response
-        if resp is not None and ctx.upstream is not None and resp.status < 400 and len(resp.body) <= 1 << 20:
+        if resp is not None and resp.status < 400 and len(resp.body) <= 1 << 20:
             body = resp.json
-            if isinstance(body, dict) and isinstance(body.get("model"), str):
-                return body["model"]
-        if ctx.upstream is not None:
-            return ctx.upstream.model or ctx.model
-        return None
+            if isinstance(body, dict):
+                model = body.get("model")
+                if isinstance(model, str):
+                    return model
+        return upstream.model or (asked if asked is not None else ctx.model)
 
     def _values(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,
-                route: str | None = None) -> tuple[Any, ...]:
-        """The ledger row's values in LEDGER_COLUMNS order."""
+                route: str | None = None, asked: Any = _UNREAD) -> tuple[Any, ...]:
+        """The ledger row's values in LEDGER_COLUMNS order (``asked``: ``ctx.model``, when already read)."""
         t = ctx.timings
         ident = ctx.identity
         started = time.time() - (time.perf_counter() - t.start)
@@ -417,7 +435,7 @@ class Metering(Plugin):
             ident.user if ident else None,
             route if route is not None else route_name(ctx),
             ctx.endpoint,
-            ctx.model,
+            ctx.model if asked is _UNREAD else asked,
             served,
             ctx.upstream.upstream if ctx.upstream is not None else None,
             len(ctx.attempts),

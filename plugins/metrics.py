@@ -206,6 +206,15 @@ class GaugeAcc(_Acc):
         self.child.set(self.value)
 
 
+class _Bounded(dict):  # type: ignore[type-arg]
+    """A cache dict that starts again when it holds 4096 entries (keys with client-influenced parts)."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if len(self) >= 4096:
+            self.clear()
+        super().__setitem__(key, value)
+
+
 class _ApplyOnRead:
     """A collector with no metrics of its own, registered before the families: reading the
     registry applies what the accumulators hold before the families are collected."""
@@ -239,6 +248,8 @@ class Families:
         #: the GenAI operation of a request, remembered per route and path
         self.operation = OperationNames()
         self._timing: dict[tuple[str, str], HistogramAcc] = {}
+        #: per (upstream, status, error) of an attempt: its counter, the up gauge and the gauge's value
+        self.attempt_accs: _Bounded = _Bounded()
         registry.register(_ApplyOnRead(self))
         self.requests = Counter(
             "sluice_requests_total", "Requests answered, by route, model, status class and outcome.",
@@ -352,6 +363,12 @@ class Families:
             s = self._series[key] = Series(self, route, model, status_class(status), outcome, op, upstream)
         return s
 
+    def attempt(self, upstream: str, status: int | None, error: str | None) -> tuple[CounterAcc, GaugeAcc, int]:
+        """The attempts counter and the up gauge an attempt with this status or error touches, and the gauge's value."""
+        result = attempt_result(status, error)
+        up = 0 if result in ("http_5xx", "connect", "timeout", "protocol", "error") else 1
+        return self.acc(self.attempts, upstream, result), self.acc(self.upstream_up, upstream), up
+
     def timing(self, route: str, key: str) -> HistogramAcc:
         """The plugin-duration accumulator of a ``ctx.timings.plugins`` key (``plugin-id.phase``)."""
         a = self._timing.get((route, key))
@@ -385,6 +402,14 @@ class ModelLabel:
         if served and served in self.allowed:
             return served
         asked = ctx.model
+        if asked and asked in self.allowed:
+            return asked
+        return OTHER
+
+    def of(self, served: str | None, asked: str | None) -> str:
+        """The label of a request whose target's model is ``served`` and that asked for ``asked``."""
+        if served and served in self.allowed:
+            return served
         if asked and asked in self.allowed:
             return asked
         return OTHER
@@ -514,9 +539,12 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
                 acc = timings[key] = f.timing(route, key)
             acc.observe(seconds)
     for a in ctx.attempts:
-        result = attempt_result(a.status, a.error)
-        up = a.target.upstream
-        f.acc(f.attempts, up, result).inc()
-        f.acc(f.upstream_up, up).set(0 if result in ("http_5xx", "connect", "timeout", "protocol", "error") else 1)
+        key = (a.target.upstream, a.status, a.error)
+        found = f.attempt_accs.get(key)
+        if found is None:
+            found = f.attempt_accs[key] = f.attempt(*key)
+        counter, up_gauge, up = found
+        counter.inc()
+        up_gauge.set(up)
     if f.eager:
         f.flush()

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import Field, model_validator
 
-from proxy import Context, Plugin, PluginConfig, StashKey, hookimpl
+from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
 
 from . import _otel_wire as wire
 from ._otel import (
@@ -348,8 +348,8 @@ class Tracing(Plugin):
         trace_id, span_id, parent_id, _ = trace
         c = self.config
         t = ctx.timings
-        epoch = self.clock.epoch_ns
-        end_ns = epoch(t.end) if t.end is not None else time.time_ns()
+        offset = self.clock.offset_ns  # Clock.epoch_ns, inline: int(perf_s * 1e9) + offset
+        end_ns = int(t.end * 1e9) + offset if t.end is not None else time.time_ns()
         op = self._operation(ctx)
         route = route_name(ctx)
         asked = ctx.model
@@ -371,7 +371,7 @@ class Tracing(Plugin):
         head = parts.get(key)
         if head is None:
             head = parts[key] = wire.attributes(9, {"http.request.method": method, "url.path": path})
-        body = ctx.body if ctx.body_is_json else None
+        body = _json_body(ctx)
         params = request_attributes(body) if body is not None else None
         ident = ctx.identity
         tags = ctx.tags
@@ -479,8 +479,8 @@ class Tracing(Plugin):
                 name = parts[key] = wire.span_name(f"{op} {model}" if model else op)
             a_end = a.end if a.end is not None else (t.upstream_end if t.upstream_end is not None else t.end)
             spans.append(wire.assemble(
-                tid, random.getrandbits(64) or 1, state, span_id, name, wire.KIND_CLIENT, epoch(a.start),
-                epoch(a_end) if a_end is not None else end_ns, cattrs,
+                tid, random.getrandbits(64) or 1, state, span_id, name, wire.KIND_CLIENT, int(a.start * 1e9) + offset,
+                int(a_end * 1e9) + offset if a_end is not None else end_ns, cattrs,
                 wire.status_error(a.error or f"HTTP {a.status}") if failed else wire.STATUS_UNSET, wire.FLAGS_LOCAL,
             ))
         key = (5, method, route)
@@ -488,7 +488,7 @@ class Tracing(Plugin):
         if name is None:
             name = parts[key] = wire.span_name(f"{method} {route}")
         spans.append(wire.assemble(
-            tid, span_id, state, parent_id, name, wire.KIND_SERVER, epoch(t.start), end_ns, b"".join(attrs), server_status,
+            tid, span_id, state, parent_id, name, wire.KIND_SERVER, int(t.start * 1e9) + offset, end_ns, b"".join(attrs), server_status,
             wire.FLAGS_REMOTE if parent_id is not None else wire.FLAGS_LOCAL,
         ))
         return spans
@@ -503,6 +503,15 @@ _RESPONSE_ID = wire.str_attribute("gen_ai.response.id")
 _TTFT = wire.float_attribute("gen_ai.server.time_to_first_token")
 _TTFB = wire.float_attribute("sluice.time_to_first_byte")
 _COST = wire.float_attribute("sluice.cost")
+
+
+def _json_body(ctx: Context) -> dict[str, Any] | None:
+    """``ctx.body`` when it is a JSON object (``ctx.body if ctx.body_is_json else None``, read once)."""
+    try:
+        body = ctx.body
+    except ProxyError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _attr(key: str, value: Any) -> bytes:
