@@ -367,21 +367,25 @@ class Tracing(Plugin):
 
         # the server span's attributes, in _spans' order
         method, path = ctx.method, ctx.path
-        key: tuple[Any, ...] = (0, method, path)
-        head = parts.get(key)
-        if head is None:
-            head = parts[key] = wire.attributes(9, {"http.request.method": method, "url.path": path})
         body = _json_body(ctx)
         params = request_attributes(body) if body is not None else None
         ident = ctx.identity
         tags = ctx.tags
         status = ctx.status
         outcome = ctx.outcome or "unknown"
-        key = (1, op, route, outcome, asked, status, None if ident is None else (ident.key_id, ident.team),
-               ctx.answered_by and (ctx.answered_by, ctx.answer_reason or ""), _tags_key(tags) if tags else None, _params_key(params) if params else None)
-        kind = parts.get(key)
-        if kind is None:
-            kind = parts[key] = wire.attributes(9, _kind_attributes({}, ctx, op, route, outcome, asked, params))
+        # one lookup per kind of request: the attributes before the request id, those after it, the span's name
+        key: tuple[Any, ...] = (
+            1, method, path, op, route, outcome, asked, status, None if ident is None else (ident.key_id, ident.team),
+            ctx.answered_by and (ctx.answered_by, ctx.answer_reason or ""), _tags_key(tags) if tags else None,
+            _params_key(params) if params else None)
+        found = parts.get(key)
+        if found is None:
+            found = parts[key] = (
+                wire.attributes(9, {"http.request.method": method, "url.path": path}),
+                wire.attributes(9, _kind_attributes({}, ctx, op, route, outcome, asked, params)),
+                wire.span_name(f"{method} {route}"),
+            )
+        head, kind, server_name = found
         attrs = [head, _REQUEST_ID(ctx.request_id), kind]
         if ctx.annotations or c.plugin_timings:
             attrs.append(wire.attributes(9, _findings_and_timings(ctx, c.plugin_timings, {})))
@@ -408,41 +412,42 @@ class Tracing(Plugin):
             attrs.append(_COST(ctx.cost))
         answer = b""
         upstream = ctx.upstream
-        answered_model: str | None = None  # the response's own model, when it names one
-        if ctx.response is not None and upstream is not None and len(ctx.response.body) <= 4 * 1024 * 1024:
-            # response_attributes' values, without its dict: the id is new every time; the
-            # model and finish reasons repeat
-            rbody = ctx.response.json
-            if isinstance(rbody, dict):
-                rid = rbody.get("id")
-                rmodel = rbody.get("model")
-                if not isinstance(rmodel, str):
-                    rmodel = None
-                reasons = tuple([r for r in [c.get("finish_reason") for c in rbody.get("choices") or () if isinstance(c, dict)]
-                                 if isinstance(r, str)])
-                key = (6, rmodel, reasons)
-                rest = parts.get(key)
-                if rest is None:
-                    d = {}
-                    if rmodel is not None:
-                        d["gen_ai.response.model"] = rmodel
-                    if reasons:
-                        d["gen_ai.response.finish_reasons"] = list(reasons)
-                    rest = parts[key] = wire.attributes(9, d)
+        if upstream is not None:
+            # response_attributes' values, without its dict: the id is new every time; the model
+            # and finish reasons repeat. One lookup gives their attributes (when there is an answer)
+            # and those of the upstream that served it.
+            rid = rmodel = None
+            reasons: tuple[str, ...] = ()
+            answered = False
+            if ctx.response is not None and len(ctx.response.body) <= 4 * 1024 * 1024:
+                rbody = ctx.response.json
+                if isinstance(rbody, dict):
+                    answered = True
+                    rid = rbody.get("id")
+                    rmodel = rbody.get("model")
+                    if not isinstance(rmodel, str):
+                        rmodel = None
+                    reasons = tuple([r for r in [c.get("finish_reason") for c in rbody.get("choices") or () if isinstance(c, dict)]
+                                     if isinstance(r, str)])
+            key = (6, answered, rmodel, reasons, upstream.upstream, upstream.model)
+            found = parts.get(key)
+            if found is None:
+                d: dict[str, Any] = {}
+                if rmodel is not None:
+                    d["gen_ai.response.model"] = rmodel
+                if reasons:
+                    d["gen_ai.response.finish_reasons"] = list(reasons)
+                _, _, provider = self._servers.get(upstream.upstream, (None, None, "openai"))
+                fallback = upstream.model if upstream.model and rmodel is None else None  # the answer named none
+                served = {"gen_ai.provider.name": provider, "sluice.upstream": upstream.upstream}
+                if fallback:
+                    served["gen_ai.response.model"] = fallback
+                found = parts[key] = (wire.attributes(9, d), wire.attributes(9, served))
+            rest, served_attrs = found
+            if answered:
                 answer = (_RESPONSE_ID(rid) if isinstance(rid, str) else b"") + rest
                 attrs.append(answer)
-                answered_model = rmodel
-        if upstream is not None:
-            fallback = upstream.model if upstream.model and answered_model is None else None
-            key = (2, upstream.upstream, fallback)
-            served = parts.get(key)
-            if served is None:
-                _, _, provider = self._servers.get(upstream.upstream, (None, None, "openai"))
-                d = {"gen_ai.provider.name": provider, "sluice.upstream": upstream.upstream}
-                if fallback:
-                    d["gen_ai.response.model"] = fallback
-                served = parts[key] = wire.attributes(9, d)
-            attrs.append(served)
+            attrs.append(served_attrs)
         if c.capture_content and body is not None:
             content = body.get("messages", body.get("prompt", body.get("input")))
             if content is not None:
@@ -461,9 +466,11 @@ class Tracing(Plugin):
             target = a.target
             model = target.model or asked
             key = (3, op, target.upstream, i, model, target.label, a.status)
-            cattrs = parts.get(key)
-            if cattrs is None:
-                cattrs = parts[key] = wire.attributes(9, self._attempt_attributes(op, i, a, model))
+            found = parts.get(key)
+            if found is None:
+                found = parts[key] = (wire.attributes(9, self._attempt_attributes(op, i, a, model)),
+                                      wire.span_name(f"{op} {model}" if model else op))
+            cattrs, name = found
             if a.first_byte is not None:
                 cattrs += _TTFB(max(a.first_byte - a.start, 0.0))
             failed = a.error is not None or (a.status is not None and a.status >= 500)
@@ -473,22 +480,14 @@ class Tracing(Plugin):
                 cattrs += _attr("error.type", str(a.status))
             if i == n - 1 and upstream is not None and not failed:
                 cattrs += used + answer
-            key = (4, op, model)
-            name = parts.get(key)
-            if name is None:
-                name = parts[key] = wire.span_name(f"{op} {model}" if model else op)
             a_end = a.end if a.end is not None else (t.upstream_end if t.upstream_end is not None else t.end)
             spans.append(wire.assemble(
                 tid, random.getrandbits(64) or 1, state, span_id, name, wire.KIND_CLIENT, int(a.start * 1e9) + offset,
                 int(a_end * 1e9) + offset if a_end is not None else end_ns, cattrs,
                 wire.status_error(a.error or f"HTTP {a.status}") if failed else wire.STATUS_UNSET, wire.FLAGS_LOCAL,
             ))
-        key = (5, method, route)
-        name = parts.get(key)
-        if name is None:
-            name = parts[key] = wire.span_name(f"{method} {route}")
         spans.append(wire.assemble(
-            tid, span_id, state, parent_id, name, wire.KIND_SERVER, int(t.start * 1e9) + offset, end_ns, b"".join(attrs), server_status,
+            tid, span_id, state, parent_id, server_name, wire.KIND_SERVER, int(t.start * 1e9) + offset, end_ns, b"".join(attrs), server_status,
             wire.FLAGS_REMOTE if parent_id is not None else wire.FLAGS_LOCAL,
         ))
         return spans
