@@ -457,29 +457,99 @@ class Metrics(Plugin):
 
 
 class Series:
-    """Every accumulator one kind of request (route, model, status, outcome, operation, upstream) touches."""
+    """What one kind of request (route, model, status, outcome, operation, upstream) accumulated since it was
+    last applied, in one object: a request adds to a few plain numbers and lists here, without a call or an
+    object per metric, and :meth:`apply` hands the sums to the Prometheus children when the registry is read.
 
-    __slots__ = ("requests", "duration", "op_duration", "overhead", "upstream_duration", "tokens_in", "tokens_out",
-                 "tokens_cached", "tokens_reasoning", "usage_in", "usage_out", "estimated", "ttft", "tpot", "timings")
+    Histograms are ``[sum, count of bucket 0, ...]`` lists (the request duration and the GenAI operation
+    duration observe the same value into the same buckets: one list feeds both). A child is made only once
+    a request touched its metric (``touched``), so a series shows in a scrape as with direct calls.
+    """
+
+    __slots__ = ("owner", "labels", "dirty", "touched", "timings", "n", "tokens", "estimated",
+                 "duration", "overhead", "upstream_duration", "usage_in", "usage_out", "ttft", "tpot")
 
     def __init__(self, f: Families, route: str, model: str, status_class: str, outcome: str, op: str, upstream: str | None) -> None:
-        acc = f.acc
+        self.owner = f
+        self.labels = (route, model, status_class, outcome, op, upstream)
+        self.dirty = False
+        #: the metrics (bits, below) a request of this kind ever touched
+        self.touched = 0
         #: plugin-duration accumulators of this route by ctx.timings.plugins key (Families.timing's, found once here)
         self.timings: dict[str, HistogramAcc] = {}
-        self.requests = acc(f.requests, route, model, status_class, outcome)
-        self.duration = acc(f.duration, route, model)
-        self.op_duration = acc(f.operation_duration, op, model, route)
-        self.overhead = acc(f.overhead, route)
-        self.upstream_duration = acc(f.upstream_duration, route, upstream) if upstream is not None else None
-        self.tokens_in = acc(f.tokens, route, model, "input")
-        self.tokens_out = acc(f.tokens, route, model, "output")
-        self.tokens_cached = acc(f.tokens, route, model, "cached_input")
-        self.tokens_reasoning = acc(f.tokens, route, model, "reasoning")
-        self.usage_in = acc(f.token_usage, op, model, "input", route)
-        self.usage_out = acc(f.token_usage, op, model, "output", route) if op != "embeddings" else None
-        self.estimated = acc(f.estimated, route, model)
-        self.ttft = acc(f.ttft, op, model, route)
-        self.tpot = acc(f.tpot, op, model, route)
+        self.n = 0
+        self.tokens = [0.0, 0.0, 0.0, 0.0]  # input, output, cached_input, reasoning
+        self.estimated = 0
+        self.duration = _histogram(LATENCY_BUCKETS)
+        self.overhead = _histogram(OVERHEAD_BUCKETS)
+        self.upstream_duration = _histogram(LATENCY_BUCKETS)
+        self.usage_in = _histogram(TOKEN_BUCKETS)
+        self.usage_out = _histogram(TOKEN_BUCKETS) if op != "embeddings" else None
+        self.ttft = _histogram(LATENCY_BUCKETS)
+        self.tpot = _histogram(TPOT_BUCKETS)
+
+    def touch(self) -> None:
+        self.dirty = True
+        self.owner.dirty.append(self)
+
+    def apply(self) -> None:
+        self.dirty = False
+        f = self.owner
+        route, model, status_class, outcome, op, upstream = self.labels
+        t = self.touched
+        child = f.child
+        if t & _REQUESTS:
+            child(f.requests, route, model, status_class, outcome).inc(self.n)
+            self.n = 0
+        if t & _DURATION:
+            _apply_histogram(self.duration, child(f.duration, route, model), child(f.operation_duration, op, model, route))
+        if t & _UPSTREAM_DURATION:
+            _apply_histogram(self.upstream_duration, child(f.upstream_duration, route, upstream))
+        if t & _OVERHEAD:
+            _apply_histogram(self.overhead, child(f.overhead, route))
+        tokens = self.tokens
+        for bit, i, kind in _TOKEN_KINDS:
+            if t & bit:
+                child(f.tokens, route, model, kind).inc(tokens[i])
+                tokens[i] = 0.0
+        if t & _USAGE_IN:
+            _apply_histogram(self.usage_in, child(f.token_usage, op, model, "input", route))
+        if t & _USAGE_OUT and self.usage_out is not None:
+            _apply_histogram(self.usage_out, child(f.token_usage, op, model, "output", route))
+        if t & _ESTIMATED:
+            child(f.estimated, route, model).inc(self.estimated)
+            self.estimated = 0
+        if t & _TTFT:
+            _apply_histogram(self.ttft, child(f.ttft, op, model, route))
+        if t & _TPOT:
+            _apply_histogram(self.tpot, child(f.tpot, op, model, route))
+
+
+_REQUESTS, _DURATION, _UPSTREAM_DURATION, _OVERHEAD = 1, 2, 4, 8
+_TOKENS_IN, _TOKENS_OUT, _TOKENS_CACHED, _TOKENS_REASONING = 16, 32, 64, 128
+_USAGE_IN, _USAGE_OUT, _ESTIMATED, _TTFT, _TPOT = 256, 512, 1024, 2048, 4096
+_TOKEN_KINDS = ((_TOKENS_IN, 0, "input"), (_TOKENS_OUT, 1, "output"), (_TOKENS_CACHED, 2, "cached_input"),
+                (_TOKENS_REASONING, 3, "reasoning"))
+#: bucket bounds as every child has them (the last is +Inf), for bisect_left: Histogram.observe's rule
+_BOUNDS = {b: (*b, float("inf")) for b in (LATENCY_BUCKETS, OVERHEAD_BUCKETS, TOKEN_BUCKETS, TPOT_BUCKETS)}
+_LATENCY, _OVERHEAD_B, _TOKEN, _TPOT_B = (_BOUNDS[LATENCY_BUCKETS], _BOUNDS[OVERHEAD_BUCKETS], _BOUNDS[TOKEN_BUCKETS],
+                                         _BOUNDS[TPOT_BUCKETS])
+
+
+def _histogram(buckets: tuple[float, ...]) -> list[float]:
+    return [0.0] * (len(buckets) + 2)  # the sum, then a count per bucket (+Inf last)
+
+
+def _apply_histogram(h: list[float], *children: Any) -> None:
+    total = h[0]
+    h[0] = 0.0
+    counts = [(i, int(n)) for i, n in enumerate(h[1:]) if n]
+    for i, _ in counts:
+        h[i + 1] = 0.0
+    for c in children:
+        c._sum.inc(total)
+        for i, n in counts:
+            c._buckets[i].inc(n)
 
 
 def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, findings: bool = True) -> None:
@@ -490,36 +560,74 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
     status = ctx.status
     upstream = ctx.upstream
     s = f.series(route, model, status, outcome, f.operation(ctx), upstream.upstream if upstream is not None else None)
-    s.requests.inc()
+    s.n += 1
+    touched = _REQUESTS
     end = t.end
     if end is not None:
         total = end - t.start
-        s.duration.observe(total)
-        s.op_duration.observe(total)
+        h = s.duration
+        h[0] += total
+        if total == total:  # NaN falls in no bucket, as with Histogram.observe
+            h[bisect_left(_LATENCY, total) + 1] += 1
         waited = 0.0
         if t.upstream_start is not None:
             upstream_end = t.upstream_end if t.upstream_end is not None else end
             waited = max(upstream_end - t.upstream_start, 0.0)
-            if s.upstream_duration is not None:
-                s.upstream_duration.observe(waited)
-        s.overhead.observe(max(total - waited, 0.0))
+            if upstream is not None:
+                h = s.upstream_duration
+                h[0] += waited
+                if waited == waited:
+                    h[bisect_left(_LATENCY, waited) + 1] += 1
+                touched |= _UPSTREAM_DURATION
+        over = max(total - waited, 0.0)
+        h = s.overhead
+        h[0] += over
+        if over == over:
+            h[bisect_left(_OVERHEAD_B, over) + 1] += 1
+        touched |= _DURATION | _OVERHEAD
     usage = ctx.usage
     if usage is not None:
-        s.tokens_in.inc(usage.prompt_tokens)
-        s.tokens_out.inc(usage.completion_tokens)
+        p, c = usage.prompt_tokens, usage.completion_tokens
+        if p < 0 or c < 0 or usage.cached_tokens < 0 or usage.reasoning_tokens < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        tokens = s.tokens
+        tokens[0] += p
+        tokens[1] += c
+        touched |= _TOKENS_IN | _TOKENS_OUT | _USAGE_IN
         if usage.cached_tokens:
-            s.tokens_cached.inc(usage.cached_tokens)
+            tokens[2] += usage.cached_tokens
+            touched |= _TOKENS_CACHED
         if usage.reasoning_tokens:
-            s.tokens_reasoning.inc(usage.reasoning_tokens)
-        s.usage_in.observe(usage.prompt_tokens)
-        if s.usage_out is not None:
-            s.usage_out.observe(usage.completion_tokens)
+            tokens[3] += usage.reasoning_tokens
+            touched |= _TOKENS_REASONING
+        h = s.usage_in
+        h[0] += p
+        h[bisect_left(_TOKEN, p) + 1] += 1
+        h = s.usage_out
+        if h is not None:
+            h[0] += c
+            h[bisect_left(_TOKEN, c) + 1] += 1
+            touched |= _USAGE_OUT
         if usage.estimated:
-            s.estimated.inc()
+            s.estimated += 1
+            touched |= _ESTIMATED
     if t.first_byte is not None and status == 200 and ctx.stream:
-        s.ttft.observe(max(t.first_byte - t.start, 0.0))
+        ttft = max(t.first_byte - t.start, 0.0)
+        h = s.ttft
+        h[0] += ttft
+        if ttft == ttft:
+            h[bisect_left(_LATENCY, ttft) + 1] += 1
+        touched |= _TTFT
         if usage is not None and usage.completion_tokens > 1 and t.upstream_end is not None:
-            s.tpot.observe(max(t.upstream_end - t.first_byte, 0.0) / (usage.completion_tokens - 1))
+            tpot = max(t.upstream_end - t.first_byte, 0.0) / (usage.completion_tokens - 1)
+            h = s.tpot
+            h[0] += tpot
+            if tpot == tpot:
+                h[bisect_left(_TPOT_B, tpot) + 1] += 1
+            touched |= _TPOT
+    s.touched |= touched
+    if not s.dirty:
+        s.touch()
     if ctx.answered_by and status is not None and status >= 400:
         fam = f.limits if status == 429 else f.blocks
         f.acc(fam, route, ctx.answered_by, f.free_labels(ctx.answer_reason or "error")).inc()
