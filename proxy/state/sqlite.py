@@ -162,11 +162,7 @@ class SQLiteRecords(Records):
         if self._closed:
             raise RuntimeError("records are closed")
         q = self._q
-        if len(columns) != len(values):
-            raise ValueError(f"{len(columns)} columns but {len(values)} values")
-        # queued as they are: the writer wraps them (one object fewer per row for the loop to make,
-        # and for its garbage collector to count while the row waits)
-        q.append(("values", table, columns, values))
+        q.append(("row", table, _Values(columns, values)))
         if len(q) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
@@ -229,8 +225,8 @@ class SQLiteRecords(Records):
             while q:
                 item = q.popleft()
                 kind = item[0]
-                if kind == "values" or kind == "row":
-                    pending[item[1]].append(_Values(item[2], item[3]) if kind == "values" else item[2])
+                if kind == "row":
+                    pending[item[1]].append(item[2])
                     count += 1
                     if count >= self.batch_size:
                         count = self._write(db, pending)
@@ -257,7 +253,7 @@ class SQLiteRecords(Records):
             self._wake.clear()
             while q:
                 item = q.popleft()
-                if item[0] in ("row", "values"):
+                if item[0] == "row":
                     self.dropped += 1
                 elif item[0] in ("flush", "close"):
                     item[1]()
