@@ -31,6 +31,7 @@ chat requests at a fixed concurrency.
     .venv/bin/python benchmarks/bench_observers.py            # full run (about a minute)
     .venv/bin/python benchmarks/bench_observers.py --each     # and each observer alone
     .venv/bin/python benchmarks/bench_observers.py --against /tmp/other-tree   # before/after, one run
+    .venv/bin/python benchmarks/bench_observers.py --sets 3 --rounds 10       # fresh processes 3 times, rounds pooled
     .venv/bin/python benchmarks/bench_observers.py --quick    # smoke run
     .venv/bin/python benchmarks/bench_observers.py --hooks    # the plugins' own hooks, in-process
     .venv/bin/python benchmarks/bench_observers.py --insitu   # per hook, chain phase and thread, in a live server
@@ -312,7 +313,7 @@ async def settle(pid: int, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
 
 
 async def main(quick: bool, rounds: int | None = None, per_round: int | None = None, each: bool = False,
-               core: bool = False, against: Path | None = None) -> dict[str, Any]:
+               core: bool = False, against: Path | None = None, sets: int = 1) -> dict[str, Any]:
     rounds_, per_round_, concurrency = (3, 200, 8) if quick else (15, 300, 8)
     rounds = rounds or rounds_
     per_round = per_round or per_round_
@@ -333,32 +334,38 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
                 return TreeProcess(config(up, chain), tmp / f"c{i}", against)
             return SluiceProcess(config(up, chain), tmp / f"c{i}", env=PLUGIN_ENV if name.startswith("shape") else None)
 
-        async with contextlib.AsyncExitStack() as stack:
-            procs = {name: await stack.enter_async_context(process(i, name, chain)) for i, (name, chain) in enumerate(chains.items())}
-            # per round and configuration: CPU ns per request, total and per thread
-            per: dict[str, list[float]] = {k: [] for k in procs}
-            threads: dict[str, dict[str, list[float]]] = {k: {} for k in procs}
-            ticks = {k: 0.0 for k in procs}
-            lat: dict[str, list[float]] = {k: [] for k in procs}
-            async with aiohttp.ClientSession() as http:
-                for p in procs.values():
-                    await load(http, p.url, 300, concurrency)  # warm up: imports, pools, first windows
-                    await settle(p.pid)
-                for r in range(rounds):
-                    # rotate the order each round, so no configuration always follows the same one
-                    names = list(procs)
-                    names = names[r % len(names):] + names[:r % len(names)]
-                    for name in names:
-                        p = procs[name]
-                        t0, th0 = cpu_ns(p.pid)
-                        k0 = cpu_seconds(p.pid)
-                        lat[name] += await load(http, p.url, per_round, concurrency)
+        # per round and configuration: CPU ns per request, total and per thread (rounds of every set)
+        per: dict[str, list[float]] = {k: [] for k in chains}
+        threads: dict[str, dict[str, list[float]]] = {k: {} for k in chains}
+        ticks = {k: 0.0 for k in chains}
+        lat: dict[str, list[float]] = {k: [] for k in chains}
+        # A server process keeps an offset of its own for its whole life (address layout, the hash seed
+        # of its dicts): two processes of one tree differ by tens of us a request. Each set starts fresh
+        # processes, so with several sets that offset is sampled too instead of fixed for the run.
+        for set_no in range(sets):
+            async with contextlib.AsyncExitStack() as stack:
+                procs = {name: await stack.enter_async_context(process(i, name, chain))
+                         for i, (name, chain) in enumerate(chains.items(), start=set_no * len(chains))}
+                async with aiohttp.ClientSession() as http:
+                    for p in procs.values():
+                        await load(http, p.url, 300, concurrency)  # warm up: imports, pools, first windows
                         await settle(p.pid)
-                        t1, th1 = cpu_ns(p.pid)
-                        ticks[name] += cpu_seconds(p.pid) - k0
-                        per[name].append((t1 - t0) / per_round / 1000)
-                        for t in th1:
-                            threads[name].setdefault(t, []).append((th1[t] - th0.get(t, 0)) / per_round / 1000)
+                    for r in range(rounds):
+                        # rotate the order each round, so no configuration always follows the same one
+                        names = list(procs)
+                        names = names[r % len(names):] + names[:r % len(names)]
+                        for name in names:
+                            p = procs[name]
+                            t0, th0 = cpu_ns(p.pid)
+                            k0 = cpu_seconds(p.pid)
+                            lat[name] += await load(http, p.url, per_round, concurrency)
+                            await settle(p.pid)
+                            t1, th1 = cpu_ns(p.pid)
+                            ticks[name] += cpu_seconds(p.pid) - k0
+                            per[name].append((t1 - t0) / per_round / 1000)
+                            for t in th1:
+                                threads[name].setdefault(t, []).append((th1[t] - th0.get(t, 0)) / per_round / 1000)
+    rounds *= sets  # every set's rounds pooled from here on
     n = rounds * per_round
 
     def quartiles(xs: list[float]) -> list[float]:
@@ -381,6 +388,7 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
     return {
         "requests_per_config": n,
         "rounds": rounds,
+        "sets_of_processes": sets,
         "concurrency": concurrency,
         "mix": "3 buffered : 1 streamed chat requests",
         "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
@@ -708,6 +716,8 @@ if __name__ == "__main__":
     ap.add_argument("--core", action="store_true", help="also the shape with one core feature off at a time")
     ap.add_argument("--against", type=Path, help="another source tree (a checkout of another commit): its empty chain "
                     "and observers run in the same rounds, for a before/after in one run")
+    ap.add_argument("--sets", type=int, default=1, help="start fresh server processes this many times, --rounds each, "
+                    "and pool the rounds (a process keeps an offset of its own for its life: sets sample it)")
     ap.add_argument("--insitu", action="store_true", help="thread CPU per hook, chain phase and thread in a live server")
     ap.add_argument("--serve-instrumented", nargs=3, metavar=("CONFIG", "READY", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -718,5 +728,5 @@ if __name__ == "__main__":
     elif args.insitu:
         result = asyncio.run(insitu())
     else:
-        result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against))
+        result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against, args.sets))
     print(json.dumps(result, indent=2))
