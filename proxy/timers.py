@@ -23,19 +23,18 @@ class _Slots:
     disarming a dict delete, and one timer serves every alarm due in its slot.
     """
 
-    __slots__ = ("loop", "due", "__weakref__")
+    __slots__ = ("due",)  # not the loop: the registry below holds loops weakly
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         #: slot number -> the alarms armed in it (a dict as an ordered set)
         self.due: dict[int, dict[Alarm, None]] = {}
 
-    def add(self, alarm: Alarm, when: float) -> dict[Alarm, None]:
+    def add(self, alarm: Alarm, when: float, loop: asyncio.AbstractEventLoop) -> dict[Alarm, None]:
         slot = int(when * SLOTS_PER_SECOND) + 1  # ends after ``when``: never early
         alarms = self.due.get(slot)
         if alarms is None:
             alarms = self.due[slot] = {}
-            self.loop.call_at(slot / SLOTS_PER_SECOND, self._ring, slot)
+            loop.call_at(slot / SLOTS_PER_SECOND, self._ring, slot)
         alarms[alarm] = None
         return alarms
 
@@ -55,7 +54,7 @@ def _slots(loop: asyncio.AbstractEventLoop) -> _Slots:
         return slots  # type: ignore[return-value]
     slots = _by_loop.get(loop)
     if slots is None:
-        slots = _by_loop[loop] = _Slots(loop)
+        slots = _by_loop[loop] = _Slots()
     _last = (weakref.ref(loop), slots)
     return slots
 
@@ -80,7 +79,7 @@ class Alarm:
         self.fired = False
         if when - loop.time() >= COARSE_AFTER:
             self.handle = None
-            self.alarms: dict[Alarm, None] | None = _slots(loop).add(self, when)
+            self.alarms: dict[Alarm, None] | None = _slots(loop).add(self, when, loop)
         else:
             self.alarms = None
             self.handle = loop.call_at(when, self._fire)

@@ -103,3 +103,23 @@ def test_disarmed_before_its_slot_leaves_the_task_alone_and_cancellation_still_p
         assert not slots.due
 
     run(asyncio.new_event_loop, main())
+
+
+def test_a_closed_loop_and_its_slots_are_not_kept_alive():
+    import gc
+    import weakref
+
+    loop = uvloop.new_event_loop()
+
+    async def arm():
+        a = Alarm(loop.time() + COARSE_AFTER + 5, loop, asyncio.current_task())
+        a.disarm()
+
+    loop.run_until_complete(arm())
+    assert loop in timers._by_loop
+    ref = weakref.ref(loop)
+    loop.close()
+    del loop
+    uvloop.new_event_loop().close()  # another loop of the same kind takes nothing over
+    gc.collect()
+    assert ref() is None
