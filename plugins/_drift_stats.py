@@ -406,6 +406,7 @@ class Monitor:
         window_seconds: float,
         check_every: int,
         reference: Literal["previous", "pinned"],
+        check_interval_s: float = 0.0,
         thresholds: Thresholds,
         seed: int | None = None,
         max_features: int = 32,
@@ -415,6 +416,8 @@ class Monitor:
         self.window_samples = window_samples
         self.window_seconds = window_seconds
         self.check_every = check_every
+        #: and at least this long after the last comparison (a window that closes is always compared)
+        self.check_interval_s = check_interval_s
         self.mode = reference
         self.thresholds = thresholds
         self.max_features = max_features
@@ -424,6 +427,7 @@ class Monitor:
         self.pinned = False
         self.last: Comparison | None = None
         self.last_checked_at = 0
+        self.last_checked_time = float("-inf")
         self.windows_closed = 0
 
     def add(self, numeric: Mapping[str, float], categorical: Mapping[str, str], now: float | None = None) -> bool:
@@ -438,7 +442,10 @@ class Monitor:
             return True
         if now - self.current.started >= self.window_seconds and n >= self.thresholds.min_samples:
             return True
-        return self.reference is not None and n >= self.thresholds.min_samples and n - self.last_checked_at >= self.check_every
+        return (
+            self.reference is not None and n >= self.thresholds.min_samples and n - self.last_checked_at >= self.check_every
+            and now - self.last_checked_time >= self.check_interval_s
+        )
 
     def due_snapshots(self, now: float | None = None) -> tuple[Snapshot | None, Snapshot]:
         """The (reference, current) pair to compare now; rolls the window when it is full.
@@ -449,6 +456,7 @@ class Monitor:
         cur = self.current.snapshot(now)
         ref = self.reference
         self.last_checked_at = self.current.count
+        self.last_checked_time = now
         closing = cur.count >= self.window_samples or (
             now - self.current.started >= self.window_seconds and cur.count >= self.thresholds.min_samples
         )

@@ -52,7 +52,10 @@ class Drift(Plugin):
         min_samples: int = Field(
             100, ge=10, le=1_000_000, description="Samples a feature needs on both sides before it is compared.")
         check_every: int = Field(
-            100, ge=1, le=1_000_000, description="Compare the open window with the reference every this many samples.")
+            100, ge=1, le=1_000_000, description="Compare the open window with the reference every this many samples...")
+        check_interval_s: float = Field(
+            1.0, ge=0.0, le=86400.0, description="...and at most once this many seconds (a closing window is always compared), "
+            "so a busy route pays for comparisons per second, not per request.")
         reference: Literal["previous", "pinned"] = Field(
             "previous", description="'previous': each closed window is the next one's reference; 'pinned': the first full "
             "window (or one pinned through the admin API) stays the reference.")
@@ -127,7 +130,7 @@ class Drift(Plugin):
             c = self.config
             m = self.monitors[key] = Monitor(
                 reservoir_size=c.reservoir_size, window_samples=c.window_samples, window_seconds=c.window_seconds,
-                check_every=c.check_every, reference=c.reference, thresholds=self.thresholds,
+                check_every=c.check_every, check_interval_s=c.check_interval_s, reference=c.reference, thresholds=self.thresholds,
                 seed=None if c.seed is None else c.seed + len(self.monitors), max_features=c.max_features,
             )
         return key, m

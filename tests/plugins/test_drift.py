@@ -13,7 +13,8 @@ from plugins.drift import Drift, render_report
 from proxy import Attempt, Target, Usage
 from proxy.testing import FakeUpstream, SluiceServer, configure_plugin, make_context, make_runtime
 
-DRIFT = {"window_samples": 60, "reservoir_size": 60, "min_samples": 30, "check_every": 10, "reference": "pinned", "seed": 1}
+# check_interval_s 0: compared every check_every samples however fast they come, so detection is stated in samples
+DRIFT = {"window_samples": 60, "reservoir_size": 60, "min_samples": 30, "check_every": 10, "check_interval_s": 0, "reference": "pinned", "seed": 1}
 
 
 def config(upstream: FakeUpstream, **drift) -> dict:

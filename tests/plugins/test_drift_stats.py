@@ -129,6 +129,33 @@ def test_known_shift_detected_within_150_samples():
         assert "finish_reason" not in res.drifted  # only what moved is flagged
 
 
+def test_check_interval_bounds_comparisons_per_second_but_a_closing_window_is_always_compared():
+    rng = np.random.default_rng(4)
+    m = make_monitor(4, check_interval_s=1.0)
+    for _ in range(500):
+        m.add(*sample(rng, 200, 0.9), now=0.0)
+    assert m.check_now(now=0.0) is None  # the first window closed: always compared (it became the reference)
+    due_at = []
+    t = 0.0
+    for i in range(1, 501):
+        t += 0.004  # 250 samples a second
+        if m.add(*sample(rng, 200, 0.9), now=t):
+            due_at.append(i)
+            m.due_snapshots(now=t)
+    # every 25 samples (a tenth of a second) without the interval; with it, once a second plus the closing window
+    assert due_at == [250, 500], due_at
+    m0 = make_monitor(4)  # check_interval_s defaults to 0 in the engine: every check_every samples
+    for _ in range(500):
+        m0.add(*sample(rng, 200, 0.9), now=0.0)
+    m0.check_now(now=0.0)
+    due = 0
+    for _ in range(200):
+        if m0.add(*sample(rng, 200, 0.9), now=0.0):
+            due += 1
+            m0.due_snapshots(now=0.0)
+    assert due == 5  # at 100 (min_samples), 125, 150, 175, 200
+
+
 def test_categorical_shift_detected():
     rng = np.random.default_rng(3)
     m = make_monitor(3)
