@@ -14,33 +14,56 @@ SLOTS_PER_SECOND = 10
 
 
 class _Slots:
-    """The shared alarms of one loop: one timer per tenth of a second that has any.
+    """The shared alarms of one loop, by tenth of a second, and one loop timer for them all.
 
     Every request arms two alarms (first byte, whole answer) that almost never
     fire and are due minutes ahead. A loop timer each costs more than the rest of
     the alarm (uvloop allocates, starts, stops and closes a libuv handle, about
-    5 µs of CPU per request at a moderate rate); here arming is a dict insert,
-    disarming a dict delete, and one timer serves every alarm due in its slot.
+    5 µs of CPU per request at a moderate rate). Here arming is a dict insert and
+    disarming a delete; a slot goes when its last alarm is disarmed, so what is
+    kept is bounded by the requests in flight, and a single loop timer is set for
+    the earliest slot. When it rings, the slots that are due fire and it is set
+    again for the earliest left. A slot earlier than the timer (a shorter timeout
+    than any before) sets a new timer; the old one then rings for nothing.
     """
 
-    __slots__ = ("due",)  # not the loop: the registry below holds loops weakly
+    __slots__ = ("due", "armed")  # not the loop (nor a timer handle, which holds it): the registry holds loops weakly
 
     def __init__(self) -> None:
         #: slot number -> the alarms armed in it (a dict as an ordered set)
         self.due: dict[int, dict[Alarm, None]] = {}
+        #: the slot the loop timer is set for, if any
+        self.armed: int | None = None
 
-    def add(self, alarm: Alarm, when: float, loop: asyncio.AbstractEventLoop) -> dict[Alarm, None]:
+    def add(self, alarm: Alarm, when: float, loop: asyncio.AbstractEventLoop) -> tuple[int, dict[Alarm, None]]:
         slot = int(when * SLOTS_PER_SECOND) + 1  # ends after ``when``: never early
         alarms = self.due.get(slot)
         if alarms is None:
             alarms = self.due[slot] = {}
-            loop.call_at(slot / SLOTS_PER_SECOND, self._ring, slot)
+            if self.armed is None or slot < self.armed:
+                self._arm(slot, loop)
         alarms[alarm] = None
-        return alarms
+        return slot, alarms
 
-    def _ring(self, slot: int) -> None:
-        for alarm in self.due.pop(slot, {}):
-            alarm._fire()
+    def remove(self, slot: int, alarms: dict[Alarm, None], alarm: Alarm) -> None:
+        alarms.pop(alarm, None)
+        if not alarms and self.due.get(slot) is alarms:
+            del self.due[slot]
+
+    def _arm(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.armed = slot
+        loop.call_at(slot / SLOTS_PER_SECOND, self._ring, slot, loop)
+
+    def _ring(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
+        if slot != self.armed:
+            return  # replaced by an earlier one
+        self.armed = None
+        up_to = max(slot, int(loop.time() * SLOTS_PER_SECOND))  # a late ring fires every slot now past
+        for s in [s for s in self.due if s <= up_to]:
+            for alarm in self.due.pop(s):
+                alarm._fire()
+        if self.due:
+            self._arm(min(self.due), loop)
 
 
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Slots] = weakref.WeakKeyDictionary()
@@ -69,7 +92,7 @@ class Alarm:
     late, sharing a timer (:class:`_Slots`); a nearer one fires on time.
     """
 
-    __slots__ = ("task", "handle", "fired", "alarms")
+    __slots__ = ("task", "handle", "fired", "alarms", "slot", "wheel")
 
     def __init__(self, when: float, loop: asyncio.AbstractEventLoop | None = None, task: asyncio.Task | None = None) -> None:
         # the request path passes the loop and its task: looking them up costs more than the timer
@@ -79,7 +102,8 @@ class Alarm:
         self.fired = False
         if when - loop.time() >= COARSE_AFTER:
             self.handle = None
-            self.alarms: dict[Alarm, None] | None = _slots(loop).add(self, when, loop)
+            self.wheel = _slots(loop)
+            self.slot, self.alarms = self.wheel.add(self, when, loop)
         else:
             self.alarms = None
             self.handle = loop.call_at(when, self._fire)
@@ -91,7 +115,7 @@ class Alarm:
 
     def disarm(self) -> None:
         if self.alarms is not None:
-            self.alarms.pop(self, None)
+            self.wheel.remove(self.slot, self.alarms, self)
         elif self.handle is not None:
             self.handle.cancel()
 

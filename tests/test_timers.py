@@ -95,12 +95,13 @@ def test_disarmed_before_its_slot_leaves_the_task_alone_and_cancellation_still_p
             await other
         a2.disarm()
         assert not alarm.fired and not a2.fired
-        # the slot still rings (nothing in it): waiting for it ends with no cancellation of this task
+        # an emptied slot is dropped at once; the timer set for it rings for nothing
         slots = timers._slots(loop)
+        assert not slots.due and slots.armed is not None
         rung = loop.create_future()
-        loop.call_at(max(slots.due) / SLOTS_PER_SECOND + 0.01, rung.set_result, None)
+        loop.call_at(slots.armed / SLOTS_PER_SECOND + 0.01, rung.set_result, None)
         await asyncio.wait_for(rung, 5)
-        assert not slots.due
+        assert slots.armed is None and not alarm.fired
 
     run(asyncio.new_event_loop, main())
 
@@ -123,3 +124,42 @@ def test_a_closed_loop_and_its_slots_are_not_kept_alive():
     uvloop.new_event_loop().close()  # another loop of the same kind takes nothing over
     gc.collect()
     assert ref() is None
+
+
+def test_what_is_kept_is_bounded_by_the_alarms_armed_not_by_the_requests_served():
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        slots = timers._slots(loop)
+        timers_before = len(loop._scheduled)
+        for i in range(2000):  # a request's two far alarms, 2,000 requests over ten seconds of deadlines
+            first = Alarm(loop.time() + 120 + i / 200, loop, task)
+            total = Alarm(loop.time() + 900 + i / 200, loop, task)
+            if i % 500 == 0:
+                assert len(slots.due) == 2  # this request's two slots
+            first.disarm()
+            total.disarm()
+        assert not slots.due
+        assert len(loop._scheduled) - timers_before <= 2  # one loop timer, not one per slot
+
+    run(asyncio.new_event_loop, main())
+
+
+def test_when_the_timer_rings_the_due_slots_fire_and_it_is_set_again_for_the_next():
+    async def main():
+        loop = asyncio.get_running_loop()
+        sleepers = [asyncio.ensure_future(asyncio.Event().wait()) for _ in range(3)]
+        await asyncio.sleep(0)
+        base = loop.time() + COARSE_AFTER
+        a1 = Alarm(base + 0.05, loop, sleepers[0])
+        a2 = Alarm(base + 0.35, loop, sleepers[1])
+        a3 = Alarm(base + 60, loop, sleepers[2])
+        slots = timers._slots(loop)
+        assert slots.armed == a1.slot
+        done, _ = await asyncio.wait(sleepers[:2], timeout=10)
+        assert len(done) == 2 and a1.fired and a2.fired and not a3.fired
+        assert slots.armed == a3.slot  # set again for the earliest slot left
+        a3.disarm()
+        sleepers[2].cancel()
+
+    run(asyncio.new_event_loop, main())
