@@ -16,10 +16,11 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from itertools import repeat
+from itertools import chain, repeat
 from typing import AbstractSet, Any, ClassVar, Iterable, Literal, Mapping
 
 from . import _injection_normalize as norm
+from ._injection_prefilter import Prefilter
 from ._injection_signatures import BY_ID, COMPACT, OBFUSCATION_WEIGHTS, SIGNATURES, VERSION, Signature
 
 #: where a text came from: the user, a tool result or retrieved document (indirect), a raw prompt
@@ -103,6 +104,18 @@ _CATEGORY = {sig_id: sig.category for sig_id, sig in BY_ID.items()}
 _WINDOW = 320
 _WHOLE_TEXT = 4 * _WINDOW
 _ALNUM = re.compile("[a-z0-9]+")
+# Signatures whose expressions run for nothing in long documents: on the corpus' 12 benign
+# documents of 300 words or more, plain and with each of the corpus' attacks in the middle of one
+# (190 texts), those tried and failing at 8 of the texts or more; most are led by everyday words
+# ("when", "if", "show", "print", "system", "your", "do"), tried at each of their occurrences.
+# A text where the first elements of such a signature's expression occur nowhere skips it (see
+# _injection_prefilter). Any signature could be listed without changing a result; looking for a
+# prefix costs every text that gets that far.
+_PREFILTERED = frozenset({
+    "IN-002", "DL-008", "EX-006", "SP-003", "SP-013", "DL-007", "IO-016", "IO-005", "SP-012", "IN-001", "SP-002",
+    "JB-014", "SP-001", "JB-010", "IO-007", "IO-014", "JB-004", "SP-014", "SP-007", "IO-013", "IO-012", "IO-006",
+    "IO-009", "JB-003", "IO-002", "JB-012", "JB-016", "EX-003", "IO-003", "JB-005",
+})
 
 
 class SignatureDetector(Detector):
@@ -164,20 +177,6 @@ class SignatureDetector(Detector):
         self._lead_re = {w: re.compile(re.escape(w) + (r"\b" if w[-1:].isalnum() else "")) for sig in self.signatures for w in sig.lead}
         # a view's ASCII stand-in gives the offsets of ``word\b`` for ASCII words of letters and digits
         self._stand_in = all(_ALNUM.fullmatch(w) for w in self._lead_re)
-        # the punctuation a signature needs, looked up by its first character (memchr) and
-        # then by the regex engine's literal search, three times faster than ``in`` for a miss
-        needs = {x for sig in self.signatures for x in sig.needs}
-        # a needle is absent when a shorter one inside it is ("---" without "--"): that one is
-        # looked for first, and its answer serves both
-        self._needle_in = {x: tuple(sorted((y for y in needs if len(y) > 1 and y != x and y in x), key=len)) for x in needs}
-        # (first character, literal search or None for one character, the needle)
-        self._needle = {x: (x[0], re.compile(re.escape(x)).search if len(x) > 1 else None, x) for x in needs}
-        # the same in UTF-8, for a text that is not ASCII (the literal search is slow on wide
-        # strings): an ASCII needle occurs in a text exactly when it occurs in its UTF-8
-        self._needle_utf8 = (
-            {x: (x[0].encode(), re.compile(re.escape(x.encode())).search if len(x) > 1 else None, x.encode()) for x in needs}
-            if all(x.isascii() for x in needs) else None
-        )
         # every word the scan asks about, found as whole words in one pass (see norm.Vocabulary)
         words = set(norm.SCAN_WORDS)
         for sig in self.signatures:
@@ -185,6 +184,11 @@ class SignatureDetector(Detector):
             for g in sig.anchors:
                 words.update(g)
         self._vocab = norm.Vocabulary(words)
+        # the listed signatures' prefixes, and the punctuation every signature needs, looked for
+        # in one pass over a text once a signature gets that far
+        listed = {sig.id: sig.pattern for sig in self.signatures if sig.id in _PREFILTERED}
+        self._prefilter = Prefilter(listed, {x for sig in self.signatures for x in sig.needs})
+        self._prefiltered = frozenset(listed)
         norm.composing()  # built now, off the request path
         self._version = f"{VERSION}-{'-'.join(sorted(disable))}" if disable else VERSION
 
@@ -225,7 +229,7 @@ class SignatureDetector(Detector):
         tricks |= n.tricks
         indirect = source in INDIRECT_SOURCES
         v, lv, leet_tokens = self._vocab.views(n.text, n.utf8, n.chars)
-        tokens = frozenset(v.found)  # set operations with a set iterate the smaller side
+        tokens = v.words  # a frozenset: set operations with a set iterate the smaller side
         self._match_view(v, tokens, indirect, hits, quoted)
         found_plain = bool(hits)
 
@@ -243,7 +247,7 @@ class SignatureDetector(Detector):
                 joined, runs = spaced
                 before = len(hits)
                 jv = self._vocab.view(joined)
-                self._match_view(jv, frozenset(jv.found), indirect, hits, quoted)
+                self._match_view(jv, jv.words, indirect, hits, quoted)
                 for run in runs:
                     for sig in self._compact:
                         if sig.weight > hits.get(sig.id, 0.0) and sig.pattern.search(run):
@@ -267,7 +271,7 @@ class SignatureDetector(Detector):
             # Without a cue, rot13 is only tried on short texts: a long document is not rot13.
             before = len(hits)
             rv = self._vocab.view(norm.rot13(n.text))
-            self._match_view(rv, frozenset(rv.found), indirect, hits, quoted)
+            self._match_view(rv, rv.words, indirect, hits, quoted)
             if len(hits) > before:
                 tricks.add("rot13")
 
@@ -296,61 +300,66 @@ class SignatureDetector(Detector):
             return
         whole = len(text) <= _WHOLE_TEXT
         meta: bool | None = None
-        # where each lead word occurs: the vocabulary scan's offsets when they are exactly the
+        # where each lead word occurs: the view's offsets of the word when they are exactly the
         # matches of \bword\b, else (and for expressions that do not start with \b) _lead_re
-        found = view.positions if view.exact else {}
+        exact = view.exact
+        at_word = view.at
+        known = view.known  # the offsets the view has already looked up (``at`` keeps them there)
         positions: dict[str, list[int]] = {}
+        starts_for: dict[tuple[AbstractSet[str], bool], list[int]] = {}
         search_text: str | None = None
-        needed: dict[str, bool] = {}
-        haystack: str | bytes = text
-        needles = self._needle
-        if self._needle_utf8 is not None and not text.isascii():
-            haystack = view.utf8()
-            needles = self._needle_utf8
         lead_re = self._lead_re
-        needle_in = self._needle_in
         rec_of = self._rec
         anchor_literals = self._anchor_literals
+        disjoint = tokens.isdisjoint
+        prefiltered = self._prefiltered
+        # the listed signatures whose prefix occurs in the text, and the needles it holds (one
+        # pass, once a signature needs either)
+        seen: frozenset[str] | None = None
         for sid in candidates:
             _, sig, w_tool, w_user, only_indirect, _lits, rest, needs, lead, bounded = rec_of[sid]
-            by_literal = sid in by_literal_near or (sid in anchor_literals and not anchor_literals[sid].isdisjoint(present))
             weight = w_tool if indirect else w_user
             if hits.get(sid, 0.0) >= weight:
                 continue
             if only_indirect and not indirect:
                 continue
-            if rest and not by_literal:
-                for g in rest:
-                    if g.isdisjoint(tokens):
-                        break
-                else:
-                    g = None
-                if g is not None:
-                    continue
+            # another anchor group that the text lacks, unless a literal brought the signature in
+            if rest and any(map(disjoint, rest)) and not (
+                sid in by_literal_near or (sid in anchor_literals and not anchor_literals[sid].isdisjoint(present))
+            ):
+                continue
+            if sid in prefiltered:
+                if seen is None:
+                    seen = self._prefilter.matching(view.utf8())
+                if sid not in seen:
+                    continue  # the first elements of its expression occur nowhere in the text
             if needs:
-                for x in needs:
-                    has = needed.get(x)
-                    if has is None:
-                        has = _has(needed, x, haystack, needles, needle_in)
-                    if has:
-                        break
-                else:
-                    continue
+                if seen is None:
+                    seen = self._prefilter.matching(view.utf8())
+                if seen.isdisjoint(needs):
+                    continue  # none of the punctuation it needs
             m = None
             if lead:
                 # the earliest match in the text, whichever lead word it starts with (the order of
-                # a set of words depends on the process's hash seed, and so did the match taken)
-                starts: list[int] | None = None
-                for word in lead.intersection(tokens):
-                    at = found.get(word) if bounded else None
-                    if at is None:
-                        at = positions.get(word)
-                        if at is None:
-                            if search_text is None:
-                                # the same offsets as in ``text``; ASCII where it can be
-                                search_text = view.search_text() if self._stand_in else text
-                            at = positions[word] = [p.start() for p in lead_re[word].finditer(search_text)]
-                    starts = at if starts is None else sorted(starts + at)
+                # a set of words depends on the process's hash seed, and so did the match taken);
+                # signatures whose lead words in the text are the same share the offsets
+                ws = lead.intersection(tokens)
+                starts = starts_for.get((ws, bounded))
+                if starts is None:
+                    lists = [known.get(word) or at_word(word) for word in ws] if bounded and exact else None
+                    if lists is None or None in lists:
+                        lists = []
+                        for word in ws:
+                            at = at_word(word) if bounded and exact else None
+                            if at is None:
+                                at = positions.get(word)
+                                if at is None:
+                                    if search_text is None:
+                                        # the same offsets as in ``text``; ASCII where it can be
+                                        search_text = view.search_text() if self._stand_in else text
+                                    at = positions[word] = [p.start() for p in lead_re[word].finditer(search_text)]
+                            lists.append(at)
+                    starts = starts_for[ws, bounded] = lists[0] if len(lists) == 1 else sorted(chain.from_iterable(lists))
                 if starts:
                     # the first match at these offsets, the loop in C (map and filter are lazy)
                     m = next(filter(None, map(sig.pattern.match, repeat(text), starts)), None)
@@ -383,42 +392,7 @@ class SignatureDetector(Detector):
                     quoted.discard(sid)
 
 
-def _has(
-    cache: dict[str, bool], needle: str, haystack: Any, needles: Mapping[str, Any], inside: Mapping[str, tuple[str, ...]],
-) -> bool:
-    found = cache.get(needle)
-    if found is None:
-        first, search, whole = needles[needle]
-        i = haystack.find(first)
-        if i == -1:
-            found = False
-        elif search is None:
-            found = True
-        else:
-            for shorter in inside[needle]:
-                if not _has(cache, shorter, haystack, needles, inside):
-                    found = False
-                    break
-            else:
-                # at the first few occurrences of its first character (a hyphen, a quote: prose
-                # has few), then by the literal search from there on
-                startswith, find = haystack.startswith, haystack.find
-                for _ in range(_FEW_FIRSTS):
-                    if startswith(whole, i):
-                        found = True
-                        break
-                    i = find(first, i + 1)
-                    if i == -1:
-                        found = False
-                        break
-                else:
-                    found = search(haystack, i) is not None
-        cache[needle] = found
-    return found
-
-
 _QUOTE_SET = frozenset(_QUOTES)
-_FEW_FIRSTS = 12
 
 
 def _quoted(text: str, start: int, end: int) -> bool:

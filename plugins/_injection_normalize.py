@@ -3,8 +3,10 @@
 Everything here is built once at import (translation tables, compiled patterns)
 and is linear in the length of the text. The common case, plain ASCII prose,
 takes the fast path: no Unicode work at all, one ``lower``; the detector's words
-are then found by :class:`Vocabulary`, one Aho-Corasick pass (``pyahocorasick``)
-over the text with its word breaks made spaces, instead of a set of every word.
+are then found by :class:`Vocabulary`, one pass of a Hyperscan literal matcher over
+the text with its word breaks made spaces, instead of a set of every word; where a
+word occurs is looked up only for the words that need it (``ahocorasick_rs``, a
+SIMD substring search per word).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import binascii
 import functools
 import re
 import string
+import threading
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from operator import itemgetter
+from typing import AbstractSet, Any, Callable, Iterable, Sequence
 
-import ahocorasick
+import ahocorasick_rs
+import hyperscan
 
 # Zero-width, joiners, soft hyphen, word joiner, invisible operators, BOM, Mongolian vowel
 # separator, Hangul fillers: all render as nothing and split a keyword for a naive matcher.
@@ -347,9 +352,13 @@ def _readable(text: str) -> bool:
 # A word of the text is a maximal run of characters that are neither whitespace (as
 # ``str.split`` sees it) nor punctuation other than '@' and '$' (``_WORD_BREAK``). With every
 # such break turned into a space and a space added at both ends, a word ``w`` occurs as a
-# word exactly where " w " occurs, so an Aho-Corasick automaton of " w " for each word of the
-# detector's vocabulary finds them all, with their offsets, in one pass in C: no list of
-# every word, no hashing.
+# word exactly where " w " occurs. One pass of a Hyperscan database of " w " for each word of
+# the detector's vocabulary, reporting each literal once (its first occurrence), gives the
+# set of the vocabulary's words in the text: no list of every word, no hashing, and no Python
+# call per occurrence (a 2,000-word text holds about 250 occurrences of some 40 words). Where
+# a word occurs is needed only for the lead words of the signatures whose expressions run;
+# those are found one word at a time (every occurrence of " w ", overlapping ones included:
+# " a a " holds " a " twice) with a SIMD substring search, and kept for the view.
 
 _PAD_BYTES = bytes(
     32 if (chr(c) in string.punctuation and chr(c) not in "@$") or chr(c).isspace() else c for c in range(256)
@@ -424,32 +433,153 @@ def _ascii_stand_in(data: bytes, chars: Iterable[str] | None) -> str | None:
     return data.translate(_WORDISH, _UTF8_CONT).decode("ascii")
 
 
+def first_ids(i: int, start: int, end: int, flags: int, ids: list[int]) -> None:
+    """A Hyperscan match handler: the match's id, into the list passed as context."""
+    ids.append(i)
+
+
+def _every_match(i: int, start: int, end: int, flags: int, out: list[tuple[int, int]]) -> None:
+    out.append((i, end))
+
+
+class _Literals:
+    """A Hyperscan database of byte strings (each one's id is its index), in block mode.
+
+    A scan needs a scratch space that no other scan is using at the same time, and
+    ``hs_scan`` runs without the GIL: each thread has its own (the executor scans large
+    requests while the event loop scans others)."""
+
+    __slots__ = ("_db", "_local")
+
+    def __init__(self, literals: Sequence[bytes], *, first_only: bool) -> None:
+        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        self._db.compile(
+            expressions=list(literals), ids=list(range(len(literals))), elements=len(literals),
+            flags=hyperscan.HS_FLAG_SINGLEMATCH if first_only else 0, literal=True,
+        )
+        self._local = threading.local()
+
+    def scan(self, data: bytes, on_match: Callable[..., None], into: Any) -> None:
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = hyperscan.Scratch(self._db)
+        self._db.scan(data, match_event_handler=on_match, context=into, scratch=scratch)
+
+
+class HyperscanPatterns(_Literals):
+    """A Hyperscan database of expressions over bytes, each reported once (its first match)."""
+
+    __slots__ = ()
+
+    def __init__(self, expressions: Sequence[bytes]) -> None:  # noqa: D107 - see the class
+        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        self._db.compile(
+            expressions=list(expressions), ids=list(range(len(expressions))), elements=len(expressions),
+            flags=hyperscan.HS_FLAG_SINGLEMATCH,
+        )
+        self._local = threading.local()
+
+
+@functools.lru_cache(maxsize=32)
+def _databases(words: tuple[str, ...]) -> tuple[_Literals, _Literals]:
+    """The databases of " w " for each of ``words`` (sorted): first occurrences, every occurrence.
+    Shared by the detectors with the same vocabulary (every route's is almost always the same)."""
+    literals = [f" {w} ".encode() for w in words]
+    return _Literals(literals, first_only=True), _Literals(literals, first_only=False)
+
+
+_SEARCHERS: dict[str, Callable[..., list[tuple[int, int, int]]]] = {}
+_START = itemgetter(1)
+
+
+def occurrences(word: str, padded: bytes) -> list[int]:
+    """Every offset where " ``word`` " occurs in ``padded``, in order, overlapping ones included."""
+    search = _SEARCHERS.get(word)
+    if search is None:
+        # built on first use; two threads may both build it, and either result is the same
+        search = _SEARCHERS[word] = ahocorasick_rs.BytesAhoCorasick([f" {word} ".encode()]).find_matches_as_indexes
+    return list(map(_START, search(padded, True)))
+
+
 class View:
     """One text as the detector's vocabulary sees it: which of its words occur as words, and where."""
 
-    __slots__ = ("text", "padded", "found", "exact", "positions", "_bytes", "_stand_in", "_utf8", "_chars", "_long_mask")
+    __slots__ = (
+        "text", "padded", "words", "exact", "known", "_vocab", "_found", "_positions", "_extra", "_bytes", "_stand_in",
+        "_utf8", "_chars", "_long_mask",
+    )
 
     def __init__(
-        self, text: str, padded: str, found: dict[str, list[int]], exact: bool, padded_bytes: bytes | None,
-        utf8: bytes | None = None, chars: Iterable[str] | None = None,
+        self, text: str, padded: str, words: AbstractSet[str], exact: bool, padded_bytes: bytes | None,
+        utf8: bytes | None = None, chars: Iterable[str] | None = None, *,
+        vocab: Vocabulary | None = None, found: dict[str, list[int]] | None = None,
     ) -> None:
         self.text = text
         #: ``text`` with every word break a space, a space at both ends (and, when ``text`` is
         #: not ASCII, every other character beyond ASCII \x01: one character per character)
         self.padded = padded
-        #: each vocabulary word that occurs as a word -> the offsets in ``text`` where it does
-        self.found = found
-        #: ``positions`` are exactly where ``\bword\b`` matches (ASCII text without odd characters)
+        #: the vocabulary words that occur as words
+        self.words = words
+        #: ``at`` gives exactly where ``\bword\b`` matches (ASCII text without odd characters)
         self.exact = exact
-        #: each vocabulary word that occurs as a word -> where ``\bword\b`` matches, when ``exact``:
-        #: ``found``, plus the pieces between '@' and '$' inside words
-        self.positions = found
+        self._vocab = vocab
+        #: each word of ``words`` -> the offsets in ``text`` where it occurs as a word, when known
+        self._found = found
+        #: where ``\bword\b`` matches, when that is not ``found`` (set by ``Vocabulary``)
+        self._positions: dict[str, list[int]] | None = None
+        #: offsets to add to ``found``'s: the pieces between '@' and '$' inside words
+        self._extra: dict[str, list[int]] | None = None
+        #: the words ``at`` has answered for (while ``positions`` is not set) -> its answer
+        self.known: dict[str, list[int]] = {}
         self._bytes = padded_bytes
         self._stand_in: str | None = text if text.isascii() else None
         self._utf8 = utf8
         self._chars = chars
         #: ``_LONG_MASK`` of the text when already at hand
         self._long_mask: bytes | None = None
+
+    @property
+    def found(self) -> dict[str, list[int]]:
+        """Each word of ``words`` -> the offsets in ``text`` where it occurs as a word (one pass
+        over the text for all of them; the detector asks ``at`` for the few it needs)."""
+        if self._found is None:
+            assert self._vocab is not None
+            self._found = self._vocab._scan(self._padded_bytes())
+        return self._found
+
+    @property
+    def positions(self) -> dict[str, list[int]]:
+        """Each vocabulary word -> where ``\bword\b`` matches, when ``exact``: ``found``, plus
+        the pieces between '@' and '$' inside words."""
+        if self._positions is None:
+            found = self.found
+            extra = self._extra
+            self._positions = {**found, **{w: sorted(found.get(w, []) + at) for w, at in extra.items()}} if extra else found
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: dict[str, list[int]]) -> None:
+        self._positions = value
+
+    def at(self, word: str) -> list[int] | None:
+        """``positions.get(word)`` for a word of ``words``, looked up for that word alone (and
+        kept in ``known``, where the detector looks first)."""
+        if self._positions is not None:
+            return self._positions.get(word)
+        if self._found is not None:
+            at = self._found.get(word)
+        else:
+            at = occurrences(word, self._padded_bytes()) if word in self.words else None
+        if self._extra is not None and word in self._extra:
+            at = sorted((at or []) + self._extra[word])
+        if at is not None:
+            self.known[word] = at
+        return at
+
+    def _padded_bytes(self) -> bytes:
+        if self._bytes is None:
+            self._bytes = self.padded.encode("ascii")
+        return self._bytes
 
     def utf8(self) -> bytes:
         """``text`` in UTF-8."""
@@ -482,10 +612,10 @@ class View:
 
 
 class Vocabulary:
-    """The words a detector looks for, found as whole words by one Aho-Corasick automaton.
+    """The words a detector looks for, found as whole words by one pass of a Hyperscan database.
 
     Built once per detector (off the request path); ``view`` is thread-safe (the
-    automaton is only read).
+    databases are only read, and each thread scans with its own scratch space).
     """
 
     def __init__(self, words: Iterable[str]) -> None:
@@ -493,13 +623,25 @@ class Vocabulary:
         for w in self.words:
             if not w or w != w.translate(_PAD_STR) or w != w.lower() or not w.isascii():
                 raise ValueError(f"not a lower-case ASCII word: {w!r}")
-        automaton = ahocorasick.Automaton()
-        for w in self.words:
-            automaton.add_word(f" {w} ", (w, len(w) + 1))
-        automaton.make_automaton()
-        self._iter = automaton.iter
-        self._iter_both_: Any = None
+        self._list = tuple(sorted(self.words))
+        # the length of " w ": an occurrence ends that far after the word's offset in the text
+        self._back = tuple(len(w) + 2 for w in self._list)
+        self._first, self._every = _databases(self._list)
+        self._both_: _Literals | None = None
+        self._both_keys: tuple[tuple[str, int, bool], ...] = ()
         self._leet_spelt = frozenset(w for w in self.words if w != leet(w))
+
+    def _present(self, padded: bytes) -> frozenset[str]:
+        """The vocabulary words that occur as words in ``padded`` (the view's padded bytes)."""
+        ids: list[int] = []
+        self._first.scan(padded, first_ids, ids)
+        return frozenset(map(self._list.__getitem__, ids))
+
+    def _scanned(
+        self, text: str, padded: str, pb: bytes, exact: bool, utf8: bytes | None = None, chars: Iterable[str] | None = None,
+    ) -> View:
+        """The view of ``text`` whose padded bytes are ``pb``, its words found in one pass."""
+        return View(text, padded, self._present(pb), exact, pb, utf8, chars, vocab=self)
 
     def view(self, text: str, utf8: bytes | None = None, chars: Iterable[str] | None = None) -> View:
         """``utf8`` and ``chars``: ``text`` in UTF-8 and its distinct characters beyond ASCII, if known."""
@@ -508,7 +650,7 @@ class Vocabulary:
             pb = b" " + raw.translate(_PAD_BYTES) + b" "
             padded = pb.decode("ascii")
             odd = raw.translate(_ODD_CLASS)
-            v = View(text, padded, self._scan(padded), 0 not in odd and 2 not in odd, pb)
+            v = self._scanned(text, padded, pb, 0 not in odd and 2 not in odd)
             if v.exact:
                 v._long_mask = odd
             return v
@@ -529,7 +671,7 @@ class Vocabulary:
         if other is None or len(other) > _FEW_KINDS:
             pb = b" " + data.translate(_PAD_ONE, _UTF8_CONT) + b" "
             padded = pb.decode("ascii")
-            v = View(text, padded, self._scan(padded), False, pb, utf8, chars)
+            v = self._scanned(text, padded, pb, False, utf8, chars)
             if other is not None:
                 v._long_mask = odd
             return v
@@ -537,7 +679,7 @@ class Vocabulary:
         # ``\bword\b`` where it is between two characters that are not word characters for
         # ``re``: word breaks, and characters beyond ASCII that are neither letters, digits nor
         # spaces (a dash, a bullet, an emoji), which are not word breaks. Those become \x02 (a
-        # character of a word, for the token set), and one pass of a second automaton, that also
+        # character of a word, for the token set), and one pass of a second database, that also
         # knows the words between \x02 and a space, finds both the words and where ``\bword\b``
         # matches
         table = _PAD_ONE
@@ -559,10 +701,10 @@ class Vocabulary:
         padded = pb.decode("ascii")
         if not other or _BESIDE.search(pb) is None:
             # no letter or digit touches such a character: ``\bword\b`` is where the word is
-            v = View(text, padded, self._scan(padded), True, pb, utf8, chars)
+            v = self._scanned(text, padded, pb, True, utf8, chars)
         else:
-            found, positions = self._scan_both(padded)
-            v = View(text, padded, found, True, pb, utf8, chars)
+            found, positions = self._scan_both(pb)
+            v = View(text, padded, frozenset(found), True, pb, utf8, chars, vocab=self, found=found)
             v.positions = positions
         v._long_mask = odd
         return v
@@ -582,8 +724,8 @@ class Vocabulary:
         if not text.isascii():
             plain = self.view(text, utf8, chars)
             lpadded = plain.padded.translate(_LEET)
-            lfound = self._scan(lpadded)
-            words = set(plain.found)
+            lfound = self._scan(lpadded.encode("ascii"))
+            words = set(plain.words)
             for w, at in lfound.items():
                 if w not in words:
                     n = len(w)
@@ -591,7 +733,7 @@ class Vocabulary:
                         if not text[i:i + n].isdigit():
                             words.add(w)
                             break
-            return plain, View(leet(text), lpadded, lfound, False, None), words
+            return plain, View(leet(text), lpadded, frozenset(lfound), False, None, vocab=self, found=lfound), words
         raw = text.encode("ascii")
         pb = b" " + raw.translate(_PAD_BYTES) + b" "
         mask = pb.translate(_LEET_MASK, b"26")
@@ -599,7 +741,7 @@ class Vocabulary:
             # no word holds a leetspeak digit and a character other than digits, '@' and '$'
             padded = pb.decode("ascii")
             odd = raw.translate(_ODD_CLASS)
-            plain = View(text, padded, self._scan(padded), 0 not in odd and 2 not in odd, pb)
+            plain = self._scanned(text, padded, pb, 0 not in odd and 2 not in odd)
             if plain.exact:
                 plain._long_mask = odd
             if b"@" not in mask:
@@ -620,7 +762,7 @@ class Vocabulary:
                         starts.add(s)
                         word = pb[s:pb.find(b" ", i + 1)]
                         read = word.translate(_LEET_BYTES).decode("ascii")
-                        new = read in self.words and read not in plain.found
+                        new = read in self.words and read not in plain.words
                         # '@' and '$' are not word characters for \b: the pieces between
                         # them are where ``\bw\b`` matches inside this word
                         at = s - 1
@@ -635,12 +777,11 @@ class Vocabulary:
                 if 0 not in odd:
                     plain.exact = True
                     if inner:
-                        found = plain.found
-                        plain.positions = {**found, **{w: sorted(found.get(w, []) + at) for w, at in inner.items()}}
+                        plain._extra = inner
                 return plain, None, set()
         lpb = pb.translate(_LEET_BYTES)
         lpadded = lpb.decode("ascii")
-        lfound = self._scan(lpadded)
+        lfound = self._scan(lpb)
         found: dict[str, list[int]] = {}
         words = set()
         startswith = text.startswith
@@ -665,27 +806,33 @@ class Vocabulary:
                 i = padded.find(key, i + len(w) + 1)
         words.update(self._leet_spelt.intersection(found))
         odd = raw.translate(_ODD_CLASS)
-        plain = View(text, padded, found, 0 not in odd and 2 not in odd, pb)
+        plain = View(text, padded, frozenset(found), 0 not in odd and 2 not in odd, pb, vocab=self, found=found)
         if words.issubset(found):
             return plain, None, set()
-        return plain, View(leet(text), lpadded, lfound, 0 not in odd, lpb), words
+        return plain, View(leet(text), lpadded, frozenset(lfound), 0 not in odd, lpb, vocab=self, found=lfound), words
 
-    def _scan_both(self, padded: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    def _scan_both(self, padded: bytes) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
         """The words between spaces (as ``_scan``) and the words between spaces or \\x02."""
         between: dict[str, list[int]] = {}
         beside: list[tuple[str, int]] = []
-        iter_both = self._iter_both_
-        if iter_both is None:
+        both = self._both_
+        if both is None:
             # built on first use (text beyond ASCII with dashes, bullets, emoji): two threads may
             # both build it, and either result is the same
-            both = ahocorasick.Automaton()
-            for w in self.words:
+            keys = []
+            literals = []
+            for w in self._list:
                 for left in " \x02":
                     for right in " \x02":
-                        both.add_word(f"{left}{w}{right}", (w, len(w) + 1, left == right == " "))
-            both.make_automaton()
-            iter_both = self._iter_both_ = both.iter
-        for end, (w, back, word) in iter_both(padded):
+                        keys.append((w, len(w) + 2, left == right == " "))
+                        literals.append(f"{left}{w}{right}".encode())
+            self._both_keys = tuple(keys)
+            both = self._both_ = _Literals(literals, first_only=False)
+        hits: list[tuple[int, int]] = []
+        both.scan(padded, _every_match, hits)
+        keys = self._both_keys
+        for i, end in hits:
+            w, back, word = keys[i]
             at = between.get(w)
             if at is None:
                 between[w] = [end - back]
@@ -693,6 +840,8 @@ class Vocabulary:
                 at.append(end - back)
             if not word:
                 beside.append((w, end - back))
+        for at in between.values():
+            at.sort()
         if not beside:
             return between, between
         found = dict(between)
@@ -704,14 +853,21 @@ class Vocabulary:
                 del found[w]
         return found, between
 
-    def _scan(self, padded: str) -> dict[str, list[int]]:
+    def _scan(self, padded: bytes) -> dict[str, list[int]]:
+        """Each vocabulary word that occurs in ``padded`` as a word -> its offsets, in order."""
+        hits: list[tuple[int, int]] = []
+        self._every.scan(padded, _every_match, hits)
         found: dict[str, list[int]] = {}
-        for end, (w, back) in self._iter(padded):
+        words, back = self._list, self._back
+        for i, end in hits:
+            w = words[i]
             at = found.get(w)
             if at is None:
-                found[w] = [end - back]
+                found[w] = [end - back[i]]
             else:
-                at.append(end - back)
+                at.append(end - back[i])
+        for at in found.values():
+            at.sort()  # in order whatever order the matches came in (one pass over a sorted list)
         return found
 
 
