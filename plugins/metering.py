@@ -261,7 +261,7 @@ class Metering(Plugin):
         price = self.prices.lookup(self._priced_model(ctx))
         if price is None:
             return 0.0
-        body = ctx.body if ctx.body_is_json else None
+        body = ctx.json_body
         prompt = estimate_prompt_tokens(body, ctx.model, self._tokenizers)
         return price.cost_of(prompt, max_output_tokens(body, self.config.reserve_output_tokens))
 
@@ -342,7 +342,7 @@ class Metering(Plugin):
         answered = any(a.status is not None and a.status < 400 for a in ctx.attempts)
         if not answered:
             return Usage()  # nothing generated: connect errors and upstream 4xx/5xx bill nothing
-        body = ctx.body if ctx.body_is_json else None
+        body = ctx.json_body
         prompt = estimate_prompt_tokens(body, ctx.model, self._tokenizers)
         if ctx.response is not None:
             completion = estimate_completion_tokens_from_response(ctx.response.json)

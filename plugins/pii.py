@@ -500,7 +500,7 @@ class Pii(Plugin):
         body = resp.json
         if not isinstance(body, dict):
             return
-        slots = list(answer_slots(endpoint_kind(ctx.endpoint, ctx.body if ctx.body_is_json else None), body))
+        slots = list(answer_slots(endpoint_kind(ctx.endpoint, ctx.json_body), body))
         if not slots:
             return
         texts = [c[k] for c, k in slots]

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import Field, model_validator
 
-from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
+from proxy import Context, Plugin, PluginConfig, StashKey, hookimpl
 
 from . import _otel_wire as wire
 from ._otel import (
@@ -244,7 +244,7 @@ class Tracing(Plugin):
         route = route_name(ctx)
         asked = ctx.model
         attrs: dict[str, Any] = {"http.request.method": ctx.method, "url.path": ctx.path, "sluice.request_id": ctx.request_id}
-        body = ctx.body if ctx.body_is_json else None
+        body = ctx.json_body
         _kind_attributes(attrs, ctx, op, route, ctx.outcome or "unknown", asked, request_attributes(body) if body is not None else None)
         _findings_and_timings(ctx, c.plugin_timings, attrs)
         if t.first_byte is not None and ctx.stream:
@@ -367,7 +367,7 @@ class Tracing(Plugin):
 
         # the server span's attributes, in _spans' order
         method, path = ctx.method, ctx.path
-        body = _json_body(ctx)
+        body = ctx.json_body
         params = request_attributes(body) if body is not None else None
         ident = ctx.identity
         tags = ctx.tags
@@ -502,15 +502,6 @@ _RESPONSE_ID = wire.str_attribute("gen_ai.response.id")
 _TTFT = wire.float_attribute("gen_ai.server.time_to_first_token")
 _TTFB = wire.float_attribute("sluice.time_to_first_byte")
 _COST = wire.float_attribute("sluice.cost")
-
-
-def _json_body(ctx: Context) -> dict[str, Any] | None:
-    """``ctx.body`` when it is a JSON object (``ctx.body if ctx.body_is_json else None``, read once)."""
-    try:
-        body = ctx.body
-    except ProxyError:
-        return None
-    return body if isinstance(body, dict) else None
 
 
 def _attr(key: str, value: Any) -> bytes:

@@ -325,12 +325,18 @@ class Context:
         return self._body_changed
 
     @property
+    def json_body(self) -> dict[str, Any] | None:
+        """The body when it parses as a JSON object, else ``None`` (never raises)."""
+        try:
+            body = self.body
+        except ProxyError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    @property
     def body_is_json(self) -> bool:
         """True when the body parses as a JSON object (never raises)."""
-        try:
-            return isinstance(self.body, dict)
-        except ProxyError:
-            return False
+        return self.json_body is not None
 
     def body_bytes(self) -> bytes:
         """What to send upstream: the original bytes unless a plugin changed the body."""
