@@ -35,7 +35,8 @@ class _Slots:
         #: the slot the loop timer is set for, if any
         self.armed: int | None = None
 
-    def add(self, alarm: Alarm, when: float, loop: asyncio.AbstractEventLoop) -> tuple[int, dict[Alarm, None]]:
+    def add(self, alarm: Alarm, when: float, loop: asyncio.AbstractEventLoop) -> int:
+        """Arm ``alarm`` in the slot ``when`` falls in; that slot's number."""
         slot = int(when * SLOTS_PER_SECOND) + 1  # ends after ``when``: never early
         alarms = self.due.get(slot)
         if alarms is None:
@@ -43,12 +44,14 @@ class _Slots:
             if self.armed is None or slot < self.armed:
                 self._arm(slot, loop)
         alarms[alarm] = None
-        return slot, alarms
+        return slot
 
-    def remove(self, slot: int, alarms: dict[Alarm, None], alarm: Alarm) -> None:
-        alarms.pop(alarm, None)
-        if not alarms and self.due.get(slot) is alarms:
-            del self.due[slot]
+    def remove(self, slot: int, alarm: Alarm) -> None:
+        alarms = self.due.get(slot)  # None once rung: a slot number is never armed again after its time
+        if alarms is not None:
+            alarms.pop(alarm, None)
+            if not alarms:
+                del self.due[slot]
 
     def _arm(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
         self.armed = slot
@@ -92,7 +95,7 @@ class Alarm:
     late, sharing a timer (:class:`_Slots`); a nearer one fires on time.
     """
 
-    __slots__ = ("task", "handle", "fired", "alarms", "slot", "wheel")
+    __slots__ = ("task", "handle", "fired", "slot", "wheel")
 
     def __init__(self, when: float, loop: asyncio.AbstractEventLoop | None = None, task: asyncio.Task | None = None) -> None:
         # the request path passes the loop and its task: looking them up costs more than the timer
@@ -102,10 +105,10 @@ class Alarm:
         self.fired = False
         if when - loop.time() >= COARSE_AFTER:
             self.handle = None
-            self.wheel = _slots(loop)
-            self.slot, self.alarms = self.wheel.add(self, when, loop)
+            self.wheel: _Slots | None = _slots(loop)
+            self.slot = self.wheel.add(self, when, loop)
         else:
-            self.alarms = None
+            self.wheel = None
             self.handle = loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
@@ -114,8 +117,8 @@ class Alarm:
         self.task.cancel()
 
     def disarm(self) -> None:
-        if self.alarms is not None:
-            self.wheel.remove(self.slot, self.alarms, self)
+        if self.wheel is not None:
+            self.wheel.remove(self.slot, self)
         elif self.handle is not None:
             self.handle.cancel()
 

@@ -43,7 +43,7 @@ async def _wait_out(delay: float) -> tuple[Alarm, float, bool]:
 def test_a_near_alarm_has_its_own_timer_and_fires_on_time(loop_name):
     alarm, took, timed_out = run(LOOPS[loop_name], _wait_out(0.05))
     assert timed_out and alarm.fired
-    assert alarm.alarms is None and alarm.handle is not None  # exact: a timer of its own
+    assert alarm.wheel is None and alarm.handle is not None  # exact: a timer of its own
     assert 0.05 - 0.002 <= took < 0.05 + 1.0  # uvloop counts in milliseconds
 
 
@@ -52,7 +52,7 @@ def test_a_far_alarm_shares_a_slot_and_fires_within_it_never_early(loop_name):
     delay = COARSE_AFTER + 0.05
     alarm, took, timed_out = run(LOOPS[loop_name], _wait_out(delay))
     assert timed_out and alarm.fired
-    assert alarm.handle is None and alarm.alarms is not None  # no timer of its own
+    assert alarm.handle is None and alarm.wheel is not None  # no timer of its own
     assert delay - 0.002 <= took < delay + 1 / SLOTS_PER_SECOND + 1.0
 
 
@@ -66,7 +66,7 @@ def test_far_alarms_in_one_slot_share_one_timer_and_a_disarmed_one_never_fires(l
         await asyncio.sleep(0)  # the three are running
         alarms = [Alarm(when, loop, t) for t in sleepers]
         slots = timers._slots(loop)
-        assert len(slots.due) == 1 and all(a.alarms is alarms[0].alarms for a in alarms)
+        assert len(slots.due) == 1 and all(a.slot == alarms[0].slot for a in alarms)
         alarms[1].disarm()
         done, _ = await asyncio.wait([sleepers[0], sleepers[2]], timeout=when - loop.time() + 5)
         assert len(done) == 2 and all(t.cancelled() for t in done)
