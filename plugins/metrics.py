@@ -400,11 +400,8 @@ class ModelLabel:
     def __call__(self, ctx: Context) -> str:
         served = ctx.upstream.model if ctx.upstream is not None else None
         if served and served in self.allowed:
-            return served
-        asked = ctx.model
-        if asked and asked in self.allowed:
-            return asked
-        return OTHER
+            return served  # without reading ctx.model (a look into the body)
+        return self.of(None, ctx.model)
 
     def of(self, served: str | None, asked: str | None) -> str:
         """The label of a request whose target's model is ``served`` and that asked for ``asked``."""
@@ -540,6 +537,14 @@ def _histogram(buckets: tuple[float, ...]) -> list[float]:
     return [0.0] * (len(buckets) + 2)  # the sum, then a count per bucket (+Inf last)
 
 
+def _observe(h: list[float], bounds: tuple[float, ...], value: float) -> None:
+    """One observation into a :func:`_histogram` list (NaN adds to the sum and falls in no bucket,
+    as with ``Histogram.observe``)."""
+    h[0] += value
+    if value == value:
+        h[bisect_left(bounds, value) + 1] += 1
+
+
 def _apply_histogram(h: list[float], *children: Any) -> None:
     total = h[0]
     h[0] = 0.0
@@ -565,25 +570,16 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
     end = t.end
     if end is not None:
         total = end - t.start
-        h = s.duration
-        h[0] += total
-        if total == total:  # NaN falls in no bucket, as with Histogram.observe
-            h[bisect_left(_LATENCY, total) + 1] += 1
+        _observe(s.duration, _LATENCY, total)
         waited = 0.0
         if t.upstream_start is not None:
             upstream_end = t.upstream_end if t.upstream_end is not None else end
             waited = max(upstream_end - t.upstream_start, 0.0)
             if upstream is not None:
-                h = s.upstream_duration
-                h[0] += waited
-                if waited == waited:
-                    h[bisect_left(_LATENCY, waited) + 1] += 1
+                _observe(s.upstream_duration, _LATENCY, waited)
                 touched |= _UPSTREAM_DURATION
         over = max(total - waited, 0.0)
-        h = s.overhead
-        h[0] += over
-        if over == over:
-            h[bisect_left(_OVERHEAD_B, over) + 1] += 1
+        _observe(s.overhead, _OVERHEAD_B, over)
         touched |= _DURATION | _OVERHEAD
     usage = ctx.usage
     if usage is not None:
@@ -600,30 +596,20 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
         if usage.reasoning_tokens:
             tokens[3] += usage.reasoning_tokens
             touched |= _TOKENS_REASONING
-        h = s.usage_in
-        h[0] += p
-        h[bisect_left(_TOKEN, p) + 1] += 1
-        h = s.usage_out
-        if h is not None:
-            h[0] += c
-            h[bisect_left(_TOKEN, c) + 1] += 1
+        _observe(s.usage_in, _TOKEN, p)
+        if s.usage_out is not None:
+            _observe(s.usage_out, _TOKEN, c)
             touched |= _USAGE_OUT
         if usage.estimated:
             s.estimated += 1
             touched |= _ESTIMATED
     if t.first_byte is not None and status == 200 and ctx.stream:
         ttft = max(t.first_byte - t.start, 0.0)
-        h = s.ttft
-        h[0] += ttft
-        if ttft == ttft:
-            h[bisect_left(_LATENCY, ttft) + 1] += 1
+        _observe(s.ttft, _LATENCY, ttft)
         touched |= _TTFT
         if usage is not None and usage.completion_tokens > 1 and t.upstream_end is not None:
             tpot = max(t.upstream_end - t.first_byte, 0.0) / (usage.completion_tokens - 1)
-            h = s.tpot
-            h[0] += tpot
-            if tpot == tpot:
-                h[bisect_left(_TPOT_B, tpot) + 1] += 1
+            _observe(s.tpot, _TPOT_B, tpot)
             touched |= _TPOT
     s.touched |= touched
     if not s.dirty:
