@@ -436,11 +436,13 @@ class Monitor:
         self.current.add(numeric, categorical)
         return self._due(now)
 
+    def _closing(self, n: int, now: float) -> bool:
+        """The open window, holding ``n`` samples, is full or old enough to close."""
+        return n >= self.window_samples or (now - self.current.started >= self.window_seconds and n >= self.thresholds.min_samples)
+
     def _due(self, now: float) -> bool:
         n = self.current.count
-        if n >= self.window_samples:
-            return True
-        if now - self.current.started >= self.window_seconds and n >= self.thresholds.min_samples:
+        if self._closing(n, now):
             return True
         return (
             self.reference is not None and n >= self.thresholds.min_samples and n - self.last_checked_at >= self.check_every
@@ -457,9 +459,7 @@ class Monitor:
         ref = self.reference
         self.last_checked_at = self.current.count
         self.last_checked_time = now
-        closing = cur.count >= self.window_samples or (
-            now - self.current.started >= self.window_seconds and cur.count >= self.thresholds.min_samples
-        )
+        closing = self._closing(cur.count, now)
         if closing:
             self.windows_closed += 1
             if self.mode == "previous" or (self.reference is None and not self.pinned):
