@@ -665,13 +665,14 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
             await plugin.stop()
         # the ledger row metering appends, through the state's records writer (its thread included)
         from plugins.metering import LEDGER_COLUMNS, LEDGER_TABLE, ledger_table
+        from plugins.metrics import route_name
 
         meter = await configure_plugin(Metering, {}, runtime=rt)
         rows = []
         for i in range(n):
             ctx = finished()
             ctx.request_id = f"req_{i:032x}"  # distinct rows, in arrival order as the core's ids are
-            rows.append(meter._values(ctx, ctx.usage, "sluice-demo", 0.0001, True, False))
+            rows.append(meter._values(ctx, ctx.usage, "sluice-demo", 0.0001, True, False, route_name(ctx), ctx.model))
         records = rt.state.records("bench-ledger")
         records.ensure(ledger_table())
         await records.flush()

@@ -49,7 +49,6 @@ log = logging.getLogger("sluice.metering")
 
 LEDGER_TABLE = "ledger"
 RESERVED: StashKey[list[tuple[str, float, float]]] = StashKey("metering.reserved")
-_UNREAD: Any = object()  # an argument not given (None is a value: no model asked)
 
 GROUPS = {
     "key": "key_id",
@@ -401,9 +400,8 @@ class Metering(Plugin):
                 except StateUnavailable:
                     log.error("metering: could not reconcile a budget (the reservation stays counted)")
 
-    def _served_model(self, ctx: Context, asked: str | None = None) -> str | None:
-        """The model that answered: the answer's own ``model``, else the target's, else the one asked
-        (``asked``: ``ctx.model`` when the caller already read it)."""
+    def _served_model(self, ctx: Context, asked: str | None) -> str | None:
+        """The model that answered: the answer's own ``model``, else the target's, else ``asked`` (``ctx.model``)."""
         upstream = ctx.upstream
         if upstream is None:
             return None
@@ -414,11 +412,11 @@ class Metering(Plugin):
                 model = body.get("model")
                 if isinstance(model, str):
                     return model
-        return upstream.model or (asked if asked is not None else ctx.model)
+        return upstream.model or asked
 
     def _values(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,
-                route: str | None = None, asked: Any = _UNREAD) -> tuple[Any, ...]:
-        """The ledger row's values in LEDGER_COLUMNS order (``asked``: ``ctx.model``, when already read)."""
+                route: str, asked: str | None) -> tuple[Any, ...]:
+        """The ledger row's values in LEDGER_COLUMNS order (``route``: the route's name, ``asked``: ``ctx.model``)."""
         t = ctx.timings
         ident = ctx.identity
         started = time.time() - (time.perf_counter() - t.start)
@@ -433,9 +431,9 @@ class Metering(Plugin):
             ident.name if ident else None,
             ident.team if ident else None,
             ident.user if ident else None,
-            route if route is not None else route_name(ctx),
+            route,
             ctx.endpoint,
-            ctx.model if asked is _UNREAD else asked,
+            asked,
             served,
             ctx.upstream.upstream if ctx.upstream is not None else None,
             len(ctx.attempts),
