@@ -302,9 +302,7 @@ class SignatureDetector(Detector):
         meta: bool | None = None
         # where each lead word occurs: the view's offsets of the word when they are exactly the
         # matches of \bword\b, else (and for expressions that do not start with \b) _lead_re
-        exact = view.exact
-        at_word = view.at
-        known = view.known  # the offsets the view has already looked up (``at`` keeps them there)
+        by_view = view.at if view.exact else None
         positions: dict[str, list[int]] = {}
         starts_for: dict[tuple[AbstractSet[str], bool], list[int]] = {}
         search_text: str | None = None
@@ -346,19 +344,17 @@ class SignatureDetector(Detector):
                 ws = lead.intersection(tokens)
                 starts = starts_for.get((ws, bounded))
                 if starts is None:
-                    lists = [known.get(word) or at_word(word) for word in ws] if bounded and exact else None
-                    if lists is None or None in lists:
-                        lists = []
-                        for word in ws:
-                            at = at_word(word) if bounded and exact else None
+                    lists = []
+                    for word in ws:
+                        at = by_view(word) if bounded and by_view is not None else None
+                        if at is None:
+                            at = positions.get(word)
                             if at is None:
-                                at = positions.get(word)
-                                if at is None:
-                                    if search_text is None:
-                                        # the same offsets as in ``text``; ASCII where it can be
-                                        search_text = view.search_text() if self._stand_in else text
-                                    at = positions[word] = [p.start() for p in lead_re[word].finditer(search_text)]
-                            lists.append(at)
+                                if search_text is None:
+                                    # the same offsets as in ``text``; ASCII where it can be
+                                    search_text = view.search_text() if self._stand_in else text
+                                at = positions[word] = [p.start() for p in lead_re[word].finditer(search_text)]
+                        lists.append(at)
                     starts = starts_for[ws, bounded] = lists[0] if len(lists) == 1 else sorted(chain.from_iterable(lists))
                 if starts:
                     # the first match at these offsets, the loop in C (map and filter are lazy)

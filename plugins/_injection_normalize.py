@@ -505,7 +505,7 @@ class View:
     """One text as the detector's vocabulary sees it: which of its words occur as words, and where."""
 
     __slots__ = (
-        "text", "padded", "words", "exact", "known", "_vocab", "_found", "_positions", "_extra", "_bytes", "_stand_in",
+        "text", "padded", "words", "exact", "_known", "_vocab", "_found", "_positions", "_extra", "_bytes", "_stand_in",
         "_utf8", "_chars", "_long_mask",
     )
 
@@ -530,7 +530,7 @@ class View:
         #: offsets to add to ``found``'s: the pieces between '@' and '$' inside words
         self._extra: dict[str, list[int]] | None = None
         #: the words ``at`` has answered for (while ``positions`` is not set) -> its answer
-        self.known: dict[str, list[int]] = {}
+        self._known: dict[str, list[int]] = {}
         self._bytes = padded_bytes
         self._stand_in: str | None = text if text.isascii() else None
         self._utf8 = utf8
@@ -562,10 +562,13 @@ class View:
         self._positions = value
 
     def at(self, word: str) -> list[int] | None:
-        """``positions.get(word)`` for a word of ``words``, looked up for that word alone (and
-        kept in ``known``, where the detector looks first)."""
+        """``positions.get(word)`` for a word of ``words``, looked up for that word alone (once:
+        the answer is kept in ``_known``)."""
         if self._positions is not None:
             return self._positions.get(word)
+        at = self._known.get(word)
+        if at is not None:
+            return at
         if self._found is not None:
             at = self._found.get(word)
         else:
@@ -573,7 +576,7 @@ class View:
         if self._extra is not None and word in self._extra:
             at = sorted((at or []) + self._extra[word])
         if at is not None:
-            self.known[word] = at
+            self._known[word] = at
         return at
 
     def _padded_bytes(self) -> bytes:
