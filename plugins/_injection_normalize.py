@@ -557,10 +557,6 @@ class View:
             self._positions = {**found, **{w: sorted(found.get(w, []) + at) for w, at in extra.items()}} if extra else found
         return self._positions
 
-    @positions.setter
-    def positions(self, value: dict[str, list[int]]) -> None:
-        self._positions = value
-
     def at(self, word: str) -> list[int] | None:
         """``positions.get(word)`` for a word of ``words``, looked up for that word alone (once:
         the answer is kept in ``_known``)."""
@@ -708,7 +704,7 @@ class Vocabulary:
         else:
             found, positions = self._scan_both(pb)
             v = View(text, padded, frozenset(found), True, pb, utf8, chars, vocab=self, found=found)
-            v.positions = positions
+            v._positions = positions
         v._long_mask = odd
         return v
 
