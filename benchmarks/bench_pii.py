@@ -72,6 +72,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_traffic import demo_upstream, pct  # noqa: E402
+from loadgen import process_tree  # noqa: E402
 
 from proxy import AdminRoute, Plugin, hookimpl  # noqa: E402
 from proxy.context import Response  # noqa: E402
@@ -600,19 +601,13 @@ async def routes_lag(up: str, tmp: Path, rounds: int, seconds: float, pii: dict[
 def tree_rss_mb(pid: int) -> dict[str, float]:
     """Resident memory of a process and of each of its descendants (Linux /proc), in MB."""
     out: dict[str, float] = {}
-    todo = [pid]
-    while todo:
-        q = todo.pop()
+    for q in process_tree([pid]):
         try:
             status = Path(f"/proc/{q}/status").read_text()
-            # a child belongs to the thread that started it: read every thread's list
-            kids = [k for t in Path(f"/proc/{q}/task").iterdir() for k in (t / "children").read_text().split()]
         except OSError:
-            continue
+            continue  # gone meanwhile
         kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        name = "server" if q == pid else f"child {q}"
-        out[name] = round(kb / 1024, 1)
-        todo += [int(k) for k in kids]
+        out["server" if q == pid else f"child {q}"] = round(kb / 1024, 1)
     out["total"] = round(sum(out.values()), 1)
     return out
 
