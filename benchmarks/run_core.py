@@ -24,6 +24,7 @@ medians. Each load runs in its own ``loadgen.py`` process so the client's CPU ne
 counts as a proxy's, and each proxy's CPU is read from its own process tree.
 
     .venv/bin/python benchmarks/run_core.py                 # full run, about 6 minutes
+    .venv/bin/python benchmarks/run_core.py --sets 3 --rounds 3   # fresh processes three times (about 8 minutes)
     .venv/bin/python benchmarks/run_core.py --quick         # under a minute, a smoke run
     .venv/bin/python benchmarks/run_core.py --profile /tmp/prof   # where the CPU goes: baseline and both Sluice targets
     .venv/bin/python benchmarks/run_core.py --breakdown     # the ten no-op plugins' cost, part by part
@@ -176,6 +177,7 @@ class Target:
 
 @contextlib.asynccontextmanager
 async def start_targets(tmp: Path, args: argparse.Namespace, profile_dir: Path | None = None) -> AsyncIterator[dict[str, Target]]:
+    tmp.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(tmp)
     try:
         up = await fleet.demo("upstream-buffered", 0)
@@ -307,79 +309,98 @@ async def calibrate_rate(targets: dict[str, Target], args: argparse.Namespace) -
     return rate
 
 
+async def one_round(targets: dict[str, Target], rnd: int, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """One round: each target alone in a closed loop (the order rotating), then the shared open loops."""
+    n = args.rounds * args.sets
+    order = list(TARGETS[rnd % len(TARGETS):] + TARGETS[: rnd % len(TARGETS)])
+    this: dict[str, Any] = {"order": order}
+    for name in order:
+        r = await loadgen(targets[name], stream=False, mode="closed", duration=args.duration, warmup=args.warmup, concurrency=args.concurrency)
+        this[f"closed:{name}"] = r
+        print(f"round {rnd + 1}/{n} closed {name:14} {_line(r)}", file=sys.stderr, flush=True)
+    # open loops: every target at once, same rate, interleaved arrivals, same window
+    for phase, stream, phase_rate in (("open", False, rate), ("stream", True, args.stream_rate)):
+        multi, attempts = await loadgen_together([targets[name] for name in order], stream=stream, rate=phase_rate,
+                                                 duration=args.duration, warmup=args.warmup)
+        this[f"{phase}:attempts"] = attempts
+        for name in order:
+            this[f"{phase}:{name}"] = multi[name]
+            print(f"round {rnd + 1}/{n} {phase:6} {name:14} {_line(multi[name])}", file=sys.stderr, flush=True)
+    return this
+
+
+def tally(rows: dict[str, dict[str, list[Any]]], this: dict[str, Any]) -> None:
+    """A round's figures and its ratios against the baseline, appended to ``rows`` (per target, per figure)."""
+
+    def put(target: str, key: str, value: Any) -> None:
+        rows[target].setdefault(key, []).append(value)
+
+    for name in TARGETS:
+        c, o, s = this[f"closed:{name}"], this[f"open:{name}"], this[f"stream:{name}"]
+        put(name, "throughput_rps", c["throughput_rps"])
+        put(name, "errors", c["error_count"] + o["error_count"] + s["error_count"])
+        put(name, "p50_ms", (o["latency_ms"] or {}).get("p50"))
+        put(name, "p99_ms", (o["latency_ms"] or {}).get("p99"))
+        put(name, "stream_events_per_s", s["events_per_s"])
+        put(name, "ttft_p50_ms", (s["ttft_ms"] or {}).get("p50"))
+        put(name, "ttft_p99_ms", (s["ttft_ms"] or {}).get("p99"))
+        if name != "direct":
+            d = this["open:direct"]["latency_ms"] or {}
+            ol = o["latency_ms"] or {}
+            put(name, "added_p50_ms", _sub(ol.get("p50"), d.get("p50")))
+            put(name, "added_p99_ms", _sub(ol.get("p99"), d.get("p99")))
+            dt = this["stream:direct"]["ttft_ms"] or {}
+            put(name, "added_ttft_p50_ms", _sub((s["ttft_ms"] or {}).get("p50"), dt.get("p50")))
+            put(name, "cpu_us_per_request", c["proxy"]["cpu_us_per_request"])
+            put(name, "cpu_us_per_request_open", o["proxy"]["cpu_us_per_request"])
+            put(name, "cpu_us_per_event", s["proxy"]["cpu_us_per_event"])
+            put(name, "cpu_util_closed", c["proxy"]["cpu_util"])
+            put(name, "peak_rss_kb", s["proxy"]["peak_rss_kb"])
+    for name in ("sluice-empty", "sluice-10noop"):
+        b = this["closed:baseline"]
+        c = this[f"closed:{name}"]
+        put(name, "throughput_vs_baseline", _div(c["throughput_rps"], b["throughput_rps"]))
+        put(name, "cpu_per_request_vs_baseline", _div(c["proxy"]["cpu_us_per_request"], b["proxy"]["cpu_us_per_request"]))
+        put(name, "cpu_per_request_open_vs_baseline", _div(this[f"open:{name}"]["proxy"]["cpu_us_per_request"], this["open:baseline"]["proxy"]["cpu_us_per_request"]))
+        put(name, "cpu_per_event_vs_baseline", _div(this[f"stream:{name}"]["proxy"]["cpu_us_per_event"], this["stream:baseline"]["proxy"]["cpu_us_per_event"]))
+        put(name, "added_p50_vs_baseline", _div(rows[name]["added_p50_ms"][-1], rows["baseline"]["added_p50_ms"][-1]))
+        put(name, "added_p99_vs_baseline", _div(rows[name]["added_p99_ms"][-1], rows["baseline"]["added_p99_ms"][-1]))
+    e, n = this["closed:sluice-empty"], this["closed:sluice-10noop"]
+    put("sluice-10noop", "noop_cpu_us_per_request", _sub(n["proxy"]["cpu_us_per_request"], e["proxy"]["cpu_us_per_request"]))
+    put("sluice-10noop", "noop_cpu_us_per_request_open", _sub(this["open:sluice-10noop"]["proxy"]["cpu_us_per_request"], this["open:sluice-empty"]["proxy"]["cpu_us_per_request"]))
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-core-"))
     t_start = time.time()
     commit = _git_commit()  # the processes load the code now; later commits are not what ran
     load_before = loadavg()
     rows: dict[str, dict[str, list[Any]]] = {t: {} for t in TARGETS}
-
-    def put(target: str, key: str, value: Any) -> None:
-        rows[target].setdefault(key, []).append(value)
-
-    async with start_targets(tmp, args) as targets:
-        await sanity_check(targets)
-        # warm every target's connections and code paths, both answer kinds
-        warm = 0.5 if args.quick else 1.0
-        for name in TARGETS:
-            await loadgen(targets[name], stream=False, mode="closed", duration=warm, warmup=0.2, concurrency=8)
-            await loadgen(targets[name], stream=True, mode="closed", duration=warm, warmup=0.2, concurrency=4)
-        rate = args.rate or await calibrate_rate(targets, args)
-        raw_rounds: list[dict[str, Any]] = []
-        for rnd in range(args.rounds):
-            order = list(TARGETS[rnd % len(TARGETS):] + TARGETS[: rnd % len(TARGETS)])
-            this: dict[str, Any] = {"order": order}
-            for name in order:
-                r = await loadgen(targets[name], stream=False, mode="closed", duration=args.duration, warmup=args.warmup, concurrency=args.concurrency)
-                this[f"closed:{name}"] = r
-                print(f"round {rnd + 1}/{args.rounds} closed {name:14} {_line(r)}", file=sys.stderr, flush=True)
-            # open loops: every target at once, same rate, interleaved arrivals, same window
-            for phase, stream, phase_rate in (("open", False, rate), ("stream", True, args.stream_rate)):
-                multi, attempts = await loadgen_together([targets[n] for n in order], stream=stream, rate=phase_rate,
-                                                         duration=args.duration, warmup=args.warmup)
-                this[f"{phase}:attempts"] = attempts
-                for name in order:
-                    this[f"{phase}:{name}"] = multi[name]
-                    print(f"round {rnd + 1}/{args.rounds} {phase:6} {name:14} {_line(multi[name])}", file=sys.stderr, flush=True)
-            raw_rounds.append(this)
+    rate = args.rate
+    raw_rounds: list[dict[str, Any]] = []
+    final_rss: dict[str, Any] = {}
+    # A server process keeps a CPU and latency offset of its own for its life (its address layout, its
+    # dicts' hash seed): with one process per target, every round of a run shares the same draw. Each set
+    # starts every target afresh, so --sets N samples that offset N times instead of fixing it per run.
+    for set_no in range(args.sets):
+        async with start_targets(tmp / f"set{set_no}", args) as targets:
+            await sanity_check(targets)
+            # warm every target's connections and code paths, both answer kinds
+            warm = 0.5 if args.quick else 1.0
             for name in TARGETS:
-                c, o, s = this[f"closed:{name}"], this[f"open:{name}"], this[f"stream:{name}"]
-                put(name, "throughput_rps", c["throughput_rps"])
-                put(name, "errors", c["error_count"] + o["error_count"] + s["error_count"])
-                put(name, "p50_ms", (o["latency_ms"] or {}).get("p50"))
-                put(name, "p99_ms", (o["latency_ms"] or {}).get("p99"))
-                put(name, "stream_events_per_s", s["events_per_s"])
-                put(name, "ttft_p50_ms", (s["ttft_ms"] or {}).get("p50"))
-                put(name, "ttft_p99_ms", (s["ttft_ms"] or {}).get("p99"))
-                if name != "direct":
-                    d = this["open:direct"]["latency_ms"] or {}
-                    ol = o["latency_ms"] or {}
-                    put(name, "added_p50_ms", _sub(ol.get("p50"), d.get("p50")))
-                    put(name, "added_p99_ms", _sub(ol.get("p99"), d.get("p99")))
-                    dt = this["stream:direct"]["ttft_ms"] or {}
-                    put(name, "added_ttft_p50_ms", _sub((s["ttft_ms"] or {}).get("p50"), dt.get("p50")))
-                    put(name, "cpu_us_per_request", c["proxy"]["cpu_us_per_request"])
-                    put(name, "cpu_us_per_request_open", o["proxy"]["cpu_us_per_request"])
-                    put(name, "cpu_us_per_event", s["proxy"]["cpu_us_per_event"])
-                    put(name, "cpu_util_closed", c["proxy"]["cpu_util"])
-                    put(name, "peak_rss_kb", s["proxy"]["peak_rss_kb"])
-            for name in ("sluice-empty", "sluice-10noop"):
-                b = this["closed:baseline"]
-                c = this[f"closed:{name}"]
-                put(name, "throughput_vs_baseline", _div(c["throughput_rps"], b["throughput_rps"]))
-                put(name, "cpu_per_request_vs_baseline", _div(c["proxy"]["cpu_us_per_request"], b["proxy"]["cpu_us_per_request"]))
-                put(name, "cpu_per_request_open_vs_baseline", _div(this[f"open:{name}"]["proxy"]["cpu_us_per_request"], this["open:baseline"]["proxy"]["cpu_us_per_request"]))
-                put(name, "cpu_per_event_vs_baseline", _div(this[f"stream:{name}"]["proxy"]["cpu_us_per_event"], this["stream:baseline"]["proxy"]["cpu_us_per_event"]))
-                put(name, "added_p50_vs_baseline", _div(rows[name]["added_p50_ms"][-1], rows["baseline"]["added_p50_ms"][-1]))
-                put(name, "added_p99_vs_baseline", _div(rows[name]["added_p99_ms"][-1], rows["baseline"]["added_p99_ms"][-1]))
-            e, n = this["closed:sluice-empty"], this["closed:sluice-10noop"]
-            put("sluice-10noop", "noop_cpu_us_per_request", _sub(n["proxy"]["cpu_us_per_request"], e["proxy"]["cpu_us_per_request"]))
-            put("sluice-10noop", "noop_cpu_us_per_request_open", _sub(this["open:sluice-10noop"]["proxy"]["cpu_us_per_request"], this["open:sluice-empty"]["proxy"]["cpu_us_per_request"]))
-        final_rss = {}
-        for name in PROXIES:
-            from loadgen import memory_kb, process_tree
+                await loadgen(targets[name], stream=False, mode="closed", duration=warm, warmup=0.2, concurrency=8)
+                await loadgen(targets[name], stream=True, mode="closed", duration=warm, warmup=0.2, concurrency=4)
+            if rate is None:
+                rate = await calibrate_rate(targets, args)  # once: every set runs at the same offered load
+            for rnd in range(set_no * args.rounds, (set_no + 1) * args.rounds):
+                this = await one_round(targets, rnd, args, rate)
+                this["set"] = set_no
+                raw_rounds.append(this)
+                tally(rows, this)
+            for name in PROXIES:
+                from loadgen import memory_kb, process_tree
 
-            final_rss[name] = memory_kb(process_tree(targets[name].pids))
+                final_rss[name] = memory_kb(process_tree(targets[name].pids))
     chain = await chain_cost(2000 if args.quick else 10000, rounds=3 if args.quick else 5)
     summary = {name: {k: med(v) for k, v in cols.items()} for name, cols in rows.items()}
     spreads = {name: {k: spread(v) for k, v in cols.items() if k in ("throughput_rps", "added_p50_ms", "added_p99_ms", "cpu_us_per_request", "cpu_us_per_request_open", "cpu_us_per_event")} for name, cols in rows.items()}
@@ -388,7 +409,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(time.time() - t_start, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before, "loadavg_after": loadavg()},
         "commit": commit,
-        "settings": {k: getattr(args, k) for k in ("rounds", "duration", "warmup", "concurrency", "stream_rate", "token_delay_ms")} | {"open_rate_rps": rate},
+        "settings": {k: getattr(args, k) for k in ("rounds", "sets", "duration", "warmup", "concurrency", "stream_rate", "token_delay_ms")} | {"open_rate_rps": rate},
         "summary": summary,
         "spread_over_rounds": spreads,
         "final_rss_kb": final_rss,
@@ -452,7 +473,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Run {res['when']} UTC, commit {res['commit']}, {res['machine']['cpus']} CPUs, Python {res['machine']['python']}, "
         f"load average {res['machine']['loadavg_before']} before / {res['machine']['loadavg_after']} after, {res['seconds']:.0f} s. "
-        f"{st['rounds']} interleaved rounds of {st['duration']} s per measurement (medians; [min, max] over rounds where shown); "
+        f"{st.get('sets', 1)} set(s) of fresh processes x {st['rounds']} interleaved rounds of {st['duration']} s per measurement (medians; [min, max] over rounds where shown); "
         f"closed loop {st['concurrency']} workers; open loop {st['open_rate_rps']:.0f} req/s; streams open loop {st['stream_rate']:.0f}/s, "
         f"{st['token_delay_ms']} ms per token upstream.",
         "",
@@ -728,7 +749,9 @@ def hot_spots(path: Path, title: str, top: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Core benchmark: direct vs minimal proxy vs Sluice (empty chain, 10 no-op plugins).")
     p.add_argument("--quick", action="store_true", help="one short round (about a minute): a smoke run, not figures to record")
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=7, help="rounds per set")
+    p.add_argument("--sets", type=int, default=1,
+                   help="start every target afresh this many times, --rounds each, rounds pooled (a process keeps an offset of its own for its life: sets sample it)")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per load")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each measurement")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop workers (saturation)")
