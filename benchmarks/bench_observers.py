@@ -35,6 +35,7 @@ chat requests at a fixed concurrency.
     .venv/bin/python benchmarks/bench_observers.py --quick    # smoke run
     .venv/bin/python benchmarks/bench_observers.py --hooks    # the plugins' own hooks, in-process
     .venv/bin/python benchmarks/bench_observers.py --insitu   # per hook, chain phase and thread, in a live server
+    .venv/bin/python benchmarks/bench_observers.py --together 150 --rounds 10 --sets 3   # one open loop over all, same seconds
 """
 
 from __future__ import annotations
@@ -707,6 +708,67 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
     return out
 
 
+# -- together: every configuration under one open loop, in the same seconds -----------------
+
+async def together(rate: float, seconds: float, rounds: int, sets: int) -> dict[str, Any]:
+    """The empty chain, the shape and the observers under one open-loop load, arrivals interleaved.
+
+    The rounds of :func:`main` load one configuration at a time, so a change in the
+    machine's speed between two seconds falls into the difference (the empty chain's own
+    CPU per request moved from 225 to 309 us between two runs a minute apart on a quiet
+    machine). Here ``benchmarks/loadgen.py`` offers the same arrivals per second to all
+    three processes at once, in shuffled order, and reads each one's CPU over the same
+    window: whatever the machine does then falls on all three. 1 request in 4 is streamed,
+    without ``stream_options`` (as the main mode's clients: metering adds it).
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-observers-"))
+    load_before = os.getloadavg()
+    per: dict[str, list[float]] = {}
+    async with demo_upstream(0.0) as up, otlp_sink() as (sink, received):
+        chains = {"empty": [], "shape": SHAPE, "observers": observers(sink)}
+        for set_no in range(sets):
+            async with contextlib.AsyncExitStack() as stack:
+                procs = {}
+                for i, (name, chain) in enumerate(chains.items()):
+                    procs[name] = await stack.enter_async_context(SluiceProcess(
+                        config(up, chain), tmp / f"s{set_no}c{i}", env=PLUGIN_ENV if name == "shape" else None))
+                cmd = [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--mode", "open", "--rate", str(rate),
+                       "--stream-fraction", "0.25", "--no-include-usage", "--prompt-words", "8"]
+                for name, p in procs.items():
+                    cmd += ["--target", f"{name}={p.url}", "--target-pid", f"{name}={p.pid}"]
+                for r in range(rounds + 1):  # the first round warms up (imports, pools, first windows)
+                    proc = await asyncio.create_subprocess_exec(
+                        *cmd, "--duration", str(seconds), "--warmup", "0.5", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                    out, err = await proc.communicate()
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"loadgen failed: {err.decode()[-2000:]}")
+                    res = json.loads(out)["targets"]
+                    bad = {k: v["errors"] for k, v in res.items() if v["error_count"]}
+                    if bad:
+                        raise RuntimeError(f"errors under load: {bad}")
+                    if r:
+                        for name, v in res.items():
+                            per.setdefault(name, []).append(v["proxy"]["cpu_us_per_request"])
+                        print(f"set {set_no + 1} round {r}: " + ", ".join(f"{k} {v['proxy']['cpu_us_per_request']:.1f}" for k, v in res.items()),
+                              file=sys.stderr, flush=True)
+    diffs = {k: [a - b for a, b in zip(per[k], per["empty"])] for k in ("shape", "observers")}
+    q = statistics.quantiles(diffs["observers"], n=4) if len(diffs["observers"]) > 1 else [diffs["observers"][0]] * 3
+    return {
+        "mode": "together: one open loop over all configurations",
+        "rate_per_config": rate,
+        "seconds_per_round": seconds,
+        "rounds": len(per["empty"]),
+        "sets_of_processes": sets,
+        "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "cpu_us_per_request_median": {k: round(statistics.median(v), 1) for k, v in per.items()},
+        "added_cpu_us_per_request_median": {k: round(statistics.median(v), 1) for k, v in diffs.items()},
+        "added_observers_quartiles": [round(q[0], 1), round(q[2], 1)],
+        "added_observers_per_round": [round(x, 1) for x in diffs["observers"]],
+        "cpu_ratio_observers_vs_empty_median": round(statistics.median(a / b for a, b in zip(per["observers"], per["empty"])), 3),
+        "otlp_exports": received[0],
+    }
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -720,6 +782,9 @@ if __name__ == "__main__":
     ap.add_argument("--sets", type=int, default=1, help="start fresh server processes this many times, --rounds each, "
                     "and pool the rounds (a process keeps an offset of its own for its life: sets sample it)")
     ap.add_argument("--insitu", action="store_true", help="thread CPU per hook, chain phase and thread in a live server")
+    ap.add_argument("--together", type=float, metavar="RATE", help="instead: all configurations under one open loop, "
+                    "RATE requests per second each, arrivals interleaved (with --rounds, --sets, --seconds)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="--together: measured seconds per round")
     ap.add_argument("--serve-instrumented", nargs=3, metavar=("CONFIG", "READY", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_instrumented:
@@ -728,6 +793,8 @@ if __name__ == "__main__":
         result = asyncio.run(hooks())
     elif args.insitu:
         result = asyncio.run(insitu())
+    elif args.together:
+        result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets))
     else:
         result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against, args.sets))
     print(json.dumps(result, indent=2))

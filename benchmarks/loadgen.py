@@ -187,6 +187,8 @@ class Sample:
     error: str | None = None
     ttft: float | None = None
     events: int = 0
+    #: open loop: the arrival cycle (one arrival per target each), for pairing targets' requests
+    cycle: int = -1
 
 
 @dataclass
@@ -255,7 +257,7 @@ class Load:
             return self.args.stream
         return self.rnd.random() < f
 
-    async def one(self, http: aiohttp.ClientSession, target: Target, scheduled: float | None = None) -> None:
+    async def one(self, http: aiohttp.ClientSession, target: Target, scheduled: float | None = None, cycle: int = -1) -> None:
         stream = self.pick_stream()
         t0 = time.perf_counter()
         start = scheduled if scheduled is not None else t0
@@ -290,7 +292,7 @@ class Load:
         t1 = time.perf_counter()
         w = target.window
         if w.start <= start < w.end:
-            w.samples.append(Sample(start, t1, t1 - start, err is None, err, ttft, events))
+            w.samples.append(Sample(start, t1, t1 - start, err is None, err, ttft, events, cycle))
         elif w.start <= t1 < w.end:
             # completed in the window (counts for throughput and CPU) but started before it
             w.samples.append(Sample(start, t1, math.nan, err is None, err, None, events))
@@ -329,7 +331,7 @@ class Load:
                     if target.window.start <= t_next < target.window.end:
                         target.dropped += 1  # this far behind: count it instead of piling up more
                 else:
-                    t = loop.create_task(self.one(sessions[target.name], target, scheduled=t_next))
+                    t = loop.create_task(self.one(sessions[target.name], target, scheduled=t_next, cycle=i // n))
                     pending.add(t)
                     if len(pending) > target.max_inflight:
                         target.max_inflight = len(pending)
@@ -381,7 +383,7 @@ class Load:
                 errors[s.error] = errors.get(s.error, 0) + 1
         if target.dropped:
             errors["dropped_by_generator"] = target.dropped
-        lat = [s.latency for s in started if s.ok and not math.isnan(s.latency)]
+        lat = [s.latency for s in _timed(target)]
         ttft = [s.ttft for s in started if s.ok and s.ttft is not None]
         events = sum(s.events for s in ok_done)
         out: dict[str, Any] = {
@@ -418,7 +420,23 @@ class Load:
         client = {"client_cpu_s": round(self.client_cpu1 - self.client_cpu0, 3)}
         if len(self.targets) == 1 and self.targets[0].name == "-":
             return {**self.report_one(self.targets[0]), **client}
-        return {"targets": {t.name: self.report_one(t) for t in self.targets}, **client}
+        out = {t.name: self.report_one(t) for t in self.targets}
+        ref = self.args.reference
+        if ref is not None and ref in out:
+            timed = {t.name: t for t in self.targets}
+            base = {s.cycle: s.latency for s in _timed(timed[ref])}
+            for t in self.targets:
+                if t.name != ref:
+                    diffs = [s.latency - base[s.cycle] for s in _timed(t) if s.cycle in base]
+                    out[t.name]["added_paired_ms"] = summarise(diffs)
+                    out[t.name]["paired"] = len(diffs)
+        return {"targets": out, **client}
+
+
+def _timed(target: Target) -> list[Sample]:
+    """A target's successful requests that started in the window: those whose latency counts."""
+    w = target.window
+    return [s for s in w.samples if w.start <= s.started < w.end and s.ok and not math.isnan(s.latency)]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -458,6 +476,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=100.0, help="open loop: arrivals per second (per target)")
     p.add_argument("--fixed-order", action="store_true",
                    help="open loop, several targets: arrivals always in the order of --target (default: shuffled every cycle)")
+    p.add_argument("--reference", default=None, metavar="NAME",
+                   help="open loop, several targets: also report each other target's added latency against NAME request by request "
+                        "(each request minus NAME's request of the same arrival cycle), as added_paired_ms")
     p.add_argument("--poisson", action="store_true", help="open loop: exponential gaps instead of constant ones")
     p.add_argument("--max-inflight", type=int, default=512, help="open loop: arrivals beyond this many outstanding (per target) are counted as dropped")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds")
