@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from plugins._usage import PriceTable
-from plugins.metering import RESERVED, Metering, period_window, render, usage_query
+from plugins.metering import RESERVED, Metering, ledger_table, period_window, render, usage_query, utc_day
 from proxy.testing import FakeUpstream, SluiceServer, configure_plugin, make_context, make_runtime
 
 PRICES = {"sluice-demo": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
@@ -179,10 +179,35 @@ def test_usage_query_rejects_unknown_groups_and_renders():
     with pytest.raises(ValueError, match="cannot group by secret"):
         usage_query(["secret"])
     sql, params = usage_query(["key", "day"], since=1.0, key="k1")
-    assert "GROUP BY key, day" in sql and params == [1.0, "k1"]
+    assert "GROUP BY 1, 2" in sql and params == [1.0, "1970-01-01", "k1"]
     rows = [{"key": "k1", "requests": 2, "cost": 0.5}]
     assert "k1" in render(rows, "table") and json.loads(render(rows, "json")) == rows
     assert render(rows, "csv").splitlines()[0] == "key,requests,cost"
+
+
+def test_usage_query_time_bounds_use_the_day_index_and_change_no_answer(tmp_path):
+    """A --since/--until report reads the ledger through its day index, with the same sums as a scan."""
+    db = sqlite3.connect(tmp_path / "usage.db")
+    t = ledger_table()
+    db.execute(f"CREATE TABLE {t.name} ({', '.join(t.columns)}, PRIMARY KEY (id))")
+    for i, idx in enumerate(t.indexes):
+        db.execute(f"CREATE INDEX i{i} ON {t.name} ({', '.join(idx)})")
+    day0 = 1767225600.0  # 2026-01-01T00:00:00Z
+    rows = [(f"r{i}", day0 + i * 3600.0 - 0.5, utc_day(day0 + i * 3600.0 - 0.5), f"k{i % 3}", i * 0.25) for i in range(24 * 5)]
+    db.executemany(f"INSERT INTO {t.name} (id, ts, day, key_id, cost) VALUES (?, ?, ?, ?, ?)", rows)
+    bounds = ((day0 + 86400, day0 + 3 * 86400), (day0 + 3600 - 0.5, None), (None, day0 + 7200.0), (day0 - 1, day0 + 0.5))
+    for group, (since, until) in [(g, b) for g in ("key", "team", "day") for b in bounds]:
+        sql, params = usage_query([group], since, until)
+        plan = " ".join(str(r) for r in db.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert "USING INDEX" in plan and "day" in plan, plan
+        got = {r[0]: (r[1], r[6]) for r in db.execute(sql, params)}
+        want: dict[str | None, list] = {}
+        for _, ts, day, key, cost in rows:
+            if (since is None or ts >= since) and (until is None or ts < until):
+                w = want.setdefault({"key": key, "team": None, "day": day}[group], [0, 0.0])
+                w[0] += 1
+                w[1] += cost
+        assert got == {k: (n, round(c, 9)) for k, (n, c) in want.items()}
 
 
 def test_period_windows_are_utc_calendar_periods():
