@@ -204,10 +204,13 @@ class SignatureDetector(Detector):
         self._scan(text, source, hits, tricks, quoted, depth=0)
         if not hits and not tricks & {"tags"}:
             return NOTHING
-        weights = dict(hits)
+        # Every walk below is in sorted order: sets iterate in an order that follows the process's
+        # hash seed, and a float product's last bit follows the order of its factors, so unsorted
+        # the same text could score 0.9863 in one process and 0.9864 in another.
+        weights = dict(sorted(hits.items()))
         if quoted:
             # several signatures matching one quoted example are one piece of evidence, not several
-            top = max(quoted, key=lambda k: weights[k])
+            top = max(sorted(quoted), key=lambda k: weights[k])
             for k in quoted - {top}:
                 weights[k] = 0.0
         categories: dict[str, float] = {}
@@ -217,11 +220,11 @@ class SignatureDetector(Detector):
         if tricks and (hits or "tags" in tricks):
             # Obfuscation alone is not an injection (invisible characters appear in real text), but
             # hiding a phrase that already looks like one makes it far more likely to be one.
-            for t in tricks:
+            for t in sorted(tricks):
                 w = OBFUSCATION_WEIGHTS.get(t, 0.2)
                 weights[f"obf:{t}"] = w
                 categories["obfuscation"] = _or2(categories.get("obfuscation", 0.0), w)
-        score = noisy_or(weights.values())
+        score = noisy_or(sorted(weights.values()))
         return Detection(round(score, 4), {k: round(v, 4) for k, v in categories.items()}, tuple(sorted(weights)))
 
     def _scan(self, raw: str, source: Source, hits: dict[str, float], tricks: set[str], quoted: set[str], depth: int) -> None:
