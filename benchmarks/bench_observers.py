@@ -773,7 +773,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--hooks", action="store_true", help="time the plugins' own hooks in-process")
-    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 15; --quick 3)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 15; --quick 3; --together 10)")
     ap.add_argument("--per-round", type=int, help="requests per configuration and round (default 300; --quick 200)")
     ap.add_argument("--each", action="store_true", help="also each observer alone (noisier: rounds take longer)")
     ap.add_argument("--core", action="store_true", help="also the shape with one core feature off at a time")
@@ -793,7 +793,9 @@ if __name__ == "__main__":
         result = asyncio.run(hooks())
     elif args.insitu:
         result = asyncio.run(insitu())
-    elif args.together:
+    elif args.together is not None:
+        if args.together <= 0 or (args.rounds is not None and args.rounds < 1):
+            ap.error("--together needs a positive rate and at least one round")
         result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets))
     else:
         result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against, args.sets))

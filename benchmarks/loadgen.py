@@ -497,6 +497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if bool(args.url) == bool(args.target):
         p.error("give either --url or --target NAME=URL (one or more)")
+    if args.reference is not None and args.reference not in [t.partition("=")[0] for t in args.target]:
+        p.error("--reference must name one of the --target names (open loop, several targets)")
     if args.target and args.mode == "closed":
         p.error("several targets at once only in open loop: closed loops would compete for the CPU")
     if args.mode == "closed" and args.concurrency < 1:

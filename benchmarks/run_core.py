@@ -1,6 +1,7 @@
 """The core benchmark of issue 2: Sluice against the direct path and a minimal Python proxy.
 
-One run on this machine, every target a separate process, rounds interleaved:
+One run on this machine, every target a separate process (started afresh for each of
+``--sets`` sets), rounds interleaved:
 
 * ``direct``: the demo model server (``sluice demo-upstream``), no proxy;
 * ``baseline``: ``benchmarks/baseline_proxy.py``, a minimal aiohttp pass-through (the floor);
@@ -21,9 +22,9 @@ direct in that same window, CPU per request at the same offered load) and stream
 delivered (a stalled machine) is run again. Added latency is given two ways: the
 difference of the two percentiles (target p99 minus direct p99), and request by request
 (each proxied request minus the direct request of its own arrival cycle, then the
-percentile of those differences: a quantile of the added latency itself, where the
-difference of two p99s can even come out negative when the direct path's tail is the
-noisier one). Peak RSS at the end. Figures are medians
+percentile of those differences; each difference still carries the direct request's own
+jitter, but the difference of two p99s can come out negative when the direct path's tail
+is the noisier one, and a ratio to a negative baseline is then reported as none). Peak RSS at the end. Figures are medians
 over rounds; ratios are against the baseline, computed per round then taken as
 medians. Each load runs in its own ``loadgen.py`` process so the client's CPU never
 counts as a proxy's, and each proxy's CPU is read from its own process tree.
@@ -372,11 +373,10 @@ def tally(rows: dict[str, dict[str, list[Any]]], this: dict[str, Any]) -> None:
         put(name, "cpu_per_request_vs_baseline", _div(c["proxy"]["cpu_us_per_request"], b["proxy"]["cpu_us_per_request"]))
         put(name, "cpu_per_request_open_vs_baseline", _div(this[f"open:{name}"]["proxy"]["cpu_us_per_request"], this["open:baseline"]["proxy"]["cpu_us_per_request"]))
         put(name, "cpu_per_event_vs_baseline", _div(this[f"stream:{name}"]["proxy"]["cpu_us_per_event"], this["stream:baseline"]["proxy"]["cpu_us_per_event"]))
-        put(name, "added_p50_vs_baseline", _div(rows[name]["added_p50_ms"][-1], rows["baseline"]["added_p50_ms"][-1]))
-        put(name, "added_p99_vs_baseline", _div(rows[name]["added_p99_ms"][-1], rows["baseline"]["added_p99_ms"][-1]))
         for q in ("p50", "p99"):
-            put(name, f"added_{q}_paired_vs_baseline",
-                _div(rows[name][f"added_{q}_paired_ms"][-1], rows["baseline"][f"added_{q}_paired_ms"][-1]))
+            for kind in ("", "_paired"):
+                put(name, f"added_{q}{kind}_vs_baseline",
+                    _added_ratio(rows[name][f"added_{q}{kind}_ms"][-1], rows["baseline"][f"added_{q}{kind}_ms"][-1]))
     e, n = this["closed:sluice-empty"], this["closed:sluice-10noop"]
     put("sluice-10noop", "noop_cpu_us_per_request", _sub(n["proxy"]["cpu_us_per_request"], e["proxy"]["cpu_us_per_request"]))
     put("sluice-10noop", "noop_cpu_us_per_request_open", _sub(this["open:sluice-10noop"]["proxy"]["cpu_us_per_request"], this["open:sluice-empty"]["proxy"]["cpu_us_per_request"]))
@@ -438,6 +438,12 @@ def _sub(a: float | None, b: float | None) -> float | None:
 
 def _div(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else round(a / b, 4)
+
+
+def _added_ratio(a: float | None, b: float | None) -> float | None:
+    """A target's added latency over the baseline's; none when the baseline's is not positive
+    (the direct path's percentile was the higher in that round: no ratio means anything)."""
+    return None if a is None or b is None or b <= 0 else round(a / b, 4)
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -583,7 +589,8 @@ async def breakdown(args: argparse.Namespace) -> dict[str, Any]:
                     while not path.exists():
                         await asyncio.sleep(0.05)  # the child writes the stats file; no event crosses processes
             return {"commit": commit, "profile_diff": profile_diff(prof_dir / "empty.prof", prof_dir / "10noop-request-response.prof", args.profile_top)}
-        for rnd in range(args.rounds):
+        rounds = args.rounds * args.sets  # one set of processes, as many rounds as a measuring run has in all
+        for rnd in range(rounds):
             order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
             buf, _ = await loadgen_together(order, stream=False, rate=rate, duration=args.duration, warmup=args.warmup)
             st, _ = await loadgen_together(order, stream=True, rate=args.stream_rate, duration=args.duration, warmup=args.warmup)
@@ -597,10 +604,10 @@ async def breakdown(args: argparse.Namespace) -> dict[str, Any]:
                 ("stream per event: declaring on_chunk and on_done too (event parsing, chunk pipeline)", ev["10noop-all-hooks"] - ev["10noop-request-response"]),
             ):
                 rows.setdefault(key, []).append(round(value, 2))
-            print(f"breakdown round {rnd + 1}/{args.rounds}: CPU/req {req}  CPU/event {ev}", file=sys.stderr, flush=True)
+            print(f"breakdown round {rnd + 1}/{rounds}: CPU/req {req}  CPU/event {ev}", file=sys.stderr, flush=True)
     finally:
         await fleet.stop_all()
-    return {"commit": commit, "rate_rps": rate, "stream_rate": args.stream_rate, "rounds": args.rounds,
+    return {"commit": commit, "rate_rps": rate, "stream_rate": args.stream_rate, "rounds": args.rounds * args.sets,
             "median_us": {k: med(v) for k, v in rows.items()}, "per_round_us": rows}
 
 
@@ -784,6 +791,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-breakdown", default=None, metavar="DIR", help="with --breakdown: profile the variants together and diff empty vs request/response-only")
     p.add_argument("--breakdown", action="store_true", help="instead of measuring, split the ten no-op plugins' cost (on_done queue, stream parsing, dispatch)")
     args = p.parse_args(argv)
+    if args.rate is not None and args.rate <= 0:
+        p.error("--rate must be positive (leave it out to calibrate)")
+    if args.rounds < 1 or args.sets < 1:
+        p.error("--rounds and --sets must be at least 1")
     if args.quick:
         args.rounds, args.sets, args.duration, args.warmup = 1, 1, 2.0, 0.3
     sys.path.insert(0, str(HERE))

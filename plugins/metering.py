@@ -498,10 +498,10 @@ def usage_query(group_by: list[str], since: float | None = None, until: float | 
     # day indexes instead of reading the whole table
     if since is not None:
         where += ["ts >= ?", "day >= ?"]
-        params += [since, utc_day(since - 1)]
+        params += [since, _day_bound(since - 1)]
     if until is not None:
         where += ["ts < ?", "day <= ?"]
-        params += [until, utc_day(until + 1)]
+        params += [until, _day_bound(until + 1)]
     if key is not None:
         where.append("key_id = ?")
         params.append(key)
@@ -515,6 +515,12 @@ def usage_query(group_by: list[str], since: float | None = None, until: float | 
         # by position: a name such as "team" would mean the column, not the expression selected
         sql += f" GROUP BY {', '.join(str(i) for i in range(1, len(group_by) + 1))} ORDER BY cost DESC, requests DESC"
     return sql, params
+
+
+def _day_bound(ts: float) -> str:
+    """The ledger day of a report's time bound, within the days a row can have (1970 to 9999: a
+    bound outside them would format as a year that sorts wrongly, or not at all)."""
+    return utc_day(min(max(ts, 0.0), 253402300799.0))
 
 
 def parse_time(value: str | None) -> float | None:

@@ -195,7 +195,8 @@ def test_usage_query_time_bounds_use_the_day_index_and_change_no_answer(tmp_path
     day0 = 1767225600.0  # 2026-01-01T00:00:00Z
     rows = [(f"r{i}", day0 + i * 3600.0 - 0.5, utc_day(day0 + i * 3600.0 - 0.5), f"k{i % 3}", i * 0.25) for i in range(24 * 5)]
     db.executemany(f"INSERT INTO {t.name} (id, ts, day, key_id, cost) VALUES (?, ?, ?, ?, ?)", rows)
-    bounds = ((day0 + 86400, day0 + 3 * 86400), (day0 + 3600 - 0.5, None), (None, day0 + 7200.0), (day0 - 1, day0 + 0.5))
+    bounds = ((day0 + 86400, day0 + 3 * 86400), (day0 + 3600 - 0.5, None), (None, day0 + 7200.0), (day0 - 1, day0 + 0.5),
+              (day0 - 400_000 * 86400.0, None), (None, 1e12), (-1e12, 253402300799.5))  # bounds beyond the years a row can have
     for group, (since, until) in [(g, b) for g in ("key", "team", "day") for b in bounds]:
         sql, params = usage_query([group], since, until)
         plan = " ".join(str(r) for r in db.execute("EXPLAIN QUERY PLAN " + sql, params))
