@@ -6,8 +6,9 @@ Measured in one run, many short rounds interleaved so machine noise falls on all
   ``/proc/<pid>/task/*/schedstat`` (so the exporter thread, the ledger writer thread and
   the drift comparisons in the executor all count, and the loop's thread is reported
   apart), for the empty chain, the observers' "shape" (four no-op plugins with their
-  hooks and flags: the core's share) and the four observers together (``--each``: also
-  each alone). The added CPU is the median over rounds of each round's difference from
+  hooks and flags: the core's share) and the four observers together, with their ``on_done``
+  in batches (``server.done_batch_ms``, the default) and without (``--each``: also each
+  alone). The added CPU is the median over rounds of each round's difference from
   the empty chain, with its quartiles; configurations rotate order every round. Other
   work on a shared machine only adds CPU, so the difference of each configuration's
   quietest round is printed too (``added_from_minimums``). Target: under 100 us per
@@ -325,7 +326,7 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
         # many short rounds of few configurations: a pair measured a second apart shares the machine's load
         alone = {next(iter(p)): [p] for p in every} if each else {}
         variants = SHAPE_VARIANTS if core else {}
-        chains = {"empty": [], **alone, "shape": SHAPE, **variants, "observers": every}
+        chains = {"empty": [], **alone, "shape": SHAPE, **variants, "observers": every, "observers, no batch": every}
         if against is not None:
             chains.update({"empty (against)": [], "observers (against)": every})
 
@@ -333,7 +334,10 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
             if name.endswith("(against)"):
                 assert against is not None
                 return TreeProcess(config(up, chain), tmp / f"c{i}", against)
-            return SluiceProcess(config(up, chain), tmp / f"c{i}", env=PLUGIN_ENV if name.startswith("shape") else None)
+            cfg = config(up, chain)
+            if name.endswith("no batch"):
+                cfg["server"]["done_batch_ms"] = 0  # each request's on_done right after its answer
+            return SluiceProcess(cfg, tmp / f"c{i}", env=PLUGIN_ENV if name.startswith("shape") else None)
 
         # per round and configuration: CPU ns per request, total and per thread (rounds of every set)
         per: dict[str, list[float]] = {k: [] for k in chains}
@@ -711,27 +715,32 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
 # -- together: every configuration under one open loop, in the same seconds -----------------
 
 async def together(rate: float, seconds: float, rounds: int, sets: int) -> dict[str, Any]:
-    """The empty chain, the shape and the observers under one open-loop load, arrivals interleaved.
+    """The empty chain, the shape and the observers (with and without ``server.done_batch_ms``) under one
+    open-loop load, arrivals interleaved.
 
     The rounds of :func:`main` load one configuration at a time, so a change in the
     machine's speed between two seconds falls into the difference (the empty chain's own
     CPU per request moved from 225 to 309 us between two runs a minute apart on a quiet
     machine). Here ``benchmarks/loadgen.py`` offers the same arrivals per second to all
-    three processes at once, in shuffled order, and reads each one's CPU over the same
-    window: whatever the machine does then falls on all three. 1 request in 4 is streamed,
+    processes at once, in shuffled order, and reads each one's CPU over the same
+    window: whatever the machine does then falls on all of them. 1 request in 4 is streamed,
     without ``stream_options`` (as the main mode's clients: metering adds it).
     """
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-observers-"))
     load_before = os.getloadavg()
     per: dict[str, list[float]] = {}
+    lat: dict[str, dict[str, list[float]]] = {}
     async with demo_upstream(0.0) as up, otlp_sink() as (sink, received):
-        chains = {"empty": [], "shape": SHAPE, "observers": observers(sink)}
+        chains = {"empty": [], "shape": SHAPE, "observers": observers(sink), "observers, no batch": observers(sink)}
         for set_no in range(sets):
             async with contextlib.AsyncExitStack() as stack:
                 procs = {}
                 for i, (name, chain) in enumerate(chains.items()):
+                    cfg = config(up, chain)
+                    if name.endswith("no batch"):
+                        cfg["server"]["done_batch_ms"] = 0  # each request's on_done right after its answer
                     procs[name] = await stack.enter_async_context(SluiceProcess(
-                        config(up, chain), tmp / f"s{set_no}c{i}", env=PLUGIN_ENV if name == "shape" else None))
+                        cfg, tmp / f"s{set_no}c{i}", env=PLUGIN_ENV if name == "shape" else None))
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--mode", "open", "--rate", str(rate),
                        "--stream-fraction", "0.25", "--no-include-usage", "--prompt-words", "8"]
                 for name, p in procs.items():
@@ -749,9 +758,11 @@ async def together(rate: float, seconds: float, rounds: int, sets: int) -> dict[
                     if r:
                         for name, v in res.items():
                             per.setdefault(name, []).append(v["proxy"]["cpu_us_per_request"])
+                            for q in ("p50", "p99"):
+                                lat.setdefault(name, {}).setdefault(q, []).append(v["latency_ms"][q])
                         print(f"set {set_no + 1} round {r}: " + ", ".join(f"{k} {v['proxy']['cpu_us_per_request']:.1f}" for k, v in res.items()),
                               file=sys.stderr, flush=True)
-    diffs = {k: [a - b for a, b in zip(per[k], per["empty"])] for k in ("shape", "observers")}
+    diffs = {k: [a - b for a, b in zip(per[k], per["empty"])] for k in ("shape", "observers", "observers, no batch")}
     q = statistics.quantiles(diffs["observers"], n=4) if len(diffs["observers"]) > 1 else [diffs["observers"][0]] * 3
     return {
         "mode": "together: one open loop over all configurations",
@@ -765,6 +776,7 @@ async def together(rate: float, seconds: float, rounds: int, sets: int) -> dict[
         "added_observers_quartiles": [round(q[0], 1), round(q[2], 1)],
         "added_observers_per_round": [round(x, 1) for x in diffs["observers"]],
         "cpu_ratio_observers_vs_empty_median": round(statistics.median(a / b for a, b in zip(per["observers"], per["empty"])), 3),
+        "latency_ms_median_of_rounds": {k: {q: round(statistics.median(v), 3) for q, v in qs.items()} for k, qs in lat.items()},
         "otlp_exports": received[0],
     }
 

@@ -436,6 +436,10 @@ class Monitor:
         self.current.add(numeric, categorical)
         return self._due(now)
 
+    def closing(self, now: float | None = None) -> bool:
+        """The open window is full or old enough to close (its next :meth:`due_snapshots` rolls it)."""
+        return self._closing(self.current.count, time.time() if now is None else now)
+
     def _closing(self, n: int, now: float) -> bool:
         """The open window, holding ``n`` samples, is full or old enough to close."""
         return n >= self.window_samples or (now - self.current.started >= self.window_seconds and n >= self.thresholds.min_samples)

@@ -16,6 +16,7 @@ several workers each samples its share of the traffic.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import weakref
@@ -107,7 +108,8 @@ class Drift(Plugin):
         self.monitors: dict[tuple[str, str], Monitor] = {}
         self.alarms: dict[tuple[str, str], set[str]] = {}
         self.degraded: dict[tuple[str, str], bool] = {}
-        self._busy: set[tuple[str, str]] = set()
+        #: the comparison running (or waiting for the one before it) for each monitor key
+        self._busy: dict[tuple[str, str], asyncio.Task[None]] = {}
         #: the sluice_drift_samples_total accumulator of each monitor key
         self._samples: dict[tuple[str, str], Any] = {}
 
@@ -184,17 +186,26 @@ class Drift(Plugin):
         samples.inc(1.0)
         if f.eager:
             f.flush()
-        if m.add(num, cat) and key not in self._busy:
-            ref, cur = m.due_snapshots()
-            if ref is not None:
-                self._busy.add(key)
-                self.runtime.spawn(self._evaluate(key, m, ref, cur), name=f"drift.compare.{key[0]}.{key[1]}")
+        if m.add(num, cat):
+            running = self._busy.get(key)
+            # a periodic check due while a comparison runs is skipped (the next one comes check_every samples
+            # later); a window that is full closes now all the same, and its comparison follows the running one
+            if running is None or m.closing():
+                ref, cur = m.due_snapshots()
+                if ref is not None:
+                    self._busy[key] = self.runtime.spawn(self._evaluate(key, m, ref, cur, running),
+                                                         name=f"drift.compare.{key[0]}.{key[1]}")
 
-    async def _evaluate(self, key: tuple[str, str], m: Monitor, ref: Snapshot, cur: Snapshot) -> None:
+    async def _evaluate(self, key: tuple[str, str], m: Monitor, ref: Snapshot, cur: Snapshot,
+                        before: asyncio.Task[None] | None = None) -> None:
+        me = asyncio.current_task()
         try:
+            if before is not None:
+                await asyncio.wait((before,))  # results are published in the order their checks fell due
             res = await self.runtime.run_cpu(compare, ref, cur, self.thresholds, self.baseline)
         finally:
-            self._busy.discard(key)
+            if self._busy.get(key) is me:
+                del self._busy[key]
         m.last = res
         self.publish(key, res)
 

@@ -47,6 +47,7 @@ def make_admin_app(server: Server) -> web.Application:
             mt = server.loaded.config.admin.metrics_token
             if mt is not None and not _allowed(mt, request):
                 return error_response(401, "A valid metrics bearer token is required.", rid, code="invalid_metrics_token")
+        server.run_batch()  # what the admin API reports includes every request answered so far
         try:
             resp = await handler(request)
         except web.HTTPException as e:

@@ -195,7 +195,7 @@ class Handler:
                         if resp is not None and not resp.prepared:
                             await _send(request, resp, ctx)
                     finally:
-                        self.server.done_now(ctx, route)
+                        self.server.done_now(ctx, route, gen)
                 else:
                     self.server.done(ctx, route, gen)
         finally:

@@ -151,3 +151,37 @@ def test_memory_trim_is_bound_on_glibc():
     trim = _malloc_trim()
     if sys.platform.startswith("linux"):
         assert trim is not None and trim(0) in (0, 1)  # 1: memory was released, 0: none to release
+
+
+class DoneLog(Plugin):
+    """Records the request ids its on_done sees, in order (a plain hook: the route's on_done is inline)."""
+
+    name = "donelog"
+    seen: list[str] = []
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        DoneLog.seen.append(ctx.request_id)
+
+
+async def test_inline_on_done_runs_in_batches_in_order_and_before_admin_reads_and_stops(upstream, tmp_path):
+    from proxy.server import DONE_BATCH_MAX
+
+    DoneLog.seen = []
+    conf = {"server": {"done_batch_ms": 1000}, "upstreams": {"u": {"url": upstream.url}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"donelog": {}}]}]}
+    with register_plugin(DoneLog):
+        async with SluiceServer(conf, tmp_path) as s, httpx.AsyncClient() as http:
+            ids = [(await http.get(f"{s.url}/models")).headers["x-request-id"] for _ in range(3)]
+            # answered, and their on_done waits for the batch (a second away), holding the generation
+            assert DoneLog.seen == [] and s.server.generation.inflight == 3
+            # an admin read runs the batch first, so what it reports includes these requests
+            assert (await http.get(f"{s.admin_url}/metrics")).status_code == 200
+            assert DoneLog.seen == ids and s.server.generation.inflight == 0
+            # a full batch runs at once
+            more = [(await http.get(f"{s.url}/models")).headers["x-request-id"] for _ in range(DONE_BATCH_MAX)]
+            assert DoneLog.seen == ids + more
+            last = (await http.get(f"{s.url}/models")).headers["x-request-id"]
+            assert DoneLog.seen[-1] != last
+        # stopping (drain) runs what waits: nothing is lost
+        assert DoneLog.seen == ids + more + [last]
