@@ -57,6 +57,10 @@ class CompiledRoute:
         self.done_required = any(h[0].must_finish for h in self.on_done)
         #: every on_done is a plain function: run in the request's task once the answer is sent
         self.done_inline = not any(h[2] for h in self.on_done)
+        #: on a done_inline route, the observers' on_done may wait for the server's batch (server.done_batch_ms);
+        #: the others' run at once (a guard frees a concurrency slot, a router learns an upstream's health)
+        self.done_batched: list[Hook] = [h for h in self.on_done if h[0].kind == "observer"]
+        self.done_at_once: list[Hook] = [h for h in self.on_done if h[0].kind != "observer"]
         #: time each hook into ctx.timings.plugins (a plugin of the route asked for it)
         self.timed = any(p.wants_plugin_timings for p in plugins)
         #: someone will read ctx.usage: an on_done observer, a response or chunk hook, or needs_usage
@@ -348,10 +352,11 @@ def _done_failed(ctx: Context, plugin: Plugin, exc: Exception) -> None:
     log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
 
 
-def run_done_sync(ctx: Context, route: CompiledRoute) -> None:
-    """``run_done`` for a route whose on_done hooks are all plain functions (``done_inline``)."""
+def run_done_sync(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None = None) -> None:
+    """``run_done`` for a route whose on_done hooks are all plain functions (``done_inline``): all of
+    them, or ``hooks`` (the route's ``done_at_once`` or ``done_batched``)."""
     timed = route.timed
-    for plugin, fn, _, key in route.on_done:
+    for plugin, fn, _, key in route.on_done if hooks is None else hooks:
         t0 = clock() if timed else 0.0
         try:
             fn(ctx)

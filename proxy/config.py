@@ -42,10 +42,11 @@ class ServerConfig(Model):
     background_workers: int = Field(4, ge=1, le=256, description="Tasks draining the on_done queue concurrently.")
     done_batch_ms: float = Field(
         50.0, ge=0, le=1000,
-        description="On routes whose on_done hooks are all plain functions (the observers), finished requests' on_done "
-        "runs together every this many milliseconds (or every 8 requests), in arrival order: each hook's code then runs "
-        "warm for many requests instead of cold after each. An admin read (metrics, reports) and a stop run what is "
-        "waiting first. 0 runs each request's on_done right after its answer.")
+        description="On routes whose on_done hooks are all plain functions, the observers' on_done (plugins of kind "
+        "'observer': metrics, metering, tracing, drift) runs for the finished requests of every this many milliseconds "
+        "(or every 8 requests), in arrival order: each hook's code then runs warm for several requests instead of cold "
+        "after each. Other plugins' on_done (a guard freeing a concurrency slot) runs at once. An admin read (metrics, "
+        "reports) and a stop run what is waiting first. 0 runs every on_done right after its answer.")
     executor_threads: int = Field(2, ge=1, le=64, description="Threads of the bounded executor for CPU-heavy plugin work.")
     trusted_proxies: list[str] = Field(
         default_factory=list,

@@ -191,16 +191,20 @@ class Server:
         For routes whose on_done hooks are all plain functions: no queue, no
         task switch, and nothing to cancel them half-way (a sync hook runs to
         its end), so the work is never dropped either. With
-        ``server.done_batch_ms`` the request waits for the batch, which runs
-        every hook for all its requests in arrival order: at a moderate rate,
-        hooks run once per request leave the CPU's caches between requests and
-        cost far more than the same work done for several requests together
-        (the observers: about a third less CPU per request at 150 requests a
-        second, the same at saturation; benchmarks/RESULTS.md).
+        ``server.done_batch_ms``, the observers' on_done (plugins of kind
+        ``observer``) waits for the batch, which runs them for all its requests
+        in arrival order, while the other plugins' run at once (a concurrency
+        slot is freed when the request ends). Run once per request, hooks find
+        the CPU's caches cold each time and cost far more than the same work
+        done for several requests together (the observers: about a third less
+        CPU per request at 150 requests a second, less at saturation too;
+        benchmarks/RESULTS.md).
         """
         if route.on_done:
             batch_s = self.loaded.config.server.done_batch_ms / 1000
-            if batch_s:
+            if batch_s and route.done_batched:
+                if route.done_at_once:
+                    ch.run_done_sync(ctx, route, route.done_at_once)  # guards and transforms: now
                 gen.enter()  # the generation stays alive until its batch ran
                 self._batch.append((ctx, route, gen))
                 if len(self._batch) >= DONE_BATCH_MAX:
@@ -220,7 +224,7 @@ class Server:
         batch, self._batch = self._batch, []
         for i, (ctx, route, gen) in enumerate(batch):
             try:
-                ch.run_done_sync(ctx, route)  # a plugin's failure is its own (run_done_sync isolates them)
+                ch.run_done_sync(ctx, route, route.done_batched)  # a plugin's failure is its own (isolated there)
             except BaseException:
                 self._batch[:0] = batch[i + 1:]  # the rest stays for the next batch
                 raise

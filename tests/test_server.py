@@ -164,16 +164,30 @@ class DoneLog(Plugin):
         DoneLog.seen.append(ctx.request_id)
 
 
+class GuardDoneLog(Plugin):
+    """A guard's plain on_done (as the rate limiter's, which frees concurrency slots): never batched."""
+
+    name = "guarddonelog"
+    kind = "guard"
+    seen: list[str] = []
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        GuardDoneLog.seen.append(ctx.request_id)
+
+
 async def test_inline_on_done_runs_in_batches_in_order_and_before_admin_reads_and_stops(upstream, tmp_path):
     from proxy.server import DONE_BATCH_MAX
 
-    DoneLog.seen = []
+    DoneLog.seen, GuardDoneLog.seen = [], []
     conf = {"server": {"done_batch_ms": 1000}, "upstreams": {"u": {"url": upstream.url}},
-            "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"donelog": {}}]}]}
-    with register_plugin(DoneLog):
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"donelog": {}}, {"guarddonelog": {}}]}]}
+    with register_plugin(DoneLog), register_plugin(GuardDoneLog):
         async with SluiceServer(conf, tmp_path) as s, httpx.AsyncClient() as http:
             ids = [(await http.get(f"{s.url}/models")).headers["x-request-id"] for _ in range(3)]
-            # answered, and their on_done waits for the batch (a second away), holding the generation
+            # answered: the guard's on_done ran at once; the observer's waits for the batch (a second
+            # away), holding the generation
+            assert GuardDoneLog.seen == ids
             assert DoneLog.seen == [] and s.server.generation.inflight == 3
             # an admin read runs the batch first, so what it reports includes these requests
             assert (await http.get(f"{s.admin_url}/metrics")).status_code == 200
