@@ -329,15 +329,13 @@ class SignatureDetector(Detector):
                 sid in by_literal_near or (sid in anchor_literals and not anchor_literals[sid].isdisjoint(present))
             ):
                 continue
-            if sid in prefiltered:
+            listed = sid in prefiltered
+            if listed or needs:
                 if seen is None:
                     seen = self._prefilter.matching(view.utf8())
-                if sid not in seen:
+                if listed and sid not in seen:
                     continue  # the first elements of its expression occur nowhere in the text
-            if needs:
-                if seen is None:
-                    seen = self._prefilter.matching(view.utf8())
-                if seen.isdisjoint(needs):
+                if needs and seen.isdisjoint(needs):
                     continue  # none of the punctuation it needs
             m = None
             if lead:

@@ -451,11 +451,11 @@ class _Literals:
 
     __slots__ = ("_db", "_local")
 
-    def __init__(self, literals: Sequence[bytes], *, first_only: bool) -> None:
+    def __init__(self, literals: Sequence[bytes], *, first_only: bool, literal: bool = True) -> None:
         self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
         self._db.compile(
             expressions=list(literals), ids=list(range(len(literals))), elements=len(literals),
-            flags=hyperscan.HS_FLAG_SINGLEMATCH if first_only else 0, literal=True,
+            flags=hyperscan.HS_FLAG_SINGLEMATCH if first_only else 0, literal=literal,
         )
         self._local = threading.local()
 
@@ -472,12 +472,7 @@ class HyperscanPatterns(_Literals):
     __slots__ = ()
 
     def __init__(self, expressions: Sequence[bytes]) -> None:  # noqa: D107 - see the class
-        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        self._db.compile(
-            expressions=list(expressions), ids=list(range(len(expressions))), elements=len(expressions),
-            flags=hyperscan.HS_FLAG_SINGLEMATCH,
-        )
-        self._local = threading.local()
+        super().__init__(expressions, first_only=True, literal=False)
 
 
 @functools.lru_cache(maxsize=32)

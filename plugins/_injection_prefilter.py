@@ -34,6 +34,11 @@ _ASSERTIONS = (_SRE.AT, _SRE.ASSERT, _SRE.ASSERT_NOT)
 _REPEATS = (_SRE.MAX_REPEAT, _SRE.MIN_REPEAT, _SRE.POSSESSIVE_REPEAT)
 
 
+def _escaped(data: bytes) -> str:
+    """A Hyperscan pattern matching exactly ``data``."""
+    return "".join("\\x%02x" % b for b in data)
+
+
 def _character(ascii_members: Iterable[int], beyond: bool) -> str | None:
     """One character: one of ``ascii_members`` or, if ``beyond``, any character beyond ASCII."""
     members = sorted(ascii_members)
@@ -86,7 +91,7 @@ def _translate(items: Sequence[tuple[Any, Any]], budget: list[int] | None, gap: 
                 return "".join(out), False
             budget[0] -= 1
         if op is _SRE.LITERAL:
-            out.append("\\x%02x" % av if av < 128 else "".join("\\x%02x" % b for b in chr(av).encode("utf-8", "surrogatepass")))
+            out.append(_escaped(chr(av).encode("utf-8", "surrogatepass")))
         elif op is _SRE.NOT_LITERAL:
             out.append(_character(_ASCII - {av}, True) or "")
         elif op is _SRE.ANY:
@@ -148,7 +153,7 @@ class Prefilter:
         if set(strings) & set(prefixes):
             raise ValueError("a literal has the name of a pattern")
         self.names = tuple(prefixes) + tuple(strings)
-        expressions = list(prefixes.values()) + ["".join("\\x%02x" % b for b in x.encode("utf-8", "surrogatepass")) for x in strings]
+        expressions = list(prefixes.values()) + [_escaped(x.encode("utf-8", "surrogatepass")) for x in strings]
         self._db = _database(tuple(expressions))
 
     def matching(self, utf8: bytes) -> frozenset[str]:
