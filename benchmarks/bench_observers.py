@@ -133,9 +133,11 @@ async def otlp_sink() -> AsyncIterator[tuple[str, list[int]]]:
         await runner.cleanup()
 
 
-def config(upstream: str, chain: list[dict[str, Any]]) -> dict[str, Any]:
+def config(upstream: str, chain: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
+    """The benchmark's Sluice config; a configuration named "... no batch" runs each request's
+    on_done right after its answer (``server.done_batch_ms: 0``)."""
     return {
-        "server": {"access_log": False},
+        "server": {"access_log": False, **({"done_batch_ms": 0} if name.endswith("no batch") else {})},
         "logging": {"level": "warning"},
         "upstreams": {"primary": {"url": upstream, "models": ["sluice-demo"]}},
         "prices": {"sluice-demo": {"input": 0.5, "output": 1.5}},
@@ -334,10 +336,7 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
             if name.endswith("(against)"):
                 assert against is not None
                 return TreeProcess(config(up, chain), tmp / f"c{i}", against)
-            cfg = config(up, chain)
-            if name.endswith("no batch"):
-                cfg["server"]["done_batch_ms"] = 0  # each request's on_done right after its answer
-            return SluiceProcess(cfg, tmp / f"c{i}", env=PLUGIN_ENV if name.startswith("shape") else None)
+            return SluiceProcess(config(up, chain, name), tmp / f"c{i}", env=PLUGIN_ENV if name.startswith("shape") else None)
 
         # per round and configuration: CPU ns per request, total and per thread (rounds of every set)
         per: dict[str, list[float]] = {k: [] for k in chains}
@@ -736,11 +735,8 @@ async def together(rate: float, seconds: float, rounds: int, sets: int) -> dict[
             async with contextlib.AsyncExitStack() as stack:
                 procs = {}
                 for i, (name, chain) in enumerate(chains.items()):
-                    cfg = config(up, chain)
-                    if name.endswith("no batch"):
-                        cfg["server"]["done_batch_ms"] = 0  # each request's on_done right after its answer
                     procs[name] = await stack.enter_async_context(SluiceProcess(
-                        cfg, tmp / f"s{set_no}c{i}", env=PLUGIN_ENV if name == "shape" else None))
+                        config(up, chain, name), tmp / f"s{set_no}c{i}", env=PLUGIN_ENV if name == "shape" else None))
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--mode", "open", "--rate", str(rate),
                        "--stream-fraction", "0.25", "--no-include-usage", "--prompt-words", "8"]
                 for name, p in procs.items():
