@@ -422,9 +422,8 @@ class Load:
             return {**self.report_one(self.targets[0]), **client}
         out = {t.name: self.report_one(t) for t in self.targets}
         ref = self.args.reference
-        if ref is not None and ref in out:
-            timed = {t.name: t for t in self.targets}
-            base = {s.cycle: s.latency for s in _timed(timed[ref])}
+        if ref is not None:  # parse_args made sure it names a target
+            base = {s.cycle: s.latency for t in self.targets if t.name == ref for s in _timed(t)}
             for t in self.targets:
                 if t.name != ref:
                     diffs = [s.latency - base[s.cycle] for s in _timed(t) if s.cycle in base]
