@@ -383,6 +383,8 @@ def tally(rows: dict[str, dict[str, list[Any]]], this: dict[str, Any]) -> None:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from loadgen import memory_kb, process_tree  # benchmarks/ is on the path once main() ran
+
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-core-"))
     t_start = time.time()
     commit = _git_commit()  # the processes load the code now; later commits are not what ran
@@ -409,10 +411,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 this["set"] = set_no
                 raw_rounds.append(this)
                 tally(rows, this)
-            for name in PROXIES:
-                from loadgen import memory_kb, process_tree
-
-                final_rss[name] = memory_kb(process_tree(targets[name].pids))
+            final_rss = {name: memory_kb(process_tree(targets[name].pids)) for name in PROXIES}  # the last set's
     chain = await chain_cost(2000 if args.quick else 10000, rounds=3 if args.quick else 5)
     summary = {name: {k: med(v) for k, v in cols.items()} for name, cols in rows.items()}
     spreads = {name: {k: spread(v) for k, v in cols.items() if k in ("throughput_rps", "added_p50_ms", "added_p99_ms", "added_p99_paired_ms", "cpu_us_per_request", "cpu_us_per_request_open", "cpu_us_per_event")} for name, cols in rows.items()}
