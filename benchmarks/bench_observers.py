@@ -37,6 +37,7 @@ chat requests at a fixed concurrency.
     .venv/bin/python benchmarks/bench_observers.py --hooks    # the plugins' own hooks, in-process
     .venv/bin/python benchmarks/bench_observers.py --insitu   # per hook, chain phase and thread, in a live server
     .venv/bin/python benchmarks/bench_observers.py --together 150 --rounds 10 --sets 3   # one open loop over all, same seconds
+    .venv/bin/python benchmarks/bench_observers.py --together 150 --against /tmp/other-tree   # and before/after in that loop
 """
 
 from __future__ import annotations
@@ -281,6 +282,14 @@ def register_plugins(register: Any) -> None:
         register(cls)
 
 
+def server_process(upstream: str, name: str, chain: list[dict[str, Any]], tmp: Path, against: Path | None) -> SluiceProcess:
+    """The Sluice process of one configuration: from ``against``'s tree when its name ends in "(against)"."""
+    if name.endswith("(against)"):
+        assert against is not None
+        return TreeProcess(config(upstream, chain), tmp, against)
+    return SluiceProcess(config(upstream, chain, name), tmp, env=PLUGIN_ENV if name.startswith("shape") else None)
+
+
 async def load(http: aiohttp.ClientSession, url: str, n: int, concurrency: int) -> list[float]:
     lat: list[float] = []
     todo = iter(range(n))
@@ -333,10 +342,7 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
             chains.update({"empty (against)": [], "observers (against)": every})
 
         def process(i: int, name: str, chain: list[dict[str, Any]]) -> SluiceProcess:
-            if name.endswith("(against)"):
-                assert against is not None
-                return TreeProcess(config(up, chain), tmp / f"c{i}", against)
-            return SluiceProcess(config(up, chain, name), tmp / f"c{i}", env=PLUGIN_ENV if name.startswith("shape") else None)
+            return server_process(up, name, chain, tmp / f"c{i}", against)
 
         # per round and configuration: CPU ns per request, total and per thread (rounds of every set)
         per: dict[str, list[float]] = {k: [] for k in chains}
@@ -713,7 +719,7 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
 
 # -- together: every configuration under one open loop, in the same seconds -----------------
 
-async def together(rate: float, seconds: float, rounds: int, sets: int) -> dict[str, Any]:
+async def together(rate: float, seconds: float, rounds: int, sets: int, against: Path | None = None) -> dict[str, Any]:
     """The empty chain, the shape and the observers (with and without ``server.done_batch_ms``) under one
     open-loop load, arrivals interleaved.
 
@@ -723,7 +729,8 @@ async def together(rate: float, seconds: float, rounds: int, sets: int) -> dict[
     machine). Here ``benchmarks/loadgen.py`` offers the same arrivals per second to all
     processes at once, in shuffled order, and reads each one's CPU over the same
     window: whatever the machine does then falls on all of them. 1 request in 4 is streamed,
-    without ``stream_options`` (as the main mode's clients: metering adds it).
+    without ``stream_options`` (as the main mode's clients: metering adds it). With
+    ``against``, that tree's empty chain and observers join the same loop.
     """
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-observers-"))
     load_before = os.getloadavg()
@@ -731,12 +738,13 @@ async def together(rate: float, seconds: float, rounds: int, sets: int) -> dict[
     lat: dict[str, dict[str, list[float]]] = {}
     async with demo_upstream(0.0) as up, otlp_sink() as (sink, received):
         chains = {"empty": [], "shape": SHAPE, "observers": observers(sink), "observers, no batch": observers(sink)}
+        if against is not None:
+            chains.update({"empty (against)": [], "observers (against)": observers(sink)})
         for set_no in range(sets):
             async with contextlib.AsyncExitStack() as stack:
                 procs = {}
                 for i, (name, chain) in enumerate(chains.items()):
-                    procs[name] = await stack.enter_async_context(SluiceProcess(
-                        config(up, chain, name), tmp / f"s{set_no}c{i}", env=PLUGIN_ENV if name == "shape" else None))
+                    procs[name] = await stack.enter_async_context(server_process(up, name, chain, tmp / f"s{set_no}c{i}", against))
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--mode", "open", "--rate", str(rate),
                        "--stream-fraction", "0.25", "--no-include-usage", "--prompt-words", "8"]
                 for name, p in procs.items():
@@ -759,6 +767,9 @@ async def together(rate: float, seconds: float, rounds: int, sets: int) -> dict[
                         print(f"set {set_no + 1} round {r}: " + ", ".join(f"{k} {v['proxy']['cpu_us_per_request']:.1f}" for k, v in res.items()),
                               file=sys.stderr, flush=True)
     diffs = {k: [a - b for a, b in zip(per[k], per["empty"])] for k in ("shape", "observers", "observers, no batch")}
+    if against is not None:
+        diffs["observers (against)"] = [a - b for a, b in zip(per["observers (against)"], per["empty (against)"])]
+        diffs["observers minus observers (against), paired"] = [a - b for a, b in zip(per["observers"], per["observers (against)"])]
     q = statistics.quantiles(diffs["observers"], n=4) if len(diffs["observers"]) > 1 else [diffs["observers"][0]] * 3
     return {
         "mode": "together: one open loop over all configurations",
@@ -804,7 +815,7 @@ if __name__ == "__main__":
     elif args.together is not None:
         if args.together <= 0 or (args.rounds is not None and args.rounds < 1):
             ap.error("--together needs a positive rate and at least one round")
-        result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets))
+        result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets, args.against))
     else:
         result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against, args.sets))
     print(json.dumps(result, indent=2))

@@ -113,7 +113,7 @@ class SQLiteRecords(Records):
     commit), so a row costs a few microseconds of the writer's CPU, not a commit.
     """
 
-    def __init__(self, path: Path, *, timeout_ms: int = 2000, batch_size: int = 500, flush_interval_ms: int = 200) -> None:
+    def __init__(self, path: Path, *, timeout_ms: int = 2000, batch_size: int = 500, flush_interval_ms: int = 1000) -> None:
         self.path = Path(path)
         self.timeout_ms = timeout_ms
         self.batch_size = batch_size
