@@ -735,6 +735,7 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-observers-"))
     load_before = os.getloadavg()
     per: dict[str, list[float]] = {}
+    threads: dict[str, dict[str, list[float]]] = {}
     lat: dict[str, dict[str, list[float]]] = {}
     async with demo_upstream(0.0) as up, otlp_sink() as (sink, received):
         chains = {"empty": [], "shape": SHAPE, "observers": observers(sink), "observers, no batch": observers(sink)}
@@ -750,9 +751,11 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
                 for name, p in procs.items():
                     cmd += ["--target", f"{name}={p.url}", "--target-pid", f"{name}={p.pid}"]
                 for r in range(rounds + 1):  # the first round warms up (imports, pools, first windows)
+                    before = {name: thread_cpu_ns(p.pid) for name, p in procs.items()}
                     proc = await asyncio.create_subprocess_exec(
                         *cmd, "--duration", str(seconds), "--warmup", "0.5", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
                     out, err = await proc.communicate()
+                    after = {name: thread_cpu_ns(p.pid) for name, p in procs.items()}
                     if proc.returncode != 0:
                         raise RuntimeError(f"loadgen failed: {err.decode()[-2000:]}")
                     res = json.loads(out)["targets"]
@@ -762,6 +765,12 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
                     if r:
                         for name, v in res.items():
                             per.setdefault(name, []).append(v["proxy"]["cpu_us_per_request"])
+                            # each thread's share of the process's CPU over the whole call (warm-up included),
+                            # applied to loadgen's CPU per request of the measured window
+                            spent = {k: ns - before[name].get(k, 0) for k, ns in after[name].items()}
+                            whole = sum(spent.values()) or 1
+                            for k, ns in spent.items():
+                                threads.setdefault(name, {}).setdefault(k, []).append(v["proxy"]["cpu_us_per_request"] * ns / whole)
                             for q in ("p50", "p99"):
                                 lat.setdefault(name, {}).setdefault(q, []).append(v["latency_ms"][q])
                         print(f"set {set_no + 1} round {r}: " + ", ".join(f"{k} {v['proxy']['cpu_us_per_request']:.1f}" for k, v in res.items()),
@@ -783,6 +792,8 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
         "added_observers_quartiles": [round(q[0], 1), round(q[2], 1)],
         "added_observers_per_round": [round(x, 1) for x in diffs["observers"]],
         "cpu_ratio_observers_vs_empty_median": round(statistics.median(a / b for a, b in zip(per["observers"], per["empty"])), 3),
+        "cpu_us_per_request_by_thread_median": {
+            k: {name: round(statistics.median(v), 1) for name, v in sorted(th.items())} for k, th in threads.items()},
         "latency_ms_median_of_rounds": {k: {q: round(statistics.median(v), 3) for q, v in qs.items()} for k, qs in lat.items()},
         "otlp_exports": received[0],
     }
