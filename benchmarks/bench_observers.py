@@ -719,7 +719,8 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
 
 # -- together: every configuration under one open loop, in the same seconds -----------------
 
-async def together(rate: float, seconds: float, rounds: int, sets: int, against: Path | None = None) -> dict[str, Any]:
+async def together(rate: float, seconds: float, rounds: int, sets: int, against: Path | None = None,
+                   core: bool = False) -> dict[str, Any]:
     """The empty chain, the shape and the observers (with and without ``server.done_batch_ms``) under one
     open-loop load, arrivals interleaved.
 
@@ -730,7 +731,8 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
     processes at once, in shuffled order, and reads each one's CPU over the same
     window: whatever the machine does then falls on all of them. 1 request in 4 is streamed,
     without ``stream_options`` (as the main mode's clients: metering adds it). With
-    ``against``, that tree's empty chain and observers join the same loop.
+    ``against``, that tree's empty chain and observers join the same loop; with ``core``, the
+    shape's variants (``--core``) and a route with one no-op observer.
     """
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-observers-"))
     load_before = os.getloadavg()
@@ -741,6 +743,8 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
         chains = {"empty": [], "shape": SHAPE, "observers": observers(sink), "observers, no batch": observers(sink)}
         if against is not None:
             chains.update({"empty (against)": [], "observers (against)": observers(sink)})
+        if core:
+            chains.update({"shape, one no-op observer": [SHAPE[2]], **SHAPE_VARIANTS})
         for set_no in range(sets):
             async with contextlib.AsyncExitStack() as stack:
                 procs = {}
@@ -775,7 +779,7 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
                                 lat.setdefault(name, {}).setdefault(q, []).append(v["latency_ms"][q])
                         print(f"set {set_no + 1} round {r}: " + ", ".join(f"{k} {v['proxy']['cpu_us_per_request']:.1f}" for k, v in res.items()),
                               file=sys.stderr, flush=True)
-    diffs = {k: [a - b for a, b in zip(per[k], per["empty"])] for k in ("shape", "observers", "observers, no batch")}
+    diffs = {k: [a - b for a, b in zip(per[k], per["empty"])] for k in per if k != "empty" and not k.endswith("(against)")}
     if against is not None:
         diffs["observers (against)"] = [a - b for a, b in zip(per["observers (against)"], per["empty (against)"])]
         diffs["observers minus observers (against), paired"] = [a - b for a, b in zip(per["observers"], per["observers (against)"])]
@@ -826,7 +830,7 @@ if __name__ == "__main__":
     elif args.together is not None:
         if args.together <= 0 or (args.rounds is not None and args.rounds < 1):
             ap.error("--together needs a positive rate and at least one round")
-        result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets, args.against))
+        result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets, args.against, args.core))
     else:
         result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against, args.sets))
     print(json.dumps(result, indent=2))
