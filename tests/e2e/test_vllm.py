@@ -472,7 +472,9 @@ async def test_vllm_routing_prefers_the_less_busy_server(
     assert still_busy, "the queue emptied before the routed requests ended: the test would prove nothing"
     rows = await ledger_rows(sluice, tmp_path, 4)
     seen_loads = [[(l.running, l.waiting, round(l.kv_cache_usage, 4)) for l in o] for o in observed]
-    assert [r["upstream"] for r in rows] == [f"vllm-{free}"] * 4, f"(running, waiting, kv) per server before each: {seen_loads}"
+    assert [r["upstream"] for r in rows] == [f"vllm-{free}"] * 4, (
+        f"(running, waiting, kv) per server before each: {seen_loads}; (upstream, attempts, status) of each: "
+        f"{[(r['upstream'], r['attempts'], r['status']) for r in rows]}")
 
 
 async def _ge(value: Awaitable[float], threshold: float) -> bool:
