@@ -38,6 +38,7 @@ chat requests at a fixed concurrency.
     .venv/bin/python benchmarks/bench_observers.py --insitu   # per hook, chain phase and thread, in a live server
     .venv/bin/python benchmarks/bench_observers.py --together 150 --rounds 10 --sets 3   # one open loop over all, same seconds
     .venv/bin/python benchmarks/bench_observers.py --together 150 --against /tmp/other-tree   # and before/after in that loop
+    .venv/bin/python benchmarks/bench_observers.py --offsets 4 --sets 2   # identical processes: each one's own CPU offset
 """
 
 from __future__ import annotations
@@ -748,7 +749,11 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
         for set_no in range(sets):
             async with contextlib.AsyncExitStack() as stack:
                 procs = {}
-                for i, (name, chain) in enumerate(chains.items()):
+                # the start order (and loadgen's order of targets) rotates by set: the process started first
+                # cost a little more than the others (--offsets: in 12 sets of 12, by 0.1-1.9%)
+                items = list(chains.items())
+                turn = set_no % len(items)
+                for i, (name, chain) in enumerate(items[turn:] + items[:turn]):
                     procs[name] = await stack.enter_async_context(server_process(up, name, chain, tmp / f"s{set_no}c{i}", against))
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--mode", "open", "--rate", str(rate),
                        "--stream-fraction", "0.25", "--no-include-usage", "--prompt-words", "8"]
@@ -803,6 +808,46 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
     }
 
 
+async def offsets(rate: float, n: int, seconds: float, rounds: int, sets: int, hashseed: str | None) -> dict[str, Any]:
+    """``n`` identical empty-chain processes under one open loop: each one's CPU per request against
+    the round's mean, per set of fresh processes. Shows the offset a process keeps for its life,
+    which any difference between two processes carries (``hashseed``: every process's PYTHONHASHSEED)."""
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-offsets-"))
+    out: dict[str, Any] = {"rate_per_process": rate, "processes": n, "rounds": rounds, "sets_of_processes": sets,
+                           "pythonhashseed": hashseed, "loadavg_before": round(os.getloadavg()[0], 2)}
+    per_set = []
+    async with demo_upstream(0.0) as up:
+        for set_no in range(sets):
+            async with contextlib.AsyncExitStack() as stack:
+                procs = {}
+                for i in range(n):
+                    env = {"PYTHONHASHSEED": hashseed} if hashseed is not None else None
+                    procs[f"p{i}"] = await stack.enter_async_context(SluiceProcess(config(up, []), tmp / f"s{set_no}p{i}", env=env))
+                cmd = [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--mode", "open", "--rate", str(rate),
+                       "--stream-fraction", "0.25", "--no-include-usage", "--prompt-words", "8"]
+                # processes start in their order; loadgen's targets rotate by set, to tell the two apart
+                names = list(procs)
+                for name in names[set_no % n:] + names[:set_no % n]:
+                    cmd += ["--target", f"{name}={procs[name].url}", "--target-pid", f"{name}={procs[name].pid}"]
+                rel: dict[str, list[float]] = {name: [] for name in procs}
+                for r in range(rounds + 1):  # the first round warms up
+                    proc = await asyncio.create_subprocess_exec(
+                        *cmd, "--duration", str(seconds), "--warmup", "0.5", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                    stdout, err = await proc.communicate()
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"loadgen failed: {err.decode()[-2000:]}")
+                    if r:
+                        cpu = {k: v["proxy"]["cpu_us_per_request"] for k, v in json.loads(stdout)["targets"].items()}
+                        mean = statistics.mean(cpu.values())
+                        for k, v in cpu.items():
+                            rel[k].append(v / mean)
+                per_set.append({k: round(statistics.median(v), 3) for k, v in rel.items()})
+    out["cpu_per_request_vs_round_mean_median"] = per_set
+    out["widest_gap_within_a_set"] = round(max(max(s.values()) - min(s.values()) for s in per_set), 3)
+    out["loadavg_after"] = round(os.getloadavg()[0], 2)
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -818,7 +863,10 @@ if __name__ == "__main__":
     ap.add_argument("--insitu", action="store_true", help="thread CPU per hook, chain phase and thread in a live server")
     ap.add_argument("--together", type=float, metavar="RATE", help="instead: all configurations under one open loop, "
                     "RATE requests per second each, arrivals interleaved (with --rounds, --sets, --seconds)")
-    ap.add_argument("--seconds", type=float, default=4.0, help="--together: measured seconds per round")
+    ap.add_argument("--seconds", type=float, default=4.0, help="--together, --offsets: measured seconds per round")
+    ap.add_argument("--offsets", type=int, metavar="N", help="instead: N identical empty-chain processes under one open loop "
+                    "at 150 requests a second each: every one's CPU per request against the round's mean")
+    ap.add_argument("--hashseed", help="--offsets: every process's PYTHONHASHSEED (default: random)")
     ap.add_argument("--serve-instrumented", nargs=3, metavar=("CONFIG", "READY", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_instrumented:
@@ -827,6 +875,10 @@ if __name__ == "__main__":
         result = asyncio.run(hooks())
     elif args.insitu:
         result = asyncio.run(insitu())
+    elif args.offsets is not None:
+        if args.offsets < 2:
+            ap.error("--offsets needs at least 2 processes")
+        result = asyncio.run(offsets(150.0, args.offsets, args.seconds, args.rounds or 6, args.sets, args.hashseed))
     elif args.together is not None:
         if args.together <= 0 or (args.rounds is not None and args.rounds < 1):
             ap.error("--together needs a positive rate and at least one round")
