@@ -426,11 +426,11 @@ async def test_client_disconnect_aborts_generation(fleet: Any, sluice: SluiceSer
 # -- vLLM-aware routing --------------------------------------------------------------------
 
 
-async def _scrapes(s: SluiceServer, upstream: str) -> float:
+async def _scrapes(s: SluiceServer, upstream: str, result: str = "ok") -> float:
     text = await admin_get(s, "/metrics")
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("sluice_router_vllm_scrapes_total{") and f'upstream="{upstream}"' in line and 'result="ok"' in line:
+        if line.startswith("sluice_router_vllm_scrapes_total{") and f'upstream="{upstream}"' in line and f'result="{result}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -464,6 +464,8 @@ async def test_vllm_routing_prefers_the_less_busy_server(
                 r = await oai.chat.completions.create(model=MODEL, messages=messages(), max_tokens=4, temperature=0)
                 assert r.choices
             still_busy = await queued_at_least(fleet, busy, 1)
+            scrapes = {f"vllm-{i} {result}": await _scrapes(sluice, f"vllm-{i}", result)
+                       for i in (0, 1) for result in ("ok", "error", "invalid")}
         finally:
             # cancelling closes the connections, and vLLM aborts what they asked for
             for t in load:
@@ -474,7 +476,7 @@ async def test_vllm_routing_prefers_the_less_busy_server(
     seen_loads = [[(l.running, l.waiting, round(l.kv_cache_usage, 4)) for l in o] for o in observed]
     assert [r["upstream"] for r in rows] == [f"vllm-{free}"] * 4, (
         f"(running, waiting, kv) per server before each: {seen_loads}; (upstream, attempts, status) of each: "
-        f"{[(r['upstream'], r['attempts'], r['status']) for r in rows]}")
+        f"{[(r['upstream'], r['attempts'], r['status']) for r in rows]}; the router's scrapes by result: {scrapes}")
 
 
 async def _ge(value: Awaitable[float], threshold: float) -> bool:
