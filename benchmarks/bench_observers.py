@@ -720,6 +720,30 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
 
 # -- together: every configuration under one open loop, in the same seconds -----------------
 
+def open_loop_command(rate: float, targets: list[tuple[str, SluiceProcess]]) -> list[str]:
+    """``loadgen.py`` offering ``rate`` requests a second to each target (1 in 4 streamed, without stream_options)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--mode", "open", "--rate", str(rate),
+           "--stream-fraction", "0.25", "--no-include-usage", "--prompt-words", "8"]
+    for name, p in targets:
+        cmd += ["--target", f"{name}={p.url}", "--target-pid", f"{name}={p.pid}"]
+    return cmd
+
+
+async def open_loop_round(cmd: list[str], seconds: float) -> dict[str, Any]:
+    """One round of :func:`open_loop_command`: loadgen's report per target (raises on loadgen's failure and on any
+    request's error)."""
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, "--duration", str(seconds), "--warmup", "0.5", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {err.decode()[-2000:]}")
+    res = json.loads(out)["targets"]
+    bad = {k: v["errors"] for k, v in res.items() if v["error_count"]}
+    if bad:
+        raise RuntimeError(f"errors under load: {bad}")
+    return res
+
+
 async def together(rate: float, seconds: float, rounds: int, sets: int, against: Path | None = None,
                    core: bool = False) -> dict[str, Any]:
     """The empty chain, the shape and the observers (with and without ``server.done_batch_ms``) under one
@@ -755,22 +779,11 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
                 turn = set_no % len(items)
                 for i, (name, chain) in enumerate(items[turn:] + items[:turn]):
                     procs[name] = await stack.enter_async_context(server_process(up, name, chain, tmp / f"s{set_no}c{i}", against))
-                cmd = [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--mode", "open", "--rate", str(rate),
-                       "--stream-fraction", "0.25", "--no-include-usage", "--prompt-words", "8"]
-                for name, p in procs.items():
-                    cmd += ["--target", f"{name}={p.url}", "--target-pid", f"{name}={p.pid}"]
+                cmd = open_loop_command(rate, list(procs.items()))
                 for r in range(rounds + 1):  # the first round warms up (imports, pools, first windows)
                     before = {name: thread_cpu_ns(p.pid) for name, p in procs.items()}
-                    proc = await asyncio.create_subprocess_exec(
-                        *cmd, "--duration", str(seconds), "--warmup", "0.5", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-                    out, err = await proc.communicate()
+                    res = await open_loop_round(cmd, seconds)
                     after = {name: thread_cpu_ns(p.pid) for name, p in procs.items()}
-                    if proc.returncode != 0:
-                        raise RuntimeError(f"loadgen failed: {err.decode()[-2000:]}")
-                    res = json.loads(out)["targets"]
-                    bad = {k: v["errors"] for k, v in res.items() if v["error_count"]}
-                    if bad:
-                        raise RuntimeError(f"errors under load: {bad}")
                     if r:
                         for name, v in res.items():
                             per.setdefault(name, []).append(v["proxy"]["cpu_us_per_request"])
@@ -823,21 +836,14 @@ async def offsets(rate: float, n: int, seconds: float, rounds: int, sets: int, h
                 for i in range(n):
                     env = {"PYTHONHASHSEED": hashseed} if hashseed is not None else None
                     procs[f"p{i}"] = await stack.enter_async_context(SluiceProcess(config(up, []), tmp / f"s{set_no}p{i}", env=env))
-                cmd = [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--mode", "open", "--rate", str(rate),
-                       "--stream-fraction", "0.25", "--no-include-usage", "--prompt-words", "8"]
                 # processes start in their order; loadgen's targets rotate by set, to tell the two apart
-                names = list(procs)
-                for name in names[set_no % n:] + names[:set_no % n]:
-                    cmd += ["--target", f"{name}={procs[name].url}", "--target-pid", f"{name}={procs[name].pid}"]
+                items = list(procs.items())
+                cmd = open_loop_command(rate, items[set_no % n:] + items[:set_no % n])
                 rel: dict[str, list[float]] = {name: [] for name in procs}
                 for r in range(rounds + 1):  # the first round warms up
-                    proc = await asyncio.create_subprocess_exec(
-                        *cmd, "--duration", str(seconds), "--warmup", "0.5", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-                    stdout, err = await proc.communicate()
-                    if proc.returncode != 0:
-                        raise RuntimeError(f"loadgen failed: {err.decode()[-2000:]}")
+                    res = await open_loop_round(cmd, seconds)
                     if r:
-                        cpu = {k: v["proxy"]["cpu_us_per_request"] for k, v in json.loads(stdout)["targets"].items()}
+                        cpu = {k: v["proxy"]["cpu_us_per_request"] for k, v in res.items()}
                         mean = statistics.mean(cpu.values())
                         for k, v in cpu.items():
                             rel[k].append(v / mean)
@@ -876,8 +882,8 @@ if __name__ == "__main__":
     elif args.insitu:
         result = asyncio.run(insitu())
     elif args.offsets is not None:
-        if args.offsets < 2:
-            ap.error("--offsets needs at least 2 processes")
+        if args.offsets < 2 or args.sets < 1 or (args.rounds is not None and args.rounds < 1):
+            ap.error("--offsets needs at least 2 processes, 1 set and 1 round")
         result = asyncio.run(offsets(150.0, args.offsets, args.seconds, args.rounds or 6, args.sets, args.hashseed))
     elif args.together is not None:
         if args.together <= 0 or (args.rounds is not None and args.rounds < 1):
