@@ -2,13 +2,15 @@
 
 Starts the demo upstream and one Sluice process (``server.workers: 1``; by default the
 chain of ten no-op plugins, so the chain, the ``on_done`` queue and stream parsing all
-run), drives it with one ``loadgen.py`` process in open loop (a fixed arrival rate, a
+run; ``--chain observers``: tracing, metrics, metering and drift at 100% sampling, spans
+exported over OTLP/HTTP to a sink here, the ledger counted at the end), drives it with one ``loadgen.py`` process in open loop (a fixed arrival rate, a
 mix of streamed and buffered chat completions), samples the process's RSS every few
 seconds, and reports the growth from the 1-minute mark (start-up and warm-up allocations
 done, pools filled) to the end. Issue 2's target: under 5% over 10 minutes.
 
     .venv/bin/python benchmarks/soak.py                     # 10 minutes
     .venv/bin/python benchmarks/soak.py --minutes 2 --rate 40 --chain empty
+    .venv/bin/python benchmarks/soak.py --chain observers    # the four observers, 10 minutes
 
 A Markdown summary goes to stdout; ``--json FILE`` keeps the samples. Only 127.0.0.1
 is used and only the processes started here are stopped.
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -29,6 +33,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from bench_observers import observers, otlp_sink  # noqa: E402
 from loadgen import cpu_seconds, memory_kb  # noqa: E402
 from noop_plugins import chain as noop_chain  # noqa: E402
 from run_core import PY, ROOT, Fleet, _git_commit, loadavg, sluice_config  # noqa: E402
@@ -42,10 +47,17 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     seconds = args.minutes * 60
     samples: list[dict[str, float]] = []
     commit = _git_commit()  # what the processes load now
+    spans: list[int] = []
+    ledger_rows = None
+    stack = contextlib.AsyncExitStack()
     try:
         up = await fleet.demo("upstream", args.token_delay_ms)
         url = f"http://127.0.0.1:{up.port}/v1"
-        chain = noop_chain() if args.chain == "noop10" else []
+        if args.chain == "observers":
+            sink, spans = await stack.enter_async_context(otlp_sink())
+            chain = observers(sink)
+        else:
+            chain = noop_chain() if args.chain == "noop10" else []
         cfg = sluice_config(tmp, "soak", url, url, chain)
         ready = tmp / "ready-soak.json"
         cmd = [PY, str(HERE / "noop_plugins.py"), "-c", str(cfg), "--ready-file", str(ready)]
@@ -75,7 +87,14 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         final = memory_kb([pid])
         log_tail = sluice.tail(2000)
     finally:
-        await fleet.stop_all()
+        await fleet.stop_all()  # SIGTERM: Sluice writes what its ledger holds before it exits
+        await stack.aclose()
+    if args.chain == "observers":
+        db = sqlite3.connect(tmp / "state-soak" / "ledger.db")
+        try:
+            ledger_rows = db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+        finally:
+            db.close()
     at_base = min(samples, key=lambda s: abs(s["t_s"] - BASELINE_AT_S))
     last = samples[-1]
     after = [s["rss_kb"] for s in samples if s["t_s"] >= BASELINE_AT_S]
@@ -106,6 +125,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "target_met": growth < 5.0,
         "load": {k: load.get(k) for k in ("completed", "started", "errors", "error_count", "throughput_rps", "latency_ms", "ttft_ms", "events", "max_inflight")},
         "proxy_cpu_us_per_request": (load.get("proxy") or {}).get("cpu_us_per_request"),
+        "ledger_rows": ledger_rows,
+        "otlp_exports": spans[0] if spans else None,
         "samples": samples,
         "sluice_log_tail": log_tail if load.get("error_count") else "",
     }
@@ -126,7 +147,10 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "Steps of more than 1% after the first minute: "
         + (", ".join(f"{x['from_kb'] / 1024:.1f} → {x['to_kb'] / 1024:.1f} MiB at {x['t_s']:.0f} s" for x in r["steps_over_1pct"]) or "none")
-        + f"; most requests in flight at once: {r['load'].get('max_inflight')}.",
+        + f"; most requests in flight at once: {r['load'].get('max_inflight')}."
+        + (f" Ledger rows after SIGTERM: {r['ledger_rows']}, for {r['load']['started']} requests started in the window "
+           f"(the load generator can send one or two more while it closes); OTLP exports received: {r['otlp_exports']}."
+           if r["ledger_rows"] is not None else ""),
     ])
 
 
@@ -135,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="length of the soak (growth is measured from the 1-minute mark)")
     p.add_argument("--rate", type=float, default=60.0, help="requests per second (open loop)")
     p.add_argument("--stream-fraction", type=float, default=0.3, help="share of streamed requests")
-    p.add_argument("--chain", choices=("noop10", "empty"), default="noop10")
+    p.add_argument("--chain", choices=("noop10", "empty", "observers"), default="noop10")
     p.add_argument("--token-delay-ms", type=float, default=1.0, help="per-token delay of the demo upstream")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--sample-seconds", type=float, default=5.0)
