@@ -231,6 +231,8 @@ class Target:
     window: Window = field(default_factory=Window)
     pids: list[int] = field(default_factory=list)
     dropped: int = 0
+    #: requests sent, warm-up and after the window included
+    sent: int = 0
     #: most requests outstanding at once (a burst after a stall shows here)
     max_inflight: int = 0
     cpu0: float = 0.0
@@ -259,6 +261,7 @@ class Load:
 
     async def one(self, http: aiohttp.ClientSession, target: Target, scheduled: float | None = None, cycle: int = -1) -> None:
         stream = self.pick_stream()
+        target.sent += 1
         t0 = time.perf_counter()
         start = scheduled if scheduled is not None else t0
         ttft = None
@@ -395,6 +398,7 @@ class Load:
             "duration_s": a.duration,
             "completed": len(ok_done),
             "started": len(started),
+            "sent": target.sent,
             "errors": errors,
             "error_count": sum(errors.values()),
             "throughput_rps": round(len(ok_done) / a.duration, 2),

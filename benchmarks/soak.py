@@ -123,7 +123,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "growth_second_half_pct": round(growth_half, 2),
         "steps_over_1pct": steps,
         "target_met": growth < 5.0,
-        "load": {k: load.get(k) for k in ("completed", "started", "errors", "error_count", "throughput_rps", "latency_ms", "ttft_ms", "events", "max_inflight")},
+        "load": {k: load.get(k) for k in ("completed", "started", "sent", "errors", "error_count", "throughput_rps", "latency_ms", "ttft_ms", "events", "max_inflight")},
         "proxy_cpu_us_per_request": (load.get("proxy") or {}).get("cpu_us_per_request"),
         "ledger_rows": ledger_rows,
         "otlp_exports": spans[0] if spans else None,
@@ -148,8 +148,8 @@ def markdown(r: dict[str, Any]) -> str:
         "Steps of more than 1% after the first minute: "
         + (", ".join(f"{x['from_kb'] / 1024:.1f} → {x['to_kb'] / 1024:.1f} MiB at {x['t_s']:.0f} s" for x in r["steps_over_1pct"]) or "none")
         + f"; most requests in flight at once: {r['load'].get('max_inflight')}."
-        + (f" Ledger rows after SIGTERM: {r['ledger_rows']}, for {r['load']['started']} requests started in the window "
-           f"(the load generator can send one or two more while it closes); OTLP exports received: {r['otlp_exports']}."
+        + (f" Ledger rows after SIGTERM: {r['ledger_rows']}, for {r['load']['sent']} requests sent "
+           f"({r['load']['started']} of them started in the window); OTLP exports received: {r['otlp_exports']}."
            if r["ledger_rows"] is not None else ""),
     ])
 
