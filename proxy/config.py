@@ -109,9 +109,12 @@ class StateConfig(Model):
     batch_size: int = Field(500, ge=1, le=100000, description="Rows per batched SQLite write.")
     flush_interval_ms: int = Field(
         1000, ge=1, le=60000,
-        description="Longest a record waits before it is written. Each write is one commit, which costs SQLite about as "
-                    "much as 30 rows: a longer wait means fewer commits. Reads and SIGTERM write what waits first; "
-                    "a crash of the process loses at most this much.")
+        description="How long records wait before the writer takes them (sooner when batch_size rows wait). Each "
+                    "wake-up of the writer commits once per table, and a commit has a cost of its own on top of its "
+                    "rows: a longer wait means fewer, cheaper commits per row. SIGTERM and the admin API's reads (in "
+                    "the worker that answers) write what waits first; `sluice usage`, reading the file from another "
+                    "process, can be this far behind, and a crash of the process loses about this much (more if the "
+                    "writer is behind).")
 
 
 class Timeouts(Model):
