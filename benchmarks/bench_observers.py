@@ -764,19 +764,25 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
     per: dict[str, list[float]] = {}
     threads: dict[str, dict[str, list[float]]] = {}
     lat: dict[str, dict[str, list[float]]] = {}
+    first_started: list[str] = []
     async with demo_upstream(0.0) as up, otlp_sink() as (sink, received):
         chains = {"empty": [], "shape": SHAPE, "observers": observers(sink), "observers, no batch": observers(sink)}
         if against is not None:
             chains.update({"empty (against)": [], "observers (against)": observers(sink)})
         if core:
             chains.update({"shape, one no-op observer": [SHAPE[2]], **SHAPE_VARIANTS})
+        if sets % len(chains):
+            print(f"note: {sets} sets do not start each of the {len(chains)} configurations first equally often "
+                  f"(a multiple of {len(chains)} would)", file=sys.stderr)
         for set_no in range(sets):
             async with contextlib.AsyncExitStack() as stack:
                 procs = {}
-                # the start order (and loadgen's order of targets) rotates by set: the process started first
-                # cost a little more than the others (--offsets: in 12 sets of 12, by 0.1-1.9%)
+                # the start order rotates by set (balanced when --sets is a multiple of the configurations):
+                # the process started first cost a little more than the others (--offsets: above the round's
+                # mean in 10 sets of 10, by 0.1-1.1%)
                 items = list(chains.items())
                 turn = set_no % len(items)
+                first_started.append(items[turn][0])
                 for i, (name, chain) in enumerate(items[turn:] + items[:turn]):
                     procs[name] = await stack.enter_async_context(server_process(up, name, chain, tmp / f"s{set_no}c{i}", against))
                 cmd = open_loop_command(rate, list(procs.items()))
@@ -787,9 +793,10 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
                     if r:
                         for name, v in res.items():
                             per.setdefault(name, []).append(v["proxy"]["cpu_us_per_request"])
-                            # each thread's share of the process's CPU over the whole call (warm-up included),
-                            # applied to loadgen's CPU per request of the measured window
-                            spent = {k: ns - before[name].get(k, 0) for k, ns in after[name].items()}
+                            # each thread's share of the process's CPU over the whole call (warm-up and drain
+                            # included), applied to loadgen's CPU per request of the measured window: an
+                            # approximation, and each kind's median apart, so the kinds need not add up
+                            spent = {k: max(ns - before[name].get(k, 0), 0) for k, ns in after[name].items()}
                             whole = sum(spent.values()) or 1
                             for k, ns in spent.items():
                                 threads.setdefault(name, {}).setdefault(k, []).append(v["proxy"]["cpu_us_per_request"] * ns / whole)
@@ -814,6 +821,7 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
         "added_observers_quartiles": [round(q[0], 1), round(q[2], 1)],
         "added_observers_per_round": [round(x, 1) for x in diffs["observers"]],
         "cpu_ratio_observers_vs_empty_median": round(statistics.median(a / b for a, b in zip(per["observers"], per["empty"])), 3),
+        "first_started_per_set": first_started,
         "cpu_us_per_request_by_thread_median": {
             k: {name: round(statistics.median(v), 1) for name, v in sorted(th.items())} for k, th in threads.items()},
         "latency_ms_median_of_rounds": {k: {q: round(statistics.median(v), 3) for q, v in qs.items()} for k, qs in lat.items()},
@@ -836,7 +844,8 @@ async def offsets(rate: float, n: int, seconds: float, rounds: int, sets: int, h
                 for i in range(n):
                     env = {"PYTHONHASHSEED": hashseed} if hashseed is not None else None
                     procs[f"p{i}"] = await stack.enter_async_context(SluiceProcess(config(up, []), tmp / f"s{set_no}p{i}", env=env))
-                # processes start in their order; loadgen's targets rotate by set, to tell the two apart
+                # processes start in their order; loadgen's order of targets (which sets the order of its
+                # set-up and CPU reads; arrivals are shuffled) rotates by set
                 items = list(procs.items())
                 cmd = open_loop_command(rate, items[set_no % n:] + items[:set_no % n])
                 rel: dict[str, list[float]] = {name: [] for name in procs}
@@ -877,17 +886,23 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if args.serve_instrumented:
         sys.exit(serve_instrumented(*args.serve_instrumented))
+    if args.hashseed is not None and args.offsets is None:
+        ap.error("--hashseed is for --offsets")
+    if args.offsets is not None and args.together is not None:
+        ap.error("--offsets and --together are separate runs")
+    if args.sets < 1 or (args.rounds is not None and args.rounds < 1) or args.seconds <= 0:
+        ap.error("--sets and --rounds must be at least 1, --seconds positive")
     if args.hooks:
         result = asyncio.run(hooks())
     elif args.insitu:
         result = asyncio.run(insitu())
     elif args.offsets is not None:
-        if args.offsets < 2 or args.sets < 1 or (args.rounds is not None and args.rounds < 1):
-            ap.error("--offsets needs at least 2 processes, 1 set and 1 round")
+        if args.offsets < 2:
+            ap.error("--offsets needs at least 2 processes")
         result = asyncio.run(offsets(150.0, args.offsets, args.seconds, args.rounds or 6, args.sets, args.hashseed))
     elif args.together is not None:
-        if args.together <= 0 or (args.rounds is not None and args.rounds < 1):
-            ap.error("--together needs a positive rate and at least one round")
+        if args.together <= 0:
+            ap.error("--together needs a positive rate")
         result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets, args.against, args.core))
     else:
         result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against, args.sets))
