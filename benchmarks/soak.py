@@ -49,6 +49,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     commit = _git_commit()  # what the processes load now
     spans: list[int] = []
     ledger_rows = None
+    sluice = None
     stack = contextlib.AsyncExitStack()
     try:
         up = await fleet.demo("upstream", args.token_delay_ms)
@@ -87,10 +88,13 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         final = memory_kb([pid])
         log_tail = sluice.tail(2000)
     finally:
-        await fleet.stop_all()  # SIGTERM: Sluice writes what its ledger holds before it exits
-        await stack.aclose()
+        try:
+            await fleet.stop_all()  # SIGTERM: Sluice writes what its ledger holds before it exits
+        finally:
+            await stack.aclose()
+    exit_code = sluice.popen.returncode if sluice is not None else None
     if args.chain == "observers":
-        db = sqlite3.connect(tmp / "state-soak" / "ledger.db")
+        db = sqlite3.connect(f"file:{tmp / 'state-soak' / 'ledger.db'}?mode=ro", uri=True)
         try:
             ledger_rows = db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
         finally:
@@ -126,6 +130,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "load": {k: load.get(k) for k in ("completed", "started", "sent", "errors", "error_count", "throughput_rps", "latency_ms", "ttft_ms", "events", "max_inflight")},
         "proxy_cpu_us_per_request": (load.get("proxy") or {}).get("cpu_us_per_request"),
         "ledger_rows": ledger_rows,
+        "sluice_exit_code_after_sigterm": exit_code,
         "otlp_exports": spans[0] if spans else None,
         "samples": samples,
         "sluice_log_tail": log_tail if load.get("error_count") else "",
@@ -148,8 +153,9 @@ def markdown(r: dict[str, Any]) -> str:
         "Steps of more than 1% after the first minute: "
         + (", ".join(f"{x['from_kb'] / 1024:.1f} → {x['to_kb'] / 1024:.1f} MiB at {x['t_s']:.0f} s" for x in r["steps_over_1pct"]) or "none")
         + f"; most requests in flight at once: {r['load'].get('max_inflight')}."
-        + (f" Ledger rows after SIGTERM: {r['ledger_rows']}, for {r['load']['sent']} requests sent "
-           f"({r['load']['started']} of them started in the window); OTLP exports received: {r['otlp_exports']}."
+        + (f" Ledger rows after SIGTERM (Sluice exited with {r['sluice_exit_code_after_sigterm']}): {r['ledger_rows']}, "
+           f"for {r['load']['sent']} requests sent ({r['load']['started']} of them started in the window); "
+           f"OTLP exports received: {r['otlp_exports']}."
            if r["ledger_rows"] is not None else ""),
     ])
 
