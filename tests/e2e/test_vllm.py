@@ -426,13 +426,20 @@ async def test_client_disconnect_aborts_generation(fleet: Any, sluice: SluiceSer
 # -- vLLM-aware routing --------------------------------------------------------------------
 
 
-async def _scrapes(s: SluiceServer, upstream: str, result: str = "ok") -> float:
+async def _scrapes(s: SluiceServer, upstream: str) -> float:
+    return (await _scrape_counts(s)).get(f"{upstream} ok", 0.0)
+
+
+async def _scrape_counts(s: SluiceServer) -> dict[str, float]:
+    """The router's vLLM scrapes so far, by "upstream result" (ok, error, invalid)."""
     text = await admin_get(s, "/metrics")
-    total = 0.0
+    counts: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("sluice_router_vllm_scrapes_total{") and f'upstream="{upstream}"' in line and f'result="{result}"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        if line.startswith("sluice_router_vllm_scrapes_total{"):
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
+            key = f"{labels['upstream'].strip(chr(34))} {labels['result'].strip(chr(34))}"
+            counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
 
 
 @pytest.mark.parametrize("busy", [0, 1])
@@ -456,16 +463,18 @@ async def test_vllm_routing_prefers_the_less_busy_server(
         load = [asyncio.ensure_future(keep_busy(direct, 1200 + 100 * i)) for i in range(2 * MAX_NUM_SEQS)]
         try:
             await wait_for(lambda: queued_at_least(fleet, busy, 2), 60, "a queue on the busy server")
-            seen = await _scrapes(sluice, f"vllm-{busy}")
+            queued = await _scrape_counts(sluice)
+            seen = queued.get(f"vllm-{busy} ok", 0.0)
             await wait_for(lambda: _ge(_scrapes(sluice, f"vllm-{busy}"), seen + 2), 60, "the router to scrape the loaded server")
+            # from `queued` to `before`, the free server's ok scrapes tell whether its score was fresh for the first request
+            before = await _scrape_counts(sluice)
             observed = []
             for _ in range(4):
                 observed.append(await loads(fleet))
                 r = await oai.chat.completions.create(model=MODEL, messages=messages(), max_tokens=4, temperature=0)
                 assert r.choices
             still_busy = await queued_at_least(fleet, busy, 1)
-            scrapes = {f"vllm-{i} {result}": await _scrapes(sluice, f"vllm-{i}", result)
-                       for i in (0, 1) for result in ("ok", "error", "invalid")}
+            after = await _scrape_counts(sluice)
         finally:
             # cancelling closes the connections, and vLLM aborts what they asked for
             for t in load:
@@ -476,7 +485,8 @@ async def test_vllm_routing_prefers_the_less_busy_server(
     seen_loads = [[(l.running, l.waiting, round(l.kv_cache_usage, 4)) for l in o] for o in observed]
     assert [r["upstream"] for r in rows] == [f"vllm-{free}"] * 4, (
         f"(running, waiting, kv) per server before each: {seen_loads}; (upstream, attempts, status) of each: "
-        f"{[(r['upstream'], r['attempts'], r['status']) for r in rows]}; the router's scrapes by result: {scrapes}")
+        f"{[(r['upstream'], r['attempts'], r['status']) for r in rows]}; the router's scrapes by result once the busy "
+        f"server queued, before the first request and after the last: {queued}, {before}, {after}")
 
 
 async def _ge(value: Awaitable[float], threshold: float) -> bool:
