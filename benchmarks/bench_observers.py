@@ -36,7 +36,7 @@ chat requests at a fixed concurrency.
     .venv/bin/python benchmarks/bench_observers.py --quick    # smoke run
     .venv/bin/python benchmarks/bench_observers.py --hooks    # the plugins' own hooks, in-process
     .venv/bin/python benchmarks/bench_observers.py --insitu   # per hook, chain phase and thread, in a live server
-    .venv/bin/python benchmarks/bench_observers.py --together 150 --rounds 10 --sets 3   # one open loop over all, same seconds
+    .venv/bin/python benchmarks/bench_observers.py --together 150 --rounds 6 --sets 4    # one open loop over all, same seconds
     .venv/bin/python benchmarks/bench_observers.py --together 150 --against /tmp/other-tree   # and before/after in that loop
     .venv/bin/python benchmarks/bench_observers.py --offsets 4 --sets 2   # identical processes: each one's own CPU offset
 """
