@@ -3,10 +3,11 @@
 Starts the demo upstream and one Sluice process (``server.workers: 1``; by default the
 chain of ten no-op plugins, so the chain, the ``on_done`` queue and stream parsing all
 run; ``--chain observers``: tracing, metrics, metering and drift at 100% sampling, spans
-exported over OTLP/HTTP to a sink here, the ledger counted at the end), drives it with one ``loadgen.py`` process in open loop (a fixed arrival rate, a
-mix of streamed and buffered chat completions), samples the process's RSS every few
-seconds, and reports the growth from the 1-minute mark (start-up and warm-up allocations
-done, pools filled) to the end. Issue 2's target: under 5% over 10 minutes.
+exported over OTLP/HTTP to a sink here, the ledger's rows counted after SIGTERM), drives
+it with one ``loadgen.py`` process in open loop (a fixed arrival rate, a mix of streamed
+and buffered chat completions), samples the process's RSS every few seconds, and reports
+the growth from the 1-minute mark (start-up and warm-up allocations done, pools filled)
+to the end. Issue 2's target: under 5% over 10 minutes.
 
     .venv/bin/python benchmarks/soak.py                     # 10 minutes
     .venv/bin/python benchmarks/soak.py --minutes 2 --rate 40 --chain empty
