@@ -291,6 +291,28 @@ def server_process(upstream: str, name: str, chain: list[dict[str, Any]], tmp: P
     return SluiceProcess(config(upstream, chain, name), tmp, env=PLUGIN_ENV if name.startswith("shape") else None)
 
 
+def round_differences(per: dict[str, list[float]], against: bool) -> dict[str, list[float]]:
+    """Each configuration's CPU per request minus the empty chain's, round by round; with an ``--against``
+    tree, its observers against its own empty chain, and the two trees' observers head to head (the same
+    minute's load on both)."""
+    diffs = {k: [a - b for a, b in zip(v, per["empty"])] for k, v in per.items() if k != "empty"}
+    if against:
+        diffs["observers (against)"] = [a - b for a, b in zip(per["observers (against)"], per["empty (against)"])]
+        diffs["observers minus observers (against), paired"] = [a - b for a, b in zip(per["observers"], per["observers (against)"])]
+    return diffs
+
+
+def quartiles(xs: list[float]) -> list[float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return [round(q[0], 1), round(q[2], 1)]
+
+
+def rotated(items: list[Any], k: int) -> list[Any]:
+    """``items`` starting at its ``k``-th (modulo its length): each set of processes starts another one first."""
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
 async def load(http: aiohttp.ClientSession, url: str, n: int, concurrency: int) -> list[float]:
     lat: list[float] = []
     todo = iter(range(n))
@@ -379,23 +401,12 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
     rounds *= sets  # every set's rounds pooled from here on
     n = rounds * per_round
 
-    def quartiles(xs: list[float]) -> list[float]:
-        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-        return [round(q[0], 1), round(q[2], 1)]
-
     med = {k: statistics.median(v) for k, v in per.items()}
     # the added CPU of a configuration: median over rounds of its difference from the empty chain in that round
-    added = {k: statistics.median(a - b for a, b in zip(v, per["empty"])) for k, v in per.items() if k != "empty"}
+    diffs = round_differences(per, against is not None)
+    added = {k: statistics.median(v) for k, v in diffs.items()}
     ratios = [a / b for a, b in zip(per["observers"], per["empty"])]
     own = statistics.median(a - b for a, b in zip(per["observers"], per["shape"]))
-    if against is not None:
-        # the other tree's observers against its own empty chain, round by round
-        added["observers (against)"] = statistics.median(
-            a - b for a, b in zip(per["observers (against)"], per["empty (against)"]))
-        added["empty (against)"] = statistics.median(a - b for a, b in zip(per["empty (against)"], per["empty"]))
-        # the two trees' observers head to head, round by round (the same minute's load on both)
-        added["observers minus observers (against), paired"] = statistics.median(
-            a - b for a, b in zip(per["observers"], per["observers (against)"]))
     return {
         "requests_per_config": n,
         "rounds": rounds,
@@ -405,8 +416,8 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
         "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "cpu_us_per_request_median": {k: round(v, 1) for k, v in med.items()},
         "added_cpu_us_per_request_median": {k: round(v, 1) for k, v in added.items()},
-        "added_observers_per_round": [round(a - b, 1) for a, b in zip(per["observers"], per["empty"])],
-        "added_observers_quartiles": quartiles([a - b for a, b in zip(per["observers"], per["empty"])]),
+        "added_observers_per_round": [round(x, 1) for x in diffs["observers"]],
+        "added_observers_quartiles": quartiles(diffs["observers"]),
         # other work on a shared machine only adds CPU (cache and core contention): each
         # configuration's quietest round is the nearest to its cost on an idle machine
         "cpu_us_per_request_min": {k: round(min(v), 1) for k, v in per.items()},
@@ -766,9 +777,10 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
     lat: dict[str, dict[str, list[float]]] = {}
     first_started: list[str] = []
     async with demo_upstream(0.0) as up, otlp_sink() as (sink, received):
-        chains = {"empty": [], "shape": SHAPE, "observers": observers(sink), "observers, no batch": observers(sink)}
+        every = observers(sink)
+        chains = {"empty": [], "shape": SHAPE, "observers": every, "observers, no batch": every}
         if against is not None:
-            chains.update({"empty (against)": [], "observers (against)": observers(sink)})
+            chains.update({"empty (against)": [], "observers (against)": every})
         if core:
             chains.update({"shape, one no-op observer": [SHAPE[2]], **SHAPE_VARIANTS})
         if sets % len(chains):
@@ -780,10 +792,9 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
                 # the start order rotates by set (balanced when --sets is a multiple of the configurations):
                 # the process started first cost a little more than the others (--offsets: above the round's
                 # mean in 10 sets of 10, by 0.1-1.1%)
-                items = list(chains.items())
-                turn = set_no % len(items)
-                first_started.append(items[turn][0])
-                for i, (name, chain) in enumerate(items[turn:] + items[:turn]):
+                order = rotated(list(chains.items()), set_no)
+                first_started.append(order[0][0])
+                for i, (name, chain) in enumerate(order):
                     procs[name] = await stack.enter_async_context(server_process(up, name, chain, tmp / f"s{set_no}c{i}", against))
                 cmd = open_loop_command(rate, list(procs.items()))
                 for r in range(rounds + 1):  # the first round warms up (imports, pools, first windows)
@@ -804,11 +815,7 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
                                 lat.setdefault(name, {}).setdefault(q, []).append(v["latency_ms"][q])
                         print(f"set {set_no + 1} round {r}: " + ", ".join(f"{k} {v['proxy']['cpu_us_per_request']:.1f}" for k, v in res.items()),
                               file=sys.stderr, flush=True)
-    diffs = {k: [a - b for a, b in zip(per[k], per["empty"])] for k in per if k != "empty" and not k.endswith("(against)")}
-    if against is not None:
-        diffs["observers (against)"] = [a - b for a, b in zip(per["observers (against)"], per["empty (against)"])]
-        diffs["observers minus observers (against), paired"] = [a - b for a, b in zip(per["observers"], per["observers (against)"])]
-    q = statistics.quantiles(diffs["observers"], n=4) if len(diffs["observers"]) > 1 else [diffs["observers"][0]] * 3
+    diffs = round_differences(per, against is not None)
     return {
         "mode": "together: one open loop over all configurations",
         "rate_per_config": rate,
@@ -818,7 +825,7 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
         "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "cpu_us_per_request_median": {k: round(statistics.median(v), 1) for k, v in per.items()},
         "added_cpu_us_per_request_median": {k: round(statistics.median(v), 1) for k, v in diffs.items()},
-        "added_observers_quartiles": [round(q[0], 1), round(q[2], 1)],
+        "added_observers_quartiles": quartiles(diffs["observers"]),
         "added_observers_per_round": [round(x, 1) for x in diffs["observers"]],
         "cpu_ratio_observers_vs_empty_median": round(statistics.median(a / b for a, b in zip(per["observers"], per["empty"])), 3),
         "first_started_per_set": first_started,
@@ -846,8 +853,7 @@ async def offsets(rate: float, n: int, seconds: float, rounds: int, sets: int, h
                     procs[f"p{i}"] = await stack.enter_async_context(SluiceProcess(config(up, []), tmp / f"s{set_no}p{i}", env=env))
                 # processes start in their order; loadgen's order of targets (which sets the order of its
                 # set-up and CPU reads; arrivals are shuffled) rotates by set
-                items = list(procs.items())
-                cmd = open_loop_command(rate, items[set_no % n:] + items[:set_no % n])
+                cmd = open_loop_command(rate, rotated(list(procs.items()), set_no))
                 rel: dict[str, list[float]] = {name: [] for name in procs}
                 for r in range(rounds + 1):  # the first round warms up
                     res = await open_loop_round(cmd, seconds)
@@ -867,7 +873,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--hooks", action="store_true", help="time the plugins' own hooks in-process")
-    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 15; --quick 3; --together 10)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 15; --quick 3; --together 10; --offsets 6)")
     ap.add_argument("--per-round", type=int, help="requests per configuration and round (default 300; --quick 200)")
     ap.add_argument("--each", action="store_true", help="also each observer alone (noisier: rounds take longer)")
     ap.add_argument("--core", action="store_true", help="also the shape with one core feature off at a time")
