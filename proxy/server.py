@@ -201,8 +201,7 @@ class Server:
         benchmarks/RESULTS.md).
         """
         if route.on_done:
-            batch_s = self.loaded.config.server.done_batch_ms / 1000
-            if batch_s and route.done_batched:
+            if route.done_batched and (batch_ms := self.loaded.config.server.done_batch_ms):
                 if route.done_at_once:
                     ch.run_done_sync(ctx, route, route.done_at_once)  # guards and transforms: now
                 gen.enter()  # the generation stays alive until its batch ran
@@ -210,7 +209,7 @@ class Server:
                 if len(self._batch) >= DONE_BATCH_MAX:
                     self.run_batch()
                 elif self._batch_timer is None:
-                    self._batch_timer = asyncio.get_running_loop().call_later(batch_s, self.run_batch)
+                    self._batch_timer = asyncio.get_running_loop().call_later(batch_ms / 1000, self.run_batch)
             else:
                 ch.run_done_sync(ctx, route)
         if self.loaded.config.server.access_log:
