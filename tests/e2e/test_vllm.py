@@ -28,6 +28,7 @@ import aiohttp
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.testing import SluiceProcess, SluiceServer
 
@@ -432,13 +433,12 @@ async def _scrapes(s: SluiceServer, upstream: str) -> float:
 
 async def _scrape_counts(s: SluiceServer) -> dict[str, float]:
     """The router's vLLM scrapes so far, by "upstream result" (ok, error, invalid)."""
-    text = await admin_get(s, "/metrics")
     counts: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("sluice_router_vllm_scrapes_total{"):
-            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
-            key = f"{labels['upstream'].strip(chr(34))} {labels['result'].strip(chr(34))}"
-            counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(await admin_get(s, "/metrics")):
+        for sample in family.samples:
+            if sample.name == "sluice_router_vllm_scrapes_total":
+                key = f"{sample.labels['upstream']} {sample.labels['result']}"
+                counts[key] = counts.get(key, 0.0) + sample.value
     return counts
 
 
