@@ -24,10 +24,11 @@ difference of the two percentiles (target p99 minus direct p99), and request by 
 (each proxied request minus the direct request of its own arrival cycle, then the
 percentile of those differences; each difference still carries the direct request's own
 jitter, but the difference of two p99s can come out negative when the direct path's tail
-is the noisier one, and a ratio to a negative baseline is then reported as none). Peak RSS at the end. Figures are medians
-over rounds; ratios are against the baseline, computed per round then taken as
-medians. Each load runs in its own ``loadgen.py`` process so the client's CPU never
-counts as a proxy's, and each proxy's CPU is read from its own process tree.
+is the noisier one, and a ratio to a negative baseline is then reported as none). Peak
+RSS at the end. Figures are medians over rounds; ratios are against the baseline,
+computed per round then taken as medians. Each load runs in its own ``loadgen.py``
+process so the client's CPU never counts as a proxy's, and each proxy's CPU is read from
+its own process tree.
 
     .venv/bin/python benchmarks/run_core.py                 # full run: 3 sets of fresh processes x 3 rounds, about 7 minutes
     .venv/bin/python benchmarks/run_core.py --quick         # under a minute, a smoke run
