@@ -207,14 +207,15 @@ def failure(ctx: Context, plugin: Plugin, phase: str, exc: BaseException) -> Pro
 async def run_request(ctx: Context, route: CompiledRoute) -> None:
     """on_request in chain order until a plugin answers; errors become early answers."""
     hooks = route._by_pos["on_request"]
-    timed = route.timed
+    timings = ctx.timings.plugins
+    # timed: one clock reading ends a hook's time and starts the next one's
+    t0 = clock() if route.timed else 0.0
     for pos, hook in enumerate(hooks):
         ctx.passed = pos + 1
         if hook is None:
             continue
         plugin, fn, is_async, key = hook
         ctx._current = plugin.id
-        t0 = clock() if timed else 0.0
         try:
             r = fn(ctx)
             if is_async:
@@ -225,7 +226,9 @@ async def run_request(ctx: Context, route: CompiledRoute) -> None:
                 answer_error(ctx, err)
         finally:
             if t0:
-                _record(ctx, key, t0)
+                t1 = clock()
+                timings[key] = timings.get(key, 0.0) + (t1 - t0)
+                t0 = t1
         if ctx.reply_value is not None:
             return
     ctx._current = None
@@ -355,22 +358,24 @@ def _done_failed(ctx: Context, plugin: Plugin, exc: Exception) -> None:
 def run_done_sync(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None = None) -> None:
     """``run_done`` for a route whose on_done hooks are all plain functions (``done_inline``): all of
     them, or ``hooks`` (the route's ``done_at_once`` or ``done_batched``)."""
-    timed = route.timed
+    timings = ctx.timings.plugins
+    t0 = clock() if route.timed else 0.0  # as in run_request: one reading ends a hook and starts the next
     for plugin, fn, _, key in route.on_done if hooks is None else hooks:
-        t0 = clock() if timed else 0.0
         try:
             fn(ctx)
         except Exception as exc:
             _done_failed(ctx, plugin, exc)
         finally:
             if t0:
-                _record(ctx, key, t0)
+                t1 = clock()
+                timings[key] = timings.get(key, 0.0) + (t1 - t0)
+                t0 = t1
 
 
 async def run_done(ctx: Context, route: CompiledRoute) -> None:
-    timed = route.timed
+    timings = ctx.timings.plugins
+    t0 = clock() if route.timed else 0.0  # as in run_request: one reading ends a hook and starts the next
     for plugin, fn, is_async, key in route.on_done:
-        t0 = clock() if timed else 0.0
         try:
             r = fn(ctx)
             if is_async:
@@ -379,4 +384,6 @@ async def run_done(ctx: Context, route: CompiledRoute) -> None:
             _done_failed(ctx, plugin, exc)
         finally:
             if t0:
-                _record(ctx, key, t0)
+                t1 = clock()
+                timings[key] = timings.get(key, 0.0) + (t1 - t0)
+                t0 = t1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 from typing import Any, ClassVar
 
 import httpx
@@ -467,6 +468,54 @@ async def test_hook_timings_only_when_a_plugin_of_the_route_wants_them(upstream,
     timed, untimed = Timed.seen
     assert set(timed) == {"chunky.on_chunk"} and timed["chunky.on_chunk"] > 0  # its own on_done is timed after it ran
     assert untimed == {}
+
+
+SPIN_S = 0.03
+
+
+def spin(seconds: float) -> None:
+    """CPU work for ``seconds`` (a hook that costs something), not a wait for anything."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+class Busy(Plugin):
+    name = "busy"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        spin(SPIN_S)
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        spin(SPIN_S)
+
+
+class Quick(Plugin):
+    name = "quick"
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        return None
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        return None
+
+
+async def test_each_hook_is_timed_apart_from_its_neighbours(upstream, http, tmp_path):
+    """One clock reading ends a hook's time and starts the next one's: a costly hook's time is its own,
+    not its neighbour's, in both phases."""
+    Timed.seen.clear()
+    with register_plugin(Timed), register_plugin(Busy), register_plugin(Quick):
+        async with SluiceServer(route(upstream, [{"busy": {}}, {"quick": {}}, {"timed": {}}]), tmp_path) as s:
+            await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            await s.wait_idle()
+    (seen,) = Timed.seen
+    assert set(seen) == {"busy.on_request", "quick.on_request", "busy.on_done", "quick.on_done"}
+    assert seen["busy.on_request"] >= SPIN_S and seen["busy.on_done"] >= SPIN_S
+    assert 0 < seen["quick.on_request"] < SPIN_S and 0 < seen["quick.on_done"] < SPIN_S
 
 
 async def test_expect_100_continue_is_answered_before_the_body(upstream, tmp_path):
