@@ -183,7 +183,7 @@ class Context:
 
     __slots__ = (
         "request_id", "route", "method", "path", "query", "headers", "raw", "_client_ip", "_peer",
-        "_body", "_body_changed", "identity", "targets", "upstream", "response",
+        "_body", "_body_changed", "_model", "_stream", "identity", "targets", "upstream", "response",
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
         "status", "error", "_current", "passed", "stream_events", "stream_bytes",
@@ -217,6 +217,9 @@ class Context:
         self._peer: Any = None
         self._body: Any = _UNPARSED
         self._body_changed = False
+        #: ``model`` and ``stream``, found on first read (every observer reads them); a body assigned back resets them
+        self._model: Any = _UNPARSED
+        self._stream: Any = _UNPARSED
         #: who is calling (set by auth)
         self.identity: Identity | None = None
         #: where to send the request, in order of preference (set by routing)
@@ -319,6 +322,7 @@ class Context:
     def body(self, value: Any) -> None:
         self._body = value
         self._body_changed = True
+        self._model = self._stream = _UNPARSED
 
     @property
     def body_changed(self) -> bool:
@@ -355,16 +359,24 @@ class Context:
 
     @property
     def model(self) -> str | None:
-        """The ``model`` the client asked for (``None`` when the body has none)."""
-        m = self._json_field("model")
-        return m if isinstance(m, str) else None
+        """The ``model`` the client asked for (``None`` when the body has none); found once, and again after ``ctx.body = ...``."""
+        m = self._model
+        if m is _UNPARSED:
+            m = self._json_field("model")
+            m = self._model = m if isinstance(m, str) else None
+        return m
 
     @property
     def stream(self) -> bool:
-        """Whether the client asked for a streamed answer."""
-        if self._body is _UNPARSED and b"stream" not in self.raw and b"\\u" not in self.raw:
-            return False  # the key cannot be there, even escaped: no parse needed
-        return self._json_field("stream") is True
+        """Whether the client asked for a streamed answer; found once, and again after ``ctx.body = ...``."""
+        s = self._stream
+        if s is _UNPARSED:
+            if self._body is _UNPARSED and b"stream" not in self.raw and b"\\u" not in self.raw:
+                s = False  # the key cannot be there, even escaped: no parse needed
+            else:
+                s = self._json_field("stream") is True
+            self._stream = s
+        return s
 
     @property
     def endpoint(self) -> str:

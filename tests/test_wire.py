@@ -67,6 +67,21 @@ def test_stream_flag_without_a_parse_unless_the_key_may_be_there():
     assert off.stream is False and off.model == "m"
 
 
+def test_model_and_stream_follow_the_body_assigned_back():
+    from proxy.context import Context
+
+    ctx = Context(request_id="r", method="POST", path="/v1/chat/completions", raw=b'{"model": "a", "stream": false}')
+    assert (ctx.model, ctx.stream) == ("a", False)
+    body = ctx.body
+    body["model"], body["stream"] = "b", True
+    ctx.body = body
+    assert (ctx.model, ctx.stream) == ("b", True)
+    ctx.body = {"model": 7}
+    assert (ctx.model, ctx.stream) == (None, False)
+    ctx.body = None
+    assert (ctx.model, ctx.stream) == (None, False)
+
+
 
 def test_request_ids_are_unique_and_time_ordered():
     import time
