@@ -83,11 +83,11 @@ def status_class(status: int | None) -> str:
 
 
 def route_name(ctx: Context) -> str:
+    """The route's name (a compiled route's is its config name or its path prefix), ``none`` without one."""
     route = ctx.route
     if route is None:
         return "none"
-    name = getattr(route, "name", None) or getattr(route, "prefix", None)
-    return str(name) if name else "none"
+    return route.name or route.prefix or "none"
 
 
 class LabelLimiter:
