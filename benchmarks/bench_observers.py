@@ -38,7 +38,9 @@ chat requests at a fixed concurrency.
     .venv/bin/python benchmarks/bench_observers.py --insitu   # per hook, chain phase and thread, in a live server
     .venv/bin/python benchmarks/bench_observers.py --together 150 --rounds 6 --sets 4    # one open loop over all, same seconds
     .venv/bin/python benchmarks/bench_observers.py --together 150 --against /tmp/other-tree   # and before/after in that loop
+    .venv/bin/python benchmarks/bench_observers.py --together 150 --pair --sets 4   # only the empty chain and the observers
     .venv/bin/python benchmarks/bench_observers.py --offsets 4 --sets 2   # identical processes: each one's own CPU offset
+    .venv/bin/python benchmarks/bench_observers.py --calls    # calls per request on the loop's thread, per configuration
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -68,6 +71,7 @@ from bench_traffic import demo_upstream, pct  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from proxy import Context, Plugin, PluginConfig, hookimpl  # noqa: E402
+from proxy.config import StateConfig  # noqa: E402
 from proxy.testing import SluiceProcess  # noqa: E402
 
 #: the "shape" Sluice process loads this module for the SHAPE plugins
@@ -331,12 +335,17 @@ async def load(http: aiohttp.ClientSession, url: str, n: int, concurrency: int) 
     return lat
 
 
-async def settle(pid: int, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
+#: how long the ledger's rows wait for the writer (``state.flush_interval_ms``, the default)
+WRITER_INTERVAL_S = StateConfig.model_fields["flush_interval_ms"].default / 1000
+
+
+async def settle(pid: int, quiet_s: float = WRITER_INTERVAL_S + 0.2, limit_s: float = 8.0) -> None:
     """Wait until the process stops burning CPU (its on_done queue, writer and exporter caught up).
 
     Quiet means under 2 ms of CPU in ``quiet_s``: more than a second ticking of idle timers
-    costs, less than one request. ``quiet_s`` is longer than the ledger writer's interval
-    (200 ms), so its last batch falls inside the measurement.
+    costs, less than one request. ``quiet_s`` is longer than the ledger writer's interval,
+    so the writer's batch of the round's rows falls inside the round's measurement, not
+    into another configuration's turn.
     """
     deadline = time.monotonic() + limit_s
     last = cpu_ns(pid)[0]
@@ -603,6 +612,84 @@ async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -
     return out
 
 
+def serve_profiled(config_path: str, ready_file: str, out: str) -> int:
+    """``sluice serve`` with the event loop's thread under cProfile: SIGUSR1 starts counting, SIGUSR2
+    writes the stats to ``out`` (started by ``--calls`` as a child process)."""
+    import cProfile
+    import signal
+
+    from proxy.server import serve
+
+    prof = cProfile.Profile()
+
+    def end(*_: Any) -> None:
+        prof.disable()
+        prof.dump_stats(out + ".tmp")
+        os.replace(out + ".tmp", out)
+
+    signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+    signal.signal(signal.SIGUSR2, end)
+    return serve(config_path, ready_file=ready_file)
+
+
+class ProfiledProcess(SluiceProcess):
+    def __init__(self, config: dict[str, Any], tmp: Path, env: dict[str, str] | None) -> None:
+        super().__init__(config, tmp, env=env)
+        self.out = tmp / "calls.pstats"
+
+    def command(self, ready: Path) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--serve-profiled", str(self.config_path), str(ready), str(self.out)]
+
+
+async def calls(per_round: int = 2000, concurrency: int = 8, top: int = 25) -> dict[str, Any]:
+    """Python and built-in calls per request on the event loop's thread of a live server: the empty
+    chain, the shape and the observers, each loaded alone (3 buffered : 1 streamed).
+
+    A count of calls does not depend on the machine's speed, so a change to the request path
+    shows in it at once where CPU figures need many rounds; it says nothing of what a call
+    costs. Requests are counted by the core's request ids. The exporter's and the ledger
+    writer's threads are not counted.
+    """
+    import pstats
+    import signal
+
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-calls-"))
+    out: dict[str, Any] = {"requests_per_configuration": per_round, "concurrency": concurrency}
+    per_fn: dict[str, dict[str, float]] = {}
+    async with demo_upstream(0.0) as up, otlp_sink() as (sink, _):
+        chains = {"empty": [], "shape": SHAPE, "observers": observers(sink)}
+        for i, (name, chain) in enumerate(chains.items()):
+            env = PLUGIN_ENV if name == "shape" else None
+            async with ProfiledProcess(config(up, chain, name), tmp / f"c{i}", env) as p:
+                async with aiohttp.ClientSession() as http:
+                    await load(http, p.url, 300, concurrency)  # warm up: imports, pools, first windows
+                    await settle(p.pid)
+                    os.kill(p.pid, signal.SIGUSR1)
+                    await load(http, p.url, per_round, concurrency)
+                    await settle(p.pid)  # the last on_done batch runs inside the count
+                    os.kill(p.pid, signal.SIGUSR2)
+                    async with asyncio.timeout(30):
+                        while not p.out.exists():
+                            await asyncio.sleep(0.02)  # the child writes the file at SIGUSR2
+            stats = pstats.Stats(str(p.out)).stats  # type: ignore[attr-defined]
+            n = sum(v[1] for (f, _, fn), v in stats.items() if fn == "new_request_id" and f.endswith("handler.py"))
+            if n != per_round:
+                raise RuntimeError(f"{name}: counted {n} request ids for {per_round} requests")
+            fns: dict[str, float] = {}
+            for (f, line, fn), v in stats.items():
+                # built-ins by name (a type's address differs between processes), Python functions by file and line
+                where = re.sub(r" at 0x[0-9a-f]+", "", fn) if f == "~" else f"{Path(f).parent.name}/{Path(f).name}:{line}:{fn}"
+                fns[where] = fns.get(where, 0.0) + v[1] / n
+            per_fn[name] = fns
+    out["calls_per_request"] = {k: round(sum(v.values()), 1) for k, v in per_fn.items()}
+    out["python_calls_per_request"] = {k: round(sum(c for f, c in v.items() if ":" in f), 1) for k, v in per_fn.items()}
+    for a, b in (("empty", "shape"), ("shape", "observers")):
+        diff = {f: per_fn[b].get(f, 0.0) - per_fn[a].get(f, 0.0) for f in set(per_fn[a]) | set(per_fn[b])}
+        biggest = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:top]
+        out[f"{b} minus {a}, largest differences"] = {f: round(d, 2) for f, d in biggest if abs(d) >= 0.005}
+    return out
+
+
 RESPONSE = orjson.dumps({
     "id": "chatcmpl-0123456789abcdef", "object": "chat.completion", "created": 1700000000, "model": "sluice-demo",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hamlet avenges his father. " * 4}, "finish_reason": "stop"}],
@@ -756,7 +843,7 @@ async def open_loop_round(cmd: list[str], seconds: float) -> dict[str, Any]:
 
 
 async def together(rate: float, seconds: float, rounds: int, sets: int, against: Path | None = None,
-                   core: bool = False) -> dict[str, Any]:
+                   core: bool = False, pair: bool = False) -> dict[str, Any]:
     """The empty chain, the shape and the observers (with and without ``server.done_batch_ms``) under one
     open-loop load, arrivals interleaved.
 
@@ -768,7 +855,9 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
     window: whatever the machine does then falls on all of them. 1 request in 4 is streamed,
     without ``stream_options`` (as the main mode's clients: metering adds it). With
     ``against``, that tree's empty chain and observers join the same loop; with ``core``, the
-    shape's variants (``--core``) and a route with one no-op observer.
+    shape's variants (``--core``) and a route with one no-op observer. With ``pair``, only the
+    empty chain and the observers (and ``against``'s two): fewer processes share the machine's
+    two cores with the load generator and the upstream.
     """
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-observers-"))
     load_before = os.getloadavg()
@@ -778,7 +867,8 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
     first_started: list[str] = []
     async with demo_upstream(0.0) as up, otlp_sink() as (sink, received):
         every = observers(sink)
-        chains = {"empty": [], "shape": SHAPE, "observers": every, "observers, no batch": every}
+        chains = {"empty": [], "observers": every} if pair else {
+            "empty": [], "shape": SHAPE, "observers": every, "observers, no batch": every}
         if against is not None:
             chains.update({"empty (against)": [], "observers (against)": every})
         if core:
@@ -884,22 +974,33 @@ if __name__ == "__main__":
     ap.add_argument("--insitu", action="store_true", help="thread CPU per hook, chain phase and thread in a live server")
     ap.add_argument("--together", type=float, metavar="RATE", help="instead: all configurations under one open loop, "
                     "RATE requests per second each, arrivals interleaved (with --rounds, --sets, --seconds)")
+    ap.add_argument("--pair", action="store_true", help="--together: only the empty chain and the observers "
+                    "(and --against's two), so fewer processes share the machine")
     ap.add_argument("--seconds", type=float, default=4.0, help="--together, --offsets: measured seconds per round")
     ap.add_argument("--offsets", type=int, metavar="N", help="instead: N identical empty-chain processes under one open loop "
                     "at 150 requests a second each: every one's CPU per request against the round's mean")
     ap.add_argument("--hashseed", help="--offsets: every process's PYTHONHASHSEED (default: random)")
+    ap.add_argument("--calls", action="store_true", help="calls per request on the loop's thread of a live server, "
+                    "per configuration (cProfile's counts: independent of the machine's speed)")
     ap.add_argument("--serve-instrumented", nargs=3, metavar=("CONFIG", "READY", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve-profiled", nargs=3, metavar=("CONFIG", "READY", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_instrumented:
         sys.exit(serve_instrumented(*args.serve_instrumented))
+    if args.serve_profiled:
+        sys.exit(serve_profiled(*args.serve_profiled))
     if args.hashseed is not None and args.offsets is None:
         ap.error("--hashseed is for --offsets")
     if args.offsets is not None and args.together is not None:
         ap.error("--offsets and --together are separate runs")
+    if args.pair and (args.together is None or args.core):
+        ap.error("--pair is for --together, without --core")
     if args.sets < 1 or (args.rounds is not None and args.rounds < 1) or args.seconds <= 0:
         ap.error("--sets and --rounds must be at least 1, --seconds positive")
     if args.hooks:
         result = asyncio.run(hooks())
+    elif args.calls:
+        result = asyncio.run(calls())
     elif args.insitu:
         result = asyncio.run(insitu())
     elif args.offsets is not None:
@@ -909,7 +1010,8 @@ if __name__ == "__main__":
     elif args.together is not None:
         if args.together <= 0:
             ap.error("--together needs a positive rate")
-        result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets, args.against, args.core))
+        result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets, args.against, args.core,
+                                          args.pair))
     else:
         result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against, args.sets))
     print(json.dumps(result, indent=2))
