@@ -306,7 +306,8 @@ class Context:
         """The request body parsed as JSON (lazily, once); ``None`` for an empty body.
 
         Raises a 400 :class:`ProxyError` when a plugin needs it and it is not JSON.
-        After changing it, assign it back (``ctx.body = body``) so it is sent.
+        After changing it, assign it back (``ctx.body = body``) so it is sent, and so
+        ``ctx.model`` and ``ctx.stream`` see the change.
         """
         if self._body is _UNPARSED:
             if not self.raw:
