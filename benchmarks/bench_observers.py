@@ -39,6 +39,7 @@ chat requests at a fixed concurrency.
     .venv/bin/python benchmarks/bench_observers.py --together 150 --rounds 6 --sets 4    # one open loop over all, same seconds
     .venv/bin/python benchmarks/bench_observers.py --together 150 --against /tmp/other-tree   # and before/after in that loop
     .venv/bin/python benchmarks/bench_observers.py --together 150 --pair --sets 4   # only the empty chain and the observers
+    .venv/bin/python benchmarks/bench_observers.py --together 150 --pair --pin --sets 4   # and Sluice on a CPU of its own
     .venv/bin/python benchmarks/bench_observers.py --offsets 4 --sets 2   # identical processes: each one's own CPU offset
     .venv/bin/python benchmarks/bench_observers.py --calls    # calls per request on the loop's thread, per configuration
 """
@@ -71,6 +72,7 @@ from bench_traffic import demo_upstream, pct  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from proxy import Context, Plugin, PluginConfig, hookimpl  # noqa: E402
+from plugins.tracing import Tracing  # noqa: E402
 from proxy.config import StateConfig  # noqa: E402
 from proxy.testing import SluiceProcess  # noqa: E402
 
@@ -311,6 +313,12 @@ def quartiles(xs: list[float]) -> list[float]:
     return [round(q[0], 1), round(q[2], 1)]
 
 
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` onto ``cpus`` (threads it starts later inherit its main thread's)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 def rotated(items: list[Any], k: int) -> list[Any]:
     """``items`` starting at its ``k``-th (modulo its length): each set of processes starts another one first."""
     k %= len(items)
@@ -335,17 +343,19 @@ async def load(http: aiohttp.ClientSession, url: str, n: int, concurrency: int) 
     return lat
 
 
-#: how long the ledger's rows wait for the writer (``state.flush_interval_ms``, the default)
-WRITER_INTERVAL_S = StateConfig.model_fields["flush_interval_ms"].default / 1000
+#: the longest a finished request's work waits on a background thread, by default: the ledger's rows
+#: for the writer (``state.flush_interval_ms``) and the spans for the exporter (tracing's ``schedule_delay_ms``)
+BACKGROUND_WAIT_S = max(StateConfig.model_fields["flush_interval_ms"].default,
+                        Tracing.Config.model_fields["schedule_delay_ms"].default) / 1000
 
 
-async def settle(pid: int, quiet_s: float = WRITER_INTERVAL_S + 0.2, limit_s: float = 8.0) -> None:
+async def settle(pid: int, quiet_s: float = BACKGROUND_WAIT_S + 0.2, limit_s: float = 8.0) -> None:
     """Wait until the process stops burning CPU (its on_done queue, writer and exporter caught up).
 
     Quiet means under 2 ms of CPU in ``quiet_s``: more than a second ticking of idle timers
-    costs, less than one request. ``quiet_s`` is longer than the ledger writer's interval,
-    so the writer's batch of the round's rows falls inside the round's measurement, not
-    into another configuration's turn.
+    costs, less than one request. ``quiet_s`` is longer than the ledger writer's interval and
+    the span exporter's delay, so their batches of the round's rows and spans fall inside the
+    round's measurement, not into another configuration's turn.
     """
     deadline = time.monotonic() + limit_s
     last = cpu_ns(pid)[0]
@@ -843,7 +853,7 @@ async def open_loop_round(cmd: list[str], seconds: float) -> dict[str, Any]:
 
 
 async def together(rate: float, seconds: float, rounds: int, sets: int, against: Path | None = None,
-                   core: bool = False, pair: bool = False) -> dict[str, Any]:
+                   core: bool = False, pair: bool = False, pin: bool = False) -> dict[str, Any]:
     """The empty chain, the shape and the observers (with and without ``server.done_batch_ms``) under one
     open-loop load, arrivals interleaved.
 
@@ -857,8 +867,16 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
     ``against``, that tree's empty chain and observers join the same loop; with ``core``, the
     shape's variants (``--core``) and a route with one no-op observer. With ``pair``, only the
     empty chain and the observers (and ``against``'s two): fewer processes share the machine's
-    two cores with the load generator and the upstream.
+    two cores with the load generator and the upstream. With ``pin``, every Sluice process runs on
+    the last CPU, and this process, the load generator and the upstream on the others: Sluice's
+    processes never migrate between CPUs, nor share one with the load.
     """
+    if pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least two CPUs")
+        sluice_cpus, other_cpus = {cpus[-1]}, set(cpus[:-1])
+        os.sched_setaffinity(0, other_cpus)  # this thread, and what it starts from now: the upstream, loadgen
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-observers-"))
     load_before = os.getloadavg()
     per: dict[str, list[float]] = {}
@@ -886,6 +904,8 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
                 first_started.append(order[0][0])
                 for i, (name, chain) in enumerate(order):
                     procs[name] = await stack.enter_async_context(server_process(up, name, chain, tmp / f"s{set_no}c{i}", against))
+                    if pin:
+                        pin_threads(procs[name].pid, sluice_cpus)
                 cmd = open_loop_command(rate, list(procs.items()))
                 for r in range(rounds + 1):  # the first round warms up (imports, pools, first windows)
                     before = {name: thread_cpu_ns(p.pid) for name, p in procs.items()}
@@ -923,6 +943,7 @@ async def together(rate: float, seconds: float, rounds: int, sets: int, against:
             k: {name: round(statistics.median(v), 1) for name, v in sorted(th.items())} for k, th in threads.items()},
         "latency_ms_median_of_rounds": {k: {q: round(statistics.median(v), 3) for q, v in qs.items()} for k, qs in lat.items()},
         "otlp_exports": received[0],
+        "pinned": pin,
     }
 
 
@@ -976,6 +997,8 @@ if __name__ == "__main__":
                     "RATE requests per second each, arrivals interleaved (with --rounds, --sets, --seconds)")
     ap.add_argument("--pair", action="store_true", help="--together: only the empty chain and the observers "
                     "(and --against's two), so fewer processes share the machine")
+    ap.add_argument("--pin", action="store_true", help="--together: the Sluice processes on the last CPU, the load "
+                    "generator and the upstream on the others")
     ap.add_argument("--seconds", type=float, default=4.0, help="--together, --offsets: measured seconds per round")
     ap.add_argument("--offsets", type=int, metavar="N", help="instead: N identical empty-chain processes under one open loop "
                     "at 150 requests a second each: every one's CPU per request against the round's mean")
@@ -995,6 +1018,11 @@ if __name__ == "__main__":
         ap.error("--offsets and --together are separate runs")
     if args.pair and (args.together is None or args.core):
         ap.error("--pair is for --together, without --core")
+    if args.pin and args.together is None:
+        ap.error("--pin is for --together")
+    if args.calls and (args.together is not None or args.offsets is not None or args.hooks or args.insitu
+                       or args.rounds is not None or args.sets != 1 or args.against is not None):
+        ap.error("--calls is a run of its own (no --together, --offsets, --hooks, --insitu, --rounds, --sets or --against)")
     if args.sets < 1 or (args.rounds is not None and args.rounds < 1) or args.seconds <= 0:
         ap.error("--sets and --rounds must be at least 1, --seconds positive")
     if args.hooks:
@@ -1011,7 +1039,7 @@ if __name__ == "__main__":
         if args.together <= 0:
             ap.error("--together needs a positive rate")
         result = asyncio.run(together(args.together, args.seconds, args.rounds or 10, args.sets, args.against, args.core,
-                                          args.pair))
+                                          args.pair, args.pin))
     else:
         result = asyncio.run(main(args.quick, args.rounds, args.per_round, args.each, args.core, args.against, args.sets))
     print(json.dumps(result, indent=2))
