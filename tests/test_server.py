@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from typing import Any
 
 import httpx
@@ -199,3 +200,36 @@ async def test_inline_on_done_runs_in_batches_in_order_and_before_admin_reads_an
             assert DoneLog.seen[-1] != last
         # stopping (drain) runs what waits: nothing is lost
         assert DoneLog.seen == ids + more + [last]
+
+
+async def _until(cond: Any, timeout: float) -> None:
+    """Poll ``cond`` until it holds (a condition with a deadline, not a fixed wait)."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_batch_past_its_interval_runs_when_the_next_request_finishes_and_a_lone_one_on_a_later_timer(upstream, tmp_path):
+    from proxy.server import DONE_BATCH_IDLE
+
+    interval = 0.3
+    DoneLog.seen = []
+    conf = {"server": {"done_batch_ms": interval * 1000}, "upstreams": {"u": {"url": upstream.url}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"donelog": {}}]}]}
+    with register_plugin(DoneLog):
+        async with SluiceServer(conf, tmp_path) as s, httpx.AsyncClient() as http:
+            first = (await http.get(f"{s.url}/models")).headers["x-request-id"]
+            t0 = time.perf_counter()
+            await _until(lambda: time.perf_counter() - t0 >= interval, 5)
+            # the interval passed with no timer fired (it would at DONE_BATCH_IDLE intervals): the next
+            # request to finish runs the batch, itself included
+            assert DoneLog.seen == []
+            second = (await http.get(f"{s.url}/models")).headers["x-request-id"]
+            assert DoneLog.seen == [first, second], "the batch should have run as the second request finished"
+            # alone, a batch waits for the timer: not at one interval, at DONE_BATCH_IDLE of them
+            third = (await http.get(f"{s.url}/models")).headers["x-request-id"]
+            t1 = time.perf_counter()
+            await _until(lambda: time.perf_counter() - t1 >= 2 * interval, 5)
+            assert DoneLog.seen == [first, second]
+            await _until(lambda: DoneLog.seen == [first, second, third], 10)
+            assert time.perf_counter() - t1 >= (DONE_BATCH_IDLE - 0.5) * interval
