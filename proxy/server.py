@@ -74,8 +74,6 @@ class Server:
         #: finished requests whose inline on_done waits for the next batch (server.done_batch_ms)
         self._batch: list[tuple[Context, ch.CompiledRoute, ch.Generation]] = []
         self._batch_timer: asyncio.TimerHandle | None = None
-        #: when the first request of the waiting batch finished (perf_counter)
-        self._batch_since = 0.0
 
     # -- life cycle ---------------------------------------------------------
     async def _apply_demo(self, loaded: LoadedConfig) -> LoadedConfig:
@@ -219,11 +217,10 @@ class Server:
                     ch.run_done_sync(ctx, route, route.done_at_once)  # guards and transforms: now
                 gen.enter()  # the generation stays alive until its batch ran
                 batch = self._batch
-                now = time.perf_counter()
-                if not batch:
-                    self._batch_since = now
                 batch.append((ctx, route, gen))
-                if len(batch) >= DONE_BATCH_MAX or (now - self._batch_since) * 1000 >= batch_ms:
+                # how long the batch's first request has waited: the handler set timings.end before done_now
+                waited = ctx.timings.end - batch[0][0].timings.end  # type: ignore[operator]
+                if len(batch) >= DONE_BATCH_MAX or waited * 1000 >= batch_ms:
                     self.run_batch()
                 elif self._batch_timer is None:
                     self._batch_timer = asyncio.get_running_loop().call_later(batch_ms * DONE_BATCH_IDLE / 1000, self.run_batch)
