@@ -183,10 +183,13 @@ async def _quietly(aw: Any) -> None:
 # -- running hooks ---------------------------------------------------------
 
 
-def _record(ctx: Context, key: str, t0: float) -> None:
-    """Add a timed hook's duration (callers check ``t0`` first: untimed hooks cost no call)."""
-    timings = ctx.timings.plugins
-    timings[key] = timings.get(key, 0.0) + (time.perf_counter() - t0)
+def _lap(timings: dict[str, float], key: str, t0: float) -> float:
+    """Add a timed hook's time since ``t0`` to ``timings`` and return the clock reading that ended it:
+    a loop of hooks passes it on as the next hook's start, one reading per hook. Callers check ``t0``
+    first: untimed hooks cost no call."""
+    t1 = clock()
+    timings[key] = timings.get(key, 0.0) + (t1 - t0)
+    return t1
 
 
 def failure(ctx: Context, plugin: Plugin, phase: str, exc: BaseException) -> ProxyError | None:
@@ -208,7 +211,7 @@ async def run_request(ctx: Context, route: CompiledRoute) -> None:
     """on_request in chain order until a plugin answers; errors become early answers."""
     hooks = route._by_pos["on_request"]
     timings = ctx.timings.plugins
-    # timed: one clock reading ends a hook's time and starts the next one's
+    # timed: one clock reading ends a hook's time and starts the next one's (_lap)
     t0 = clock() if route.timed else 0.0
     for pos, hook in enumerate(hooks):
         ctx.passed = pos + 1
@@ -226,9 +229,7 @@ async def run_request(ctx: Context, route: CompiledRoute) -> None:
                 answer_error(ctx, err)
         finally:
             if t0:
-                t1 = clock()
-                timings[key] = timings.get(key, 0.0) + (t1 - t0)
-                t0 = t1
+                t0 = _lap(timings, key, t0)
         if ctx.reply_value is not None:
             return
     ctx._current = None
@@ -257,7 +258,7 @@ async def run_response(ctx: Context, route: CompiledRoute) -> None:
                 ctx.answer_reason = err.reason
         finally:
             if t0:
-                _record(ctx, key, t0)
+                _lap(ctx.timings.plugins, key, t0)
 
 
 class StreamError(Exception):
@@ -313,7 +314,7 @@ class ChunkPipeline:
                 else:
                     nxt.extend(r)
             if t0:
-                _record(ctx, key, t0)
+                _lap(ctx.timings.plugins, key, t0)
             out = nxt
         return out
 
@@ -334,7 +335,7 @@ class ChunkPipeline:
                     raise StreamError(err) from None
                 r = None
             if t0:
-                _record(ctx, key, t0)
+                _lap(ctx.timings.plugins, key, t0)
             if r:
                 out.extend(await self.push(r, start))
         return out
@@ -367,9 +368,7 @@ def run_done_sync(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None =
             _done_failed(ctx, plugin, exc)
         finally:
             if t0:
-                t1 = clock()
-                timings[key] = timings.get(key, 0.0) + (t1 - t0)
-                t0 = t1
+                t0 = _lap(timings, key, t0)
 
 
 async def run_done(ctx: Context, route: CompiledRoute) -> None:
@@ -384,6 +383,4 @@ async def run_done(ctx: Context, route: CompiledRoute) -> None:
             _done_failed(ctx, plugin, exc)
         finally:
             if t0:
-                t1 = clock()
-                timings[key] = timings.get(key, 0.0) + (t1 - t0)
-                t0 = t1
+                t0 = _lap(timings, key, t0)
