@@ -52,6 +52,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -469,7 +470,6 @@ def serve_instrumented(config_path: str, ready_file: str, out: str) -> int:
     """
     import functools
     import inspect
-    import signal
     import threading
 
     import proxy.chain as chain_module
@@ -560,13 +560,28 @@ def serve_instrumented(config_path: str, ready_file: str, out: str) -> int:
     return serve(config_path, ready_file=ready_file)
 
 
-class InstrumentedProcess(SluiceProcess):
-    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
-        super().__init__(config, tmp, env=PLUGIN_ENV)
-        self.out = tmp / "insitu.json"
+class CountingProcess(SluiceProcess):
+    """``sluice serve`` through this file's ``mode`` (``--serve-instrumented``, ``--serve-profiled``): SIGUSR1
+    starts counting, :meth:`dump` has the child write what it counted to ``out`` and waits for the file."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path, mode: str, out: str, env: dict[str, str] | None = PLUGIN_ENV) -> None:
+        super().__init__(config, tmp, env=env)
+        self.mode = mode
+        self.out = tmp / out
 
     def command(self, ready: Path) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "--serve-instrumented", str(self.config_path), str(ready), str(self.out)]
+        return [sys.executable, str(Path(__file__).resolve()), self.mode, str(self.config_path), str(ready), str(self.out)]
+
+    def start_counting(self) -> None:
+        os.kill(self.pid, signal.SIGUSR1)
+
+    async def dump(self, timeout: float = 30.0) -> Path:
+        self.out.unlink(missing_ok=True)
+        os.kill(self.pid, signal.SIGUSR2)
+        async with asyncio.timeout(timeout):
+            while not self.out.exists():
+                await asyncio.sleep(0.02)  # the child writes the file at SIGUSR2
+        return self.out
 
 
 async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -> dict[str, Any]:
@@ -576,8 +591,6 @@ async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -
     (``tracing: {exporter: none}``: propagation only) and without the ledger
     (``metering: {ledger: false}``), to price the spans and the ledger whole.
     """
-    import signal
-
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-insitu-"))
     out: dict[str, Any] = {"rounds": rounds, "requests_per_round": per_round, "loadavg_before": round(os.getloadavg()[0], 2)}
     async with demo_upstream(0.0) as up, otlp_sink() as (sink, _):
@@ -590,7 +603,8 @@ async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -
         }
         seen: dict[str, dict[str, list[float]]] = {k: {} for k in chains}
         async with contextlib.AsyncExitStack() as stack:
-            procs = {name: await stack.enter_async_context(InstrumentedProcess(config(up, chain), tmp / f"c{i}"))
+            procs = {name: await stack.enter_async_context(
+                         CountingProcess(config(up, chain), tmp / f"c{i}", "--serve-instrumented", "insitu.json"))
                      for i, (name, chain) in enumerate(chains.items())}
             async with aiohttp.ClientSession() as http:
                 for p in procs.values():
@@ -600,15 +614,10 @@ async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -
                     names = list(procs)
                     for name in names[r % len(names):] + names[:r % len(names)]:
                         p = procs[name]
-                        os.kill(p.pid, signal.SIGUSR1)
+                        p.start_counting()
                         await load(http, p.url, per_round, concurrency)
                         await settle(p.pid)
-                        p.out.unlink(missing_ok=True)
-                        os.kill(p.pid, signal.SIGUSR2)
-                        async with asyncio.timeout(10):
-                            while not p.out.exists():
-                                await asyncio.sleep(0.02)  # the child writes the file at SIGUSR2
-                        for k, v in json.loads(p.out.read_text()).items():
+                        for k, v in json.loads((await p.dump()).read_text()).items():
                             seen[name].setdefault(k, []).append(v[0] / per_round / 1000)
                             if k.startswith("gc."):
                                 seen[name].setdefault(k + " collections per 1000 requests", []).append(v[1] / per_round * 1000)
@@ -626,7 +635,6 @@ def serve_profiled(config_path: str, ready_file: str, out: str) -> int:
     """``sluice serve`` with the event loop's thread under cProfile: SIGUSR1 starts counting, SIGUSR2
     writes the stats to ``out`` (started by ``--calls`` as a child process)."""
     import cProfile
-    import signal
 
     from proxy.server import serve
 
@@ -642,15 +650,6 @@ def serve_profiled(config_path: str, ready_file: str, out: str) -> int:
     return serve(config_path, ready_file=ready_file)
 
 
-class ProfiledProcess(SluiceProcess):
-    def __init__(self, config: dict[str, Any], tmp: Path, env: dict[str, str] | None) -> None:
-        super().__init__(config, tmp, env=env)
-        self.out = tmp / "calls.pstats"
-
-    def command(self, ready: Path) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "--serve-profiled", str(self.config_path), str(ready), str(self.out)]
-
-
 async def calls(per_round: int = 2000, concurrency: int = 8, top: int = 25) -> dict[str, Any]:
     """Python and built-in calls per request on the event loop's thread of a live server: the empty
     chain, the shape and the observers, each loaded alone (3 buffered : 1 streamed).
@@ -661,7 +660,6 @@ async def calls(per_round: int = 2000, concurrency: int = 8, top: int = 25) -> d
     writer's threads are not counted.
     """
     import pstats
-    import signal
 
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-calls-"))
     out: dict[str, Any] = {"requests_per_configuration": per_round, "concurrency": concurrency}
@@ -670,18 +668,15 @@ async def calls(per_round: int = 2000, concurrency: int = 8, top: int = 25) -> d
         chains = {"empty": [], "shape": SHAPE, "observers": observers(sink)}
         for i, (name, chain) in enumerate(chains.items()):
             env = PLUGIN_ENV if name == "shape" else None
-            async with ProfiledProcess(config(up, chain, name), tmp / f"c{i}", env) as p:
+            async with CountingProcess(config(up, chain, name), tmp / f"c{i}", "--serve-profiled", "calls.pstats", env) as p:
                 async with aiohttp.ClientSession() as http:
                     await load(http, p.url, 300, concurrency)  # warm up: imports, pools, first windows
                     await settle(p.pid)
-                    os.kill(p.pid, signal.SIGUSR1)
+                    p.start_counting()
                     await load(http, p.url, per_round, concurrency)
                     await settle(p.pid)  # the last on_done batch runs inside the count
-                    os.kill(p.pid, signal.SIGUSR2)
-                    async with asyncio.timeout(30):
-                        while not p.out.exists():
-                            await asyncio.sleep(0.02)  # the child writes the file at SIGUSR2
-            stats = pstats.Stats(str(p.out)).stats  # type: ignore[attr-defined]
+                    dumped = await p.dump()
+            stats = pstats.Stats(str(dumped)).stats  # type: ignore[attr-defined]
             n = sum(v[1] for (f, _, fn), v in stats.items() if fn == "new_request_id" and f.endswith("handler.py"))
             if n != per_round:
                 raise RuntimeError(f"{name}: counted {n} request ids for {per_round} requests")
