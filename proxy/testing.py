@@ -18,8 +18,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Awaitable, Callable, Iterator, Mapping
 
 import orjson
 import yaml
@@ -36,7 +37,7 @@ from .upstream import UpstreamPool
 
 __all__ = [
     "FakeUpstream", "RedisServer", "SluiceProcess", "SluiceServer", "configure_plugin", "make_context",
-    "make_runtime", "register_plugin",
+    "make_runtime", "register_plugin", "wait_for",
 ]
 
 
@@ -46,6 +47,23 @@ class FakeUpstream(DemoUpstream):
     ``async with FakeUpstream() as up:`` then point an upstream at ``up.url``;
     ``up.requests`` lists what reached it, ``await up.wait_for(pred)`` waits on its state.
     """
+
+
+async def wait_for(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 30.0, what: str = "condition",
+                   every: float = 0.05) -> None:
+    """Poll ``cond`` (a function, or a coroutine function) every ``every`` seconds until it holds;
+    an ``AssertionError`` naming ``what`` after ``timeout`` seconds. A condition with a deadline,
+    for state no event announces (another process, a clock), never a fixed wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok = cond()
+        if asyncio.iscoroutine(ok):
+            ok = await ok
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(every)
 
 
 @contextlib.contextmanager

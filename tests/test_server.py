@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from proxy import Context, Plugin, PluginConfig, hookimpl
-from proxy.testing import FakeUpstream, SluiceProcess, SluiceServer, register_plugin
+from proxy.testing import FakeUpstream, SluiceProcess, SluiceServer, register_plugin, wait_for
 
 
 class HeaderTag(Plugin):
@@ -202,13 +202,6 @@ async def test_inline_on_done_runs_in_batches_in_order_and_before_admin_reads_an
         assert DoneLog.seen == ids + more + [last]
 
 
-async def _until(cond: Any, timeout: float) -> None:
-    """Poll ``cond`` until it holds (a condition with a deadline, not a fixed wait)."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
-
-
 async def test_a_batch_past_its_interval_runs_when_the_next_request_finishes_and_a_lone_one_on_a_later_timer(upstream, tmp_path):
     from proxy.server import DONE_BATCH_IDLE
 
@@ -220,7 +213,7 @@ async def test_a_batch_past_its_interval_runs_when_the_next_request_finishes_and
         async with SluiceServer(conf, tmp_path) as s, httpx.AsyncClient() as http:
             first = (await http.get(f"{s.url}/models")).headers["x-request-id"]
             t0 = time.perf_counter()
-            await _until(lambda: time.perf_counter() - t0 >= interval, 5)
+            await wait_for(lambda: time.perf_counter() - t0 >= interval, 5, "one interval", every=0.01)
             # the interval passed with no timer fired (it would at DONE_BATCH_IDLE intervals): the next
             # request to finish runs the batch, itself included
             assert DoneLog.seen == []
@@ -229,7 +222,7 @@ async def test_a_batch_past_its_interval_runs_when_the_next_request_finishes_and
             # alone, a batch waits for the timer: not at one interval, at DONE_BATCH_IDLE of them
             third = (await http.get(f"{s.url}/models")).headers["x-request-id"]
             t1 = time.perf_counter()
-            await _until(lambda: time.perf_counter() - t1 >= 2 * interval, 5)
+            await wait_for(lambda: time.perf_counter() - t1 >= 2 * interval, 5, "two intervals", every=0.01)
             assert DoneLog.seen == [first, second]
-            await _until(lambda: DoneLog.seen == [first, second, third], 10)
+            await wait_for(lambda: DoneLog.seen == [first, second, third], 10, "the timer to run the lone batch", every=0.01)
             assert time.perf_counter() - t1 >= (DONE_BATCH_IDLE - 0.5) * interval

@@ -20,9 +20,8 @@ import sqlite3
 import string
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Iterator
 
 import aiohttp
 import openai
@@ -30,7 +29,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.testing import SluiceProcess, SluiceServer
+from proxy.testing import SluiceProcess, SluiceServer, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,19 +161,6 @@ async def queued_at_least(fleet: Any, i: int, n: int) -> bool:
 async def busy_at_least(fleet: Any, i: int, n: int) -> bool:
     load = (await loads(fleet))[i]
     return load.running + load.waiting >= n
-
-
-async def wait_for(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        ok = cond()
-        if asyncio.iscoroutine(ok):
-            ok = await ok
-        if ok:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def idle(fleet: Any) -> None:
