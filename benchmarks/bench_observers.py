@@ -405,9 +405,7 @@ async def main(quick: bool, rounds: int | None = None, per_round: int | None = N
                         await settle(p.pid)
                     for r in range(rounds):
                         # rotate the order each round, so no configuration always follows the same one
-                        names = list(procs)
-                        names = names[r % len(names):] + names[:r % len(names)]
-                        for name in names:
+                        for name in rotated(list(procs), r):
                             p = procs[name]
                             t0, th0 = cpu_ns(p.pid)
                             k0 = cpu_seconds(p.pid)
@@ -611,8 +609,7 @@ async def insitu(rounds: int = 8, per_round: int = 1000, concurrency: int = 8) -
                     await load(http, p.url, 300, concurrency)
                     await settle(p.pid)
                 for r in range(rounds):
-                    names = list(procs)
-                    for name in names[r % len(names):] + names[:r % len(names)]:
+                    for name in rotated(list(procs), r):
                         p = procs[name]
                         p.start_counting()
                         await load(http, p.url, per_round, concurrency)
