@@ -124,6 +124,8 @@ class Timings:
 
     start: float = 0.0
     upstream_start: float | None = None
+    #: the answer's first byte: a stream's first body bytes (its first token: a model server sends
+    #: the headers before it), a buffered answer's headers (``Attempt.first_byte`` is the headers' for both)
     first_byte: float | None = None
     upstream_end: float | None = None
     end: float | None = None

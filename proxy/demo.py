@@ -94,6 +94,9 @@ class DemoUpstream:
         self.token_delay = token_delay
         #: seconds before the answer's headers are sent
         self.first_byte_delay = 0.0
+        #: seconds between a stream's headers (sent at once) and its first event, as a model
+        #: server's prefill: vLLM sends the headers before the first token exists
+        self.first_event_delay = 0.0
         #: close the connection after this many stream events (no [DONE])
         self.drop_after: int | None = None
         #: stop sending after this many stream events and hold the connection open
@@ -232,6 +235,12 @@ class DemoUpstream:
     async def _sse(self, request: web.Request, events: list[bytes], *, headers: dict[str, str] | None = None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8", **(headers or {})})
         await resp.prepare(request)
+        if self.first_event_delay:
+            # aiohttp (3.11 on) holds the headers back until the first body write: send them now
+            send_headers = getattr(request.writer, "send_headers", None)
+            if send_headers is not None:
+                send_headers()
+            await asyncio.sleep(self.first_event_delay)
         self.stats.running += 1
         self._notify()
         sent = 0

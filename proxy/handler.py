@@ -292,6 +292,8 @@ class Handler:
         # directly while it keeps up; aiohttp's writer (and its drain) takes over when not
         relay = RawRelay(ctx, route.wants_usage, injected, dog, loop)
         tapped = parser is None and attach(content, relay)
+        timings = ctx.timings
+        first = True
         try:
             while True:
                 dog.last = loop.time()  # only the wait on the upstream counts as idle
@@ -302,6 +304,12 @@ class Handler:
                     relay.waiting = False  # from here on only this coroutine writes, until it waits again
                 if not chunk:
                     break
+                if first:
+                    # a model server sends a stream's headers before its first token (vLLM: before
+                    # prefill): the time to first token is the first body bytes', not the headers'.
+                    # The first piece always comes through here: the tap starts after the first write
+                    timings.first_byte = time.perf_counter()
+                    first = False
                 if parser is None:
                     block = relay.block(chunk)
                     if block and not relay.send(block):
