@@ -143,6 +143,9 @@ return head .. ' ' .. table.concat(out, ' ')
 
 # KEYS: the sum, a hash {t: total, e: period end}. ARGV: now, amount, limit ('' for none), expires_at.
 # The period end is kept in the hash (not only as a TTL) so an injected test clock sees it too.
+# Numbers are written with '%.17g', which gives back the same double: a fixed number of
+# decimals would round away amounts below it (a small embedding request costs 4e-7), so the
+# sum and its limit check are the same arithmetic as the in-process counters'.
 SUM_LUA = _CLOCK + """
 local amount = tonumber(ARGV[2])
 local expires_at = tonumber(ARGV[4])
@@ -154,15 +157,15 @@ if e <= now then
   e = expires_at
 end
 if ARGV[3] ~= '' and amount >= 0 and cur + amount > tonumber(ARGV[3]) then
-  return {'0', string.format('%.6f', cur)}
+  return {'0', string.format('%.17g', cur)}
 end
 if expires_at > e then e = expires_at end
 local total = cur + amount
-redis.call('HSET', KEYS[1], 't', string.format('%.6f', total), 'e', string.format('%.6f', e))
+redis.call('HSET', KEYS[1], 't', string.format('%.17g', total), 'e', string.format('%.17g', e))
 local ms = math.ceil((e - now) * 1000)
 if ms < 1 then ms = 1 end
 redis.call('PEXPIRE', KEYS[1], ms + 1000)
-return {'1', string.format('%.6f', total)}
+return {'1', string.format('%.17g', total)}
 """
 
 _FAILURES: tuple[type[BaseException], ...]
