@@ -297,10 +297,12 @@ class Families:
             "sluice_plugin_duration_seconds", "Time spent inside each plugin's hooks, by phase.",
             ["route", "plugin", "phase"], buckets=PLUGIN_BUCKETS, registry=r)
         self.attempts = Counter(
-            "sluice_upstream_attempts_total", "Upstream attempts by result (ok, http_4xx, http_5xx, connect, timeout, protocol).",
+            "sluice_upstream_attempts_total", "Upstream attempts by result (ok, http_4xx, http_5xx, connect, timeout, protocol, "
+            "cancelled: the client left first, error: anything else).",
             ["upstream", "result"], registry=r)
         self.upstream_up = Gauge(
-            "sluice_upstream_up", "1 when the last attempt on this upstream got an answer below 500, else 0.",
+            "sluice_upstream_up", "1 when the last attempt on this upstream got an answer below 500, else 0 (attempts the "
+            "client cancelled leave it as it was).",
             ["upstream"], multiprocess_mode="mostrecent", registry=r)
         # Drift gauges live here too, so one registry call site bounds every family name.
         self.drift_psi = Gauge(
@@ -363,10 +365,11 @@ class Families:
             s = self._series[key] = Series(self, route, model, status_class(status), outcome, op, upstream)
         return s
 
-    def attempt(self, upstream: str, status: int | None, error: str | None) -> tuple[CounterAcc, GaugeAcc, int]:
-        """The attempts counter and the up gauge an attempt with this status or error touches, and the gauge's value."""
+    def attempt(self, upstream: str, status: int | None, error: str | None) -> tuple[CounterAcc, GaugeAcc, int | None]:
+        """The attempts counter and the up gauge an attempt with this status or error touches, and the gauge's
+        value (``None``: leave the gauge as it is)."""
         result = attempt_result(status, error)
-        up = 0 if result in ("http_5xx", "connect", "timeout", "protocol", "error") else 1
+        up = UPSTREAM_UP.get(result, 1)
         return self.acc(self.attempts, upstream, result), self.acc(self.upstream_up, upstream), up
 
     def timing(self, route: str, key: str) -> HistogramAcc:
@@ -412,9 +415,15 @@ class ModelLabel:
         return OTHER
 
 
+#: what an attempt's result says about its upstream (sluice_upstream_up): failures 0, answers below 500 1;
+#: a client that left before the answer ("cancelled") says nothing, so the gauge keeps its value
+UPSTREAM_UP: dict[str, int | None] = {
+    "http_5xx": 0, "connect": 0, "timeout": 0, "protocol": 0, "error": 0, "cancelled": None}
+
+
 def attempt_result(status: int | None, error: str | None) -> str:
     if error:
-        return error if error in ("connect", "timeout", "protocol") else "error"
+        return error if error in ("connect", "timeout", "protocol", "cancelled") else "error"
     if status is None:
         return "error"
     if status >= 500:
@@ -639,6 +648,7 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
             found = f.attempt_accs[key] = f.attempt(*key)
         counter, up_gauge, up = found
         counter.inc()
-        up_gauge.set(up)
+        if up is not None:
+            up_gauge.set(up)
     if f.eager:
         f.flush()

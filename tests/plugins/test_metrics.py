@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from plugins.metrics import LabelLimiter, Metrics
-from proxy.testing import FakeUpstream, SluiceProcess, SluiceServer
+from proxy.testing import FakeUpstream, SluiceProcess, SluiceServer, wait_for
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "contrib" / "grafana" / "sluice.json"
 KEY_OK = "sk-metrics-test-key-0001"
@@ -123,6 +123,45 @@ async def test_every_metric_the_dashboard_queries_exists_in_a_real_scrape(upstre
         text = await drive(s)
     missing = sorted(queried - exposed_names(text))
     assert missing == []
+
+
+async def scrape(s: SluiceServer) -> dict:
+    async with aiohttp.ClientSession() as http, http.get(f"{s.admin_url}/metrics") as r:
+        assert r.status == 200
+        return samples(await r.text())
+
+
+def metrics_only(upstream: FakeUpstream) -> dict:
+    return {
+        "upstreams": {"demo": {"url": upstream.url, "models": ["sluice-demo"]}},
+        "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"metrics": {}}]}],
+    }
+
+
+async def test_a_client_that_gives_up_is_cancelled_not_an_upstream_failure(upstream: FakeUpstream, tmp_path):
+    """A client leaving before the upstream's headers says nothing about the upstream: the attempt
+    counts as result="cancelled" and sluice_upstream_up keeps the value of the last real answer."""
+    msgs = [{"role": "user", "content": "x"}]
+    async with SluiceServer(metrics_only(upstream), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            await c.chat.completions.create(model="sluice-demo", messages=msgs)
+            upstream.first_byte_delay = 30.0  # the upstream takes its time; the client does not wait
+            with pytest.raises(openai.APITimeoutError):
+                await c.chat.completions.create(model="sluice-demo", messages=msgs, timeout=0.3)
+        sm: dict = {}
+
+        async def both_attempts_recorded() -> bool:
+            nonlocal sm
+            sm = await scrape(s)
+            return value(sm, "sluice_upstream_attempts_total", upstream="demo") == 2
+
+        await wait_for(both_attempts_recorded, timeout=10, what="the cancelled attempt in a scrape")
+        upstream.first_byte_delay = 0.0
+    assert value(sm, "sluice_upstream_attempts_total", upstream="demo", result="ok") == 1
+    assert value(sm, "sluice_upstream_attempts_total", upstream="demo", result="cancelled") == 1
+    assert value(sm, "sluice_upstream_attempts_total", result="error") == 0
+    assert value(sm, "sluice_upstream_up", upstream="demo") == 1
+    assert value(sm, "sluice_requests_total", outcome="client_gone") == 1
 
 
 @pytest.mark.slow

@@ -72,7 +72,8 @@ def reference(f: Families, ctx, model: str) -> None:
     for a in ctx.attempts:
         result = attempt_result(a.status, a.error)
         f.attempts.labels(a.target.upstream, result).inc()
-        f.upstream_up.labels(a.target.upstream).set(0 if result in ("http_5xx", "connect", "timeout", "protocol", "error") else 1)
+        if result != "cancelled":  # the client left: says nothing about the upstream
+            f.upstream_up.labels(a.target.upstream).set(0 if result in ("http_5xx", "connect", "timeout", "protocol", "error") else 1)
 
 
 def contexts(n: int, seed: int = 5) -> list:
@@ -101,7 +102,7 @@ def contexts(n: int, seed: int = 5) -> list:
             out.append(ctx)
             continue
         target = Target(rng.choice(["primary", "backup"]), model=rng.choice([None, "m1"]))
-        failed = Attempt(Target("primary"), start=t.start + 1e-4, error=rng.choice(["connect", "timeout"]), end=t.start + 2e-4)
+        failed = Attempt(Target("primary"), start=t.start + 1e-4, error=rng.choice(["connect", "timeout", "cancelled"]), end=t.start + 2e-4)
         if kind == "upstream_error":
             ctx.attempts.append(failed)
             ctx.attempts.append(Attempt(target, start=t.start + 3e-4, status=rng.choice([500, 503, 404]), end=t.start + total / 2))
