@@ -524,20 +524,25 @@ def _day_bound(ts: float) -> str:
 
 
 def parse_time(value: str | None) -> float | None:
-    """``2025-01-31``, an ISO timestamp, or a relative ``7d`` / ``12h`` back from now."""
+    """``2025-01-31``, an ISO timestamp, or a relative ``7d`` / ``12h`` back from now.
+
+    Anything else raises ``ValueError`` (the admin API's 400, the CLI's exit 2), an
+    overflowing count too (``99...9d`` would otherwise be an ``OverflowError``).
+    """
     if value is None or value == "":
         return None
     v = value.strip()
-    if v[-1:] in ("d", "h", "m") and v[:-1].isdigit():
-        mult = {"d": 86400, "h": 3600, "m": 60}[v[-1]]
-        return time.time() - int(v[:-1]) * mult
     try:
+        if v[-1:] in ("d", "h", "m") and v[:-1].isascii() and v[:-1].isdigit():
+            mult = {"d": 86400, "h": 3600, "m": 60}[v[-1]]
+            return time.time() - int(v[:-1]) * mult
         dt = datetime.fromisoformat(v)
-    except ValueError:
-        raise ValueError(f"cannot read time {value!r} (use 2025-01-31, an ISO timestamp, or 7d / 12h / 30m)") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    except (ValueError, OverflowError, OSError):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(f"cannot read time {shown!r} (use 2025-01-31, an ISO timestamp, or 7d / 12h / 30m)") from None
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:

@@ -1,0 +1,65 @@
+"""Metering and budgets: the fixes of issue 5's audit, each shown through real servers and files."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+import yaml
+
+from proxy.testing import FakeUpstream, SluiceServer
+
+PRICES = {"sluice-demo": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
+
+
+def config(upstream: FakeUpstream, chain: list | None = None, **metering) -> dict:
+    return {
+        "upstreams": {"demo": {"url": upstream.url, "models": ["sluice-demo"]}},
+        "prices": PRICES,
+        "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "demo",
+                    "chain": [*(chain or []), {"metering": metering}]}],
+    }
+
+
+def ledger_rows(path: Path) -> list[dict]:
+    conn = sqlite3.connect(path / "ledger.db")
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM ledger ORDER BY ts")]
+    finally:
+        conn.close()
+
+
+BAD_TIMES = ["9" * 400 + "d", "9" * 5000 + "m", "²d", "not-a-time", "0001-01-01T00:00:00+01:00x"]
+
+
+async def test_admin_usage_answers_400_for_any_bad_time(upstream: FakeUpstream, tmp_path: Path):
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+            for bad in BAD_TIMES:
+                for name in ("since", "until"):
+                    async with http.get(f"{s.admin_url}/admin/usage", params={name: bad}) as r:
+                        assert r.status == 400, (name, bad[:20], await r.text())
+                        assert r.headers["x-request-id"]
+                        err = (await r.json())["error"]
+                        assert err["type"] == "invalid_request_error" and "cannot read time" in err["message"]
+                        assert len(err["message"]) < 200  # the value is not echoed whole
+            async with http.get(f"{s.admin_url}/admin/usage", params={"since": "7d", "until": "2999-01-01"}) as r:
+                assert r.status == 200
+
+
+def test_sluice_usage_reports_a_bad_time_without_a_traceback(tmp_path: Path, capsys):
+    from proxy.cli import main
+
+    path = tmp_path / "sluice.yaml"
+    path.write_text(yaml.safe_dump({"upstreams": {"demo": {"url": "http://127.0.0.1:9/v1"}},
+                                    "routes": [{"match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"metering": {}}]}],
+                                    "state": {"dir": str(tmp_path)}}))
+    for bad in BAD_TIMES:
+        for flag in ("--since", "--until"):
+            assert main(["usage", "-c", str(path), flag, bad]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("sluice usage: cannot read time") and "Traceback" not in err, err[:300]
