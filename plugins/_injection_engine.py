@@ -104,7 +104,10 @@ class Finding:
     scanned: int = 0
 
     def summary(self) -> dict[str, Any]:
+        """The request's annotation: details, plus ``findings`` (what observers count, see docs/plugins/metrics.md):
+        each category found in a detected request, once."""
         return {
+            "findings": {k: 1 for k, v in sorted(self.categories.items()) if v > 0} if self.detected else {},
             "score": round(self.score, 4),
             "detected": self.detected,
             "categories": {k: round(v, 4) for k, v in sorted(self.categories.items())},

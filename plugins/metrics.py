@@ -78,6 +78,25 @@ class OperationNames:
         return op
 
 
+def findings(annotation: Any) -> dict[Any, Any] | None:
+    """The finding counts of a plugin's ``ctx.annotations`` entry, or ``None``.
+
+    The contract (docs/plugins/metrics.md): an annotation that is a dict with a ``findings`` dict
+    holds its findings there (the rest is detail: scores, flags, paths); any other dict is itself
+    the findings (``{"EMAIL_ADDRESS": 2}``). Either way only ``int`` values above 0 are findings,
+    counts by type: floats (scores), booleans, strings and nested values never are.
+    """
+    if type(annotation) is not dict:
+        return None
+    inner = annotation.get("findings")
+    return inner if type(inner) is dict else annotation
+
+
+def is_count(n: Any) -> bool:
+    """A finding count: an ``int`` (not a bool) above 0."""
+    return type(n) is int and n > 0
+
+
 def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "none"
 
@@ -566,6 +585,9 @@ def _apply_histogram(h: list[float], *children: Any) -> None:
             c._buckets[i].inc(n)
 
 
+_findings = findings
+
+
 def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, findings: bool = True) -> None:
     """Everything one finished request contributes to the metric families."""
     route = route_name(ctx)
@@ -627,10 +649,11 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
         fam = f.limits if status == 429 else f.blocks
         f.acc(fam, route, ctx.answered_by, f.free_labels(ctx.answer_reason or "error")).inc()
     if findings and ctx.annotations:
-        for plugin_id, found in ctx.annotations.items():
-            if isinstance(found, dict):
+        for plugin_id, annotation in ctx.annotations.items():
+            found = _findings(annotation)
+            if found:
                 for kind, n in found.items():
-                    if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
+                    if type(n) is int and n > 0:  # is_count, inline
                         f.acc(f.findings, route, str(plugin_id), f.free_labels(kind)).inc(n)
     if plugin_timings:
         timings = s.timings

@@ -88,6 +88,8 @@ async def test_block_raises_an_openai_shaped_403(runtime):
     ann = ctx.annotations["injection"]
     assert ann["detected"] and ann["action"] == "block" and ann["where"] == ["messages[1].content"]
     assert ann["sources"] == {"user": 1} and "IO-001" in ann["signals"] and ann["version"].startswith("signatures@")
+    # what observers count as findings (metrics, tracing): each category found, once; never the score or scanned
+    assert ann["findings"] == {c: 1 for c in ann["categories"]} and "instruction_override" in ann["findings"]
     assert float(ctx.response_headers["x-sluice-injection"].split(";")[0].removeprefix("score=")) >= 0.9
     assert ctx.stash[FINDING].detected
     m = runtime.metrics
@@ -101,6 +103,7 @@ async def test_benign_requests_pass_with_a_clean_annotation(runtime):
     ctx = make_context(chat(user(BENIGN)), runtime=runtime)
     await plugin.on_request(ctx)
     assert ctx.annotations["injection"]["detected"] is False and ctx.annotations["injection"]["score"] == 0
+    assert ctx.annotations["injection"]["findings"] == {}  # a clean request is no finding
     assert "x-sluice-injection" not in ctx.response_headers and not ctx.answered
     assert runtime.metrics.get_sample_value("sluice_injection_scans_total", {"result": "clean"}) == 1
 
@@ -161,6 +164,7 @@ async def test_indirect_injection_in_a_tool_result_and_its_own_threshold(runtime
     ctx = make_context(body, runtime=runtime)
     await lax.on_request(ctx)
     assert ctx.annotations["injection"]["score"] >= 0.5 and not ctx.annotations["injection"]["detected"]
+    assert ctx.annotations["injection"]["findings"] == {}  # scored, but under the threshold: no finding
     users_only = await configure_plugin(Injection, {"roles": ["user"]}, runtime=runtime)
     ctx = make_context(body, runtime=runtime)
     await users_only.on_request(ctx)

@@ -63,8 +63,10 @@ def reference(f: Families, ctx, model: str) -> None:
         fam = f.limits if ctx.status == 429 else f.blocks
         fam.labels(route, ctx.answered_by, f.free_labels(ctx.answer_reason or "error")).inc()
     for plugin_id, found in ctx.annotations.items():
+        # the findings contract: a "findings" dict if there is one, else the annotation; int counts only
+        found = found["findings"] if isinstance(found.get("findings"), dict) else found
         for kind, n in found.items():
-            if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
                 f.findings.labels(route, str(plugin_id), f.free_labels(kind)).inc(n)
     for key, seconds in t.plugins.items():
         plugin_id, _, phase = key.rpartition(".")
@@ -98,7 +100,10 @@ def contexts(n: int, seed: int = 5) -> list:
             ctx.answered_by = "ratelimit" if kind == "limited" else "auth"
             ctx.answer_reason = rng.choice(["rpm", "tpm", None, "bad_key"])
             if kind == "blocked":
-                ctx.annotations["injection"] = {"instruction_override": rng.randint(0, 2), "flag": True}
+                n = rng.randint(0, 2)
+                ctx.annotations["injection"] = rng.choice([
+                    {"instruction_override": n, "flag": True, "score": 0.75},
+                    {"findings": {"instruction_override": n}, "score": 0.9, "scanned": 3}])
             out.append(ctx)
             continue
         target = Target(rng.choice(["primary", "backup"]), model=rng.choice([None, "m1"]))
