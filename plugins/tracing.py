@@ -129,6 +129,11 @@ class Tracing(Plugin):
             # its hook lists from the instance's attributes)
             self.on_response = None  # type: ignore[assignment]
 
+    @property
+    def wants_plugin_timings(self) -> bool:  # type: ignore[override]
+        # the hooks are timed only when a plugin of the route asks: without the metrics plugin, tracing must
+        return self.config.plugin_timings
+
     async def start(self) -> None:
         # the SDK and an exporter's stack (requests, grpc) take a while to import the first
         # time: in the executor, so a reload that adds tracing does not stall the loop

@@ -142,6 +142,18 @@ async def test_findings_are_span_attributes_of_finding_types_only(upstream: Fake
                           "sluice.finding.injection.system_prompt_extraction": 1, "sluice.finding.pii.EMAIL_ADDRESS": 1}]
 
 
+async def test_plugin_timings_without_the_metrics_plugin(upstream: FakeUpstream, tmp_path):
+    """plugin_timings: true makes tracing ask the core to time the route's hooks itself."""
+    async with OTLPReceiver() as rx:
+        chain = [{"pii": {"action": "redact"}}, tracing(rx, plugin_timings=True)]
+        async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    a = by_kind(spans, "server")[0]["attributes"]
+    assert a["sluice.plugin.pii.on_request_ms"] >= 0 and a["sluice.plugin.tracing.on_request_ms"] >= 0
+
+
 def test_config_cross_field_errors():
     with pytest.raises(Exception, match="insecure applies to exporter otlp_grpc only"):
         Tracing.Config.model_validate({"insecure": True})
