@@ -2,9 +2,10 @@
 
 * Usage comes from the upstream (``ctx.usage``, which the core fills from the answer's
   ``usage`` or the stream's usage event: ``needs_usage`` makes it ask for one on
-  streams the client did not). Without one (a client gone mid-stream, an upstream
-  that reports none) Sluice counts: the prompt with plugins/_tokens.py, the completion
-  from the buffered answer or the events relayed, and marks the row ``estimated``.
+  streams the client did not). Without one (a client gone mid-stream or before the
+  answer, an upstream that reports none) Sluice counts: the prompt with
+  plugins/_tokens.py, the completion from the buffered answer or the events relayed
+  (none when the client left first), and marks the row ``estimated``.
 * Cost comes from the price table (plugins/data/prices.yaml, overridden by the
   top-level ``prices:`` and this plugin's ``prices:``).
 * The ledger is an append-only SQLite table written by the state's batched writer
@@ -340,6 +341,10 @@ class Metering(Plugin):
             return u
         answered = any(a.status is not None and a.status < 400 for a in ctx.attempts)
         if not answered:
+            if ctx.attempts[-1].error == "cancelled":
+                # the client left while the upstream had the request: it bills the prompt
+                prompt = estimate_prompt_tokens(ctx.json_body, ctx.model, self._tokenizers)
+                return Usage(prompt, 0, prompt, estimated=True)
             return Usage()  # nothing generated: connect errors and upstream 4xx/5xx bill nothing
         body = ctx.json_body
         prompt = estimate_prompt_tokens(body, ctx.model, self._tokenizers)

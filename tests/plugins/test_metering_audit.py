@@ -63,3 +63,42 @@ def test_sluice_usage_reports_a_bad_time_without_a_traceback(tmp_path: Path, cap
             assert main(["usage", "-c", str(path), flag, bad]) == 2
             err = capsys.readouterr().err
             assert err.startswith("sluice usage: cannot read time") and "Traceback" not in err, err[:300]
+
+
+
+async def test_client_gone_before_the_answer_is_estimated_and_unreached_stays_zero(upstream: FakeUpstream, tmp_path: Path):
+    """The request reached the upstream (it bills the prompt) but the client left before the
+    headers: the prompt is counted and the row marked estimated. An attempt that never
+    connected generated nothing: zero tokens, not estimated."""
+    import asyncio
+    import socket
+
+    upstream.first_byte_delay = 30.0
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    cfg = config(upstream)
+    cfg["upstreams"]["dead"] = {"url": f"http://127.0.0.1:{dead}/v1", "models": ["sluice-demo"]}
+    cfg["routes"].insert(0, {"name": "dead", "match": {"path": "/dead/"}, "upstream": "dead", "chain": [{"metering": {}}]})
+    prompt = "count this prompt please " * 10
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+            ask = asyncio.ensure_future(c.chat.completions.create(
+                model="sluice-demo", messages=[{"role": "user", "content": prompt}]))
+            await upstream.wait_for(lambda: len(upstream.requests) == 1)
+            ask.cancel()  # the client goes away while the upstream still thinks
+            with pytest.raises(asyncio.CancelledError):
+                await ask
+        async with openai.AsyncOpenAI(base_url=s.origin + "/dead", api_key="sk-test", max_retries=0) as c:
+            with pytest.raises(openai.APIStatusError) as exc:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": prompt}])
+            assert exc.value.status_code == 502
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    gone, unreached = ledger_rows(tmp_path)
+    assert gone["route"] == "main" and gone["outcome"] == "client_gone"
+    assert gone["estimated"] == 1 and gone["completion_tokens"] == 0
+    assert gone["prompt_tokens"] == 3 + (len(prompt) + 3) // 4 + 3  # the documented estimate of this prompt
+    assert gone["cost"] == pytest.approx(gone["prompt_tokens"] * 2.0 / 1e6)
+    assert unreached["route"] == "dead" and unreached["status"] == 502
+    assert unreached["estimated"] == 0 and unreached["prompt_tokens"] == 0 and unreached["cost"] == 0
