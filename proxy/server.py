@@ -37,6 +37,10 @@ DONE_BATCH_MAX = 8
 #: a batch whose interval passed runs when the next request finishes; if none finishes by this many
 #: intervals after its first request, a timer runs it (a timer firing wakes an idle process)
 DONE_BATCH_IDLE = 4
+#: at close, how long requests still in flight after the drain get before they are cancelled
+CUT_WAIT_S = 1.0
+#: at close, the longest the on_done queue may take to empty once no request is left
+DONE_FLUSH_S = 10.0
 
 
 def with_demo_upstream(loaded: LoadedConfig, url: str) -> LoadedConfig:
@@ -124,7 +128,10 @@ class Server:
         cfg = self.loaded.config
         # aiohttp's low-level server: no router, no middleware layer, no Application in
         # the await chain of every stream read; the handler does its own dispatch
-        self.runner = web.ServerRunner(web.Server(make_handler(self), handler_cancellation=True, access_log=None))
+        # drain() waits server.drain_seconds for in-flight requests; past that, close() cuts them
+        # after CUT_WAIT_S more instead of aiohttp's default minute
+        self.runner = web.ServerRunner(web.Server(make_handler(self), handler_cancellation=True, access_log=None),
+                                       shutdown_timeout=CUT_WAIT_S)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host or cfg.server.host, cfg.server.port if port is None else port, reuse_port=reuse_port, backlog=2048)
         await site.start()
@@ -290,15 +297,28 @@ class Server:
         await self.close()
 
     async def close(self) -> None:
+        """Cut what is still in flight, run every on_done it left, then stop the rest.
+
+        The order matters: a request cut here ends in its handler's ``finally``, which queues
+        its on_done (a ledger row, a budget to reconcile) or adds it to the batch. So the
+        handlers end first, then the batch and the queue are run, and only then do the
+        on_done workers, the plugins and the state stop.
+        """
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
         self.run_batch()
+        if self._queue is not None and self._workers:
+            try:
+                async with asyncio.timeout(DONE_FLUSH_S):
+                    await self._queue.join()
+            except TimeoutError:
+                log.warning("close: %d on_done items not run (their requests' rows and metrics are lost)", self._queue.qsize())
         for t in self._workers:
             t.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
         await self._tasks.cancel()
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None
