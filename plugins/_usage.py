@@ -8,6 +8,8 @@ cached, so pricing a request is a dict hit.
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from proxy import Usage
 
 DEFAULT_PRICES = Path(__file__).with_name("data") / "prices.yaml"
+
+log = logging.getLogger("sluice.metering")
+
+#: what may follow a listed name for a model to be priced as it: a dated snapshot as OpenAI
+#: names them (``-2024-08-06``, ``-0613``), or ``@20240620`` / ``-20240620``. Any other
+#: suffix names another model (``o1-mini``, ``o3-pro``, ``gpt-4o-realtime-preview``) whose
+#: price may be ten times off: unpriced is better than wrong.
+_SNAPSHOT = re.compile(r"[-@](?:20\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])|(?:20\d\d)?(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))")
 
 
 class PriceSpec(BaseModel):
@@ -91,7 +101,8 @@ def load_default_table(path: Path = DEFAULT_PRICES) -> tuple[str, dict[str, Pric
 class PriceTable:
     """Model name -> :class:`Price`, with provider-prefix and dated-snapshot matching.
 
-    ``"*"`` in an override prices every model the table does not know.
+    ``"*"`` in an override prices every model the table does not know. A model left
+    unpriced is logged once per table: it costs 0 and no budget counts it.
     """
 
     def __init__(self, specs: Mapping[str, PriceSpec], currency: str = "USD") -> None:
@@ -125,8 +136,12 @@ class PriceTable:
         except KeyError:
             pass
         found = self._resolve(model)
-        if len(self._resolved) < 4096:  # client-chosen names must not grow this forever
+        if len(self._resolved) < 4096:  # client-chosen names must not grow this forever (nor the log)
             self._resolved[model] = found
+            if found is None:
+                shown = model if len(model) <= 100 else model[:100] + "..."
+                log.warning("prices: no price for model %r: its requests cost 0 and spend budgets do not count "
+                            "them (give it one in prices:)", shown)
         return found
 
     def _resolve(self, model: str) -> Price | None:
@@ -139,7 +154,7 @@ class PriceTable:
                 return p
         for name in names:
             for known in self._prefixes:
-                if name.startswith(known) and name[len(known):len(known) + 1] in ("-", ":", "@"):
+                if name.startswith(known) and _SNAPSHOT.fullmatch(name, len(known)):
                     return self._prices[known]
         return self._fallback
 

@@ -102,3 +102,47 @@ async def test_client_gone_before_the_answer_is_estimated_and_unreached_stays_ze
     assert gone["cost"] == pytest.approx(gone["prompt_tokens"] * 2.0 / 1e6)
     assert unreached["route"] == "dead" and unreached["status"] == 502
     assert unreached["estimated"] == 0 and unreached["prompt_tokens"] == 0 and unreached["cost"] == 0
+
+
+def test_price_lookup_falls_back_only_for_dated_snapshots(caplog):
+    from plugins._usage import PriceTable
+
+    t = PriceTable.build()
+    # dated snapshots, as OpenAI names them, are priced as their model
+    for name, model in [("gpt-4o-2024-08-06", "gpt-4o"), ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"), ("o1-2024-12-17", "o1"),
+                        ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"), ("openai/gpt-4.1-2025-04-14", "gpt-4.1"),
+                        ("o3-mini-2025-01-31", "o3-mini"), ("gpt-5@2025-08-07", "gpt-5")]:
+        assert t.lookup(name).model == model, name
+    # another model that only starts with a known name is not that model
+    for name in ("o3-deep-research", "gpt-4o-realtime-preview", "gpt-4o-audio-preview", "gpt-4.1-turbo", "gpt-5-codex",
+                 "gpt-4o:latest", "gpt-4o-2024", "gpt-4o-20240806x", "o3-mini-high"):
+        assert t.lookup(name) is None, name
+    # the common ones the old rule mispriced have their own entries, dated like the rest
+    assert t.lookup("o1-mini").model == "o1-mini" and t.lookup("o1-mini").input == pytest.approx(1.10e-6)
+    assert t.lookup("o1-mini-2024-09-12").model == "o1-mini"
+    assert t.lookup("o1-pro").output == pytest.approx(600e-6) and t.lookup("o3-pro").output == pytest.approx(80e-6)
+    # the first gpt-4o snapshot kept its own, higher price
+    assert t.lookup("gpt-4o-2024-05-13").input == pytest.approx(5e-6)
+
+
+def test_an_unpriced_model_is_logged_once(caplog):
+    import logging
+
+    from plugins._usage import PriceTable
+
+    t = PriceTable.build()
+    with caplog.at_level(logging.WARNING, logger="sluice.metering"):
+        for _ in range(3):
+            assert t.lookup("my-local-llama") is None
+            assert t.lookup("gpt-4o") is not None
+    (rec,) = [r for r in caplog.records if "no price" in r.getMessage()]
+    assert "'my-local-llama'" in rec.getMessage() and "budgets" in rec.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sluice.metering"):
+        assert t.lookup("x" * 5000) is None
+    assert len(caplog.records) == 1 and len(caplog.records[0].getMessage()) < 300  # a client's long name is cut
+    star = PriceTable.build({"*": {"input": 1}})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sluice.metering"):
+        assert star.lookup("my-local-llama") is not None
+    assert caplog.records == []
