@@ -15,10 +15,10 @@ from . import chain as ch
 from .context import Attempt, Context, Response
 from .errors import ProxyError, error_body
 from .openai import (
-    STREAM_USAGE_ENDPOINTS,
     ensure_stream_usage,
     request_headers,
     response_headers,
+    streams_usage,
 )
 from .relay import RawRelay, attach, detach, direct_transport, tap_block, tap_event
 from .sse import DONE, Event, Parser
@@ -123,7 +123,7 @@ class Handler:
                     return resp
 
                 injected = False
-                if route.needs_usage and ctx.stream and ctx.endpoint in STREAM_USAGE_ENDPOINTS:
+                if route.needs_usage and ctx.stream and streams_usage(ctx.endpoint):
                     body = ctx.body
                     if isinstance(body, dict) and ensure_stream_usage(body):
                         ctx.body = body

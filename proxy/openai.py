@@ -110,6 +110,14 @@ def is_usage_only_chunk(obj: Any) -> bool:
 
 
 STREAM_USAGE_ENDPOINTS = ("chat/completions", "completions")
+_STREAM_USAGE_SUFFIXES = ("/chat/completions", "/completions")
+
+
+def streams_usage(endpoint: str) -> bool:
+    """Whether a stream to ``endpoint`` (``ctx.endpoint``) can carry a usage chunk: chat and text
+    completions, under whatever the route's prefix left of the path (``v1/`` under a route on ``/``,
+    ``deployments/NAME/`` under an Azure-style one)."""
+    return endpoint in STREAM_USAGE_ENDPOINTS or endpoint.endswith(_STREAM_USAGE_SUFFIXES)
 
 
 def wants_usage(body: Any) -> bool:

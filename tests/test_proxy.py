@@ -216,6 +216,25 @@ async def test_usage_obtained_on_streams_without_changing_what_the_client_gets(u
         assert "stream_options" not in orjson.loads(b'{"x":1}')  # the client's body was not mutated in place
 
 
+async def test_stream_usage_is_asked_on_a_route_at_the_root(upstream, tmp_path):
+    """The endpoint a route sees is the path after its prefix (``v1/chat/completions`` under ``/``): the
+    usage chunk is still asked for and hidden, so the usage is the upstream's, not an estimate
+    (``streams_usage`` in test_wire covers other prefixes)."""
+    UsageWanted.seen.clear()
+    config = {"upstreams": {"u": {"url": upstream.origin}},
+              "routes": [{"match": {"path": "/"}, "upstream": "u", "chain": [{"usage_wanted": {}}]}]}
+    with register_plugin(UsageWanted):
+        async with SluiceServer(config, tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.origin + "/v1", api_key="k", max_retries=0) as client:
+                chunks = [c async for c in await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "a b"}], stream=True)]
+            await s.wait_idle()
+    assert upstream.requests[-1].json["stream_options"] == {"include_usage": True}
+    assert [c for c in chunks if c.usage is not None] == []
+    u = UsageWanted.seen[0]
+    assert u is not None and u.completion_tokens == 10 and not u.estimated
+
+
 async def test_split_and_merged_sse_events_are_relayed_intact(upstream, tmp_path):
     upstream.events_per_write = 3  # several events per network write, as vLLM does under load
     with register_plugin(Chunky):

@@ -7,7 +7,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.openai import usage_from_body
-from proxy.openai import ensure_stream_usage, request_headers, response_headers, usage_from
+from proxy.openai import ensure_stream_usage, request_headers, response_headers, streams_usage, usage_from
 
 
 def chat(content: str, usage: object) -> bytes:
@@ -45,6 +45,13 @@ def test_ensure_stream_usage_keeps_other_stream_options():
     assert ensure_stream_usage(body) is True
     assert body["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
     assert ensure_stream_usage(body) is False
+
+
+def test_stream_usage_endpoints_under_any_prefix():
+    for endpoint in ("chat/completions", "completions", "v1/chat/completions", "deployments/gpt/chat/completions", "v1/completions"):
+        assert streams_usage(endpoint), endpoint
+    for endpoint in ("embeddings", "v1/embeddings", "responses", "v1/xcompletions", "chat/completions/x", "models"):
+        assert not streams_usage(endpoint), endpoint
 
 
 def test_header_hygiene():
