@@ -41,6 +41,8 @@ class Drift(Plugin):
 
     name = "drift"
     kind = "observer"
+    #: prompt_tokens and completion_tokens of streams: ask the upstream for the stream's usage
+    needs_usage = True
 
     class Config(PluginConfig):
         sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="Share of requests sampled into the windows.")
@@ -101,6 +103,8 @@ class Drift(Plugin):
         self.numeric = tuple(f for f in BUILTIN_NUMERIC if f in wanted)
         self.categorical = tuple(f for f in BUILTIN_CATEGORICAL if f in wanted)
         self._every_builtin = len(self.numeric) == len(BUILTIN_NUMERIC) and len(self.categorical) == len(BUILTIN_CATEGORICAL)
+        if "prompt_tokens" not in self.numeric and "completion_tokens" not in self.numeric:
+            self.needs_usage = False  # type: ignore[misc]  # no token feature: a stream's usage is not worth asking for
         self.rng = random.Random(c.seed)
         self._sampling = c.sample_rate < 1.0
         self.model_label = ModelLabel.for_runtime(runtime)

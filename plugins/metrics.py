@@ -457,6 +457,8 @@ class Metrics(Plugin):
 
     name = "metrics"
     kind = "observer"
+    #: token counters and TPOT need a stream's usage: ask the upstream for it when the client did not
+    needs_usage = True
 
     class Config(PluginConfig):
         models: list[str] = Field(

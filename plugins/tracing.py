@@ -62,6 +62,8 @@ class Tracing(Plugin):
 
     name = "tracing"
     kind = "observer"
+    #: gen_ai.usage.* on streams: ask the upstream for the stream's usage when the client did not
+    needs_usage = True
 
     class Config(PluginConfig):
         exporter: Literal["otlp_http", "otlp_grpc", "console", "none"] = Field(
@@ -123,6 +125,8 @@ class Tracing(Plugin):
         self._operation = OperationNames()
         #: encoded attribute runs and span names per kind of request (see _encoded)
         self._parts: dict[tuple[Any, ...], bytes] = {}
+        if config.exporter == "none":
+            self.needs_usage = False  # type: ignore[misc]  # propagation only: no span to put usage on
         if not config.capture_content:
             # on_response only keeps the completion for capture_content: without it, no hook at all,
             # so a route whose other plugins have none skips the response phase (the chain builds

@@ -164,6 +164,26 @@ async def test_a_client_that_gives_up_is_cancelled_not_an_upstream_failure(upstr
     assert value(sm, "sluice_requests_total", outcome="client_gone") == 1
 
 
+async def test_streams_are_counted_in_tokens_without_metering(upstream: FakeUpstream, tmp_path):
+    """metrics alone asks the upstream for a stream's usage (the client did not) and hides that chunk."""
+    msgs = [{"role": "user", "content": "count my tokens please"}]
+    async with SluiceServer(metrics_only(upstream), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            r = await c.chat.completions.create(model="sluice-demo", messages=msgs, max_tokens=6)
+            await s.wait_idle()
+            before = await scrape(s)
+            chunks = [ch async for ch in await c.chat.completions.create(
+                model="sluice-demo", messages=msgs, max_tokens=6, stream=True)]
+        await s.wait_idle()
+        after = await scrape(s)
+    assert upstream.requests[-1].json["stream_options"] == {"include_usage": True}
+    assert chunks and all(ch.usage is None for ch in chunks) and all(ch.choices for ch in chunks)
+    for kind, n in (("input", r.usage.prompt_tokens), ("output", r.usage.completion_tokens)):
+        grown = value(after, "sluice_tokens_total", type=kind) - value(before, "sluice_tokens_total", type=kind)
+        assert grown == n > 0, kind
+    assert value(after, "gen_ai_server_time_per_output_token_seconds_count") == 1
+
+
 async def test_guardrail_findings_are_counts_of_finding_types_only(upstream: FakeUpstream, tmp_path):
     """pii's and injection's findings are counted by type; injection's score and scanned-text count are not
     findings, so clean requests add nothing."""

@@ -99,6 +99,20 @@ async def test_stream_span_and_early_answer_span(upstream: FakeUpstream, tmp_pat
     assert a["gen_ai.usage.output_tokens"] > 0 and "sluice.cost" in a
 
 
+async def test_a_stream_span_has_usage_without_metering(upstream: FakeUpstream, tmp_path):
+    """tracing alone asks the upstream for a stream's usage; the client's stream is what it asked for."""
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx)]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                chunks = [ch async for ch in await c.chat.completions.create(
+                    model="sluice-demo", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True)]
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    assert all(ch.usage is None for ch in chunks)
+    a = by_kind(spans, "server")[0]["attributes"]
+    assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] == 5
+    assert "sluice.usage.estimated" not in a
+
+
 async def test_content_capture_records_the_redacted_prompt(upstream: FakeUpstream, tmp_path):
     async with OTLPReceiver() as rx:
         chain = [{"pii": {"action": "redact", "restore": True}}, tracing(rx, capture_content=True)]
