@@ -34,8 +34,10 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from proxy import AdminRoute, Command, Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, Usage, hookimpl
+from proxy import (AdminRoute, Command, ConfigError, Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, Usage,
+                   hookimpl)
 
+from ._tokens import count_prompt_tokens, estimate_text, load_tokenizer
 from ._usage import (
     PriceTable,
     estimate_completion_tokens_from_response,
@@ -198,6 +200,7 @@ class Metering(Plugin):
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
         self._tokenizers = config.tokenizers or None
+        self._tokenizer_failed = False
         #: the sluice_cost_total accumulator per (route, model label)
         self._cost: dict[tuple[str, str], Any] = {}
         if not self._remote_budgets(runtime):
@@ -219,6 +222,14 @@ class Metering(Plugin):
         return backend != "memory"
 
     async def start(self) -> None:
+        for pattern, path in self.config.tokenizers.items():
+            # here, not on the first request: a bad path would make that request's budget
+            # fail open and lose its ledger row
+            try:
+                await self.runtime.run_cpu(load_tokenizer, path)
+            except Exception as e:
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                raise ConfigError(f"metering: tokenizers.{pattern}: cannot load {path}: {reason} (plugin {self.id})") from None
         state = self.runtime.state
         if self.config.ledger:
             self.ledger = state.records(self.config.ledger_name)
@@ -262,8 +273,21 @@ class Metering(Plugin):
         if price is None:
             return 0.0
         body = ctx.json_body
-        prompt = estimate_prompt_tokens(body, ctx.model, self._tokenizers)
+        prompt = self._prompt_tokens(body, ctx.model)
         return price.cost_of(prompt, max_output_tokens(body, self.config.reserve_output_tokens))
+
+    def _prompt_tokens(self, body: Any, model: str | None) -> int:
+        """The prompt's count: the configured tokenizer's, or the byte estimate if it fails on this text."""
+        try:
+            return estimate_prompt_tokens(body, model, self._tokenizers)
+        except Exception as e:
+            # a tokenizer can fail on some inputs (a vocabulary without an unknown token): the
+            # budget and the ledger row matter more than an exact count
+            if not self._tokenizer_failed:
+                self._tokenizer_failed = True
+                log.warning("metering: a tokenizer failed (%s); prompts it cannot count are estimated from their bytes",
+                            type(e).__name__)
+            return count_prompt_tokens(body, model, tokenizer=estimate_text)
 
     @hookimpl
     async def on_request(self, ctx: Context) -> None:
@@ -343,11 +367,11 @@ class Metering(Plugin):
         if not answered:
             if ctx.attempts[-1].error == "cancelled":
                 # the client left while the upstream had the request: it bills the prompt
-                prompt = estimate_prompt_tokens(ctx.json_body, ctx.model, self._tokenizers)
+                prompt = self._prompt_tokens(ctx.json_body, ctx.model)
                 return Usage(prompt, 0, prompt, estimated=True)
             return Usage()  # nothing generated: connect errors and upstream 4xx/5xx bill nothing
         body = ctx.json_body
-        prompt = estimate_prompt_tokens(body, ctx.model, self._tokenizers)
+        prompt = self._prompt_tokens(body, ctx.model)
         if ctx.response is not None:
             completion = estimate_completion_tokens_from_response(ctx.response.json)
         else:

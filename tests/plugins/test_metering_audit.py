@@ -146,3 +146,57 @@ def test_an_unpriced_model_is_logged_once(caplog):
     with caplog.at_level(logging.WARNING, logger="sluice.metering"):
         assert star.lookup("my-local-llama") is not None
     assert caplog.records == []
+
+
+def word_tokenizer(path: Path) -> str:
+    """A real tokenizer.json that knows two words and fails on any other (no unknown token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"hello": 0, "there": 1}))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+async def test_a_tokenizer_that_cannot_load_fails_at_start(tmp_path: Path):
+    from plugins.metering import Metering
+    from proxy import ConfigError
+    from proxy.testing import configure_plugin, make_runtime
+
+    rt = await make_runtime(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match=r"metering: tokenizers\.sluice-\*: cannot load .*missing\.json"):
+            await configure_plugin(Metering, {"tokenizers": {"sluice-*": str(tmp_path / "missing.json")}}, runtime=rt)
+        (tmp_path / "bad.json").write_text("{not json")
+        with pytest.raises(ConfigError, match=r"tokenizers\.x: cannot load"):
+            await configure_plugin(Metering, {"tokenizers": {"x": str(tmp_path / "bad.json")}}, runtime=rt)
+        ok = await configure_plugin(Metering, {"tokenizers": {"x": word_tokenizer(tmp_path / "tok.json")}}, runtime=rt)
+        await ok.stop()
+    finally:
+        await rt.close_all()
+
+
+KEY = "sk-metering-audit-key-1"
+AUTH = {"auth": {"keys": [{"key": KEY, "id": "k1", "name": "alice-laptop", "team": "red", "user": "alice"}],
+                 "virtual_keys": False}}
+
+
+async def test_a_tokenizer_failing_on_a_request_falls_back_to_the_estimate(upstream: FakeUpstream, tmp_path: Path, caplog):
+    """Budgets still reserve and the row is still written, counted by bytes and marked estimated."""
+    upstream.malformed_usage = True  # no usage: the ledger row must be counted by Sluice
+    tok = word_tokenizer(tmp_path / "tok.json")
+    cfg = config(upstream, [AUTH], tokenizers={"sluice-*": tok}, budgets=[{"scope": "key", "period": "day", "limit": 100.0}])
+    prompt = "hello unknown words"
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY, max_retries=0) as c:
+            await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": prompt}], max_tokens=4)
+            await s.wait_idle()
+        async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+            async with http.get(f"{s.admin_url}/admin/budgets", params={"key": "k1"}) as r:
+                (budget,) = (await r.json())["budgets"]
+        await s.runtime.state.records("ledger").flush()
+    (row,) = ledger_rows(tmp_path)
+    assert row["estimated"] == 1 and row["prompt_tokens"] == 3 + (len(prompt) + 3) // 4 + 3
+    assert budget["spent_and_reserved"] == pytest.approx(row["cost"]) and row["cost"] > 0
+    # neither hook failed: admission reserved (no fail-open), on_done wrote and reconciled
+    assert not [r for r in caplog.records if "plugin metering failed" in r.getMessage()]
