@@ -236,6 +236,12 @@ class Metering(Plugin):
             self.ledger.ensure(ledger_table())
         if self.rules or self.config.identity_budgets:
             self.counters = state.counters(self.config.budget_backend)
+            workers = self.runtime.config.server.workers
+            if self.rules and workers > 1 and not self._remote_budgets(self.runtime) and self.runtime.worker_id == 0:
+                # every worker keeps its own sums: each admits up to the whole limit (said once, by worker 0)
+                log.warning("metering (%s): budgets are counted in each process, and server.workers is %d: a key or team "
+                            "can spend up to %d times its limit. Configure state.redis to share them.",
+                            self.id, workers, workers)
         self.runtime.shared("metering.instances", weakref.WeakSet).add(self)
 
     async def stop(self) -> None:

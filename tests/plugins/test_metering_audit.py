@@ -200,3 +200,29 @@ async def test_a_tokenizer_failing_on_a_request_falls_back_to_the_estimate(upstr
     assert budget["spent_and_reserved"] == pytest.approx(row["cost"]) and row["cost"] > 0
     # neither hook failed: admission reserved (no fail-open), on_done wrote and reconciled
     assert not [r for r in caplog.records if "plugin metering failed" in r.getMessage()]
+
+
+@pytest.mark.parametrize("workers, redis, warned", [(2, False, True), (1, False, False),
+                                                    pytest.param(4, True, False, marks=pytest.mark.redis)])
+async def test_budgets_per_process_with_several_workers_are_warned_of(tmp_path: Path, caplog, request, workers, redis, warned):
+    import logging
+
+    from plugins.metering import Metering
+    from proxy.testing import configure_plugin, make_runtime
+
+    url = request.getfixturevalue("redis_server").url if redis else None
+    rt = await make_runtime(tmp_path, redis_url=url, config={"server": {"workers": workers}})
+    try:
+        with caplog.at_level(logging.WARNING, logger="sluice.metering"):
+            p = await configure_plugin(Metering, {"ledger": False, "budgets": [{"scope": "key", "period": "day", "limit": 5}]},
+                                       runtime=rt)
+            await configure_plugin(Metering, {"ledger": False}, runtime=rt)  # no budget rules: nothing to warn of
+        msgs = [r.getMessage() for r in caplog.records if "budgets" in r.getMessage()]
+        if warned:
+            (msg,) = msgs
+            assert f"server.workers is {workers}" in msg and f"up to {workers} times" in msg and "state.redis" in msg
+        else:
+            assert msgs == []
+        await p.stop()
+    finally:
+        await rt.close_all()
