@@ -34,6 +34,7 @@ log = logging.getLogger("sluice.drift")
 
 BUILTIN_NUMERIC = ("prompt_tokens", "completion_tokens", "latency_s", "ttft_s")
 BUILTIN_CATEGORICAL = ("finish_reason", "refusal", "error")
+NAN = float("nan")
 
 
 class Drift(Plugin):
@@ -112,6 +113,8 @@ class Drift(Plugin):
         self.monitors: dict[tuple[str, str], Monitor] = {}
         self.alarms: dict[tuple[str, str], set[str]] = {}
         self.degraded: dict[tuple[str, str], bool] = {}
+        #: the features the last comparison of each monitor key published gauges for
+        self.compared: dict[tuple[str, str], set[str]] = {}
         #: the comparison running (or waiting for the one before it) for each monitor key
         self._busy: dict[tuple[str, str], asyncio.Task[None]] = {}
         #: the sluice_drift_samples_total accumulator of each monitor key
@@ -232,9 +235,27 @@ class Drift(Plugin):
             elif not fr.drifted and fr.feature in before:
                 log.info("drift cleared: route=%s model=%s feature=%s psi=%.3f", route, model, fr.feature, fr.psi,
                          extra={"event": "drift_cleared", "route": route, "model": model, "feature": fr.feature})
+        compared = {fr.feature for fr in res.features}
+        for feature in sorted(self.compared.get(key, compared) - compared):
+            # compared last time, not now (too few samples left, e.g. ttft_s in a window without
+            # streams): no value and no alarm any more, as the report says, rather than stale gauges
+            f.child(f.drift_psi, route, model, feature).set(NAN)
+            f.child(f.drift_p_value, route, model, feature).set(NAN)
+            f.child(f.drift_alarm, route, model, feature).set(0)
+            if feature in before:
+                log.info("drift cleared: route=%s model=%s feature=%s (no longer compared)", route, model, feature,
+                         extra={"event": "drift_cleared", "route": route, "model": model, "feature": feature})
+        self.compared[key] = compared
         self.alarms[key] = now_drifted
         lat = res.latency
-        if lat is not None:
+        if lat is None:
+            if self.degraded.get(key):
+                # too few latencies to compare: the degradation is no longer shown, as the report says
+                f.child(f.latency_degraded, route, model).set(0)
+                self.degraded[key] = False
+                log.info("latency cleared: route=%s model=%s (no longer compared)", route, model,
+                         extra={"event": "latency_cleared", "route": route, "model": model})
+        else:
             f.child(f.latency_p95, route, model, "current").set(lat.current_p95)
             f.child(f.latency_p95, route, model, "baseline").set(lat.baseline_p95)
             f.child(f.latency_degraded, route, model).set(1 if lat.degraded else 0)
@@ -244,6 +265,10 @@ class Drift(Plugin):
                     route, model, lat.current_p95, lat.baseline_p95, lat.ratio,
                     extra={"event": "latency_degraded", "route": route, "model": model, "ratio": lat.ratio},
                 )
+            elif not lat.degraded and self.degraded.get(key):
+                log.info("latency cleared: route=%s model=%s p95=%.3fs baseline=%.3fs ratio=%.2f",
+                         route, model, lat.current_p95, lat.baseline_p95, lat.ratio,
+                         extra={"event": "latency_cleared", "route": route, "model": model, "ratio": lat.ratio})
             self.degraded[key] = lat.degraded
 
     # -- reports -------------------------------------------------------------------------

@@ -136,6 +136,69 @@ async def test_latency_degradation_and_plugin_features(tmp_path):
         await rt.close_all()
 
 
+def gauge(rt, name: str, **labels) -> float | None:
+    return rt.metrics.get_sample_value(name, {"route": "none", "model": "other", **labels})
+
+
+async def test_a_feature_that_drops_out_of_the_comparison_clears_its_alarm(tmp_path, caplog):
+    """ttft_s drifts, then a window has no streams: ttft_s is no longer compared, so its alarm gauge
+    goes back to 0 and "drift cleared" is logged, as the report says."""
+    caplog.set_level(logging.INFO, logger="sluice.drift")
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, {**DRIFT, "features": ["latency_s", "ttft_s", "error"]}, runtime=rt)
+        rng = random.Random(9)
+
+        def ctx(ttft: float | None):
+            c = make_context({"model": "m", "stream": ttft is not None, "messages": [{"role": "user", "content": "x"}]}, runtime=rt)
+            c.attempts.append(Attempt(Target("up"), start=c.timings.start))
+            c.outcome, c.status = "ok", 200
+            c.timings.end = c.timings.start + rng.uniform(1.0, 1.1)
+            if ttft is not None:
+                c.timings.first_byte = c.timings.start + ttft
+            return c
+
+        async def feed(n: int, ttft: tuple[float, float] | None) -> None:
+            for _ in range(n):
+                p.on_done(ctx(rng.uniform(*ttft) if ttft else None))
+            await rt.tasks.wait(10)
+
+        await feed(60, (0.01, 0.02))  # the reference window (pinned)
+        await feed(30, (0.5, 0.6))  # slower first tokens
+        (m,) = p.report()
+        assert m["drifted"] == ["ttft_s"] and gauge(rt, "sluice_drift_alarm", feature="ttft_s") == 1
+        await feed(30, None)  # the window closes, still comparing its 30 streams
+        await feed(30, None)  # a new window without streams: ttft_s is not compared any more
+        (m,) = p.report()
+        assert "ttft_s" not in [f["feature"] for f in m["last"]["features"]]
+        assert m["drifted"] == [] and gauge(rt, "sluice_drift_alarm", feature="ttft_s") == 0
+        psi, p_value = gauge(rt, "sluice_drift_psi", feature="ttft_s"), gauge(rt, "sluice_drift_p_value", feature="ttft_s")
+        assert psi != psi and p_value != p_value  # NaN: no current value, not the last one
+        assert gauge(rt, "sluice_drift_psi", feature="latency_s") < 1  # still compared
+        cleared = [r for r in caplog.records if getattr(r, "event", None) == "drift_cleared"]
+        assert [r.feature for r in cleared] == ["ttft_s"]
+    finally:
+        await rt.close_all()
+
+
+async def test_latency_degradation_clears_when_latency_is_no_longer_compared(tmp_path, caplog):
+    from plugins._drift_stats import Comparison, LatencyResult
+
+    caplog.set_level(logging.INFO, logger="sluice.drift")
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, DRIFT, runtime=rt)
+        key = ("none", "other")
+        p.publish(key, Comparison([], LatencyResult("latency_s", 0.1, 0.3, 3.0, True)))
+        assert gauge(rt, "sluice_drift_latency_degraded") == 1 and p.degraded[key]
+        p.publish(key, Comparison([], None))  # too few latencies in this window to compare
+        assert gauge(rt, "sluice_drift_latency_degraded") == 0 and not p.degraded[key]
+        events = [getattr(r, "event", None) for r in caplog.records]
+        assert events == ["latency_degraded", "latency_cleared"]
+    finally:
+        await rt.close_all()
+
+
 async def test_requests_answered_early_are_not_sampled(tmp_path):
     rt = await make_runtime(tmp_path)
     try:
