@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import aiohttp
@@ -241,12 +242,19 @@ def test_config_errors_are_readable():
 
 
 async def test_early_answer_leaves_no_reservation_and_no_row(tmp_path: Path):
+    from proxy import Identity
+
     rt = await make_runtime(tmp_path)
     try:
         p = await configure_plugin(Metering, {"budgets": [{"scope": "key", "period": "day", "limit": 1}]}, runtime=rt)
-        ctx = make_context({"model": "gpt-4o", "messages": []}, runtime=rt)
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
+        # the same request not answered is reserved: only the answer below can keep the other from it
+        plain = make_context(body, runtime=rt, identity=Identity(key_id="k1"))
+        p.on_request(plain)  # budgets on this process's counters: plain hooks, finished on return
+        assert [key for key, _, _ in plain.stash[RESERVED]] == [p.applicable(plain, time.time())[0][0]]
+        ctx = make_context(body, runtime=rt, identity=Identity(key_id="k1"))
         ctx.reply(403, {"error": {"message": "no"}}, reason="blocked")
-        p.on_request(ctx)  # budgets on this process's counters: plain hooks, finished on return
+        p.on_request(ctx)
         assert ctx.stash.get(RESERVED) is None
         p.on_done(ctx)
         await rt.state.records("ledger").flush()
