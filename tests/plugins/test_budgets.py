@@ -177,22 +177,31 @@ async def test_identity_budgets_and_early_answers(tmp_path):
         await rt.close_all()
 
 
-async def test_counters_down_policy_in_process(tmp_path):
-    class Down:
-        async def add_sum(self, *a, **k):
-            raise StateUnavailable()
+async def test_counters_down_policy_at_the_hook(tmp_path):
+    """A Redis nobody listens on: 'closed' refuses with the plugin's own 503 (not a StateUnavailable
+    left to the observer's fail-open), 'open' admits, and neither holds a reservation."""
+    import socket
 
-    rt = await make_runtime(tmp_path)
+    from plugins.metering import RESERVED
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rt = await make_runtime(tmp_path, redis_url=f"redis://127.0.0.1:{port}/0")
     try:
         budgets = [{"scope": "key", "period": "day", "limit": 5}]
         closed = await configure_plugin(Metering, {"ledger": False, "budgets": budgets}, runtime=rt)
         opened = await configure_plugin(Metering, {"ledger": False, "budgets": budgets, "budget_on_error": "open"}, runtime=rt)
-        closed.counters = opened.counters = Down()
         c = make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k"))
         with pytest.raises(ProxyError) as exc:
             await hook(closed.on_request, c)
         assert exc.value.status == 503 and exc.value.code == "state_unavailable" and type(exc.value) is ProxyError
-        await hook(opened.on_request, make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k")))
+        assert exc.value.headers["retry-after"] == "1" and c.stash[RESERVED] == []
+        o = make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k"))
+        await hook(opened.on_request, o)
+        assert o.stash[RESERVED] == []  # admitted, nothing to give back later
+        with pytest.raises(StateUnavailable):
+            await opened.counters.get_sum(opened.applicable(o, __import__("time").time())[0][0])
     finally:
         await rt.close_all()
 
