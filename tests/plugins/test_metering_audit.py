@@ -226,3 +226,32 @@ async def test_budgets_per_process_with_several_workers_are_warned_of(tmp_path: 
         await p.stop()
     finally:
         await rt.close_all()
+
+
+async def test_ledger_identity_and_cached_and_reasoning_columns(upstream: FakeUpstream, tmp_path: Path):
+    """The ledger's who-columns come from auth's identity (never the key), and cached and
+    reasoning tokens from the upstream's usage details, cached ones priced at cached_input."""
+    answer = {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "sluice-demo",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050,
+                  "prompt_tokens_details": {"cached_tokens": 600}, "completion_tokens_details": {"reasoning_tokens": 30}},
+    }
+    async with SluiceServer(config(upstream, [AUTH]), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY, max_retries=0) as c:
+            await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "plain"}])
+            # FakeUpstream answers the next request with this body (its way to set a given answer)
+            upstream.fail_next(200, body=answer)
+            r = await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "cached"}])
+            assert r.usage.prompt_tokens_details.cached_tokens == 600
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    plain, cached = ledger_rows(tmp_path)
+    for row in (plain, cached):
+        assert (row["key_id"], row["key_name"], row["team"], row["user"]) == ("k1", "alice-laptop", "red", "alice")
+        assert row["model_requested"] == "sluice-demo" and row["model_served"] == "sluice-demo"
+        assert KEY not in str(row)
+    assert plain["cached_tokens"] == 0 and plain["reasoning_tokens"] == 0
+    assert (cached["prompt_tokens"], cached["cached_tokens"], cached["completion_tokens"], cached["reasoning_tokens"]) == (1000, 600, 50, 30)
+    assert cached["estimated"] == 0
+    assert cached["cost"] == pytest.approx((400 * 2.0 + 600 * 1.0 + 50 * 8.0) / 1e6)
