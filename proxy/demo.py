@@ -97,6 +97,9 @@ class DemoUpstream:
         #: seconds between a stream's headers (sent at once) and its first event, as a model
         #: server's prefill: vLLM sends the headers before the first token exists
         self.first_event_delay = 0.0
+        #: streamed chat chunks carry ``"usage":null`` when the usage is asked for, as OpenAI's do
+        #: (vLLM's have no usage key before the usage chunk)
+        self.null_usage = False
         #: close the connection after this many stream events (no [DONE])
         self.drop_after: int | None = None
         #: stop sending after this many stream events and hold the connection open
@@ -346,6 +349,8 @@ class DemoUpstream:
             c: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
             if continuous:
                 c["usage"] = self._usage(prompt_tokens, n)
+            elif include_usage and self.null_usage:
+                c["usage"] = None
             return b"data: " + orjson.dumps(c) + b"\n\n"
 
         events = [chunk({"role": "assistant", "content": ""}, None, 0)]

@@ -41,12 +41,46 @@ if TYPE_CHECKING:  # pragma: no cover
 WRITE_BUFFER_LOW = 64 * 1024
 
 
+def _null_usage(block: bytes, k: int) -> int:
+    """At ``k``, where ``block`` holds ``"usage"``: the length of a ``:null`` value after it (``: null``
+    too), else 0. OpenAI, once a stream is asked for its usage, puts ``"usage":null`` in every
+    chunk but the last: nothing to parse there."""
+    after = k + 7
+    if block.startswith(b":null", after):
+        return 5
+    if block.startswith(b": null", after):
+        return 6
+    return 0
+
+
+def _null_usage_cut(block: bytes, k: int, n: int) -> tuple[int, int]:
+    """The bytes to drop for a ``"usage":null`` member at ``k`` (``n`` from :func:`_null_usage`):
+    the member and the comma that joins it to its neighbour."""
+    end = k + 7 + n
+    if block[k - 1:k] == b",":
+        return k - 1, end
+    if block[end:end + 1] == b",":
+        return k, end + 1
+    return k, k  # a lone member: left as it is (``{}`` would be no better)
+
+
 def tap_event(ctx: Context, ev: Event, injected: bool) -> bool:
-    """Pick the usage out of an event; False for the usage chunk the client did not ask for."""
+    """Pick the usage out of an event; False for the usage chunk the client did not ask for.
+
+    Where we asked for the usage (``injected``), the ``"usage": null`` OpenAI then puts in every
+    other chunk is taken out too: the client gets the chunks it would have got without.
+    """
     raw = ev._raw
-    if raw is not None and b'"usage"' not in raw:
-        return True
+    if raw is not None:
+        k = raw.find(b'"usage"')
+        if k == -1 or (not injected and _null_usage(raw, k)):
+            return True
     obj = ev.json
+    if type(obj) is dict and "usage" in obj and obj["usage"] is None:
+        if injected:
+            del obj["usage"]
+            ev.changed()
+        return True
     u = usage_from(obj)
     if u is not None:
         ctx.usage = u
@@ -67,6 +101,12 @@ def tap_block(ctx: Context, block: bytes, injected: bool) -> bytes:
     pos = 0
     cuts = None
     while (k := block.find(b'"usage"', pos)) != -1:
+        n = _null_usage(block, k)
+        if n:
+            if injected:
+                (cuts := cuts or []).append(_null_usage_cut(block, k, n))
+            pos = k + 7 + n
+            continue
         start = block.rfind(b"\n\n", 0, k)
         start = 0 if start == -1 else start + 2
         end = block.find(b"\n\n", k)
@@ -75,8 +115,11 @@ def tap_block(ctx: Context, block: bytes, injected: bool) -> bytes:
         ev = parse_block(block[start:end].rstrip(b"\n"))
         if ev is not None and not tap_event(ctx, ev, injected):
             (cuts := cuts or []).append((start, end))
-    if cuts is None:
-        return block
+    return block if cuts is None else _cut(block, cuts)
+
+
+def _cut(block: bytes, cuts: list[tuple[int, int]]) -> bytes:
+    """``block`` without the ``(start, end)`` ranges of ``cuts`` (in order, not overlapping)."""
     out = []
     pos = 0
     for start, end in cuts:
@@ -84,6 +127,24 @@ def tap_block(ctx: Context, block: bytes, injected: bool) -> bytes:
         pos = end
     out.append(block[pos:])
     return b"".join(out)
+
+
+def _strip_null_usage(piece: bytes, injected: bool) -> tuple[bytes, bool]:
+    """``piece`` without its ``"usage":null`` members when ``injected`` (``piece`` itself when none is
+    cut), and whether it holds a ``"usage"`` that is not null (the one to parse)."""
+    pos = 0
+    cuts = None
+    other = False
+    while (k := piece.find(b'"usage"', pos)) != -1:
+        n = _null_usage(piece, k)
+        if n:
+            if injected:
+                (cuts := cuts or []).append(_null_usage_cut(piece, k, n))
+            pos = k + 7 + n
+        else:
+            other = True
+            pos = k + 7
+    return (piece if cuts is None else _cut(piece, cuts)), other
 
 
 def _tap_block_any(ctx: Context, block: bytes, injected: bool) -> bytes:
@@ -97,10 +158,15 @@ def _tap_block_any(ctx: Context, block: bytes, injected: bool) -> bytes:
         piece = block[pos:end]
         pos = end
         if b'"usage"' in piece:
-            ev = parse_block(piece)
-            if ev is not None and not tap_event(ctx, ev, injected):
+            stripped, other = _strip_null_usage(piece, injected)
+            if stripped is not piece:
+                piece = stripped
                 changed = True
-                continue
+            if other:
+                ev = parse_block(piece)
+                if ev is not None and not tap_event(ctx, ev, injected):
+                    changed = True
+                    continue
         out.append(piece)
     return b"".join(out) if changed else block
 

@@ -235,6 +235,37 @@ async def test_stream_usage_is_asked_on_a_route_at_the_root(upstream, tmp_path):
     assert u is not None and u.completion_tokens == 10 and not u.estimated
 
 
+@pytest.mark.parametrize("parse", [False, True], ids=["raw-relay", "parsed"])
+@pytest.mark.parametrize("client_asks", [False, True], ids=["client-no-usage", "client-usage"])
+async def test_openai_null_usage_members_are_hidden_only_when_we_asked(upstream, tmp_path, parse, client_asks):
+    """OpenAI, asked for a stream's usage, puts ``"usage":null`` in every chunk before the usage chunk.
+    When Sluice asked (the client did not), the client gets its chunks without it; when the client asked,
+    as the upstream sent them."""
+    upstream.null_usage = True
+    UsageWanted.seen.clear()
+    chain = [{"usage_wanted": {}}] + ([{"chunky": {}}] if parse else [])
+    body: dict[str, Any] = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "a b"}]}
+    if client_asks:
+        body["stream_options"] = {"include_usage": True}
+    with register_plugin(UsageWanted), register_plugin(Chunky):
+        async with SluiceServer(route(upstream, chain), tmp_path) as s, httpx.AsyncClient(timeout=20) as c:
+            raw = b""
+            async with c.stream("POST", f"{s.url}/chat/completions", json=body) as r:
+                async for piece in r.aiter_bytes():
+                    raw += piece
+            await s.wait_idle()
+    events = [orjson.loads(b[6:]) for b in raw.split(b"\n\n") if b.startswith(b"data: {")]
+    content = [e for e in events if e["choices"]]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in content).endswith("You said: a b")
+    if client_asks:
+        assert all("usage" in e and e["usage"] is None for e in content)
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 10
+    else:
+        assert b'"usage"' not in raw
+    u = UsageWanted.seen[0]
+    assert u is not None and u.completion_tokens == 10 and not u.estimated
+
+
 async def test_split_and_merged_sse_events_are_relayed_intact(upstream, tmp_path):
     upstream.events_per_write = 3  # several events per network write, as vLLM does under load
     with register_plugin(Chunky):

@@ -147,7 +147,8 @@ def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
     named = b'event: message\nid: 4\ndata: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2}}'
     comment = b": keep-alive"
     done = b"data: [DONE]"
-    parts = [content, finish, usage_only, with_choices, named, comment, done]
+    spaced_null = b'data: {"usage": null, "choices":[{"delta":{"content":"x"}}]}'
+    parts = [content, finish, usage_only, with_choices, named, comment, done, spaced_null]
     seen = 0
     for n in (1, 2, 3):
         for combo in itertools.permutations(parts, n):
@@ -159,6 +160,12 @@ def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
     assert seen > 1000
     out, usage = _tap(tap_block, content + b"\n\n" + usage_only + b"\n\n" + done + b"\n\n", True)
     assert out == content + b"\n\n" + done + b"\n\n" and usage == (3, 5)
+    # OpenAI's "usage":null members: cut when we asked for the usage, kept when the client did
+    block = finish + b"\n\n" + spaced_null + b"\n\n"
+    out, usage = _tap(tap_block, block, True)
+    assert out == (b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
+                   b'data: { "choices":[{"delta":{"content":"x"}}]}\n\n') and usage is None
+    assert _tap(tap_block, block, False) == (block, None)
 
 
 def test_upstream_urls_are_built_once_per_endpoint_and_stay_right_past_the_cache():
