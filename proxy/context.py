@@ -45,6 +45,10 @@ class StashKey(Generic[T]):
         return f"StashKey({self.name!r})"
 
 
+#: the core's own: ``Context.requested_model`` once the body was replaced
+_REQUESTED_MODEL: StashKey[str | None] = StashKey("core.requested_model")
+
+
 class Stash:
     """Per-request private state for plugins, keyed by :class:`StashKey` objects."""
 
@@ -367,6 +371,25 @@ class Context:
         if m is _UNPARSED:
             m = self._json_field("model")
             m = self._model = m if isinstance(m, str) else None
+        return m
+
+    @property
+    def requested_model(self) -> str | None:
+        """The ``model`` of the body as the client sent it: ``ctx.model`` until a plugin assigns a new
+        body (a router or an experiment choosing the model), then still the client's (read from the
+        original bytes, once). What a ledger's "model asked" and a span's request model report."""
+        if not self._body_changed:
+            return self.model
+        found = self.stash.get(_REQUESTED_MODEL, _UNPARSED)
+        if found is not _UNPARSED:
+            return found  # type: ignore[no-any-return]
+        try:
+            body = orjson.loads(self.raw) if self.raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        m = body.get("model") if isinstance(body, dict) else None
+        m = m if isinstance(m, str) else None
+        self.stash[_REQUESTED_MODEL] = m
         return m
 
     @property

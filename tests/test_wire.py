@@ -89,6 +89,22 @@ def test_model_and_stream_follow_the_body_assigned_back():
     assert (ctx.model, ctx.stream) == (None, False)
 
 
+def test_requested_model_stays_the_clients_after_a_plugin_rewrites_the_body():
+    from proxy.context import Context
+
+    ctx = Context(request_id="r", method="POST", path="/v1/chat/completions", raw=b'{"model": "auto", "messages": []}')
+    assert ctx.requested_model == ctx.model == "auto"
+    body = ctx.body
+    body["model"] = "small"  # in place first, as a router does, then assigned back
+    ctx.body = body
+    assert (ctx.model, ctx.requested_model) == ("small", "auto")
+    ctx.body = {"model": "large"}
+    assert (ctx.model, ctx.requested_model) == ("large", "auto")
+    for raw in (b"", b"{not json", b'{"model": 3}', b"[]"):
+        ctx = Context(request_id="r", method="POST", path="/v1/x", raw=raw)
+        ctx.body = {"model": "m"}
+        assert (ctx.model, ctx.requested_model) == ("m", None)
+
 
 def test_request_ids_are_unique_and_time_ordered():
     import time
