@@ -81,8 +81,9 @@ async def test_known_shift_is_detected_within_40_samples(upstream: FakeUpstream,
 async def test_steady_traffic_raises_no_alarm(upstream: FakeUpstream, tmp_path, caplog):
     rng = random.Random(11)
     caplog.set_level(logging.WARNING, logger="sluice.drift")
-    # wall-clock latency is not steady on a shared machine: only the features the test controls
-    steady = config(upstream, reference="previous", latency_tolerance=100.0,
+    # wall-clock latency is not steady on a shared machine: only the features the test controls (steady
+    # latency is test_steady_latency_is_not_degraded's, with latencies it sets)
+    steady = config(upstream, reference="previous",
                     features=["prompt_tokens", "completion_tokens", "finish_reason", "refusal", "error"])
     async with SluiceServer(steady, tmp_path) as s:
         async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
@@ -91,8 +92,40 @@ async def test_steady_traffic_raises_no_alarm(upstream: FakeUpstream, tmp_path, 
                 await settle(s)
         (m,) = await report(s)
     assert m["windows_closed"] >= 3 and m["last"] is not None
-    assert m["drifted"] == [] and not m["latency_degraded"]
+    assert m["drifted"] == [] and m["last"]["latency"] is None  # latency_s is not recorded here
     assert not [r for r in caplog.records if getattr(r, "event", None) in ("drift", "latency_degraded")]
+
+
+async def test_steady_latency_is_not_degraded(tmp_path, caplog):
+    """Latency is compared (against the reference window's p95) and found steady; the same comparison
+    flags a window 1.6 times slower, past the default tolerance of 0.5."""
+    caplog.set_level(logging.INFO, logger="sluice.drift")
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, {**DRIFT, "features": ["latency_s", "error"]}, runtime=rt)
+        rng = random.Random(4)
+
+        async def feed(n: int, scale: float) -> dict:
+            for _ in range(n):
+                c = make_context({"model": "m", "messages": [{"role": "user", "content": "x"}]}, runtime=rt)
+                c.attempts.append(Attempt(Target("up"), start=c.timings.start))
+                c.outcome, c.status = "ok", 200
+                c.timings.end = c.timings.start + scale * rng.uniform(0.05, 0.1)
+                p.on_done(c)
+            await rt.tasks.wait(10)
+            (m,) = p.report()
+            return m
+
+        await feed(60, 1.0)  # the reference
+        m = await feed(30, 1.0)
+        lat = m["last"]["latency"]
+        assert lat is not None and 0.8 < lat["ratio"] < 1.25 and not m["latency_degraded"] and not caplog.records
+        assert rt.metrics.get_sample_value("sluice_drift_latency_degraded", {"route": "none", "model": "other"}) == 0
+        m = await feed(30, 1.6 / 0.95)  # the window's p95 is now past 1.5 times the reference's
+        assert m["latency_degraded"]
+        assert [getattr(r, "event", None) for r in caplog.records].count("latency_degraded") == 1
+    finally:
+        await rt.close_all()
 
 
 async def test_pin_through_the_admin_api(upstream: FakeUpstream, tmp_path):

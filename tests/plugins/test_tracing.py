@@ -130,13 +130,24 @@ async def test_content_capture_records_the_redacted_prompt(upstream: FakeUpstrea
 
 
 async def test_sampling_ratio_zero_exports_nothing_but_still_propagates(upstream: FakeUpstream, tmp_path):
+    """Unsampled requests export nothing: a sampled request sent after them (a caller's flag, parent_based)
+    is exported, and once its spans arrived no other span has (the batcher keeps the order of on_done)."""
+    msgs = [{"role": "user", "content": "hi"}]
     async with OTLPReceiver() as rx:
         async with SluiceServer(config({"demo": upstream}, [tracing(rx, sample_ratio=0.0)]), tmp_path) as s:
             async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
-                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+                for _ in range(3):
+                    await c.chat.completions.create(model="sluice-demo", messages=msgs)
+                tps = [r.headers["traceparent"] for r in upstream.requests]
+                # a caller that did not sample: parent_based follows it
+                await c.chat.completions.create(model="sluice-demo", messages=msgs,
+                                                extra_headers={"traceparent": f"00-{'1' * 32}-{CLIENT_PARENT}-00"})
+                await c.chat.completions.create(model="sluice-demo", messages=msgs,
+                                                extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"})
+            spans = await rx.wait_for(lambda sp: any(x["trace_id"] == CLIENT_TRACE and x["kind"] == "server" for x in sp))
             await s.wait_idle()
-            tp = upstream.requests[-1].headers["traceparent"]
-    assert int(tp.rsplit("-", 1)[1], 16) & 1 == 0 and rx.spans == []  # sampled flag clear
+    assert all(int(tp.rsplit("-", 1)[1], 16) & 1 == 0 for tp in tps) and len(tps) == 3  # sampled flag clear
+    assert {sp["trace_id"] for sp in spans} == {CLIENT_TRACE} and len(spans) == 2
 
 
 async def test_findings_are_span_attributes_of_finding_types_only(upstream: FakeUpstream, tmp_path):
