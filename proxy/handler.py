@@ -99,12 +99,15 @@ class Handler:
             rid = new_request_id()
             route = gen.match(request.method, path, request.headers)
             if route is None:
+                self.server.metrics.rejected.labels(reason="route_not_found").inc()
                 return error_response(404, f"No route for {request.method} {path}.", rid, code="route_not_found")
             try:
                 raw = await read_body(request, route.max_body_bytes)
             except BodyTooLarge:
+                self.server.metrics.rejected.labels(reason="request_too_large").inc()
                 return error_response(413, f"The request body is larger than {route.max_body_bytes} bytes.", rid, code="request_too_large")
             except ExpectationFailed:
+                self.server.metrics.rejected.labels(reason="expectation_failed").inc()
                 return error_response(417, "Only 'Expect: 100-continue' is understood.", rid, code="expectation_failed")
             ctx = Context(
                 request_id=rid, method=request.method, path=path, query=query,

@@ -43,6 +43,21 @@ class CoreMetrics:
             registry=registry,
         )
         self.reloads = Counter("sluice_config_reloads", "Config reloads, by result.", ["result"], registry=registry)
+        self.rejected = Counter(
+            "sluice_rejected_requests",
+            "Requests answered before any plugin ran: no route matched (route_not_found), the body was too large "
+            "(request_too_large), an Expect header other than 100-continue (expectation_failed).",
+            ["reason"], registry=registry,
+        )
+        self.records_dropped = Counter(
+            "sluice_records_dropped",
+            "Rows a records writer gave up after a write error (SQLite locked past state.sqlite_timeout_ms, disk full, "
+            "a value SQLite refused), by records file and table: ledger rows lost. Stays 0 in a healthy process.",
+            ["records", "table"], registry=registry,
+        )
+
+    def record_dropped(self, records: str, table: str, n: int) -> None:
+        self.records_dropped.labels(records=records, table=table).inc(n)
 
     def plugin_error(self, plugin_id: str, phase: str) -> None:
         self.plugin_errors.labels(plugin=plugin_id, phase=phase).inc()

@@ -107,6 +107,7 @@ class Server:
         self.runtime.worker_id = self.worker_id
         self.metrics = core_metrics.CoreMetrics(registry)
         self.runtime.on_plugin_error = self.metrics.plugin_error
+        hub.on_records_dropped = self.metrics.record_dropped
         self.runtime._live = lambda: self.generation.plugins if self.generation is not None else []
         gen = ch.Generation(self.loaded, self.runtime, pool)
         await gen.start()

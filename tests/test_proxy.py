@@ -101,6 +101,12 @@ async def test_body_over_limit_is_413(upstream, http, tmp_path):
         r = await http.post(f"{s.url}/chat/completions", content=chunks())  # chunked, no content-length
         assert r.status_code == 413
         assert r.headers["x-request-id"]
+        r = await http.get(f"{s.origin}/v2/models")
+        assert r.status_code == 404
+        # answered before any plugin ran, so no plugin's metrics see them: the core counts them
+        scrape = await http.get(f"{s.admin_url}/metrics", headers={"authorization": f"Bearer {s.admin_token}"})
+        assert 'sluice_rejected_requests_total{reason="request_too_large"} 2.0' in scrape.text
+        assert 'sluice_rejected_requests_total{reason="route_not_found"} 1.0' in scrape.text
     assert upstream.requests == []
 
 

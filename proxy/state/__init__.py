@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from ..config import StateConfig
 from ..errors import StateUnavailable
@@ -47,6 +47,8 @@ class StateHub:
         self._kv: dict[tuple[str, str], KV] = {}
         self._records: dict[str, SQLiteRecords] = {}
         self._started = False
+        #: told (records name, table, rows) when a records writer gives rows up (the server counts them)
+        self.on_records_dropped: Callable[[str, str, int], None] | None = None
 
     @property
     def has_redis(self) -> bool:
@@ -129,6 +131,12 @@ class StateHub:
                 batch_size=self.config.batch_size,
                 flush_interval_ms=self.config.flush_interval_ms,
             )
+
+            def dropped(table: str, n: int) -> None:
+                if self.on_records_dropped is not None:
+                    self.on_records_dropped(name, table, n)
+
+            rec.on_dropped = dropped
         return rec
 
     async def check(self) -> dict[str, Any]:

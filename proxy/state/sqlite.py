@@ -129,6 +129,8 @@ class SQLiteRecords(Records):
         self._stmts: dict[tuple[str, tuple[str, ...], str | None, int], str] = {}
         #: rows given up after a write error (logged); stays 0 in a healthy process
         self.dropped = 0
+        #: called (on the writer thread) with a table's name and how many of its rows were given up
+        self.on_dropped: Callable[[str, int], None] | None = None
         self.written = 0
         #: transactions written (one per table per wake-up of the writer, when all goes well)
         self.batches = 0
@@ -254,11 +256,19 @@ class SQLiteRecords(Records):
             while q:
                 item = q.popleft()
                 if item[0] == "row":
-                    self.dropped += 1
+                    self._dropped(item[1], 1)
                 elif item[0] in ("flush", "close"):
                     item[1]()
                     if item[0] == "close":
                         return
+
+    def _dropped(self, table: str, n: int) -> None:
+        self.dropped += n
+        if self.on_dropped is not None:
+            try:
+                self.on_dropped(table, n)
+            except Exception as e:  # a counter must not stop the writer
+                log.error("sqlite: counting dropped rows failed: %s", type(e).__name__)
 
     def _ensure(self, db: Any, table: Table) -> None:
         try:
@@ -289,7 +299,7 @@ class SQLiteRecords(Records):
                 self.batches += 1
             except _ROW_ERRORS as e:
                 if len(rows) == 1:
-                    self.dropped += 1
+                    self._dropped(name, 1)
                     log.error("sqlite: dropped 1 row of %s: %s", name, e)
                 else:
                     # a row SQLite refuses must not cost the others: write them one by one
@@ -297,7 +307,7 @@ class SQLiteRecords(Records):
                     for r in rows:
                         self._write(db, {name: [r]})
             except sqlite3.Error as e:  # the file, not a row: locked past the timeout, disk full, I/O
-                self.dropped += len(rows)
+                self._dropped(name, len(rows))
                 log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
             rows.clear()
         pending.clear()
