@@ -423,7 +423,7 @@ class Metering(Plugin):
                 self.families.flush()
         if self.ledger is not None and (reached or cache_hit or self.config.record_answered):
             self.ledger.append_values(LEDGER_TABLE, LEDGER_COLUMNS,
-                                      self._values(ctx, usage, served, cost, price is not None, cache_hit, route, asked))
+                                      self._values(ctx, usage, served, cost, price is not None, cache_hit, route))
         return reserved
 
     async def _reconcile(self, reserved: list[tuple[str, float, float]], cost: float) -> None:
@@ -450,8 +450,9 @@ class Metering(Plugin):
         return upstream.model or asked
 
     def _values(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,
-                route: str, asked: str | None) -> tuple[Any, ...]:
-        """The ledger row's values in LEDGER_COLUMNS order (``route``: the route's name, ``asked``: ``ctx.model``)."""
+                route: str) -> tuple[Any, ...]:
+        """The ledger row's values in LEDGER_COLUMNS order (``route``: the route's name). ``model_requested`` is
+        what the client asked for, also when a router or an experiment sent another model (``model_served``)."""
         t = ctx.timings
         ident = ctx.identity
         started = time.time() - (time.perf_counter() - t.start)
@@ -468,7 +469,7 @@ class Metering(Plugin):
             ident.user if ident else None,
             route,
             ctx.endpoint,
-            asked,
+            ctx.requested_model,
             served,
             ctx.upstream.upstream if ctx.upstream is not None else None,
             len(ctx.attempts),

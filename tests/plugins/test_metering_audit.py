@@ -255,3 +255,17 @@ async def test_ledger_identity_and_cached_and_reasoning_columns(upstream: FakeUp
     assert (cached["prompt_tokens"], cached["cached_tokens"], cached["completion_tokens"], cached["reasoning_tokens"]) == (1000, 600, 50, 30)
     assert cached["estimated"] == 0
     assert cached["cost"] == pytest.approx((400 * 2.0 + 600 * 1.0 + 50 * 8.0) / 1e6)
+
+
+async def test_model_requested_is_what_the_client_asked_when_a_router_chose_another(upstream: FakeUpstream, tmp_path: Path):
+    """The complexity router writes its choice into the body; the ledger still says what was asked."""
+    router = {"router": {"complexity": {"model": "auto", "small": "sluice-demo", "large": "sluice-demo"}}}
+    async with SluiceServer(config(upstream, [router]), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as client:
+            out = await client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+        assert out.model == "sluice-demo"
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    assert upstream.requests[-1].json["model"] == "sluice-demo"
+    (row,) = ledger_rows(tmp_path)
+    assert (row["model_requested"], row["model_served"]) == ("auto", "sluice-demo")
