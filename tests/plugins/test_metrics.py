@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from plugins.metrics import LabelLimiter, Metrics
-from proxy.testing import FakeUpstream, SluiceProcess, SluiceServer, wait_for
+from proxy import Plugin, hookimpl
+from proxy.testing import FakeUpstream, SluiceProcess, SluiceServer, register_plugin, wait_for
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "contrib" / "grafana" / "sluice.json"
 KEY_OK = "sk-metrics-test-key-0001"
@@ -111,18 +113,123 @@ async def test_a_scrape_shows_every_kind_of_request(upstream: FakeUpstream, tmp_
     assert value(sm, "sluice_overhead_seconds_count", route="main") == 6
 
 
-async def test_every_metric_the_dashboard_queries_exists_in_a_real_scrape(upstream: FakeUpstream, tmp_path):
+class FailingObserver(Plugin):
+    """An observer whose on_done fails (open): the scrape then has sluice_plugin_errors_total series."""
+
+    name = "failing_observer_for_tests"
+    kind = "observer"
+
+    @hookimpl
+    def on_done(self, ctx) -> None:
+        raise RuntimeError("an observer failure the dashboard test wants")
+
+
+SELECTOR = re.compile(r"\b((?:sluice|gen_ai)_[a-z0-9_]+)\b(\{[^}]*\})?")
+MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
+GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)\s*\(")
+LABEL_VALUES = re.compile(r"label_values\(\s*([a-z0-9_]+)\s*,\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)")
+
+
+def selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric name, its ``{...}`` or "") of every series selector in ``expr`` (not the label names of a
+    grouping or a matcher)."""
+    bare = re.sub(r"\b(by|without)\s*\([^)]*\)", r"\1 ()", expr)
+    return [(m.group(1), m.group(2) or "") for m in SELECTOR.finditer(bare)
+            if bare.rfind("{", 0, m.start()) <= bare.rfind("}", 0, m.start())]
+
+
+def grouped(expr: str) -> list[tuple[list[str], str]]:
+    """(labels, the expression they group) for each ``agg by (labels) (expr)`` of ``expr``."""
+    out = []
+    for m in GROUPING.finditer(expr):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(expr[i], 0)
+            i += 1
+        out.append(([x.strip() for x in m.group(1).split(",") if x.strip()], expr[m.end():i - 1]))
+    return out
+
+
+def dashboard_problems(dash: dict, text: str) -> list[str]:
+    """What the dashboard asks of a scrape that the scrape does not have: series names, the label names
+    of matchers and of by (...), legend labels, template label_values."""
+    labels: dict[str, set[str]] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            labels.setdefault(smp.name, set()).update(smp.labels)
+    problems = []
+    targets = [(t["expr"], t.get("legendFormat", "")) for p in dash["panels"] for t in p.get("targets", [])]
+    for expr, legend in targets:
+        for name, matchers in selectors(expr):
+            if name not in labels:
+                problems.append(f"{expr}: no series {name}")
+                continue
+            for label in MATCHER.findall(matchers):
+                if label not in labels[name]:
+                    problems.append(f"{expr}: {name} has no label {label}")
+        groups = grouped(expr)
+        if len(groups) != len(re.findall(r"\b(?:by|without)\b", expr)):
+            problems.append(f"{expr}: a grouping this test cannot read")
+        for by, inner in groups:
+            for name, _ in selectors(inner):
+                for label in by:
+                    if name in labels and label not in labels[name]:
+                        problems.append(f"{expr}: {name} has no label {label} to group by")
+        shown = {x for by, _ in groups for x in by} if groups else {
+            x for name, _ in selectors(expr) for x in labels.get(name, ())}
+        for label in re.findall(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}", legend):
+            if label not in shown:
+                problems.append(f"{expr}: the legend's {label} is not a label of the result")
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":
+            for name, label in LABEL_VALUES.findall(v["query"]):
+                if label not in labels.get(name, ()):
+                    problems.append(f"variable {v['name']}: {name} has no label {label}")
+    return problems
+
+
+async def test_every_series_and_label_the_dashboard_queries_exists_in_a_real_scrape(upstream: FakeUpstream, tmp_path):
+    """After traffic that touches every panel (a stream cut short for an estimate, a pii finding, a failing
+    observer, two drift windows), each metric the dashboard queries has series, with every label name its
+    matchers, groupings, legends and variables use."""
     dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
-    # label names (in "by (...)" and "{...}") are not series: strip them before picking names
-    bare = [re.sub(r"\{[^}]*\}", "", re.sub(r"\bby \([^)]*\)", "", e)) for e in exprs]
-    queried = {m for e in bare for m in re.findall(r"\b((?:sluice|gen_ai)_[a-z0-9_]+)\b", e)}
-    assert len(queried) >= 20
-    async with SluiceServer(config(upstream), tmp_path) as s:
-        text = await drive(s)
-    missing = sorted(queried - exposed_names(text))
-    assert missing == []
+    cfg = config(upstream)
+    chain = cfg["routes"][0]["chain"]
+    chain[-1] = {"drift": {"min_samples": 10, "window_samples": 20, "reservoir_size": 20, "check_every": 5, "check_interval_s": 0}}
+    chain.insert(1, {"pii": {"action": "redact"}})
+    chain.append({"failing_observer_for_tests": {}})
+    chain.append(chain.pop(chain.index({"metrics": {}})))  # on_done runs in chain order: after metering's
+    with register_plugin(FailingObserver):
+        async with SluiceServer(cfg, tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_OK, max_retries=0) as c:
+                for i in range(30):  # a drift reference window of 20 samples, then a compared one
+                    await c.chat.completions.create(model="sluice-demo", messages=[
+                        {"role": "user", "content": f"question {i} from jane.doe@example.com"}])
+                upstream.drop_after = 2  # a stream that ends without usage: metering estimates it
+                with contextlib.suppress(openai.APIError):
+                    async for _ in await c.chat.completions.create(
+                            model="sluice-demo", messages=[{"role": "user", "content": "cut me"}], stream=True):
+                        pass
+                upstream.drop_after = None
+            text = await drive(s)
+            await s.runtime.tasks.wait(10)  # drift's comparison
+            async with aiohttp.ClientSession() as http, http.get(f"{s.admin_url}/metrics") as r:
+                text = await r.text()
+    # No plugin ever sets an estimated ctx.usage (metering keeps its estimate to its ledger row), so this
+    # family has no series yet: its labels cannot be read from a scrape. Reported; drop this exception
+    # once metering sets ctx.usage to its estimate.
+    unestimated = "no series sluice_usage_estimated_total"
+    assert [p for p in dashboard_problems(dash, text) if not p.endswith(unestimated)] == []
+    assert "sluice_usage_estimated_total" in exposed_names(text)
+    # the check can fail: a misspelt label in a matcher, a grouping, a legend and a variable
+    broken = json.loads(json.dumps(dash).replace('route=~\\"$route\\"}', 'routes=~\\"$route\\"}', 1)
+                        .replace("by (type)", "by (kind)").replace("{{upstream}} {{result}}", "{{upstream}} {{status}}")
+                        .replace("sluice_requests_total, route)", "sluice_requests_total, routes)"))
+    found = [p for p in dashboard_problems(broken, text) if not p.endswith(unestimated)]
+    assert [p.rsplit(": ", 1)[1] for p in found] == [
+        "sluice_requests_total has no label routes", "sluice_tokens_total has no label kind to group by",
+        "the legend's type is not a label of the result", "the legend's status is not a label of the result",
+        "sluice_requests_total has no label routes"], found
 
 
 async def scrape(s: SluiceServer) -> dict:
