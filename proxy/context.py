@@ -123,6 +123,25 @@ class Usage:
 
 
 @dataclass(slots=True)
+class StreamEnd:
+    """What a stream's events said about its answer (a buffered one has ``ctx.response``), kept by the
+    core when observers are on the route: from the events that finish a choice or carry a refusal."""
+
+    #: the ``model`` and ``id`` the finishing events named
+    model: str | None = None
+    id: str | None = None
+    #: each choice's ``finish_reason``, by choice index
+    reasons: dict[int, str] = field(default_factory=dict)
+    #: some choice's delta carried a ``refusal``
+    refusal: bool = False
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        """The finish reasons in choice order."""
+        return [self.reasons[i] for i in sorted(self.reasons)]
+
+
+@dataclass(slots=True)
 class Timings:
     """Monotonic stamps (``time.perf_counter()``); ``None`` where a stage did not happen."""
 
@@ -192,7 +211,7 @@ class Context:
         "_body", "_body_changed", "_model", "_stream", "identity", "targets", "upstream", "response",
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
-        "status", "error", "_current", "passed", "stream_events", "stream_bytes",
+        "status", "error", "_current", "passed", "stream_events", "stream_bytes", "stream_end",
         "runtime",
     )
 
@@ -265,6 +284,8 @@ class Context:
         #: events and bytes relayed to the client for a stream
         self.stream_events = 0
         self.stream_bytes = 0
+        #: a stream's model, id, finish reasons and refusal, from its events (see StreamEnd)
+        self.stream_end: StreamEnd | None = None
         self.runtime: Any = None
 
     @property

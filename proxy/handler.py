@@ -20,7 +20,7 @@ from .openai import (
     response_headers,
     streams_usage,
 )
-from .relay import RawRelay, attach, detach, direct_transport, tap_block, tap_event
+from .relay import RawRelay, attach, detach, direct_transport, ends, tap_block, tap_end, tap_event
 from .sse import DONE, Event, Parser
 from .timers import Alarm, Watchdog
 from .upstream import CONNECT_ERRORS, Upstream
@@ -338,7 +338,12 @@ class Handler:
             if parser is None:
                 buf = relay.buf
                 if buf:
-                    block = tap_block(ctx, bytes(buf), injected) if b'"usage"' in buf else bytes(buf)
+                    block = bytes(buf)
+                    if route.wants_usage:
+                        if ends(block):
+                            tap_end(ctx, block)
+                        if b'"usage"' in block:
+                            block = tap_block(ctx, block, injected)
                     await out.write(block)
             else:
                 tail = [ev for ev in parser.close() if not ev.is_done and tap_event(ctx, ev, injected)]

@@ -23,11 +23,12 @@ when the relay ends; with any other reader, the relay simply never takes a piece
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 
+from .context import StreamEnd
 from .openai import is_usage_only_chunk, usage_from
 from .sse import Event, find_boundary, parse_block
 
@@ -64,6 +65,74 @@ def _null_usage_cut(block: bytes, k: int, n: int) -> tuple[int, int]:
     return k, k  # a lone member: left as it is (``{}`` would be no better)
 
 
+#: what an event that finishes a choice or refuses holds (compact JSON, and with a space after the colon)
+END_MARKS = (b'finish_reason":"', b'finish_reason": "', b'"refusal":"', b'"refusal": "')
+
+
+def ends(block: bytes) -> bool:
+    """Whether ``block`` may hold an event that finishes a choice or carries a refusal: four
+    substring checks, where every event of a stream has ``"finish_reason":null``."""
+    return b'finish_reason":"' in block or b'finish_reason": "' in block or b'"refusal":"' in block or b'"refusal": "' in block
+
+
+def note_end(ctx: Context, obj: Any) -> None:
+    """A stream event's model, id, finish reasons and refusal into ``ctx.stream_end``."""
+    if type(obj) is not dict:
+        return
+    end = ctx.stream_end
+    if end is None:
+        end = ctx.stream_end = StreamEnd()
+    model, rid = obj.get("model"), obj.get("id")
+    if type(model) is str:
+        end.model = model
+    if type(rid) is str:
+        end.id = rid
+    choices = obj.get("choices")
+    if type(choices) is list:
+        for c in choices:
+            if type(c) is not dict:
+                continue
+            reason = c.get("finish_reason")
+            if type(reason) is str:
+                i = c.get("index")
+                end.reasons[i if type(i) is int else 0] = reason
+            delta = c.get("delta")
+            if type(delta) is dict and delta.get("refusal"):
+                end.refusal = True
+
+
+def tap_end(ctx: Context, block: bytes) -> None:
+    """Raw relay: :func:`note_end` for each event of ``block`` that :data:`END_MARKS` point at (one
+    or two a stream: only those events are parsed)."""
+    if b"\r" in block:
+        pos = 0
+        while pos < len(block):
+            idx, sep = find_boundary(block, pos)
+            end = len(block) if idx == -1 else idx + sep
+            piece = block[pos:end]
+            pos = end
+            if ends(piece):
+                ev = parse_block(piece)
+                if ev is not None:
+                    note_end(ctx, ev.json)
+        return
+    seen = -1
+    for mark in END_MARKS:
+        pos = 0
+        while (k := block.find(mark, pos)) != -1:
+            start = block.rfind(b"\n\n", 0, k)
+            start = 0 if start == -1 else start + 2
+            end = block.find(b"\n\n", k)
+            end = len(block) if end == -1 else end + 2
+            pos = end
+            if start == seen:
+                continue  # this event again (a finish reason and a refusal in one)
+            seen = start
+            ev = parse_block(block[start:end].rstrip(b"\n"))
+            if ev is not None:
+                note_end(ctx, ev.json)
+
+
 def tap_event(ctx: Context, ev: Event, injected: bool) -> bool:
     """Pick the usage out of an event; False for the usage chunk the client did not ask for.
 
@@ -72,6 +141,8 @@ def tap_event(ctx: Context, ev: Event, injected: bool) -> bool:
     """
     raw = ev._raw
     if raw is not None:
+        if ends(raw):
+            note_end(ctx, ev.json)
         k = raw.find(b'"usage"')
         if k == -1 or (not injected and _null_usage(raw, k)):
             return True
@@ -236,10 +307,12 @@ class RawRelay:
 
     def _whole(self, block: bytes) -> bytes:
         """Complete events: the usage tapped (first: it is what can fail), ``[DONE]`` noted, counted."""
-        if self.wants_usage and b'"usage"' in block:
-            out = tap_block(self.ctx, block, self.injected)
-        else:
-            out = block
+        out = block
+        if self.wants_usage:
+            if b'"usage"' in block:
+                out = tap_block(self.ctx, block, self.injected)
+            if ends(block):
+                tap_end(self.ctx, block)
         if b"[DONE]" in block:
             self.saw_done = True
         if out:

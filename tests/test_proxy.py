@@ -272,6 +272,36 @@ async def test_openai_null_usage_members_are_hidden_only_when_we_asked(upstream,
     assert u is not None and u.completion_tokens == 10 and not u.estimated
 
 
+class EndSeen(Plugin):
+    name = "end_seen"
+    kind = "observer"
+    seen: ClassVar[list[Any]] = []
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        e = ctx.stream_end
+        self.seen.append(None if e is None else (e.model, e.id, e.finish_reasons, e.refusal))
+
+
+@pytest.mark.parametrize("parse", [False, True], ids=["raw-relay", "parsed"])
+async def test_a_streams_model_id_and_finish_reason_reach_on_done(upstream, tmp_path, parse):
+    """Observers read a buffered answer from ctx.response; a stream's from ctx.stream_end."""
+    EndSeen.seen.clear()
+    upstream.events_per_write = 2  # the finishing event shares its write with others
+    chain = [{"end_seen": {}}] + ([{"chunky": {}}] if parse else [])
+    with register_plugin(EndSeen), register_plugin(Chunky):
+        async with SluiceServer(route(upstream, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+                ids = []
+                for max_tokens in (None, 3):
+                    kw: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
+                    chunks = [c async for c in await client.chat.completions.create(
+                        model="m", messages=[{"role": "user", "content": "a b"}], stream=True, **kw)]
+                    ids.append(chunks[0].id)
+            await s.wait_idle()
+    assert EndSeen.seen == [("m", ids[0], ["stop"], False), ("m", ids[1], ["length"], False)]
+
+
 async def test_split_and_merged_sse_events_are_relayed_intact(upstream, tmp_path):
     upstream.events_per_write = 3  # several events per network write, as vLLM does under load
     with register_plugin(Chunky):

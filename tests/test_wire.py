@@ -54,6 +54,26 @@ def test_stream_usage_endpoints_under_any_prefix():
         assert not streams_usage(endpoint), endpoint
 
 
+def test_stream_end_is_read_from_the_finishing_events_only():
+    from proxy.relay import tap_end
+    from proxy.testing import make_context
+
+    first = b'data: {"id":"c1","model":"m-1","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"finish_reason":null}]}'
+    token = b'data: {"id":"c1","model":"m-1","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}'
+    last0 = b'data: {"id":"c1","model":"m-1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    last1 = b'data: {"id": "c1", "model": "m-1", "choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]}'
+    refused = b'data: {"id":"c1","model":"m-1","choices":[{"index":0,"delta":{"refusal":"I can\'t help with that."},"finish_reason":null}]}'
+    for sep in (b"\n\n", b"\r\n\r\n"):
+        ctx = make_context({"model": "m"})
+        tap_end(ctx, sep.join([first, token, token]) + sep)
+        assert ctx.stream_end is None  # nothing finished yet: nothing parsed
+        tap_end(ctx, sep.join([token, last1, last0, b"data: [DONE]"]) + sep)
+        end = ctx.stream_end
+        assert (end.model, end.id, end.finish_reasons, end.refusal) == ("m-1", "c1", ["stop", "length"], False)
+        tap_end(ctx, refused + sep)
+        assert ctx.stream_end.refusal is True
+
+
 def test_header_hygiene():
     h = request_headers(CIMultiDict({"Host": "x", "Connection": "close, X-Trace", "X-Trace": "1", "Authorization": "Bearer k",
                                      "Transfer-Encoding": "chunked", "Content-Length": "5", "Keep-Alive": "1"}))
