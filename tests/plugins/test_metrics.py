@@ -291,6 +291,28 @@ async def test_streams_are_counted_in_tokens_without_metering(upstream: FakeUpst
     assert value(after, "gen_ai_server_time_per_output_token_seconds_count") == 1
 
 
+async def test_metrics_token_guards_the_scrape(upstream: FakeUpstream, tmp_path, monkeypatch):
+    """With admin.metrics_token, /metrics answers only that bearer token (an OpenAI-shaped 401 otherwise,
+    with an x-request-id); the admin token is not it."""
+    monkeypatch.setenv("SLUICE_TEST_METRICS_TOKEN", "scrape-secret-123")
+    cfg = metrics_only(upstream)
+    cfg["admin"] = {"metrics_token": {"$env": "SLUICE_TEST_METRICS_TOKEN"}}
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
+        await s.wait_idle()
+        async with aiohttp.ClientSession() as http:
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Bearer {s.admin_token}"}):
+                async with http.get(f"{s.admin_url}/metrics", headers=headers) as r:
+                    body = await r.json()
+                    assert r.status == 401 and r.headers["x-request-id"], headers
+                    assert body["error"]["code"] == "invalid_metrics_token" and "scrape-secret" not in json.dumps(body)
+            async with http.get(f"{s.admin_url}/metrics", headers={"authorization": "Bearer scrape-secret-123"}) as r:
+                assert r.status == 200
+                sm = samples(await r.text())
+    assert value(sm, "sluice_requests_total", route="main", outcome="ok") == 1
+
+
 async def test_guardrail_findings_are_counts_of_finding_types_only(upstream: FakeUpstream, tmp_path):
     """pii's and injection's findings are counted by type; injection's score and scanned-text count are not
     findings, so clean requests add nothing."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
 from plugins.tracing import Tracing
-from proxy.testing import FakeUpstream, SluiceServer
+from proxy.testing import FakeUpstream, SluiceProcess, SluiceServer, wait_for
 
 try:
     from tests.plugins.otlp_receiver import OTLPReceiver
@@ -177,6 +179,33 @@ async def test_plugin_timings_without_the_metrics_plugin(upstream: FakeUpstream,
             spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
     a = by_kind(spans, "server")[0]["attributes"]
     assert a["sluice.plugin.pii.on_request_ms"] >= 0 and a["sluice.plugin.tracing.on_request_ms"] >= 0
+
+
+def console_spans(out: str) -> list[dict]:
+    """The spans the SDK's console exporter printed (indented JSON objects) among other output."""
+    dec, spans, i = json.JSONDecoder(), [], out.find('{\n    "name"')
+    while i != -1:
+        span, end = dec.raw_decode(out, i)
+        spans.append(span)
+        i = out.find('{\n    "name"', end)
+    return spans
+
+
+async def test_console_exporter_prints_the_spans(upstream: FakeUpstream, tmp_path):
+    """exporter: console, in a real `sluice serve`: the server and client spans appear on its stdout."""
+    cfg = config({"demo": upstream}, [{"tracing": {"exporter": "console", "schedule_delay_ms": 10}}])
+    async with SluiceProcess(cfg, tmp_path) as p:
+        async with openai.AsyncOpenAI(base_url=p.url, api_key="sk-test", max_retries=0) as c:
+            r = await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+        await wait_for(lambda: len(console_spans(p.logs())) >= 2, timeout=20, what="two spans on stdout")
+        spans = console_spans(p.logs())
+    server, = [sp for sp in spans if sp["kind"] == "SpanKind.SERVER"]
+    client, = [sp for sp in spans if sp["kind"] == "SpanKind.CLIENT"]
+    assert server["name"] == "POST main" and client["name"] == "chat sluice-demo"
+    assert client["context"]["trace_id"] == server["context"]["trace_id"] and client["parent_id"] == server["context"]["span_id"]
+    assert server["attributes"]["gen_ai.operation.name"] == "chat"
+    assert server["attributes"]["gen_ai.usage.output_tokens"] == r.usage.completion_tokens
+    assert server["resource"]["attributes"]["service.name"] == "sluice"
 
 
 def test_config_cross_field_errors():
