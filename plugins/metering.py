@@ -436,7 +436,8 @@ class Metering(Plugin):
                     log.error("metering: could not reconcile a budget (the reservation stays counted)")
 
     def _served_model(self, ctx: Context, asked: str | None) -> str | None:
-        """The model that answered: the answer's own ``model``, else the target's, else ``asked`` (``ctx.model``)."""
+        """The model that answered: the answer's own ``model`` (a stream's from ``ctx.stream_end``), else the
+        target's, else ``asked`` (``ctx.model``)."""
         upstream = ctx.upstream
         if upstream is None:
             return None
@@ -447,6 +448,9 @@ class Metering(Plugin):
                 model = body.get("model")
                 if isinstance(model, str):
                     return model
+        end = ctx.stream_end
+        if end is not None and end.model:
+            return end.model
         return upstream.model or asked
 
     def _values(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,

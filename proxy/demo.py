@@ -100,6 +100,8 @@ class DemoUpstream:
         #: streamed chat chunks carry ``"usage":null`` when the usage is asked for, as OpenAI's do
         #: (vLLM's have no usage key before the usage chunk)
         self.null_usage = False
+        #: the model name answers carry whatever was asked (OpenAI answers "gpt-4o" with its dated snapshot)
+        self.answer_model: str | None = None
         #: close the connection after this many stream events (no [DONE])
         self.drop_after: int | None = None
         #: stop sending after this many stream events and hold the connection open
@@ -316,7 +318,7 @@ class DemoUpstream:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return self._bad("messages: Field required", "messages")
-        model = body.get("model") or self.model
+        model = self.answer_model or body.get("model") or self.model
         texts = [_text_of(m.get("content")) for m in messages if isinstance(m, dict)]
         last_user = next((_text_of(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), "")
         prompt_tokens = sum(count_tokens(t) for t in texts) + 3 * len(messages)
@@ -371,7 +373,7 @@ class DemoUpstream:
             return early
         prompt = body["prompt"]
         ptext = prompt if isinstance(prompt, str) else " ".join(p for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else ""
-        model = body.get("model") or self.model
+        model = self.answer_model or body.get("model") or self.model
         prompt_tokens = count_tokens(ptext)
         max_tokens = body.get("max_tokens", 16)
         toks, finish = self._answer(ptext, max_tokens if isinstance(max_tokens, int) else 16)
@@ -410,7 +412,7 @@ class DemoUpstream:
             ptext = " ".join(_text_of(i.get("content")) for i in inp if isinstance(i, dict))
         else:
             ptext = ""
-        model = body.get("model") or self.model
+        model = self.answer_model or body.get("model") or self.model
         prompt_tokens = count_tokens(ptext) + count_tokens(body.get("instructions") or "")
         mot = body.get("max_output_tokens")
         toks, finish = self._answer(ptext, mot if isinstance(mot, int) else None)

@@ -269,3 +269,19 @@ async def test_model_requested_is_what_the_client_asked_when_a_router_chose_anot
     assert upstream.requests[-1].json["model"] == "sluice-demo"
     (row,) = ledger_rows(tmp_path)
     assert (row["model_requested"], row["model_served"]) == ("auto", "sluice-demo")
+
+
+async def test_model_served_is_the_answers_own_for_streams_too(upstream: FakeUpstream, tmp_path: Path):
+    """An upstream answers a model name with its dated snapshot; the ledger records that for a stream
+    (from its events) as for a buffered answer (from its body)."""
+    upstream.answer_model = "sluice-demo-2026-01-01"
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as client:
+            ask = {"model": "sluice-demo", "messages": [{"role": "user", "content": "hi"}]}
+            await client.chat.completions.create(**ask)
+            _ = [c async for c in await client.chat.completions.create(stream=True, **ask)]
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    rows = ledger_rows(tmp_path)
+    assert [(r["stream"], r["model_requested"], r["model_served"]) for r in rows] == [
+        (0, "sluice-demo", "sluice-demo-2026-01-01"), (1, "sluice-demo", "sluice-demo-2026-01-01")]
