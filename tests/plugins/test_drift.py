@@ -128,6 +128,25 @@ async def test_steady_latency_is_not_degraded(tmp_path, caplog):
         await rt.close_all()
 
 
+async def test_streams_give_token_features_without_metering(upstream: FakeUpstream, tmp_path):
+    """drift alone asks the upstream for a stream's usage: the sample has the stream's tokens, and the
+    client's stream has no usage chunk."""
+    from plugins.drift import _instances
+
+    cfg = config(upstream)
+    cfg["routes"][0]["chain"] = [{"drift": DRIFT}]
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            chunks = [ch async for ch in await c.chat.completions.create(
+                model="sluice-demo", messages=[{"role": "user", "content": "a b c"}], max_tokens=4, stream=True)]
+        await settle(s)
+        (drift,) = _instances(s.runtime)
+        (m,) = drift.monitors.values()
+        window = m.current.snapshot()
+    assert all(ch.usage is None for ch in chunks)
+    assert window.numeric["completion_tokens"] == [4.0] and window.numeric["prompt_tokens"][0] > 0
+
+
 async def test_pin_through_the_admin_api(upstream: FakeUpstream, tmp_path):
     rng = random.Random(3)
     async with SluiceServer(config(upstream, reference="previous"), tmp_path) as s:
