@@ -655,16 +655,17 @@ async def _admin_usage(request: Any, runtime: Any) -> Any:
         sql, params = usage_query(group_by, parse_time(q.get("since")), parse_time(q.get("until")), q.get("key"), q.get("team"))
     except ValueError as e:
         raise web.HTTPBadRequest(reason=str(e)) from None
-    ledger = runtime.state.records(q.get("ledger", "ledger") if _safe_name(q.get("ledger", "ledger")) else "ledger")
+    # only a ledger some metering instance writes: each name opens a file and a writer thread
+    name = q.get("ledger", "ledger")
+    known = {"ledger"} | {m.config.ledger_name for m in runtime.instances(Metering) if m.config.ledger}
+    if name not in known:
+        raise web.HTTPBadRequest(reason=f"ledger must be one of: {', '.join(sorted(known))}")
+    ledger = runtime.state.records(name)
     ledger.ensure(ledger_table())
     rows = await ledger.query(sql, params)
     if fmt == "json":
         return web.json_response({"group_by": group_by, "rows": rows}, dumps=lambda o: orjson.dumps(o).decode())
     return web.Response(text=render(rows, fmt), content_type="text/csv" if fmt == "csv" else "text/plain")
-
-
-def _safe_name(name: str) -> bool:
-    return 1 <= len(name) <= 64 and all(ch.isalnum() or ch in "_.-" for ch in name)
 
 
 async def _admin_budgets(request: Any, runtime: Any) -> Any:
@@ -682,13 +683,15 @@ async def _admin_budgets(request: Any, runtime: Any) -> Any:
             continue
         probe = _probe_context(key or "", team)
         for ckey, limit, end in inst.applicable(probe, now):
-            if not key and ":key:" in ckey:
+            # budget:<scope>:<id>:<period>:<label>: an id may hold ':', the period and label never do
+            head, period, label = ckey.rsplit(":", 2)
+            _, scope, who = head.split(":", 2)
+            if not key and scope == "key":
                 continue
             try:
                 spent = await inst.counters.get_sum(ckey)
             except StateUnavailable:
                 spent = None
-            _, scope, who, period, label = ckey.split(":", 4)
             out.append({"plugin": inst.id, "scope": scope, "id": who, "period": period, "period_label": label,
                         "limit": limit, "spent_and_reserved": spent, "resets_at": end})
     return web.json_response({"budgets": out})

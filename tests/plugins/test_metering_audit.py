@@ -285,3 +285,26 @@ async def test_model_served_is_the_answers_own_for_streams_too(upstream: FakeUps
     rows = ledger_rows(tmp_path)
     assert [(r["stream"], r["model_requested"], r["model_served"]) for r in rows] == [
         (0, "sluice-demo", "sluice-demo-2026-01-01"), (1, "sluice-demo", "sluice-demo-2026-01-01")]
+
+
+async def test_admin_budgets_of_a_team_with_a_colon_and_usage_of_unknown_ledgers(upstream: FakeUpstream, tmp_path: Path):
+    auth = {"auth": {"keys": [{"key": "sk-colon-team-key-0001", "id": "k1", "team": "red:eu"}], "virtual_keys": False}}
+    budgets = [{"scope": "key", "period": "day", "limit": 5.0}, {"scope": "team", "period": "month", "limit": 50.0}]
+    async with SluiceServer(config(upstream, [auth], budgets=budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-colon-team-key-0001", max_retries=0) as client:
+            await client.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+        await s.wait_idle()
+        async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+            async with http.get(f"{s.admin_url}/admin/budgets", params={"key": "k1", "team": "red:eu"}) as r:
+                assert r.status == 200
+                found = {b["scope"]: b for b in (await r.json())["budgets"]}
+            # a name no metering instance writes would open a new file and writer thread per name
+            async with http.get(f"{s.admin_url}/admin/usage", params={"ledger": "other"}) as r:
+                assert r.status == 400 and r.headers["x-request-id"]
+                assert "ledger must be one of: ledger" in (await r.json())["error"]["message"]
+            async with http.get(f"{s.admin_url}/admin/usage", params={"ledger": "ledger"}) as r:
+                assert r.status == 200 and (await r.json())["rows"]
+    assert (found["key"]["id"], found["key"]["period"]) == ("k1", "day")
+    assert (found["team"]["id"], found["team"]["period"]) == ("red:eu", "month")
+    assert found["key"]["spent_and_reserved"] > 0
+    assert not (tmp_path / "other.db").exists()
