@@ -44,6 +44,8 @@ class Drift(Plugin):
     kind = "observer"
     #: prompt_tokens and completion_tokens of streams: ask the upstream for the stream's usage
     needs_usage = True
+    #: metering's on_done sets the estimate when an upstream gave no usage (a cut stream)
+    follows = ("metering",)
 
     class Config(PluginConfig):
         sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="Share of requests sampled into the windows.")

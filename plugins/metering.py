@@ -406,6 +406,8 @@ class Metering(Plugin):
             return None
         asked = ctx.model  # read once: each read looks into the request body
         usage = self.usage_of(ctx) if reached else Usage()
+        if usage.estimated:
+            ctx.usage = usage  # the plugins after this one (metrics, tracing, drift) count the estimate too
         served = self._served_model(ctx, asked)
         price = self.prices.lookup(served or self._priced_model(ctx)) if reached else None
         cost = price.cost(usage) if price is not None else 0.0

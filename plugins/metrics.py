@@ -459,6 +459,8 @@ class Metrics(Plugin):
     kind = "observer"
     #: token counters and TPOT need a stream's usage: ask the upstream for it when the client did not
     needs_usage = True
+    #: metering's on_done sets the estimate when an upstream gave no usage (a cut stream)
+    follows = ("metering",)
 
     class Config(PluginConfig):
         models: list[str] = Field(

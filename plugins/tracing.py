@@ -127,6 +127,10 @@ class Tracing(Plugin):
         self._parts: dict[tuple[Any, ...], bytes] = {}
         if config.exporter == "none":
             self.needs_usage = False  # type: ignore[misc]  # propagation only: no span to put usage on
+        else:
+            # metering's on_done sets ctx.cost and a usage estimate; with content captured, this plugin's
+            # on_response must see the completion before pii restores it (on_response runs in reverse)
+            self.follows = ("metering", "pii") if config.capture_content else ("metering",)
         if not config.capture_content:
             # on_response only keeps the completion for capture_content: without it, no hook at all,
             # so a route whose other plugins have none skips the response phase (the chain builds

@@ -72,6 +72,16 @@ class CompiledRoute:
         self.has_response_hooks = any(h is not None for h in self._by_pos["on_response"])
         self.has_stream_end = any(h is not None for h in self._by_pos["on_stream_end"])
         self._back: dict[tuple[str, int], tuple[Hook, ...]] = {}
+        self._check_order()
+
+    def _check_order(self) -> None:
+        """Warn when a plugin comes before one it reads the results of (``Plugin.follows``)."""
+        names = [p.name for p in self.plugins]
+        for i, p in enumerate(self.plugins):
+            for other in p.follows:
+                if other in names[i + 1:]:
+                    log.warning("route %s: %s comes before %s, whose results it reads: place it after %s in the chain",
+                                self.name, p.id, other, other)
 
     def matches(self, method: str, path: str, headers: Any) -> bool:
         if not path.startswith(self.prefix):

@@ -86,6 +86,10 @@ class Plugin:
     #: ask the core to time every hook of this plugin's route into ``ctx.timings.plugins``
     #: (two clock reads per hook call; off unless some plugin of the route wants them)
     wants_plugin_timings: bool = False
+    #: names of plugins whose results this one reads, so it belongs after them in a chain (on_done
+    #: and on_request run in chain order, on_response in reverse); loading a config whose route
+    #: puts one of them later logs a warning. An instance may narrow it from its config.
+    follows: tuple[str, ...] = ()
 
     def __init__(self, config: PluginConfig, runtime: Runtime) -> None:
         self.config = config

@@ -411,7 +411,7 @@ def hooks_doc() -> str:
     out += ["", "## `PluginConfig`", "", (inspect.getdoc(PluginConfig) or "").replace("\n", " "), ""]
     out += [f"- `{n}`: {cell(f.description or '')}" for n, f in PluginConfig.model_fields.items()]
     out += ["", "## `Context`", "", _first_paragraph(Context), ""]
-    out += _members(Context, ["body", "body_changed", "json_body", "body_is_json", "body_bytes", "model", "stream", "endpoint", "answered", "reply"])
+    out += _members(Context, ["body", "body_changed", "json_body", "body_is_json", "body_bytes", "model", "requested_model", "stream", "endpoint", "answered", "reply"])
     out += ["", "## `Runtime`", "", (inspect.getdoc(Runtime) or "").strip(), ""]
     out += _members(Runtime, ["spawn", "run_cpu", "shared"])
     return "\n".join(out).rstrip() + "\n"

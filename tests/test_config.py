@@ -52,10 +52,10 @@ def test_defaults_load():
 
 def test_default_and_full_chain_order_is_pinned():
     default = load_config(None, environ={})
-    assert [list(e)[0] for e in default.config.routes[0].chain] == ["metrics", "metering"]
+    assert [list(e)[0] for e in default.config.routes[0].chain] == ["metering", "metrics"]
     full = yaml.safe_load((ROOT / "configs" / "full.yaml").read_text())
     assert [list(e)[0] for e in full["routes"][0]["chain"]] == [
-        "tracing", "metrics", "auth", "ratelimit", "injection", "pii", "cache", "experiments", "router", "metering", "drift",
+        "auth", "ratelimit", "injection", "pii", "cache", "experiments", "router", "metering", "tracing", "metrics", "drift",
     ]
 
 
@@ -130,3 +130,21 @@ def test_sluice_check_cli(tmp_path):
 def test_version_cli():
     r = subprocess.run([sys.executable, "-m", "proxy.cli", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip().startswith("sluice ")
+
+
+@pytest.mark.parametrize(("chain", "warned"), [
+    ([{"metrics": {}}, {"metering": {}}], ["metrics comes before metering"]),
+    ([{"metering": {}}, {"metrics": {}}], []),
+    ([{"tracing": {"exporter": "none"}}, {"metering": {}}], []),  # propagation only: reads nothing
+    ([{"tracing": {"exporter": "console", "capture_content": True}}, {"pii": {}}, {"metering": {}}],
+     ["tracing comes before pii", "tracing comes before metering"]),
+    ([{"pii": {}}, {"metering": {}}, {"tracing": {"exporter": "console", "capture_content": True}}, {"drift": {}}], []),
+])
+async def test_a_plugin_placed_before_one_it_reads_is_warned_of(tmp_path, caplog, chain, warned):
+    from proxy.testing import SluiceServer
+
+    caplog.set_level("WARNING", logger="sluice.chain")
+    async with SluiceServer({**BASE, "routes": [{"name": "r", "upstream": "u", "chain": chain}]}, tmp_path):
+        pass
+    said = [r.getMessage() for r in caplog.records if r.name == "sluice.chain"]
+    assert len(said) == len(warned) and all(any(w in m for m in said) for w in warned), said

@@ -215,17 +215,13 @@ async def test_every_series_and_label_the_dashboard_queries_exists_in_a_real_scr
             await s.runtime.tasks.wait(10)  # drift's comparison
             async with aiohttp.ClientSession() as http, http.get(f"{s.admin_url}/metrics") as r:
                 text = await r.text()
-    # No plugin ever sets an estimated ctx.usage (metering keeps its estimate to its ledger row), so this
-    # family has no series yet: its labels cannot be read from a scrape. Reported; drop this exception
-    # once metering sets ctx.usage to its estimate.
-    unestimated = "no series sluice_usage_estimated_total"
-    assert [p for p in dashboard_problems(dash, text) if not p.endswith(unestimated)] == []
+    assert dashboard_problems(dash, text) == []
     assert "sluice_usage_estimated_total" in exposed_names(text)
     # the check can fail: a misspelt label in a matcher, a grouping, a legend and a variable
     broken = json.loads(json.dumps(dash).replace('route=~\\"$route\\"}', 'routes=~\\"$route\\"}', 1)
                         .replace("by (type)", "by (kind)").replace("{{upstream}} {{result}}", "{{upstream}} {{status}}")
                         .replace("sluice_requests_total, route)", "sluice_requests_total, routes)"))
-    found = [p for p in dashboard_problems(broken, text) if not p.endswith(unestimated)]
+    found = dashboard_problems(broken, text)
     assert [p.rsplit(": ", 1)[1] for p in found] == [
         "sluice_requests_total has no label routes", "sluice_tokens_total has no label kind to group by",
         "the legend's type is not a label of the result", "the legend's status is not a label of the result",
