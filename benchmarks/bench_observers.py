@@ -155,11 +155,13 @@ def config(upstream: str, chain: list[dict[str, Any]], name: str = "") -> dict[s
 
 
 def observers(sink: str) -> list[dict[str, Any]]:
+    """The four observers in the recommended order (configs/full.yaml): metering first, whose cost and
+    usage estimates the others read."""
     return [
-        {"metrics": {}},
         {"metering": {}},
-        {"drift": {"sample_rate": 1.0}},
         {"tracing": {"endpoint": sink, "sample_ratio": 1.0}},
+        {"metrics": {}},
+        {"drift": {"sample_rate": 1.0}},
     ]
 
 

@@ -2,7 +2,7 @@
 
 Starts the demo upstream and one Sluice process (``server.workers: 1``; by default the
 chain of ten no-op plugins, so the chain, the ``on_done`` queue and stream parsing all
-run; ``--chain observers``: tracing, metrics, metering and drift at 100% sampling, spans
+run; ``--chain observers``: metering, tracing, metrics and drift at 100% sampling, spans
 exported over OTLP/HTTP to a sink here, the ledger's rows counted after SIGTERM), drives
 it with one ``loadgen.py`` process in open loop (a fixed arrival rate, a mix of streamed
 and buffered chat completions), samples the process's RSS every few seconds, and reports
