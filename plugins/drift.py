@@ -171,6 +171,12 @@ class Drift(Plugin):
                 msg = first.get("message")
                 refused = (isinstance(msg, dict) and bool(msg.get("refusal"))) or reason == "content_filter"
                 cat["refusal"] = "yes" if refused else "no"
+        elif ok and ctx.stream_end is not None:
+            end = ctx.stream_end  # a stream's answer, as the core read it from its finishing events
+            reason = end.reasons.get(0) or next(iter(end.reasons.values()), None)
+            if reason is not None:
+                cat["finish_reason"] = reason[:32]
+            cat["refusal"] = "yes" if end.refusal or reason == "content_filter" else "no"
         if not self._every_builtin:
             num = {k: v for k, v in num.items() if k in self.numeric}
             cat = {k: v for k, v in cat.items() if k in self.categorical}

@@ -282,6 +282,11 @@ class Tracing(Plugin):
         if ctx.response is not None and ctx.upstream is not None and len(ctx.response.body) <= 4 * 1024 * 1024:
             resp_attrs = response_attributes(ctx.response.json)
             attrs.update(resp_attrs)
+        elif ctx.stream_end is not None and ctx.upstream is not None:
+            end = ctx.stream_end  # a stream's answer, as the core read it from its finishing events
+            resp_attrs = response_attributes({"id": end.id, "model": end.model,
+                                              "choices": [{"finish_reason": r} for r in end.finish_reasons]})
+            attrs.update(resp_attrs)
         if ctx.upstream is not None:
             _, _, provider = self._servers.get(ctx.upstream.upstream, (None, None, "openai"))
             attrs["gen_ai.provider.name"] = provider
@@ -442,6 +447,10 @@ class Tracing(Plugin):
                         rmodel = None
                     reasons = tuple([r for r in [c.get("finish_reason") for c in rbody.get("choices") or () if isinstance(c, dict)]
                                      if isinstance(r, str)])
+            elif ctx.stream_end is not None:
+                end = ctx.stream_end  # a stream's answer, as the core read it from its finishing events
+                answered = True
+                rid, rmodel, reasons = end.id, end.model, tuple(end.finish_reasons)
             key = (6, answered, rmodel, reasons, upstream.upstream, upstream.model)
             found = parts.get(key)
             if found is None:

@@ -7,7 +7,7 @@ Everything a plugin needs is importable from here::
 
 from __future__ import annotations
 
-from .context import Attempt, Context, Identity, Response, StashKey, Target, Usage
+from .context import Attempt, Context, Identity, Response, StashKey, StreamEnd, Target, Usage
 from .errors import ConfigError, ProxyError, StateUnavailable
 from .hookspecs import hookimpl
 from .plugin import AdminRoute, Command, Plugin, PluginConfig
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdminRoute", "Attempt", "Command", "ConfigError", "Context", "Event", "Identity", "Plugin", "PluginConfig", "ProxyError",
-    "Response", "StashKey", "StateUnavailable", "Target", "Usage", "hookimpl", "__version__",
+    "Response", "StashKey", "StateUnavailable", "StreamEnd", "Target", "Usage", "hookimpl", "__version__",
 ]

@@ -145,6 +145,8 @@ async def test_streams_give_token_features_without_metering(upstream: FakeUpstre
         window = m.current.snapshot()
     assert all(ch.usage is None for ch in chunks)
     assert window.numeric["completion_tokens"] == [4.0] and window.numeric["prompt_tokens"][0] > 0
+    # the categorical features of a stream, from its finishing event (ctx.stream_end)
+    assert window.categorical["finish_reason"] == {"length": 1} and window.categorical["refusal"] == {"no": 1}
 
 
 async def test_pin_through_the_admin_api(upstream: FakeUpstream, tmp_path):

@@ -113,6 +113,11 @@ async def test_a_stream_span_has_usage_without_metering(upstream: FakeUpstream, 
     a = by_kind(spans, "server")[0]["attributes"]
     assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] == 5
     assert "sluice.usage.estimated" not in a
+    # the answer's own attributes, from the stream's finishing event (ctx.stream_end)
+    assert a["gen_ai.response.finish_reasons"] == ["length"]
+    assert a["gen_ai.response.id"] == chunks[0].id and a["gen_ai.response.model"] == chunks[0].model
+    client = by_kind(spans, "client")[0]["attributes"]
+    assert client["gen_ai.response.finish_reasons"] == ["length"]
 
 
 async def test_content_capture_records_the_redacted_prompt(upstream: FakeUpstream, tmp_path):

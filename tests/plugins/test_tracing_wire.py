@@ -89,7 +89,7 @@ def _contexts(rt):
 
     import orjson
 
-    from proxy import Attempt, Identity, Response, Target, Usage
+    from proxy import Attempt, Identity, Response, StreamEnd, Target, Usage
     from proxy.testing import make_context
 
     route = SimpleNamespace(name="main", prefix="/v1/")
@@ -156,6 +156,9 @@ def _contexts(rt):
                 if variant != 2:
                     ctx.response = Response(ctx.status, {"content-type": "application/json"},
                                             answers[i % len(answers)] if variant != 4 else b"{}")
+                elif i % 2 == 0:  # a stream: its answer as the core read it from the finishing events
+                    ctx.stream_end = StreamEnd(model="gpt-4o-2024" if i % 4 else None, id="chatcmpl-s" if i else None,
+                                               reasons={1: "length", 0: "stop"} if i % 3 else {})
                 ctx.usage = (Usage(21, 28, 49) if i % 2 else Usage(21.0, 28, 49)) if variant != 4 else None
                 if variant == 0:
                     ctx.tags["cache"] = "hit"
