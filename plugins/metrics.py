@@ -286,7 +286,7 @@ class Families:
             "gen_ai_client_operation_duration_seconds", "GenAI operation duration as the client sees it (OTel GenAI semconv).",
             ["gen_ai_operation_name", "gen_ai_request_model", "route"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram(
-            "gen_ai_server_time_to_first_token_seconds", "Streams: time from request arrival to the first event sent to the client.",
+            "gen_ai_server_time_to_first_token_seconds", "Streams: time from request arrival to the first bytes of the upstream's stream (its first token; not its headers).",
             ["gen_ai_operation_name", "gen_ai_request_model", "route"], buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram(
             "gen_ai_server_time_per_output_token_seconds", "Streams: time per output token after the first.",

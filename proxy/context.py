@@ -267,7 +267,9 @@ class Context:
         self.timings = Timings(start=time.perf_counter())
         self.stash = Stash()
         self.attempts: list[Attempt] = []
-        #: what guards found, for observers: ``{"pii": {"EMAIL_ADDRESS": 2}}`` (types and counts, never values)
+        #: what guards found, for observers: ``{"pii": {"EMAIL_ADDRESS": 2}}`` (types and counts, never values).
+        #: Metrics and tracing count as findings the int values above 0 of a plugin's ``findings`` dict
+        #: when its annotation has one, else of the annotation itself (docs/plugins/metrics.md)
         self.annotations: dict[str, Any] = {}
         #: numeric features of this request that observers (drift) record
         self.features: dict[str, float] = {}
