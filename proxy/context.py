@@ -45,10 +45,6 @@ class StashKey(Generic[T]):
         return f"StashKey({self.name!r})"
 
 
-#: the core's own: ``Context.requested_model`` once the body was replaced
-_REQUESTED_MODEL: StashKey[str | None] = StashKey("core.requested_model")
-
-
 class Stash:
     """Per-request private state for plugins, keyed by :class:`StashKey` objects."""
 
@@ -208,7 +204,7 @@ class Context:
 
     __slots__ = (
         "request_id", "route", "method", "path", "query", "headers", "raw", "_client_ip", "_peer",
-        "_body", "_body_changed", "_model", "_stream", "identity", "targets", "upstream", "response",
+        "_body", "_body_changed", "_model", "_stream", "_asked", "identity", "targets", "upstream", "response",
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
         "status", "error", "_current", "passed", "stream_events", "stream_bytes", "stream_end",
@@ -244,6 +240,7 @@ class Context:
         self._body_changed = False
         #: ``model`` and ``stream``, found on first read (every observer reads them); a body assigned back resets them
         self._model: Any = _UNPARSED
+        self._asked: Any = _UNPARSED
         self._stream: Any = _UNPARSED
         #: who is calling (set by auth)
         self.identity: Identity | None = None
@@ -350,6 +347,14 @@ class Context:
 
     @body.setter
     def body(self, value: Any) -> None:
+        if not self._body_changed:
+            # the client's model, for requested_model: as read before (a plugin that changes the body
+            # in place reads ctx.model first), else from the body as parsed; unknown when never parsed
+            m = self._model
+            if m is _UNPARSED and type(self._body) is dict:
+                m = self._body.get("model")
+                m = m if isinstance(m, str) else None
+            self._asked = m
         self._body = value
         self._body_changed = True
         self._model = self._stream = _UNPARSED
@@ -399,21 +404,21 @@ class Context:
     @property
     def requested_model(self) -> str | None:
         """The ``model`` of the body as the client sent it: ``ctx.model`` until a plugin assigns a new
-        body (a router or an experiment choosing the model), then still the client's (read from the
-        original bytes, once). What a ledger's "model asked" and a span's request model report."""
+        body (a router or an experiment choosing the model), then still the client's, kept when the body
+        was first assigned (from the original bytes only when the body was never parsed before). A plugin
+        that changes the model in place reads ``ctx.model`` first. What the ledger's ``model_requested``
+        reports."""
         if not self._body_changed:
             return self.model
-        found = self.stash.get(_REQUESTED_MODEL, _UNPARSED)
-        if found is not _UNPARSED:
-            return found  # type: ignore[no-any-return]
-        try:
-            body = orjson.loads(self.raw) if self.raw else None
-        except orjson.JSONDecodeError:
-            body = None
-        m = body.get("model") if isinstance(body, dict) else None
-        m = m if isinstance(m, str) else None
-        self.stash[_REQUESTED_MODEL] = m
-        return m
+        m = self._asked
+        if m is _UNPARSED:  # replaced before it was ever parsed: read the original bytes, once
+            try:
+                body = orjson.loads(self.raw) if self.raw else None
+            except orjson.JSONDecodeError:
+                body = None
+            m = body.get("model") if isinstance(body, dict) else None
+            m = self._asked = m if isinstance(m, str) else None
+        return m  # type: ignore[no-any-return]
 
     @property
     def stream(self) -> bool:

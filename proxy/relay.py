@@ -23,7 +23,7 @@ when the relay ends; with any other reader, the relay simply never takes a piece
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
@@ -56,13 +56,36 @@ def _null_usage(block: bytes, k: int) -> int:
 
 def _null_usage_cut(block: bytes, k: int, n: int) -> tuple[int, int]:
     """The bytes to drop for a ``"usage":null`` member at ``k`` (``n`` from :func:`_null_usage`):
-    the member and the comma that joins it to its neighbour."""
+    the member and the comma (and blanks) that join it to its neighbour."""
     end = k + 7 + n
-    if block[k - 1:k] == b",":
-        return k - 1, end
-    if block[end:end + 1] == b",":
-        return k, end + 1
+    j = k - 1
+    while j >= 0 and block[j] in b" \t":
+        j -= 1
+    if j >= 0 and block[j] == 0x2C:  # ","
+        return j, end
+    e = end
+    while e < len(block) and block[e] in b" \t":
+        e += 1
+    if e < len(block) and block[e] == 0x2C:
+        return k, e + 1
     return k, k  # a lone member: left as it is (``{}`` would be no better)
+
+
+def _event_at(block: bytes, k: int) -> tuple[int, int]:
+    """The span of the ``\\n\\n``-separated event of ``block`` around offset ``k`` (its separator included)."""
+    start = block.rfind(b"\n\n", 0, k)
+    end = block.find(b"\n\n", k)
+    return (0 if start == -1 else start + 2), (len(block) if end == -1 else end + 2)
+
+
+def _pieces(block: bytes) -> Iterator[bytes]:
+    """The events of ``block`` with any of the separators SSE allows, each with its separator."""
+    pos = 0
+    while pos < len(block):
+        idx, sep = find_boundary(block, pos)
+        end = len(block) if idx == -1 else idx + sep
+        yield block[pos:end]
+        pos = end
 
 
 #: what an event that finishes a choice or refuses holds (compact JSON, and with a space after the colon)
@@ -105,12 +128,7 @@ def tap_end(ctx: Context, block: bytes) -> None:
     """Raw relay: :func:`note_end` for each event of ``block`` that :data:`END_MARKS` point at (one
     or two a stream: only those events are parsed)."""
     if b"\r" in block:
-        pos = 0
-        while pos < len(block):
-            idx, sep = find_boundary(block, pos)
-            end = len(block) if idx == -1 else idx + sep
-            piece = block[pos:end]
-            pos = end
+        for piece in _pieces(block):
             if ends(piece):
                 ev = parse_block(piece)
                 if ev is not None:
@@ -120,10 +138,7 @@ def tap_end(ctx: Context, block: bytes) -> None:
     for mark in END_MARKS:
         pos = 0
         while (k := block.find(mark, pos)) != -1:
-            start = block.rfind(b"\n\n", 0, k)
-            start = 0 if start == -1 else start + 2
-            end = block.find(b"\n\n", k)
-            end = len(block) if end == -1 else end + 2
+            start, end = _event_at(block, k)
             pos = end
             if start == seen:
                 continue  # this event again (a finish reason and a refusal in one)
@@ -169,19 +184,19 @@ def tap_block(ctx: Context, block: bytes, injected: bool) -> bytes:
     """
     if b"\r" in block:
         return _tap_block_any(ctx, block, injected)
+    if injected:
+        # our own request's "usage":null members go first, wherever they are (an event whose
+        # content is the word "usage" too); what is left to parse is a real usage, if any
+        block, other = _strip_null_usage(block, True)
+        if not other:
+            return block
     pos = 0
     cuts = None
     while (k := block.find(b'"usage"', pos)) != -1:
-        n = _null_usage(block, k)
-        if n:
-            if injected:
-                (cuts := cuts or []).append(_null_usage_cut(block, k, n))
-            pos = k + 7 + n
+        if _null_usage(block, k):  # the client asked for them: they stay, and say nothing
+            pos = k + 7
             continue
-        start = block.rfind(b"\n\n", 0, k)
-        start = 0 if start == -1 else start + 2
-        end = block.find(b"\n\n", k)
-        end = len(block) if end == -1 else end + 2
+        start, end = _event_at(block, k)
         pos = end
         ev = parse_block(block[start:end].rstrip(b"\n"))
         if ev is not None and not tap_event(ctx, ev, injected):
@@ -221,13 +236,8 @@ def _strip_null_usage(piece: bytes, injected: bool) -> tuple[bytes, bool]:
 def _tap_block_any(ctx: Context, block: bytes, injected: bool) -> bytes:
     """:func:`tap_block` for blocks with any of the separators SSE allows."""
     out = []
-    pos = 0
     changed = False
-    while pos < len(block):
-        idx, sep = find_boundary(block, pos)
-        end = len(block) if idx == -1 else idx + sep
-        piece = block[pos:end]
-        pos = end
+    for piece in _pieces(block):
         if b'"usage"' in piece:
             stripped, other = _strip_null_usage(piece, injected)
             if stripped is not piece:

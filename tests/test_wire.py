@@ -184,7 +184,9 @@ def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
     comment = b": keep-alive"
     done = b"data: [DONE]"
     spaced_null = b'data: {"usage": null, "choices":[{"delta":{"content":"x"}}]}'
-    parts = [content, finish, usage_only, with_choices, named, comment, done, spaced_null]
+    word = b'data: {"choices":[{"delta":{"content":"usage"}}],"usage":null}'  # the word first, then the member
+    spaced_last = b'data: {"choices": [{"delta": {"content": "y"}}], "usage": null}'
+    parts = [content, finish, usage_only, with_choices, named, comment, done, spaced_null, word, spaced_last]
     seen = 0
     for n in (1, 2, 3):
         for combo in itertools.permutations(parts, n):
@@ -202,6 +204,10 @@ def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
     assert out == (b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
                    b'data: { "choices":[{"delta":{"content":"x"}}]}\n\n') and usage is None
     assert _tap(tap_block, block, False) == (block, None)
+    for block in (word + b"\n\n", spaced_last + b"\n\n"):
+        out, _ = _tap(tap_block, block, True)
+        assert b'"usage"' not in out.replace(b'"content":"usage"', b""), out
+        assert _tap(tap_block, block, False) == (block, None)
 
 
 def test_upstream_urls_are_built_once_per_endpoint_and_stay_right_past_the_cache():
