@@ -23,7 +23,7 @@ when the relay ends; with any other reader, the relay simply never takes a piece
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
@@ -93,9 +93,15 @@ END_MARKS = (b'finish_reason":"', b'finish_reason": "', b'"refusal":"', b'"refus
 
 
 def ends(block: bytes) -> bool:
-    """Whether ``block`` may hold an event that finishes a choice or carries a refusal: four
-    substring checks, where every event of a stream has ``"finish_reason":null``."""
-    return b'finish_reason":"' in block or b'finish_reason": "' in block or b'"refusal":"' in block or b'"refusal": "' in block
+    """Whether ``block`` may hold an event that finishes a choice or carries a refusal (where every
+    event of a stream has ``"finish_reason":null``), in compact or spaced JSON."""
+    return b'finish_reason":"' in block or b'"refusal":"' in block or b'finish_reason": "' in block or b'"refusal": "' in block
+
+
+def ends_compact(block: bytes) -> bool:
+    """:func:`ends` for a stream whose JSON has no blank after a colon (OpenAI's, vLLM's): half the scans,
+    each a few hundred nanoseconds on a chunk."""
+    return b'finish_reason":"' in block or b'"refusal":"' in block
 
 
 def note_end(ctx: Context, obj: Any) -> None:
@@ -281,7 +287,8 @@ class RawRelay:
     when not.
     """
 
-    __slots__ = ("transport", "ctx", "wants_usage", "injected", "buf", "saw_done", "waiting", "dog", "loop", "taken", "reader")
+    __slots__ = ("transport", "ctx", "wants_usage", "injected", "buf", "saw_done", "waiting", "dog", "loop", "taken", "reader",
+                 "ends")
 
     def __init__(self, ctx: Context, wants_usage: bool, injected: bool, dog: Watchdog, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: asyncio.Transport | None = None
@@ -298,6 +305,8 @@ class RawRelay:
         self.taken = 0
         #: the upstream body's reader, while attached
         self.reader: StreamReader | None = None
+        #: how to spot a finishing event in a block (:func:`ends_compact` when the upstream writes compact JSON)
+        self.ends: Callable[[bytes], bool] | None = None
 
     def _open(self) -> asyncio.Transport | None:
         """The client's socket when a block may go to it directly: not before the first write,
@@ -321,7 +330,12 @@ class RawRelay:
         if self.wants_usage:
             if b'"usage"' in block:
                 out = tap_block(self.ctx, block, self.injected)
-            if ends(block):
+            ends_ = self.ends
+            if ends_ is None:
+                ends_ = ends
+                if b"{" in block:  # the first JSON tells how the upstream writes it
+                    self.ends = ends if b'": ' in block else ends_compact
+            if ends_(block):
                 tap_end(self.ctx, block)
         if b"[DONE]" in block:
             self.saw_done = True

@@ -74,6 +74,24 @@ def test_stream_end_is_read_from_the_finishing_events_only():
         assert ctx.stream_end.refusal is True
 
 
+def test_the_raw_relay_finds_finishing_events_in_compact_and_spaced_json():
+    """The relay learns from the first JSON block whether it needs the spaced scans too."""
+    from proxy.relay import RawRelay
+    from proxy.testing import make_context
+
+    for first, last in (
+        (b'data: {"model":"m","choices":[{"delta":{"content":"a"},"finish_reason":null}]}\n\n',
+         b'data: {"model":"m","choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'),
+        (b'data: {"model": "m", "choices": [{"delta": {"content": "a"}, "finish_reason": null}]}\n\n',
+         b'data: {"model": "m", "choices": [{"delta": {}, "finish_reason": "stop"}]}\n\n'),
+    ):
+        ctx = make_context({"model": "m"})
+        relay = RawRelay(ctx, True, False, None, None)  # type: ignore[arg-type]
+        for block in (b": keep-alive\n\n", first, last):
+            assert relay.block(block) == block
+        assert ctx.stream_end is not None and ctx.stream_end.finish_reasons == ["stop"], first
+
+
 def test_header_hygiene():
     h = request_headers(CIMultiDict({"Host": "x", "Connection": "close, X-Trace", "X-Trace": "1", "Authorization": "Bearer k",
                                      "Transfer-Encoding": "chunked", "Content-Length": "5", "Keep-Alive": "1"}))
