@@ -93,8 +93,10 @@ class Handler:
         special = self.special.get(path)
         if special is not None:
             return await special(request)
-        gen = self.server.generation
+        server = self.server
+        gen = server.generation
         gen.enter()
+        server.handling += 1
         try:
             rid = new_request_id()
             route = gen.match(request.method, path, request.headers)
@@ -203,6 +205,9 @@ class Handler:
                     self.server.done(ctx, route, gen)
         finally:
             gen.leave()
+            server.handling -= 1
+            if not server.handling and server.handlers_done is not None:
+                server.handlers_done.set()  # close() waits for the handlers it cut to have queued their on_done
 
     @staticmethod
     def _deadline(att: Attempt, up: Upstream, loop: asyncio.AbstractEventLoop) -> float:

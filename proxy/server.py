@@ -37,8 +37,9 @@ DONE_BATCH_MAX = 8
 #: a batch whose interval passed runs when the next request finishes; if none finishes by this many
 #: intervals after its first request, a timer runs it (a timer firing wakes an idle process)
 DONE_BATCH_IDLE = 4
-#: at close, how long requests still in flight after the drain get before they are cancelled
-CUT_WAIT_S = 1.0
+#: at close, how long requests still in flight after the drain get before they are cancelled (aiohttp
+#: waits this long twice: for the handler to end, then after cancelling it)
+CUT_WAIT_S = 0.5
 #: at close, the longest the on_done queue may take to empty once no request is left
 DONE_FLUSH_S = 10.0
 
@@ -78,6 +79,9 @@ class Server:
         #: finished requests whose inline on_done waits for the next batch (server.done_batch_ms)
         self._batch: list[tuple[Context, ch.CompiledRoute, ch.Generation]] = []
         self._batch_timer: asyncio.TimerHandle | None = None
+        #: client requests inside the handler (their on_done not yet handed over), and what close() waits on
+        self.handling = 0
+        self.handlers_done: asyncio.Event | None = None
 
     # -- life cycle ---------------------------------------------------------
     async def _apply_demo(self, loaded: LoadedConfig) -> LoadedConfig:
@@ -130,7 +134,7 @@ class Server:
         # aiohttp's low-level server: no router, no middleware layer, no Application in
         # the await chain of every stream read; the handler does its own dispatch
         # drain() waits server.drain_seconds for in-flight requests; past that, close() cuts them
-        # after CUT_WAIT_S more instead of aiohttp's default minute
+        # within 2 x CUT_WAIT_S more instead of aiohttp's default minute (twice)
         self.runner = web.ServerRunner(web.Server(make_handler(self), handler_cancellation=True, access_log=None),
                                        shutdown_timeout=CUT_WAIT_S)
         await self.runner.setup()
@@ -306,8 +310,15 @@ class Server:
         on_done workers, the plugins and the state stop.
         """
         if self.runner is not None:
+            self.handlers_done = asyncio.Event()
             await self.runner.cleanup()
             self.runner = None
+            if self.handling:  # cut handlers end in their finally, which hands their on_done over
+                try:
+                    async with asyncio.timeout(CUT_WAIT_S * 2):
+                        await self.handlers_done.wait()
+                except TimeoutError:
+                    log.warning("close: %d requests still in their handler", self.handling)
         self.run_batch()
         if self._queue is not None and self._workers:
             try:
