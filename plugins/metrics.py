@@ -78,8 +78,8 @@ class OperationNames:
         return op
 
 
-def findings(annotation: Any) -> dict[Any, Any] | None:
-    """The finding counts of a plugin's ``ctx.annotations`` entry, or ``None``.
+def finding_counts(annotation: Any) -> list[tuple[Any, int]]:
+    """The finding counts of a plugin's ``ctx.annotations`` entry, as ``(type, count)`` pairs.
 
     The contract (docs/plugins/metrics.md): an annotation that is a dict with a ``findings`` dict
     holds its findings there (the rest is detail: scores, flags, paths); any other dict is itself
@@ -87,14 +87,10 @@ def findings(annotation: Any) -> dict[Any, Any] | None:
     counts by type: floats (scores), booleans, strings and nested values never are.
     """
     if type(annotation) is not dict:
-        return None
+        return []
     inner = annotation.get("findings")
-    return inner if type(inner) is dict else annotation
-
-
-def is_count(n: Any) -> bool:
-    """A finding count: an ``int`` (not a bool) above 0."""
-    return type(n) is int and n > 0
+    found = inner if type(inner) is dict else annotation
+    return [(kind, n) for kind, n in found.items() if type(n) is int and n > 0]
 
 
 def status_class(status: int | None) -> str:
@@ -589,10 +585,7 @@ def _apply_histogram(h: list[float], *children: Any) -> None:
             c._buckets[i].inc(n)
 
 
-_findings = findings
-
-
-def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, findings: bool = True) -> None:
+def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, count_findings: bool = True) -> None:
     """Everything one finished request contributes to the metric families."""
     route = route_name(ctx)
     t = ctx.timings
@@ -652,13 +645,10 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, f
     if ctx.answered_by and status is not None and status >= 400:
         fam = f.limits if status == 429 else f.blocks
         f.acc(fam, route, ctx.answered_by, f.free_labels(ctx.answer_reason or "error")).inc()
-    if findings and ctx.annotations:
+    if count_findings and ctx.annotations:
         for plugin_id, annotation in ctx.annotations.items():
-            found = _findings(annotation)
-            if found:
-                for kind, n in found.items():
-                    if type(n) is int and n > 0:  # is_count, inline
-                        f.acc(f.findings, route, str(plugin_id), f.free_labels(kind)).inc(n)
+            for kind, n in finding_counts(annotation):
+                f.acc(f.findings, route, str(plugin_id), f.free_labels(kind)).inc(n)
     if plugin_timings:
         timings = s.timings
         for key, seconds in t.plugins.items():

@@ -49,7 +49,7 @@ from ._otel import (
     server_address,
     truncate,
 )
-from .metrics import OperationNames, findings, route_name
+from .metrics import OperationNames, finding_counts, route_name
 
 
 TRACE: StashKey[tuple[int, int, int | None, bool]] = StashKey("tracing.trace")  # trace id, span id, parent id, sampled
@@ -552,14 +552,11 @@ def _import_sdk(exporter: str) -> None:
 
 
 def _findings_and_timings(ctx: Context, plugin_timings: bool, out: dict[str, Any]) -> dict[str, Any]:
-    """The guards' findings (counts by type, as metrics.findings reads them) and, when asked, each hook's time,
+    """The guards' findings (counts by type, as metrics counts them) and, when asked, each hook's time,
     as span attributes into ``out``."""
     for plugin_id, annotation in ctx.annotations.items():
-        found = findings(annotation)
-        if found:
-            for kind, n in found.items():
-                if type(n) is int and n > 0:
-                    out[f"sluice.finding.{plugin_id}.{kind}"] = n
+        for kind, n in finding_counts(annotation):
+            out[f"sluice.finding.{plugin_id}.{kind}"] = n
     if plugin_timings:
         for key, seconds in ctx.timings.plugins.items():
             out[f"sluice.plugin.{key}_ms"] = round(seconds * 1000, 4)

@@ -117,6 +117,7 @@ def streams_usage(endpoint: str) -> bool:
     """Whether a stream to ``endpoint`` (``ctx.endpoint``) can carry a usage chunk: chat and text
     completions, under whatever the route's prefix left of the path (``v1/`` under a route on ``/``,
     ``deployments/NAME/`` under an Azure-style one)."""
+    endpoint = endpoint.rstrip("/")  # as metrics' operation names read it
     return endpoint in STREAM_USAGE_ENDPOINTS or endpoint.endswith(_STREAM_USAGE_SUFFIXES)
 
 

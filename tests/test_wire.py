@@ -48,7 +48,8 @@ def test_ensure_stream_usage_keeps_other_stream_options():
 
 
 def test_stream_usage_endpoints_under_any_prefix():
-    for endpoint in ("chat/completions", "completions", "v1/chat/completions", "deployments/gpt/chat/completions", "v1/completions"):
+    for endpoint in ("chat/completions", "completions", "v1/chat/completions", "deployments/gpt/chat/completions", "v1/completions",
+                     "chat/completions/"):
         assert streams_usage(endpoint), endpoint
     for endpoint in ("embeddings", "v1/embeddings", "responses", "v1/xcompletions", "chat/completions/x", "models"):
         assert not streams_usage(endpoint), endpoint
