@@ -20,7 +20,7 @@ from .openai import (
     response_headers,
     streams_usage,
 )
-from .relay import RawRelay, attach, detach, direct_transport, ends, tap_block, tap_end, tap_event
+from .relay import RawRelay, attach, detach, direct_transport, ends, note_start, tap_block, tap_end, tap_event
 from .sse import DONE, Event, Parser
 from .timers import Alarm, Watchdog
 from .upstream import CONNECT_ERRORS, Upstream
@@ -318,6 +318,8 @@ class Handler:
                     # The first piece always comes through here: the tap starts after the first write
                     timings.first_byte = time.perf_counter()
                     first = False
+                    if route.wants_usage:
+                        note_start(ctx, chunk)
                 if parser is None:
                     block = relay.block(chunk)
                     if block and not relay.send(block):

@@ -130,6 +130,34 @@ def note_end(ctx: Context, obj: Any) -> None:
                 end.refusal = True
 
 
+def _string_member(block: bytes, key: bytes) -> str | None:
+    """The first ``"key": "value"`` string member of ``block`` (compact or spaced JSON), when it is short
+    and has no escapes (the model and id of a chunk): found in the bytes, nothing parsed."""
+    k = block.find(key)
+    while k != -1:
+        v = k + len(key)
+        if block.startswith(b':"', v):
+            v += 2
+        elif block.startswith(b': "', v):
+            v += 3
+        else:
+            k = block.find(key, v)
+            continue
+        e = block.find(b'"', v)
+        if e == -1 or e - v > 256 or b"\\" in block[v:e]:
+            return None
+        return block[v:e].decode("utf-8", "replace")
+    return None
+
+
+def note_start(ctx: Context, chunk: bytes) -> None:
+    """A stream's model and id from its first piece, so a stream cut before it finishes has them too
+    (its finishing event, if any, has the last word)."""
+    model, rid = _string_member(chunk, b'"model"'), _string_member(chunk, b'"id"')
+    if model is not None or rid is not None:
+        ctx.stream_end = StreamEnd(model=model, id=rid)
+
+
 def tap_end(ctx: Context, block: bytes) -> None:
     """Raw relay: :func:`note_end` for each event of ``block`` that :data:`END_MARKS` point at (one
     or two a stream: only those events are parsed)."""

@@ -93,6 +93,16 @@ def test_the_raw_relay_finds_finishing_events_in_compact_and_spaced_json():
         assert ctx.stream_end is not None and ctx.stream_end.finish_reasons == ["stop"], first
 
 
+def test_a_chunks_model_and_id_are_read_from_its_bytes():
+    from proxy.relay import _string_member
+
+    assert _string_member(b'data: {"id":"c-1","model":"m-2","choices":[]}', b'"model"') == "m-2"
+    assert _string_member(b'data: {"id": "c-1", "model": "m-2"}', b'"id"') == "c-1"
+    assert _string_member(b'data: {"model":"with \\"quote\\""}', b'"model"') is None  # escaped: not guessed
+    assert _string_member(b'data: {"model":null,"id":"x"}', b'"model"') is None
+    assert _string_member(b'data: {"model":"' + b"m" * 300 + b'"}', b'"model"') is None
+
+
 def test_header_hygiene():
     h = request_headers(CIMultiDict({"Host": "x", "Connection": "close, X-Trace", "X-Trace": "1", "Authorization": "Bearer k",
                                      "Transfer-Encoding": "chunked", "Content-Length": "5", "Keep-Alive": "1"}))

@@ -308,3 +308,19 @@ async def test_admin_budgets_of_a_team_with_a_colon_and_usage_of_unknown_ledgers
     assert (found["team"]["id"], found["team"]["period"]) == ("red:eu", "month")
     assert found["key"]["spent_and_reserved"] > 0
     assert not (tmp_path / "other.db").exists()
+
+
+async def test_a_stream_cut_before_it_finished_keeps_the_answers_model(upstream: FakeUpstream, tmp_path: Path):
+    """The model and id come from the stream's first piece too: a stream that never sent its finishing
+    event is priced and recorded as the model that answered, like a finished one."""
+    upstream.answer_model = "sluice-demo-2026-01-01"
+    upstream.drop_after = 3  # the upstream goes away mid-stream
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as client:
+            with pytest.raises(openai.APIError):
+                _ = [c async for c in await client.chat.completions.create(
+                    model="sluice-demo", stream=True, messages=[{"role": "user", "content": "a b c d e"}])]
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    (row,) = ledger_rows(tmp_path)
+    assert (row["model_served"], row["estimated"]) == ("sluice-demo-2026-01-01", 1), row
