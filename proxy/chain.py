@@ -68,7 +68,8 @@ class CompiledRoute:
             h is not None for phase in ("on_response", "on_chunk", "on_stream_end") for h in self._by_pos[phase]
         )
         self.parse_stream = any(h is not None for h in self._by_pos["on_chunk"])
-        self.needs_usage = any(p.needs_usage for p in plugins)
+        #: ask streams for their usage (a plugin needs it, and the route lets the core ask)
+        self.needs_usage = config.stream_usage and any(p.needs_usage for p in plugins)
         self.has_response_hooks = any(h is not None for h in self._by_pos["on_response"])
         self.has_stream_end = any(h is not None for h in self._by_pos["on_stream_end"])
         self._back: dict[tuple[str, int], tuple[Hook, ...]] = {}

@@ -180,6 +180,10 @@ class RouteConfig(Model):
     chain: list[dict[str, Any]] = Field(default_factory=list, description="Plugins in order, each '- name: {config}'.")
     retries: Retries = Field(default_factory=Retries, description="Attempts before the first byte reaches the client.")
     max_body_bytes: int | None = Field(None, ge=1024, description="Overrides server.max_body_bytes for this route.")
+    stream_usage: bool = Field(
+        True, description="When a plugin needs a stream's usage, ask the upstream for it (stream_options.include_usage; "
+        "the extra chunk is hidden from a client that did not ask). Off for upstreams that refuse the option: such streams "
+        "are counted by estimate.")
 
     @property
     def upstream_names(self) -> list[str]:

@@ -121,7 +121,8 @@ class Usage:
 @dataclass(slots=True)
 class StreamEnd:
     """What a stream's events said about its answer (a buffered one has ``ctx.response``), kept by the
-    core when observers are on the route: from the events that finish a choice or carry a refusal."""
+    core when observers are on the route: the model and id from its first piece, then from the events
+    that finish a choice or carry a refusal."""
 
     #: the ``model`` and ``id`` the finishing events named
     model: str | None = None

@@ -222,6 +222,19 @@ async def test_usage_obtained_on_streams_without_changing_what_the_client_gets(u
         assert "stream_options" not in orjson.loads(b'{"x":1}')  # the client's body was not mutated in place
 
 
+async def test_a_route_can_keep_stream_options_from_its_upstream(upstream, tmp_path):
+    """``stream_usage: false`` for upstreams that refuse stream_options: the body goes as the client sent it."""
+    UsageWanted.seen.clear()
+    with register_plugin(UsageWanted):
+        async with SluiceServer(route(upstream, [{"usage_wanted": {}}], stream_usage=False), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+                chunks = [c async for c in await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "a b"}], stream=True)]
+            await s.wait_idle()
+    assert "stream_options" not in upstream.requests[-1].json
+    assert chunks and UsageWanted.seen == [None]  # nothing reported it: an estimate is metering's to make
+
+
 async def test_stream_usage_is_asked_on_a_route_at_the_root(upstream, tmp_path):
     """The endpoint a route sees is the path after its prefix (``v1/chat/completions`` under ``/``): the
     usage chunk is still asked for and hidden, so the usage is the upstream's, not an estimate
