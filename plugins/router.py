@@ -340,6 +340,9 @@ class Router(Plugin):
         ej = self.config.ejection
         alpha = self.config.ewma_alpha
         now = time.monotonic()
+        # the attempt a stream came from: its latency is to the first token (the stream's first body
+        # bytes), not to the headers, which a model server sends before prefill
+        streamed = ctx.attempts[-1] if ctx.stream and ctx.timings.first_byte is not None else None
         for att in ctx.attempts:
             t = att.target
             st = self.stats.get(stats_key(t.upstream, t.model))
@@ -350,7 +353,8 @@ class Router(Plugin):
             ok = att.error is None and att.status is not None and att.status not in self._fail_statuses
             latency = None
             if ok and att.first_byte is not None:
-                latency = (att.first_byte - att.start) * 1000.0
+                first = ctx.timings.first_byte if att is streamed else att.first_byte
+                latency = (first - att.start) * 1000.0  # type: ignore[operator]
             ejected = st.record(
                 ok, latency, now, alpha=alpha, failures_to_eject=ej.consecutive_failures if ej.enabled else 1 << 30,
                 cooldown_s=ej.cooldown_s, max_cooldown_s=ej.max_cooldown_s,

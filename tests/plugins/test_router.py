@@ -171,6 +171,21 @@ async def test_lowest_latency_prefers_the_faster_target(tmp_path: Path):
         assert (len(chats(a)), len(chats(b))) == (1, 7)
 
 
+async def test_lowest_latency_of_streams_is_to_the_first_token(tmp_path: Path):
+    """A model server sends a stream's headers before prefill: b answers its headers at once but its
+    first token late, so for streams b is the slow one."""
+    async with upstreams(2) as (a, b):
+        b.first_event_delay = 0.2
+        cfg = config([a, b], {"aliases": {"smart": {"strategy": "lowest_latency", "targets": [{"upstream": "a"}, {"upstream": "b"}]}}})
+        async with SluiceServer(cfg, tmp_path) as s, client(s) as c:
+            for _ in range(8):
+                _ = [ch async for ch in await ask(c, stream=True)]
+                await s.wait_idle()
+            st = router_of(s).stats
+            assert st["b\x00"].ewma_ms > 150 > st["a\x00"].ewma_ms
+        assert (len(chats(a)), len(chats(b))) == (7, 1)
+
+
 async def test_vllm_strategy_prefers_the_idle_server(tmp_path: Path):
     async with upstreams(2) as (a, b):
         a.token_delay = 0.05
