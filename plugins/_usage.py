@@ -140,8 +140,8 @@ class PriceTable:
             self._resolved[model] = found
             if found is None:
                 shown = model if len(model) <= 100 else model[:100] + "..."
-                log.warning("prices: no price for model %r: its requests cost 0 and spend budgets do not count "
-                            "them (give it one in prices:)", shown)
+                log.warning("prices: no price for model %r: its requests count as costing 0, in spend budgets "
+                            "too (give it one in prices:)", shown)
         return found
 
     def _resolve(self, model: str) -> Price | None:

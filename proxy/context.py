@@ -102,7 +102,7 @@ class Attempt:
     target: Target
     start: float
     status: int | None = None
-    error: str | None = None  # connect | timeout | protocol | None
+    error: str | None = None  # connect | timeout | protocol | cancelled (the client left) | None
     first_byte: float | None = None
     end: float | None = None
 
@@ -121,8 +121,8 @@ class Usage:
 @dataclass(slots=True)
 class StreamEnd:
     """What a stream's events said about its answer (a buffered one has ``ctx.response``), kept by the
-    core when observers are on the route: the model and id from its first piece, then from the events
-    that finish a choice or carry a refusal."""
+    core when some plugin reads answers (an on_done, response or chunk hook): the model and id from its
+    first piece, then from the events that finish a choice or carry a refusal."""
 
     #: the ``model`` and ``id`` the finishing events named
     model: str | None = None

@@ -370,7 +370,7 @@ class RawRelay:
         if out:
             ctx = self.ctx
             ctx.stream_bytes += len(out)
-            ctx.stream_events += out.count(b"\n\n") or out.count(b"\r\r")
+            ctx.stream_events += out.count(b"\n\n") or out.count(b"\r\n\r\n") or out.count(b"\r\r")
         return out
 
     def block(self, chunk: bytes) -> bytes:

@@ -15,21 +15,41 @@ import aiohttp
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.testing import FakeUpstream, SluiceServer
+import pytest
+
+from proxy import Context, Event, Plugin, hookimpl
+from proxy.testing import FakeUpstream, SluiceServer, register_plugin
 
 PREFILL_S = 0.4
 
 
-def config(upstream: FakeUpstream) -> dict:
+class Chunky(Plugin):
+    """An on_chunk hook: the route's streams go through the parsed relay."""
+
+    name = "chunky_timing"
+
+    @hookimpl
+    def on_chunk(self, ctx: Context, event: Event) -> None:
+        return None
+
+
+def config(upstream: FakeUpstream, parse: bool) -> dict:
+    chain = [{"metering": {}}, {"metrics": {}}] + ([{"chunky_timing": {}}] if parse else [])
     return {
         "upstreams": {"demo": {"url": upstream.url}},
-        "routes": [{"match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"metrics": {}}, {"metering": {}}]}],
+        "routes": [{"match": {"path": "/v1/"}, "upstream": "demo", "chain": chain}],
     }
 
 
-async def test_time_to_first_token_waits_for_the_first_event(upstream: FakeUpstream, tmp_path: Path):
+@pytest.mark.parametrize("parse", [False, True], ids=["raw-relay", "parsed"])
+async def test_time_to_first_token_waits_for_the_first_event(upstream: FakeUpstream, tmp_path: Path, parse: bool):
     upstream.first_event_delay = PREFILL_S
-    async with SluiceServer(config(upstream), tmp_path) as s:
+    with register_plugin(Chunky):
+        await _run(upstream, tmp_path, parse)
+
+
+async def _run(upstream: FakeUpstream, tmp_path: Path, parse: bool) -> None:
+    async with SluiceServer(config(upstream, parse), tmp_path) as s:
         async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as client:
             stream = await client.chat.completions.create(
                 model="sluice-demo", stream=True, messages=[{"role": "user", "content": "hello there"}])
