@@ -64,6 +64,8 @@ class Tracing(Plugin):
     kind = "observer"
     #: gen_ai.usage.* on streams: ask the upstream for the stream's usage when the client did not
     needs_usage = True
+    #: metering's on_done sets ctx.cost and the usage estimate the spans carry
+    follows = ("metering",)
 
     class Config(PluginConfig):
         exporter: Literal["otlp_http", "otlp_grpc", "console", "none"] = Field(
@@ -127,10 +129,10 @@ class Tracing(Plugin):
         self._parts: dict[tuple[Any, ...], bytes] = {}
         if config.exporter == "none":
             self.needs_usage = False  # type: ignore[misc]  # propagation only: no span to put usage on
-        else:
-            # metering's on_done sets ctx.cost and a usage estimate; with content captured, this plugin's
-            # on_response must see the completion before pii restores it (on_response runs in reverse)
-            self.follows = ("metering", "pii") if config.capture_content else ("metering",)
+            self.follows = ()
+        elif config.capture_content:
+            # this plugin's on_response must see the completion before pii restores it (on_response runs in reverse)
+            self.follows = ("metering", "pii")
         if not config.capture_content:
             # on_response only keeps the completion for capture_content: without it, no hook at all,
             # so a route whose other plugins have none skips the response phase (the chain builds

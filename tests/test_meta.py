@@ -104,3 +104,32 @@ def test_no_bare_create_task_in_product_code():
         for m in re.finditer(r"(?<!loop)\.create_task\(|asyncio\.ensure_future\(", text):
             offenders.append(f"{path.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}")
     assert offenders == [], "use runtime.spawn(...) (named, referenced tasks)"
+
+
+def _shipped_chains() -> list[tuple[str, list[dict]]]:
+    """Every chain of a config the project ships: configs/, and the deploy examples (compose, docker, the
+    Kubernetes ConfigMaps)."""
+    out = []
+    texts = [(p.name, p.read_text()) for p in CONFIGS]
+    deploy = ROOT / "contrib" / "deploy"
+    texts += [(str(p.relative_to(ROOT)), p.read_text()) for p in (deploy / "compose" / "sluice.yaml", deploy / "docker" / "sluice.yaml")]
+    for p in sorted((deploy / "kubernetes").glob("*.yaml")):
+        for doc in yaml.safe_load_all(p.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
+                texts += [(f"{p.name}:{k}", v) for k, v in (doc.get("data") or {}).items() if k.endswith((".yaml", ".yml"))]
+    for name, text in texts:
+        data = yaml.safe_load(text) or {}
+        out += [(f"{name} route {i}", r.get("chain") or []) for i, r in enumerate(data.get("routes") or [])]
+    return out
+
+
+def test_shipped_chains_put_each_plugin_after_those_it_reads():
+    """``Plugin.follows`` (class level): loading any of these would warn otherwise."""
+    registry = plugin_registry()
+    chains = _shipped_chains()
+    assert len(chains) >= 10
+    for where, chain in chains:
+        names = [next(iter(entry)) for entry in chain]
+        for i, name in enumerate(names):
+            for other in registry[name].follows:
+                assert other not in names[i + 1:], f"{where}: {name} comes before {other}"
