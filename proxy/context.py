@@ -124,7 +124,7 @@ class StreamEnd:
     core when some plugin reads answers (an on_done, response or chunk hook): the model and id from its
     first piece, then from the events that finish a choice or carry a refusal."""
 
-    #: the ``model`` and ``id`` the finishing events named
+    #: the ``model`` and ``id`` the stream named (its first piece, then its finishing events)
     model: str | None = None
     id: str | None = None
     #: each choice's ``finish_reason``, by choice index
