@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import aiohttp
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from proxy.testing import FakeUpstream, SluiceServer
+from tests.plugins.test_metering import ledger_rows  # the same reader as the metering tests
 
 PRICES = {"sluice-demo": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
 
@@ -22,15 +22,6 @@ def config(upstream: FakeUpstream, chain: list | None = None, **metering) -> dic
         "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "demo",
                     "chain": [*(chain or []), {"metering": metering}]}],
     }
-
-
-def ledger_rows(path: Path) -> list[dict]:
-    conn = sqlite3.connect(path / "ledger.db")
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM ledger ORDER BY ts")]
-    finally:
-        conn.close()
 
 
 BAD_TIMES = ["9" * 400 + "d", "9" * 5000 + "m", "²d", "not-a-time", "0001-01-01T00:00:00+01:00x"]
