@@ -54,6 +54,8 @@ from .metrics import OperationNames, finding_counts, route_name
 
 TRACE: StashKey[tuple[int, int, int | None, bool]] = StashKey("tracing.trace")  # trace id, span id, parent id, sampled
 OUTPUT: StashKey[str] = StashKey("tracing.output")
+#: a stream's captured completion so far: per choice index, its text pieces and their length
+STREAMED: StashKey[dict[int, tuple[list[str], list[int]]]] = StashKey("tracing.streamed")
 ERROR_OUTCOMES = frozenset({"upstream_error", "plugin_error", "error"})
 
 
@@ -134,10 +136,11 @@ class Tracing(Plugin):
             # this plugin's on_response must see the completion before pii restores it (on_response runs in reverse)
             self.follows = ("metering", "pii")
         if not config.capture_content:
-            # on_response only keeps the completion for capture_content: without it, no hook at all,
-            # so a route whose other plugins have none skips the response phase (the chain builds
-            # its hook lists from the instance's attributes)
+            # on_response and on_chunk only keep the completion for capture_content: without it, no hook
+            # at all, so a route whose other plugins have none skips the response phase and relays
+            # streams raw (the chain builds its hook lists from the instance's attributes)
             self.on_response = None  # type: ignore[assignment]
+            self.on_chunk = None  # type: ignore[assignment]
 
     @property
     def wants_plugin_timings(self) -> bool:  # type: ignore[override]
@@ -225,12 +228,40 @@ class Tracing(Plugin):
                 ctx.stash[OUTPUT] = orjson.dumps(outputs).decode()
 
     @hookimpl
+    def on_chunk(self, ctx: Context, event: Any) -> None:
+        """With ``capture_content``, a stream's completion as this plugin sees it: after the chain, it
+        runs before ``pii`` restores the values it redacted (``on_chunk`` runs in reverse chain order)."""
+        found = ctx.stash.get(TRACE)
+        if found is None or not found[3]:
+            return
+        obj = event.json
+        if type(obj) is not dict or type(obj.get("choices")) is not list:
+            return
+        streamed = ctx.stash.setdefault(STREAMED, {})
+        limit = self.config.max_content_chars + 1  # one past the limit: truncate() then marks the cut
+        for choice in obj["choices"]:
+            if type(choice) is not dict:
+                continue
+            delta = choice.get("delta")
+            piece = delta.get("content") or delta.get("refusal") if type(delta) is dict else choice.get("text")
+            if type(piece) is str and piece:
+                i = choice.get("index")
+                parts, size = streamed.setdefault(i if type(i) is int else 0, ([], [0]))
+                if size[0] < limit:
+                    parts.append(piece[:limit - size[0]])
+                    size[0] += len(parts[-1])
+
+    @hookimpl
     def on_done(self, ctx: Context) -> None:
         if self.pipeline is None:
             return
         trace = self._trace(ctx)  # answered before reaching us: traced all the same
         if not trace[3]:
             return
+        streamed = ctx.stash.get(STREAMED) if self.config.capture_content else None
+        if streamed and OUTPUT not in ctx.stash:
+            ctx.stash[OUTPUT] = orjson.dumps(
+                [{"role": "assistant", "content": "".join(streamed[i][0])} for i in sorted(streamed)]).decode()
         pipeline = self.pipeline
         if pipeline.wire is not None:
             add = pipeline.wire.add

@@ -136,6 +136,24 @@ async def test_content_capture_records_the_redacted_prompt(upstream: FakeUpstrea
     assert "mail me at" in a["gen_ai.output.messages"] and "jane.doe@example.com" not in a["gen_ai.output.messages"]
 
 
+async def test_content_capture_records_a_streamed_completion_as_pii_left_it(upstream: FakeUpstream, tmp_path):
+    """A stream's completion is gathered from its events in on_chunk, which runs (in reverse chain order)
+    before pii restores the values it redacted: the span gets the redacted text, the client the original."""
+    async with OTLPReceiver() as rx:
+        chain = [{"pii": {"action": "redact", "restore": True}}, tracing(rx, capture_content=True, max_content_chars=96)]
+        async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                text = "".join([ch.choices[0].delta.content or "" async for ch in await c.chat.completions.create(
+                    model="sluice-demo", stream=True, messages=[{"role": "user", "content": "mail me at jane.doe@example.com"}])
+                    if ch.choices])
+            assert "jane.doe@example.com" in text
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    out = by_kind(spans, "server")[0]["attributes"]["gen_ai.output.messages"]
+    assert "mail me at" in out and "jane.doe@example.com" not in out
+    assert out.startswith('[{"role":"assistant","content":"Hello from the Sluice demo model')
+    assert len(out) <= 97 and out.endswith("…")  # max_content_chars holds for streams too
+
+
 async def test_sampling_ratio_zero_exports_nothing_but_still_propagates(upstream: FakeUpstream, tmp_path):
     """Unsampled requests export nothing: a sampled request sent after them (a caller's flag, parent_based)
     is exported, and once its spans arrived no other span has (the batcher keeps the order of on_done)."""
@@ -294,7 +312,8 @@ async def test_an_invalid_traceparent_starts_a_new_trace(upstream: FakeUpstream,
 
 
 async def test_no_response_hook_unless_content_is_captured(tmp_path):
-    """Without capture_content tracing has nothing to do in on_response: the chain gets no such hook."""
+    """Without capture_content tracing has nothing to do in on_response or on_chunk: the chain gets no such
+    hook (and relays the route's streams raw)."""
     from plugins.tracing import Tracing
     from proxy.registry import hook_functions
     from proxy.testing import make_runtime
@@ -304,7 +323,7 @@ async def test_no_response_hook_unless_content_is_captured(tmp_path):
         plain = Tracing(Tracing.Config(exporter="none"), rt)
         capturing = Tracing(Tracing.Config(exporter="none", capture_content=True), rt)
         assert sorted(hook_functions(plain)) == ["on_done", "on_request"]
-        assert sorted(hook_functions(capturing)) == ["on_done", "on_request", "on_response"]
+        assert sorted(hook_functions(capturing)) == ["on_chunk", "on_done", "on_request", "on_response"]
     finally:
         await rt.close_all()
 
