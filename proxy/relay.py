@@ -153,7 +153,8 @@ def _string_member(block: bytes, key: bytes) -> str | None:
 def note_start(ctx: Context, chunk: bytes) -> None:
     """A stream's model and id from its first piece, so a stream cut before it finishes has them too
     (its finishing event, if any, has the last word)."""
-    model, rid = _string_member(chunk, b'"model"'), _string_member(chunk, b'"id"')
+    # empty ones say nothing (Azure's first chunk, its prompt filter results, has "model":"" and "id":"")
+    model, rid = _string_member(chunk, b'"model"') or None, _string_member(chunk, b'"id"') or None
     if model is not None or rid is not None:
         ctx.stream_end = StreamEnd(model=model, id=rid)
 

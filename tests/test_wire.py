@@ -101,6 +101,12 @@ def test_a_chunks_model_and_id_are_read_from_its_bytes():
     assert _string_member(b'data: {"model":"with \\"quote\\""}', b'"model"') is None  # escaped: not guessed
     assert _string_member(b'data: {"model":null,"id":"x"}', b'"model"') is None
     assert _string_member(b'data: {"model":"' + b"m" * 300 + b'"}', b'"model"') is None
+    from proxy.relay import note_start
+    from proxy.testing import make_context
+
+    ctx = make_context({"model": "m"})  # Azure's first chunk: its prompt filter results, with empty names
+    note_start(ctx, b'data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[]}\n\n')
+    assert ctx.stream_end is None
 
 
 def test_header_hygiene():
