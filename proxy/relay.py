@@ -112,9 +112,9 @@ def note_end(ctx: Context, obj: Any) -> None:
     if end is None:
         end = ctx.stream_end = StreamEnd()
     model, rid = obj.get("model"), obj.get("id")
-    if type(model) is str:
+    if type(model) is str and model:
         end.model = model
-    if type(rid) is str:
+    if type(rid) is str and rid:
         end.id = rid
     choices = obj.get("choices")
     if type(choices) is list:
