@@ -487,6 +487,7 @@ async def test_example_config_serves_in_front_of_vllm(fleet: Any, tmp_path: Path
     for name, up in data["upstreams"].items():
         up["url"] = fleet.servers[int(name.rsplit("-", 1)[1])].url  # vllm-0, vllm-1: the fleet's ports
     data["server"]["workers"] = 2  # SO_REUSEPORT workers, as a deployment would run
+    data["state"]["dir"] = str(tmp_path / "state")  # not the example's ./var: that is the checkout's own
     auth = next(e["auth"] for e in data["routes"][0]["chain"] if "auth" in e)
     client_key = auth["keys"][0]["key"]["default"]
     async with SluiceProcess(data, tmp_path, env={"SLUICE_ADMIN_TOKEN": "admin-token-for-e2e"}) as s, \
