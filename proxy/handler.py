@@ -20,7 +20,7 @@ from .openai import (
     response_headers,
     streams_usage,
 )
-from .relay import RawRelay, attach, detach, direct_transport, ends, note_start, tap_block, tap_end, tap_event
+from .relay import RawRelay, attach, detach, direct_transport, note_start, tap_event
 from .sse import DONE, Event, Parser
 from .timers import Alarm, Watchdog
 from .upstream import CONNECT_ERRORS, Upstream
@@ -101,15 +101,15 @@ class Handler:
             rid = new_request_id()
             route = gen.match(request.method, path, request.headers)
             if route is None:
-                self.server.metrics.rejected.labels(reason="route_not_found").inc()
+                server.metrics.rejected.labels(reason="route_not_found").inc()
                 return error_response(404, f"No route for {request.method} {path}.", rid, code="route_not_found")
             try:
                 raw = await read_body(request, route.max_body_bytes)
             except BodyTooLarge:
-                self.server.metrics.rejected.labels(reason="request_too_large").inc()
+                server.metrics.rejected.labels(reason="request_too_large").inc()
                 return error_response(413, f"The request body is larger than {route.max_body_bytes} bytes.", rid, code="request_too_large")
             except ExpectationFailed:
-                self.server.metrics.rejected.labels(reason="expectation_failed").inc()
+                server.metrics.rejected.labels(reason="expectation_failed").inc()
                 return error_response(417, "Only 'Expect: 100-continue' is understood.", rid, code="expectation_failed")
             ctx = Context(
                 request_id=rid, method=request.method, path=path, query=query,
@@ -301,7 +301,7 @@ class Handler:
         relay = RawRelay(ctx, route.wants_usage, injected, dog, loop)
         tapped = parser is None and attach(content, relay)
         timings = ctx.timings
-        first = True
+        first: bytes | None = None  # the stream's first piece (its model and id, should it never finish)
         try:
             while True:
                 dog.last = loop.time()  # only the wait on the upstream counts as idle
@@ -312,14 +312,12 @@ class Handler:
                     relay.waiting = False  # from here on only this coroutine writes, until it waits again
                 if not chunk:
                     break
-                if first:
+                if first is None:
                     # a model server sends a stream's headers before its first token (vLLM: before
                     # prefill): the time to first token is the first body bytes', not the headers'.
                     # The first piece always comes through here: the tap starts after the first write
                     timings.first_byte = time.perf_counter()
-                    first = False
-                    if route.wants_usage:
-                        note_start(ctx, chunk)
+                    first = chunk
                 if parser is None:
                     block = relay.block(chunk)
                     if block and not relay.send(block):
@@ -345,13 +343,7 @@ class Handler:
             if parser is None:
                 buf = relay.buf
                 if buf:
-                    block = bytes(buf)
-                    if route.wants_usage:
-                        if ends(block):
-                            tap_end(ctx, block)
-                        if b'"usage"' in block:
-                            block = tap_block(ctx, block, injected)
-                    await out.write(block)
+                    await out.write(relay.tap(bytes(buf)))
             else:
                 tail = [ev for ev in parser.close() if not ev.is_done and tap_event(ctx, ev, injected)]
                 if tail:
@@ -382,6 +374,8 @@ class Handler:
             dog.cancel()
             if tapped:
                 detach(content, relay)
+            if first is not None and route.wants_usage:
+                note_start(ctx, first)  # ended, finished or cut: fill in what its events did not say
         if ctx.outcome != "client_gone":
             try:
                 await out.write_eof()

@@ -88,20 +88,22 @@ def _pieces(block: bytes) -> Iterator[bytes]:
         pos = end
 
 
-#: what an event that finishes a choice or refuses holds (compact JSON, and with a space after the colon)
-END_MARKS = (b'finish_reason":"', b'finish_reason": "', b'"refusal":"', b'"refusal": "')
+#: what an event that finishes a choice or refuses holds, in compact JSON and with a blank after the colon
+_FINISH, _REFUSAL = b'finish_reason":"', b'"refusal":"'
+_FINISH_SPACED, _REFUSAL_SPACED = b'finish_reason": "', b'"refusal": "'
+END_MARKS = (_FINISH, _FINISH_SPACED, _REFUSAL, _REFUSAL_SPACED)
 
 
 def ends(block: bytes) -> bool:
     """Whether ``block`` may hold an event that finishes a choice or carries a refusal (where every
     event of a stream has ``"finish_reason":null``), in compact or spaced JSON."""
-    return b'finish_reason":"' in block or b'"refusal":"' in block or b'finish_reason": "' in block or b'"refusal": "' in block
+    return _FINISH in block or _REFUSAL in block or _FINISH_SPACED in block or _REFUSAL_SPACED in block
 
 
 def ends_compact(block: bytes) -> bool:
     """:func:`ends` for a stream whose JSON has no blank after a colon (OpenAI's, vLLM's): half the scans,
     each a few hundred nanoseconds on a chunk."""
-    return b'finish_reason":"' in block or b'"refusal":"' in block
+    return _FINISH in block or _REFUSAL in block
 
 
 def note_end(ctx: Context, obj: Any) -> None:
@@ -151,12 +153,20 @@ def _string_member(block: bytes, key: bytes) -> str | None:
 
 
 def note_start(ctx: Context, chunk: bytes) -> None:
-    """A stream's model and id from its first piece, so a stream cut before it finishes has them too
-    (its finishing event, if any, has the last word)."""
+    """A stream's model and id from its first piece, where its finishing event (which has the last
+    word) did not name them: a stream cut before it finished. Called once the stream is over."""
+    end = ctx.stream_end
+    if end is not None and end.model is not None and end.id is not None:
+        return  # the usual case: nothing to read
     # empty ones say nothing (Azure's first chunk, its prompt filter results, has "model":"" and "id":"")
     model, rid = _string_member(chunk, b'"model"') or None, _string_member(chunk, b'"id"') or None
-    if model is not None or rid is not None:
+    if model is None and rid is None:
+        return
+    if end is None:
         ctx.stream_end = StreamEnd(model=model, id=rid)
+    else:
+        end.model = end.model or model
+        end.id = end.id or rid
 
 
 def tap_end(ctx: Context, block: bytes) -> None:
@@ -353,19 +363,24 @@ class RawRelay:
         t.write(b"%x\r\n%b\r\n" % (len(data), data))
         return True
 
+    def tap(self, block: bytes) -> bytes:
+        """The usage and the stream's end read from ``block`` (when a plugin reads answers), minus what
+        the client must not get: the usage chunk and ``"usage":null`` members Sluice asked for."""
+        if not self.wants_usage:
+            return block
+        out = tap_block(self.ctx, block, self.injected) if b'"usage"' in block else block
+        ends_ = self.ends
+        if ends_ is None:
+            ends_ = ends
+            if b"{" in block:  # the first JSON tells how the upstream writes it
+                self.ends = ends if b'": ' in block else ends_compact
+        if ends_(block):
+            tap_end(self.ctx, block)
+        return out
+
     def _whole(self, block: bytes) -> bytes:
         """Complete events: the usage tapped (first: it is what can fail), ``[DONE]`` noted, counted."""
-        out = block
-        if self.wants_usage:
-            if b'"usage"' in block:
-                out = tap_block(self.ctx, block, self.injected)
-            ends_ = self.ends
-            if ends_ is None:
-                ends_ = ends
-                if b"{" in block:  # the first JSON tells how the upstream writes it
-                    self.ends = ends if b'": ' in block else ends_compact
-            if ends_(block):
-                tap_end(self.ctx, block)
+        out = self.tap(block)
         if b"[DONE]" in block:
             self.saw_done = True
         if out:
