@@ -250,15 +250,20 @@ def request_attributes(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def response_attributes(body: Any) -> dict[str, Any]:
     """``gen_ai.response.*`` from a buffered OpenAI answer (id, model, finish reasons)."""
-    out: dict[str, Any] = {}
     if not isinstance(body, dict):
-        return out
-    if isinstance(body.get("id"), str):
-        out["gen_ai.response.id"] = body["id"]
-    if isinstance(body.get("model"), str):
-        out["gen_ai.response.model"] = body["model"]
+        return {}
     reasons = [c.get("finish_reason") for c in body.get("choices") or () if isinstance(c, dict)]
-    reasons = [r for r in reasons if isinstance(r, str)]
+    return answer_attributes(body.get("id"), body.get("model"), [r for r in reasons if isinstance(r, str)])
+
+
+def answer_attributes(rid: Any, model: Any, reasons: list[str]) -> dict[str, Any]:
+    """``gen_ai.response.*`` from an answer's id, model and finish reasons (a buffered answer's body, a
+    stream's ``ctx.stream_end``); values that are not strings are left out."""
+    out: dict[str, Any] = {}
+    if isinstance(rid, str):
+        out["gen_ai.response.id"] = rid
+    if isinstance(model, str):
+        out["gen_ai.response.model"] = model
     if reasons:
         out["gen_ai.response.finish_reasons"] = reasons
     return out

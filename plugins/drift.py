@@ -172,8 +172,9 @@ class Drift(Plugin):
                 refused = (isinstance(msg, dict) and bool(msg.get("refusal"))) or reason == "content_filter"
                 cat["refusal"] = "yes" if refused else "no"
         elif ok and ctx.stream_end is not None:
-            end = ctx.stream_end  # a stream's answer, as the core read it from its finishing events
-            reason = end.reasons.get(0) or next(iter(end.reasons.values()), None)
+            end = ctx.stream_end  # a stream's answer, as the core read it from its events
+            reasons = end.finish_reasons
+            reason = reasons[0] if reasons else None  # the first choice's, as for a buffered answer
             if reason is not None:
                 cat["finish_reason"] = reason[:32]
             cat["refusal"] = "yes" if end.refusal or reason == "content_filter" else "no"

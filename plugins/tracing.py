@@ -41,6 +41,7 @@ from ._otel import (
     Clock,
     ExportSettings,
     PipelinePool,
+    answer_attributes,
     format_traceparent,
     parse_traceparent,
     ratio_bound,
@@ -54,9 +55,19 @@ from .metrics import OperationNames, finding_counts, route_name
 
 TRACE: StashKey[tuple[int, int, int | None, bool]] = StashKey("tracing.trace")  # trace id, span id, parent id, sampled
 OUTPUT: StashKey[str] = StashKey("tracing.output")
-#: a stream's captured completion so far: per choice index, its text pieces and their length
-STREAMED: StashKey[dict[int, tuple[list[str], list[int]]]] = StashKey("tracing.streamed")
+#: a stream's captured completion so far, per choice index
+STREAMED: StashKey[dict[int, _Captured]] = StashKey("tracing.streamed")
 ERROR_OUTCOMES = frozenset({"upstream_error", "plugin_error", "error"})
+
+
+class _Captured:
+    """One choice's streamed text as pieces (appending to a string would copy it every time), and its length."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.size = 0
 
 
 class Tracing(Plugin):
@@ -246,10 +257,14 @@ class Tracing(Plugin):
             piece = delta.get("content") or delta.get("refusal") if type(delta) is dict else choice.get("text")
             if type(piece) is str and piece:
                 i = choice.get("index")
-                parts, size = streamed.setdefault(i if type(i) is int else 0, ([], [0]))
-                if size[0] < limit:
-                    parts.append(piece[:limit - size[0]])
-                    size[0] += len(parts[-1])
+                i = i if type(i) is int else 0
+                got = streamed.get(i)
+                if got is None:
+                    got = streamed[i] = _Captured()
+                if got.size < limit:
+                    piece = piece[:limit - got.size]
+                    got.pieces.append(piece)
+                    got.size += len(piece)
 
     @hookimpl
     def on_done(self, ctx: Context) -> None:
@@ -261,7 +276,7 @@ class Tracing(Plugin):
         streamed = ctx.stash.get(STREAMED) if self.config.capture_content else None
         if streamed and OUTPUT not in ctx.stash:
             ctx.stash[OUTPUT] = orjson.dumps(
-                [{"role": "assistant", "content": "".join(streamed[i][0])} for i in sorted(streamed)]).decode()
+                [{"role": "assistant", "content": "".join(streamed[i].pieces)} for i in sorted(streamed)]).decode()
         pipeline = self.pipeline
         if pipeline.wire is not None:
             add = pipeline.wire.add
@@ -316,9 +331,8 @@ class Tracing(Plugin):
             resp_attrs = response_attributes(ctx.response.json)
             attrs.update(resp_attrs)
         elif ctx.stream_end is not None and ctx.upstream is not None:
-            end = ctx.stream_end  # a stream's answer, as the core read it from its finishing events
-            resp_attrs = response_attributes({"id": end.id, "model": end.model,
-                                              "choices": [{"finish_reason": r} for r in end.finish_reasons]})
+            end = ctx.stream_end  # a stream's answer, as the core read it from its events
+            resp_attrs = answer_attributes(end.id, end.model, end.finish_reasons)
             attrs.update(resp_attrs)
         if ctx.upstream is not None:
             _, _, provider = self._servers.get(ctx.upstream.upstream, (None, None, "openai"))
@@ -481,7 +495,7 @@ class Tracing(Plugin):
                     reasons = tuple([r for r in [c.get("finish_reason") for c in rbody.get("choices") or () if isinstance(c, dict)]
                                      if isinstance(r, str)])
             elif ctx.stream_end is not None:
-                end = ctx.stream_end  # a stream's answer, as the core read it from its finishing events
+                end = ctx.stream_end  # a stream's answer, as the core read it from its events
                 answered = True
                 rid, rmodel, reasons = end.id, end.model, tuple(end.finish_reasons)
             key = (6, answered, rmodel, reasons, upstream.upstream, upstream.model)

@@ -121,10 +121,11 @@ class Usage:
 @dataclass(slots=True)
 class StreamEnd:
     """What a stream's events said about its answer (a buffered one has ``ctx.response``), kept by the
-    core when some plugin reads answers (an on_done, response or chunk hook): the model and id from its
-    first piece, then from the events that finish a choice or carry a refusal."""
+    core when some plugin reads answers (an on_done, response or chunk hook): from the events that
+    finish a choice or carry a refusal, and the model and id from its first piece when those never
+    named them (a stream cut before it finished)."""
 
-    #: the ``model`` and ``id`` the stream named (its first piece, then its finishing events)
+    #: the ``model`` and ``id`` the stream named (its finishing events, else its first piece)
     model: str | None = None
     id: str | None = None
     #: each choice's ``finish_reason``, by choice index
