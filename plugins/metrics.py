@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from pydantic import Field
 
 from proxy import Context, Plugin, PluginConfig, hookimpl
+from proxy.openai import endpoint_is
 
 if TYPE_CHECKING:  # pragma: no cover
     from prometheus_client import CollectorRegistry
@@ -52,9 +53,9 @@ OPERATIONS = {
 
 def operation_name(ctx: Context) -> str:
     """The GenAI operation of a request (``chat``, ``text_completion``, ``embeddings``) or ``other``."""
-    endpoint = ctx.endpoint.strip("/")
-    for suffix, op in OPERATIONS.items():
-        if endpoint == suffix or endpoint.endswith("/" + suffix):
+    endpoint = ctx.endpoint
+    for name, op in OPERATIONS.items():  # chat/completions before completions
+        if endpoint_is(endpoint, name):
             return op
     return OTHER
 

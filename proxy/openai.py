@@ -109,16 +109,18 @@ def is_usage_only_chunk(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
 
 
-STREAM_USAGE_ENDPOINTS = ("chat/completions", "completions")
-_STREAM_USAGE_SUFFIXES = ("/chat/completions", "/completions")
+def endpoint_is(endpoint: str, name: str) -> bool:
+    """Whether ``endpoint`` (``ctx.endpoint``, the path after the route's prefix) is the API ``name``
+    (``chat/completions``), under whatever the prefix left of the path: ``v1/`` under a route on
+    ``/``, ``deployments/NAME/`` under an Azure-style one."""
+    endpoint = endpoint.strip("/")
+    return endpoint == name or endpoint.endswith("/" + name)
 
 
 def streams_usage(endpoint: str) -> bool:
-    """Whether a stream to ``endpoint`` (``ctx.endpoint``) can carry a usage chunk: chat and text
-    completions, under whatever the route's prefix left of the path (``v1/`` under a route on ``/``,
-    ``deployments/NAME/`` under an Azure-style one)."""
-    endpoint = endpoint.rstrip("/")  # as metrics' operation names read it
-    return endpoint in STREAM_USAGE_ENDPOINTS or endpoint.endswith(_STREAM_USAGE_SUFFIXES)
+    """Whether a stream to ``endpoint`` can carry a usage chunk: chat and text completions (the
+    ``completions`` suffix covers ``chat/completions`` too)."""
+    return endpoint_is(endpoint, "completions")
 
 
 def wants_usage(body: Any) -> bool:
