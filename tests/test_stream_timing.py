@@ -17,24 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import pytest
 
-from proxy import Context, Event, Plugin, hookimpl
 from proxy.testing import FakeUpstream, SluiceServer, register_plugin
+from tests.test_proxy import Chunky  # an on_chunk hook: the route's streams go through the parsed relay
 
 PREFILL_S = 0.4
 
 
-class Chunky(Plugin):
-    """An on_chunk hook: the route's streams go through the parsed relay."""
-
-    name = "chunky_timing"
-
-    @hookimpl
-    def on_chunk(self, ctx: Context, event: Event) -> None:
-        return None
-
-
 def config(upstream: FakeUpstream, parse: bool) -> dict:
-    chain = [{"metering": {}}, {"metrics": {}}] + ([{"chunky_timing": {}}] if parse else [])
+    chain = [{"metering": {}}, {"metrics": {}}] + ([{"chunky": {}}] if parse else [])
     return {
         "upstreams": {"demo": {"url": upstream.url}},
         "routes": [{"match": {"path": "/v1/"}, "upstream": "demo", "chain": chain}],
