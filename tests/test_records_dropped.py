@@ -7,14 +7,13 @@ the rows by records file and table, so an alert can fire.
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from pathlib import Path
 
-import aiohttp
 import openai
 
 from proxy.testing import FakeUpstream, SluiceServer, wait_for
+from tests.plugins.test_metrics import scrape, value
 
 
 def config(upstream: FakeUpstream) -> dict:
@@ -26,11 +25,9 @@ def config(upstream: FakeUpstream) -> dict:
 
 
 async def test_rows_given_up_under_a_held_lock_are_counted(upstream: FakeUpstream, tmp_path: Path):
-    async with SluiceServer(config(upstream), tmp_path) as s, aiohttp.ClientSession() as http:
+    async with SluiceServer(config(upstream), tmp_path) as s:
         async def dropped() -> float:
-            async with http.get(f"{s.admin_url}/metrics", headers={"authorization": f"Bearer {s.admin_token}"}) as r:
-                m = re.search(r'^sluice_records_dropped_total\{records="ledger",table="ledger"\} (\S+)$', await r.text(), re.M)
-            return float(m.group(1)) if m else 0.0
+            return value(await scrape(s), "sluice_records_dropped_total", records="ledger", table="ledger")
 
         async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as client:
             ask = {"model": "sluice-demo", "messages": [{"role": "user", "content": "hi"}]}

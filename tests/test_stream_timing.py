@@ -8,16 +8,15 @@ the metrics histogram are checked here, through a real server and the openai SDK
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
-import aiohttp
 import openai
-from prometheus_client.parser import text_string_to_metric_families
 
 import pytest
 
 from proxy.testing import FakeUpstream, SluiceServer, register_plugin
+from tests.plugins.test_metering import ledger_rows
+from tests.plugins.test_metrics import scrape, value
 from tests.test_proxy import Chunky  # an on_chunk hook: the route's streams go through the parsed relay
 
 PREFILL_S = 0.4
@@ -35,32 +34,22 @@ def config(upstream: FakeUpstream, parse: bool) -> dict:
 async def test_time_to_first_token_waits_for_the_first_event(upstream: FakeUpstream, tmp_path: Path, parse: bool):
     upstream.first_event_delay = PREFILL_S
     with register_plugin(Chunky):
-        await _run(upstream, tmp_path, parse)
+        async with SluiceServer(config(upstream, parse), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as client:
+                stream = await client.chat.completions.create(
+                    model="sluice-demo", stream=True, messages=[{"role": "user", "content": "hello there"}])
+                text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+                assert text
+                buffered = await client.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+                assert buffered.choices[0].message.content
+            await s.wait_idle()
+            await s.runtime.state.records("ledger").flush()
+            sm = await scrape(s)
 
-
-async def _run(upstream: FakeUpstream, tmp_path: Path, parse: bool) -> None:
-    async with SluiceServer(config(upstream, parse), tmp_path) as s:
-        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as client:
-            stream = await client.chat.completions.create(
-                model="sluice-demo", stream=True, messages=[{"role": "user", "content": "hello there"}])
-            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-            assert text
-            buffered = await client.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
-            assert buffered.choices[0].message.content
-        await s.wait_idle()
-        await s.runtime.state.records("ledger").flush()
-        async with aiohttp.ClientSession() as http, http.get(
-                f"{s.admin_url}/metrics", headers={"authorization": f"Bearer {s.admin_token}"}) as r:
-            scrape = await r.text()
-
-    conn = sqlite3.connect(tmp_path / "ledger.db")
-    conn.row_factory = sqlite3.Row
-    rows = {r["stream"]: dict(r) for r in conn.execute("SELECT stream, ttft_ms, latency_ms FROM ledger")}
+    rows = {r["stream"]: r for r in ledger_rows(tmp_path)}
     assert rows[1]["ttft_ms"] >= PREFILL_S * 1000, rows  # was the headers' time: a few milliseconds
     assert rows[1]["ttft_ms"] <= rows[1]["latency_ms"]
     assert rows[0]["ttft_ms"] is None  # buffered answers have no time to first token
 
-    ttft = {s.name: s.value for fam in text_string_to_metric_families(scrape)
-            if fam.name == "gen_ai_server_time_to_first_token_seconds" for s in fam.samples}
-    assert ttft["gen_ai_server_time_to_first_token_seconds_count"] == 1
-    assert ttft["gen_ai_server_time_to_first_token_seconds_sum"] >= PREFILL_S
+    assert value(sm, "gen_ai_server_time_to_first_token_seconds_count") == 1
+    assert value(sm, "gen_ai_server_time_to_first_token_seconds_sum") >= PREFILL_S
