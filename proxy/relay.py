@@ -380,7 +380,7 @@ class RawRelay:
 
     def _whole(self, block: bytes) -> bytes:
         """Complete events: the usage tapped (first: it is what can fail), ``[DONE]`` noted, counted."""
-        out = self.tap(block)
+        out = self.tap(block) if self.wants_usage else block  # no call per block for a route that reads no answers
         if b"[DONE]" in block:
             self.saw_done = True
         if out:
