@@ -785,7 +785,7 @@ async def hooks(n: int = 2000, repeats: int = 3) -> dict[str, Any]:
         for i in range(n):
             ctx = finished()
             ctx.request_id = f"req_{i:032x}"  # distinct rows, in arrival order as the core's ids are
-            rows.append(meter._values(ctx, ctx.usage, "sluice-demo", 0.0001, True, False, route_name(ctx), ctx.model))
+            rows.append(meter._values(ctx, ctx.usage, "sluice-demo", 0.0001, True, False, route_name(ctx)))
         records = rt.state.records("bench-ledger")
         records.ensure(ledger_table())
         await records.flush()
