@@ -140,6 +140,8 @@ class Tracing(Plugin):
         self._operation = OperationNames()
         #: encoded attribute runs and span names per kind of request (see _encoded)
         self._parts: dict[tuple[Any, ...], bytes] = {}
+        #: an encoder per ctx.timings.plugins key ("plugin-id.phase"): its attribute's key is encoded once
+        self._timing_attrs: dict[str, Any] = {}
         if config.exporter == "none":
             self.needs_usage = False  # type: ignore[misc]  # propagation only: no span to put usage on
             self.follows = ()
@@ -452,8 +454,18 @@ class Tracing(Plugin):
             )
         head, kind, server_name = found
         attrs = [head, _REQUEST_ID(ctx.request_id), kind]
-        if ctx.annotations or c.plugin_timings:
-            attrs.append(wire.attributes(9, _findings_and_timings(ctx, c.plugin_timings, {})))
+        if ctx.annotations:
+            attrs.append(wire.attributes(9, _findings_and_timings(ctx, False, {})))
+        if c.plugin_timings:
+            # _findings_and_timings' timing attributes, without a dict or a key string per request
+            encoders = self._timing_attrs
+            for key, seconds in t.plugins.items():
+                enc = encoders.get(key)
+                if enc is None:
+                    if len(encoders) >= 1024:
+                        encoders.clear()  # keys are plugin ids and phases: few, but never unbounded
+                    enc = encoders[key] = wire.float_attribute(_timing_name(key))
+                attrs.append(enc(round(seconds * 1000, 4)))
         if t.first_byte is not None and ctx.stream:
             attrs.append(_TTFT(max(t.first_byte - t.start, 0.0)))
         usage = ctx.usage
@@ -606,8 +618,13 @@ def _findings_and_timings(ctx: Context, plugin_timings: bool, out: dict[str, Any
             out[f"sluice.finding.{plugin_id}.{kind}"] = n
     if plugin_timings:
         for key, seconds in ctx.timings.plugins.items():
-            out[f"sluice.plugin.{key}_ms"] = round(seconds * 1000, 4)
+            out[_timing_name(key)] = round(seconds * 1000, 4)
     return out
+
+
+def _timing_name(key: str) -> str:
+    """The span attribute of a hook's time, from its ``ctx.timings.plugins`` key ("plugin-id.phase")."""
+    return f"sluice.plugin.{key}_ms"
 
 
 def _kind_attributes(out: dict[str, Any], ctx: Context, op: str, route: str, outcome: str, asked: str | None,
