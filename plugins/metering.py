@@ -52,6 +52,10 @@ log = logging.getLogger("sluice.metering")
 
 LEDGER_TABLE = "ledger"
 RESERVED: StashKey[list[tuple[str, float, float]]] = StashKey("metering.reserved")
+#: a prompt counted in the executor at admission: (the body counted, the model, its tokens)
+PROMPT: StashKey[tuple[Any, str | None, int]] = StashKey("metering.prompt")
+#: above this body size a configured tokenizer counts a budget's prompt in the executor, off the loop
+TOKENIZE_OFF_LOOP_BYTES = 32 * 1024
 
 GROUPS = {
     "key": "key_id",
@@ -209,7 +213,9 @@ class Metering(Plugin):
             # whose on_done hooks are all plain runs them in the request's task, after the answer,
             # instead of through the core's on_done queue (a task switch and a queued context per
             # request). Budgets in Redis keep the async hooks.
-            self.on_request = self.on_request_now  # type: ignore[method-assign]
+            if not (self._tokenizers and (self.rules or config.identity_budgets)):
+                # with a tokenizer, a big prompt's reservation is counted in the executor: that awaits
+                self.on_request = self.on_request_now  # type: ignore[method-assign]
             self.on_done = self.on_done_now  # type: ignore[method-assign]
 
     def _remote_budgets(self, runtime: Any) -> bool:
@@ -274,16 +280,35 @@ class Metering(Plugin):
                         out.append((key, float(limit), end))
         return out
 
-    def reserve_amount(self, ctx: Context) -> float:
+    def reserve_amount(self, ctx: Context, prompt: int | None = None) -> float:
+        """The request's worst case: its prompt (``prompt`` when already counted) and the most output it allows."""
         price = self.prices.lookup(self._priced_model(ctx))
         if price is None:
             return 0.0
         body = ctx.json_body
-        prompt = self._prompt_tokens(body, ctx.model)
+        if prompt is None:
+            prompt = self._prompt_tokens(body, ctx.model)
         return price.cost_of(prompt, max_output_tokens(body, self.config.reserve_output_tokens))
 
-    def _prompt_tokens(self, body: Any, model: str | None) -> int:
-        """The prompt's count: the configured tokenizer's, or the byte estimate if it fails on this text."""
+    async def _counted_off_loop(self, ctx: Context) -> int | None:
+        """A big prompt's count by a configured tokenizer, made in the executor (as ratelimit counts them), and
+        kept for an estimate at the end; ``None`` when the prompt is small or no tokenizer is configured."""
+        if not self._tokenizers or len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES:
+            return None
+        body, model = ctx.json_body, ctx.model
+        if body is None or self.prices.lookup(self._priced_model(ctx)) is None:
+            return None
+        prompt = await self.runtime.run_cpu(self._prompt_tokens, body, model)
+        ctx.stash[PROMPT] = (body, model, prompt)
+        return prompt
+
+    def _prompt_tokens(self, body: Any, model: str | None, ctx: Context | None = None) -> int:
+        """The prompt's count: the configured tokenizer's, or the byte estimate if it fails on this text.
+        With ``ctx``, the count made at admission is reused when the body and model are still the same."""
+        if ctx is not None:
+            counted = ctx.stash.get(PROMPT)
+            if counted is not None and counted[0] is body and counted[1] == model:
+                return counted[2]
         try:
             return estimate_prompt_tokens(body, model, self._tokenizers)
         except Exception as e:
@@ -306,7 +331,7 @@ class Metering(Plugin):
 
     async def _reserve(self, ctx: Context, budgets: list[tuple[str, float, float]], now: float) -> None:
         """Reserve the request's worst case on every budget that applies, or refuse it."""
-        amount = self.reserve_amount(ctx)
+        amount = self.reserve_amount(ctx, await self._counted_off_loop(ctx))
         taken: list[tuple[str, float, float]] = []
         ctx.stash[RESERVED] = taken
         try:
@@ -373,11 +398,11 @@ class Metering(Plugin):
         if not answered:
             if ctx.attempts[-1].error == "cancelled":
                 # the client left while the upstream had the request: it bills the prompt
-                prompt = self._prompt_tokens(ctx.json_body, ctx.model)
+                prompt = self._prompt_tokens(ctx.json_body, ctx.model, ctx)
                 return Usage(prompt, 0, prompt, estimated=True)
             return Usage()  # nothing generated: connect errors and upstream 4xx/5xx bill nothing
         body = ctx.json_body
-        prompt = self._prompt_tokens(body, ctx.model)
+        prompt = self._prompt_tokens(body, ctx.model, ctx)
         if ctx.response is not None:
             completion = estimate_completion_tokens_from_response(ctx.response.json)
         else:

@@ -315,3 +315,31 @@ async def test_a_stream_cut_before_it_finished_keeps_the_answers_model(upstream:
         await s.runtime.state.records("ledger").flush()
     (row,) = ledger_rows(tmp_path)
     assert (row["model_served"], row["estimated"]) == ("sluice-demo-2026-01-01", 1), row
+
+
+async def test_a_big_prompt_is_reserved_at_the_tokenizers_count(upstream: FakeUpstream, tmp_path: Path):
+    """Over 32 KiB a configured tokenizer counts a budget's prompt (in the executor, not on the loop), and the
+    same count serves the row's estimate when the upstream gives no usage. The limit lies between the
+    tokenizer's reservation and the byte estimate's: without the tokenizer the same request is refused."""
+    upstream.malformed_usage = True
+    prompt = "hello there " * 4000  # 48,000 bytes: 8,000 tokens for the tokenizer, about 12,000 for the estimate
+    tokens = 3 + 8000 + 3  # the chat format's overhead around the message's tokens
+    budget = [{"scope": "key", "period": "day", "limit": 0.02}]  # 8,006 x $2/M = 0.016; 12,006 x $2/M = 0.024
+    tok = word_tokenizer(tmp_path / "tok.json")
+    for tokenizers, admitted in (({"sluice-*": tok}, True), ({}, False)):
+        state = tmp_path / ("tok" if tokenizers else "bytes")
+        async with SluiceServer(config(upstream, [AUTH], tokenizers=tokenizers, budgets=budget), state) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY, max_retries=0) as c:
+                call = c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": prompt}],
+                                                 max_tokens=4)
+                if admitted:
+                    await call
+                else:
+                    with pytest.raises(openai.RateLimitError) as e:
+                        await call
+                    assert e.value.code == "insufficient_quota"
+                await s.wait_idle()
+            await s.runtime.state.records("ledger").flush()
+        if admitted:
+            (row,) = ledger_rows(state)
+            assert row["estimated"] == 1 and row["prompt_tokens"] == tokens
