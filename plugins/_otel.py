@@ -248,17 +248,9 @@ def request_attributes(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def response_attributes(body: Any) -> dict[str, Any]:
-    """``gen_ai.response.*`` from a buffered OpenAI answer (id, model, finish reasons)."""
-    if not isinstance(body, dict):
-        return {}
-    reasons = [c.get("finish_reason") for c in body.get("choices") or () if isinstance(c, dict)]
-    return answer_attributes(body.get("id"), body.get("model"), [r for r in reasons if isinstance(r, str)])
-
-
 def answer_attributes(rid: Any, model: Any, reasons: list[str]) -> dict[str, Any]:
-    """``gen_ai.response.*`` from an answer's id, model and finish reasons (a buffered answer's body, a
-    stream's ``ctx.stream_end``); values that are not strings are left out."""
+    """``gen_ai.response.*`` from an answer's id, model and finish reasons (``ctx.answer``); values that are
+    not strings are left out."""
     out: dict[str, Any] = {}
     if isinstance(rid, str):
         out["gen_ai.response.id"] = rid

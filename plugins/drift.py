@@ -160,24 +160,15 @@ class Drift(Plugin):
             num["ttft_s"] = t.first_byte - t.start
         ok = ctx.outcome == "ok"
         cat["error"] = "no" if ok else "yes"
-        if ok and ctx.response is not None and len(ctx.response.body) <= 1 << 20:
-            body = ctx.response.json
-            choices = body.get("choices") if isinstance(body, dict) else None
-            if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-                first = choices[0]
-                reason = first.get("finish_reason")
-                if isinstance(reason, str):
-                    cat["finish_reason"] = reason[:32]
-                msg = first.get("message")
-                refused = (isinstance(msg, dict) and bool(msg.get("refusal"))) or reason == "content_filter"
-                cat["refusal"] = "yes" if refused else "no"
-        elif ok and ctx.stream_end is not None:
-            end = ctx.stream_end  # a stream's answer, as the core read it from its events
-            reasons = end.finish_reasons
-            reason = reasons[0] if reasons else None  # the first choice's, as for a buffered answer
+        answer = ctx.answer if ok else None  # buffered or streamed, as the core read it
+        if answer is not None and (answer.reasons or answer.refusal or ctx.response is None):
+            # a buffered answer without choices (embeddings) has neither feature; a stream cut
+            # before it finished counts as not refused
+            reasons = answer.finish_reasons
+            reason = reasons[0] if reasons else None  # the first choice's
             if reason is not None:
                 cat["finish_reason"] = reason[:32]
-            cat["refusal"] = "yes" if end.refusal or reason == "content_filter" else "no"
+            cat["refusal"] = "yes" if answer.refusal or reason == "content_filter" else "no"
         if not self._every_builtin:
             num = {k: v for k, v in num.items() if k in self.numeric}
             cat = {k: v for k, v in cat.items() if k in self.categorical}

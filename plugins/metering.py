@@ -463,21 +463,15 @@ class Metering(Plugin):
                     log.error("metering: could not reconcile a budget (the reservation stays counted)")
 
     def _served_model(self, ctx: Context, asked: str | None) -> str | None:
-        """The model that answered: the answer's own ``model`` (a stream's from ``ctx.stream_end``), else the
-        target's, else ``asked`` (``ctx.model``)."""
+        """The model that answered: the answer's own ``model`` (``ctx.answer``, a buffered answer's when it is
+        not an error), else the target's, else ``asked`` (``ctx.model``)."""
         upstream = ctx.upstream
         if upstream is None:
             return None
-        resp = ctx.response
-        if resp is not None and resp.status < 400 and len(resp.body) <= 1 << 20:
-            body = resp.json
-            if isinstance(body, dict):
-                model = body.get("model")
-                if isinstance(model, str):
-                    return model
-        end = ctx.stream_end
-        if end is not None and end.model:
-            return end.model
+        if ctx.response is None or ctx.response.status < 400:
+            found = ctx.answer
+            if found is not None and found.model:
+                return found.model
         return upstream.model or asked
 
     def _values(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,

@@ -46,7 +46,6 @@ from ._otel import (
     parse_traceparent,
     ratio_bound,
     request_attributes,
-    response_attributes,
     server_address,
     truncate,
 )
@@ -329,12 +328,9 @@ class Tracing(Plugin):
         if ctx.cost is not None:
             attrs["sluice.cost"] = ctx.cost
         resp_attrs: dict[str, Any] = {}
-        if ctx.response is not None and ctx.upstream is not None and len(ctx.response.body) <= 4 * 1024 * 1024:
-            resp_attrs = response_attributes(ctx.response.json)
-            attrs.update(resp_attrs)
-        elif ctx.stream_end is not None and ctx.upstream is not None:
-            end = ctx.stream_end  # a stream's answer, as the core read it from its events
-            resp_attrs = answer_attributes(end.id, end.model, end.finish_reasons)
+        answer = ctx.answer if ctx.upstream is not None else None  # buffered or streamed, as the core read it
+        if answer is not None:
+            resp_attrs = answer_attributes(answer.id, answer.model, answer.finish_reasons)
             attrs.update(resp_attrs)
         if ctx.upstream is not None:
             _, _, provider = self._servers.get(ctx.upstream.upstream, (None, None, "openai"))
@@ -490,26 +486,15 @@ class Tracing(Plugin):
         answer = b""
         upstream = ctx.upstream
         if upstream is not None:
-            # response_attributes' values, without its dict: the id is new every time; the model
+            # answer_attributes' values, without its dict: the id is new every time; the model
             # and finish reasons repeat. One lookup gives their attributes (when there is an answer)
             # and those of the upstream that served it.
             rid = rmodel = None
             reasons: tuple[str, ...] = ()
-            answered = False
-            if ctx.response is not None and len(ctx.response.body) <= 4 * 1024 * 1024:
-                rbody = ctx.response.json
-                if isinstance(rbody, dict):
-                    answered = True
-                    rid = rbody.get("id")
-                    rmodel = rbody.get("model")
-                    if not isinstance(rmodel, str):
-                        rmodel = None
-                    reasons = tuple([r for r in [c.get("finish_reason") for c in rbody.get("choices") or () if isinstance(c, dict)]
-                                     if isinstance(r, str)])
-            elif ctx.stream_end is not None:
-                end = ctx.stream_end  # a stream's answer, as the core read it from its events
-                answered = True
-                rid, rmodel, reasons = end.id, end.model, tuple(end.finish_reasons)
+            said = ctx.answer  # buffered or streamed, as the core read it
+            answered = said is not None
+            if answered:
+                rid, rmodel, reasons = said.id, said.model, tuple(said.finish_reasons)
             key = (6, answered, rmodel, reasons, upstream.upstream, upstream.model)
             found = parts.get(key)
             if found is None:

@@ -19,6 +19,8 @@ T = TypeVar("T")
 _UNPARSED: Any = object()
 #: a buffered answer up to this size is parsed whole for its usage (and the parse shared)
 SHARED_PARSE_LIMIT = 32 * 1024
+#: ``ctx.answer`` reads a buffered answer up to this size (a bigger one is parsed for no one's sake)
+ANSWER_PARSE_LIMIT = 4 * 1024 * 1024
 
 _openai: Any = None
 
@@ -120,10 +122,11 @@ class Usage:
 
 @dataclass(slots=True)
 class StreamEnd:
-    """What a stream's events said about its answer (a buffered one has ``ctx.response``), kept by the
-    core when some plugin reads answers (an on_done, response or chunk hook): from the events that
-    finish a choice or carry a refusal, and the model and id from its first piece when those never
-    named them (a stream cut before it finished)."""
+    """What an answer said about itself. For a stream (``ctx.stream_end``), kept by the core when some
+    plugin reads answers (an on_done, response or chunk hook): from the events that finish a choice or
+    carry a refusal, and the model and id from its first piece when those never named them (a stream
+    cut before it finished). For a buffered answer, read from its body by ``ctx.answer``, which
+    gives either kind."""
 
     #: the ``model`` and ``id`` the stream named (its finishing events, else its first piece)
     model: str | None = None
@@ -137,6 +140,30 @@ class StreamEnd:
     def finish_reasons(self) -> list[str]:
         """The finish reasons in choice order."""
         return [self.reasons[i] for i in sorted(self.reasons)]
+
+
+def answer_of(body: Any) -> StreamEnd | None:
+    """A buffered answer's (a parsed JSON body's) model, id, finish reasons by choice index (a choice without
+    an ``index`` counts by its place) and whether some choice's message carries a refusal; ``None`` when the
+    body is not a JSON object. Values that are not strings (or are empty) are left out, as for a stream."""
+    if type(body) is not dict:
+        return None
+    model, rid = body.get("model"), body.get("id")
+    found = StreamEnd(model if type(model) is str and model else None, rid if type(rid) is str and rid else None)
+    choices = body.get("choices")
+    if type(choices) is list:
+        reasons = found.reasons
+        for pos, choice in enumerate(choices):
+            if type(choice) is not dict:
+                continue
+            reason = choice.get("finish_reason")
+            if type(reason) is str:
+                i = choice.get("index")
+                reasons.setdefault(i if type(i) is int else pos, reason)
+            msg = choice.get("message")
+            if type(msg) is dict and msg.get("refusal"):
+                found.refusal = True
+    return found
 
 
 @dataclass(slots=True)
@@ -210,7 +237,7 @@ class Context:
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
         "status", "error", "_current", "passed", "stream_events", "stream_bytes", "stream_end",
-        "runtime",
+        "_answer", "runtime",
     )
 
     def __init__(
@@ -287,6 +314,8 @@ class Context:
         self.stream_bytes = 0
         #: a stream's model, id, finish reasons and refusal, from its events (see StreamEnd)
         self.stream_end: StreamEnd | None = None
+        #: ctx.answer's reading of a buffered answer: (the body it read, what it found)
+        self._answer: tuple[bytes, StreamEnd | None] | None = None
         self.runtime: Any = None
 
     @property
@@ -302,6 +331,24 @@ class Context:
     def client_ip(self, value: str | None) -> None:
         self._peer = None
         self._client_ip = value
+
+    @property
+    def answer(self) -> StreamEnd | None:
+        """What the answer said about itself (model, id, finish reasons, refusal), buffered or streamed.
+
+        A buffered answer's (``ctx.response``, up to 4 MiB of JSON) is read from its body once
+        and shared by every reader, again only if a plugin replaces the body; a stream's is
+        ``ctx.stream_end``. ``None`` when there is no answer or it says nothing readable (not JSON,
+        too big). The status is not looked at: an error's body names no model or choices.
+        """
+        r = self.response
+        if r is None:
+            return self.stream_end
+        found = self._answer
+        body = r._body
+        if found is None or found[0] is not body:
+            found = self._answer = (body, answer_of(r.json) if len(body) <= ANSWER_PARSE_LIMIT else None)
+        return found[1]
 
     @property
     def usage(self) -> Usage | None:

@@ -292,13 +292,15 @@ class EndSeen(Plugin):
 
     @hookimpl
     def on_done(self, ctx: Context) -> None:
-        e = ctx.stream_end
-        self.seen.append(None if e is None else (e.model, e.id, e.finish_reasons, e.refusal))
+        e, a = ctx.stream_end, ctx.answer
+        self.seen.append((None if e is None else (e.model, e.id, e.finish_reasons, e.refusal),
+                          None if a is None else (a.model, a.id, a.finish_reasons, a.refusal)))
 
 
 @pytest.mark.parametrize("parse", [False, True], ids=["raw-relay", "parsed"])
 async def test_a_streams_model_id_and_finish_reason_reach_on_done(upstream, tmp_path, parse):
-    """Observers read a buffered answer from ctx.response; a stream's from ctx.stream_end."""
+    """A stream's model, id and finish reasons are in ctx.stream_end; ctx.answer gives them for streams
+    and buffered answers alike."""
     EndSeen.seen.clear()
     upstream.events_per_write = 2  # the finishing event shares its write with others
     chain = [{"end_seen": {}}] + ([{"chunky": {}}] if parse else [])
@@ -311,8 +313,10 @@ async def test_a_streams_model_id_and_finish_reason_reach_on_done(upstream, tmp_
                     chunks = [c async for c in await client.chat.completions.create(
                         model="m", messages=[{"role": "user", "content": "a b"}], stream=True, **kw)]
                     ids.append(chunks[0].id)
+                buffered = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b"}])
             await s.wait_idle()
-    assert EndSeen.seen == [("m", ids[0], ["stop"], False), ("m", ids[1], ["length"], False)]
+    streamed = [("m", ids[0], ["stop"], False), ("m", ids[1], ["length"], False)]
+    assert EndSeen.seen == [(e, e) for e in streamed] + [(None, ("m", buffered.id, ["stop"], False))]
 
 
 async def test_split_and_merged_sse_events_are_relayed_intact(upstream, tmp_path):

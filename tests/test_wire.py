@@ -109,6 +109,37 @@ def test_a_chunks_model_and_id_are_read_from_its_bytes():
     assert ctx.stream_end is None
 
 
+def test_a_buffered_answer_is_read_once_by_ctx_answer_and_again_only_when_replaced():
+    from proxy import Response
+    from proxy.context import ANSWER_PARSE_LIMIT
+    from proxy.testing import make_context
+
+    ctx = make_context({"model": "m"})
+    assert ctx.answer is None  # no answer yet
+    body = {"id": "c-1", "model": "m-2", "choices": [
+        {"index": 2, "message": {"content": "b"}, "finish_reason": "length"},
+        {"message": {"content": None, "refusal": "I can't help with that."}, "finish_reason": "stop"},  # no index: its place
+        {"index": 3, "finish_reason": 7},  # not a string: left out
+        "not a choice",
+    ]}
+    ctx.response = Response(200, {}, orjson.dumps(body))
+    a = ctx.answer
+    assert (a.model, a.id, a.reasons, a.refusal) == ("m-2", "c-1", {2: "length", 1: "stop"}, True)
+    assert a.finish_reasons == ["stop", "length"]  # in choice order
+    assert ctx.answer is a  # read once for every reader
+    ctx.response.set_json({"id": "", "model": "", "object": "embedding.list", "data": []})  # a plugin replaced it
+    a = ctx.answer
+    assert (a.model, a.id, a.reasons, a.refusal) == (None, None, {}, False)  # empty names are no names
+    for raw in (b"not json", b"[1, 2]", b'{"model": "m"' + b" " * ANSWER_PARSE_LIMIT + b"}"):
+        ctx.response = Response(200, {}, raw)
+        assert ctx.answer is None, raw[:20]
+    # a stream's answer is the one its events gave (the relay's ctx.stream_end)
+    from proxy.context import StreamEnd
+
+    ctx.response, ctx.stream_end = None, StreamEnd(model="m-3", id="c-3", reasons={0: "stop"})
+    assert ctx.answer is ctx.stream_end
+
+
 def test_header_hygiene():
     h = request_headers(CIMultiDict({"Host": "x", "Connection": "close, X-Trace", "X-Trace": "1", "Authorization": "Bearer k",
                                      "Transfer-Encoding": "chunked", "Content-Length": "5", "Keep-Alive": "1"}))
