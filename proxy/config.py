@@ -41,13 +41,12 @@ class ServerConfig(Model):
     )
     background_workers: int = Field(4, ge=1, le=256, description="Tasks draining the on_done queue concurrently.")
     done_batch_ms: float = Field(
-        200.0, ge=0, le=1000,
+        50.0, ge=0, le=1000,
         description="On routes whose on_done hooks are all plain functions, the observers' on_done (plugins of kind "
         "'observer': metrics, metering, tracing, drift) runs in batches, in arrival order: each hook's code then runs "
-        "warm for several requests instead of cold after each. A batch is due when it holds 32 requests, or when a "
-        "request finishes once the batch's first has waited this many milliseconds; when no request finishes, 4 times "
-        "this after its first (a timer, which wakes an idle process, fires only then). A due batch runs 8 requests per "
-        "turn of the event loop, so a request arriving meanwhile waits for 8 at most. Other plugins' on_done (a guard "
+        "warm for several requests instead of cold after each. A batch runs when it holds 8 requests, or when a request "
+        "finishes once the batch's first has waited this many milliseconds; when no request finishes, 4 times this "
+        "after its first (a timer, which wakes an idle process, fires only then). Other plugins' on_done (a guard "
         "freeing a concurrency slot) runs at once. An admin read (metrics, reports) and a stop run what is waiting "
         "first. 0 runs every on_done right after its answer.")
     executor_threads: int = Field(2, ge=1, le=64, description="Threads of the bounded executor for CPU-heavy plugin work.")

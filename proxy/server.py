@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import ctypes
 import gc
 import json
@@ -34,10 +33,7 @@ from .upstream import UpstreamPool
 log = logging.getLogger("sluice")
 access_log = logging.getLogger("sluice.access")
 #: most finished requests a batch of inline on_done work holds (server.done_batch_ms)
-DONE_BATCH_MAX = 32
-#: a batch that is due runs this many requests at a time, one slice per turn of the event loop, so a request
-#: that arrives meanwhile waits for one slice at most (a backlog past DONE_BATCH_MAX is worked off at once)
-DONE_SLICE = 8
+DONE_BATCH_MAX = 8
 #: a batch whose interval passed runs when the next request finishes; if none finishes by this many
 #: intervals after its first request, a timer runs it (a timer firing wakes an idle process)
 DONE_BATCH_IDLE = 4
@@ -83,9 +79,6 @@ class Server:
         #: finished requests whose inline on_done waits for the next batch (server.done_batch_ms)
         self._batch: list[tuple[Context, ch.CompiledRoute, ch.Generation]] = []
         self._batch_timer: asyncio.TimerHandle | None = None
-        #: batches that are due, run a slice at a time (DONE_SLICE), and the next slice's turn of the loop
-        self._due: collections.deque[tuple[Context, ch.CompiledRoute, ch.Generation]] = collections.deque()
-        self._slice: asyncio.Handle | None = None
         #: client requests inside the handler (their on_done not yet handed over), and what close() waits on
         self.handling = 0
         self.handlers_done: asyncio.Event | None = None
@@ -222,17 +215,13 @@ class Server:
         CPU per request at 150 requests a second, less at saturation too;
         benchmarks/RESULTS.md).
 
-        The batch is due when it holds ``DONE_BATCH_MAX`` requests, or when a
+        The batch runs when it holds ``DONE_BATCH_MAX`` requests, or when a
         request finishes once its first has waited ``done_batch_ms``. Only
         when no request finishes for ``DONE_BATCH_IDLE`` intervals does a
-        timer end it: under steady traffic no timer fires. A timer firing wakes
+        timer run it: under steady traffic no timer fires. A timer firing wakes
         an idle process, which costs CPU of its own (with the observers at 50
         requests a second, ending batches this way saved 43 µs a request;
-        benchmarks/RESULTS.md). A due batch runs ``DONE_SLICE`` requests per
-        turn of the event loop, so requests arriving meanwhile wait for one
-        slice at most. Batches of up to 32 over 200 ms cost the observers about
-        20 µs a request less than batches of 8 over 50 ms, at 150 requests a
-        second (benchmarks/RESULTS.md).
+        benchmarks/RESULTS.md).
         """
         if route.on_done:
             if route.done_batched and (batch_ms := self.loaded.config.server.done_batch_ms):
@@ -244,53 +233,28 @@ class Server:
                 # how long the batch's first request has waited: the handler set timings.end before done_now
                 waited = ctx.timings.end - batch[0][0].timings.end  # type: ignore[operator]
                 if len(batch) >= DONE_BATCH_MAX or waited * 1000 >= batch_ms:
-                    self._batch_due()
+                    self.run_batch()
                 elif self._batch_timer is None:
-                    self._batch_timer = asyncio.get_running_loop().call_later(batch_ms * DONE_BATCH_IDLE / 1000, self._batch_due)
+                    self._batch_timer = asyncio.get_running_loop().call_later(batch_ms * DONE_BATCH_IDLE / 1000, self.run_batch)
             else:
                 ch.run_done_sync(ctx, route)
         if self.loaded.config.server.access_log:
             self._log_access(ctx, route)
 
-    def _batch_due(self) -> None:
-        """The waiting batch is due: its first slice runs now, the rest in the next turns of the loop."""
+    def run_batch(self) -> None:
+        """Run the on_done hooks of every finished request waiting for the batch, in arrival order."""
         if self._batch_timer is not None:
             self._batch_timer.cancel()
             self._batch_timer = None
-        self._due.extend(self._batch)
-        self._batch = []
-        if self._slice is None:
-            self._run_slice()
-
-    def _run_slice(self) -> None:
-        self._slice = None
-        due = self._due
-        self._run_due(DONE_SLICE if len(due) <= DONE_BATCH_MAX else len(due) - DONE_BATCH_MAX + DONE_SLICE)
-        if due:
-            self._slice = asyncio.get_running_loop().call_soon(self._run_slice)
-
-    def _run_due(self, n: int) -> None:
-        """The observers' on_done of the first ``n`` due requests, in arrival order (what an interruption
-        leaves stays due)."""
-        due = self._due
-        for _ in range(min(n, len(due))):
-            ctx, route, gen = due.popleft()
+        batch, self._batch = self._batch, []
+        for i, (ctx, route, gen) in enumerate(batch):
             try:
                 ch.run_done_sync(ctx, route, route.done_batched)  # a plugin's failure is its own (isolated there)
+            except BaseException:
+                self._batch[:0] = batch[i + 1:]  # the rest stays for the next batch
+                raise
             finally:
                 gen.leave()
-
-    def run_batch(self) -> None:
-        """Run the on_done hooks of every finished request waiting for a batch, in arrival order, now."""
-        if self._batch_timer is not None:
-            self._batch_timer.cancel()
-            self._batch_timer = None
-        if self._slice is not None:
-            self._slice.cancel()
-            self._slice = None
-        self._due.extend(self._batch)
-        self._batch = []
-        self._run_due(len(self._due))
 
     @staticmethod
     def _log_access(ctx: Context, route: ch.CompiledRoute) -> None:
