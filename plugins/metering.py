@@ -141,6 +141,9 @@ class Metering(Plugin):
     kind = "observer"
     needs_usage = True
     done_required = True  # a ledger row is never dropped
+    #: a budget's reservation is priced at the model a router or an experiment chose (ctx.targets); before
+    #: them, an alias the price table does not know reserves nothing
+    follows = ("router", "experiments")
 
     class Budget(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

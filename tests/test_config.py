@@ -42,6 +42,7 @@ def write(tmp_path: Path, data: dict) -> Path:
 
 
 BASE = {"upstreams": {"u": {"url": "http://127.0.0.1:8000/v1"}}}
+ROUTER = {"aliases": {"fast": {"targets": [{"upstream": "u", "model": "m-small"}]}}}
 
 
 def test_defaults_load():
@@ -139,6 +140,8 @@ def test_version_cli():
     ([{"tracing": {"exporter": "console", "capture_content": True}}, {"pii": {}}, {"metering": {}}],
      ["tracing comes before pii", "tracing comes before metering"]),
     ([{"pii": {}}, {"metering": {}}, {"tracing": {"exporter": "console", "capture_content": True}}, {"drift": {}}], []),
+    ([{"metering": {}}, {"router": ROUTER}], ["metering comes before router"]),
+    ([{"router": ROUTER}, {"metering": {}}], []),
 ])
 async def test_a_plugin_placed_before_one_it_reads_is_warned_of(tmp_path, caplog, chain, warned):
     from proxy.testing import SluiceServer
