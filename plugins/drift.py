@@ -128,6 +128,38 @@ class Drift(Plugin):
         await self.runtime.run_cpu(_warm_up)
         self.runtime.shared("drift.instances", weakref.WeakSet).add(self)
 
+    async def stop(self) -> None:
+        """Replaced by a reload, or removed: what this instance published describes windows no one keeps any more.
+
+        Its comparisons still running are cancelled, it leaves the admin report, and every gauge it set goes
+        to no value and no alarm, as when a feature drops out of a comparison, unless a live instance (the
+        reload's) has published the same route and model since: those values are current.
+        """
+        for task in list(self._busy.values()):
+            task.cancel()
+        live = self.runtime.shared("drift.instances", weakref.WeakSet)
+        live.discard(self)
+        f = self.families
+        for key in sorted(set(self.compared) | set(self.degraded)):
+            if any(key in other.compared or key in other.degraded for other in live):
+                continue
+            route, model = key
+            alarmed = self.alarms.get(key, set())
+            for feature in sorted(self.compared.get(key, ())):
+                f.child(f.drift_psi, route, model, feature).set(NAN)
+                f.child(f.drift_p_value, route, model, feature).set(NAN)
+                f.child(f.drift_alarm, route, model, feature).set(0)
+                if feature in alarmed:
+                    log.info("drift cleared: route=%s model=%s feature=%s (monitor stopped)", route, model, feature,
+                             extra={"event": "drift_cleared", "route": route, "model": model, "feature": feature})
+            if key in self.degraded:
+                f.child(f.latency_p95, route, model, "current").set(NAN)
+                f.child(f.latency_p95, route, model, "baseline").set(NAN)
+                f.child(f.latency_degraded, route, model).set(0)
+                if self.degraded[key]:
+                    log.info("latency cleared: route=%s model=%s (monitor stopped)", route, model,
+                             extra={"event": "latency_cleared", "route": route, "model": model})
+
     # -- sampling ------------------------------------------------------------------------
     def monitor(self, key: tuple[str, str]) -> tuple[tuple[str, str], Monitor]:
         """The monitor of a route and model (``other`` once ``max_monitors`` are taken), and its key."""

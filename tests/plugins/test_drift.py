@@ -235,6 +235,55 @@ async def test_a_feature_that_drops_out_of_the_comparison_clears_its_alarm(tmp_p
         await rt.close_all()
 
 
+async def test_a_stopped_instance_clears_its_gauges_unless_its_successor_published_them(tmp_path, caplog):
+    """A reload replaces the drift instance: the old one's alarm (its windows are gone) goes to no value and no
+    alarm, and it leaves the admin report, unless the new instance has published the same route and model."""
+    caplog.set_level(logging.INFO, logger="sluice.drift")
+    rt = await make_runtime(tmp_path)
+    try:
+        rng = random.Random(11)
+        conf = {**DRIFT, "features": ["latency_s", "error"]}
+
+        def ctx(latency: float):
+            c = make_context({"model": "m", "messages": [{"role": "user", "content": "x"}]}, runtime=rt)
+            c.attempts.append(Attempt(Target("up"), start=c.timings.start))
+            c.outcome, c.status = "ok", 200
+            c.timings.end = c.timings.start + latency
+            return c
+
+        async def drifted() -> Drift:
+            p = await configure_plugin(Drift, conf, runtime=rt)
+            for lo, hi in [(1.0, 1.1)] * 60 + [(3.0, 3.1)] * 30:  # the pinned reference, then slower answers
+                p.on_done(ctx(rng.uniform(lo, hi)))
+            await rt.tasks.wait(10)
+            (m,) = p.report()
+            assert m["drifted"] == ["latency_s"] and gauge(rt, "sluice_drift_alarm", feature="latency_s") == 1
+            return p
+
+        # the successor published the same route and model: the old instance's stop leaves the gauges to it
+        from plugins.drift import _instances  # what the admin report and `sluice drift` read
+
+        old, new = await drifted(), await drifted()
+        await old.stop()
+        assert _instances(rt) == [new]
+        assert gauge(rt, "sluice_drift_alarm", feature="latency_s") == 1
+        assert gauge(rt, "sluice_drift_latency_degraded") == 1
+        # the last instance stops (its route removed by a reload): nothing measures any more
+        await new.stop()
+        assert _instances(rt) == []
+        assert gauge(rt, "sluice_drift_alarm", feature="latency_s") == 0
+        psi = gauge(rt, "sluice_drift_psi", feature="latency_s")
+        assert psi != psi  # NaN: no current value
+        assert gauge(rt, "sluice_drift_alarm", feature="error") == 0
+        assert gauge(rt, "sluice_drift_latency_degraded") == 0
+        p95 = gauge(rt, "sluice_drift_latency_p95_seconds", window="current")
+        assert p95 != p95
+        cleared = [r for r in caplog.records if getattr(r, "event", None) == "drift_cleared"]
+        assert [r.feature for r in cleared] == ["latency_s"]
+    finally:
+        await rt.close_all()
+
+
 async def test_latency_degradation_clears_when_latency_is_no_longer_compared(tmp_path, caplog):
     from plugins._drift_stats import Comparison, LatencyResult
 
