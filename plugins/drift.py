@@ -146,12 +146,7 @@ class Drift(Plugin):
             route, model = key
             alarmed = self.alarms.get(key, set())
             for feature in sorted(self.compared.get(key, ())):
-                f.child(f.drift_psi, route, model, feature).set(NAN)
-                f.child(f.drift_p_value, route, model, feature).set(NAN)
-                f.child(f.drift_alarm, route, model, feature).set(0)
-                if feature in alarmed:
-                    log.info("drift cleared: route=%s model=%s feature=%s (monitor stopped)", route, model, feature,
-                             extra={"event": "drift_cleared", "route": route, "model": model, "feature": feature})
+                self._clear(route, model, feature, feature in alarmed, "monitor stopped")
             if key in self.degraded:
                 f.child(f.latency_p95, route, model, "current").set(NAN)
                 f.child(f.latency_p95, route, model, "baseline").set(NAN)
@@ -248,6 +243,16 @@ class Drift(Plugin):
         m.last = res
         self.publish(key, res)
 
+    def _clear(self, route: str, model: str, feature: str, alarmed: bool, why: str) -> None:
+        """A feature's gauges to no value and no alarm; "drift cleared" is logged if it was drifting."""
+        f = self.families
+        f.child(f.drift_psi, route, model, feature).set(NAN)
+        f.child(f.drift_p_value, route, model, feature).set(NAN)
+        f.child(f.drift_alarm, route, model, feature).set(0)
+        if alarmed:
+            log.info("drift cleared: route=%s model=%s feature=%s (%s)", route, model, feature, why,
+                     extra={"event": "drift_cleared", "route": route, "model": model, "feature": feature})
+
     def publish(self, key: tuple[str, str], res: Comparison) -> None:
         """Gauges and log events for one comparison."""
         f = self.families
@@ -271,12 +276,7 @@ class Drift(Plugin):
         for feature in sorted(self.compared.get(key, compared) - compared):
             # compared last time, not now (too few samples left, e.g. ttft_s in a window without
             # streams): no value and no alarm any more, as the report says, rather than stale gauges
-            f.child(f.drift_psi, route, model, feature).set(NAN)
-            f.child(f.drift_p_value, route, model, feature).set(NAN)
-            f.child(f.drift_alarm, route, model, feature).set(0)
-            if feature in before:
-                log.info("drift cleared: route=%s model=%s feature=%s (no longer compared)", route, model, feature,
-                         extra={"event": "drift_cleared", "route": route, "model": model, "feature": feature})
+            self._clear(route, model, feature, feature in before, "no longer compared")
         self.compared[key] = compared
         self.alarms[key] = now_drifted
         lat = res.latency
