@@ -121,6 +121,8 @@ class Drift(Plugin):
         self._busy: dict[tuple[str, str], asyncio.Task[None]] = {}
         #: the sluice_drift_samples_total accumulator of each monitor key
         self._samples: dict[tuple[str, str], Any] = {}
+        #: stop() ran: nothing is sampled or published any more (a late on_done, a comparison still running)
+        self._stopped = False
 
     async def start(self) -> None:
         # numpy and scipy.special take most of a second of CPU to import: do it now, in the
@@ -131,23 +133,25 @@ class Drift(Plugin):
     async def stop(self) -> None:
         """Replaced by a reload, or removed: what this instance published describes windows no one keeps any more.
 
-        Its comparisons still running are cancelled, it leaves the admin report, and every gauge it set goes
-        to no value and no alarm, as when a feature drops out of a comparison, unless a live instance (the
-        reload's) has published the same route and model since: those values are current.
+        It samples and publishes nothing more (its comparisons still running are cancelled or, when already
+        in the executor, dropped), it leaves the admin report, and every gauge it set goes to no value and no
+        alarm, as when a feature drops out of a comparison, except those a live instance (the reload's) has
+        published since for the same route and model: those values are current.
         """
+        self._stopped = True
         for task in list(self._busy.values()):
             task.cancel()
         live = self.runtime.shared("drift.instances", weakref.WeakSet)
         live.discard(self)
         f = self.families
         for key in sorted(set(self.compared) | set(self.degraded)):
-            if any(key in other.compared or key in other.degraded for other in live):
-                continue
             route, model = key
+            # what a live instance (the reload's) published since is current: only the rest is cleared
+            taken = set().union(*(other.compared.get(key, ()) for other in live))
             alarmed = self.alarms.get(key, set())
-            for feature in sorted(self.compared.get(key, ())):
+            for feature in sorted(set(self.compared.get(key, ())) - taken):
                 self._clear(route, model, feature, feature in alarmed, "monitor stopped")
-            if key in self.degraded:
+            if key in self.degraded and not any(key in other.degraded for other in live):
                 f.child(f.latency_p95, route, model, "current").set(NAN)
                 f.child(f.latency_p95, route, model, "baseline").set(NAN)
                 f.child(f.latency_degraded, route, model).set(0)
@@ -207,7 +211,7 @@ class Drift(Plugin):
 
     @hookimpl
     def on_done(self, ctx: Context) -> None:
-        if not ctx.attempts:
+        if not ctx.attempts or self._stopped:
             return  # answered before any model: nothing about the model to learn
         if self._sampling and self.rng.random() >= self.config.sample_rate:
             return
@@ -240,6 +244,8 @@ class Drift(Plugin):
         finally:
             if self._busy.get(key) is me:
                 del self._busy[key]
+        if self._stopped:
+            return  # the windows compared are gone with this instance: its gauges were cleared at stop
         m.last = res
         self.publish(key, res)
 

@@ -251,8 +251,8 @@ async def test_a_stopped_instance_clears_its_gauges_unless_its_successor_publish
             c.timings.end = c.timings.start + latency
             return c
 
-        async def drifted() -> Drift:
-            p = await configure_plugin(Drift, conf, runtime=rt)
+        async def drifted(features: tuple[str, ...] = ("latency_s", "error")) -> Drift:
+            p = await configure_plugin(Drift, {**conf, "features": list(features)}, runtime=rt)
             for lo, hi in [(1.0, 1.1)] * 60 + [(3.0, 3.1)] * 30:  # the pinned reference, then slower answers
                 p.on_done(ctx(rng.uniform(lo, hi)))
             await rt.tasks.wait(10)
@@ -263,11 +263,15 @@ async def test_a_stopped_instance_clears_its_gauges_unless_its_successor_publish
         # the successor published the same route and model: the old instance's stop leaves the gauges to it
         from plugins.drift import _instances  # what the admin report and `sluice drift` read
 
-        old, new = await drifted(), await drifted()
+        old = await drifted()
+        assert gauge(rt, "sluice_drift_psi", feature="error") == 0  # compared: no errors on either side
+        new = await drifted(("latency_s",))  # the reload dropped the error feature
         await old.stop()
         assert _instances(rt) == [new]
         assert gauge(rt, "sluice_drift_alarm", feature="latency_s") == 1
         assert gauge(rt, "sluice_drift_latency_degraded") == 1
+        psi = gauge(rt, "sluice_drift_psi", feature="error")  # no one compares it any more
+        assert psi != psi and gauge(rt, "sluice_drift_alarm", feature="error") == 0
         # the last instance stops (its route removed by a reload): nothing measures any more
         await new.stop()
         assert _instances(rt) == []
@@ -280,6 +284,31 @@ async def test_a_stopped_instance_clears_its_gauges_unless_its_successor_publish
         assert p95 != p95
         cleared = [r for r in caplog.records if getattr(r, "event", None) == "drift_cleared"]
         assert [r.feature for r in cleared] == ["latency_s"]
+    finally:
+        await rt.close_all()
+
+
+async def test_a_comparison_still_running_when_its_instance_stops_publishes_nothing(tmp_path, caplog):
+    """The window closes while a periodic comparison runs: the closing one is chained after it. Stopping
+    cancels the chained one; the running one, already in the executor, must not publish afterwards (its
+    instance left the live set, so nothing would ever clear what it set)."""
+    caplog.set_level(logging.INFO, logger="sluice.drift")
+    rt = await make_runtime(tmp_path)
+    try:
+        rng = random.Random(12)
+        p = await configure_plugin(Drift, {**DRIFT, "features": ["latency_s"]}, runtime=rt)
+        for lo, hi in [(1.0, 1.1)] * 60 + [(3.0, 3.1)] * 60:  # the pinned reference, then a whole slower window
+            c = make_context({"model": "m", "messages": [{"role": "user", "content": "x"}]}, runtime=rt)
+            c.attempts.append(Attempt(Target("up"), start=c.timings.start))
+            c.outcome, c.status = "ok", 200
+            c.timings.end = c.timings.start + rng.uniform(lo, hi)
+            p.on_done(c)  # no await in between: the checks at 70..110 find the one at 70 still running
+        await p.stop()
+        p.on_done(c)  # a late request of the retired chain: not sampled
+        await rt.tasks.wait(10)
+        assert gauge(rt, "sluice_drift_alarm", feature="latency_s") is None
+        assert gauge(rt, "sluice_drift_latency_degraded") is None
+        assert not [r for r in caplog.records if getattr(r, "event", None) in ("drift", "latency_degraded")]
     finally:
         await rt.close_all()
 
