@@ -192,7 +192,7 @@ class Drift(Plugin):
         ok = ctx.outcome == "ok"
         cat["error"] = "no" if ok else "yes"
         answer = ctx.answer if ok else None  # buffered or streamed, as the core read it
-        if answer is not None and (answer.reasons or answer.refusal or ctx.response is None):
+        if answer is not None and (answer.choices or ctx.response is None):
             # a buffered answer without choices (embeddings) has neither feature; a stream cut
             # before it finished counts as not refused
             reasons = answer.finish_reasons

@@ -19,8 +19,9 @@ T = TypeVar("T")
 _UNPARSED: Any = object()
 #: a buffered answer up to this size is parsed whole for its usage (and the parse shared)
 SHARED_PARSE_LIMIT = 32 * 1024
-#: ``ctx.answer`` reads a buffered answer up to this size (a bigger one is parsed for no one's sake)
-ANSWER_PARSE_LIMIT = 4 * 1024 * 1024
+#: ``ctx.answer`` parses a buffered answer up to this size; of a bigger one (an embeddings batch) it reads
+#: only the model and id, from the bytes: a parse of a few MB holds the event loop for milliseconds
+ANSWER_PARSE_LIMIT = 1024 * 1024
 
 _openai: Any = None
 
@@ -135,6 +136,8 @@ class StreamEnd:
     reasons: dict[int, str] = field(default_factory=dict)
     #: some choice's delta carried a ``refusal``
     refusal: bool = False
+    #: a buffered answer's choices (a stream's are not counted: 0)
+    choices: int = 0
 
     @property
     def finish_reasons(self) -> list[str]:
@@ -156,6 +159,7 @@ def answer_of(body: Any) -> StreamEnd | None:
         for pos, choice in enumerate(choices):
             if type(choice) is not dict:
                 continue
+            found.choices += 1
             reason = choice.get("finish_reason")
             if type(reason) is str:
                 i = choice.get("index")
@@ -164,6 +168,16 @@ def answer_of(body: Any) -> StreamEnd | None:
             if type(msg) is dict and msg.get("refusal"):
                 found.refusal = True
     return found
+
+
+def _answer_from_bytes(body: bytes) -> StreamEnd | None:
+    """A big buffered answer's model and id, found in its bytes as a stream's first piece is read; nothing
+    parsed, no choices counted. ``None`` when the body is not a JSON object."""
+    if body[:64].lstrip()[:1] != b"{":
+        return None
+    from .relay import _string_member  # the relay imports this module
+
+    return StreamEnd(_string_member(body, b'"model"') or None, _string_member(body, b'"id"') or None)
 
 
 @dataclass(slots=True)
@@ -336,10 +350,11 @@ class Context:
     def answer(self) -> StreamEnd | None:
         """What the answer said about itself (model, id, finish reasons, refusal), buffered or streamed.
 
-        A buffered answer's (``ctx.response``, up to 4 MiB of JSON) is read from its body once
-        and shared by every reader, again only if a plugin replaces the body; a stream's is
-        ``ctx.stream_end``. ``None`` when there is no answer or it says nothing readable (not JSON,
-        too big). The status is not looked at: an error's body names no model or choices.
+        A buffered answer's (``ctx.response``) is read from its body once and shared by every
+        reader, again only if a plugin replaces the body: parsed up to 1 MiB (or when someone
+        parsed it already), else only its model and id, from the bytes. A stream's is
+        ``ctx.stream_end``. ``None`` when there is no answer or it is not a JSON object. The
+        status is not looked at: an error's body names no model or choices.
         """
         r = self.response
         if r is None:
@@ -347,7 +362,10 @@ class Context:
         found = self._answer
         body = r._body
         if found is None or found[0] is not body:
-            found = self._answer = (body, answer_of(r.json) if len(body) <= ANSWER_PARSE_LIMIT else None)
+            if len(body) <= ANSWER_PARSE_LIMIT or r._json is not _UNPARSED:
+                found = self._answer = (body, answer_of(r.json))
+            else:
+                found = self._answer = (body, _answer_from_bytes(body))
         return found[1]
 
     @property

@@ -111,7 +111,7 @@ def test_a_chunks_model_and_id_are_read_from_its_bytes():
 
 def test_a_buffered_answer_is_read_once_by_ctx_answer_and_again_only_when_replaced():
     from proxy import Response
-    from proxy.context import ANSWER_PARSE_LIMIT
+    from proxy.context import _UNPARSED, ANSWER_PARSE_LIMIT
     from proxy.testing import make_context
 
     ctx = make_context({"model": "m"})
@@ -124,15 +124,23 @@ def test_a_buffered_answer_is_read_once_by_ctx_answer_and_again_only_when_replac
     ]}
     ctx.response = Response(200, {}, orjson.dumps(body))
     a = ctx.answer
-    assert (a.model, a.id, a.reasons, a.refusal) == ("m-2", "c-1", {2: "length", 1: "stop"}, True)
-    assert a.finish_reasons == ["stop", "length"]  # in choice order
+    assert (a.model, a.id, a.reasons, a.refusal, a.choices) == ("m-2", "c-1", {2: "length", 1: "stop"}, True, 3)
+    assert a.finish_reasons == ["stop", "length"]  # in index order
     assert ctx.answer is a  # read once for every reader
     ctx.response.set_json({"id": "", "model": "", "object": "embedding.list", "data": []})  # a plugin replaced it
     a = ctx.answer
-    assert (a.model, a.id, a.reasons, a.refusal) == (None, None, {}, False)  # empty names are no names
-    for raw in (b"not json", b"[1, 2]", b'{"model": "m"' + b" " * ANSWER_PARSE_LIMIT + b"}"):
+    assert (a.model, a.id, a.reasons, a.refusal, a.choices) == (None, None, {}, False, 0)  # empty names are no names
+    for raw in (b"not json", b"[1, 2]", b"[" + b"1, " * ANSWER_PARSE_LIMIT + b"1]"):
         ctx.response = Response(200, {}, raw)
         assert ctx.answer is None, raw[:20]
+    # a big answer (an embeddings batch) is not parsed: its model and id are read from the bytes
+    vectors = [{"object": "embedding", "index": i, "embedding": [0.0123456789] * 1536} for i in range(60)]
+    big = orjson.dumps({"object": "list", "data": vectors, "model": "text-embedding-3-small", "usage": {"prompt_tokens": 9}})
+    assert len(big) > ANSWER_PARSE_LIMIT
+    ctx.response = Response(200, {}, big)
+    a = ctx.answer
+    assert (a.model, a.id, a.reasons, a.choices) == ("text-embedding-3-small", None, {}, 0)
+    assert ctx.response._json is _UNPARSED
     # a stream's answer is the one its events gave (the relay's ctx.stream_end)
     from proxy.context import StreamEnd
 
