@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -329,6 +330,9 @@ async def test_a_big_prompt_is_reserved_at_the_tokenizers_count(upstream: FakeUp
     for tokenizers, admitted in (({"sluice-*": tok}, True), ({}, False)):
         state = tmp_path / ("tok" if tokenizers else "bytes")
         async with SluiceServer(config(upstream, [AUTH], tokenizers=tokenizers, budgets=budget), state) as s:
+            (metering,) = [p for p in s.server.generation.plugins if p.name == "metering"]
+            # with a tokenizer the admission can await the executor; without, it runs to its end on the spot
+            assert asyncio.iscoroutinefunction(metering.on_request) is bool(tokenizers)
             async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY, max_retries=0) as c:
                 call = c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": prompt}],
                                                  max_tokens=4)
@@ -339,7 +343,15 @@ async def test_a_big_prompt_is_reserved_at_the_tokenizers_count(upstream: FakeUp
                         await call
                     assert e.value.code == "insufficient_quota"
                 await s.wait_idle()
+            async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+                async with http.get(f"{s.admin_url}/admin/budgets", params={"key": "k1"}) as r:
+                    (spent,) = (await r.json())["budgets"]
             await s.runtime.state.records("ledger").flush()
         if admitted:
             (row,) = ledger_rows(state)
             assert row["estimated"] == 1 and row["prompt_tokens"] == tokens
+            # reserved at admission (a failed admission would have admitted it with nothing reserved) and
+            # reconciled to the row's cost at the end
+            assert spent["spent_and_reserved"] == pytest.approx(row["cost"]) and row["cost"] > 0
+        else:
+            assert spent["spent_and_reserved"] == 0
