@@ -109,7 +109,8 @@ def on_done(ctx: Context) -> None:
     for plugins with ``done_required``, whose work waits for room). ``ctx.outcome``, ``ctx.usage``, ``ctx.timings``,
     ``ctx.attempts``, ``ctx.answered_by`` and ``ctx.answer_reason`` are final, but for one thing:
     metering's ``on_done`` puts its estimate in ``ctx.usage`` when the upstream gave none.
-    What one plugin's ``on_done`` records (``ctx.cost`` from metering, say) is
+    ``ctx.answer`` gives what the answer said of itself (model, id, finish reasons,
+    refusal), buffered or streamed, read once for every plugin. What one plugin's ``on_done`` records (``ctx.cost`` from metering, say) is
     seen by the plugins after it in the chain, so put producers before consumers.
     Exceptions are logged and counted, never raised to anyone.
     """
