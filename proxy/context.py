@@ -175,9 +175,9 @@ def _answer_from_bytes(body: bytes) -> StreamEnd | None:
     parsed, no choices counted. ``None`` when the body is not a JSON object."""
     if body[:64].lstrip()[:1] != b"{":
         return None
-    from .relay import _string_member  # the relay imports this module
+    from .relay import named  # the relay imports this module
 
-    return StreamEnd(_string_member(body, b'"model"') or None, _string_member(body, b'"id"') or None)
+    return StreamEnd(*named(body))
 
 
 @dataclass(slots=True)
@@ -198,13 +198,14 @@ class Timings:
 class Response:
     """A buffered answer: from the upstream, or an early reply."""
 
-    __slots__ = ("status", "headers", "_body", "_json")
+    __slots__ = ("status", "headers", "_body", "_json", "_answer")
 
     def __init__(self, status: int, headers: CIMultiDict[str] | Mapping[str, str] | None, body: bytes) -> None:
         self.status = status
         self.headers: CIMultiDict[str] = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers or {})
         self._body = body
         self._json: Any = _UNPARSED
+        self._answer: Any = _UNPARSED
 
     @property
     def body(self) -> bytes:
@@ -213,7 +214,7 @@ class Response:
     @body.setter
     def body(self, value: bytes) -> None:
         self._body = value
-        self._json = _UNPARSED
+        self._json = self._answer = _UNPARSED
 
     @property
     def json(self) -> Any:
@@ -228,6 +229,18 @@ class Response:
     def set_json(self, value: Any) -> None:
         self._body = orjson.dumps(value)
         self._json = value
+        self._answer = _UNPARSED
+
+    @property
+    def answer(self) -> StreamEnd | None:
+        """What the body says of the answer (model, id, finish reasons, refusal), read once, again only after
+        the body is replaced: parsed up to 1 MiB (or when someone parsed it already), else only its model
+        and id, from the bytes. ``None`` when it is not a JSON object."""
+        if self._answer is _UNPARSED:
+            body = self._body
+            self._answer = (answer_of(self.json) if len(body) <= ANSWER_PARSE_LIMIT or self._json is not _UNPARSED
+                            else _answer_from_bytes(body))
+        return self._answer
 
 
 class Reply:
@@ -251,7 +264,7 @@ class Context:
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
         "status", "error", "_current", "passed", "stream_events", "stream_bytes", "stream_end",
-        "_answer", "runtime",
+        "runtime",
     )
 
     def __init__(
@@ -328,8 +341,6 @@ class Context:
         self.stream_bytes = 0
         #: a stream's model, id, finish reasons and refusal, from its events (see StreamEnd)
         self.stream_end: StreamEnd | None = None
-        #: ctx.answer's reading of a buffered answer: (the body it read, what it found)
-        self._answer: tuple[bytes, StreamEnd | None] | None = None
         self.runtime: Any = None
 
     @property
@@ -350,23 +361,12 @@ class Context:
     def answer(self) -> StreamEnd | None:
         """What the answer said about itself (model, id, finish reasons, refusal), buffered or streamed.
 
-        A buffered answer's (``ctx.response``) is read from its body once and shared by every
-        reader, again only if a plugin replaces the body: parsed up to 1 MiB (or when someone
-        parsed it already), else only its model and id, from the bytes. A stream's is
-        ``ctx.stream_end``. ``None`` when there is no answer or it is not a JSON object. The
-        status is not looked at: an error's body names no model or choices.
+        A buffered answer's is ``ctx.response.answer``, read from its body once and shared by every
+        reader; a stream's is ``ctx.stream_end``. ``None`` when there is no answer or it is not a
+        JSON object. The status is not looked at: an error's body names no model or choices.
         """
         r = self.response
-        if r is None:
-            return self.stream_end
-        found = self._answer
-        body = r._body
-        if found is None or found[0] is not body:
-            if len(body) <= ANSWER_PARSE_LIMIT or r._json is not _UNPARSED:
-                found = self._answer = (body, answer_of(r.json))
-            else:
-                found = self._answer = (body, _answer_from_bytes(body))
-        return found[1]
+        return self.stream_end if r is None else r.answer
 
     @property
     def usage(self) -> Usage | None:

@@ -152,14 +152,19 @@ def _string_member(block: bytes, key: bytes) -> str | None:
     return None
 
 
+def named(piece: bytes) -> tuple[str | None, str | None]:
+    """The first ``"model"`` and ``"id"`` string members of ``piece``, found in its bytes; empty ones say
+    nothing (Azure's first chunk, its prompt filter results, has ``"model":""`` and ``"id":""``)."""
+    return _string_member(piece, b'"model"') or None, _string_member(piece, b'"id"') or None
+
+
 def note_start(ctx: Context, chunk: bytes) -> None:
     """A stream's model and id from its first piece, where its finishing event (which has the last
     word) did not name them: a stream cut before it finished. Called once the stream is over."""
     end = ctx.stream_end
     if end is not None and end.model is not None and end.id is not None:
         return  # the usual case: nothing to read
-    # empty ones say nothing (Azure's first chunk, its prompt filter results, has "model":"" and "id":"")
-    model, rid = _string_member(chunk, b'"model"') or None, _string_member(chunk, b'"id"') or None
+    model, rid = named(chunk)
     if model is None and rid is None:
         return
     if end is None:
