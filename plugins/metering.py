@@ -299,7 +299,7 @@ class Metering(Plugin):
         if not self._tokenizers or len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES:
             return None
         body, model = ctx.json_body, ctx.model
-        if body is None or self.prices.lookup(self._priced_model(ctx)) is None:
+        if body is None:
             return None
         prompt = await self.runtime.run_cpu(self._prompt_tokens, body, model)
         ctx.stash[PROMPT] = (body, model, prompt)

@@ -222,11 +222,18 @@ class GaugeAcc(_Acc):
         self.child.set(self.value)
 
 
-class _Bounded(dict):  # type: ignore[type-arg]
-    """A cache dict that starts again when it holds 4096 entries (keys with client-influenced parts)."""
+class Bounded(dict):  # type: ignore[type-arg]
+    """A cache dict that starts again when it holds ``limit`` entries (keys with client-influenced parts, or
+    few but never unbounded): reads are plain dict reads, only an insert checks the size."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int = 4096) -> None:
+        super().__init__()
+        self.limit = limit
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        if len(self) >= 4096:
+        if len(self) >= self.limit:
             self.clear()
         super().__setitem__(key, value)
 
@@ -265,7 +272,7 @@ class Families:
         self.operation = OperationNames()
         self._timing: dict[tuple[str, str], HistogramAcc] = {}
         #: per (upstream, status, error) of an attempt: its counter, the up gauge and the gauge's value
-        self.attempt_accs: _Bounded = _Bounded()
+        self.attempt_accs: Bounded = Bounded()
         registry.register(_ApplyOnRead(self))
         self.requests = Counter(
             "sluice_requests_total", "Requests answered, by route, model, status class and outcome.",
@@ -502,7 +509,7 @@ class Series:
         #: the metrics (bits, below) a request of this kind ever touched
         self.touched = 0
         #: plugin-duration accumulators of this route by ctx.timings.plugins key (Families.timing's, found once here)
-        self.timings: dict[str, HistogramAcc] = {}
+        self.timings: dict[str, HistogramAcc] = Bounded(1024)  # keys are plugin ids and phases
         self.n = 0
         self.tokens = [0.0, 0.0, 0.0, 0.0]  # input, output, cached_input, reasoning
         self.estimated = 0
@@ -655,8 +662,6 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, c
         for key, seconds in t.plugins.items():
             acc = timings.get(key)
             if acc is None:
-                if len(timings) >= 1024:
-                    timings.clear()  # keys are plugin ids and phases: few, but never unbounded
                 acc = timings[key] = f.timing(route, key)
             acc.observe(seconds)
     for a in ctx.attempts:

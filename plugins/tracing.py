@@ -49,7 +49,7 @@ from ._otel import (
     server_address,
     truncate,
 )
-from .metrics import OperationNames, finding_counts, route_name
+from .metrics import Bounded, OperationNames, finding_counts, route_name
 
 
 TRACE: StashKey[tuple[int, int, int | None, bool]] = StashKey("tracing.trace")  # trace id, span id, parent id, sampled
@@ -140,7 +140,7 @@ class Tracing(Plugin):
         #: encoded attribute runs and span names per kind of request (see _encoded)
         self._parts: dict[tuple[Any, ...], bytes] = {}
         #: an encoder per ctx.timings.plugins key ("plugin-id.phase"): its attribute's key is encoded once
-        self._timing_attrs: dict[str, Any] = {}
+        self._timing_attrs: dict[str, Any] = Bounded(1024)  # keys are plugin ids and phases
         if config.exporter == "none":
             self.needs_usage = False  # type: ignore[misc]  # propagation only: no span to put usage on
             self.follows = ()
@@ -458,8 +458,6 @@ class Tracing(Plugin):
             for key, seconds in t.plugins.items():
                 enc = encoders.get(key)
                 if enc is None:
-                    if len(encoders) >= 1024:
-                        encoders.clear()  # keys are plugin ids and phases: few, but never unbounded
                     enc = encoders[key] = wire.float_attribute(_timing_name(key))
                 attrs.append(enc(round(seconds * 1000, 4)))
         if t.first_byte is not None and ctx.stream:
