@@ -52,10 +52,17 @@ log = logging.getLogger("sluice.metering")
 
 LEDGER_TABLE = "ledger"
 RESERVED: StashKey[list[tuple[str, float, float]]] = StashKey("metering.reserved")
-#: a prompt counted in the executor at admission: (the body counted, the model, its tokens)
+#: a prompt counted in the executor (at admission, or for the row's estimate): (the body counted, the model, its tokens)
 PROMPT: StashKey[tuple[Any, str | None, int]] = StashKey("metering.prompt")
-#: above this body size a configured tokenizer counts a budget's prompt in the executor, off the loop
+#: above this body size a configured tokenizer counts a prompt in the executor, off the loop
 TOKENIZE_OFF_LOOP_BYTES = 32 * 1024
+
+
+def _counted(ctx: Context, body: Any, model: str | None) -> int | None:
+    """The prompt's count made in the executor earlier in this request, if the body and model are still those."""
+    counted = ctx.stash.get(PROMPT)
+    return counted[2] if counted is not None and counted[0] is body and counted[1] == model else None
+
 
 GROUPS = {
     "key": "key_id",
@@ -216,10 +223,13 @@ class Metering(Plugin):
             # whose on_done hooks are all plain runs them in the request's task, after the answer,
             # instead of through the core's on_done queue (a task switch and a queued context per
             # request). Budgets in Redis keep the async hooks.
-            if not (self._tokenizers and (self.rules or config.identity_budgets)):
-                # with a tokenizer, a big prompt's reservation is counted in the executor: that awaits
+            if not self._tokenizers:
+                # with a tokenizer, a big prompt is counted in the executor (its reservation, or the
+                # row's estimate when the upstream gave no usage): those hooks await it
                 self.on_request = self.on_request_now  # type: ignore[method-assign]
-            self.on_done = self.on_done_now  # type: ignore[method-assign]
+                self.on_done = self.on_done_now  # type: ignore[method-assign]
+            elif not (self.rules or config.identity_budgets):
+                self.on_request = self.on_request_now  # type: ignore[method-assign]
 
     def _remote_budgets(self, runtime: Any) -> bool:
         """Whether budget calls go to Redis (and can wait); the backend start() will choose."""
@@ -295,12 +305,15 @@ class Metering(Plugin):
 
     async def _counted_off_loop(self, ctx: Context) -> int | None:
         """A big prompt's count by a configured tokenizer, made in the executor (as ratelimit counts them), and
-        kept for an estimate at the end; ``None`` when the prompt is small or no tokenizer is configured."""
+        kept for the row's estimate; ``None`` when the prompt is small or no tokenizer is configured."""
         if not self._tokenizers or len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES:
             return None
         body, model = ctx.json_body, ctx.model
         if body is None:
             return None
+        counted = _counted(ctx, body, model)
+        if counted is not None:
+            return counted
         prompt = await self.runtime.run_cpu(self._prompt_tokens, body, model)
         ctx.stash[PROMPT] = (body, model, prompt)
         return prompt
@@ -308,10 +321,8 @@ class Metering(Plugin):
     def _prompt_tokens(self, body: Any, model: str | None, ctx: Context | None = None) -> int:
         """The prompt's count: the configured tokenizer's, or the byte estimate if it fails on this text.
         With ``ctx``, the count made at admission is reused when the body and model are still the same."""
-        if ctx is not None:
-            counted = ctx.stash.get(PROMPT)
-            if counted is not None and counted[0] is body and counted[1] == model:
-                return counted[2]
+        if ctx is not None and (counted := _counted(ctx, body, model)) is not None:
+            return counted
         try:
             return estimate_prompt_tokens(body, model, self._tokenizers)
         except Exception as e:
@@ -391,14 +402,25 @@ class Metering(Plugin):
             return ctx.targets[0].model
         return ctx.model
 
-    def usage_of(self, ctx: Context) -> Usage:
-        """The request's usage: the upstream's, else an estimate marked so."""
+    @staticmethod
+    def _reported(ctx: Context) -> Usage | None:
+        """The upstream's usage, if it gave one that can be billed."""
         u = ctx.usage
         # all-zero usage on an answer is how malformed usage reaches us: no real prompt has 0 tokens
         if u is not None and (u.prompt_tokens or u.completion_tokens or not ctx.attempts):
             return u
-        answered = any(a.status is not None and a.status < 400 for a in ctx.attempts)
-        if not answered:
+        return None
+
+    @staticmethod
+    def _answered(ctx: Context) -> bool:
+        return any(a.status is not None and a.status < 400 for a in ctx.attempts)
+
+    def usage_of(self, ctx: Context) -> Usage:
+        """The request's usage: the upstream's, else an estimate marked so."""
+        u = self._reported(ctx)
+        if u is not None:
+            return u
+        if not self._answered(ctx):
             if ctx.attempts[-1].error == "cancelled":
                 # the client left while the upstream had the request: it bills the prompt
                 prompt = self._prompt_tokens(ctx.json_body, ctx.model, ctx)
@@ -414,6 +436,13 @@ class Metering(Plugin):
 
     @hookimpl
     async def on_done(self, ctx: Context) -> None:
+        if self._tokenizers and ctx.attempts and self._reported(ctx) is None and (
+                self._answered(ctx) or ctx.attempts[-1].error == "cancelled"):  # usage_of's estimates with a prompt
+            # a big prompt is counted in the executor, not on the loop
+            try:
+                await self._counted_off_loop(ctx)
+            except RuntimeError:  # the executor is shutting down: _settle counts it here, the row is kept
+                pass
         reserved = self._settle(ctx)
         if reserved:
             await self._reconcile(reserved, ctx.cost or 0.0)

@@ -355,3 +355,33 @@ async def test_a_big_prompt_is_reserved_at_the_tokenizers_count(upstream: FakeUp
             assert spent["spent_and_reserved"] == pytest.approx(row["cost"]) and row["cost"] > 0
         else:
             assert spent["spent_and_reserved"] == 0
+
+
+async def test_a_cut_streams_big_prompt_is_estimated_by_the_tokenizer_without_budgets(upstream: FakeUpstream,
+                                                                                       tmp_path: Path):
+    """No budget counted the prompt at admission, and the upstream cut the stream before its usage: the
+    row's estimate counts the 48 KB prompt with the configured tokenizer, in the executor. So with a
+    tokenizer, metering's on_done is a coroutine (it awaits the count); without one it stays a plain
+    function that runs in the request's task."""
+    upstream.drop_after = 3
+    prompt = "hello there " * 4000  # 48,000 bytes: 8,000 tokens for the tokenizer
+    tok = word_tokenizer(tmp_path / "tok.json")
+    for tokenizers in ({"sluice-*": tok}, {}):
+        state = tmp_path / ("tok" if tokenizers else "bytes")
+        async with SluiceServer(config(upstream, tokenizers=tokenizers), state) as s:
+            (metering,) = [p for p in s.server.generation.plugins if p.name == "metering"]
+            assert asyncio.iscoroutinefunction(metering.on_done) is bool(tokenizers)
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                with pytest.raises(openai.APIError):
+                    stream = await c.chat.completions.create(
+                        model="sluice-demo", messages=[{"role": "user", "content": prompt}], stream=True)
+                    async for _ in stream:
+                        pass
+                await s.wait_idle()
+            await s.runtime.state.records("ledger").flush()
+        (row,) = ledger_rows(state)
+        assert row["estimated"] == 1 and row["completion_tokens"] > 0, row
+        if tokenizers:
+            assert row["prompt_tokens"] == 3 + 8000 + 3  # the chat format's overhead around the message's tokens
+        else:
+            assert row["prompt_tokens"] > 10_000  # the byte estimate
