@@ -7,7 +7,8 @@ import email.utils
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Mapping
+import weakref
+from typing import TYPE_CHECKING, Any, Mapping
 
 import aiohttp
 import orjson
@@ -66,6 +67,48 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, noting the requests cancelled before they had a connection.
+
+    Such a request was never sent: it waited for a free connection (the pool at
+    ``max_connections``) or for a new one to open. Only those slow paths are
+    overridden, so a request on a pooled keep-alive connection costs nothing more.
+    With an aiohttp that names them otherwise, nothing is noted and such a request
+    counts as sent, as it did before.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: the tasks cancelled while waiting for a connection (weak: a task no one asks about is not kept)
+        self.unsent: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+    def _note(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.unsent.add(task)
+
+    async def _wait_for_available_connection(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super()._wait_for_available_connection(*args, **kwargs)  # type: ignore[misc]
+        except asyncio.CancelledError:
+            self._note()
+            raise
+
+    async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super()._create_connection(*args, **kwargs)
+        except asyncio.CancelledError:
+            self._note()
+            raise
+
+    def took_unsent(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` was cancelled before it had a connection, forgetting it."""
+        if task is None or task not in self.unsent:
+            return False
+        self.unsent.discard(task)
+        return True
+
+
 class Upstream:
     """One upstream: a pooled keep-alive session and its settings."""
 
@@ -76,6 +119,7 @@ class Upstream:
         u = URL(config.url)
         self.origin = f"{u.scheme}://{u.host}:{u.port}" if u.port else f"{u.scheme}://{u.host}"
         self.session: aiohttp.ClientSession | None = None
+        self.connector: _Connector | None = None
         #: requests in flight to this upstream (read by routing strategies)
         self.outstanding = 0
         t = config.timeouts
@@ -96,7 +140,7 @@ class Upstream:
         return url
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
+        connector = self.connector = _Connector(
             limit=self.config.max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
         )
         self.session = aiohttp.ClientSession(
@@ -255,12 +299,14 @@ class UpstreamPool:
                     alarm.disarm()
             except TimeoutError:
                 up.outstanding -= 1
+                up.connector.took_unsent(asyncio.current_task())  # type: ignore[union-attr]  # a connect timeout cancels
                 att.error, att.end = "timeout", time.perf_counter()
                 last_error = ProxyError(504, "The upstream did not answer in time.", code="upstream_timeout")
                 delay = self._backoff(policy, n, None)
                 continue
             except CONNECT_ERRORS as e:
                 up.outstanding -= 1
+                up.connector.took_unsent(asyncio.current_task())  # type: ignore[union-attr]
                 att.error, att.end = "connect", time.perf_counter()
                 log.warning("upstream %s unreachable (%s) request_id=%s", up.name, type(e).__name__, ctx.request_id)
                 last_error = ProxyError(502, "The upstream could not be reached.", code="upstream_unreachable")
@@ -269,6 +315,8 @@ class UpstreamPool:
             except BaseException:
                 up.outstanding -= 1
                 att.error, att.end = "cancelled", time.perf_counter()
+                # the task aiohttp's connector ran in: this one, not ``task`` (the connection's, which awaits it)
+                att.unsent = up.connector.took_unsent(asyncio.current_task())  # type: ignore[union-attr]
                 raise
             att.status = resp.status
             att.first_byte = time.perf_counter()
