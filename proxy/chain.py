@@ -9,6 +9,7 @@ chain order, and the phases below await them one by one.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import time
@@ -367,28 +368,49 @@ def _done_failed(ctx: Context, plugin: Plugin, exc: Exception) -> None:
     log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
 
 
-def run_done_sync(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None = None) -> None:
+#: what a plain on_done handed back to wait for, and the hooks after it: the core's queue finishes them
+Rest = tuple[list[Hook], tuple[Plugin, Any]]
+
+
+def run_done_sync(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None = None) -> Rest | None:
     """``run_done`` for a route whose on_done hooks are all plain functions (``done_inline``): all of
-    them, or ``hooks`` (the route's ``done_at_once`` or ``done_batched``)."""
+    them, or ``hooks`` (the route's ``done_at_once`` or ``done_batched``).
+
+    A plain hook that must wait for this one request (metering counting a big prompt in the
+    executor) returns an awaitable instead of ``None``: the rest of ``hooks`` is then returned, for
+    :func:`run_done` to run after it, in order.
+    """
     timings = ctx.timings.plugins
     t0 = clock() if route.timed else 0.0  # as in run_request: one reading ends a hook and starts the next
-    for plugin, fn, _, key in route.on_done if hooks is None else hooks:
+    seq = route.on_done if hooks is None else hooks
+    for plugin, fn, _, key in seq:
         try:
-            fn(ctx)
+            if (r := fn(ctx)) is not None and inspect.isawaitable(r):
+                i = next(i for i, h in enumerate(seq) if h[1] is fn)
+                return seq[i + 1:], (plugin, r)
         except Exception as exc:
             _done_failed(ctx, plugin, exc)
         finally:
             if t0:
                 t0 = _lap(timings, key, t0)
+    return None
 
 
-async def run_done(ctx: Context, route: CompiledRoute) -> None:
+async def run_done(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None = None,
+                   waiting: tuple[Plugin, Any] | None = None) -> None:
+    """The route's on_done hooks (or ``hooks``), awaiting the coroutines; ``waiting``, a hook's
+    awaitable handed back by :func:`run_done_sync`, is awaited first."""
+    if waiting is not None:
+        try:
+            await waiting[1]
+        except Exception as exc:
+            _done_failed(ctx, waiting[0], exc)
     timings = ctx.timings.plugins
     t0 = clock() if route.timed else 0.0  # as in run_request: one reading ends a hook and starts the next
-    for plugin, fn, is_async, key in route.on_done:
+    for plugin, fn, is_async, key in route.on_done if hooks is None else hooks:
         try:
             r = fn(ctx)
-            if is_async:
+            if is_async or (r is not None and inspect.isawaitable(r)):
                 await r
         except Exception as exc:
             _done_failed(ctx, plugin, exc)

@@ -70,7 +70,8 @@ class Server:
         self.admin_runner: web.AppRunner | None = None
         self.port = 0
         self.admin_port = 0
-        self._queue: asyncio.Queue[tuple[Context, ch.CompiledRoute, ch.Generation]] | None = None
+        #: on_done work for the workers: a request's whole on_done, or (with a Rest) what a plain hook left to finish
+        self._queue: asyncio.Queue[tuple[Context, ch.CompiledRoute, ch.Generation, ch.Rest | None]] | None = None
         self._workers: list[asyncio.Task[None]] = []
         #: the server's own background tasks (on_done workers, retiring generations, reloads)
         self._tasks = TaskGroup()
@@ -187,18 +188,26 @@ class Server:
             return
         assert self._queue is not None
         gen.enter()  # the generation stays alive until its on_done work ran
-        item = (ctx, route, gen)
+        self._enqueue((ctx, route, gen, None), route.done_required)
+
+    def _enqueue(self, item: tuple[Context, ch.CompiledRoute, ch.Generation, ch.Rest | None], required: bool) -> None:
+        assert self._queue is not None
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
-            if route.done_required:
+            if required:
                 # a ledger row or a lease release is never dropped: it waits for room,
                 # off the client's path, and the overflow is counted
                 self.metrics.overflow.inc()
                 self._tasks.spawn(self._queue.put(item), "sluice-done-overflow")
             else:
-                gen.leave()
+                item[2].leave()
                 self.metrics.dropped.inc()
+
+    def _finish(self, ctx: Context, route: ch.CompiledRoute, gen: ch.Generation, rest: ch.Rest) -> None:
+        """What a plain on_done left to finish (it returned an awaitable): to the queue, never dropped."""
+        gen.enter()
+        self._enqueue((ctx, route, gen, rest), True)
 
     def done_now(self, ctx: Context, route: ch.CompiledRoute, gen: ch.Generation) -> None:
         """A route's on_done, its answer already sent: now, or in the next batch.
@@ -225,8 +234,9 @@ class Server:
         """
         if route.on_done:
             if route.done_batched and (batch_ms := self.loaded.config.server.done_batch_ms):
-                if route.done_at_once:
-                    ch.run_done_sync(ctx, route, route.done_at_once)  # guards and transforms: now
+                if route.done_at_once:  # guards and transforms: now
+                    if (rest := ch.run_done_sync(ctx, route, route.done_at_once)) is not None:
+                        self._finish(ctx, route, gen, rest)
                 gen.enter()  # the generation stays alive until its batch ran
                 batch = self._batch
                 batch.append((ctx, route, gen))
@@ -237,7 +247,8 @@ class Server:
                 elif self._batch_timer is None:
                     self._batch_timer = asyncio.get_running_loop().call_later(batch_ms * DONE_BATCH_IDLE / 1000, self.run_batch)
             else:
-                ch.run_done_sync(ctx, route)
+                if (rest := ch.run_done_sync(ctx, route)) is not None:
+                    self._finish(ctx, route, gen, rest)
         if self.loaded.config.server.access_log:
             self._log_access(ctx, route)
 
@@ -249,7 +260,9 @@ class Server:
         batch, self._batch = self._batch, []
         for i, (ctx, route, gen) in enumerate(batch):
             try:
-                ch.run_done_sync(ctx, route, route.done_batched)  # a plugin's failure is its own (isolated there)
+                # a plugin's failure is its own (isolated there)
+                if (rest := ch.run_done_sync(ctx, route, route.done_batched)) is not None:
+                    self._finish(ctx, route, gen, rest)
             except BaseException:
                 self._batch[:0] = batch[i + 1:]  # the rest stays for the next batch
                 raise
@@ -269,11 +282,14 @@ class Server:
         assert self._queue is not None
         q = self._queue
         while True:
-            ctx, route, gen = await q.get()
+            ctx, route, gen, rest = await q.get()
             try:
-                await ch.run_done(ctx, route)
-                if self.loaded.config.server.access_log:
-                    self._log_access(ctx, route)
+                if rest is None:
+                    await ch.run_done(ctx, route)
+                    if self.loaded.config.server.access_log:
+                        self._log_access(ctx, route)
+                else:  # the access line was written when the request's plain hooks ran
+                    await ch.run_done(ctx, route, *rest)
             except Exception as e:  # pragma: no cover - run_done isolates plugins already
                 log.error("on_done failed: %s", type(e).__name__)
             finally:
