@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import csv
 import io
@@ -223,13 +224,12 @@ class Metering(Plugin):
             # whose on_done hooks are all plain runs them in the request's task, after the answer,
             # instead of through the core's on_done queue (a task switch and a queued context per
             # request). Budgets in Redis keep the async hooks.
-            if not self._tokenizers:
-                # with a tokenizer, a big prompt is counted in the executor (its reservation, or the
-                # row's estimate when the upstream gave no usage): those hooks await it
+            if not (self._tokenizers and (self.rules or config.identity_budgets)):
+                # with a tokenizer, a big prompt's reservation is counted in the executor: that awaits
                 self.on_request = self.on_request_now  # type: ignore[method-assign]
-                self.on_done = self.on_done_now  # type: ignore[method-assign]
-            elif not (self.rules or config.identity_budgets):
-                self.on_request = self.on_request_now  # type: ignore[method-assign]
+            # a big prompt the row must estimate is counted in the executor too: on_done_now hands the
+            # core a coroutine for that one request
+            self.on_done = self.on_done_now  # type: ignore[method-assign]
 
     def _remote_budgets(self, runtime: Any) -> bool:
         """Whether budget calls go to Redis (and can wait); the backend start() will choose."""
@@ -415,13 +415,20 @@ class Metering(Plugin):
     def _answered(ctx: Context) -> bool:
         return any(a.status is not None and a.status < 400 for a in ctx.attempts)
 
+    @staticmethod
+    def _billed_unanswered(ctx: Context) -> bool:
+        """Whether a request with no answer bills its prompt: the client left after it was sent (an attempt
+        cancelled before it had a connection never reached the upstream)."""
+        last = ctx.attempts[-1]
+        return last.error == "cancelled" and not last.unsent
+
     def usage_of(self, ctx: Context) -> Usage:
         """The request's usage: the upstream's, else an estimate marked so."""
         u = self._reported(ctx)
         if u is not None:
             return u
         if not self._answered(ctx):
-            if ctx.attempts[-1].error == "cancelled":
+            if self._billed_unanswered(ctx):
                 # the client left while the upstream had the request: it bills the prompt
                 prompt = self._prompt_tokens(ctx.json_body, ctx.model, ctx)
                 return Usage(prompt, 0, prompt, estimated=True)
@@ -434,24 +441,44 @@ class Metering(Plugin):
             completion = estimate_completion_tokens_from_stream(ctx.stream_events, ctx.stream_bytes)
         return Usage(prompt, completion, prompt + completion, estimated=True)
 
+    def _counts_big_prompt(self, ctx: Context) -> bool:
+        """Whether the row's usage is an estimate that counts a prompt big enough for the executor (a cut
+        stream, an upstream without usage) not yet counted there at admission."""
+        return (self._tokenizers is not None and len(ctx.raw) > TOKENIZE_OFF_LOOP_BYTES and bool(ctx.attempts)
+                and self._reported(ctx) is None and (self._answered(ctx) or self._billed_unanswered(ctx))
+                and _counted(ctx, ctx.json_body, ctx.model) is None)
+
     @hookimpl
     async def on_done(self, ctx: Context) -> None:
-        if self._tokenizers and ctx.attempts and self._reported(ctx) is None and (
-                self._answered(ctx) or ctx.attempts[-1].error == "cancelled"):  # usage_of's estimates with a prompt
-            # a big prompt is counted in the executor, not on the loop
-            try:
-                await self._counted_off_loop(ctx)
-            except RuntimeError:  # the executor is shutting down: _settle counts it here, the row is kept
-                pass
+        if self._counts_big_prompt(ctx):
+            await self._count_then_settle(ctx)
+            return
         reserved = self._settle(ctx)
         if reserved:
             await self._reconcile(reserved, ctx.cost or 0.0)
 
-    def on_done_now(self, ctx: Context) -> None:
-        """``on_done`` with budgets on in-process counters (or none): finished before it returns."""
+    def on_done_now(self, ctx: Context) -> Any:
+        """``on_done`` with budgets on in-process counters (or none): finished before it returns, but for a
+        big prompt to count for the row's estimate, whose coroutine it returns (the core awaits it, then
+        runs the hooks after this one)."""
+        if self._tokenizers is not None and self._counts_big_prompt(ctx):
+            return self._count_then_settle(ctx)
         reserved = self._settle(ctx)
         if reserved:
             _drive(self._reconcile(reserved, ctx.cost or 0.0))
+        return None
+
+    async def _count_then_settle(self, ctx: Context) -> None:
+        try:
+            await self._counted_off_loop(ctx)
+        except asyncio.CancelledError:
+            self._settle(ctx)  # stopping: the row is written all the same, the prompt counted here
+            raise
+        except RuntimeError:
+            pass  # the executor is shut down: _settle counts it here, the row is kept
+        reserved = self._settle(ctx)
+        if reserved:
+            await self._reconcile(reserved, ctx.cost or 0.0)
 
     def _settle(self, ctx: Context) -> list[tuple[str, float, float]] | None:
         """Usage, cost and the ledger row of a finished request; the reservations to reconcile."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -94,6 +95,67 @@ async def test_client_gone_before_the_answer_is_estimated_and_unreached_stays_ze
     assert gone["cost"] == pytest.approx(gone["prompt_tokens"] * 2.0 / 1e6)
     assert unreached["route"] == "dead" and unreached["status"] == 502
     assert unreached["estimated"] == 0 and unreached["prompt_tokens"] == 0 and unreached["cost"] == 0
+
+
+def test_aiohttp_still_has_the_connector_paths_that_note_unsent_requests():
+    """proxy.upstream's connector overrides these two private aiohttp methods; were they renamed, a cancelled
+    request waiting for a connection would silently count as sent (and bill its prompt) again."""
+    import inspect
+
+    import aiohttp
+
+    for name in ("_wait_for_available_connection", "_create_connection"):
+        assert inspect.iscoroutinefunction(getattr(aiohttp.TCPConnector, name, None)), name
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a full accept queue holds a loopback handshake only on Linux")
+async def test_client_gone_before_sluice_had_a_connection_bills_nothing(upstream: FakeUpstream, tmp_path: Path):
+    """A request the upstream never saw bills nothing, even though its client left (which bills the prompt
+    of one that was sent): one waited for the pool's only connection, held by another request; one waited
+    for a connection to open (a listener whose queue is full never completes the handshake). The request
+    holding the connection, sent and then left by its client, bills its prompt."""
+    import socket
+
+    from proxy.testing import wait_for
+
+    upstream.first_byte_delay = 30.0
+    cfg = config(upstream)
+    cfg["upstreams"]["demo"]["max_connections"] = 1
+    with socket.socket() as full, socket.socket() as filler:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler.connect(full.getsockname())  # the accept queue's one place: the next handshake waits
+        cfg["upstreams"]["stuck"] = {"url": f"http://127.0.0.1:{full.getsockname()[1]}/v1", "models": ["sluice-demo"]}
+        cfg["routes"].insert(0, {"name": "stuck", "match": {"path": "/stuck/"}, "upstream": "stuck",
+                                 "chain": [{"metering": {}}]})
+        prompt = "count this prompt please " * 10
+        async with SluiceServer(cfg, tmp_path) as s:
+            pool = s.server.generation.pool
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c, \
+                    openai.AsyncOpenAI(base_url=s.origin + "/stuck", api_key="sk-test", max_retries=0) as stuck:
+                def ask(client: openai.AsyncOpenAI) -> asyncio.Future:
+                    return asyncio.ensure_future(client.chat.completions.create(
+                        model="sluice-demo", messages=[{"role": "user", "content": prompt}]))
+
+                holder = ask(c)
+                await upstream.wait_for(lambda: len(upstream.requests) == 1)
+                waiter, connecting = ask(c), ask(stuck)
+                await wait_for(lambda: pool.get("demo").outstanding == 2 and pool.get("stuck").outstanding == 1,
+                               timeout=10, what="both requests waiting for a connection")
+                for call in (waiter, connecting, holder):
+                    call.cancel()  # the clients go away
+                    with pytest.raises(asyncio.CancelledError):
+                        await call
+                await s.wait_idle()
+            await s.runtime.state.records("ledger").flush()
+    rows = ledger_rows(tmp_path)
+    assert len(upstream.requests) == 1 and len(rows) == 3
+    sent = [r for r in rows if r["estimated"]]
+    assert len(sent) == 1 and sent[0]["prompt_tokens"] > 0 and sent[0]["cost"] > 0, rows
+    unsent = [r for r in rows if not r["estimated"]]
+    assert sorted(r["route"] for r in unsent) == ["main", "stuck"], rows
+    for r in unsent:
+        assert (r["outcome"], r["prompt_tokens"], r["completion_tokens"], r["cost"]) == ("client_gone", 0, 0, 0), r
 
 
 def test_price_lookup_falls_back_only_for_dated_snapshots(caplog):
@@ -360,28 +422,49 @@ async def test_a_big_prompt_is_reserved_at_the_tokenizers_count(upstream: FakeUp
 async def test_a_cut_streams_big_prompt_is_estimated_by_the_tokenizer_without_budgets(upstream: FakeUpstream,
                                                                                        tmp_path: Path):
     """No budget counted the prompt at admission, and the upstream cut the stream before its usage: the
-    row's estimate counts the 48 KB prompt with the configured tokenizer, in the executor. So with a
-    tokenizer, metering's on_done is a coroutine (it awaits the count); without one it stays a plain
-    function that runs in the request's task."""
+    row's estimate counts the 48 KB prompt with the configured tokenizer, in the executor (the runtime's
+    thread pool is watched), not on the event loop. metering's on_done stays a plain function: for this
+    one request it hands the core a coroutine, and the observers after it (metrics here) run once the
+    count is made, so they count the same estimate. A small prompt is counted on the spot."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.plugins.test_metrics import scrape, value
+
+    class Watched(ThreadPoolExecutor):
+        """The standard pool, listing the functions submitted to it."""
+
+        def __init__(self) -> None:
+            super().__init__(max_workers=2, thread_name_prefix="watched")
+            self.ran: list[str] = []
+
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+            self.ran.append(getattr(fn, "args", (fn,))[0].__name__)  # run_cpu submits partial(context.run, fn, ...)
+            return super().submit(fn, *args, **kwargs)
+
     upstream.drop_after = 3
-    prompt = "hello there " * 4000  # 48,000 bytes: 8,000 tokens for the tokenizer
+    big, small = "hello there " * 4000, "hello there " * 10  # 48,000 bytes (8,000 tokens) and 120
     tok = word_tokenizer(tmp_path / "tok.json")
-    for tokenizers in ({"sluice-*": tok}, {}):
-        state = tmp_path / ("tok" if tokenizers else "bytes")
-        async with SluiceServer(config(upstream, tokenizers=tokenizers), state) as s:
-            (metering,) = [p for p in s.server.generation.plugins if p.name == "metering"]
-            assert asyncio.iscoroutinefunction(metering.on_done) is bool(tokenizers)
-            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+    cfg = config(upstream, tokenizers={"sluice-*": tok})
+    cfg["routes"][0]["chain"].append({"metrics": {}})
+    async with SluiceServer(cfg, tmp_path) as s:
+        (metering,) = [p for p in s.server.generation.plugins if p.name == "metering"]
+        assert not asyncio.iscoroutinefunction(metering.on_done)
+        before, pool = s.runtime._executor, Watched()
+        s.runtime._executor = metering.runtime._executor = pool  # the generation's view of the runtime, and the runtime
+        before.shutdown()
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+            for prompt in (big, small):
                 with pytest.raises(openai.APIError):
                     stream = await c.chat.completions.create(
                         model="sluice-demo", messages=[{"role": "user", "content": prompt}], stream=True)
                     async for _ in stream:
                         pass
                 await s.wait_idle()
-            await s.runtime.state.records("ledger").flush()
-        (row,) = ledger_rows(state)
-        assert row["estimated"] == 1 and row["completion_tokens"] > 0, row
-        if tokenizers:
-            assert row["prompt_tokens"] == 3 + 8000 + 3  # the chat format's overhead around the message's tokens
-        else:
-            assert row["prompt_tokens"] > 10_000  # the byte estimate
+        assert pool.ran == ["_prompt_tokens"]  # the big prompt's count, and only that
+        await s.runtime.state.records("ledger").flush()
+        sm = await scrape(s)
+    rows = ledger_rows(tmp_path)
+    assert [r["estimated"] for r in rows] == [1, 1] and all(r["completion_tokens"] > 0 for r in rows), rows
+    counted = {r["prompt_tokens"] for r in rows}
+    assert counted == {3 + 8000 + 3, 3 + 20 + 3}  # the chat format's overhead around each message's tokens
+    assert value(sm, "sluice_tokens_total", type="input") == sum(counted)
