@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -24,6 +25,27 @@ def config(upstream: FakeUpstream, chain: list | None = None, **metering) -> dic
         "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "demo",
                     "chain": [*(chain or []), {"metering": metering}]}],
     }
+
+
+class WatchedPool(ThreadPoolExecutor):
+    """The standard thread pool, listing the functions submitted to it: which work ran in the executor."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2, thread_name_prefix="watched")
+        self.ran: list[str] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        self.ran.append(getattr(fn, "args", (fn,))[0].__name__)  # run_cpu submits partial(context.run, fn, ...)
+        return super().submit(fn, *args, **kwargs)
+
+    @classmethod
+    def install(cls, *runtimes) -> WatchedPool:
+        """A new pool as the executor of ``runtimes`` (a runtime and its views share one), the old one shut down."""
+        pool = cls()
+        runtimes[0]._executor.shutdown()
+        for rt in runtimes:
+            rt._executor = pool
+        return pool
 
 
 BAD_TIMES = ["9" * 400 + "d", "9" * 5000 + "m", "²d", "not-a-time", "0001-01-01T00:00:00+01:00x"]
@@ -426,20 +448,7 @@ async def test_a_cut_streams_big_prompt_is_estimated_by_the_tokenizer_without_bu
     thread pool is watched), not on the event loop. metering's on_done stays a plain function: for this
     one request it hands the core a coroutine, and the observers after it (metrics here) run once the
     count is made, so they count the same estimate. A small prompt is counted on the spot."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from tests.plugins.test_metrics import scrape, value
-
-    class Watched(ThreadPoolExecutor):
-        """The standard pool, listing the functions submitted to it."""
-
-        def __init__(self) -> None:
-            super().__init__(max_workers=2, thread_name_prefix="watched")
-            self.ran: list[str] = []
-
-        def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
-            self.ran.append(getattr(fn, "args", (fn,))[0].__name__)  # run_cpu submits partial(context.run, fn, ...)
-            return super().submit(fn, *args, **kwargs)
 
     upstream.drop_after = 3
     big, small = "hello there " * 4000, "hello there " * 10  # 48,000 bytes (8,000 tokens) and 120
@@ -449,9 +458,7 @@ async def test_a_cut_streams_big_prompt_is_estimated_by_the_tokenizer_without_bu
     async with SluiceServer(cfg, tmp_path) as s:
         (metering,) = [p for p in s.server.generation.plugins if p.name == "metering"]
         assert not asyncio.iscoroutinefunction(metering.on_done)
-        before, pool = s.runtime._executor, Watched()
-        s.runtime._executor = metering.runtime._executor = pool  # the generation's view of the runtime, and the runtime
-        before.shutdown()
+        pool = WatchedPool.install(s.runtime, metering.runtime)  # the runtime, and the generation's view of it
         async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
             for prompt in (big, small):
                 with pytest.raises(openai.APIError):

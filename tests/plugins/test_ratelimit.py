@@ -337,6 +337,27 @@ async def test_a_configured_tokenizer_counts_the_prompt(runtime, tmp_path):
     assert other.stash[RESERVATION].prompt_tokens == 3 + 150 + 3  # no tokenizer for it: the estimate
 
 
+async def test_a_big_prompt_is_tokenized_in_the_executor(runtime, tmp_path):
+    """Over 32 KiB a configured tokenizer counts the prompt in the runtime's thread pool (watched here), not
+    on the event loop; a small prompt is counted on the spot."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tests.plugins.test_metering_audit import WatchedPool
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "there": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rl = await configure_plugin(RateLimit, {"tokens_per_minute": 100_000, "tokenizers": {"sluice-*": str(tmp_path / "tokenizer.json")}},
+                                runtime=runtime)
+    pool = WatchedPool.install(runtime)
+    small = _ctx(runtime, body={**CHAT, "messages": [{"role": "user", "content": "hello there " * 50}]})
+    await call(rl.on_request, small)
+    assert pool.ran == [] and small.stash[RESERVATION].prompt_tokens == 3 + 100 + 3
+    big = _ctx(runtime, body={**CHAT, "messages": [{"role": "user", "content": "hello there " * 4000}]})  # 48,000 bytes
+    await call(rl.on_request, big)
+    assert pool.ran == ["count_prompt_tokens"] and big.stash[RESERVATION].prompt_tokens == 3 + 8000 + 3
+
+
 async def test_a_missing_tokenizer_fails_at_start(runtime, tmp_path):
     with pytest.raises(Exception):
         await configure_plugin(RateLimit, {"tokens_per_minute": 10, "tokenizers": {"x": str(tmp_path / "missing.json")}}, runtime=runtime)
