@@ -444,9 +444,11 @@ class Metering(Plugin):
     def _counts_big_prompt(self, ctx: Context) -> bool:
         """Whether the row's usage is an estimate that counts a prompt big enough for the executor (a cut
         stream, an upstream without usage) not yet counted there at admission."""
-        return (self._tokenizers is not None and len(ctx.raw) > TOKENIZE_OFF_LOOP_BYTES and bool(ctx.attempts)
-                and self._reported(ctx) is None and (self._answered(ctx) or self._billed_unanswered(ctx))
-                and _counted(ctx, ctx.json_body, ctx.model) is None)
+        if self._tokenizers is None or len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES or not ctx.attempts:
+            return False
+        body = ctx.json_body
+        return (body is not None and self._reported(ctx) is None and (self._answered(ctx) or self._billed_unanswered(ctx))
+                and _counted(ctx, body, ctx.model) is None)
 
     @hookimpl
     async def on_done(self, ctx: Context) -> None:
@@ -461,7 +463,7 @@ class Metering(Plugin):
         """``on_done`` with budgets on in-process counters (or none): finished before it returns, but for a
         big prompt to count for the row's estimate, whose coroutine it returns (the core awaits it, then
         runs the hooks after this one)."""
-        if self._tokenizers is not None and self._counts_big_prompt(ctx):
+        if self._tokenizers is not None and self._counts_big_prompt(ctx):  # no call at all without tokenizers
             return self._count_then_settle(ctx)
         reserved = self._settle(ctx)
         if reserved:
@@ -472,7 +474,10 @@ class Metering(Plugin):
         try:
             await self._counted_off_loop(ctx)
         except asyncio.CancelledError:
-            self._settle(ctx)  # stopping: the row is written all the same, the prompt counted here
+            try:
+                self._settle(ctx)  # stopping: the row is written all the same, the prompt counted here
+            except Exception as e:
+                log.error("metering: a stopped count's row could not be written (%s)", type(e).__name__)
             raise
         except RuntimeError:
             pass  # the executor is shut down: _settle counts it here, the row is kept

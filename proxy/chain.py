@@ -9,7 +9,6 @@ chain order, and the phases below await them one by one.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import ipaddress
 import logging
 import time
@@ -368,8 +367,9 @@ def _done_failed(ctx: Context, plugin: Plugin, exc: Exception) -> None:
     log.warning("plugin %s failed in on_done (%s) request_id=%s", plugin.id, type(exc).__name__, ctx.request_id)
 
 
-#: what a plain on_done handed back to wait for, and the hooks after it: the core's queue finishes them
-Rest = tuple[list[Hook], tuple[Plugin, Any]]
+#: the hooks after a plain on_done that handed back a coroutine, and (that plugin, the coroutine, its
+#: timing key): the core's queue finishes them
+Rest = tuple[list[Hook], tuple[Plugin, Any, str]]
 
 
 def run_done_sync(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None = None) -> Rest | None:
@@ -377,17 +377,18 @@ def run_done_sync(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None =
     them, or ``hooks`` (the route's ``done_at_once`` or ``done_batched``).
 
     A plain hook that must wait for this one request (metering counting a big prompt in the
-    executor) returns an awaitable instead of ``None``: the rest of ``hooks`` is then returned, for
-    :func:`run_done` to run after it, in order.
+    executor) returns a coroutine instead of ``None``: the rest of ``hooks`` is then returned, for
+    :func:`run_done` to run after it, in order. (Any other value is ignored, as before: a task or
+    future a hook returns is not awaited.)
     """
     timings = ctx.timings.plugins
     t0 = clock() if route.timed else 0.0  # as in run_request: one reading ends a hook and starts the next
     seq = route.on_done if hooks is None else hooks
     for plugin, fn, _, key in seq:
         try:
-            if (r := fn(ctx)) is not None and inspect.isawaitable(r):
+            if (r := fn(ctx)) is not None and asyncio.iscoroutine(r):
                 i = next(i for i, h in enumerate(seq) if h[1] is fn)
-                return seq[i + 1:], (plugin, r)
+                return seq[i + 1:], (plugin, r, key)
         except Exception as exc:
             _done_failed(ctx, plugin, exc)
         finally:
@@ -397,20 +398,23 @@ def run_done_sync(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None =
 
 
 async def run_done(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None = None,
-                   waiting: tuple[Plugin, Any] | None = None) -> None:
+                   waiting: tuple[Plugin, Any, str] | None = None) -> None:
     """The route's on_done hooks (or ``hooks``), awaiting the coroutines; ``waiting``, a hook's
-    awaitable handed back by :func:`run_done_sync`, is awaited first."""
+    coroutine handed back by :func:`run_done_sync`, is awaited first (its time added to the hook's)."""
+    timings = ctx.timings.plugins
+    t0 = clock() if route.timed else 0.0  # as in run_request: one reading ends a hook and starts the next
     if waiting is not None:
         try:
             await waiting[1]
         except Exception as exc:
             _done_failed(ctx, waiting[0], exc)
-    timings = ctx.timings.plugins
-    t0 = clock() if route.timed else 0.0  # as in run_request: one reading ends a hook and starts the next
+        finally:
+            if t0:
+                t0 = _lap(timings, waiting[2], t0)
     for plugin, fn, is_async, key in route.on_done if hooks is None else hooks:
         try:
             r = fn(ctx)
-            if is_async or (r is not None and inspect.isawaitable(r)):
+            if is_async or (r is not None and asyncio.iscoroutine(r)):
                 await r
         except Exception as exc:
             _done_failed(ctx, plugin, exc)

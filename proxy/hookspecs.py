@@ -108,9 +108,9 @@ def on_done(ctx: Context) -> None:
     to a bounded background queue instead (a full queue drops and counts, except
     for plugins with ``done_required``, whose work waits for room). A plain
     ``on_done`` that must wait for one request (metering counting a big prompt in
-    the executor) may return an awaitable instead of ``None``: the core then awaits
-    it, and runs the route's later ``on_done`` hooks after it, in that queue
-    (never dropped). ``ctx.outcome``, ``ctx.usage``, ``ctx.timings``,
+    the executor) may return a coroutine instead of ``None``: the core then awaits
+    it in that queue (not dropped when the queue is full), and runs the route's
+    later ``on_done`` hooks after it; other return values are ignored. ``ctx.outcome``, ``ctx.usage``, ``ctx.timings``,
     ``ctx.attempts``, ``ctx.answered_by`` and ``ctx.answer_reason`` are final, but for one thing:
     metering's ``on_done`` puts its estimate in ``ctx.usage`` when the upstream gave none.
     ``ctx.answer`` gives what the answer said of itself (model, id, finish reasons,

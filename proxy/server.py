@@ -236,7 +236,11 @@ class Server:
             if route.done_batched and (batch_ms := self.loaded.config.server.done_batch_ms):
                 if route.done_at_once:  # guards and transforms: now
                     if (rest := ch.run_done_sync(ctx, route, route.done_at_once)) is not None:
-                        self._finish(ctx, route, gen, rest)
+                        # the observers wait for what that hook waits for: after it, in the queue, not in a batch
+                        self._finish(ctx, route, gen, (rest[0] + route.done_batched, rest[1]))
+                        if self.loaded.config.server.access_log:
+                            self._log_access(ctx, route)
+                        return
                 gen.enter()  # the generation stays alive until its batch ran
                 batch = self._batch
                 batch.append((ctx, route, gen))
@@ -341,6 +345,11 @@ class Server:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
         await self._tasks.cancel()
+        while self._queue is not None and not self._queue.empty():  # what the flush's time did not reach
+            _, _, gen, rest = self._queue.get_nowait()
+            if rest is not None:
+                rest[1][1].close()  # a hook's coroutine that never started: closed, not left to warn
+            gen.leave()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None

@@ -202,6 +202,44 @@ async def test_inline_on_done_runs_in_batches_in_order_and_before_admin_reads_an
         assert DoneLog.seen == ids + more + [last]
 
 
+class GuardWaits(Plugin):
+    """A guard's plain on_done that, for a request asking so, hands the core a coroutine to wait for (as
+    metering does for a big prompt's count): the hooks after it must wait for it too."""
+
+    name = "guardwaits"
+    kind = "guard"
+    gate: asyncio.Event | None = None
+    started: list[str] = []
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> Any:
+        if ctx.headers.get("x-wait") != "1":
+            return None
+        return self._wait(ctx.request_id)
+
+    async def _wait(self, request_id: str) -> None:
+        GuardWaits.started.append(request_id)
+        assert GuardWaits.gate is not None
+        await GuardWaits.gate.wait()
+
+
+async def test_a_plain_on_done_returning_a_coroutine_holds_the_later_hooks_of_that_request_only(upstream, tmp_path):
+    DoneLog.seen, GuardWaits.started, GuardWaits.gate = [], [], asyncio.Event()
+    conf = {"server": {"done_batch_ms": 1000}, "upstreams": {"u": {"url": upstream.url}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"guardwaits": {}}, {"donelog": {}}]}]}
+    with register_plugin(DoneLog), register_plugin(GuardWaits):
+        async with SluiceServer(conf, tmp_path) as s, httpx.AsyncClient() as http:
+            held = (await http.get(f"{s.url}/models", headers={"x-wait": "1"})).headers["x-request-id"]
+            other = (await http.get(f"{s.url}/models")).headers["x-request-id"]
+            await wait_for(lambda: GuardWaits.started == [held], timeout=10, what="the guard's coroutine running")
+            # an admin read runs the batch: the other request's observer, not the held one's
+            assert (await http.get(f"{s.admin_url}/metrics")).status_code == 200
+            assert DoneLog.seen == [other] and s.server.generation.inflight == 1
+            GuardWaits.gate.set()
+            await wait_for(lambda: DoneLog.seen == [other, held], timeout=10, what="the held request's observer")
+            await wait_for(lambda: s.server.generation.inflight == 0, timeout=10, what="the generation idle")
+
+
 async def test_a_batch_past_its_interval_runs_when_the_next_request_finishes_and_a_lone_one_on_a_later_timer(upstream, tmp_path):
     from proxy.server import DONE_BATCH_IDLE
 
