@@ -73,6 +73,9 @@ class Server:
         #: on_done work for the workers: a request's whole on_done, or (with a Rest) what a plain hook left to finish
         self._queue: asyncio.Queue[tuple[Context, ch.CompiledRoute, ch.Generation, ch.Rest | None]] | None = None
         self._workers: list[asyncio.Task[None]] = []
+        #: queued on_done items not yet run (an overflow's pending put included), and those puts
+        self._pending = 0
+        self._overflow: set[asyncio.Task[None]] = set()
         #: the server's own background tasks (on_done workers, retiring generations, reloads)
         self._tasks = TaskGroup()
         self.draining = False
@@ -194,15 +197,24 @@ class Server:
         assert self._queue is not None
         try:
             self._queue.put_nowait(item)
+            self._pending += 1
         except asyncio.QueueFull:
             if required:
                 # a ledger row or a lease release is never dropped: it waits for room,
                 # off the client's path, and the overflow is counted
                 self.metrics.overflow.inc()
-                self._tasks.spawn(self._queue.put(item), "sluice-done-overflow")
+                self._pending += 1
+                put = self._tasks.spawn(self._queue.put(item), "sluice-done-overflow")
+                self._overflow.add(put)
+                put.add_done_callback(self._overflow_done)
             else:
                 item[2].leave()
                 self.metrics.dropped.inc()
+
+    def _overflow_done(self, put: asyncio.Task[None]) -> None:
+        self._overflow.discard(put)
+        if put.cancelled():
+            self._pending -= 1  # its item never reached the queue (cut at stop, after the flush)
 
     def _finish(self, ctx: Context, route: ch.CompiledRoute, gen: ch.Generation, rest: ch.Rest) -> None:
         """What a plain on_done left to finish (it returned an awaitable): to the queue, never dropped."""
@@ -298,6 +310,7 @@ class Server:
                 log.error("on_done failed: %s", type(e).__name__)
             finally:
                 gen.leave()
+                self._pending -= 1
                 q.task_done()
 
     async def drain(self) -> None:
@@ -337,9 +350,15 @@ class Server:
         if self._queue is not None and self._workers:
             try:
                 async with asyncio.timeout(DONE_FLUSH_S):
-                    await self._queue.join()
+                    # join() alone can return while a full queue's overflow puts are still to land (a
+                    # worker that empties the queue wakes them, and join, in one go): count, not trust
+                    while self._pending:
+                        if self._overflow:
+                            await asyncio.wait(set(self._overflow))
+                        await self._queue.join()
+                        await asyncio.sleep(0)  # join() returns at once on an empty queue: never spin unyielding
             except TimeoutError:
-                log.warning("close: %d on_done items not run (their requests' rows and metrics are lost)", self._queue.qsize())
+                log.warning("close: %d on_done items not run (their requests' rows and metrics are lost)", self._pending)
         for t in self._workers:
             t.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)

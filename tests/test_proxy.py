@@ -546,6 +546,27 @@ async def test_full_background_queue_drops_optional_work_but_never_required_work
     assert re.search(r"^sluice_background_overflow_total [1-9]", metrics, re.M)
 
 
+async def test_stopping_past_the_drain_still_runs_every_overflowed_required_item(upstream, http, tmp_path):
+    """Past the drain's grace, stopping flushes the on_done queue itself. A worker that empties a full queue
+    wakes the overflowed items' puts and the flush's join together: the flush must not end before those
+    items land and run (before the fix 9 of these 40 were lost)."""
+    Recorder.seen.clear()
+    with register_plugin(Recorder):
+        cfg = {"server": {"background_queue": 10, "background_workers": 1},
+               "upstreams": {"chat": {"url": upstream.url + "/chat"}},
+               "routes": [{"match": {"path": "/v1/chat/"}, "upstream": "chat", "chain": [{"recorder": {}}]}]}
+        GATE["open"] = asyncio.Event()
+        async with SluiceServer(cfg, tmp_path) as s:
+            body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+            rs = await asyncio.gather(*[http.post(f"{s.url}/chat/completions", json=body) for _ in range(40)])
+            assert all(r.status_code == 200 for r in rs)
+            metrics = (await http.get(f"{s.admin_url}/metrics")).text
+            assert re.search(r"^sluice_background_overflow_total [1-9]", metrics, re.M)  # the queue overflowed
+            GATE["open"].set()
+            await s.server.close()  # what stopping does once the grace is over: no drain first
+    assert len(Recorder.seen) == 40
+
+
 class Timed(Plugin):
     name = "timed"
     wants_plugin_timings = True
