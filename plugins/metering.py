@@ -303,17 +303,18 @@ class Metering(Plugin):
             prompt = self._prompt_tokens(body, ctx.model)
         return price.cost_of(prompt, max_output_tokens(body, self.config.reserve_output_tokens))
 
-    async def _counted_off_loop(self, ctx: Context) -> int | None:
-        """A big prompt's count by a configured tokenizer, made in the executor (as ratelimit counts them), and
-        kept for the row's estimate; ``None`` when the prompt is small or no tokenizer is configured."""
-        if not self._tokenizers or len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES:
+    def _big_prompt(self, ctx: Context) -> tuple[Any, str | None] | None:
+        """The body and model of a prompt for a configured tokenizer to count in the executor, off the loop (as
+        ratelimit counts them): over 32 KiB of JSON and not counted there yet in this request."""
+        if self._tokenizers is None or len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES:
             return None
         body, model = ctx.json_body, ctx.model
-        if body is None:
+        if body is None or _counted(ctx, body, model) is not None:
             return None
-        counted = _counted(ctx, body, model)
-        if counted is not None:
-            return counted
+        return body, model
+
+    async def _count_off_loop(self, ctx: Context, body: Any, model: str | None) -> int:
+        """The prompt's count, made in the executor and kept for the rest of the request (the row's estimate)."""
         prompt = await self.runtime.run_cpu(self._prompt_tokens, body, model)
         ctx.stash[PROMPT] = (body, model, prompt)
         return prompt
@@ -345,7 +346,8 @@ class Metering(Plugin):
 
     async def _reserve(self, ctx: Context, budgets: list[tuple[str, float, float]], now: float) -> None:
         """Reserve the request's worst case on every budget that applies, or refuse it."""
-        amount = self.reserve_amount(ctx, await self._counted_off_loop(ctx))
+        big = self._big_prompt(ctx)
+        amount = self.reserve_amount(ctx, await self._count_off_loop(ctx, *big) if big is not None else None)
         taken: list[tuple[str, float, float]] = []
         ctx.stash[RESERVED] = taken
         try:
@@ -441,19 +443,19 @@ class Metering(Plugin):
             completion = estimate_completion_tokens_from_stream(ctx.stream_events, ctx.stream_bytes)
         return Usage(prompt, completion, prompt + completion, estimated=True)
 
-    def _counts_big_prompt(self, ctx: Context) -> bool:
-        """Whether the row's usage is an estimate that counts a prompt big enough for the executor (a cut
-        stream, an upstream without usage) not yet counted there at admission."""
-        if self._tokenizers is None or len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES or not ctx.attempts:
-            return False
-        body = ctx.json_body
-        return (body is not None and self._reported(ctx) is None and (self._answered(ctx) or self._billed_unanswered(ctx))
-                and _counted(ctx, body, ctx.model) is None)
+    def _estimated_big_prompt(self, ctx: Context) -> tuple[Any, str | None] | None:
+        """:meth:`_big_prompt` when the row's usage is an estimate that counts the prompt (a cut stream, an
+        upstream without usage: :meth:`usage_of`)."""
+        if (len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES or not ctx.attempts or self._reported(ctx) is not None
+                or not (self._answered(ctx) or self._billed_unanswered(ctx))):
+            return None  # the size first: most requests stop there
+        return self._big_prompt(ctx)
 
     @hookimpl
     async def on_done(self, ctx: Context) -> None:
-        if self._counts_big_prompt(ctx):
-            await self._count_then_settle(ctx)
+        big = self._estimated_big_prompt(ctx) if self._tokenizers is not None else None
+        if big is not None:
+            await self._count_then_settle(ctx, big)
             return
         reserved = self._settle(ctx)
         if reserved:
@@ -463,24 +465,22 @@ class Metering(Plugin):
         """``on_done`` with budgets on in-process counters (or none): finished before it returns, but for a
         big prompt to count for the row's estimate, whose coroutine it returns (the core awaits it, then
         runs the hooks after this one)."""
-        if self._tokenizers is not None and self._counts_big_prompt(ctx):  # no call at all without tokenizers
-            return self._count_then_settle(ctx)
+        if self._tokenizers is not None and (big := self._estimated_big_prompt(ctx)) is not None:
+            return self._count_then_settle(ctx, big)
         reserved = self._settle(ctx)
         if reserved:
             _drive(self._reconcile(reserved, ctx.cost or 0.0))
         return None
 
-    async def _count_then_settle(self, ctx: Context) -> None:
+    async def _count_then_settle(self, ctx: Context, big: tuple[Any, str | None]) -> None:
         try:
-            await self._counted_off_loop(ctx)
+            await self._count_off_loop(ctx, *big)
         except asyncio.CancelledError:
             try:
                 self._settle(ctx)  # stopping: the row is written all the same, the prompt counted here
             except Exception as e:
                 log.error("metering: a stopped count's row could not be written (%s)", type(e).__name__)
             raise
-        except RuntimeError:
-            pass  # the executor is shut down: _settle counts it here, the row is kept
         reserved = self._settle(ctx)
         if reserved:
             await self._reconcile(reserved, ctx.cost or 0.0)

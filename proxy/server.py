@@ -73,9 +73,8 @@ class Server:
         #: on_done work for the workers: a request's whole on_done, or (with a Rest) what a plain hook left to finish
         self._queue: asyncio.Queue[tuple[Context, ch.CompiledRoute, ch.Generation, ch.Rest | None]] | None = None
         self._workers: list[asyncio.Task[None]] = []
-        #: queued on_done items not yet run (an overflow's pending put included), and those puts
+        #: queued on_done items not yet run, an overflow's pending put included (close() flushes by it)
         self._pending = 0
-        self._overflow: set[asyncio.Task[None]] = set()
         #: the server's own background tasks (on_done workers, retiring generations, reloads)
         self._tasks = TaskGroup()
         self.draining = False
@@ -204,20 +203,13 @@ class Server:
                 # off the client's path, and the overflow is counted
                 self.metrics.overflow.inc()
                 self._pending += 1
-                put = self._tasks.spawn(self._queue.put(item), "sluice-done-overflow")
-                self._overflow.add(put)
-                put.add_done_callback(self._overflow_done)
+                self._tasks.spawn(self._queue.put(item), "sluice-done-overflow")
             else:
                 item[2].leave()
                 self.metrics.dropped.inc()
 
-    def _overflow_done(self, put: asyncio.Task[None]) -> None:
-        self._overflow.discard(put)
-        if put.cancelled():
-            self._pending -= 1  # its item never reached the queue (cut at stop, after the flush)
-
     def _finish(self, ctx: Context, route: ch.CompiledRoute, gen: ch.Generation, rest: ch.Rest) -> None:
-        """What a plain on_done left to finish (it returned an awaitable): to the queue, never dropped."""
+        """What a plain on_done left to finish (it returned a coroutine): to the queue, never dropped."""
         gen.enter()
         self._enqueue((ctx, route, gen, rest), True)
 
@@ -246,22 +238,21 @@ class Server:
         """
         if route.on_done:
             if route.done_batched and (batch_ms := self.loaded.config.server.done_batch_ms):
-                if route.done_at_once:  # guards and transforms: now
-                    if (rest := ch.run_done_sync(ctx, route, route.done_at_once)) is not None:
-                        # the observers wait for what that hook waits for: after it, in the queue, not in a batch
-                        self._finish(ctx, route, gen, (rest[0] + route.done_batched, rest[1]))
-                        if self.loaded.config.server.access_log:
-                            self._log_access(ctx, route)
-                        return
-                gen.enter()  # the generation stays alive until its batch ran
-                batch = self._batch
-                batch.append((ctx, route, gen))
-                # how long the batch's first request has waited: the handler set timings.end before done_now
-                waited = ctx.timings.end - batch[0][0].timings.end  # type: ignore[operator]
-                if len(batch) >= DONE_BATCH_MAX or waited * 1000 >= batch_ms:
-                    self.run_batch()
-                elif self._batch_timer is None:
-                    self._batch_timer = asyncio.get_running_loop().call_later(batch_ms * DONE_BATCH_IDLE / 1000, self.run_batch)
+                # guards and transforms: now
+                rest = ch.run_done_sync(ctx, route, route.done_at_once) if route.done_at_once else None
+                if rest is not None:
+                    # the observers wait for what that hook waits for: after it, in the queue, not in a batch
+                    self._finish(ctx, route, gen, (rest[0] + route.done_batched, rest[1]))
+                else:
+                    gen.enter()  # the generation stays alive until its batch ran
+                    batch = self._batch
+                    batch.append((ctx, route, gen))
+                    # how long the batch's first request has waited: the handler set timings.end before done_now
+                    waited = ctx.timings.end - batch[0][0].timings.end  # type: ignore[operator]
+                    if len(batch) >= DONE_BATCH_MAX or waited * 1000 >= batch_ms:
+                        self.run_batch()
+                    elif self._batch_timer is None:
+                        self._batch_timer = asyncio.get_running_loop().call_later(batch_ms * DONE_BATCH_IDLE / 1000, self.run_batch)
             else:
                 if (rest := ch.run_done_sync(ctx, route)) is not None:
                     self._finish(ctx, route, gen, rest)
@@ -351,12 +342,11 @@ class Server:
             try:
                 async with asyncio.timeout(DONE_FLUSH_S):
                     # join() alone can return while a full queue's overflow puts are still to land (a
-                    # worker that empties the queue wakes them, and join, in one go): count, not trust
+                    # worker that empties the queue wakes them, and join, in one go): count, not trust.
+                    # join() returns at once on an empty queue: the sleep lets those puts run
                     while self._pending:
-                        if self._overflow:
-                            await asyncio.wait(set(self._overflow))
                         await self._queue.join()
-                        await asyncio.sleep(0)  # join() returns at once on an empty queue: never spin unyielding
+                        await asyncio.sleep(0)
             except TimeoutError:
                 log.warning("close: %d on_done items not run (their requests' rows and metrics are lost)", self._pending)
         for t in self._workers:

@@ -83,9 +83,7 @@ class _Connector(aiohttp.TCPConnector):
         self.unsent: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
     def _note(self) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.unsent.add(task)
+        self.unsent.add(asyncio.current_task())  # type: ignore[arg-type]  # always in a task here
 
     async def _wait_for_available_connection(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -101,11 +99,14 @@ class _Connector(aiohttp.TCPConnector):
             self._note()
             raise
 
-    def took_unsent(self, task: asyncio.Task[Any] | None) -> bool:
-        """Whether ``task`` was cancelled before it had a connection, forgetting it."""
-        if task is None or task not in self.unsent:
+    def took_unsent(self) -> bool:
+        """Whether the current task (the one aiohttp's connector ran in: the request's handler, not
+        ``request.task``, the connection's, which awaits it) was cancelled before it had a connection;
+        forgotten once asked."""
+        task = asyncio.current_task()
+        if task not in self.unsent:
             return False
-        self.unsent.discard(task)
+        self.unsent.discard(task)  # type: ignore[arg-type]
         return True
 
 
@@ -299,14 +300,14 @@ class UpstreamPool:
                     alarm.disarm()
             except TimeoutError:
                 up.outstanding -= 1
-                up.connector.took_unsent(asyncio.current_task())  # type: ignore[union-attr]  # a connect timeout cancels
+                up.connector.took_unsent()  # type: ignore[union-attr]  # a connect timeout cancels inside aiohttp
                 att.error, att.end = "timeout", time.perf_counter()
                 last_error = ProxyError(504, "The upstream did not answer in time.", code="upstream_timeout")
                 delay = self._backoff(policy, n, None)
                 continue
             except CONNECT_ERRORS as e:
                 up.outstanding -= 1
-                up.connector.took_unsent(asyncio.current_task())  # type: ignore[union-attr]
+                up.connector.took_unsent()  # type: ignore[union-attr]
                 att.error, att.end = "connect", time.perf_counter()
                 log.warning("upstream %s unreachable (%s) request_id=%s", up.name, type(e).__name__, ctx.request_id)
                 last_error = ProxyError(502, "The upstream could not be reached.", code="upstream_unreachable")
@@ -315,8 +316,7 @@ class UpstreamPool:
             except BaseException:
                 up.outstanding -= 1
                 att.error, att.end = "cancelled", time.perf_counter()
-                # the task aiohttp's connector ran in: this one, not ``task`` (the connection's, which awaits it)
-                att.unsent = up.connector.took_unsent(asyncio.current_task())  # type: ignore[union-attr]
+                att.unsent = up.connector.took_unsent()  # type: ignore[union-attr]
                 raise
             att.status = resp.status
             att.first_byte = time.perf_counter()
