@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -134,8 +134,14 @@ class Handler:
                         ctx.body = body
                         injected = True
 
+                # the handler's own task, which the timeouts cancel and uncancel: not request.task, the
+                # connection's, which awaits this one (a cancellation of it reaches this one, but its
+                # count would stay raised, and aiohttp reads that count to tell a shutdown)
+                loop = request.task.get_loop()  # get_running_loop() costs a getpid() system call
+                task = asyncio.current_task(loop)
+                assert task is not None
                 try:
-                    up_resp, up, att = await gen.pool.send(ctx, route, request.task)
+                    up_resp, up, att = await gen.pool.send(ctx, route, task)
                 except ProxyError as e:
                     ctx.outcome = "upstream_error"
                     ctx.error = e.message
@@ -147,10 +153,9 @@ class Handler:
                 ctx.timings.first_byte = att.first_byte
                 try:
                     if up_resp.headers.get("content-type", "").startswith("text/event-stream"):
-                        resp = await self._relay(request, ctx, route, up_resp, up, att, injected)
+                        resp = await self._relay(request, ctx, route, up_resp, up, att, injected, task)
                         return resp
-                    loop = request.task.get_loop()  # get_running_loop() costs a getpid() system call
-                    alarm = Alarm(self._deadline(att, up, loop), loop, request.task)
+                    alarm = Alarm(self._deadline(att, up, loop), loop, task)
                     try:
                         data = await up_resp.read()
                     except asyncio.CancelledError:
@@ -283,19 +288,20 @@ class Handler:
         up: Upstream,
         att: Attempt,
         injected: bool,
+        task: asyncio.Task[Any],
     ) -> web.StreamResponse:
         out = self._finish_headers(ctx, web.StreamResponse(status=resp.status, headers=response_headers(resp.headers)))
         ctx.status = resp.status
         await out.prepare(request)
         content = resp.content
         idle = up.config.timeouts.idle
-        loop = request.task.get_loop()
+        loop = task.get_loop()
         deadline = self._deadline(att, up, loop)
         parse = route.parse_stream
         pipeline = ch.ChunkPipeline(ctx, route) if parse else None
         parser = Parser() if parse else None
         ctx.outcome = "upstream_error"  # until the stream completes
-        dog = Watchdog(loop, idle, deadline, request.task)
+        dog = Watchdog(loop, idle, deadline, task)
         # after the first write (which carries the headers), blocks go to the transport
         # directly while it keeps up; aiohttp's writer (and its drain) takes over when not
         relay = RawRelay(ctx, route.wants_usage, injected, dog, loop)
@@ -359,7 +365,7 @@ class Handler:
         except asyncio.CancelledError:
             if not dog.fired:
                 raise  # the client went away
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task.uncancel()
             att.error = "timeout"
             ctx.outcome = "upstream_error"
             await self._end_broken(out, ctx, pipeline, ProxyError(504, "The upstream stream stalled.", code="upstream_timeout"))

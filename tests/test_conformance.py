@@ -7,11 +7,14 @@ Two probe plugins (outer, inner) record every hook call, so the onion order is c
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import asyncio
+import contextlib
+from typing import Any, AsyncIterator, ClassVar
 
 import httpx
 import openai
 import pytest
+from aiohttp import web
 from pydantic import Field
 
 from proxy import Context, Event, Plugin, PluginConfig, hookimpl
@@ -22,6 +25,8 @@ class Probe(Plugin):
     name = "probe"
     calls: ClassVar[list[tuple[str, str]]] = []
     done: ClassVar[list[Context]] = []
+    #: the tasks a request ran in: its handler's, then each connection's (aiohttp's RequestHandler.start)
+    tasks: ClassVar[list[asyncio.Task[Any]]] = []
 
     class Config(PluginConfig):
         answer: bool = Field(False, description="answer early in on_request")
@@ -29,6 +34,8 @@ class Probe(Plugin):
     @hookimpl
     async def on_request(self, ctx: Context) -> None:
         self.calls.append((self.id, "on_request"))
+        self.tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        self.tasks.extend(t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "RequestHandler.start")  # type: ignore[union-attr]
         if ctx.answered:
             return
         if self.config.answer:
@@ -147,6 +154,7 @@ CHAIN = [{"probe": {"id": "outer"}}, {"probe": {"id": "inner"}}]
 def probe():
     Probe.calls.clear()
     Probe.done.clear()
+    Probe.tasks.clear()
     with register_plugin(Probe):
         yield Probe
 
@@ -251,6 +259,64 @@ async def test_stream_idle_timeout_ends_stream_with_error_event(endpoint, tmp_pa
     ctx = Probe.done[0]
     assert ctx.outcome == "upstream_error" and ctx.attempts[0].error == "timeout"
     assert phases("on_stream_end") == ["inner", "outer"]
+
+
+@contextlib.asynccontextmanager
+async def _body_stalls() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """An upstream whose JSON answer stops after its headers and first bytes, until released."""
+    release = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        r = web.StreamResponse(headers={"content-type": "application/json"})
+        r.content_length = 1000
+        await r.prepare(request)
+        await r.write(b'{"id": "chatcmpl-1", ')
+        await release.wait()
+        return r
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1", release  # type: ignore[union-attr]
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("where", ["first_byte", "body", "idle"])
+async def test_timeouts_leave_no_cancellation_raised(where, tmp_path):
+    """A timeout cancels the request's own task and takes that back: neither the handler's task nor the
+    connection's (whose count aiohttp reads to tell a shutdown) stays marked as cancelled, and the next
+    request on the connection is served."""
+    timeouts = {"first_byte": {"first_byte": 0.2}, "body": {"total": 0.3}, "idle": {"idle": 0.3}}[where]
+    async with FakeUpstream() as up, _body_stalls() as (stalling, _):
+        cfg = _config(up, CHAIN, timeouts=timeouts)
+        if where == "body":
+            cfg["upstreams"]["u"]["url"] = stalling
+        async with SluiceServer(cfg, tmp_path) as s:
+            if where == "first_byte":
+                up.first_byte_delay = 5
+            up.stall_after = 2 if where == "idle" else None
+            client = _client(s)
+            with pytest.raises(openai.APIError) as e:
+                await _call(client, "chat", where == "idle")
+            if where != "idle":
+                assert isinstance(e.value, openai.APIStatusError) and e.value.status_code == 504
+            await s.wait_idle()
+            handler, *connections = Probe.tasks[:]
+            assert connections, "no connection task seen"
+            assert handler.cancelling() == 0
+            assert [t.cancelling() for t in connections] == [0] * len(connections)
+            if where != "body":
+                up.first_byte_delay, up.stall_after = 0.0, None
+                text, _ = await _call(client, "chat", False)
+                assert text
+    assert Probe.done[0].attempts[0].error == "timeout"
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
