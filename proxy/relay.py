@@ -30,7 +30,7 @@ from aiohttp.streams import StreamReader
 
 from .context import StreamEnd
 from .openai import is_usage_only_chunk, usage_from
-from .sse import Event, find_boundary, parse_block
+from .sse import _UNSET, Event, find_boundary, parse_block
 
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
@@ -202,7 +202,10 @@ def tap_event(ctx: Context, ev: Event, injected: bool) -> bool:
     """Pick the usage out of an event; False for the usage chunk the client did not ask for.
 
     Where we asked for the usage (``injected``), the ``"usage": null`` OpenAI then puts in every
-    other chunk is taken out too: the client gets the chunks it would have got without.
+    other chunk is taken out too: the client gets the chunks it would have got without. As the raw
+    relay does, the member is cut from the event's bytes, which are otherwise the upstream's (its
+    spacing, escapes and numbers as it wrote them, and no serialising per chunk), unless a plugin
+    changes the event.
     """
     raw = ev._raw
     if raw is not None:
@@ -211,6 +214,13 @@ def tap_event(ctx: Context, ev: Event, injected: bool) -> bool:
         k = raw.find(b'"usage"')
         if k == -1 or (not injected and _null_usage(raw, k)):
             return True
+        if injected and raw[:6] == b"data: " and raw[-2:] == b"\n\n" and b"\r" not in raw and raw.count(b"\n") == 2:
+            cut, other = _strip_null_usage(raw, True)
+            if not other:  # every "usage" of this one-line event is a null member: cut, nothing to parse
+                ev._raw = cut
+                ev._data = cut[6:-2].decode("utf-8", "replace")
+                ev._json = _UNSET  # read again from what is left, if a plugin asks
+                return True
     obj = ev.json
     if type(obj) is dict and "usage" in obj and obj["usage"] is None:
         if injected:

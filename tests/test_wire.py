@@ -284,6 +284,47 @@ def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
         assert _tap(tap_block, block, False) == (block, None)
 
 
+def test_the_parsed_relay_sends_what_the_raw_relay_sends_for_events_no_plugin_changed():
+    """An event no plugin changes leaves the parsed relay as the upstream wrote it, less what Sluice
+    asked for (a usage chunk, ``"usage":null`` members): the raw relay's bytes, spacing, escapes and
+    numbers included, not a serialisation of its JSON."""
+    import itertools
+
+    from proxy.relay import tap_block, tap_event
+    from proxy.sse import Parser
+    from proxy.testing import make_context
+
+    spaced = b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"content": "caf\\u00e9 1e-05"}, "logprobs": {"x": 1.50}}], "usage": null}'
+    compact = b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":null}],"usage":null,"n":1.0}'
+    first = b'data: {"usage":null,"choices":[{"delta":{"content":"say \\"usage\\""}}]}'
+    finish = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}'
+    usage_only = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
+    plain = b'data: {"choices":[{"delta":{"content":"usage"}}]}'
+    done = b"data: [DONE]"
+    seen = 0
+    for combo in itertools.permutations([spaced, compact, first, finish, usage_only, plain, done], 3):
+        block = b"\n\n".join(combo) + b"\n\n"
+        for injected in (False, True):
+            raw_out, raw_usage = _tap(tap_block, block, injected)
+            ctx = make_context({"model": "m"})
+            out = b""
+            for ev in Parser().feed(block):
+                if ev.is_done or tap_event(ctx, ev, injected):
+                    out += ev.encode()
+            u = ctx.usage
+            assert (out, None if u is None else (u.prompt_tokens, u.completion_tokens)) == (raw_out, raw_usage), block
+            seen += 1
+    assert seen == 420
+    # what a plugin reads of a cut event is what the client gets
+    ev = next(Parser().feed(spaced + b"\n\n"))
+    assert tap_event(make_context({"model": "m"}), ev, True)
+    assert ev.encode() == b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"content": "caf\\u00e9 1e-05"}, "logprobs": {"x": 1.50}}]}\n\n'
+    assert ev.json == {"id": "c1", "choices": [{"index": 0, "delta": {"content": "caf\u00e9 1e-05"}, "logprobs": {"x": 1.5}}]}
+    ev.json["choices"][0]["delta"]["content"] = "changed"  # a plugin's change: serialised again
+    ev.changed()
+    assert b'"changed"' in ev.encode() and b"usage" not in ev.encode()
+
+
 def test_upstream_urls_are_built_once_per_endpoint_and_stay_right_past_the_cache():
     from proxy.config import UpstreamConfig
     from proxy.upstream import URL_CACHE_SIZE, Upstream
