@@ -218,13 +218,17 @@ class Metering(Plugin):
         self._tokenizer_failed = False
         #: the sluice_cost_total accumulator per (route, model label)
         self._cost: dict[tuple[str, str], Any] = {}
+        if not (self.rules or config.identity_budgets):
+            # no budget to reserve against: no on_request at all, so the core neither calls nor times one
+            # (the chain builds its hook lists from the instance's attributes)
+            self.on_request = None  # type: ignore[assignment]
         if not self._remote_budgets(runtime):
             # No budgets, or budgets on this process's counters, which answer at once: both hooks
             # are plain functions that run the same coroutines to their end on the spot. A route
             # whose on_done hooks are all plain runs them in the request's task, after the answer,
             # instead of through the core's on_done queue (a task switch and a queued context per
             # request). Budgets in Redis keep the async hooks.
-            if not (self._tokenizers and (self.rules or config.identity_budgets)):
+            if (self.rules or config.identity_budgets) and not self._tokenizers:
                 # with a tokenizer, a big prompt's reservation is counted in the executor: that awaits
                 self.on_request = self.on_request_now  # type: ignore[method-assign]
             # a big prompt the row must estimate is counted in the executor too: on_done_now hands the

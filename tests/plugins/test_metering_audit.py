@@ -6,13 +6,15 @@ import asyncio
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 import openai
 import pytest
 import yaml
 
-from proxy.testing import FakeUpstream, SluiceServer
+from proxy import Context, Plugin, hookimpl
+from proxy.testing import FakeUpstream, SluiceServer, register_plugin
 from tests.plugins.test_metering import ledger_rows  # the same reader as the metering tests
 
 PRICES = {"sluice-demo": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
@@ -475,3 +477,35 @@ async def test_a_cut_streams_big_prompt_is_estimated_by_the_tokenizer_without_bu
     counted = {r["prompt_tokens"] for r in rows}
     assert counted == {3 + 8000 + 3, 3 + 20 + 3}  # the chat format's overhead around each message's tokens
     assert value(sm, "sluice_tokens_total", type="input") == sum(counted)
+
+
+class Timed(Plugin):
+    """Asks for hook timings, as metrics does, and keeps each request's."""
+
+    name = "timed_probe"
+    wants_plugin_timings = True
+    seen: ClassVar[list[set[str]]] = []
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        self.seen.append(set(ctx.timings.plugins))
+
+
+async def test_without_budgets_metering_has_no_admission_hook(upstream: FakeUpstream, tmp_path: Path):
+    """No budget rule and no identity budgets: nothing to reserve, so no on_request for the core to call
+    and time; with either kind of budget (identity budgets are on by default), the hook is there and timed."""
+    Timed.seen.clear()
+    cases = {"none": {"budgets": [], "identity_budgets": False}, "identity": {"budgets": []},
+             "rule": {"budgets": [{"scope": "key", "period": "day", "limit": 100.0}], "identity_budgets": False}}
+    with register_plugin(Timed):
+        for name, metering in cases.items():
+            async with SluiceServer(config(upstream, [AUTH, {"timed_probe": {}}], **metering), tmp_path / name) as s:
+                (plugin,) = [p for p in s.server.generation.plugins if p.name == "metering"]
+                assert (plugin.on_request is None) == (name == "none")
+                async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY, max_retries=0) as c:
+                    await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+                await s.wait_idle()
+            assert ("metering.on_request" in Timed.seen[-1]) == (name != "none"), name
+            assert "auth.on_request" in Timed.seen[-1]
+    rows = ledger_rows(tmp_path / "none")
+    assert len(rows) == 1 and rows[0]["key_id"] == "k1"
