@@ -71,6 +71,8 @@ class CompiledRoute:
         #: ask streams for their usage (a plugin needs it, and the route lets the core ask)
         self.needs_usage = config.stream_usage and any(p.needs_usage for p in plugins)
         self.has_response_hooks = any(h is not None for h in self._by_pos["on_response"])
+        #: a plugin acts on requests (a guard, a limit, a budget): a JSON body must parse before it runs
+        self.checks_json = any(h is not None for h in self._by_pos["on_request"])
         self.has_stream_end = any(h is not None for h in self._by_pos["on_stream_end"])
         self._back: dict[tuple[str, int], tuple[Hook, ...]] = {}
         self._check_order()

@@ -7,9 +7,10 @@ import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from urllib.parse import unquote
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import chain as ch
 from .context import Attempt, Context, Response
@@ -60,21 +61,69 @@ class ExpectationFailed(Exception):
     pass
 
 
+class BodyCutShort(Exception):
+    pass
+
+
+class UnsupportedEncoding(Exception):
+    pass
+
+
+#: the request body encodings aiohttp decodes as it reads (its parser's list); the body a plugin
+#: reads and the upstream gets is the decoded one
+DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
+
 async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes, decoded when the client compressed it."""
+    headers = request.headers
     cl = request.content_length
+    encoded = "content-encoding" in headers and headers["content-encoding"].strip().lower() not in ("", "identity")
+    if encoded and headers["content-encoding"].strip().lower() not in DECODED_ENCODINGS:
+        raise UnsupportedEncoding
     if cl is not None and cl > limit:
         raise BodyTooLarge
-    if "expect" in request.headers:
+    if "expect" in headers:
         await _expect(request)
-    if cl is not None:
-        data = await request.content.readexactly(cl) if cl else b""
-        return data
+    if cl is not None and not encoded:
+        try:
+            return await request.content.readexactly(cl) if cl else b""
+        except asyncio.IncompleteReadError:
+            raise BodyCutShort from None
+    # chunked, or compressed: Content-Length counts the compressed bytes, the limit the decoded ones
     buf = bytearray()
     async for chunk in request.content.iter_any():
         buf += chunk
         if len(buf) > limit:
             raise BodyTooLarge
     return bytes(buf)
+
+
+def has_dot_segments(path: str) -> bool:
+    """Whether ``path`` holds a ``.`` or ``..`` segment, percent-encoded (even twice) or behind a
+    backslash: an upstream or a proxy in front of it that resolves them would serve a path outside
+    the route's upstream base, with the upstream's credentials."""
+    for _ in range(3):
+        for seg in path.replace("\\", "/").split("/"):
+            if seg == "." or seg == "..":
+                return True
+        if "%" not in path:
+            return False
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True  # encoded three times over: no client of an API does that
+
+
+def json_typed(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether an upstream would read the body as JSON: declared so, or not declared at all (FastAPI's
+    rule, which vLLM follows)."""
+    ct = headers.get("content-type")
+    if ct is None:
+        return True
+    ct = ct.lower()
+    return ct.startswith("application/json") or "+json" in ct
 
 
 class Handler:
@@ -99,6 +148,9 @@ class Handler:
         server.handling += 1
         try:
             rid = new_request_id()
+            if ("." in path or "%" in path or "\\" in path) and has_dot_segments(path):
+                server.metrics.rejected.labels(reason="invalid_path").inc()
+                return error_response(400, "The request path has '.' or '..' segments: send it normalised.", rid, code="invalid_path")
             route = gen.match(request.method, path, request.headers)
             if route is None:
                 server.metrics.rejected.labels(reason="route_not_found").inc()
@@ -111,10 +163,28 @@ class Handler:
             except ExpectationFailed:
                 server.metrics.rejected.labels(reason="expectation_failed").inc()
                 return error_response(417, "Only 'Expect: 100-continue' is understood.", rid, code="expectation_failed")
+            except UnsupportedEncoding:
+                server.metrics.rejected.labels(reason="unsupported_encoding").inc()
+                return error_response(415, "The request body's content-encoding is not one Sluice reads (gzip, deflate, br, zstd).",
+                                      rid, code="unsupported_content_encoding")
+            except BodyCutShort:
+                server.metrics.rejected.labels(reason="incomplete_body").inc()
+                return error_response(400, "The request body ended before its Content-Length.", rid, code="incomplete_body")
+            headers = request_headers(request.headers)
+            if "content-encoding" in headers:
+                del headers["content-encoding"]  # read decoded (read_body), sent on as read
             ctx = Context(
                 request_id=rid, method=request.method, path=path, query=query,
-                headers=request_headers(request.headers), raw=raw, route=route,
+                headers=headers, raw=raw, route=route,
             )
+            if route.checks_json and raw and json_typed(request.headers):
+                # the plugins that read bodies must see what the upstream will: a body a laxer parser
+                # than ours would take (NaN, a byte order mark, a lone surrogate) is refused, as OpenAI does
+                try:
+                    ctx.body
+                except ProxyError as e:
+                    server.metrics.rejected.labels(reason="invalid_json").inc()
+                    return error_response(400, e.message, rid, code=e.code)
             ctx._peer = (gen.client_ip, request)  # the address is looked up if a plugin asks
             ctx.runtime = gen.runtime
             ctx.targets = list(route.default_targets)

@@ -1,0 +1,198 @@
+"""What the core refuses before any plugin runs, so that the plugins that read requests see what the
+upstream will act on: bodies our JSON parser refuses, compressed bodies (read decoded), dot segments
+in paths, bodies cut short."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import zlib
+from typing import Any, AsyncIterator, ClassVar
+
+import httpx
+import orjson
+import pytest
+
+from proxy import Context, Plugin, ProxyError, hookimpl
+from proxy.testing import FakeUpstream, SluiceServer, register_plugin
+from tests.test_proxy import route
+
+
+class Reader(Plugin):
+    """A guard that reads each request's body, as auth's model list, pii and injection do."""
+
+    name = "body_reader"
+    kind = "guard"
+    seen: ClassVar[list[Any]] = []
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        self.seen.append(ctx.json_body)
+        if ctx.model == "forbidden":
+            raise ProxyError(403, "That model is not allowed.", code="model_not_allowed")
+
+
+@pytest.fixture(autouse=True)
+def reader():
+    Reader.seen.clear()
+    with register_plugin(Reader):
+        yield Reader
+
+
+GOOD = b'{"model":"sluice-demo","messages":[{"role":"user","content":"hello there"}]}'
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"forbidden","temperature":NaN,"messages":[{"role":"user","content":"hi"}]}',
+    b'\xef\xbb\xbf{"model":"forbidden","messages":[{"role":"user","content":"hi"}]}',
+    b'{"model":"forbidden","messages":[{"role":"user","content":"hi \\ud800"}]}',
+    b'{"model":"forbidden","max_tokens":1e400,"messages":[]}',
+    b'{"model":"forbidden",',
+], ids=["nan", "bom", "lone-surrogate", "infinite", "cut"])
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", None])
+async def test_a_body_our_parser_refuses_never_reaches_the_guards_or_the_upstream(upstream: FakeUpstream, tmp_path, body, content_type):
+    """Python's json (FastAPI, so vLLM) takes NaN, a byte order mark and lone surrogates; a guard that
+    skipped a body it could not parse would let the upstream act on it unchecked. OpenAI answers such a
+    body 400; so does Sluice, on a route whose plugins act on requests."""
+    headers = {"content-type": content_type} if content_type else {}
+    async with SluiceServer(route(upstream, [{"body_reader": {}}]), tmp_path) as s, httpx.AsyncClient() as c:
+        r = await c.post(f"{s.url}/chat/completions", content=body, headers=headers)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_json" and r.json()["error"]["type"] == "invalid_request_error"
+        assert r.headers["x-request-id"].startswith("req_")
+        ok = await c.post(f"{s.url}/chat/completions", content=GOOD, headers=headers)
+        assert ok.status_code == 200
+    assert Reader.seen == [orjson.loads(GOOD)]  # the refused body never reached the guard
+    assert [r.body for r in upstream.requests] == [GOOD]
+
+
+async def test_without_request_plugins_a_body_passes_as_it_came(upstream: FakeUpstream, tmp_path):
+    """A route with no plugin acting on requests relays the bytes untouched: the upstream judges them."""
+    body = b'{"model":"sluice-demo","temperature":NaN,"messages":[{"role":"user","content":"hi"}]}'
+    async with SluiceServer(route(upstream, []), tmp_path) as s, httpx.AsyncClient() as c:
+        r = await c.post(f"{s.url}/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == upstream_status(r)
+    assert [r.body for r in upstream.requests] == [body]
+
+
+def upstream_status(r: httpx.Response) -> int:
+    """Whatever the demo upstream made of it, passed through (not a refusal of Sluice's)."""
+    assert "x-upstream-request-id" in r.headers or r.status_code < 500, r.text
+    return r.status_code
+
+
+async def _chunks(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+@pytest.mark.parametrize("encoding,encode", [
+    ("gzip", gzip.compress),
+    ("deflate", zlib.compress),
+], ids=["gzip", "deflate"])
+@pytest.mark.parametrize("shape", ["long", "short", "chunked"])
+async def test_a_compressed_body_is_read_decoded_and_sent_on_decoded(upstream: FakeUpstream, tmp_path, encoding, encode, shape):
+    """aiohttp decodes a compressed body as it reads it: its Content-Length counts the compressed bytes,
+    not the ones read. The guards and the upstream get the decoded JSON, without the content-encoding."""
+    text = "hello there " * (1 if shape == "short" else 60)
+    body = orjson.dumps({"model": "sluice-demo", "messages": [{"role": "user", "content": text}]})
+    packed = encode(body)
+    assert (len(packed) < len(body)) is (shape != "short")  # shorter when long: the old read cut it
+    content: Any = _chunks(packed) if shape == "chunked" else packed
+    async with SluiceServer(route(upstream, [{"body_reader": {}}]), tmp_path) as s, httpx.AsyncClient() as c:
+        r = await c.post(f"{s.url}/chat/completions", content=content,
+                         headers={"content-type": "application/json", "content-encoding": encoding})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].endswith(text.strip())
+    assert Reader.seen == [orjson.loads(body)]
+    (seen,) = upstream.requests
+    assert seen.body == body and "content-encoding" not in seen.headers
+
+
+async def test_a_compressed_body_over_the_limit_is_413_when_decoded(upstream: FakeUpstream, tmp_path):
+    body = orjson.dumps({"model": "sluice-demo", "messages": [{"role": "user", "content": "a" * 50_000}]})
+    packed = gzip.compress(body)
+    assert len(packed) < 1000
+    async with SluiceServer(route(upstream, [], max_body_bytes=20_000), tmp_path) as s, httpx.AsyncClient() as c:
+        r = await c.post(f"{s.url}/chat/completions", content=packed,
+                         headers={"content-type": "application/json", "content-encoding": "gzip"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert upstream.requests == []
+
+
+async def test_an_encoding_sluice_cannot_read_is_415(upstream: FakeUpstream, tmp_path):
+    async with SluiceServer(route(upstream, [{"body_reader": {}}]), tmp_path) as s, httpx.AsyncClient() as c:
+        r = await c.post(f"{s.url}/chat/completions", content=b"\x00\x01opaque",
+                         headers={"content-type": "application/json", "content-encoding": "x-custom"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding"
+        assert r.headers["x-request-id"].startswith("req_")
+        r = await c.post(f"{s.url}/chat/completions", content=GOOD,
+                         headers={"content-type": "application/json", "content-encoding": "identity"})
+        assert r.status_code == 200
+        for path in ("/v1/%2e%2e/x", "/v1/chat/completions"):  # one more kind of refusal, then a bad body
+            await c.post(f"{s.origin}{path}", content=b"{", headers={"content-type": "application/json"})
+        scrape = await c.get(f"{s.admin_url}/metrics", headers={"authorization": f"Bearer {s.admin_token}"})
+        for reason in ("unsupported_encoding", "invalid_path", "invalid_json"):
+            assert f'sluice_rejected_requests_total{{reason="{reason}"}} 1.0' in scrape.text, reason
+    assert [r.body for r in upstream.requests] == [GOOD]
+
+
+async def _raw(port: int, request: bytes, *, half_close: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 exchange over a plain socket: the request's bytes exactly as given (no client
+    library normalises the path), the response's status, headers and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        if half_close:
+            writer.write_eof()
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 10)
+        return status, headers, body
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/../metrics", "/v1/chat/../../admin", "/v1/./chat/completions", "/v1/%2e%2e/metrics", "/v1/%2E%2E/metrics",
+    "/v1/..%2fmetrics", "/v1/%252e%252e/metrics", "/v1/..\\metrics", "/v1/x/..",
+])
+async def test_a_path_with_dot_segments_is_refused(upstream: FakeUpstream, tmp_path, path):
+    """An upstream, or a proxy in front of it, that resolves dot segments would serve a path outside the
+    route's upstream base, with the upstream's credentials: refused, whatever the encoding."""
+    cfg = route(upstream, [], upstream={"api_key": "sk-upstream-secret"})
+    async with SluiceServer(cfg, tmp_path) as s:
+        req = f"GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer k\r\nconnection: close\r\n\r\n".encode()
+        status, headers, body = await _raw(s.server.port, req)
+        assert status == 400, body
+        assert orjson.loads(body)["error"]["code"] == "invalid_path" and headers["x-request-id"].startswith("req_")
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("path", ["/v1/models/gpt-3.5-turbo", "/v1/models/org%2Fmodel.v2", "/v1/models/a..b", "/v1/files/.hidden"])
+async def test_dots_inside_segments_are_not_dot_segments(upstream: FakeUpstream, tmp_path, path):
+    async with SluiceServer(route(upstream, []), tmp_path) as s:
+        req = f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode()
+        await _raw(s.server.port, req)
+    assert [r.path for r in upstream.requests] == [path.replace("%2F", "/")]
+
+
+async def test_a_body_cut_short_is_refused_without_a_server_error(upstream: FakeUpstream, tmp_path, caplog):
+    """A client that ends its side before its Content-Length is read: answered 400 if it still listens,
+    never a 500 or a logged traceback, and nothing goes upstream."""
+    caplog.set_level("WARNING")
+    async with SluiceServer(route(upstream, []), tmp_path) as s:
+        req = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+               b"content-length: 100\r\n\r\n" + GOOD[:10])
+        try:
+            status, headers, body = await _raw(s.server.port, req, half_close=True)
+        except asyncio.IncompleteReadError:
+            pass  # aiohttp closed the connection it saw end: no one left to answer
+        else:
+            assert status == 400 and orjson.loads(body)["error"]["code"] == "incomplete_body"
+        await s.wait_idle()
+    assert upstream.requests == []
+    assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], caplog.text
