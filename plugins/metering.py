@@ -369,6 +369,9 @@ class Metering(Plugin):
                         reason="budget_exceeded",
                     )
                 taken.append((key, amount, end))
+            # the reservation is the worst case: it is given back to the real cost in on_done, which must
+            # not wait for the observers' batch (the key's next request would see the worst case still held)
+            ctx.settle_now = True
         except StateUnavailable:
             await self._give_back(taken)
             taken.clear()

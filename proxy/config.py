@@ -47,8 +47,9 @@ class ServerConfig(Model):
         "warm for several requests instead of cold after each. A batch runs when it holds 8 requests, or when a request "
         "finishes once the batch's first has waited this many milliseconds; when no request finishes, 4 times this "
         "after its first (a timer, which wakes an idle process, fires only then). Other plugins' on_done (a guard "
-        "freeing a concurrency slot) runs at once. An admin read (metrics, reports) and a stop run what is waiting "
-        "first. 0 runs every on_done right after its answer.")
+        "freeing a concurrency slot) runs at once, and so does the batch a request joins that must settle at once "
+        "(ctx.settle_now: metering reconciling a budget's reservation). An admin read (metrics, reports) and a stop run "
+        "what is waiting first. 0 runs every on_done right after its answer.")
     executor_threads: int = Field(2, ge=1, le=64, description="Threads of the bounded executor for CPU-heavy plugin work.")
     trusted_proxies: list[str] = Field(
         default_factory=list,

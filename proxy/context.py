@@ -267,7 +267,7 @@ class Context:
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
         "status", "error", "_current", "passed", "stream_events", "stream_bytes", "stream_end",
-        "runtime",
+        "runtime", "settle_now",
     )
 
     def __init__(
@@ -339,6 +339,10 @@ class Context:
         self._current: str | None = None
         #: plugin instances whose on_request ran (the onion's way back)
         self.passed: int = 0
+        #: a plugin holds something for this request that the next requests need back soon (metering's
+        #: budget reservation): the observers' on_done runs as soon as the answer is sent, not after
+        #: ``server.done_batch_ms`` in a batch (the requests waiting in the batch run with it, in order)
+        self.settle_now = False
         #: events and bytes relayed to the client for a stream
         self.stream_events = 0
         self.stream_bytes = 0

@@ -229,7 +229,9 @@ class Server:
         benchmarks/RESULTS.md).
 
         The batch runs when it holds ``DONE_BATCH_MAX`` requests, or when a
-        request finishes once its first has waited ``done_batch_ms``. Only
+        request finishes once its first has waited ``done_batch_ms``, or when
+        a request that must settle at once (``ctx.settle_now``: a budget's
+        reservation to reconcile) joins it. Only
         when no request finishes for ``DONE_BATCH_IDLE`` intervals does a
         timer run it: under steady traffic no timer fires. A timer firing wakes
         an idle process, which costs CPU of its own (with the observers at 50
@@ -249,7 +251,7 @@ class Server:
                     batch.append((ctx, route, gen))
                     # how long the batch's first request has waited: the handler set timings.end before done_now
                     waited = ctx.timings.end - batch[0][0].timings.end  # type: ignore[operator]
-                    if len(batch) >= DONE_BATCH_MAX or waited * 1000 >= batch_ms:
+                    if len(batch) >= DONE_BATCH_MAX or waited * 1000 >= batch_ms or ctx.settle_now:
                         self.run_batch()
                     elif self._batch_timer is None:
                         self._batch_timer = asyncio.get_running_loop().call_later(batch_ms * DONE_BATCH_IDLE / 1000, self.run_batch)

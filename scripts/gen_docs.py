@@ -357,7 +357,8 @@ def hooks_doc() -> str:
         "",
         "A plugin is a class deriving from `proxy.Plugin`, with a `name` (its YAML key), a `kind`",
         "(`guard` fails closed by default, `observer` and `transform` fail open; an observer's plain",
-        "`on_done` may run in a batch, usually about `server.done_batch_ms` after the answer and at most 4 times that,",
+        "`on_done` may run in a batch, usually about `server.done_batch_ms` after the answer and at most 4 times that,"
+        " or at once for a request a plugin marks `ctx.settle_now` (a budget reservation to give back),",
         "the others' at once), a nested",
         "`Config(PluginConfig)` model and methods marked `@hookimpl`. Built-in plugins live in",
         "`plugins/<name>.py`; a third-party package exposes a `register_plugins` hook through the",

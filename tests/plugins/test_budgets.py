@@ -226,6 +226,22 @@ async def test_admin_budgets_shows_spent_and_reserved(upstream: FakeUpstream, tm
     assert by_scope["key"]["limit"] == 100.0 and by_scope["team"]["period"] == "month"
 
 
+async def test_a_reservation_is_given_back_before_the_next_request_however_long_observers_batch(upstream: FakeUpstream, tmp_path):
+    """Back to back, with no wait: the reservation (the worst case) is reconciled as soon as the answer is
+    sent, not when the observers' on_done batch runs (here it would wait 1 s or 8 requests), so the key's
+    next request sees only what the last one cost."""
+    budgets = [{"scope": "key", "period": "month", "limit": 99.0}]
+    cfg = config(upstream, budgets)
+    cfg["server"] = {"done_batch_ms": 1000}
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            for _ in range(4):
+                r = await ask(a, "hi", max_tokens=50)  # reserves 50, writes a few: two at once would not fit
+                assert r.usage.completion_tokens <= 12
+            await s.wait_idle()
+    assert len(upstream.requests) == 4
+
+
 async def test_hooks_are_plain_unless_budgets_live_in_redis(tmp_path):
     """In-process counters answer at once: plain hooks, so a route of observers runs on_done inline."""
     from proxy.registry import hook_functions
