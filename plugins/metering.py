@@ -142,6 +142,18 @@ class BudgetRule:
     ids: frozenset[str] | None
 
 
+class Budget(BaseModel):
+    """One spend budget rule of the metering plugin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scope: Literal["key", "team"] = Field(..., description="Whose spend is summed: each API key, or each team.")
+    period: Literal["day", "month"] = Field(..., description="The UTC calendar period the sum covers.")
+    limit: float = Field(..., gt=0, le=1e12, description="Most money per scope and period, in the price table's currency.")
+    ids: list[str] | None = Field(
+        None, max_length=10000, description="Only these key ids or team names (default: every key or team separately).")
+
+
 class Metering(Plugin):
     """Meters usage and cost into a ledger, and enforces spend budgets per key and team."""
 
@@ -153,14 +165,7 @@ class Metering(Plugin):
     #: them, an alias the price table does not know reserves nothing
     follows = ("router", "experiments")
 
-    class Budget(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
-        scope: Literal["key", "team"] = Field(..., description="Whose spend is summed: each API key, or each team.")
-        period: Literal["day", "month"] = Field(..., description="The UTC calendar period the sum covers.")
-        limit: float = Field(..., gt=0, le=1e12, description="Most money per scope and period, in the price table's currency.")
-        ids: list[str] | None = Field(
-            None, max_length=10000, description="Only these key ids or team names (default: every key or team separately).")
+    Budget = Budget  # the rule's model, also as Metering.Budget
 
     class Config(PluginConfig):
         prices: dict[str, dict[str, Any]] = Field(
@@ -174,7 +179,7 @@ class Metering(Plugin):
             False, description="Also write rows for requests answered before any upstream (auth, limits, guards).")
         tokenizers: dict[str, str] = Field(
             default_factory=dict, description="Model glob -> local tokenizer.json, for exact prompt estimates.")
-        budgets: list[Metering.Budget] = Field(
+        budgets: list[Budget] = Field(
             default_factory=list, max_length=64, description="Spend limits per key or team per day or month.")
         budget_on_error: Literal["closed", "open"] = Field(
             "closed", description="When the counters backend is down: 'closed' answers 503, 'open' admits without "
