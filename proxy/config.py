@@ -226,8 +226,14 @@ class SluiceConfig(Model):
 def resolve_env(node: Any, path: str = "") -> Any:
     """Replace ``{"$env": NAME}`` (optionally with ``"default"``) by the variable's value."""
     if isinstance(node, dict):
-        if "$env" in node and set(node) <= {"$env", "default"}:
+        if "$env" in node:
+            where = path or "<root>"
+            extra = sorted(str(k) for k in node if k not in ("$env", "default"))
+            if extra:
+                raise ConfigError(f"{where}: an $env reference takes only 'default' besides '$env', not {', '.join(extra)}")
             name = node["$env"]
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{where}: $env must name an environment variable (a string), not {name!r}")
             if name in os.environ:
                 return os.environ[name]
             if "default" in node:

@@ -103,6 +103,18 @@ def test_env_secrets(tmp_path, monkeypatch):
     assert load_config(path, environ={}).config.upstreams["u"].api_key == "sk-1"
 
 
+@pytest.mark.parametrize("ref,message", [
+    ({"$env": 5}, r"admin.token: \$env must name an environment variable \(a string\), not 5"),
+    ({"$env": ""}, r"admin.token: \$env must name an environment variable"),
+    ({"$env": "X", "dflt": "y"}, r"admin.token: an \$env reference takes only 'default' besides '\$env', not dflt"),
+])
+def test_a_malformed_env_reference_is_a_config_error(tmp_path, ref, message):
+    """Named where it is, never a Python error from deep in the loader."""
+    path = write(tmp_path, {**BASE, "admin": {"token": ref}})
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ={})
+
+
 def test_env_overrides(tmp_path):
     path = write(tmp_path, BASE)
     loaded = load_config(path, environ={"SLUICE__SERVER__PORT": "8123", "SLUICE__UPSTREAMS__U__TIMEOUTS__IDLE": "7.5"})
