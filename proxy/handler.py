@@ -438,7 +438,9 @@ class Handler:
             task.uncancel()
             att.error = "timeout"
             ctx.outcome = "upstream_error"
-            await self._end_broken(out, ctx, pipeline, ProxyError(504, "The upstream stream stalled.", code="upstream_timeout"))
+            why = ("The upstream did not finish its stream in time." if dog.loop.time() >= dog.deadline
+                   else "The upstream stream stalled.")
+            await self._end_broken(out, ctx, pipeline, ProxyError(504, why, code="upstream_timeout"))
         except CONNECT_ERRORS as e:
             if isinstance(e, ConnectionResetError) and _client_gone(request):
                 ctx.outcome = "client_gone"

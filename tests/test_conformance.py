@@ -248,17 +248,22 @@ async def test_upstream_timeout_is_504(endpoint, stream, tmp_path):
     assert ctx.outcome == "upstream_error" and ctx.attempts[0].error == "timeout"
 
 
+@pytest.mark.parametrize("which", ["idle", "total"])
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-async def test_stream_idle_timeout_ends_stream_with_error_event(endpoint, tmp_path):
-    async with FakeUpstream() as up, SluiceServer(_config(up, CHAIN, timeouts={"idle": 0.3}), tmp_path) as s:
+async def test_stream_idle_timeout_ends_stream_with_error_event(endpoint, which, tmp_path):
+    """A stalled stream ends with an error event, whichever timeout cut it; the message says which."""
+    timeouts = {"idle": 0.3} if which == "idle" else {"idle": 30, "total": 0.5}
+    async with FakeUpstream() as up, SluiceServer(_config(up, CHAIN, timeouts=timeouts), tmp_path) as s:
         up.stall_after = 2
         client = _client(s)
-        with pytest.raises(openai.APIError):
+        with pytest.raises(openai.APIError) as e:
             await _call(client, endpoint, True)
         await s.wait_idle()
     ctx = Probe.done[0]
     assert ctx.outcome == "upstream_error" and ctx.attempts[0].error == "timeout"
     assert phases("on_stream_end") == ["inner", "outer"]
+    said = {"idle": "The upstream stream stalled.", "total": "The upstream did not finish its stream in time."}[which]
+    assert ctx.error == said and said in str(e.value)
 
 
 @contextlib.asynccontextmanager
