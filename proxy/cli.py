@@ -31,6 +31,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
     p = sub.add_parser("check", help="validate a config file without serving")
     p.add_argument("file", nargs="?", default=None, help="the config file (default: $SLUICE_CONFIG, then the built-in defaults)")
+    _config_arg(p)  # -c FILE too, as every other command that reads the config takes it
 
     p = sub.add_parser("demo-upstream", help="run the built-in OpenAI-compatible demo model server")
     p.add_argument("--host", default="127.0.0.1")
@@ -78,8 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ["SLUICE_WORKER"] = str(args.worker)
         return serve(args.config, worker=args.worker, ready_fd=args.ready_fd, ready_file=args.ready_file)
     if args.command == "check":
+        if args.file and args.config and args.file != args.config:
+            print("sluice: check takes one config file: FILE or -c FILE", file=sys.stderr)
+            return 2
         try:
-            loaded = load_config(args.file)
+            loaded = load_config(args.file or args.config)
         except ConfigError as e:
             print(f"sluice: {e}", file=sys.stderr)
             return 1

@@ -138,6 +138,13 @@ def test_sluice_check_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(bad)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert r.stderr.strip() == f"sluice: {bad}: server.workers: Input should be greater than or equal to 1"
+    # -c FILE, as the other commands that read the config take it
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", "-c", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "server.workers" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", "-c", str(good)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "ok (0 routes" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(good), "-c", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "one config file" in r.stderr
 
 
 def test_version_cli():
