@@ -142,6 +142,15 @@ class BudgetRule:
     ids: frozenset[str] | None
 
 
+#: the endpoints whose answers bill tokens (the end of the path after the route's prefix; POST)
+TOKEN_ENDPOINTS = ("chat/completions", "completions", "responses", "embeddings")
+
+
+def _bills_tokens(ctx: Context) -> bool:
+    """Whether the request is one whose tokens an estimate can stand for when the upstream gave no usage."""
+    return ctx.method == "POST" and ctx.endpoint.endswith(TOKEN_ENDPOINTS)
+
+
 class Budget(BaseModel):
     """One spend budget rule of the metering plugin."""
 
@@ -437,10 +446,13 @@ class Metering(Plugin):
         return last.error == "cancelled" and not last.unsent
 
     def usage_of(self, ctx: Context) -> Usage:
-        """The request's usage: the upstream's, else an estimate marked so."""
+        """The request's usage: the upstream's, else an estimate marked so (for the endpoints that bill
+        tokens: a model list, a file or an audio call has no tokens to estimate)."""
         u = self._reported(ctx)
         if u is not None:
             return u
+        if not _bills_tokens(ctx):
+            return Usage()
         if not self._answered(ctx):
             if self._billed_unanswered(ctx):
                 # the client left while the upstream had the request: it bills the prompt
@@ -459,7 +471,7 @@ class Metering(Plugin):
         """:meth:`_big_prompt` when the row's usage is an estimate that counts the prompt (a cut stream, an
         upstream without usage: :meth:`usage_of`)."""
         if (len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES or not ctx.attempts or self._reported(ctx) is not None
-                or not (self._answered(ctx) or self._billed_unanswered(ctx))):
+                or not _bills_tokens(ctx) or not (self._answered(ctx) or self._billed_unanswered(ctx))):
             return None  # the size first: most requests stop there
         return self._big_prompt(ctx)
 

@@ -509,3 +509,24 @@ async def test_without_budgets_metering_has_no_admission_hook(upstream: FakeUpst
             assert "auth.on_request" in Timed.seen[-1]
     rows = ledger_rows(tmp_path / "none")
     assert len(rows) == 1 and rows[0]["key_id"] == "k1"
+
+
+async def test_calls_without_tokens_are_not_marked_estimated(upstream: FakeUpstream, tmp_path: Path):
+    """A model list or a speech call reaches the upstream and gets its row, with no tokens to estimate: not
+    marked estimated (which `sluice usage` counts); a chat answer without usage still is."""
+    upstream.malformed_usage = True  # the chat answer's usage cannot be read: estimated
+    async with SluiceServer(config(upstream, [AUTH]), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY, max_retries=0) as c:
+            models = await c.models.list()
+            assert [m.id async for m in models]
+            speech = await c.audio.speech.create(model="sluice-demo", voice="alloy", input="hello")
+            assert speech.content
+            await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    rows = {r["endpoint"]: r for r in ledger_rows(tmp_path)}
+    assert set(rows) == {"models", "audio/speech", "chat/completions"}
+    for endpoint in ("models", "audio/speech"):
+        r = rows[endpoint]
+        assert (r["estimated"], r["prompt_tokens"], r["completion_tokens"], r["cost"]) == (0, 0, 0, 0.0), r
+    assert rows["chat/completions"]["estimated"] == 1 and rows["chat/completions"]["prompt_tokens"] > 0
