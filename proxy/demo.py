@@ -31,6 +31,8 @@ TOKEN_RE = re.compile(r"\S+\s*|\s+")
 WORD_RE = re.compile(r"\w+|[^\w\s]")
 DEMO_MODEL = "sluice-demo"
 PREFIX = "Hello from the Sluice demo model. You said: "
+#: headers the echo never repeats (an upstream key a proxy adds would go back to its client)
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie"})
 
 
 def count_tokens(text: str) -> int:
@@ -162,6 +164,7 @@ class DemoUpstream:
         r.add_get("/version", self._version)
         r.add_get("/metrics", self._metrics)
         r.add_get("/v1/models", self._models)
+        r.add_get("/v1/models/{model}", self._model)
         r.add_post("/v1/chat/completions", self._chat)
         r.add_post("/v1/completions", self._completions)
         r.add_post("/v1/responses", self._responses)
@@ -307,6 +310,16 @@ class DemoUpstream:
         return web.json_response(
             {"object": "list", "data": [{"id": self.model, "object": "model", "created": 1700000000, "owned_by": "sluice", "root": self.model, "parent": None, "max_model_len": 4096}]}
         )
+
+    async def _model(self, request: web.Request) -> web.Response:
+        _, fail = await self._enter(request)
+        if fail is not None:
+            return fail
+        name = request.match_info["model"]
+        if name != self.model:  # as vLLM answers an unknown model
+            err = {"error": {"message": f"The model `{name}` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}}
+            return web.Response(status=404, body=orjson.dumps(err), content_type="application/json")
+        return web.json_response({"id": self.model, "object": "model", "created": 1700000000, "owned_by": "sluice"})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         raw, fail = await self._enter(request)
@@ -502,9 +515,11 @@ class DemoUpstream:
         raw, fail = await self._enter(request)
         if fail is not None:
             return fail
+        # what came, for a look at what a proxy forwards; never a credential back to whoever asked
+        headers = {k.lower(): "[redacted]" if k.lower() in SECRET_HEADERS else v for k, v in request.headers.items()}
         return web.json_response(
             {"method": request.method, "path": request.path, "query": request.query_string, "body_bytes": len(raw),
-             "body_sha256": hashlib.sha256(raw).hexdigest(), "headers": {k.lower(): v for k, v in request.headers.items()}},
+             "body_sha256": hashlib.sha256(raw).hexdigest(), "headers": headers},
             headers={"x-demo-echo": "1"},
         )
 

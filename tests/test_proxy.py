@@ -36,7 +36,8 @@ async def test_any_method_path_query_and_body_pass_through(upstream, http, tmp_p
         body = b'{"purpose": "batch", "weird": "\\u00e9"}'
         r = await http.request(
             "DELETE", f"{s.url}/files/file-abc%2F1?limit=3&after=x%20y", content=body,
-            headers={"content-type": "application/json", "openai-organization": "org-1", "connection": "keep-alive, x-hop", "x-hop": "drop-me"},
+            headers={"content-type": "application/json", "openai-organization": "org-1", "connection": "keep-alive, x-hop", "x-hop": "drop-me",
+                     "authorization": "Bearer sk-client-secret"},
         )
         assert r.status_code == 200
         echo = r.json()
@@ -48,6 +49,9 @@ async def test_any_method_path_query_and_body_pass_through(upstream, http, tmp_p
         assert "x-hop" not in echo["headers"]  # named in Connection: hop-by-hop
         assert echo["headers"]["x-request-id"] == r.headers["x-request-id"]
         assert r.headers["x-demo-echo"] == "1"
+        # the demo upstream's echo never hands a credential back; the upstream got it
+        assert echo["headers"]["authorization"] == "[redacted]" and "sk-client-secret" not in r.text
+        assert upstream.requests[-1].headers["authorization"] == "Bearer sk-client-secret"
 
 
 async def test_unchanged_body_goes_upstream_byte_for_byte(upstream, http, tmp_path):
@@ -72,6 +76,9 @@ async def test_openai_sdk_surface(upstream, tmp_path):
         async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
             models = await client.models.list()
             assert [m.id for m in models.data] == ["sluice-demo"]
+            assert (await client.models.retrieve("sluice-demo")).id == "sluice-demo"
+            with pytest.raises(openai.NotFoundError):
+                await client.models.retrieve("no-such-model")
             emb = await client.embeddings.create(model="m", input=["a", "b"])  # the SDK asks for base64
             assert len(emb.data) == 2 and len(emb.data[0].embedding) == 16
             speech = await client.audio.speech.create(model="tts", voice="alloy", input="hello")
