@@ -218,7 +218,40 @@ class SluiceConfig(Model):
                     raise ValueError(f"routes[{i}].upstream: unknown upstream {name!r} (known: {known})")
             if not r.upstream_names and self.upstreams:
                 raise ValueError(f"routes[{i}].upstream: required when upstreams are configured")
+        seen: dict[tuple[Any, ...], int] = {}
+        for i, r in enumerate(self.routes):
+            m = r.match
+            key = (m.path, frozenset(m.methods or ()), frozenset(m.headers.items()))
+            if key in seen:
+                raise ValueError(f"routes[{i}].match: the same as routes[{seen[key]}].match, which takes every request "
+                                 "this route would: give it another path, methods or headers, or remove it")
+            seen[key] = i
         return self
+
+
+# -- the file -----------------------------------------------------------------
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the safe loader keeps the last one
+    silently: a setting written twice is a mistake to point at, not to guess)."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # "<<" merges: keys given here win over merged ones, as YAML says
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        except TypeError:
+            pass  # an unhashable key: the constructor below says so
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 # -- secrets and environment -------------------------------------------------
@@ -306,7 +339,7 @@ def read_raw(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
     except OSError as e:
         raise ConfigError(f"{src}: cannot read: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_StrictLoader) or {}  # noqa: S506 - a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -129,6 +129,25 @@ def test_invalid_yaml(tmp_path):
         load_config(p, environ={})
 
 
+def test_a_key_given_twice_is_refused(tmp_path):
+    p = tmp_path / "twice.yaml"
+    p.write_text("server:\n  port: 8080\n  port: 9090\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: line 3 invalid YAML: duplicate key 'port'"):
+        load_config(p, environ={})
+    p.write_text("base: &b {port: 8080, host: 127.0.0.1}\nserver:\n  <<: *b\n  port: 9090\n")  # a merge is not a repeat
+    with pytest.raises(ConfigError, match="base"):  # the unknown top-level key, not a duplicate
+        load_config(p, environ={})
+
+
+def test_a_route_no_request_can_reach_is_refused(tmp_path):
+    routes = [{"match": {"path": "/v1/"}, "upstream": "u"}, {"name": "b", "match": {"path": "/v1/"}, "upstream": "u"}]
+    path = write(tmp_path, {**BASE, "routes": routes})
+    with pytest.raises(ConfigError, match=r"routes\[1\].match: the same as routes\[0\].match"):
+        load_config(path, environ={})
+    routes[1]["match"]["methods"] = ["GET"]  # a narrower route of the same prefix is fine
+    assert len(load_config(write(tmp_path, {**BASE, "routes": routes}), environ={}).config.routes) == 2
+
+
 def test_sluice_check_cli(tmp_path):
     good = write(tmp_path, BASE)
     r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(good)], capture_output=True, text=True, timeout=60)
