@@ -20,6 +20,7 @@ import collections
 import hashlib
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -846,6 +847,12 @@ async def _run_cli(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if not configs:
         print("sluice experiments: no route of this config uses the experiments plugin")
         return 1
+    if args.name is not None:
+        known = sorted({x.name for cfg in configs for x in (*cfg.experiments, *cfg.shadows)})  # type: ignore[attr-defined]
+        if args.name not in known:
+            print(f"sluice experiments: no experiment or shadow named {args.name!r} in this config "
+                  f"(known: {', '.join(known) or 'none'})", file=sys.stderr)
+            return 1
     hub = StateHub(loaded.config.state)
     await hub.start()
     try:

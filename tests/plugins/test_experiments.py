@@ -273,6 +273,10 @@ async def test_cli_reports_statistics(tmp_path: Path):
     (rep,) = json.loads(js.stdout)
     assert sum(v["requests"] for v in rep["experiments"][0]["variants"]) == 12
     assert rep["shadows"] == []
+    typo = subprocess.run([sys.executable, "-m", "proxy.cli", "experiments", "-c", str(path), "prompt-v3"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert typo.returncode == 1 and "no experiment or shadow named 'prompt-v3'" in typo.stderr
+    assert "known: mirror, prompt-v2" in typo.stderr
 
 
 async def test_variant_reaches_the_ledger(tmp_path: Path):
