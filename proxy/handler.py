@@ -116,14 +116,17 @@ def has_dot_segments(path: str) -> bool:
     return True  # encoded three times over: no client of an API does that
 
 
-def json_typed(headers: CIMultiDictProxy[str]) -> bool:
-    """Whether an upstream would read the body as JSON: declared so, or not declared at all (FastAPI's
-    rule, which vLLM follows)."""
+def json_typed(headers: CIMultiDictProxy[str], body: bytes) -> bool:
+    """Whether an upstream may read the body as JSON: declared so, or not declared at all (FastAPI's
+    rule, which vLLM follows), or shaped like JSON whatever it is declared (Go servers such as Ollama's
+    bind JSON without looking at the content type)."""
     ct = headers.get("content-type")
     if ct is None:
         return True
     ct = ct.lower()
-    return ct.startswith("application/json") or "+json" in ct
+    if ct.startswith("application/json") or "+json" in ct:
+        return True
+    return body[:64].lstrip(b" \t\r\n\xef\xbb\xbf")[:1] in (b"{", b"[")
 
 
 class Handler:
@@ -177,7 +180,7 @@ class Handler:
                 request_id=rid, method=request.method, path=path, query=query,
                 headers=headers, raw=raw, route=route,
             )
-            if route.checks_json and raw and json_typed(request.headers):
+            if route.checks_json and raw and json_typed(request.headers, raw):
                 # the plugins that read bodies must see what the upstream will: a body a laxer parser
                 # than ours would take (NaN, a byte order mark, a lone surrogate) is refused, as OpenAI does
                 try:

@@ -49,7 +49,7 @@ GOOD = b'{"model":"sluice-demo","messages":[{"role":"user","content":"hello ther
     b'{"model":"forbidden","max_tokens":1e400,"messages":[]}',
     b'{"model":"forbidden",',
 ], ids=["nan", "bom", "lone-surrogate", "infinite", "cut"])
-@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", None])
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", None, "text/plain"])
 async def test_a_body_our_parser_refuses_never_reaches_the_guards_or_the_upstream(upstream: FakeUpstream, tmp_path, body, content_type):
     """Python's json (FastAPI, so vLLM) takes NaN, a byte order mark and lone surrogates; a guard that
     skipped a body it could not parse would let the upstream act on it unchecked. OpenAI answers such a
@@ -64,6 +64,15 @@ async def test_a_body_our_parser_refuses_never_reaches_the_guards_or_the_upstrea
         assert ok.status_code == 200
     assert Reader.seen == [orjson.loads(GOOD)]  # the refused body never reached the guard
     assert [r.body for r in upstream.requests] == [GOOD]
+
+
+async def test_a_body_not_shaped_like_json_is_not_parsed_unless_declared(upstream: FakeUpstream, tmp_path):
+    """A multipart upload (audio) is not JSON and is not refused as such; the guard sees no JSON body."""
+    body = b"--b\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--b--\r\n"
+    async with SluiceServer(route(upstream, [{"body_reader": {}}]), tmp_path) as s, httpx.AsyncClient() as c:
+        r = await c.post(f"{s.url}/audio/transcriptions", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+        assert "invalid_json" not in r.text
+    assert Reader.seen == [None] and [r.path for r in upstream.requests] == ["/v1/audio/transcriptions"]
 
 
 async def test_without_request_plugins_a_body_passes_as_it_came(upstream: FakeUpstream, tmp_path):
