@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
+import zlib
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from urllib.parse import unquote
 
@@ -69,43 +71,72 @@ class UnsupportedEncoding(Exception):
     pass
 
 
-#: the request body encodings aiohttp decodes as it reads (its parser's list); the body a plugin
-#: reads and the upstream gets is the decoded one
-DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+class BadEncoding(Exception):
+    pass
+
+
+#: the request body encodings Sluice decodes (read_body): the body a plugin reads and the upstream
+#: gets is the decoded one
+DECODED_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The request body, at most ``limit`` bytes, decoded when the client compressed it."""
     headers = request.headers
+    coding = None
+    if "content-encoding" in headers:
+        given = headers.getall("content-encoding")
+        coding = given[0].strip().lower() if len(given) == 1 and "," not in given[0] else "stacked"
+        if coding in ("", "identity"):
+            coding = None
+        elif coding not in DECODED_ENCODINGS:
+            raise UnsupportedEncoding  # br, zstd, stacked codings: nothing here decodes them
     cl = request.content_length
-    encoded = "content-encoding" in headers and headers["content-encoding"].strip().lower() not in ("", "identity")
-    if encoded and headers["content-encoding"].strip().lower() not in DECODED_ENCODINGS:
-        raise UnsupportedEncoding
     if cl is not None and cl > limit:
         raise BodyTooLarge
     if "expect" in headers:
         await _expect(request)
-    if cl is not None and not encoded:
+    if cl is not None:
         try:
-            return await request.content.readexactly(cl) if cl else b""
+            data = await request.content.readexactly(cl) if cl else b""
         except asyncio.IncompleteReadError:
             raise BodyCutShort from None
-    # chunked, or compressed: Content-Length counts the compressed bytes, the limit the decoded ones
-    buf = bytearray()
-    async for chunk in request.content.iter_any():
-        buf += chunk
-        if len(buf) > limit:
+    else:
+        buf = bytearray()
+        async for chunk in request.content.iter_any():
+            buf += chunk
+            if len(buf) > limit:
+                raise BodyTooLarge
+        data = bytes(buf)
+    return decode_body(data, coding, limit) if coding is not None and data else data
+
+
+def decode_body(data: bytes, coding: str, limit: int) -> bytes:
+    """``data`` decoded (gzip, or deflate: zlib-wrapped as RFC 9110 says, or raw as some clients send it):
+    whole (a cut or corrupt stream, or bytes after its end, are :class:`BadEncoding`) and at most
+    ``limit`` bytes (else :class:`BodyTooLarge`, found without decoding more than that)."""
+    for wbits in ((31,) if coding != "deflate" else (15, -15)):
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(data, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit:
             raise BodyTooLarge
-    return bytes(buf)
+        if d.eof and not d.unused_data:
+            return out
+        break
+    raise BadEncoding
 
 
 def has_dot_segments(path: str) -> bool:
-    """Whether ``path`` holds a ``.`` or ``..`` segment, percent-encoded (even twice) or behind a
-    backslash: an upstream or a proxy in front of it that resolves them would serve a path outside
-    the route's upstream base, with the upstream's credentials."""
-    for _ in range(3):
+    """Whether ``path`` holds a ``.`` or ``..`` segment, percent-encoded (up to three times), behind a
+    backslash or before ``;`` parameters (``..;``, which Java servers resolve): an upstream or a proxy in
+    front of it that resolves them would serve a path outside the route's upstream base, with the
+    upstream's credentials."""
+    for _ in range(4):
         for seg in path.replace("\\", "/").split("/"):
-            if seg == "." or seg == "..":
+            if seg.partition(";")[0] in (".", ".."):
                 return True
         if "%" not in path:
             return False
@@ -113,7 +144,7 @@ def has_dot_segments(path: str) -> bool:
         if decoded == path:
             return False
         path = decoded
-    return True  # encoded three times over: no client of an API does that
+    return False
 
 
 def json_typed(headers: CIMultiDictProxy[str], body: bytes) -> bool:
@@ -123,10 +154,15 @@ def json_typed(headers: CIMultiDictProxy[str], body: bytes) -> bool:
     ct = headers.get("content-type")
     if ct is None:
         return True
-    ct = ct.lower()
-    if ct.startswith("application/json") or "+json" in ct:
+    media = ct.partition(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
         return True
-    return body[:64].lstrip(b" \t\r\n\xef\xbb\xbf")[:1] in (b"{", b"[")
+    m = _LEAD.match(body)
+    return body[m.end():m.end() + 1] in (b"{", b"[")  # type: ignore[union-attr]
+
+
+#: what a JSON parser skips before a value (any amount: Go's does), and a byte order mark
+_LEAD = re.compile(rb"[ \t\r\n\xef\xbb\xbf]*")
 
 
 class Handler:
@@ -168,11 +204,15 @@ class Handler:
                 return error_response(417, "Only 'Expect: 100-continue' is understood.", rid, code="expectation_failed")
             except UnsupportedEncoding:
                 server.metrics.rejected.labels(reason="unsupported_encoding").inc()
-                return error_response(415, "The request body's content-encoding is not one Sluice reads (gzip, deflate, br, zstd).",
+                return error_response(415, "The request body's content-encoding is not one Sluice reads (gzip or deflate).",
                                       rid, code="unsupported_content_encoding")
             except BodyCutShort:
                 server.metrics.rejected.labels(reason="incomplete_body").inc()
                 return error_response(400, "The request body ended before its Content-Length.", rid, code="incomplete_body")
+            except BadEncoding:
+                server.metrics.rejected.labels(reason="invalid_encoding").inc()
+                return error_response(400, "The request body is not a whole stream of its content-encoding.", rid,
+                                      code="invalid_content_encoding")
             headers = request_headers(request.headers)
             if "content-encoding" in headers:
                 del headers["content-encoding"]  # read decoded (read_body), sent on as read

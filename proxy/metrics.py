@@ -48,7 +48,8 @@ class CoreMetrics:
             "Requests answered before any plugin ran: no route matched (route_not_found), the body was too large "
             "(request_too_large), an Expect header other than 100-continue (expectation_failed), a dot segment in "
             "the path (invalid_path), a JSON body that does not parse on a route whose plugins act on requests "
-            "(invalid_json), a content-encoding Sluice cannot read (unsupported_encoding), a body that ended "
+            "(invalid_json), a content-encoding Sluice cannot read (unsupported_encoding), a compressed body that is not "
+            "one whole stream (invalid_encoding), a body that ended "
             "before its Content-Length (incomplete_body).",
             ["reason"], registry=registry,
         )

@@ -138,7 +138,11 @@ class Server:
         # the await chain of every stream read; the handler does its own dispatch
         # drain() waits server.drain_seconds for in-flight requests; past that, close() cuts them
         # within 2 x CUT_WAIT_S more instead of aiohttp's default minute (twice)
-        self.runner = web.ServerRunner(web.Server(make_handler(self), handler_cancellation=True, access_log=None),
+        # auto_decompress=False: the handler decodes a compressed body itself (read_body), checking that the
+        # stream is whole and the decoded size within the limit; aiohttp would pass a cut gzip body on as
+        # it stands and answer a corrupt one with a plain-text 500
+        self.runner = web.ServerRunner(web.Server(make_handler(self), handler_cancellation=True, access_log=None,
+                                                  auto_decompress=False),
                                        shutdown_timeout=CUT_WAIT_S)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host or cfg.server.host, cfg.server.port if port is None else port, reuse_port=reuse_port, backlog=2048)
