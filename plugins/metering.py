@@ -142,13 +142,16 @@ class BudgetRule:
     ids: frozenset[str] | None
 
 
-#: the endpoints whose answers bill tokens (the end of the path after the route's prefix; POST)
-TOKEN_ENDPOINTS = ("chat/completions", "completions", "responses", "embeddings")
+#: path segments of the calls that bill no tokens (a model list, files, audio, images, batches, moderations)
+NO_TOKEN_SEGMENTS = frozenset({"models", "files", "uploads", "batches", "audio", "images", "moderations",
+                               "fine_tuning", "vector_stores"})
 
 
 def _bills_tokens(ctx: Context) -> bool:
-    """Whether the request is one whose tokens an estimate can stand for when the upstream gave no usage."""
-    return ctx.method == "POST" and ctx.endpoint.endswith(TOKEN_ENDPOINTS)
+    """Whether an estimate can stand for the request's tokens when the upstream gave no usage: a POST to
+    anything but the calls that bill none (chat, completions, responses, embeddings, and what else a model
+    server offers: vLLM's messages, rerank, score...)."""
+    return ctx.method == "POST" and NO_TOKEN_SEGMENTS.isdisjoint(ctx.endpoint.split("/"))
 
 
 class Budget(BaseModel):
@@ -383,9 +386,10 @@ class Metering(Plugin):
                         reason="budget_exceeded",
                     )
                 taken.append((key, amount, end))
-            # the reservation is the worst case: it is given back to the real cost in on_done, which must
-            # not wait for the observers' batch (the key's next request would see the worst case still held)
-            ctx.settle_now = True
+            if amount > 0:
+                # the reservation is the worst case: it is given back to the real cost in on_done, which must
+                # not wait for the observers' batch (the key's next request would see the worst case still held)
+                ctx.settle_now = True
         except StateUnavailable:
             await self._give_back(taken)
             taken.clear()
