@@ -218,14 +218,19 @@ class SluiceConfig(Model):
                     raise ValueError(f"routes[{i}].upstream: unknown upstream {name!r} (known: {known})")
             if not r.upstream_names and self.upstreams:
                 raise ValueError(f"routes[{i}].upstream: required when upstreams are configured")
-        seen: dict[tuple[Any, ...], int] = {}
-        for i, r in enumerate(self.routes):
+        # routes are tried longest prefix first, ties in file order: a route is never reached when an earlier
+        # one of the same prefix takes all its methods (or every method) and asks for no header it does not
+        headers = [{k.lower(): v for k, v in r.match.headers.items()} for r in self.routes]
+        for j, r in enumerate(self.routes):
             m = r.match
-            key = (m.path, frozenset(m.methods or ()), frozenset(m.headers.items()))
-            if key in seen:
-                raise ValueError(f"routes[{i}].match: the same as routes[{seen[key]}].match, which takes every request "
-                                 "this route would: give it another path, methods or headers, or remove it")
-            seen[key] = i
+            for i in range(j):
+                e = self.routes[i].match
+                if e.path != m.path or not headers[i].items() <= headers[j].items():
+                    continue
+                if e.methods is None or (m.methods is not None and set(m.methods) <= set(e.methods)):
+                    raise ValueError(f"routes[{j}].match: routes[{i}] (the same path prefix, earlier in the file) takes every "
+                                     "request this route would: put the narrower route first, or give it another path, "
+                                     "methods or headers")
         return self
 
 

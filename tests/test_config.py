@@ -139,13 +139,26 @@ def test_a_key_given_twice_is_refused(tmp_path):
         load_config(p, environ={})
 
 
-def test_a_route_no_request_can_reach_is_refused(tmp_path):
-    routes = [{"match": {"path": "/v1/"}, "upstream": "u"}, {"name": "b", "match": {"path": "/v1/"}, "upstream": "u"}]
-    path = write(tmp_path, {**BASE, "routes": routes})
-    with pytest.raises(ConfigError, match=r"routes\[1\].match: the same as routes\[0\].match"):
-        load_config(path, environ={})
-    routes[1]["match"]["methods"] = ["GET"]  # a narrower route of the same prefix is fine
-    assert len(load_config(write(tmp_path, {**BASE, "routes": routes}), environ={}).config.routes) == 2
+@pytest.mark.parametrize("first,second", [
+    ({}, {}),
+    ({}, {"methods": ["GET"]}),  # every method first: the GET route is never reached
+    ({"methods": ["get", "POST"]}, {"methods": ["POST"]}),
+    ({"headers": {"X-Team": "a"}}, {"headers": {"x-team": "a", "x-env": "b"}}),  # names compare without case
+])
+def test_a_route_no_request_can_reach_is_refused(tmp_path, first, second):
+    routes = [{"match": {"path": "/v1/", **first}, "upstream": "u"}, {"name": "b", "match": {"path": "/v1/", **second}, "upstream": "u"}]
+    with pytest.raises(ConfigError, match=r"routes\[1\].match: routes\[0\] \(the same path prefix, earlier in the file\) takes every"):
+        load_config(write(tmp_path, {**BASE, "routes": routes}), environ={})
+    if first != second:  # the narrower route first, both are reached
+        assert len(load_config(write(tmp_path, {**BASE, "routes": routes[::-1]}), environ={}).config.routes) == 2
+
+
+def test_routes_that_each_take_some_requests_are_fine(tmp_path):
+    routes = [{"match": {"path": "/v1/", "methods": ["GET"]}, "upstream": "u"},
+              {"match": {"path": "/v1/", "headers": {"x-team": "a"}}, "upstream": "u"},
+              {"match": {"path": "/v1/"}, "upstream": "u"},
+              {"match": {"path": "/v1/chat/"}, "upstream": "u"}]
+    assert len(load_config(write(tmp_path, {**BASE, "routes": routes}), environ={}).config.routes) == 4
 
 
 def test_sluice_check_cli(tmp_path):
