@@ -214,11 +214,11 @@ def tap_event(ctx: Context, ev: Event, injected: bool) -> bool:
         k = raw.find(b'"usage"')
         if k == -1 or (not injected and _null_usage(raw, k)):
             return True
-        if injected and raw[:6] == b"data: " and raw[-2:] == b"\n\n" and b"\r" not in raw and raw.count(b"\n") == 2:
+        if injected and raw[:5] == b"data:" and raw[-2:] == b"\n\n" and b"\r" not in raw and raw.count(b"\n") == 2:
             cut, other = _strip_null_usage(raw, True)
             if not other:  # every "usage" of this one-line event is a null member: cut, nothing to parse
                 ev._raw = cut
-                ev._data = cut[6:-2].decode("utf-8", "replace")
+                ev._data = cut[6 if cut[5:6] == b" " else 5:-2].decode("utf-8", "replace")
                 ev._json = _UNSET  # read again from what is left, if a plugin asks
                 return True
     obj = ev.json

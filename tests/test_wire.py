@@ -300,9 +300,10 @@ def test_the_parsed_relay_sends_what_the_raw_relay_sends_for_events_no_plugin_ch
     finish = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}'
     usage_only = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
     plain = b'data: {"choices":[{"delta":{"content":"usage"}}]}'
+    tight = b'data:{"choices":[{"delta":{"content":"no blank after data:"}}],"usage":null}'
     done = b"data: [DONE]"
     seen = 0
-    for combo in itertools.permutations([spaced, compact, first, finish, usage_only, plain, done], 3):
+    for combo in itertools.permutations([spaced, compact, first, finish, usage_only, plain, tight, done], 3):
         block = b"\n\n".join(combo) + b"\n\n"
         for injected in (False, True):
             raw_out, raw_usage = _tap(tap_block, block, injected)
@@ -314,8 +315,12 @@ def test_the_parsed_relay_sends_what_the_raw_relay_sends_for_events_no_plugin_ch
             u = ctx.usage
             assert (out, None if u is None else (u.prompt_tokens, u.completion_tokens)) == (raw_out, raw_usage), block
             seen += 1
-    assert seen == 420
+    assert seen == 672  # every ordered choice of three of the eight kinds, asked or not
     # what a plugin reads of a cut event is what the client gets
+    ev = next(Parser().feed(tight + b"\n\n"))
+    assert tap_event(make_context({"model": "m"}), ev, True)
+    assert ev.encode() == b'data:{"choices":[{"delta":{"content":"no blank after data:"}}]}\n\n'
+    assert ev.data == '{"choices":[{"delta":{"content":"no blank after data:"}}]}'
     ev = next(Parser().feed(spaced + b"\n\n"))
     assert tap_event(make_context({"model": "m"}), ev, True)
     assert ev.encode() == b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"content": "caf\\u00e9 1e-05"}, "logprobs": {"x": 1.50}}]}\n\n'
