@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ["SLUICE_WORKER"] = str(args.worker)
         return serve(args.config, worker=args.worker, ready_fd=args.ready_fd, ready_file=args.ready_file)
     if args.command == "check":
-        if args.file and args.config and args.file != args.config:
+        if args.file and args.config and os.path.realpath(args.file) != os.path.realpath(args.config):
             print("sluice: check takes one config file: FILE or -c FILE", file=sys.stderr)
             return 2
         try:

@@ -164,7 +164,7 @@ class DemoUpstream:
         r.add_get("/version", self._version)
         r.add_get("/metrics", self._metrics)
         r.add_get("/v1/models", self._models)
-        r.add_get("/v1/models/{model}", self._model)
+        r.add_get("/v1/models/{model:.+}", self._model)  # ids may hold a slash (org/name)
         r.add_post("/v1/chat/completions", self._chat)
         r.add_post("/v1/completions", self._completions)
         r.add_post("/v1/responses", self._responses)
