@@ -161,6 +161,32 @@ def json_typed(headers: CIMultiDictProxy[str], body: bytes) -> bool:
     return body[m.end():m.end() + 1] in (b"{", b"[")  # type: ignore[union-attr]
 
 
+def case_twins(body: dict[str, Any]) -> bool:
+    """Whether the request's object, or one of its messages or input items, has two keys that differ only in
+    case. Go's JSON decoder (Ollama's) binds a key to a field whatever its case, the last one winning:
+    ``{"model": "allowed", "Model": "other"}`` reaches it as "other" while every plugin here reads
+    "allowed". Keys all in lower-case ASCII (every key of the API) cannot collide: one join and one
+    comparison per object, the case folding only for an object with other keys."""
+    if _twins(body):
+        return True
+    for name in ("messages", "input"):
+        items = body.get(name)
+        if type(items) is list:
+            for item in items:
+                if type(item) is dict and _twins(item):
+                    return True
+    return False
+
+
+def _twins(d: dict[str, Any]) -> bool:
+    if len(d) < 2:
+        return False
+    keys = "".join(d)
+    if keys.isascii() and keys == keys.lower():
+        return False
+    return len({k.casefold() for k in d}) != len(d)
+
+
 #: what a JSON parser skips before a value (any amount: Go's does), and a byte order mark
 _LEAD = re.compile(rb"[ \t\r\n\xef\xbb\xbf]*")
 
@@ -224,10 +250,14 @@ class Handler:
                 # the plugins that read bodies must see what the upstream will: a body a laxer parser
                 # than ours would take (NaN, a byte order mark, a lone surrogate) is refused, as OpenAI does
                 try:
-                    ctx.body
+                    body = ctx.body
                 except ProxyError as e:
                     server.metrics.rejected.labels(reason="invalid_json").inc()
                     return error_response(400, e.message, rid, code=e.code)
+                if type(body) is dict and case_twins(body):
+                    server.metrics.rejected.labels(reason="invalid_json").inc()
+                    return error_response(400, "The JSON body has keys that differ only in case (such as 'model' and "
+                                          "'Model'): send each once.", rid, code="invalid_json")
             ctx._peer = (gen.client_ip, request)  # the address is looked up if a plugin asks
             ctx.runtime = gen.runtime
             ctx.targets = list(route.default_targets)
