@@ -110,14 +110,8 @@ async def test_without_request_plugins_a_body_passes_as_it_came(upstream: FakeUp
     body = b'{"model":"sluice-demo","temperature":NaN,"messages":[{"role":"user","content":"hi"}]}'
     async with SluiceServer(route(upstream, []), tmp_path) as s, httpx.AsyncClient() as c:
         r = await c.post(f"{s.url}/chat/completions", content=body, headers={"content-type": "application/json"})
-        assert r.status_code == upstream_status(r)
+        assert "invalid_json" not in r.text  # whatever the upstream made of it, not a refusal of Sluice's
     assert [r.body for r in upstream.requests] == [body]
-
-
-def upstream_status(r: httpx.Response) -> int:
-    """Whatever the demo upstream made of it, passed through (not a refusal of Sluice's)."""
-    assert "x-upstream-request-id" in r.headers or r.status_code < 500, r.text
-    return r.status_code
 
 
 async def _chunks(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
