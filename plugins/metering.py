@@ -235,7 +235,9 @@ class Metering(Plugin):
         self._tokenizer_failed = False
         #: the sluice_cost_total accumulator per (route, model label)
         self._cost: dict[tuple[str, str], Any] = {}
-        if not (self.rules or config.identity_budgets):
+        #: some budget may apply: a rule, or a key's own (identity budgets): counters, and an admission hook
+        self.budgeted = bool(self.rules or config.identity_budgets)
+        if not self.budgeted:
             # no budget to reserve against: no on_request at all, so the core neither calls nor times one
             # (the chain builds its hook lists from the instance's attributes)
             self.on_request = None  # type: ignore[assignment]
@@ -245,7 +247,7 @@ class Metering(Plugin):
             # whose on_done hooks are all plain runs them in the request's task, after the answer,
             # instead of through the core's on_done queue (a task switch and a queued context per
             # request). Budgets in Redis keep the async hooks.
-            if (self.rules or config.identity_budgets) and not self._tokenizers:
+            if self.budgeted and not self._tokenizers:
                 # with a tokenizer, a big prompt's reservation is counted in the executor: that awaits
                 self.on_request = self.on_request_now  # type: ignore[method-assign]
             # a big prompt the row must estimate is counted in the executor too: on_done_now hands the
@@ -254,7 +256,7 @@ class Metering(Plugin):
 
     def _remote_budgets(self, runtime: Any) -> bool:
         """Whether budget calls go to Redis (and can wait); the backend start() will choose."""
-        if not (self.rules or self.config.identity_budgets):
+        if not self.budgeted:
             return False  # no counters at all
         backend = self.config.budget_backend
         if backend == "auto":
@@ -274,7 +276,7 @@ class Metering(Plugin):
         if self.config.ledger:
             self.ledger = state.records(self.config.ledger_name)
             self.ledger.ensure(ledger_table())
-        if self.rules or self.config.identity_budgets:
+        if self.budgeted:
             self.counters = state.counters(self.config.budget_backend)
             workers = self.runtime.config.server.workers
             if self.rules and workers > 1 and not self._remote_budgets(self.runtime) and self.runtime.worker_id == 0:
