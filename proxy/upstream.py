@@ -99,14 +99,12 @@ class _Connector(aiohttp.TCPConnector):
             self._note()
             raise
 
-    def took_unsent(self) -> bool:
-        """Whether the current task (the one aiohttp's connector ran in: the request's handler, not
-        ``request.task``, the connection's, which awaits it) was cancelled before it had a connection;
-        forgotten once asked."""
-        task = asyncio.current_task()
+    def took_unsent(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` (the request's: aiohttp's connector runs in it) was cancelled before it had a
+        connection; forgotten once asked."""
         if task not in self.unsent:
             return False
-        self.unsent.discard(task)  # type: ignore[arg-type]
+        self.unsent.discard(task)
         return True
 
 
@@ -247,6 +245,8 @@ class UpstreamPool:
         exponential backoff, full jitter and ``retry-after`` honoured), then the
         next target is tried, all within ``retries.deadline_s``. The last
         upstream error answer is passed through unchanged; with none, 502 or 504.
+        ``task`` is the running task (the handler has it at hand): the timeouts cancel it, and
+        aiohttp's connector runs in it.
         """
         policy = route.retries
         targets = ctx.targets or route.default_targets
@@ -300,14 +300,14 @@ class UpstreamPool:
                     alarm.disarm()
             except TimeoutError:
                 up.outstanding -= 1
-                up.connector.took_unsent()  # type: ignore[union-attr]  # a connect timeout cancels inside aiohttp
+                up.connector.took_unsent(task)  # type: ignore[union-attr]  # a connect timeout cancels inside aiohttp
                 att.error, att.end = "timeout", time.perf_counter()
                 last_error = ProxyError(504, "The upstream did not answer in time.", code="upstream_timeout")
                 delay = self._backoff(policy, n, None)
                 continue
             except CONNECT_ERRORS as e:
                 up.outstanding -= 1
-                up.connector.took_unsent()  # type: ignore[union-attr]
+                up.connector.took_unsent(task)  # type: ignore[union-attr]
                 att.error, att.end = "connect", time.perf_counter()
                 log.warning("upstream %s unreachable (%s) request_id=%s", up.name, type(e).__name__, ctx.request_id)
                 last_error = ProxyError(502, "The upstream could not be reached.", code="upstream_unreachable")
@@ -316,7 +316,7 @@ class UpstreamPool:
             except BaseException:
                 up.outstanding -= 1
                 att.error, att.end = "cancelled", time.perf_counter()
-                att.unsent = up.connector.took_unsent()  # type: ignore[union-attr]
+                att.unsent = up.connector.took_unsent(task)  # type: ignore[union-attr]
                 raise
             att.status = resp.status
             att.first_byte = time.perf_counter()
