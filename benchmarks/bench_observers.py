@@ -75,7 +75,7 @@ from pydantic import Field  # noqa: E402
 from proxy import Context, Plugin, PluginConfig, hookimpl  # noqa: E402
 from plugins.tracing import Tracing  # noqa: E402
 from proxy.config import StateConfig  # noqa: E402
-from proxy.testing import SluiceProcess  # noqa: E402
+from proxy.testing import SluiceProcess, serve_app  # noqa: E402
 
 #: the "shape" Sluice process loads this module for the SHAPE plugins
 PLUGIN_ENV = {"SLUICE_PLUGINS": Path(__file__).stem,
@@ -131,15 +131,8 @@ async def otlp_sink() -> AsyncIterator[tuple[str, list[int]]]:
 
     app = web.Application()
     app.router.add_post("/v1/traces", traces)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/v1/traces", received
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as origin:
+        yield f"{origin}/v1/traces", received
 
 
 def config(upstream: str, chain: list[dict[str, Any]], name: str = "") -> dict[str, Any]:

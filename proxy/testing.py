@@ -20,10 +20,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 import orjson
 import yaml
+from aiohttp import web
 from multidict import CIMultiDict
 
 from .config import SluiceConfig, StateConfig, load_config
@@ -64,6 +65,19 @@ async def wait_for(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(every)
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve an aiohttp ``app`` on 127.0.0.1 at a free port: its origin (``http://127.0.0.1:PORT``) while open."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.contextmanager

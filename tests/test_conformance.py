@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import Field
 
 from proxy import Context, Event, Plugin, PluginConfig, hookimpl
-from proxy.testing import FakeUpstream, SluiceServer, register_plugin
+from proxy.testing import FakeUpstream, SluiceServer, register_plugin, serve_app
 
 
 class Probe(Plugin):
@@ -282,15 +282,11 @@ async def _body_stalls() -> AsyncIterator[tuple[str, asyncio.Event]]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1", release  # type: ignore[union-attr]
-    finally:
-        release.set()
-        await runner.cleanup()
+    async with serve_app(app) as origin:
+        try:
+            yield f"{origin}/v1", release
+        finally:
+            release.set()
 
 
 @pytest.mark.parametrize("where", ["first_byte", "body", "idle"])

@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config import load_config
+from proxy.testing import serve_app
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "vllm"
@@ -119,15 +120,8 @@ async def metrics_server() -> AsyncIterator[tuple[str, dict[str, Any]]]:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/v1", state
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as origin:
+        yield f"{origin}/v1", state
 
 
 async def test_fetch_load_over_http(metrics_server: tuple[str, dict[str, Any]]) -> None:
