@@ -244,6 +244,12 @@ def _tap(fn, block: bytes, injected: bool):
     return out, None if u is None else (u.prompt_tokens, u.completion_tokens)
 
 
+#: stream events both usage-tap tests use: a finishing chunk with OpenAI's null usage, the usage chunk, the end
+FINISH = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}'
+USAGE_ONLY = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
+DONE_EVENT = b"data: [DONE]"
+
+
 def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
     """The ``\\n\\n`` fast path of tap_block against the scan that knows every SSE separator."""
     import itertools
@@ -251,16 +257,13 @@ def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
     from proxy.relay import _tap_block_any, tap_block
 
     content = b'data: {"choices":[{"delta":{"content":"say \\"usage\\" twice"}}]}'
-    finish = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}'
-    usage_only = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
     with_choices = b'data: {"choices":[{"delta":{}}],"usage":{"prompt_tokens":7,"completion_tokens":1}}'
     named = b'event: message\nid: 4\ndata: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2}}'
     comment = b": keep-alive"
-    done = b"data: [DONE]"
     spaced_null = b'data: {"usage": null, "choices":[{"delta":{"content":"x"}}]}'
     word = b'data: {"choices":[{"delta":{"content":"usage"}}],"usage":null}'  # the word first, then the member
     spaced_last = b'data: {"choices": [{"delta": {"content": "y"}}], "usage": null}'
-    parts = [content, finish, usage_only, with_choices, named, comment, done, spaced_null, word, spaced_last]
+    parts = [content, FINISH, USAGE_ONLY, with_choices, named, comment, DONE_EVENT, spaced_null, word, spaced_last]
     seen = 0
     for n in (1, 2, 3):
         for combo in itertools.permutations(parts, n):
@@ -270,10 +273,10 @@ def test_the_usage_tap_finds_and_hides_exactly_what_the_general_scan_does():
                     assert _tap(tap_block, block, injected) == _tap(_tap_block_any, block, injected), block
                     seen += 1
     assert seen > 1000
-    out, usage = _tap(tap_block, content + b"\n\n" + usage_only + b"\n\n" + done + b"\n\n", True)
-    assert out == content + b"\n\n" + done + b"\n\n" and usage == (3, 5)
+    out, usage = _tap(tap_block, content + b"\n\n" + USAGE_ONLY + b"\n\n" + DONE_EVENT + b"\n\n", True)
+    assert out == content + b"\n\n" + DONE_EVENT + b"\n\n" and usage == (3, 5)
     # OpenAI's "usage":null members: cut when we asked for the usage, kept when the client did
-    block = finish + b"\n\n" + spaced_null + b"\n\n"
+    block = FINISH + b"\n\n" + spaced_null + b"\n\n"
     out, usage = _tap(tap_block, block, True)
     assert out == (b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
                    b'data: { "choices":[{"delta":{"content":"x"}}]}\n\n') and usage is None
@@ -297,13 +300,10 @@ def test_the_parsed_relay_sends_what_the_raw_relay_sends_for_events_no_plugin_ch
     spaced = b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"content": "caf\\u00e9 1e-05"}, "logprobs": {"x": 1.50}}], "usage": null}'
     compact = b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":null}],"usage":null,"n":1.0}'
     first = b'data: {"usage":null,"choices":[{"delta":{"content":"say \\"usage\\""}}]}'
-    finish = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}'
-    usage_only = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
     plain = b'data: {"choices":[{"delta":{"content":"usage"}}]}'
     tight = b'data:{"choices":[{"delta":{"content":"no blank after data:"}}],"usage":null}'
-    done = b"data: [DONE]"
     seen = 0
-    for combo in itertools.permutations([spaced, compact, first, finish, usage_only, plain, tight, done], 3):
+    for combo in itertools.permutations([spaced, compact, first, FINISH, USAGE_ONLY, plain, tight, DONE_EVENT], 3):
         block = b"\n\n".join(combo) + b"\n\n"
         for injected in (False, True):
             raw_out, raw_usage = _tap(tap_block, block, injected)
