@@ -161,6 +161,19 @@ def json_typed(headers: CIMultiDictProxy[str], body: bytes) -> bool:
     return body[m.end():m.end() + 1] in (b"{", b"[")  # type: ignore[union-attr]
 
 
+def json_refusal(ctx: Context) -> str | None:
+    """Why a JSON body must not reach the chain, or ``None``: the plugins that read bodies must see what
+    the upstream will act on. A body a laxer parser than ours takes (NaN, a byte order mark, a lone
+    surrogate) is refused, as OpenAI refuses it; so is one whose keys differ only in case."""
+    try:
+        body = ctx.body
+    except ProxyError as e:
+        return e.message
+    if type(body) is dict and case_twins(body):
+        return "The JSON body has keys that differ only in case (such as 'model' and 'Model'): send each once."
+    return None
+
+
 def case_twins(body: dict[str, Any]) -> bool:
     """Whether the request's object, or one of its messages or input items, has two keys that differ only in
     case. Go's JSON decoder (Ollama's) binds a key to a field whatever its case, the last one winning:
@@ -246,18 +259,9 @@ class Handler:
                 request_id=rid, method=request.method, path=path, query=query,
                 headers=headers, raw=raw, route=route,
             )
-            if route.checks_json and raw and json_typed(request.headers, raw):
-                # the plugins that read bodies must see what the upstream will: a body a laxer parser
-                # than ours would take (NaN, a byte order mark, a lone surrogate) is refused, as OpenAI does
-                try:
-                    body = ctx.body
-                except ProxyError as e:
-                    server.metrics.rejected.labels(reason="invalid_json").inc()
-                    return error_response(400, e.message, rid, code=e.code)
-                if type(body) is dict and case_twins(body):
-                    server.metrics.rejected.labels(reason="invalid_json").inc()
-                    return error_response(400, "The JSON body has keys that differ only in case (such as 'model' and "
-                                          "'Model'): send each once.", rid, code="invalid_json")
+            if route.checks_json and raw and json_typed(request.headers, raw) and (why := json_refusal(ctx)):
+                server.metrics.rejected.labels(reason="invalid_json").inc()
+                return error_response(400, why, rid, code="invalid_json")
             ctx._peer = (gen.client_ip, request)  # the address is looked up if a plugin asks
             ctx.runtime = gen.runtime
             ctx.targets = list(route.default_targets)
