@@ -20,6 +20,7 @@ import sqlite3
 import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Iterator
 
@@ -389,6 +390,7 @@ async def test_client_disconnect_aborts_generation(fleet: Any, sluice: SluiceSer
     await idle(fleet)
     before = sum(l.generation_tokens_total for l in await loads(fleet))
     max_tokens = 4000
+    asked = time.monotonic()
     stream = await oai.chat.completions.create(
         model=MODEL, messages=messages(), max_tokens=max_tokens, temperature=0, stream=True,
         extra_body={"ignore_eos": True},  # without the abort, exactly max_tokens would be generated
@@ -398,16 +400,21 @@ async def test_client_disconnect_aborts_generation(fleet: Any, sluice: SluiceSer
     # the random model writes long unbroken runs), and the client would then see content
     # only once vLLM had finished anyway.
     chunks = stream.__aiter__()
+    opened = time.monotonic()
+    first = None
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(chunks.__anext__(), timeout=2)
+        first = await asyncio.wait_for(chunks.__anext__(), timeout=2)
+    waited = time.monotonic() - opened
     await stream.close()
     await idle(fleet)
     # idle means nothing is running or queued: the counter can no longer grow
     generated = sum(l.generation_tokens_total for l in await loads(fleet)) - before
-    assert 0 < generated < max_tokens, f"vLLM generated {generated} of {max_tokens} tokens after the client left"
-
     (row,) = await ledger_rows(sluice, tmp_path, 1)
-    assert row["outcome"] == "client_gone"
+    # what each side saw, should the abort be lost: the client's wait, and Sluice's outcome and timing
+    seen = (f"the stream's headers came after {opened - asked:.3f} s, then the client waited {waited:.3f} s for a chunk ({'got one' if first is not None else 'none came'}); "
+            f"Sluice's row: outcome {row['outcome']}, {row['completion_tokens']} completion tokens, latency {row['latency_ms']} ms")
+    assert 0 < generated < max_tokens, f"vLLM generated {generated} of {max_tokens} tokens after the client left; {seen}"
+    assert row["outcome"] == "client_gone", seen
 
 
 # -- vLLM-aware routing --------------------------------------------------------------------
