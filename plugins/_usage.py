@@ -206,11 +206,12 @@ EVENT_BYTES = 200
 
 
 def estimate_completion_tokens_from_stream(events: int, relayed_bytes: int = 0) -> int:
-    """Tokens relayed in a stream cut short, from what the client got.
+    """Tokens generated in a stream cut short, from the events the upstream sent (``ctx.stream_events``:
+    counted as they arrive, so what a stream guard held back from the client counts).
 
     A streamed answer carries at least one token per content event, plus the role event
     and the finish event; servers merge tokens under load, so this is a lower bound.
-    When the stream was relayed raw (no event count), events are reckoned from bytes.
+    With no event count (no event boundary seen), events are reckoned from bytes.
     """
     if not events and relayed_bytes:
         events = relayed_bytes // EVENT_BYTES

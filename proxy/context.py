@@ -343,8 +343,10 @@ class Context:
         #: budget reservation): the observers' on_done runs as soon as the answer is sent, not after
         #: ``server.done_batch_ms`` in a batch (the requests waiting in the batch run with it, in order)
         self.settle_now = False
-        #: events and bytes relayed to the client for a stream
+        #: a stream's events as they came from the upstream (or from a plugin's reply), before any
+        #: stream hook held, dropped or split them: the estimate of what a stream cut short generated
         self.stream_events = 0
+        #: a stream's bytes relayed to the client
         self.stream_bytes = 0
         #: a stream's model, id, finish reasons and refusal, from its events (see StreamEnd)
         self.stream_end: StreamEnd | None = None

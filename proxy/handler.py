@@ -398,6 +398,7 @@ class Handler:
             async for ev in ch.aiter_events(reply.events):
                 if ev.is_done:
                     continue
+                ctx.stream_events += 1
                 await self._write_events(out, ctx, await pipeline.push((ev,)))
             await self._write_events(out, ctx, await pipeline.end())
             await out.write(DONE.encode())
@@ -412,7 +413,6 @@ class Handler:
     async def _write_events(self, out: web.StreamResponse, ctx: Context, events: list[Event]) -> None:
         if events:
             data = b"".join([e.encode() for e in events])
-            ctx.stream_events += len(events)
             ctx.stream_bytes += len(data)
             await out.write(data)
 
@@ -484,10 +484,12 @@ class Handler:
                         elif tap_event(ctx, ev, injected):
                             events.append(ev)
                     if events:
+                        # counted as they come, not as they leave: what a plugin holds back was generated
+                        # (and is billed) all the same, should the stream be cut before it is released
+                        ctx.stream_events += len(events)
                         events = await pipeline.push(events)  # type: ignore[union-attr]
                         if events:
                             data = events[0].encode() if len(events) == 1 else b"".join([e.encode() for e in events])
-                            ctx.stream_events += len(events)
                             ctx.stream_bytes += len(data)
                             if not relay.send(data):
                                 await out.write(data)
@@ -500,6 +502,7 @@ class Handler:
             else:
                 tail = [ev for ev in parser.close() if not ev.is_done and tap_event(ctx, ev, injected)]
                 if tail:
+                    ctx.stream_events += len(tail)
                     await self._write_events(out, ctx, await pipeline.push(tail))  # type: ignore[union-attr]
                 await self._write_events(out, ctx, await pipeline.end())  # type: ignore[union-attr]
                 if relay.saw_done:

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 import openai
@@ -15,7 +16,8 @@ import pytest
 
 from plugins._usage import PriceTable
 from plugins.metering import RESERVED, Metering, ledger_table, period_window, render, usage_query, utc_day
-from proxy.testing import FakeUpstream, SluiceServer, configure_plugin, make_context, make_runtime
+from proxy import Context, Event, Plugin, hookimpl
+from proxy.testing import FakeUpstream, SluiceServer, configure_plugin, make_context, make_runtime, register_plugin, wait_for
 
 PRICES = {"sluice-demo": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
 
@@ -98,6 +100,42 @@ async def test_client_gone_mid_stream_is_estimated(upstream: FakeUpstream, tmp_p
     assert row["estimated"] == 1
     assert row["prompt_tokens"] > 20 and 1 <= row["completion_tokens"] <= 200
     assert row["cost"] > 0
+
+
+class Holder(Plugin):
+    """A stream guard that lets a stream's first event through and holds every later one (as pii holds
+    a word it cannot yet judge), keeping what it saw."""
+
+    name = "holder"
+    seen: ClassVar[list[str]] = []
+
+    @hookimpl
+    def on_chunk(self, ctx: Context, event: Event) -> list[Event] | None:
+        self.seen.append(event.data)
+        return None if len(self.seen) == 1 else []
+
+
+async def test_client_gone_while_a_guard_holds_text_bills_what_the_upstream_sent(upstream: FakeUpstream, tmp_path: Path):
+    # the upstream sends 8 events and then waits; the guard passes the first and holds 7, so the client has
+    # one event when it leaves: the row estimates from the 8 the upstream generated, not the client's one
+    upstream.stall_after = 8
+    Holder.seen.clear()
+    conf = config(upstream)
+    conf["routes"][0]["chain"].insert(0, {"holder": {}})
+    with register_plugin(Holder):
+        async with SluiceServer(conf, tmp_path) as s:
+            async with client(s) as c:
+                stream = await c.chat.completions.create(
+                    model="sluice-demo", messages=[{"role": "user", "content": "a long answer please " * 20}], stream=True)
+                first = await stream.__aiter__().__anext__()
+                await wait_for(lambda: len(Holder.seen) == 8, 10, "the guard to see eight events")
+                await stream.close()
+            await s.wait_idle()
+    (row,) = ledger_rows(tmp_path)
+    assert first.choices[0].delta.role == "assistant"
+    assert row["outcome"] == "client_gone" and row["estimated"] == 1
+    # eight events less the role's and the finish's (the estimate's rule) is 6 tokens; before, 0
+    assert row["completion_tokens"] == 6
 
 
 async def test_client_gone_mid_stream_outcome(upstream: FakeUpstream, tmp_path: Path):
