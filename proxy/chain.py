@@ -35,7 +35,8 @@ clock = time.perf_counter
 class CompiledRoute:
     """A route ready to serve: its match, targets, retries and per-phase hook lists."""
 
-    def __init__(self, index: int, config: RouteConfig, plugins: list[Plugin], default_max_body: int) -> None:
+    def __init__(self, index: int, config: RouteConfig, plugins: list[Plugin], default_max_body: int,
+                 body_timeout: float = 0.0) -> None:
         self.index = index
         self.config = config
         self.prefix = config.match.path
@@ -44,6 +45,8 @@ class CompiledRoute:
         self.match_headers = tuple(config.match.headers.items())
         self.retries: Retries = config.retries
         self.max_body_bytes = config.max_body_bytes or default_max_body
+        #: seconds a request body may pause while it arrives (server.body_timeout_s; 0: no limit)
+        self.body_timeout = body_timeout
         self.default_targets = [Target(upstream=n) for n in config.upstream_names]
         self.plugins = plugins
         hooks = [hook_functions(p) for p in plugins]
@@ -115,10 +118,11 @@ class Generation:
         self.pool = pool
         self.plugins: list[Plugin] = []
         routes = []
+        server = loaded.config.server
         for i, (rc, chain) in enumerate(zip(loaded.config.routes, loaded.chains)):
             instances = [cls(conf, runtime) for cls, conf in chain]
             self.plugins.extend(instances)
-            routes.append(CompiledRoute(i, rc, instances, loaded.config.server.max_body_bytes))
+            routes.append(CompiledRoute(i, rc, instances, server.max_body_bytes, server.body_timeout_s))
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in loaded.config.server.trusted_proxies)
         # longest prefix first; ties keep file order
         self.routes = sorted(routes, key=lambda r: (-len(r.prefix), r.index))

@@ -33,6 +33,12 @@ class ServerConfig(Model):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger bodies get 413. A route may lower or raise it."
     )
+    body_timeout_s: float = Field(
+        60.0, ge=0, le=3600,
+        description="How long a client may pause while sending a request body (no new bytes): a body that stalls longer "
+        "gets 408 request_timeout and its connection is closed, so a slow or stuck sender cannot hold a handler. "
+        "A body that arrives with its headers is read with no timer. 0 turns the limit off.",
+    )
     drain_seconds: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, how long in-flight requests and streams may take to finish before exit."
     )

@@ -75,13 +75,21 @@ class BadEncoding(Exception):
     pass
 
 
+class BodyStalled(Exception):
+    """The client stopped sending its request body for longer than ``server.body_timeout_s``."""
+
+
 #: the request body encodings Sluice decodes (read_body): the body a plugin reads and the upstream
 #: gets is the decoded one
 DECODED_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The request body, at most ``limit`` bytes, decoded when the client compressed it."""
+async def read_body(request: web.BaseRequest, limit: int, idle: float = 0.0) -> bytes:
+    """The request body, at most ``limit`` bytes, decoded when the client compressed it.
+
+    A body still arriving must make progress: ``idle`` seconds (0: no limit) without a byte is
+    :class:`BodyStalled`. A body that came whole with its headers, as nearly all do, is read with no timer.
+    """
     headers = request.headers
     coding = None
     if "content-encoding" in headers:
@@ -96,7 +104,9 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
         raise BodyTooLarge
     if "expect" in headers:
         await _expect(request)
-    if cl is not None:
+    if idle and not request.content.is_eof():
+        data = await _read_slow(request.content, cl, limit, idle, request.task.get_loop())
+    elif cl is not None:
         try:
             data = await request.content.readexactly(cl) if cl else b""
         except asyncio.IncompleteReadError:
@@ -109,6 +119,28 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
                 raise BodyTooLarge
         data = bytes(buf)
     return decode_body(data, coding, limit) if coding is not None and data else data
+
+
+async def _read_slow(content: aiohttp.StreamReader, cl: int | None, limit: int, idle: float,
+                     loop: asyncio.AbstractEventLoop) -> bytes:
+    """A body not yet all here: read as it comes, each wait for more bytes at most ``idle`` seconds."""
+    buf = bytearray()
+    want = limit if cl is None else cl
+    try:
+        async with asyncio.timeout(loop.time() + idle) as deadline:
+            while len(buf) < want or cl is None:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > limit:
+                    raise BodyTooLarge
+                deadline.reschedule(loop.time() + idle)
+    except TimeoutError:
+        raise BodyStalled from None
+    if cl is not None and len(buf) != cl:
+        raise BodyCutShort  # the connection ended first (more than cl cannot be: the parser stops at cl)
+    return bytes(buf)
 
 
 def decode_body(data: bytes, coding: str, limit: int) -> bytes:
@@ -234,7 +266,7 @@ class Handler:
                 server.metrics.rejected.labels(reason="route_not_found").inc()
                 return error_response(404, f"No route for {request.method} {path}.", rid, code="route_not_found")
             try:
-                raw = await read_body(request, route.max_body_bytes)
+                raw = await read_body(request, route.max_body_bytes, route.body_timeout)
             except BodyTooLarge:
                 server.metrics.rejected.labels(reason="request_too_large").inc()
                 return error_response(413, f"The request body is larger than {route.max_body_bytes} bytes.", rid, code="request_too_large")
@@ -252,6 +284,17 @@ class Handler:
                 server.metrics.rejected.labels(reason="invalid_encoding").inc()
                 return error_response(400, "The request body is not a whole stream of its content-encoding.", rid,
                                       code="invalid_content_encoding")
+            except BodyStalled:
+                server.metrics.rejected.labels(reason="body_timeout").inc()
+                resp = error_response(408, f"The request body stopped arriving for {route.body_timeout:g} seconds.", rid,
+                                      code="request_timeout")
+                resp.force_close()  # the rest of the body may still come: the connection cannot carry another request
+                await resp.prepare(request)
+                await resp.write_eof()
+                # closed once the answer is out: aiohttp would otherwise wait (server-side "lingering", up to 10 s)
+                # for the rest of a body that has stopped coming
+                request.protocol.force_close()
+                return resp
             headers = request_headers(request.headers)
             if "content-encoding" in headers:
                 del headers["content-encoding"]  # read decoded (read_body), sent on as read

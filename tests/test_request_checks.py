@@ -270,3 +270,57 @@ async def test_a_body_cut_short_is_refused_without_a_server_error(upstream: Fake
         await s.wait_idle()
     assert upstream.requests == []
     assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_that_stalls_is_408_and_its_connection_closed(upstream: FakeUpstream, tmp_path, caplog, framing):
+    """A client that stops sending its body part way would hold a handler (and, many times over, the
+    process) for as long as it liked: after ``server.body_timeout_s`` without a byte it gets 408 and the
+    connection is closed, since the rest of its body could still come."""
+    caplog.set_level("WARNING")
+    cfg = route(upstream, [])
+    cfg["server"] = {"body_timeout_s": 0.3}
+    async with SluiceServer(cfg, tmp_path) as s:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        if framing == "chunked":
+            req = head + b"transfer-encoding: chunked\r\n\r\n" + b"a\r\n" + GOOD[:10] + b"\r\n"
+        else:
+            req = head + f"content-length: {len(GOOD)}\r\n\r\n".encode() + GOOD[:10]
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.server.port)
+        try:
+            writer.write(req)
+            await writer.drain()
+            head_in = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            lines = head_in.decode().split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+            body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+            assert lines[0].split()[1] == "408", head_in
+            err = orjson.loads(body)["error"]
+            assert err["code"] == "request_timeout" and "0.3 seconds" in err["message"]
+            assert headers["x-request-id"].startswith("req_") and headers["connection"].lower() == "close"
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by Sluice, not left for the client to end
+        finally:
+            writer.close()
+        async with httpx.AsyncClient() as c:
+            scrape = await c.get(f"{s.admin_url}/metrics", headers={"authorization": f"Bearer {s.admin_token}"})
+        assert 'sluice_rejected_requests_total{reason="body_timeout"} 1.0' in scrape.text
+    assert upstream.requests == []
+    assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
+async def test_a_slow_body_that_keeps_coming_is_read_whole(upstream: FakeUpstream, tmp_path):
+    """The limit is on a pause, not on the whole body: a body sent in pieces over longer than the limit,
+    each piece well within it, is read whole and goes upstream as sent."""
+    cfg = route(upstream, [{"body_reader": {}}])
+    cfg["server"] = {"body_timeout_s": 1.0}
+
+    async def slowly() -> AsyncIterator[bytes]:
+        for i in range(0, len(GOOD), 8):  # 10 pieces, 0.15 s apart: 1.35 s in all
+            if i:
+                await asyncio.sleep(0.15)  # the pace of a slow sender, the behaviour under test
+            yield GOOD[i:i + 8]
+
+    async with SluiceServer(cfg, tmp_path) as s, httpx.AsyncClient() as c:
+        r = await c.post(f"{s.url}/chat/completions", content=slowly(), headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+    assert Reader.seen == [orjson.loads(GOOD)] and [r.body for r in upstream.requests] == [GOOD]
