@@ -286,7 +286,7 @@ class Handler:
                                       code="invalid_content_encoding")
             except BodyStalled:
                 server.metrics.rejected.labels(reason="body_timeout").inc()
-                resp = error_response(408, f"The request body stopped arriving for {route.body_timeout:g} seconds.", rid,
+                resp = error_response(408, f"The request body stalled: no more of it arrived within {route.body_timeout:g} s.", rid,
                                       code="request_timeout")
                 resp.force_close()  # the rest of the body may still come: the connection cannot carry another request
                 await resp.prepare(request)

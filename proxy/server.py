@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from . import chain as ch
@@ -141,7 +143,7 @@ class Server:
         # auto_decompress=False: the handler decodes a compressed body itself (read_body), checking that the
         # stream is whole and the decoded size within the limit; aiohttp would pass a cut gzip body on as
         # it stands and answer a corrupt one with a plain-text 500
-        self.runner = web.ServerRunner(web.Server(make_handler(self), handler_cancellation=True, access_log=None,
+        self.runner = web.ServerRunner(_WebServer(self, make_handler(self), handler_cancellation=True, access_log=None,
                                                   auto_decompress=False),
                                        shutdown_timeout=CUT_WAIT_S)
         await self.runner.setup()
@@ -430,6 +432,55 @@ def _site_port(site: web.TCPSite) -> int:
     server = site._server  # aiohttp keeps the asyncio server here
     assert server is not None and server.sockets
     return server.sockets[0].getsockname()[1]
+
+
+class _WebServer(web.Server):
+    """aiohttp's low-level server, its connections answering what they cannot parse as Sluice answers.
+
+    aiohttp answers a request it cannot parse (a bad request line or header, a header too long, a bad
+    chunk) in plain text that quotes the client's bytes, and logs the parser's traceback with them at
+    ERROR. Here such a request gets an OpenAI-shaped error with an ``x-request-id``, is counted in
+    ``sluice_rejected_requests_total``, and is logged in one line that quotes nothing the client sent.
+    """
+
+    def __init__(self, sluice: Server, handler: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.protocol = _protocol_class(sluice)
+
+    def __call__(self) -> RequestHandler:
+        proto = super().__call__()
+        proto.__class__ = self.protocol  # the same object layout (no slots of its own): only handle_error differs
+        return proto
+
+
+def _protocol_class(sluice: Server) -> type[RequestHandler]:
+    class Protocol(RequestHandler):
+        __slots__ = ()
+
+        def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                         message: str | None = None) -> web.StreamResponse:
+            rid = new_request_id()
+            if request.writer.output_size > 0:
+                # as aiohttp does: the answer has begun, no other can be sent
+                raise ConnectionError("Response is sent already, cannot send another response with the error message")
+            kind = type(exc).__name__ if exc is not None else "none"
+            if status >= 500:
+                log.error("internal error %s request_id=%s", kind, rid, exc_info=exc if sluice.debug else None)
+                resp = error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
+            elif isinstance(exc, LineTooLong):
+                sluice.metrics.rejected.labels(reason="header_too_large").inc()
+                log.info("refused a request with a line or header over aiohttp's limit (%s) request_id=%s", kind, rid)
+                resp = error_response(431, "A request line or header field is longer than Sluice reads (8190 bytes).", rid,
+                                      code="request_header_fields_too_large")
+            else:
+                sluice.metrics.rejected.labels(reason="invalid_http").inc()
+                log.info("refused a request that is not valid HTTP/1.1 (%s) request_id=%s", kind, rid)
+                resp = error_response(status if 400 <= status < 500 else 400, "The request is not valid HTTP/1.1.", rid,
+                                      code="invalid_http")
+            resp.force_close()
+            return resp
+
+    return Protocol
 
 
 def make_handler(server: Server) -> Handler:

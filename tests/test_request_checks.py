@@ -296,7 +296,7 @@ async def test_a_body_that_stalls_is_408_and_its_connection_closed(upstream: Fak
             body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
             assert lines[0].split()[1] == "408", head_in
             err = orjson.loads(body)["error"]
-            assert err["code"] == "request_timeout" and "0.3 seconds" in err["message"]
+            assert err["code"] == "request_timeout" and "within 0.3 s" in err["message"]
             assert headers["x-request-id"].startswith("req_") and headers["connection"].lower() == "close"
             assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by Sluice, not left for the client to end
         finally:
@@ -324,3 +324,40 @@ async def test_a_slow_body_that_keeps_coming_is_read_whole(upstream: FakeUpstrea
         r = await c.post(f"{s.url}/chat/completions", content=slowly(), headers={"content-type": "application/json"})
         assert r.status_code == 200, r.text
     assert Reader.seen == [orjson.loads(GOOD)] and [r.body for r in upstream.requests] == [GOOD]
+
+
+SECRET = "sk-live-0123456789abcdefSECRET"
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"GARBAGE\r\n\r\n", 400, "invalid_http"),
+    (f"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization Bearer {SECRET}\r\n\r\n".encode(), 400, "invalid_http"),
+    (f"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SECRET}{'a' * 9000}\r\n\r\n".encode(), 431,
+     "request_header_fields_too_large"),
+    (f"GET /v1/models?key={SECRET}{'a' * 9000} HTTP/1.1\r\nhost: x\r\n\r\n".encode(), 431, "request_header_fields_too_large"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nabcde", 400,
+     "invalid_http"),
+    (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{SECRET}\r\nabc".encode(), 400,
+     "invalid_http"),
+    (b"GET /v1/models HTTP/9.1\r\nhost: x\r\n\r\n", 400, "invalid_http"),
+], ids=["request-line", "header-token", "long-header", "long-url", "two-lengths", "bad-chunk", "version"])
+async def test_a_request_aiohttp_cannot_parse_gets_an_openai_error_that_quotes_nothing(upstream: FakeUpstream, tmp_path, caplog,
+                                                                                      request_bytes, status, code):
+    """aiohttp's own answer to a request it cannot parse is plain text quoting the client's bytes, and it
+    logs the parser's traceback, bytes and all, at ERROR. Sluice's is the OpenAI error shape with a request
+    id, and one log line that quotes nothing the client sent (a key in a bad header stays out of the logs)."""
+    caplog.set_level("DEBUG")
+    async with SluiceServer(route(upstream, []), tmp_path) as s:
+        got_status, headers, body = await _raw(s.server.port, request_bytes)
+        async with httpx.AsyncClient() as c:
+            scrape = await c.get(f"{s.admin_url}/metrics", headers={"authorization": f"Bearer {s.admin_token}"})
+    assert got_status == status, body
+    err = orjson.loads(body)["error"]
+    assert err["code"] == code and err["type"] == "invalid_request_error"
+    assert headers["x-request-id"].startswith("req_")
+    assert SECRET not in body.decode() and "aaaa" not in body.decode()
+    reason = "header_too_large" if status == 431 else "invalid_http"
+    assert f'sluice_rejected_requests_total{{reason="{reason}"}} 1.0' in scrape.text
+    assert SECRET not in caplog.text and "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], caplog.text
+    assert upstream.requests == []
