@@ -434,6 +434,22 @@ def _site_port(site: web.TCPSite) -> int:
     return server.sockets[0].getsockname()[1]
 
 
+class _QuoteNothing(logging.Filter):
+    """aiohttp's log of a request it could not parse, kept to the error's kind: its message quotes the
+    client's bytes (a key in a malformed header) and it comes with the parser's traceback. The client
+    listener answers such requests itself (:class:`_WebServer`); this covers the admin listener."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Error handling request"):
+            exc = record.exc_info[1]
+            record.msg, record.args = "aiohttp refused a request it could not parse (%s)", (type(exc).__name__,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_QuoteNothing())
+
+
 class _WebServer(web.Server):
     """aiohttp's low-level server, its connections answering what they cannot parse as Sluice answers.
 

@@ -361,3 +361,14 @@ async def test_a_request_aiohttp_cannot_parse_gets_an_openai_error_that_quotes_n
     assert SECRET not in caplog.text and "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], caplog.text
     assert upstream.requests == []
+
+
+async def test_the_admin_listener_logs_no_client_bytes_for_a_request_it_cannot_parse(upstream: FakeUpstream, tmp_path, caplog):
+    caplog.set_level("DEBUG")
+    async with SluiceServer(route(upstream, []), tmp_path) as s:
+        req = f"GET /admin/keys HTTP/1.1\r\nhost: x\r\nauthorization Bearer {SECRET}\r\n\r\n".encode()
+        status, _, _ = await _raw(s.server.admin_port, req)
+    assert status == 400
+    assert "aiohttp refused a request it could not parse (BadHttpMessage)" in caplog.text
+    assert SECRET not in caplog.text and "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
