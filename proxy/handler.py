@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -373,8 +374,11 @@ class Handler:
                         att.end = time.perf_counter()
                     up_resp.close()  # aborts the upstream request if it is not finished
             except asyncio.CancelledError:
-                # the client went away: aiohttp cancels the handler (handler_cancellation)
-                ctx.outcome = "client_gone"
+                # the client went away: aiohttp cancels the handler (handler_cancellation). Not gone early
+                # if it had its whole stream (the relay says "ok": it left after [DONE], as the openai SDK
+                # does); a buffered answer (ctx.response) was not yet sent, whatever its outcome
+                if ctx.outcome != "ok" or ctx.response is not None:
+                    ctx.outcome = "client_gone"
                 raise
             except ProxyError as e:
                 ctx.outcome = ctx.outcome or "error"
@@ -450,7 +454,8 @@ class Handler:
         except ConnectionResetError:
             ctx.outcome = "client_gone"
             return out
-        await out.write_eof()
+        with contextlib.suppress(ConnectionResetError):
+            await out.write_eof()  # the whole answer is written: a client that left after [DONE] had it
         return out
 
     async def _write_events(self, out: web.StreamResponse, ctx: Context, events: list[Event]) -> None:
@@ -557,6 +562,10 @@ class Handler:
             await self._stream_error(out, ctx, e.err)
         except asyncio.CancelledError:
             if not dog.fired:
+                if parser is None and relay.saw_done:
+                    # the client left after [DONE], relayed as it came (the openai SDK closes its response
+                    # there, before an upstream's last empty chunk): it had the whole answer
+                    ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
                 raise  # the client went away
             task.uncancel()
             att.error = "timeout"
@@ -566,6 +575,9 @@ class Handler:
             await self._end_broken(out, ctx, pipeline, ProxyError(504, why, code="upstream_timeout"))
         except CONNECT_ERRORS as e:
             if isinstance(e, ConnectionResetError) and _client_gone(request):
+                if parser is None and relay.saw_done:
+                    ctx.outcome = "ok" if resp.status < 400 else "upstream_error"  # gone after [DONE], as above
+                    return out
                 ctx.outcome = "client_gone"
                 return out
             att.error = "protocol"
@@ -578,10 +590,10 @@ class Handler:
             if first is not None and route.wants_usage:
                 note_start(ctx, first)  # ended, finished or cut: fill in what its events did not say
         if ctx.outcome != "client_gone":
-            try:
+            # the whole answer is written, error event and all: a client that left after it (the openai SDK
+            # closes its response on [DONE]) had it, and only the last empty chunk is lost
+            with contextlib.suppress(ConnectionResetError):
                 await out.write_eof()
-            except ConnectionResetError:
-                ctx.outcome = "client_gone"
         return out
 
     async def _end_broken(self, out: web.StreamResponse, ctx: Context, pipeline: ch.ChunkPipeline | None, err: ProxyError) -> None:

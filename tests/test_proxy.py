@@ -12,9 +12,10 @@ import httpx
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
 from proxy import Context, Event, Plugin, ProxyError, hookimpl
-from proxy.testing import FakeUpstream, SluiceServer, register_plugin
+from proxy.testing import FakeUpstream, SluiceServer, register_plugin, serve_app, wait_for
 
 
 def route(up: FakeUpstream | str, chain: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -711,3 +712,55 @@ async def test_plain_on_done_runs_after_the_answer_is_sent(upstream, tmp_path):
                 # the hook ran before the loop could see the client thread finish
                 await asyncio.wait_for(asyncio.to_thread(client, stream), 30)
     assert AfterAnswer.seen == [("/v1/completions", True), ("/v1/chat/completions", True)]
+
+
+class Finished(Plugin):
+    """What each request's on_done saw: its outcome and usage."""
+
+    name = "finished"
+    needs_usage = True
+    seen: ClassVar[list[tuple[str | None, Any]]] = []
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        self.seen.append((ctx.outcome, ctx.usage))
+
+
+async def test_a_client_that_leaves_after_done_had_its_whole_stream(tmp_path):
+    """The openai SDK closes its response as soon as it reads ``data: [DONE]``, before an upstream's last
+    empty chunk (OpenAI's comes a few ms later): the request is "ok", not "client_gone", and its usage is
+    the upstream's. The upstream here holds its last chunk until the client has left."""
+    release = asyncio.Event()
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}], "usage": None},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None},
+        {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
+    ]
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        r = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await r.prepare(request)
+        await r.write(b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n")
+        await release.wait()
+        await r.write_eof()
+        return r
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    Finished.seen.clear()
+    with register_plugin(Finished):
+        async with serve_app(app) as origin, SluiceServer(route(f"{origin}/v1", [{"finished": {}}]), tmp_path) as s:
+            try:
+                async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+                    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+                    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+                    await stream.close()  # what the SDK does on [DONE]; said here so the test does not rest on its version
+                await wait_for(lambda: len(Finished.seen) == 1, 10, "the request's on_done")
+            finally:
+                release.set()
+    assert text == "hi"
+    outcome, usage = Finished.seen[0]
+    assert outcome == "ok"
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (3, 1, False)
