@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import weakref
 from typing import Any
 
 import httpx
@@ -58,6 +59,25 @@ async def test_reload_swaps_atomically_and_in_flight_streams_finish_on_old_chain
         assert not ok and "routes[0].chain[0].htag.valeu: unknown field (plugin htag)" in msg
         r3 = await http.get(f"{s.url}/models")
         assert r3.headers["x-tag"] == "new"
+
+
+async def test_a_reload_frees_the_retired_chain(upstream, tmp_path, caplog):
+    """The heap is frozen out of the collector's sight; a retired chain was frozen with it, and its
+    plugins' reference cycles were kept for good, one chain more per reload (the admin budgets list
+    grew by one metering instance a reload). Once retired, the old chain is freed."""
+    caplog.set_level("INFO", logger="sluice")
+    config = {"upstreams": {"u": {"url": upstream.url}},
+              "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"metering": {}}, {"htag": {"value": "a"}}]}]}
+    async with SluiceServer(config, tmp_path) as s:
+        retired = []
+        for _ in range(3):
+            retired.append(weakref.ref(s.server.generation.plugins[0]))
+            ok, msg = await s.reload(config)
+            assert ok, msg
+        await wait_for(lambda: all(r() is None for r in retired), 20, "the retired chains' plugins to be freed")
+        live = s.server.runtime.shared("metering.instances", weakref.WeakSet)
+        assert list(live) == [s.server.generation.plugins[0]]
+    assert "heap collected after a reload" in caplog.text
 
 
 async def test_admin_reload_needs_token(upstream, tmp_path):
