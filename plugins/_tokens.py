@@ -182,20 +182,51 @@ def count_prompt_tokens(body: Any, model: str | None = None, *, tokenizer: Count
     return n
 
 
+#: endpoints whose answer generates no tokens: nothing is reserved for output
+NO_COMPLETION = ("/embeddings", "/moderations")
+#: their paths, with or without a trailing slash (``ctx.path.endswith(NO_COMPLETION_PATHS)``)
+NO_COMPLETION_PATHS = tuple(p + s for p in NO_COMPLETION for s in ("", "/"))
+
+
+def lax_count(v: Any) -> int | None:
+    """A count as a Python (pydantic, so vLLM's) server reads it: an int, a float with no fraction
+    (``100.0``), or a string of one (``"100"``, ``" 1_000 "``, ``"100.0"``); else None. A limiter that
+    read ints only would reserve its default for ``"max_tokens": "3000000"``, which vLLM generates."""
+    t = type(v)
+    if t is int:
+        return v
+    if t is float:
+        return int(v) if v.is_integer() else None
+    if t is str:
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                f = float(v)
+            except ValueError:
+                return None
+            return int(f) if f.is_integer() else None
+    return None  # True is not a count, nor is anything else
+
+
 def completion_allowance(body: Any, default: int) -> int:
     """Tokens the answer may use: ``max_completion_tokens``, ``max_tokens`` or
-    ``max_output_tokens`` when given, else ``default``; times ``n`` choices."""
+    ``max_output_tokens`` when given (read as :func:`lax_count` reads), else ``default``; times ``n`` choices."""
     if not isinstance(body, dict):
         return default
     limit = default
     for name in _MAX_FIELDS:
         v = body.get(name)
-        if v is not None and type(v) is int and v >= 0:  # type(), not isinstance(): True is not a count
-            limit = v
-            break
+        if v is not None:
+            v = v if type(v) is int else lax_count(v)
+            if v is not None and v >= 0:
+                limit = v
+                break
     choices = body.get("n")
-    if choices is not None and type(choices) is int and choices > 0:
-        return limit * choices
+    if choices is not None:
+        choices = choices if type(choices) is int else lax_count(choices)
+        if choices is not None and choices > 0:
+            return limit * choices
     return limit
 
 
@@ -232,10 +263,14 @@ def reservation(body: dict[str, Any], default: int, tokenizers: Mapping[str, str
     limit = default
     for name in _MAX_FIELDS:
         v = body.get(name)
-        if v is not None and type(v) is int and v >= 0:
-            limit = v
-            break
+        if v is not None:
+            v = v if type(v) is int else lax_count(v)
+            if v is not None and v >= 0:
+                limit = v
+                break
     choices = body.get("n")
-    if choices is not None and type(choices) is int and choices > 0:
-        limit *= choices
+    if choices is not None:
+        choices = choices if type(choices) is int else lax_count(choices)
+        if choices is not None and choices > 0:
+            limit *= choices
     return prompt, prompt + limit

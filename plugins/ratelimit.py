@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, hookimpl
 from proxy.state import Decision, Limit
 
-from ._tokens import completion_allowance, count_prompt_tokens, load_tokenizer, reservation
+from ._tokens import NO_COMPLETION_PATHS, completion_allowance, count_prompt_tokens, load_tokenizer, reservation
 
 if TYPE_CHECKING:  # pragma: no cover
     from proxy.runtime import Runtime
@@ -34,7 +34,6 @@ log = logging.getLogger("sluice.ratelimit")
 
 PERIOD_S = 60.0
 #: endpoints whose answer has no completion tokens
-NO_COMPLETION = ("/embeddings", "/moderations")
 #: above this body size a real tokenizer runs in the executor, off the loop
 TOKENIZE_OFF_LOOP_BYTES = 32 * 1024
 #: settlements held for the next admission at most; beyond, they are sent at once
@@ -107,8 +106,6 @@ class Reservation:
 RESERVATION: StashKey[Reservation] = StashKey("ratelimit.reservation")
 #: plans kept per plugin instance at most (one per key identity, per model when model limits apply)
 PLANS_MAX = 4096
-#: paths whose answer has no completion tokens, with or without a trailing slash
-_NO_COMPLETION_PATHS = tuple(p + s for p in NO_COMPLETION for s in ("", "/"))
 
 
 @dataclass(slots=True)
@@ -436,14 +433,14 @@ class RateLimit(Plugin):
             return 0, 0  # not JSON: nothing to count (the upstream will say what is wrong)
         if not isinstance(body, dict):
             return 0, 0
-        return reservation(body, self._default_max_tokens, self._tokenizers, not ctx.path.endswith(_NO_COMPLETION_PATHS))
+        return reservation(body, self._default_max_tokens, self._tokenizers, not ctx.path.endswith(NO_COMPLETION_PATHS))
 
     async def reserve_tokens(self, ctx: Context) -> tuple[int, int]:
         """(prompt tokens, total reserved) for this request; big prompts are tokenized off the loop."""
         if self._tokenizers and ctx.method == "POST" and len(ctx.raw) > TOKENIZE_OFF_LOOP_BYTES and ctx.body_is_json:
             body = ctx.body
             prompt = await self.runtime.run_cpu(count_prompt_tokens, body, None, tokenizers=self._tokenizers)
-            if ctx.path.endswith(_NO_COMPLETION_PATHS):
+            if ctx.path.endswith(NO_COMPLETION_PATHS):
                 return prompt, prompt
             return prompt, prompt + completion_allowance(body, self.config.default_max_tokens)
         return self.count_tokens(ctx)
@@ -514,7 +511,7 @@ class RateLimit(Plugin):
                     body = None  # not JSON: nothing to count (the upstream will say what is wrong)
                 if isinstance(body, dict):
                     prompt, tokens = reservation(body, self._default_max_tokens, self._tokenizers,
-                                                 not ctx.path.endswith(_NO_COMPLETION_PATHS))
+                                                 not ctx.path.endswith(NO_COMPLETION_PATHS))
             for _, tpm, scope in plan.token_specs:
                 if tokens > tpm:
                     self._too_large(tokens, tpm, scope)

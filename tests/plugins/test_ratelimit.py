@@ -113,6 +113,16 @@ async def test_a_request_larger_than_the_token_limit_is_refused_outright(runtime
     assert err.message.startswith("Request too large: it needs about ")
 
 
+@pytest.mark.parametrize("asks", [{"max_tokens": "500"}, {"max_tokens": 500.0}, {"max_completion_tokens": " 500 "},
+                                  {"max_tokens": 5, "n": "100"}, {"max_tokens": 5, "n": 100.0}])
+async def test_counts_given_as_floats_or_strings_are_reserved_as_the_upstream_reads_them(runtime, asks):
+    """vLLM's pydantic models take ``"500"`` and ``500.0`` as 500 (and ``n`` likewise): read as ints only,
+    they reserved the default and the request passed a limit it breaks."""
+    rl = await configure_plugin(RateLimit, {"tokens_per_minute": 100, "default_max_tokens": 10}, runtime=runtime)
+    err = await _refused(rl, _ctx(runtime, body={**CHAT, **asks}))
+    assert err.status == 429 and err.reason == "request_too_large"
+
+
 async def test_identity_limits_override_the_config_and_teams_and_models_apply(runtime):
     rl = await configure_plugin(RateLimit, {
         "requests_per_minute": 100, "teams": {"red": {"requests_per_minute": 1}},

@@ -48,6 +48,13 @@ def test_completion_allowance():
     assert completion_allowance({"max_tokens": 10, "n": 3}, 256) == 30
     assert completion_allowance({"max_tokens": True}, 256) == 256
     assert completion_allowance({"max_output_tokens": 5}, 256) == 5
+    # read as vLLM's pydantic models read them: it generates what these ask for
+    assert completion_allowance({"max_tokens": 10.0, "n": "3"}, 256) == 30
+    assert completion_allowance({"max_tokens": " 1_000 "}, 256) == 1000
+    assert completion_allowance({"max_completion_tokens": "7.0"}, 256) == 7
+    assert completion_allowance({"max_tokens": 10.5}, 256) == 256  # refused upstream: no count
+    assert completion_allowance({"max_tokens": "ten"}, 256) == 256
+    assert completion_allowance({"max_tokens": "-3"}, 256) == 256
 
 
 @pytest.fixture
