@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from proxy import (AdminRoute, Command, ConfigError, Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, Usage,
                    hookimpl)
 
-from ._tokens import count_prompt_tokens, estimate_text, load_tokenizer
+from ._tokens import NO_COMPLETION_PATHS, count_prompt_tokens, estimate_text, load_tokenizer
 from ._usage import (
     PriceTable,
     estimate_completion_tokens_from_response,
@@ -324,6 +324,8 @@ class Metering(Plugin):
         body = ctx.json_body
         if prompt is None:
             prompt = self._prompt_tokens(body, ctx.model)
+        if ctx.path.endswith(NO_COMPLETION_PATHS):
+            return price.cost_of(prompt, 0)  # embeddings and moderations generate nothing (ratelimit reserves none either)
         return price.cost_of(prompt, max_output_tokens(body, self.config.reserve_output_tokens))
 
     def _big_prompt(self, ctx: Context) -> tuple[Any, str | None] | None:

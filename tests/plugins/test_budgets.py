@@ -260,3 +260,20 @@ async def test_hooks_are_plain_unless_budgets_live_in_redis(tmp_path):
         assert {name: is_async for name, (_, is_async) in hook_functions(p).items()} == {"on_request": True, "on_done": True}
     finally:
         await rt.close_all()
+
+
+async def test_embeddings_reserve_no_output(upstream: FakeUpstream, tmp_path):
+    """An embedding generates nothing, and has no max_tokens a client could lower: its reservation is
+    its prompt alone, as ratelimit's is. Before, it reserved ``reserve_output_tokens`` of output at
+    the output price and was refused by a budget it could never have spent."""
+    budgets = [{"scope": "key", "period": "day", "limit": 100.0}]  # less than 1024 output tokens at 1.0 each
+    cfg = config(upstream, budgets)
+    cfg["prices"]["sluice-demo"]["input"] = PER_TOKEN * 1e6
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            r = await a.embeddings.create(model="sluice-demo", input="a few words")
+            assert r.data and r.usage.prompt_tokens > 0
+            # a chat request still reserves its default output, and that is over this budget
+            with pytest.raises(openai.RateLimitError) as exc:
+                await a.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
+            assert exc.value.code == "insufficient_quota"
