@@ -751,7 +751,7 @@ def _run_cli(args: Any, loaded: Any) -> int:
         cur = conn.execute(sql, params)
         cols = [d[0] for d in cur.description]
         rows = [dict(zip(cols, r)) for r in cur.fetchall()]
-    except sqlite3.OperationalError as e:
+    except sqlite3.DatabaseError as e:  # a missing table, a locked file, a file that is not SQLite
         print(f"sluice usage: cannot read the ledger: {e}", file=sys.stderr)
         return 1
     finally:

@@ -334,6 +334,10 @@ async def test_sluice_usage_command_reads_the_ledger(upstream: FakeUpstream, tmp
     assert out.returncode == 0 and "sluice-demo" in out.stdout and "requests" in out.stdout.splitlines()[0]
     out = run("--by", "secret")
     assert out.returncode == 2 and "cannot group by secret" in out.stderr
+    (tmp_path / "ledger.db").write_bytes(b"this is not a database file" * 100)
+    out = run("--by", "model")
+    assert out.returncode == 1 and "cannot read the ledger: file is not a database" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_utc_day_matches_strftime_across_day_boundaries():
