@@ -764,3 +764,14 @@ async def test_a_client_that_leaves_after_done_had_its_whole_stream(tmp_path):
     outcome, usage = Finished.seen[0]
     assert outcome == "ok"
     assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (3, 1, False)
+
+
+async def test_a_head_answer_keeps_the_upstreams_content_length(upstream, http, tmp_path):
+    """RFC 9110 9.3.2: a HEAD answer carries the GET's header fields, its length among them, with no body."""
+    async with SluiceServer(route(upstream), tmp_path) as s:
+        direct = await http.head(f"{upstream.url}/models")
+        head = await http.head(f"{s.url}/models")
+        get = await http.get(f"{s.url}/models")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == direct.headers["content-length"] == get.headers["content-length"]
+    assert head.headers["x-request-id"].startswith("req_")
