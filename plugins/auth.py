@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import time
@@ -41,7 +42,10 @@ KEY_PREFIX = "sk-sluice-"
 #: identity of the request, for plugins that want the key record's extras
 RECORD: StashKey[KeyRecord] = StashKey("auth.record")
 _ID = re.compile(r"^key_[0-9a-f]{16}$")
-_LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "concurrency")
+#: per-key limits read by ratelimit (whole numbers) and by metering's budgets (money, in the price table's currency)
+_COUNT_LIMITS = ("requests_per_minute", "tokens_per_minute", "concurrency")
+_MONEY_LIMITS = ("budget_per_day", "budget_per_month")
+_LIMIT_NAMES = _COUNT_LIMITS + _MONEY_LIMITS
 _CACHE_MAX = 10_000
 #: addresses with recent failures tracked at most (beyond, new ones go unchecked until some expire)
 _FAILING_MAX = 100_000
@@ -231,7 +235,10 @@ def check_limits(limits: dict[str, Any]) -> dict[str, Any]:
     for k, v in limits.items():
         if k not in _LIMIT_NAMES:
             raise ValueError(f"unknown limit {k!r} (known: {', '.join(_LIMIT_NAMES)})")
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if k in _MONEY_LIMITS:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"limit {k} must be a positive amount of money")
+        elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"limit {k} must be a positive integer")
     return dict(limits)
 
@@ -244,6 +251,12 @@ class KeyLimits(BaseModel):
     requests_per_minute: int | None = Field(None, ge=1, le=10_000_000, description="Requests per minute for this key (read by ratelimit).")
     tokens_per_minute: int | None = Field(None, ge=1, le=10_000_000_000, description="Tokens per minute for this key (read by ratelimit).")
     concurrency: int | None = Field(None, ge=1, le=1_000_000, description="Requests in flight at once for this key (read by ratelimit).")
+    budget_per_day: float | None = Field(
+        None, gt=0, le=1e12, allow_inf_nan=False,
+        description="Spend per UTC day for this key, in the price table's currency (read by metering's budgets).")
+    budget_per_month: float | None = Field(
+        None, gt=0, le=1e12, allow_inf_nan=False,
+        description="Spend per UTC month for this key, in the price table's currency (read by metering's budgets).")
 
 
 class StaticKey(BaseModel):
@@ -255,7 +268,7 @@ class StaticKey(BaseModel):
     team: str | None = Field(None, max_length=200, description="Team, for team limits and usage.")
     user: str | None = Field(None, max_length=200, description="User, for usage records.")
     models: list[str] | None = Field(None, max_length=1000, description="Glob patterns of models this key may use; omitted: all.")
-    limits: KeyLimits = Field(default_factory=KeyLimits, description="Per-key limits, applied by the ratelimit plugin.")
+    limits: KeyLimits = Field(default_factory=KeyLimits, description="Per-key limits: rates for the ratelimit plugin, budgets for metering.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form labels carried on ctx.identity.metadata.")
 
 
@@ -637,6 +650,8 @@ def _configure_create(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm", type=int, help="requests per minute for this key")
     p.add_argument("--tpm", type=int, help="tokens per minute for this key")
     p.add_argument("--concurrency", type=int, help="requests in flight at once for this key")
+    p.add_argument("--budget-per-day", type=float, help="spend per UTC day for this key (metering's budgets)")
+    p.add_argument("--budget-per-month", type=float, help="spend per UTC month for this key (metering's budgets)")
     p.add_argument("--expires-in", help="lifetime, e.g. 30d, 12h, 3600")
     p.add_argument("--meta", action="append", default=[], metavar="K=V", help="a metadata label (repeat)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -681,7 +696,8 @@ def _print_new(secret: str, rec: KeyRecord, as_json: bool) -> None:
 async def _cmd_create(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     import sys
 
-    limits = {k: v for k, v in (("requests_per_minute", args.rpm), ("tokens_per_minute", args.tpm), ("concurrency", args.concurrency)) if v is not None}
+    limits = {k: v for k, v in (("requests_per_minute", args.rpm), ("tokens_per_minute", args.tpm), ("concurrency", args.concurrency),
+                                ("budget_per_day", args.budget_per_day), ("budget_per_month", args.budget_per_month)) if v is not None}
     meta = {}
     for kv in args.meta:
         k, sep, v = kv.partition("=")

@@ -283,10 +283,10 @@ async def test_keys_cli(tmp_path):
         return proc.returncode, out.decode(), err.decode()
 
     code, out, err = await sluice("keys", "create", "--name", "ci", "--team", "blue", "--model", "sluice-*", "--rpm", "10",
-                                  "--meta", "owner=ops", "--expires-in", "30d", "--json")
+                                  "--budget-per-day", "2.5", "--meta", "owner=ops", "--expires-in", "30d", "--json")
     assert code == 0, err
     made = json.loads(out)
-    assert made["key"].startswith("sk-sluice-") and made["limits"] == {"requests_per_minute": 10}
+    assert made["key"].startswith("sk-sluice-") and made["limits"] == {"requests_per_minute": 10, "budget_per_day": 2.5}
     assert made["metadata"] == {"owner": "ops"} and made["expires_at"] > time.time() + 29 * 86400
 
     code, out, _ = await sluice("keys", "list", "--json")

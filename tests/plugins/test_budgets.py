@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 
@@ -277,3 +278,28 @@ async def test_embeddings_reserve_no_output(upstream: FakeUpstream, tmp_path):
             with pytest.raises(openai.RateLimitError) as exc:
                 await a.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
             assert exc.value.code == "insufficient_quota"
+
+
+async def test_a_keys_own_budget_from_its_limits_static_or_made_by_the_admin_api(upstream: FakeUpstream, tmp_path):
+    """``identity_budgets``: a key's ``budget_per_day`` in its limits is a budget of its own, whether the
+    key is in the config or made through the admin API (whose key spec refused the field before)."""
+    cfg = config(upstream, [])
+    auth = cfg["routes"][0]["chain"][0]["auth"]
+    auth["keys"][0]["limits"] = {"budget_per_day": 2.5 * M}
+    auth["virtual_keys"] = True
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with httpx.AsyncClient() as http:
+            made = await http.post(f"{s.admin_url}/admin/keys", headers={"authorization": f"Bearer {s.admin_token}"},
+                                   json={"name": "svc", "limits": {"budget_per_day": 1.5 * M}})
+            assert made.status_code == 201, made.text
+            bad = await http.post(f"{s.admin_url}/admin/keys", headers={"authorization": f"Bearer {s.admin_token}"},
+                                  json={"name": "svc", "limits": {"budget_per_day": -1}})
+            assert bad.status_code == 400
+        for key, allowed in ((KEY_A, 2), (made.json()["key"], 1)):
+            async with openai.AsyncOpenAI(base_url=s.url, api_key=key, max_retries=0) as c:
+                for _ in range(allowed):
+                    await ask(c)
+                    await s.wait_idle()
+                with pytest.raises(openai.RateLimitError) as exc:
+                    await ask(c)
+                assert exc.value.code == "insufficient_quota"
