@@ -525,9 +525,11 @@ class Handler:
                     first = chunk
                 if parser is None:
                     block = relay.block(chunk)
-                    if block and not relay.send(block):
-                        await out.write(block)
-                        relay.transport = direct_transport(request, out)
+                    if block:
+                        if not relay.send(block):
+                            await out.write(block)
+                            relay.transport = direct_transport(request, out)
+                        relay.done_sent = relay.saw_done
                 else:
                     events = []
                     for ev in parser.feed(chunk):
@@ -566,7 +568,7 @@ class Handler:
             await self._stream_error(out, ctx, e.err)
         except asyncio.CancelledError:
             if not dog.fired:
-                if parser is None and relay.saw_done:
+                if relay.done_sent:
                     # the client left after [DONE], relayed as it came (the openai SDK closes its response
                     # there, before an upstream's last empty chunk): it had the whole answer
                     ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
@@ -579,10 +581,7 @@ class Handler:
             await self._end_broken(out, ctx, pipeline, ProxyError(504, why, code="upstream_timeout"))
         except CONNECT_ERRORS as e:
             if isinstance(e, ConnectionResetError) and _client_gone(request):
-                if parser is None and relay.saw_done:
-                    ctx.outcome = "ok" if resp.status < 400 else "upstream_error"  # gone after [DONE], as above
-                    return out
-                ctx.outcome = "client_gone"
+                ctx.outcome = ("ok" if resp.status < 400 else "upstream_error") if relay.done_sent else "client_gone"  # as above
                 return out
             att.error = "protocol"
             ctx.outcome = "upstream_error"

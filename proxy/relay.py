@@ -312,6 +312,13 @@ def _tap_block_any(ctx: Context, block: bytes, injected: bool) -> bytes:
     return b"".join(out) if changed else block
 
 
+def is_done_block(block: bytes) -> bool:
+    """Whether whole events ``block`` hold the terminal ``data: [DONE]`` event, not just the text (a model
+    may write "[DONE]" in its content: inside an event's JSON it never starts a line)."""
+    return (block.startswith((b"data: [DONE]", b"data:[DONE]")) or b"\ndata: [DONE]" in block
+            or b"\ndata:[DONE]" in block)
+
+
 def last_boundary(buf: bytearray) -> int:
     """Length of the prefix of ``buf`` made of complete events (0 when none is complete)."""
     i = buf.rfind(b"\n\n")
@@ -341,8 +348,8 @@ class RawRelay:
     when not.
     """
 
-    __slots__ = ("transport", "ctx", "wants_usage", "injected", "buf", "saw_done", "waiting", "dog", "loop", "taken", "reader",
-                 "ends")
+    __slots__ = ("transport", "ctx", "wants_usage", "injected", "buf", "saw_done", "done_sent", "waiting", "dog", "loop", "taken",
+                 "reader", "ends")
 
     def __init__(self, ctx: Context, wants_usage: bool, injected: bool, dog: Watchdog, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: asyncio.Transport | None = None
@@ -351,6 +358,8 @@ class RawRelay:
         self.injected = injected
         self.buf = bytearray()  # the start of an event not yet complete
         self.saw_done = False
+        #: the block holding ``data: [DONE]`` was handed to the client's socket: the client has the whole stream
+        self.done_sent = False
         #: the coroutine is parked in ``readany()``: pieces may bypass it while the reader holds none
         self.waiting = False
         self.dog = dog
@@ -396,7 +405,7 @@ class RawRelay:
     def _whole(self, block: bytes) -> bytes:
         """Complete events: the usage tapped (first: it is what can fail), ``[DONE]`` noted, counted."""
         out = self.tap(block) if self.wants_usage else block  # no call per block for a route that reads no answers
-        if b"[DONE]" in block:
+        if b"[DONE]" in block and is_done_block(block):
             self.saw_done = True
         if out:
             ctx = self.ctx
@@ -430,6 +439,7 @@ class RawRelay:
             return False  # nothing noted yet: the coroutine meets the same error where errors are handled
         if block:
             t.write(b"%x\r\n%b\r\n" % (len(block), block))
+            self.done_sent = self.saw_done
         self.taken += 1
         self.dog.last = self.loop.time()  # a new wait for the upstream starts now
         return True

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import time
-from typing import Any, ClassVar
+from typing import Any, AsyncIterator, ClassVar
 
 import httpx
 import openai
@@ -726,44 +727,79 @@ class Finished(Plugin):
         self.seen.append((ctx.outcome, ctx.usage))
 
 
-async def test_a_client_that_leaves_after_done_had_its_whole_stream(tmp_path):
-    """The openai SDK closes its response as soon as it reads ``data: [DONE]``, before an upstream's last
-    empty chunk (OpenAI's comes a few ms later): the request is "ok", not "client_gone", and its usage is
-    the upstream's. The upstream here holds its last chunk until the client has left."""
+CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+
+def _sse(*events: dict[str, Any], done: bool) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + (b"data: [DONE]\n\n" if done else b"")
+
+
+@contextlib.asynccontextmanager
+async def _holds_its_end(body: bytes) -> AsyncIterator[str]:
+    """An upstream that writes ``body`` as a stream and holds its last empty chunk until the block ends."""
     release = asyncio.Event()
-    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-    events = [
-        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}], "usage": None},
-        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None},
-        {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
-    ]
 
     async def answer(request: web.Request) -> web.StreamResponse:
         await request.read()
         r = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await r.prepare(request)
-        await r.write(b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n")
+        await r.write(body)
         await release.wait()
         await r.write_eof()
         return r
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", answer)
+    async with serve_app(app) as origin:
+        try:
+            yield f"{origin}/v1"
+        finally:
+            release.set()
+
+
+async def _leave_after(url: str, tmp_path: Any, chunks: int | None) -> tuple[str, tuple[str | None, Any]]:
+    """The text a client read (all of it, or ``chunks`` chunks) before it left, and the request's outcome and usage."""
     Finished.seen.clear()
     with register_plugin(Finished):
-        async with serve_app(app) as origin, SluiceServer(route(f"{origin}/v1", [{"finished": {}}]), tmp_path) as s:
-            try:
-                async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
-                    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
-                    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-                    await stream.close()  # what the SDK does on [DONE]; said here so the test does not rest on its version
-                await wait_for(lambda: len(Finished.seen) == 1, 10, "the request's on_done")
-            finally:
-                release.set()
+        async with SluiceServer(route(url, [{"finished": {}}]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+                stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+                got = []
+                async for c in stream:
+                    got.append(c)
+                    if chunks is not None and len(got) == chunks:
+                        break
+                await stream.close()  # what the SDK does on [DONE]; said here so the test does not rest on its version
+            await wait_for(lambda: len(Finished.seen) == 1, 10, "the request's on_done")
+    return "".join(c.choices[0].delta.content or "" for c in got if c.choices), Finished.seen[0]
+
+
+async def test_a_client_that_leaves_after_done_had_its_whole_stream(tmp_path):
+    """The openai SDK closes its response as soon as it reads ``data: [DONE]``, before an upstream's last
+    empty chunk (OpenAI's comes a few ms later): the request is "ok", not "client_gone", and its usage is
+    the upstream's. The upstream here holds its last chunk until the client has left."""
+    body = _sse(
+        {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}], "usage": None},
+        {**CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None},
+        {**CHUNK, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
+        done=True,
+    )
+    async with _holds_its_end(body) as url:
+        text, (outcome, usage) = await _leave_after(url, tmp_path, None)
     assert text == "hi"
-    outcome, usage = Finished.seen[0]
     assert outcome == "ok"
     assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (3, 1, False)
+
+
+async def test_done_in_a_models_text_is_not_the_end_of_its_stream(tmp_path):
+    """Only the terminal ``data: [DONE]`` event ends a stream: a client that leaves after a chunk whose
+    text says "[DONE]" (an agent's prompt often asks for it) left early."""
+    body = _sse({**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "when finished, print [DONE]"},
+                                       "finish_reason": None}]}, done=False)
+    async with _holds_its_end(body) as url:
+        text, (outcome, _) = await _leave_after(url, tmp_path, 1)
+    assert text == "when finished, print [DONE]"
+    assert outcome == "client_gone"
 
 
 async def test_a_head_answer_keeps_the_upstreams_content_length(upstream, http, tmp_path):
