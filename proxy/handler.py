@@ -128,7 +128,7 @@ async def _read_slow(content: aiohttp.StreamReader, cl: int | None, limit: int, 
     buf = bytearray()
     want = limit if cl is None else cl
     try:
-        async with asyncio.timeout(loop.time() + idle) as deadline:
+        async with asyncio.timeout_at(loop.time() + idle) as deadline:
             while len(buf) < want or cl is None:
                 chunk = await content.readany()
                 if not chunk:

@@ -272,7 +272,7 @@ async def test_a_body_cut_short_is_refused_without_a_server_error(upstream: Fake
     assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], caplog.text
 
 
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "headers-only", "chunked-headers-only", "expect"])
 async def test_a_body_that_stalls_is_408_and_its_connection_closed(upstream: FakeUpstream, tmp_path, caplog, framing):
     """A client that stops sending its body part way would hold a handler (and, many times over, the
     process) for as long as it liked: after ``server.body_timeout_s`` without a byte it gets 408 and the
@@ -282,15 +282,24 @@ async def test_a_body_that_stalls_is_408_and_its_connection_closed(upstream: Fak
     cfg["server"] = {"body_timeout_s": 0.3}
     async with SluiceServer(cfg, tmp_path) as s:
         head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        if framing == "chunked":
-            req = head + b"transfer-encoding: chunked\r\n\r\n" + b"a\r\n" + GOOD[:10] + b"\r\n"
-        else:
-            req = head + f"content-length: {len(GOOD)}\r\n\r\n".encode() + GOOD[:10]
+        length = f"content-length: {len(GOOD)}\r\n".encode()
+        req = {
+            "content-length": head + length + b"\r\n" + GOOD[:10],
+            "chunked": head + b"transfer-encoding: chunked\r\n\r\n" + b"a\r\n" + GOOD[:10] + b"\r\n",
+            # nothing after the headers: the first wait for the body is limited too
+            "headers-only": head + length + b"\r\n",
+            "chunked-headers-only": head + b"transfer-encoding: chunked\r\n\r\n",
+            # the client waits for 100 Continue, gets it, and sends nothing
+            "expect": head + length + b"expect: 100-continue\r\n\r\n",
+        }[framing]
         reader, writer = await asyncio.open_connection("127.0.0.1", s.server.port)
         try:
             writer.write(req)
             await writer.drain()
             head_in = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if framing == "expect":
+                assert head_in == b"HTTP/1.1 100 Continue\r\n\r\n"
+                head_in = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             lines = head_in.decode().split("\r\n")
             headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
             body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
