@@ -811,3 +811,22 @@ async def test_a_head_answer_keeps_the_upstreams_content_length(upstream, http, 
     assert head.status_code == 200 and head.content == b""
     assert head.headers["content-length"] == direct.headers["content-length"] == get.headers["content-length"]
     assert head.headers["x-request-id"].startswith("req_")
+
+
+async def test_a_head_answer_gives_no_compressed_length(tmp_path):
+    """Sluice reads an upstream's compressed answer decoded and sends it on decoded: the length of the
+    compressed representation, which a HEAD answer from that upstream gives, is not the client's."""
+    import gzip
+
+    models = orjson.dumps({"object": "list", "data": [{"id": f"m{i}", "object": "model"} for i in range(50)]})
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=gzip.compress(models), headers={"content-type": "application/json", "content-encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", answer)  # aiohttp answers HEAD with GET's headers and no body
+    async with serve_app(app) as origin, SluiceServer(route(f"{origin}/v1"), tmp_path) as s, httpx.AsyncClient() as http:
+        head = await http.head(f"{s.url}/models")
+        get = await http.get(f"{s.url}/models")
+    assert head.status_code == 200 and "content-length" not in head.headers
+    assert get.content == models and get.headers["content-length"] == str(len(models))
