@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
@@ -452,7 +452,8 @@ class _QuoteNothing(logging.Filter):
     listener answers such requests itself (:class:`_WebServer`); this covers the admin listener."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and str(record.msg).startswith("Error handling request"):
+        if (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError)
+                and str(record.msg).startswith("Error handling request")):
             exc = record.exc_info[1]
             record.msg, record.args = "aiohttp refused a request it could not parse (%s)", (type(exc).__name__,)
             record.exc_info, record.exc_text = None, None
@@ -502,7 +503,9 @@ def _protocol_class(sluice: Server) -> type[RequestHandler]:
                                       code="request_header_fields_too_large")
             else:
                 sluice.metrics.rejected.labels(reason="invalid_http").inc()
-                log.info("refused a request that is not valid HTTP/1.1 (%s) request_id=%s", kind, rid)
+                # not HTTP at all (TLS, a port scan) is common on an open port: counted, and logged at debug
+                level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO
+                log.log(level, "refused a request that is not valid HTTP/1.1 (%s) request_id=%s", kind, rid)
                 resp = error_response(status if 400 <= status < 500 else 400, "The request is not valid HTTP/1.1.", rid,
                                       code="invalid_http")
             resp.force_close()

@@ -381,3 +381,25 @@ async def test_the_admin_listener_logs_no_client_bytes_for_a_request_it_cannot_p
     assert "aiohttp refused a request it could not parse (BadHttpMessage)" in caplog.text
     assert SECRET not in caplog.text and "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_the_log_filter_leaves_other_errors_as_they_are():
+    """Only aiohttp's parse errors are cut to their kind: an admin handler's own crash keeps its traceback."""
+    import logging
+    import sys
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from proxy.server import _QuoteNothing
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except type(exc):
+            info = sys.exc_info()
+        return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s", ("127.0.0.1",), info)
+
+    crash, bad = record(KeyError("x")), record(BadHttpMessage(f"Invalid header token: {SECRET}"))
+    assert _QuoteNothing().filter(crash) and _QuoteNothing().filter(bad)
+    assert crash.exc_info is not None and crash.getMessage() == "Error handling request from 127.0.0.1"
+    assert bad.exc_info is None and bad.getMessage() == "aiohttp refused a request it could not parse (BadHttpMessage)"
