@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import re
 from typing import Any, Callable, Iterable, Mapping
 
 import orjson
@@ -188,32 +189,30 @@ NO_COMPLETION = ("/embeddings", "/moderations")
 NO_COMPLETION_PATHS = tuple(p + s for p in NO_COMPLETION for s in ("", "/"))
 
 
+#: a count in a string as pydantic's lax mode takes it: ASCII digits with single underscores between
+#: them, a sign, a fraction of zeros, blanks around
+_COUNT_TEXT = re.compile(r"\s*([+-]?[0-9]+(?:_[0-9]+)*)(?:\.0+)?\s*", re.ASCII)
+
+
 def lax_count(v: Any) -> int | None:
     """A count as a Python (pydantic, so vLLM's) server reads it: an int, a float with no fraction
-    (``100.0``), or a string of one (``"100"``, ``" 1_000 "``, ``"100.0"``); else None. A limiter that
-    read ints only would reserve its default for ``"max_tokens": "3000000"``, which vLLM generates."""
+    (``100.0``, below 2**63), or a string of one (``"100"``, ``" 1_000 "``, ``"100.0"``); else None. A
+    limiter that read ints only would reserve its default for ``"max_tokens": "3000000"``, which vLLM
+    generates; one that read more than pydantic would refuse what the upstream refuses anyway."""
     t = type(v)
     if t is int:
         return v
     if t is float:
-        return int(v) if v.is_integer() else None
+        return int(v) if v.is_integer() and abs(v) < 2.0**63 else None
     if t is str:
-        try:
-            return int(v)
-        except ValueError:
-            try:
-                f = float(v)
-            except ValueError:
-                return None
-            return int(f) if f.is_integer() else None
+        m = _COUNT_TEXT.fullmatch(v)
+        return int(m.group(1)) if m else None
     return None  # True is not a count, nor is anything else
 
 
-def completion_allowance(body: Any, default: int) -> int:
-    """Tokens the answer may use: ``max_completion_tokens``, ``max_tokens`` or
-    ``max_output_tokens`` when given (read as :func:`lax_count` reads), else ``default``; times ``n`` choices."""
-    if not isinstance(body, dict):
-        return default
+def _allowance(body: dict[str, Any], default: int) -> int:
+    """The answer's token allowance: the first of ``_MAX_FIELDS`` given (read as :func:`lax_count` reads),
+    else ``default``; times ``n`` choices."""
     limit = default
     for name in _MAX_FIELDS:
         v = body.get(name)
@@ -228,6 +227,12 @@ def completion_allowance(body: Any, default: int) -> int:
         if choices is not None and choices > 0:
             return limit * choices
     return limit
+
+
+def completion_allowance(body: Any, default: int) -> int:
+    """Tokens the answer may use: ``max_completion_tokens``, ``max_tokens`` or
+    ``max_output_tokens`` when given (read as :func:`lax_count` reads), else ``default``; times ``n`` choices."""
+    return _allowance(body, default) if isinstance(body, dict) else default
 
 
 _MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
@@ -260,17 +265,4 @@ def reservation(body: dict[str, Any], default: int, tokenizers: Mapping[str, str
         prompt = count_prompt_tokens(body, None, tokenizers=tokenizers)
     if not completion:
         return prompt, prompt
-    limit = default
-    for name in _MAX_FIELDS:
-        v = body.get(name)
-        if v is not None:
-            v = v if type(v) is int else lax_count(v)
-            if v is not None and v >= 0:
-                limit = v
-                break
-    choices = body.get("n")
-    if choices is not None:
-        choices = choices if type(choices) is int else lax_count(choices)
-        if choices is not None and choices > 0:
-            limit *= choices
-    return prompt, prompt + limit
+    return prompt, prompt + _allowance(body, default)

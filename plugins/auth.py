@@ -236,8 +236,8 @@ def check_limits(limits: dict[str, Any]) -> dict[str, Any]:
         if k not in _LIMIT_NAMES:
             raise ValueError(f"unknown limit {k!r} (known: {', '.join(_LIMIT_NAMES)})")
         if k in _MONEY_LIMITS:
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"limit {k} must be a positive amount of money")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 < v <= 1e12:
+                raise ValueError(f"limit {k} must be a positive amount of money, at most 1e12")
         elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"limit {k} must be a positive integer")
     return dict(limits)

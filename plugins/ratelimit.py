@@ -33,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("sluice.ratelimit")
 
 PERIOD_S = 60.0
-#: endpoints whose answer has no completion tokens
 #: above this body size a real tokenizer runs in the executor, off the loop
 TOKENIZE_OFF_LOOP_BYTES = 32 * 1024
 #: settlements held for the next admission at most; beyond, they are sent at once

@@ -331,3 +331,13 @@ async def test_on_response_only_when_some_key_may_be_restricted(runtime):
     assert "on_response" not in hook_functions(free)
     for conf in ({}, {"virtual_keys": False}):  # virtual keys may carry models; the default static key does
         assert "on_response" in hook_functions(await _auth(runtime, **conf)), conf
+
+
+def test_key_limits_are_checked_as_counts_or_money():
+    from plugins.auth import check_limits
+
+    assert check_limits({"requests_per_minute": 5, "budget_per_day": 2.5}) == {"requests_per_minute": 5, "budget_per_day": 2.5}
+    for bad in ({"requests_per_minute": 2.5}, {"budget_per_day": 0}, {"budget_per_day": float("inf")},
+                {"budget_per_month": 1e300}, {"budget_per_day": True}, {"rpm": 5}):
+        with pytest.raises(ValueError):
+            check_limits(bad)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plugins import _tokens
-from plugins._tokens import completion_allowance, count_prompt_tokens, estimate_text, load_tokenizer, register_tokenizer
+from plugins._tokens import completion_allowance, count_prompt_tokens, estimate_text, lax_count, load_tokenizer, register_tokenizer
 
 
 def test_estimate_is_utf8_bytes_over_four_rounded_up():
@@ -55,6 +55,18 @@ def test_completion_allowance():
     assert completion_allowance({"max_tokens": 10.5}, 256) == 256  # refused upstream: no count
     assert completion_allowance({"max_tokens": "ten"}, 256) == 256
     assert completion_allowance({"max_tokens": "-3"}, 256) == 256
+
+
+
+@pytest.mark.parametrize("value, count", [
+    ("100.00", 100), ("1_000", 1000), (" +5 ", 5), ("10_0.0", 100), (2.0**62, 2**62), (-0.0, 0), (7, 7),
+    ("100.", None), ("1__000", None), ("_100", None), ("0x10", None), ("\u0661\u0662", None), ("1.0e2", None),
+    (1e20, None), (2.0**63, None), (True, None), (None, None), ([1], None),
+])
+def test_lax_count_reads_what_pydantic_reads(value, count):
+    """What vLLM's pydantic models (lax mode, pydantic 2 in the vLLM venv) make of a count, value by value:
+    no more (a limiter that read more would refuse what the upstream refuses anyway), no less."""
+    assert lax_count(value) == count
 
 
 @pytest.fixture
