@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import orjson
 
@@ -23,12 +23,13 @@ def _normalise(value: Any) -> Any:
 
 
 def _content(content: Any) -> Any:
-    # [{"type": "text", "text": "hi"}] and "hi" are the same prompt to every upstream we know.
-    if isinstance(content, list) and content and all(
-        isinstance(p, dict) and p.get("type") == "text" and set(p) <= {"type", "text"} and isinstance(p.get("text"), str)
-        for p in content
-    ):
-        return "".join(p["text"] for p in content)
+    # [{"type": "text", "text": "hi"}] and "hi" are the same prompt to every upstream we know. Several
+    # parts are not one string: upstreams join them differently (vLLM with a newline, others with a
+    # space), so ["Do", "not"] and "Donot" may be different prompts; they stay a list
+    if isinstance(content, list) and len(content) == 1:
+        p = content[0]
+        if isinstance(p, dict) and p.get("type") == "text" and set(p) <= {"type", "text"} and isinstance(p.get("text"), str):
+            return p["text"]
     return content
 
 
@@ -52,12 +53,22 @@ def request_key(endpoint: str, body: dict[str, Any], scope: str, ignored: Iterab
     return f"{scope}:{digest}"
 
 
+#: the request headers that carry a caller's key: OpenAI's, Azure OpenAI's, Anthropic-style gateways'
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+def credentials_of(headers: Mapping[str, str]) -> str | None:
+    """Every credential header the request carries, as one string (None when there is none)."""
+    found = [f"{h}:{headers[h]}" for h in CREDENTIAL_HEADERS if h in headers]
+    return "\n".join(found) if found else None
+
+
 def scope_of(mode: str, key_id: str | None, team: str | None, authorization: str | None) -> str:
     """Who may read an entry: one key, one team, or everyone (``shared``).
 
     Without an identity (no auth plugin in the chain) the caller's own
-    credentials stand in for the key, hashed, so two clients that present
-    different upstream keys still never read each other's answers.
+    credentials (:func:`credentials_of`) stand in for the key, hashed, so two clients that
+    present different upstream keys still never read each other's answers.
     """
     if mode == "shared":
         return "shared"

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from proxy import Context, Event, Plugin, PluginConfig, StashKey, hookimpl
 
 from ._cache_entry import StreamAssembler, is_complete_body, make_entry, read_entry, replay_chunks
-from ._cache_key import DEFAULT_IGNORED, request_key, scope_of
+from ._cache_key import DEFAULT_IGNORED, credentials_of, request_key, scope_of
 
 log = logging.getLogger("sluice.cache")
 
@@ -162,7 +162,7 @@ class Cache(Plugin):
             self._result(ctx, BYPASS)
             return
         ident = ctx.identity
-        scope = scope_of(c.scope, ident.key_id if ident else None, ident.team if ident else None, ctx.headers.get("authorization"))
+        scope = scope_of(c.scope, ident.key_id if ident else None, ident.team if ident else None, credentials_of(ctx.headers))
         pending = _Pending(key=request_key(ctx.endpoint, body, scope, self._ignored), ttl_s=ttl or 0.0, store=bool(ttl))
         ctx.stash[STASH] = pending
         if "no-cache" not in cc:

@@ -133,6 +133,19 @@ async def test_tenants_never_share_entries(upstream: FakeUpstream, tmp_path: Pat
         assert chat_requests(upstream) == 2
 
 
+@pytest.mark.parametrize("header", ["api-key", "x-api-key"])
+async def test_tenants_keyed_by_other_credential_headers_never_share_entries(upstream: FakeUpstream, tmp_path: Path, header: str):
+    """Azure OpenAI's SDK sends its key in ``api-key``, some gateways' clients in ``x-api-key``: without an
+    auth plugin, those are the tenants' credentials as much as ``Authorization`` is."""
+    async with SluiceServer(config(upstream), tmp_path) as s, \
+            client(s, default_headers={header: "tenant-one-key"}) as a, client(s, default_headers={header: "tenant-two-key"}) as b:
+        await chat(a)
+        await s.wait_idle()
+        hb, _ = await chat(b)
+        assert hb["x-sluice-cache"] == "miss"
+        assert chat_requests(upstream) == 2
+
+
 async def test_scope_by_identity_key_team_and_shared(upstream: FakeUpstream, tmp_path: Path):
     chain = [{"door": {}}, {"cache": {"backend": "memory", "scope": "team"}}]
     async with SluiceServer(config(upstream, chain), tmp_path) as s, client(s) as c:

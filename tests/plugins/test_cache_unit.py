@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from plugins._cache_entry import StreamAssembler, is_complete_body, make_entry, read_entry, replay_chunks, synthesise_chunks
-from plugins._cache_key import canonical_request, request_key, scope_of
+from plugins._cache_key import canonical_request, credentials_of, request_key, scope_of
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5}
 
@@ -37,8 +37,12 @@ def test_key_differs_per_endpoint_and_scope():
 def test_key_normalises_numbers_and_text_parts():
     one = request_key("chat/completions", {**BASE, "temperature": 1}, "s")
     assert one == request_key("chat/completions", {**BASE, "temperature": 1.0}, "s")
-    parts = {**BASE, "messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]}
-    assert request_key("chat/completions", parts, "s") == request_key("chat/completions", BASE, "s")
+    text = BASE["messages"][0]["content"]
+    one_part = {**BASE, "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
+    assert request_key("chat/completions", one_part, "s") == request_key("chat/completions", BASE, "s")
+    # several parts are not their concatenation: upstreams join them with a newline or a space
+    parts = {**BASE, "messages": [{"role": "user", "content": [{"type": "text", "text": text[:2]}, {"type": "text", "text": text[2:]}]}]}
+    assert request_key("chat/completions", parts, "s") != request_key("chat/completions", BASE, "s")
     image = {**BASE, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
     assert request_key("chat/completions", image, "s") != request_key("chat/completions", BASE, "s")
 
@@ -55,6 +59,12 @@ def test_scopes():
     assert scope_of("key", None, None, "Bearer a") != scope_of("key", None, None, "Bearer b")
     assert "Bearer" not in scope_of("key", None, None, "Bearer a")
     assert scope_of("key", None, None, None) == "anon"
+    # Azure OpenAI's api-key and gateways' x-api-key are credentials too
+    for h in ("api-key", "x-api-key"):
+        one, two = credentials_of({h: "tenant-one"}), credentials_of({h: "tenant-two"})
+        assert scope_of("key", None, None, one) != scope_of("key", None, None, two) != "anon"
+    assert credentials_of({"authorization": "Bearer a"}) != credentials_of({"api-key": "Bearer a"})
+    assert credentials_of({"content-type": "application/json"}) is None
 
 
 def _chunk(delta, finish=None, idx=0, **kw):
