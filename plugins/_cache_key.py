@@ -7,6 +7,8 @@ from typing import Any, Iterable, Mapping
 
 import orjson
 
+from proxy.openai import CREDENTIAL_HEADERS  # the headers that carry a caller's key (the upstream's replace them)
+
 #: request fields that never change the answer's content
 DEFAULT_IGNORED = ("stream", "stream_options", "user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key")
 
@@ -51,10 +53,6 @@ def request_key(endpoint: str, body: dict[str, Any], scope: str, ignored: Iterab
     canon = orjson.dumps(canonical_request(endpoint, body, ignored), option=orjson.OPT_SORT_KEYS)
     digest = hashlib.sha256(canon).hexdigest()
     return f"{scope}:{digest}"
-
-
-#: the request headers that carry a caller's key: OpenAI's, Azure OpenAI's, Anthropic-style gateways'
-CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 
 
 def credentials_of(headers: Mapping[str, str]) -> str | None:
