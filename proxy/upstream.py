@@ -196,6 +196,11 @@ class Upstream:
                 return Response(resp.status, CIMultiDict(resp.headers), data)
 
 
+def _fresh_after(plan: list[tuple[Target, int]], i: int) -> bool:
+    """Whether a target not yet tried follows step ``i`` of a retry plan (its first attempt needs no wait)."""
+    return any(n == 0 for _, n in plan[i + 1:])
+
+
 class UpstreamPool:
     """All configured upstreams, by name."""
 
@@ -243,7 +248,8 @@ class UpstreamPool:
         Connect errors, timeouts before the first byte and the route's retry
         statuses are retried on the same target (``retries.attempts`` times, with
         exponential backoff, full jitter and ``retry-after`` honoured), then the
-        next target is tried, all within ``retries.deadline_s``. The last
+        next target is tried, all within ``retries.deadline_s``; a retry whose wait would pass
+        the deadline gives way to the next target, tried at once. The last
         upstream error answer is passed through unchanged; with none, 502 or 504.
         ``task`` is the running task (the handler has it at hand): the timeouts cancel it, and
         aiohttp's connector runs in it.
@@ -271,6 +277,8 @@ class UpstreamPool:
                 if n == 0:
                     delay = 0.0  # a fresh target needs no backoff
                 if now + delay >= deadline:
+                    if n and _fresh_after(plan, i):
+                        continue  # no time for this retry's wait: the next target is tried at once instead
                     break
                 if delay:
                     await asyncio.sleep(delay)
@@ -323,7 +331,9 @@ class UpstreamPool:
             if resp.status in policy.on_status and not last:
                 ra = retry_after_seconds(resp.headers.get("retry-after"))
                 nxt = 0.0 if plan[i + 1][1] == 0 else self._backoff(policy, n, ra)
-                if time.perf_counter() + nxt < deadline:
+                now = time.perf_counter()
+                # a retry whose wait (retry-after, say) passes the deadline gives way to the next target
+                if now + nxt < deadline or (now < deadline and _fresh_after(plan, i)):
                     resp.release()
                     up.outstanding -= 1
                     att.end = time.perf_counter()

@@ -165,6 +165,33 @@ async def test_retries_then_fallback_to_next_target(http, tmp_path):
             assert r.status_code == 429
 
 
+async def test_a_retry_that_cannot_wait_gives_way_to_the_next_target(http, tmp_path):
+    """A retry whose wait passes ``retries.deadline_s`` (a long ``retry-after``, a long backoff) is skipped
+    for the next target, which needs no wait: the route used to give up instead, with a healthy fallback."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    async with FakeUpstream() as a, FakeUpstream() as b:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        cfg = {
+            "upstreams": {"a": {"url": a.url}, "b": {"url": b.url}, "dead": {"url": f"http://127.0.0.1:{dead}/v1"}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": ["a", "b"], "retries": {"attempts": 2, "backoff_s": 0.05, "deadline_s": 3}}],
+        }
+        async with SluiceServer(cfg, tmp_path) as s:
+            # a asks for 10 s before a retry, past the 3 s deadline: b answers instead, at once
+            a.fail_next(503, headers={"retry-after": "10"})
+            r = await http.post(f"{s.url}/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert len(a.requests) == 1 and len(b.requests) == 1
+        # a backoff of up to 5 s after a refused connection, against a 2 s deadline: a answers, every time
+        cfg["routes"][0].update(upstream=["dead", "a"], retries={"attempts": 1, "backoff_s": 5, "max_backoff_s": 5, "deadline_s": 2})
+        async with SluiceServer(cfg, tmp_path) as s:
+            rs = await asyncio.gather(*(http.post(f"{s.url}/chat/completions", json=body) for _ in range(6)))
+            assert [r.status_code for r in rs] == [200] * 6, [r.text for r in rs]
+
+
 async def test_upstream_api_key_replaces_client_credentials(upstream, http, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-upstream")
     cfg = route(upstream, upstream={"api_key": {"$env": "TEST_UPSTREAM_KEY"}})
