@@ -269,6 +269,8 @@ class Router(Plugin):
         too_small = False
         turn = next(self._turn)
         ej = c.ejection
+        # a target out of rotation, by passive ejection or by failed active probes, is skipped either way
+        checked = ej.enabled or c.health_checks.enabled
         vl = c.vllm
         for alias in chain:
             strategy, entries = self._plans[alias]
@@ -280,7 +282,7 @@ class Router(Plugin):
                         too_small = True
                         continue
                 # Ejected or full targets are skipped, not queued behind: the fallbacks take over.
-                if ej.enabled and not st.available(now, ej.probe_timeout_s):
+                if checked and not st.available(now, ej.probe_timeout_s):
                     continue
                 if tc.max_concurrency is not None and up.outstanding >= tc.max_concurrency:
                     continue

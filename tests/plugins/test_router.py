@@ -264,6 +264,24 @@ async def test_active_health_checks_eject_and_restore(tmp_path: Path):
         assert len(chats(a)) == 2 and len(chats(b)) == 2
 
 
+async def test_active_health_checks_work_without_passive_ejection(tmp_path: Path):
+    """Active probes are their own feature: with passive ejection off, a target whose probes fail is out
+    of rotation all the same (it was still picked, and each request paid for the dead upstream)."""
+    async with upstreams(2) as (a, b):
+        cfg = config([a, b], {"aliases": {"smart": {"strategy": "round_robin", "targets": [{"upstream": "a"}, {"upstream": "b"}]}},
+                              "ejection": {"enabled": False},
+                              # each failed probe keeps the target out for two intervals: 0.2 s leaves room for a slow probe
+                              "health_checks": {"enabled": True, "interval_s": 0.2, "timeout_s": 1, "unhealthy_threshold": 2,
+                                                "path": "healthcheck"}})
+        a.fail_next(503, count=10_000, path_contains="/healthcheck")
+        async with SluiceServer(cfg, tmp_path) as s, client(s) as c:
+            r = router_of(s)
+            await a.wait_for(lambda: r.metrics.ejections.labels("a")._value.get() >= 1, timeout=5)
+            for _ in range(6):
+                await ask(c)
+        assert len(chats(a)) == 0 and len(chats(b)) == 6
+
+
 async def test_an_earlier_answer_is_left_alone(tmp_path: Path):
     async with upstreams(1) as (a,):
         rt = await make_runtime(tmp_path, config={"upstreams": {"a": {"url": a.url}}})
