@@ -80,6 +80,32 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def held_answer(first: bytes, content_type: str, content_length: int | None = None) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """An upstream whose ``POST /v1/chat/completions`` answer is ``first`` and then nothing, its end held
+    until the event is set (on leaving, at the latest): its base URL and that event. For what a proxy
+    does while an upstream stalls, or after a client left before the upstream's end."""
+    release = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        r = web.StreamResponse(headers={"content-type": content_type})
+        if content_length is not None:
+            r.content_length = content_length
+        await r.prepare(request)
+        await r.write(first)
+        await release.wait()
+        return r  # aiohttp ends the body
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    async with serve_app(app) as origin:
+        try:
+            yield f"{origin}/v1", release
+        finally:
+            release.set()
+
+
 @contextlib.contextmanager
 def register_plugin(cls: type[Plugin]) -> Iterator[type[Plugin]]:
     """Make ``cls`` available by its ``name`` in configs for the duration of a ``with`` block."""

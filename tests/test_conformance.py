@@ -8,17 +8,15 @@ Two probe plugins (outer, inner) record every hook call, so the onion order is c
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from typing import Any, AsyncIterator, ClassVar
+from typing import Any, ClassVar
 
 import httpx
 import openai
 import pytest
-from aiohttp import web
 from pydantic import Field
 
 from proxy import Context, Event, Plugin, PluginConfig, hookimpl
-from proxy.testing import FakeUpstream, SluiceServer, register_plugin, serve_app
+from proxy.testing import FakeUpstream, SluiceServer, held_answer, register_plugin
 
 
 class Probe(Plugin):
@@ -266,36 +264,13 @@ async def test_stream_idle_timeout_ends_stream_with_error_event(endpoint, which,
     assert ctx.error == said and said in str(e.value)
 
 
-@contextlib.asynccontextmanager
-async def _body_stalls() -> AsyncIterator[tuple[str, asyncio.Event]]:
-    """An upstream whose JSON answer stops after its headers and first bytes, until released."""
-    release = asyncio.Event()
-
-    async def answer(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        r = web.StreamResponse(headers={"content-type": "application/json"})
-        r.content_length = 1000
-        await r.prepare(request)
-        await r.write(b'{"id": "chatcmpl-1", ')
-        await release.wait()
-        return r
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    async with serve_app(app) as origin:
-        try:
-            yield f"{origin}/v1", release
-        finally:
-            release.set()
-
-
 @pytest.mark.parametrize("where", ["first_byte", "body", "idle"])
 async def test_timeouts_leave_no_cancellation_raised(where, tmp_path):
     """A timeout cancels the request's own task and takes that back: neither the handler's task nor the
     connection's (whose count aiohttp reads to tell a shutdown) stays marked as cancelled, and the next
     request on the connection is served."""
     timeouts = {"first_byte": {"first_byte": 0.2}, "body": {"total": 0.3}, "idle": {"idle": 0.3}}[where]
-    async with FakeUpstream() as up, _body_stalls() as (stalling, _):
+    async with FakeUpstream() as up, held_answer(b'{"id": "chatcmpl-1", ', "application/json", 1000) as (stalling, _):
         cfg = _config(up, CHAIN, timeouts=timeouts)
         if where == "body":
             cfg["upstreams"]["u"]["url"] = stalling

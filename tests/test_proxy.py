@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import re
 import time
-from typing import Any, AsyncIterator, ClassVar
+from typing import Any, ClassVar
 
 import httpx
 import openai
@@ -16,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from proxy import Context, Event, Plugin, ProxyError, hookimpl
-from proxy.testing import FakeUpstream, SluiceServer, register_plugin, serve_app, wait_for
+from proxy.testing import FakeUpstream, SluiceServer, held_answer, register_plugin, serve_app, wait_for
 
 
 def route(up: FakeUpstream | str, chain: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -761,29 +760,6 @@ def _sse(*events: dict[str, Any], done: bool) -> bytes:
     return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + (b"data: [DONE]\n\n" if done else b"")
 
 
-@contextlib.asynccontextmanager
-async def _holds_its_end(body: bytes) -> AsyncIterator[str]:
-    """An upstream that writes ``body`` as a stream and holds its last empty chunk until the block ends."""
-    release = asyncio.Event()
-
-    async def answer(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        r = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await r.prepare(request)
-        await r.write(body)
-        await release.wait()
-        await r.write_eof()
-        return r
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    async with serve_app(app) as origin:
-        try:
-            yield f"{origin}/v1"
-        finally:
-            release.set()
-
-
 async def _leave_after(url: str, tmp_path: Any, chunks: int | None) -> tuple[str, tuple[str | None, Any]]:
     """The text a client read (all of it, or ``chunks`` chunks) before it left, and the request's outcome and usage."""
     Finished.seen.clear()
@@ -811,7 +787,7 @@ async def test_a_client_that_leaves_after_done_had_its_whole_stream(tmp_path):
         {**CHUNK, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
         done=True,
     )
-    async with _holds_its_end(body) as url:
+    async with held_answer(body, "text/event-stream") as (url, _):
         text, (outcome, usage) = await _leave_after(url, tmp_path, None)
     assert text == "hi"
     assert outcome == "ok"
@@ -823,7 +799,7 @@ async def test_done_in_a_models_text_is_not_the_end_of_its_stream(tmp_path):
     text says "[DONE]" (an agent's prompt often asks for it) left early."""
     body = _sse({**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "when finished, print [DONE]"},
                                        "finish_reason": None}]}, done=False)
-    async with _holds_its_end(body) as url:
+    async with held_answer(body, "text/event-stream") as (url, _):
         text, (outcome, _) = await _leave_after(url, tmp_path, 1)
     assert text == "when finished, print [DONE]"
     assert outcome == "client_gone"
