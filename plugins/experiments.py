@@ -529,8 +529,10 @@ class Experiments(Plugin):
         if not isinstance(body, dict):
             return None
         shadow_body = {k: v for k, v in body.items() if k != "stream_options"}
-        # a buffered answer is simpler to compare and cheaper to hold than a stream
-        shadow_body["stream"] = False
+        if "stream" in shadow_body:
+            # a buffered answer is simpler to compare and cheaper to hold than a stream; a body without
+            # the field (an embedding, say, whose endpoint has no such parameter) is left without it
+            shadow_body["stream"] = False
         if sh.target.model is not None:
             shadow_body["model"] = sh.target.model
         headers = {"x-sluice-shadow": sh.name}
