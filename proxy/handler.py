@@ -56,28 +56,53 @@ def error_response(status: int, message: str, request_id: str, *, code: str | No
     return web.Response(status=status, body=err.body(), headers=h)
 
 
-class BodyTooLarge(Exception):
-    pass
+class Refusal(Exception):
+    """A request the core answers before any plugin runs, counted in ``sluice_rejected_requests_total``
+    by ``reason``; ``close``: its connection cannot carry another request."""
+
+    status = 400
+    reason = code = message = ""
+    close = False
 
 
-class ExpectationFailed(Exception):
-    pass
+class BodyTooLarge(Refusal):
+    status, reason, code = 413, "request_too_large", "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        self.message = f"The request body is larger than {limit} bytes."
 
 
-class BodyCutShort(Exception):
-    pass
+class ExpectationFailed(Refusal):
+    status, reason, code, message = 417, "expectation_failed", "expectation_failed", "Only 'Expect: 100-continue' is understood."
 
 
-class UnsupportedEncoding(Exception):
-    pass
+class BodyCutShort(Refusal):
+    reason, code, message = "incomplete_body", "incomplete_body", "The request body ended before its Content-Length."
 
 
-class BadEncoding(Exception):
-    pass
+class UnsupportedEncoding(Refusal):
+    status, reason, code = 415, "unsupported_encoding", "unsupported_content_encoding"
+    message = "The request body's content-encoding is not one Sluice reads (gzip or deflate)."
 
 
-class BodyStalled(Exception):
-    """The client stopped sending its request body for longer than ``server.body_timeout_s``."""
+class BadEncoding(Refusal):
+    reason, code, message = "invalid_encoding", "invalid_content_encoding", "The request body is not a whole stream of its content-encoding."
+
+
+class BodyStalled(Refusal):
+    """The client stopped sending its request body for longer than ``server.body_timeout_s``: the rest of
+    it may still come, so the connection is closed once the answer is out."""
+
+    status, reason, code, close = 408, "body_timeout", "request_timeout", True
+
+    def __init__(self, idle: float) -> None:
+        self.message = f"The request body stalled: no more of it arrived within {idle:g} s."
+
+
+def refuse(server: Server, request_id: str, status: int, reason: str, message: str, code: str) -> web.Response:
+    """The answer to a request refused before any plugin ran, counted by ``reason``."""
+    server.metrics.rejected.labels(reason=reason).inc()
+    return error_response(status, message, request_id, code=code)
 
 
 #: the request body encodings Sluice decodes (read_body): the body a plugin reads and the upstream
@@ -102,43 +127,42 @@ async def read_body(request: web.BaseRequest, limit: int, idle: float = 0.0) -> 
             raise UnsupportedEncoding  # br, zstd, stacked codings: nothing here decodes them
     cl = request.content_length
     if cl is not None and cl > limit:
-        raise BodyTooLarge
+        raise BodyTooLarge(limit)
     if "expect" in headers:
         await _expect(request)
-    if idle and not request.content.is_eof():
-        data = await _read_slow(request.content, cl, limit, idle, request.task.get_loop())
+    content = request.content
+    if not content.is_eof():
+        data = await _read_arriving(content, cl, limit, idle, request.task.get_loop())
     elif cl is not None:
         try:
-            data = await request.content.readexactly(cl) if cl else b""
+            data = await content.readexactly(cl) if cl else b""
         except asyncio.IncompleteReadError:
             raise BodyCutShort from None
     else:
-        buf = bytearray()
-        async for chunk in request.content.iter_any():
-            buf += chunk
-            if len(buf) > limit:
-                raise BodyTooLarge
-        data = bytes(buf)
+        data = await content.read()  # chunked, and all here
+        if len(data) > limit:
+            raise BodyTooLarge(limit)
     return decode_body(data, coding, limit) if coding is not None and data else data
 
 
-async def _read_slow(content: aiohttp.StreamReader, cl: int | None, limit: int, idle: float,
-                     loop: asyncio.AbstractEventLoop) -> bytes:
-    """A body not yet all here: read as it comes, each wait for more bytes at most ``idle`` seconds."""
+async def _read_arriving(content: aiohttp.StreamReader, cl: int | None, limit: int, idle: float,
+                         loop: asyncio.AbstractEventLoop) -> bytes:
+    """A body not yet all here: read as it comes, each wait for more bytes at most ``idle`` seconds (0: no limit)."""
     buf = bytearray()
     want = limit if cl is None else cl
     try:
-        async with asyncio.timeout_at(loop.time() + idle) as deadline:
+        async with asyncio.timeout_at(loop.time() + idle if idle else None) as deadline:
             while len(buf) < want or cl is None:
                 chunk = await content.readany()
                 if not chunk:
                     break
                 buf += chunk
                 if len(buf) > limit:
-                    raise BodyTooLarge
-                deadline.reschedule(loop.time() + idle)
+                    raise BodyTooLarge(limit)
+                if idle:
+                    deadline.reschedule(loop.time() + idle)
     except TimeoutError:
-        raise BodyStalled from None
+        raise BodyStalled(idle) from None
     if cl is not None and len(buf) != cl:
         raise BodyCutShort  # the connection ended first (more than cl cannot be: the parser stops at cl)
     return bytes(buf)
@@ -155,7 +179,7 @@ def decode_body(data: bytes, coding: str, limit: int) -> bytes:
         except zlib.error:
             continue
         if len(out) > limit:
-            raise BodyTooLarge
+            raise BodyTooLarge(limit)
         if d.eof and not d.unused_data:
             return out
         break
@@ -260,41 +284,22 @@ class Handler:
         try:
             rid = new_request_id()
             if ("." in path or "%" in path or "\\" in path) and has_dot_segments(path):
-                server.metrics.rejected.labels(reason="invalid_path").inc()
-                return error_response(400, "The request path has '.' or '..' segments: send it normalised.", rid, code="invalid_path")
+                return refuse(server, rid, 400, "invalid_path", "The request path has '.' or '..' segments: send it normalised.",
+                              "invalid_path")
             route = gen.match(request.method, path, request.headers)
             if route is None:
-                server.metrics.rejected.labels(reason="route_not_found").inc()
-                return error_response(404, f"No route for {request.method} {path}.", rid, code="route_not_found")
+                return refuse(server, rid, 404, "route_not_found", f"No route for {request.method} {path}.", "route_not_found")
             try:
                 raw = await read_body(request, route.max_body_bytes, route.body_timeout)
-            except BodyTooLarge:
-                server.metrics.rejected.labels(reason="request_too_large").inc()
-                return error_response(413, f"The request body is larger than {route.max_body_bytes} bytes.", rid, code="request_too_large")
-            except ExpectationFailed:
-                server.metrics.rejected.labels(reason="expectation_failed").inc()
-                return error_response(417, "Only 'Expect: 100-continue' is understood.", rid, code="expectation_failed")
-            except UnsupportedEncoding:
-                server.metrics.rejected.labels(reason="unsupported_encoding").inc()
-                return error_response(415, "The request body's content-encoding is not one Sluice reads (gzip or deflate).",
-                                      rid, code="unsupported_content_encoding")
-            except BodyCutShort:
-                server.metrics.rejected.labels(reason="incomplete_body").inc()
-                return error_response(400, "The request body ended before its Content-Length.", rid, code="incomplete_body")
-            except BadEncoding:
-                server.metrics.rejected.labels(reason="invalid_encoding").inc()
-                return error_response(400, "The request body is not a whole stream of its content-encoding.", rid,
-                                      code="invalid_content_encoding")
-            except BodyStalled:
-                server.metrics.rejected.labels(reason="body_timeout").inc()
-                resp = error_response(408, f"The request body stalled: no more of it arrived within {route.body_timeout:g} s.", rid,
-                                      code="request_timeout")
-                resp.force_close()  # the rest of the body may still come: the connection cannot carry another request
-                await resp.prepare(request)
-                await resp.write_eof()
-                # closed once the answer is out: aiohttp would otherwise wait (server-side "lingering", up to 10 s)
-                # for the rest of a body that has stopped coming
-                request.protocol.force_close()
+            except Refusal as e:
+                resp = refuse(server, rid, e.status, e.reason, e.message, e.code)
+                if e.close:
+                    resp.force_close()  # the rest of the body may still come: the connection cannot carry another request
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                    # closed once the answer is out: aiohttp would otherwise wait (server-side "lingering", up to 10 s)
+                    # for the rest of a body that has stopped coming
+                    request.protocol.force_close()
                 return resp
             headers = request_headers(request.headers)
             if "content-encoding" in headers:
@@ -304,8 +309,7 @@ class Handler:
                 headers=headers, raw=raw, route=route,
             )
             if route.checks_json and raw and json_typed(request.headers, raw) and (why := json_refusal(ctx)):
-                server.metrics.rejected.labels(reason="invalid_json").inc()
-                return error_response(400, why, rid, code="invalid_json")
+                return refuse(server, rid, 400, "invalid_json", why, "invalid_json")
             ctx._peer = (gen.client_ip, request)  # the address is looked up if a plugin asks
             ctx.runtime = gen.runtime
             ctx.targets = list(route.default_targets)
@@ -502,6 +506,7 @@ class Handler:
         pipeline = ch.ChunkPipeline(ctx, route) if parse else None
         parser = Parser() if parse else None
         ctx.outcome = "upstream_error"  # until the stream completes
+        finished = "ok" if resp.status < 400 else "upstream_error"  # once it completes, or the client has [DONE]
         dog = Watchdog(loop, idle, deadline, task)
         # after the first write (which carries the headers), blocks go to the transport
         # directly while it keeps up; aiohttp's writer (and its drain) takes over when not
@@ -563,7 +568,7 @@ class Handler:
                 await self._write_events(out, ctx, await pipeline.end())  # type: ignore[union-attr]
                 if relay.saw_done:
                     await out.write(DONE.encode())
-            ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
+            ctx.outcome = finished
         except ch.StreamError as e:
             if ctx.outcome != "plugin_error":
                 ctx.outcome = "answered"
@@ -573,7 +578,7 @@ class Handler:
                 if relay.done_sent:
                     # the client left after [DONE], relayed as it came (the openai SDK closes its response
                     # there, before an upstream's last empty chunk): it had the whole answer
-                    ctx.outcome = "ok" if resp.status < 400 else "upstream_error"
+                    ctx.outcome = finished
                 raise  # the client went away
             task.uncancel()
             att.error = "timeout"
@@ -583,7 +588,7 @@ class Handler:
             await self._end_broken(out, ctx, pipeline, ProxyError(504, why, code="upstream_timeout"))
         except CONNECT_ERRORS as e:
             if isinstance(e, ConnectionResetError) and _client_gone(request):
-                ctx.outcome = ("ok" if resp.status < 400 else "upstream_error") if relay.done_sent else "client_gone"  # as above
+                ctx.outcome = finished if relay.done_sent else "client_gone"  # as above
                 return out
             att.error = "protocol"
             ctx.outcome = "upstream_error"

@@ -28,7 +28,7 @@ from . import metrics as core_metrics
 from .config import LoadedConfig, load_config
 from .context import Context
 from .errors import ConfigError
-from .handler import Handler, error_response, new_request_id
+from .handler import Handler, error_response, new_request_id, refuse
 from .runtime import Runtime, TaskGroup
 from .upstream import UpstreamPool
 
@@ -497,17 +497,15 @@ def _protocol_class(sluice: Server) -> type[RequestHandler]:
                 log.error("internal error %s request_id=%s", kind, rid, exc_info=exc if sluice.debug else None)
                 resp = error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
             elif isinstance(exc, LineTooLong):
-                sluice.metrics.rejected.labels(reason="header_too_large").inc()
                 log.info("refused a request with a line or header over aiohttp's limit (%s) request_id=%s", kind, rid)
-                resp = error_response(431, "A request line or header field is longer than Sluice reads (8190 bytes).", rid,
-                                      code="request_header_fields_too_large")
+                resp = refuse(sluice, rid, 431, "header_too_large",
+                              "A request line or header field is longer than Sluice reads (8190 bytes).", "request_header_fields_too_large")
             else:
-                sluice.metrics.rejected.labels(reason="invalid_http").inc()
                 # not HTTP at all (TLS, a port scan) is common on an open port: counted, and logged at debug
                 level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO
                 log.log(level, "refused a request that is not valid HTTP/1.1 (%s) request_id=%s", kind, rid)
-                resp = error_response(status if 400 <= status < 500 else 400, "The request is not valid HTTP/1.1.", rid,
-                                      code="invalid_http")
+                resp = refuse(sluice, rid, status if 400 <= status < 500 else 400, "invalid_http", "The request is not valid HTTP/1.1.",
+                              "invalid_http")
             resp.force_close()
             return resp
 
