@@ -61,7 +61,7 @@ def credentials_of(headers: Mapping[str, str]) -> str | None:
     return "\n".join(found) if found else None
 
 
-def scope_of(mode: str, key_id: str | None, team: str | None, authorization: str | None) -> str:
+def scope_of(mode: str, key_id: str | None, team: str | None, credentials: str | None) -> str:
     """Who may read an entry: one key, one team, or everyone (``shared``).
 
     Without an identity (no auth plugin in the chain) the caller's own
@@ -74,6 +74,6 @@ def scope_of(mode: str, key_id: str | None, team: str | None, authorization: str
         return "team." + hashlib.sha256(team.encode()).hexdigest()[:24]
     if key_id:
         return "key." + hashlib.sha256(key_id.encode()).hexdigest()[:24]
-    if authorization:
-        return "cred." + hashlib.sha256(authorization.encode()).hexdigest()[:24]
+    if credentials:
+        return "cred." + hashlib.sha256(credentials.encode()).hexdigest()[:24]
     return "anon"

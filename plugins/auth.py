@@ -16,7 +16,6 @@ import fnmatch
 import hashlib
 import hmac
 import logging
-import math
 import re
 import secrets
 import time
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy import AdminRoute, Command, Context, Identity, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
 from proxy.state import Limit
@@ -42,10 +41,6 @@ KEY_PREFIX = "sk-sluice-"
 #: identity of the request, for plugins that want the key record's extras
 RECORD: StashKey[KeyRecord] = StashKey("auth.record")
 _ID = re.compile(r"^key_[0-9a-f]{16}$")
-#: per-key limits read by ratelimit (whole numbers) and by metering's budgets (money, in the price table's currency)
-_COUNT_LIMITS = ("requests_per_minute", "tokens_per_minute", "concurrency")
-_MONEY_LIMITS = ("budget_per_day", "budget_per_month")
-_LIMIT_NAMES = _COUNT_LIMITS + _MONEY_LIMITS
 _CACHE_MAX = 10_000
 #: addresses with recent failures tracked at most (beyond, new ones go unchecked until some expire)
 _FAILING_MAX = 100_000
@@ -232,14 +227,17 @@ class KeyStore:
 
 
 def check_limits(limits: dict[str, Any]) -> dict[str, Any]:
-    for k, v in limits.items():
-        if k not in _LIMIT_NAMES:
-            raise ValueError(f"unknown limit {k!r} (known: {', '.join(_LIMIT_NAMES)})")
-        if k in _MONEY_LIMITS:
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 < v <= 1e12:
-                raise ValueError(f"limit {k} must be a positive amount of money, at most 1e12")
-        elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"limit {k} must be a positive integer")
+    """A virtual key's limits, checked by :class:`KeyLimits`, the rules a static key's and the admin API's
+    limits follow (strictly: ``True`` is no count, ``"5"`` no number); ``ValueError`` naming the first wrong one."""
+    known = KeyLimits.model_fields
+    unknown = [k for k in limits if k not in known]
+    if unknown:
+        raise ValueError(f"unknown limit {unknown[0]!r} (known: {', '.join(known)})")
+    try:
+        KeyLimits.model_validate(limits, strict=True)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"limit {err['loc'][0]}: {err['msg']}") from None
     return dict(limits)
 
 
@@ -585,8 +583,6 @@ class CreateKey(BaseModel):
 
 
 async def _admin_create(request: web.Request, runtime: Runtime) -> web.Response:
-    from pydantic import ValidationError
-
     try:
         spec = CreateKey.model_validate(orjson.loads(await request.read() or b"{}"))
     except (orjson.JSONDecodeError, ValidationError) as e:

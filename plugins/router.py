@@ -183,6 +183,8 @@ class Router(Plugin):
         self.metrics = self.runtime.shared("router.metrics", lambda: _Metrics(self.runtime.metrics))
         self._turn = itertools.count()
         self._fail_statuses = frozenset(c.ejection.failure_statuses)
+        #: a target out of rotation, by passive ejection or by failed active probes, is skipped either way
+        self._checked = c.ejection.enabled or c.health_checks.enabled
         # per alias: (strategy fn, [(TargetConfig, Upstream, TargetStats, Target)])
         self._plans: dict[str, tuple[Any, list[tuple[TargetConfig, Any, TargetStats, Target]]]] = {}
         self._pool: Any = None
@@ -269,8 +271,7 @@ class Router(Plugin):
         too_small = False
         turn = next(self._turn)
         ej = c.ejection
-        # a target out of rotation, by passive ejection or by failed active probes, is skipped either way
-        checked = ej.enabled or c.health_checks.enabled
+        checked = self._checked
         vl = c.vllm
         for alias in chain:
             strategy, entries = self._plans[alias]
