@@ -50,7 +50,8 @@ class CoreMetrics:
             "the path (invalid_path), a JSON body that does not parse on a route whose plugins act on requests "
             "(invalid_json), a content-encoding Sluice cannot read (unsupported_encoding), a compressed body that is not "
             "one whole stream (invalid_encoding), a body that ended "
-            "before its Content-Length (incomplete_body).",
+            "before its Content-Length (incomplete_body), a body that stalled (body_timeout), a request that is not valid "
+            "HTTP/1.1 (invalid_http), a request line or header over 8190 bytes (header_too_large).",
             ["reason"], registry=registry,
         )
         self.records_dropped = Counter(
