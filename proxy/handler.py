@@ -358,13 +358,7 @@ class Handler:
                     finally:
                         alarm.disarm()
                     att.end = ctx.timings.upstream_end = time.perf_counter()
-                    answer_headers = response_headers(up_resp.headers)
-                    if ctx.method == "HEAD" and "content-length" in up_resp.headers and \
-                            up_resp.headers.get("content-encoding", "identity").strip().lower() == "identity":
-                        # a HEAD answer says how long the GET's would be (RFC 9110 9.3.2), though it has no body;
-                        # not a compressed length: the client's GET gets the body decoded
-                        answer_headers["content-length"] = up_resp.headers["content-length"]
-                    ctx.response = Response(up_resp.status, answer_headers, data)
+                    ctx.response = Response(up_resp.status, response_headers(up_resp.headers, ctx.method == "HEAD"), data)
                     ctx.outcome = "ok" if up_resp.status < 400 else "upstream_error"
                     if up_resp.status < 300 and route.wants_usage:
                         ctx.defer_usage(data)  # parsed on first read of ctx.usage
