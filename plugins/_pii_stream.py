@@ -17,6 +17,7 @@ from ._pii_vault import StreamRestorer
 # tokens that can continue a multi-word entity: phone and card groups ("415", "(415)",
 # "555-0132", "+44"), IBAN groups ("GB82", "WEST"); runs of them are held together
 _GROUPISH = re.compile(r"[A-Z0-9+().\-/]{1,8}")
+_GROUP_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+().-/")
 _MAX_GROUPS = 10
 # text already released that the analyzer still sees, for context words and look-behinds
 CONTEXT_CHARS = 200
@@ -64,7 +65,8 @@ def hold_from(text: str, limit: int = DEFAULT_SPAN) -> int:
     """Where the part of ``text`` that could still grow into an entity begins.
 
     The last word could still become an address or a number; before it, a run of
-    short number-like groups could be the first half of a phone, card or IBAN. No
+    short number-like groups could be the first half of a phone, card or IBAN, and
+    so could a number glued to the word before it ("tel:415 555"). No
     entity is longer than ``limit``, so nothing before the last ``limit`` characters
     is held, however long the last word (a URL, a base64 blob).
     """
@@ -81,7 +83,16 @@ def hold_from(text: str, limit: int = DEFAULT_SPAN) -> int:
         k = j
         while k > floor and not text[k - 1].isspace():
             k -= 1
-        if k == j or not _GROUPISH.fullmatch(text, k, j):
+        if k == j:
+            break
+        if not _GROUPISH.fullmatch(text, k, j):
+            # a number glued to what precedes it ("tel:415", "U8857)415") may begin an entity:
+            # its last few group characters are held too
+            t = j
+            while t > k and j - t < 8 and text[t - 1] in _GROUP_CHARS:
+                t -= 1
+            if t < j and any(c.isdigit() for c in text[t:j]):
+                i = t
             break
         i = k
         groups += 1

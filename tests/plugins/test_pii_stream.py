@@ -226,6 +226,11 @@ def test_hold_from() -> None:
     assert hold_from("call 415 555") == len("call ")
     assert hold_from("iban GB82 WEST 1234 ") == len("iban ")
     assert hold_from("") == 0
+    # a number glued to the word before it may begin an entity: its last group characters are held
+    assert hold_from("call tel:415 555") == len("call tel:")
+    assert hold_from("x U8857)415 555") == len("x U")
+    assert hold_from("x 482\ufffd08 555") == len("x 482\ufffd")
+    assert hold_from("done. 415 555") == len("done. ")  # punctuation alone begins nothing
 
 
 def test_stream_restorer_holds_only_prefixes_of_known_placeholders() -> None:
@@ -353,3 +358,51 @@ async def test_without_urls_a_long_url_streams_through(runtime: Any) -> None:
     got = contents(out)
     assert "".join(got) == "get " + url + " now"
     assert len("".join(got[: len(pieces) - 1])) >= len("get " + url) - 320 - RELEASE_STEP
+
+
+# -- a stream is redacted as the whole answer would be ----------------------------------
+
+GLUED = ["tel:415 555 0199 ok", "call:+44 20 7946 0958 now", "U8857 482\ufffd08 555 0132 beh li", "U8857)415 555 0199 id", "12135((415) 555-0132 ", "0199)GB82 WEST 1234 5698 7654 32 iban"]
+_WORDS = ["the", "call", "Phone", "id", "x", "U8857", "GB82", "WEST", "IBAN", "~25", "count5", "415", "555", "0132"]
+_VALUES = ["415 555 0199", "+44 20 7946 0958", "(415) 555-0132", "415-555-0199", "08 555 0132", "4111 1111 1111 1111", "bob@corp.example.com", "10.1.2.3", "GB82 WEST 1234 5698 7654 32"]
+_GLUE = [" ", " ", " ", " ", "", ":", "(", ")", "#", "\ufffd", ", ", "."]
+
+
+async def _streamed_and_buffered(p: Pii, text: str, pieces: list[str]) -> tuple[str, str]:
+    ctx = make_context({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    await p.on_request(ctx)
+    buffered = (await p._screen_answer(ctx, [text]))[0]
+    ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    await p.on_request(ctx)
+    out = await run(p, ctx, [chat_chunk({"content": s}) for s in pieces] + [chat_chunk({}, "stop")])
+    return "".join(c or "" for c in contents(out)), buffered
+
+
+async def test_a_number_glued_to_a_word_is_held_until_it_can_be_judged(runtime: Any) -> None:
+    # the stream used to release "415 " of "tel:415 555 0199" before the phone could be recognised
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
+    for text in GLUED:
+        for size in (1, 2, 3, 4):
+            streamed, buffered = await _streamed_and_buffered(p, text, _pieces(text, size))
+            assert "<" in buffered, text
+            assert streamed == buffered, (text, size)
+
+
+async def test_random_texts_stream_as_they_buffer(runtime: Any) -> None:
+    import random
+
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
+    rnd = random.Random(20261207)
+    found = 0
+    for _ in range(300):
+        words = [rnd.choice(_VALUES) if rnd.random() < 0.25 else str(rnd.randint(0, 99999)) if rnd.random() < 0.3 else rnd.choice(_WORDS) for _ in range(rnd.randint(3, 12))]
+        text = "".join(w + rnd.choice(_GLUE) for w in words)
+        pieces, i = [], 0
+        while i < len(text):
+            k = rnd.randint(1, 4)
+            pieces.append(text[i:i + k])
+            i += k
+        streamed, buffered = await _streamed_and_buffered(p, text, pieces)
+        assert streamed == buffered, (text, pieces)
+        found += "<" in buffered
+    assert found >= 150  # the texts hold entities, so the comparison is not between untouched strings
