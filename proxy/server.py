@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -595,12 +596,24 @@ def free_port(host: str) -> int:
 
 
 def run_master(loaded: LoadedConfig, config_path: str | None, ready_file: str | None) -> int:
-    """N worker processes on one port (SO_REUSEPORT); signals are forwarded to them."""
+    """N worker processes on one port (SO_REUSEPORT); signals are forwarded to them.
+
+    A worker that dies is started again; one that then fails to start (the file on disk
+    may have broken since) is tried again after 1 s, then 2, 4, ... up to 30, while the
+    others keep serving."""
+    env = dict(os.environ)
+    if "PROMETHEUS_MULTIPROC_DIR" in env:
+        return _run_master(loaded, config_path, ready_file, env)
+    env["PROMETHEUS_MULTIPROC_DIR"] = prom = tempfile.mkdtemp(prefix="sluice-prom-")
+    try:
+        return _run_master(loaded, config_path, ready_file, env)
+    finally:
+        shutil.rmtree(prom, ignore_errors=True)  # the workers' metric files, made for this run
+
+
+def _run_master(loaded: LoadedConfig, config_path: str | None, ready_file: str | None, env: dict[str, str]) -> int:
     cfg = loaded.config
     n = cfg.server.workers
-    env = dict(os.environ)
-    if "PROMETHEUS_MULTIPROC_DIR" not in env:
-        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sluice-prom-")
     port = cfg.server.port or free_port(cfg.server.host)
     admin_port = cfg.admin.port or (free_port(cfg.admin.host) if cfg.admin.enabled else 0)
     env["SLUICE__SERVER__PORT"] = str(port)
@@ -614,19 +627,29 @@ def run_master(loaded: LoadedConfig, config_path: str | None, ready_file: str | 
     children: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
-    def spawn(i: int) -> None:
+    def spawn(i: int) -> bool:
+        """Start worker ``i`` and wait until it listens; ``False`` when it exited first."""
         r, w = os.pipe()
         cmd = [sys.executable, "-m", "proxy.cli", "serve", "--worker", str(i), "--ready-fd", str(w)]
         if config_path:
             cmd += ["-c", config_path]
-        p = subprocess.Popen(cmd, env={**env, "SLUICE_WORKER": str(i)}, pass_fds=(w,))
+        try:
+            p = subprocess.Popen(cmd, env={**env, "SLUICE_WORKER": str(i)}, pass_fds=(w,))
+        except OSError as e:
+            os.close(r)
+            os.close(w)
+            log.error("worker %d could not be started: %s", i, e)
+            return False
         os.close(w)
+        p.worker_index = i  # type: ignore[attr-defined]
+        children[p.pid] = p  # before it is ready: a SIGTERM meanwhile reaches it too
         with os.fdopen(r) as f:
             line = f.readline()
-        if not line:
-            raise RuntimeError(f"worker {i} failed to start")
-        children[p.pid] = p
-        p.worker_index = i  # type: ignore[attr-defined]
+        if line:
+            return True
+        children.pop(p.pid, None)
+        p.wait()
+        return False
 
     def forward(sig: int, _frame: Any) -> None:
         nonlocal stopping
@@ -639,36 +662,80 @@ def run_master(loaded: LoadedConfig, config_path: str | None, ready_file: str | 
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, forward)
-    try:
-        for i in range(n):
-            spawn(i)
-    except RuntimeError as e:
-        log.error("%s", e)
-        forward(signal.SIGTERM, None)
-        for p in children.values():
-            p.wait()
-        return 1
+    for i in range(n):
+        if not spawn(i):
+            log.error("worker %d failed to start; stopping", i)
+            forward(signal.SIGTERM, None)
+            for p in list(children.values()):
+                p.wait()
+            _stop_demo(demo)
+            return 1
     if ready_file:
         _write_atomic(ready_file, json.dumps({"pid": os.getpid(), "port": port, "admin_port": admin_port, "host": cfg.server.host, "workers": n}))
     status = 0
-    while children:
-        try:
-            pid, st = os.wait()
-        except ChildProcessError:
-            break
+    # workers that died and could not be started again (the file on disk may have broken since):
+    # index -> (when to try next, the wait after that). The others keep serving meanwhile.
+    retry: dict[int, tuple[float, float]] = {}
+    while children or (retry and not stopping):
+        if stopping:
+            retry.clear()
+        for i, (due, wait) in sorted(retry.items()):
+            if due <= time.monotonic() and not stopping:
+                if spawn(i):
+                    del retry[i]
+                    log.warning("worker %d started again", i)
+                else:
+                    retry[i] = (time.monotonic() + wait, min(wait * 2, _RESTART_MAX_WAIT_S))
+                    log.error("worker %d failed to start again; next try in %.0f s", i, wait)
+        reaped = _reap(min((d for d, _ in retry.values()), default=None))
+        if reaped is None:
+            continue
+        pid, code = reaped
         p = children.pop(pid, None)
         if p is None:
             continue
-        code = os.waitstatus_to_exitcode(st)
+        i = p.worker_index  # type: ignore[attr-defined]
         if not stopping:
-            log.error("worker %d exited with %d; starting it again", p.worker_index, code)  # type: ignore[attr-defined]
-            spawn(p.worker_index)  # type: ignore[attr-defined]
+            log.error("worker %d exited with %d; starting it again", i, code)
+            if not spawn(i):
+                retry[i] = (time.monotonic() + _RESTART_FIRST_WAIT_S, _RESTART_FIRST_WAIT_S * 2)
+                log.error("worker %d failed to start again; next try in %.0f s", i, _RESTART_FIRST_WAIT_S)
         elif code != 0:
             status = code
+    _stop_demo(demo)
+    return status
+
+
+#: a worker that cannot be started again is retried after this many seconds, doubling up to the maximum
+_RESTART_FIRST_WAIT_S = 1.0
+_RESTART_MAX_WAIT_S = 30.0
+
+
+def _reap(until: float | None) -> tuple[int, int] | None:
+    """A child that exited, as (pid, exit code): waits for one, or only until ``until`` (monotonic)."""
+    if until is None:
+        try:
+            pid, st = os.wait()
+        except ChildProcessError:
+            return None
+        return pid, os.waitstatus_to_exitcode(st)
+    while True:
+        try:
+            pid, st = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            pid = 0
+        if pid:
+            return pid, os.waitstatus_to_exitcode(st)
+        left = until - time.monotonic()
+        if left <= 0:
+            return None
+        time.sleep(min(left, 0.1))  # no wait-with-timeout for children: poll, at most ten times a second
+
+
+def _stop_demo(demo: subprocess.Popen[bytes] | None) -> None:
     if demo is not None:
         demo.terminate()
         demo.wait()
-    return status
 
 
 def _wait_port(host: str, port: int, timeout: float) -> None:

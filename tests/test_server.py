@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import tempfile
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -152,6 +155,44 @@ async def test_workers_share_one_port_and_drain(upstream, tmp_path):
             assert (await http.get(f"{p.admin_url}/healthz")).status_code == 200
         p.signal(signal.SIGTERM)
         assert await p.wait(30) == 0
+
+
+def _children(pid: int) -> set[int]:
+    return {int(c) for c in (Path(f"/proc/{pid}/task/{pid}/children").read_text().split())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+async def test_a_worker_that_cannot_start_again_is_retried_while_the_others_serve(upstream, tmp_path):
+    # the file on disk broke after start; a worker then died: the master used to crash on the
+    # failed restart and leave the other worker serving with no parent to stop it
+    path = write_cfg(tmp_path, {"server": {"workers": 2}, "upstreams": {"u": {"url": upstream.url}}, "routes": [{"match": {"path": "/v1/"}, "upstream": "u"}]})
+    good = path.read_text()
+    async with SluiceProcess(path, tmp_path) as p:
+        workers = _children(p.pid)
+        assert len(workers) == 2
+        path.write_text(good + "server: {port: broken\n")
+        victim, survivor = sorted(workers)
+        os.kill(victim, signal.SIGKILL)  # a worker of the master this test started
+        await wait_for(lambda: "failed to start again; next try in 2 s" in p.logs(), 30, "a second failed restart")
+        assert p.proc is not None and p.proc.poll() is None
+        async with openai.AsyncOpenAI(base_url=p.url, api_key="k", max_retries=0) as client:
+            for i in range(4):
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": str(i)}])
+        path.write_text(good)
+        await wait_for(lambda: "worker 0 started again" in p.logs() or "worker 1 started again" in p.logs(), 30, "the worker back")
+        now = _children(p.pid)
+        assert len(now) == 2 and survivor in now and victim not in now
+        p.signal(signal.SIGTERM)
+        assert await p.wait(30) == 0
+        assert not any(_alive(w) for w in now), "a worker outlived its master"
+    assert not list(Path(tempfile.gettempdir()).glob(f"sluice-prom-*/*_{survivor}.db")), "the master left its metric files"
 
 
 @pytest.mark.slow
