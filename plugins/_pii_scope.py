@@ -44,6 +44,14 @@ def _content(msg: dict[str, Any], key: str = "content") -> Iterator[Slot]:
                         yield part, field
 
 
+def _message(msg: dict[str, Any]) -> Iterator[Slot]:
+    """A chat message's texts: content, refusal, tool-call and legacy function-call arguments."""
+    yield from _content(msg)
+    if isinstance(msg.get("refusal"), str):
+        yield msg, "refusal"
+    yield from _tool_calls(msg)
+
+
 def _tool_calls(msg: dict[str, Any]) -> Iterator[Slot]:
     for call in msg.get("tool_calls") or ():
         fn = call.get("function") if isinstance(call, dict) else None
@@ -77,8 +85,7 @@ def request_slots(kind: str | None, body: Any) -> Iterator[Slot]:
     if kind == "chat":
         for msg in body.get("messages") or ():
             if isinstance(msg, dict):
-                yield from _content(msg)
-                yield from _tool_calls(msg)
+                yield from _message(msg)
     elif kind == "completions":
         if "prompt" in body:
             yield from _strings(body, "prompt")
@@ -116,8 +123,7 @@ def answer_slots(kind: str | None, body: Any) -> Iterator[Slot]:
                 yield choice, "text"
             msg = choice.get("message")
             if isinstance(msg, dict):
-                yield from _content(msg)
-                yield from _tool_calls(msg)
+                yield from _message(msg)
     elif kind == "responses" or "output" in body:
         for item in body.get("output") or ():
             if isinstance(item, dict):
@@ -131,8 +137,8 @@ def answer_slots(kind: str | None, body: Any) -> Iterator[Slot]:
 def stream_slots(data: Any) -> Iterator[tuple[tuple[Any, ...], Any, Any]]:
     """Text slots of one streamed chunk, each with the key of the channel it continues.
 
-    A channel is one growing text: a choice's content, one tool call's arguments,
-    one output part of the responses API. Text split across events is only
+    A channel is one growing text: a choice's content or refusal, one tool call's
+    arguments (or the legacy function call's), one output part of the responses API. Text split across events is only
     contiguous within its channel.
     """
     if not isinstance(data, dict):
@@ -149,10 +155,15 @@ def stream_slots(data: Any) -> Iterator[tuple[tuple[Any, ...], Any, Any]]:
             if isinstance(delta, dict):
                 if isinstance(delta.get("content"), str):
                     yield ("content", idx), delta, "content"
+                if isinstance(delta.get("refusal"), str):
+                    yield ("refusal", idx), delta, "refusal"
                 for call in delta.get("tool_calls") or ():
                     fn = call.get("function") if isinstance(call, dict) else None
                     if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                         yield ("tool", idx, call.get("index", 0)), fn, "arguments"
+                fc = delta.get("function_call")
+                if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
+                    yield ("function", idx), fc, "arguments"
         return
     typ = data.get("type")
     if typ in ("response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta"):
@@ -178,9 +189,14 @@ def stream_channel_ends(data: Any) -> list[tuple[Any, ...]]:
     return out
 
 
+#: the channels of a choice: its text (completions), content, refusal, each tool call's and
+#: the legacy function call's arguments
+_CHOICE_CHANNELS = frozenset({"text", "content", "refusal", "tool", "function"})
+
+
 def channel_closed_by(channel: tuple[Any, ...], ends: list[tuple[Any, ...]]) -> bool:
     for end in ends:
-        if end[0] == "choice" and channel[0] in ("text", "content", "tool") and channel[1] == end[1]:
+        if end[0] == "choice" and channel[0] in _CHOICE_CHANNELS and channel[1] == end[1]:
             return True
         if end[0] == "resp" and channel[0] == "resp" and channel[1:3] == end[1:3]:
             return True

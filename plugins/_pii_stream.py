@@ -17,7 +17,12 @@ from ._pii_vault import StreamRestorer
 # tokens that can continue a multi-word entity: phone and card groups ("415", "(415)",
 # "555-0132", "+44"), IBAN groups ("GB82", "WEST"); runs of them are held together
 _GROUPISH = re.compile(r"[A-Z0-9+().\-/]{1,8}")
-_GROUP_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+().-/")
+_GROUP_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+().-/")
+_GROUPISH_ANY_CASE = re.compile(r"[A-Za-z0-9+().\-/]{1,8}")
+# an IBAN written in lower or mixed case ("gb82 west 1234"), up to the end of a run of groups:
+# its country code and check digits begin a run that short lower-case words otherwise end
+_LOWER_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}[0-9]{2}[A-Za-z0-9]{0,4}(?:\s+[A-Za-z0-9]{1,8}){0,9}\Z")
+_LOWER_IBAN_REACH = 96
 _MAX_GROUPS = 10
 # text already released that the analyzer still sees, for context words and look-behinds
 CONTEXT_CHARS = 200
@@ -61,41 +66,129 @@ def grow_limit(entities: Iterable[str], deny_words: Iterable[str] = (), custom: 
     return max(spans, default=DEFAULT_SPAN)
 
 
-def hold_from(text: str, limit: int = DEFAULT_SPAN) -> int:
+#: a place or a name NER finds may be this many words long ("Rio de Janeiro", "Mary Ann Smith")
+NER_WORDS = 4
+#: words a custom pattern is taken to span at most, when its regex does not bound them
+MAX_PATTERN_WORDS = 8
+
+
+def hold_words(deny_phrases: Iterable[str] = (), ner: bool = False, patterns: Iterable[str] = ()) -> int:
+    """How many whole words before the last one a scanner holds: an entity of several words
+    (a deny-list phrase, a name, a custom pattern with spaces) is whole in what it analyses."""
+    most = max((len(p.split()) for p in deny_phrases), default=1)
+    if ner:
+        most = max(most, NER_WORDS)
+    for p in patterns:
+        most = max(most, 1 + _spaces_in(p))
+    return min(most, 1 + MAX_PATTERN_WORDS) - 1
+
+
+def _spaces_in(pattern: str) -> int:
+    """The most whitespace characters a match of ``pattern`` can hold, up to ``MAX_PATTERN_WORDS``."""
+    try:
+        from re import _parser as parser  # type: ignore[attr-defined]
+
+        tree = parser.parse(pattern)
+    except Exception:  # an invalid pattern is refused elsewhere; here it only means "unbounded"
+        return MAX_PATTERN_WORDS
+    return min(_tree_spaces(tree), MAX_PATTERN_WORDS)
+
+
+_WHITESPACE = tuple(i for i in range(0x3001) if chr(i).isspace())
+
+
+def _tree_spaces(items: Any) -> int:
+    from re import _constants as c  # type: ignore[attr-defined]
+
+    total = 0
+    for op, av in items:
+        if op is c.LITERAL:
+            total += chr(av).isspace()
+        elif op in (c.ANY, c.NOT_LITERAL):
+            total += 1
+        elif op is c.IN:
+            total += any(o is c.NEGATE or (o is c.LITERAL and chr(a).isspace())
+                         or (o is c.RANGE and any(a[0] <= w <= a[1] for w in _WHITESPACE))
+                         or (o is c.CATEGORY and a not in (c.CATEGORY_DIGIT, c.CATEGORY_WORD, c.CATEGORY_NOT_SPACE))
+                         for o, a in av)
+        elif op is c.CATEGORY:
+            total += av not in (c.CATEGORY_DIGIT, c.CATEGORY_WORD, c.CATEGORY_NOT_SPACE)
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            lo, hi, sub = av
+            inner = _tree_spaces(sub)
+            total += inner * min(hi, MAX_PATTERN_WORDS) if inner else 0
+        elif op is c.SUBPATTERN:
+            total += _tree_spaces(av[-1])
+        elif op is c.BRANCH:
+            total += max((_tree_spaces(b) for b in av[1]), default=0)
+        elif op is getattr(c, "ATOMIC_GROUP", None):
+            total += _tree_spaces(av)
+        if total >= MAX_PATTERN_WORDS:
+            return MAX_PATTERN_WORDS
+    return total
+
+
+def hold_from(text: str, limit: int = DEFAULT_SPAN, words: int = 0) -> int:
     """Where the part of ``text`` that could still grow into an entity begins.
 
     The last word could still become an address or a number; before it, a run of
-    short number-like groups could be the first half of a phone, card or IBAN, and
-    so could a number glued to the word before it ("tel:415 555"). No
-    entity is longer than ``limit``, so nothing before the last ``limit`` characters
-    is held, however long the last word (a URL, a base64 blob).
+    short number-like groups could be the first half of a phone, card or IBAN (an IBAN
+    in lower case too: "gb82 west 1234"), and so could a number glued to the word
+    before it ("tel:415 555"). ``words`` more whole words are held for entities of
+    several words (a deny-list phrase, a place NER finds). No entity is longer than
+    ``limit``, so nothing before the last ``limit`` characters is held, however long
+    the last word (a URL, a base64 blob).
     """
     n = len(text)
     floor = n - limit if n > limit else 0
     i = n
     while i > floor and not text[i - 1].isspace():
         i -= 1
+    last = i
     groups = 0
     while groups < _MAX_GROUPS and i > floor:
-        j = i
-        while j > floor and text[j - 1].isspace():
-            j -= 1
-        k = j
-        while k > floor and not text[k - 1].isspace():
-            k -= 1
+        k, j = _word_before(text, i, floor)
         if k == j:
             break
         if not _GROUPISH.fullmatch(text, k, j):
-            # a number glued to what precedes it ("tel:415", "U8857)415") may begin an entity:
-            # its last few group characters are held too
-            t = j
-            while t > k and j - t < 8 and text[t - 1] in _GROUP_CHARS:
-                t -= 1
-            if t < j and any(c.isdigit() for c in text[t:j]):
-                i = t
+            i = _glued_start(text, k, j, i)
+            if _GROUPISH_ANY_CASE.fullmatch(text, k, j):
+                m = _LOWER_IBAN.search(text, max(floor, k - _LOWER_IBAN_REACH), j)
+                if m is not None:
+                    i = min(i, m.start())
             break
         i = k
         groups += 1
+    if words:
+        w = last
+        for _ in range(words):
+            k, j = _word_before(text, w, floor)
+            if k == j:
+                break
+            w = k
+        i = min(i, w)
+    return i
+
+
+def _word_before(text: str, i: int, floor: int) -> tuple[int, int]:
+    """The word that ends before ``i`` (whitespace skipped), as (start, end); equal when none."""
+    j = i
+    while j > floor and text[j - 1].isspace():
+        j -= 1
+    k = j
+    while k > floor and not text[k - 1].isspace():
+        k -= 1
+    return k, j
+
+
+def _glued_start(text: str, k: int, j: int, i: int) -> int:
+    """For the word ``text[k:j]`` that ends a run of groups: where a number glued to what
+    precedes it begins ("tel:415", "U8857)415": its last few group characters), else ``i``."""
+    t = j
+    while t > k and j - t < 8 and text[t - 1] in _GROUP_CHARS:
+        t -= 1
+    if t < j and any(c.isdigit() for c in text[t:j]):
+        return t
     return i
 
 
@@ -106,12 +199,14 @@ class StreamScanner:
     characters, which the analyzer sees again for context words and look-behinds.
     """
 
-    __slots__ = ("pending", "context", "limit", "_analyze", "_transform", "_triggered", "_split", "_stuck")
+    __slots__ = ("pending", "context", "limit", "words", "_analyze", "_transform", "_triggered", "_split", "_stuck")
 
-    def __init__(self, analyze: Analyze, transform: Transform, triggered: Triggered, limit: int = DEFAULT_SPAN) -> None:
+    def __init__(self, analyze: Analyze, transform: Transform, triggered: Triggered, limit: int = DEFAULT_SPAN, words: int = 0) -> None:
         self.pending = ""
         self.context = ""
         self.limit = limit
+        #: whole words held before the last one (see :func:`hold_words`)
+        self.words = words
         self._analyze = analyze
         self._transform = transform
         self._triggered = triggered
@@ -150,7 +245,7 @@ class StreamScanner:
         if self._stuck >= 0 and len(self.pending) - self._stuck < self.limit and not any(c.isspace() for c in piece):
             return ""
         text = self.pending
-        cut = hold_from(text, self.limit)
+        cut = hold_from(text, self.limit, self.words)
         if cut == 0:
             return ""
         if cut < RELEASE_STEP and not text[cut - 1].isspace() and not text[cut].isspace():

@@ -28,7 +28,7 @@ from proxy import Command, Context, Event, Plugin, PluginConfig, ProxyError, Sta
 from ._pii_engine import EngineSettings, Finding, PiiEngine, ProcessAnalyzer, ResultCache, build_nlp, ner_available
 from ._pii_recognizers import NER_ENTITIES, PATTERN_ENTITIES, CustomPattern, CustomRecognizer
 from ._pii_scope import answer_slots, channel_closed_by, endpoint_kind, request_slots, stream_channel_ends, stream_slots
-from ._pii_stream import Channel, StreamScanner, grow_limit
+from ._pii_stream import Channel, StreamScanner, grow_limit, hold_words
 from ._pii_vault import StreamRestorer, Vault, label
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -231,6 +231,10 @@ class Pii(Plugin):
         self._hash_key = config.hash_key.encode() if config.hash_key else b""
         #: how much of a run without whitespace a stream scanner may hold back
         self.grow_limit = grow_limit(config.entities, [w for ws in config.deny_list.values() for w in ws], bool(config.recognizers))
+        #: and how many whole words before the last, for entities of several words
+        self.hold_words = hold_words([w for ws in config.deny_list.values() for w in ws],
+                                     any(e in NER_ENTITIES for e in config.all_entities),
+                                     [p.regex for r in config.recognizers for p in r.patterns])
 
     async def start(self) -> None:
         rt = self.runtime
@@ -534,7 +538,7 @@ class Pii(Plugin):
                         self._count(ctx, "pii_answer", [tuple(findings)], "answer", skip, [text])
                     return self.transform(text, findings, self._vault(ctx), skip, restorable=False)
 
-                scanner = StreamScanner(analyze, transform, engine.triggered, self.grow_limit)
+                scanner = StreamScanner(analyze, transform, engine.triggered, self.grow_limit, self.hold_words)
             ch = chans[chan] = Channel(restorer, scanner)
         return ch
 
@@ -640,9 +644,13 @@ def _done_slots(data: dict[str, Any]) -> Any:
         yield data, "text"
     if isinstance(data.get("arguments"), str):
         yield data, "arguments"
+    if isinstance(data.get("refusal"), str):
+        yield data, "refusal"
     part = data.get("part")
-    if isinstance(part, dict) and isinstance(part.get("text"), str):
-        yield part, "text"
+    if isinstance(part, dict):
+        for field in ("text", "refusal"):
+            if isinstance(part.get(field), str):
+                yield part, field
     item = data.get("item")
     if isinstance(item, dict):
         yield from answer_slots("responses", {"output": [item]})
@@ -662,8 +670,13 @@ def _attach(data: dict[str, Any], chan: tuple[Any, ...], text: str) -> None:
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 delta = choice["delta"] = {}
-            if chan[0] == "content":
-                delta["content"] = (delta.get("content") or "") + text
+            if chan[0] in ("content", "refusal"):
+                delta[chan[0]] = (delta.get(chan[0]) or "") + text
+            elif chan[0] == "function":
+                fc = delta.get("function_call")
+                if not isinstance(fc, dict):
+                    fc = delta["function_call"] = {}
+                fc["arguments"] = (fc.get("arguments") or "") + text
             else:
                 calls = delta.setdefault("tool_calls", [])
                 for call in calls:
@@ -688,8 +701,10 @@ def _event_for(chan: tuple[Any, ...], template: Any, text: str) -> Event:
     choice: dict[str, Any] = {"index": chan[1]}
     if chan[0] == "text":
         choice["text"] = text
-    elif chan[0] == "content":
-        choice["delta"] = {"content": text}
+    elif chan[0] in ("content", "refusal"):
+        choice["delta"] = {chan[0]: text}
+    elif chan[0] == "function":
+        choice["delta"] = {"function_call": {"arguments": text}}
     else:
         choice["delta"] = {"tool_calls": [{"index": chan[2], "function": {"arguments": text}}]}
     choice["finish_reason"] = None

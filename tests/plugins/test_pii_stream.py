@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator
 import orjson
 import pytest
 
-from plugins._pii_stream import RELEASE_STEP, hold_from
+from plugins._pii_stream import MAX_PATTERN_WORDS, NER_WORDS, RELEASE_STEP, hold_from, hold_words
 from plugins._pii_vault import StreamRestorer, Vault
 from plugins.pii import VAULT, Pii
 from proxy import Event
@@ -231,6 +231,10 @@ def test_hold_from() -> None:
     assert hold_from("x U8857)415 555") == len("x U")
     assert hold_from("x 482\ufffd08 555") == len("x 482\ufffd")
     assert hold_from("done. 415 555") == len("done. ")  # punctuation alone begins nothing
+    # an IBAN in lower case: short words end a run of groups, but not after a country code
+    assert hold_from("send gb82 west 1234") == len("send ")
+    assert hold_from("the cat sat on") == len("the cat sat ")
+    assert hold_from("Project Falcon is", words=2) == 0 and hold_from("a Project Falcon is", words=2) == 2
 
 
 def test_stream_restorer_holds_only_prefixes_of_known_placeholders() -> None:
@@ -362,9 +366,9 @@ async def test_without_urls_a_long_url_streams_through(runtime: Any) -> None:
 
 # -- a stream is redacted as the whole answer would be ----------------------------------
 
-GLUED = ["tel:415 555 0199 ok", "call:+44 20 7946 0958 now", "U8857 482\ufffd08 555 0132 beh li", "U8857)415 555 0199 id", "12135((415) 555-0132 ", "0199)GB82 WEST 1234 5698 7654 32 iban"]
+GLUED = ["Send it to gb82 west 1234 5698 7654 32 today", "iban:gb82 west 1234 5698 7654 32 ok", "tel:415 555 0199 ok", "call:+44 20 7946 0958 now", "U8857 482\ufffd08 555 0132 beh li", "U8857)415 555 0199 id", "12135((415) 555-0132 ", "0199)GB82 WEST 1234 5698 7654 32 iban"]
 _WORDS = ["the", "call", "Phone", "id", "x", "U8857", "GB82", "WEST", "IBAN", "~25", "count5", "415", "555", "0132"]
-_VALUES = ["415 555 0199", "+44 20 7946 0958", "(415) 555-0132", "415-555-0199", "08 555 0132", "4111 1111 1111 1111", "bob@corp.example.com", "10.1.2.3", "GB82 WEST 1234 5698 7654 32"]
+_VALUES = ["gb82 west 1234 5698 7654 32", "Fr76 3000 6000 0112 3456 7890 189", "415 555 0199", "+44 20 7946 0958", "(415) 555-0132", "415-555-0199", "08 555 0132", "4111 1111 1111 1111", "bob@corp.example.com", "10.1.2.3", "GB82 WEST 1234 5698 7654 32"]
 _GLUE = [" ", " ", " ", " ", "", ":", "(", ")", "#", "\ufffd", ", ", "."]
 
 
@@ -406,3 +410,63 @@ async def test_random_texts_stream_as_they_buffer(runtime: Any) -> None:
         assert streamed == buffered, (text, pieces)
         found += "<" in buffered
     assert found >= 150  # the texts hold entities, so the comparison is not between untouched strings
+
+
+def test_hold_words_count_the_words_an_entity_can_span() -> None:
+    assert hold_words() == 0
+    assert hold_words(["Project Falcon", "Orion"]) == 1
+    assert hold_words(ner=True) == NER_WORDS - 1
+    assert hold_words(patterns=[r"EMP-\d{6}", r"[A-Z]{3}\d+"]) == 0  # no whitespace in a match
+    assert hold_words(patterns=[r"\bacct no\. \d{4} \d{4}\b"]) == 3
+    assert hold_words(patterns=[r"(\s\d{4}){3}"]) == 3
+    assert hold_words(patterns=[r"id: .+"]) == MAX_PATTERN_WORDS  # unbounded: the cap
+
+
+async def test_entities_of_several_words_stream_as_they_buffer(runtime: Any) -> None:
+    # "Project " left the proxy before "Falcon" came, and the phrase was never seen whole
+    p = await configure_plugin(Pii, {"processes": 0, "deny_list": {"PROJECT": ["Project Falcon"]},
+                                     "recognizers": [{"entity": "ACCOUNT", "patterns": [{"regex": r"\bacct no\. \d{4} \d{4}\b", "score": 0.9}]}]},
+                               runtime=runtime)
+    for text in ["The codename is Project Falcon and nothing else.", "Pay acct no. 1234 5678 today."]:
+        for size in (1, 3, 5, 8):
+            streamed, buffered = await _streamed_and_buffered(p, text, _pieces(text, size))
+            assert "<PROJECT_1>" in buffered or "<ACCOUNT_1>" in buffered
+            assert streamed == buffered, (text, size)
+
+
+def _chat_events(deltas: list[dict[str, Any]], finish: str) -> list[Event]:
+    return [chat_chunk(d) for d in deltas] + [chat_chunk({}, finish)]
+
+
+async def test_refusals_and_legacy_function_calls_are_screened_in_streams_and_buffers(runtime: Any) -> None:
+    p, ctx = await prepared(runtime)
+    said = '{"to": "<EMAIL_1>", "cc": "bob@corp.example.com", "call": "415 555 0199"}'
+    events = _chat_events([{"role": "assistant", "function_call": {"name": "send", "arguments": ""}}]
+                          + [{"function_call": {"arguments": said[i:i + 3]}} for i in range(0, len(said), 3)], "function_call")
+    out = await run(p, ctx, events)
+    args = "".join(((e.json["choices"][0].get("delta") or {}).get("function_call") or {}).get("arguments") or "" for e in out if e.json["choices"])
+    assert args == f'{{"to": "{EMAIL}", "cc": "<EMAIL_2>", "call": "<PHONE_2>"}}'
+    refusal = "I cannot write to bob@corp.example.com or call 415 555 0199."
+    p, ctx = await prepared(runtime)
+    out = await run(p, ctx, _chat_events([{"refusal": refusal[i:i + 4]} for i in range(0, len(refusal), 4)], "stop"))
+    got = "".join((e.json["choices"][0].get("delta") or {}).get("refusal") or "" for e in out if e.json["choices"])
+    assert got == "I cannot write to <EMAIL_2> or call <PHONE_2>."
+    # buffered: the message's refusal is screened as its content is
+    p, ctx = await prepared(runtime)
+    assert await p._screen_answer(ctx, [refusal]) == ["I cannot write to <EMAIL_2> or call <PHONE_2>."]
+    from plugins._pii_scope import answer_slots
+
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "refusal": refusal}, "finish_reason": "stop"}]}
+    assert [k for _, k in answer_slots("chat", body)] == ["refusal"]
+
+
+async def test_responses_refusal_done_events_are_screened(runtime: Any) -> None:
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
+    ctx = make_context({"model": "m", "stream": True, "input": "hi"}, path="/v1/responses")
+    await p.on_request(ctx)
+    refusal = "I cannot share john.doe@example.com."
+    done = {"type": "response.refusal.done", "item_id": "msg_1", "output_index": 0, "content_index": 0, "refusal": refusal, "sequence_number": 9}
+    part = {"type": "response.content_part.done", "item_id": "msg_1", "output_index": 0, "content_index": 0, "part": {"type": "refusal", "refusal": refusal}, "sequence_number": 10}
+    out = await run(p, ctx, [Event(json=done), Event(json=part)])
+    assert out[0].json["refusal"] == "I cannot share <EMAIL_1>."
+    assert out[1].json["part"]["refusal"] == "I cannot share <EMAIL_1>."
