@@ -357,7 +357,8 @@ class DemoUpstream:
             )
         so = body.get("stream_options") or {}
         include_usage = isinstance(so, dict) and so.get("include_usage") is True
-        continuous = isinstance(so, dict) and so.get("continuous_usage_stats") is True
+        # as vLLM: a running usage in every chunk only when the usage chunk was asked for too
+        continuous = include_usage and so.get("continuous_usage_stats") is True
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
 
         def chunk(delta: dict[str, Any], finish_reason: str | None, n: int) -> bytes:

@@ -135,11 +135,21 @@ def wants_usage(body: Any) -> bool:
 
 
 def ensure_stream_usage(body: dict[str, Any]) -> bool:
-    """Ask a streamed chat/completions request for the usage chunk; True when we added it."""
+    """Ask a streamed chat/completions request for the usage chunk; True when we added it.
+
+    vLLM's ``continuous_usage_stats`` puts a running usage in every chunk only when
+    ``include_usage`` is on too: a client that asked for the first alone gets no usage, so
+    it is turned off where we add the second (else every chunk would carry one)."""
     if wants_usage(body):
         return False
     so = body.get("stream_options")
-    body["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
+    if isinstance(so, dict):
+        so = {**so, "include_usage": True}
+        if so.get("continuous_usage_stats") is True:
+            so["continuous_usage_stats"] = False
+        body["stream_options"] = so
+    else:
+        body["stream_options"] = {"include_usage": True}
     return True
 
 

@@ -41,10 +41,16 @@ def test_responses_api_usage_and_events():
 
 
 def test_ensure_stream_usage_keeps_other_stream_options():
+    body = {"stream_options": {"continuous_usage_stats": False, "x": 1}}
+    assert ensure_stream_usage(body) is True
+    assert body["stream_options"] == {"continuous_usage_stats": False, "x": 1, "include_usage": True}
+    assert ensure_stream_usage(body) is False
+    # vLLM sends continuous usage only with include_usage: the client asked for none, so none comes
     body = {"stream_options": {"continuous_usage_stats": True}}
     assert ensure_stream_usage(body) is True
-    assert body["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
-    assert ensure_stream_usage(body) is False
+    assert body["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
+    body = {"stream_options": {"continuous_usage_stats": True, "include_usage": True}}
+    assert ensure_stream_usage(body) is False and body["stream_options"]["continuous_usage_stats"] is True
 
 
 def test_stream_usage_endpoints_under_any_prefix():

@@ -80,6 +80,22 @@ async def test_client_asking_for_usage_still_gets_it(upstream: FakeUpstream, tmp
     assert rows[0]["completion_tokens"] == chunks[-1].usage.completion_tokens and rows[0]["estimated"] == 0
 
 
+async def test_continuous_usage_asked_alone_stays_off(upstream: FakeUpstream, tmp_path: Path):
+    # vLLM streams a running usage only with include_usage; once Sluice added that, every chunk got one
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with client(s) as c:
+            raw = await c.chat.completions.with_raw_response.create(
+                model="sluice-demo", messages=[{"role": "user", "content": "x y z"}], stream=True,
+                stream_options={"continuous_usage_stats": True})  # type: ignore[typeddict-unknown-key]
+            events = [line async for line in raw.http_response.aiter_lines() if line.startswith("data: {")]
+        assert len(events) > 3 and not any('"usage"' in e for e in events)
+        assert upstream.requests[-1].json["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    (row,) = ledger_rows(tmp_path)
+    assert row["completion_tokens"] > 0 and row["estimated"] == 0
+
+
 async def test_client_gone_mid_stream_is_estimated(upstream: FakeUpstream, tmp_path: Path):
     upstream.token_delay = 0.01
     async with SluiceServer(config(upstream), tmp_path) as s:
