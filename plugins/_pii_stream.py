@@ -263,13 +263,15 @@ class StreamScanner:
 class Channel:
     """One growing text of a stream: restorer first (the model writes placeholders), then scanner."""
 
-    __slots__ = ("restorer", "scanner", "template")
+    __slots__ = ("restorer", "scanner", "template", "event_name")
 
     def __init__(self, restorer: StreamRestorer | None, scanner: StreamScanner | None) -> None:
         self.restorer = restorer
         self.scanner = scanner
-        #: the last event of this channel, to shape an event for what is flushed at the end
+        #: the last event of this channel (its data and ``event:`` name), to shape an event for
+        #: what is flushed at the end
         self.template: Any = None
+        self.event_name: str | None = None
 
     async def feed(self, piece: str) -> str:
         if self.restorer is not None:

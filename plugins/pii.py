@@ -188,6 +188,9 @@ class PiiConfig(PluginConfig):
 
 VAULT: StashKey[Vault] = StashKey("pii.vault")
 STREAM: StashKey[dict[tuple[Any, ...], Channel]] = StashKey("pii.stream")
+#: Responses API streams: how many events this plugin added so far (later events' sequence
+#: numbers move up by as many), and the last sequence number a client got
+SEQ: StashKey[list[int]] = StashKey("pii.seq")
 
 
 class _Metrics:
@@ -550,12 +553,22 @@ class Pii(Plugin):
         if not isinstance(data, dict):
             return None
         changed = False
+        seq = data.get("sequence_number")
+        if type(seq) is int:
+            shift = ctx.stash.get(SEQ)
+            if shift is None:
+                shift = ctx.stash[SEQ] = [0, seq]
+            elif shift[0]:
+                seq = data["sequence_number"] = seq + shift[0]
+                changed = True
+            shift[1] = seq
         seen: set[tuple[Any, ...]] = set()
         for chan, c, k in stream_slots(data):
             ch = self._channel(ctx, chan)
             piece = c[k]
             new = await ch.feed(piece)
             ch.template = data
+            ch.event_name = event.event
             seen.add(chan)
             if new != piece:
                 c[k] = new
@@ -574,10 +587,17 @@ class Pii(Plugin):
                 if not rest:
                     continue
                 if chan[0] == "resp":
-                    before.append(_event_for(chan, ch.template, rest))
+                    before.append(_event_for(chan, ch, rest))
                 else:
                     _attach(data, chan, rest)
                     changed = True
+        if before and type(seq) is int:
+            # the added events take this one's place in the sequence; it and every later one move up
+            for i, ev in enumerate(before):
+                ev.json["sequence_number"] = seq + i
+            ctx.stash[SEQ][0] += len(before)
+            data["sequence_number"] = ctx.stash[SEQ][1] = seq + len(before)
+            changed = True
         if changed:
             event.json = data
         if before:
@@ -602,10 +622,15 @@ class Pii(Plugin):
         if not chans:
             return None
         out = []
+        last = ctx.stash.get(SEQ)
         for chan, ch in list(chans.items()):
             rest = await ch.flush()
             if rest and ch.template is not None:
-                out.append(_event_for(chan, ch.template, rest))
+                ev = _event_for(chan, ch, rest)
+                if last is not None and chan[0] == "resp":
+                    last[1] += 1
+                    ev.json["sequence_number"] = last[1]
+                out.append(ev)
         chans.clear()
         return out or None
 
@@ -689,14 +714,14 @@ def _attach(data: dict[str, Any], chan: tuple[Any, ...], text: str) -> None:
         return
 
 
-def _event_for(chan: tuple[Any, ...], template: Any, text: str) -> Event:
-    """An event carrying ``text`` on ``chan``, shaped like that channel's last event."""
+def _event_for(chan: tuple[Any, ...], ch: Channel, text: str) -> Event:
+    """An event carrying ``text`` on ``chan``, shaped like that channel's last event (its
+    ``event:`` name too; a Responses event's sequence number is the caller's to set)."""
+    template = ch.template
     if chan[0] == "resp":
         data = {k: v for k, v in template.items() if k in ("type", "item_id", "output_index", "content_index")}
         data["delta"] = text
-        if "sequence_number" in template:
-            data["sequence_number"] = template["sequence_number"]
-        return Event(json=data)
+        return Event(json=data, event=ch.event_name)
     data = {k: v for k, v in template.items() if k in ("id", "object", "created", "model", "system_fingerprint")}
     choice: dict[str, Any] = {"index": chan[1]}
     if chan[0] == "text":
@@ -709,6 +734,6 @@ def _event_for(chan: tuple[Any, ...], template: Any, text: str) -> Event:
         choice["delta"] = {"tool_calls": [{"index": chan[2], "function": {"arguments": text}}]}
     choice["finish_reason"] = None
     data["choices"] = [choice]
-    return Event(json=data)
+    return Event(json=data, event=ch.event_name)
 
 

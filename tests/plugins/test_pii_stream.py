@@ -470,3 +470,29 @@ async def test_responses_refusal_done_events_are_screened(runtime: Any) -> None:
     out = await run(p, ctx, [Event(json=done), Event(json=part)])
     assert out[0].json["refusal"] == "I cannot share <EMAIL_1>."
     assert out[1].json["part"]["refusal"] == "I cannot share <EMAIL_1>."
+
+
+async def test_a_responses_event_added_for_held_text_keeps_the_sequence_and_its_event_name(runtime: Any) -> None:
+    # the added delta repeated the last delta's sequence number and had no "event:" line
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
+    ctx = make_context({"model": "m", "stream": True, "input": "hi"}, path="/v1/responses")
+    await p.on_request(ctx)
+    seq = iter(range(100))
+
+    def ev(**data: Any) -> Event:
+        return Event(json={**data, "sequence_number": next(seq)}, event=data["type"])
+
+    where = {"item_id": "m", "output_index": 0, "content_index": 0}
+    full = "Call me at 415 555 0199"
+    events = [ev(type="response.created", response={"id": "r", "output": []})]
+    events += [ev(type="response.output_text.delta", **where, delta=d) for d in ["Call me", " at 415", " 555", " 0199"]]
+    events += [ev(type="response.output_text.done", **where, text=full),
+               ev(type="response.content_part.done", **where, part={"type": "output_text", "text": full}),
+               ev(type="response.completed", response={"id": "r", "output": [{"type": "message", "content": [{"type": "output_text", "text": full}]}]})]
+    out = await run(p, ctx, events)
+    assert len(out) == len(events) + 1
+    assert [e.json["sequence_number"] for e in out] == list(range(len(out)))
+    assert all(e.event == e.json["type"] for e in out)
+    deltas = [e.json["delta"] for e in out if e.json["type"] == "response.output_text.delta"]
+    assert "".join(deltas) == "Call me at <PHONE_1>" and out[5].json["delta"] == "<PHONE_1>"
+    assert out[6].json["text"] == "Call me at <PHONE_1>"
