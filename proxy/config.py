@@ -302,7 +302,12 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None 
                 nxt = {}
                 node[p] = nxt
             node = nxt
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            # not YAML ("*Sup3r", "%x", "[1,2"): the text itself. YAML's error would quote it,
+            # and the value may be a secret
+            node[parts[-1]] = value
     return data
 
 
@@ -346,9 +351,11 @@ def read_raw(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
     else:
         src = Path(path)
     try:
-        text = Path(src).read_text()
+        text = Path(src).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{src}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{src}: not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.load(text, Loader=_StrictLoader) or {}  # noqa: S506 - a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as e:

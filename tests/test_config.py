@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,24 @@ def test_env_overrides(tmp_path):
     loaded = load_config(path, environ={"SLUICE__SERVER__PORT": "8123", "SLUICE__UPSTREAMS__U__TIMEOUTS__IDLE": "7.5"})
     assert loaded.config.server.port == 8123
     assert loaded.config.upstreams["u"].timeouts.idle == 7.5
+
+
+def test_an_env_value_that_is_not_yaml_is_taken_as_written(tmp_path):
+    # YAML's error quoted the value (an admin token) in a traceback
+    path = write(tmp_path, BASE)
+    for secret in ("*Sup3rS3cret", "%Sup3rS3cret", "[1,2", "{a"):
+        assert load_config(path, environ={"SLUICE__ADMIN__TOKEN": secret}).config.admin.token == secret
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(path)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SLUICE__SERVER__PORT": "*Sup3rS3cret"})
+    assert r.returncode == 1 and "server.port" in r.stderr
+    assert "Sup3rS3cret" not in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"server: {port: 4750}\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 26\)"):
+        load_config(p, environ={})
 
 
 def test_invalid_yaml(tmp_path):
