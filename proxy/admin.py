@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import signal
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import load_config
 from .errors import ConfigError
@@ -19,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .server import Server
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+log = logging.getLogger("sluice.admin")
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -47,13 +51,26 @@ def make_admin_app(server: Server) -> web.Application:
             mt = server.loaded.config.admin.metrics_token
             if mt is not None and not _allowed(mt, request):
                 return error_response(401, "A valid metrics bearer token is required.", rid, code="invalid_metrics_token")
+        if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            return error_response(415, "The admin API takes uncompressed JSON bodies.", rid, code="unsupported_content_encoding")
         server.run_batch()  # what the admin API reports includes every request answered so far
         try:
             resp = await handler(request)
         except web.HTTPException as e:
-            return error_response(e.status, e.reason, rid)
+            err = error_response(e.status, e.reason, rid)
+            if "Allow" in e.headers:  # a 405 says which methods the path takes
+                err.headers["Allow"] = e.headers["Allow"]
+            return err
         except ConfigError as e:
             return error_response(400, str(e), rid, code="invalid_config")
+        except (web.RequestPayloadError, HttpProcessingError) as e:  # a body that cannot be read (cut, badly chunked)
+            log.info("admin: refused an unreadable request body (%s) request_id=%s", type(e).__name__, rid)
+            return error_response(400, "The request body could not be read.", rid, code="invalid_body")
+        except Exception as e:
+            # the kind only: a message may quote what the client sent, a traceback the state it held
+            log.error("admin: %s %s failed (%s) request_id=%s", request.method, request.path, type(e).__name__, rid,
+                      exc_info=e if server.debug else None)
+            return error_response(500, "Sluice failed to process the admin request.", rid, code="internal_error")
         resp.headers.setdefault("x-request-id", rid)
         return resp
 

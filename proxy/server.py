@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
@@ -154,7 +154,8 @@ class Server:
         if cfg.admin.enabled:
             from .admin import make_admin_app
 
-            self.admin_runner = web.AppRunner(make_admin_app(self), access_log=None)
+            # bodies as sent: the admin API takes small JSON bodies, not compressed ones (see admin.guard)
+            self.admin_runner = _AdminRunner(self, make_admin_app(self), access_log=None, auto_decompress=False)
             await self.admin_runner.setup()
             asite = web.TCPSite(self.admin_runner, cfg.admin.host, cfg.admin.port, reuse_port=reuse_port)
             await asite.start()
@@ -447,23 +448,6 @@ def _site_port(site: web.TCPSite) -> int:
     return server.sockets[0].getsockname()[1]
 
 
-class _QuoteNothing(logging.Filter):
-    """aiohttp's log of a request it could not parse, kept to the error's kind: its message quotes the
-    client's bytes (a key in a malformed header) and it comes with the parser's traceback. The client
-    listener answers such requests itself (:class:`_WebServer`); this covers the admin listener."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError)
-                and str(record.msg).startswith("Error handling request")):
-            exc = record.exc_info[1]
-            record.msg, record.args = "aiohttp refused a request it could not parse (%s)", (type(exc).__name__,)
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-logging.getLogger("aiohttp.server").addFilter(_QuoteNothing())
-
-
 class _WebServer(web.Server):
     """aiohttp's low-level server, its connections answering what they cannot parse as Sluice answers.
 
@@ -483,7 +467,29 @@ class _WebServer(web.Server):
         return proto
 
 
-def _protocol_class(sluice: Server) -> type[RequestHandler]:
+class _AdminRunner(web.AppRunner):
+    """The admin listener's runner: its connections answer what they cannot parse as the client
+    listener's do (:class:`_WebServer`), without counting those in the client traffic's metrics."""
+
+    __slots__ = ("_sluice",)
+
+    def __init__(self, sluice: Server, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._sluice = sluice
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _WebServer  # the same object: only __call__, which makes each connection, differs
+        server.protocol = _protocol_class(self._sluice, counted=False)  # type: ignore[attr-defined]
+        return server
+
+
+def _protocol_class(sluice: Server, counted: bool = True) -> type[RequestHandler]:
+    def answer(rid: str, status: int, reason: str, message: str, code: str) -> web.StreamResponse:
+        if counted:
+            return refuse(sluice, rid, status, reason, message, code)
+        return error_response(status, message, rid, code=code)
+
     class Protocol(RequestHandler):
         __slots__ = ()
 
@@ -499,13 +505,13 @@ def _protocol_class(sluice: Server) -> type[RequestHandler]:
                 resp = error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
             elif isinstance(exc, LineTooLong):
                 log.info("refused a request with a line or header over aiohttp's limit (%s) request_id=%s", kind, rid)
-                resp = refuse(sluice, rid, 431, "header_too_large",
+                resp = answer(rid, 431, "header_too_large",
                               "A request line or header field is longer than Sluice reads (8190 bytes).", "request_header_fields_too_large")
             else:
                 # not HTTP at all (TLS, a port scan) is common on an open port: counted, and logged at debug
                 level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO
                 log.log(level, "refused a request that is not valid HTTP/1.1 (%s) request_id=%s", kind, rid)
-                resp = refuse(sluice, rid, status if 400 <= status < 500 else 400, "invalid_http", "The request is not valid HTTP/1.1.",
+                resp = answer(rid, status if 400 <= status < 500 else 400, "invalid_http", "The request is not valid HTTP/1.1.",
                               "invalid_http")
             resp.force_close()
             return resp

@@ -338,7 +338,7 @@ async def test_a_slow_body_that_keeps_coming_is_read_whole(upstream: FakeUpstrea
 SECRET = "sk-live-0123456789abcdefSECRET"
 
 
-@pytest.mark.parametrize("request_bytes, status, code", [
+BAD_REQUESTS = [
     (b"GARBAGE\r\n\r\n", 400, "invalid_http"),
     (f"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization Bearer {SECRET}\r\n\r\n".encode(), 400, "invalid_http"),
     (f"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SECRET}{'a' * 9000}\r\n\r\n".encode(), 431,
@@ -349,7 +349,11 @@ SECRET = "sk-live-0123456789abcdefSECRET"
     (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{SECRET}\r\nabc".encode(), 400,
      "invalid_http"),
     (b"GET /v1/models HTTP/9.1\r\nhost: x\r\n\r\n", 400, "invalid_http"),
-], ids=["request-line", "header-token", "long-header", "long-url", "two-lengths", "bad-chunk", "version"])
+]
+BAD_IDS = ["request-line", "header-token", "long-header", "long-url", "two-lengths", "bad-chunk", "version"]
+
+
+@pytest.mark.parametrize("request_bytes, status, code", BAD_REQUESTS, ids=BAD_IDS)
 async def test_a_request_aiohttp_cannot_parse_gets_an_openai_error_that_quotes_nothing(upstream: FakeUpstream, tmp_path, caplog,
                                                                                       request_bytes, status, code):
     """aiohttp's own answer to a request it cannot parse is plain text quoting the client's bytes, and it
@@ -372,34 +376,61 @@ async def test_a_request_aiohttp_cannot_parse_gets_an_openai_error_that_quotes_n
     assert upstream.requests == []
 
 
-async def test_the_admin_listener_logs_no_client_bytes_for_a_request_it_cannot_parse(upstream: FakeUpstream, tmp_path, caplog):
+@pytest.mark.parametrize("request_bytes, status, code", BAD_REQUESTS, ids=BAD_IDS)
+async def test_the_admin_listener_answers_a_request_it_cannot_parse_as_the_client_listener_does(
+        upstream: FakeUpstream, tmp_path, caplog, request_bytes, status, code):
+    """It used to answer in aiohttp's plain text, quoting the client's bytes, with no request id.
+    Not client traffic: not counted in the rejected requests."""
     caplog.set_level("DEBUG")
     async with SluiceServer(route(upstream, []), tmp_path) as s:
-        req = f"GET /admin/keys HTTP/1.1\r\nhost: x\r\nauthorization Bearer {SECRET}\r\n\r\n".encode()
-        status, _, _ = await _raw(s.server.admin_port, req)
-    assert status == 400
-    assert "aiohttp refused a request it could not parse (BadHttpMessage)" in caplog.text
+        got_status, headers, body = await _raw(s.server.admin_port, request_bytes.replace(b"/v1/models", b"/admin/keys"))
+        async with httpx.AsyncClient() as c:
+            scrape = await c.get(f"{s.admin_url}/metrics", headers={"authorization": f"Bearer {s.admin_token}"})
+    assert got_status == status, body
+    assert orjson.loads(body)["error"]["code"] == code and headers["x-request-id"].startswith("req_")
+    assert SECRET not in body.decode() and "aaaa" not in body.decode()
+    assert "sluice_rejected_requests_total{" not in scrape.text
     assert SECRET not in caplog.text and "Traceback" not in caplog.text
-    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], caplog.text
 
 
-def test_the_log_filter_leaves_other_errors_as_they_are():
-    """Only aiohttp's parse errors are cut to their kind: an admin handler's own crash keeps its traceback."""
-    import logging
-    import sys
+async def test_the_admin_api_answers_an_unreadable_body_and_a_wrong_method_in_the_openai_shape(upstream: FakeUpstream, tmp_path, caplog):
+    """A corrupt gzip body got aiohttp's plain-text 500 and six tracebacks in the log (the admin API now
+    takes uncompressed bodies only); a 405 lost its Allow."""
+    caplog.set_level("DEBUG")
+    cfg = route(upstream, [{"auth": {"keys": [{"key": SECRET, "id": "k"}]}}])
+    async with SluiceServer(cfg, tmp_path) as s, httpx.AsyncClient() as c:
+        auth = {"authorization": f"Bearer {s.admin_token}"}
+        r = await c.post(f"{s.admin_url}/admin/keys", content=b"notgzip", headers={**auth, "content-encoding": "gzip"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding", r.text
+        assert r.headers["x-request-id"].startswith("req_")
+        r = await c.delete(f"{s.admin_url}/admin/reload", headers=auth)
+        assert r.status_code == 405 and "POST" in r.headers["allow"] and r.headers["x-request-id"].startswith("req_")
+        assert r.json()["error"]["message"] == "Method Not Allowed"
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], caplog.text
 
-    from aiohttp.http_exceptions import BadHttpMessage
 
-    from proxy.server import _QuoteNothing
+class CrashingAdmin(Plugin):
+    """An admin endpoint whose handler fails with the caller's secret in its message."""
 
-    def record(exc: BaseException) -> logging.LogRecord:
-        try:
-            raise exc
-        except type(exc):
-            info = sys.exc_info()
-        return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s", ("127.0.0.1",), info)
+    name = "crashing_admin"
 
-    crash, bad = record(KeyError("x")), record(BadHttpMessage(f"Invalid header token: {SECRET}"))
-    assert _QuoteNothing().filter(crash) and _QuoteNothing().filter(bad)
-    assert crash.exc_info is not None and crash.getMessage() == "Error handling request from 127.0.0.1"
-    assert bad.exc_info is None and bad.getMessage() == "aiohttp refused a request it could not parse (BadHttpMessage)"
+    @classmethod
+    def admin_routes(cls) -> list[Any]:
+        from proxy.plugin import AdminRoute
+
+        async def boom(request: Any, runtime: Any) -> Any:
+            raise KeyError(request.headers.get("x-secret"))
+
+        return [AdminRoute("GET", "boom", boom)]
+
+
+async def test_an_admin_endpoint_that_fails_answers_500_and_logs_only_the_kind(upstream: FakeUpstream, tmp_path, caplog):
+    caplog.set_level("DEBUG")
+    with register_plugin(CrashingAdmin):
+        async with SluiceServer(route(upstream, []), tmp_path) as s, httpx.AsyncClient() as c:
+            r = await c.get(f"{s.admin_url}/admin/boom", headers={"authorization": f"Bearer {s.admin_token}", "x-secret": SECRET})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and r.headers["x-request-id"].startswith("req_")
+    assert SECRET not in r.text and SECRET not in caplog.text and "Traceback" not in caplog.text
+    assert "admin: GET /admin/boom failed (KeyError)" in caplog.text
