@@ -550,6 +550,21 @@ async def _admin_store(runtime: Runtime) -> KeyStore:
     return runtime.shared("auth.admin_store", lambda: KeyStore(runtime.state, store_backend(runtime.config)))
 
 
+async def key_identity(runtime: Runtime, key_id: str) -> Identity | None:
+    """The identity (team, limits) of the key ``key_id``: a static key of a serving auth instance, else a
+    virtual key in the store, when an instance takes them. For admin endpoints that report on a key."""
+    instances = runtime.instances(Auth)
+    for inst in instances:
+        for _, rec in inst._static:
+            if rec.id == key_id:
+                return rec.identity()
+    if any(inst.config.virtual_keys for inst in instances):
+        rec = await (await _admin_store(runtime)).by_id(key_id)
+        if rec is not None:  # revoked or expired too: what it spent is still worth a report
+            return rec.identity()
+    return None
+
+
 def _forget(runtime: Runtime, rec: KeyRecord | None) -> None:
     if rec is not None:
         cache = runtime.shared("auth.cache", OrderedDict)

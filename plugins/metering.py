@@ -795,10 +795,10 @@ async def _admin_budgets(request: Any, runtime: Any) -> Any:
         raise web.HTTPBadRequest(reason="give key=ID and/or team=NAME")
     now = time.time()
     out = []
+    probe = await _probe_context(runtime, key or "", team)
     for inst in list(runtime.shared("metering.instances", weakref.WeakSet)):
         if inst.counters is None:
             continue
-        probe = _probe_context(key or "", team)
         for ckey, limit, end in inst.applicable(probe, now):
             # budget:<scope>:<id>:<period>:<label>: an id may hold ':', the period and label never do
             head, period, label = ckey.rsplit(":", 2)
@@ -814,11 +814,15 @@ async def _admin_budgets(request: Any, runtime: Any) -> Any:
     return web.json_response({"budgets": out})
 
 
-def _probe_context(key: str, team: str | None) -> Context:
-    """A bare context carrying only an identity, to ask which budgets apply to it."""
+async def _probe_context(runtime: Any, key: str, team: str | None) -> Context:
+    """A bare context carrying only an identity, to ask which budgets apply to it: the key's own
+    (its team and its limits' budgets, as auth knows them) when auth knows it."""
     from proxy import Identity
 
+    from .auth import key_identity
+
+    known = await key_identity(runtime, key) if key else None
     ctx = Context(request_id="admin", method="GET", path="/")
-    ctx.identity = Identity(key_id=key, team=team)
+    ctx.identity = Identity(key_id=key, team=team or (known.team if known else None), limits=known.limits if known else {})
     return ctx
 

@@ -227,6 +227,36 @@ async def test_admin_budgets_shows_spent_and_reserved(upstream: FakeUpstream, tm
     assert by_scope["key"]["limit"] == 100.0 and by_scope["team"]["period"] == "month"
 
 
+async def test_admin_budgets_shows_a_keys_own_budgets_static_and_virtual(upstream: FakeUpstream, tmp_path):
+    # the report built an identity with no limits, so a key's budget_per_day never showed
+    import aiohttp
+
+    cfg = config(upstream, [])
+    cfg["routes"][0]["chain"][0]["auth"] = {"keys": [{"key": KEY_A, "id": "ka", "team": "red", "limits": {"budget_per_day": 50.0}}],
+                                            "virtual_keys": True}
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+            async with http.post(f"{s.admin_url}/admin/keys", json={"name": "v", "team": "blue", "limits": {"budget_per_month": 70.0}}) as r:
+                assert r.status in (200, 201), await r.text()
+                virtual = await r.json()
+            async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+                await ask(a)
+            async with openai.AsyncOpenAI(base_url=s.url, api_key=virtual["key"], max_retries=0) as v:
+                await ask(v)
+            await s.wait_idle()
+            found = {}
+            for key in ("ka", virtual["id"], "nobody"):
+                async with http.get(f"{s.admin_url}/admin/budgets", params={"key": key}) as r:
+                    assert r.status == 200
+                    found[key] = (await r.json())["budgets"]
+    (a,) = found["ka"]
+    assert (a["scope"], a["id"], a["period"], a["limit"]) == ("key", "ka", "day", 50.0)
+    assert a["spent_and_reserved"] == pytest.approx(M * PER_TOKEN)
+    (v,) = found[virtual["id"]]
+    assert (v["scope"], v["period"], v["limit"]) == ("key", "month", 70.0) and v["spent_and_reserved"] == pytest.approx(M * PER_TOKEN)
+    assert found["nobody"] == []
+
+
 async def test_a_reservation_is_given_back_before_the_next_request_however_long_observers_batch(upstream: FakeUpstream, tmp_path):
     """Back to back, with no wait: the reservation (the worst case) is reconciled as soon as the answer is
     sent, not when the observers' on_done batch runs (here it would wait 1 s or 8 requests), so the key's
