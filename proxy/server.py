@@ -168,6 +168,9 @@ class Server:
             loaded = await self._apply_demo(loaded)
             if loaded.config.state != self.loaded.config.state:
                 raise ConfigError(f"{loaded.source}: state: changing the state section needs a restart")
+            fixed = _start_only_changes(self.loaded.config, loaded.config)
+            if fixed:
+                raise ConfigError(f"{loaded.source}: {', '.join(fixed)}: set when the server starts; changing it needs a restart")
             pool = UpstreamPool(loaded.config.upstreams)
             gen = ch.Generation(loaded, self.runtime, pool)
             await gen.start()
@@ -183,6 +186,8 @@ class Server:
         self.runtime.config = loaded.config
         self.runtime.upstreams = pool
         self._tasks.spawn(self._retire(old), "sluice-retire")
+        if _log_handler is not None:  # the process's logging is Sluice's (sluice serve), not an embedder's
+            configure_logging(loaded.config.logging.level, loaded.config.logging.format)
         self.metrics.reloads.labels(result="ok").inc()
         log.info("config reloaded from %s", loaded.source)
         return True, "reloaded"
@@ -534,23 +539,35 @@ def make_handler(server: Server) -> Handler:
 
 # -- running ------------------------------------------------------------------
 
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    root = logging.getLogger()
-    if getattr(configure_logging, "_done", False):
-        root.setLevel(level.upper())
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        class _Json(logging.Formatter):
-            def format(self, record: logging.LogRecord) -> str:
-                return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()})
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()})
 
-        handler.setFormatter(_Json())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+
+_log_handler: logging.Handler | None = None
+
+
+def configure_logging(level: str = "info", fmt: str = "text") -> None:
+    """Sluice's one handler on the root logger (stderr), its format and the level; again on a reload."""
+    global _log_handler
+    root = logging.getLogger()
+    if _log_handler is None:
+        _log_handler = logging.StreamHandler(sys.stderr)
+        root.addHandler(_log_handler)
+    _log_handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.setLevel(level.upper())
-    configure_logging._done = True  # type: ignore[attr-defined]
+
+
+#: settings read once, when the server starts (listeners, worker processes, queues, threads)
+_START_ONLY = {
+    "server": ("host", "port", "workers", "executor_threads", "background_queue", "background_workers", "memory_trim_s"),
+    "admin": ("enabled", "host", "port"),
+}
+
+
+def _start_only_changes(old: Any, new: Any) -> list[str]:
+    return [f"{section}.{name}" for section, names in _START_ONLY.items() for name in names
+            if getattr(getattr(old, section), name) != getattr(getattr(new, section), name)]
 
 
 def install_uvloop() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import tempfile
@@ -139,6 +140,26 @@ async def test_sighup_reloads_process(upstream, tmp_path):
         async with asyncio.timeout(15):
             while (await http.post(f"{p.url}/embeddings", content=b"x" * 4096)).status_code == 413:
                 await asyncio.sleep(0.05)  # polling the observable effect of a signal in another process
+
+
+@pytest.mark.slow
+async def test_a_reload_applies_logging_and_refuses_what_only_a_restart_changes(upstream, tmp_path):
+    # a reload answered "reloaded" while the old ports kept serving and the log kept its format
+    path = write_cfg(tmp_path, {"upstreams": {"u": {"url": upstream.url}}, "routes": [{"match": {"path": "/v1/"}, "upstream": "u"}]})
+    good = yaml.safe_load(path.read_text())
+    async with SluiceProcess(path, tmp_path) as p, httpx.AsyncClient() as http:
+        auth = {"authorization": "Bearer t"}
+        path.write_text(yaml.safe_dump({**good, "server": {**good["server"], "port": 1}, "admin": {**good["admin"], "port": 2}}))
+        r = await http.post(f"{p.admin_url}/admin/reload", headers=auth)
+        assert r.status_code == 400
+        assert "server.port, admin.port: set when the server starts; changing it needs a restart" in r.json()["error"]["message"]
+        path.write_text(yaml.safe_dump({**good, "logging": {"level": "info", "format": "json"}}))
+        r = await http.post(f"{p.admin_url}/admin/reload", headers=auth)
+        assert r.status_code == 200, r.text
+        await wait_for(lambda: "config reloaded" in p.logs(), 10, "the reload's log line")
+        line = next(x for x in p.logs().splitlines() if "config reloaded" in x)
+        assert json.loads(line)["level"] == "info"
+        assert (await http.get(f"{p.url}/models")).status_code == 200  # the same port serves
 
 
 @pytest.mark.slow
