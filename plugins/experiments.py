@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import Field, model_validator
 
-from proxy import ConfigError, AdminRoute, Command, Context, Event, Plugin, PluginConfig, StashKey, Target, hookimpl
+from proxy import AdminRoute, Command, Context, Event, Plugin, PluginConfig, StashKey, Target, hookimpl
 from proxy.config import Model
 from proxy.state import Table
 
@@ -399,12 +399,19 @@ class Experiments(Plugin):
 
     config: _Config
 
+    @classmethod
+    def check(cls, config: _Config, sluice: Any) -> None:
+        known = sluice.upstream_names()
+        for i, e in enumerate(config.experiments):
+            missing = sorted({v.upstream for v in e.variants if v.upstream} - known)
+            if missing:
+                raise ValueError(f"experiments[{i}].variants: unknown upstream(s) {', '.join(missing)}: add them to 'upstreams'")
+        for i, sh in enumerate(config.shadows):
+            if sh.target.upstream not in known:
+                raise ValueError(f"shadows[{i}].target.upstream: unknown upstream {sh.target.upstream}: add it to 'upstreams'")
+
     async def start(self) -> None:
         c = self.config
-        names = {v.upstream for e in c.experiments for v in e.variants if v.upstream} | {sh.target.upstream for sh in c.shadows}
-        missing = sorted(names - set(self.runtime.upstreams.upstreams))
-        if missing:
-            raise ConfigError(f"experiments: unknown upstream(s) {', '.join(missing)}: add them to 'upstreams' (plugin experiments)")
         self.records = self.runtime.state.records(c.records)
         for t in (RESULTS, EVENTS, SHADOWS):
             self.records.ensure(t)

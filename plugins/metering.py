@@ -24,6 +24,7 @@ import calendar
 import csv
 import io
 import logging
+import os
 import sqlite3
 import time
 import weakref
@@ -262,6 +263,13 @@ class Metering(Plugin):
         if backend == "auto":
             backend = "redis" if getattr(getattr(runtime, "state", None), "has_redis", False) else "memory"
         return backend != "memory"
+
+    @classmethod
+    def check(cls, config: Config, sluice: Any) -> None:
+        # that each file is there; whether it loads is seen at start (loading takes a while, off the loop)
+        for pattern, path in config.tokenizers.items():
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                raise ValueError(f"tokenizers.{pattern}: cannot read {path}: no such readable file")
 
     async def start(self) -> None:
         for pattern, path in self.config.tokenizers.items():

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from proxy import ConfigError, Context, Plugin, PluginConfig, ProxyError, Target, hookimpl
+from proxy import Context, Plugin, PluginConfig, ProxyError, Target, hookimpl
 from proxy.config import Model
 
 from ._router_core import STRATEGIES, Candidate, TargetStats, estimate_tokens, features, parse_vllm_metrics
@@ -171,13 +171,17 @@ class Router(Plugin):
 
     config: Config
 
+    @classmethod
+    def check(cls, config: Config, sluice: Any) -> None:
+        known = sluice.upstream_names()
+        for name, alias in config.aliases.items():
+            missing = sorted({t.upstream for t in alias.targets} - known)
+            if missing:
+                raise ValueError(f"aliases.{name}.targets: unknown upstream(s) {', '.join(missing)}: add them to 'upstreams'")
+
     async def start(self) -> None:
         c = self.config
         pool = self.runtime.upstreams
-        # runtime.upstreams is this generation's own pool, so a missing name is a config error
-        missing = sorted({t.upstream for a in c.aliases.values() for t in a.targets} - set(pool.upstreams))
-        if missing:
-            raise ConfigError(f"router: unknown upstream(s) {', '.join(missing)}: add them to 'upstreams' (plugin router)")
         # Health and latency outlive a config reload: keyed by target, shared in the process.
         self.stats: dict[str, TargetStats] = self.runtime.shared("router.stats", dict)
         self.metrics = self.runtime.shared("router.metrics", lambda: _Metrics(self.runtime.metrics))

@@ -215,6 +215,12 @@ class SluiceConfig(Model):
         default_factory=dict, description="Price table overrides, per model: input, cached_input, output per million tokens."
     )
 
+    def upstream_names(self) -> set[str]:
+        """The upstreams a plugin may name: those configured, else the built-in demo model's."""
+        if not self.upstreams and self.server.demo_upstream:
+            return {"demo"}
+        return set(self.upstreams)
+
     @model_validator(mode="after")
     def _refs(self) -> SluiceConfig:
         for i, r in enumerate(self.routes):
@@ -408,6 +414,10 @@ def load_config(
                 model = cls.Config.model_validate(pconf or {})
             except ValidationError as e:
                 raise ConfigError(f"{source}: {format_validation(e, f'{where}.{name}', plugin=name)}") from None
+            try:
+                cls.check(model, cfg)
+            except ValueError as e:
+                raise ConfigError(f"{source}: {where}.{name}.{e} (plugin {name})") from None
             label = model.id or cls.name
             if label in ids:
                 raise ConfigError(

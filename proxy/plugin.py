@@ -112,6 +112,13 @@ class Plugin:
         return []
 
     @classmethod
+    def check(cls, config: Any, sluice: Any) -> None:
+        """Check this plugin's validated ``config`` against the whole config ``sluice`` (the
+        upstreams it names, the files it reads), when the config is loaded: by ``sluice check``,
+        at start and on reload alike. Raise ``ValueError`` whose message begins with the field's
+        path in this plugin's config (``aliases.chat.targets: ...``)."""
+
+    @classmethod
     def admin_routes(cls) -> list[AdminRoute]:
         """Admin API endpoints this plugin offers, whether or not a chain uses it."""
         return []

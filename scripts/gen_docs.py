@@ -337,7 +337,7 @@ def _members(cls: type, names: list[str]) -> list[str]:
         else:
             fn = obj.__func__ if isinstance(obj, (classmethod, staticmethod)) else obj
             try:
-                sig = str(inspect.signature(fn)).replace("(self, ", "(").replace("(self)", "()").replace("(cls)", "()")
+                sig = str(inspect.signature(fn)).replace("(self, ", "(").replace("(cls, ", "(").replace("(self)", "()").replace("(cls)", "()")
             except (TypeError, ValueError):
                 sig = "(...)"
             doc = inspect.getdoc(fn) or ""
@@ -409,7 +409,7 @@ def hooks_doc() -> str:
     for hook in hook_reference():
         out += [f"### `{hook['name']}`", "", "```python", hook["signature"], "```", "", hook["doc"], ""]
     out += ["## `Plugin`", "", _first_paragraph(Plugin), ""]
-    out += _members(Plugin, ["start", "stop", "commands", "admin_routes", "fail_closed"])
+    out += _members(Plugin, ["start", "stop", "check", "commands", "admin_routes", "fail_closed"])
     out += ["", "## `PluginConfig`", "", (inspect.getdoc(PluginConfig) or "").replace("\n", " "), ""]
     out += [f"- `{n}`: {cell(f.description or '')}" for n, f in PluginConfig.model_fields.items()]
     out += ["", "## `Context`", "", _first_paragraph(Context), ""]

@@ -180,6 +180,24 @@ def test_routes_that_each_take_some_requests_are_fine(tmp_path):
     assert len(load_config(write(tmp_path, {**BASE, "routes": routes}), environ={}).config.routes) == 4
 
 
+@pytest.mark.parametrize("entry, message", [
+    ({"router": {"aliases": {"chat": {"targets": [{"upstream": "nope"}]}}}},
+     "routes[0].chain[0].router.aliases.chat.targets: unknown upstream(s) nope: add them to 'upstreams' (plugin router)"),
+    ({"experiments": {"experiments": [{"name": "e", "model": "m", "variants": [{"name": "a", "weight": 1, "upstream": "nope"}, {"name": "b", "weight": 1}]}]}},
+     "routes[0].chain[0].experiments.experiments[0].variants: unknown upstream(s) nope: add them to 'upstreams' (plugin experiments)"),
+    ({"experiments": {"shadows": [{"name": "s", "target": {"upstream": "nope"}}]}},
+     "routes[0].chain[0].experiments.shadows[0].target.upstream: unknown upstream nope: add it to 'upstreams' (plugin experiments)"),
+    ({"metering": {"tokenizers": {"m-*": "/nonexistent/tokenizer.json"}}},
+     "routes[0].chain[0].metering.tokenizers.m-*: cannot read /nonexistent/tokenizer.json: no such readable file (plugin metering)"),
+], ids=["router", "experiment", "shadow", "tokenizer"])
+def test_sluice_check_refuses_what_the_server_would_refuse_at_start(tmp_path, entry, message):
+    # these were checked only when the plugin started: `sluice check` said ok, `sluice serve` refused
+    path = write(tmp_path, {**BASE, "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [entry]}]})
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout
+    assert r.stderr.strip() == f"sluice: {path}: {message}"
+
+
 def test_sluice_check_cli(tmp_path):
     good = write(tmp_path, BASE)
     r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(good)], capture_output=True, text=True, timeout=60)

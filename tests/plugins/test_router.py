@@ -302,7 +302,7 @@ async def test_an_earlier_answer_is_left_alone(tmp_path: Path):
 async def test_unknown_upstream_is_refused_at_load_and_on_reload(tmp_path: Path):
     async with upstreams(1) as (a,):
         bad = config([a], {"aliases": {"smart": {"targets": [{"upstream": "nope"}]}, "ok": {"targets": [{"upstream": "a"}]}}})
-        with pytest.raises(ConfigError, match=r"router: unknown upstream\(s\) nope: add them to 'upstreams' \(plugin router\)"):
+        with pytest.raises(ConfigError, match=r"routes\[0\]\.chain\[0\]\.router\.aliases\.smart\.targets: unknown upstream\(s\) nope: add them to 'upstreams' \(plugin router\)"):
             async with SluiceServer(bad, tmp_path):
                 pass
         good = config([a], {"aliases": {"ok": {"targets": [{"upstream": "a"}]}}})
