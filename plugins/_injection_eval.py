@@ -110,6 +110,13 @@ def load_corpus(path: str | Path) -> list[Row]:
                 continue
             try:
                 obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("each line is a JSON object")
+                missing = [k for k in ("text", "label") if k not in obj]
+                if missing:
+                    raise ValueError(f"missing field {missing[0]!r}")
+                if not isinstance(obj["text"], str):
+                    raise ValueError("text must be a string")
                 label = obj["label"]
                 if label not in ("attack", "benign"):
                     raise ValueError(f"label must be 'attack' or 'benign', not {label!r}")

@@ -90,8 +90,11 @@ def load_corpus(path: str | Path) -> list[Sample]:
             row = orjson.loads(line)
             text = row["text"]
             ents = [(e["type"], e["value"]) for e in row.get("entities", [])]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a corpus line ({type(e).__name__})") from None
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}:{n}: not a corpus line ({type(e).__name__}): "
+                             "want {\"text\": \"...\", \"entities\": [{\"type\": ..., \"value\": ...}]}") from None
+        if not isinstance(text, str) or not all(isinstance(t, str) and isinstance(v, str) for t, v in ents):
+            raise ValueError(f"{path}:{n}: the text and each entity's type and value must be strings")
         for typ, value in ents:
             if value not in text:
                 raise ValueError(f"{path}:{n}: a labelled {typ} value does not occur in the text")

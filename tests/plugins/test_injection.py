@@ -363,3 +363,9 @@ def test_eval_command(tmp_path, capsys):
     assert cli_main(["eval", "injection", str(tmp_path / "missing.jsonl"), "-c", str(cfg)]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
     assert cli_main(["eval", "injection", str(corpus), "-c", str(cfg), "--route", "nope"]) == 2
+    capsys.readouterr()
+    for line, said in [('{"text": "x"}', "missing field 'label'"), ('{"label": "attack"}', "missing field 'text'"),
+                       ('{"text": 5, "label": "attack"}', "text must be a string"), ('[1]', "each line is a JSON object")]:
+        corpus.write_text(line + "\n")
+        assert cli_main(["eval", "injection", str(corpus), "-c", str(cfg)]) == 2
+        assert f"c.jsonl:1: {said}" in capsys.readouterr().err, line

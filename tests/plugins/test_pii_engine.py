@@ -279,6 +279,12 @@ def test_eval_command_rejects_a_bad_corpus(tmp_path: Path, capsys: pytest.Captur
     configure_eval(p)
     assert run_eval(p.parse_args([str(bad)]), None) == 2
     assert "does not occur" in capsys.readouterr().err
+    # lines of the wrong shape: a message naming the line, not a TypeError traceback
+    for line, said in [('{"text": 5}', "must be strings"), ('{"text": "a", "entities": [5]}', "not a corpus line"),
+                       ('[1]', "not a corpus line"), ('{"text": "a", "entities": [{"type": 1, "value": "a"}]}', "must be strings")]:
+        bad.write_text(line + "\n")
+        assert run_eval(p.parse_args([str(bad)]), None) == 2
+        assert f"bad.jsonl:1: " in (err := capsys.readouterr().err) and said in err, (line, err)
 
 
 @pytest.mark.slow
