@@ -621,6 +621,11 @@ class Pii(Plugin):
         chans = ctx.stash.get(STREAM)
         if not chans:
             return None
+        if ctx.outcome == "upstream_error":
+            # the upstream broke off (or timed out): what is held could be the start of an entity
+            # the stream never finished ("415 555 "); the client gets the error event without it
+            chans.clear()
+            return None
         out = []
         last = ctx.stash.get(SEQ)
         for chan, ch in list(chans.items()):

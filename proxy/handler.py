@@ -559,6 +559,7 @@ class Handler:
                 if tail:
                     ctx.stream_events += len(tail)
                     await self._write_events(out, ctx, await pipeline.push(tail))  # type: ignore[union-attr]
+                ctx.outcome = finished  # the upstream finished: on_stream_end is told so
                 await self._write_events(out, ctx, await pipeline.end())  # type: ignore[union-attr]
                 if relay.saw_done:
                     await out.write(DONE.encode())
@@ -569,10 +570,9 @@ class Handler:
             await self._stream_error(out, ctx, e.err)
         except asyncio.CancelledError:
             if not dog.fired:
-                if relay.done_sent:
-                    # the client left after [DONE], relayed as it came (the openai SDK closes its response
-                    # there, before an upstream's last empty chunk): it had the whole answer
-                    ctx.outcome = finished
+                # the client left after [DONE], relayed as it came (the openai SDK closes its response
+                # there, before an upstream's last empty chunk): it had the whole answer; else it left early
+                ctx.outcome = finished if relay.done_sent else "client_gone"
                 raise  # the client went away
             task.uncancel()
             att.error = "timeout"

@@ -23,6 +23,7 @@ class Probe(Plugin):
     name = "probe"
     calls: ClassVar[list[tuple[str, str]]] = []
     done: ClassVar[list[Context]] = []
+    end_outcomes: ClassVar[list[str | None]] = []
     #: the tasks a request ran in: its handler's, then each connection's (aiohttp's RequestHandler.start)
     tasks: ClassVar[list[asyncio.Task[Any]]] = []
 
@@ -54,6 +55,7 @@ class Probe(Plugin):
     @hookimpl
     def on_stream_end(self, ctx: Context) -> None:
         self.calls.append((self.id, "on_stream_end"))
+        self.end_outcomes.append(ctx.outcome)
 
     @hookimpl
     async def on_done(self, ctx: Context) -> None:
@@ -151,6 +153,7 @@ CHAIN = [{"probe": {"id": "outer"}}, {"probe": {"id": "inner"}}]
 @pytest.fixture(autouse=True)
 def probe():
     Probe.calls.clear()
+    Probe.end_outcomes.clear()
     Probe.done.clear()
     Probe.tasks.clear()
     with register_plugin(Probe):
@@ -176,6 +179,7 @@ async def test_ok(endpoint, stream, tmp_path):
         assert chunks and chunks.count("inner") == chunks.count("outer")
         assert all(chunks[: i + 1].count("inner") >= chunks[: i + 1].count("outer") for i in range(len(chunks)))
         assert phases("on_stream_end") == ["inner", "outer"]
+        assert Probe.end_outcomes == ["ok", "ok"]  # they are told the stream completed (they were told it broke)
         assert phases("on_response") == []
     else:
         assert phases("on_response") == ["inner", "outer"]
@@ -259,7 +263,7 @@ async def test_stream_idle_timeout_ends_stream_with_error_event(endpoint, which,
         await s.wait_idle()
     ctx = Probe.done[0]
     assert ctx.outcome == "upstream_error" and ctx.attempts[0].error == "timeout"
-    assert phases("on_stream_end") == ["inner", "outer"]
+    assert phases("on_stream_end") == ["inner", "outer"] and Probe.end_outcomes == ["upstream_error"] * 2
     said = {"idle": "The upstream stream stalled.", "total": "The upstream did not finish its stream in time."}[which]
     assert ctx.error == said and said in str(e.value)
 

@@ -496,3 +496,17 @@ async def test_a_responses_event_added_for_held_text_keeps_the_sequence_and_its_
     deltas = [e.json["delta"] for e in out if e.json["type"] == "response.output_text.delta"]
     assert "".join(deltas) == "Call me at <PHONE_1>" and out[5].json["delta"] == "<PHONE_1>"
     assert out[6].json["text"] == "Call me at <PHONE_1>"
+
+
+async def test_a_stream_the_upstream_cut_does_not_release_what_was_held(runtime: Any) -> None:
+    # "my number is 415 555 " went out before the error event: the start of a phone the stream never finished
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
+    ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    await p.on_request(ctx)
+    out = []
+    for piece in ["my number", " is 415", " 555"]:
+        ev = chat_chunk({"content": piece})
+        out.extend(await p.on_chunk(ctx, ev) or [ev])
+    ctx.outcome = "upstream_error"  # what the core sets when the upstream broke off
+    assert await p.on_stream_end(ctx) is None
+    assert "".join(contents(out)) == "my number is "
