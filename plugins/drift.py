@@ -370,7 +370,12 @@ async def _admin_pin(request: Any, runtime: Any) -> Any:
 
     route = request.query.get("route")
     model = request.query.get("model")
-    pinned = [list(k) for inst in _instances(runtime) for k in inst.pin(route, model)]
+    insts = _instances(runtime)
+    if (route or model) and not any((route is None or r == route) and (model is None or m == model)
+                                    for inst in insts for r, m in inst.monitors):
+        which = " and ".join(f"{k} {v!r}" for k, v in (("route", route), ("model", model)) if v)
+        raise web.HTTPNotFound(reason=f"No drift monitor for {which}: a monitor appears with its first sampled request.")
+    pinned = [list(k) for inst in insts for k in inst.pin(route, model)]
     return web.json_response({"pinned": pinned})
 
 

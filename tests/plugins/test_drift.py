@@ -158,6 +158,10 @@ async def test_pin_through_the_admin_api(upstream: FakeUpstream, tmp_path):
         async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
             async with http.post(f"{s.admin_url}/admin/drift/pin", params={"route": "main"}) as r:
                 assert (await r.json())["pinned"] == [["main", "sluice-demo"]]
+            # a route or model no monitor has is a 404, not "nothing pinned" (a typo went unnoticed)
+            for params in ({"route": "nope"}, {"route": "main", "model": "nope"}):
+                async with http.post(f"{s.admin_url}/admin/drift/pin", params=params) as r:
+                    assert r.status == 404 and "No drift monitor for" in (await r.json())["error"]["message"]
         (m,) = await report(s)
     assert m["pinned"] and m["reference_samples"] == 5
 
