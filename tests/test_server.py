@@ -174,6 +174,16 @@ async def test_workers_share_one_port_and_drain(upstream, tmp_path):
         assert len(ids) == 40
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"{p.admin_url}/healthz")).status_code == 200
+            # a file a plugin's check refuses is a 400 before any worker is told to reload
+            good = path.read_text()
+            data = yaml.safe_load(good)
+            data["routes"][0]["chain"] = [{"router": {"aliases": {"x": {"targets": [{"upstream": "nope"}]}}}}]
+            path.write_text(yaml.safe_dump(data))
+            r = await http.post(f"{p.admin_url}/admin/reload", headers={"authorization": "Bearer t"})
+            assert r.status_code == 400 and "unknown upstream(s) nope" in r.json()["error"]["message"]
+            path.write_text(good)
+            r = await http.post(f"{p.admin_url}/admin/reload", headers={"authorization": "Bearer t"})
+            assert r.status_code == 202
         p.signal(signal.SIGTERM)
         assert await p.wait(30) == 0
 
