@@ -18,9 +18,11 @@ import hmac
 import logging
 import re
 import secrets
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -683,15 +685,23 @@ def _configure_rotate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-async def _with_store(loaded: LoadedConfig, fn: Any) -> int:
+async def _with_store(loaded: LoadedConfig, fn: Any, existing: bool = True) -> int:
+    """Run ``fn(store)``; with ``existing``, a SQLite store must be there already (a mistyped
+    ``state.dir`` would otherwise get an empty one, and list nothing without a word)."""
     from proxy.state import StateHub
 
+    backend = store_backend(loaded.config)
+    if existing and (backend == "sqlite" or (backend == "auto" and not loaded.config.state.redis)):
+        path = Path(loaded.config.state.dir) / "keys.db"
+        if not path.exists():
+            print(f"sluice: no key store at {path} (is state.dir right? 'sluice keys create' makes one)", file=sys.stderr)
+            return 1
     hub = StateHub(loaded.config.state)
     await hub.start()
     try:
         return await fn(KeyStore(hub, store_backend(loaded.config)))
     except ProxyError as e:
-        print(f"sluice: {e.message}", file=__import__("sys").stderr)
+        print(f"sluice: {e.message}", file=sys.stderr)
         return 1
     finally:
         await hub.close()
@@ -705,7 +715,6 @@ def _print_new(secret: str, rec: KeyRecord, as_json: bool) -> None:
 
 
 async def _cmd_create(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    import sys
 
     limits = {k: v for k, v in (("requests_per_minute", args.rpm), ("tokens_per_minute", args.tpm), ("concurrency", args.concurrency),
                                 ("budget_per_day", args.budget_per_day), ("budget_per_month", args.budget_per_month)) if v is not None}
@@ -729,7 +738,7 @@ async def _cmd_create(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         _print_new(secret, rec, args.json)
         return 0
 
-    return await _with_store(loaded, run)
+    return await _with_store(loaded, run, existing=False)
 
 
 async def _cmd_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
@@ -750,7 +759,6 @@ async def _cmd_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 async def _cmd_revoke(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    import sys
 
     async def run(store: KeyStore) -> int:
         rec = await store.revoke(args.id)
@@ -764,7 +772,6 @@ async def _cmd_revoke(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 async def _cmd_rotate(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    import sys
 
     try:
         grace = parse_duration(args.grace)

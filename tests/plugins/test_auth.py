@@ -282,6 +282,10 @@ async def test_keys_cli(tmp_path):
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode, out.decode(), err.decode()
 
+    # before any key exists (or with a mistyped state.dir): said, not an empty list
+    code, out, err = await sluice("keys", "list")
+    assert code == 1 and f"no key store at {tmp_path / 'var' / 'keys.db'}" in err and not (tmp_path / "var" / "keys.db").exists()
+
     code, out, err = await sluice("keys", "create", "--name", "ci", "--team", "blue", "--model", "sluice-*", "--rpm", "10",
                                   "--budget-per-day", "2.5", "--meta", "owner=ops", "--expires-in", "30d", "--json")
     assert code == 0, err
