@@ -271,7 +271,10 @@ class Tracing(Plugin):
     def on_done(self, ctx: Context) -> None:
         if self.pipeline is None:
             return
-        trace = self._trace(ctx)  # answered before reaching us: traced all the same
+        # answered before reaching us: traced all the same, but without the prompt, which the plugins
+        # before us (pii) may not have seen (an auth 401, a limit's 429, a guard's block)
+        reached = TRACE in ctx.stash
+        trace = self._trace(ctx)
         if not trace[3]:
             return
         streamed = ctx.stash.get(STREAMED) if self.config.capture_content else None
@@ -281,15 +284,15 @@ class Tracing(Plugin):
         pipeline = self.pipeline
         if pipeline.wire is not None:
             add = pipeline.wire.add
-            for encoded in self._encoded(ctx, trace):
+            for encoded in self._encoded(ctx, trace, reached):
                 add(encoded)
         elif pipeline.processor is not None:
             on_end = pipeline.processor.on_end
-            for span in self._spans(ctx, trace):
+            for span in self._spans(ctx, trace, reached):
                 on_end(span)
 
     # -- spans --------------------------------------------------------------------------
-    def _spans(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> list[Any]:
+    def _spans(self, ctx: Context, trace: tuple[int, int, int | None, bool], reached: bool = True) -> list[Any]:
         """The request's spans as SDK ``ReadableSpan`` objects (client spans, then the server span)."""
         ReadableSpan, SpanContext, SpanKind, Status, StatusCode, sampled_flags, TraceState = self._otel
         trace_id, span_id, parent_id, _ = trace
@@ -339,7 +342,7 @@ class Tracing(Plugin):
             if "gen_ai.response.model" not in attrs and ctx.upstream.model:
                 attrs["gen_ai.response.model"] = ctx.upstream.model
         if c.capture_content and body is not None:
-            content = body.get("messages", body.get("prompt", body.get("input")))
+            content = body.get("messages", body.get("prompt", body.get("input"))) if reached else None
             if content is not None:
                 attrs["gen_ai.input.messages"] = truncate(orjson.dumps(content).decode(), c.max_content_chars)
             out = ctx.stash.get(OUTPUT)
@@ -398,7 +401,7 @@ class Tracing(Plugin):
             out["http.response.status_code"] = a.status
         return out
 
-    def _encoded(self, ctx: Context, trace: tuple[int, int, int | None, bool]) -> list[bytes]:
+    def _encoded(self, ctx: Context, trace: tuple[int, int, int | None, bool], reached: bool = True) -> list[bytes]:
         """The spans of :meth:`_spans` as OTLP ``Span`` messages, byte for byte what ``_otel_wire.span`` makes of them.
 
         Most of a span's attributes are the same for every request of a kind (route, model,
@@ -513,7 +516,7 @@ class Tracing(Plugin):
                 attrs.append(answer)
             attrs.append(served_attrs)
         if c.capture_content and body is not None:
-            content = body.get("messages", body.get("prompt", body.get("input")))
+            content = body.get("messages", body.get("prompt", body.get("input"))) if reached else None
             if content is not None:
                 attrs.append(_attr("gen_ai.input.messages", truncate(orjson.dumps(content).decode(), c.max_content_chars)))
             out = ctx.stash.get(OUTPUT)

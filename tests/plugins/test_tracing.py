@@ -136,6 +136,26 @@ async def test_content_capture_records_the_redacted_prompt(upstream: FakeUpstrea
     assert "mail me at" in a["gen_ai.output.messages"] and "jane.doe@example.com" not in a["gen_ai.output.messages"]
 
 
+async def test_content_capture_leaves_out_the_prompt_of_a_request_answered_before_pii(upstream: FakeUpstream, tmp_path):
+    """A request refused before pii ran (a bad key's 401, a limit's 429) had its raw prompt, card number and
+    all, in the span; a caller without a key could write what it liked into the trace store."""
+    async with OTLPReceiver() as rx:
+        chain = [{"auth": {"virtual_keys": False, "keys": [{"id": "app", "key": "sk-app-0123456789abcdef"}]}},
+                 {"pii": {"action": "redact"}}, tracing(rx, capture_content=True)]
+        async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-wrong-000000000000", max_retries=0) as bad:
+                with pytest.raises(openai.AuthenticationError):
+                    await bad.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "card 4111 1111 1111 1111"}])
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-app-0123456789abcdef", max_retries=0) as good:
+                await good.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "mail jane.doe@example.com"}])
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 2)
+    refused, served = sorted(by_kind(spans, "server"), key=lambda sp: sp["attributes"]["http.response.status_code"] != 401)
+    assert refused["attributes"]["http.response.status_code"] == 401
+    assert "gen_ai.input.messages" not in refused["attributes"]
+    assert not any("4111" in str(v) for sp in spans for v in sp["attributes"].values())
+    assert "<EMAIL_1>" in served["attributes"]["gen_ai.input.messages"]
+
+
 async def test_content_capture_records_a_streamed_completion_as_pii_left_it(upstream: FakeUpstream, tmp_path):
     """A stream's completion is gathered from its events in on_chunk, which runs (in reverse chain order)
     before pii restores the values it redacted: the span gets the redacted text, the client the original."""
