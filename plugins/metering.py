@@ -543,8 +543,7 @@ class Metering(Plugin):
         ctx.cost = cost
         route = route_name(ctx)
         if cost:
-            upstream = ctx.upstream
-            label = self.model_label.of(upstream.model if upstream is not None else None, asked)
+            label = self.model_label(ctx)  # as the metrics plugin labels the request
             acc = self._cost.get((route, label))
             if acc is None:
                 f = self.families

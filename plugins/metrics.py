@@ -424,13 +424,21 @@ class ModelLabel:
         return cls(allowed)
 
     def __call__(self, ctx: Context) -> str:
-        served = ctx.upstream.model if ctx.upstream is not None else None
-        if served and served in self.allowed:
-            return served  # without reading ctx.model (a look into the body)
+        """The label of a finished request: the model its answer names (what the ledger records as served),
+        else its target's, else the one it asked for, each only when the config names it."""
+        up = ctx.upstream
+        if up is not None:
+            r = ctx.response
+            if r is None or r.status < 400:
+                found = ctx.answer
+                if found is not None and found.model in self.allowed:
+                    return found.model  # type: ignore[return-value]
+            if up.model in self.allowed:
+                return up.model  # type: ignore[return-value]
         return self.of(None, ctx.model)
 
     def of(self, served: str | None, asked: str | None) -> str:
-        """The label of a request whose target's model is ``served`` and that asked for ``asked``."""
+        """The label of a request served by the model ``served`` that asked for ``asked``."""
         if served and served in self.allowed:
             return served
         if asked and asked in self.allowed:

@@ -287,6 +287,31 @@ async def test_streams_are_counted_in_tokens_without_metering(upstream: FakeUpst
     assert value(after, "gen_ai_server_time_per_output_token_seconds_count") == 1
 
 
+async def test_the_model_label_is_the_model_that_answered_as_in_the_ledger(upstream: FakeUpstream, tmp_path):
+    """Asked for gpt-4o-mini, the upstream answered as small-a: the ledger and sluice usage book small-a, and
+    the metrics booked the tokens and the cost to gpt-4o-mini (the target's model, none here, then the asked)."""
+    upstream.answer_model = "small-a"
+    cfg = {"upstreams": {"demo": {"url": upstream.url, "models": ["small-a"]}},
+           "prices": {"small-a": {"input": 1.0, "output": 2.0}, "gpt-4o-mini": {"input": 100.0, "output": 200.0}},
+           "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "demo",
+                       "chain": [{"metering": {}}, {"metrics": {"models": ["gpt-4o-mini"]}}, {"drift": {}}]}]}
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            r = await c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi there"}])
+            assert r.model == "small-a"
+            streamed = [ch async for ch in await c.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi there"}], stream=True)]
+            assert streamed[0].model == "small-a"
+        await s.wait_idle()
+        sm = await scrape(s)
+        rows = await s.runtime.state.records("ledger").query("SELECT model_served, cost FROM ledger")
+    assert [row["model_served"] for row in rows] == ["small-a", "small-a"]
+    assert value(sm, "sluice_requests_total", model="small-a") == 2 and value(sm, "sluice_requests_total", model="gpt-4o-mini") == 0
+    assert value(sm, "sluice_tokens_total", model="small-a", type="output") > 0
+    assert value(sm, "sluice_cost_total", model="small-a") == pytest.approx(sum(row["cost"] for row in rows))
+    assert value(sm, "sluice_cost_total", model="gpt-4o-mini") == 0
+
+
 async def test_metrics_token_guards_the_scrape(upstream: FakeUpstream, tmp_path, monkeypatch):
     """With admin.metrics_token, /metrics answers only that bearer token (an OpenAI-shaped 401 otherwise,
     with an x-request-id); the admin token is not it."""
