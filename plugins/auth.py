@@ -428,11 +428,32 @@ class Auth(Plugin):
         ctx.identity = ident
         ctx.stash[RECORD] = rec
         if rec.models is not None:
-            model = ctx.model
-            if model is not None and not any(fnmatch.fnmatchcase(model, p) for p in rec.models):
-                # the model name is not echoed: nothing from the request goes into an answer
-                raise ProxyError(403, "This API key is not allowed to use the requested model.", code="model_not_allowed",
-                                 param="model", reason="model_not_allowed")
+            self._check_model(ctx, rec.models)
+
+    @staticmethod
+    def _check_model(ctx: Context, allowed: tuple[str, ...] | list[str]) -> None:
+        """A restricted key names an allowed model, wherever the request carries it: the JSON body, a
+        multipart form's ``model`` field, the path of ``GET /models/{id}``. A call to a model that names
+        none would get the upstream's default (vLLM's served model), so it is refused too. The model
+        name is never echoed: nothing from the request goes into an answer."""
+        model = ctx.model
+        if model is None:
+            segments = ctx.endpoint.strip("/").split("/")
+            if ctx.method == "GET" and "models" in segments[:-1]:
+                named = "/".join(segments[segments.index("models") + 1:])  # an id may hold a slash (org/name)
+                if not any(fnmatch.fnmatchcase(named, p) for p in allowed):
+                    raise ProxyError(404, "The model does not exist or you do not have access to it.",
+                                     code="model_not_found", param="model", reason="model_not_allowed")
+                return
+            if ctx.method != "POST" or MODEL_ENDPOINTS.isdisjoint(segments[-2:]):
+                return  # not a call to a model: files, batches, the model list (filtered in on_response)
+            model = form_field(ctx, "model")
+            if model is None:
+                raise ProxyError(403, "This API key may use only some models: name one in 'model'.",
+                                 code="model_not_allowed", param="model", reason="model_not_allowed")
+        if not any(fnmatch.fnmatchcase(model, p) for p in allowed):
+            raise ProxyError(403, "This API key is not allowed to use the requested model.", code="model_not_allowed",
+                             param="model", reason="model_not_allowed")
 
     def _static_match(self, h: str) -> KeyRecord | None:
         digest = bytes.fromhex(h)
@@ -512,6 +533,32 @@ class Auth(Plugin):
             AdminRoute("DELETE", "keys/{id}", _admin_revoke),
             AdminRoute("POST", "keys/{id}/rotate", _admin_rotate),
         ]
+
+
+#: the last path segments of calls that run a model: a restricted key's request to one must name it
+MODEL_ENDPOINTS = frozenset({"completions", "embeddings", "responses", "moderations", "transcriptions", "translations",
+                             "speech", "generations", "edits", "variations", "messages", "rerank", "score", "classify",
+                             "pooling", "tokenize", "detokenize"})
+
+
+def form_field(ctx: Context, name: str) -> str | None:
+    """The text of a ``multipart/form-data`` body's field ``name`` (an audio upload's ``model``), else ``None``."""
+    ctype = ctx.headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        return None
+    m = re.search(r'boundary="?([^";]+)"?', ctype)
+    if m is None:
+        return None
+    delimiter = b"--" + m.group(1).encode("latin-1")
+    wanted = re.compile(rb'(?i)^content-disposition:\s*form-data;(?:.*;)?\s*name="' + re.escape(name.encode()) + rb'"(?:;|\s*$)')
+    for part in ctx.raw.split(delimiter)[1:]:
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if sep and any(wanted.match(line) for line in head.split(b"\r\n")):
+            try:
+                return value.removesuffix(b"\r\n").decode()
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 def _too_many(retry_after: float) -> ProxyError:

@@ -97,6 +97,38 @@ async def test_model_not_allowed_is_403(runtime):
     assert "gpt-4o" not in err.message
 
 
+async def test_a_restricted_key_must_name_an_allowed_model_wherever_the_request_carries_it(runtime):
+    """No model, a null or a list, or a model in a multipart form got past the check (the upstream then
+    served its default); GET /models/{id} showed any model."""
+    auth = await _auth(runtime)
+    key = {"api-key": STATIC}
+    for body in ({"messages": CHAT["messages"]}, {**CHAT, "model": None}, {**CHAT, "model": ["sluice-demo"]}):
+        err = await _refused(auth, make_context(body, headers=key, runtime=runtime))
+        assert (err.status, err.code) == (403, "model_not_allowed"), body
+
+    def form(model: str) -> bytes:
+        return (b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n'
+                b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + model.encode() + b'\r\n--B--\r\n')
+
+    multipart = {**key, "content-type": "multipart/form-data; boundary=B"}
+    for model, allowed in (("gpt-4o-transcribe", False), ("sluice-whisper", True)):
+        ctx = make_context(form(model), path="/v1/audio/transcriptions", headers=multipart, runtime=runtime)
+        if allowed:
+            await auth.on_request(ctx)
+        else:
+            assert (await _refused(auth, ctx)).code == "model_not_allowed"
+    nameless = b'--B\r\nContent-Disposition: form-data; name="file"; filename="model"\r\n\r\nRIFF\r\n--B--\r\n'
+    err = await _refused(auth, make_context(nameless, path="/v1/audio/transcriptions", headers=multipart, runtime=runtime))
+    assert err.code == "model_not_allowed"
+    # the model in the path of GET /models/{id}: 404 as OpenAI answers a model the caller cannot use
+    err = await _refused(auth, make_context(None, method="GET", path="/v1/models/gpt-4o", headers=key, runtime=runtime))
+    assert (err.status, err.code) == (404, "model_not_found")
+    for path in ("/v1/models/sluice-demo", "/v1/models"):
+        await auth.on_request(make_context(None, method="GET", path=path, headers=key, runtime=runtime))
+    # not a call to a model: a file upload names none and passes
+    await auth.on_request(make_context(nameless, path="/v1/files", headers=multipart, runtime=runtime))
+
+
 async def test_revoked_and_expired_virtual_keys(runtime):
     auth = await _auth(runtime)
     store: KeyStore = auth.store
