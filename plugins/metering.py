@@ -370,8 +370,8 @@ class Metering(Plugin):
 
     @hookimpl
     async def on_request(self, ctx: Context) -> None:
-        if ctx.answered or self.counters is None:
-            return
+        if ctx.answered or self.counters is None or not _bills_tokens(ctx):
+            return  # a model list, a file, audio...: no tokens, nothing this plugin prices or reserves
         now = time.time()
         budgets = self.applicable(ctx, now)
         if budgets:
@@ -417,8 +417,8 @@ class Metering(Plugin):
 
     def on_request_now(self, ctx: Context) -> None:
         """``on_request`` with budgets on in-process counters (or none): finished before it returns."""
-        if ctx.answered or self.counters is None or ctx.identity is None:
-            return  # no budget can apply (applicable() needs an identity)
+        if ctx.answered or self.counters is None or ctx.identity is None or not _bills_tokens(ctx):
+            return  # no budget can apply (applicable() needs an identity), or nothing to price
         now = time.time()
         budgets = self.applicable(ctx, now)
         if budgets:  # a coroutine only when there is something to reserve

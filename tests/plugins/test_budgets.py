@@ -68,6 +68,17 @@ async def test_key_budget_admits_until_spent_then_429_insufficient_quota(upstrea
     assert len(upstream.requests) == 4
 
 
+async def test_a_call_that_bills_no_tokens_reserves_nothing(upstream: FakeUpstream, tmp_path):
+    """With a "*" price, GET /v1/models reserved a worst case of 1024 output tokens: a key with a small
+    budget got 429 insufficient_quota for the model list."""
+    cfg = config(upstream, [{"scope": "key", "period": "day", "limit": 0.05}])
+    cfg["prices"] = {"*": {"input": 1000.0, "output": 1000.0}}
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            assert [m.id async for m in a.models.list()] == ["sluice-demo"]
+            await a.models.retrieve("sluice-demo")
+
+
 async def test_unused_reservation_is_given_back(upstream: FakeUpstream, tmp_path):
     # each request reserves 50 tokens' worth but writes a few: without reconciliation the second
     # would be refused (100 > 99); with it, four fit (4 * a few + 50 <= 99)
