@@ -205,17 +205,22 @@ def estimate_completion_tokens_from_response(body: Any) -> int:
 EVENT_BYTES = 200
 
 
-def estimate_completion_tokens_from_stream(events: int, relayed_bytes: int = 0) -> int:
-    """Tokens generated in a stream cut short, from the events the upstream sent (``ctx.stream_events``:
-    counted as they arrive, so what a stream guard held back from the client counts).
+def estimate_completion_tokens_from_stream(ctx: Any) -> int:
+    """Tokens generated in a stream that gave no usage (cut short, or an upstream that reports none), from
+    the events the upstream sent (``ctx.stream_events``: counted as they arrive, so what a stream guard
+    held back from the client counts; ``[DONE]`` and a hidden usage event are not counted).
 
-    A streamed answer carries at least one token per content event, plus the role event
-    and the finish event; servers merge tokens under load, so this is a lower bound.
-    With no event count (no event boundary seen), events are reckoned from bytes.
+    A streamed answer carries at least one token per content event; the role event carries none, and
+    a finish event may carry none (OpenAI sends it apart, vLLM with the last token): both are taken
+    off, the finish event only when the stream got that far. Servers merge tokens under load, so this
+    is a lower bound. With no event count (no event boundary seen), events are reckoned from bytes.
     """
-    if not events and relayed_bytes:
-        events = relayed_bytes // EVENT_BYTES
-    return max(events - 2, 0)
+    events = ctx.stream_events
+    if not events and ctx.stream_bytes:
+        events = ctx.stream_bytes // EVENT_BYTES
+    end = ctx.stream_end
+    finished = end is not None and bool(end.reasons)
+    return max(events - 1 - finished, 0)
 
 
 def max_output_tokens(body: Any, default: int) -> int:

@@ -480,7 +480,7 @@ class Metering(Plugin):
         if ctx.response is not None:
             completion = estimate_completion_tokens_from_response(ctx.response.json)
         else:
-            completion = estimate_completion_tokens_from_stream(ctx.stream_events, ctx.stream_bytes)
+            completion = estimate_completion_tokens_from_stream(ctx)
         return Usage(prompt, completion, prompt + completion, estimated=True)
 
     def _estimated_big_prompt(self, ctx: Context) -> tuple[Any, str | None] | None:

@@ -673,7 +673,7 @@ class RateLimit(Plugin):
         from ._usage import estimate_completion_tokens_from_response, estimate_completion_tokens_from_stream
 
         if streamed:
-            return res.prompt_tokens + estimate_completion_tokens_from_stream(ctx.stream_events, ctx.stream_bytes)
+            return res.prompt_tokens + estimate_completion_tokens_from_stream(ctx)
         if ctx.response is not None and ctx.response.status < 300:
             return res.prompt_tokens + estimate_completion_tokens_from_response(ctx.response.json)
         return res.tokens  # nothing to go by: the reservation stands

@@ -405,12 +405,14 @@ class RawRelay:
     def _whole(self, block: bytes) -> bytes:
         """Complete events: the usage tapped (first: it is what can fail), ``[DONE]`` noted, counted."""
         out = self.tap(block) if self.wants_usage else block  # no call per block for a route that reads no answers
-        if b"[DONE]" in block and is_done_block(block):
+        done = b"[DONE]" in block and is_done_block(block)
+        if done:
             self.saw_done = True
         if out:
             ctx = self.ctx
             ctx.stream_bytes += len(out)
-            ctx.stream_events += out.count(b"\n\n") or out.count(b"\r\n\r\n") or out.count(b"\r\r")
+            # [DONE] is no event of the answer: not counted (nor is it on the parsed path)
+            ctx.stream_events += (out.count(b"\n\n") or out.count(b"\r\n\r\n") or out.count(b"\r\r")) - done
         return out
 
     def block(self, chunk: bytes) -> bytes:

@@ -150,8 +150,24 @@ async def test_client_gone_while_a_guard_holds_text_bills_what_the_upstream_sent
     (row,) = ledger_rows(tmp_path)
     assert first.choices[0].delta.role == "assistant"
     assert row["outcome"] == "client_gone" and row["estimated"] == 1
-    # eight events less the role's and the finish's (the estimate's rule) is 6 tokens; before, 0
-    assert row["completion_tokens"] == 6
+    # eight events less the role's (the stream never got to its finish event) is 7 tokens; before, 0
+    assert row["completion_tokens"] == 7
+
+
+async def test_a_whole_stream_without_usable_usage_is_estimated_at_one_token_a_content_event(upstream: FakeUpstream, tmp_path: Path):
+    """The raw relay counted [DONE] as an event: a whole stream whose usage was unusable was estimated a
+    token over the content events (the estimate is meant as a lower bound)."""
+    msgs = [{"role": "user", "content": "one two three four five"}]
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with client(s) as c:
+            exact = (await c.chat.completions.create(model="sluice-demo", messages=msgs)).usage.completion_tokens
+            upstream.malformed_usage = True
+            chunks = [ch async for ch in await c.chat.completions.create(model="sluice-demo", messages=msgs, stream=True)]
+        await s.wait_idle()
+    content = [ch for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    rows = ledger_rows(tmp_path)
+    assert rows[1]["estimated"] == 1 and rows[1]["outcome"] == "ok"
+    assert rows[1]["completion_tokens"] == len(content) == exact
 
 
 async def test_client_gone_mid_stream_outcome(upstream: FakeUpstream, tmp_path: Path):
