@@ -102,7 +102,7 @@ class Tracing(Plugin):
         accept_traceparent: bool = Field(
             True, description="Continue the trace of a client's W3C traceparent (off: every request starts a new trace).")
         propagate: bool = Field(
-            True, description="Send our traceparent to the upstream (a client's tracestate passes on unchanged).")
+            True, description="Send our traceparent to the upstream (a client's tracestate passes on with its accepted traceparent, and is dropped with a new trace).")
         capture_content: bool = Field(
             False, description="Record prompts and completions on the server span (gen_ai.input.messages / "
             "gen_ai.output.messages) as left by the plugins before (redacted by pii).")
@@ -218,10 +218,14 @@ class Tracing(Plugin):
     def on_request(self, ctx: Context) -> None:
         if ctx.answered or self.pipeline is None:
             return
-        trace_id, span_id, _, sampled = self._trace(ctx)
+        trace_id, span_id, parent_id, sampled = self._trace(ctx)
         if self.config.propagate:
             # the upstream continues our server span: its spans become siblings of our client spans
             ctx.headers["traceparent"] = format_traceparent(trace_id, span_id, sampled)
+            if parent_id is None and "tracestate" in ctx.headers:
+                # a new trace (no traceparent, an invalid one, or one not accepted): the caller's
+                # tracestate belongs to another trace, and W3C Trace Context says to drop it
+                ctx.headers.popall("tracestate")
 
     @hookimpl
     def on_response(self, ctx: Context) -> None:
@@ -356,7 +360,7 @@ class Tracing(Plugin):
             cattrs = self._attempt_attributes(op, i, a, model)
             if a.first_byte is not None:
                 cattrs["sluice.time_to_first_byte"] = max(a.first_byte - a.start, 0.0)
-            failed = a.error is not None or (a.status is not None and a.status >= 500)
+            failed = a.error is not None or (a.status is not None and a.status >= 400)  # a client span's rule
             if a.error:
                 cattrs["error.type"] = a.error
             elif failed:
@@ -374,7 +378,7 @@ class Tracing(Plugin):
                 instrumentation_scope=pipeline.scope,
             ))
         status = self._unset
-        if ctx.outcome in ERROR_OUTCOMES or (ctx.status is not None and ctx.status >= 500):
+        if _server_failed(ctx.outcome, ctx.status):
             attrs["error.type"] = ctx.outcome or str(ctx.status)
             status = Status(StatusCode.ERROR, ctx.outcome or f"HTTP {ctx.status}")
         spans.append(ReadableSpan(
@@ -523,7 +527,7 @@ class Tracing(Plugin):
             if out is not None:
                 attrs.append(_attr("gen_ai.output.messages", truncate(out, c.max_content_chars)))
         server_status = wire.STATUS_UNSET
-        if ctx.outcome in ERROR_OUTCOMES or (status is not None and status >= 500):
+        if _server_failed(ctx.outcome, status):
             attrs.append(_attr("error.type", ctx.outcome or str(status)))
             server_status = wire.status_error(ctx.outcome or f"HTTP {status}")
 
@@ -540,7 +544,7 @@ class Tracing(Plugin):
             cattrs, name = found
             if a.first_byte is not None:
                 cattrs += _TTFB(max(a.first_byte - a.start, 0.0))
-            failed = a.error is not None or (a.status is not None and a.status >= 500)
+            failed = a.error is not None or (a.status is not None and a.status >= 400)  # a client span's rule
             if a.error:
                 cattrs += _attr("error.type", a.error)
             elif failed:
@@ -569,6 +573,15 @@ _RESPONSE_ID = wire.str_attribute("gen_ai.response.id")
 _TTFT = wire.float_attribute("gen_ai.server.time_to_first_token")
 _TTFB = wire.float_attribute("sluice.time_to_first_byte")
 _COST = wire.float_attribute("sluice.cost")
+
+
+def _server_failed(outcome: str | None, status: int | None) -> bool:
+    """Whether the server span is an error, by OpenTelemetry's HTTP rule: a 5xx is, a 4xx is the
+    caller's (an upstream's 400 passed through included); an outcome that failed with no error status
+    (a stream cut after its 200) is too."""
+    if status is not None and status >= 400:
+        return status >= 500
+    return outcome in ERROR_OUTCOMES
 
 
 def _attr(key: str, value: Any) -> bytes:

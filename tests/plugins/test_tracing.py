@@ -67,6 +67,27 @@ async def test_server_and_client_spans_with_genai_attributes_and_propagation(ups
     assert tp.split("-")[1] == CLIENT_TRACE and tp.split("-")[2] == server["span_id"]
 
 
+async def test_span_status_follows_the_http_rules_and_a_new_trace_drops_the_callers_tracestate(upstream: FakeUpstream, tmp_path):
+    """An upstream 400 marked the server span an error and left the client span unset, the wrong way round
+    (OpenTelemetry HTTP: a 4xx is an error on a client span, not on a server span); an invalid traceparent
+    started a new trace but its tracestate still went upstream."""
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx)]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                upstream.fail_next(400)
+                with pytest.raises(openai.BadRequestError):
+                    await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}], extra_headers={
+                    "traceparent": f"00-{CLIENT_TRACE.upper()}-{CLIENT_PARENT}-01", "tracestate": "congo=t61rcWkgMzE"})
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 2)
+    failed = next(sp for sp in by_kind(spans, "client") if sp["attributes"]["http.response.status_code"] == 400)
+    assert failed["status"] == 2 and failed["attributes"]["error.type"] == "400"  # ERROR
+    refused = next(sp for sp in by_kind(spans, "server") if sp["attributes"]["http.response.status_code"] == 400)
+    assert refused["status"] == 0 and "error.type" not in refused["attributes"]  # UNSET
+    sent = upstream.requests[-1].headers
+    assert sent["traceparent"].split("-")[1] != CLIENT_TRACE and "tracestate" not in sent
+
+
 async def test_retries_and_fallbacks_are_separate_client_spans(tmp_path):
     async with FakeUpstream() as bad, FakeUpstream() as good, OTLPReceiver() as rx:
         bad.fail_next(503, count=5)
