@@ -715,6 +715,9 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     if not rows:
         return "" if fmt == "csv" else "no usage recorded\n"
     cols = list(rows[0])
+    # names come from clients (a model, a user): control characters are shown escaped, never sent to a
+    # terminal (an escape sequence would clear it or forge rows)
+    rows = [{c: _shown(v) if isinstance(v, str) else v for c, v in r.items()} for r in rows]
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
@@ -728,6 +731,14 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     for row in cells:
         lines.append("  ".join(v.rjust(widths[i]) if i >= len(cols) - 8 else v.ljust(widths[i]) for i, v in enumerate(row)))
     return "\n".join(lines) + "\n"
+
+
+def _shown(text: str) -> str:
+    """``text`` with what a terminal would act on (control and other unprintable characters) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+                   for ch in text)
 
 
 def _configure_cli(p: Any) -> None:

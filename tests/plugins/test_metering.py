@@ -254,6 +254,13 @@ def test_usage_query_rejects_unknown_groups_and_renders():
     rows = [{"key": "k1", "requests": 2, "cost": 0.5}]
     assert "k1" in render(rows, "table") and json.loads(render(rows, "json")) == rows
     assert render(rows, "csv").splitlines()[0] == "key,requests,cost"
+    # a model name is the client's: a terminal escape in it is shown, not sent (it cleared the screen, forged rows)
+    hostile = [{"model": "\x1b[2J\x1b[31mFAKE-ROW 999\x07 café\n2nd line", "requests": 1, "cost": 0.5}]
+    for fmt in ("table", "csv"):
+        out = render(hostile, fmt)
+        assert "\x1b" not in out and "\x07" not in out and "\\x1b[2J" in out and "café" in out, fmt
+        assert len(out.strip().splitlines()) == (3 if fmt == "table" else 2), fmt
+    assert json.loads(render(hostile, "json")) == hostile  # JSON escapes them itself
 
 
 def test_usage_query_time_bounds_use_the_day_index_and_change_no_answer(tmp_path):
