@@ -92,8 +92,10 @@ def usage_from(obj: Any) -> Usage | None:
             return None
         pd = u.get("input_tokens_details")
         cd = u.get("output_tokens_details")
+    if (not p_ok and prompt is not None) or (not c_ok and completion is not None):
+        return None  # a count given but not one (negative, a string): malformed usage, estimated instead
     if not p_ok:
-        prompt = 0
+        prompt = 0  # absent: an embedding's usage has no completion_tokens
     if not c_ok:
         completion = 0
     total = u.get("total_tokens")

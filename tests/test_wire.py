@@ -227,8 +227,10 @@ def test_request_ids_are_unique_and_time_ordered():
         ({"prompt_tokens": 3, "completion_tokens": 4}, (3, 4, 7, 0, 0)),
         ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 9}, (3, 4, 9, 0, 0)),
         ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 0}, (3, 4, 7, 0, 0)),
-        ({"prompt_tokens": 3, "completion_tokens": True}, (3, 0, 3, 0, 0)),  # a bool is not a count
-        ({"prompt_tokens": -1, "completion_tokens": 2}, (0, 2, 2, 0, 0)),
+        # a count given but not one (a bool, a negative) makes the usage malformed: estimated instead
+        ({"prompt_tokens": 3, "completion_tokens": True}, None),
+        ({"prompt_tokens": -1, "completion_tokens": 2}, None),
+        ({"prompt_tokens": 3}, (3, 0, 3, 0, 0)),  # absent is no count: an embedding's usage
         ({"prompt_tokens": 2.0, "completion_tokens": None, "input_tokens": 5}, (5, 0, 5, 0, 0)),
         ({"prompt_tokens": True, "completion_tokens": False}, None),
         ({"input_tokens": 1, "output_tokens": 2, "input_tokens_details": None, "output_tokens_details": []}, (1, 2, 3, 0, 0)),
