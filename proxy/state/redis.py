@@ -254,9 +254,23 @@ class _Lane:
         import redis.exceptions as rx
 
         self._reply_error = rx.ResponseError
+        self._closed_error = rx.ConnectionError
 
     async def call(self, *args: Any) -> Any:
-        conn = self.idle.pop() if self.idle else self.cls(**self.kwargs)
+        conn = None
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            reader = getattr(conn, "_reader", None)
+            if reader is None or not reader.at_eof():
+                break
+            # closed by the server while idle (a restart, its idle `timeout`): not used, and not
+            # counted as a failure of the backend
+            await conn.disconnect(nowait=True)
+            conn = None
+        reused = conn is not None
+        if conn is None:
+            conn = self.cls(**self.kwargs)
         self.busy += 1
         try:
             if not conn.is_connected:
@@ -266,8 +280,12 @@ class _Lane:
         except self._reply_error:
             self.idle.append(conn)  # an error reply was read whole: the connection is in step
             raise
-        except BaseException:
+        except BaseException as e:
             await conn.disconnect(nowait=True)
+            if reused and isinstance(e, self._closed_error):
+                # a connection that sat idle was found closed: so, likely, are the others of its
+                # time (a restart): dropped, so that each does not fail a call of its own
+                await self.close()
             raise
         finally:
             self.busy -= 1

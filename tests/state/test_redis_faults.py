@@ -14,6 +14,7 @@ from proxy.state import StateHub
 from proxy.state.base import Limit
 from proxy.state.redis import RedisCounters, RedisGuard, close_client, connect
 from proxy.state.redis_server import RedisServer
+from proxy.testing import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -157,3 +158,36 @@ async def test_calls_under_load_never_hang_while_redis_flaps(own_redis):
         await close_client(client)
     # far above the 50 ms timeout for a loaded test machine, far below redis-py's own 5 s default
     assert worst < 1.5, worst
+
+
+async def test_connections_redis_closed_while_idle_are_not_failures(own_redis):
+    """After a restart (or Redis's idle `timeout`), each idle connection of the lane failed one call: under
+    light traffic the breaker kept re-opening, and a replica answered 503 for minutes with Redis up."""
+    cfg = RedisConfig(url=own_redis.url, timeout_ms=500, breaker_failures=2, breaker_cooldown_s=30)
+    client = connect(cfg)
+    guard = RedisGuard(client, cfg)
+    counters = RedisCounters(guard, "f:")
+    other = aioredis.Redis.from_url(own_redis.url)
+    lane = guard._lane
+    assert lane is not None
+    try:
+        await asyncio.gather(*(counters.acquire([Limit(f"k{i}", 10, 60)]) for i in range(8)))
+        assert len(lane.idle) >= 4
+        # every connection of ours closed by the server, as a restart or its idle timeout does
+        await other.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await wait_for(lambda: all(c._reader.at_eof() for c in lane.idle), 10, "the closes to arrive")
+        results = await asyncio.gather(*(counters.acquire([Limit(f"k{i}", 10, 60)]) for i in range(8)), return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)] and guard.state() == "closed"
+        # a close that had not arrived yet: the call that meets it fails, the other idle ones go with it
+        await asyncio.gather(*(counters.acquire([Limit(f"k{i}", 10, 60)]) for i in range(8)))
+        await other.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        failed = 0
+        for i in range(8):
+            try:
+                await counters.acquire([Limit(f"k{i}", 10, 60)])
+            except StateUnavailable:
+                failed += 1
+        assert failed <= 1 and guard.state() == "closed"
+    finally:
+        await close_client(other)
+        await close_client(client)
