@@ -472,9 +472,14 @@ class Monitor:
             self.last_checked_at = 0
         return ref, cur
 
-    def pin(self, snapshot: Snapshot) -> None:
+    def pin(self, snapshot: Snapshot, now: float | None = None) -> None:
+        """Make ``snapshot`` (the open window's) the reference, and open a new window: compared with its
+        own samples, the next comparisons would find nothing whatever came."""
         self.reference = snapshot
         self.pinned = True
+        self.current = Window(self.reservoir_size, self._rng, time.time() if now is None else now, self.max_features)
+        self.last_checked_at = 0
+        self.last = None
 
     def check_now(self, baseline_p95: float | None = None, now: float | None = None) -> Comparison | None:
         """Compare synchronously (tests, the CLI): the due pair, or ``None`` with no reference."""

@@ -330,12 +330,17 @@ class Drift(Plugin):
         return out
 
     def pin(self, route: str | None, model: str | None) -> list[tuple[str, str]]:
-        """Make the open window the reference of the matching monitors (not if it is empty)."""
+        """Make the open window the reference of the matching monitors (not if it is empty), open a new
+        window for each, and clear what their last comparisons showed."""
         pinned = []
         for (r, mdl), m in self.monitors.items():
             if (route is None or r == route) and (model is None or mdl == model) and m.current.count:
                 m.pin(m.current.snapshot())
                 pinned.append((r, mdl))
+                # what was compared against the old reference says nothing of the new one
+                alarmed = self.alarms.pop((r, mdl), set())
+                for feature in sorted(self.compared.pop((r, mdl), ())):
+                    self._clear(r, mdl, feature, feature in alarmed, "reference pinned")
         return pinned
 
     @classmethod

@@ -78,6 +78,31 @@ async def test_known_shift_is_detected_within_40_samples(upstream: FakeUpstream,
     assert "prompt_tokens" in render_report([m])
 
 
+async def test_pinning_the_shifted_window_starts_a_new_one_and_clears_the_alarm(upstream: FakeUpstream, tmp_path):
+    """A pin kept the window open: the next comparisons set it against a copy of itself (a shift would go
+    unseen), and the old alarm stayed up until then."""
+    rng = random.Random(7)
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
+            await send(c, rng, 40, 60)
+            await send(c, rng, 80, 40)
+            await settle(s)
+            (m,) = await report(s)
+            assert "prompt_tokens" in m["drifted"] and m["window_samples"] == 40
+            async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+                async with http.post(f"{s.admin_url}/admin/drift/pin", params={"route": "main"}) as r:
+                    assert r.status == 200
+            (m,) = await report(s)
+            assert m["reference_samples"] == 40 and m["window_samples"] == 0 and m["drifted"] == [] and m["last"] is None
+            assert 'sluice_drift_alarm{feature="prompt_tokens",model="sluice-demo",route="main"} 0.0' in await scrape(s)
+            # the new reference is the shifted traffic, compared with the samples that came after the pin only
+            await send(c, rng, 80, 30)
+            await settle(s)
+            (m,) = await report(s)
+    assert m["last"] is not None and m["drifted"] == []
+    assert {f["feature"]: f["n_current"] for f in m["last"]["features"]}["prompt_tokens"] == 30
+
+
 async def test_steady_traffic_raises_no_alarm(upstream: FakeUpstream, tmp_path, caplog):
     rng = random.Random(11)
     caplog.set_level(logging.WARNING, logger="sluice.drift")
