@@ -169,6 +169,8 @@ class StateHub:
         for kv in list(self._kv.values()):
             await kv.close()
         self._kv.clear()
+        if self._redis_counters is not None:
+            await self._redis_counters.close()  # its pending releases: their leases' TTL frees them
         if self.redis is not None:
             from .redis import close_client
 

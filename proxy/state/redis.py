@@ -397,6 +397,8 @@ class RedisCounters(Counters):
         # lease tokens: unique across processes (a random prefix) without a random draw per lease
         self._token_prefix = secrets.token_hex(6)
         self._token_seq = itertools.count(1)
+        #: background releases of leases whose admission's answer was lost
+        self._releasing: set[asyncio.Task[None]] = set()
 
     def _now(self) -> str:
         return "-1" if self._clock is None else repr(self._clock())
@@ -452,7 +454,14 @@ class RedisCounters(Counters):
                 releases += 1
                 words += (ki(p + "lease:" + key), token)
         words[1:5] = (str(len(merged)), str(len(leases)), str(adjust), str(releases))
-        raw = await self.guard.script(ADMIT_LUA, keys, (self._now(), " ".join(words)))
+        try:
+            raw = await self.guard.script(ADMIT_LUA, keys, (self._now(), " ".join(words)))
+        except StateUnavailable:
+            if tokens:
+                # the answer was lost (a timeout), not necessarily the script: its leases may be held,
+                # for a request that was refused. Released once Redis answers (idempotent), else their TTL
+                self._release_later([(key, t) for (key, _, _), t in zip(leases, tokens)], max(ttl for _, _, ttl in leases))
+            raise
         res = raw.split()
         allowed = res[0] == b"1" or res[0] == "1"
         refused_i = int(res[2])
@@ -477,6 +486,31 @@ class RedisCounters(Counters):
         """``adjust(adjust)`` and release every ``(key, token)`` lease, in one script."""
         if any(lim.cost != 0 for lim in adjust) or releases:
             await self.admit((), (), (adjust, releases))
+
+    def _release_later(self, leases: list[tuple[str, str]], ttl_s: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._release_lost(leases, ttl_s), name="sluice-redis-release")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_lost(self, leases: list[tuple[str, str]], ttl_s: float) -> None:
+        """Release leases whose admission lost its answer: retried (0.2 s, doubling to 5 s) until Redis
+        answers or the leases' TTL has freed them anyway."""
+        give_up = time.monotonic() + ttl_s
+        wait = 0.2
+        while True:
+            try:
+                for key, token in leases:
+                    await self.release(key, token)
+                return
+            except StateUnavailable:
+                if time.monotonic() + wait >= give_up:
+                    return
+                await asyncio.sleep(wait)  # a backoff while Redis is away, not a synchronisation
+                wait = min(wait * 2, 5.0)
+
+    async def close(self) -> None:
+        for task in list(self._releasing):
+            task.cancel()
 
     async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
         decision, tokens = await self.admit((), [(key, limit, ttl_s)])

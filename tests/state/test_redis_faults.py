@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -191,3 +193,35 @@ async def test_connections_redis_closed_while_idle_are_not_failures(own_redis):
     finally:
         await close_client(other)
         await close_client(client)
+
+
+async def test_a_lease_whose_admission_timed_out_is_released_once_redis_answers(own_redis):
+    """Redis stalled past the timeout, then ran the script: the request was refused (503) but its
+    concurrency slot stayed held for the lease's TTL (15 minutes by default), so a key limited to one
+    request in flight was locked out."""
+    cfg = RedisConfig(url=own_redis.url, timeout_ms=50, breaker_failures=100)
+    client = connect(cfg)
+    counters = RedisCounters(RedisGuard(client, cfg), "f:")
+    other = aioredis.Redis.from_url(own_redis.url)
+    try:
+        await counters.lease("warm", 1, 900)  # the script loaded, a lane connection open
+        os.kill(own_redis.pid, signal.SIGSTOP)  # the redis-server this test started: a stall, the process kept
+        try:
+            with pytest.raises(StateUnavailable):
+                await counters.lease("c", 1, 900)  # sent, unanswered within the timeout
+        finally:
+            os.kill(own_redis.pid, signal.SIGCONT)  # it reads the script then, and takes the slot
+        # without the release, the slot stays taken for 900 s and no lease is granted here
+        await wait_for(lambda: _granted(counters.lease("c", 1, 900)), 10, "the slot to be free again")
+        assert await other.zcard("f:c:lease:c") == 1  # the lease just granted, and no other
+    finally:
+        await close_client(other)
+        await counters.close()
+        await close_client(client)
+
+
+async def _granted(lease) -> bool:
+    try:
+        return await lease is not None
+    except StateUnavailable:  # Redis still paused
+        return False
