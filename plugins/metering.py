@@ -383,11 +383,15 @@ class Metering(Plugin):
         amount = self.reserve_amount(ctx, await self._count_off_loop(ctx, *big) if big is not None else None)
         taken: list[tuple[str, float, float]] = []
         ctx.stash[RESERVED] = taken
+        mark = ctx.request_id  # each reservation is recorded under it: given back exactly once, whatever happens
+        asking: tuple[str, float, float] | None = None
         try:
             for key, limit, end in budgets:
-                st = await self.counters.add_sum(key, amount, limit, end)
+                asking = (key, amount, end)
+                st = await self.counters.add_sum(key, amount, limit, end, mark=mark if amount > 0 else None)
+                asking = None
                 if not st.allowed:
-                    await self._give_back(taken)
+                    await self._give_back(taken, mark)
                     taken.clear()
                     raise ProxyError(
                         429,
@@ -403,7 +407,9 @@ class Metering(Plugin):
                 # not wait for the observers' batch (the key's next request would see the worst case still held)
                 ctx.settle_now = True
         except StateUnavailable:
-            await self._give_back(taken)
+            if asking is not None and amount > 0:
+                taken.append(asking)  # its answer was lost, not necessarily the add: undone if it was made
+            await self._give_back(taken, mark)
             taken.clear()
             self.runtime.on_plugin_error(self.id, "on_request")
             if self.config.budget_on_error == "closed":
@@ -424,13 +430,28 @@ class Metering(Plugin):
         if budgets:  # a coroutine only when there is something to reserve
             _drive(self._reserve(ctx, budgets, now))
 
-    async def _give_back(self, taken: list[tuple[str, float, float]]) -> None:
+    async def _give_back(self, taken: list[tuple[str, float, float]], mark: str) -> None:
+        """Undo the reservations made under ``mark``; one Redis cannot take now is undone in the
+        background once it answers (undoing is idempotent), else it stays counted until its period ends."""
         for key, amount, end in taken:
             if amount:
                 try:
-                    await self.counters.add_sum(key, -amount, None, end)
+                    await self.counters.undo_sum(key, mark)
                 except StateUnavailable:
+                    self.runtime.spawn(self._undo_later(key, mark, end), "metering-undo-reservation")
+
+    async def _undo_later(self, key: str, mark: str, end: float) -> None:
+        wait = 0.2
+        while True:
+            try:
+                await self.counters.undo_sum(key, mark)
+                return
+            except StateUnavailable:
+                if time.time() + wait >= end:
                     log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
+                    return
+                await asyncio.sleep(wait)  # a backoff while the counters are away, not a synchronisation
+                wait = min(wait * 2, 5.0)
 
     # -- after the answer ----------------------------------------------------------------
     def _priced_model(self, ctx: Context) -> str | None:
@@ -499,7 +520,7 @@ class Metering(Plugin):
             return
         reserved = self._settle(ctx)
         if reserved:
-            await self._reconcile(reserved, ctx.cost or 0.0)
+            await self._reconcile(reserved, ctx.cost or 0.0, ctx.request_id)
 
     def on_done_now(self, ctx: Context) -> Any:
         """``on_done`` with budgets on in-process counters (or none): finished before it returns, but for a
@@ -509,7 +530,7 @@ class Metering(Plugin):
             return self._count_then_settle(ctx, big)
         reserved = self._settle(ctx)
         if reserved:
-            _drive(self._reconcile(reserved, ctx.cost or 0.0))
+            _drive(self._reconcile(reserved, ctx.cost or 0.0, ctx.request_id))
         return None
 
     async def _count_then_settle(self, ctx: Context, big: tuple[Any, str | None]) -> None:
@@ -523,7 +544,7 @@ class Metering(Plugin):
             raise
         reserved = self._settle(ctx)
         if reserved:
-            await self._reconcile(reserved, ctx.cost or 0.0)
+            await self._reconcile(reserved, ctx.cost or 0.0, ctx.request_id)
 
     def _settle(self, ctx: Context) -> list[tuple[str, float, float]] | None:
         """Usage, cost and the ledger row of a finished request; the reservations to reconcile."""
@@ -556,12 +577,13 @@ class Metering(Plugin):
                                       self._values(ctx, usage, served, cost, price is not None, cache_hit, route))
         return reserved
 
-    async def _reconcile(self, reserved: list[tuple[str, float, float]], cost: float) -> None:
+    async def _reconcile(self, reserved: list[tuple[str, float, float]], cost: float, mark: str) -> None:
         for key, amount, end in reserved:
             delta = cost - amount
-            if delta:
+            if delta or amount:
                 try:
-                    await self.counters.add_sum(key, delta, None, end)
+                    # settles the reservation: its record goes (an undo can no longer take it back)
+                    await self.counters.add_sum(key, delta, None, end, unmark=mark if amount > 0 else None)
                 except StateUnavailable:
                     log.error("metering: could not reconcile a budget (the reservation stays counted)")
 

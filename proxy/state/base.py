@@ -81,11 +81,19 @@ class Counters(abc.ABC):
         """Give back a lease."""
 
     @abc.abstractmethod
-    async def add_sum(self, key: str, amount: float, limit: float | None, expires_at: float) -> SumStatus:
+    async def add_sum(self, key: str, amount: float, limit: float | None, expires_at: float,
+                      mark: str | None = None, unmark: str | None = None) -> SumStatus:
         """Add ``amount`` to a period total if the total stays within ``limit`` (``None``: no limit).
 
         A negative ``amount`` always applies. ``expires_at`` (epoch seconds) ends the period.
+        ``mark`` records the add under that name (a reservation), so that :meth:`undo_sum` can take it
+        back exactly once, whether or not its answer arrived; ``unmark`` forgets such a record (this add
+        settles it).
         """
+
+    @abc.abstractmethod
+    async def undo_sum(self, key: str, mark: str) -> None:
+        """Take back the add recorded under ``mark``, if it was made and not yet settled or undone."""
 
     @abc.abstractmethod
     async def get_sum(self, key: str) -> float:

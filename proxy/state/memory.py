@@ -59,6 +59,8 @@ class MemoryCounters(Counters):
         self._tat: dict[str, float] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._sums: dict[str, tuple[float, float]] = {}
+        #: per sum, the adds recorded under a mark (reservations) and not yet settled or undone
+        self._marks: dict[str, dict[str, float]] = {}
         self._ops = 0
         self._next_sweep = _SWEEP_EVERY
         self._tokens = itertools.count(1)
@@ -71,6 +73,7 @@ class MemoryCounters(Counters):
             del self._tat[k]
         for k in [k for k, (_, exp) in self._sums.items() if exp <= now]:
             del self._sums[k]
+            self._marks.pop(k, None)
         for k in [k for k, held in self._leases.items() if all(e <= now for e in held.values())]:
             del self._leases[k]
 
@@ -281,16 +284,28 @@ class MemoryCounters(Counters):
     async def release(self, key: str, token: str) -> None:
         self.release_now(key, token)
 
-    async def add_sum(self, key: str, amount: float, limit: float | None, expires_at: float) -> SumStatus:
+    async def add_sum(self, key: str, amount: float, limit: float | None, expires_at: float,
+                      mark: str | None = None, unmark: str | None = None) -> SumStatus:
         now = self._clock()
         total, exp = self._sums.get(key, (0.0, expires_at))
         if exp <= now:
             total, exp = 0.0, expires_at
+            self._marks.pop(key, None)
+        if unmark is not None:
+            self._marks.get(key, {}).pop(unmark, None)
         if amount < 0 or limit is None or total + amount <= limit:
             total += amount
             self._sums[key] = (total, max(exp, expires_at))
+            if mark is not None:
+                self._marks.setdefault(key, {})[mark] = amount
             return SumStatus(True, total, math.inf if limit is None else limit)
         return SumStatus(False, total, limit)
+
+    async def undo_sum(self, key: str, mark: str) -> None:
+        amount = self._marks.get(key, {}).pop(mark, None)
+        entry = self._sums.get(key)
+        if amount is not None and entry is not None and entry[1] > self._clock():
+            self._sums[key] = (entry[0] - amount, entry[1])
 
     async def get_sum(self, key: str) -> float:
         entry = self._sums.get(key)

@@ -155,17 +155,32 @@ local e = tonumber(h[2] or '0')
 if e <= now then
   cur = 0
   e = expires_at
+  redis.call('DEL', KEYS[1])  -- a new period: the last one's reservation marks go with it
 end
+if ARGV[6] ~= '' then redis.call('HDEL', KEYS[1], 'r:' .. ARGV[6]) end
 if ARGV[3] ~= '' and amount >= 0 and cur + amount > tonumber(ARGV[3]) then
   return {'0', string.format('%.17g', cur)}
 end
 if expires_at > e then e = expires_at end
 local total = cur + amount
 redis.call('HSET', KEYS[1], 't', string.format('%.17g', total), 'e', string.format('%.17g', e))
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'r:' .. ARGV[5], string.format('%.17g', amount)) end
 local ms = math.ceil((e - now) * 1000)
 if ms < 1 then ms = 1 end
 redis.call('PEXPIRE', KEYS[1], ms + 1000)
 return {'1', string.format('%.17g', total)}
+"""
+
+# take back the add recorded under a mark (ARGV[1]), once: an add whose answer was lost may or may not
+# have been made, and this is right either way
+UNDO_SUM_LUA = """
+local a = redis.call('HGET', KEYS[1], 'r:' .. ARGV[1])
+if a then
+  redis.call('HDEL', KEYS[1], 'r:' .. ARGV[1])
+  local t = tonumber(redis.call('HGET', KEYS[1], 't') or '0') - tonumber(a)
+  redis.call('HSET', KEYS[1], 't', string.format('%.17g', t))
+end
+return 1
 """
 
 _FAILURES: tuple[type[BaseException], ...]
@@ -519,14 +534,19 @@ class RedisCounters(Counters):
     async def release(self, key: str, token: str) -> None:
         await self.guard.call(lambda: self.guard.client.zrem(self.prefix + "lease:" + key, token))
 
-    async def add_sum(self, key: str, amount: float, limit: float | None, expires_at: float) -> SumStatus:
+    async def add_sum(self, key: str, amount: float, limit: float | None, expires_at: float,
+                      mark: str | None = None, unmark: str | None = None) -> SumStatus:
         res = await self.guard.script(
             SUM_LUA, [self.prefix + "sum:" + key],
-            [self._now(), repr(float(amount)), "" if limit is None else repr(float(limit)), repr(float(expires_at))],
+            [self._now(), repr(float(amount)), "" if limit is None else repr(float(limit)), repr(float(expires_at)),
+             mark or "", unmark or ""],
         )
         ok = (res[0].decode() if isinstance(res[0], bytes) else str(res[0])) == "1"
         total = float(res[1])
         return SumStatus(ok, total, float("inf") if limit is None else limit)
+
+    async def undo_sum(self, key: str, mark: str) -> None:
+        await self.guard.script(UNDO_SUM_LUA, [self.prefix + "sum:" + key], [mark])
 
     async def get_sum(self, key: str) -> float:
         total, end = await self.guard.call(lambda: self.guard.client.hmget(self.prefix + "sum:" + key, "t", "e"))

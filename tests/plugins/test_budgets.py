@@ -189,6 +189,47 @@ async def test_identity_budgets_and_early_answers(tmp_path):
         await rt.close_all()
 
 
+@pytest.mark.redis
+async def test_a_reservation_whose_answer_was_lost_is_undone_once_redis_answers(tmp_path):
+    """Redis stalled past the timeout, then made the reservation: the client had its 503, and the
+    worst case stayed counted for the rest of the day (a key fitting two requests then fitted one)."""
+    import os
+    import signal
+
+    from proxy.testing import wait_for
+
+    async with RedisServer() as rs:
+        rt = await make_runtime(tmp_path, config={"state": {"redis": {"url": rs.url, "timeout_ms": 50}}})
+        try:
+            p = await configure_plugin(Metering, {"ledger": False, "prices": {"m": {"input": 0, "output": 1e6}}}, runtime=rt)
+
+            def ctx():
+                return make_context({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10}, runtime=rt,
+                                    identity=Identity(key_id="kx", limits={"budget_per_day": 25.0}))
+
+            warm = ctx()
+            await hook(p.on_request, warm)  # reserves 10 (the script loaded, a connection open)
+            key = p.applicable(warm, __import__("time").time())[0][0]
+            os.kill(rs.pid, signal.SIGSTOP)  # the redis-server this test started: a stall
+            try:
+                with pytest.raises(ProxyError) as exc:
+                    await hook(p.on_request, ctx())
+                assert exc.value.status == 503
+            finally:
+                os.kill(rs.pid, signal.SIGCONT)  # it makes the reservation then
+
+            async def only_the_first() -> bool:
+                try:
+                    return await p.counters.get_sum(key) == pytest.approx(10.0)
+                except StateUnavailable:
+                    return False
+
+            await wait_for(only_the_first, 10, "the lost reservation to be undone")
+            await hook(p.on_request, ctx())  # 20 of 25: a second request fits again
+        finally:
+            await rt.close_all()
+
+
 async def test_counters_down_policy_at_the_hook(tmp_path):
     """A Redis nobody listens on: 'closed' refuses with the plugin's own 503 (not a StateUnavailable
     left to the observer's fail-open), 'open' admits, and neither holds a reservation."""

@@ -34,3 +34,36 @@ async def test_tiny_amounts_accumulate_in_redis_as_in_memory(redis_server, clock
             assert not (await counters.add_sum("budget", 1e-9, total + 1e-9, end)).allowed
     finally:
         await close_client(client)
+
+
+@pytest.mark.redis
+async def test_a_marked_add_is_undone_exactly_once_in_redis_as_in_memory(redis_server, clock, key_prefix):
+    """A reservation is recorded under a mark: undone once however often the undo is asked (an add whose
+    answer was lost may or may not have been made), and not at all once it was settled."""
+    from proxy.state.redis import RedisCounters, RedisGuard, close_client, connect
+
+    cfg = RedisConfig(url=redis_server.url, timeout_ms=2000)
+    client = connect(cfg)
+    try:
+        end = clock.now + 3600
+        for counters in (RedisCounters(RedisGuard(client, cfg), key_prefix, clock=clock), MemoryCounters(clock)):
+            assert (await counters.add_sum("b", 1.0, 10, end)).allowed  # spent, no mark
+            assert (await counters.add_sum("b", 4.0, 10, end, mark="req_a")).allowed
+            assert (await counters.add_sum("b", 2.0, 10, end, mark="req_b")).allowed
+            await counters.undo_sum("b", "req_a")
+            await counters.undo_sum("b", "req_a")  # again: nothing more
+            await counters.undo_sum("b", "req_never")  # an add that was never made: nothing
+            assert await counters.get_sum("b") == 3.0
+            # req_b settles at 0.5 (a refund of 1.5): its mark goes, so a late undo takes nothing back
+            await counters.add_sum("b", -1.5, None, end, unmark="req_b")
+            await counters.undo_sum("b", "req_b")
+            assert await counters.get_sum("b") == 1.5
+            # a new period drops the old one's marks
+            assert (await counters.add_sum("c", 4.0, 10, end, mark="req_c")).allowed
+            clock.advance(3601)
+            assert (await counters.add_sum("c", 1.0, 10, clock.now + 3600)).allowed
+            await counters.undo_sum("c", "req_c")
+            assert await counters.get_sum("c") == 1.0
+            clock.now -= 3601
+    finally:
+        await close_client(client)
