@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from proxy import Context, Plugin, PluginConfig, StashKey, hookimpl
 
 from . import _otel_wire as wire
+from ._genai_messages import input_messages, output_messages, streamed_message
 from ._otel import (
     TRACE_ID_LIMIT,
     Clock,
@@ -234,14 +235,11 @@ class Tracing(Plugin):
         found = ctx.stash.get(TRACE)
         if found is None or not found[3]:
             return
-        body = ctx.response.json
-        if isinstance(body, dict):
-            outputs = []
-            for choice in body.get("choices") or ():
-                if isinstance(choice, dict):
-                    outputs.append(choice.get("message") if "message" in choice else {"text": choice.get("text")})
-            if outputs:
-                ctx.stash[OUTPUT] = orjson.dumps(outputs).decode()
+        if ctx.response.status >= 400:
+            return  # an error's body is no completion
+        outputs = output_messages(ctx.response.json)
+        if outputs:
+            ctx.stash[OUTPUT] = orjson.dumps(outputs).decode()
 
     @hookimpl
     def on_chunk(self, ctx: Context, event: Any) -> None:
@@ -283,8 +281,10 @@ class Tracing(Plugin):
             return
         streamed = ctx.stash.get(STREAMED) if self.config.capture_content else None
         if streamed and OUTPUT not in ctx.stash:
+            end = ctx.stream_end
+            reasons = end.reasons if end is not None else {}
             ctx.stash[OUTPUT] = orjson.dumps(
-                [{"role": "assistant", "content": "".join(streamed[i].pieces)} for i in sorted(streamed)]).decode()
+                [streamed_message("".join(streamed[i].pieces), reasons.get(i)) for i in sorted(streamed)]).decode()
         pipeline = self.pipeline
         if pipeline.wire is not None:
             add = pipeline.wire.add
@@ -346,7 +346,7 @@ class Tracing(Plugin):
             if "gen_ai.response.model" not in attrs and ctx.upstream.model:
                 attrs["gen_ai.response.model"] = ctx.upstream.model
         if c.capture_content and body is not None:
-            content = body.get("messages", body.get("prompt", body.get("input"))) if reached else None
+            content = input_messages(body) if reached else None
             if content is not None:
                 attrs["gen_ai.input.messages"] = truncate(orjson.dumps(content).decode(), c.max_content_chars)
             out = ctx.stash.get(OUTPUT)
@@ -520,7 +520,7 @@ class Tracing(Plugin):
                 attrs.append(answer)
             attrs.append(served_attrs)
         if c.capture_content and body is not None:
-            content = body.get("messages", body.get("prompt", body.get("input"))) if reached else None
+            content = input_messages(body) if reached else None
             if content is not None:
                 attrs.append(_attr("gen_ai.input.messages", truncate(orjson.dumps(content).decode(), c.max_content_chars)))
             out = ctx.stash.get(OUTPUT)

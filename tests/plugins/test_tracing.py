@@ -181,7 +181,7 @@ async def test_content_capture_records_a_streamed_completion_as_pii_left_it(upst
     """A stream's completion is gathered from its events in on_chunk, which runs (in reverse chain order)
     before pii restores the values it redacted: the span gets the redacted text, the client the original."""
     async with OTLPReceiver() as rx:
-        chain = [{"pii": {"action": "redact", "restore": True}}, tracing(rx, capture_content=True, max_content_chars=96)]
+        chain = [{"pii": {"action": "redact", "restore": True}}, tracing(rx, capture_content=True, max_content_chars=128)]
         async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
             async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
                 text = "".join([ch.choices[0].delta.content or "" async for ch in await c.chat.completions.create(
@@ -191,8 +191,8 @@ async def test_content_capture_records_a_streamed_completion_as_pii_left_it(upst
             spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
     out = by_kind(spans, "server")[0]["attributes"]["gen_ai.output.messages"]
     assert "mail me at" in out and "jane.doe@example.com" not in out
-    assert out.startswith('[{"role":"assistant","content":"Hello from the Sluice demo model')
-    assert len(out) <= 97 and out.endswith("…")  # max_content_chars holds for streams too
+    assert out.startswith('[{"role":"assistant","parts":[{"type":"text","content":"Hello from the Sluice demo model')
+    assert len(out) <= 129 and out.endswith("…")  # max_content_chars holds for streams too
 
 
 async def test_sampling_ratio_zero_exports_nothing_but_still_propagates(upstream: FakeUpstream, tmp_path):
@@ -467,3 +467,37 @@ async def test_batcher_drops_past_its_queue_and_sends_the_rest_at_shutdown():
         ids = [int(s["span_id"], 16) for s in spans]
         assert len(ids) == len(set(ids)) == sent and set(range(1, 21)) <= set(ids) <= set(range(1, 41))
         assert rx.requests >= -(-sent // 8)  # at most 8 spans a request
+
+
+def test_captured_content_has_the_genai_message_shape_for_every_endpoint():
+    """Buffered completions were captured as [{"text": ...}], streamed ones as [{"role", "content"}], and chat
+    messages as OpenAI wrote them: none of them the conventions' role-and-parts messages."""
+    from plugins._genai_messages import input_messages, output_messages, streamed_message
+
+    chat = {"messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "what is in"}, {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
+    ]}
+    assert input_messages(chat) == [
+        {"role": "system", "parts": [{"type": "text", "content": "be brief"}]},
+        {"role": "user", "parts": [{"type": "text", "content": "what is in"}, {"type": "uri", "modality": "image", "uri": "https://x/a.png"}]},
+        {"role": "assistant", "parts": [{"type": "tool_call", "name": "look", "id": "call_1", "arguments": "{}"}]},
+        {"role": "tool", "parts": [{"type": "tool_call_response", "response": "a cat", "id": "call_1"}]},
+    ]
+    assert input_messages({"prompt": "Once"}) == [{"role": "user", "parts": [{"type": "text", "content": "Once"}]}]
+    assert input_messages({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                                     {"type": "function_call_output", "call_id": "c9", "output": "42"}]}) == [
+        {"role": "user", "parts": [{"type": "text", "content": "hi"}]},
+        {"role": "tool", "parts": [{"type": "tool_call_response", "response": "42", "id": "c9"}]}]
+    assert output_messages({"choices": [{"index": 0, "message": {"role": "assistant", "content": "done"}, "finish_reason": "stop"},
+                                        {"index": 1, "message": {"role": "assistant", "content": None, "tool_calls": [
+                                            {"id": "c", "function": {"name": "f", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}]}) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": "done"}], "finish_reason": "stop"},
+        {"role": "assistant", "parts": [{"type": "tool_call", "name": "f", "id": "c", "arguments": "{}"}], "finish_reason": "tool_call"}]
+    assert output_messages({"choices": [{"index": 0, "text": "upon a time", "finish_reason": "length"}]}) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": "upon a time"}], "finish_reason": "length"}]
+    # a stream: the same message as the buffered answer; one cut before its finish says so
+    assert streamed_message("upon a time", "length") == output_messages({"choices": [{"text": "upon a time", "finish_reason": "length"}]})[0]
+    assert streamed_message("upon", None)["finish_reason"] == "error"
