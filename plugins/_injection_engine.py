@@ -72,8 +72,15 @@ def _messages(messages: list[Any], key: str, sources: frozenset[str], last: int 
             continue
         if m.get("type") == "function_call_output":
             output = m.get("output")
-            if "tool" in sources and isinstance(output, str):
-                out.append(Item("tool", output, f"{key}[{i}].output"))
+            if "tool" in sources:
+                if isinstance(output, str):
+                    out.append(Item("tool", output, f"{key}[{i}].output"))
+                elif isinstance(output, list):  # a list of parts (input_text, ...), as the SDK types it too
+                    for j, part in enumerate(output):
+                        if isinstance(part, dict) and isinstance(part.get("text"), str):
+                            out.append(Item("tool", part["text"], f"{key}[{i}].output[{j}].text"))
+                        elif isinstance(part, str):
+                            out.append(Item("tool", part, f"{key}[{i}].output[{j}]"))
             continue
         source = _ROLE_SOURCE.get(str(m.get("role", "")))
         if source is None or source not in sources:

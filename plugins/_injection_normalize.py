@@ -318,7 +318,7 @@ def decode_payloads(raw: str, limit: int = 8) -> list[tuple[str, str]]:
             text = binascii.unhexlify(digits).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
             continue
-        if _readable(text):
+        if _worth_scanning(text):
             out.append(("hex", text))
     return out
 
@@ -333,7 +333,16 @@ def _b64(chunk: str) -> str | None:
         text = data.decode("utf-8")
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
-    return text if _readable(text) else None
+    return text if _worth_scanning(text) else None
+
+
+def _worth_scanning(text: str) -> bool:
+    """Decoded bytes to scan again: readable text, or a payload encoded once more (base64 of base64,
+    hex of base64, ...), which the next level decodes (``max_decode_depth`` bounds how deep)."""
+    if _readable(text):
+        return True
+    t = text.strip()
+    return len(t) <= _MAX_PAYLOAD and bool(_B64_RUN.fullmatch(t) or _HEX_RUN.fullmatch(t))
 
 
 def _readable(text: str) -> bool:

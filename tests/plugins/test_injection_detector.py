@@ -301,6 +301,19 @@ def test_obfuscated_attacks_are_detected_and_marked(detector, encode, trick):
     assert f"obf:{trick}" in d.signals and "obfuscation" in d.categories
 
 
+@pytest.mark.parametrize("layers", [("b64", "b64"), ("hex", "b64"), ("b64", "hex"), ("hex", "hex")])
+def test_a_payload_encoded_twice_is_decoded_to_max_decode_depth(layers):
+    """The middle layer (an encoding of an encoding: no spaces, so not "readable") was thrown away, so
+    base64 of base64 passed whatever max_decode_depth said."""
+    enc = {"b64": lambda s: base64.b64encode(s.encode()).decode(), "hex": lambda s: s.encode().hex()}
+    text = ATTACK
+    for layer in layers:
+        text = enc[layer](text)
+    assert SignatureDetector({"max_decode_depth": 2}).detect(text, "user").score >= 0.9
+    assert SignatureDetector({"max_decode_depth": 1}).detect(text, "user").score == 0.0  # the bound holds
+    assert SignatureDetector({"max_decode_depth": 3}).detect(enc["b64"](text), "user").score >= 0.9
+
+
 def test_obfuscation_alone_is_not_an_injection(detector):
     assert detector.detect("na\u200bme and 👨\u200d👩\u200d👧", "user") == Detection(0.0)
     assert detector.detect("release notes: " + base64.b64encode(b"the build passed on tuesday").decode(), "user").score == 0.0
@@ -432,8 +445,11 @@ def test_extract_every_text_a_model_reads():
     assert [i.text for i in extract(body, "chat/completions", frozenset({"user"}), last_messages=2)] == ["last"]
     assert [i.source for i in extract(body, "chat/completions", frozenset({"system", "assistant"}))] == ["system", "assistant"]
     assert [i.text for i in extract({"prompt": ["a", "b"]}, "completions", frozenset({"prompt"}))] == ["a", "b"]
-    resp = {"input": [{"role": "user", "content": [{"type": "input_text", "text": "q"}]}, {"type": "function_call_output", "output": "r"}]}
-    assert [(i.source, i.text) for i in extract(resp, "responses", frozenset({"user", "tool"}))] == [("user", "q"), ("tool", "r")]
+    resp = {"input": [{"role": "user", "content": [{"type": "input_text", "text": "q"}]}, {"type": "function_call_output", "output": "r"},
+                      {"type": "function_call_output", "output": [{"type": "input_text", "text": "parts"}, "bare"]}]}
+    # an output given as a list of parts (as the SDK types it too) was not scanned
+    assert [(i.source, i.text) for i in extract(resp, "responses", frozenset({"user", "tool"}))] == [
+        ("user", "q"), ("tool", "r"), ("tool", "parts"), ("tool", "bare")]
     assert extract({"input": "embed me"}, "embeddings", frozenset({"user"})) == []
     assert extract(["not", "a", "dict"], "chat/completions", frozenset({"user"})) == []
 
