@@ -412,8 +412,10 @@ class RedisCounters(Counters):
         # lease tokens: unique across processes (a random prefix) without a random draw per lease
         self._token_prefix = secrets.token_hex(6)
         self._token_seq = itertools.count(1)
+        from ..runtime import TaskGroup
+
         #: background releases of leases whose admission's answer was lost
-        self._releasing: set[asyncio.Task[None]] = set()
+        self._releasing = TaskGroup()
 
     def _now(self) -> str:
         return "-1" if self._clock is None else repr(self._clock())
@@ -503,9 +505,7 @@ class RedisCounters(Counters):
             await self.admit((), (), (adjust, releases))
 
     def _release_later(self, leases: list[tuple[str, str]], ttl_s: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._release_lost(leases, ttl_s), name="sluice-redis-release")
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        self._releasing.spawn(self._release_lost(leases, ttl_s), "sluice-redis-release")
 
     async def _release_lost(self, leases: list[tuple[str, str]], ttl_s: float) -> None:
         """Release leases whose admission lost its answer: retried (0.2 s, doubling to 5 s) until Redis
@@ -524,8 +524,7 @@ class RedisCounters(Counters):
                 wait = min(wait * 2, 5.0)
 
     async def close(self) -> None:
-        for task in list(self._releasing):
-            task.cancel()
+        await self._releasing.cancel()
 
     async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
         decision, tokens = await self.admit((), [(key, limit, ttl_s)])
