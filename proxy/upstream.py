@@ -196,6 +196,14 @@ class Upstream:
                 return Response(resp.status, CIMultiDict(resp.headers), data)
 
 
+def _let_go(held: tuple[Any, Upstream, Attempt, Target] | None) -> None:
+    """Release an error answer kept in case no later attempt answered (one did, or the request ended)."""
+    if held is not None:
+        resp, up, _, _ = held
+        resp.release()
+        up.outstanding -= 1
+
+
 def _fresh_after(plan: list[tuple[Target, int]], i: int) -> bool:
     """Whether a target not yet tried follows step ``i`` of a retry plan (its first attempt needs no wait)."""
     return any(n == 0 for _, n in plan[i + 1:])
@@ -266,6 +274,8 @@ class UpstreamPool:
             task = asyncio.current_task()
         loop = task.get_loop()  # not get_running_loop(): that costs a getpid() system call
         last_error: ProxyError | None = None
+        # the last error answer retried past, unread: passed through if no later attempt answers at all
+        held: tuple[Any, Upstream, Attempt, Target] | None = None
         delay = 0.0
         for i, (target, n) in enumerate(plan):
             last = i == len(plan) - 1
@@ -325,6 +335,7 @@ class UpstreamPool:
                 up.outstanding -= 1
                 att.error, att.end = "cancelled", time.perf_counter()
                 att.unsent = up.connector.took_unsent(task)  # type: ignore[union-attr]
+                _let_go(held)
                 raise
             att.status = resp.status
             att.first_byte = time.perf_counter()
@@ -334,12 +345,19 @@ class UpstreamPool:
                 now = time.perf_counter()
                 # a retry whose wait (retry-after, say) passes the deadline gives way to the next target
                 if now + nxt < deadline or (now < deadline and _fresh_after(plan, i)):
-                    resp.release()
-                    up.outstanding -= 1
+                    _let_go(held)
+                    held = (resp, up, att, target)
                     att.end = time.perf_counter()
                     delay = nxt
                     last_error = None
                     continue
+            _let_go(held)
+            ctx.upstream = target
+            return resp, up, att
+        if held is not None:
+            # the attempts after it got no answer (unreachable, timed out): the client gets the upstream's
+            # own answer (a 429 with its retry-after, a 503), not one made up by Sluice
+            resp, up, att, target = held
             ctx.upstream = target
             return resp, up, att
         raise last_error or ProxyError(502, "Every upstream attempt failed.", code="upstream_unavailable")

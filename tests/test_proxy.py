@@ -191,6 +191,31 @@ async def test_a_retry_that_cannot_wait_gives_way_to_the_next_target(http, tmp_p
             assert [r.status_code for r in rs] == [200] * 6, [r.text for r in rs]
 
 
+async def test_an_upstreams_error_answer_passes_through_when_the_fallback_gives_none(http, tmp_path):
+    """a answered 429 with its retry-after, then the fallback could not be reached: the client got Sluice's
+    own 502 "could not be reached", without the upstream's answer or its headers."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    async with FakeUpstream() as a:
+        cfg = {"upstreams": {"a": {"url": a.url}, "dead": {"url": f"http://127.0.0.1:{dead}/v1"}},
+               "routes": [{"match": {"path": "/v1/"}, "upstream": ["a", "dead"], "retries": {"attempts": 0}}]}
+        async with SluiceServer(cfg, tmp_path) as s:
+            a.fail_next(429, body={"error": {"message": "slow down", "type": "requests", "param": None, "code": "rate_limit_exceeded"}},
+                        headers={"retry-after": "7", "x-upstream-mark": "a"})
+            r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["message"] == "slow down" and r.headers["retry-after"] == "7" and r.headers["x-upstream-mark"] == "a"
+            assert r.headers["x-request-id"].startswith("req_")
+            # and with no answer from anyone, Sluice's own
+            cfg["routes"][0]["upstream"] = ["dead"]
+        async with SluiceServer(cfg, tmp_path) as s:
+            r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
+
+
 async def test_upstream_api_key_replaces_client_credentials(upstream, http, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-upstream")
     cfg = route(upstream, upstream={"api_key": {"$env": "TEST_UPSTREAM_KEY"}})
