@@ -244,6 +244,8 @@ class Cache(Plugin):
         if pending is None or pending.hit or not pending.store or pending.too_big or event.is_done:
             return None
         data = event.data
+        if not data:
+            return None  # no data lines (a keep-alive comment, a retry: or id: block): no chunk to keep
         pending.stream_bytes += len(data)
         if pending.stream_bytes > self.config.max_entry_bytes:
             pending.too_big = True

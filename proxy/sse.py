@@ -145,8 +145,8 @@ def parse_block(block: bytes) -> Event | None:
             id_ = text
         elif name == b"retry" and text.isdigit():
             retry = int(text)
-    if not data_lines and event is None and not comments:
-        return None
+    if not data_lines and event is None and not comments and id_ is None and retry is None:
+        return None  # nothing a client reads (blank lines, unknown fields)
     ev = Event("\n".join(data_lines), event=event, id=id_, retry=retry)
     if comments:
         ev.comments = comments

@@ -70,6 +70,16 @@ def test_fields_comments_and_multiline_data():
     assert ev.json == {"a": 1}
 
 
+def test_a_block_of_only_retry_or_id_is_kept_byte_for_byte():
+    """A `retry:` (or `id:`) block carries no data but tells the client something: it was dropped, so a
+    route with an on_chunk plugin lost it where the raw relay kept it."""
+    raw = b": keep-alive\n\nretry: 3000\n\nid: 41\n\nfoo: bar\n\ndata: {\"a\": 1}\n\n"
+    events = parse_all([raw])
+    assert [(e.retry, e.id, e.data) for e in events] == [(None, None, ""), (3000, None, ""), (None, "41", ""), (None, None, '{"a": 1}')]
+    assert b"".join(e.encode() for e in events) == raw.replace(b"foo: bar\n\n", b"")  # a field nobody reads goes
+    assert all(e.json is None for e in events[:3])  # no data: nothing for a plugin to read
+
+
 def test_unterminated_last_event_is_kept_and_reframed():
     events = parse_all([b"data: {\"x\": 1}\n\ndata: {\"y\": 2}"])
     assert [e.json for e in events] == [{"x": 1}, {"y": 2}]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -412,3 +413,39 @@ async def test_a_hit_is_metered_with_no_upstream_cost(upstream: FakeUpstream, tm
     (miss_hit, miss_cost, miss_attempts), (hit, hit_cost, hit_attempts) = rows
     assert (miss_hit, hit) == (0, 1)
     assert miss_cost > 0 and hit_cost == 0 and hit_attempts == 0 and miss_attempts == 1
+
+
+async def test_a_stream_with_keep_alive_comments_and_retry_blocks_is_cached(tmp_path: Path):
+    """An event with no data (a keep-alive comment, a `retry:` block) was parsed as a chunk, failed as
+    JSON and marked the stream broken: such streams were never stored. The retry block reaches the client."""
+    import httpx
+    from aiohttp import web
+
+    from proxy.testing import serve_app
+
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}]}
+    calls = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        calls.append(await request.json())
+        r = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await r.prepare(request)
+        for block in (b": keep-alive\n\n", b"retry: 3000\n\n", b"data: " + orjson.dumps(chunk) + b"\n\n", b"data: [DONE]\n\n"):
+            await r.write(block)
+        return r
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    async with serve_app(app) as origin:
+        cfg = {"upstreams": {"u": {"url": origin + "/v1"}},
+               "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"cache": {}}]}]}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with SluiceServer(cfg, tmp_path) as s, httpx.AsyncClient() as http:
+            first = await http.post(f"{s.url}/chat/completions", json=body)
+            assert first.headers["x-sluice-cache"] == "miss" and b"retry: 3000\n\n" in first.content
+            await s.wait_idle()
+            again = await http.post(f"{s.url}/chat/completions", json=body)
+            assert again.headers["x-sluice-cache"] == "hit", again.text
+            assert b'"content":"hello"' in again.content.replace(b" ", b"")
+    assert len(calls) == 1
