@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import json
@@ -680,8 +681,11 @@ def _run_master(loaded: LoadedConfig, config_path: str | None, ready_file: str |
             stopping = True
             sig = signal.SIGTERM
         for p in list(children.values()):
-            if p.poll() is None:
-                p.send_signal(sig)
+            # os.kill, not send_signal or poll: those reap a child that exited, and os.wait() below
+            # would then never report it (a worker lost, or a loop that never ends). Only that wait
+            # reaps the children in `children`, so their pids cannot be reused yet.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, forward)
@@ -712,6 +716,8 @@ def _run_master(loaded: LoadedConfig, config_path: str | None, ready_file: str |
                     log.error("worker %d failed to start again; next try in %.0f s", i, wait)
         reaped = _reap(min((d for d, _ in retry.values()), default=None))
         if reaped is None:
+            if not retry:
+                break  # no child left to wait for
             continue
         pid, code = reaped
         p = children.pop(pid, None)

@@ -277,90 +277,93 @@ class UpstreamPool:
         # the last error answer retried past, unread: passed through if no later attempt answers at all
         held: tuple[Any, Upstream, Attempt, Target] | None = None
         delay = 0.0
-        for i, (target, n) in enumerate(plan):
-            last = i == len(plan) - 1
-            up = self.upstreams.get(target.upstream)
-            if up is None:
-                raise ProxyError(500, "The route names an upstream that is not configured.", code="unknown_upstream")
-            if i:
-                now = time.perf_counter()
-                if n == 0:
-                    delay = 0.0  # a fresh target needs no backoff
-                if now + delay >= deadline:
-                    if n and _fresh_after(plan, i):
-                        continue  # no time for this retry's wait: the next target is tried at once instead
-                    break
-                if delay:
-                    await asyncio.sleep(delay)
-            send_body = body
-            if target.model and ctx.model is not None and target.model != ctx.model:
-                b = dict(ctx.body)
-                b["model"] = target.model
-                send_body = orjson.dumps(b)
-            headers = up.headers_for(ctx.headers)
-            headers["x-request-id"] = ctx.request_id
-            url = up.url_for(tail, ctx.query)
-            att = Attempt(target=target, start=time.perf_counter())
-            ctx.attempts.append(att)
-            t = up.config.timeouts
-            up.outstanding += 1
-            alarm = Alarm(loop.time() + t.first_byte, loop, task)
-            try:
+        try:
+            for i, (target, n) in enumerate(plan):
+                last = i == len(plan) - 1
+                up = self.upstreams.get(target.upstream)
+                if up is None:
+                    raise ProxyError(500, "The route names an upstream that is not configured.", code="unknown_upstream")
+                if i:
+                    now = time.perf_counter()
+                    if n == 0:
+                        delay = 0.0  # a fresh target needs no backoff
+                    if now + delay >= deadline:
+                        if n and _fresh_after(plan, i):
+                            continue  # no time for this retry's wait: the next target is tried at once instead
+                        break
+                    if delay:
+                        await asyncio.sleep(delay)
+                send_body = body
+                if target.model and ctx.model is not None and target.model != ctx.model:
+                    b = dict(ctx.body)
+                    b["model"] = target.model
+                    send_body = orjson.dumps(b)
+                headers = up.headers_for(ctx.headers)
+                headers["x-request-id"] = ctx.request_id
+                url = up.url_for(tail, ctx.query)
+                att = Attempt(target=target, start=time.perf_counter())
+                ctx.attempts.append(att)
+                t = up.config.timeouts
+                up.outstanding += 1
+                alarm = Alarm(loop.time() + t.first_byte, loop, task)
                 try:
-                    # the session directly, not Upstream.open: one coroutine layer less per request
-                    resp = await up.session.request(  # type: ignore[union-attr]
-                        ctx.method, url, data=send_body or None, headers=headers, allow_redirects=False, timeout=up._timeout,
-                        skip_auto_headers=skip_auto_headers(headers, send_body),
-                    )
-                except asyncio.CancelledError:
-                    alarm.timed_out()
-                finally:
-                    alarm.disarm()
-            except TimeoutError:
-                up.outstanding -= 1
-                up.connector.took_unsent(task)  # type: ignore[union-attr]  # a connect timeout cancels inside aiohttp
-                att.error, att.end = "timeout", time.perf_counter()
-                last_error = ProxyError(504, "The upstream did not answer in time.", code="upstream_timeout")
-                delay = self._backoff(policy, n, None)
-                continue
-            except CONNECT_ERRORS as e:
-                up.outstanding -= 1
-                up.connector.took_unsent(task)  # type: ignore[union-attr]
-                att.error, att.end = "connect", time.perf_counter()
-                log.warning("upstream %s unreachable (%s) request_id=%s", up.name, type(e).__name__, ctx.request_id)
-                last_error = ProxyError(502, "The upstream could not be reached.", code="upstream_unreachable")
-                delay = self._backoff(policy, n, None)
-                continue
-            except BaseException:
-                up.outstanding -= 1
-                att.error, att.end = "cancelled", time.perf_counter()
-                att.unsent = up.connector.took_unsent(task)  # type: ignore[union-attr]
-                _let_go(held)
-                raise
-            att.status = resp.status
-            att.first_byte = time.perf_counter()
-            if resp.status in policy.on_status and not last:
-                ra = retry_after_seconds(resp.headers.get("retry-after"))
-                nxt = 0.0 if plan[i + 1][1] == 0 else self._backoff(policy, n, ra)
-                now = time.perf_counter()
-                # a retry whose wait (retry-after, say) passes the deadline gives way to the next target
-                if now + nxt < deadline or (now < deadline and _fresh_after(plan, i)):
-                    _let_go(held)
-                    held = (resp, up, att, target)
-                    att.end = time.perf_counter()
-                    delay = nxt
-                    last_error = None
+                    try:
+                        # the session directly, not Upstream.open: one coroutine layer less per request
+                        resp = await up.session.request(  # type: ignore[union-attr]
+                            ctx.method, url, data=send_body or None, headers=headers, allow_redirects=False, timeout=up._timeout,
+                            skip_auto_headers=skip_auto_headers(headers, send_body),
+                        )
+                    except asyncio.CancelledError:
+                        alarm.timed_out()
+                    finally:
+                        alarm.disarm()
+                except TimeoutError:
+                    up.outstanding -= 1
+                    up.connector.took_unsent(task)  # type: ignore[union-attr]  # a connect timeout cancels inside aiohttp
+                    att.error, att.end = "timeout", time.perf_counter()
+                    last_error = ProxyError(504, "The upstream did not answer in time.", code="upstream_timeout")
+                    delay = self._backoff(policy, n, None)
                     continue
-            _let_go(held)
-            ctx.upstream = target
-            return resp, up, att
-        if held is not None:
-            # the attempts after it got no answer (unreachable, timed out): the client gets the upstream's
-            # own answer (a 429 with its retry-after, a 503), not one made up by Sluice
-            resp, up, att, target = held
-            ctx.upstream = target
-            return resp, up, att
-        raise last_error or ProxyError(502, "Every upstream attempt failed.", code="upstream_unavailable")
+                except CONNECT_ERRORS as e:
+                    up.outstanding -= 1
+                    up.connector.took_unsent(task)  # type: ignore[union-attr]
+                    att.error, att.end = "connect", time.perf_counter()
+                    log.warning("upstream %s unreachable (%s) request_id=%s", up.name, type(e).__name__, ctx.request_id)
+                    last_error = ProxyError(502, "The upstream could not be reached.", code="upstream_unreachable")
+                    delay = self._backoff(policy, n, None)
+                    continue
+                except BaseException:
+                    up.outstanding -= 1
+                    att.error, att.end = "cancelled", time.perf_counter()
+                    att.unsent = up.connector.took_unsent(task)  # type: ignore[union-attr]
+                    raise
+                att.status = resp.status
+                att.first_byte = time.perf_counter()
+                if resp.status in policy.on_status and not last:
+                    ra = retry_after_seconds(resp.headers.get("retry-after"))
+                    nxt = 0.0 if plan[i + 1][1] == 0 else self._backoff(policy, n, ra)
+                    now = time.perf_counter()
+                    # a retry whose wait (retry-after, say) passes the deadline gives way to the next target
+                    if now + nxt < deadline or (now < deadline and _fresh_after(plan, i)):
+                        _let_go(held)
+                        held = (resp, up, att, target)
+                        att.end = time.perf_counter()
+                        delay = nxt
+                        last_error = None
+                        continue
+                _let_go(held)
+                ctx.upstream = target
+                return resp, up, att
+            if held is not None:
+                # the attempts after it got no answer (unreachable, timed out): the client gets the upstream's
+                # own answer (a 429 with its retry-after, a 503), not one made up by Sluice
+                resp, up, att, target = held
+                ctx.upstream = target
+                return resp, up, att
+            raise last_error or ProxyError(502, "Every upstream attempt failed.", code="upstream_unavailable")
+        except BaseException:
+            _let_go(held)  # the client left during a backoff, or the route failed: the kept answer goes
+            raise
 
     @staticmethod
     def _backoff(policy, n: int, retry_after: float | None) -> float:

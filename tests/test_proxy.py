@@ -216,6 +216,24 @@ async def test_an_upstreams_error_answer_passes_through_when_the_fallback_gives_
             assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
 
 
+async def test_a_client_leaving_during_a_retrys_wait_lets_the_kept_answer_go(tmp_path):
+    """The error answer kept for passing through was released only when an attempt raised or one
+    answered: a client that left during the backoff leaked it, and its upstream's outstanding count (which
+    the router's max_concurrency and least-busy strategies read) stayed up for good."""
+    async with FakeUpstream() as a:
+        cfg = {"upstreams": {"a": {"url": a.url}},
+               "routes": [{"match": {"path": "/v1/"}, "upstream": "a", "retries": {"attempts": 1, "deadline_s": 30}}]}
+        async with SluiceServer(cfg, tmp_path) as s, httpx.AsyncClient() as http:
+            a.fail_next(429, headers={"retry-after": "5"})
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                                timeout=0.5)  # gone while Sluice waits out the retry-after
+            up = s.runtime.upstreams.upstreams["a"]
+            await wait_for(lambda: up.outstanding == 0, 10, "the kept answer to be let go")
+            await s.wait_idle()
+        assert len(a.requests) == 1
+
+
 async def test_upstream_api_key_replaces_client_credentials(upstream, http, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-upstream")
     cfg = route(upstream, upstream={"api_key": {"$env": "TEST_UPSTREAM_KEY"}})
