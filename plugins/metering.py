@@ -148,6 +148,10 @@ NO_TOKEN_SEGMENTS = frozenset({"models", "files", "uploads", "batches", "audio",
                                "fine_tuning", "vector_stores"})
 
 
+#: most reservations a metering instance keeps trying to give back while its counters are away
+MAX_PENDING_UNDOS = 1000
+
+
 def _bills_tokens(ctx: Context) -> bool:
     """Whether an estimate can stand for the request's tokens when the upstream gave no usage: a POST to
     anything but the calls that bill none (chat, completions, responses, embeddings, and what else a model
@@ -233,6 +237,8 @@ class Metering(Plugin):
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
         self._tokenizers = config.tokenizers or None
+        #: reservations being given back in the background (counters away when they were to be)
+        self._undoing = 0
         self._tokenizer_failed = False
         #: the sluice_cost_total accumulator per (route, model label)
         self._cost: dict[tuple[str, str], Any] = {}
@@ -406,8 +412,8 @@ class Metering(Plugin):
                 # the reservation is the worst case: it is given back to the real cost in on_done, which must
                 # not wait for the observers' batch (the key's next request would see the worst case still held)
                 ctx.settle_now = True
-        except StateUnavailable:
-            if asking is not None and amount > 0:
+        except StateUnavailable as e:
+            if asking is not None and amount > 0 and e.ambiguous:
                 taken.append(asking)  # its answer was lost, not necessarily the add: undone if it was made
             await self._give_back(taken, mark)
             taken.clear()
@@ -438,20 +444,27 @@ class Metering(Plugin):
                 try:
                     await self.counters.undo_sum(key, mark)
                 except StateUnavailable:
+                    if self._undoing >= MAX_PENDING_UNDOS:
+                        log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
+                        continue
+                    self._undoing += 1
                     self.runtime.spawn(self._undo_later(key, mark, end), "metering-undo-reservation")
 
     async def _undo_later(self, key: str, mark: str, end: float) -> None:
         wait = 0.2
-        while True:
-            try:
-                await self.counters.undo_sum(key, mark)
-                return
-            except StateUnavailable:
-                if time.time() + wait >= end:
-                    log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
+        try:
+            while True:
+                try:
+                    await self.counters.undo_sum(key, mark)
                     return
-                await asyncio.sleep(wait)  # a backoff while the counters are away, not a synchronisation
-                wait = min(wait * 2, 5.0)
+                except StateUnavailable:
+                    if time.time() + wait >= end:
+                        log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
+                        return
+                    await asyncio.sleep(wait)  # a backoff while the counters are away, not a synchronisation
+                    wait = min(wait * 2, 5.0)
+        finally:
+            self._undoing -= 1
 
     # -- after the answer ----------------------------------------------------------------
     def _priced_model(self, ctx: Context) -> str | None:

@@ -61,6 +61,10 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
 class StateUnavailable(ProxyError):
     """A state backend (Redis, SQLite) is slow, down or its breaker is open."""
 
+    #: the call may have been carried out all the same: it was sent, and its answer did not come in
+    #: time (a stall). A refused connection or an open breaker never sent it.
+    ambiguous = False
+
     def __init__(self, message: str = "a state backend is unavailable", **kw) -> None:
         kw.setdefault("code", "state_unavailable")
         super().__init__(503, message, **kw)

@@ -354,7 +354,7 @@ class RedisGuard:
                 result = await fn()
         except self._errors as e:
             self._failed(e)
-            raise StateUnavailable(reason="redis_unavailable") from None
+            raise _unavailable(e) from None
         self.failures = 0
         return result
 
@@ -384,7 +384,7 @@ class RedisGuard:
                         result = await lane.call("EVAL", lua, len(keys), *keys, *args)
             except self._errors as e:
                 self._failed(e)
-                raise StateUnavailable(reason="redis_unavailable") from None
+                raise _unavailable(e) from None
             self.failures = 0
             return result
 
@@ -395,6 +395,16 @@ class RedisGuard:
                 return await self.client.eval(lua, len(keys), *keys, *args)
 
         return await self.call(run)
+
+
+def _unavailable(exc: BaseException) -> StateUnavailable:
+    err = StateUnavailable(reason="redis_unavailable")
+    err.ambiguous = isinstance(exc, TimeoutError)  # sent, unanswered in time: Redis may still carry it out
+    return err
+
+
+#: most background releases of lost leases a process keeps going at once (past it, their TTL frees them)
+_MAX_PENDING_RELEASES = 1000
 
 
 class RedisCounters(Counters):
@@ -473,8 +483,8 @@ class RedisCounters(Counters):
         words[1:5] = (str(len(merged)), str(len(leases)), str(adjust), str(releases))
         try:
             raw = await self.guard.script(ADMIT_LUA, keys, (self._now(), " ".join(words)))
-        except StateUnavailable:
-            if tokens:
+        except StateUnavailable as e:
+            if tokens and e.ambiguous:
                 # the answer was lost (a timeout), not necessarily the script: its leases may be held,
                 # for a request that was refused. Released once Redis answers (idempotent), else their TTL
                 self._release_later([(key, t) for (key, _, _), t in zip(leases, tokens)], max(ttl for _, _, ttl in leases))
@@ -505,6 +515,9 @@ class RedisCounters(Counters):
             await self.admit((), (), (adjust, releases))
 
     def _release_later(self, leases: list[tuple[str, str]], ttl_s: float) -> None:
+        if len(self._releasing) >= _MAX_PENDING_RELEASES:
+            log.warning("redis: %d lost leases already wait for Redis; this one is left to its TTL", len(self._releasing))
+            return
         self._releasing.spawn(self._release_lost(leases, ttl_s), "sluice-redis-release")
 
     async def _release_lost(self, leases: list[tuple[str, str]], ttl_s: float) -> None:

@@ -225,3 +225,25 @@ async def _granted(lease) -> bool:
         return await lease is not None
     except StateUnavailable:  # Redis still paused
         return False
+
+
+async def test_refusals_that_never_reached_redis_leave_nothing_to_release(own_redis):
+    """Every failed admission with leases used to start a background release, a refused connection or an
+    open breaker as much as a lost answer: with Redis down, one task per request piled up."""
+    cfg = RedisConfig(url=own_redis.url, timeout_ms=50, breaker_failures=3)
+    client = connect(cfg)
+    counters = RedisCounters(RedisGuard(client, cfg), "f:")
+    try:
+        await counters.lease("warm", 1, 900)
+        await own_redis.astop()
+        reasons = set()
+        for _ in range(30):
+            with pytest.raises(StateUnavailable) as err:
+                await counters.lease("c", 1, 900)
+            reasons.add(err.value.reason)
+            assert not err.value.ambiguous
+        assert reasons == {"redis_unavailable", "redis_breaker_open"}
+        assert len(counters._releasing) == 0
+    finally:
+        await counters.close()
+        await close_client(client)
