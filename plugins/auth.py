@@ -438,19 +438,21 @@ class Auth(Plugin):
         name is never echoed: nothing from the request goes into an answer."""
         model = ctx.model
         if model is None:
-            segments = ctx.endpoint.strip("/").split("/")
-            if ctx.method == "GET" and "models" in segments[:-1]:
-                named = "/".join(segments[segments.index("models") + 1:])  # an id may hold a slash (org/name)
-                if not any(fnmatch.fnmatchcase(named, p) for p in allowed):
+            path = api_path(ctx.endpoint)
+            if path.startswith("models/"):
+                # a model by its id (read, or deleted: a fine-tuned one), whatever the method
+                if not any(fnmatch.fnmatchcase(path[7:], p) for p in allowed):
                     raise ProxyError(404, "The model does not exist or you do not have access to it.",
                                      code="model_not_found", param="model", reason="model_not_allowed")
                 return
-            if ctx.method != "POST" or MODEL_ENDPOINTS.isdisjoint(segments[-2:]):
-                return  # not a call to a model: files, batches, the model list (filtered in on_response)
-            model = form_field(ctx, "model")
-            if model is None:
+            if ctx.method != "POST" or path not in MODEL_PATHS:
+                return  # not a call to a model: files, batches, threads, the model list (filtered in on_response)
+            models = form_fields(ctx, "model")
+            if len(models) != 1:
+                # none, or several (servers differ on which one wins)
                 raise ProxyError(403, "This API key may use only some models: name one in 'model'.",
                                  code="model_not_allowed", param="model", reason="model_not_allowed")
+            model = models[0]
         if not any(fnmatch.fnmatchcase(model, p) for p in allowed):
             raise ProxyError(403, "This API key is not allowed to use the requested model.", code="model_not_allowed",
                              param="model", reason="model_not_allowed")
@@ -535,30 +537,41 @@ class Auth(Plugin):
         ]
 
 
-#: the last path segments of calls that run a model: a restricted key's request to one must name it
-MODEL_ENDPOINTS = frozenset({"completions", "embeddings", "responses", "moderations", "transcriptions", "translations",
-                             "speech", "generations", "edits", "variations", "messages", "rerank", "score", "classify",
-                             "pooling", "tokenize", "detokenize"})
+#: the API paths (after /v1/) of the calls that run a model: a restricted key's request to one must name it
+MODEL_PATHS = frozenset({
+    "chat/completions", "completions", "embeddings", "responses", "moderations", "messages",
+    "audio/transcriptions", "audio/translations", "audio/speech", "images/generations", "images/edits",
+    "images/variations", "rerank", "score", "classify", "pooling", "tokenize", "detokenize",
+})
 
 
-def form_field(ctx: Context, name: str) -> str | None:
-    """The text of a ``multipart/form-data`` body's field ``name`` (an audio upload's ``model``), else ``None``."""
+def api_path(endpoint: str) -> str:
+    """``ctx.endpoint`` without what a route's prefix left of the path (``v1/``, an Azure-style
+    ``deployments/NAME/``): ``chat/completions``, ``models/org/name``."""
+    path = endpoint.strip("/")
+    if path.startswith("v1/"):
+        path = path[3:]
+    if path.startswith("deployments/"):
+        path = path.split("/", 2)[2] if path.count("/") >= 2 else ""
+    return path
+
+
+def form_fields(ctx: Context, name: str) -> list[str]:
+    """The texts of every ``name`` field of a ``multipart/form-data`` body (an audio upload's ``model``)."""
     ctype = ctx.headers.get("content-type", "")
     if not ctype.lower().startswith("multipart/form-data"):
-        return None
+        return []
     m = re.search(r'boundary="?([^";]+)"?', ctype)
     if m is None:
-        return None
+        return []
     delimiter = b"--" + m.group(1).encode("latin-1")
     wanted = re.compile(rb'(?i)^content-disposition:\s*form-data;(?:.*;)?\s*name="' + re.escape(name.encode()) + rb'"(?:;|\s*$)')
+    out = []
     for part in ctx.raw.split(delimiter)[1:]:
         head, sep, value = part.partition(b"\r\n\r\n")
         if sep and any(wanted.match(line) for line in head.split(b"\r\n")):
-            try:
-                return value.removesuffix(b"\r\n").decode()
-            except UnicodeDecodeError:
-                return None
-    return None
+            out.append(value.removesuffix(b"\r\n").decode("utf-8", "replace"))
+    return out
 
 
 def _too_many(retry_after: float) -> ProxyError:

@@ -127,6 +127,16 @@ async def test_a_restricted_key_must_name_an_allowed_model_wherever_the_request_
         await auth.on_request(make_context(None, method="GET", path=path, headers=key, runtime=runtime))
     # not a call to a model: a file upload names none and passes
     await auth.on_request(make_context(nameless, path="/v1/files", headers=multipart, runtime=runtime))
+    # two model fields: servers differ on which wins (Starlette takes the last), so neither is trusted
+    twice = form("sluice-whisper")[:-len(b"--B--\r\n")] + b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o\r\n--B--\r\n'
+    err = await _refused(auth, make_context(twice, path="/v1/audio/transcriptions", headers=multipart, runtime=runtime))
+    assert err.code == "model_not_allowed"
+    # the whole path decides, not its last segments: a thread's messages or a stored completion's update
+    # run no model; a fine-tuned model another team owns cannot be deleted either
+    for path in ("/v1/threads/thread_1/messages", "/v1/chat/completions/chatcmpl-1"):
+        await auth.on_request(make_context({"role": "user", "content": "x"}, path=path, headers=key, runtime=runtime))
+    err = await _refused(auth, make_context(None, method="DELETE", path="/v1/models/ft:gpt-4o:other:abc", headers=key, runtime=runtime))
+    assert (err.status, err.code) == (404, "model_not_found")
 
 
 async def test_revoked_and_expired_virtual_keys(runtime):
