@@ -90,7 +90,7 @@ def make_admin_app(server: Server) -> web.Application:
     async def reload(request: web.Request) -> web.Response:
         if os.environ.get("SLUICE_WORKER") is not None:
             # several workers: check the file here, then let the master tell every worker
-            load_config(server.config_path)
+            server.check_reloadable(load_config(server.config_path))
             os.kill(os.getppid(), signal.SIGHUP)
             return web.json_response({"status": "reloading", "workers": "all"}, status=202)
         ok, message = await server.reload()

@@ -167,11 +167,7 @@ class Server:
         try:
             loaded = load_config(path or self.config_path, data=data) if data is not None else load_config(path or self.config_path)
             loaded = await self._apply_demo(loaded)
-            if loaded.config.state != self.loaded.config.state:
-                raise ConfigError(f"{loaded.source}: state: changing the state section needs a restart")
-            fixed = _start_only_changes(self.loaded.config, loaded.config)
-            if fixed:
-                raise ConfigError(f"{loaded.source}: {', '.join(fixed)}: set when the server starts; changing it needs a restart")
+            self.check_reloadable(loaded)
             pool = UpstreamPool(loaded.config.upstreams)
             gen = ch.Generation(loaded, self.runtime, pool)
             await gen.start()
@@ -192,6 +188,15 @@ class Server:
         self.metrics.reloads.labels(result="ok").inc()
         log.info("config reloaded from %s", loaded.source)
         return True, "reloaded"
+
+    def check_reloadable(self, loaded: LoadedConfig) -> None:
+        """``ConfigError`` when ``loaded`` changes what only a restart changes (the state section, the
+        listeners, workers, queues and threads)."""
+        if loaded.config.state != self.loaded.config.state:
+            raise ConfigError(f"{loaded.source}: state: changing the state section needs a restart")
+        fixed = _start_only_changes(self.loaded.config, loaded.config)
+        if fixed:
+            raise ConfigError(f"{loaded.source}: {', '.join(fixed)}: set when the server starts; changing it needs a restart")
 
     async def _retire(self, gen: ch.Generation) -> None:
         await gen.wait_idle(self.loaded.config.server.drain_seconds + 60)

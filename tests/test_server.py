@@ -181,6 +181,12 @@ async def test_workers_share_one_port_and_drain(upstream, tmp_path):
             path.write_text(yaml.safe_dump(data))
             r = await http.post(f"{p.admin_url}/admin/reload", headers={"authorization": "Bearer t"})
             assert r.status_code == 400 and "unknown upstream(s) nope" in r.json()["error"]["message"]
+            # so is one that changes what only a restart changes (every worker would refuse it)
+            data = yaml.safe_load(good)
+            data["server"]["background_queue"] = 123
+            path.write_text(yaml.safe_dump(data))
+            r = await http.post(f"{p.admin_url}/admin/reload", headers={"authorization": "Bearer t"})
+            assert r.status_code == 400 and "server.background_queue" in r.json()["error"]["message"]
             path.write_text(good)
             r = await http.post(f"{p.admin_url}/admin/reload", headers={"authorization": "Bearer t"})
             assert r.status_code == 202
