@@ -249,25 +249,34 @@ class Tracing(Plugin):
         if found is None or not found[3]:
             return
         obj = event.json
-        if type(obj) is not dict or type(obj.get("choices")) is not list:
+        if type(obj) is not dict:
             return
+        choices = obj.get("choices")
+        if type(choices) is list:
+            for choice in choices:
+                if type(choice) is not dict:
+                    continue
+                delta = choice.get("delta")
+                piece = delta.get("content") or delta.get("refusal") if type(delta) is dict else choice.get("text")
+                if type(piece) is str and piece:
+                    i = choice.get("index")
+                    self._gather(ctx, i if type(i) is int else 0, piece)
+        elif obj.get("type") in ("response.output_text.delta", "response.refusal.delta"):
+            # a Responses stream: its output's text, gathered as one message
+            piece = obj.get("delta")
+            if type(piece) is str and piece:
+                self._gather(ctx, 0, piece)
+
+    def _gather(self, ctx: Context, i: int, piece: str) -> None:
         streamed = ctx.stash.setdefault(STREAMED, {})
         limit = self.config.max_content_chars + 1  # one past the limit: truncate() then marks the cut
-        for choice in obj["choices"]:
-            if type(choice) is not dict:
-                continue
-            delta = choice.get("delta")
-            piece = delta.get("content") or delta.get("refusal") if type(delta) is dict else choice.get("text")
-            if type(piece) is str and piece:
-                i = choice.get("index")
-                i = i if type(i) is int else 0
-                got = streamed.get(i)
-                if got is None:
-                    got = streamed[i] = _Captured()
-                if got.size < limit:
-                    piece = piece[:limit - got.size]
-                    got.pieces.append(piece)
-                    got.size += len(piece)
+        got = streamed.get(i)
+        if got is None:
+            got = streamed[i] = _Captured()
+        if got.size < limit:
+            piece = piece[:limit - got.size]
+            got.pieces.append(piece)
+            got.size += len(piece)
 
     @hookimpl
     def on_done(self, ctx: Context) -> None:
@@ -284,7 +293,8 @@ class Tracing(Plugin):
             end = ctx.stream_end
             reasons = end.reasons if end is not None else {}
             ctx.stash[OUTPUT] = orjson.dumps(
-                [streamed_message("".join(streamed[i].pieces), reasons.get(i)) for i in sorted(streamed)]).decode()
+                [streamed_message("".join(streamed[i].pieces), reasons.get(i, "stop" if ctx.outcome == "ok" else None))
+                 for i in sorted(streamed)]).decode()
         pipeline = self.pipeline
         if pipeline.wire is not None:
             add = pipeline.wire.add

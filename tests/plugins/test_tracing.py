@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import openai
+import orjson
 import pytest
 
 from plugins.tracing import Tracing
@@ -467,6 +468,18 @@ async def test_batcher_drops_past_its_queue_and_sends_the_rest_at_shutdown():
         ids = [int(s["span_id"], 16) for s in spans]
         assert len(ids) == len(set(ids)) == sent and set(range(1, 21)) <= set(ids) <= set(range(1, 41))
         assert rx.requests >= -(-sent // 8)  # at most 8 spans a request
+
+
+async def test_content_capture_records_a_streamed_responses_answer(upstream: FakeUpstream, tmp_path):
+    """A Responses stream's events have no choices: its output was not captured at all."""
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx, capture_content=True)]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                events = [e async for e in await c.responses.create(model="sluice-demo", input="say hi", stream=True)]
+            text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    out = orjson.loads(by_kind(spans, "server")[0]["attributes"]["gen_ai.output.messages"])
+    assert text and out == [{"role": "assistant", "parts": [{"type": "text", "content": text}], "finish_reason": "stop"}]
 
 
 def test_captured_content_has_the_genai_message_shape_for_every_endpoint():
