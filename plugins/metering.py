@@ -415,6 +415,11 @@ class Metering(Plugin):
         except StateUnavailable as e:
             if asking is not None and amount > 0 and e.ambiguous:
                 taken.append(asking)  # its answer was lost, not necessarily the add: undone if it was made
+                # ... and undone once more a second later: the stalled add may run after the first undo,
+                # on the connection it was sent on (an undo is idempotent)
+                if self._undoing < MAX_PENDING_UNDOS:
+                    self._undoing += 1
+                    self.runtime.spawn(self._undo_later(asking[0], mark, asking[2], first_wait=1.0), "metering-undo-reservation")
             await self._give_back(taken, mark)
             taken.clear()
             self.runtime.on_plugin_error(self.id, "on_request")
@@ -450,9 +455,11 @@ class Metering(Plugin):
                     self._undoing += 1
                     self.runtime.spawn(self._undo_later(key, mark, end), "metering-undo-reservation")
 
-    async def _undo_later(self, key: str, mark: str, end: float) -> None:
+    async def _undo_later(self, key: str, mark: str, end: float, first_wait: float = 0.0) -> None:
         wait = 0.2
         try:
+            if first_wait:
+                await asyncio.sleep(first_wait)
             while True:
                 try:
                     await self.counters.undo_sum(key, mark)

@@ -525,11 +525,18 @@ class RedisCounters(Counters):
         answers or the leases' TTL has freed them anyway."""
         give_up = time.monotonic() + ttl_s
         wait = 0.2
+        again = True
         while True:
             try:
                 for key, token in leases:
                     await self.release(key, token)
-                return
+                if not again:
+                    return
+                # the stalled script may run after this release, on the connection it was sent on:
+                # released once more a second later (a release is idempotent)
+                again = False
+                await asyncio.sleep(1.0)
+                continue
             except StateUnavailable:
                 if time.monotonic() + wait >= give_up:
                     return
