@@ -550,6 +550,7 @@ class Handler:
                                 await out.write(data)
                                 relay.transport = direct_transport(request, out)
             att.end = ctx.timings.upstream_end = time.perf_counter()
+            ctx.outcome = finished  # the upstream finished (on_stream_end is told so); a failure below says otherwise
             if parser is None:
                 buf = relay.buf
                 if buf:
@@ -559,11 +560,9 @@ class Handler:
                 if tail:
                     ctx.stream_events += len(tail)
                     await self._write_events(out, ctx, await pipeline.push(tail))  # type: ignore[union-attr]
-                ctx.outcome = finished  # the upstream finished: on_stream_end is told so
                 await self._write_events(out, ctx, await pipeline.end())  # type: ignore[union-attr]
                 if relay.saw_done:
                     await out.write(DONE.encode())
-            ctx.outcome = finished
         except ch.StreamError as e:
             if ctx.outcome != "plugin_error":
                 ctx.outcome = "answered"
