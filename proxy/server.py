@@ -705,8 +705,9 @@ def _run_master(loaded: LoadedConfig, config_path: str | None, ready_file: str |
     if ready_file:
         _write_atomic(ready_file, json.dumps({"pid": os.getpid(), "port": port, "admin_port": admin_port, "host": cfg.server.host, "workers": n}))
     status = 0
-    # workers that died and could not be started again (the file on disk may have broken since):
-    # index -> (when to try next, the wait after that). The others keep serving meanwhile.
+    # workers that died, to start again: index -> (when to try next, the wait after a failed try). One
+    # that fails to start (the file on disk may have broken since) waits longer each time; the others
+    # keep serving meanwhile.
     retry: dict[int, tuple[float, float]] = {}
     while children or (retry and not stopping):
         if stopping:
@@ -728,12 +729,9 @@ def _run_master(loaded: LoadedConfig, config_path: str | None, ready_file: str |
         p = children.pop(pid, None)
         if p is None:
             continue
-        i = p.worker_index  # type: ignore[attr-defined]
         if not stopping:
-            log.error("worker %d exited with %d; starting it again", i, code)
-            if not spawn(i):
-                retry[i] = (time.monotonic() + _RESTART_FIRST_WAIT_S, _RESTART_FIRST_WAIT_S * 2)
-                log.error("worker %d failed to start again; next try in %.0f s", i, _RESTART_FIRST_WAIT_S)
+            log.error("worker %d exited with %d; starting it again", p.worker_index, code)  # type: ignore[attr-defined]
+            retry[p.worker_index] = (0.0, _RESTART_FIRST_WAIT_S)  # type: ignore[attr-defined]  # due at once
         elif code != 0:
             status = code
     _stop_demo(demo)
