@@ -196,10 +196,10 @@ class Upstream:
                 return Response(resp.status, CIMultiDict(resp.headers), data)
 
 
-def _let_go(held: tuple[Any, Upstream, Attempt, Target] | None) -> None:
+def _let_go(held: tuple[Any, Upstream, Attempt] | None) -> None:
     """Release an error answer kept in case no later attempt answered (one did, or the request ended)."""
     if held is not None:
-        resp, up, _, _ = held
+        resp, up, _ = held
         resp.release()
         up.outstanding -= 1
 
@@ -275,7 +275,7 @@ class UpstreamPool:
         loop = task.get_loop()  # not get_running_loop(): that costs a getpid() system call
         last_error: ProxyError | None = None
         # the last error answer retried past, unread: passed through if no later attempt answers at all
-        held: tuple[Any, Upstream, Attempt, Target] | None = None
+        held: tuple[Any, Upstream, Attempt] | None = None
         delay = 0.0
         try:
             for i, (target, n) in enumerate(plan):
@@ -346,10 +346,9 @@ class UpstreamPool:
                     # a retry whose wait (retry-after, say) passes the deadline gives way to the next target
                     if now + nxt < deadline or (now < deadline and _fresh_after(plan, i)):
                         _let_go(held)
-                        held = (resp, up, att, target)
-                        att.end = time.perf_counter()
+                        held = (resp, up, att)
+                        att.end = now
                         delay = nxt
-                        last_error = None
                         continue
                 _let_go(held)
                 ctx.upstream = target
@@ -357,9 +356,8 @@ class UpstreamPool:
             if held is not None:
                 # the attempts after it got no answer (unreachable, timed out): the client gets the upstream's
                 # own answer (a 429 with its retry-after, a 503), not one made up by Sluice
-                resp, up, att, target = held
-                ctx.upstream = target
-                return resp, up, att
+                ctx.upstream = held[2].target
+                return held
             raise last_error or ProxyError(502, "Every upstream attempt failed.", code="upstream_unavailable")
         except BaseException:
             _let_go(held)  # the client left during a backoff, or the route failed: the kept answer goes
