@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from proxy import (AdminRoute, Command, ConfigError, Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, Usage,
                    hookimpl)
+from proxy.state import settle_after_lost_answer
 
 from ._tokens import NO_COMPLETION_PATHS, count_prompt_tokens, estimate_text, load_tokenizer
 from ._usage import (
@@ -414,12 +415,8 @@ class Metering(Plugin):
                 ctx.settle_now = True
         except StateUnavailable as e:
             if asking is not None and amount > 0 and e.ambiguous:
-                taken.append(asking)  # its answer was lost, not necessarily the add: undone if it was made
-                # ... and undone once more a second later: the stalled add may run after the first undo,
-                # on the connection it was sent on (an undo is idempotent)
-                if self._undoing < MAX_PENDING_UNDOS:
-                    self._undoing += 1
-                    self.runtime.spawn(self._undo_later(asking[0], mark, asking[2], first_wait=1.0), "metering-undo-reservation")
+                # its answer was lost, not necessarily the add: undone in the background if it was made
+                self._undo_later(asking[0], mark, asking[2])
             await self._give_back(taken, mark)
             taken.clear()
             self.runtime.on_plugin_error(self.id, "on_request")
@@ -442,36 +439,29 @@ class Metering(Plugin):
             _drive(self._reserve(ctx, budgets, now))
 
     async def _give_back(self, taken: list[tuple[str, float, float]], mark: str) -> None:
-        """Undo the reservations made under ``mark``; one Redis cannot take now is undone in the
-        background once it answers (undoing is idempotent), else it stays counted until its period ends."""
+        """Undo the reservations made under ``mark``; one the counters cannot take now is undone in the
+        background once they answer (undoing is idempotent), else it stays counted until its period ends."""
         for key, amount, end in taken:
             if amount:
                 try:
                     await self.counters.undo_sum(key, mark)
                 except StateUnavailable:
-                    if self._undoing >= MAX_PENDING_UNDOS:
-                        log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
-                        continue
-                    self._undoing += 1
-                    self.runtime.spawn(self._undo_later(key, mark, end), "metering-undo-reservation")
+                    self._undo_later(key, mark, end)
 
-    async def _undo_later(self, key: str, mark: str, end: float, first_wait: float = 0.0) -> None:
-        wait = 0.2
-        try:
-            if first_wait:
-                await asyncio.sleep(first_wait)
-            while True:
-                try:
-                    await self.counters.undo_sum(key, mark)
-                    return
-                except StateUnavailable:
-                    if time.time() + wait >= end:
-                        log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
-                        return
-                    await asyncio.sleep(wait)  # a backoff while the counters are away, not a synchronisation
-                    wait = min(wait * 2, 5.0)
-        finally:
-            self._undoing -= 1
+    def _undo_later(self, key: str, mark: str, end: float) -> None:
+        if self._undoing >= MAX_PENDING_UNDOS:
+            log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
+            return
+        self._undoing += 1
+
+        async def undo() -> None:
+            try:
+                if not await settle_after_lost_answer(lambda: self.counters.undo_sum(key, mark), end, time.time):
+                    log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
+            finally:
+                self._undoing -= 1
+
+        self.runtime.spawn(undo(), "metering-undo-reservation")
 
     # -- after the answer ----------------------------------------------------------------
     def _priced_model(self, ctx: Context) -> str | None:

@@ -19,12 +19,13 @@ from typing import Any, Callable, Literal
 
 from ..config import StateConfig
 from ..errors import StateUnavailable
-from .base import KV, Counters, Decision, Limit, LimitStatus, Records, SumStatus, Table
+from .base import KV, Counters, Decision, Limit, LimitStatus, Records, SumStatus, Table, settle_after_lost_answer
 from .memory import MemoryCounters, MemoryKV
 from .sqlite import SQLiteKV, SQLiteRecords
 
 __all__ = [
     "KV", "Counters", "Decision", "Limit", "LimitStatus", "Records", "StateHub", "SumStatus", "Table",
+    "settle_after_lost_answer",
 ]
 
 log = logging.getLogger("sluice.state")

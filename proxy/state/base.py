@@ -15,8 +15,11 @@ breaker is open; plugins decide (via ``on_error``) whether that fails closed or 
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+
+from ..errors import StateUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,3 +165,25 @@ def chunks(it: Iterable[Any], n: int) -> Iterable[list[Any]]:
             batch = []
     if batch:
         yield batch
+
+
+async def settle_after_lost_answer(call: Callable[[], Awaitable[Any]], give_up: float, clock: Callable[[], float]) -> bool:
+    """Carry out the idempotent ``call`` (a release, an undo) that repairs a call whose answer was lost:
+    retried while the backend is away (0.2 s, doubling to 5 s) until ``clock()`` reaches ``give_up``,
+    then once more a second after it went through, since the lost call may still run after it, on the
+    connection it was sent on. ``False`` when it never went through."""
+    wait = 0.2
+    done = 0
+    while done < 2:
+        try:
+            await call()
+            done += 1
+            if done == 1:
+                await asyncio.sleep(1.0)
+            continue
+        except StateUnavailable:
+            if clock() + wait >= give_up:
+                return done > 0
+        await asyncio.sleep(wait)  # a backoff while the backend is away, not a synchronisation
+        wait = min(wait * 2, 5.0)
+    return True

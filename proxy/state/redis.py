@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from ..config import RedisConfig
 from ..errors import StateUnavailable
-from .base import KV, Counters, Decision, Limit, LimitStatus, SumStatus
+from .base import KV, Counters, Decision, Limit, LimitStatus, SumStatus, settle_after_lost_answer
 
 log = logging.getLogger("sluice.state")
 T = TypeVar("T")
@@ -518,30 +518,14 @@ class RedisCounters(Counters):
         if len(self._releasing) >= _MAX_PENDING_RELEASES:
             log.warning("redis: %d lost leases already wait for Redis; this one is left to its TTL", len(self._releasing))
             return
-        self._releasing.spawn(self._release_lost(leases, ttl_s), "sluice-redis-release")
 
-    async def _release_lost(self, leases: list[tuple[str, str]], ttl_s: float) -> None:
-        """Release leases whose admission lost its answer: retried (0.2 s, doubling to 5 s) until Redis
-        answers or the leases' TTL has freed them anyway."""
-        give_up = time.monotonic() + ttl_s
-        wait = 0.2
-        again = True
-        while True:
-            try:
-                for key, token in leases:
-                    await self.release(key, token)
-                if not again:
-                    return
-                # the stalled script may run after this release, on the connection it was sent on:
-                # released once more a second later (a release is idempotent)
-                again = False
-                await asyncio.sleep(1.0)
-                continue
-            except StateUnavailable:
-                if time.monotonic() + wait >= give_up:
-                    return
-                await asyncio.sleep(wait)  # a backoff while Redis is away, not a synchronisation
-                wait = min(wait * 2, 5.0)
+        async def release_all() -> None:
+            for key, token in leases:
+                await self.release(key, token)
+
+        # until Redis answers, or the leases' TTL frees them anyway
+        self._releasing.spawn(settle_after_lost_answer(release_all, time.monotonic() + ttl_s, time.monotonic),
+                              "sluice-redis-release")
 
     async def close(self) -> None:
         await self._releasing.cancel()
