@@ -37,6 +37,7 @@ from proxy import Context, Plugin, PluginConfig, StashKey, hookimpl
 
 from . import _otel_wire as wire
 from ._genai_messages import input_messages, output_messages, streamed_message
+from ._pii_scope import stream_slots
 from ._otel import (
     TRACE_ID_LIMIT,
     Clock,
@@ -58,6 +59,9 @@ OUTPUT: StashKey[str] = StashKey("tracing.output")
 #: a stream's captured completion so far, per choice index
 STREAMED: StashKey[dict[int, _Captured]] = StashKey("tracing.streamed")
 ERROR_OUTCOMES = frozenset({"upstream_error", "plugin_error", "error"})
+#: the stream channels (plugins._pii_scope.stream_slots) whose text a captured completion gathers
+_TEXT_CHANNELS = frozenset({"text", "content", "refusal"})
+_RESPONSE_TEXT = frozenset({"response.output_text.delta", "response.refusal.delta"})
 
 
 class _Captured:
@@ -248,26 +252,17 @@ class Tracing(Plugin):
         found = ctx.stash.get(TRACE)
         if found is None or not found[3]:
             return
-        obj = event.json
-        if type(obj) is not dict:
-            return
-        choices = obj.get("choices")
-        if type(choices) is list:
-            for choice in choices:
-                if type(choice) is not dict:
-                    continue
-                delta = choice.get("delta")
-                piece = delta.get("content") or delta.get("refusal") if type(delta) is dict else choice.get("text")
-                if type(piece) is str and piece:
-                    i = choice.get("index")
+        for chan, container, key in stream_slots(event.json):
+            # a choice's text, content or refusal; a Responses stream's output text (one message)
+            kind = chan[0]
+            if kind in _TEXT_CHANNELS or (kind == "resp" and chan[3] in _RESPONSE_TEXT):
+                piece = container[key]
+                if piece:
+                    i = chan[1] if kind != "resp" else 0
                     self._gather(ctx, i if type(i) is int else 0, piece)
-        elif obj.get("type") in ("response.output_text.delta", "response.refusal.delta"):
-            # a Responses stream: its output's text, gathered as one message
-            piece = obj.get("delta")
-            if type(piece) is str and piece:
-                self._gather(ctx, 0, piece)
 
     def _gather(self, ctx: Context, i: int, piece: str) -> None:
+        """Keep ``piece`` of choice ``i``'s text, up to one past ``max_content_chars``."""
         streamed = ctx.stash.setdefault(STREAMED, {})
         limit = self.config.max_content_chars + 1  # one past the limit: truncate() then marks the cut
         got = streamed.get(i)
