@@ -62,23 +62,24 @@ def _tool_call(call: Any) -> dict[str, Any] | None:
     return part
 
 
+def _tool_result(response: Any, call_id: Any) -> dict[str, Any]:
+    """A tool's answer to the model, as a message."""
+    part: dict[str, Any] = {"type": "tool_call_response", "response": response}
+    if isinstance(call_id, str):
+        part["id"] = call_id
+    return {"role": "tool", "parts": [part]}
+
+
 def _chat_message(msg: dict[str, Any]) -> dict[str, Any]:
     role = msg.get("role") if isinstance(msg.get("role"), str) else "user"
     if role in ("tool", "function"):
-        part: dict[str, Any] = {"type": "tool_call_response", "response": msg.get("content")}
-        if isinstance(msg.get("tool_call_id"), str):
-            part["id"] = msg["tool_call_id"]
-        out = {"role": "tool", "parts": [part]}
+        out = _tool_result(msg.get("content"), msg.get("tool_call_id"))
     else:
         parts = _content_parts(msg.get("content"))
         if isinstance(msg.get("refusal"), str):
             parts.append({"type": "refusal", "content": msg["refusal"]})
-        for call in msg.get("tool_calls") or ():
+        for call in (*(msg.get("tool_calls") or ()), msg.get("function_call")):  # the legacy function call last
             tc = _tool_call(call)
-            if tc is not None:
-                parts.append(tc)
-        if isinstance(msg.get("function_call"), dict):
-            tc = _tool_call(msg["function_call"])
             if tc is not None:
                 parts.append(tc)
         out = {"role": role, "parts": parts}
@@ -97,10 +98,7 @@ def _response_item(item: Any) -> dict[str, Any] | None:
     if kind == "function_call":
         return {"role": "assistant", "parts": [_tool_call(item)]}
     if kind == "function_call_output":
-        part: dict[str, Any] = {"type": "tool_call_response", "response": item.get("output")}
-        if isinstance(item.get("call_id"), str):
-            part["id"] = item["call_id"]
-        return {"role": "tool", "parts": [part]}
+        return _tool_result(item.get("output"), item.get("call_id"))
     return _chat_message(item)
 
 
