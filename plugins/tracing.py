@@ -351,12 +351,7 @@ class Tracing(Plugin):
             if "gen_ai.response.model" not in attrs and ctx.upstream.model:
                 attrs["gen_ai.response.model"] = ctx.upstream.model
         if c.capture_content and body is not None:
-            content = input_messages(body) if reached else None
-            if content is not None:
-                attrs["gen_ai.input.messages"] = truncate(orjson.dumps(content).decode(), c.max_content_chars)
-            out = ctx.stash.get(OUTPUT)
-            if out is not None:
-                attrs["gen_ai.output.messages"] = truncate(out, c.max_content_chars)
+            attrs.update(_captured(ctx, body, reached, c.max_content_chars))
 
         spans = []
         n = len(ctx.attempts)
@@ -365,7 +360,7 @@ class Tracing(Plugin):
             cattrs = self._attempt_attributes(op, i, a, model)
             if a.first_byte is not None:
                 cattrs["sluice.time_to_first_byte"] = max(a.first_byte - a.start, 0.0)
-            failed = a.error is not None or (a.status is not None and a.status >= 400)  # a client span's rule
+            failed = _attempt_failed(a)
             if a.error:
                 cattrs["error.type"] = a.error
             elif failed:
@@ -525,12 +520,7 @@ class Tracing(Plugin):
                 attrs.append(answer)
             attrs.append(served_attrs)
         if c.capture_content and body is not None:
-            content = input_messages(body) if reached else None
-            if content is not None:
-                attrs.append(_attr("gen_ai.input.messages", truncate(orjson.dumps(content).decode(), c.max_content_chars)))
-            out = ctx.stash.get(OUTPUT)
-            if out is not None:
-                attrs.append(_attr("gen_ai.output.messages", truncate(out, c.max_content_chars)))
+            attrs.extend(_attr(k, v) for k, v in _captured(ctx, body, reached, c.max_content_chars))
         server_status = wire.STATUS_UNSET
         if _server_failed(ctx.outcome, status):
             attrs.append(_attr("error.type", ctx.outcome or str(status)))
@@ -549,7 +539,7 @@ class Tracing(Plugin):
             cattrs, name = found
             if a.first_byte is not None:
                 cattrs += _TTFB(max(a.first_byte - a.start, 0.0))
-            failed = a.error is not None or (a.status is not None and a.status >= 400)  # a client span's rule
+            failed = _attempt_failed(a)
             if a.error:
                 cattrs += _attr("error.type", a.error)
             elif failed:
@@ -578,6 +568,25 @@ _RESPONSE_ID = wire.str_attribute("gen_ai.response.id")
 _TTFT = wire.float_attribute("gen_ai.server.time_to_first_token")
 _TTFB = wire.float_attribute("sluice.time_to_first_byte")
 _COST = wire.float_attribute("sluice.cost")
+
+
+def _captured(ctx: Context, body: Any, reached: bool, limit: int) -> list[tuple[str, str]]:
+    """With ``capture_content``: the prompt (only when the request reached this plugin, so that the
+    plugins before it saw it) and the completion gathered, as GenAI messages cut at ``limit``."""
+    out = []
+    content = input_messages(body) if reached else None
+    if content is not None:
+        out.append(("gen_ai.input.messages", truncate(orjson.dumps(content).decode(), limit)))
+    completion = ctx.stash.get(OUTPUT)
+    if completion is not None:
+        out.append(("gen_ai.output.messages", truncate(completion, limit)))
+    return out
+
+
+def _attempt_failed(a: Any) -> bool:
+    """Whether an attempt's client span is an error: no answer, or a 4xx or 5xx one (OpenTelemetry's
+    HTTP rule for client spans)."""
+    return a.error is not None or (a.status is not None and a.status >= 400)
 
 
 def _server_failed(outcome: str | None, status: int | None) -> bool:
