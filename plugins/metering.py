@@ -49,7 +49,7 @@ from ._usage import (
     max_output_tokens,
     parse_table,
 )
-from .metrics import ModelLabel, families, route_name
+from .metrics import ModelLabel, families, route_name, served_models
 
 log = logging.getLogger("sluice.metering")
 
@@ -600,14 +600,10 @@ class Metering(Plugin):
     def _served_model(self, ctx: Context, asked: str | None) -> str | None:
         """The model that answered: the answer's own ``model`` (``ctx.answer``, a buffered answer's when it is
         not an error), else the target's, else ``asked`` (``ctx.model``)."""
-        upstream = ctx.upstream
-        if upstream is None:
+        if ctx.upstream is None:
             return None
-        if ctx.response is None or ctx.response.status < 400:
-            found = ctx.answer
-            if found is not None and found.model:
-                return found.model
-        return upstream.model or asked
+        answered, target = served_models(ctx)
+        return answered or target or asked
 
     def _values(self, ctx: Context, usage: Usage, served: str | None, cost: float, priced: bool, cache_hit: bool,
                 route: str) -> tuple[Any, ...]:

@@ -409,6 +409,14 @@ def families(runtime: Any) -> Families:
     return runtime.shared("metrics.families", lambda: Families(runtime.metrics))
 
 
+def served_models(ctx: Context) -> tuple[str | None, str | None]:
+    """For a request that reached an upstream: the model its answer names (not an error's, which names
+    none), and its target's model; ``None`` for either that is not known."""
+    r = ctx.response
+    found = ctx.answer if r is None or r.status < 400 else None
+    return (found.model if found is not None else None), ctx.upstream.model  # type: ignore[union-attr]
+
+
 class ModelLabel:
     """Maps model names to bounded label values: configured ones pass, others are ``other``."""
 
@@ -426,15 +434,10 @@ class ModelLabel:
     def __call__(self, ctx: Context) -> str:
         """The label of a finished request: the model its answer names (what the ledger records as served),
         else its target's, else the one it asked for, each only when the config names it."""
-        up = ctx.upstream
-        if up is not None:
-            r = ctx.response
-            if r is None or r.status < 400:
-                found = ctx.answer
-                if found is not None and found.model in self.allowed:
-                    return found.model  # type: ignore[return-value]
-            if up.model in self.allowed:
-                return up.model  # type: ignore[return-value]
+        if ctx.upstream is not None:
+            for m in served_models(ctx):
+                if m in self.allowed:
+                    return m  # type: ignore[return-value]
         return self.of(None, ctx.model)
 
     def of(self, served: str | None, asked: str | None) -> str:
