@@ -233,10 +233,10 @@ class Pii(Plugin):
         self._hedge = config.hedge_ms / 1000 if config.processes and config.hedge_ms < config.timeout_ms else 0.0
         self._hash_key = config.hash_key.encode() if config.hash_key else b""
         #: how much of a run without whitespace a stream scanner may hold back
-        self.grow_limit = grow_limit(config.entities, [w for ws in config.deny_list.values() for w in ws], bool(config.recognizers))
+        deny_words = [w for ws in config.deny_list.values() for w in ws]
+        self.grow_limit = grow_limit(config.entities, deny_words, bool(config.recognizers))
         #: and how many whole words before the last, for entities of several words
-        self.hold_words = hold_words([w for ws in config.deny_list.values() for w in ws],
-                                     any(e in NER_ENTITIES for e in config.all_entities),
+        self.hold_words = hold_words(deny_words, any(e in NER_ENTITIES for e in config.all_entities),
                                      [p.regex for r in config.recognizers for p in r.patterns])
 
     async def start(self) -> None:
