@@ -241,3 +241,33 @@ async def test_rows_given_as_values_land_as_the_same_rows_as_dicts(tmp_path):
         assert rows_of(tmp_path / f"{name}.db", "SELECT * FROM ledger ORDER BY id") == want
         assert rows_of(tmp_path / f"{name}.db", "SELECT name, type FROM pragma_table_info('ledger')") == \
             rows_of(tmp_path / "dicts.db", "SELECT name, type FROM pragma_table_info('ledger')")
+
+
+async def test_none_lands_as_null_in_every_column_and_statement_kind(tmp_path):
+    """None is bound as NaN (the sqlite3 module's fast path; SQLite stores a NaN as NULL): every
+    column type reads back NULL, through the multi-row statements and the executemany tail alike,
+    and the values beside it are untouched (a 0, an empty string and a real NaN included)."""
+    table = Table("t", {"id": str, "n": int, "cost": float, "note": str}, pk="id")
+    n_rows = 64 * 2 + 5  # two full multi-row statements, then five rows through executemany
+    rec = SQLiteRecords(tmp_path / "r.db", batch_size=100_000, flush_interval_ms=60_000)
+    try:
+        rec.ensure(table)
+        for i in range(n_rows):
+            if i % 2:
+                rec.append_values("t", ("id", "n", "cost", "note"), (f"r{i:03d}", None, None, None))
+            else:
+                rec.append_values("t", ("id", "n", "cost", "note"), (f"r{i:03d}", 0, float("nan") if i % 4 else 0.0, ""))
+        await rec.flush()
+    finally:
+        await rec.close()
+    with sqlite3.connect(tmp_path / "r.db") as c:
+        got = c.execute("SELECT id, n, typeof(n), cost, typeof(cost), note, typeof(note) FROM t ORDER BY id").fetchall()
+    assert len(got) == n_rows
+    for i, (rid, n, tn, cost, tc, note, tt) in enumerate(got):
+        assert rid == f"r{i:03d}"
+        if i % 2:
+            assert (n, tn, cost, tc, note, tt) == (None, "null", None, "null", None, "null")
+        else:
+            assert (n, tn, note, tt) == (0, "integer", "", "text")
+            # SQLite itself stores a NaN as NULL, however it is bound
+            assert (cost, tc) == ((None, "null") if i % 4 else (0.0, "real"))
