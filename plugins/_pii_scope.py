@@ -78,6 +78,56 @@ def endpoint_kind(endpoint: str, body: Any) -> str | None:
     return None
 
 
+#: the Responses API's ``include`` entry that asks for the output text's log probabilities
+RESPONSES_LOGPROBS = "message.output_text.logprobs"
+
+
+def logprob_fields(kind: str | None, body: Any) -> list[str]:
+    """The fields of a request body that ask for the answer's tokens with their log probabilities.
+
+    Chat: ``logprobs`` (true) or ``top_logprobs`` (above 0). Completions: ``logprobs``, any
+    number, 0 included (the sampled tokens come back). Responses: ``top_logprobs`` (above
+    0), or ``include`` naming ``message.output_text.logprobs``. ``false``, ``null`` and 0
+    (where 0 returns nothing) do not ask. A prompt's own log probabilities (vLLM's
+    ``prompt_logprobs``, completions' ``echo``) repeat what the model read, which the
+    request side redacted already: they are not asked here.
+    """
+    if not isinstance(body, dict):
+        return []
+    out = []
+    if kind == "completions":
+        v = body.get("logprobs")
+        if v is not None and v is not False:
+            out.append("logprobs")
+        return out
+    if kind == "chat":
+        v = body.get("logprobs")
+        if v is not None and v is not False and v != 0:
+            out.append("logprobs")
+    if kind in ("chat", "responses"):
+        v = body.get("top_logprobs")
+        if v is not None and v is not False and v != 0:
+            out.append("top_logprobs")
+    if kind == "responses":
+        inc = body.get("include")
+        if isinstance(inc, list) and RESPONSES_LOGPROBS in inc:
+            out.append("include")
+    return out
+
+
+def drop_logprobs(body: dict[str, Any], fields: list[str]) -> None:
+    """Take out of ``body`` what :func:`logprob_fields` found (``include`` keeps its other entries)."""
+    for field in fields:
+        if field == "include":
+            rest = [x for x in body["include"] if x != RESPONSES_LOGPROBS]
+            if rest:
+                body["include"] = rest
+            else:
+                del body["include"]
+        else:
+            body.pop(field, None)
+
+
 def request_slots(kind: str | None, body: Any) -> Iterator[Slot]:
     """Every text of a request body that the model will read."""
     if not isinstance(body, dict):

@@ -27,7 +27,16 @@ from proxy import Command, Context, Event, Plugin, PluginConfig, ProxyError, Sta
 
 from ._pii_engine import EngineSettings, Finding, PiiEngine, ProcessAnalyzer, ResultCache, build_nlp, ner_available
 from ._pii_recognizers import NER_ENTITIES, PATTERN_ENTITIES, CustomPattern, CustomRecognizer
-from ._pii_scope import answer_slots, channel_closed_by, endpoint_kind, request_slots, stream_channel_ends, stream_slots
+from ._pii_scope import (
+    answer_slots,
+    channel_closed_by,
+    drop_logprobs,
+    endpoint_kind,
+    logprob_fields,
+    request_slots,
+    stream_channel_ends,
+    stream_slots,
+)
 from ._pii_stream import Channel, StreamScanner, grow_limit, hold_words
 from ._pii_vault import StreamRestorer, Vault, label
 
@@ -96,6 +105,9 @@ class PiiConfig(PluginConfig):
     ner: bool = Field(False, description="Use the NER pipeline (pip install 'sluice[ner]') for PERSON, LOCATION, NRP, ORGANIZATION.")
     restore: bool = Field(False, description="Put redacted values back into the answer (buffered and streamed) before the client sees it.")
     scan_answers: bool = Field(True, description="Scan the model's answers too, and apply the same actions to PII the model writes.")
+    answer_logprobs: Literal["refuse", "drop", "allow"] = Field(
+        "refuse", description="With scan_answers, a request asking for the answer's log probabilities, whose tokens repeat the "
+        "answer's text unscanned: 'refuse' it (400 unsupported_parameter), 'drop' the fields so none come back, or 'allow' it.")
     fast_path: bool = Field(True, description="Send to Presidio only texts (and windows of long texts) that could hold an entity.")
     window_min_chars: int = Field(2000, ge=200, le=10_000_000, description="Texts at least this long are analysed in windows around their triggers.")
     cache_entries: int = Field(4096, ge=0, le=1_000_000, description="Texts whose findings are cached (LRU; 0 disables the cache).")
@@ -446,7 +458,10 @@ class Pii(Plugin):
         if ctx.answered or not ctx.body_is_json:
             return
         body = ctx.body
-        slots = list(request_slots(endpoint_kind(ctx.endpoint, body), body))
+        kind = endpoint_kind(ctx.endpoint, body)
+        if self.config.scan_answers and self.config.answer_logprobs != "allow":
+            self._answer_logprobs(ctx, kind, body)
+        slots = list(request_slots(kind, body))
         if not slots:
             return
         texts = [c[k] for c, k in slots]
@@ -472,6 +487,24 @@ class Pii(Plugin):
                 c[k] = self.transform(text, fs, vault)
         if len(vault):
             ctx.stash[VAULT] = vault
+        ctx.body = body
+
+    def _answer_logprobs(self, ctx: Context, kind: str | None, body: Any) -> None:
+        """The answer's tokens, with their log probabilities, repeat its text where no scan reaches: a
+        request asking for them is refused, or the fields are dropped (``answer_logprobs``)."""
+        fields = logprob_fields(kind, body)
+        if not fields:
+            return
+        if self.config.answer_logprobs == "refuse":
+            raise ProxyError(
+                400,
+                f"Log probabilities are not available on this route ('{fields[0]}'): its personal-data guard scans "
+                "answers, and the tokens would repeat the answer's text unscanned. Send the request without them.",
+                code="unsupported_parameter",
+                param=fields[0],
+                reason="pii_logprobs",
+            )
+        drop_logprobs(body, fields)
         ctx.body = body
 
     def _vault(self, ctx: Context) -> Vault:

@@ -227,3 +227,55 @@ async def test_a_long_run_streamed_to_the_end_arrives_whole(tmp_path: Path) -> N
             )
             got = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
     assert got == f"Image: {blob} mail {EMAIL} or <EMAIL_2>, url {blob[:50]}"
+
+
+async def test_answer_logprobs_are_refused_dropped_or_allowed(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """The answer's tokens, with their log probabilities, repeat its text where no scan reaches: with
+    scan_answers a request asking for them is refused (the default), or they are dropped, or allowed."""
+    ask = {"model": "sluice-demo", "messages": [{"role": "user", "content": f"I am {EMAIL}"}], "logprobs": True, "top_logprobs": 2}
+    async with SluiceServer(config(upstream), tmp_path / "refuse") as s, client(s) as c:
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.chat.completions.create(**ask)
+        with pytest.raises(openai.BadRequestError) as e2:
+            await c.completions.create(model="sluice-demo", prompt="hello", logprobs=0)
+        with pytest.raises(openai.BadRequestError) as e3:
+            await c.responses.create(model="sluice-demo", input="hello", include=["message.output_text.logprobs"])
+        # not asking: false, 0 and absent go through as sent
+        await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}], logprobs=False, top_logprobs=0)
+        assert upstream.requests[-1].json["logprobs"] is False
+    assert e.value.status_code == 400 and e.value.code == "unsupported_parameter" and e.value.param == "logprobs"
+    assert e.value.response.headers.get("x-request-id")
+    assert EMAIL not in e.value.response.text
+    assert (e2.value.code, e2.value.param) == ("unsupported_parameter", "logprobs")
+    assert (e3.value.code, e3.value.param) == ("unsupported_parameter", "include")
+    assert len(upstream.requests) == 1  # none of the refused reached it
+
+    async with SluiceServer(config(upstream, answer_logprobs="drop"), tmp_path / "drop") as s, client(s) as c:
+        r = await c.chat.completions.create(**ask)
+        sent = upstream.requests[-1].json
+        assert "logprobs" not in sent and "top_logprobs" not in sent and sent["messages"][0]["content"] == "I am <EMAIL_1>"
+        assert r.choices[0].logprobs is None
+        await c.responses.create(model="sluice-demo", input="hello", include=["message.output_text.logprobs", "reasoning.encrypted_content"],
+                                 top_logprobs=3)
+        sent = upstream.requests[-1].json
+        assert sent["include"] == ["reasoning.encrypted_content"] and "top_logprobs" not in sent
+
+    for name, cfg in (("allow", {"answer_logprobs": "allow"}), ("unscanned", {"scan_answers": False})):
+        async with SluiceServer(config(upstream, **cfg), tmp_path / name) as s, client(s) as c:
+            await c.chat.completions.create(**ask)
+        sent = upstream.requests[-1].json
+        assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2), name
+
+
+def test_which_fields_ask_for_answer_logprobs() -> None:
+    from plugins._pii_scope import logprob_fields
+
+    assert logprob_fields("chat", {"logprobs": True}) == ["logprobs"]
+    assert logprob_fields("chat", {"logprobs": False, "top_logprobs": 0}) == []
+    assert logprob_fields("chat", {"top_logprobs": 1}) == ["top_logprobs"]
+    assert logprob_fields("completions", {"logprobs": 0}) == ["logprobs"]  # 0 still returns the sampled tokens
+    assert logprob_fields("completions", {"logprobs": None, "echo": True}) == []
+    assert logprob_fields("responses", {"top_logprobs": 5, "include": ["message.output_text.logprobs"]}) == ["top_logprobs", "include"]
+    assert logprob_fields("responses", {"include": ["file_search_call.results"]}) == []
+    assert logprob_fields("embeddings", {"logprobs": True}) == []
+    assert logprob_fields("chat", ["not", "an", "object"]) == []
