@@ -157,6 +157,15 @@ def output_messages(body: Any) -> list[dict[str, Any]] | None:
     return None
 
 
-def streamed_message(text: str, reason: Any) -> dict[str, Any]:
-    """A streamed choice, from its text as gathered and its finish reason (``None``: it did not finish)."""
-    return {"role": "assistant", "parts": [_text(text)], "finish_reason": finish_reason(reason) if reason is not None else "error"}
+def streamed_message(text: str, reason: Any, tools: list[tuple[Any, Any, str]] | None = None) -> dict[str, Any]:
+    """A streamed choice, from its text and tool calls (``(id, name, arguments)``) as gathered and its finish
+    reason (``None``: it did not finish). Its parts are those of the buffered answer: the text (left out
+    when empty and there are tool calls, as a message whose content is null), then the tool calls."""
+    parts = [_text(text)] if text or not tools else []
+    for cid, name, arguments in tools or ():
+        part: dict[str, Any] = {"type": "tool_call", "name": name if isinstance(name, str) else ""}
+        if isinstance(cid, str):
+            part["id"] = cid
+        part["arguments"] = arguments
+        parts.append(part)
+    return {"role": "assistant", "parts": parts, "finish_reason": finish_reason(reason) if reason is not None else "error"}

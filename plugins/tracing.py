@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import orjson
 from pydantic import Field, model_validator
@@ -65,13 +65,49 @@ _RESPONSE_TEXT = frozenset({"response.output_text.delta", "response.refusal.delt
 
 
 class _Captured:
-    """One choice's streamed text as pieces (appending to a string would copy it every time), and its length."""
+    """One choice's streamed text as pieces (appending to a string would copy it every time), its tool
+    calls (``[id, name, argument pieces]`` by the call's index, in the order they began) and the
+    length of both."""
 
-    __slots__ = ("pieces", "size")
+    __slots__ = ("pieces", "size", "tools")
 
     def __init__(self) -> None:
         self.pieces: list[str] = []
         self.size = 0
+        self.tools: dict[Any, list[Any]] | None = None
+
+
+def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any]]:
+    """A streamed chunk's tool-call pieces as (choice index, call key, id, name, arguments piece): the
+    first piece of a call names it (id and name; later ones ``None``), each piece carries some of its
+    arguments. Chat's ``tool_calls`` (keyed by their ``index``) and legacy ``function_call``; a
+    Responses function call's ``output_item.added`` and its ``function_call_arguments.delta`` events
+    (keyed by their ``output_index``, in choice 0, as the stream's text)."""
+    if type(data) is not dict:
+        return
+    choices = data.get("choices")
+    if type(choices) is list:
+        for choice in choices:
+            delta = choice.get("delta") if type(choice) is dict else None
+            if type(delta) is not dict:
+                continue
+            i = choice.get("index", 0)
+            i = i if type(i) is int else 0
+            for call in delta.get("tool_calls") or ():
+                fn = call.get("function") if type(call) is dict else None
+                if type(fn) is dict:
+                    yield i, call.get("index", 0), call.get("id"), fn.get("name"), fn.get("arguments")
+            fc = delta.get("function_call")
+            if type(fc) is dict:
+                yield i, "function", None, fc.get("name"), fc.get("arguments")
+        return
+    kind = data.get("type")
+    if kind == "response.function_call_arguments.delta":
+        yield 0, ("output", data.get("output_index", 0)), None, None, data.get("delta")
+    elif kind == "response.output_item.added":
+        item = data.get("item")
+        if type(item) is dict and item.get("type") == "function_call":
+            yield 0, ("output", data.get("output_index", 0)), item.get("call_id"), item.get("name"), item.get("arguments")
 
 
 class Tracing(Plugin):
@@ -252,7 +288,8 @@ class Tracing(Plugin):
         found = ctx.stash.get(TRACE)
         if found is None or not found[3]:
             return
-        for chan, container, key in stream_slots(event.json):
+        data = event.json
+        for chan, container, key in stream_slots(data):
             # a choice's text, content or refusal; a Responses stream's output text (one message)
             kind = chan[0]
             if kind in _TEXT_CHANNELS or (kind == "resp" and chan[3] in _RESPONSE_TEXT):
@@ -260,17 +297,48 @@ class Tracing(Plugin):
                 if piece:
                     i = chan[1] if kind != "resp" else 0
                     self._gather(ctx, i if type(i) is int else 0, piece)
+        for i, call, cid, name, piece in _tool_pieces(data):
+            self._gather_tool(ctx, i, call, cid, name, piece)
 
-    def _gather(self, ctx: Context, i: int, piece: str) -> None:
-        """Keep ``piece`` of choice ``i``'s text, up to one past ``max_content_chars``."""
+    def _captured(self, ctx: Context, i: int) -> _Captured:
         streamed = ctx.stash.setdefault(STREAMED, {})
-        limit = self.config.max_content_chars + 1  # one past the limit: truncate() then marks the cut
         got = streamed.get(i)
         if got is None:
             got = streamed[i] = _Captured()
+        return got
+
+    def _gather(self, ctx: Context, i: int, piece: str) -> None:
+        """Keep ``piece`` of choice ``i``'s text, up to one past ``max_content_chars``."""
+        got = self._captured(ctx, i)
+        limit = self.config.max_content_chars + 1  # one past the limit: truncate() then marks the cut
         if got.size < limit:
             piece = piece[:limit - got.size]
             got.pieces.append(piece)
+            got.size += len(piece)
+
+    def _gather_tool(self, ctx: Context, i: int, call: Any, cid: Any, name: Any, piece: Any) -> None:
+        """Keep a piece of one of choice ``i``'s tool calls (its id and name when it names them); its
+        arguments count towards the choice's ``max_content_chars``."""
+        got = self._captured(ctx, i)
+        tools = got.tools
+        if tools is None:
+            tools = got.tools = {}
+        try:
+            found = tools.get(call)
+        except TypeError:
+            return  # a call index that is not one (a list): nothing to keep it by
+        if found is None:
+            if len(tools) >= MAX_TOOL_CALLS:
+                return
+            found = tools[call] = [None, None, []]
+        if type(cid) is str and found[0] is None:
+            found[0] = cid
+        if type(name) is str and found[1] is None:
+            found[1] = name
+        limit = self.config.max_content_chars + 1
+        if type(piece) is str and piece and got.size < limit:
+            piece = piece[:limit - got.size]
+            found[2].append(piece)
             got.size += len(piece)
 
     @hookimpl
@@ -285,11 +353,7 @@ class Tracing(Plugin):
             return
         streamed = ctx.stash.get(STREAMED) if self.config.capture_content else None
         if streamed and OUTPUT not in ctx.stash:
-            end = ctx.stream_end
-            reasons = end.reasons if end is not None else {}
-            ctx.stash[OUTPUT] = orjson.dumps(
-                [streamed_message("".join(streamed[i].pieces), reasons.get(i, "stop" if ctx.outcome == "ok" else None))
-                 for i in sorted(streamed)]).decode()
+            ctx.stash[OUTPUT] = _streamed_output(ctx, streamed)
         pipeline = self.pipeline
         if pipeline.wire is not None:
             add = pipeline.wire.add
@@ -561,6 +625,8 @@ class Tracing(Plugin):
 
 #: most cached attribute runs per tracing instance (the cache starts again when full)
 PARTS_MAX = 4096
+#: most tool calls of one choice a captured stream keeps
+MAX_TOOL_CALLS = 128
 
 
 _REQUEST_ID = wire.str_attribute("sluice.request_id")
@@ -581,6 +647,19 @@ def _captured(ctx: Context, body: Any, reached: bool, limit: int) -> list[tuple[
     if completion is not None:
         out.append(("gen_ai.output.messages", truncate(completion, limit)))
     return out
+
+
+def _streamed_output(ctx: Context, streamed: dict[int, _Captured]) -> str:
+    """A stream's captured choices as GenAI output messages (JSON), each with its finish reason (a choice
+    that never said one: ``stop`` when the stream ended well)."""
+    end = ctx.stream_end
+    reasons = end.reasons if end is not None else {}
+    out = []
+    for i in sorted(streamed):
+        got = streamed[i]
+        tools = [(cid, name, "".join(pieces)) for cid, name, pieces in got.tools.values()] if got.tools else None
+        out.append(streamed_message("".join(got.pieces), reasons.get(i, "stop" if ctx.outcome == "ok" else None), tools))
+    return orjson.dumps(out).decode()
 
 
 def _attempt_failed(a: Any) -> bool:

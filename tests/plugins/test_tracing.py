@@ -514,3 +514,72 @@ def test_captured_content_has_the_genai_message_shape_for_every_endpoint():
     # a stream: the same message as the buffered answer; one cut before its finish says so
     assert streamed_message("upon a time", "length") == output_messages({"choices": [{"text": "upon a time", "finish_reason": "length"}]})[0]
     assert streamed_message("upon", None)["finish_reason"] == "error"
+    # a streamed tool call: the parts of the buffered message (no empty text part)
+    tool_answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "function": {"name": "f", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}]}
+    assert streamed_message("", "tool_calls", [("c", "f", "{}")]) == output_messages(tool_answer)[0]
+
+
+async def test_content_capture_records_streamed_tool_calls(tmp_path):
+    """A streamed tool call's arguments were not captured: a chat stream (two parallel calls, their
+    arguments in pieces) and a Responses function call now give the buffered answer's parts."""
+    import types
+
+    from aiohttp import web
+
+    from proxy.testing import serve_app
+
+    def sse(events: list[dict]) -> bytes:
+        return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+    base = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1, "model": "sluice-demo"}
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    chat = [
+        chunk({"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": "call_a", "type": "function", "function": {"name": "weather", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "time", "arguments": '{"tz"'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
+        chunk({"tool_calls": [{"index": 1, "function": {"arguments": ': "CET"}'}}]}),
+        chunk({}, "tool_calls"),
+    ]
+    item = {"type": "function_call", "id": "fc_1", "call_id": "call_r", "name": "weather", "arguments": "", "status": "in_progress"}
+    responses = [
+        {"type": "response.output_item.added", "sequence_number": 0, "output_index": 0, "item": item},
+        {"type": "response.function_call_arguments.delta", "sequence_number": 1, "item_id": "fc_1", "output_index": 0, "delta": '{"city": '},
+        {"type": "response.function_call_arguments.delta", "sequence_number": 2, "item_id": "fc_1", "output_index": 0, "delta": '"Rome"}'},
+        {"type": "response.function_call_arguments.done", "sequence_number": 3, "item_id": "fc_1", "output_index": 0,
+         "arguments": '{"city": "Rome"}'},
+    ]
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        events = chat if request.path.endswith("/chat/completions") else responses
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse(events))
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_post("/v1/responses", answer)
+    async with serve_app(app) as origin, OTLPReceiver() as rx:
+        up = types.SimpleNamespace(url=origin + "/v1")
+        async with SluiceServer(config({"tools": up}, [tracing(rx, capture_content=True)]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                got = [x async for x in await c.chat.completions.create(
+                    model="sluice-demo", messages=[{"role": "user", "content": "weather and time?"}], stream=True)]
+                await wait_for(lambda: len(by_kind(rx.spans, "server")) == 1)
+                events = [e async for e in await c.responses.create(model="sluice-demo", input="weather?", stream=True)]
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 2)
+    assert got[-1].choices[0].finish_reason == "tool_calls" and events[-1].type == "response.function_call_arguments.done"
+    servers = sorted(by_kind(spans, "server"), key=lambda sp: sp["start_ns"])
+    outputs = [orjson.loads(sp["attributes"]["gen_ai.output.messages"]) for sp in servers]
+    assert outputs[0] == [{"role": "assistant", "finish_reason": "tool_call", "parts": [
+        {"type": "tool_call", "name": "weather", "id": "call_a", "arguments": '{"city": "Oslo"}'},
+        {"type": "tool_call", "name": "time", "id": "call_b", "arguments": '{"tz": "CET"}'}]}]
+    assert outputs[1] == [{"role": "assistant", "finish_reason": "stop", "parts": [
+        {"type": "tool_call", "name": "weather", "id": "call_r", "arguments": '{"city": "Rome"}'}]}]
