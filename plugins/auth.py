@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from proxy import AdminRoute, Command, Context, Identity, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
+from proxy import AdminRoute, Command, Context, Identity, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, hookimpl
 from proxy.state import Limit
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -282,6 +282,9 @@ class AuthConfig(PluginConfig):
     max_failures: int = Field(20, ge=1, le=100_000, description="Failed attempts per client address allowed per failure_window_s (burst), refilled steadily.")
     failure_window_s: float = Field(60.0, gt=0, le=86_400, description="The window of max_failures.")
     failure_limit: bool = Field(True, description="Answer 429 to a client address after max_failures failed attempts in failure_window_s.")
+    failure_backend: Literal["auto", "memory", "redis"] = Field(
+        "auto", description="Where failed attempts are counted: 'redis' counts an address's failures across workers and replicas "
+        "(this process's count stands in while Redis is unreachable); 'memory' per process; 'auto' picks redis when state.redis is set.")
     required: bool = Field(True, description="Refuse requests without a key (401). If false, they pass with no identity.")
 
     @field_validator("headers")
@@ -326,6 +329,9 @@ class Auth(Plugin):
         self._identities = {rec.hash: rec.identity() for _, rec in self._static}
         self.store: KeyStore | None = None
         self._fail = None
+        #: this process's failure counts: the shared ones' stand-in while their backend is unreachable
+        self._fail_local = None
+        self._fail_warned = 0.0
         self._failing: dict[str, float] = {}
         #: hash -> (record, identity, trusted until): identities are shared read-only between requests
         self._cache: OrderedDict[str, tuple[KeyRecord, Identity, float]] = OrderedDict()
@@ -344,7 +350,8 @@ class Auth(Plugin):
             # shared by every auth instance of the process, so an admin revoke here clears it at once
             self._cache = self.runtime.shared("auth.cache", OrderedDict)
         if self.config.failure_limit:
-            self._fail = self.runtime.state.counters("memory")
+            self._fail = self.runtime.state.counters(self.config.failure_backend)
+            self._fail_local = self.runtime.state.counters("memory")
             self._failing = self.runtime.shared("auth.failing", dict)
 
     # -- request path --------------------------------------------------------
@@ -383,12 +390,9 @@ class Auth(Plugin):
             until = self._failing.get(fail_key)
             if until is not None:
                 if until > time.monotonic():
-                    # an address that failed lately: would one more failure fit?
-                    probe = Limit(fail_key, self.config.max_failures, self.config.failure_window_s)
-                    d = await self._fail.acquire([probe])
-                    if not d.allowed:
-                        raise _too_many(d.retry_after_s)
-                    await self._fail.adjust([Limit(fail_key, probe.limit, probe.period_s, -1.0)])
+                    # an address that failed lately (here: another replica's failures count once this
+                    # one has seen one): would one more failure fit?
+                    await self._probe_failures(fail_key)
                 else:
                     self._failing.pop(fail_key, None)
 
@@ -485,10 +489,35 @@ class Auth(Plugin):
         self._cache.pop(ck, None)
         return None
 
+    async def _probe_failures(self, fail_key: str) -> None:
+        """429 when one more failure of ``fail_key`` would not fit its bucket (taken and given back)."""
+        probe = Limit(fail_key, self.config.max_failures, self.config.failure_window_s)
+        back = [Limit(fail_key, probe.limit, probe.period_s, -1.0)]
+        try:
+            d = await self._fail.acquire([probe])  # type: ignore[union-attr]
+            if d.allowed:
+                await self._fail.adjust(back)  # type: ignore[union-attr]
+        except StateUnavailable:
+            # the shared counts are out of reach: this process's own stand in (fewer, never none)
+            d = await self._fail_local.acquire([probe])  # type: ignore[union-attr]
+            if d.allowed:
+                await self._fail_local.adjust(back)  # type: ignore[union-attr]
+        if not d.allowed:
+            raise _too_many(d.retry_after_s)
+
     async def _failed(self, ctx: Context) -> None:
         if self._fail is not None:
             limit = Limit("auth:fail:" + (ctx.client_ip or "-"), self.config.max_failures, self.config.failure_window_s)
-            await self._fail.adjust([limit])
+            if self._fail is not self._fail_local:
+                # counted here too, so that this process's count can stand in while the shared one is out of reach
+                await self._fail_local.adjust([limit])  # type: ignore[union-attr]
+            try:
+                await self._fail.adjust([limit])
+            except StateUnavailable:
+                now = time.monotonic()
+                if now >= self._fail_warned:  # once a minute at most, however many fail
+                    self._fail_warned = now + 60.0
+                    log.warning("auth: failed attempts cannot be counted in the shared state; counted in this process meanwhile")
             failing = self._failing
             if len(failing) >= _FAILING_MAX:
                 now = time.monotonic()

@@ -369,6 +369,39 @@ async def test_redis_store_down_fails_closed_but_cached_keys_still_work(tmp_path
             assert rs.url not in str(err.value.body)
 
 
+@pytest.mark.redis
+async def test_failed_attempts_count_across_replicas_and_in_each_process_while_redis_is_down(tmp_path, sdk, caplog):
+    """Failed attempts were counted per process: N replicas let an address guess N times as often. With
+    Redis they are counted there; while it is unreachable, each process's own count stands in."""
+    from proxy.testing import RedisServer
+
+    wrong = "sk-wrong-00000000000000000000"
+    async with RedisServer() as rs, FakeUpstream() as up:
+        cfg = {**_config(up, virtual_keys=False, keys=[{"key": STATIC, "id": "app"}], max_failures=4),
+               "state": {"redis": {"url": rs.url, "timeout_ms": 200}}}
+        async with SluiceServer(cfg, tmp_path / "a") as a, SluiceServer(cfg, tmp_path / "b") as b:
+            for s in (a, b, a, b):  # two failures on each replica: four from the address in all
+                with pytest.raises(openai.AuthenticationError):
+                    await sdk(s.url, wrong).chat.completions.create(**CHAT)
+            for s in (a, b):  # the address's bucket is empty on both, even for the right key
+                with pytest.raises(openai.RateLimitError) as err:
+                    await sdk(s.url, STATIC).chat.completions.create(**CHAT)
+                assert err.value.body["code"] == "too_many_auth_failures"
+
+            await rs.astop()
+            # this process saw two of the four: its own count stands in, and lets the right key through
+            r = await sdk(a.url, STATIC).chat.completions.create(**CHAT)
+            assert r.choices[0].message.content
+            for _ in range(2):  # still 401s, not 503s, while the failures cannot reach Redis
+                with pytest.raises(openai.AuthenticationError):
+                    await sdk(a.url, wrong).chat.completions.create(**CHAT)
+            with pytest.raises(openai.RateLimitError) as err:
+                await sdk(a.url, STATIC).chat.completions.create(**CHAT)
+            assert err.value.body["code"] == "too_many_auth_failures"
+    assert [r.getMessage() for r in caplog.records if r.name == "sluice.auth"] == [
+        "auth: failed attempts cannot be counted in the shared state; counted in this process meanwhile"]
+
+
 async def test_on_response_only_when_some_key_may_be_restricted(runtime):
     """/models answers are filtered for keys restricted to some models; without such keys there is no response hook."""
     from proxy.registry import hook_functions
