@@ -53,7 +53,8 @@ def _message(msg: dict[str, Any]) -> Iterator[Slot]:
 
 
 def _tool_calls(msg: dict[str, Any]) -> Iterator[Slot]:
-    for call in msg.get("tool_calls") or ():
+    calls = msg.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
         fn = call.get("function") if isinstance(call, dict) else None
         if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
             yield fn, "arguments"
@@ -82,41 +83,43 @@ def endpoint_kind(endpoint: str, body: Any) -> str | None:
 RESPONSES_LOGPROBS = "message.output_text.logprobs"
 
 
-def logprob_fields(kind: str | None, body: Any) -> list[str]:
-    """The fields of a request body that ask for the answer's tokens with their log probabilities.
+def _asks(v: Any) -> bool:
+    """A count or flag that asks: anything but absent, ``null``, ``false`` and 0 (-1, vLLM's "the whole
+    vocabulary", asks too)."""
+    return v is not None and v is not False and v != 0
 
-    Chat: ``logprobs`` (true) or ``top_logprobs`` (above 0). Completions: ``logprobs``, any
-    number, 0 included (the sampled tokens come back). Responses: ``top_logprobs`` (above
-    0), or ``include`` naming ``message.output_text.logprobs``. ``false``, ``null`` and 0
-    (where 0 returns nothing) do not ask. A prompt's own log probabilities (vLLM's
-    ``prompt_logprobs``, completions' ``echo``) repeat what the model read, which the
-    request side redacted already: they are not asked here.
+
+def answer_token_fields(kind: str | None, body: Any) -> list[str]:
+    """The fields of a request body that ask for the answer's tokens: their log probabilities, or (vLLM)
+    their ids, either of which repeats the answer's text a token at a time.
+
+    Chat: ``logprobs`` (true), ``top_logprobs``. Completions: ``logprobs``, any value but ``null``
+    (vLLM reads ``false`` as 0, and 0 returns the sampled tokens). Responses: ``top_logprobs``, or
+    ``include`` naming ``message.output_text.logprobs``. Chat and completions: vLLM's
+    ``return_token_ids``. A prompt's own log probabilities or ids (vLLM's ``prompt_logprobs``,
+    completions' ``echo``) repeat what the model read, which the request side redacted already:
+    they are not asked for here.
     """
     if not isinstance(body, dict):
         return []
     out = []
-    if kind == "completions":
-        v = body.get("logprobs")
-        if v is not None and v is not False:
-            out.append("logprobs")
-        return out
-    if kind == "chat":
-        v = body.get("logprobs")
-        if v is not None and v is not False and v != 0:
-            out.append("logprobs")
-    if kind in ("chat", "responses"):
-        v = body.get("top_logprobs")
-        if v is not None and v is not False and v != 0:
-            out.append("top_logprobs")
+    if kind == "completions" and body.get("logprobs") is not None:
+        out.append("logprobs")
+    if kind == "chat" and _asks(body.get("logprobs")):
+        out.append("logprobs")
+    if kind in ("chat", "responses") and _asks(body.get("top_logprobs")):
+        out.append("top_logprobs")
     if kind == "responses":
         inc = body.get("include")
         if isinstance(inc, list) and RESPONSES_LOGPROBS in inc:
             out.append("include")
+    if kind in ("chat", "completions") and _asks(body.get("return_token_ids")):
+        out.append("return_token_ids")
     return out
 
 
-def drop_logprobs(body: dict[str, Any], fields: list[str]) -> None:
-    """Take out of ``body`` what :func:`logprob_fields` found (``include`` keeps its other entries)."""
+def drop_answer_tokens(body: dict[str, Any], fields: list[str]) -> None:
+    """Take out of ``body`` what :func:`answer_token_fields` found (``include`` keeps its other entries)."""
     for field in fields:
         if field == "include":
             rest = [x for x in body["include"] if x != RESPONSES_LOGPROBS]
@@ -207,7 +210,8 @@ def stream_slots(data: Any) -> Iterator[tuple[tuple[Any, ...], Any, Any]]:
                     yield ("content", idx), delta, "content"
                 if isinstance(delta.get("refusal"), str):
                     yield ("refusal", idx), delta, "refusal"
-                for call in delta.get("tool_calls") or ():
+                calls = delta.get("tool_calls")
+                for call in calls if isinstance(calls, list) else ():
                     fn = call.get("function") if isinstance(call, dict) else None
                     if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                         yield ("tool", idx, call.get("index", 0)), fn, "arguments"

@@ -30,9 +30,9 @@ from ._pii_recognizers import NER_ENTITIES, PATTERN_ENTITIES, CustomPattern, Cus
 from ._pii_scope import (
     answer_slots,
     channel_closed_by,
-    drop_logprobs,
+    answer_token_fields,
+    drop_answer_tokens,
     endpoint_kind,
-    logprob_fields,
     request_slots,
     stream_channel_ends,
     stream_slots,
@@ -106,8 +106,8 @@ class PiiConfig(PluginConfig):
     restore: bool = Field(False, description="Put redacted values back into the answer (buffered and streamed) before the client sees it.")
     scan_answers: bool = Field(True, description="Scan the model's answers too, and apply the same actions to PII the model writes.")
     answer_logprobs: Literal["refuse", "drop", "allow"] = Field(
-        "refuse", description="With scan_answers, a request asking for the answer's log probabilities, whose tokens repeat the "
-        "answer's text unscanned: 'refuse' it (400 unsupported_parameter), 'drop' the fields so none come back, or 'allow' it.")
+        "refuse", description="With scan_answers, a request asking for the answer's tokens (log probabilities, vLLM's token ids), "
+        "which repeat its text unscanned: 'refuse' it (400 unsupported_parameter), 'drop' the fields so none come back, or 'allow' it.")
     fast_path: bool = Field(True, description="Send to Presidio only texts (and windows of long texts) that could hold an entity.")
     window_min_chars: int = Field(2000, ge=200, le=10_000_000, description="Texts at least this long are analysed in windows around their triggers.")
     cache_entries: int = Field(4096, ge=0, le=1_000_000, description="Texts whose findings are cached (LRU; 0 disables the cache).")
@@ -492,19 +492,20 @@ class Pii(Plugin):
     def _answer_logprobs(self, ctx: Context, kind: str | None, body: Any) -> None:
         """The answer's tokens, with their log probabilities, repeat its text where no scan reaches: a
         request asking for them is refused, or the fields are dropped (``answer_logprobs``)."""
-        fields = logprob_fields(kind, body)
+        fields = answer_token_fields(kind, body)
         if not fields:
             return
         if self.config.answer_logprobs == "refuse":
             raise ProxyError(
                 400,
-                f"Log probabilities are not available on this route ('{fields[0]}'): its personal-data guard scans "
-                "answers, and the tokens would repeat the answer's text unscanned. Send the request without them.",
+                f"The answer's tokens are not available on this route ('{fields[0]}'): its personal-data guard scans "
+                "answers, and their tokens (log probabilities or ids) would repeat the text unscanned. Send the "
+                "request without them.",
                 code="unsupported_parameter",
                 param=fields[0],
                 reason="pii_logprobs",
             )
-        drop_logprobs(body, fields)
+        drop_answer_tokens(body, fields)
         ctx.body = body
 
     def _vault(self, ctx: Context) -> Vault:

@@ -254,7 +254,7 @@ async def test_answer_logprobs_are_refused_dropped_or_allowed(upstream: FakeUpst
         r = await c.chat.completions.create(**ask)
         sent = upstream.requests[-1].json
         assert "logprobs" not in sent and "top_logprobs" not in sent and sent["messages"][0]["content"] == "I am <EMAIL_1>"
-        assert r.choices[0].logprobs is None
+        assert r.choices[0].message.content
         await c.responses.create(model="sluice-demo", input="hello", include=["message.output_text.logprobs", "reasoning.encrypted_content"],
                                  top_logprobs=3)
         sent = upstream.requests[-1].json
@@ -267,15 +267,19 @@ async def test_answer_logprobs_are_refused_dropped_or_allowed(upstream: FakeUpst
         assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2), name
 
 
-def test_which_fields_ask_for_answer_logprobs() -> None:
-    from plugins._pii_scope import logprob_fields
+def test_which_fields_ask_for_the_answers_tokens() -> None:
+    from plugins._pii_scope import answer_token_fields as fields
 
-    assert logprob_fields("chat", {"logprobs": True}) == ["logprobs"]
-    assert logprob_fields("chat", {"logprobs": False, "top_logprobs": 0}) == []
-    assert logprob_fields("chat", {"top_logprobs": 1}) == ["top_logprobs"]
-    assert logprob_fields("completions", {"logprobs": 0}) == ["logprobs"]  # 0 still returns the sampled tokens
-    assert logprob_fields("completions", {"logprobs": None, "echo": True}) == []
-    assert logprob_fields("responses", {"top_logprobs": 5, "include": ["message.output_text.logprobs"]}) == ["top_logprobs", "include"]
-    assert logprob_fields("responses", {"include": ["file_search_call.results"]}) == []
-    assert logprob_fields("embeddings", {"logprobs": True}) == []
-    assert logprob_fields("chat", ["not", "an", "object"]) == []
+    assert fields("chat", {"logprobs": True}) == ["logprobs"]
+    assert fields("chat", {"logprobs": False, "top_logprobs": 0}) == []
+    assert fields("chat", {"top_logprobs": 1}) == ["top_logprobs"]
+    assert fields("chat", {"top_logprobs": -1}) == ["top_logprobs"]  # vLLM: the whole vocabulary
+    assert fields("completions", {"logprobs": 0}) == ["logprobs"]  # 0 still returns the sampled tokens
+    assert fields("completions", {"logprobs": False}) == ["logprobs"]  # vLLM reads false as 0
+    assert fields("completions", {"logprobs": None, "echo": True, "prompt_logprobs": 1}) == []
+    assert fields("responses", {"top_logprobs": 5, "include": ["message.output_text.logprobs"]}) == ["top_logprobs", "include"]
+    assert fields("responses", {"include": ["file_search_call.results"]}) == []
+    assert fields("chat", {"return_token_ids": True}) == fields("completions", {"return_token_ids": True}) == ["return_token_ids"]
+    assert fields("chat", {"return_token_ids": False}) == []
+    assert fields("embeddings", {"logprobs": True}) == []
+    assert fields("chat", ["not", "an", "object"]) == []
