@@ -54,7 +54,8 @@ def _tool_call(call: Any) -> dict[str, Any] | None:
         return None
     fn = call.get("function") if isinstance(call.get("function"), dict) else call
     part: dict[str, Any] = {"type": "tool_call", "name": fn.get("name") if isinstance(fn.get("name"), str) else ""}
-    cid = call.get("id", call.get("call_id"))
+    # a Responses function call's call_id (what its function_call_output answers), not its item id
+    cid = call.get("call_id", call.get("id"))
     if isinstance(cid, str):
         part["id"] = cid
     if "arguments" in fn:
@@ -78,7 +79,8 @@ def _chat_message(msg: dict[str, Any]) -> dict[str, Any]:
         parts = _content_parts(msg.get("content"))
         if isinstance(msg.get("refusal"), str):
             parts.append({"type": "refusal", "content": msg["refusal"]})
-        for call in (*(msg.get("tool_calls") or ()), msg.get("function_call")):  # the legacy function call last
+        calls = msg.get("tool_calls")
+        for call in (*(calls if isinstance(calls, list) else ()), msg.get("function_call")):  # the legacy function call last
             tc = _tool_call(call)
             if tc is not None:
                 parts.append(tc)

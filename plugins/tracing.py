@@ -66,23 +66,46 @@ _RESPONSE_TEXT = frozenset({"response.output_text.delta", "response.refusal.delt
 
 class _Captured:
     """One choice's streamed text as pieces (appending to a string would copy it every time), its tool
-    calls (``[id, name, argument pieces]`` by the call's index, in the order they began) and the
-    length of both."""
+    calls (:class:`_ToolCall` by the call's key, in the order they began) and the length of both."""
 
     __slots__ = ("pieces", "size", "tools")
 
     def __init__(self) -> None:
         self.pieces: list[str] = []
         self.size = 0
-        self.tools: dict[Any, list[Any]] | None = None
+        self.tools: dict[Any, _ToolCall] | None = None
 
 
-def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any]]:
-    """A streamed chunk's tool-call pieces as (choice index, call key, id, name, arguments piece): the
-    first piece of a call names it (id and name; later ones ``None``), each piece carries some of its
-    arguments. Chat's ``tool_calls`` (keyed by their ``index``) and legacy ``function_call``; a
-    Responses function call's ``output_item.added`` and its ``function_call_arguments.delta`` events
-    (keyed by their ``output_index``, in choice 0, as the stream's text)."""
+class _ToolCall:
+    """One streamed tool call: its id and name (from the piece that gives them), its arguments as pieces,
+    and ``whole``: the arguments given whole (a ``.done`` event's complete text, or a value that is not a
+    string, as some servers send), which then stand instead of the pieces."""
+
+    __slots__ = ("id", "name", "pieces", "whole")
+
+    def __init__(self) -> None:
+        self.id: Any = None
+        self.name: Any = None
+        self.pieces: list[str] = []
+        self.whole: Any = None
+
+    def arguments(self) -> Any:
+        return self.whole if self.whole is not None else "".join(self.pieces)
+
+
+#: how a tool-call piece carries its arguments: a piece of them, or all of them
+PIECE, WHOLE = 0, 1
+
+
+def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any, int]]:
+    """A streamed chunk's tool-call pieces as (choice index, call key, id, name, arguments, PIECE or WHOLE).
+
+    Chat's ``tool_calls`` are keyed by their ``index``; a server that sends whole calls without one
+    (one chunk, several calls) has each keyed by its id, else by its place in the chunk. The legacy
+    ``function_call`` is one call. A Responses function call (in choice 0, as the stream's text) is
+    keyed by its ``output_index``: ``output_item.added`` names it, ``function_call_arguments.delta``
+    carries pieces, and ``function_call_arguments.done`` and ``output_item.done`` the whole arguments.
+    A first piece gives the id and name (later ones ``None``)."""
     if type(data) is not dict:
         return
     choices = data.get("choices")
@@ -93,21 +116,29 @@ def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any]]:
                 continue
             i = choice.get("index", 0)
             i = i if type(i) is int else 0
-            for call in delta.get("tool_calls") or ():
-                fn = call.get("function") if type(call) is dict else None
-                if type(fn) is dict:
-                    yield i, call.get("index", 0), call.get("id"), fn.get("name"), fn.get("arguments")
+            calls = delta.get("tool_calls")
+            if type(calls) is list:
+                for pos, call in enumerate(calls):
+                    fn = call.get("function") if type(call) is dict else None
+                    if type(fn) is not dict:
+                        continue
+                    cid = call.get("id")
+                    key = call["index"] if "index" in call else ("id", cid) if type(cid) is str else ("at", pos)
+                    yield i, key, cid, fn.get("name"), fn.get("arguments"), PIECE
             fc = delta.get("function_call")
             if type(fc) is dict:
-                yield i, "function", None, fc.get("name"), fc.get("arguments")
+                yield i, "function", None, fc.get("name"), fc.get("arguments"), PIECE
         return
     kind = data.get("type")
     if kind == "response.function_call_arguments.delta":
-        yield 0, ("output", data.get("output_index", 0)), None, None, data.get("delta")
-    elif kind == "response.output_item.added":
+        yield 0, ("output", data.get("output_index", 0)), None, None, data.get("delta"), PIECE
+    elif kind == "response.function_call_arguments.done":
+        yield 0, ("output", data.get("output_index", 0)), None, None, data.get("arguments"), WHOLE
+    elif kind in ("response.output_item.added", "response.output_item.done"):
         item = data.get("item")
         if type(item) is dict and item.get("type") == "function_call":
-            yield 0, ("output", data.get("output_index", 0)), item.get("call_id"), item.get("name"), item.get("arguments")
+            how = PIECE if kind == "response.output_item.added" else WHOLE
+            yield 0, ("output", data.get("output_index", 0)), item.get("call_id"), item.get("name"), item.get("arguments"), how
 
 
 class Tracing(Plugin):
@@ -297,8 +328,8 @@ class Tracing(Plugin):
                 if piece:
                     i = chan[1] if kind != "resp" else 0
                     self._gather(ctx, i if type(i) is int else 0, piece)
-        for i, call, cid, name, piece in _tool_pieces(data):
-            self._gather_tool(ctx, i, call, cid, name, piece)
+        for i, call, cid, name, arguments, how in _tool_pieces(data):
+            self._gather_tool(ctx, i, call, cid, name, arguments, how)
 
     def _captured(self, ctx: Context, i: int) -> _Captured:
         streamed = ctx.stash.setdefault(STREAMED, {})
@@ -316,9 +347,9 @@ class Tracing(Plugin):
             got.pieces.append(piece)
             got.size += len(piece)
 
-    def _gather_tool(self, ctx: Context, i: int, call: Any, cid: Any, name: Any, piece: Any) -> None:
-        """Keep a piece of one of choice ``i``'s tool calls (its id and name when it names them); its
-        arguments count towards the choice's ``max_content_chars``."""
+    def _gather_tool(self, ctx: Context, i: int, call: Any, cid: Any, name: Any, arguments: Any, how: int) -> None:
+        """Keep a piece (or the whole) of one of choice ``i``'s tool calls, and its id and name when it names
+        them; its arguments count towards the choice's ``max_content_chars``."""
         got = self._captured(ctx, i)
         tools = got.tools
         if tools is None:
@@ -330,15 +361,25 @@ class Tracing(Plugin):
         if found is None:
             if len(tools) >= MAX_TOOL_CALLS:
                 return
-            found = tools[call] = [None, None, []]
-        if type(cid) is str and found[0] is None:
-            found[0] = cid
-        if type(name) is str and found[1] is None:
-            found[1] = name
+            found = tools[call] = _ToolCall()
+        if type(cid) is str and found.id is None:
+            found.id = cid
+        if type(name) is str and found.name is None:
+            found.name = name
+        if arguments is None or arguments == "":
+            return
         limit = self.config.max_content_chars + 1
-        if type(piece) is str and piece and got.size < limit:
-            piece = piece[:limit - got.size]
-            found[2].append(piece)
+        if how == WHOLE or type(arguments) is not str:
+            # the whole arguments: they replace what was gathered (a .done event repeats the deltas)
+            got.size -= sum(map(len, found.pieces)) + (len(found.whole) if type(found.whole) is str else 0)
+            found.pieces.clear()
+            if type(arguments) is str:
+                arguments = arguments[:max(limit - got.size, 0)]
+                got.size += len(arguments)
+            found.whole = arguments
+        elif found.whole is None and got.size < limit:
+            piece = arguments[:limit - got.size]
+            found.pieces.append(piece)
             got.size += len(piece)
 
     @hookimpl
@@ -657,7 +698,7 @@ def _streamed_output(ctx: Context, streamed: dict[int, _Captured]) -> str:
     out = []
     for i in sorted(streamed):
         got = streamed[i]
-        tools = [(cid, name, "".join(pieces)) for cid, name, pieces in got.tools.values()] if got.tools else None
+        tools = [(t.id, t.name, t.arguments()) for t in got.tools.values()] if got.tools else None
         out.append(streamed_message("".join(got.pieces), reasons.get(i, "stop" if ctx.outcome == "ok" else None), tools))
     return orjson.dumps(out).decode()
 

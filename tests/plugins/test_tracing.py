@@ -520,46 +520,28 @@ def test_captured_content_has_the_genai_message_shape_for_every_endpoint():
     assert streamed_message("", "tool_calls", [("c", "f", "{}")]) == output_messages(tool_answer)[0]
 
 
-async def test_content_capture_records_streamed_tool_calls(tmp_path):
-    """A streamed tool call's arguments were not captured: a chat stream (two parallel calls, their
-    arguments in pieces) and a Responses function call now give the buffered answer's parts."""
+def _sse(events: list[dict]) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def _chunk(delta: dict, finish: str | None = None) -> dict:
+    return {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1, "model": "sluice-demo",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+async def _captured_outputs(tmp_path, chat: list[dict], responses: list[dict]) -> list[list[dict]]:
+    """The gen_ai.output.messages of a streamed chat request and a streamed Responses request, through
+    Sluice with capture_content, from an upstream that streams ``chat`` and ``responses`` as SSE."""
     import types
 
     from aiohttp import web
 
     from proxy.testing import serve_app
 
-    def sse(events: list[dict]) -> bytes:
-        return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
-
-    base = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1, "model": "sluice-demo"}
-
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-    chat = [
-        chunk({"role": "assistant", "content": None, "tool_calls": [
-            {"index": 0, "id": "call_a", "type": "function", "function": {"name": "weather", "arguments": ""}}]}),
-        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
-        chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "time", "arguments": '{"tz"'}}]}),
-        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
-        chunk({"tool_calls": [{"index": 1, "function": {"arguments": ': "CET"}'}}]}),
-        chunk({}, "tool_calls"),
-    ]
-    item = {"type": "function_call", "id": "fc_1", "call_id": "call_r", "name": "weather", "arguments": "", "status": "in_progress"}
-    responses = [
-        {"type": "response.output_item.added", "sequence_number": 0, "output_index": 0, "item": item},
-        {"type": "response.function_call_arguments.delta", "sequence_number": 1, "item_id": "fc_1", "output_index": 0, "delta": '{"city": '},
-        {"type": "response.function_call_arguments.delta", "sequence_number": 2, "item_id": "fc_1", "output_index": 0, "delta": '"Rome"}'},
-        {"type": "response.function_call_arguments.done", "sequence_number": 3, "item_id": "fc_1", "output_index": 0,
-         "arguments": '{"city": "Rome"}'},
-    ]
-
     async def answer(request: web.Request) -> web.StreamResponse:
-        events = chat if request.path.endswith("/chat/completions") else responses
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
-        await resp.write(sse(events))
+        await resp.write(_sse(chat if request.path.endswith("/chat/completions") else responses))
         await resp.write_eof()
         return resp
 
@@ -575,11 +557,81 @@ async def test_content_capture_records_streamed_tool_calls(tmp_path):
                 await wait_for(lambda: len(by_kind(rx.spans, "server")) == 1)
                 events = [e async for e in await c.responses.create(model="sluice-demo", input="weather?", stream=True)]
             spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 2)
-    assert got[-1].choices[0].finish_reason == "tool_calls" and events[-1].type == "response.function_call_arguments.done"
+    assert len(got) == len(chat) and len(events) == len(responses)  # the client got every event
     servers = sorted(by_kind(spans, "server"), key=lambda sp: sp["start_ns"])
-    outputs = [orjson.loads(sp["attributes"]["gen_ai.output.messages"]) for sp in servers]
+    return [orjson.loads(sp["attributes"]["gen_ai.output.messages"]) for sp in servers]
+
+
+async def test_content_capture_records_streamed_tool_calls(tmp_path):
+    """A streamed tool call's arguments were not captured: a chat stream (two parallel calls, their
+    arguments in pieces) and a Responses function call now give the buffered answer's parts."""
+    chat = [
+        _chunk({"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": "call_a", "type": "function", "function": {"name": "weather", "arguments": ""}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+        _chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "time", "arguments": '{"tz"'}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
+        _chunk({"tool_calls": [{"index": 1, "function": {"arguments": ': "CET"}'}}]}),
+        _chunk({}, "tool_calls"),
+    ]
+    item = {"type": "function_call", "id": "fc_1", "call_id": "call_r", "name": "weather", "arguments": "", "status": "in_progress"}
+    responses = [
+        {"type": "response.output_item.added", "sequence_number": 0, "output_index": 0, "item": item},
+        {"type": "response.function_call_arguments.delta", "sequence_number": 1, "item_id": "fc_1", "output_index": 0, "delta": '{"city": '},
+        {"type": "response.function_call_arguments.delta", "sequence_number": 2, "item_id": "fc_1", "output_index": 0, "delta": '"Rome"}'},
+        {"type": "response.function_call_arguments.done", "sequence_number": 3, "item_id": "fc_1", "output_index": 0,
+         "arguments": '{"city": "Rome"}'},
+    ]
+    outputs = await _captured_outputs(tmp_path, chat, responses)
     assert outputs[0] == [{"role": "assistant", "finish_reason": "tool_call", "parts": [
         {"type": "tool_call", "name": "weather", "id": "call_a", "arguments": '{"city": "Oslo"}'},
         {"type": "tool_call", "name": "time", "id": "call_b", "arguments": '{"tz": "CET"}'}]}]
     assert outputs[1] == [{"role": "assistant", "finish_reason": "stop", "parts": [
         {"type": "tool_call", "name": "weather", "id": "call_r", "arguments": '{"city": "Rome"}'}]}]
+
+
+async def test_content_capture_of_tool_calls_sent_whole_or_only_at_their_end(tmp_path):
+    """Whole calls without an index (several in one chunk, as some servers send them) were merged into
+    one, arguments given as an object were dropped, and a Responses call's arguments given only by its
+    .done events (or given in its added event and repeated by deltas) were lost or doubled."""
+    chat = [
+        _chunk({"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}},
+            {"id": "b", "type": "function", "function": {"name": "time", "arguments": {"tz": "CET"}}}]}),
+        _chunk({}, "tool_calls"),
+    ]
+    done_only = {"type": "function_call", "id": "fc_1", "call_id": "call_x", "name": "weather", "arguments": "", "status": "in_progress"}
+    prefilled = {"type": "function_call", "id": "fc_2", "call_id": "call_y", "name": "time", "arguments": '{"tz"', "status": "in_progress"}
+    responses = [
+        {"type": "response.output_item.added", "sequence_number": 0, "output_index": 0, "item": done_only},
+        {"type": "response.output_item.added", "sequence_number": 1, "output_index": 1, "item": prefilled},
+        {"type": "response.function_call_arguments.delta", "sequence_number": 2, "item_id": "fc_2", "output_index": 1, "delta": '{"tz"'},
+        {"type": "response.function_call_arguments.delta", "sequence_number": 3, "item_id": "fc_2", "output_index": 1, "delta": ': "CET"}'},
+        {"type": "response.function_call_arguments.done", "sequence_number": 4, "item_id": "fc_2", "output_index": 1,
+         "arguments": '{"tz": "CET"}'},
+        {"type": "response.output_item.done", "sequence_number": 5, "output_index": 0,
+         "item": {**done_only, "arguments": '{"city": "Rome"}', "status": "completed"}},
+    ]
+    outputs = await _captured_outputs(tmp_path, chat, responses)
+    assert outputs[0] == [{"role": "assistant", "finish_reason": "tool_call", "parts": [
+        {"type": "text", "content": "Checking."},
+        {"type": "tool_call", "name": "weather", "id": "a", "arguments": '{"city":"Oslo"}'},
+        {"type": "tool_call", "name": "time", "id": "b", "arguments": {"tz": "CET"}}]}]
+    assert outputs[1] == [{"role": "assistant", "finish_reason": "stop", "parts": [
+        {"type": "tool_call", "name": "weather", "id": "call_x", "arguments": '{"city": "Rome"}'},
+        {"type": "tool_call", "name": "time", "id": "call_y", "arguments": '{"tz": "CET"}'}]}]
+
+
+def test_tool_calls_that_are_not_a_list_are_skipped():
+    """``"tool_calls": 5`` in a chunk, a request or an answer raised TypeError in the walkers (pii, which
+    fails closed, then refused the chunk)."""
+    from plugins._genai_messages import input_messages
+    from plugins._pii_scope import request_slots, stream_slots
+    from plugins.tracing import _tool_pieces
+
+    chunk = {"choices": [{"index": 0, "delta": {"content": "hi", "tool_calls": 5}}]}
+    assert list(_tool_pieces(chunk)) == []
+    assert [key for _, _, key in stream_slots(chunk)] == ["content"]
+    body = {"messages": [{"role": "assistant", "content": "x", "tool_calls": 5}]}
+    assert [key for _, key in request_slots("chat", body)] == ["content"]
+    assert input_messages(body) == [{"role": "assistant", "parts": [{"type": "text", "content": "x"}]}]
