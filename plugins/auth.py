@@ -12,6 +12,7 @@ bounds how long a revoke takes to reach every worker and replica.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fnmatch
 import hashlib
 import hmac
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from proxy import AdminRoute, Command, Context, Identity, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, hookimpl
+from proxy import AdminRoute, Command, Context, Identity, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
 from proxy.state import Limit
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +45,8 @@ KEY_PREFIX = "sk-sluice-"
 RECORD: StashKey[KeyRecord] = StashKey("auth.record")
 _ID = re.compile(r"^key_[0-9a-f]{16}$")
 _CACHE_MAX = 10_000
+#: most probes' units given back in the background at once (each after a lost answer from Redis)
+_GIVE_BACK_MAX = 1000
 #: addresses with recent failures tracked at most (beyond, new ones go unchecked until some expire)
 _FAILING_MAX = 100_000
 
@@ -332,6 +335,8 @@ class Auth(Plugin):
         #: this process's failure counts: the shared ones' stand-in while their backend is unreachable
         self._fail_local = None
         self._fail_warned = 0.0
+        #: probes' units being given back after a lost answer (bounded by _GIVE_BACK_MAX)
+        self._giving_back = 0
         self._failing: dict[str, float] = {}
         #: hash -> (record, identity, trusted until): identities are shared read-only between requests
         self._cache: OrderedDict[str, tuple[KeyRecord, Identity, float]] = OrderedDict()
@@ -489,47 +494,98 @@ class Auth(Plugin):
         self._cache.pop(ck, None)
         return None
 
+    def _fail_limit(self, fail_key: str, cost: float = 1.0) -> Limit:
+        return Limit(fail_key, self.config.max_failures, self.config.failure_window_s, cost)
+
     async def _probe_failures(self, fail_key: str) -> None:
-        """429 when one more failure of ``fail_key`` would not fit its bucket (taken and given back)."""
-        probe = Limit(fail_key, self.config.max_failures, self.config.failure_window_s)
-        back = [Limit(fail_key, probe.limit, probe.period_s, -1.0)]
+        """429 when the address's bucket has no whole failure left: a unit taken and given back. (The
+        failures themselves are taken by :meth:`_failed`, refused once the bucket is empty, so this check
+        only stops a right key from telling itself apart while the address is blocked.)"""
+        local = self._fail_local
+        counters = self._fail
+        assert counters is not None and local is not None
         try:
-            d = await self._fail.acquire([probe])  # type: ignore[union-attr]
-            if d.allowed:
-                await self._fail.adjust(back)  # type: ignore[union-attr]
-        except StateUnavailable:
-            # the shared counts are out of reach: this process's own stand in (fewer, never none)
-            d = await self._fail_local.acquire([probe])  # type: ignore[union-attr]
-            if d.allowed:
-                await self._fail_local.adjust(back)  # type: ignore[union-attr]
+            d = await counters.acquire([self._fail_limit(fail_key)])
+        except Exception as e:  # noqa: BLE001 - unreachable, slow or full: this process's count stands in
+            self._shared_failed(e)
+            if getattr(e, "ambiguous", False):
+                self._give_back_later(fail_key)  # the unit may have been taken all the same
+            counters = local
+            d = await local.acquire([self._fail_limit(fail_key)])
         if not d.allowed:
             raise _too_many(d.retry_after_s)
+        try:
+            await counters.adjust([self._fail_limit(fail_key, -1.0)])
+        except Exception as e:  # noqa: BLE001
+            self._shared_failed(e)
+            self._give_back_later(fail_key)
+
+    def _give_back_later(self, fail_key: str) -> None:
+        """Give a probe's unit back once the shared counts answer again (within a window, once), so that a
+        lost answer does not leave an address that only sent right keys with a failure it never made. Had
+        the lost call not run, the address gets one failure more for that window."""
+        if self._giving_back >= _GIVE_BACK_MAX:
+            return
+        self._giving_back += 1
+        give_up = time.monotonic() + self.config.failure_window_s
+
+        async def give_back() -> None:
+            wait = 0.2
+            try:
+                while True:
+                    try:
+                        await self._fail.adjust([self._fail_limit(fail_key, -1.0)])  # type: ignore[union-attr]
+                        return
+                    except Exception:  # noqa: BLE001 - still unreachable: try again until the window is over
+                        if time.monotonic() + wait >= give_up:
+                            return
+                    await asyncio.sleep(wait)  # a backoff while the backend is away, not a synchronisation
+                    wait = min(wait * 2, 5.0)
+            finally:
+                self._giving_back -= 1
+
+        self.runtime.spawn(give_back(), "auth-give-back-probe")
+
+    def _shared_failed(self, e: BaseException) -> None:
+        now = time.monotonic()
+        if now >= self._fail_warned:  # once a minute at most, however many fail
+            self._fail_warned = now + 60.0
+            log.warning("auth: failed attempts cannot be counted in the shared state (%s); counted in this process meanwhile",
+                        type(e).__name__)
 
     async def _failed(self, ctx: Context) -> None:
-        if self._fail is not None:
-            limit = Limit("auth:fail:" + (ctx.client_ip or "-"), self.config.max_failures, self.config.failure_window_s)
-            if self._fail is not self._fail_local:
-                # counted here too, so that this process's count can stand in while the shared one is out of reach
-                await self._fail_local.adjust([limit])  # type: ignore[union-attr]
+        """Take one failure from the address's bucket; 429 instead of the 401 when it is empty, so that every
+        401 an address gets stands for a failure counted (however many are in flight at once)."""
+        if self._fail is None:
+            return
+        fail_key = "auth:fail:" + (ctx.client_ip or "-")
+        local = self._fail_local
+        assert local is not None
+        d = None
+        if self._fail is not local:
             try:
-                await self._fail.adjust([limit])
-            except StateUnavailable:
-                now = time.monotonic()
-                if now >= self._fail_warned:  # once a minute at most, however many fail
-                    self._fail_warned = now + 60.0
-                    log.warning("auth: failed attempts cannot be counted in the shared state; counted in this process meanwhile")
-            failing = self._failing
-            if len(failing) >= _FAILING_MAX:
-                now = time.monotonic()
-                # at most one O(n) sweep a second, however many addresses fail; the ""
-                # entry (no address key is empty) holds when the next sweep may run
-                if failing.get("", 0.0) <= now:
-                    for k in [k for k, t in failing.items() if t <= now and k]:
-                        del failing[k]
-                    failing[""] = now + 1.0
-            if len(failing) < _FAILING_MAX:
-                # a full bucket refills in one window: until then, check this address
-                failing[limit.key] = time.monotonic() + self.config.failure_window_s
+                d = await self._fail.acquire([self._fail_limit(fail_key)])
+            except Exception as e:  # noqa: BLE001 - unreachable, slow or full: this process's count stands in
+                self._shared_failed(e)
+            # counted here too, so that this process's count can stand in while the shared one is out of reach
+            local_d = await local.acquire([self._fail_limit(fail_key)])
+            d = d or local_d
+        else:
+            d = await local.acquire([self._fail_limit(fail_key)])
+        failing = self._failing
+        now = time.monotonic()
+        if len(failing) >= _FAILING_MAX:
+            # at most one O(n) sweep a second, however many addresses fail; the ""
+            # entry (no address key is empty) holds when the next sweep may run
+            if failing.get("", 0.0) <= now:
+                for k in [k for k, t in failing.items() if t <= now and k]:
+                    del failing[k]
+                failing[""] = now + 1.0
+        if len(failing) < _FAILING_MAX:
+            # a full bucket refills in one window: until then, check this address
+            failing[fail_key] = now + self.config.failure_window_s
+        if not d.allowed:
+            raise _too_many(d.retry_after_s)
 
     @hookimpl
     def on_response(self, ctx: Context) -> None:

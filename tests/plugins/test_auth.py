@@ -398,8 +398,64 @@ async def test_failed_attempts_count_across_replicas_and_in_each_process_while_r
             with pytest.raises(openai.RateLimitError) as err:
                 await sdk(a.url, STATIC).chat.completions.create(**CHAT)
             assert err.value.body["code"] == "too_many_auth_failures"
-    assert [r.getMessage() for r in caplog.records if r.name == "sluice.auth"] == [
-        "auth: failed attempts cannot be counted in the shared state; counted in this process meanwhile"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "sluice.auth"]
+    assert len(warned) == 1 and warned[0].startswith("auth: failed attempts cannot be counted in the shared state (")
+    assert rs.url not in warned[0]
+
+
+@pytest.mark.redis
+async def test_a_full_redis_leaves_failures_counted_in_the_process(tmp_path, sdk):
+    """Redis out of memory (maxmemory, noeviction) answers writes with an error that is not an outage:
+    a wrong key got 500 instead of 401."""
+    import redis
+
+    from proxy.testing import RedisServer
+
+    wrong = "sk-wrong-00000000000000000000"
+    async with RedisServer() as rs, FakeUpstream() as up:
+        cfg = {**_config(up, virtual_keys=False, keys=[{"key": STATIC, "id": "app"}], max_failures=2),
+               "state": {"redis": {"url": rs.url}}}
+        async with SluiceServer(cfg, tmp_path) as s:
+            def fill() -> None:
+                with redis.Redis.from_url(rs.url) as r:
+                    r.config_set("maxmemory-policy", "noeviction")
+                    r.config_set("maxmemory", 1)
+
+            await asyncio.to_thread(fill)
+            for _ in range(2):
+                with pytest.raises(openai.AuthenticationError):
+                    await sdk(s.url, wrong).chat.completions.create(**CHAT)
+            with pytest.raises(openai.RateLimitError):  # counted in the process: the third is over
+                await sdk(s.url, wrong).chat.completions.create(**CHAT)
+
+
+@pytest.mark.redis
+async def test_concurrent_guesses_get_no_more_401s_than_failures_left(tmp_path, sdk, redis_server):
+    """Each 401 stands for a failure taken from the address's bucket: with one failure left, guesses in
+    flight together got a 401 each (the check and the count were apart, a round trip each)."""
+    wrong = "sk-wrong-00000000000000000000"
+    async with FakeUpstream() as up:
+        cfg = {**_config(up, virtual_keys=False, keys=[{"key": STATIC, "id": "app"}], max_failures=2),
+               "state": {"redis": {"url": redis_server.url, "key_prefix": f"t{time.monotonic_ns()}:"}}}
+        async with SluiceServer(cfg, tmp_path / "a") as a, SluiceServer(cfg, tmp_path / "b") as b:
+            with pytest.raises(openai.AuthenticationError):
+                await sdk(a.url, wrong).chat.completions.create(**CHAT)  # one failure left
+
+            async def guess(s: SluiceServer) -> int:
+                try:
+                    await sdk(s.url, wrong).chat.completions.create(**CHAT)
+                except openai.APIStatusError as e:
+                    return e.status_code
+                return 200
+
+            codes = await asyncio.gather(*(guess(s) for s in (a, b) * 4))
+            assert codes.count(401) <= 1 and set(codes) <= {401, 429}, codes
+            for s in (a, b):
+                assert await guess(s) == 429
+            with pytest.raises(openai.RateLimitError):
+                await sdk(b.url, STATIC).chat.completions.create(**CHAT)
+
+
 
 
 async def test_on_response_only_when_some_key_may_be_restricted(runtime):
