@@ -68,18 +68,20 @@ class _Captured:
     """One choice's streamed text as pieces (appending to a string would copy it every time), its tool
     calls (:class:`_ToolCall` by the call's key, in the order they began) and the length of both."""
 
-    __slots__ = ("pieces", "size", "tools")
+    __slots__ = ("pieces", "size", "tools", "last_tool")
 
     def __init__(self) -> None:
         self.pieces: list[str] = []
         self.size = 0
         self.tools: dict[Any, _ToolCall] | None = None
+        #: the key of the call a piece went to last (a piece without index, id or name continues it)
+        self.last_tool: Any = None
 
 
 class _ToolCall:
     """One streamed tool call: its id and name (from the piece that gives them), its arguments as pieces,
-    and ``whole``: the arguments given whole (a ``.done`` event's complete text, or a value that is not a
-    string, as some servers send), which then stand instead of the pieces."""
+    and ``whole``: the arguments given whole (a ``.done`` event's complete text, or the JSON text of an
+    object some servers send instead of a string), which then stand instead of the pieces."""
 
     __slots__ = ("id", "name", "pieces", "whole")
 
@@ -100,9 +102,9 @@ PIECE, WHOLE = 0, 1
 def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any, int]]:
     """A streamed chunk's tool-call pieces as (choice index, call key, id, name, arguments, PIECE or WHOLE).
 
-    Chat's ``tool_calls`` are keyed by their ``index``; a server that sends whole calls without one
-    (one chunk, several calls) has each keyed by its id, else by its place in the chunk. The legacy
-    ``function_call`` is one call. A Responses function call (in choice 0, as the stream's text) is
+    Chat's ``tool_calls`` are keyed by their ``index``; without one the key is ``None`` and
+    :meth:`Tracing._gather_tool` tells the calls apart (a server that sends whole calls without an
+    index). The legacy ``function_call`` is one call. A Responses function call (in choice 0, as the stream's text) is
     keyed by its ``output_index``: ``output_item.added`` names it, ``function_call_arguments.delta``
     carries pieces, and ``function_call_arguments.done`` and ``output_item.done`` the whole arguments.
     A first piece gives the id and name (later ones ``None``)."""
@@ -118,13 +120,10 @@ def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any, int]]:
             i = i if type(i) is int else 0
             calls = delta.get("tool_calls")
             if type(calls) is list:
-                for pos, call in enumerate(calls):
+                for call in calls:
                     fn = call.get("function") if type(call) is dict else None
-                    if type(fn) is not dict:
-                        continue
-                    cid = call.get("id")
-                    key = call["index"] if "index" in call else ("id", cid) if type(cid) is str else ("at", pos)
-                    yield i, key, cid, fn.get("name"), fn.get("arguments"), PIECE
+                    if type(fn) is dict:
+                        yield i, call.get("index"), call.get("id"), fn.get("name"), fn.get("arguments"), PIECE
             fc = delta.get("function_call")
             if type(fc) is dict:
                 yield i, "function", None, fc.get("name"), fc.get("arguments"), PIECE
@@ -354,6 +353,10 @@ class Tracing(Plugin):
         tools = got.tools
         if tools is None:
             tools = got.tools = {}
+        if call is None:
+            # no index: a call is told by its id, a new name starts one, and a bare piece continues the last
+            call = ("id", cid) if type(cid) is str else ("new", len(tools)) if type(name) is str or got.last_tool is None \
+                else got.last_tool
         try:
             found = tools.get(call)
         except TypeError:
@@ -362,6 +365,7 @@ class Tracing(Plugin):
             if len(tools) >= MAX_TOOL_CALLS:
                 return
             found = tools[call] = _ToolCall()
+        got.last_tool = call
         if type(cid) is str and found.id is None:
             found.id = cid
         if type(name) is str and found.name is None:
@@ -369,14 +373,21 @@ class Tracing(Plugin):
         if arguments is None or arguments == "":
             return
         limit = self.config.max_content_chars + 1
-        if how == WHOLE or type(arguments) is not str:
+        if type(arguments) is not str:
+            # an object (some servers send one): kept as its JSON text, so that it counts towards the bound
+            if got.size >= limit:
+                return
+            try:
+                arguments = orjson.dumps(arguments).decode()
+            except (TypeError, orjson.JSONEncodeError):
+                return
+            how = WHOLE
+        if how == WHOLE:
             # the whole arguments: they replace what was gathered (a .done event repeats the deltas)
-            got.size -= sum(map(len, found.pieces)) + (len(found.whole) if type(found.whole) is str else 0)
+            got.size -= sum(map(len, found.pieces)) + (len(found.whole) if found.whole is not None else 0)
             found.pieces.clear()
-            if type(arguments) is str:
-                arguments = arguments[:max(limit - got.size, 0)]
-                got.size += len(arguments)
-            found.whole = arguments
+            found.whole = arguments[:max(limit - got.size, 0)]
+            got.size += len(found.whole)
         elif found.whole is None and got.size < limit:
             piece = arguments[:limit - got.size]
             found.pieces.append(piece)

@@ -592,8 +592,9 @@ async def test_content_capture_records_streamed_tool_calls(tmp_path):
 
 async def test_content_capture_of_tool_calls_sent_whole_or_only_at_their_end(tmp_path):
     """Whole calls without an index (several in one chunk, as some servers send them) were merged into
-    one, arguments given as an object were dropped, and a Responses call's arguments given only by its
-    .done events (or given in its added event and repeated by deltas) were lost or doubled."""
+    one, arguments given as an object were dropped (now kept as their JSON text), and a Responses call's
+    arguments given only by its .done events (or given in its added event and repeated by deltas) were
+    lost or doubled."""
     chat = [
         _chunk({"role": "assistant", "content": "Checking.", "tool_calls": [
             {"id": "a", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}},
@@ -616,7 +617,7 @@ async def test_content_capture_of_tool_calls_sent_whole_or_only_at_their_end(tmp
     assert outputs[0] == [{"role": "assistant", "finish_reason": "tool_call", "parts": [
         {"type": "text", "content": "Checking."},
         {"type": "tool_call", "name": "weather", "id": "a", "arguments": '{"city":"Oslo"}'},
-        {"type": "tool_call", "name": "time", "id": "b", "arguments": {"tz": "CET"}}]}]
+        {"type": "tool_call", "name": "time", "id": "b", "arguments": '{"tz":"CET"}'}]}]
     assert outputs[1] == [{"role": "assistant", "finish_reason": "stop", "parts": [
         {"type": "tool_call", "name": "weather", "id": "call_x", "arguments": '{"city": "Rome"}'},
         {"type": "tool_call", "name": "time", "id": "call_y", "arguments": '{"tz": "CET"}'}]}]
@@ -635,3 +636,44 @@ def test_tool_calls_that_are_not_a_list_are_skipped():
     body = {"messages": [{"role": "assistant", "content": "x", "tool_calls": 5}]}
     assert [key for _, key in request_slots("chat", body)] == ["content"]
     assert input_messages(body) == [{"role": "assistant", "parts": [{"type": "text", "content": "x"}]}]
+
+
+async def test_streamed_tool_calls_without_an_index_and_the_content_bound(tmp_path):
+    """Calls without an index: each whole call (in chunks of their own) stays apart, and a bare piece after
+    a call continues it; arguments of every kind count towards max_content_chars (an object was kept
+    whole, unbounded)."""
+    import json as json_
+    import types
+
+    from plugins.tracing import OUTPUT, Tracing
+    from proxy import Event
+    from proxy.testing import configure_plugin, make_context, make_runtime
+
+    def event(delta: dict) -> Event:
+        data = json_.dumps(_chunk(delta))
+        return Event(data=data)
+
+    rt = await make_runtime(tmp_path)
+    try:
+        tr = await configure_plugin(Tracing, {"exporter": "none", "capture_content": True, "max_content_chars": 64}, runtime=rt)
+        tr.pipeline.wire = types.SimpleNamespace(add=lambda span: None)  # the spans are not what this test reads
+        ctx = make_context({"model": "sluice-demo", "messages": [{"role": "user", "content": "hi"}], "stream": True}, runtime=rt)
+        tr.on_request(ctx)
+        for delta in (
+            {"tool_calls": [{"type": "function", "function": {"name": "a", "arguments": '{"x":1}'}}]},
+            {"tool_calls": [{"type": "function", "function": {"name": "b", "arguments": '{"y":2}'}}]},
+            {"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "c", "arguments": '{"z"'}}]},
+            {"tool_calls": [{"function": {"arguments": ":3}"}}]},
+            {"tool_calls": [{"id": "d1", "type": "function", "function": {"name": "d", "arguments": {"blob": "x" * 10_000}}}]},
+            {"tool_calls": [{"id": "e1", "type": "function", "function": {"name": "e", "arguments": "y" * 10_000}}]},
+        ):
+            tr.on_chunk(ctx, event(delta))
+        ctx.outcome = "ok"
+        tr.on_done(ctx)
+        parts = json_.loads(ctx.stash[OUTPUT])[0]["parts"]
+    finally:
+        await rt.close_all()
+    got = [(p["id"] if "id" in p else None, p["name"], p["arguments"]) for p in parts]
+    assert got[:3] == [(None, "a", '{"x":1}'), (None, "b", '{"y":2}'), ("c1", "c", '{"z":3}')]
+    kept = sum(len(a) for _, _, a in got)
+    assert kept == 65 and got[3][2].startswith('{"blob":"xxx') and got[4][2] == ""  # one past the limit, as text
