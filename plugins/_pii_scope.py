@@ -91,12 +91,13 @@ def _asks(v: Any) -> bool:
 
 def answer_token_fields(kind: str | None, body: Any) -> list[str]:
     """The fields of a request body that ask for the answer's tokens: their log probabilities, or (vLLM)
-    their ids, either of which repeats the answer's text a token at a time.
+    their ids, either of which repeats the answer's text a token at a time; or (vLLM's Responses) the raw
+    messages, which repeat it whole beside the scanned ``output``.
 
     Chat: ``logprobs`` (true), ``top_logprobs``. Completions: ``logprobs``, any value but ``null``
     (vLLM reads ``false`` as 0, and 0 returns the sampled tokens). Responses: ``top_logprobs``, or
     ``include`` naming ``message.output_text.logprobs``. Chat and completions: vLLM's
-    ``return_token_ids``. A prompt's own log probabilities or ids (vLLM's ``prompt_logprobs``,
+    ``return_token_ids``. Responses: vLLM's ``enable_response_messages``. A prompt's own log probabilities or ids (vLLM's ``prompt_logprobs``,
     completions' ``echo``) repeat what the model read, which the request side redacted already:
     they are not asked for here.
     """
@@ -115,6 +116,8 @@ def answer_token_fields(kind: str | None, body: Any) -> list[str]:
             out.append("include")
     if kind in ("chat", "completions") and _asks(body.get("return_token_ids")):
         out.append("return_token_ids")
+    if kind == "responses" and _asks(body.get("enable_response_messages")):
+        out.append("enable_response_messages")
     return out
 
 

@@ -106,7 +106,7 @@ class PiiConfig(PluginConfig):
     restore: bool = Field(False, description="Put redacted values back into the answer (buffered and streamed) before the client sees it.")
     scan_answers: bool = Field(True, description="Scan the model's answers too, and apply the same actions to PII the model writes.")
     answer_logprobs: Literal["refuse", "drop", "allow"] = Field(
-        "refuse", description="With scan_answers, a request asking for the answer's tokens (log probabilities, vLLM's token ids), "
+        "refuse", description="With scan_answers, a request asking for the answer's tokens (log probabilities, vLLM's token ids or raw messages), "
         "which repeat its text unscanned: 'refuse' it (400 unsupported_parameter), 'drop' the fields so none come back, or 'allow' it.")
     fast_path: bool = Field(True, description="Send to Presidio only texts (and windows of long texts) that could hold an entity.")
     window_min_chars: int = Field(2000, ge=200, le=10_000_000, description="Texts at least this long are analysed in windows around their triggers.")
@@ -498,8 +498,8 @@ class Pii(Plugin):
         if self.config.answer_logprobs == "refuse":
             raise ProxyError(
                 400,
-                f"The answer's tokens are not available on this route ('{fields[0]}'): its personal-data guard scans "
-                "answers, and their tokens (log probabilities or ids) would repeat the text unscanned. Send the "
+                f"The answer's tokens and raw messages are not available on this route ('{fields[0]}'): its "
+                "personal-data guard scans answers, and these would repeat the answer's text unscanned. Send the "
                 "request without them.",
                 code="unsupported_parameter",
                 param=fields[0],

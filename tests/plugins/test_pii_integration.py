@@ -281,5 +281,7 @@ def test_which_fields_ask_for_the_answers_tokens() -> None:
     assert fields("responses", {"include": ["file_search_call.results"]}) == []
     assert fields("chat", {"return_token_ids": True}) == fields("completions", {"return_token_ids": True}) == ["return_token_ids"]
     assert fields("chat", {"return_token_ids": False}) == []
+    assert fields("responses", {"enable_response_messages": True}) == ["enable_response_messages"]
+    assert fields("chat", {"enable_response_messages": True}) == []
     assert fields("embeddings", {"logprobs": True}) == []
     assert fields("chat", ["not", "an", "object"]) == []
