@@ -159,7 +159,7 @@ def output_messages(body: Any) -> list[dict[str, Any]] | None:
     return None
 
 
-def streamed_message(text: str, reason: Any, tools: list[tuple[Any, Any, str]] | None = None) -> dict[str, Any]:
+def streamed_message(text: str, reason: Any, tools: list[tuple[Any, Any, Any]] | None = None) -> dict[str, Any]:
     """A streamed choice, from its text and tool calls (``(id, name, arguments)``) as gathered and its finish
     reason (``None``: it did not finish). Its parts are those of the buffered answer: the text (left out
     when empty and there are tool calls, as a message whose content is null), then the tool calls."""

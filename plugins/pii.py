@@ -29,8 +29,8 @@ from ._pii_engine import EngineSettings, Finding, PiiEngine, ProcessAnalyzer, Re
 from ._pii_recognizers import NER_ENTITIES, PATTERN_ENTITIES, CustomPattern, CustomRecognizer
 from ._pii_scope import (
     answer_slots,
-    channel_closed_by,
     answer_token_fields,
+    channel_closed_by,
     drop_answer_tokens,
     endpoint_kind,
     request_slots,
@@ -490,8 +490,9 @@ class Pii(Plugin):
         ctx.body = body
 
     def _answer_logprobs(self, ctx: Context, kind: str | None, body: Any) -> None:
-        """The answer's tokens, with their log probabilities, repeat its text where no scan reaches: a
-        request asking for them is refused, or the fields are dropped (``answer_logprobs``)."""
+        """The answer's tokens (their log probabilities, vLLM's token ids) and vLLM's raw Responses messages
+        repeat its text where no scan reaches: a request asking for them is refused, or the fields are
+        dropped (``answer_logprobs``)."""
         fields = answer_token_fields(kind, body)
         if not fields:
             return
