@@ -12,7 +12,6 @@ bounds how long a revoke takes to reach every worker and replica.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import fnmatch
 import hashlib
 import hmac
@@ -45,8 +44,6 @@ KEY_PREFIX = "sk-sluice-"
 RECORD: StashKey[KeyRecord] = StashKey("auth.record")
 _ID = re.compile(r"^key_[0-9a-f]{16}$")
 _CACHE_MAX = 10_000
-#: most probes' units given back in the background at once (each after a lost answer from Redis)
-_GIVE_BACK_MAX = 1000
 #: addresses with recent failures tracked at most (beyond, new ones go unchecked until some expire)
 _FAILING_MAX = 100_000
 
@@ -335,8 +332,6 @@ class Auth(Plugin):
         #: this process's failure counts: the shared ones' stand-in while their backend is unreachable
         self._fail_local = None
         self._fail_warned = 0.0
-        #: probes' units being given back after a lost answer (bounded by _GIVE_BACK_MAX)
-        self._giving_back = 0
         self._failing: dict[str, float] = {}
         #: hash -> (record, identity, trusted until): identities are shared read-only between requests
         self._cache: OrderedDict[str, tuple[KeyRecord, Identity, float]] = OrderedDict()
@@ -498,53 +493,17 @@ class Auth(Plugin):
         return Limit(fail_key, self.config.max_failures, self.config.failure_window_s, cost)
 
     async def _probe_failures(self, fail_key: str) -> None:
-        """429 when the address's bucket has no whole failure left: a unit taken and given back. (The
-        failures themselves are taken by :meth:`_failed`, refused once the bucket is empty, so this check
-        only stops a right key from telling itself apart while the address is blocked.)"""
-        local = self._fail_local
-        counters = self._fail
-        assert counters is not None and local is not None
+        """429 when the address's bucket has no whole failure left (a look, nothing taken). The failures
+        themselves are taken by :meth:`_failed`, refused once the bucket is empty; this check only stops
+        a right key from telling itself apart while the address is blocked."""
+        limit = self._fail_limit(fail_key)
         try:
-            d = await counters.acquire([self._fail_limit(fail_key)])
+            d = await self._fail.peek(limit)  # type: ignore[union-attr]
         except Exception as e:  # noqa: BLE001 - unreachable, slow or full: this process's count stands in
             self._shared_failed(e)
-            if getattr(e, "ambiguous", False):
-                self._give_back_later(fail_key)  # the unit may have been taken all the same
-            counters = local
-            d = await local.acquire([self._fail_limit(fail_key)])
+            d = await self._fail_local.peek(limit)  # type: ignore[union-attr]
         if not d.allowed:
             raise _too_many(d.retry_after_s)
-        try:
-            await counters.adjust([self._fail_limit(fail_key, -1.0)])
-        except Exception as e:  # noqa: BLE001
-            self._shared_failed(e)
-            self._give_back_later(fail_key)
-
-    def _give_back_later(self, fail_key: str) -> None:
-        """Give a probe's unit back once the shared counts answer again (within a window, once), so that a
-        lost answer does not leave an address that only sent right keys with a failure it never made. Had
-        the lost call not run, the address gets one failure more for that window."""
-        if self._giving_back >= _GIVE_BACK_MAX:
-            return
-        self._giving_back += 1
-        give_up = time.monotonic() + self.config.failure_window_s
-
-        async def give_back() -> None:
-            wait = 0.2
-            try:
-                while True:
-                    try:
-                        await self._fail.adjust([self._fail_limit(fail_key, -1.0)])  # type: ignore[union-attr]
-                        return
-                    except Exception:  # noqa: BLE001 - still unreachable: try again until the window is over
-                        if time.monotonic() + wait >= give_up:
-                            return
-                    await asyncio.sleep(wait)  # a backoff while the backend is away, not a synchronisation
-                    wait = min(wait * 2, 5.0)
-            finally:
-                self._giving_back -= 1
-
-        self.runtime.spawn(give_back(), "auth-give-back-probe")
 
     def _shared_failed(self, e: BaseException) -> None:
         now = time.monotonic()

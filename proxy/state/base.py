@@ -73,6 +73,10 @@ class Counters(abc.ABC):
         """Add ``cost`` (negative to give back) without checking: reconcile after the fact."""
 
     @abc.abstractmethod
+    async def peek(self, limit: Limit) -> Decision:
+        """Whether ``acquire([limit])`` would admit now, taking nothing (no statuses in the decision)."""
+
+    @abc.abstractmethod
     async def lease(self, key: str, limit: int, ttl_s: float) -> str | None:
         """Take one of ``limit`` concurrent slots on ``key``; a lease token, or ``None`` when full.
 

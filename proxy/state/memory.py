@@ -140,6 +140,10 @@ class MemoryCounters(Counters):
     async def adjust(self, limits: Sequence[Limit]) -> None:
         self.adjust_now(limits)
 
+    async def peek(self, limit: Limit) -> Decision:
+        ok, _, _, wait = gcra_check(self._tat.get(limit.key, 0.0), self._clock(), limit)
+        return Decision(True, 0.0) if ok else Decision(False, wait, (), limit)
+
     def _has_slot(self, key: str, limit: int, now: float) -> bool:
         held = self._leases.get(key)
         if held is None or len(held) < limit:

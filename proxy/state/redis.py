@@ -141,6 +141,14 @@ if n == 0 then return head end
 return head .. ' ' .. table.concat(out, ' ')
 """
 
+# KEYS: one GCRA bucket. ARGV[1]: now. Returns how far its theoretical arrival time is ahead of now
+# (0 when it is not): acquire's own test, done in Python, with nothing written.
+PEEK_LUA = _CLOCK + """
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+return string.format('%.6f', tat - now)
+"""
+
 # KEYS: the sum, a hash {t: total, e: period end}. ARGV: now, amount, limit ('' for none), expires_at.
 # The period end is kept in the hash (not only as a TTL) so an injected test clock sees it too.
 # Numbers are written with '%.17g', which gives back the same double: a fixed number of
@@ -508,6 +516,14 @@ class RedisCounters(Counters):
 
     async def adjust(self, limits: Sequence[Limit]) -> None:
         await self.settle(limits, ())
+
+    async def peek(self, limit: Limit) -> Decision:
+        ahead = float(await self.guard.script(PEEK_LUA, [self.prefix + limit.key], [self._now()]))
+        interval = limit.period_s / limit.limit
+        used = ahead + limit.cost * interval
+        if used <= limit.period_s + 1e-6:  # ADMIT_LUA's eps
+            return Decision(True, 0.0)
+        return Decision(False, limit.period_s if limit.cost > limit.limit else used - limit.period_s, (), limit)
 
     async def settle(self, adjust: Sequence[Limit], releases: Sequence[tuple[str, str]]) -> None:
         """``adjust(adjust)`` and release every ``(key, token)`` lease, in one script."""

@@ -432,7 +432,8 @@ async def test_a_full_redis_leaves_failures_counted_in_the_process(tmp_path, sdk
 @pytest.mark.redis
 async def test_concurrent_guesses_get_no_more_401s_than_failures_left(tmp_path, sdk, redis_server):
     """Each 401 stands for a failure taken from the address's bucket: with one failure left, guesses in
-    flight together got a 401 each (the check and the count were apart, a round trip each)."""
+    flight together got a 401 each (the check and the count were apart, a round trip each); and right
+    keys in flight together are not refused by each other's checks."""
     wrong = "sk-wrong-00000000000000000000"
     async with FakeUpstream() as up:
         cfg = {**_config(up, virtual_keys=False, keys=[{"key": STATIC, "id": "app"}], max_failures=2),
@@ -440,6 +441,11 @@ async def test_concurrent_guesses_get_no_more_401s_than_failures_left(tmp_path, 
         async with SluiceServer(cfg, tmp_path / "a") as a, SluiceServer(cfg, tmp_path / "b") as b:
             with pytest.raises(openai.AuthenticationError):
                 await sdk(a.url, wrong).chat.completions.create(**CHAT)  # one failure left
+
+            # the right key from the address, many at once: a look at the bucket holds no unit, so none of
+            # them is refused (a check that took a unit and gave it back refused the ones in between)
+            oks = await asyncio.gather(*(sdk(a.url, STATIC).chat.completions.create(**CHAT) for _ in range(6)))
+            assert all(r.choices[0].message.content for r in oks)
 
             async def guess(s: SluiceServer) -> int:
                 try:

@@ -40,6 +40,24 @@ async def test_burst_of_limit_then_refused(counters):
     assert d.statuses[0].reset_s == pytest.approx(60.0, abs=1e-3)
 
 
+async def test_peek_says_what_acquire_would_and_takes_nothing(counters, clock):
+    lim = Limit("p", 3, 30)
+    assert (await counters.peek(lim)).allowed  # an untouched bucket
+    for _ in range(2):
+        assert (await counters.acquire([lim])).allowed
+    for _ in range(5):  # one whole unit left, however often it is looked at
+        assert (await counters.peek(lim)).allowed
+    assert (await counters.acquire([lim])).allowed
+    d = await counters.peek(lim)
+    assert not d.allowed and d.refused == lim and d.retry_after_s == pytest.approx(10.0, abs=1e-3)
+    assert (await counters.acquire([lim])).retry_after_s == pytest.approx(d.retry_after_s, abs=1e-3)
+    clock.advance(9.9)
+    assert not (await counters.peek(lim)).allowed  # part of a unit is not one
+    clock.advance(0.2)
+    assert (await counters.peek(lim)).allowed and (await counters.acquire([lim])).allowed
+    assert not (await counters.peek(Limit("p", 3, 30, 2.0))).allowed  # a cost of two does not fit
+
+
 async def test_refills_steadily(counters, clock):
     for _ in range(5):
         assert (await counters.acquire([Limit("k", 5, 60)])).allowed
