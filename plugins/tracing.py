@@ -99,6 +99,27 @@ class _ToolCall:
 PIECE, WHOLE = 0, 1
 
 
+def _unindexed(tools: dict[Any, _ToolCall], last: Any, cid: str | None, name: str | None) -> Any:
+    """The key of a tool-call piece that has no ``index`` (servers that send whole calls): its id's call;
+    else, with a name, a new call, unless it names the last call again while that call's arguments are
+    not yet whole JSON (a server that repeats the name in every piece); else, bare, the last call."""
+    if cid is not None:
+        return ("id", cid)
+    if last is not None and (name is None or (tools[last].name == name and not _whole_json(tools[last]))):
+        return last
+    return ("new", len(tools))
+
+
+def _whole_json(call: _ToolCall) -> bool:
+    if call.whole is not None:
+        return True
+    try:
+        orjson.loads("".join(call.pieces))
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any, int]]:
     """A streamed chunk's tool-call pieces as (choice index, call key, id, name, arguments, PIECE or WHOLE).
 
@@ -123,7 +144,8 @@ def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any, int]]:
                 for call in calls:
                     fn = call.get("function") if type(call) is dict else None
                     if type(fn) is dict:
-                        yield i, call.get("index"), call.get("id"), fn.get("name"), fn.get("arguments"), PIECE
+                        idx = call.get("index")
+                        yield i, idx if type(idx) is int else None, call.get("id"), fn.get("name"), fn.get("arguments"), PIECE
             fc = delta.get("function_call")
             if type(fc) is dict:
                 yield i, "function", None, fc.get("name"), fc.get("arguments"), PIECE
@@ -353,30 +375,29 @@ class Tracing(Plugin):
         tools = got.tools
         if tools is None:
             tools = got.tools = {}
+        cid = cid if type(cid) is str and cid else None  # an empty id or name is none (some servers send "")
+        name = name if type(name) is str and name else None
         if call is None:
-            # no index: a call is told by its id, a new name starts one, and a bare piece continues the last
-            call = ("id", cid) if type(cid) is str else ("new", len(tools)) if type(name) is str or got.last_tool is None \
-                else got.last_tool
+            call = _unindexed(tools, got.last_tool, cid, name)
         try:
             found = tools.get(call)
         except TypeError:
-            return  # a call index that is not one (a list): nothing to keep it by
+            return  # an output_index that is not one (a list): nothing to keep it by
         if found is None:
             if len(tools) >= MAX_TOOL_CALLS:
+                got.last_tool = None  # the pieces that would continue this call are not kept either
                 return
             found = tools[call] = _ToolCall()
         got.last_tool = call
-        if type(cid) is str and found.id is None:
+        if cid is not None and found.id is None:
             found.id = cid
-        if type(name) is str and found.name is None:
+        if name is not None and found.name is None:
             found.name = name
         if arguments is None or arguments == "":
             return
         limit = self.config.max_content_chars + 1
         if type(arguments) is not str:
             # an object (some servers send one): kept as its JSON text, so that it counts towards the bound
-            if got.size >= limit:
-                return
             try:
                 arguments = orjson.dumps(arguments).decode()
             except (TypeError, orjson.JSONEncodeError):
