@@ -497,11 +497,14 @@ class Auth(Plugin):
         themselves are taken by :meth:`_failed`, refused once the bucket is empty; this check only stops
         a right key from telling itself apart while the address is blocked."""
         limit = self._fail_limit(fail_key)
-        try:
-            d = await self._fail.peek(limit)  # type: ignore[union-attr]
-        except Exception as e:  # noqa: BLE001 - unreachable, slow or full: this process's count stands in
-            self._shared_failed(e)
-            d = await self._fail_local.peek(limit)  # type: ignore[union-attr]
+        local = self._fail_local
+        assert local is not None
+        d = await local.peek(limit)  # this process's own failures, counted whatever Redis did with them
+        if d.allowed and self._fail is not local:
+            try:
+                d = await self._fail.peek(limit)  # type: ignore[union-attr]
+            except Exception as e:  # noqa: BLE001 - unreachable, slow or full: this process's count stands in
+                self._shared_failed(e)
         if not d.allowed:
             raise _too_many(d.retry_after_s)
 

@@ -83,16 +83,47 @@ class _ToolCall:
     and ``whole``: the arguments given whole (a ``.done`` event's complete text, or the JSON text of an
     object some servers send instead of a string), which then stand instead of the pieces."""
 
-    __slots__ = ("id", "name", "pieces", "whole")
+    __slots__ = ("id", "name", "pieces", "whole", "depth", "state")
 
     def __init__(self) -> None:
         self.id: Any = None
         self.name: Any = None
         self.pieces: list[str] = []
         self.whole: Any = None
+        #: how deep the pieces so far are inside JSON objects and arrays, read as they come (:meth:`scan`)
+        self.depth = 0
+        #: 0 before the arguments' first character, 1 outside a string, 2 in one, 3 after its backslash,
+        #: 4 once the arguments are whole JSON (their first object or array closed, or not one at all)
+        self.state = 0
 
     def arguments(self) -> Any:
         return self.whole if self.whole is not None else "".join(self.pieces)
+
+    def complete(self) -> bool:
+        """Whether the arguments are whole: given whole, or their JSON closed."""
+        return self.whole is not None or self.state == 4
+
+    def scan(self, piece: str) -> None:
+        """Follow ``piece`` of the arguments (once each, so a stream costs its length, not its square)."""
+        state, depth = self.state, self.depth
+        for ch in piece:
+            if state == 4:
+                break
+            if state == 2:
+                state = 3 if ch == "\\" else 1 if ch == '"' else 2
+            elif state == 3:
+                state = 2
+            elif ch == '"':
+                state = 2
+            elif ch in "{[":
+                depth += 1
+                state = 1
+            elif ch in "}]":
+                depth -= 1
+                state = 4 if depth <= 0 else 1
+            elif state == 0 and not ch.isspace():
+                state = 4  # not an object or array: nothing to follow
+        self.state, self.depth = state, depth
 
 
 #: how a tool-call piece carries its arguments: a piece of them, or all of them
@@ -105,19 +136,9 @@ def _unindexed(tools: dict[Any, _ToolCall], last: Any, cid: str | None, name: st
     not yet whole JSON (a server that repeats the name in every piece); else, bare, the last call."""
     if cid is not None:
         return ("id", cid)
-    if last is not None and (name is None or (tools[last].name == name and not _whole_json(tools[last]))):
+    if last is not None and (name is None or (tools[last].name == name and not tools[last].complete())):
         return last
     return ("new", len(tools))
-
-
-def _whole_json(call: _ToolCall) -> bool:
-    if call.whole is not None:
-        return True
-    try:
-        orjson.loads("".join(call.pieces))
-    except orjson.JSONDecodeError:
-        return False
-    return True
 
 
 def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any, int]]:
@@ -412,6 +433,7 @@ class Tracing(Plugin):
         elif found.whole is None and got.size < limit:
             piece = arguments[:limit - got.size]
             found.pieces.append(piece)
+            found.scan(piece)
             got.size += len(piece)
 
     @hookimpl

@@ -427,6 +427,9 @@ async def test_a_full_redis_leaves_failures_counted_in_the_process(tmp_path, sdk
                     await sdk(s.url, wrong).chat.completions.create(**CHAT)
             with pytest.raises(openai.RateLimitError):  # counted in the process: the third is over
                 await sdk(s.url, wrong).chat.completions.create(**CHAT)
+            # and the right key waits too: Redis still answers reads, but its bucket never got those failures
+            with pytest.raises(openai.RateLimitError):
+                await sdk(s.url, STATIC).chat.completions.create(**CHAT)
 
 
 @pytest.mark.redis

@@ -710,3 +710,21 @@ async def test_streamed_tool_calls_past_the_most_kept(tmp_path):
     finally:
         await rt.close_all()
     assert len(parts) == MAX_TOOL_CALLS and all(p["arguments"] == "{}" and p["name"] == "f" for p in parts)
+
+
+def test_a_tool_calls_arguments_are_followed_piece_by_piece():
+    """Whether a call's arguments are whole JSON yet (which decides where an unindexed piece repeating the
+    name goes) is read as the pieces come, once each: brackets in strings and escaped quotes do not count."""
+    from plugins.tracing import _ToolCall
+
+    def whole(*pieces: str) -> bool:
+        call = _ToolCall()
+        for p in pieces:
+            call.scan(p)
+        return call.complete()
+
+    assert not whole('{"a"') and whole('{"a"', ":1}")
+    assert not whole('{"a":"}', "]") and whole('{"a":"}', '"}')
+    assert not whole('{"a":"b\\"}') and whole('{"a":"b\\\\"}')  # an escaped quote, then an escaped backslash
+    assert whole('{"a":[1,{"b":2}]}') and not whole('{"a":[1,{"b":2}]')
+    assert whole("[1, 2]") and whole(" 42") and not whole("  ")
