@@ -93,7 +93,8 @@ class _ToolCall:
         #: how deep the pieces so far are inside JSON objects and arrays, read as they come (:meth:`scan`)
         self.depth = 0
         #: 0 before the arguments' first character, 1 outside a string, 2 in one, 3 after its backslash,
-        #: 4 once the arguments are whole JSON (their first object or array closed, or not one at all)
+        #: 4 once the arguments are whole JSON (their first object, array or string closed), 5 for a
+        #: number or literal, whose end a piece cannot tell
         self.state = 0
 
     def arguments(self) -> Any:
@@ -107,10 +108,13 @@ class _ToolCall:
         """Follow ``piece`` of the arguments (once each, so a stream costs its length, not its square)."""
         state, depth = self.state, self.depth
         for ch in piece:
-            if state == 4:
+            if state >= 4:
                 break
             if state == 2:
-                state = 3 if ch == "\\" else 1 if ch == '"' else 2
+                if ch == "\\":
+                    state = 3
+                elif ch == '"':
+                    state = 4 if depth <= 0 else 1  # a string at the top is whole once it closes
             elif state == 3:
                 state = 2
             elif ch == '"':
@@ -122,7 +126,7 @@ class _ToolCall:
                 depth -= 1
                 state = 4 if depth <= 0 else 1
             elif state == 0 and not ch.isspace():
-                state = 4  # not an object or array: nothing to follow
+                state = 5  # a number or literal at the top: where it ends cannot be told, so never whole here
         self.state, self.depth = state, depth
 
 

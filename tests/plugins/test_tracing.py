@@ -727,4 +727,6 @@ def test_a_tool_calls_arguments_are_followed_piece_by_piece():
     assert not whole('{"a":"}', "]") and whole('{"a":"}', '"}')
     assert not whole('{"a":"b\\"}') and whole('{"a":"b\\\\"}')  # an escaped quote, then an escaped backslash
     assert whole('{"a":[1,{"b":2}]}') and not whole('{"a":[1,{"b":2}]')
-    assert whole("[1, 2]") and whole(" 42") and not whole("  ")
+    assert whole("[1, 2]") and not whole("  ")
+    assert whole('"abc"') and not whole('"ab', "c") and whole('"a\\', '""')  # a string at the top; an escape split
+    assert not whole(" 42") and not whole("t", "rue")  # a number or literal: its end cannot be told
