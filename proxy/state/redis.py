@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from ..config import RedisConfig
 from ..errors import StateUnavailable
 from .base import KV, Counters, Decision, Limit, LimitStatus, SumStatus, settle_after_lost_answer
+from .memory import gcra_check
 
 log = logging.getLogger("sluice.state")
 T = TypeVar("T")
@@ -142,7 +143,7 @@ return head .. ' ' .. table.concat(out, ' ')
 """
 
 # KEYS: one GCRA bucket. ARGV[1]: now. Returns how far its theoretical arrival time is ahead of now
-# (0 when it is not): acquire's own test, done in Python, with nothing written.
+# (0 when it is not), with nothing written: acquire's own test is then made in Python (gcra_check).
 PEEK_LUA = _CLOCK + """
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
@@ -519,11 +520,9 @@ class RedisCounters(Counters):
 
     async def peek(self, limit: Limit) -> Decision:
         ahead = float(await self.guard.script(PEEK_LUA, [self.prefix + limit.key], [self._now()]))
-        interval = limit.period_s / limit.limit
-        used = ahead + limit.cost * interval
-        if used <= limit.period_s + 1e-6:  # ADMIT_LUA's eps
-            return Decision(True, 0.0)
-        return Decision(False, limit.period_s if limit.cost > limit.limit else used - limit.period_s, (), limit)
+        # the in-process counters' test, on the bucket as it stands, measured from now (ADMIT_LUA's too)
+        ok, _, _, wait = gcra_check(ahead, 0.0, limit)
+        return Decision(True, 0.0) if ok else Decision(False, wait, (), limit)
 
     async def settle(self, adjust: Sequence[Limit], releases: Sequence[tuple[str, str]]) -> None:
         """``adjust(adjust)`` and release every ``(key, token)`` lease, in one script."""
