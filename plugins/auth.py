@@ -386,7 +386,7 @@ class Auth(Plugin):
             raise ProxyError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or in the 'api-key' header.",
                              code="missing_api_key", reason="missing_key")
         if self._failing and self._fail is not None:  # some address failed lately: is it this one?
-            fail_key = "auth:fail:" + (ctx.client_ip or "-")
+            fail_key = _fail_key(ctx)
             until = self._failing.get(fail_key)
             if until is not None:
                 if until > time.monotonic():
@@ -489,8 +489,8 @@ class Auth(Plugin):
         self._cache.pop(ck, None)
         return None
 
-    def _fail_limit(self, fail_key: str, cost: float = 1.0) -> Limit:
-        return Limit(fail_key, self.config.max_failures, self.config.failure_window_s, cost)
+    def _fail_limit(self, fail_key: str) -> Limit:
+        return Limit(fail_key, self.config.max_failures, self.config.failure_window_s)
 
     async def _probe_failures(self, fail_key: str) -> None:
         """429 when the address's bucket has no whole failure left (a look, nothing taken). The failures
@@ -520,20 +520,17 @@ class Auth(Plugin):
         401 an address gets stands for a failure counted (however many are in flight at once)."""
         if self._fail is None:
             return
-        fail_key = "auth:fail:" + (ctx.client_ip or "-")
+        fail_key = _fail_key(ctx)
+        limit = self._fail_limit(fail_key)
         local = self._fail_local
         assert local is not None
-        d = None
+        # counted here whatever the shared count does, so that it can stand in while that one is out of reach
+        d = await local.acquire([limit])
         if self._fail is not local:
             try:
-                d = await self._fail.acquire([self._fail_limit(fail_key)])
+                d = await self._fail.acquire([limit])
             except Exception as e:  # noqa: BLE001 - unreachable, slow or full: this process's count stands in
                 self._shared_failed(e)
-            # counted here too, so that this process's count can stand in while the shared one is out of reach
-            local_d = await local.acquire([self._fail_limit(fail_key)])
-            d = d or local_d
-        else:
-            d = await local.acquire([self._fail_limit(fail_key)])
         failing = self._failing
         now = time.monotonic()
         if len(failing) >= _FAILING_MAX:
@@ -619,6 +616,11 @@ def form_fields(ctx: Context, name: str) -> list[str]:
         if sep and any(wanted.match(line) for line in head.split(b"\r\n")):
             out.append(value.removesuffix(b"\r\n").decode("utf-8", "replace"))
     return out
+
+
+def _fail_key(ctx: Context) -> str:
+    """The counter of an address's failed attempts."""
+    return "auth:fail:" + (ctx.client_ip or "-")
 
 
 def _too_many(retry_after: float) -> ProxyError:
@@ -806,7 +808,7 @@ async def _with_store(loaded: LoadedConfig, fn: Any, existing: bool = True) -> i
     hub = StateHub(loaded.config.state)
     await hub.start()
     try:
-        return await fn(KeyStore(hub, store_backend(loaded.config)))
+        return await fn(KeyStore(hub, backend))
     except ProxyError as e:
         print(f"sluice: {e.message}", file=sys.stderr)
         return 1
@@ -822,7 +824,6 @@ def _print_new(secret: str, rec: KeyRecord, as_json: bool) -> None:
 
 
 async def _cmd_create(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-
     limits = {k: v for k, v in (("requests_per_minute", args.rpm), ("tokens_per_minute", args.tpm), ("concurrency", args.concurrency),
                                 ("budget_per_day", args.budget_per_day), ("budget_per_month", args.budget_per_month)) if v is not None}
     meta = {}
@@ -866,7 +867,6 @@ async def _cmd_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 async def _cmd_revoke(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-
     async def run(store: KeyStore) -> int:
         rec = await store.revoke(args.id)
         if rec is None:
@@ -879,7 +879,6 @@ async def _cmd_revoke(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 async def _cmd_rotate(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-
     try:
         grace = parse_duration(args.grace)
     except ValueError as e:
