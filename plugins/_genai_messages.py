@@ -165,9 +165,5 @@ def streamed_message(text: str, reason: Any, tools: list[tuple[Any, Any, Any]] |
     when empty and there are tool calls, as a message whose content is null), then the tool calls."""
     parts = [_text(text)] if text or not tools else []
     for cid, name, arguments in tools or ():
-        part: dict[str, Any] = {"type": "tool_call", "name": name if isinstance(name, str) else ""}
-        if isinstance(cid, str):
-            part["id"] = cid
-        part["arguments"] = arguments
-        parts.append(part)
+        parts.append(_tool_call({"id": cid, "name": name, "arguments": arguments}))  # type: ignore[arg-type]
     return {"role": "assistant", "parts": parts, "finish_reason": finish_reason(reason) if reason is not None else "error"}

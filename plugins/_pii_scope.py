@@ -97,9 +97,9 @@ def answer_token_fields(kind: str | None, body: Any) -> list[str]:
     Chat: ``logprobs`` (true), ``top_logprobs``. Completions: ``logprobs``, any value but ``null``
     (vLLM reads ``false`` as 0, and 0 returns the sampled tokens). Responses: ``top_logprobs``, or
     ``include`` naming ``message.output_text.logprobs``. Chat and completions: vLLM's
-    ``return_token_ids``. Responses: vLLM's ``enable_response_messages``. A prompt's own log probabilities or ids (vLLM's ``prompt_logprobs``,
-    completions' ``echo``) repeat what the model read, which the request side redacted already:
-    they are not asked for here.
+    ``return_token_ids``. Responses: vLLM's ``enable_response_messages``. A prompt's own log
+    probabilities or ids (vLLM's ``prompt_logprobs``, completions' ``echo``) repeat what the model
+    read, which the request side redacted already: they are not asked for here.
     """
     if not isinstance(body, dict):
         return []

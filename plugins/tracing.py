@@ -77,6 +77,14 @@ class _Captured:
         #: the key of the call a piece went to last (a piece without index, id or name continues it)
         self.last_tool: Any = None
 
+    def keep(self, into: list[str], piece: str, limit: int) -> str:
+        """Append to ``into`` what of ``piece`` fits under ``limit`` characters in all; the part kept."""
+        piece = piece[:max(limit - self.size, 0)]
+        if piece:
+            into.append(piece)
+            self.size += len(piece)
+        return piece
+
 
 class _ToolCall:
     """One streamed tool call: its id and name (from the piece that gives them), its arguments as pieces,
@@ -149,11 +157,11 @@ def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any, int]]:
     """A streamed chunk's tool-call pieces as (choice index, call key, id, name, arguments, PIECE or WHOLE).
 
     Chat's ``tool_calls`` are keyed by their ``index``; without one the key is ``None`` and
-    :meth:`Tracing._gather_tool` tells the calls apart (a server that sends whole calls without an
-    index). The legacy ``function_call`` is one call. A Responses function call (in choice 0, as the stream's text) is
-    keyed by its ``output_index``: ``output_item.added`` names it, ``function_call_arguments.delta``
-    carries pieces, and ``function_call_arguments.done`` and ``output_item.done`` the whole arguments.
-    A first piece gives the id and name (later ones ``None``)."""
+    :func:`_unindexed` tells the calls apart (a server that sends whole calls without an index). The
+    legacy ``function_call`` is one call. A Responses function call (in choice 0, as the stream's
+    text) is keyed by its ``output_index``: ``output_item.added`` names it,
+    ``function_call_arguments.delta`` carries pieces, and ``function_call_arguments.done`` and
+    ``output_item.done`` the whole arguments. A first piece gives the id and name (later ones ``None``)."""
     if type(data) is not dict:
         return
     choices = data.get("choices")
@@ -176,15 +184,17 @@ def _tool_pieces(data: Any) -> Iterator[tuple[int, Any, Any, Any, Any, int]]:
                 yield i, "function", None, fc.get("name"), fc.get("arguments"), PIECE
         return
     kind = data.get("type")
+    at = data.get("output_index")
+    key = ("output", at if type(at) is int else 0)
     if kind == "response.function_call_arguments.delta":
-        yield 0, ("output", data.get("output_index", 0)), None, None, data.get("delta"), PIECE
+        yield 0, key, None, None, data.get("delta"), PIECE
     elif kind == "response.function_call_arguments.done":
-        yield 0, ("output", data.get("output_index", 0)), None, None, data.get("arguments"), WHOLE
+        yield 0, key, None, None, data.get("arguments"), WHOLE
     elif kind in ("response.output_item.added", "response.output_item.done"):
         item = data.get("item")
         if type(item) is dict and item.get("type") == "function_call":
             how = PIECE if kind == "response.output_item.added" else WHOLE
-            yield 0, ("output", data.get("output_index", 0)), item.get("call_id"), item.get("name"), item.get("arguments"), how
+            yield 0, key, item.get("call_id"), item.get("name"), item.get("arguments"), how
 
 
 class Tracing(Plugin):
@@ -377,7 +387,8 @@ class Tracing(Plugin):
         for i, call, cid, name, arguments, how in _tool_pieces(data):
             self._gather_tool(ctx, i, call, cid, name, arguments, how)
 
-    def _captured(self, ctx: Context, i: int) -> _Captured:
+    def _choice(self, ctx: Context, i: int) -> _Captured:
+        """What is gathered of choice ``i`` of the stream."""
         streamed = ctx.stash.setdefault(STREAMED, {})
         got = streamed.get(i)
         if got is None:
@@ -386,17 +397,13 @@ class Tracing(Plugin):
 
     def _gather(self, ctx: Context, i: int, piece: str) -> None:
         """Keep ``piece`` of choice ``i``'s text, up to one past ``max_content_chars``."""
-        got = self._captured(ctx, i)
-        limit = self.config.max_content_chars + 1  # one past the limit: truncate() then marks the cut
-        if got.size < limit:
-            piece = piece[:limit - got.size]
-            got.pieces.append(piece)
-            got.size += len(piece)
+        got = self._choice(ctx, i)
+        got.keep(got.pieces, piece, self.config.max_content_chars + 1)  # one past the limit: truncate() then marks the cut
 
     def _gather_tool(self, ctx: Context, i: int, call: Any, cid: Any, name: Any, arguments: Any, how: int) -> None:
         """Keep a piece (or the whole) of one of choice ``i``'s tool calls, and its id and name when it names
         them; its arguments count towards the choice's ``max_content_chars``."""
-        got = self._captured(ctx, i)
+        got = self._choice(ctx, i)
         tools = got.tools
         if tools is None:
             tools = got.tools = {}
@@ -404,10 +411,7 @@ class Tracing(Plugin):
         name = name if type(name) is str and name else None
         if call is None:
             call = _unindexed(tools, got.last_tool, cid, name)
-        try:
-            found = tools.get(call)
-        except TypeError:
-            return  # an output_index that is not one (a list): nothing to keep it by
+        found = tools.get(call)
         if found is None:
             if len(tools) >= MAX_TOOL_CALLS:
                 got.last_tool = None  # the pieces that would continue this call are not kept either
@@ -434,11 +438,8 @@ class Tracing(Plugin):
             found.pieces.clear()
             found.whole = arguments[:max(limit - got.size, 0)]
             got.size += len(found.whole)
-        elif found.whole is None and got.size < limit:
-            piece = arguments[:limit - got.size]
-            found.pieces.append(piece)
-            found.scan(piece)
-            got.size += len(piece)
+        elif found.whole is None:
+            found.scan(got.keep(found.pieces, arguments, limit))
 
     @hookimpl
     def on_done(self, ctx: Context) -> None:
