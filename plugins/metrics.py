@@ -438,15 +438,8 @@ class ModelLabel:
             for m in served_models(ctx):
                 if m in self.allowed:
                     return m  # type: ignore[return-value]
-        return self.of(None, ctx.model)
-
-    def of(self, served: str | None, asked: str | None) -> str:
-        """The label of a request served by the model ``served`` that asked for ``asked``."""
-        if served and served in self.allowed:
-            return served
-        if asked and asked in self.allowed:
-            return asked
-        return OTHER
+        asked = ctx.model
+        return asked if asked and asked in self.allowed else OTHER
 
 
 #: what an attempt's result says about its upstream (sluice_upstream_up): failures 0, answers below 500 1;
