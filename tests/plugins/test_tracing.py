@@ -638,10 +638,9 @@ def test_tool_calls_that_are_not_a_list_are_skipped():
     assert input_messages(body) == [{"role": "assistant", "parts": [{"type": "text", "content": "x"}]}]
 
 
-async def test_streamed_tool_calls_without_an_index_and_the_content_bound(tmp_path):
-    """Calls without an index: each whole call (in chunks of their own) stays apart, and a bare piece after
-    a call continues it; arguments of every kind count towards max_content_chars (an object was kept
-    whole, unbounded)."""
+async def _captured_parts(tmp_path, deltas: list[dict], **config) -> list[dict]:
+    """The parts of the one output message tracing captures from a chat stream of ``deltas`` (its
+    plugin run in-process, with capture_content and ``config``)."""
     import json as json_
     import types
 
@@ -649,33 +648,36 @@ async def test_streamed_tool_calls_without_an_index_and_the_content_bound(tmp_pa
     from proxy import Event
     from proxy.testing import configure_plugin, make_context, make_runtime
 
-    def event(delta: dict) -> Event:
-        data = json_.dumps(_chunk(delta))
-        return Event(data=data)
-
     rt = await make_runtime(tmp_path)
     try:
-        tr = await configure_plugin(Tracing, {"exporter": "none", "capture_content": True, "max_content_chars": 64}, runtime=rt)
-        tr.pipeline.wire = types.SimpleNamespace(add=lambda span: None)  # the spans are not what this test reads
+        tr = await configure_plugin(Tracing, {"exporter": "none", "capture_content": True, **config}, runtime=rt)
+        tr.pipeline.wire = types.SimpleNamespace(add=lambda span: None)  # the spans are not what these tests read
         ctx = make_context({"model": "sluice-demo", "messages": [{"role": "user", "content": "hi"}], "stream": True}, runtime=rt)
         tr.on_request(ctx)
-        for delta in (
-            {"tool_calls": [{"type": "function", "function": {"name": "a", "arguments": '{"x":1}'}}]},
-            {"tool_calls": [{"type": "function", "function": {"name": "b", "arguments": '{"y":2}'}}]},
-            {"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "c", "arguments": '{"z"'}}]},
-            {"tool_calls": [{"id": "", "function": {"name": "", "arguments": ":3}"}}]},  # "" is no id or name
-            {"tool_calls": [{"index": True, "type": "function", "function": {"name": "g", "arguments": '{"w"'}}]},  # not an index
-            {"tool_calls": [{"type": "function", "function": {"name": "g", "arguments": ":4}"}}]},  # the name again
-            {"tool_calls": [{"type": "function", "function": {"name": "g", "arguments": '{"w":5}'}}]},  # a new call to g
-            {"tool_calls": [{"id": "d1", "type": "function", "function": {"name": "d", "arguments": {"blob": "x" * 10_000}}}]},
-            {"tool_calls": [{"id": "e1", "type": "function", "function": {"name": "e", "arguments": "y" * 10_000}}]},
-        ):
-            tr.on_chunk(ctx, event(delta))
+        for delta in deltas:
+            tr.on_chunk(ctx, Event(data=json_.dumps(_chunk(delta))))
         ctx.outcome = "ok"
         tr.on_done(ctx)
-        parts = json_.loads(ctx.stash[OUTPUT])[0]["parts"]
+        return json_.loads(ctx.stash[OUTPUT])[0]["parts"]
     finally:
         await rt.close_all()
+
+
+async def test_streamed_tool_calls_without_an_index_and_the_content_bound(tmp_path):
+    """Calls without an index: each whole call (in chunks of their own) stays apart, and a bare piece after
+    a call continues it; arguments of every kind count towards max_content_chars (an object was kept
+    whole, unbounded)."""
+    parts = await _captured_parts(tmp_path, [
+        {"tool_calls": [{"type": "function", "function": {"name": "a", "arguments": '{"x":1}'}}]},
+        {"tool_calls": [{"type": "function", "function": {"name": "b", "arguments": '{"y":2}'}}]},
+        {"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "c", "arguments": '{"z"'}}]},
+        {"tool_calls": [{"id": "", "function": {"name": "", "arguments": ":3}"}}]},  # "" is no id or name
+        {"tool_calls": [{"index": True, "type": "function", "function": {"name": "g", "arguments": '{"w"'}}]},  # not an index
+        {"tool_calls": [{"type": "function", "function": {"name": "g", "arguments": ":4}"}}]},  # the name again
+        {"tool_calls": [{"type": "function", "function": {"name": "g", "arguments": '{"w":5}'}}]},  # a new call to g
+        {"tool_calls": [{"id": "d1", "type": "function", "function": {"name": "d", "arguments": {"blob": "x" * 10_000}}}]},
+        {"tool_calls": [{"id": "e1", "type": "function", "function": {"name": "e", "arguments": "y" * 10_000}}]},
+    ], max_content_chars=64)
     got = [(p["id"] if "id" in p else None, p["name"], p["arguments"]) for p in parts]
     assert got[:5] == [(None, "a", '{"x":1}'), (None, "b", '{"y":2}'), ("c1", "c", '{"z":3}'), (None, "g", '{"w":4}'),
                        (None, "g", '{"w":5}')]
@@ -686,29 +688,12 @@ async def test_streamed_tool_calls_without_an_index_and_the_content_bound(tmp_pa
 async def test_streamed_tool_calls_past_the_most_kept(tmp_path):
     """Past MAX_TOOL_CALLS a new call is not kept, and neither are the bare pieces after it (they went to
     the last call kept)."""
-    import json as json_
-    import types
+    from plugins.tracing import MAX_TOOL_CALLS
 
-    from plugins.tracing import MAX_TOOL_CALLS, OUTPUT, Tracing
-    from proxy import Event
-    from proxy.testing import configure_plugin, make_context, make_runtime
-
-    rt = await make_runtime(tmp_path)
-    try:
-        tr = await configure_plugin(Tracing, {"exporter": "none", "capture_content": True}, runtime=rt)
-        tr.pipeline.wire = types.SimpleNamespace(add=lambda span: None)
-        ctx = make_context({"model": "sluice-demo", "messages": [{"role": "user", "content": "hi"}], "stream": True}, runtime=rt)
-        tr.on_request(ctx)
-        deltas = [{"tool_calls": [{"id": f"c{n}", "function": {"name": "f", "arguments": "{}"}}]} for n in range(MAX_TOOL_CALLS)]
-        deltas += [{"tool_calls": [{"function": {"name": "extra", "arguments": '{"x"'}}]},
-                   {"tool_calls": [{"function": {"arguments": ': "injected"}'}}]}]
-        for delta in deltas:
-            tr.on_chunk(ctx, Event(data=json_.dumps(_chunk(delta))))
-        ctx.outcome = "ok"
-        tr.on_done(ctx)
-        parts = json_.loads(ctx.stash[OUTPUT])[0]["parts"]
-    finally:
-        await rt.close_all()
+    deltas = [{"tool_calls": [{"id": f"c{n}", "function": {"name": "f", "arguments": "{}"}}]} for n in range(MAX_TOOL_CALLS)]
+    deltas += [{"tool_calls": [{"function": {"name": "extra", "arguments": '{"x"'}}]},
+               {"tool_calls": [{"function": {"arguments": ': "injected"}'}}]}]
+    parts = await _captured_parts(tmp_path, deltas)
     assert len(parts) == MAX_TOOL_CALLS and all(p["arguments"] == "{}" and p["name"] == "f" for p in parts)
 
 
