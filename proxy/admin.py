@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import load_config
-from .errors import ConfigError
+from .errors import ConfigError, ProxyError
 from .handler import error_response, new_request_id
 from .metrics import exposition
 from .registry import plugin_registry
@@ -63,6 +63,9 @@ def make_admin_app(server: Server) -> web.Application:
             return err
         except ConfigError as e:
             return error_response(400, str(e), rid, code="invalid_config")
+        except ProxyError as e:  # a state backend away (503 state_unavailable), an endpoint's own refusal
+            log.warning("admin: %s %s answered %d (%s) request_id=%s", request.method, request.path, e.status, e.reason, rid)
+            return error_response(e.status, e.message, rid, code=e.code, headers=e.headers)
         except (web.RequestPayloadError, HttpProcessingError) as e:  # a body that cannot be read (cut, badly chunked)
             log.info("admin: refused an unreadable request body (%s) request_id=%s", type(e).__name__, rid)
             return error_response(400, "The request body could not be read.", rid, code="invalid_body")

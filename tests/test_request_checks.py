@@ -426,6 +426,36 @@ class CrashingAdmin(Plugin):
         return [AdminRoute("GET", "boom", boom)]
 
 
+class StateAwayAdmin(Plugin):
+    """An admin endpoint whose state backend does not answer."""
+
+    name = "state_away_admin"
+
+    @classmethod
+    def admin_routes(cls) -> list[Any]:
+        from proxy import StateUnavailable
+        from proxy.plugin import AdminRoute
+
+        async def away(request: Any, runtime: Any) -> Any:
+            raise StateUnavailable(reason="sqlite_unavailable")
+
+        return [AdminRoute("GET", "away", away)]
+
+
+async def test_an_admin_endpoint_whose_state_is_away_answers_503_not_500(upstream: FakeUpstream, tmp_path, caplog):
+    """The admin API answered every ProxyError (a state backend's StateUnavailable: a usage report over a
+    ledger that did not answer in time) as 500 internal_error, and logged it as a failure."""
+    caplog.set_level("DEBUG")
+    with register_plugin(StateAwayAdmin):
+        async with SluiceServer(route(upstream, []), tmp_path) as s, httpx.AsyncClient() as c:
+            r = await c.get(f"{s.admin_url}/admin/away", headers={"authorization": f"Bearer {s.admin_token}"})
+    assert r.status_code == 503 and r.headers["x-request-id"].startswith("req_"), r.text
+    assert r.json()["error"] == {"message": "a state backend is unavailable", "type": "service_unavailable", "param": None,
+                                 "code": "state_unavailable"}
+    assert "admin: GET /admin/away answered 503 (sqlite_unavailable)" in caplog.text
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
 async def test_an_admin_endpoint_that_fails_answers_500_and_logs_only_the_kind(upstream: FakeUpstream, tmp_path, caplog):
     caplog.set_level("DEBUG")
     with register_plugin(CrashingAdmin):
