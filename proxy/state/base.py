@@ -153,8 +153,12 @@ class Records(abc.ABC):
         """Wait until every row appended so far is durable."""
 
     @abc.abstractmethod
-    async def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
-        """Run a read-only query off the loop (pending rows are flushed first)."""
+    async def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = (), *,
+                    timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Run a read-only query off the loop (pending rows are flushed first).
+
+        ``timeout_s`` bounds the wait for the answer (default: the backend's own timeout, the
+        state's ``timeout_ms``): a report over a big table may need longer than a lookup."""
 
     async def close(self) -> None:
         return None

@@ -81,11 +81,11 @@ class _Thread:
             self._conn = self._opener()
         return fn(self._conn)
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, fn: Callable[[sqlite3.Connection], T], timeout_s: float | None = None) -> T:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._pool, self._with_conn, fn)
         try:
-            return await asyncio.wait_for(fut, self.timeout_s)
+            return await asyncio.wait_for(fut, self.timeout_s if timeout_s is None else timeout_s)
         except (asyncio.TimeoutError, sqlite3.OperationalError) as e:
             log.warning("sqlite: %s", type(e).__name__)
             raise StateUnavailable(reason="sqlite_unavailable") from None
@@ -171,7 +171,8 @@ class SQLiteRecords(Records):
     async def flush(self) -> None:
         await self._signal("flush", self.timeout_ms / 1000 + self.interval_s + 5)
 
-    async def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
+    async def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = (), *,
+                    timeout_s: float | None = None) -> list[dict[str, Any]]:
         await self.flush()
 
         def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -179,7 +180,7 @@ class SQLiteRecords(Records):
             cols = [d[0] for d in cur.description or ()]
             return [dict(zip(cols, r)) for r in cur.fetchall()]
 
-        return await self._reader.run(run)
+        return await self._reader.run(run, timeout_s)
 
     async def close(self) -> None:
         if self._closed:

@@ -129,3 +129,18 @@ async def test_an_unopenable_file_drops_and_counts_but_never_hangs(tmp_path):
     await asyncio.wait_for(rec.flush(), 10)
     assert rec.dropped == 1 and rec.written == 0
     await asyncio.wait_for(rec.close(), 10)
+
+
+async def test_a_query_may_wait_longer_than_the_state_timeout_when_asked(tmp_path):
+    """A report over a big ledger (the admin API's usage, metering's spend at start) takes longer than a
+    lookup: ``timeout_s`` lets it wait past ``timeout_ms``, which still bounds every other query."""
+    from proxy import StateUnavailable
+
+    slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT COUNT(*) AS n FROM c"
+    rec = SQLiteRecords(tmp_path / "r.db", timeout_ms=50)
+    try:
+        with pytest.raises(StateUnavailable):
+            await rec.query(slow)
+        assert await rec.query(slow, timeout_s=60) == [{"n": 3_000_000}]
+    finally:
+        await rec.close()
