@@ -14,7 +14,8 @@
   the output the client allowed) with an atomic ``add_sum`` that refuses past the
   limit, and give back the difference once the real cost is known. With Redis
   state the sums are shared, so the limit holds across replicas. Refusals are 429
-  with OpenAI's ``insufficient_quota`` code.
+  with OpenAI's ``insufficient_quota`` code. In-process sums start from what the
+  ledger holds for the current day and month, so a restart does not reset them.
 """
 
 from __future__ import annotations
@@ -299,6 +300,8 @@ class Metering(Plugin):
                 log.warning("metering (%s): budgets are counted in each process, and server.workers is %d: a key or team "
                             "can spend up to %d times its limit. Configure state.redis to share them.",
                             self.id, workers, workers)
+            if self.ledger is not None and not self._remote_budgets(self.runtime):
+                await self._seed_budgets()
         self.runtime.shared("metering.instances", weakref.WeakSet).add(self)
 
     async def stop(self) -> None:
@@ -309,6 +312,35 @@ class Metering(Plugin):
                 log.error("metering: the ledger did not flush before stop")
 
     # -- budgets -----------------------------------------------------------------------
+    async def _seed_budgets(self) -> None:
+        """Start this process's budget sums from what the ledger says was spent this UTC day and month.
+
+        Without it a restart would give every key and team its whole budget again. Once per
+        process and ledger: the first instance to start with budgets in this process and this
+        ledger adds the ledger's spend per key and per team; later ones (a reload) find the sums
+        there already, kept up to date by every request since. A ledger that cannot be read is
+        logged and the sums start from zero.
+        """
+        name = self.config.ledger_name
+        seeded = self.runtime.shared("metering.seeded_ledgers", set)
+        if name in seeded:
+            return
+        seeded.add(name)  # also when it fails: a later try would count this process's own requests twice
+        started = time.perf_counter()
+        now = time.time()
+        try:
+            spend = await ledger_spend(self.ledger, now)
+        except (StateUnavailable, sqlite3.Error) as e:
+            log.error("metering (%s): cannot read this period's spend from ledger %s (%s): budgets start from zero",
+                      self.id, name, type(e).__name__)
+            return
+        for (scope, who, period), cost in spend.items():
+            label, end = period_window(period, now)
+            await self.counters.add_sum(f"budget:{scope}:{who}:{period}:{label}", cost, None, end)
+        if spend:
+            log.info("metering (%s): budgets start from ledger %s: %d sums in %.0f ms", self.id, name, len(spend),
+                     (time.perf_counter() - started) * 1000)
+
     def applicable(self, ctx: Context, now: float) -> list[tuple[str, float, float]]:
         """(counter key, limit, period end) of every budget this request counts against."""
         ident = ctx.identity
@@ -659,6 +691,37 @@ class Metering(Plugin):
         return [AdminRoute("GET", "usage", _admin_usage), AdminRoute("GET", "budgets", _admin_budgets)]
 
 
+#: how long one day's spend may take to read from the ledger at start (a day of millions of rows takes seconds)
+SEED_DAY_TIMEOUT_S = 120.0
+#: how long the admin API's usage report may take (a month of a busy ledger is millions of rows, read at about a second a million)
+REPORT_TIMEOUT_S = 120.0
+
+
+async def ledger_spend(ledger: Any, now: float) -> dict[tuple[str, str, str], float]:
+    """Money the ledger holds for the UTC day and month containing ``now``, per key and per team:
+    ``{(scope, who, period): cost}`` with scope ``key`` or ``team`` and period ``day`` or ``month``.
+
+    Read a day at a time (each through the ledger's day index, with a timeout of its own), so a
+    month of a busy ledger is not one query that must fit one timeout.
+    """
+    today = datetime.fromtimestamp(now, timezone.utc).date()
+    out: dict[tuple[str, str, str], float] = {}
+    for n in range(1, today.day + 1):
+        day = today.replace(day=n).isoformat()
+        rows = await ledger.query(SPEND_OF_DAY, (day,), timeout_s=SEED_DAY_TIMEOUT_S)
+        periods = ("day", "month") if n == today.day else ("month",)
+        for r in rows:
+            for scope, who in (("key", r["key_id"]), ("team", r["team"])):
+                if who:
+                    for period in periods:
+                        out[(scope, who, period)] = out.get((scope, who, period), 0.0) + r["cost"]
+    return out
+
+
+SPEND_OF_DAY = (f"SELECT key_id, team, SUM(cost) AS cost FROM {LEDGER_TABLE} "
+                "WHERE day = ? AND cost > 0 AND (key_id IS NOT NULL OR team IS NOT NULL) GROUP BY key_id, team")
+
+
 def _drive(coro: Any) -> Any:
     """Run a coroutine that never suspends to its end, here (budgets on in-process counters).
 
@@ -825,7 +888,7 @@ async def _admin_usage(request: Any, runtime: Any) -> Any:
         raise web.HTTPBadRequest(reason=f"ledger must be one of: {', '.join(sorted(known))}")
     ledger = runtime.state.records(name)
     ledger.ensure(ledger_table())
-    rows = await ledger.query(sql, params)
+    rows = await ledger.query(sql, params, timeout_s=REPORT_TIMEOUT_S)
     if fmt == "json":
         return web.json_response({"group_by": group_by, "rows": rows}, dumps=lambda o: orjson.dumps(o).decode())
     return web.Response(text=render(rows, fmt), content_type="text/csv" if fmt == "csv" else "text/plain")

@@ -385,3 +385,104 @@ async def test_a_keys_own_budget_from_its_limits_static_or_made_by_the_admin_api
                 with pytest.raises(openai.RateLimitError) as exc:
                     await ask(c)
                 assert exc.value.code == "insufficient_quota"
+
+
+async def _budgets_of(s: SluiceServer, key: str, team: str | None = None) -> dict[tuple[str, str], float]:
+    """(scope, period) -> spent and reserved, from the admin API."""
+    import aiohttp
+
+    params = {"key": key, **({"team": team} if team else {})}
+    async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+        async with http.get(f"{s.admin_url}/admin/budgets", params=params) as r:
+            assert r.status == 200, await r.text()
+            return {(b["scope"], b["period"]): b["spent_and_reserved"] for b in (await r.json())["budgets"]}
+
+
+async def test_in_process_budgets_survive_a_restart_from_the_ledger(upstream: FakeUpstream, tmp_path, caplog):
+    """Without Redis a restart forgot the period's spend: every key and team had its whole budget again,
+    though the ledger held what each had spent. A new process now starts its sums from the ledger."""
+    caplog.set_level("INFO", logger="sluice.metering")
+    budgets = [{"scope": "key", "period": "day", "limit": 3.5 * M}, {"scope": "team", "period": "month", "limit": 4.5 * M}]
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            for _ in range(3):
+                await ask(a)
+                await s.wait_idle()
+    assert "budgets start from ledger" not in caplog.text  # an empty ledger: nothing to start from
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        assert await _budgets_of(s, "ka", "red") == {("key", "day"): pytest.approx(3 * M), ("team", "month"): pytest.approx(3 * M)}
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a, \
+                openai.AsyncOpenAI(base_url=s.url, api_key=KEY_B, max_retries=0) as b:
+            with pytest.raises(openai.RateLimitError) as exc:
+                await ask(a)  # 3 spent + 1 reserved > 3.5
+            assert exc.value.code == "insufficient_quota"
+            await ask(b)  # its own key has spent nothing; the team 3 + 1 of 4.5
+            await s.wait_idle()
+            with pytest.raises(openai.RateLimitError):
+                await ask(b)  # the team: 4 spent + 1 reserved > 4.5
+    assert len(upstream.requests) == 4
+    assert "budgets start from ledger ledger: 4 sums" in caplog.text  # key ka day and month, team red day and month
+
+
+async def test_a_reload_does_not_count_the_ledger_again(upstream: FakeUpstream, tmp_path):
+    """The sums are seeded once per process and ledger: a new generation finds them kept up to date."""
+    budgets = [{"scope": "key", "period": "day", "limit": 100.0}]
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            await ask(a)
+            await s.wait_idle()
+            ok, detail = await s.reload(config(upstream, budgets + [{"scope": "team", "period": "day", "limit": 100.0}]))
+            assert ok, detail
+            assert await _budgets_of(s, "ka", "red") == {("key", "day"): pytest.approx(M), ("team", "day"): pytest.approx(0.0)}
+            await ask(a)
+            await s.wait_idle()
+            assert await _budgets_of(s, "ka", "red") == {("key", "day"): pytest.approx(2 * M), ("team", "day"): pytest.approx(M)}
+
+
+async def test_an_unreadable_ledger_leaves_budgets_at_zero_and_the_proxy_serving(upstream: FakeUpstream, tmp_path, caplog):
+    (tmp_path / "ledger.db").write_bytes(b"this is not a SQLite file " * 100)
+    budgets = [{"scope": "key", "period": "day", "limit": 3.5 * M}]
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            r = await ask(a)
+            assert r.usage.completion_tokens == M
+    assert "cannot read this period's spend from ledger ledger (DatabaseError): budgets start from zero" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+async def test_ledger_spend_sums_this_day_and_month_per_key_and_team(tmp_path):
+    """What a restart starts from, on a real ledger: the UTC day and month of ``now`` only, rows without a
+    key or team, free rows and rows of other periods left out."""
+    import calendar as cal
+
+    from plugins.metering import LEDGER_COLUMNS, LEDGER_TABLE, ledger_spend, ledger_table
+    from proxy.state.sqlite import SQLiteRecords
+
+    rec = SQLiteRecords(tmp_path / "ledger.db")
+    rec.ensure(ledger_table())
+    n = 0
+
+    def row(day: str, key: str | None, team: str | None, cost: float) -> None:
+        nonlocal n
+        n += 1
+        values = dict.fromkeys(LEDGER_COLUMNS)
+        values.update(id=f"req_{n}", day=day, key_id=key, team=team, cost=cost, ts=0.0)
+        rec.append_values(LEDGER_TABLE, LEDGER_COLUMNS, tuple(values[c] for c in LEDGER_COLUMNS))
+
+    row("2026-03-15", "ka", "red", 1.0)
+    row("2026-03-15", "ka", "red", 0.5)
+    row("2026-03-15", "kb", None, 4.0)
+    row("2026-03-15", None, "blue", 8.0)
+    row("2026-03-15", "kc", "red", 0.0)  # free: no sum of its own
+    row("2026-03-01", "ka", "red", 2.0)  # earlier this month
+    row("2026-02-28", "ka", "red", 16.0)  # last month
+    row("2026-03-16", "ka", "red", 32.0)  # after now (another replica's clock): not yet
+    now = cal.timegm((2026, 3, 15, 23, 59, 0))
+    try:
+        spend = await ledger_spend(rec, now)
+    finally:
+        await rec.close()
+    assert spend == {
+        ("key", "ka", "day"): 1.5, ("key", "ka", "month"): 3.5, ("team", "red", "day"): 1.5, ("team", "red", "month"): 3.5,
+        ("key", "kb", "day"): 4.0, ("key", "kb", "month"): 4.0, ("team", "blue", "day"): 8.0, ("team", "blue", "month"): 8.0,
+    }
