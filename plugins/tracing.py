@@ -486,7 +486,7 @@ class Tracing(Plugin):
         _kind_attributes(attrs, ctx, op, route, ctx.outcome or "unknown", asked, request_attributes(body) if body is not None else None)
         _findings_and_timings(ctx, c.plugin_timings, attrs)
         if t.first_byte is not None and ctx.stream:
-            attrs["gen_ai.server.time_to_first_token"] = max(t.first_byte - t.start, 0.0)
+            attrs["gen_ai.response.time_to_first_chunk"] = max(t.first_byte - t.start, 0.0)
         usage = ctx.usage
         usage_attrs: dict[str, Any] = {}
         if usage is not None:
@@ -532,6 +532,8 @@ class Tracing(Plugin):
             if i == n - 1 and ctx.upstream is not None and not failed:
                 cattrs.update(usage_attrs)
                 cattrs.update(resp_attrs)
+                if t.first_byte is not None and ctx.stream:
+                    cattrs["gen_ai.response.time_to_first_chunk"] = max(t.first_byte - a.start, 0.0)
             a_end = a.end if a.end is not None else (t.upstream_end if t.upstream_end is not None else t.end)
             spans.append(ReadableSpan(
                 f"{op} {model}" if model else op,
@@ -710,6 +712,8 @@ class Tracing(Plugin):
                 cattrs += _attr("error.type", str(a.status))
             if i == n - 1 and upstream is not None and not failed:
                 cattrs += used + answer
+                if t.first_byte is not None and ctx.stream:
+                    cattrs += _TTFT(max(t.first_byte - a.start, 0.0))
             a_end = a.end if a.end is not None else (t.upstream_end if t.upstream_end is not None else t.end)
             spans.append(wire.assemble(
                 tid, random.getrandbits(64) or 1, state, span_id, name, wire.KIND_CLIENT, int(a.start * 1e9) + offset,
@@ -731,7 +735,8 @@ MAX_TOOL_CALLS = 128
 
 _REQUEST_ID = wire.str_attribute("sluice.request_id")
 _RESPONSE_ID = wire.str_attribute("gen_ai.response.id")
-_TTFT = wire.float_attribute("gen_ai.server.time_to_first_token")
+#: the GenAI span attribute (gen_ai.server.time_to_first_token is a metric's name, not an attribute's)
+_TTFT = wire.float_attribute("gen_ai.response.time_to_first_chunk")
 _TTFB = wire.float_attribute("sluice.time_to_first_byte")
 _COST = wire.float_attribute("sluice.cost")
 

@@ -119,7 +119,7 @@ async def test_stream_span_and_early_answer_span(upstream: FakeUpstream, tmp_pat
             spans = await rx.wait_for(lambda sp: len(sp) >= 2)
     server, = by_kind(spans, "server")
     a = server["attributes"]
-    assert a["gen_ai.request.stream"] is True and a["gen_ai.server.time_to_first_token"] > 0
+    assert a["gen_ai.request.stream"] is True and a["gen_ai.response.time_to_first_chunk"] > 0
     assert a["gen_ai.usage.output_tokens"] > 0 and "sluice.cost" in a
 
 
@@ -715,3 +715,28 @@ def test_a_tool_calls_arguments_are_followed_piece_by_piece():
     assert whole("[1, 2]") and not whole("  ")
     assert whole('"abc"') and not whole('"ab', "c") and whole('"a\\', '""')  # a string at the top; an escape split
     assert not whole(" 42") and not whole("t", "rue")  # a number or literal: its end cannot be told
+
+
+async def test_a_streams_time_to_first_chunk_has_the_genai_span_attribute_name(upstream: FakeUpstream, tmp_path):
+    """The time to the first chunk went on the span as gen_ai.server.time_to_first_token: that is the name of a
+    GenAI *metric*; the conventions' span attribute is gen_ai.response.time_to_first_chunk (recommended on the
+    inference client span of a streaming request), so GenAI-aware backends found no time to first chunk."""
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx)]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                async for _ in await c.chat.completions.create(
+                        model="sluice-demo", messages=[{"role": "user", "content": "hi"}], stream=True):
+                    pass
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 2 and len(by_kind(sp, "client")) == 2)
+    streamed = next(sp for sp in by_kind(spans, "server") if sp["attributes"].get("gen_ai.request.stream"))
+    buffered = next(sp for sp in by_kind(spans, "server") if sp is not streamed)
+    client = next(sp for sp in by_kind(spans, "client") if sp["parent_span_id"] == streamed["span_id"])
+    assert not any("gen_ai.server.time_to_first_token" in sp["attributes"] for sp in spans)
+    ttfc = streamed["attributes"]["gen_ai.response.time_to_first_chunk"]
+    assert ttfc > 0 and ttfc * 1e9 <= streamed["end_ns"] - streamed["start_ns"]
+    # the attempt that streamed the answer: from its send to the stream's first chunk
+    attempt = client["attributes"]["gen_ai.response.time_to_first_chunk"]
+    assert 0 < attempt <= ttfc and attempt * 1e9 <= client["end_ns"] - client["start_ns"]
+    assert not any("gen_ai.response.time_to_first_chunk" in sp["attributes"] for sp in spans
+                   if sp is buffered or sp["parent_span_id"] == buffered["span_id"])
