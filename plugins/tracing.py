@@ -470,8 +470,9 @@ class Tracing(Plugin):
         ReadableSpan, SpanContext, SpanKind, Status, StatusCode, sampled_flags, TraceState = self._otel
         trace_id, span_id, parent_id, _ = trace
         pipeline = self.pipeline
-        tracestate = ctx.headers.get("tracestate") if parent_id is not None else None
-        state = TraceState.from_header([tracestate]) if tracestate else None
+        # tracestate may come as several header fields: W3C Trace Context combines them in order
+        tracestate = ctx.headers.getall("tracestate", None) if parent_id is not None else None
+        state = TraceState.from_header(tracestate) if tracestate else None
         own = SpanContext(trace_id, span_id, False, sampled_flags, state)
         parent = SpanContext(trace_id, parent_id, True, sampled_flags, state) if parent_id is not None else None
         epoch = self.clock.epoch_ns
@@ -595,9 +596,9 @@ class Tracing(Plugin):
         tid = b"\x0a\x10" + trace_id.to_bytes(16, "big")
         state = b""
         if parent_id is not None:
-            header = ctx.headers.get("tracestate")
-            if header:
-                ts = self._otel[6].from_header([header])
+            headers = ctx.headers.getall("tracestate", None)  # every field, in order (W3C Trace Context)
+            if headers:
+                ts = self._otel[6].from_header(headers)
                 if ts:
                     state = wire.trace_state(ts.to_header())
 

@@ -43,6 +43,7 @@ def decode(request: ExportTraceServiceRequest) -> list[dict[str, Any]]:
                         "trace_id": s.trace_id.hex(),
                         "span_id": s.span_id.hex(),
                         "parent_span_id": s.parent_span_id.hex() or None,
+                        "trace_state": s.trace_state,
                         "start_ns": s.start_time_unix_nano,
                         "end_ns": s.end_time_unix_nano,
                         "attributes": {kv.key: any_value(kv.value) for kv in s.attributes},

@@ -740,3 +740,24 @@ async def test_a_streams_time_to_first_chunk_has_the_genai_span_attribute_name(u
     assert 0 < attempt <= ttfc and attempt * 1e9 <= client["end_ns"] - client["start_ns"]
     assert not any("gen_ai.response.time_to_first_chunk" in sp["attributes"] for sp in spans
                    if sp is buffered or sp["parent_span_id"] == buffered["span_id"])
+
+
+async def test_a_tracestate_split_over_several_header_fields_is_kept_whole(upstream: FakeUpstream, tmp_path):
+    """W3C Trace Context lets tracestate arrive as several header fields, to be combined (RFC 7230 field
+    order); the spans kept only the first field's members, so a vendor's entry in a later field was lost
+    from the trace (the upstream, which gets every field, still saw it)."""
+    async def split_tracestate(request) -> None:
+        # a second tracestate field, as a proxy or a client library may send it
+        request.headers = type(request.headers)([*request.headers.multi_items(), ("tracestate", "rojo=00f067aa0ba902b7")])
+
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx)]), tmp_path) as s:
+            async with openai.DefaultAsyncHttpxClient(event_hooks={"request": [split_tracestate]}) as http, \
+                    openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0, http_client=http) as c:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}], extra_headers={
+                    "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01", "tracestate": "congo=t61rcWkgMzE"})
+            spans = await rx.wait_for(lambda sp: len(sp) >= 2)
+    assert upstream.requests[-1].headers.getall("tracestate") == ["congo=t61rcWkgMzE", "rojo=00f067aa0ba902b7"]
+    for sp in spans:
+        assert sp["trace_id"] == CLIENT_TRACE
+        assert sp["trace_state"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", sp["kind"]
