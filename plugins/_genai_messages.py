@@ -2,14 +2,16 @@
 
 ``gen_ai.input.messages`` and ``gen_ai.output.messages`` are JSON arrays of messages, each a
 ``role`` and a list of ``parts`` (``{"type": "text", "content": ...}``, ``tool_call``,
-``tool_call_response``, ``uri``, or a part of another ``type``); an output message also has
+``tool_call_response``, ``uri``, ``blob``, ``file``, or a part of another ``type``); an output message also has
 its ``finish_reason``. Chat, completions, embeddings and the Responses API map onto it, so a
 trace backend reads every endpoint's content, buffered or streamed, one way.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 #: OpenAI's finish reasons under the conventions' names (others pass as they are)
 _FINISH = {"tool_calls": "tool_call", "function_call": "tool_call"}
@@ -21,6 +23,18 @@ def finish_reason(reason: Any) -> str:
 
 def _text(content: Any) -> dict[str, Any]:
     return {"type": "text", "content": content}
+
+
+def _image(url: str) -> dict[str, Any]:
+    """An image by URL: a ``uri`` part, or for an inline ``data:`` URL a ``blob`` part (the conventions' schema:
+    a uri part is never a data URL), its content base64 as the schema wants."""
+    if not url[:5].lower() == "data:":
+        return {"type": "uri", "modality": "image", "uri": url}
+    header, _, payload = url[5:].partition(",")
+    mime, *params = header.split(";")
+    if "base64" not in (x.strip().lower() for x in params):
+        payload = base64.b64encode(unquote_to_bytes(payload)).decode()
+    return {"type": "blob", "modality": "image", "mime_type": mime.strip() or None, "content": payload}
 
 
 def _content_parts(content: Any) -> list[dict[str, Any]]:
@@ -40,8 +54,12 @@ def _content_parts(content: Any) -> list[dict[str, Any]]:
                 elif kind in ("image_url", "input_image"):
                     url = p.get("image_url")
                     url = url.get("url") if isinstance(url, dict) else url
-                    parts.append({"type": "uri", "modality": "image", "uri": url} if isinstance(url, str)
-                                 else {"type": "file_data", "modality": "image", "file_id": p.get("file_id")})
+                    if isinstance(url, str):
+                        parts.append(_image(url))
+                    elif isinstance(p.get("file_id"), str):
+                        parts.append({"type": "file", "modality": "image", "file_id": p["file_id"]})
+                    else:
+                        parts.append({"type": kind})
                 elif isinstance(p.get("refusal"), str):
                     parts.append({"type": "refusal", "content": p["refusal"]})
                 else:

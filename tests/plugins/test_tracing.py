@@ -761,3 +761,23 @@ async def test_a_tracestate_split_over_several_header_fields_is_kept_whole(upstr
     for sp in spans:
         assert sp["trace_id"] == CLIENT_TRACE
         assert sp["trace_state"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", sp["kind"]
+
+
+def test_captured_images_use_the_genai_blob_and_file_parts():
+    """An image sent inline (a data: URL) was captured as a ``uri`` part, which the conventions' message schema
+    reserves for references (a data URL SHOULD be a ``blob`` part: modality, mime_type, base64 content); one
+    sent by file id became a ``file_data`` part the schema does not know (its ``file`` part has the file_id)."""
+    from plugins._genai_messages import input_messages
+
+    png = "iVBORw0KGgoAAAANSUhEUg=="
+    got = input_messages({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]}]})
+    assert got[0]["parts"][1:] == [
+        {"type": "blob", "modality": "image", "mime_type": "image/png", "content": png},
+        {"type": "uri", "modality": "image", "uri": "https://x/a.png"}]
+    got = input_messages({"input": [{"role": "user", "content": [
+        {"type": "input_image", "file_id": "file-abc123"}, {"type": "input_image", "image_url": f"data:image/jpeg;base64,{png}"}]}]})
+    assert got[0]["parts"] == [{"type": "file", "modality": "image", "file_id": "file-abc123"},
+                               {"type": "blob", "modality": "image", "mime_type": "image/jpeg", "content": png}]
