@@ -781,3 +781,18 @@ def test_captured_images_use_the_genai_blob_and_file_parts():
         {"type": "input_image", "file_id": "file-abc123"}, {"type": "input_image", "image_url": f"data:image/jpeg;base64,{png}"}]}]})
     assert got[0]["parts"] == [{"type": "file", "modality": "image", "file_id": "file-abc123"},
                                {"type": "blob", "modality": "image", "mime_type": "image/jpeg", "content": png}]
+
+
+async def test_a_request_parameter_past_int64_is_not_exported_as_a_wrong_number(upstream: FakeUpstream, tmp_path):
+    """OTLP integers are int64; a client's seed of 2**64 - 1 (JSON allows it, the core parses it) was written
+    as its two's complement and arrived in the trace as gen_ai.request.seed = -1 (the SDK's encoder, used for
+    otlp_grpc, drops such a value instead)."""
+    async with OTLPReceiver() as rx:
+        async with SluiceServer(config({"demo": upstream}, [tracing(rx)]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}],
+                                                seed=2**64 - 1, max_tokens=2**63 - 1)
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    a = by_kind(spans, "server")[0]["attributes"]
+    assert a.get("gen_ai.request.seed") in (None, 2**64 - 1)
+    assert a["gen_ai.request.max_tokens"] == 2**63 - 1  # the largest int64 is one
