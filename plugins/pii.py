@@ -468,6 +468,7 @@ class Pii(Plugin):
         found = await self.find(texts, "request")
         if found is None:
             ctx.annotations["pii_error"] = "timeout"
+            ctx.note_failed_open(self.id, "on_request")
             return
         counts = self._count(ctx, "pii", found, "request")
         if not counts:
@@ -516,7 +517,7 @@ class Pii(Plugin):
             ctx.stash[VAULT] = v
         return v
 
-    async def _screen_answer(self, ctx: Context, texts: list[str]) -> list[str]:
+    async def _screen_answer(self, ctx: Context, texts: list[str], phase: str = "on_response") -> list[str]:
         vault = ctx.stash.get(VAULT)
         if self.config.restore and vault is not None:
             texts = [vault.restore(t) for t in texts]
@@ -524,6 +525,7 @@ class Pii(Plugin):
             return texts
         found = await self.find(texts, "answer")
         if found is None:
+            ctx.note_failed_open(self.id, phase)
             return texts
         # values the client sent itself and got back restored are not a leak
         skip = vault.values if (self.config.restore and vault is not None) else frozenset()
@@ -569,7 +571,10 @@ class Pii(Plugin):
 
                 async def analyze(text: str) -> list[Finding]:
                     found = await self.find([text], "answer")
-                    return list(found[0]) if found else []
+                    if found is None:
+                        ctx.note_failed_open(self.id, "on_chunk")
+                        return []
+                    return list(found[0])
 
                 def transform(text: str, findings: list[Finding]) -> str:
                     if findings:
@@ -644,7 +649,7 @@ class Pii(Plugin):
         if not slots:
             return False
         texts = [c[k] for c, k in slots]
-        new = await self._screen_answer(ctx, texts)
+        new = await self._screen_answer(ctx, texts, "on_chunk")
         if new == texts:
             return False
         for (c, k), t in zip(slots, new):

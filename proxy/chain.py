@@ -221,6 +221,7 @@ def failure(ctx: Context, plugin: Plugin, phase: str, exc: BaseException) -> Pro
             return exc
         return ProxyError(500, f"The request could not be processed (plugin {plugin.id} failed).", code="plugin_error", reason="plugin_error")
     log.warning("plugin %s failed in %s (%s), failing open request_id=%s", plugin.id, phase, type(exc).__name__, ctx.request_id)
+    ctx.note_failed_open(plugin.id, phase)
     return None
 
 

@@ -267,7 +267,7 @@ class Context:
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
         "status", "error", "_current", "passed", "stream_events", "stream_bytes", "stream_end",
-        "runtime", "settle_now",
+        "runtime", "settle_now", "failed_open",
     )
 
     def __init__(
@@ -343,6 +343,9 @@ class Context:
         #: budget reservation): the observers' on_done runs as soon as the answer is sent, not after
         #: ``server.done_batch_ms`` in a batch (the requests waiting in the batch run with it, in order)
         self.settle_now = False
+        #: the plugins that failed on this request and let it go on (their ``on_error`` is open), as
+        #: ``"plugin-id.phase"``: what they did not do (a guard's screen) observers can tell
+        self.failed_open: list[str] | None = None
         #: a stream's events as they came from the upstream (or from a plugin's reply), before any
         #: stream hook held, dropped or split them: the estimate of what a stream cut short generated
         self.stream_events = 0
@@ -351,6 +354,16 @@ class Context:
         #: a stream's model, id, finish reasons and refusal, from its events (see StreamEnd)
         self.stream_end: StreamEnd | None = None
         self.runtime: Any = None
+
+    def note_failed_open(self, plugin_id: str, phase: str) -> None:
+        """Record that ``plugin_id`` failed in ``phase`` and the request went on without what it does
+        (the chain calls it for a plugin whose ``on_error`` is open; a plugin that handles its own
+        failure open, such as a guard's timeout, calls it too)."""
+        entry = f"{plugin_id}.{phase}"
+        if self.failed_open is None:
+            self.failed_open = [entry]
+        elif entry not in self.failed_open:
+            self.failed_open.append(entry)
 
     @property
     def client_ip(self) -> str | None:

@@ -241,6 +241,7 @@ async def test_timeout_fails_open_when_configured(runtime: Any) -> None:
     ctx = make_context(chat(big))
     await p.on_request(ctx)
     assert not ctx.body_changed and ctx.annotations["pii_error"] == "timeout"
+    assert ctx.failed_open == [f"{p.id}.on_request"]  # observers can tell the request went unscreened (tracing withholds content)
 
 
 async def test_presidio_runs_off_the_event_loop(runtime: Any) -> None:
