@@ -744,14 +744,25 @@ _COST = wire.float_attribute("sluice.cost")
 
 def _captured(ctx: Context, body: Any, reached: bool, limit: int) -> list[tuple[str, str]]:
     """With ``capture_content``: the prompt (only when the request reached this plugin, so that the
-    plugins before it saw it) and the completion gathered, as GenAI messages cut at ``limit``."""
+    plugins before it saw it) and the completion gathered, as GenAI messages cut at ``limit``.
+
+    Withheld (``sluice.content_withheld`` says why) where a screen did not redact them: nothing when
+    a plugin failed open on this request (a pii timeout: the prompt and the answer went unscreened),
+    and no completion when pii found personal data the model wrote (it redacts that for the client
+    after this plugin read the answer: ``on_response`` and ``on_chunk`` run in reverse chain order).
+    """
+    if ctx.failed_open:
+        return [("sluice.content_withheld", "plugin_failed_open")]
     out = []
     content = input_messages(body) if reached else None
     if content is not None:
         out.append(("gen_ai.input.messages", truncate(orjson.dumps(content).decode(), limit)))
     completion = ctx.stash.get(OUTPUT)
     if completion is not None:
-        out.append(("gen_ai.output.messages", truncate(completion, limit)))
+        if finding_counts(ctx.annotations.get("pii_answer")):
+            out.append(("sluice.content_withheld", "answer_personal_data"))
+        else:
+            out.append(("gen_ai.output.messages", truncate(completion, limit)))
     return out
 
 

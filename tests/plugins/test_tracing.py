@@ -796,3 +796,72 @@ async def test_a_request_parameter_past_int64_is_not_exported_as_a_wrong_number(
     a = by_kind(spans, "server")[0]["attributes"]
     assert a.get("gen_ai.request.seed") in (None, 2**64 - 1)
     assert a["gen_ai.request.max_tokens"] == 2**63 - 1  # the largest int64 is one
+
+
+class _FailsOpen:
+    """A plugin before tracing that fails on every request, its on_error open: what it should have done
+    (a screen, a redaction) did not happen."""
+
+    @staticmethod
+    def make() -> type:
+        from proxy import Plugin, hookimpl
+
+        class FailsOpen(Plugin):
+            name = "fails_open"
+
+            @hookimpl
+            def on_request(self, ctx) -> None:
+                raise RuntimeError("the screen is down")
+
+        return FailsOpen
+
+
+async def test_content_is_withheld_when_a_plugin_failed_open_on_the_request(upstream: FakeUpstream, tmp_path):
+    """A guard that failed open (pii's timeout with on_error: open, or any plugin's failure) let the prompt
+    through unscreened, and tracing captured it raw: the trace store held what pii exists to keep out."""
+    from proxy.testing import register_plugin
+
+    with register_plugin(_FailsOpen.make()):
+        async with OTLPReceiver() as rx:
+            chain = [{"fails_open": {"on_error": "open"}}, tracing(rx, capture_content=True)]
+            async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
+                async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                    r = await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "mail jane.doe@example.com"}])
+                assert "jane.doe@example.com" in r.choices[0].message.content  # served all the same
+                spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    a = by_kind(spans, "server")[0]["attributes"]
+    assert a["sluice.content_withheld"] == "plugin_failed_open"
+    assert "gen_ai.input.messages" not in a and "gen_ai.output.messages" not in a
+    assert not any("jane.doe" in str(v) for sp in spans for v in sp["attributes"].values())
+
+
+async def test_the_completion_is_withheld_when_pii_found_personal_data_the_model_wrote(tmp_path):
+    """pii redacts the personal data a model writes before the client gets the answer, but tracing reads the
+    answer before pii does (on_response runs in reverse chain order): the span held the model's raw text."""
+    from aiohttp import web
+
+    from proxy.testing import serve_app
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Write to bob.smith@example.org today."},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serve_app(app) as origin, OTLPReceiver() as rx:
+        chain = [{"pii": {"action": "redact", "restore": True}}, tracing(rx, capture_content=True)]
+        cfg = {"upstreams": {"m": {"url": f"{origin}/v1", "models": ["m"]}},
+               "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "m", "chain": chain}]}
+        async with SluiceServer(cfg, tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                r = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "who do I write to?"}])
+            assert "bob.smith@example.org" not in r.choices[0].message.content  # redacted for the client
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    a = by_kind(spans, "server")[0]["attributes"]
+    assert a["sluice.content_withheld"] == "answer_personal_data"
+    assert "who do I write to?" in a["gen_ai.input.messages"] and "gen_ai.output.messages" not in a
+    assert not any("bob.smith" in str(v) for sp in spans for v in sp["attributes"].values())
