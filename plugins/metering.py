@@ -359,7 +359,12 @@ class Metering(Plugin):
                 if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
                     label, end = period_window(period, now)
                     key = f"budget:key:{ident.key_id}:{period}:{label}"
-                    if all(k != key for k, _, _ in out):
+                    # one sum per key and period: a rule over it and the key's own both hold (the lower limit)
+                    for i, (k, rule_limit, _) in enumerate(out):
+                        if k == key:
+                            out[i] = (key, min(rule_limit, float(limit)), end)
+                            break
+                    else:
                         out.append((key, float(limit), end))
         return out
 
@@ -409,12 +414,22 @@ class Metering(Plugin):
 
     @hookimpl
     async def on_request(self, ctx: Context) -> None:
-        if ctx.answered or self.counters is None or not _bills_tokens(ctx):
-            return  # a model list, a file, audio...: no tokens, nothing this plugin prices or reserves
+        if ctx.answered or self.counters is None:
+            return
         now = time.time()
         budgets = self.applicable(ctx, now)
         if budgets:
+            if not _bills_tokens(ctx):
+                self._count_unreserved(ctx, budgets)
+                return
             await self._reserve(ctx, budgets, now)
+
+    @staticmethod
+    def _count_unreserved(ctx: Context, budgets: list[tuple[str, float, float]]) -> None:
+        """A call that bills no tokens (a model list, a file, audio, images) is never refused and reserves
+        nothing; what it costs when its upstream reports usage (gpt-image-1, gpt-4o-transcribe) is still
+        added to its budgets in on_done, as the ledger row counts it (and a restart's sums from the ledger)."""
+        ctx.stash[RESERVED] = [(key, 0.0, end) for key, _, end in budgets]
 
     async def _reserve(self, ctx: Context, budgets: list[tuple[str, float, float]], now: float) -> None:
         """Reserve the request's worst case on every budget that applies, or refuse it."""
@@ -445,6 +460,12 @@ class Metering(Plugin):
                 # the reservation is the worst case: it is given back to the real cost in on_done, which must
                 # not wait for the observers' batch (the key's next request would see the worst case still held)
                 ctx.settle_now = True
+        except asyncio.CancelledError:
+            # the client went away while a reservation's answer was on its way: it may have been made, and it is
+            # in no list on_done reconciles (those in ``taken`` are): undone by its record once the counters answer
+            if asking is not None and amount > 0:
+                self._undo_later(asking[0], mark, asking[2])
+            raise
         except StateUnavailable as e:
             if asking is not None and amount > 0 and e.ambiguous:
                 # its answer was lost, not necessarily the add: undone in the background if it was made
@@ -460,14 +481,19 @@ class Metering(Plugin):
                     code="state_unavailable", reason="budget_state_unavailable", headers={"retry-after": "1"},
                 ) from None
             log.warning("metering: budget counters unavailable; admitting without a reservation request_id=%s", ctx.request_id)
+            # nothing reserved, but the real cost is still added in on_done (when the counters are back by then)
+            ctx.stash[RESERVED] = [(key, 0.0, end) for key, _, end in budgets]
 
     def on_request_now(self, ctx: Context) -> None:
         """``on_request`` with budgets on in-process counters (or none): finished before it returns."""
-        if ctx.answered or self.counters is None or ctx.identity is None or not _bills_tokens(ctx):
-            return  # no budget can apply (applicable() needs an identity), or nothing to price
+        if ctx.answered or self.counters is None or ctx.identity is None:
+            return  # no budget can apply (applicable() needs an identity)
         now = time.time()
         budgets = self.applicable(ctx, now)
         if budgets:  # a coroutine only when there is something to reserve
+            if not _bills_tokens(ctx):
+                self._count_unreserved(ctx, budgets)
+                return
             _drive(self._reserve(ctx, budgets, now))
 
     async def _give_back(self, taken: list[tuple[str, float, float]], mark: str) -> None:

@@ -252,7 +252,7 @@ async def test_counters_down_policy_at_the_hook(tmp_path):
         assert exc.value.headers["retry-after"] == "1" and c.stash[RESERVED] == []
         o = make_context({"model": "gpt-4o", "messages": []}, runtime=rt, identity=Identity(key_id="k"))
         await hook(opened.on_request, o)
-        assert o.stash[RESERVED] == []  # admitted, nothing to give back later
+        assert all(amount == 0 for _, amount, _ in o.stash[RESERVED])  # admitted, nothing to give back later
         with pytest.raises(StateUnavailable):
             await opened.counters.get_sum(opened.applicable(o, __import__("time").time())[0][0])
     finally:
@@ -486,3 +486,187 @@ async def test_ledger_spend_sums_this_day_and_month_per_key_and_team(tmp_path):
         ("key", "ka", "day"): 1.5, ("key", "ka", "month"): 3.5, ("team", "red", "day"): 1.5, ("team", "red", "month"): 3.5,
         ("key", "kb", "day"): 4.0, ("key", "kb", "month"): 4.0, ("team", "blue", "day"): 8.0, ("team", "blue", "month"): 8.0,
     }
+
+
+async def test_a_keys_own_budget_holds_beside_a_rule_of_the_same_period(upstream: FakeUpstream, tmp_path):
+    """A key/day rule for every key (100) and a key's own budget_per_day (2.5 requests' worth): both share one
+    sum, and the key's own was dropped for the rule's limit, so the key could spend 40 times its budget."""
+    cfg = config(upstream, [{"scope": "key", "period": "day", "limit": 100.0}])
+    cfg["routes"][0]["chain"][0]["auth"]["keys"][0]["limits"] = {"budget_per_day": 2.5 * M}
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            for _ in range(2):
+                await ask(a)
+                await s.wait_idle()
+            with pytest.raises(openai.RateLimitError) as exc:
+                await ask(a)
+            assert exc.value.code == "insufficient_quota"
+        assert await _budgets_of(s, "ka") == {("key", "day"): pytest.approx(2 * M)}
+
+
+@pytest.mark.redis
+async def test_open_policy_counts_the_spend_of_a_request_admitted_while_redis_was_away(tmp_path):
+    """budget_on_error: open admits without a reservation "and reconciles once it is back": a request
+    admitted while Redis was down, and finished after it came back, was never counted, so every request
+    of an outage was free for the budget whatever it cost."""
+    async with RedisServer() as rs:
+        rt = await make_runtime(tmp_path, config={"state": {"redis": {"url": rs.url, "timeout_ms": 500}}})
+        try:
+            p = await configure_plugin(Metering, {"ledger": False, "budget_on_error": "open",
+                                                  "prices": {"m": {"input": 0, "output": 1e6}}}, runtime=rt)
+
+            def ctx():
+                return make_context({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10},
+                                    runtime=rt, identity=Identity(key_id="kx", limits={"budget_per_day": 25.0}))
+
+            c = ctx()
+            key = p.applicable(c, __import__("time").time())[0][0]
+            await rs.astop()
+            await hook(p.on_request, c)  # admitted: Redis is away and the policy is open
+            await rs.arestart()
+            c.attempts.append(Attempt(Target("up"), start=c.timings.start, status=200))
+            c.usage = Usage(1, 7, 8)
+            await hook(p.on_done, c)
+            assert c.cost == pytest.approx(7.0)
+            assert await p.counters.get_sum(key) == pytest.approx(7.0)
+        finally:
+            await rt.close_all()
+
+
+class _HoldingRedisLink:
+    """A TCP link between Sluice and a real redis-server on 127.0.0.1 that, once a command naming ``trigger``
+    has gone through, holds Redis's next answers (Redis has done the work; its answer is late) until released."""
+
+    def __init__(self, redis_port: int, trigger: bytes) -> None:
+        self.redis_port, self.trigger = redis_port, trigger
+        self.armed, self.holding, self.released = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def __aenter__(self) -> "_HoldingRedisLink":
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.released.set()
+        self.server.close()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for w in self.writers:
+            w.close()
+        await asyncio.gather(*(w.wait_closed() for w in self.writers), return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _link(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self.writers.append(cw)
+        rr, rw = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self.writers.append(rw)
+
+        async def up() -> None:
+            tail = b""
+            while data := await cr.read(65536):
+                if not self.armed.is_set() and self.trigger in tail + data:
+                    self.armed.set()
+                tail = data[-len(self.trigger):]
+                rw.write(data)
+                await rw.drain()
+            rw.close()
+
+        async def down() -> None:
+            while data := await rr.read(65536):
+                if self.armed.is_set() and not self.released.is_set():
+                    self.holding.set()
+                    await self.released.wait()
+                cw.write(data)
+                await cw.drain()
+            cw.close()
+
+        for coro in (up(), down()):
+            t = asyncio.ensure_future(coro)
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+
+@pytest.mark.redis
+async def test_a_client_gone_while_redis_answers_a_reservation_leaves_nothing_reserved(upstream: FakeUpstream, tmp_path):
+    """The client went away while Redis's answer to its reservation was on its way: the reservation was made,
+    but it was in no list to give back, so the request's worst case stayed counted until the period's end
+    (a key then got 429 insufficient_quota for money it never spent)."""
+    import redis.asyncio as aredis
+
+    from proxy.testing import wait_for
+
+    budgets = [{"scope": "key", "period": "day", "limit": 100.0}]
+    async with RedisServer() as rs:
+        async with _HoldingRedisLink(rs.port, b"sum:budget:key:ka:") as link:
+            async with SluiceServer(config(upstream, budgets, link.url), tmp_path) as s:
+                async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_B, max_retries=0) as b:
+                    await ask(b)  # scripts loaded, connections open
+                await s.wait_idle()
+                async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+                    req = asyncio.ensure_future(ask(a, max_tokens=50))
+                    await asyncio.wait_for(link.holding.wait(), 10)  # Redis has reserved 50; its answer is held
+                    req.cancel()  # the client goes away
+                    with pytest.raises(asyncio.CancelledError):
+                        await req
+                await s.wait_idle()
+                link.released.set()
+                direct = aredis.Redis.from_url(rs.url)
+                try:
+                    (key,) = await direct.keys("*sum:budget:key:ka:day:*")  # the request's reservation was made
+                    seen: list[float] = []
+
+                    async def nothing_held() -> bool:
+                        seen.append(float(await direct.hget(key, "t")))
+                        return seen[-1] == 0.0
+
+                    try:
+                        await wait_for(nothing_held, 10, "the reservation of the request whose client left to be undone")
+                    except AssertionError:
+                        pytest.fail(f"the reservation of the request whose client left stayed counted: sum {seen[-1]}")
+                finally:
+                    await direct.aclose()
+    assert len(upstream.requests) == 1
+
+
+async def test_a_priced_call_that_reserves_nothing_still_counts_against_the_budget(tmp_path):
+    """An image generation (gpt-image-1 reports token usage) reserves nothing and is never refused, but its
+    real cost went to the ledger and not to the budget's sum: the budget ignored it while the process ran,
+    and counted it after a restart (the sums start from the ledger), so a restart changed what a key had spent."""
+    from aiohttp import web
+
+    from proxy.testing import serve_app
+
+    async def images(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"created": 1, "data": [{"b64_json": "aGk="}],
+                                  "usage": {"input_tokens": 10, "output_tokens": 1000, "total_tokens": 1010,
+                                            "input_tokens_details": {"text_tokens": 10, "image_tokens": 0}}})
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", images)
+    async with serve_app(app) as origin:
+        cfg = {
+            "upstreams": {"img": {"url": f"{origin}/v1"}},
+            "prices": {"gpt-image-1": {"input": 5.0, "output": 40.0}},
+            "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "img", "chain": [
+                {"auth": {"keys": [{"key": KEY_A, "id": "ka", "team": "red"}], "virtual_keys": False}},
+                {"metering": {"budgets": [{"scope": "key", "period": "day", "limit": 1.0}]}},
+            ]}],
+        }
+        cost = (10 * 5.0 + 1000 * 40.0) / 1e6
+        async with SluiceServer(cfg, tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+                await a.images.generate(model="gpt-image-1", prompt="a cat")
+            await s.wait_idle()
+            live = await _budgets_of(s, "ka")
+        async with SluiceServer(cfg, tmp_path) as s:
+            restarted = await _budgets_of(s, "ka")
+    assert restarted == {("key", "day"): pytest.approx(cost)}
+    assert live == restarted
