@@ -32,7 +32,7 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -301,7 +301,7 @@ class Metering(Plugin):
                             "can spend up to %d times its limit. Configure state.redis to share them.",
                             self.id, workers, workers)
             if self.ledger is not None and not self._remote_budgets(self.runtime):
-                await self._seed_budgets()
+                self._seed_budgets()
         self.runtime.shared("metering.instances", weakref.WeakSet).add(self)
 
     async def stop(self) -> None:
@@ -312,33 +312,39 @@ class Metering(Plugin):
                 log.error("metering: the ledger did not flush before stop")
 
     # -- budgets -----------------------------------------------------------------------
-    async def _seed_budgets(self) -> None:
+    def _seed_budgets(self) -> None:
         """Start this process's budget sums from what the ledger says was spent this UTC day and month.
 
         Without it a restart would give every key and team its whole budget again. Once per
         process and ledger: the first instance to start with budgets in this process and this
-        ledger adds the ledger's spend per key and per team; later ones (a reload) find the sums
-        there already, kept up to date by every request since. A ledger that cannot be read is
-        logged and the sums start from zero.
+        ledger reads, in the background, the ledger's spend per key and per team from the rows
+        written before it started, and adds it to the sums; the rows written since are this
+        process's own, which the sums count as they settle. Later instances (a reload) find it
+        done or under way. The task is kept in ``runtime.shared("metering.seeded_ledgers")``
+        under the ledger's name.
         """
         name = self.config.ledger_name
-        seeded = self.runtime.shared("metering.seeded_ledgers", set)
-        if name in seeded:
-            return
-        seeded.add(name)  # also when it fails: a later try would count this process's own requests twice
+        seeded = self.runtime.shared("metering.seeded_ledgers", dict)
+        if name not in seeded:
+            seeded[name] = self.runtime.spawn(self._seed_from_ledger(time.time()), f"metering-seed-{name}")
+
+    async def _seed_from_ledger(self, before: float) -> None:
+        name = self.config.ledger_name
         started = time.perf_counter()
-        now = time.time()
+        amounts = 0
         try:
-            spend = await ledger_spend(self.ledger, now)
+            # a day at a time, each added as it is read: a day the ledger cannot give leaves the sums short, never over
+            async for period_spend in ledger_spend(self.ledger, before):
+                for (scope, who, period), cost in period_spend.items():
+                    label, end = period_window(period, before)
+                    await self.counters.add_sum(f"budget:{scope}:{who}:{period}:{label}", cost, None, end)
+                    amounts += 1
         except (StateUnavailable, sqlite3.Error) as e:
-            log.error("metering (%s): cannot read this period's spend from ledger %s (%s): budgets start from zero",
-                      self.id, name, type(e).__name__)
+            log.error("metering (%s): cannot read this period's spend from ledger %s (%s): budgets count only what "
+                      "was read and what this process spends", self.id, name, type(e).__name__)
             return
-        for (scope, who, period), cost in spend.items():
-            label, end = period_window(period, now)
-            await self.counters.add_sum(f"budget:{scope}:{who}:{period}:{label}", cost, None, end)
-        if spend:
-            log.info("metering (%s): budgets start from ledger %s: %d sums in %.0f ms", self.id, name, len(spend),
+        if amounts:
+            log.info("metering (%s): budgets start from ledger %s: %d amounts in %.0f ms", self.id, name, amounts,
                      (time.perf_counter() - started) * 1000)
 
     def applicable(self, ctx: Context, now: float) -> list[tuple[str, float, float]]:
@@ -723,29 +729,31 @@ SEED_DAY_TIMEOUT_S = 120.0
 REPORT_TIMEOUT_S = 120.0
 
 
-async def ledger_spend(ledger: Any, now: float) -> dict[tuple[str, str, str], float]:
-    """Money the ledger holds for the UTC day and month containing ``now``, per key and per team:
-    ``{(scope, who, period): cost}`` with scope ``key`` or ``team`` and period ``day`` or ``month``.
+async def ledger_spend(ledger: Any, before: float) -> AsyncIterator[dict[tuple[str, str, str], float]]:
+    """Money the ledger holds for the UTC day and month containing ``before``, in rows of requests that
+    started before it, per key and per team: one ``{(scope, who, period): cost}`` per day read (scope
+    ``key`` or ``team``, period ``month``, and ``day`` too for the last day).
 
     Read a day at a time (each through the ledger's day index, with a timeout of its own), so a
     month of a busy ledger is not one query that must fit one timeout.
     """
-    today = datetime.fromtimestamp(now, timezone.utc).date()
-    out: dict[tuple[str, str, str], float] = {}
+    today = datetime.fromtimestamp(before, timezone.utc).date()
     for n in range(1, today.day + 1):
         day = today.replace(day=n).isoformat()
-        rows = await ledger.query(SPEND_OF_DAY, (day,), timeout_s=SEED_DAY_TIMEOUT_S)
+        rows = await ledger.query(SPEND_OF_DAY, (day, before), timeout_s=SEED_DAY_TIMEOUT_S)
         periods = ("day", "month") if n == today.day else ("month",)
+        out: dict[tuple[str, str, str], float] = {}
         for r in rows:
             for scope, who in (("key", r["key_id"]), ("team", r["team"])):
                 if who:
                     for period in periods:
                         out[(scope, who, period)] = out.get((scope, who, period), 0.0) + r["cost"]
-    return out
+        if out:
+            yield out
 
 
 SPEND_OF_DAY = (f"SELECT key_id, team, SUM(cost) AS cost FROM {LEDGER_TABLE} "
-                "WHERE day = ? AND cost > 0 AND (key_id IS NOT NULL OR team IS NOT NULL) GROUP BY key_id, team")
+                "WHERE day = ? AND ts < ? AND cost > 0 AND (key_id IS NOT NULL OR team IS NOT NULL) GROUP BY key_id, team")
 
 
 def _drive(coro: Any) -> Any:
