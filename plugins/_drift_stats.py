@@ -429,6 +429,8 @@ class Monitor:
         self.last_checked_at = 0
         self.last_checked_time = float("-inf")
         self.windows_closed = 0
+        #: bumped by :meth:`pin`: a comparison taken before it compared against a reference that is gone
+        self.epoch = 0
 
     def add(self, numeric: Mapping[str, float], categorical: Mapping[str, str], now: float | None = None) -> bool:
         """Record one sample; True when a comparison is due (call :meth:`due_snapshots`)."""
@@ -477,6 +479,7 @@ class Monitor:
         own samples, the next comparisons would find nothing whatever came."""
         self.reference = snapshot
         self.pinned = True
+        self.epoch += 1
         self.current = Window(self.reservoir_size, self._rng, time.time() if now is None else now, self.max_features)
         self.last_checked_at = 0
         self.last = None

@@ -231,11 +231,11 @@ class Drift(Plugin):
             if running is None or m.closing():
                 ref, cur = m.due_snapshots()
                 if ref is not None:
-                    self._busy[key] = self.runtime.spawn(self._evaluate(key, m, ref, cur, running),
+                    self._busy[key] = self.runtime.spawn(self._evaluate(key, m, ref, cur, running, m.epoch),
                                                          name=f"drift.compare.{key[0]}.{key[1]}")
 
     async def _evaluate(self, key: tuple[str, str], m: Monitor, ref: Snapshot, cur: Snapshot,
-                        before: asyncio.Task[None] | None = None) -> None:
+                        before: asyncio.Task[None] | None = None, epoch: int | None = None) -> None:
         me = asyncio.current_task()
         try:
             if before is not None:
@@ -246,6 +246,8 @@ class Drift(Plugin):
                 del self._busy[key]
         if self._stopped:
             return  # the windows compared are gone with this instance: its gauges were cleared at stop
+        if epoch is not None and epoch != m.epoch:
+            return  # a pin came since: this compared the old reference, whose results the pin cleared
         m.last = res
         self.publish(key, res)
 

@@ -409,3 +409,33 @@ async def test_sluice_drift_command_reports_from_the_admin_api(upstream: FakeUps
         assert code == 0 and out.startswith("main  sluice-demo  window=3")
         code, _, err = await run("--token", "wrong")
         assert code == 1 and "401" in err
+
+
+def _tokens_ctx(rt, prompt_tokens: int, latency: float = 0.1):
+    c = make_context({"model": "m", "messages": [{"role": "user", "content": "x"}]}, runtime=rt)
+    c.attempts.append(Attempt(Target("up"), start=c.timings.start))
+    c.outcome, c.status = "ok", 200
+    c.usage = Usage(prompt_tokens, 5, prompt_tokens + 5)
+    c.timings.end = c.timings.start + latency
+    return c
+
+
+async def test_a_comparison_due_before_a_pin_does_not_publish_after_it(tmp_path):
+    """A comparison against the old reference, spawned (or in the executor) when the pin lands, must not
+    raise the alarm again and set ``last`` on the freshly pinned monitor."""
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, {**DRIFT, "features": ["prompt_tokens", "error"]}, runtime=rt)
+        rng = random.Random(1)
+        for _ in range(60):  # the pinned reference
+            p.on_done(_tokens_ctx(rt, rng.randint(10, 20)))
+        await rt.tasks.wait(10)
+        for _ in range(30):  # shifted: the comparison at 30 is spawned, not yet run
+            p.on_done(_tokens_ctx(rt, rng.randint(100, 120)))
+        assert p.pin(None, None) == [("none", "other")]
+        await rt.tasks.wait(10)
+        (m,) = p.report()
+        assert m["window_samples"] == 0 and m["last"] is None and m["drifted"] == []
+        assert gauge(rt, "sluice_drift_alarm", feature="prompt_tokens") in (None, 0)
+    finally:
+        await rt.close_all()
