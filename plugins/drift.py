@@ -261,6 +261,17 @@ class Drift(Plugin):
             log.info("drift cleared: route=%s model=%s feature=%s (%s)", route, model, feature, why,
                      extra={"event": "drift_cleared", "route": route, "model": model, "feature": feature})
 
+    def _clear_latency(self, route: str, model: str, why: str) -> None:
+        """The latency gauges to no value and no degradation; "latency cleared" is logged if it was degraded."""
+        f = self.families
+        f.child(f.latency_p95, route, model, "current").set(NAN)
+        f.child(f.latency_p95, route, model, "baseline").set(NAN)
+        f.child(f.latency_degraded, route, model).set(0)
+        if self.degraded.get((route, model)):
+            log.info("latency cleared: route=%s model=%s (%s)", route, model, why,
+                     extra={"event": "latency_cleared", "route": route, "model": model})
+        self.degraded[(route, model)] = False
+
     def publish(self, key: tuple[str, str], res: Comparison) -> None:
         """Gauges and log events for one comparison."""
         f = self.families
@@ -289,12 +300,9 @@ class Drift(Plugin):
         self.alarms[key] = now_drifted
         lat = res.latency
         if lat is None:
-            if self.degraded.get(key):
-                # too few latencies to compare: the degradation is no longer shown, as the report says
-                f.child(f.latency_degraded, route, model).set(0)
-                self.degraded[key] = False
-                log.info("latency cleared: route=%s model=%s (no longer compared)", route, model,
-                         extra={"event": "latency_cleared", "route": route, "model": model})
+            if key in self.degraded:
+                # too few latencies to compare: no p95 and no degradation shown any more, as the report says
+                self._clear_latency(route, model, "no longer compared")
         else:
             f.child(f.latency_p95, route, model, "current").set(lat.current_p95)
             f.child(f.latency_p95, route, model, "baseline").set(lat.baseline_p95)
@@ -343,6 +351,8 @@ class Drift(Plugin):
                 alarmed = self.alarms.pop((r, mdl), set())
                 for feature in sorted(self.compared.pop((r, mdl), ())):
                     self._clear(r, mdl, feature, feature in alarmed, "reference pinned")
+                if (r, mdl) in self.degraded:
+                    self._clear_latency(r, mdl, "reference pinned")
         return pinned
 
     @classmethod

@@ -439,3 +439,44 @@ async def test_a_comparison_due_before_a_pin_does_not_publish_after_it(tmp_path)
         assert gauge(rt, "sluice_drift_alarm", feature="prompt_tokens") in (None, 0)
     finally:
         await rt.close_all()
+
+
+async def test_a_pin_clears_the_latency_degradation_of_the_last_comparison(tmp_path, caplog):
+    """The pin clears what the last comparison showed: the latency degradation (state, gauges) too, not only
+    the features' alarms; the report said latency_degraded with no comparison (``last`` None) to back it."""
+    caplog.set_level(logging.INFO, logger="sluice.drift")
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, {**DRIFT, "features": ["latency_s", "error"]}, runtime=rt)
+        rng = random.Random(1)
+        for lo, hi in [(1.0, 1.1)] * 60 + [(3.0, 3.1)] * 30:
+            p.on_done(_tokens_ctx(rt, 10, rng.uniform(lo, hi)))
+        await rt.tasks.wait(10)
+        (m,) = p.report()
+        assert m["latency_degraded"] and gauge(rt, "sluice_drift_latency_degraded") == 1
+        p.pin(None, None)
+        (m,) = p.report()
+        assert m["last"] is None and not m["latency_degraded"]
+        assert gauge(rt, "sluice_drift_latency_degraded") == 0
+        current = gauge(rt, "sluice_drift_latency_p95_seconds", window="current")
+        assert current != current  # NaN: nothing compared against the new reference yet
+        assert [getattr(r, "event", None) for r in caplog.records][-1] == "latency_cleared"
+    finally:
+        await rt.close_all()
+
+
+async def test_latency_p95_gauges_go_to_no_value_when_latency_is_no_longer_compared(tmp_path):
+    from plugins._drift_stats import Comparison, LatencyResult
+
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, DRIFT, runtime=rt)
+        key = ("none", "other")
+        p.publish(key, Comparison([], LatencyResult("latency_s", 0.1, 0.12, 1.2, False)))
+        assert gauge(rt, "sluice_drift_latency_p95_seconds", window="current") == 0.12
+        p.publish(key, Comparison([], None))  # the report's last.latency is None now
+        current = gauge(rt, "sluice_drift_latency_p95_seconds", window="current")
+        baseline = gauge(rt, "sluice_drift_latency_p95_seconds", window="baseline")
+        assert current != current and baseline != baseline
+    finally:
+        await rt.close_all()
