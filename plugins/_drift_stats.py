@@ -381,7 +381,7 @@ def compare(reference: Snapshot, current: Snapshot, th: Thresholds, baseline_p95
     if baseline_p95 is not None:
         base: float | None = baseline_p95
     else:
-        base = p95(reference.sorted_numeric(lat)) if reference.numeric.get(lat) else None
+        base = p95(reference.sorted_numeric(lat)) if len(reference.numeric.get(lat) or ()) >= th.min_samples else None
     if base is not None and base > 0 and len(cur_lat) >= th.min_samples:
         cur95 = p95(current.sorted_numeric(lat)) or 0.0
         ratio = cur95 / base

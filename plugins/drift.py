@@ -340,11 +340,12 @@ class Drift(Plugin):
         return out
 
     def pin(self, route: str | None, model: str | None) -> list[tuple[str, str]]:
-        """Make the open window the reference of the matching monitors (not if it is empty), open a new
-        window for each, and clear what their last comparisons showed."""
+        """Make the open window the reference of the matching monitors (not if it holds fewer than
+        min_samples: nothing could be compared with it), open a new window for each, and clear what their
+        last comparisons showed."""
         pinned = []
         for (r, mdl), m in self.monitors.items():
-            if (route is None or r == route) and (model is None or mdl == model) and m.current.count:
+            if (route is None or r == route) and (model is None or mdl == model) and m.current.count >= self.thresholds.min_samples:
                 m.pin(m.current.snapshot())
                 pinned.append((r, mdl))
                 # what was compared against the old reference says nothing of the new one

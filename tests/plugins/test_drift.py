@@ -180,7 +180,7 @@ async def test_pin_through_the_admin_api(upstream: FakeUpstream, tmp_path):
     rng = random.Random(3)
     async with SluiceServer(config(upstream, reference="previous"), tmp_path) as s:
         async with openai.AsyncOpenAI(base_url=s.url, api_key="sk", max_retries=0) as c:
-            await send(c, rng, 20, 5)
+            await send(c, rng, 20, 30)  # min_samples: a smaller window is not pinned
         await settle(s)
         async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
             async with http.post(f"{s.admin_url}/admin/drift/pin", params={"route": "main"}) as r:
@@ -190,7 +190,7 @@ async def test_pin_through_the_admin_api(upstream: FakeUpstream, tmp_path):
                 async with http.post(f"{s.admin_url}/admin/drift/pin", params=params) as r:
                     assert r.status == 404 and "No drift monitor for" in (await r.json())["error"]["message"]
         (m,) = await report(s)
-    assert m["pinned"] and m["reference_samples"] == 5
+    assert m["pinned"] and m["reference_samples"] == 30
 
 
 async def test_latency_degradation_and_plugin_features(tmp_path):
@@ -478,5 +478,25 @@ async def test_latency_p95_gauges_go_to_no_value_when_latency_is_no_longer_compa
         current = gauge(rt, "sluice_drift_latency_p95_seconds", window="current")
         baseline = gauge(rt, "sluice_drift_latency_p95_seconds", window="baseline")
         assert current != current and baseline != baseline
+    finally:
+        await rt.close_all()
+
+
+async def test_a_window_with_fewer_than_min_samples_is_not_pinned(tmp_path):
+    """A reference with fewer than min_samples values has no feature to compare: pinned (reference: pinned),
+    it would stay for good and every later shift would go unseen, with no sign of it in the report."""
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, {**DRIFT, "features": ["prompt_tokens", "error"]}, runtime=rt)
+        rng = random.Random(2)
+        for _ in range(65):  # the first window (60) becomes the reference, 5 more in the open one
+            p.on_done(_tokens_ctx(rt, rng.randint(10, 20)))
+        await rt.tasks.wait(10)
+        assert p.pin(None, None) == []  # 5 samples: too few to be a reference
+        for _ in range(35):  # prompts ten times longer
+            p.on_done(_tokens_ctx(rt, rng.randint(100, 120)))
+        await rt.tasks.wait(10)
+        (m,) = p.report()
+        assert m["reference_samples"] == 60 and "prompt_tokens" in m["drifted"]
     finally:
         await rt.close_all()

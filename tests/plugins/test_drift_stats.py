@@ -302,3 +302,13 @@ def test_ks_statistic_is_the_concatenated_searches_exactly():
         assert ks_test(a, b, np.searchsorted(a, a, side="right"))[0] == want
     snap = Snapshot({"x": rng.normal(0, 1, 300).tolist()}, {}, 300, 0, 1)
     assert snap.ranks("x") is snap.ranks("x")  # kept with the snapshot
+
+
+def test_latency_baseline_from_the_reference_needs_min_samples():
+    """min_samples on both sides holds for latency too: a p95 of five values is no baseline."""
+    rng = np.random.default_rng(5)
+    tiny = Snapshot({"latency_s": rng.gamma(4, 0.05, 5).tolist()}, {}, 5, 0, 1)
+    cur = Snapshot({"latency_s": rng.gamma(4, 0.05, 200).tolist()}, {}, 200, 1, 2)
+    assert compare(tiny, cur, Thresholds(min_samples=100)).latency is None
+    # a fixed baseline needs no reference samples
+    assert compare(tiny, cur, Thresholds(min_samples=100), baseline_p95=1.0).latency is not None
