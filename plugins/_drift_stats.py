@@ -349,13 +349,15 @@ class Comparison:
         }
 
 
-def compare(reference: Snapshot, current: Snapshot, th: Thresholds, baseline_p95: float | None = None) -> Comparison:
+def compare(reference: Snapshot | None, current: Snapshot, th: Thresholds, baseline_p95: float | None = None) -> Comparison:
     """Every feature present on both sides with ``min_samples`` values, compared.
 
     ``baseline_p95`` (seconds) pins the latency baseline; without it the reference
-    window's own p95 is the baseline.
+    window's own p95 is the baseline. With no reference yet, only latency against a fixed baseline.
     """
     out = Comparison()
+    if reference is None:
+        reference = Snapshot({}, {}, 0, 0.0, 0.0)
     numeric = [k for k in sorted(set(reference.numeric) & set(current.numeric))
                if len(reference.numeric[k]) >= th.min_samples and len(current.numeric[k]) >= th.min_samples]
     categorical = [k for k in sorted(set(reference.categorical) & set(current.categorical))
@@ -411,6 +413,7 @@ class Monitor:
         seed: int | None = None,
         max_features: int = 32,
         now: float | None = None,
+        fixed_baseline: bool = False,
     ) -> None:
         self.reservoir_size = reservoir_size
         self.window_samples = window_samples
@@ -421,6 +424,8 @@ class Monitor:
         self.mode = reference
         self.thresholds = thresholds
         self.max_features = max_features
+        #: latency has a baseline of its own: the open window is checked before any reference exists
+        self.fixed_baseline = fixed_baseline
         self._rng = random.Random(seed)
         self.current = Window(reservoir_size, self._rng, time.time() if now is None else now, max_features)
         self.reference: Snapshot | None = None
@@ -451,7 +456,7 @@ class Monitor:
         if self._closing(n, now):
             return True
         return (
-            self.reference is not None and n >= self.thresholds.min_samples and n - self.last_checked_at >= self.check_every
+            (self.reference is not None or self.fixed_baseline) and n >= self.thresholds.min_samples and n - self.last_checked_at >= self.check_every
             and now - self.last_checked_time >= self.check_interval_s
         )
 
@@ -487,7 +492,7 @@ class Monitor:
     def check_now(self, baseline_p95: float | None = None, now: float | None = None) -> Comparison | None:
         """Compare synchronously (tests, the CLI): the due pair, or ``None`` with no reference."""
         ref, cur = self.due_snapshots(now)
-        if ref is None:
+        if ref is None and baseline_p95 is None:
             return None
         self.last = compare(ref, cur, self.thresholds, baseline_p95)
         return self.last

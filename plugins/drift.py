@@ -174,6 +174,7 @@ class Drift(Plugin):
                 reservoir_size=c.reservoir_size, window_samples=c.window_samples, window_seconds=c.window_seconds,
                 check_every=c.check_every, check_interval_s=c.check_interval_s, reference=c.reference, thresholds=self.thresholds,
                 seed=None if c.seed is None else c.seed + len(self.monitors), max_features=c.max_features,
+                fixed_baseline=self.baseline is not None,
             )
         return key, m
 
@@ -230,11 +231,11 @@ class Drift(Plugin):
             # later); a window that is full closes now all the same, and its comparison follows the running one
             if running is None or m.closing():
                 ref, cur = m.due_snapshots()
-                if ref is not None:
+                if ref is not None or self.baseline is not None:  # a fixed latency baseline needs no reference
                     self._busy[key] = self.runtime.spawn(self._evaluate(key, m, ref, cur, running, m.epoch),
                                                          name=f"drift.compare.{key[0]}.{key[1]}")
 
-    async def _evaluate(self, key: tuple[str, str], m: Monitor, ref: Snapshot, cur: Snapshot,
+    async def _evaluate(self, key: tuple[str, str], m: Monitor, ref: Snapshot | None, cur: Snapshot,
                         before: asyncio.Task[None] | None = None, epoch: int | None = None) -> None:
         me = asyncio.current_task()
         try:

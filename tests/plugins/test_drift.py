@@ -500,3 +500,20 @@ async def test_a_window_with_fewer_than_min_samples_is_not_pinned(tmp_path):
         assert m["reference_samples"] == 60 and "prompt_tokens" in m["drifted"]
     finally:
         await rt.close_all()
+
+
+async def test_a_fixed_latency_baseline_is_checked_before_the_first_window_closes(tmp_path):
+    """With baseline_p95_ms no reference window is needed for latency: a slow first window (the first hour
+    with the defaults, and again after every reload) is flagged, not only once a reference exists."""
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, {**DRIFT, "features": ["latency_s", "error"], "baseline_p95_ms": 100}, runtime=rt)
+        rng = random.Random(3)
+        for _ in range(59):  # min_samples (30) and more, the window (60) still open
+            p.on_done(_tokens_ctx(rt, 10, rng.uniform(1.0, 1.1)))
+        await rt.tasks.wait(10)
+        (m,) = p.report()
+        assert m["reference_samples"] == 0 and m["latency_degraded"]
+        assert gauge(rt, "sluice_drift_latency_degraded") == 1
+    finally:
+        await rt.close_all()
