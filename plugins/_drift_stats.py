@@ -475,6 +475,7 @@ class Monitor:
             self.windows_closed += 1
             if self.mode == "previous" or (self.reference is None and not self.pinned):
                 self.reference = cur
+                self.pinned = False  # a pinned reference, if any, is replaced (reference: previous)
             self.current = Window(self.reservoir_size, self._rng, now, self.max_features)
             self.last_checked_at = 0
         return ref, cur

@@ -312,3 +312,20 @@ def test_latency_baseline_from_the_reference_needs_min_samples():
     assert compare(tiny, cur, Thresholds(min_samples=100)).latency is None
     # a fixed baseline needs no reference samples
     assert compare(tiny, cur, Thresholds(min_samples=100), baseline_p95=1.0).latency is not None
+
+
+def test_a_pin_in_previous_mode_is_not_reported_once_the_reference_rolls():
+    """reference: previous replaces a pinned reference with the next closed window: ``pinned`` (the admin
+    report's, and the CLI's "(previous, pinned)") must not go on saying the reference is the pinned one."""
+    rng = np.random.default_rng(6)
+    m = make_monitor(6, reference="previous", window_samples=200, reservoir_size=200)
+    for _ in range(150):
+        m.add(*sample(rng, 200, 0.9), now=0.0)
+    pinned = m.current.snapshot(now=0.0)
+    m.pin(pinned, now=0.0)
+    assert m.pinned and m.reference is pinned
+    for _ in range(200):
+        m.add(*sample(rng, 200, 0.9), now=0.0)
+    m.check_now(now=0.0)  # the window closes and becomes the reference
+    assert m.reference is not pinned and m.reference.count == 200
+    assert not m.pinned
