@@ -422,12 +422,17 @@ async def _run_cli(args: Any, loaded: Any) -> int:
         async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as http:
             if args.pin:
                 async with http.post(f"{url}/admin/drift/pin", params=params) as r:
-                    body = await r.json(content_type=None)
+                    raw = await r.read()
             else:
                 async with http.get(f"{url}/admin/drift") as r:
-                    body = await r.json(content_type=None)
+                    raw = await r.read()
     except (aiohttp.ClientError, TimeoutError) as e:
         print(f"sluice drift: cannot reach the admin API at {url}: {type(e).__name__}", file=sys.stderr)
+        return 1
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        print(f"sluice drift: {url} answered {r.status} without JSON: is it Sluice's admin API?", file=sys.stderr)
         return 1
     if r.status != 200:
         msg = body.get("error", {}).get("message") if isinstance(body, dict) else None

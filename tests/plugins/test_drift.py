@@ -517,3 +517,22 @@ async def test_a_fixed_latency_baseline_is_checked_before_the_first_window_close
         assert gauge(rt, "sluice_drift_latency_degraded") == 1
     finally:
         await rt.close_all()
+
+
+async def test_sluice_drift_says_what_answered_when_it_is_not_the_admin_api(tmp_path):
+    """A URL that is not Sluice's admin API (a listener port, a load balancer's HTML error page) answers
+    something other than JSON: a one-line error and exit 1, not a JSONDecodeError traceback."""
+    import asyncio
+    import sys
+
+    from aiohttp import web
+
+    from proxy.testing import serve_app
+
+    async with serve_app(web.Application()) as url:  # every path a plain-text 404
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.cli", "drift", "--url", url, "--token", "t",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and "Traceback" not in err.decode(), err.decode()
+    assert "404" in err.decode()
