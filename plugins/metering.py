@@ -633,7 +633,14 @@ class Metering(Plugin):
         if usage.estimated:
             ctx.usage = usage  # the plugins after this one (metrics, tracing, drift) count the estimate too
         served = self._served_model(ctx, asked)
-        price = self.prices.lookup(served or self._priced_model(ctx)) if reached else None
+        price = None
+        if reached:
+            priced_as = self._priced_model(ctx)
+            price = self.prices.lookup(served or priced_as)
+            if price is None and served and priced_as and priced_as != served:
+                # an answer's name the table does not know (a model server's path, an alias) costs what the model
+                # it was sent to costs, as its reservation did, rather than nothing
+                price = self.prices.lookup(priced_as)
         cost = price.cost(usage) if price is not None else 0.0
         ctx.cost = cost
         route = route_name(ctx)
