@@ -150,8 +150,8 @@ NO_TOKEN_SEGMENTS = frozenset({"models", "files", "uploads", "batches", "audio",
                                "fine_tuning", "vector_stores"})
 
 
-#: most reservations a metering instance keeps trying to give back while its counters are away
-MAX_PENDING_UNDOS = 1000
+#: most reservations a metering instance keeps trying to give back or settle while its counters are away
+MAX_PENDING_REPAIRS = 1000
 
 
 def _bills_tokens(ctx: Context) -> bool:
@@ -239,8 +239,8 @@ class Metering(Plugin):
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
         self._tokenizers = config.tokenizers or None
-        #: reservations being given back in the background (counters away when they were to be)
-        self._undoing = 0
+        #: reservations being given back or settled in the background (counters away when they were to be)
+        self._repairing = 0
         self._tokenizer_failed = False
         #: the sluice_cost_total accumulator per (route, model label)
         self._cost: dict[tuple[str, str], Any] = {}
@@ -513,19 +513,25 @@ class Metering(Plugin):
                     self._undo_later(key, mark, end)
 
     def _undo_later(self, key: str, mark: str, end: float) -> None:
-        if self._undoing >= MAX_PENDING_UNDOS:
-            log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
+        self._repair_later(lambda: self.counters.undo_sum(key, mark), end, "metering-undo-reservation",
+                           "could not release a budget reservation (it stays counted until the period ends)")
+
+    def _repair_later(self, call: Any, end: float, name: str, failed: str) -> None:
+        """Carry out an idempotent counters ``call`` in the background once the counters answer (until
+        ``end``, the period's end): an undo or a settlement whose answer was lost or never came."""
+        if self._repairing >= MAX_PENDING_REPAIRS:
+            log.error("metering: %s", failed)
             return
-        self._undoing += 1
+        self._repairing += 1
 
-        async def undo() -> None:
+        async def repair() -> None:
             try:
-                if not await settle_after_lost_answer(lambda: self.counters.undo_sum(key, mark), end, time.time):
-                    log.error("metering: could not release a budget reservation (it stays counted until the period ends)")
+                if not await settle_after_lost_answer(call, end, time.time):
+                    log.error("metering: %s", failed)
             finally:
-                self._undoing -= 1
+                self._repairing -= 1
 
-        self.runtime.spawn(undo(), "metering-undo-reservation")
+        self.runtime.spawn(repair(), name)
 
     # -- after the answer ----------------------------------------------------------------
     def _priced_model(self, ctx: Context) -> str | None:
@@ -662,11 +668,20 @@ class Metering(Plugin):
         for key, amount, end in reserved:
             delta = cost - amount
             if delta or amount:
+                unmark = mark if amount > 0 else None
                 try:
                     # settles the reservation: its record goes (an undo can no longer take it back)
-                    await self.counters.add_sum(key, delta, None, end, unmark=mark if amount > 0 else None)
+                    await self.counters.add_sum(key, delta, None, end, unmark=unmark)
                 except StateUnavailable:
-                    log.error("metering: could not reconcile a budget (the reservation stays counted)")
+                    if unmark is None:
+                        log.error("metering: could not add a request's cost to a budget (the counters did not answer)")
+                        continue
+                    # a settlement applies only while its reservation's record is there: sent again until the
+                    # counters answer, it still applies once (and not at all if the first one went through)
+                    self._repair_later(
+                        lambda key=key, delta=delta, end=end: self.counters.add_sum(key, delta, None, end, unmark=mark),
+                        end, "metering-settle-reservation",
+                        "could not settle a budget reservation (its worst case stays counted until the period ends)")
 
     def _served_model(self, ctx: Context, asked: str | None) -> str | None:
         """The model that answered: the answer's own ``model`` (``ctx.answer``, a buffered answer's when it is

@@ -94,8 +94,9 @@ class Counters(abc.ABC):
 
         A negative ``amount`` always applies. ``expires_at`` (epoch seconds) ends the period.
         ``mark`` records the add under that name (a reservation), so that :meth:`undo_sum` can take it
-        back exactly once, whether or not its answer arrived; ``unmark`` forgets such a record (this add
-        settles it).
+        back exactly once, whether or not its answer arrived. ``unmark`` settles such a record: the record
+        goes, and ``amount`` is added only if it was there, so a settlement sent again after its answer was
+        lost applies once, and one whose reservation was undone or whose period ended applies nothing.
         """
 
     @abc.abstractmethod

@@ -295,8 +295,8 @@ class MemoryCounters(Counters):
         if exp <= now:
             total, exp = 0.0, expires_at
             self._marks.pop(key, None)
-        if unmark is not None:
-            self._marks.get(key, {}).pop(unmark, None)
+        if unmark is not None and self._marks.get(key, {}).pop(unmark, None) is None:
+            return SumStatus(True, total, math.inf if limit is None else limit)  # settled or undone already
         if amount < 0 or limit is None or total + amount <= limit:
             total += amount
             self._sums[key] = (total, max(exp, expires_at))

@@ -150,7 +150,9 @@ if tat < now then tat = now end
 return string.format('%.6f', tat - now)
 """
 
-# KEYS: the sum, a hash {t: total, e: period end}. ARGV: now, amount, limit ('' for none), expires_at.
+# KEYS: the sum, a hash {t: total, e: period end}. ARGV: now, amount, limit ('' for none), expires_at,
+# the mark to record this add under ('' for none), the mark whose reservation this add settles ('': none;
+# else the add applies only if that mark is still there, so a settlement sent twice applies once).
 # The period end is kept in the hash (not only as a TTL) so an injected test clock sees it too.
 # Numbers are written with '%.17g', which gives back the same double: a fixed number of
 # decimals would round away amounts below it (a small embedding request costs 4e-7), so the
@@ -166,7 +168,9 @@ if e <= now then
   e = expires_at
   redis.call('DEL', KEYS[1])  -- a new period: the last one's reservation marks go with it
 end
-if ARGV[6] ~= '' then redis.call('HDEL', KEYS[1], 'r:' .. ARGV[6]) end
+if ARGV[6] ~= '' and redis.call('HDEL', KEYS[1], 'r:' .. ARGV[6]) == 0 then
+  return {'1', string.format('%.17g', cur)}  -- settled or undone already (or its period is over): nothing more
+end
 if ARGV[3] ~= '' and amount >= 0 and cur + amount > tonumber(ARGV[3]) then
   return {'0', string.format('%.17g', cur)}
 end

@@ -683,3 +683,39 @@ async def test_a_priced_call_that_reserves_nothing_still_counts_against_the_budg
             restarted = await _budgets_of(s, "ka")
     assert restarted == {("key", "day"): pytest.approx(cost)}
     assert live == restarted
+
+
+@pytest.mark.redis
+async def test_a_settlement_redis_did_not_answer_is_made_once_it_does(tmp_path):
+    """A request's settlement (its worst case given back to its real cost) that Redis did not answer was
+    dropped: the worst case stayed counted until the period's end, and the key got 429 for money it never
+    spent. Settlements now apply once however often they are sent, so they are retried until Redis answers."""
+    from proxy.testing import wait_for
+
+    # an append-only file: the reservation outlives the outage, as in a Redis that restarts or fails over
+    async with RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")) as rs:
+        rt = await make_runtime(tmp_path, config={"state": {"redis": {"url": rs.url, "timeout_ms": 500}}})
+        try:
+            p = await configure_plugin(Metering, {"ledger": False, "prices": {"m": {"input": 0, "output": 1e6}}}, runtime=rt)
+            c = make_context({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 20},
+                             runtime=rt, identity=Identity(key_id="kx", limits={"budget_per_day": 100.0}))
+            key = p.applicable(c, __import__("time").time())[0][0]
+            await hook(p.on_request, c)
+            assert await p.counters.get_sum(key) == pytest.approx(20.0)  # the worst case: 20 output tokens
+            await rs.astop()
+            c.attempts.append(Attempt(Target("up"), start=c.timings.start, status=200))
+            c.usage = Usage(1, 7, 8)
+            await hook(p.on_done, c)  # the settlement finds Redis away
+            await rs.arestart()
+
+            async def settled() -> bool:
+                try:
+                    return await p.counters.get_sum(key) == pytest.approx(7.0)
+                except StateUnavailable:
+                    return False
+
+            await wait_for(settled, 30, "the settlement to reach Redis once it is back")
+            await wait_for(lambda: p._repairing == 0, 30, "the settlement's second send (after a lost answer) to end")
+            assert await p.counters.get_sum(key) == pytest.approx(7.0)  # sent twice, applied once
+        finally:
+            await rt.close_all()

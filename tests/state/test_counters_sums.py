@@ -67,3 +67,28 @@ async def test_a_marked_add_is_undone_exactly_once_in_redis_as_in_memory(redis_s
             clock.now -= 3601
     finally:
         await close_client(client)
+
+
+@pytest.mark.redis
+async def test_a_settlement_applies_once_and_not_after_an_undo_in_redis_as_in_memory(redis_server, clock, key_prefix):
+    """A settlement (an add that unmarks a reservation) sent again because its answer was lost applied twice:
+    it now applies only while the reservation's record is there, so it can be retried safely."""
+    from proxy.state.redis import RedisCounters, RedisGuard, close_client, connect
+
+    cfg = RedisConfig(url=redis_server.url, timeout_ms=2000)
+    client = connect(cfg)
+    try:
+        end = clock.now + 3600
+        for counters in (RedisCounters(RedisGuard(client, cfg), key_prefix, clock=clock), MemoryCounters(clock)):
+            assert (await counters.add_sum("s", 5.0, 10, end, mark="req_a")).allowed  # reserved 5
+            for _ in range(3):  # settled at 2 (-3), sent three times
+                assert (await counters.add_sum("s", -3.0, None, end, unmark="req_a")).allowed
+            assert await counters.get_sum("s") == 2.0
+            assert (await counters.add_sum("s", 4.0, 10, end, mark="req_b")).allowed
+            await counters.undo_sum("s", "req_b")  # given back (the request was refused elsewhere)
+            await counters.add_sum("s", 1.0, None, end, unmark="req_b")  # a late settlement: nothing to settle
+            assert await counters.get_sum("s") == 2.0
+            await counters.add_sum("s", 0.5, None, end)  # an add with no mark to settle always applies
+            assert await counters.get_sum("s") == 2.5
+    finally:
+        await close_client(client)
