@@ -145,6 +145,16 @@ def input_messages(body: Any) -> list[dict[str, Any]] | None:
     return None
 
 
+def system_instructions(body: Any) -> list[dict[str, Any]] | None:
+    """A Responses request's ``instructions`` as the parts of ``gen_ai.system_instructions``; ``None``
+    without them (chat and completions carry theirs in their messages, which input_messages keeps)."""
+    if isinstance(body, dict):
+        instructions = body.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            return [_text(instructions)]
+    return None
+
+
 def output_messages(body: Any) -> list[dict[str, Any]] | None:
     """A buffered answer's choices (chat, completions) or output (Responses API) as GenAI output messages."""
     if not isinstance(body, dict):

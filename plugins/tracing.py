@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from proxy import Context, Plugin, PluginConfig, StashKey, hookimpl
 
 from . import _otel_wire as wire
-from ._genai_messages import input_messages, output_messages, streamed_message
+from ._genai_messages import input_messages, output_messages, streamed_message, system_instructions
 from ._pii_scope import stream_slots
 from ._otel import (
     TRACE_ID_LIMIT,
@@ -757,6 +757,9 @@ def _captured(ctx: Context, body: Any, reached: bool, limit: int) -> list[tuple[
     content = input_messages(body) if reached else None
     if content is not None:
         out.append(("gen_ai.input.messages", truncate(orjson.dumps(content).decode(), limit)))
+    system = system_instructions(body) if reached else None
+    if system is not None:
+        out.append(("gen_ai.system_instructions", truncate(orjson.dumps(system).decode(), limit)))
     completion = ctx.stash.get(OUTPUT)
     if completion is not None:
         if finding_counts(ctx.annotations.get("pii_answer")):

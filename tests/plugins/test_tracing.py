@@ -482,6 +482,24 @@ async def test_content_capture_records_a_streamed_responses_answer(upstream: Fak
     assert text and out == [{"role": "assistant", "parts": [{"type": "text", "content": text}], "finish_reason": "stop"}]
 
 
+async def test_content_capture_records_a_responses_requests_instructions_as_pii_left_them(upstream: FakeUpstream, tmp_path):
+    """A Responses request's ``instructions`` (its system prompt) were never captured: the conventions put
+    them in gen_ai.system_instructions. pii redacts them as it redacts the input."""
+    async with OTLPReceiver() as rx:
+        chain = [{"pii": {"action": "redact", "restore": True}}, tracing(rx, capture_content=True)]
+        async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                await c.responses.create(model="sluice-demo", input="say hi",
+                                         instructions="Be brief. Escalations go to jane.doe@example.com.")
+                await c.responses.create(model="sluice-demo", input="say hi again")
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 2)
+    with_instructions, without = sorted((sp["attributes"] for sp in by_kind(spans, "server")),
+                                        key=lambda a: "gen_ai.system_instructions" not in a)
+    assert orjson.loads(with_instructions["gen_ai.system_instructions"]) == [
+        {"type": "text", "content": "Be brief. Escalations go to <EMAIL_1>."}]
+    assert "gen_ai.system_instructions" not in without and "say hi again" in without["gen_ai.input.messages"]
+
+
 def test_captured_content_has_the_genai_message_shape_for_every_endpoint():
     """Buffered completions were captured as [{"text": ...}], streamed ones as [{"role", "content"}], and chat
     messages as OpenAI wrote them: none of them the conventions' role-and-parts messages."""
