@@ -911,7 +911,8 @@ def _run_cli(args: Any, loaded: Any) -> int:
     if not path.exists():
         print(f"sluice usage: no ledger at {path} (is metering in a chain, and state.dir right?)", file=sys.stderr)
         return 1
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    # as a URI, percent-encoded: a state.dir holding "?", "#" or "%" is still this file
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
     try:
         cur = conn.execute(sql, params)
         cols = [d[0] for d in cur.description]

@@ -395,6 +395,31 @@ async def test_sluice_usage_command_reads_the_ledger(upstream: FakeUpstream, tmp
     assert "Traceback" not in out.stderr
 
 
+async def test_sluice_usage_reads_a_ledger_whose_directory_name_holds_uri_characters(upstream: FakeUpstream, tmp_path: Path):
+    """The ledger was opened as ``file:{path}?mode=ro``: a state.dir holding "?" or "#" named another file
+    (SQLite read the rest as the URI's query or fragment) and "%" sequences were decoded."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    state = tmp_path / "state?v=1#a %41"
+    cfg = config(upstream)
+    cfg["state"] = {"dir": str(state)}
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with client(s) as c:
+            await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
+        await s.wait_idle()
+    assert (state / "ledger.db").exists()
+    path = tmp_path / "sluice.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "usage", "-c", str(path), "--by", "model", "--format", "json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)
+    assert row["model"] == "sluice-demo" and row["requests"] == 1
+
+
 def test_utc_day_matches_strftime_across_day_boundaries():
     import datetime as dt
 
