@@ -557,10 +557,11 @@ class Metering(Plugin):
 
     @staticmethod
     def _billed_unanswered(ctx: Context) -> bool:
-        """Whether a request with no answer bills its prompt: the client left after it was sent (an attempt
-        cancelled before it had a connection never reached the upstream)."""
+        """Whether a request with no answer bills its prompt: the client left, or the upstream did not answer
+        in time, after it was sent (an attempt cancelled or timed out before it had a connection never reached
+        the upstream). Either way Sluice hung up on an upstream that had the request."""
         last = ctx.attempts[-1]
-        return last.error == "cancelled" and not last.unsent
+        return last.error in ("cancelled", "timeout") and not last.unsent
 
     def usage_of(self, ctx: Context) -> Usage:
         """The request's usage: the upstream's, else an estimate marked so (for the endpoints that bill

@@ -108,8 +108,8 @@ class Attempt:
     error: str | None = None  # connect | timeout | protocol | cancelled (the client left) | None
     first_byte: float | None = None
     end: float | None = None
-    #: cancelled before it had a connection to the upstream (waiting for the pool, or connecting):
-    #: the upstream never saw the request
+    #: cancelled or timed out before it had a connection to the upstream (waiting for the pool, or
+    #: connecting): the upstream never saw the request
     unsent: bool = False
 
 

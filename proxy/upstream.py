@@ -319,7 +319,8 @@ class UpstreamPool:
                         alarm.disarm()
                 except TimeoutError:
                     up.outstanding -= 1
-                    up.connector.took_unsent(task)  # type: ignore[union-attr]  # a connect timeout cancels inside aiohttp
+                    # a connect timeout (or one spent waiting for the pool) cancels inside aiohttp: the upstream never saw it
+                    att.unsent = up.connector.took_unsent(task)  # type: ignore[union-attr]
                     att.error, att.end = "timeout", time.perf_counter()
                     last_error = ProxyError(504, "The upstream did not answer in time.", code="upstream_timeout")
                     delay = self._backoff(policy, n, None)

@@ -121,6 +121,41 @@ async def test_client_gone_before_the_answer_is_estimated_and_unreached_stays_ze
     assert unreached["estimated"] == 0 and unreached["prompt_tokens"] == 0 and unreached["cost"] == 0
 
 
+async def test_an_upstream_that_timed_out_with_the_request_bills_the_prompt_one_waiting_for_a_connection_nothing(
+        upstream: FakeUpstream, tmp_path: Path):
+    """An upstream that did not answer in time had the request (Sluice hung up on it, as when the client leaves,
+    which bills the prompt), but the row said zero tokens and zero cost. One that timed out while waiting
+    for a free connection never reached the upstream: still nothing."""
+    import asyncio
+
+    cfg = config(upstream)
+    cfg["upstreams"]["demo"].update(timeouts={"first_byte": 1.0}, max_connections=1)
+    prompt = "count this prompt please " * 10
+    async with SluiceServer(cfg, tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+            upstream.first_byte_delay = 30.0
+            with pytest.raises(openai.APIStatusError) as exc:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": prompt}])
+            assert exc.value.status_code == 504 and len(upstream.requests) == 1
+            # a stream holds the only connection while the next request waits for it past its deadline
+            upstream.first_byte_delay, upstream.token_delay = 0.0, 0.5
+            stream = await c.chat.completions.create(model="sluice-demo", stream=True, messages=[{"role": "user", "content": prompt}])
+            await stream.__anext__()
+            with pytest.raises(openai.APIStatusError) as exc:
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": prompt}])
+            assert exc.value.status_code == 504
+            await stream.close()
+        await s.wait_idle()
+        await s.runtime.state.records("ledger").flush()
+    assert len(upstream.requests) == 2
+    timed_out, streamed, never_sent = ledger_rows(tmp_path)
+    assert timed_out["outcome"] == "upstream_error" and timed_out["estimated"] == 1 and timed_out["completion_tokens"] == 0
+    assert timed_out["prompt_tokens"] == 3 + (len(prompt) + 3) // 4 + 3  # the documented estimate of this prompt
+    assert timed_out["cost"] == pytest.approx(timed_out["prompt_tokens"] * 2.0 / 1e6)
+    assert streamed["stream"] == 1
+    assert never_sent["status"] == 504 and never_sent["estimated"] == 0 and never_sent["prompt_tokens"] == 0 and never_sent["cost"] == 0
+
+
 def test_aiohttp_still_has_the_connector_paths_that_note_unsent_requests():
     """proxy.upstream's connector overrides these two private aiohttp methods; were they renamed, a cancelled
     request waiting for a connection would silently count as sent (and bill its prompt) again."""
