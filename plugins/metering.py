@@ -358,20 +358,13 @@ class Metering(Plugin):
             if not who or (r.ids is not None and who not in r.ids):
                 continue
             label, end = period_window(r.period, now)
-            out.append((f"budget:{r.scope}:{who}:{r.period}:{label}", r.limit, end))
+            _add_budget(out, f"budget:{r.scope}:{who}:{r.period}:{label}", r.limit, end)
         if self.config.identity_budgets and ident.limits:
             for period in ("day", "month"):
                 limit = ident.limits.get(f"budget_per_{period}")
                 if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
                     label, end = period_window(period, now)
-                    key = f"budget:key:{ident.key_id}:{period}:{label}"
-                    # one sum per key and period: a rule over it and the key's own both hold (the lower limit)
-                    for i, (k, rule_limit, _) in enumerate(out):
-                        if k == key:
-                            out[i] = (key, min(rule_limit, float(limit)), end)
-                            break
-                    else:
-                        out.append((key, float(limit), end))
+                    _add_budget(out, f"budget:key:{ident.key_id}:{period}:{label}", float(limit), end)
         return out
 
     def reserve_amount(self, ctx: Context, prompt: int | None = None) -> float:
@@ -777,6 +770,16 @@ async def ledger_spend(ledger: Any, before: float) -> AsyncIterator[dict[tuple[s
 
 SPEND_OF_DAY = (f"SELECT key_id, team, SUM(cost) AS cost FROM {LEDGER_TABLE} "
                 "WHERE day = ? AND ts < ? AND cost > 0 AND (key_id IS NOT NULL OR team IS NOT NULL) GROUP BY key_id, team")
+
+
+def _add_budget(out: list[tuple[str, float, float]], key: str, limit: float, end: float) -> None:
+    """One entry per sum: rules over the same key (or team) and period (one for every key, one for some ids;
+    a key's own limit) share it, and the lowest limit holds; reserving on it twice would count twice."""
+    for i, (k, other, _) in enumerate(out):
+        if k == key:
+            out[i] = (key, min(other, limit), end)
+            return
+    out.append((key, limit, end))
 
 
 def _drive(coro: Any) -> Any:

@@ -719,3 +719,20 @@ async def test_a_settlement_redis_did_not_answer_is_made_once_it_does(tmp_path):
             assert await p.counters.get_sum(key) == pytest.approx(7.0)  # sent twice, applied once
         finally:
             await rt.close_all()
+
+
+async def test_two_rules_over_one_key_and_period_share_one_sum_counted_once(upstream: FakeUpstream, tmp_path):
+    """A key/day rule for every key and a key/day rule for some ids (allowed: not "the same ids") name the same
+    sum: the request was reserved on it twice, settled once (the second settlement finds its mark gone), so
+    one request of cost M left 2M counted, and the key was refused at half its budget."""
+    budgets = [{"scope": "key", "period": "day", "limit": 100.0},
+               {"scope": "key", "period": "day", "limit": 2.5 * M, "ids": ["ka"]}]
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            await ask(a)
+            await s.wait_idle()
+            assert await _budgets_of(s, "ka") == {("key", "day"): pytest.approx(M)}
+            await ask(a)  # 1 spent + 1 reserved <= 2.5: admitted
+            await s.wait_idle()
+            with pytest.raises(openai.RateLimitError):
+                await ask(a)  # 2 spent + 1 reserved > 2.5
