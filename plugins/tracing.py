@@ -37,7 +37,7 @@ from proxy import Context, Plugin, PluginConfig, StashKey, hookimpl
 
 from . import _otel_wire as wire
 from ._genai_messages import input_messages, output_messages, streamed_message, system_instructions
-from ._pii_scope import stream_slots
+from ._pii_scope import endpoint_kind, stream_slots
 from ._otel import (
     TRACE_ID_LIMIT,
     Clock,
@@ -757,12 +757,17 @@ def _captured(ctx: Context, body: Any, reached: bool, limit: int) -> list[tuple[
     content = input_messages(body) if reached else None
     if content is not None:
         out.append(("gen_ai.input.messages", truncate(orjson.dumps(content).decode(), limit)))
-    system = system_instructions(body) if reached else None
+    # a Responses request's only: the one kind whose ``instructions`` pii screens (elsewhere the field is no prompt)
+    system = system_instructions(body) if reached and endpoint_kind(ctx.endpoint, body) == "responses" else None
     if system is not None:
         out.append(("gen_ai.system_instructions", truncate(orjson.dumps(system).decode(), limit)))
     completion = ctx.stash.get(OUTPUT)
     if completion is not None:
-        if finding_counts(ctx.annotations.get("pii_answer")):
+        if ctx.upstream is not None and ctx.answered_by is not None:
+            # a plugin replaced the answer or cut its stream after this plugin read it (pii's answer screen
+            # failing closed): the client never got it, and no screen passed it
+            out.append(("sluice.content_withheld", "answer_replaced"))
+        elif finding_counts(ctx.annotations.get("pii_answer")):
             out.append(("sluice.content_withheld", "answer_personal_data"))
         else:
             out.append(("gen_ai.output.messages", truncate(completion, limit)))

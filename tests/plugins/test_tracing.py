@@ -883,3 +883,57 @@ async def test_the_completion_is_withheld_when_pii_found_personal_data_the_model
     assert a["sluice.content_withheld"] == "answer_personal_data"
     assert "who do I write to?" in a["gen_ai.input.messages"] and "gen_ai.output.messages" not in a
     assert not any("bob.smith" in str(v) for sp in spans for v in sp["attributes"].values())
+
+
+async def test_a_chat_requests_instructions_pii_did_not_screen_are_not_captured(upstream: FakeUpstream, tmp_path):
+    """gen_ai.system_instructions is "a Responses request's instructions", and pii screens ``instructions`` only
+    on a Responses request. Tracing captured an ``instructions`` field of any body: a chat request's went
+    into the span raw, e-mail address and all, while pii (before tracing) had redacted its messages."""
+    async with OTLPReceiver() as rx:
+        chain = [{"pii": {"action": "redact", "restore": True}}, tracing(rx, capture_content=True)]
+        async with SluiceServer(config({"demo": upstream}, chain), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                await c.chat.completions.create(
+                    model="sluice-demo", messages=[{"role": "user", "content": "write to jane.doe@example.com"}],
+                    extra_body={"instructions": "Escalations go to jane.doe@example.com."})
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    a = by_kind(spans, "server")[0]["attributes"]
+    assert "<EMAIL_1>" in a["gen_ai.input.messages"]  # the messages, as pii left them
+    assert not any("jane.doe" in str(v) for sp in spans for v in sp["attributes"].values())
+
+
+async def test_an_answer_the_pii_screen_failed_on_is_not_captured(tmp_path):
+    """pii's answer screen timed out (on_error: closed, pii's default): the client got 503 pii_timeout instead of
+    the answer, but tracing had read the answer before pii (on_response runs in reverse chain order) and the
+    span kept it unscreened: neither ``failed_open`` (pii failed closed) nor a finding (the screen never ran)
+    withheld it."""
+    from aiohttp import web
+
+    from proxy.testing import serve_app
+
+    emails = " ".join(f"user{i}@example.com" for i in range(3000))
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"Here: {emails}"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serve_app(app) as origin, OTLPReceiver() as rx:
+        chain = [{"pii": {"action": "redact", "timeout_ms": 1, "cache_entries": 0}}, tracing(rx, capture_content=True)]
+        cfg = {"upstreams": {"m": {"url": f"{origin}/v1", "models": ["m"]}},
+               "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "m", "chain": chain}]}
+        async with SluiceServer(cfg, tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                try:
+                    await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "list them"}])
+                    raise AssertionError("the answer's screen did not time out")
+                except openai.InternalServerError as e:
+                    assert e.status_code == 503 and e.code == "pii_timeout"
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 1)
+    a = by_kind(spans, "server")[0]["attributes"]
+    assert "list them" in a["gen_ai.input.messages"]
+    assert not any("example.com" in str(v) for sp in spans for v in sp["attributes"].values())
