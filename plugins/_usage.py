@@ -111,7 +111,10 @@ class PriceTable:
         self._fallback = Price.from_spec("*", specs["*"]) if "*" in specs else None
         # longest first, so "gpt-4o-mini-2024-07-18" finds gpt-4o-mini before gpt-4o
         self._prefixes = sorted(self._prices, key=len, reverse=True)
+        #: each name's own price (None: none), as found
         self._resolved: dict[str, Price | None] = {}
+        #: the names logged as having no price at all
+        self._unpriced: set[str] = set()
 
     @classmethod
     def build(cls, *overrides: Mapping[str, Any] | None, base: Path | None = DEFAULT_PRICES) -> PriceTable:
@@ -128,20 +131,33 @@ class PriceTable:
     def models(self) -> list[str]:
         return sorted(self._prices)
 
-    def lookup(self, model: str | None) -> Price | None:
+    def lookup(self, model: str | None, also: str | None = None) -> Price | None:
+        """``model``'s price; when it has none of its own, ``also``'s (the model a request was sent to, when
+        its answer names another); else the ``"*"`` price; else ``None``, logged once per name."""
+        found = self._own(model)
+        if found is None and also and also != model:
+            found = self._own(also)
+        if found is not None:
+            return found
+        if self._fallback is None and model and model not in self._unpriced and len(self._unpriced) < 4096:
+            # client-chosen names must not grow this forever (nor the log)
+            self._unpriced.add(model)
+            shown = model if len(model) <= 100 else model[:100] + "..."
+            log.warning("prices: no price for model %r: its requests count as costing 0, in spend budgets "
+                        "too (give it one in prices:)", shown)
+        return self._fallback
+
+    def _own(self, model: str | None) -> Price | None:
+        """``model``'s own price (by name, provider prefix or dated snapshot), not the ``"*"`` one."""
         if not model:
-            return self._fallback
+            return None
         try:
             return self._resolved[model]
         except KeyError:
             pass
         found = self._resolve(model)
-        if len(self._resolved) < 4096:  # client-chosen names must not grow this forever (nor the log)
+        if len(self._resolved) < 4096:  # client-chosen names must not grow this forever
             self._resolved[model] = found
-            if found is None:
-                shown = model if len(model) <= 100 else model[:100] + "..."
-                log.warning("prices: no price for model %r: its requests count as costing 0, in spend budgets "
-                            "too (give it one in prices:)", shown)
         return found
 
     def _resolve(self, model: str) -> Price | None:
@@ -156,7 +172,7 @@ class PriceTable:
             for known in self._prefixes:
                 if name.startswith(known) and _SNAPSHOT.fullmatch(name, len(known)):
                     return self._prices[known]
-        return self._fallback
+        return None
 
 
 # -- token estimates ---------------------------------------------------------------

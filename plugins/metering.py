@@ -636,11 +636,9 @@ class Metering(Plugin):
         price = None
         if reached:
             priced_as = self._priced_model(ctx)
-            price = self.prices.lookup(served or priced_as)
-            if price is None and served and priced_as and priced_as != served:
-                # an answer's name the table does not know (a model server's path, an alias) costs what the model
-                # it was sent to costs, as its reservation did, rather than nothing
-                price = self.prices.lookup(priced_as)
+            # an answer's name the table does not know (a model server's path, an alias) costs what the model it
+            # was sent to costs, as its reservation did, rather than nothing (or the "*" price)
+            price = self.prices.lookup(served or priced_as, priced_as)
         cost = price.cost(usage) if price is not None else 0.0
         ctx.cost = cost
         route = route_name(ctx)

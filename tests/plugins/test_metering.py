@@ -224,7 +224,7 @@ async def test_price_overrides_and_unpriced_models(upstream: FakeUpstream, tmp_p
     assert row["priced"] == 0 and row["cost"] == 0
 
 
-async def test_an_answer_naming_an_unpriced_model_costs_what_the_model_asked_for_costs(upstream: FakeUpstream, tmp_path: Path):
+async def test_an_answer_naming_an_unpriced_model_costs_what_the_model_asked_for_costs(upstream: FakeUpstream, tmp_path: Path, caplog):
     """A model server that answers with a name the price table does not know (vLLM's model path, an alias)
     made the request cost 0, in the ledger and in spend budgets, although the model it was sent to has a price
     (and its reservation was made at that price)."""
@@ -237,6 +237,15 @@ async def test_an_answer_naming_an_unpriced_model_costs_what_the_model_asked_for
     assert r.model == "/models/sluice-demo-awq"
     (row,) = ledger_rows(tmp_path)
     assert row["model_served"] == "/models/sluice-demo-awq" and row["priced"] == 1
+    assert row["cost"] == pytest.approx(r.usage.prompt_tokens * 1000 / 1e6)
+    assert "no price for model" not in caplog.text  # it was priced
+    # with a "*" price for unknown models, the model it was sent to still prices it (not the "*" price)
+    cfg = config(upstream, prices={"sluice-demo": {"input": 1000.0, "output": 0.0}, "*": {"input": 1.0, "output": 1.0}})
+    async with SluiceServer(cfg, tmp_path / "b") as s:
+        async with client(s) as c:
+            r = await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "x"}])
+        await s.wait_idle()
+    (row,) = ledger_rows(tmp_path / "b")
     assert row["cost"] == pytest.approx(r.usage.prompt_tokens * 1000 / 1e6)
 
 
