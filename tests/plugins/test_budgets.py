@@ -413,7 +413,6 @@ async def test_in_process_budgets_survive_a_restart_from_the_ledger(upstream: Fa
             for _ in range(3):
                 await ask(a)
                 await s.wait_idle()
-    assert "budgets start from ledger" not in caplog.text  # an empty ledger: nothing to start from
     async with SluiceServer(config(upstream, budgets), tmp_path) as s:
         await _seeded(s)
         assert await _budgets_of(s, "ka", "red") == {("key", "day"): pytest.approx(3 * M), ("team", "month"): pytest.approx(3 * M)}
@@ -440,6 +439,7 @@ async def test_a_reload_does_not_count_the_ledger_again(upstream: FakeUpstream, 
             await s.wait_idle()
             ok, detail = await s.reload(config(upstream, budgets + [{"scope": "team", "period": "day", "limit": 100.0}]))
             assert ok, detail
+            await _seeded(s)  # whatever reading of the ledger the reload started has ended
             assert await _budgets_of(s, "ka", "red") == {("key", "day"): pytest.approx(M), ("team", "day"): pytest.approx(0.0)}
             await ask(a)
             await s.wait_idle()
