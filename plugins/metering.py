@@ -326,26 +326,9 @@ class Metering(Plugin):
         name = self.config.ledger_name
         seeded = self.runtime.shared("metering.seeded_ledgers", dict)
         if name not in seeded:
-            seeded[name] = self.runtime.spawn(self._seed_from_ledger(time.time()), f"metering-seed-{name}")
-
-    async def _seed_from_ledger(self, before: float) -> None:
-        name = self.config.ledger_name
-        started = time.perf_counter()
-        amounts = 0
-        try:
-            # a day at a time, each added as it is read: a day the ledger cannot give leaves the sums short, never over
-            async for period_spend in ledger_spend(self.ledger, before):
-                for (scope, who, period), cost in period_spend.items():
-                    label, end = period_window(period, before)
-                    await self.counters.add_sum(f"budget:{scope}:{who}:{period}:{label}", cost, None, end)
-                    amounts += 1
-        except (StateUnavailable, sqlite3.Error) as e:
-            log.error("metering (%s): cannot read this period's spend from ledger %s (%s): budgets count only what "
-                      "was read and what this process spends", self.id, name, type(e).__name__)
-            return
-        if amounts:
-            log.info("metering (%s): budgets start from ledger %s: %d amounts in %.0f ms", self.id, name, amounts,
-                     (time.perf_counter() - started) * 1000)
+            # a function of the state's objects, not of this instance: a reload must not wait for it to free the instance
+            seeded[name] = self.runtime.spawn(seed_budgets(self.ledger, self.counters, self.id, name, time.time()),
+                                              f"metering-seed-{name}")
 
     def applicable(self, ctx: Context, now: float) -> list[tuple[str, float, float]]:
         """(counter key, limit, period end) of every budget this request counts against."""
@@ -741,6 +724,27 @@ class Metering(Plugin):
 SEED_DAY_TIMEOUT_S = 120.0
 #: how long the admin API's usage report may take (a month of a busy ledger is millions of rows, read at about a second a million)
 REPORT_TIMEOUT_S = 120.0
+
+
+async def seed_budgets(ledger: Any, counters: Any, plugin_id: str, name: str, before: float) -> None:
+    """Add to ``counters`` the spend ``ledger`` (named ``name``) holds for the day and month of ``before``, in
+    rows of requests started before it (:func:`ledger_spend`), per key and per team, a day at a time."""
+    started = time.perf_counter()
+    amounts = 0
+    try:
+        # each day added as it is read: a day the ledger cannot give leaves the sums short, never over
+        async for period_spend in ledger_spend(ledger, before):
+            for (scope, who, period), cost in period_spend.items():
+                label, end = period_window(period, before)
+                await counters.add_sum(f"budget:{scope}:{who}:{period}:{label}", cost, None, end)
+                amounts += 1
+    except (StateUnavailable, sqlite3.Error) as e:
+        log.error("metering (%s): cannot read this period's spend from ledger %s (%s): budgets count only what "
+                  "was read and what this process spends", plugin_id, name, type(e).__name__)
+        return
+    if amounts:
+        log.info("metering (%s): budgets start from ledger %s: %d amounts in %.0f ms", plugin_id, name, amounts,
+                 (time.perf_counter() - started) * 1000)
 
 
 async def ledger_spend(ledger: Any, before: float) -> AsyncIterator[dict[tuple[str, str, str], float]]:
