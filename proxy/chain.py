@@ -112,6 +112,8 @@ class Generation:
     """One loaded config: routes, plugin instances and upstreams, retired as a whole on reload."""
 
     def __init__(self, loaded: LoadedConfig, runtime: Runtime, pool: UpstreamPool) -> None:
+        #: plugins whose stop() was called (in stop()'s order)
+        self._stops = 0
         self.loaded = loaded
         self.config = loaded.config
         self.runtime = runtime = runtime.view(loaded.config, pool)
@@ -185,7 +187,12 @@ class Generation:
             return False
 
     async def stop(self) -> None:
-        for p in reversed(self.plugins):
+        """Stop the plugins (the last first), then close the upstream pool. Each plugin stops once: a stop
+        cut short (a retirement the server's close cancelled) goes on from where it was when called again."""
+        plugins = self.plugins[::-1]
+        while self._stops < len(plugins):
+            p = plugins[self._stops]
+            self._stops += 1
             await _quietly(p.stop())
         await self.pool.close()
 

@@ -81,6 +81,8 @@ class Server:
         self._pending = 0
         #: the server's own background tasks (on_done workers, retiring generations, reloads)
         self._tasks = TaskGroup()
+        #: retired generations not yet stopped (close() stops those whose retirement it cancels)
+        self._retiring: set[ch.Generation] = set()
         self.draining = False
         self.metrics: core_metrics.CoreMetrics = None  # type: ignore[assignment]
         #: finished requests whose inline on_done waits for the next batch (server.done_batch_ms)
@@ -199,8 +201,10 @@ class Server:
             raise ConfigError(f"{loaded.source}: {', '.join(fixed)}: set when the server starts; changing it needs a restart")
 
     async def _retire(self, gen: ch.Generation) -> None:
+        self._retiring.add(gen)
         await gen.wait_idle(self.loaded.config.server.drain_seconds + 60)
         await gen.stop()
+        self._retiring.discard(gen)
         del gen
         # the retired generation was frozen with the heap (at start, or at the retirement before): thawed,
         # collected, and what lives (the new generation among it) frozen again; else every reload would
@@ -379,6 +383,11 @@ class Server:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
         await self._tasks.cancel()
+        for gen in list(self._retiring):
+            # a retirement the cancel cut (the old config still draining, or stopping): stopped here all the
+            # same, its plugins (a ledger's last rows) and its upstream connections with it
+            await gen.stop()
+        self._retiring.clear()
         while self._queue is not None and not self._queue.empty():  # what the flush's time did not reach
             _, _, gen, rest = self._queue.get_nowait()
             if rest is not None:

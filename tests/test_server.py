@@ -84,6 +84,28 @@ async def test_a_reload_frees_the_retired_chain(upstream, tmp_path, caplog):
     assert "heap collected after a reload" in caplog.text
 
 
+async def test_closing_while_a_reload_drains_stops_the_retired_config_too(tmp_path):
+    """A server closed while a retired config still drained (a stream in flight) cancelled the retirement, so the
+    old config's plugins never stopped and its upstream connections were never closed (aiohttp then warned
+    "Unclosed client session" from the collector, in whatever test ran at the time)."""
+    async with FakeUpstream() as up:
+        up.token_delay = 0.5
+        async with openai.AsyncOpenAI(api_key="sk-test", base_url="http://127.0.0.1:1/v1", max_retries=0) as c:
+            async with SluiceServer(cfg(up, "one"), tmp_path) as s:
+                old = s.server.generation
+                stream = await c.with_options(base_url=s.url).chat.completions.create(
+                    model="sluice-demo", stream=True, messages=[{"role": "user", "content": "a long answer " * 20}])
+                await stream.__anext__()
+                ok, msg = await s.reload(cfg(up, "two"))
+                assert ok, msg
+                sessions = [u.session for u in old.pool.upstreams.values()]
+                assert sessions and not any(x.closed for x in sessions)
+            # closed while the old config still drains: the stream is in flight
+            await stream.close()
+        assert all(x.closed for x in sessions)
+        assert old._stops == len(old.plugins)
+
+
 async def test_admin_reload_needs_token(upstream, tmp_path):
     async with SluiceServer(cfg(upstream, "one"), tmp_path) as s, httpx.AsyncClient() as http:
         r = await http.post(f"{s.admin_url}/admin/reload")
