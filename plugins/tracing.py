@@ -747,9 +747,11 @@ def _captured(ctx: Context, body: Any, reached: bool, limit: int) -> list[tuple[
     plugins before it saw it) and the completion gathered, as GenAI messages cut at ``limit``.
 
     Withheld (``sluice.content_withheld`` says why) where a screen did not redact them: nothing when
-    a plugin failed open on this request (a pii timeout: the prompt and the answer went unscreened),
-    and no completion when pii found personal data the model wrote (it redacts that for the client
-    after this plugin read the answer: ``on_response`` and ``on_chunk`` run in reverse chain order).
+    a plugin failed open on this request (a pii timeout: the prompt and the answer went unscreened);
+    no completion when a plugin replaced the answer or cut its stream after this plugin read it (a pii
+    screen that failed closed), or when pii found personal data the model wrote (it redacts that for
+    the client after this plugin read the answer: ``on_response`` and ``on_chunk`` run in reverse chain
+    order).
     """
     if ctx.failed_open:
         return [("sluice.content_withheld", "plugin_failed_open")]
