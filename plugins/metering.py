@@ -535,9 +535,9 @@ class Metering(Plugin):
     def _billed_unanswered(ctx: Context) -> bool:
         """Whether a request with no answer bills its prompt: the client left, or the upstream did not answer
         in time, after it was sent (an attempt cancelled or timed out before it had a connection never reached
-        the upstream). Either way Sluice hung up on an upstream that had the request."""
-        last = ctx.attempts[-1]
-        return last.error in ("cancelled", "timeout") and not last.unsent
+        the upstream). Either way Sluice hung up on an upstream that had the request: any attempt, not only the
+        last (a timed-out attempt is followed by a retry or a fallback that may fail otherwise)."""
+        return any(a.error in ("cancelled", "timeout") and not a.unsent for a in ctx.attempts)
 
     def usage_of(self, ctx: Context) -> Usage:
         """The request's usage: the upstream's, else an estimate marked so (for the endpoints that bill

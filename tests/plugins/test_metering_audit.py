@@ -565,3 +565,29 @@ async def test_calls_without_tokens_are_not_marked_estimated(upstream: FakeUpstr
         r = rows[endpoint]
         assert (r["estimated"], r["prompt_tokens"], r["completion_tokens"], r["cost"]) == (0, 0, 0, 0.0), r
     assert rows["chat/completions"]["estimated"] == 1 and rows["chat/completions"]["prompt_tokens"] > 0
+
+
+async def test_a_timed_out_attempt_that_had_the_request_bills_its_prompt_whatever_the_fallback_did(tmp_path: Path):
+    """The first target had the request and did not answer in time (it bills the prompt); the route then fell
+    back to a target that answered 503. Only the last attempt was looked at, so the row said zero tokens and
+    zero cost, though the same timeout with no fallback behind it bills the prompt."""
+    async with FakeUpstream() as slow, FakeUpstream() as failing:
+        slow.first_byte_delay = 30.0
+        failing.fail_next(503)
+        cfg = config(slow)
+        cfg["upstreams"]["demo"]["timeouts"] = {"first_byte": 1.0}
+        cfg["upstreams"]["other"] = {"url": failing.url, "models": ["sluice-demo"]}
+        cfg["routes"][0]["upstream"] = ["demo", "other"]
+        prompt = "count this prompt please " * 10
+        async with SluiceServer(cfg, tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                with pytest.raises(openai.APIStatusError) as exc:
+                    await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": prompt}])
+                assert exc.value.status_code == 503
+            await s.wait_idle()
+            await s.runtime.state.records("ledger").flush()
+        assert len(slow.requests) == 1 and len(failing.requests) == 1
+    (row,) = ledger_rows(tmp_path)
+    assert row["estimated"] == 1 and row["completion_tokens"] == 0
+    assert row["prompt_tokens"] == 3 + (len(prompt) + 3) // 4 + 3
+    assert row["cost"] == pytest.approx(row["prompt_tokens"] * 2.0 / 1e6)
