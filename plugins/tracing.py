@@ -58,6 +58,9 @@ TRACE: StashKey[tuple[int, int, int | None, bool]] = StashKey("tracing.trace")  
 OUTPUT: StashKey[str] = StashKey("tracing.output")
 #: a stream's captured completion so far, per choice index
 STREAMED: StashKey[dict[int, _Captured]] = StashKey("tracing.streamed")
+#: who had answered (``ctx.answered_by``, ``ctx.answer_reason``) when this plugin read the answer: a plugin that
+#: replaced it or cut its stream since changed them
+READ_FROM: StashKey[tuple[str | None, str | None]] = StashKey("tracing.read_from")
 ERROR_OUTCOMES = frozenset({"upstream_error", "plugin_error", "error"})
 #: the stream channels (plugins._pii_scope.stream_slots) whose text a captured completion gathers
 _TEXT_CHANNELS = frozenset({"text", "content", "refusal"})
@@ -367,6 +370,7 @@ class Tracing(Plugin):
         outputs = output_messages(ctx.response.json)
         if outputs:
             ctx.stash[OUTPUT] = orjson.dumps(outputs).decode()
+            ctx.stash[READ_FROM] = (ctx.answered_by, ctx.answer_reason)
 
     @hookimpl
     def on_chunk(self, ctx: Context, event: Any) -> None:
@@ -393,6 +397,7 @@ class Tracing(Plugin):
         got = streamed.get(i)
         if got is None:
             got = streamed[i] = _Captured()
+            ctx.stash.setdefault(READ_FROM, (ctx.answered_by, ctx.answer_reason))
         return got
 
     def _gather(self, ctx: Context, i: int, piece: str) -> None:
@@ -765,9 +770,10 @@ def _captured(ctx: Context, body: Any, reached: bool, limit: int) -> list[tuple[
         out.append(("gen_ai.system_instructions", truncate(orjson.dumps(system).decode(), limit)))
     completion = ctx.stash.get(OUTPUT)
     if completion is not None:
-        if ctx.upstream is not None and ctx.answered_by is not None:
+        if ctx.stash.get(READ_FROM, (ctx.answered_by, ctx.answer_reason)) != (ctx.answered_by, ctx.answer_reason):
             # a plugin replaced the answer or cut its stream after this plugin read it (pii's answer screen
-            # failing closed): the client never got it, and no screen passed it
+            # failing closed), whether the upstream's or a plugin's (a cache hit): the client never got it,
+            # and no screen passed it
             out.append(("sluice.content_withheld", "answer_replaced"))
         elif finding_counts(ctx.annotations.get("pii_answer")):
             out.append(("sluice.content_withheld", "answer_personal_data"))

@@ -937,3 +937,49 @@ async def test_an_answer_the_pii_screen_failed_on_is_not_captured(tmp_path):
     a = by_kind(spans, "server")[0]["attributes"]
     assert "list them" in a["gen_ai.input.messages"]
     assert not any("example.com" in str(v) for sp in spans for v in sp["attributes"].values())
+
+
+async def test_a_cached_answer_the_pii_screen_failed_on_is_not_captured(tmp_path):
+    """As above, but the answer came from the cache (a plugin's reply, not an upstream's): pii's answer screen
+    timed out and failed closed (the client got 503), yet the span kept the cached answer unscreened, since
+    only an answer with ``ctx.upstream`` set was withheld. Route "a" screens in time and fills the cache
+    (the cache keeps the answer before pii, outside it, redacts it); route "b" answers the same request
+    from it."""
+    from aiohttp import web
+
+    from proxy.testing import serve_app
+
+    emails = " ".join(f"user{i}@example.com" for i in range(3000))
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"Here: {emails}"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serve_app(app) as origin, OTLPReceiver() as rx:
+        def chain(timeout_ms: int) -> list:
+            return [{"pii": {"action": "redact", "timeout_ms": timeout_ms, "cache_entries": 0}}, tracing(rx, capture_content=True),
+                    {"cache": {"scope": "shared", "backend": "memory"}}]
+        cfg = {"upstreams": {"m": {"url": f"{origin}/v1", "models": ["m"]}},
+               "routes": [{"name": "a", "match": {"path": "/a/v1/"}, "upstream": "m", "chain": chain(60000)},
+                          {"name": "b", "match": {"path": "/v1/"}, "upstream": "m", "chain": chain(1)}]}
+        async with SluiceServer(cfg, tmp_path) as s:
+            ask = {"model": "m", "messages": [{"role": "user", "content": "list them"}]}
+            async with openai.AsyncOpenAI(base_url=f"{s.origin}/a/v1", api_key="sk-test", max_retries=0) as c:
+                r = await c.chat.completions.create(**ask)
+                assert "example.com" not in r.choices[0].message.content  # redacted for the client
+            await s.wait_idle()
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                try:
+                    await c.chat.completions.create(**ask)
+                    raise AssertionError("the answer's screen did not time out")
+                except openai.InternalServerError as e:
+                    assert e.status_code == 503 and e.code == "pii_timeout"
+            spans = await rx.wait_for(lambda sp: len(by_kind(sp, "server")) == 2)
+    b = next(sp for sp in by_kind(spans, "server") if sp["attributes"]["sluice.route"] == "b")
+    assert b["attributes"].get("sluice.answered_by") == "cache"  # the answer was the cache's
+    assert [k for sp in spans for k, v in sp["attributes"].items() if "example.com" in str(v)] == []
