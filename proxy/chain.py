@@ -187,8 +187,9 @@ class Generation:
             return False
 
     async def stop(self) -> None:
-        """Stop the plugins (the last first), then close the upstream pool. Each plugin stops once: a stop
-        cut short (a retirement the server's close cancelled) goes on from where it was when called again."""
+        """Stop the plugins (the last first), then close the upstream pool. Each plugin's stop is called once:
+        called again after a stop was cut short (a retirement the server's close cancelled), it goes on with the
+        plugins not yet asked to stop (the one it was cut in is not asked twice) and closes the pool."""
         plugins = self.plugins[::-1]
         while self._stops < len(plugins):
             p = plugins[self._stops]
