@@ -902,14 +902,9 @@ async def test_a_chat_requests_instructions_pii_did_not_screen_are_not_captured(
     assert not any("jane.doe" in str(v) for sp in spans for v in sp["attributes"].values())
 
 
-async def test_an_answer_the_pii_screen_failed_on_is_not_captured(tmp_path):
-    """pii's answer screen timed out (on_error: closed, pii's default): the client got 503 pii_timeout instead of
-    the answer, but tracing had read the answer before pii (on_response runs in reverse chain order) and the
-    span kept it unscreened: neither ``failed_open`` (pii failed closed) nor a finding (the screen never ran)
-    withheld it."""
+def _emails_upstream():
+    """A chat upstream (an aiohttp app) whose answer holds 3000 e-mail addresses: too many for a pii screen of 1 ms."""
     from aiohttp import web
-
-    from proxy.testing import serve_app
 
     emails = " ".join(f"user{i}@example.com" for i in range(3000))
 
@@ -922,7 +917,17 @@ async def test_an_answer_the_pii_screen_failed_on_is_not_captured(tmp_path):
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    async with serve_app(app) as origin, OTLPReceiver() as rx:
+    return app
+
+
+async def test_an_answer_the_pii_screen_failed_on_is_not_captured(tmp_path):
+    """pii's answer screen timed out (on_error: closed, pii's default): the client got 503 pii_timeout instead of
+    the answer, but tracing had read the answer before pii (on_response runs in reverse chain order) and the
+    span kept it unscreened: neither ``failed_open`` (pii failed closed) nor a finding (the screen never ran)
+    withheld it."""
+    from proxy.testing import serve_app
+
+    async with serve_app(_emails_upstream()) as origin, OTLPReceiver() as rx:
         chain = [{"pii": {"action": "redact", "timeout_ms": 1, "cache_entries": 0}}, tracing(rx, capture_content=True)]
         cfg = {"upstreams": {"m": {"url": f"{origin}/v1", "models": ["m"]}},
                "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "m", "chain": chain}]}
@@ -945,22 +950,9 @@ async def test_a_cached_answer_the_pii_screen_failed_on_is_not_captured(tmp_path
     only an answer with ``ctx.upstream`` set was withheld. Route "a" screens in time and fills the cache
     (the cache keeps the answer before pii, outside it, redacts it); route "b" answers the same request
     from it."""
-    from aiohttp import web
-
     from proxy.testing import serve_app
 
-    emails = " ".join(f"user{i}@example.com" for i in range(3000))
-
-    async def chat(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"Here: {emails}"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    async with serve_app(app) as origin, OTLPReceiver() as rx:
+    async with serve_app(_emails_upstream()) as origin, OTLPReceiver() as rx:
         def chain(timeout_ms: int) -> list:
             return [{"pii": {"action": "redact", "timeout_ms": timeout_ms, "cache_entries": 0}}, tracing(rx, capture_content=True),
                     {"cache": {"scope": "shared", "backend": "memory"}}]
