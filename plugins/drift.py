@@ -374,7 +374,9 @@ def _warm_up() -> None:
 
 
 def _instances(runtime: Any) -> list[Drift]:
-    return list(runtime.shared("drift.instances", weakref.WeakSet))
+    """The instances the admin report and pins act on: the serving config's (a reload's retired config,
+    still draining, would show each route and model twice), else every live one (no config serves drift)."""
+    return runtime.instances(Drift) or list(runtime.shared("drift.instances", weakref.WeakSet))
 
 
 async def _admin_report(request: Any, runtime: Any) -> Any:

@@ -968,7 +968,8 @@ async def _admin_budgets(request: Any, runtime: Any) -> Any:
     now = time.time()
     out = []
     probe = await _probe_context(runtime, key or "", team)
-    for inst in list(runtime.shared("metering.instances", weakref.WeakSet)):
+    # the serving config's instances (a reload's retired config, still draining, would list each budget twice)
+    for inst in runtime.instances(Metering) or list(runtime.shared("metering.instances", weakref.WeakSet)):
         if inst.counters is None:
             continue
         for ckey, limit, end in inst.applicable(probe, now):

@@ -736,3 +736,25 @@ async def test_two_rules_over_one_key_and_period_share_one_sum_counted_once(upst
             await s.wait_idle()
             with pytest.raises(openai.RateLimitError):
                 await ask(a)  # 2 spent + 1 reserved > 2.5
+
+
+async def test_admin_budgets_lists_each_budget_once_while_a_reload_drains(upstream: FakeUpstream, tmp_path):
+    """/admin/budgets read every live metering instance: while a reload's retired config still drained (a stream
+    in flight), each budget was listed twice."""
+    budgets = [{"scope": "key", "period": "day", "limit": 100.0}]
+    async with SluiceServer(config(upstream, budgets), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key=KEY_A, max_retries=0) as a:
+            upstream.token_delay = 0.5
+            stream = await a.chat.completions.create(
+                model="sluice-demo", stream=True, max_tokens=M, messages=[{"role": "user", "content": LONG}])
+            await stream.__anext__()  # the old config is busy until this stream ends
+            ok, msg = await s.reload(config(upstream, budgets))
+            assert ok, msg
+            import aiohttp
+
+            async with aiohttp.ClientSession(headers={"authorization": f"Bearer {s.admin_token}"}) as http:
+                async with http.get(f"{s.admin_url}/admin/budgets", params={"key": "ka"}) as r:
+                    assert r.status == 200
+                    rows = (await r.json())["budgets"]
+            assert [(b["scope"], b["period"]) for b in rows] == [("key", "day")]
+            await stream.close()

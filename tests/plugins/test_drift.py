@@ -536,3 +536,28 @@ async def test_sluice_drift_says_what_answered_when_it_is_not_the_admin_api(tmp_
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1 and "Traceback" not in err.decode(), err.decode()
     assert "404" in err.decode()
+
+
+async def test_the_report_lists_each_monitor_once_while_a_reload_drains(upstream: FakeUpstream, tmp_path):
+    """The admin report read every live instance: while a reload's retired config still drained (a stream in
+    flight), each route and model showed twice, the old instance's windows beside the new one's, and a pin
+    pinned both."""
+    async with SluiceServer(config(upstream), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+            for _ in range(3):
+                await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+            await s.wait_idle()
+            upstream.token_delay = 0.5
+            stream = await c.chat.completions.create(
+                model="sluice-demo", stream=True, messages=[{"role": "user", "content": "a long answer " * 20}])
+            await stream.__anext__()  # the old config is busy until this stream ends
+            ok, msg = await s.reload(config(upstream))
+            assert ok, msg
+            upstream.token_delay = 0.0
+            await c.chat.completions.create(model="sluice-demo", messages=[{"role": "user", "content": "hi"}])
+            await s.wait_idle()
+            rows = await report(s)
+            assert [(m["route"], m["model"]) for m in rows] == [("main", "sluice-demo")]
+            assert rows[0]["window_samples"] == 1  # the new config's window
+            await stream.close()
+
