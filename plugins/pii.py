@@ -295,8 +295,9 @@ class Pii(Plugin):
                 await pool.close()
 
     # -- finding -------------------------------------------------------------
-    async def find(self, texts: list[str], where: str = "request") -> list[tuple[Finding, ...]] | None:
-        """Findings per text (pre-scan, cache, then Presidio off the loop); ``None`` when it timed out and fails open."""
+    async def find(self, texts: list[str], where: str, ctx: Context) -> list[tuple[Finding, ...]] | None:
+        """Findings per text (pre-scan, cache, then Presidio off the loop) of ``ctx``'s request or answer
+        (``where``); ``None`` when it timed out and fails open, noted in ``ctx.failed_open``."""
         engine, cache = self.engine, self.cache
         assert engine is not None and cache is not None, "start() was not awaited"
         results: list[tuple[Finding, ...]] = [()] * len(texts)
@@ -336,7 +337,8 @@ class Pii(Plugin):
         except asyncio.TimeoutError:
             if m is not None:
                 m.timeouts.inc()
-            self.runtime.on_plugin_error(self.id, "on_request" if where == "request" else "on_response")
+            phase = "on_request" if where == "request" else "on_response"
+            self.runtime.on_plugin_error(self.id, phase)
             if self.fail_closed:
                 raise ProxyError(
                     503,
@@ -345,6 +347,7 @@ class Pii(Plugin):
                     reason="pii_timeout",
                 ) from None
             log.warning("pii: analysis of %d texts exceeded %d ms; passing %s unscreened (on_error: open)", len(uniq), self.config.timeout_ms, where)
+            ctx.note_failed_open(self.id, phase)
             return None
         for t, fs in zip(uniq, found):
             tup = tuple(fs)
@@ -465,10 +468,9 @@ class Pii(Plugin):
         if not slots:
             return
         texts = [c[k] for c, k in slots]
-        found = await self.find(texts, "request")
+        found = await self.find(texts, "request", ctx)
         if found is None:
             ctx.annotations["pii_error"] = "timeout"
-            ctx.note_failed_open(self.id, "on_request")
             return
         counts = self._count(ctx, "pii", found, "request")
         if not counts:
@@ -517,15 +519,14 @@ class Pii(Plugin):
             ctx.stash[VAULT] = v
         return v
 
-    async def _screen_answer(self, ctx: Context, texts: list[str], phase: str = "on_response") -> list[str]:
+    async def _screen_answer(self, ctx: Context, texts: list[str]) -> list[str]:
         vault = ctx.stash.get(VAULT)
         if self.config.restore and vault is not None:
             texts = [vault.restore(t) for t in texts]
         if not self.config.scan_answers:
             return texts
-        found = await self.find(texts, "answer")
+        found = await self.find(texts, "answer", ctx)
         if found is None:
-            ctx.note_failed_open(self.id, phase)
             return texts
         # values the client sent itself and got back restored are not a leak
         skip = vault.values if (self.config.restore and vault is not None) else frozenset()
@@ -570,11 +571,8 @@ class Pii(Plugin):
                 assert engine is not None
 
                 async def analyze(text: str) -> list[Finding]:
-                    found = await self.find([text], "answer")
-                    if found is None:
-                        ctx.note_failed_open(self.id, "on_chunk")
-                        return []
-                    return list(found[0])
+                    found = await self.find([text], "answer", ctx)
+                    return list(found[0]) if found else []
 
                 def transform(text: str, findings: list[Finding]) -> str:
                     if findings:
@@ -649,7 +647,7 @@ class Pii(Plugin):
         if not slots:
             return False
         texts = [c[k] for c, k in slots]
-        new = await self._screen_answer(ctx, texts, "on_chunk")
+        new = await self._screen_answer(ctx, texts)
         if new == texts:
             return False
         for (c, k), t in zip(slots, new):
