@@ -408,9 +408,10 @@ class Metering(Plugin):
 
     @staticmethod
     def _count_unreserved(ctx: Context, budgets: list[tuple[str, float, float]]) -> None:
-        """A call that bills no tokens (a model list, a file, audio, images) is never refused and reserves
-        nothing; what it costs when its upstream reports usage (gpt-image-1, gpt-4o-transcribe) is still
-        added to its budgets in on_done, as the ledger row counts it (and a restart's sums from the ledger)."""
+        """A request admitted without a reservation still has its real cost added to ``budgets`` in on_done, as
+        its ledger row counts it (and a restart's sums from the ledger): a call that bills no tokens (a model
+        list, a file, audio, images; gpt-image-1 and gpt-4o-transcribe report usage), or one admitted while
+        the counters were away (``budget_on_error: open``)."""
         ctx.stash[RESERVED] = [(key, 0.0, end) for key, _, end in budgets]
 
     async def _reserve(self, ctx: Context, budgets: list[tuple[str, float, float]], now: float) -> None:
@@ -463,8 +464,7 @@ class Metering(Plugin):
                     code="state_unavailable", reason="budget_state_unavailable", headers={"retry-after": "1"},
                 ) from None
             log.warning("metering: budget counters unavailable; admitting without a reservation request_id=%s", ctx.request_id)
-            # nothing reserved, but the real cost is still added in on_done (when the counters are back by then)
-            ctx.stash[RESERVED] = [(key, 0.0, end) for key, _, end in budgets]
+            self._count_unreserved(ctx, budgets)  # the real cost is still added in on_done, if the counters are back by then
 
     def on_request_now(self, ctx: Context) -> None:
         """``on_request`` with budgets on in-process counters (or none): finished before it returns."""
