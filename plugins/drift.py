@@ -143,7 +143,6 @@ class Drift(Plugin):
             task.cancel()
         live = self.runtime.shared("drift.instances", weakref.WeakSet)
         live.discard(self)
-        f = self.families
         for key in sorted(set(self.compared) | set(self.degraded)):
             route, model = key
             # what a live instance (the reload's) published since is current: only the rest is cleared
@@ -152,12 +151,7 @@ class Drift(Plugin):
             for feature in sorted(set(self.compared.get(key, ())) - taken):
                 self._clear(route, model, feature, feature in alarmed, "monitor stopped")
             if key in self.degraded and not any(key in other.degraded for other in live):
-                f.child(f.latency_p95, route, model, "current").set(NAN)
-                f.child(f.latency_p95, route, model, "baseline").set(NAN)
-                f.child(f.latency_degraded, route, model).set(0)
-                if self.degraded[key]:
-                    log.info("latency cleared: route=%s model=%s (monitor stopped)", route, model,
-                             extra={"event": "latency_cleared", "route": route, "model": model})
+                self._clear_latency(route, model, "monitor stopped")
 
     # -- sampling ------------------------------------------------------------------------
     def monitor(self, key: tuple[str, str]) -> tuple[tuple[str, str], Monitor]:
@@ -231,7 +225,7 @@ class Drift(Plugin):
             # later); a window that is full closes now all the same, and its comparison follows the running one
             if running is None or m.closing():
                 ref, cur = m.due_snapshots()
-                if ref is not None or self.baseline is not None:  # a fixed latency baseline needs no reference
+                if ref is not None or m.fixed_baseline:  # a fixed latency baseline needs no reference
                     self._busy[key] = self.runtime.spawn(self._evaluate(key, m, ref, cur, running, m.epoch),
                                                          name=f"drift.compare.{key[0]}.{key[1]}")
 
