@@ -344,7 +344,7 @@ async def test_a_comparison_still_running_when_its_instance_stops_publishes_noth
         await rt.close_all()
 
 
-async def test_latency_degradation_clears_when_latency_is_no_longer_compared(tmp_path, caplog):
+async def test_latency_degradation_and_p95_clear_when_latency_is_no_longer_compared(tmp_path, caplog):
     from plugins._drift_stats import Comparison, LatencyResult
 
     caplog.set_level(logging.INFO, logger="sluice.drift")
@@ -358,6 +358,13 @@ async def test_latency_degradation_clears_when_latency_is_no_longer_compared(tmp
         assert gauge(rt, "sluice_drift_latency_degraded") == 0 and not p.degraded[key]
         events = [getattr(r, "event", None) for r in caplog.records]
         assert events == ["latency_degraded", "latency_cleared"]
+        # not degraded, the p95 gauges go to no value all the same (the report's last.latency is None)
+        p.publish(key, Comparison([], LatencyResult("latency_s", 0.1, 0.12, 1.2, False)))
+        assert gauge(rt, "sluice_drift_latency_p95_seconds", window="current") == 0.12
+        p.publish(key, Comparison([], None))
+        current = gauge(rt, "sluice_drift_latency_p95_seconds", window="current")
+        baseline = gauge(rt, "sluice_drift_latency_p95_seconds", window="baseline")
+        assert current != current and baseline != baseline
     finally:
         await rt.close_all()
 
@@ -461,23 +468,6 @@ async def test_a_pin_clears_the_latency_degradation_of_the_last_comparison(tmp_p
         current = gauge(rt, "sluice_drift_latency_p95_seconds", window="current")
         assert current != current  # NaN: nothing compared against the new reference yet
         assert [getattr(r, "event", None) for r in caplog.records][-1] == "latency_cleared"
-    finally:
-        await rt.close_all()
-
-
-async def test_latency_p95_gauges_go_to_no_value_when_latency_is_no_longer_compared(tmp_path):
-    from plugins._drift_stats import Comparison, LatencyResult
-
-    rt = await make_runtime(tmp_path)
-    try:
-        p = await configure_plugin(Drift, DRIFT, runtime=rt)
-        key = ("none", "other")
-        p.publish(key, Comparison([], LatencyResult("latency_s", 0.1, 0.12, 1.2, False)))
-        assert gauge(rt, "sluice_drift_latency_p95_seconds", window="current") == 0.12
-        p.publish(key, Comparison([], None))  # the report's last.latency is None now
-        current = gauge(rt, "sluice_drift_latency_p95_seconds", window="current")
-        baseline = gauge(rt, "sluice_drift_latency_p95_seconds", window="baseline")
-        assert current != current and baseline != baseline
     finally:
         await rt.close_all()
 
