@@ -1,11 +1,12 @@
 """OpenTelemetry traces: a server span per request, a client span per upstream attempt.
 
-The server span starts at ``ctx.timings.start`` (in ``on_request``, so its context can
-be propagated upstream as W3C ``traceparent``) and is finished in ``on_done`` with
-everything the request learnt: GenAI semantic-convention attributes, usage, the route,
-the key id, cache hits, who answered and each plugin's time. Client spans are created
-in ``on_done`` from ``ctx.attempts`` with their real start and end times, so retries
-and fallbacks show as separate attempts without any work on the request path.
+The server span starts at ``ctx.timings.start`` (its ids are chosen in ``on_request``) and
+is finished in ``on_done`` with everything the request learnt: GenAI semantic-convention
+attributes, usage, the route, the key id, cache hits, who answered and each plugin's time.
+Client spans are created in ``on_done`` from ``ctx.attempts`` with their real start and end
+times, so retries and fallbacks show as separate attempts; the only work on the request path
+is each attempt's span id, chosen as it is sent (``ctx.on_attempt``) and propagated upstream
+in its W3C ``traceparent``.
 Because every time is known when a span is recorded, no live SDK span is ever made (its
 lock per span, per-attribute validation, sampler objects and context switching would
 cost several times the rest of the observers together). With OTLP/HTTP, ``on_done``
@@ -60,6 +61,8 @@ OUTPUT: StashKey[str] = StashKey("tracing.output")
 STREAMED: StashKey[dict[int, _Captured]] = StashKey("tracing.streamed")
 #: who had answered (``ctx.answered_by``, ``ctx.answer_reason``) when this plugin read the answer: a plugin that
 #: replaced it or cut its stream since changed them
+#: the client span id each attempt sent upstream in its ``traceparent``, by attempt index
+SENT_SPANS: StashKey[dict[int, int]] = StashKey("tracing.sent_spans")
 READ_FROM: StashKey[tuple[str | None, str | None]] = StashKey("tracing.read_from")
 ERROR_OUTCOMES = frozenset({"upstream_error", "plugin_error", "error"})
 #: the stream channels (plugins._pii_scope.stream_slots) whose text a captured completion gathers
@@ -233,7 +236,7 @@ class Tracing(Plugin):
         accept_traceparent: bool = Field(
             True, description="Continue the trace of a client's W3C traceparent (off: every request starts a new trace).")
         propagate: bool = Field(
-            True, description="Send our traceparent to the upstream (a client's tracestate passes on with its accepted traceparent, and is dropped with a new trace).")
+            True, description="Send each upstream attempt a traceparent naming its client span (a client's tracestate passes on with its accepted traceparent, and is dropped with a new trace).")
         capture_content: bool = Field(
             False, description="Record prompts and completions on the server span (gen_ai.input.messages / "
             "gen_ai.output.messages) as left by the plugins before (redacted by pii).")
@@ -351,12 +354,28 @@ class Tracing(Plugin):
             return
         trace_id, span_id, parent_id, sampled = self._trace(ctx)
         if self.config.propagate:
-            # the upstream continues our server span: its spans become siblings of our client spans
-            ctx.headers["traceparent"] = format_traceparent(trace_id, span_id, sampled)
+            # each attempt sends a traceparent naming its own client span (_propagate), so the
+            # upstream's spans are children of the attempt that reached it
+            hooks = ctx.on_attempt
+            if hooks is None:
+                ctx.on_attempt = [self._propagate]
+            else:
+                hooks.append(self._propagate)
             if parent_id is None and "tracestate" in ctx.headers:
                 # a new trace (no traceparent, an invalid one, or one not accepted): the caller's
                 # tracestate belongs to another trace, and W3C Trace Context says to drop it
                 ctx.headers.popall("tracestate")
+
+    def _propagate(self, ctx: Context, att: Any, headers: Any) -> None:
+        """Before an attempt is sent: its client span's id, kept for ``on_done``, in the ``traceparent``
+        it carries."""
+        trace_id, _, _, sampled = ctx.stash[TRACE]
+        span = random.getrandbits(64) or 1
+        sent = ctx.stash.get(SENT_SPANS)
+        if sent is None:
+            sent = ctx.stash[SENT_SPANS] = {}
+        sent[len(ctx.attempts) - 1] = span
+        headers["traceparent"] = format_traceparent(trace_id, span, sampled)
 
     @hookimpl
     def on_response(self, ctx: Context) -> None:
@@ -525,6 +544,7 @@ class Tracing(Plugin):
 
         spans = []
         n = len(ctx.attempts)
+        sent = ctx.stash.get(SENT_SPANS) or _NONE_SENT
         for i, a in enumerate(ctx.attempts):
             model = a.target.model or asked
             cattrs = self._attempt_attributes(op, i, a, model)
@@ -543,7 +563,7 @@ class Tracing(Plugin):
             a_end = a.end if a.end is not None else (t.upstream_end if t.upstream_end is not None else t.end)
             spans.append(ReadableSpan(
                 f"{op} {model}" if model else op,
-                context=SpanContext(trace_id, random.getrandbits(64) or 1, False, sampled_flags, state),
+                context=SpanContext(trace_id, sent.get(i) or random.getrandbits(64) or 1, False, sampled_flags, state),
                 parent=own, resource=pipeline.resource, attributes=cattrs, kind=SpanKind.CLIENT,
                 status=Status(StatusCode.ERROR, a.error or f"HTTP {a.status}") if failed else self._unset,
                 start_time=epoch(a.start), end_time=epoch(a_end) if a_end is not None else end_ns,
@@ -700,6 +720,7 @@ class Tracing(Plugin):
 
         spans = []
         n = len(ctx.attempts)
+        sent = ctx.stash.get(SENT_SPANS) or _NONE_SENT
         for i, a in enumerate(ctx.attempts):
             target = a.target
             model = target.model or asked
@@ -722,7 +743,7 @@ class Tracing(Plugin):
                     cattrs += _TTFT(max(t.first_byte - a.start, 0.0))
             a_end = a.end if a.end is not None else (t.upstream_end if t.upstream_end is not None else t.end)
             spans.append(wire.assemble(
-                tid, random.getrandbits(64) or 1, state, span_id, name, wire.KIND_CLIENT, int(a.start * 1e9) + offset,
+                tid, sent.get(i) or random.getrandbits(64) or 1, state, span_id, name, wire.KIND_CLIENT, int(a.start * 1e9) + offset,
                 int(a_end * 1e9) + offset if a_end is not None else end_ns, cattrs,
                 wire.status_error(a.error or f"HTTP {a.status}") if failed else wire.STATUS_UNSET, wire.FLAGS_LOCAL,
             ))
@@ -732,6 +753,8 @@ class Tracing(Plugin):
         ))
         return spans
 
+
+_NONE_SENT: dict[int, int] = {}
 
 #: most cached attribute runs per tracing instance (the cache starts again when full)
 PARTS_MAX = 4096

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterable, Generic, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Generic, Iterable, Mapping, TypeVar
 
 import orjson
 from multidict import CIMultiDict
@@ -267,7 +267,7 @@ class Context:
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
         "status", "error", "_current", "passed", "stream_events", "stream_bytes", "stream_end",
-        "runtime", "settle_now", "failed_open",
+        "runtime", "settle_now", "failed_open", "on_attempt",
     )
 
     def __init__(
@@ -346,6 +346,11 @@ class Context:
         #: the plugins that failed on this request and let it go on (their ``on_error`` is open), as
         #: ``"plugin-id.phase"``: what they did not do (a guard's screen) observers can tell
         self.failed_open: list[str] | None = None
+        #: callables a plugin adds on the way in, called as ``fn(ctx, attempt, headers)`` before each
+        #: upstream attempt is sent, with the headers that attempt carries (its own copy when the upstream
+        #: adds credentials, else ``ctx.headers``): per-attempt headers, such as a tracer's ``traceparent``
+        #: naming that attempt's client span. Keep them quick; one that raises is logged and skipped
+        self.on_attempt: list[Callable[[Context, Attempt, CIMultiDict[str]], None]] | None = None
         #: a stream's events as they came from the upstream (or from a plugin's reply), before any
         #: stream hook held, dropped or split them: the estimate of what a stream cut short generated
         self.stream_events = 0

@@ -52,7 +52,10 @@ def on_request(ctx: Context) -> None:
 
     May read or change ``ctx.body`` (assign ``ctx.body = ...`` after changing
     it, so the new body is serialised), ``ctx.headers``, ``ctx.targets``; may set
-    ``ctx.identity``, ``ctx.annotations``, ``ctx.stash``; may answer early with
+    ``ctx.identity``, ``ctx.annotations``, ``ctx.stash``; may add a callable to
+    ``ctx.on_attempt`` (a list, ``None`` until the first), which is called as
+    ``fn(ctx, attempt, headers)`` before each upstream attempt is sent, to set
+    headers of that attempt only (tracing's ``traceparent``); may answer early with
     ``ctx.reply(...)`` or by raising :class:`proxy.ProxyError`. The return value
     is ignored: ``None`` means carry on.
     """

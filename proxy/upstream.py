@@ -303,6 +303,8 @@ class UpstreamPool:
                 url = up.url_for(tail, ctx.query)
                 att = Attempt(target=target, start=time.perf_counter())
                 ctx.attempts.append(att)
+                if ctx.on_attempt is not None:
+                    _before_attempt(ctx, att, headers)
                 t = up.config.timeouts
                 up.outstanding += 1
                 alarm = Alarm(loop.time() + t.first_byte, loop, task)
@@ -369,3 +371,17 @@ class UpstreamPool:
         cap = min(policy.max_backoff_s, policy.backoff_s * (2**n))
         jitter = random.uniform(0, cap) if cap > 0 else 0.0
         return max(jitter, retry_after or 0.0)
+
+
+def _before_attempt(ctx: Context, att: Attempt, headers: CIMultiDict[str]) -> None:
+    """Run the callables plugins put in ``ctx.on_attempt`` for one attempt. One that raises is logged
+    (the exception's type only: no request data), noted in ``ctx.failed_open`` under its plugin's id,
+    and the attempt goes on without it."""
+    for fn in ctx.on_attempt or ():
+        try:
+            fn(ctx, att, headers)
+        except Exception as e:
+            owner = getattr(getattr(fn, "__self__", None), "id", None)
+            who = owner if isinstance(owner, str) else getattr(fn, "__qualname__", "?")
+            log.warning("on_attempt of %s failed (%s) request_id=%s", who, type(e).__name__, ctx.request_id)
+            ctx.note_failed_open(who, "on_attempt")

@@ -475,6 +475,46 @@ async def test_raw_stream_events_bypass_the_relay_coroutine_and_arrive_intact(up
         assert relays[0].taken < n_events  # partial events went through the coroutine
 
 
+class PerAttempt(Plugin):
+    """Sets a header of each attempt's own; its second callable always fails."""
+
+    name = "per-attempt"
+    failed_open: ClassVar[list[Any]] = []
+
+    @hookimpl
+    def on_request(self, ctx: Context) -> None:
+        ctx.on_attempt = [self._number, self._broken]
+
+    def _number(self, ctx: Context, attempt: Any, headers: Any) -> None:
+        headers["x-attempt"] = f"{len(ctx.attempts) - 1} {attempt.target.upstream}"
+
+    def _broken(self, ctx: Context, attempt: Any, headers: Any) -> None:
+        raise RuntimeError("secret value sk-live-456")
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        self.failed_open.append(ctx.failed_open)
+
+
+async def test_on_attempt_callables_set_each_attempts_headers_and_one_that_fails_is_skipped(http, tmp_path, caplog):
+    async with FakeUpstream() as a, FakeUpstream() as b:
+        cfg = {
+            "upstreams": {"a": {"url": a.url}, "b": {"url": b.url, "api_key": "sk-upstream-b"}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": ["a", "b"], "retries": {"attempts": 1, "backoff_s": 0},
+                        "chain": [{"per-attempt": {}}]}],
+        }
+        with register_plugin(PerAttempt):
+            async with SluiceServer(cfg, tmp_path) as s:
+                a.fail_next(503, count=2)
+                r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+                assert r.status_code == 200
+                await wait_for(lambda: PerAttempt.failed_open, timeout=10)
+    # b's attempt carries its own copy of the headers (its credentials): it still got its own value
+    assert [q.headers["x-attempt"] for q in (*a.requests, *b.requests)] == ["0 a", "1 a", "2 b"]
+    assert PerAttempt.failed_open == [["per-attempt.on_attempt"]]
+    assert "on_attempt of per-attempt failed (RuntimeError)" in caplog.text and "sk-live" not in caplog.text
+
+
 class Failing(Plugin):
     name = "failing"
 

@@ -63,9 +63,9 @@ async def test_server_and_client_spans_with_genai_attributes_and_propagation(ups
     assert client["name"] == "chat sluice-demo"
     assert server["start_ns"] <= client["start_ns"] <= client["end_ns"] <= server["end_ns"]
     assert server["resource"]["service.name"] == "sluice"
-    # the upstream continued our trace: its parent is our server span
+    # the upstream continued our trace: its parent is the client span of the attempt that reached it
     tp = upstream.requests[-1].headers["traceparent"]
-    assert tp.split("-")[1] == CLIENT_TRACE and tp.split("-")[2] == server["span_id"]
+    assert tp.split("-")[1] == CLIENT_TRACE and tp.split("-")[2] == client["span_id"]
 
 
 async def test_span_status_follows_the_http_rules_and_a_new_trace_drops_the_callers_tracestate(upstream: FakeUpstream, tmp_path):
@@ -103,6 +103,11 @@ async def test_retries_and_fallbacks_are_separate_client_spans(tmp_path):
     assert [c["status"] for c in clients] == [2, 2, 0]  # ERROR, ERROR, UNSET
     assert clients[0]["attributes"]["error.type"] == "503"
     assert clients[0]["end_ns"] <= clients[1]["start_ns"] <= clients[1]["end_ns"] <= clients[2]["start_ns"]
+    # each attempt told its upstream its own client span: the upstream's spans hang under the attempt
+    # that reached it (before, every attempt named the server span)
+    sent = [r.headers["traceparent"].split("-") for r in (*bad.requests, *good.requests)]
+    assert [p[2] for p in sent] == [c["span_id"] for c in clients]
+    assert {p[1] for p in sent} == {clients[0]["trace_id"]} and all(p[3] == "01" for p in sent)
 
 
 async def test_stream_span_and_early_answer_span(upstream: FakeUpstream, tmp_path):

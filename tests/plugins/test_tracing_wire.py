@@ -193,6 +193,15 @@ async def test_spans_from_cached_parts_are_the_sdk_encoders_messages(tmp_path):
                     if options.get("capture_content"):
                         ctx.stash[OUTPUT] = '[{"role": "assistant", "content": "' + "x" * 100 * (k % 2) + '"}]'
                     trace = p._trace(ctx)
+                    sent: list[str] = []
+                    if k % 3 == 0 and ctx.attempts:  # attempts sent with a traceparent, as the core does
+                        made = list(ctx.attempts)
+                        ctx.attempts.clear()
+                        for a in made:
+                            ctx.attempts.append(a)
+                            headers: dict[str, str] = {}
+                            p._propagate(ctx, a, headers)
+                            sent.append(headers["traceparent"].split("-")[2])
                     random.seed(k)
                     sdk = encode_spans(p._spans(ctx, trace))
                     random.seed(k)
@@ -203,6 +212,8 @@ async def test_spans_from_cached_parts_are_the_sdk_encoders_messages(tmp_path):
                     # and each span's bytes exactly as the SDK's protobuf serialises that span
                     mine = [PbSpan.FromString(e) for e in encoded]
                     assert mine == list(sdk.resource_spans[0].scope_spans[0].spans)
+                    if sent:  # each client span is the one its attempt named upstream
+                        assert [m.span_id.hex() for m in mine[:-1]] == sent
                     compared += len(encoded)
             assert compared > 100
             await p.stop()
