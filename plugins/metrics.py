@@ -98,6 +98,19 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "none"
 
 
+#: outcomes in which an operation failed without an error status (a stream cut after its 200, say)
+FAILED_OUTCOMES = frozenset({"upstream_error", "plugin_error", "error", "client_gone"})
+
+
+def error_type(status: int | None, outcome: str) -> str:
+    """``error.type`` of a GenAI operation (OpenTelemetry GenAI metrics): its HTTP status when that is an
+    error (4xx included: a refused or rate-limited call failed for its caller), else the outcome that
+    failed; ``""`` for one that succeeded (an empty Prometheus label is no label)."""
+    if status is not None and status >= 400:
+        return str(status)
+    return outcome if outcome in FAILED_OUTCOMES else ""
+
+
 def route_name(ctx: Context) -> str:
     """The route's name (a compiled route's is its config name or its path prefix), ``none`` without one."""
     route = ctx.route
@@ -288,7 +301,7 @@ class Families:
             ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.operation_duration = Histogram(
             "gen_ai_client_operation_duration_seconds", "GenAI operation duration as the client sees it (OTel GenAI semconv).",
-            ["gen_ai_operation_name", "gen_ai_request_model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+            ["gen_ai_operation_name", "gen_ai_request_model", "route", "error_type"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram(
             "gen_ai_server_time_to_first_token_seconds", "Streams: time from request arrival to the first bytes of the upstream's stream (its first token; not its headers).",
             ["gen_ai_operation_name", "gen_ai_request_model", "route"], buckets=LATENCY_BUCKETS, registry=r)
@@ -385,7 +398,7 @@ class Families:
         key = (route, model, status, outcome, op, upstream)
         s = self._series.get(key)
         if s is None:
-            s = self._series[key] = Series(self, route, model, status_class(status), outcome, op, upstream)
+            s = self._series[key] = Series(self, route, model, status, outcome, op, upstream)
         return s
 
     def attempt(self, upstream: str, status: int | None, error: str | None) -> tuple[CounterAcc, GaugeAcc, int | None]:
@@ -506,9 +519,9 @@ class Series:
     __slots__ = ("owner", "labels", "dirty", "touched", "timings", "n", "tokens", "estimated",
                  "duration", "overhead", "upstream_duration", "usage_in", "usage_out", "ttft", "tpot")
 
-    def __init__(self, f: Families, route: str, model: str, status_class: str, outcome: str, op: str, upstream: str | None) -> None:
+    def __init__(self, f: Families, route: str, model: str, status: int | None, outcome: str, op: str, upstream: str | None) -> None:
         self.owner = f
-        self.labels = (route, model, status_class, outcome, op, upstream)
+        self.labels = (route, model, status_class(status), outcome, op, upstream, error_type(status, outcome))
         self.dirty = False
         #: the metrics (bits, below) a request of this kind ever touched
         self.touched = 0
@@ -532,14 +545,17 @@ class Series:
     def apply(self) -> None:
         self.dirty = False
         f = self.owner
-        route, model, status_class, outcome, op, upstream = self.labels
+        route, model, status_class, outcome, op, upstream, error = self.labels
         t = self.touched
         child = f.child
         if t & _REQUESTS:
             child(f.requests, route, model, status_class, outcome).inc(self.n)
             self.n = 0
         if t & _DURATION:
-            _apply_histogram(self.duration, child(f.duration, route, model), child(f.operation_duration, op, model, route))
+            if op != OTHER:  # the GenAI operation duration is of model calls only (not /v1/models, say)
+                _apply_histogram(self.duration, child(f.duration, route, model), child(f.operation_duration, op, model, route, error))
+            else:
+                _apply_histogram(self.duration, child(f.duration, route, model))
         if t & _UPSTREAM_DURATION:
             _apply_histogram(self.upstream_duration, child(f.upstream_duration, route, upstream))
         if t & _OVERHEAD:

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from plugins.metrics import OUTCOMES, Families, attempt_result, operation_name, record, route_name, status_class
+from plugins.metrics import OUTCOMES, Families, attempt_result, error_type, operation_name, record, route_name, status_class
 from proxy import Attempt, Identity, Response, Target, Usage
 from proxy.testing import make_context
 
@@ -34,7 +34,8 @@ def reference(f: Families, ctx, model: str) -> None:
     if t.end is not None:
         total = t.end - t.start
         f.duration.labels(route, model).observe(total)
-        f.operation_duration.labels(op, model, route).observe(total)
+        if op != "other":  # model calls only
+            f.operation_duration.labels(op, model, route, error_type(ctx.status, outcome)).observe(total)
         waited = 0.0
         if t.upstream_start is not None:
             upstream_end = t.upstream_end if t.upstream_end is not None else t.end
@@ -84,7 +85,7 @@ def contexts(n: int, seed: int = 5) -> list:
     for i in range(n):
         kind = rng.choice(["ok", "stream", "upstream_error", "limited", "blocked", "gone", "embeddings"])
         stream = kind == "stream"
-        path = "/v1/embeddings" if kind == "embeddings" else rng.choice(["/v1/chat/completions", "/v1/completions"])
+        path = "/v1/embeddings" if kind == "embeddings" else rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/models"])
         body = {"model": rng.choice(["m1", "m2", "unknown"]), "stream": stream, "messages": [{"role": "user", "content": "x"}]}
         ctx = make_context(body, path=path if rng.random() < 0.8 else "/alt/chat/completions",
                            identity=Identity(key_id="k", team="t"))
@@ -169,6 +170,27 @@ def test_accumulated_metrics_equal_direct_calls(reads):
     # nothing is pending after a read, and a second read changes nothing
     assert ours.dirty == []
     assert exposed(ours_reg) == got
+
+
+def test_the_genai_operation_duration_has_error_type_and_only_model_calls():
+    """OpenTelemetry's gen_ai.client.operation.duration carries error.type when the call failed; it counted
+    failures with successes, and /v1/models with model calls."""
+    reg = CollectorRegistry(auto_describe=True)
+    f = Families(reg)
+    for path, status, outcome in [("/v1/chat/completions", 200, "ok"), ("/v1/chat/completions", 429, "answered"),
+                                  ("/v1/chat/completions", 200, "client_gone"), ("/v1/embeddings", 502, "upstream_error"),
+                                  ("/v1/models", 200, "ok")]:
+        ctx = make_context({"model": "m1"}, path=path)
+        ctx.route = ROUTE
+        ctx.timings.end = ctx.timings.start + 0.2
+        ctx.status, ctx.outcome = status, outcome
+        record(f, ctx, "m1")
+    got = {(s.labels["gen_ai_operation_name"], s.labels["error_type"]): s.value
+           for fam in text_string_to_metric_families(generate_latest(reg).decode()) for s in fam.samples
+           if s.name == "gen_ai_client_operation_duration_seconds_count"}
+    assert got == {("chat", ""): 1, ("chat", "429"): 1, ("chat", "client_gone"): 1, ("embeddings", "502"): 1}
+    # every request, /v1/models included, is still in Sluice's own duration
+    assert reg.get_sample_value("sluice_request_duration_seconds_count", {"route": "main", "model": "m1"}) == 5
 
 
 def test_get_sample_value_sees_requests_without_a_scrape():
