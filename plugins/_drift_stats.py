@@ -428,6 +428,8 @@ class Monitor:
         self.fixed_baseline = fixed_baseline
         self._rng = random.Random(seed)
         self.current = Window(reservoir_size, self._rng, time.time() if now is None else now, max_features)
+        #: when the last sample came (the monitor's creation before any)
+        self.last_sample = self.current.started
         self.reference: Snapshot | None = None
         self.pinned = False
         self.last: Comparison | None = None
@@ -440,6 +442,7 @@ class Monitor:
     def add(self, numeric: Mapping[str, float], categorical: Mapping[str, str], now: float | None = None) -> bool:
         """Record one sample; True when a comparison is due (call :meth:`due_snapshots`)."""
         now = time.time() if now is None else now
+        self.last_sample = now
         self.current.add(numeric, categorical)
         return self._due(now)
 

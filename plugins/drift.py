@@ -10,8 +10,9 @@ from a background task: ``on_done`` only appends to reservoirs.
 
 Results are gauges (``sluice_drift_*``), a warning log event when a feature starts or
 stops drifting or p95 latency degrades past the baseline, a report at
-``GET /admin/drift`` and ``sluice drift``. Windows live in each process; with
-several workers each samples its share of the traffic.
+``GET /admin/drift`` and ``sluice drift``. A route and model that gets no sample for
+``idle_after_s`` shows no values and no alarms any more, until samples come again. Windows
+live in each process; with several workers each samples its share of the traffic.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import weakref
 from typing import Any, Literal
 
@@ -71,6 +73,10 @@ class Drift(Plugin):
             0.2, gt=0.0, le=10.0, description="PSI a significant change must also reach to count as drift (0.1 small, 0.25 large).")
         latency_tolerance: float = Field(
             0.5, gt=0.0, le=100.0, description="p95 latency above baseline * (1 + this) is a degradation.")
+        idle_after_s: float | None = Field(
+            None, ge=1.0, le=30 * 86400,
+            description="A route and model with no sample for this long shows no drift values, alarms or latency "
+            "degradation any more (\"drift cleared\" is logged), until samples come again; default window_seconds.")
         baseline_p95_ms: float | None = Field(
             None, gt=0, le=3_600_000, description="A fixed latency baseline (p95, ms); default: the reference window's p95.")
         features: list[str] | None = Field(
@@ -123,6 +129,11 @@ class Drift(Plugin):
         self._samples: dict[tuple[str, str], Any] = {}
         #: stop() ran: nothing is sampled or published any more (a late on_done, a comparison still running)
         self._stopped = False
+        #: no sample for this long: what a monitor published is cleared (clear_idle)
+        self.idle_s = c.idle_after_s if c.idle_after_s is not None else c.window_seconds
+        #: the timer that looks for idle monitors while some monitor has published values (a loop timer, not
+        #: a task: it holds this instance only through a weak reference)
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         # numpy and scipy.special take most of a second of CPU to import: do it now, in the
@@ -139,6 +150,9 @@ class Drift(Plugin):
         published since for the same route and model: those values are current.
         """
         self._stopped = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         for task in list(self._busy.values()):
             task.cancel()
         live = self.runtime.shared("drift.instances", weakref.WeakSet)
@@ -313,10 +327,37 @@ class Drift(Plugin):
                          route, model, lat.current_p95, lat.baseline_p95, lat.ratio,
                          extra={"event": "latency_cleared", "route": route, "model": model, "ratio": lat.ratio})
             self.degraded[key] = lat.degraded
+        self._watch_idle()
+
+    # -- idle monitors -------------------------------------------------------------------
+    def _watch_idle(self) -> None:
+        """Look for idle monitors from now on, every quarter of ``idle_s`` (within 0.25-60 s)."""
+        if self._idle_timer is None and not self._stopped:
+            period = min(max(self.idle_s / 4, 0.25), 60.0)
+            self._idle_timer = asyncio.get_running_loop().call_later(period, _idle_tick, weakref.ref(self))
+
+    def clear_idle(self, now: float) -> bool:
+        """Clear what each monitor with no sample for ``idle_s`` published (its features' gauges and alarms,
+        its latency degradation), as when they are no longer compared; True while some monitor still shows
+        values. Without samples nothing is compared: an alarm would otherwise stay on for good."""
+        why = f"no samples for {self.idle_s:g}s"
+        for key in sorted(set(self.compared) | set(self.degraded)):
+            m = self.monitors.get(key)
+            if (m is not None and now - m.last_sample < self.idle_s) or key in self._busy:
+                continue
+            route, model = key
+            alarmed = self.alarms.pop(key, set())
+            for feature in sorted(self.compared.pop(key, ())):
+                self._clear(route, model, feature, feature in alarmed, why)
+            if key in self.degraded:
+                self._clear_latency(route, model, why)
+                del self.degraded[key]
+        return bool(self.compared or self.degraded)
 
     # -- reports -------------------------------------------------------------------------
     def report(self) -> list[dict[str, Any]]:
         out = []
+        now = time.time()
         for (route, model), m in sorted(self.monitors.items()):
             out.append({
                 "plugin": self.id,
@@ -328,6 +369,8 @@ class Drift(Plugin):
                 "window_started": m.current.started,
                 "reference_samples": m.reference.count if m.reference else 0,
                 "windows_closed": m.windows_closed,
+                "last_sample": m.last_sample,
+                "idle": now - m.last_sample >= self.idle_s,
                 "drifted": sorted(self.alarms.get((route, model), ())),
                 "latency_degraded": self.degraded.get((route, model), False),
                 "last": m.last.to_json() if m.last else None,
@@ -358,6 +401,23 @@ class Drift(Plugin):
     @classmethod
     def commands(cls) -> list[Command]:
         return [Command("drift", "Drift report of a running server (from its admin API).", _configure_cli, _run_cli)]
+
+
+def _idle_tick(ref: weakref.ref[Drift]) -> None:
+    """The idle timer fired: clear idle monitors, and look again later while some still show values."""
+    inst = ref()
+    if inst is None:
+        return
+    inst._idle_timer = None
+    if inst._stopped:
+        return
+    try:
+        again = inst.clear_idle(time.time())
+    except Exception as e:  # a timer callback's error would reach only the loop's handler
+        log.warning("drift idle check failed (%s)", type(e).__name__)
+        again = True
+    if again:
+        inst._watch_idle()
 
 
 def _warm_up() -> None:

@@ -369,6 +369,58 @@ async def test_latency_degradation_and_p95_clear_when_latency_is_no_longer_compa
         await rt.close_all()
 
 
+async def test_an_idle_monitor_clears_its_alarms_until_samples_come_again(tmp_path, caplog):
+    """A route that stopped getting traffic kept its drift alarm and latency degradation for good: with no
+    samples nothing is compared again. After idle_after_s without a sample they clear, as the report says;
+    the next comparison publishes again."""
+    from proxy.testing import wait_for
+
+    caplog.set_level(logging.INFO, logger="sluice.drift")
+    rt = await make_runtime(tmp_path)
+    try:
+        p = await configure_plugin(Drift, {**DRIFT, "baseline_p95_ms": 100, "idle_after_s": 1,
+                                           "features": ["latency_s"]}, runtime=rt)
+        rng = random.Random(3)
+
+        def ctx(latency: float, score: float):
+            c = make_context({"model": "m", "messages": [{"role": "user", "content": "x"}]}, runtime=rt)
+            c.attempts.append(Attempt(Target("up"), start=c.timings.start))
+            c.outcome, c.status = "ok", 200
+            c.timings.end = c.timings.start + latency
+            c.features["toxicity"] = score
+            return c
+
+        async def feed(n: int, latency: tuple[float, float], score: float) -> None:
+            for _ in range(n):
+                p.on_done(ctx(rng.uniform(*latency), rng.gauss(score, 0.02)))
+            await rt.tasks.wait(10)
+
+        await feed(60, (0.01, 0.08), 0.1)
+        await feed(30, (0.2, 0.4), 0.5)
+        (m,) = p.report()
+        assert m["drifted"] == ["latency_s", "toxicity"] and m["latency_degraded"] and not m["idle"]
+        assert gauge(rt, "sluice_drift_alarm", feature="toxicity") == 1
+        await wait_for(lambda: gauge(rt, "sluice_drift_alarm", feature="toxicity") == 0, timeout=20, what="idle clear")
+        (m,) = p.report()
+        assert m["idle"] and m["drifted"] == [] and not m["latency_degraded"]
+        assert gauge(rt, "sluice_drift_latency_degraded") == 0
+        psi = gauge(rt, "sluice_drift_psi", feature="toxicity")
+        assert psi != psi  # NaN: no current value
+        cleared = [r for r in caplog.records if getattr(r, "event", None) in ("drift_cleared", "latency_cleared")]
+        assert {r.event for r in cleared} == {"drift_cleared", "latency_cleared"}
+        assert all("no samples for 1s" in r.getMessage() for r in cleared)
+        # traffic again, still shifted: the next comparison raises the alarm and logs it again
+        await feed(30, (0.2, 0.4), 0.5)
+        (m,) = p.report()
+        assert m["drifted"] == ["latency_s", "toxicity"] and not m["idle"]
+        assert gauge(rt, "sluice_drift_alarm", feature="toxicity") == 1
+        assert [getattr(r, "event", None) for r in caplog.records].count("drift") == 4
+        await p.stop()
+        assert p._idle_timer is None
+    finally:
+        await rt.close_all()
+
+
 async def test_requests_answered_early_are_not_sampled(tmp_path):
     rt = await make_runtime(tmp_path)
     try:
