@@ -443,8 +443,11 @@ async def test_vllm_routing_prefers_the_less_busy_server(
     free = 1 - busy
 
     # Load one server directly, behind Sluice's back: only its /metrics can tell the router.
-    # Twice its batch size, so requests queue; buffered answers, so keeping the load up
-    # costs this process nothing per token; staggered lengths so they never all end at once.
+    # Three times its batch size, so a queue twice the batch waits: under CI's CPU contention a
+    # queue of one batch was seen to empty for a moment (1 running, 0 waiting) as requests ended
+    # before their clients' next ones were scheduled, and one scrape then showed the busy server
+    # as free as the other. Buffered answers, so keeping the load up costs this process nothing
+    # per token; staggered lengths so they never all end at once.
     async def keep_busy(direct: openai.AsyncOpenAI, max_tokens: int) -> None:
         while True:
             await direct.chat.completions.create(
@@ -453,9 +456,9 @@ async def test_vllm_routing_prefers_the_less_busy_server(
             )
 
     async with openai.AsyncOpenAI(base_url=fleet.servers[busy].url, api_key="unused", max_retries=0, timeout=600) as direct:
-        load = [asyncio.ensure_future(keep_busy(direct, 1200 + 100 * i)) for i in range(2 * MAX_NUM_SEQS)]
+        load = [asyncio.ensure_future(keep_busy(direct, 1200 + 60 * i)) for i in range(3 * MAX_NUM_SEQS)]
         try:
-            await wait_for(lambda: queued_at_least(fleet, busy, 2), 60, "a queue on the busy server")
+            await wait_for(lambda: queued_at_least(fleet, busy, MAX_NUM_SEQS + 2), 60, "a queue on the busy server")
             queued = await _scrape_counts(sluice)
             seen = queued.get(f"vllm-{busy} ok", 0.0)
             await wait_for(lambda: _ge(_scrapes(sluice, f"vllm-{busy}"), seen + 2), 60, "the router to scrape the loaded server")
