@@ -154,6 +154,25 @@ NO_TOKEN_SEGMENTS = frozenset({"models", "files", "uploads", "batches", "audio",
 MAX_PENDING_REPAIRS = 1000
 
 
+class PendingRepairs:
+    """How many budget repairs (undos, settlements) wait in the background in this process."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+async def _repair(call: Any, end: float, failed: str, pending: PendingRepairs) -> None:
+    """One background repair (see ``Metering._repair_later``): a module function, so that the task holds
+    the counters its ``call`` names and not the plugin instance."""
+    try:
+        if not await settle_after_lost_answer(call, end, time.time):
+            log.error("metering: %s", failed)
+    finally:
+        pending.n -= 1
+
+
 def _bills_tokens(ctx: Context) -> bool:
     """Whether an estimate can stand for the request's tokens when the upstream gave no usage: a POST to
     anything but the calls that bill none (chat, completions, responses, embeddings, and what else a model
@@ -239,8 +258,9 @@ class Metering(Plugin):
         self.model_label = ModelLabel.for_runtime(runtime)
         self.families = families(runtime)
         self._tokenizers = config.tokenizers or None
-        #: reservations being given back or settled in the background (counters away when they were to be)
-        self._repairing = 0
+        #: reservations being given back or settled in the background (counters away when they were to be),
+        #: counted for the process: a repair outlives a reload, and holds the counters, not this instance
+        self._repairs = runtime.shared("metering.repairs", PendingRepairs)
         self._tokenizer_failed = False
         #: the sluice_cost_total accumulator per (route, model label)
         self._cost: dict[tuple[str, str], Any] = {}
@@ -489,25 +509,20 @@ class Metering(Plugin):
                     self._undo_later(key, mark, end)
 
     def _undo_later(self, key: str, mark: str, end: float) -> None:
-        self._repair_later(lambda: self.counters.undo_sum(key, mark), end, "metering-undo-reservation",
+        counters = self.counters
+        self._repair_later(lambda: counters.undo_sum(key, mark), end, "metering-undo-reservation",
                            "could not release a budget reservation (it stays counted until the period ends)")
 
     def _repair_later(self, call: Any, end: float, name: str, failed: str) -> None:
         """Carry out an idempotent counters ``call`` in the background once the counters answer (until
-        ``end``, the period's end): an undo or a settlement whose answer was lost or never came."""
-        if self._repairing >= MAX_PENDING_REPAIRS:
+        ``end``, the period's end): an undo or a settlement whose answer was lost or never came. ``call``
+        must not hold this instance: a reload would otherwise keep it until the repair ends."""
+        pending = self._repairs
+        if pending.n >= MAX_PENDING_REPAIRS:
             log.error("metering: %s", failed)
             return
-        self._repairing += 1
-
-        async def repair() -> None:
-            try:
-                if not await settle_after_lost_answer(call, end, time.time):
-                    log.error("metering: %s", failed)
-            finally:
-                self._repairing -= 1
-
-        self.runtime.spawn(repair(), name)
+        pending.n += 1
+        self.runtime.spawn(_repair(call, end, failed, pending), name)
 
     # -- after the answer ----------------------------------------------------------------
     def _priced_model(self, ctx: Context) -> str | None:
@@ -653,8 +668,9 @@ class Metering(Plugin):
                         continue
                     # a settlement applies only while its reservation's record is there: sent again until the
                     # counters answer, it still applies once (and not at all if the first one went through)
+                    counters = self.counters
                     self._repair_later(
-                        lambda key=key, delta=delta, end=end: self.counters.add_sum(key, delta, None, end, unmark=mark),
+                        lambda key=key, delta=delta, end=end: counters.add_sum(key, delta, None, end, unmark=mark),
                         end, "metering-settle-reservation",
                         "could not settle a budget reservation (its worst case stays counted until the period ends)")
 

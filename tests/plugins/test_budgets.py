@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import httpx
 import openai
@@ -706,17 +708,24 @@ async def test_a_settlement_redis_did_not_answer_is_made_once_it_does(tmp_path):
             c.attempts.append(Attempt(Target("up"), start=c.timings.start, status=200))
             c.usage = Usage(1, 7, 8)
             await hook(p.on_done, c)  # the settlement finds Redis away
+            # the repair waiting in the background holds the counters, not the instance: a reload frees it
+            counters, repairs, gone = p.counters, p._repairs, weakref.ref(p)
+            assert repairs.n == 1
+            await p.stop()
+            del p, c
+            gc.collect()
+            assert gone() is None
             await rs.arestart()
 
             async def settled() -> bool:
                 try:
-                    return await p.counters.get_sum(key) == pytest.approx(7.0)
+                    return await counters.get_sum(key) == pytest.approx(7.0)
                 except StateUnavailable:
                     return False
 
             await wait_for(settled, 30, "the settlement to reach Redis once it is back")
-            await wait_for(lambda: p._repairing == 0, 30, "the settlement's second send (after a lost answer) to end")
-            assert await p.counters.get_sum(key) == pytest.approx(7.0)  # sent twice, applied once
+            await wait_for(lambda: repairs.n == 0, 30, "the settlement's second send (after a lost answer) to end")
+            assert await counters.get_sum(key) == pytest.approx(7.0)  # sent twice, applied once
         finally:
             await rt.close_all()
 
