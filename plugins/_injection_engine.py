@@ -41,7 +41,8 @@ def extract(body: Any, endpoint: str, sources: frozenset[str], last_messages: in
 
     Chat ``messages`` (string content and text parts), completions ``prompt``,
     the responses API's ``input`` (messages and function call outputs).
-    Embeddings inputs are never instructions to a model, so they are skipped.
+    Embeddings inputs are never instructions to a model, so they are skipped (``endpoint`` is the
+    request's whole path: a route's prefix may be all of ``/v1/embeddings``).
     """
     if not isinstance(body, dict) or endpoint.rstrip("/").endswith("embeddings"):
         return []

@@ -64,7 +64,9 @@ def _tool_calls(msg: dict[str, Any]) -> Iterator[Slot]:
 
 
 def endpoint_kind(endpoint: str, body: Any) -> str | None:
-    """``chat``, ``completions``, ``embeddings`` or ``responses``; guessed from the body when the path is unusual."""
+    """``chat``, ``completions``, ``embeddings`` or ``responses``, from the end of a request's whole path
+    (``ctx.path``: a route's prefix may end inside the API's name); guessed from the body when the path
+    names none of them."""
     ep = endpoint.rstrip("/")
     for kind, suffix in (("chat", "chat/completions"), ("completions", "completions"), ("embeddings", "embeddings"), ("responses", "responses")):
         if ep.endswith(suffix):
@@ -165,6 +167,9 @@ def request_slots(kind: str | None, body: Any) -> Iterator[Slot]:
                     for field in ("output", "arguments"):
                         if isinstance(item.get(field), str):
                             yield item, field
+                    if isinstance(item.get("output"), list):
+                        # a function_call_output's output as a list of parts (input_text, ...)
+                        yield from _content(item, "output")
 
 
 def answer_slots(kind: str | None, body: Any) -> Iterator[Slot]:

@@ -29,6 +29,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy import AdminRoute, Command, Context, Identity, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
+from proxy.openai import MODEL_PATHS, api_path
 from proxy.state import Limit
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -439,10 +440,16 @@ class Auth(Plugin):
         """A restricted key names an allowed model, wherever the request carries it: the JSON body, a
         multipart form's ``model`` field, the path of ``GET /models/{id}``. A call to a model that names
         none would get the upstream's default (vLLM's served model), so it is refused too. The model
-        name is never echoed: nothing from the request goes into an answer."""
+        name is never echoed: nothing from the request goes into an answer. An Azure-style path's
+        deployment (``/openai/deployments/NAME/...``) is the model such an upstream runs, whatever the
+        body says: it must be allowed too."""
+        path = api_path(ctx.path)
+        deployment = _deployment(ctx.path)
+        if deployment is not None and not any(fnmatch.fnmatchcase(deployment, p) for p in allowed):
+            raise ProxyError(403, "This API key is not allowed to use the requested model.", code="model_not_allowed",
+                             param="model", reason="model_not_allowed")
         model = ctx.model
         if model is None:
-            path = api_path(ctx.endpoint)
             if path.startswith("models/"):
                 # a model by its id (read, or deleted: a fine-tuned one), whatever the method
                 if not any(fnmatch.fnmatchcase(path[7:], p) for p in allowed):
@@ -581,23 +588,13 @@ class Auth(Plugin):
         ]
 
 
-#: the API paths (after /v1/) of the calls that run a model: a restricted key's request to one must name it
-MODEL_PATHS = frozenset({
-    "chat/completions", "completions", "embeddings", "responses", "moderations", "messages",
-    "audio/transcriptions", "audio/translations", "audio/speech", "images/generations", "images/edits",
-    "images/variations", "rerank", "score", "classify", "pooling", "tokenize", "detokenize",
-})
-
-
-def api_path(endpoint: str) -> str:
-    """``ctx.endpoint`` without what a route's prefix left of the path (``v1/``, an Azure-style
-    ``deployments/NAME/``): ``chat/completions``, ``models/org/name``."""
-    path = endpoint.strip("/")
-    if path.startswith("v1/"):
-        path = path[3:]
-    if path.startswith("deployments/"):
-        path = path.split("/", 2)[2] if path.count("/") >= 2 else ""
-    return path
+def _deployment(path: str) -> str | None:
+    """The deployment an Azure-style path names (``/openai/deployments/NAME/chat/completions``), else ``None``."""
+    if "/deployments/" not in path:
+        return None
+    segments = path.strip("/").split("/")
+    i = segments.index("deployments")
+    return segments[i + 1] if i + 2 < len(segments) and segments[i + 1] else None
 
 
 def form_fields(ctx: Context, name: str) -> list[str]:

@@ -17,6 +17,7 @@ import orjson
 from pydantic import Field, model_validator
 
 from proxy import Context, Event, Plugin, PluginConfig, StashKey, hookimpl
+from proxy.openai import api_path
 
 from ._cache_entry import StreamAssembler, is_complete_body, make_entry, read_entry, replay_chunks
 from ._cache_key import DEFAULT_IGNORED, credentials_of, request_key, scope_of
@@ -109,7 +110,8 @@ class Cache(Plugin):
         )
         endpoints: list[str] = Field(
             default_factory=lambda: ["chat/completions", "completions", "embeddings"], min_length=1, max_length=32,
-            description="Endpoints (path after the route prefix) whose POST answers are cached.",
+            description="API endpoints whose POST answers are cached: a request's path after /v1/ (or an Azure-style "
+            "deployments/NAME/), whatever the route's prefix.",
         )
         ignore_fields: list[str] = Field(
             default_factory=lambda: list(DEFAULT_IGNORED), max_length=64,
@@ -147,11 +149,16 @@ class Cache(Plugin):
         self._ignored = tuple(c.ignore_fields)
 
     # -- request ----------------------------------------------------------------
+    def _cached_endpoint(self, path: str) -> bool:
+        """Whether ``path`` (the whole request path: a route's prefix may end inside the endpoint's name)
+        is a call to one of the configured endpoints."""
+        return api_path(path) in self._endpoints
+
     @hookimpl
     async def on_request(self, ctx: Context) -> None:
         if ctx.answered:
             return
-        if ctx.method != "POST" or ctx.endpoint.strip("/") not in self._endpoints or not ctx.body_is_json:
+        if ctx.method != "POST" or not self._cached_endpoint(ctx.path) or not ctx.body_is_json:
             return
         c = self.config
         body = ctx.body

@@ -215,7 +215,7 @@ class Injection(Plugin):
             if self.metrics is not None:
                 self.metrics.scans.labels("exempt").inc()
             return
-        items = extract(ctx.body, ctx.endpoint, self._sources, self.config.last_messages)
+        items = extract(ctx.body, ctx.path, self._sources, self.config.last_messages)
         if not items:
             return
         finding = await self._scan(items)

@@ -177,7 +177,7 @@ def _bills_tokens(ctx: Context) -> bool:
     """Whether an estimate can stand for the request's tokens when the upstream gave no usage: a POST to
     anything but the calls that bill none (chat, completions, responses, embeddings, and what else a model
     server offers: vLLM's messages, rerank, score...)."""
-    return ctx.method == "POST" and NO_TOKEN_SEGMENTS.isdisjoint(ctx.endpoint.split("/"))
+    return ctx.method == "POST" and NO_TOKEN_SEGMENTS.isdisjoint(ctx.path.split("/"))
 
 
 class Budget(BaseModel):

@@ -52,25 +52,25 @@ OPERATIONS = {
 
 
 def operation_name(ctx: Context) -> str:
-    """The GenAI operation of a request (``chat``, ``text_completion``, ``embeddings``) or ``other``."""
-    endpoint = ctx.endpoint
+    """The GenAI operation of a request (``chat``, ``text_completion``, ``embeddings``) or ``other``, from
+    the end of its whole path: a route's prefix may end inside the API's name (``/v1/chat/``)."""
+    path = ctx.path
     for name, op in OPERATIONS.items():  # chat/completions before completions
-        if endpoint_is(endpoint, name):
+        if endpoint_is(path, name):
             return op
     return OTHER
 
 
 class OperationNames:
-    """:func:`operation_name`, remembered per route prefix and path (bounded: paths are client text)."""
+    """:func:`operation_name`, remembered per path (bounded: paths are client text)."""
 
     __slots__ = ("_ops",)
 
     def __init__(self) -> None:
-        self._ops: dict[tuple[str, str], str] = {}
+        self._ops: dict[str, str] = {}
 
     def __call__(self, ctx: Context) -> str:
-        route = ctx.route
-        key = (route.prefix if route is not None else "/", ctx.path)  # what ctx.endpoint depends on
+        key = ctx.path
         op = self._ops.get(key)
         if op is None:
             op = operation_name(ctx)

@@ -461,7 +461,7 @@ class Pii(Plugin):
         if ctx.answered or not ctx.body_is_json:
             return
         body = ctx.body
-        kind = endpoint_kind(ctx.endpoint, body)
+        kind = endpoint_kind(ctx.path, body)
         if self.config.scan_answers and self.config.answer_logprobs != "allow":
             self._answer_logprobs(ctx, kind, body)
         slots = list(request_slots(kind, body))
@@ -545,7 +545,7 @@ class Pii(Plugin):
         body = resp.json
         if not isinstance(body, dict):
             return
-        slots = list(answer_slots(endpoint_kind(ctx.endpoint, ctx.json_body), body))
+        slots = list(answer_slots(endpoint_kind(ctx.path, ctx.json_body), body))
         if not slots:
             return
         texts = [c[k] for c, k in slots]

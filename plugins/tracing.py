@@ -788,7 +788,7 @@ def _captured(ctx: Context, body: Any, reached: bool, limit: int) -> list[tuple[
     if content is not None:
         out.append(("gen_ai.input.messages", truncate(orjson.dumps(content).decode(), limit)))
     # a Responses request's only: the one kind whose ``instructions`` pii screens (elsewhere the field is no prompt)
-    system = system_instructions(body) if reached and endpoint_kind(ctx.endpoint, body) == "responses" else None
+    system = system_instructions(body) if reached and endpoint_kind(ctx.path, body) == "responses" else None
     if system is not None:
         out.append(("gen_ai.system_instructions", truncate(orjson.dumps(system).decode(), limit)))
     completion = ctx.stash.get(OUTPUT)

@@ -323,7 +323,7 @@ class Handler:
                     return resp
 
                 injected = False
-                if route.needs_usage and ctx.stream and streams_usage(ctx.endpoint):
+                if route.needs_usage and ctx.stream and streams_usage(ctx.path):
                     body = ctx.body
                     if isinstance(body, dict) and ensure_stream_usage(body):
                         ctx.body = body

@@ -118,16 +118,18 @@ def is_usage_only_chunk(obj: Any) -> bool:
 
 
 def endpoint_is(endpoint: str, name: str) -> bool:
-    """Whether ``endpoint`` (``ctx.endpoint``, the path after the route's prefix) is the API ``name``
-    (``chat/completions``), under whatever the prefix left of the path: ``v1/`` under a route on
-    ``/``, ``deployments/NAME/`` under an Azure-style one."""
+    """Whether a request's path (``ctx.path``; ``ctx.endpoint`` only where the route's prefix is known
+    to end before the API's name) is the API ``name`` (``chat/completions``), under whatever comes
+    before it: ``/v1/``, an Azure-style ``/openai/deployments/NAME/``. Kinds of request are told
+    from the whole path: a route's prefix may end inside the name (``/v1/chat/``), leaving
+    ``completions`` of ``chat/completions``."""
     endpoint = endpoint.strip("/")
     return endpoint == name or endpoint.endswith("/" + name)
 
 
 def streams_usage(endpoint: str) -> bool:
-    """Whether a stream to ``endpoint`` can carry a usage chunk: chat and text completions (the
-    ``completions`` suffix covers ``chat/completions`` too)."""
+    """Whether a stream to ``endpoint`` (a request's whole path) can carry a usage chunk: chat and text
+    completions (the ``completions`` suffix covers ``chat/completions`` too)."""
     return endpoint_is(endpoint, "completions")
 
 
@@ -202,3 +204,30 @@ def usage_from_body(body: bytes) -> Usage | None:
         return usage_from(orjson.loads(body)) if n <= FULL_PARSE_LIMIT else None
     except orjson.JSONDecodeError:
         return None
+
+
+#: the API paths (after /v1/) of the calls that run a model: a restricted key's request to one must name it
+MODEL_PATHS = frozenset({
+    "chat/completions", "completions", "embeddings", "responses", "moderations", "messages",
+    "audio/transcriptions", "audio/translations", "audio/speech", "images/generations", "images/edits",
+    "images/variations", "rerank", "score", "classify", "pooling", "tokenize", "detokenize",
+})
+
+
+def api_path(path: str) -> str:
+    """A request's whole path (``ctx.path``) without what comes before the API's own path: up to its first
+    ``v1`` segment, or an Azure-style ``deployments/NAME/``: ``chat/completions``, ``models/org/name``.
+    A path with neither (a route ``/agents/`` to an upstream's ``/v1``) gives the model call it ends with,
+    or what follows its ``models`` segment. From the whole path, not ``ctx.endpoint``: a route's prefix may
+    end inside the API's name (``/v1/chat/`` leaves ``completions``)."""
+    segments = path.strip("/").split("/")
+    if "v1" in segments:
+        return "/".join(segments[segments.index("v1") + 1:])
+    if "deployments" in segments:
+        return "/".join(segments[segments.index("deployments") + 2:])
+    for n in (2, 1):
+        if len(segments) >= n and "/".join(segments[-n:]) in MODEL_PATHS:
+            return "/".join(segments[-n:])
+    if "models" in segments:
+        return "/".join(segments[segments.index("models"):])
+    return "/".join(segments)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import aiohttp
 import openai
@@ -95,6 +96,29 @@ async def test_model_not_allowed_is_403(runtime):
     err = await _refused(auth, ctx)
     assert (err.status, err.code, err.param) == (403, "model_not_allowed", "model")
     assert "gpt-4o" not in err.message
+
+
+async def test_an_azure_style_deployment_in_the_path_is_a_model_a_restricted_key_must_be_allowed(runtime):
+    """Only the body's model was checked: a key for sluice-* reached the gpt-4o deployment by naming an allowed
+    model in the body (Azure runs the deployment the path names); and a route whose prefix ends inside the
+    API's name, or holds all of it, still checks the model calls it serves."""
+    auth = await _auth(runtime)
+    key = {"api-key": STATIC}
+    for path in ("/openai/deployments/gpt-4o/chat/completions", "/openai/deployments/gpt-4o/embeddings"):
+        err = await _refused(auth, make_context(CHAT, path=path, headers=key, runtime=runtime))
+        assert (err.status, err.code) == (403, "model_not_allowed"), path
+    await auth.on_request(make_context(CHAT, path="/openai/deployments/sluice-demo/chat/completions", headers=key, runtime=runtime))
+    # the deployment is allowed, the body's model is not: refused as before
+    err = await _refused(auth, make_context({**CHAT, "model": "gpt-4o"}, path="/openai/deployments/sluice-demo/chat/completions",
+                                            headers=key, runtime=runtime))
+    assert err.code == "model_not_allowed"
+    # no model in the body of a model call, on routes that end inside the API's name or hold all of it
+    for prefix in ("/v1/chat/", "/v1/chat/completions", "/agents/"):
+        route = SimpleNamespace(prefix=prefix, name="r")
+        ctx = make_context({"messages": CHAT["messages"]}, path="/v1/chat/completions" if prefix != "/agents/" else "/agents/chat/completions",
+                           headers=key, runtime=runtime)
+        ctx.route = route
+        assert (await _refused(auth, ctx)).code == "model_not_allowed", prefix
 
 
 async def test_a_restricted_key_must_name_an_allowed_model_wherever_the_request_carries_it(runtime):

@@ -127,6 +127,12 @@ async def test_redacts_every_role_and_part_with_stable_placeholders(runtime: Any
             {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": f"Mail {EMAIL}"}]}, {"type": "function_call_output", "call_id": "c", "output": f"found {EMAIL}"}]},
             "input",
         ),
+        # a tool result as a list of parts (the Responses API allows it): went upstream unscreened
+        (
+            "/v1/responses",
+            {"model": "m", "input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": f"found {EMAIL}"}]}]},
+            "input",
+        ),
     ],
 )
 async def test_every_endpoint_is_in_scope(runtime: Any, path: str, body: dict[str, Any], field: str) -> None:
