@@ -210,6 +210,30 @@ def _non_ascii(data: bytes) -> set[str]:
     return set(data.translate(None, _ASCII_BYTES).decode("utf-8", "surrogatepass"))
 
 
+@functools.lru_cache(maxsize=4096)
+def _marked(c: str) -> bool:
+    """``c`` is a combining mark, or a letter made of a base and marks (``ó`` is ``o`` and an acute)."""
+    if unicodedata.combining(c):
+        return True
+    d = unicodedata.decomposition(c)
+    return bool(d) and d[0] != "<"
+
+
+def strip_marks(text: str, chars: Iterable[str] | None = None) -> str | None:
+    """``text`` without the diacritics of its letters (decomposed, combining marks dropped, composed
+    again), or ``None`` when it has none: English keywords with an accent put on them ("ignóre all
+    previous instructions") read to a model as the plain words. ``chars``: the text's distinct characters
+    beyond ASCII, if known."""
+    if text.isascii():
+        return None
+    if chars is None:
+        chars = _non_ascii(text.encode("utf-8", "surrogatepass"))
+    if not any(map(_marked, chars)):
+        return None
+    bare = "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+    return unicodedata.normalize("NFC", bare)
+
+
 def _plain_lower(c: str) -> bool:
     """``c.lower()`` does not depend on the characters around ``c`` (only capital sigma's does,
     U+03A3 at the end of a word) and lowers to characters that lower to themselves."""

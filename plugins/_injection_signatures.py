@@ -509,6 +509,7 @@ OBFUSCATION_WEIGHTS = {
     "bidi": 0.15,
     "invisible": 0.3,
     "confusable": 0.2,
+    "diacritics": 0.2,    # accents put on English keywords ("ignóre"): a reader and a model read past them
     "leet": 0.3,
     "spaced": 0.3,
     "base64": 0.35,

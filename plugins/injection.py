@@ -156,7 +156,7 @@ class _Metrics:
         from prometheus_client import Counter, Histogram
 
         self.scans = Counter(
-            "sluice_injection_scans_total", "Requests the injection guard looked at, by result (clean, detected, exempt).",
+            "sluice_injection_scans_total", "Requests the injection guard looked at, by result (clean, detected, exempt, timeout).",
             ["result"], registry=registry,
         )
         self.detections = Counter(
@@ -218,7 +218,22 @@ class Injection(Plugin):
         items = extract(ctx.body, ctx.path, self._sources, self.config.last_messages)
         if not items:
             return
-        finding = await self._scan(items)
+        try:
+            finding = await self._scan(items)
+        except TimeoutError:
+            # as pii answers its own: a timeout is the screen's dependency (the executor) overloaded, 503
+            self.runtime.on_plugin_error(self.id, "on_request")
+            if self.metrics is not None:
+                self.metrics.scans.labels("timeout").inc()
+            if self.fail_closed:
+                raise ProxyError(
+                    503, "The prompt-injection screen did not finish in time; the request was not processed.",
+                    code="injection_timeout", reason="injection_timeout",
+                ) from None
+            log.warning("injection: the scan exceeded %d ms; passing the request unscanned (on_error: open) request_id=%s",
+                        self.config.timeout_ms, ctx.request_id)
+            ctx.note_failed_open(self.id, "on_request")
+            return
         ctx.stash[FINDING] = finding
         summary = finding.summary()
         summary["action"] = self.config.action

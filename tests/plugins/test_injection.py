@@ -214,12 +214,21 @@ class _Stuck(Detector):
 
 
 async def test_a_slow_detector_times_out_and_the_failure_policy_decides(runtime):
-    plugin = await configure_plugin(Injection, {"timeout_ms": 50}, runtime=runtime)
+    """Closed (a guard's default): 503 injection_timeout, as pii answers its timeout (it was a 500
+    plugin_error, as if the plugin had crashed). Open: the request goes on, noted as unscreened."""
     stuck = _Stuck({})
-    plugin.engine = Engine([(stuck, 1.0)])
     try:
-        with pytest.raises(TimeoutError):
+        plugin = await configure_plugin(Injection, {"timeout_ms": 50}, runtime=runtime)
+        plugin.engine = Engine([(stuck, 1.0)])
+        with pytest.raises(ProxyError) as err:
             await plugin.on_request(make_context(chat(user(BENIGN)), runtime=runtime))
+        assert (err.value.status, err.value.code) == (503, "injection_timeout")
+        assert "Traceback" not in err.value.body().decode()
+        plugin = await configure_plugin(Injection, {"timeout_ms": 50, "on_error": "open"}, runtime=runtime)
+        plugin.engine = Engine([(stuck, 1.0)])
+        ctx = make_context(chat(user(BENIGN)), runtime=runtime)
+        await plugin.on_request(ctx)
+        assert ctx.failed_open == [f"{plugin.id}.on_request"] and "injection" not in ctx.annotations
     finally:
         stuck.release.set()
     assert Injection(InjectionConfig(), runtime).fail_closed
