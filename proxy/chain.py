@@ -133,6 +133,14 @@ class Generation:
         self._idle.set()
         self.started = False
 
+    def longest_request_s(self) -> float:
+        """The longest a request of this config may last: its body's read, then attempts starting up to
+        the latest route deadline, each lasting up to the longest upstream total."""
+        c = self.config
+        deadline = max((r.retries.deadline_s for r in c.routes), default=0.0)
+        total = max((u.timeouts.total for u in c.upstreams.values()), default=0.0)
+        return c.server.body_timeout_s + deadline + total
+
     def client_ip(self, peer: str | None, forwarded: str | None) -> str | None:
         """The caller's address: the peer, or through trusted proxies the nearest untrusted hop."""
         if not self.trusted or not forwarded or peer is None or not self._trusted(peer):

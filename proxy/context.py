@@ -347,9 +347,10 @@ class Context:
         #: ``"plugin-id.phase"``: what they did not do (a guard's screen) observers can tell
         self.failed_open: list[str] | None = None
         #: callables a plugin adds on the way in, called as ``fn(ctx, attempt, headers)`` before each
-        #: upstream attempt is sent, with the headers that attempt carries (its own copy when the upstream
-        #: adds credentials, else ``ctx.headers``): per-attempt headers, such as a tracer's ``traceparent``
-        #: naming that attempt's client span. Keep them quick; one that raises is logged and skipped
+        #: upstream attempt is sent, with that attempt's own copy of the headers it carries (what a
+        #: callable sets there goes to that attempt only): per-attempt headers, such as a tracer's
+        #: ``traceparent`` naming that attempt's client span. Keep them quick; one that raises is logged
+        #: and skipped
         self.on_attempt: list[Callable[[Context, Attempt, CIMultiDict[str]], None]] | None = None
         #: a stream's events as they came from the upstream (or from a plugin's reply), before any
         #: stream hook held, dropped or split them: the estimate of what a stream cut short generated

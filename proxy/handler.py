@@ -26,7 +26,7 @@ from .openai import (
 )
 from .relay import RawRelay, attach, detach, direct_transport, note_start, tap_event
 from .sse import DONE, Event, Parser
-from .timers import Alarm, Watchdog
+from .timers import Watchdog
 from .upstream import CONNECT_ERRORS, Upstream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -350,13 +350,17 @@ class Handler:
                     if up_resp.headers.get("content-type", "").startswith("text/event-stream"):
                         resp = await self._relay(request, ctx, route, up_resp, up, att, injected, task)
                         return resp
-                    alarm = Alarm(self._deadline(att, up, loop), loop, task)
+                    # timeouts.idle holds between a buffered answer's reads too, as between a stream's events
+                    dog = Watchdog(loop, up.config.timeouts.idle, self._deadline(att, up, loop), task)
                     try:
-                        data = await up_resp.read()
+                        data = await _read_body(up_resp.content, dog, loop)
                     except asyncio.CancelledError:
-                        alarm.timed_out()
+                        if not dog.fired:
+                            raise
+                        task.uncancel()
+                        raise TimeoutError from None
                     finally:
-                        alarm.disarm()
+                        dog.cancel()
                     att.end = ctx.timings.upstream_end = time.perf_counter()
                     ctx.response = Response(up_resp.status, response_headers(up_resp.headers, ctx.method == "HEAD"), data)
                     ctx.outcome = "ok" if up_resp.status < 400 else "upstream_error"
@@ -556,7 +560,12 @@ class Handler:
                 if buf:
                     await out.write(relay.tap(bytes(buf)))
             else:
-                tail = [ev for ev in parser.close() if not ev.is_done and tap_event(ctx, ev, injected)]
+                tail = []
+                for ev in parser.close():  # what the stream's end left without its blank line
+                    if ev.is_done:
+                        relay.saw_done = True  # a last "data: [DONE]" with no blank line after it is the end all the same
+                    elif tap_event(ctx, ev, injected):
+                        tail.append(ev)
                 if tail:
                     ctx.stream_events += len(tail)
                     await self._write_events(out, ctx, await pipeline.push(tail))  # type: ignore[union-attr]
@@ -610,6 +619,21 @@ class Handler:
             ctx.outcome = "client_gone"
             return
         await self._stream_error(out, ctx, err)
+
+
+async def _read_body(content: Any, dog: Watchdog, loop: asyncio.AbstractEventLoop) -> bytes:
+    """A buffered answer's whole body, each read telling ``dog`` the upstream is not idle. At its end the
+    response has given its connection back to the pool (aiohttp does that at the body's end)."""
+    chunk = await content.readany()
+    if not chunk or content.at_eof():
+        return chunk  # the whole body came at once: the usual case
+    chunks = [chunk]
+    while True:
+        dog.last = loop.time()
+        chunk = await content.readany()
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _upstream_broke(ctx: Context, att: Attempt, kind: str, status: int, message: str, code: str) -> web.Response:

@@ -20,16 +20,20 @@ HOP_BY_HOP = frozenset(
 )
 #: response headers not passed to the client: the body is decompressed and re-framed
 RESPONSE_DROP = HOP_BY_HOP | {"content-encoding"}
+#: a client's ``Expect: 100-continue`` is answered by Sluice, which reads the body whole before the upstream
+#: sees the request: sent on, it would make aiohttp wait for the upstream's own 100 before the body (a
+#: round trip; a hang until first_byte against a server that never sends one, as HTTP/1.1 allows)
+REQUEST_DROP = HOP_BY_HOP | {"expect"}
 CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
-HOP_BY_HOP_ORDER = tuple(sorted(HOP_BY_HOP))
 RESPONSE_DROP_ORDER = tuple(sorted(RESPONSE_DROP))
+REQUEST_DROP_ORDER = tuple(sorted(REQUEST_DROP))
 
 
 def request_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones (and those named in ``Connection``)."""
+    """The client's headers minus hop-by-hop ones (and those named in ``Connection``) and ``Expect``."""
     out: CIMultiDict[str] = CIMultiDict(headers)  # one copy in C, then drop the few that go
     conn = out.get("connection")
-    for h in HOP_BY_HOP_ORDER:
+    for h in REQUEST_DROP_ORDER:
         if h in out:
             del out[h]
     if conn:

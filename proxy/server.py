@@ -201,8 +201,12 @@ class Server:
             raise ConfigError(f"{loaded.source}: {', '.join(fixed)}: set when the server starts; changing it needs a restart")
 
     async def _retire(self, gen: ch.Generation) -> None:
+        """Stop a config a reload replaced once its requests ended: they finish on it. The wait is bounded
+        by the longest a request of that config may last (then its on_done work gets a minute): its
+        upstream sessions close at the stop, and a request still reading from one would hang until its
+        idle timeout and end as a stalled upstream (a long stream cut at drain_seconds + 60 s did)."""
         self._retiring.add(gen)
-        await gen.wait_idle(self.loaded.config.server.drain_seconds + 60)
+        await gen.wait_idle(max(gen.longest_request_s(), self.loaded.config.server.drain_seconds) + 60)
         await gen.stop()
         self._retiring.discard(gen)
         del gen
@@ -342,6 +346,9 @@ class Server:
         if self.runner is not None:
             for site in list(self.runner.sites):
                 await site.stop()
+            # kept-alive connections close: idle ones now, busy ones once their request is answered. Left
+            # open, a pooled client kept sending new requests here through the grace, to be cut at its end
+            _close_kept_alive(self.runner.server)
         # in flight counts queued on_done work too; what is left after the grace, close() cuts and flushes
         ok = await self.generation.wait_idle(grace)
         if not ok:
@@ -466,6 +473,17 @@ def _site_port(site: web.TCPSite) -> int:
     server = site._server  # aiohttp keeps the asyncio server here
     assert server is not None and server.sockets
     return server.sockets[0].getsockname()[1]
+
+
+def _close_kept_alive(server: Any) -> None:
+    """Close the connections of aiohttp's low-level ``server``: an idle one (waiting for its next request)
+    now, one with a request in hand once that request is answered. aiohttp's ``close()`` alone leaves an
+    idle connection's socket open (its wait is cancelled, and the socket kept), so those are closed here."""
+    for conn in server.connections:
+        if getattr(conn, "_waiter", None) is not None and not getattr(conn, "_messages", True):
+            conn.force_close()
+        else:
+            conn.close()
 
 
 class _WebServer(web.Server):

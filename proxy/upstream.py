@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import random
 import time
 import weakref
@@ -52,14 +53,30 @@ def join_url(base: str, tail: str, query: str) -> URL:
     return URL(url, encoded=True)
 
 
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """How long an answer asks to wait before a retry, in seconds: OpenAI's ``retry-after-ms`` (the finer,
+    when both are sent), else ``retry-after`` (seconds or an HTTP date); ``None`` when neither says."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            wait = float(ms) / 1000
+        except ValueError:
+            wait = math.nan
+        if math.isfinite(wait):
+            return max(0.0, wait)
+    return retry_after_seconds(headers.get("retry-after"))
+
+
 def retry_after_seconds(value: str | None) -> float | None:
-    """``retry-after`` (seconds or an HTTP date) or OpenAI's ``retry-after-ms``, as seconds."""
+    """``retry-after`` (seconds or an HTTP date), as seconds."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -304,6 +321,8 @@ class UpstreamPool:
                 att = Attempt(target=target, start=time.perf_counter())
                 ctx.attempts.append(att)
                 if ctx.on_attempt is not None:
+                    if headers is ctx.headers:
+                        headers = CIMultiDict(headers)  # this attempt's own: what a callable sets goes with it only
                     _before_attempt(ctx, att, headers)
                 t = up.config.timeouts
                 up.outstanding += 1
@@ -343,7 +362,7 @@ class UpstreamPool:
                 att.status = resp.status
                 att.first_byte = time.perf_counter()
                 if resp.status in policy.on_status and not last:
-                    ra = retry_after_seconds(resp.headers.get("retry-after"))
+                    ra = retry_after(resp.headers)
                     nxt = 0.0 if plan[i + 1][1] == 0 else self._backoff(policy, n, ra)
                     now = time.perf_counter()
                     # a retry whose wait (retry-after, say) passes the deadline gives way to the next target

@@ -268,15 +268,17 @@ async def test_stream_idle_timeout_ends_stream_with_error_event(endpoint, which,
     assert ctx.error == said and said in str(e.value)
 
 
-@pytest.mark.parametrize("where", ["first_byte", "body", "idle"])
+@pytest.mark.parametrize("where", ["first_byte", "body", "body-idle", "idle"])
 async def test_timeouts_leave_no_cancellation_raised(where, tmp_path):
     """A timeout cancels the request's own task and takes that back: neither the handler's task nor the
     connection's (whose count aiohttp reads to tell a shutdown) stays marked as cancelled, and the next
-    request on the connection is served."""
-    timeouts = {"first_byte": {"first_byte": 0.2}, "body": {"total": 0.3}, "idle": {"idle": 0.3}}[where]
+    request on the connection is served. ``body-idle``: a buffered answer whose body stalls ends at
+    ``idle``, as a stream does (it waited for ``total``, 900 s by default)."""
+    timeouts = {"first_byte": {"first_byte": 0.2}, "body": {"total": 0.3}, "body-idle": {"idle": 0.3},
+                "idle": {"idle": 0.3}}[where]
     async with FakeUpstream() as up, held_answer(b'{"id": "chatcmpl-1", ', "application/json", 1000) as (stalling, _):
         cfg = _config(up, CHAIN, timeouts=timeouts)
-        if where == "body":
+        if where.startswith("body"):
             cfg["upstreams"]["u"]["url"] = stalling
         async with SluiceServer(cfg, tmp_path) as s:
             if where == "first_byte":
@@ -293,7 +295,7 @@ async def test_timeouts_leave_no_cancellation_raised(where, tmp_path):
             assert connections, "no connection task seen"
             assert handler.cancelling() == 0
             assert [t.cancelling() for t in connections] == [0] * len(connections)
-            if where != "body":
+            if not where.startswith("body"):
                 up.first_byte_delay, up.stall_after = 0.0, None
                 text, _ = await _call(client, "chat", False)
                 assert text

@@ -216,6 +216,25 @@ async def test_an_upstreams_error_answer_passes_through_when_the_fallback_gives_
             assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
 
 
+async def test_retry_after_ms_is_honoured(http, tmp_path):
+    """OpenAI's retry-after-ms was never read: a 429 asking for 5 s was retried at once. Now its wait
+    passes the route's deadline, so the upstream's own answer goes to the client instead of a retry."""
+    from proxy.upstream import retry_after
+
+    assert retry_after({"retry-after-ms": "1500", "retry-after": "2"}) == 1.5
+    assert retry_after({"retry-after": "2"}) == 2.0
+    assert retry_after({"retry-after-ms": "soon", "retry-after": "3"}) == 3.0
+    assert retry_after({"retry-after-ms": "nan"}) is None and retry_after({"retry-after": "inf"}) is None
+    assert retry_after({"retry-after-ms": "-5"}) == 0.0 and retry_after({}) is None
+    async with FakeUpstream() as a:
+        cfg = route(a, retries={"attempts": 1, "backoff_s": 0, "deadline_s": 2})
+        async with SluiceServer(cfg, tmp_path) as s:
+            a.fail_next(429, headers={"retry-after-ms": "5000"})
+            r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 429 and r.headers["retry-after-ms"] == "5000"
+            assert len(a.requests) == 1
+
+
 async def test_a_client_leaving_during_a_retrys_wait_lets_the_kept_answer_go(tmp_path):
     """The error answer kept for passing through was released only when an attempt raised or one
     answered: a client that left during the backoff leaked it, and its upstream's outstanding count (which
@@ -487,6 +506,8 @@ class PerAttempt(Plugin):
 
     def _number(self, ctx: Context, attempt: Any, headers: Any) -> None:
         headers["x-attempt"] = f"{len(ctx.attempts) - 1} {attempt.target.upstream}"
+        if attempt.target.upstream == "a":
+            headers["x-only-for-a"] = "secret-for-a"  # a's own: never sent to b
 
     def _broken(self, ctx: Context, attempt: Any, headers: Any) -> None:
         raise RuntimeError("secret value sk-live-456")
@@ -509,8 +530,8 @@ async def test_on_attempt_callables_set_each_attempts_headers_and_one_that_fails
                 r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
                 assert r.status_code == 200
                 await wait_for(lambda: PerAttempt.failed_open, timeout=10)
-    # b's attempt carries its own copy of the headers (its credentials): it still got its own value
     assert [q.headers["x-attempt"] for q in (*a.requests, *b.requests)] == ["0 a", "1 a", "2 b"]
+    assert [q.headers.get("x-only-for-a") for q in (*a.requests, *b.requests)] == ["secret-for-a", "secret-for-a", None]
     assert PerAttempt.failed_open == [["per-attempt.on_attempt"]]
     assert "on_attempt of per-attempt failed (RuntimeError)" in caplog.text and "sk-live" not in caplog.text
 
@@ -776,6 +797,8 @@ async def test_expect_100_continue_is_answered_before_the_body(upstream, tmp_pat
         assert head.startswith(b"HTTP/1.1 200")
         writer.close()
         assert upstream.requests[-1].body == body
+        # answered here: not sent on (aiohttp would wait for the upstream's own 100 before the body)
+        assert "expect" not in upstream.requests[-1].headers
 
         reader, writer = await asyncio.open_connection("127.0.0.1", s.server.port)
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\nContent-Length: 2\r\n\r\n")
@@ -784,6 +807,32 @@ async def test_expect_100_continue_is_answered_before_the_body(upstream, tmp_pat
         assert head.startswith(b"HTTP/1.1 417") and b"x-request-id: req_" in head.lower()
         writer.close()
     assert len(upstream.requests) == 1
+
+
+async def test_a_last_done_without_its_blank_line_ends_the_stream_on_both_relays(tmp_path):
+    """An upstream that ends its stream with "data: [DONE]\\n" and no blank line: the raw relay passed it on,
+    the parsed one (a route with an on_chunk hook) dropped it, so the client never saw the stream's end."""
+    ev = (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+          b'"delta":{"content":"a"},"finish_reason":"stop"}]}\n\n')
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        r = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await r.prepare(request)
+        await r.write(ev + b"data: [DONE]\n")
+        return r
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    async with serve_app(app) as origin:
+        with register_plugin(Chunky):
+            for name, chain in (("raw", []), ("parsed", [{"chunky": {}}])):
+                async with SluiceServer(route(f"{origin}/v1", chain), tmp_path / name) as s:
+                    async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+                        async with c.chat.completions.with_streaming_response.create(
+                                model="m", messages=[{"role": "user", "content": "x"}], stream=True) as r:
+                            body = b"".join([part async for part in r.http_response.aiter_bytes()])
+                    assert body.rstrip(b"\n").endswith(b"data: [DONE]"), (name, body)
 
 
 class AfterAnswer(Plugin):

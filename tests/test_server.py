@@ -106,6 +106,21 @@ async def test_closing_while_a_reload_drains_stops_the_retired_config_too(tmp_pa
         assert old._stops == len(old.plugins)
 
 
+async def test_a_retired_config_waits_for_the_longest_request_it_may_have(tmp_path):
+    """A reload stopped the old config drain_seconds + 60 s after it, whatever its requests: its upstream
+    sessions closed under a long stream, which then hung until its idle timeout and ended as "stalled". The
+    retirement now waits for as long as a request of that config may last (then a minute for on_done)."""
+    async with FakeUpstream() as up:
+        config = {
+            "server": {"drain_seconds": 5, "body_timeout_s": 30},
+            "upstreams": {"a": {"url": up.url, "timeouts": {"total": 900}}, "b": {"url": up.url, "timeouts": {"total": 300}}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "a", "retries": {"deadline_s": 120}},
+                       {"match": {"path": "/b/"}, "upstream": "b"}],
+        }
+        async with SluiceServer(config, tmp_path) as s:
+            assert s.server.generation.longest_request_s() == 30 + 120 + 900
+
+
 async def test_admin_reload_needs_token(upstream, tmp_path):
     async with SluiceServer(cfg(upstream, "one"), tmp_path) as s, httpx.AsyncClient() as http:
         r = await http.post(f"{s.admin_url}/admin/reload")
@@ -138,6 +153,40 @@ def write_cfg(tmp_path, data: dict[str, Any]):
 
 
 @pytest.mark.slow
+async def test_a_drain_closes_kept_alive_connections_and_lets_their_requests_finish(tmp_path):
+    """A drain stopped the listener but left clients' kept-alive connections open: a pooled client went on
+    sending new requests on them through the grace, and those were cut at its end. Now an idle connection
+    closes at once (the client must connect anew, elsewhere), and a busy one once its answer is out."""
+    from proxy.testing import held_answer
+
+    first = b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+    async with held_answer(first, "text/event-stream") as (url, release):
+        config = {"server": {"drain_seconds": 20}, "upstreams": {"u": {"url": url}},
+                  "routes": [{"match": {"path": "/v1/"}, "upstream": "u"}]}
+        async with SluiceServer(config, tmp_path) as s:
+            one = httpx.Limits(max_keepalive_connections=1, max_connections=1)
+            async with httpx.AsyncClient(timeout=20, limits=one) as a, httpx.AsyncClient(timeout=20, limits=one) as b:
+                assert (await b.get(f"{s.origin}/healthz")).status_code == 200  # b keeps an idle connection
+                got: list[bytes] = []
+
+                async def stream() -> None:
+                    async with a.stream("POST", f"{s.url}/chat/completions", json={"model": "m", "messages": [], "stream": True}) as r:
+                        async for chunk in r.aiter_bytes():
+                            got.append(chunk)
+
+                streaming = asyncio.ensure_future(stream())
+                await wait_for(lambda: got, 10, "the stream's first event")
+                drain = asyncio.ensure_future(s.server.drain())
+                web_server = s.server.runner.server  # the listener's connections: a's busy one and b's idle one
+                await wait_for(lambda: len(web_server.connections) == 1, 5, "the idle connection to close")
+                with pytest.raises(httpx.ConnectError):  # its kept connection closed, and nothing listens any more
+                    await b.get(f"{s.origin}/healthz")
+                release.set()
+                await streaming  # the request in flight finished on its connection
+                await drain
+            assert b"".join(got).startswith(first)
+
+
 async def test_sigterm_drains_in_flight_streams_and_exits_zero(upstream, tmp_path):
     upstream.token_delay = 0.05
     path = write_cfg(tmp_path, {"upstreams": {"u": {"url": upstream.url}}, "routes": [{"match": {"path": "/v1/"}, "upstream": "u"}]})
