@@ -448,6 +448,11 @@ class Auth(Plugin):
         if deployment is not None and not any(fnmatch.fnmatchcase(deployment, p) for p in allowed):
             raise ProxyError(403, "This API key is not allowed to use the requested model.", code="model_not_allowed",
                              param="model", reason="model_not_allowed")
+        if ctx.method == "POST" and ctx.path.rstrip("/").endswith("/batches"):
+            # a batch runs the requests of a file uploaded before, each naming its own model: not checked
+            # here, so not open to a key that may use only some models
+            raise ProxyError(403, "This API key may use only some models: the Batch API, whose requests name their own "
+                             "models, is not open to it.", code="model_not_allowed", param="model", reason="model_not_allowed")
         model = ctx.model
         if model is None:
             if path.startswith("models/"):

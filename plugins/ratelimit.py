@@ -486,6 +486,7 @@ class RateLimit(Plugin):
         except BaseException:
             if settle:
                 self._requeue(settle)
+                self._flush_soon()  # this process may get no other request to carry them
             raise
         self._admitted(ctx, plan, decision, held, token_limits, tokens, prompt)
 
@@ -709,14 +710,18 @@ class RateLimit(Plugin):
             self._pend_release.extend(res.leases)
             if len(self._pend_adjust) + len(self._pend_release) >= PENDING_MAX:
                 await self._flush()
-            elif self._flush_task is None:
-                self._flush_task = self.runtime.spawn(self._flush_later(), f"ratelimit-settle-{self.id}")
+            else:
+                self._flush_soon()
             return
         counters = self.counters
         assert counters is not None
         settle = getattr(counters, "settle", None)
         if settle is not None:
-            await settle(adjust, res.leases)  # one round trip on Redis
+            try:
+                await settle(adjust, res.leases)  # one round trip on Redis
+            except StateUnavailable:
+                self._release_in_background(res.leases)  # the slots must not wait for their TTL
+                raise
             return
         try:
             await self._release(res.leases)
@@ -738,8 +743,8 @@ class RateLimit(Plugin):
         if len(self._pend_adjust) + len(self._pend_release) >= PENDING_MAX:
             if self._flush_now_task is None:
                 self._flush_now_task = self.runtime.spawn(self._flush_now(), f"ratelimit-settle-now-{self.id}")
-        elif self._flush_task is None:
-            self._flush_task = self.runtime.spawn(self._flush_later(), f"ratelimit-settle-{self.id}")
+        else:
+            self._flush_soon()
 
     async def _flush_now(self) -> None:
         try:
@@ -797,6 +802,17 @@ class RateLimit(Plugin):
         try:
             await self.counters.settle(*settle)  # type: ignore[attr-defined]
         except StateUnavailable:
-            self._requeue(settle)
-            if len(self._pend_release) > PENDING_MAX:
-                del self._pend_release[: len(self._pend_release) - PENDING_MAX]  # their TTL frees them
+            # not left for this process's next admission to carry (it may never come, while other replicas
+            # are refused the slots): released once Redis answers, or by their TTL. A lost adjustment
+            # leaves a reservation charged in full: conservative
+            self._release_in_background(settle[1])
+
+    def _flush_soon(self) -> None:
+        """Send the pending settlements after ``settle_delay_ms``, unless a send is already due."""
+        if self._flush_task is None and (self._pend_adjust or self._pend_release):
+            self._flush_task = self.runtime.spawn(self._flush_later(), f"ratelimit-settle-{self.id}")
+
+    def _release_in_background(self, releases: list[tuple[str, str]]) -> None:
+        later = getattr(self.counters, "release_later", None)  # Redis's; in-process counters do not fail
+        if releases and later is not None:
+            later(list(releases), self.config.lease_ttl_s)

@@ -496,11 +496,12 @@ class RedisCounters(Counters):
         words[1:5] = (str(len(merged)), str(len(leases)), str(adjust), str(releases))
         try:
             raw = await self.guard.script(ADMIT_LUA, keys, (self._now(), " ".join(words)))
-        except StateUnavailable as e:
-            if tokens and e.ambiguous:
-                # the answer was lost (a timeout), not necessarily the script: its leases may be held,
-                # for a request that was refused. Released once Redis answers (idempotent), else their TTL
-                self._release_later([(key, t) for (key, _, _), t in zip(leases, tokens)], max(ttl for _, _, ttl in leases))
+        except (StateUnavailable, asyncio.CancelledError) as e:
+            # the answer was lost (a timeout), or the caller was cancelled (its client left) once the script
+            # may have been sent: not necessarily the script, so its leases may be held, for a request that
+            # will not release them. Released once Redis answers (idempotent), else their TTL
+            if tokens and (isinstance(e, asyncio.CancelledError) or e.ambiguous):
+                self.release_later([(key, t) for (key, _, _), t in zip(leases, tokens)], max(ttl for _, _, ttl in leases))
             raise
         res = raw.split()
         allowed = res[0] == b"1" or res[0] == "1"
@@ -533,7 +534,9 @@ class RedisCounters(Counters):
         if any(lim.cost != 0 for lim in adjust) or releases:
             await self.admit((), (), (adjust, releases))
 
-    def _release_later(self, leases: list[tuple[str, str]], ttl_s: float) -> None:
+    def release_later(self, leases: list[tuple[str, str]], ttl_s: float) -> None:
+        """Release ``leases`` in the background once Redis answers (a release is idempotent), or leave them to
+        their TTL (``ttl_s``): for releases a failed call could not make."""
         if len(self._releasing) >= _MAX_PENDING_RELEASES:
             log.warning("redis: %d lost leases already wait for Redis; this one is left to its TTL", len(self._releasing))
             return

@@ -98,10 +98,10 @@ async def test_model_not_allowed_is_403(runtime):
     assert "gpt-4o" not in err.message
 
 
-async def test_an_azure_style_deployment_in_the_path_is_a_model_a_restricted_key_must_be_allowed(runtime):
+async def test_a_restricted_key_reaches_no_other_model_through_a_deployment_path_or_a_batch(runtime):
     """Only the body's model was checked: a key for sluice-* reached the gpt-4o deployment by naming an allowed
-    model in the body (Azure runs the deployment the path names); and a route whose prefix ends inside the
-    API's name, or holds all of it, still checks the model calls it serves."""
+    model in the body (Azure runs the deployment the path names), and ran any model through a batch. A
+    route whose prefix ends inside the API's name, or holds all of it, still checks the model calls it serves."""
     auth = await _auth(runtime)
     key = {"api-key": STATIC}
     for path in ("/openai/deployments/gpt-4o/chat/completions", "/openai/deployments/gpt-4o/embeddings"):
@@ -112,6 +112,12 @@ async def test_an_azure_style_deployment_in_the_path_is_a_model_a_restricted_key
     err = await _refused(auth, make_context({**CHAT, "model": "gpt-4o"}, path="/openai/deployments/sluice-demo/chat/completions",
                                             headers=key, runtime=runtime))
     assert err.code == "model_not_allowed"
+    # a batch's requests name their own models, in a file Sluice does not read: not open to a restricted key
+    for path in ("/v1/batches", "/openai/batches"):
+        body = {"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        err = await _refused(auth, make_context(body, path=path, headers=key, runtime=runtime))
+        assert (err.status, err.code) == (403, "model_not_allowed"), path
+    await auth.on_request(make_context(None, method="GET", path="/v1/batches/batch_1", headers=key, runtime=runtime))
     # no model in the body of a model call, on routes that end inside the API's name or hold all of it
     for prefix in ("/v1/chat/", "/v1/chat/completions", "/agents/"):
         route = SimpleNamespace(prefix=prefix, name="r")
