@@ -61,6 +61,12 @@ class StreamAssembler:
         if isinstance(lp, dict) and isinstance(lp.get("content"), list):
             acc["logprobs"] = acc["logprobs"] or {"content": []}
             acc["logprobs"]["content"].extend(lp["content"])
+        elif isinstance(lp, dict) and isinstance(lp.get("tokens"), list):
+            # completions: parallel lists
+            acc["logprobs"] = acc["logprobs"] or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                if isinstance(lp.get(k), list):
+                    acc["logprobs"].setdefault(k, []).extend(lp[k])
         if "text" in ch and isinstance(ch["text"], str):
             acc["parts"]["text"] = acc["parts"].get("text", "") + ch["text"]
         delta = ch.get("delta")

@@ -37,6 +37,8 @@ class TargetStats:
     #: the last vLLM scrape: (num_requests_waiting, num_requests_running, kv_cache_usage 0..1,
     #: outstanding at scrape, time of scrape)
     vllm: tuple[float, float, float, int, float] | None = None
+    #: out because active health checks failed (a passing check ends only this kind of ejection)
+    by_health: bool = False
 
     def state(self, now: float) -> str:
         if self.ejected_until > now:
@@ -68,6 +70,7 @@ class TargetStats:
             self.ejections = 0
             self.ejected_until = 0.0
             self.probe_started = None
+            self.by_health = False
             if latency_ms is not None:
                 self.ewma_ms = latency_ms if self.ewma_ms is None else alpha * latency_ms + (1 - alpha) * self.ewma_ms
             return False
@@ -85,6 +88,7 @@ class TargetStats:
 
     def eject_for(self, seconds: float, now: float) -> None:
         """Active health check failed: out until the next passing check (or ``seconds``)."""
+        self.by_health = self.ejected_until <= now or self.by_health
         self.ejected_until = max(self.ejected_until, now + seconds)
         self.ejections = max(self.ejections, 1)
         self.consecutive_failures = max(self.consecutive_failures, 1)

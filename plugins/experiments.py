@@ -229,7 +229,7 @@ class Canary:
         self.step = min(max(step, 0), len(self.cfg.steps) - 1)
         if event == "rollback":
             self.status = self.ROLLED_BACK
-        elif event == "completed":
+        elif event in ("completed", "promote"):
             self.status = self.COMPLETED
         self.reason = f"resumed after restart ({row.get('reason') or event})"
 
@@ -542,10 +542,8 @@ class Experiments(Plugin):
             shadow_body["stream"] = False
         if sh.target.model is not None:
             shadow_body["model"] = sh.target.model
+        # the client's credentials are for the upstream it asked; the shadow upstream authenticates with its own api_key
         headers = {"x-sluice-shadow": sh.name}
-        auth = ctx.headers.get("authorization")
-        if auth:
-            headers["authorization"] = auth
         model = shadow_body.get("model")
         return _ShadowJob(sh, ctx.endpoint, orjson.dumps(shadow_body), headers, model if isinstance(model, str) else None)
 

@@ -220,7 +220,7 @@ class Router(Plugin):
                 if up is None:
                     unknown.add(t.upstream)
                     continue
-                entries.append((t, up, st, Target(t.upstream, t.model, label=name)))
+                entries.append((t, up, st, Target(t.upstream, t.model, label=name, max_concurrency=t.max_concurrency)))
             plans[name] = (STRATEGIES[alias.strategy], entries)
         self._plans = plans
         self._windows = c.context_window_check and any(
@@ -260,6 +260,9 @@ class Router(Plugin):
         if c.complexity is not None and model == c.complexity.model:
             model = self._by_complexity(ctx, c.complexity)
         chain = self._chains.get(model)
+        route = ctx.route
+        if chain is not None and route is not None and ctx.targets and ctx.targets != route.default_targets:
+            return  # an earlier plugin (an experiment's variant) chose where this request goes: its choice stands
         if chain is None:
             if c.unknown_models == "reject":
                 raise ProxyError(404, "The model does not exist or you do not have access to it.", code="model_not_found", param="model")
@@ -428,7 +431,7 @@ class Router(Plugin):
             now = time.monotonic()
             for tc, st in self._targets_of(upstream):
                 if ok:
-                    if st.state(now) != "healthy" or st.consecutive_failures:
+                    if st.by_health:
                         st.record(True, None, now, alpha=self.config.ewma_alpha, failures_to_eject=1, cooldown_s=1, max_cooldown_s=1)
                         self.metrics.ejected.labels(upstream, tc.model or "").set(0)
                         log.info("router: upstream=%s model=%s passed its health check; back in rotation", upstream, tc.model or "-")

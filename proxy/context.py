@@ -96,6 +96,9 @@ class Target:
     model: str | None = None
     #: a label recorded with the attempt (alias, experiment variant, ...)
     label: str | None = None
+    #: skip this target while its upstream has this many requests in flight (the core's count, checked as
+    #: the attempt is made: a router's choice may be stale by then, other requests having taken the room)
+    max_concurrency: int | None = None
 
 
 @dataclass(slots=True)

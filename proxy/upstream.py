@@ -300,6 +300,14 @@ class UpstreamPool:
                 up = self.upstreams.get(target.upstream)
                 if up is None:
                     raise ProxyError(500, "The route names an upstream that is not configured.", code="unknown_upstream")
+                cap = target.max_concurrency
+                if cap is not None and up.outstanding >= cap:
+                    # full since it was chosen (the requests of a burst all passed the router before any was
+                    # sent): the next target is tried at once, as the router would have; none left, 503
+                    if last_error is None:
+                        last_error = ProxyError(503, "Every upstream for this model is overloaded or unhealthy; retry shortly.",
+                                                code="upstream_overloaded", headers={"retry-after": "1"})
+                    continue
                 if i:
                     now = time.perf_counter()
                     if n == 0:
