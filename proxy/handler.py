@@ -26,7 +26,7 @@ from .openai import (
 )
 from .relay import RawRelay, attach, detach, direct_transport, note_start, tap_event
 from .sse import DONE, Event, Parser
-from .timers import Watchdog
+from .timers import Alarm, Watchdog
 from .upstream import CONNECT_ERRORS, Upstream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -351,16 +351,7 @@ class Handler:
                         resp = await self._relay(request, ctx, route, up_resp, up, att, injected, task)
                         return resp
                     # timeouts.idle holds between a buffered answer's reads too, as between a stream's events
-                    dog = Watchdog(loop, up.config.timeouts.idle, self._deadline(att, up, loop), task)
-                    try:
-                        data = await _read_body(up_resp.content, dog, loop)
-                    except asyncio.CancelledError:
-                        if not dog.fired:
-                            raise
-                        task.uncancel()
-                        raise TimeoutError from None
-                    finally:
-                        dog.cancel()
+                    data = await _read_body(up_resp.content, loop, task, up.config.timeouts.idle, self._deadline(att, up, loop))
                     att.end = ctx.timings.upstream_end = time.perf_counter()
                     ctx.response = Response(up_resp.status, response_headers(up_resp.headers, ctx.method == "HEAD"), data)
                     ctx.outcome = "ok" if up_resp.status < 400 else "upstream_error"
@@ -621,19 +612,31 @@ class Handler:
         await self._stream_error(out, ctx, err)
 
 
-async def _read_body(content: Any, dog: Watchdog, loop: asyncio.AbstractEventLoop) -> bytes:
-    """A buffered answer's whole body, each read telling ``dog`` the upstream is not idle. At its end the
-    response has given its connection back to the pool (aiohttp does that at the body's end)."""
-    chunk = await content.readany()
-    if not chunk or content.at_eof():
-        return chunk  # the whole body came at once: the usual case
-    chunks = [chunk]
-    while True:
-        dog.last = loop.time()
+async def _read_body(content: Any, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], idle: float,
+                     deadline: float) -> bytes:
+    """A buffered answer's whole body; ``TimeoutError`` when the upstream sends nothing for ``idle`` seconds
+    or the loop time passes ``deadline``. One alarm for a body that comes at once (the usual case), one per
+    read after that. At the body's end the response has given its connection back to the pool (aiohttp
+    does that at the end of the body)."""
+    alarm = Alarm(min(loop.time() + idle, deadline), loop, task)
+    before = alarm
+    try:
         chunk = await content.readany()
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+        if not chunk or content.at_eof():
+            return chunk
+        chunks = [chunk]
+        while True:
+            alarm.disarm()
+            before, alarm = alarm, Alarm(min(loop.time() + idle, deadline), loop, task)
+            chunk = await content.readany()
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except asyncio.CancelledError:
+        # the alarm before may have fired in the same turn of the loop as the read it was waiting for ended
+        (before if before.fired else alarm).timed_out()
+    finally:
+        alarm.disarm()
 
 
 def _upstream_broke(ctx: Context, att: Attempt, kind: str, status: int, message: str, code: str) -> web.Response:
