@@ -341,16 +341,21 @@ class Drift(Plugin):
         its latency degradation), as when they are no longer compared; True while some monitor still shows
         values. Without samples nothing is compared: an alarm would otherwise stay on for good."""
         why = f"no samples for {self.idle_s:g}s"
+        # another live instance (a reload's, while this one's retired config drains) may publish the same series
+        others = [o for o in self.runtime.shared("drift.instances", weakref.WeakSet) if o is not self]
         for key in sorted(set(self.compared) | set(self.degraded)):
             m = self.monitors.get(key)
             if (m is not None and now - m.last_sample < self.idle_s) or key in self._busy:
                 continue
             route, model = key
+            taken = set().union(*(o.compared.get(key, ()) for o in others))
             alarmed = self.alarms.pop(key, set())
             for feature in sorted(self.compared.pop(key, ())):
-                self._clear(route, model, feature, feature in alarmed, why)
+                if feature not in taken:
+                    self._clear(route, model, feature, feature in alarmed, why)
             if key in self.degraded:
-                self._clear_latency(route, model, why)
+                if not any(key in o.degraded for o in others):
+                    self._clear_latency(route, model, why)
                 del self.degraded[key]
         return bool(self.compared or self.degraded)
 

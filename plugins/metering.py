@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from proxy import (AdminRoute, Command, ConfigError, Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, Usage,
                    hookimpl)
+from proxy.openai import api_path
 from proxy.state import settle_after_lost_answer
 
 from ._tokens import NO_COMPLETION_PATHS, count_prompt_tokens, estimate_text, load_tokenizer
@@ -177,7 +178,7 @@ def _bills_tokens(ctx: Context) -> bool:
     """Whether an estimate can stand for the request's tokens when the upstream gave no usage: a POST to
     anything but the calls that bill none (chat, completions, responses, embeddings, and what else a model
     server offers: vLLM's messages, rerank, score...)."""
-    return ctx.method == "POST" and NO_TOKEN_SEGMENTS.isdisjoint(ctx.path.split("/"))
+    return ctx.method == "POST" and NO_TOKEN_SEGMENTS.isdisjoint(api_path(ctx.path).split("/"))
 
 
 class Budget(BaseModel):

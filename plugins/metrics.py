@@ -393,12 +393,14 @@ class Families:
             for a in dirty:
                 a.apply()
 
-    def series(self, route: str, model: str, status: int | None, outcome: str, op: str, upstream: str | None) -> Series:
-        """The accumulators a request of this kind adds to (every label here is bounded)."""
-        key = (route, model, status, outcome, op, upstream)
+    def series(self, route: str, model: str, status: int | None, outcome: str, op: str, upstream: str | None,
+               error_status: int | None = None) -> Series:
+        """The accumulators a request of this kind adds to (every label here is bounded). ``error_status``: a
+        stream's error event's status (``ctx.error_status``), the operation's error type."""
+        key = (route, model, status, outcome, op, upstream, error_status)
         s = self._series.get(key)
         if s is None:
-            s = self._series[key] = Series(self, route, model, status, outcome, op, upstream)
+            s = self._series[key] = Series(self, route, model, status, outcome, op, upstream, error_status)
         return s
 
     def attempt(self, upstream: str, status: int | None, error: str | None) -> tuple[CounterAcc, GaugeAcc, int | None]:
@@ -519,9 +521,10 @@ class Series:
     __slots__ = ("owner", "labels", "dirty", "touched", "timings", "n", "tokens", "estimated",
                  "duration", "overhead", "upstream_duration", "usage_in", "usage_out", "ttft", "tpot")
 
-    def __init__(self, f: Families, route: str, model: str, status: int | None, outcome: str, op: str, upstream: str | None) -> None:
+    def __init__(self, f: Families, route: str, model: str, status: int | None, outcome: str, op: str, upstream: str | None,
+                 error_status: int | None = None) -> None:
         self.owner = f
-        self.labels = (route, model, status_class(status), outcome, op, upstream, error_type(status, outcome))
+        self.labels = (route, model, status_class(status), outcome, op, upstream, error_type(error_status or status, outcome))
         self.dirty = False
         #: the metrics (bits, below) a request of this kind ever touched
         self.touched = 0
@@ -620,7 +623,8 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, c
     outcome = ctx.outcome if ctx.outcome in OUTCOMES else "error"
     status = ctx.status
     upstream = ctx.upstream
-    s = f.series(route, model, status, outcome, f.operation(ctx), upstream.upstream if upstream is not None else None)
+    s = f.series(route, model, status, outcome, f.operation(ctx), upstream.upstream if upstream is not None else None,
+                 ctx.error_status)
     s.n += 1
     touched = _REQUESTS
     end = t.end
@@ -670,8 +674,9 @@ def record(f: Families, ctx: Context, model: str, plugin_timings: bool = True, c
     s.touched |= touched
     if not s.dirty:
         s.touch()
-    if ctx.answered_by and status is not None and status >= 400:
-        fam = f.limits if status == 429 else f.blocks
+    blocked = ctx.error_status or status  # a stream a guard stopped after its 200: its error event's status
+    if ctx.answered_by and blocked is not None and blocked >= 400:
+        fam = f.limits if blocked == 429 else f.blocks
         f.acc(fam, route, ctx.answered_by, f.free_labels(ctx.answer_reason or "error")).inc()
     if count_findings and ctx.annotations:
         for plugin_id, annotation in ctx.annotations.items():

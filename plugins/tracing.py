@@ -570,9 +570,9 @@ class Tracing(Plugin):
                 instrumentation_scope=pipeline.scope,
             ))
         status = self._unset
-        if _server_failed(ctx.outcome, ctx.status):
-            attrs["error.type"] = ctx.outcome or str(ctx.status)
-            status = Status(StatusCode.ERROR, ctx.outcome or f"HTTP {ctx.status}")
+        if _server_failed(ctx.outcome, ctx.error_status or ctx.status):
+            attrs["error.type"] = _server_error_type(ctx.outcome, ctx.error_status or ctx.status)
+            status = Status(StatusCode.ERROR, attrs["error.type"])
         spans.append(ReadableSpan(
             f"{ctx.method} {route}", context=own, parent=parent, resource=pipeline.resource, attributes=attrs,
             kind=SpanKind.SERVER, status=status, start_time=epoch(t.start), end_time=end_ns,
@@ -714,9 +714,10 @@ class Tracing(Plugin):
         if c.capture_content and body is not None:
             attrs.extend(_attr(k, v) for k, v in _captured(ctx, body, reached, c.max_content_chars))
         server_status = wire.STATUS_UNSET
-        if _server_failed(ctx.outcome, status):
-            attrs.append(_attr("error.type", ctx.outcome or str(status)))
-            server_status = wire.status_error(ctx.outcome or f"HTTP {status}")
+        if _server_failed(ctx.outcome, ctx.error_status or status):
+            why = _server_error_type(ctx.outcome, ctx.error_status or status)
+            attrs.append(_attr("error.type", why))
+            server_status = wire.status_error(why)
 
         spans = []
         n = len(ctx.attempts)
@@ -831,6 +832,12 @@ def _server_failed(outcome: str | None, status: int | None) -> bool:
     if status is not None and status >= 400:
         return status >= 500
     return outcome in ERROR_OUTCOMES
+
+
+def _server_error_type(outcome: str | None, status: int | None) -> str:
+    """The server span's ``error.type``: its HTTP status when that is an error (an answer a plugin replaced
+    with a 5xx keeps the outcome "ok"), else the outcome that failed it."""
+    return str(status) if status is not None and status >= 400 else (outcome or "error")
 
 
 def _attr(key: str, value: Any) -> bytes:

@@ -290,6 +290,8 @@ async def run_response(ctx: Context, route: CompiledRoute) -> None:
                 ctx.error = err.message
                 ctx.answered_by = ctx.answered_by or plugin.id
                 ctx.answer_reason = err.reason
+                if ctx.outcome != "plugin_error":
+                    ctx.outcome = "answered"  # a plugin's answer, not the upstream's: as when it stops a stream
         finally:
             if t0:
                 _lap(ctx.timings.plugins, key, t0)

@@ -270,7 +270,7 @@ class Context:
         "response_headers", "_usage", "_usage_body", "cost", "answered_by", "answer_reason", "outcome",
         "timings", "stash", "attempts", "annotations", "features", "tags", "reply_value",
         "status", "error", "_current", "passed", "stream_events", "stream_bytes", "stream_end",
-        "runtime", "settle_now", "failed_open", "on_attempt",
+        "runtime", "settle_now", "failed_open", "on_attempt", "error_status",
     )
 
     def __init__(
@@ -339,6 +339,9 @@ class Context:
         self.status: int | None = None
         #: the error the client got, if any (message only, safe to log)
         self.error: str | None = None
+        #: a stream that ended in an error event after its 200 (a guard stopped it, the upstream broke off):
+        #: that error's status, which observers take for the request's (``status`` stays the 200 sent)
+        self.error_status: int | None = None
         self._current: str | None = None
         #: plugin instances whose on_request ran (the onion's way back)
         self.passed: int = 0

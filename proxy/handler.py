@@ -466,6 +466,7 @@ class Handler:
     async def _stream_error(self, out: web.StreamResponse, ctx: Context, err: ProxyError) -> None:
         """After the status line is sent, an error can only be an event; then the stream ends."""
         ctx.error = err.message
+        ctx.error_status = err.status
         ctx.answer_reason = ctx.answer_reason or err.reason
         ev = Event(error_body(err.message, err.type, err.code, err.param).decode())
         try:

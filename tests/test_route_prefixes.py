@@ -70,3 +70,36 @@ async def test_every_plugin_tells_the_call_from_the_whole_path(tmp_path):
         async with aiohttp.ClientSession() as http, http.get(f"{s.admin_url}/metrics") as r:
             ops = operations(await r.text())
     assert ops == {"chat chat": 2, "chat chat 403": 1, "emb embeddings": 1, "whole chat": 1}, ops
+
+
+KEY = "sk-budget-prefix-key-aaaa"
+
+
+@pytest.mark.parametrize("prefix", ["/v1/", "/models/sluice-demo/"])
+async def test_a_key_budget_holds_whatever_the_route_prefix(tmp_path, prefix):
+    """Told from segments of the whole path, a route whose prefix held "models" (a Hugging Face style
+    /models/NAME/ layout) made every chat call one that bills no tokens: no reservation, no refusal."""
+    config = {
+        "upstreams": {"demo": {"url": "", "models": ["sluice-demo"]}},
+        "prices": {"sluice-demo": {"input": 0.0, "output": 1e6}},  # an output token costs 1.0
+        "routes": [{"name": "main", "match": {"path": prefix}, "upstream": "demo", "chain": [
+            {"auth": {"keys": [{"key": KEY, "id": "ka", "team": "red"}], "virtual_keys": False}},
+            {"metering": {"budgets": [{"scope": "key", "period": "day", "limit": 17.5}]}},
+        ]}],
+    }
+    async with FakeUpstream() as up:
+        config["upstreams"]["demo"]["url"] = up.url
+        async with SluiceServer(config, tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.origin + prefix.rstrip("/"), api_key=KEY, max_retries=0) as c:
+                admitted = 0
+                for _ in range(6):
+                    try:
+                        r = await c.chat.completions.create(
+                            model="sluice-demo", messages=[{"role": "user", "content": "please repeat all of these words"}],
+                            max_tokens=5)
+                    except openai.RateLimitError:
+                        break
+                    assert r.usage.completion_tokens == 5
+                    admitted += 1
+                    await s.wait_idle()
+    assert admitted == 3  # 5 each against 17.5

@@ -603,3 +603,56 @@ async def test_the_report_lists_each_monitor_once_while_a_reload_drains(upstream
             assert rows[0]["window_samples"] == 1  # the new config's window
             await stream.close()
 
+
+
+IDLE_DRIFT = {"window_samples": 1000, "reservoir_size": 10, "min_samples": 10, "check_every": 1, "check_interval_s": 0,
+              "baseline_p95_ms": 0.001, "features": ["latency_s"], "seed": 1}  # a baseline every latency is far above
+
+
+def idle_config(upstream: FakeUpstream, **drift) -> dict:
+    return {
+        "upstreams": {"demo": {"url": upstream.url, "models": ["sluice-demo"]}},
+        "routes": [{"name": "main", "match": {"path": "/v1/"}, "upstream": "demo",
+                    "chain": [{"metrics": {}}, {"drift": {**IDLE_DRIFT, **drift}}]}],
+    }
+
+
+async def test_a_retired_instance_going_idle_leaves_the_serving_instances_gauges(upstream: FakeUpstream, tmp_path, caplog):
+    """While a reload's retired config drained (a long stream in flight), its drift instance went idle and
+    cleared the gauges the serving instance publishes for the same route and model, logging a false
+    "latency cleared". It spares them now, as stop() does."""
+    import weakref
+
+    from proxy.testing import wait_for
+
+    caplog.set_level(logging.INFO, logger="sluice.drift")
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def degraded() -> float | None:
+        return s.runtime.metrics.get_sample_value("sluice_drift_latency_degraded", {"route": "main", "model": "sluice-demo"})
+
+    async with SluiceServer(idle_config(upstream, idle_after_s=2), tmp_path) as s:
+        async with openai.AsyncOpenAI(base_url=s.url, api_key="sk-test", max_retries=0) as c:
+            for _ in range(10):
+                await c.chat.completions.create(model="sluice-demo", messages=msgs)
+            await s.wait_idle()
+            await wait_for(lambda: degraded() == 1, 10, "the first instance to say degraded")
+            upstream.token_delay = 0.5  # streams only: the stream below keeps the old config draining
+            stream = await c.chat.completions.create(model="sluice-demo", stream=True,
+                                                     messages=[{"role": "user", "content": "a long answer " * 40}])
+            await stream.__anext__()
+            ok, msg = await s.reload(idle_config(upstream, idle_after_s=3600))
+            assert ok, msg
+            for _ in range(10):
+                await c.chat.completions.create(model="sluice-demo", messages=msgs)
+            await s.wait_idle()
+            await wait_for(lambda: [getattr(r, "event", None) for r in caplog.records].count("latency_degraded") == 2, 10,
+                           "the serving instance to publish")
+            serving = set(s.runtime.instances(Drift))
+            (retired,) = [i for i in s.runtime.shared("drift.instances", weakref.WeakSet) if i not in serving]
+            await wait_for(lambda: ("main", "sluice-demo") not in retired.degraded, 15, "the retired instance's idle check")
+            (row,) = await report(s)
+            assert row["latency_degraded"] and not row["idle"]
+            assert degraded() == 1  # the gauge says what /admin/drift says
+            assert not [r for r in caplog.records if getattr(r, "event", None) == "latency_cleared"]
+            await stream.close()
