@@ -27,12 +27,18 @@ log = logging.getLogger("sluice.admin")
 
 def _bearer(request: web.Request) -> str | None:
     h = request.headers.get("authorization", "")
-    return h[7:].strip() if h[:7].lower() == "bearer " else None
+    if h[:7].lower() != "bearer ":
+        return None
+    # HTTP's own whitespace only: str.strip() takes a no-break space away too, and "Bearer \u00a0" became ""
+    return h[7:].strip(" \t") or None
 
 
 def _allowed(expected: str | None, request: web.Request) -> bool:
     got = _bearer(request)
-    return expected is not None and got is not None and hmac.compare_digest(got.encode(), expected.encode())
+    if not expected or got is None:
+        return False  # no token (or an empty one) opens nothing
+    # a header's bytes that are not UTF-8 arrive as surrogates: compared as sent (encode() raised: a 500)
+    return hmac.compare_digest(got.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
 def make_admin_app(server: Server) -> web.Application:

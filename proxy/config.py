@@ -89,9 +89,16 @@ class AdminConfig(Model):
     host: str = Field("127.0.0.1", description="Address of the admin listener; keep it private.")
     port: int = Field(4001, ge=0, le=65535, description="Port of the admin listener (0 picks a free port).")
     token: str | None = Field(
-        None, description='Bearer token for admin calls, usually {"$env": "SLUICE_ADMIN_TOKEN"}. Without one, admin calls are refused.'
+        None, description='Bearer token for admin calls, usually {"$env": "SLUICE_ADMIN_TOKEN"}. Without one (or with an empty one), admin calls are refused.'
     )
-    metrics_token: str | None = Field(None, description="If set, /metrics on the admin listener needs this bearer token.")
+    metrics_token: str | None = Field(None, description="If set (and not empty), /metrics on the admin listener needs this bearer token.")
+
+    @field_validator("token", "metrics_token")
+    @classmethod
+    def _blank_is_none(cls, v: str | None) -> str | None:
+        # an empty variable behind {$env: ...} (an empty Secret, "${SLUICE_ADMIN_TOKEN:-}") is no token at all:
+        # the admin API stays refused, never opened to a blank bearer
+        return v if v is None or v.strip() else None
 
 
 class RedisConfig(Model):

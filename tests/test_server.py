@@ -12,6 +12,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 import pytest
@@ -132,6 +133,38 @@ async def test_admin_reload_needs_token(upstream, tmp_path):
         # the client port does not serve the admin API
         r = await http.get(f"{s.origin}/admin/config", headers={"authorization": "Bearer admin-token"})
         assert r.status_code == 404
+
+
+@pytest.mark.parametrize("how", ["env", "file"])
+async def test_an_empty_admin_token_opens_nothing(tmp_path, monkeypatch, how):
+    """An empty token (an empty variable behind {$env: ...}) counted as a token, and "Bearer " + a no-break
+    space stripped to "" matched it: anyone reaching the admin port could create keys and reload. An empty
+    token is none (the admin API refused), and only HTTP's own spaces are stripped from a bearer."""
+    if how == "env":
+        monkeypatch.setenv("SLUICE_ADMIN_TOKEN", "")
+        admin = {"token": {"$env": "SLUICE_ADMIN_TOKEN", "default": None}, "metrics_token": ""}
+    else:
+        admin = {"token": "", "metrics_token": " "}
+    async with SluiceServer({"admin": admin}, tmp_path) as s, aiohttp.ClientSession() as http:
+        for blank in ("Bearer \u00a0", "Bearer \u3000", "Bearer "):
+            async with http.get(f"{s.admin_url}/admin/config", headers={"authorization": blank}) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (403, "admin_disabled"), blank
+            async with http.post(f"{s.admin_url}/admin/keys", json={"name": "mine"}, headers={"authorization": blank}) as r:
+                assert r.status == 403
+        # an empty metrics token is none: /metrics is open, with a bearer or without
+        async with http.get(f"{s.admin_url}/metrics") as r:
+            assert r.status == 200
+
+
+async def test_a_bearer_that_is_not_utf8_is_refused_not_a_server_error(tmp_path, caplog):
+    async with SluiceServer({}, tmp_path) as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.server.admin_port)
+        writer.write(b"GET /admin/config HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer \xa0\xff\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 401 ") and b"invalid_admin_token" in data
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 async def test_health_and_readiness(tmp_path):
