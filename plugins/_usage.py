@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from proxy import Usage
+from proxy.prices import PriceSpec, parse_table  # noqa: F401  (PriceSpec: part of this module's interface)
 
 DEFAULT_PRICES = Path(__file__).with_name("data") / "prices.yaml"
 
@@ -28,27 +28,6 @@ log = logging.getLogger("sluice.metering")
 #: suffix names another model (``o1-mini``, ``o3-pro``, ``gpt-4o-realtime-preview``) whose
 #: price may be ten times off: unpriced is better than wrong.
 _SNAPSHOT = re.compile(r"[-@](?:20\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])|(?:20\d\d)?(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))")
-
-
-class PriceSpec(BaseModel):
-    """One model's price, per million tokens, as written in YAML."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: float = Field(..., ge=0, le=1e6, description="Price of a million prompt tokens.")
-    cached_input: float | None = Field(
-        None, ge=0, le=1e6, description="Price of a million prompt tokens served from the provider's cache; default: input."
-    )
-    output: float = Field(0.0, ge=0, le=1e6, description="Price of a million completion tokens (reasoning tokens included).")
-    as_of: str | None = Field(None, max_length=32, description="When the price was taken (informational).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _dates(cls, data: Any) -> Any:
-        # YAML turns an unquoted 2025-01-31 into a date
-        if isinstance(data, dict) and data.get("as_of") is not None and not isinstance(data["as_of"], str):
-            data = {**data, "as_of": str(data["as_of"])}
-        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,23 +53,6 @@ class Price:
 
     def cost_of(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens * self.input + completion_tokens * self.output
-
-
-def parse_table(data: Mapping[str, Any], where: str) -> dict[str, PriceSpec]:
-    """Validate a ``{model: {input, cached_input, output}}`` mapping; errors name the model."""
-    out: dict[str, PriceSpec] = {}
-    for model, spec in data.items():
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}.{model}: expected a mapping with input, cached_input, output")
-        try:
-            out[str(model)] = PriceSpec.model_validate(dict(spec))
-        except ValidationError as e:
-            errs = "; ".join(
-                f"{'.'.join(map(str, er['loc'])) or '<root>'}: {'unknown field' if er['type'] == 'extra_forbidden' else er['msg']}"
-                for er in e.errors()
-            )
-            raise ValueError(f"{where}.{model}: {errs}") from None
-    return out
 
 
 def load_default_table(path: Path = DEFAULT_PRICES) -> tuple[str, dict[str, PriceSpec]]:
@@ -120,9 +82,9 @@ class PriceTable:
     def build(cls, *overrides: Mapping[str, Any] | None, base: Path | None = DEFAULT_PRICES) -> PriceTable:
         """The default table, then each override mapping in order (later wins)."""
         currency, specs = load_default_table(base) if base is not None else ("USD", {})
-        for i, o in enumerate(overrides):
+        for o in overrides:
             if o:
-                specs.update(parse_table(o, f"prices[{i}]"))
+                specs.update(parse_table(o, "prices"))
         return cls(specs, currency)
 
     def __contains__(self, model: str) -> bool:

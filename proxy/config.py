@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .plugin import Plugin, PluginConfig
+from .prices import parse_table
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 ENV_PREFIX = "SLUICE__"
@@ -221,6 +222,15 @@ class SluiceConfig(Model):
     prices: dict[str, Any] = Field(
         default_factory=dict, description="Price table overrides, per model: input, cached_input, output per million tokens."
     )
+
+    @field_validator("prices")
+    @classmethod
+    def _prices(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            parse_table(v, "")  # checked here, where a bad one is a load error naming it; kept as written
+        except ValueError as e:
+            raise ValueError(str(e).lstrip(".")) from None
+        return v
 
     def upstream_names(self) -> set[str]:
         """The upstreams a plugin may name: those configured, else the built-in demo model's."""

@@ -79,6 +79,10 @@ def test_embedded_defaults_match_configs_default():
         ({**BASE, "routes": [{"upstream": "u", "chain": [{"knob": {}}, {"knob": {}}]}]},
          "routes[0].chain[1].knob: plugin 'knob' appears twice in this chain; give each an 'id' (plugin knob)"),
         ({"upstreams": {"u": {"url": "ftp://x"}}}, "upstreams.u.url: Value error, must start with http:// or https://"),
+        # the top-level price table was never checked at load: sluice check passed, serve died in a traceback
+        ({"prices": {"my-model": {"input": "abc", "output": 1}}}, "prices: Value error, my-model: input: Input should be a valid number"),
+        ({"prices": {"m": 5}}, "prices: Value error, m: expected a mapping with input, cached_input, output"),
+        ({"prices": {"m": {"input": 1, "colour": 2}}}, "prices: Value error, m: colour: unknown field"),
     ],
 )
 def test_errors_name_file_path_and_plugin(tmp_path, data, message):
