@@ -320,18 +320,32 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None 
         parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
         node = data
         for p in parts[:-1]:
+            p = _existing_key(node, p, key)
             nxt = node.get(p)
             if not isinstance(nxt, dict):
                 nxt = {}
                 node[p] = nxt
             node = nxt
+        last = _existing_key(node, parts[-1], key)
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[last] = yaml.safe_load(value)
         except yaml.YAMLError:
             # not YAML ("*Sup3r", "%x", "[1,2"): the text itself. YAML's error would quote it,
             # and the value may be a secret
-            node[parts[-1]] = value
+            node[last] = value
     return data
+
+
+def _existing_key(node: dict[str, Any], part: str, variable: str) -> str:
+    """The key of ``node`` an environment variable's ``part`` names: a variable's name has no ``-`` and is
+    one case, so ``LOCAL_VLLM`` names an upstream ``local-vllm`` (or ``Local-VLLM``) the file has. A part
+    that names none is a new key, as written (lower case)."""
+    if part in node:
+        return part
+    found = [k for k in node if isinstance(k, str) and k.lower().replace("-", "_") == part]
+    if len(found) > 1:
+        raise ConfigError(f"{variable}: {part!r} could name any of {', '.join(sorted(found))}")
+    return found[0] if found else part
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -127,6 +127,23 @@ def test_env_overrides(tmp_path):
     assert loaded.config.upstreams["u"].timeouts.idle == 7.5
 
 
+def test_an_env_override_reaches_a_name_with_hyphens_or_capitals(tmp_path):
+    """A variable's name has no "-": SLUICE__UPSTREAMS__LOCAL_VLLM__URL made a second upstream local_vllm that no
+    route used, and traffic kept going to local-vllm's URL from the file."""
+    data = {"upstreams": {"local-vllm": {"url": "http://127.0.0.1:8000/v1"}, "GPU-2": {"url": "http://127.0.0.1:8001/v1"}},
+            "routes": [{"upstream": ["local-vllm", "GPU-2"]}]}
+    path = write(tmp_path, data)
+    loaded = load_config(path, environ={"SLUICE__UPSTREAMS__LOCAL_VLLM__URL": "http://10.0.0.9:8000/v1",
+                                        "SLUICE__UPSTREAMS__GPU_2__TIMEOUTS__IDLE": "9"})
+    ups = loaded.config.upstreams
+    assert set(ups) == {"local-vllm", "GPU-2"}
+    assert ups["local-vllm"].url == "http://10.0.0.9:8000/v1" and ups["GPU-2"].timeouts.idle == 9
+    # two keys a variable could name (and neither is its own spelling): refused, not guessed
+    both = write(tmp_path, {"upstreams": {"a-b": {"url": "http://h/v1"}, "A-B": {"url": "http://i/v1"}}})
+    with pytest.raises(ConfigError, match="SLUICE__UPSTREAMS__A_B__URL: 'a_b' could name any of A-B, a-b"):
+        load_config(both, environ={"SLUICE__UPSTREAMS__A_B__URL": "http://j/v1"})
+
+
 def test_an_env_value_that_is_not_yaml_is_taken_as_written(tmp_path):
     # YAML's error quoted the value (an admin token) in a traceback
     path = write(tmp_path, BASE)
