@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import inspect
 import os
+import sqlite3
 import sys
 from typing import Sequence
 
@@ -106,9 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sluice: {e}", file=sys.stderr)
         return 1
-    result = cmd.run(args, loaded)
-    if inspect.isawaitable(result):
-        result = asyncio.run(result)
+    try:
+        result = cmd.run(args, loaded)
+        if inspect.isawaitable(result):
+            result = asyncio.run(result)
+    except (OSError, sqlite3.DatabaseError) as e:
+        # a state.dir that is not a directory, a store that is not a database: one line, not a traceback
+        print(f"sluice {args.command}: {e}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

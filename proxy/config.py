@@ -247,6 +247,10 @@ class SluiceConfig(Model):
                     raise ValueError(f"routes[{i}].upstream: unknown upstream {name!r} (known: {known})")
             if not r.upstream_names and self.upstreams:
                 raise ValueError(f"routes[{i}].upstream: required when upstreams are configured")
+            if not self.upstreams and not self.server.demo_upstream:
+                # it would answer every request 502 while /readyz said ready
+                raise ValueError(f"routes[{i}].upstream: no upstream to send to: configure 'upstreams' "
+                                 "(or turn server.demo_upstream on)")
         # routes are tried longest prefix first, ties in file order: a route is never reached when an earlier
         # one of the same prefix takes all its methods (or every method) and asks for no header it does not
         headers = [{k.lower(): v for k, v in r.match.headers.items()} for r in self.routes]
@@ -290,8 +294,12 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _u
 
 # -- secrets and environment -------------------------------------------------
 
-def resolve_env(node: Any, path: str = "") -> Any:
+def resolve_env(node: Any, path: str = "", _open: frozenset[int] = frozenset()) -> Any:
     """Replace ``{"$env": NAME}`` (optionally with ``"default"``) by the variable's value."""
+    if isinstance(node, (dict, list)):
+        if id(node) in _open:  # YAML's anchors can make a node hold itself (x: &a [*a])
+            raise ConfigError(f"{path or '<root>'}: a YAML alias refers to a node that holds it")
+        _open = _open | {id(node)}
     if isinstance(node, dict):
         if "$env" in node:
             where = path or "<root>"
@@ -306,9 +314,9 @@ def resolve_env(node: Any, path: str = "") -> Any:
             if "default" in node:
                 return node["default"]
             raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
-        return {k: resolve_env(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        return {k: resolve_env(v, f"{path}.{k}" if path else str(k), _open) for k, v in node.items()}
     if isinstance(node, list):
-        return [resolve_env(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        return [resolve_env(v, f"{path}[{i}]", _open) for i, v in enumerate(node)]
     return node
 
 

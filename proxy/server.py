@@ -613,8 +613,12 @@ def install_uvloop() -> None:
 
 async def serve_async(loaded: LoadedConfig, config_path: str | None, *, worker_id: int = 0, reuse_port: bool = False, ready_fd: int | None = None, ready_file: str | None = None, port: int | None = None) -> int:
     server = Server(loaded, config_path=config_path, worker_id=worker_id)
-    await server.start()
-    await server.listen(port=port, reuse_port=reuse_port)
+    try:
+        await server.start()
+        await server.listen(port=port, reuse_port=reuse_port)
+    except BaseException:
+        await server.close()  # what started (the demo model, the state, the plugins) stops before the error shows
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -829,6 +833,9 @@ def serve(config_path: str | None, *, worker: int | None = None, ready_fd: int |
     except ConfigError as e:  # a plugin refused its config while starting
         print(f"sluice: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a port in use, an address that cannot be bound, a state.dir that is not a directory
+        print(f"sluice: cannot start: {e}", file=sys.stderr)
+        return 1
 
 
 __all__ = ["Server", "make_handler", "serve", "error_response"]

@@ -295,12 +295,20 @@ class SluiceProcess:
         ready = self.tmp / f"ready-{os.urandom(4).hex()}.json"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(ready), env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT)
-        async with asyncio.timeout(self.timeout):
-            while not ready.exists():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"sluice exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
-                await asyncio.sleep(0.02)  # polling a file the child writes; no event to wait on across processes
-        self.info = json.loads(ready.read_text())
+        try:
+            async with asyncio.timeout(self.timeout):
+                while not ready.exists():
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"sluice exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
+                    await asyncio.sleep(0.02)  # polling a file the child writes; no event to wait on across processes
+            self.info = json.loads(ready.read_text())
+        except BaseException:
+            # a start that failed or timed out leaves no child running and no log file open (__aexit__ will not run)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+            self._log.close()
+            raise
         return self
 
     def signal(self, sig: int) -> None:

@@ -82,6 +82,9 @@ def test_embedded_defaults_match_configs_default():
         # the top-level price table was never checked at load: sluice check passed, serve died in a traceback
         ({"prices": {"my-model": {"input": "abc", "output": 1}}}, "prices: Value error, my-model: input: Input should be a valid number"),
         ({"prices": {"m": 5}}, "prices: Value error, m: expected a mapping with input, cached_input, output"),
+        # no upstream and no demo model: every request answered 502 while /readyz said ready
+        ({"server": {"demo_upstream": False}, "routes": [{"match": {"path": "/v1/"}}]},
+         "routes[0].upstream: no upstream to send to: configure 'upstreams' (or turn server.demo_upstream on)"),
         ({"prices": {"m": {"input": 1, "colour": 2}}}, "prices: Value error, m: colour: unknown field"),
     ],
 )
@@ -160,6 +163,17 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
     p.write_bytes(b"server: {port: 4750}\n# caf\xe9\n")
     with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 26\)"):
         load_config(p, environ={})
+
+
+def test_a_yaml_alias_that_holds_itself_is_a_config_error(tmp_path):
+    """prices: &x [*x] is valid YAML, a list that holds itself: the load recursed until a RecursionError."""
+    p = tmp_path / "loop.yaml"
+    p.write_text("prices: &x [*x]\n")
+    with pytest.raises(ConfigError, match=r"loop.yaml: prices\[0\]: a YAML alias refers to a node that holds it"):
+        load_config(p, environ={})
+    shared = tmp_path / "shared.yaml"  # the same node twice is no loop
+    shared.write_text("prices: {a: &p {input: 1, output: 2}, b: *p}\n")
+    assert load_config(shared, environ={}).config.prices["b"] == {"input": 1, "output": 2}
 
 
 def test_invalid_yaml(tmp_path):

@@ -167,6 +167,55 @@ async def test_a_bearer_that_is_not_utf8_is_refused_not_a_server_error(tmp_path,
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+@pytest.mark.parametrize("trouble", ["port in use", "state.dir a file"])
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path, trouble):
+    """A port in use, or a state.dir that is a file, ended in a 20-line Python traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = {"server": {"host": "127.0.0.1", "port": 0}, "admin": {"port": 0}, "state": {"dir": str(tmp_path / "state")}}
+        if trouble == "port in use":
+            config["server"]["port"] = busy.getsockname()[1]
+        else:
+            (tmp_path / "afile").write_text("x")
+            config["state"]["dir"] = str(tmp_path / "afile")
+        path = tmp_path / "sluice.yaml"
+        path.write_text(yaml.safe_dump(config))
+        r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "-c", str(path)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "SLUICE_ADMIN_TOKEN": "t"})
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("sluice: "), r.stderr
+
+
+def test_a_command_on_a_store_that_is_not_a_database_says_so_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "keys.db").write_bytes(b"this is not a database, only some bytes" * 100)
+    path = tmp_path / "sluice.yaml"
+    path.write_text(yaml.safe_dump({"state": {"dir": str(tmp_path / "state")},
+                                    "routes": [{"match": {"path": "/v1/"}, "chain": [{"auth": {}}]}]}))
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "keys", "list", "-c", str(path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "sluice keys: file is not a database", r.stderr
+
+
+async def test_a_sluice_process_that_does_not_start_in_time_leaves_nothing_running(tmp_path):
+    """The test kit's SluiceProcess left its child running, and its log file open, when start() timed out."""
+    p = SluiceProcess({}, tmp_path, timeout=0.05)
+    with pytest.raises(TimeoutError):
+        async with p:
+            pass
+    assert p.proc is not None and p.proc.poll() is not None and p._log.closed
+
+
 async def test_health_and_readiness(tmp_path):
     async with FakeUpstream() as up:
         async with SluiceServer(cfg(up, "x"), tmp_path) as s, httpx.AsyncClient() as http:
