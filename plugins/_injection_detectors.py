@@ -244,17 +244,6 @@ class SignatureDetector(Detector):
                 self._match_view(lv, leet_tokens, indirect, hits, quoted)
                 if len(hits) > before:
                     tricks.add("leet")
-        bare = norm.strip_marks(n.text, n.chars)
-        if bare is not None:
-            # accents on English keywords ("ignóre"): the text without them is scanned when that reads a
-            # word of the vocabulary the text did not (French, German or Spanish signatures are matched
-            # in the text as written, above)
-            bv = self._vocab.view(bare)
-            if not bv.words <= tokens:
-                before = len(hits)
-                self._match_view(bv, bv.words, indirect, hits, quoted)
-                if len(hits) > before:
-                    tricks.add("diacritics")
         if norm.has_single_letter_runs(tokens):
             spaced = norm.despace(n.text)
             if spaced is not None:
@@ -286,6 +275,11 @@ class SignatureDetector(Detector):
             before = len(hits)
             rv = self._vocab.view(norm.rot13(n.text))
             self._match_view(rv, rv.words, indirect, hits, quoted)
+            if not raw.isascii() and norm.has_latin_marks(raw):
+                # the rotation of a folded text turned a rotated "précédentes"'s é (rot13 leaves it) into an r:
+                # that text is rotated before it is folded too
+                rv = self._vocab.view(norm.normalise(norm.rot13(raw)).text)
+                self._match_view(rv, rv.words, indirect, hits, quoted)
             if len(hits) > before:
                 tricks.add("rot13")
 

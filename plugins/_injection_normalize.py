@@ -58,7 +58,24 @@ _CONFUSABLES = {
 # Typographic quotes, so "don’t" and "you’re" match like their ASCII spelling (not a disguise).
 _QUOTES = {"‘": "'", "’": "'", "‛": "'", "′": "'", "“": '"', "”": '"', "„": '"'}
 
+
+
+def _latin_marks() -> dict[int, str | None]:
+    """Latin letters with diacritics folded to their base letters (``ó`` to ``o``), and combining marks left
+    over by NFKC (one after a letter it does not compose with) removed. A reader, and a model, read
+    "ignóre" as "ignore": an accent put on a keyword is no disguise. Signatures are written folded too
+    (French, Spanish or German ones without their accents)."""
+    out: dict[int, str | None] = {c: None for c in range(0x0300, 0x0370)}
+    for c in range(0x00C0, 0x0250):
+        base = "".join(x for x in unicodedata.normalize("NFD", chr(c)) if not unicodedata.combining(x))
+        if base != chr(c) and base.isascii() and base.isalpha():
+            out[c] = base
+    return out
+
+
+_LATIN_MARKS = _latin_marks()
 _FOLD_TABLE: dict[int, int | str | None] = {c: None for c in _INVISIBLE + _BIDI}
+_FOLD_TABLE.update(_LATIN_MARKS)
 _FOLD_TABLE.update({ord(k): v for k, v in _CONFUSABLES.items()})
 _FOLD_TABLE.update({ord(k): v for k, v in _QUOTES.items()})
 _CONFUSABLE_CODES = frozenset(ord(k) for k in _CONFUSABLES)
@@ -210,28 +227,9 @@ def _non_ascii(data: bytes) -> set[str]:
     return set(data.translate(None, _ASCII_BYTES).decode("utf-8", "surrogatepass"))
 
 
-@functools.lru_cache(maxsize=4096)
-def _marked(c: str) -> bool:
-    """``c`` is a combining mark, or a letter made of a base and marks (``ó`` is ``o`` and an acute)."""
-    if unicodedata.combining(c):
-        return True
-    d = unicodedata.decomposition(c)
-    return bool(d) and d[0] != "<"
-
-
-def strip_marks(text: str, chars: Iterable[str] | None = None) -> str | None:
-    """``text`` without the diacritics of its letters (decomposed, combining marks dropped, composed
-    again), or ``None`` when it has none: English keywords with an accent put on them ("ignóre all
-    previous instructions") read to a model as the plain words. ``chars``: the text's distinct characters
-    beyond ASCII, if known."""
-    if text.isascii():
-        return None
-    if chars is None:
-        chars = _non_ascii(text.encode("utf-8", "surrogatepass"))
-    if not any(map(_marked, chars)):
-        return None
-    bare = "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
-    return unicodedata.normalize("NFC", bare)
+def has_latin_marks(text: str) -> bool:
+    """``text`` holds a Latin letter with a diacritic or a combining mark (folded by :func:`normalise`)."""
+    return not _LATIN_MARKS.keys().isdisjoint(map(ord, set(text)))
 
 
 def _plain_lower(c: str) -> bool:

@@ -185,7 +185,7 @@ SIGNATURES: tuple[Signature, ...] = (
        "ignora ignorar ignoriere ignorieren ignorez ignore vergiss olvida oublie",
        r"\b(?:ignora|ignorar|olvida)\s+(?:todas\s+)?(?:las\s+)?(?:instrucciones|indicaciones|reglas)\s+(?:anteriores|previas)"
        r"|\b(?:ignoriere|ignorieren sie|vergiss)\s+(?:alle\s+)?(?:vorherigen|bisherigen|obigen|vorangegangenen)\s+(?:anweisungen|instruktionen|regeln)"
-       r"|\b(?:ignorez|ignore|oublie|oubliez)\s+(?:toutes\s+)?(?:les\s+)?(?:instructions|consignes|règles)\s+(?:précédentes|precedentes|antérieures|ci-dessus)"
+       r"|\b(?:ignorez|ignore|oublie|oubliez)\s+(?:toutes\s+)?(?:les\s+)?(?:instructions|consignes|regles)\s+(?:precedentes|anterieures|ci-dessus)"
        r"|\bignora\s+(?:tutte\s+)?(?:le\s+)?(?:istruzioni|regole)\s+(?:precedenti|sopra)",
        lead='ignora ignorar olvida ignoriere ignorieren vergiss ignorez ignore oublie oubliez'),
     _s("IO-010", "instruction_override", 0.45,
@@ -509,7 +509,6 @@ OBFUSCATION_WEIGHTS = {
     "bidi": 0.15,
     "invisible": 0.3,
     "confusable": 0.2,
-    "diacritics": 0.2,    # accents put on English keywords ("ignóre"): a reader and a model read past them
     "leet": 0.3,
     "spaced": 0.3,
     "base64": 0.35,

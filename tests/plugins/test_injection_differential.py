@@ -14,9 +14,9 @@ The digests were computed with the detector as it was before its Hyperscan scan 
 then one change moved answers, on purpose: the detector combines its evidence in sorted order,
 so a score no longer depends on the process's hash seed (six texts' scores moved in the fourth
 decimal, 0.7497 to 0.7498; no signal, category or verdict changed), and every seed's digests
-are now the same. Then accents (2026-12-07): a keyword with a diacritic put on it ("ignóre") is
-read without it; 27 texts' answers moved, every one an attack whose mutation had put an accent on
-a keyword or a combining mark after one, and every one up (16 from under 0.5 to over it). A change
+are now the same. Then diacritics (2026-12-07): they are folded, in the text ("ignóre" reads
+"ignore") and in the one signature written with accents (IO-009's French); the answers that moved
+are attacks whose mutation had put an accent on a keyword or a combining mark after one. A change
 meant to change detection (a new signature set) changes them: ``python
 tests/plugins/test_injection_differential.py write`` writes new ones; say so in the commit.
 """
