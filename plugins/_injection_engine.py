@@ -36,11 +36,15 @@ class Item:
     where: str
 
 
+#: Responses API input items that carry a tool's result (a function's, or a custom tool's)
+_TOOL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
+
 def extract(body: Any, endpoint: str, sources: frozenset[str], last_messages: int | None = None) -> list[Item]:
     """The texts of an OpenAI-style request a model will read as instructions or data.
 
     Chat ``messages`` (string content and text parts), completions ``prompt``,
-    the responses API's ``input`` (messages and function call outputs).
+    the responses API's ``input`` (messages, function and custom tool call outputs) and its
+    ``instructions`` (a system message, scanned when ``system`` is a source).
     Embeddings inputs are never instructions to a model, so they are skipped (``endpoint`` is the
     request's whole path: a route's prefix may be all of ``/v1/embeddings``).
     """
@@ -62,6 +66,8 @@ def extract(body: Any, endpoint: str, sources: frozenset[str], last_messages: in
             out.append(Item("user", inp, "input"))
     elif isinstance(inp, list):
         _messages(inp, "input", sources, last_messages, out)
+    if inp is not None and "system" in sources and isinstance(body.get("instructions"), str):
+        out.append(Item("system", body["instructions"], "instructions"))  # the Responses API's system message
     return out
 
 
@@ -71,7 +77,7 @@ def _messages(messages: list[Any], key: str, sources: frozenset[str], last: int 
         m = messages[i]
         if not isinstance(m, dict):
             continue
-        if m.get("type") == "function_call_output":
+        if m.get("type") in _TOOL_OUTPUTS:
             output = m.get("output")
             if "tool" in sources:
                 if isinstance(output, str):

@@ -476,6 +476,12 @@ def test_extract_every_text_a_model_reads():
     # an output given as a list of parts (as the SDK types it too) was not scanned
     assert [(i.source, i.text) for i in extract(resp, "responses", frozenset({"user", "tool"}))] == [
         ("user", "q"), ("tool", "r"), ("tool", "parts"), ("tool", "bare")]
+    # a custom tool's output is a tool's result too, and the Responses API's instructions are a system message
+    # (both were skipped)
+    custom = {"instructions": "be terse", "input": [{"type": "custom_tool_call_output", "call_id": "c", "output": "page text"}]}
+    assert [(i.source, i.text, i.where) for i in extract(custom, "responses", frozenset({"user", "tool", "system"}))] == [
+        ("tool", "page text", "input[0].output"), ("system", "be terse", "instructions")]
+    assert [i.source for i in extract(custom, "responses", frozenset({"user", "tool"}))] == ["tool"]
     assert extract({"input": "embed me"}, "embeddings", frozenset({"user"})) == []
     assert extract(["not", "a", "dict"], "chat/completions", frozenset({"user"})) == []
 
