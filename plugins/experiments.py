@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from proxy import AdminRoute, Command, Context, Event, Plugin, PluginConfig, StashKey, Target, hookimpl
 from proxy.config import Model
+from proxy.openai import CREDENTIAL_HEADERS
 from proxy.state import Table
 
 from ._experiments_stats import VariantSample, bucket, canary_verdict, experiment_report, pick, similarity
@@ -498,9 +499,10 @@ class Experiments(Plugin):
                 return "u:" + u
         if ident is not None:
             return "k:" + ident.key_id
-        auth = ctx.headers.get("authorization")
-        if auth:
-            return "c:" + hashlib.sha256(auth.encode()).hexdigest()
+        for h in CREDENTIAL_HEADERS:  # authorization first (as before), then Azure's api-key and x-api-key
+            cred = ctx.headers.get(h)
+            if cred:
+                return "c:" + hashlib.sha256(cred.encode("utf-8", "surrogateescape")).hexdigest()
         return "ip:" + ctx.client_ip if ctx.client_ip else None
 
     def _assign(self, ctx: Context, exp: ExperimentConfig) -> _Assigned:

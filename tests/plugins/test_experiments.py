@@ -90,6 +90,28 @@ async def test_sticky_by_header_and_by_user(tmp_path: Path):
                 assert len(got) == 1
 
 
+async def test_sticky_key_without_auth_tells_azure_clients_apart(tmp_path: Path):
+    """Without auth, only Authorization was hashed: clients sending api-key (Azure's SDK) all fell back to the
+    client IP, and behind a load balancer landed in one variant."""
+    import hashlib
+
+    rt = await make_runtime(tmp_path)
+    try:
+        plugin = await configure_plugin(Experiments, {"experiments": [AB]}, runtime=rt)
+        exp = plugin.config.experiments[0]
+
+        def unit(headers: dict[str, str]) -> str | None:
+            return plugin._unit(make_context({"model": "sluice-demo", "messages": MSG}, runtime=rt, headers=headers), exp)
+
+        a, b = unit({"api-key": "key-a"}), unit({"api-key": "key-b"})
+        assert a != b and a.startswith("c:") and unit({"x-api-key": "key-a"}) == a
+        # a client with Authorization keeps the unit it had (its assignment does not move on upgrade)
+        assert unit({"authorization": "Bearer k"}) == "c:" + hashlib.sha256(b"Bearer k").hexdigest()
+        await plugin.stop()
+    finally:
+        await rt.close_all()
+
+
 async def test_variant_is_tagged_on_the_context(tmp_path: Path):
     async with two() as (a, b):
         rt = await make_runtime(tmp_path, config={"upstreams": {"a": {"url": a.url}, "b": {"url": b.url}}})
