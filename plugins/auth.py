@@ -29,7 +29,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy import AdminRoute, Command, Context, Identity, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
-from proxy.openai import MODEL_PATHS, api_path
+from proxy.openai import MODEL_PATHS, api_path, deployment_of
 from proxy.state import Limit
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -444,7 +444,7 @@ class Auth(Plugin):
         deployment (``/openai/deployments/NAME/...``) is the model such an upstream runs, whatever the
         body says: it must be allowed too."""
         path = api_path(ctx.path)
-        deployment = _deployment(ctx.path)
+        deployment = deployment_of(ctx.path)
         if deployment is not None and not any(fnmatch.fnmatchcase(deployment, p) for p in allowed):
             raise ProxyError(403, "This API key is not allowed to use the requested model.", code="model_not_allowed",
                              param="model", reason="model_not_allowed")
@@ -591,15 +591,6 @@ class Auth(Plugin):
             AdminRoute("DELETE", "keys/{id}", _admin_revoke),
             AdminRoute("POST", "keys/{id}/rotate", _admin_rotate),
         ]
-
-
-def _deployment(path: str) -> str | None:
-    """The deployment an Azure-style path names (``/openai/deployments/NAME/chat/completions``), else ``None``."""
-    if "/deployments/" not in path:
-        return None
-    segments = path.strip("/").split("/")
-    i = segments.index("deployments")
-    return segments[i + 1] if i + 2 < len(segments) and segments[i + 1] else None
 
 
 def form_fields(ctx: Context, name: str) -> list[str]:

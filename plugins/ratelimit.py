@@ -22,6 +22,7 @@ from multidict import istr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, hookimpl
+from proxy.openai import deployment_of
 from proxy.state import Decision, Limit
 
 from ._tokens import NO_COMPLETION_PATHS, completion_allowance, count_prompt_tokens, load_tokenizer, reservation
@@ -355,7 +356,7 @@ class RateLimit(Plugin):
             if ts is not None:
                 out.append(("team", "t:" + ident.team, ts))
         if self._models or self._model_default is not None:
-            model = ctx.model
+            model = _limited_model(ctx)
             if model is not None:
                 ms = self._model_limits(model)
                 if ms is not None:
@@ -372,7 +373,7 @@ class RateLimit(Plugin):
         alive, so the id cannot be reused while cached).
         """
         ident = ctx.identity
-        model = ctx.model if self._model_scoped else None
+        model = _limited_model(ctx) if self._model_scoped else None
         if ident is not None:
             ck: Any = id(ident) if model is None else (id(ident), model)
         else:
@@ -816,3 +817,10 @@ class RateLimit(Plugin):
         later = getattr(self.counters, "release_later", None)  # Redis's; in-process counters do not fail
         if releases and later is not None:
             later(list(releases), self.config.lease_ttl_s)
+
+
+def _limited_model(ctx: Context) -> str | None:
+    """The model a request's per-model limits count it under: an Azure-style path's deployment
+    (``/openai/deployments/NAME/...``, the model such an upstream runs whatever the body says), else the
+    body's ``model``."""
+    return deployment_of(ctx.path) or ctx.model

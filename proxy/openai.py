@@ -235,3 +235,12 @@ def api_path(path: str) -> str:
     if "models" in segments:
         return "/".join(segments[segments.index("models"):])
     return "/".join(segments)
+
+
+def deployment_of(path: str) -> str | None:
+    """The deployment an Azure-style path names (``/openai/deployments/NAME/chat/completions``), else ``None``."""
+    if "/deployments/" not in path:
+        return None
+    segments = path.strip("/").split("/")
+    i = segments.index("deployments")
+    return segments[i + 1] if i + 2 < len(segments) and segments[i + 1] else None

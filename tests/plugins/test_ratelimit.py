@@ -138,6 +138,17 @@ async def test_identity_limits_override_the_config_and_teams_and_models_apply(ru
     await call(rl.on_request, _ctx(runtime, body={**CHAT, "model": "small"}, identity=Identity(key_id="z")))
 
 
+async def test_an_azure_deployment_in_the_path_is_the_model_limited(runtime):
+    """Per-model limits read the body's model only: a client naming a small model in the body reached the big
+    deployment Azure runs, under the small model's limits."""
+    rl = await configure_plugin(RateLimit, {"models": {"big-*": {"requests_per_minute": 1}}}, runtime=runtime)
+    path = "/openai/deployments/big-1/chat/completions"
+    await call(rl.on_request, _ctx(runtime, body={**CHAT, "model": "small"}, path=path))
+    err = await _refused(rl, _ctx(runtime, body={**CHAT, "model": "small"}, path=path, identity=Identity(key_id="z")))
+    assert err.status == 429 and "model" in err.message
+    await call(rl.on_request, _ctx(runtime, body={**CHAT, "model": "big-1"}, path="/openai/deployments/small/chat/completions"))
+
+
 async def test_anonymous_requests_are_limited_by_client_address(runtime):
     rl = await configure_plugin(RateLimit, {"requests_per_minute": 1}, runtime=runtime)
     await call(rl.on_request, _ctx(runtime, identity=None, client_ip="10.0.0.1"))
