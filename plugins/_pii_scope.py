@@ -44,11 +44,19 @@ def _content(msg: dict[str, Any], key: str = "content") -> Iterator[Slot]:
                         yield part, field
 
 
+#: the reasoning a model shows besides its content (vLLM's reasoning parsers: ``reasoning_content``, and
+#: ``reasoning`` in newer versions), which a client reads too
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
 def _message(msg: dict[str, Any]) -> Iterator[Slot]:
-    """A chat message's texts: content, refusal, tool-call and legacy function-call arguments."""
+    """A chat message's texts: content, refusal, reasoning, tool-call and legacy function-call arguments."""
     yield from _content(msg)
     if isinstance(msg.get("refusal"), str):
         yield msg, "refusal"
+    for field in REASONING_FIELDS:
+        if isinstance(msg.get(field), str):
+            yield msg, field
     yield from _tool_calls(msg)
 
 
@@ -218,6 +226,9 @@ def stream_slots(data: Any) -> Iterator[tuple[tuple[Any, ...], Any, Any]]:
                     yield ("content", idx), delta, "content"
                 if isinstance(delta.get("refusal"), str):
                     yield ("refusal", idx), delta, "refusal"
+                for field in REASONING_FIELDS:
+                    if isinstance(delta.get(field), str):
+                        yield (field, idx), delta, field
                 calls = delta.get("tool_calls")
                 for call in calls if isinstance(calls, list) else ():
                     fn = call.get("function") if isinstance(call, dict) else None
@@ -253,7 +264,9 @@ def stream_channel_ends(data: Any) -> list[tuple[Any, ...]]:
 
 #: the channels of a choice: its text (completions), content, refusal, each tool call's and
 #: the legacy function call's arguments
-_CHOICE_CHANNELS = frozenset({"text", "content", "refusal", "tool", "function"})
+_CHOICE_CHANNELS = frozenset({"text", "content", "refusal", "tool", "function", *REASONING_FIELDS})
+#: the channels whose text is a string of a choice's ``delta`` under the channel's own name
+DELTA_TEXT_CHANNELS = frozenset({"content", "refusal", *REASONING_FIELDS})
 
 
 def channel_closed_by(channel: tuple[Any, ...], ends: list[tuple[Any, ...]]) -> bool:

@@ -28,6 +28,7 @@ from proxy import Command, Context, Event, Plugin, PluginConfig, ProxyError, Sta
 from ._pii_engine import EngineSettings, Finding, PiiEngine, ProcessAnalyzer, ResultCache, build_nlp, ner_available
 from ._pii_recognizers import NER_ENTITIES, PATTERN_ENTITIES, CustomPattern, CustomRecognizer
 from ._pii_scope import (
+    DELTA_TEXT_CHANNELS,
     answer_slots,
     answer_token_fields,
     channel_closed_by,
@@ -738,7 +739,7 @@ def _attach(data: dict[str, Any], chan: tuple[Any, ...], text: str) -> None:
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 delta = choice["delta"] = {}
-            if chan[0] in ("content", "refusal"):
+            if chan[0] in DELTA_TEXT_CHANNELS:
                 delta[chan[0]] = (delta.get(chan[0]) or "") + text
             elif chan[0] == "function":
                 fc = delta.get("function_call")
@@ -769,7 +770,7 @@ def _event_for(chan: tuple[Any, ...], ch: Channel, text: str) -> Event:
     choice: dict[str, Any] = {"index": chan[1]}
     if chan[0] == "text":
         choice["text"] = text
-    elif chan[0] in ("content", "refusal"):
+    elif chan[0] in DELTA_TEXT_CHANNELS:
         choice["delta"] = {chan[0]: text}
     elif chan[0] == "function":
         choice["delta"] = {"function_call": {"arguments": text}}

@@ -211,6 +211,29 @@ async def test_pii_the_model_streams_is_caught_split_everywhere(runtime: Any) ->
         assert ctx.annotations["pii_answer"] == {"EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1}
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+async def test_pii_in_a_models_reasoning_is_caught_streamed_and_buffered(runtime: Any, field: str) -> None:
+    """vLLM's reasoning parsers stream the model's reasoning beside its content (reasoning_content, or
+    reasoning in newer versions): a client reads it, and it went out unscreened."""
+    from proxy.context import Response
+
+    p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
+    for i in (3, len(WRITTEN) // 2, len(WRITTEN) - 2):
+        ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        await p.on_request(ctx)
+        events = [chat_chunk({field: WRITTEN[:i]}), chat_chunk({field: WRITTEN[i:]}), chat_chunk({"content": "ok"}, "stop")]
+        out = await run(p, ctx, events)
+        said = "".join(ev.json["choices"][0]["delta"].get(field) or "" for ev in out if ev.json["choices"])
+        assert said == "Reach <EMAIL_1> or <PHONE_1> today.", (i, said)
+    ctx = make_context({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    await p.on_request(ctx)
+    body = {"id": "c", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok", field: WRITTEN}, "finish_reason": "stop"}]}
+    ctx.response = Response(200, {"content-type": "application/json"}, orjson.dumps(body))
+    await p.on_response(ctx)
+    assert ctx.response.json["choices"][0]["message"][field] == "Reach <EMAIL_1> or <PHONE_1> today."
+
+
 async def test_scanning_streams_holds_back_only_the_words_that_could_grow(runtime: Any) -> None:
     p = await configure_plugin(Pii, {"processes": 0}, runtime=runtime)
     ctx = make_context({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
