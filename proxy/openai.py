@@ -62,6 +62,10 @@ def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str], head: bo
     return out
 
 
+#: more tokens than any answer has: a count at or past it is malformed usage (estimated instead)
+MAX_TOKENS = 1 << 53
+
+
 def usage_from(obj: Any) -> Usage | None:
     """Usage from a chat/completions/embeddings/responses body or stream event, if any.
 
@@ -78,20 +82,21 @@ def usage_from(obj: Any) -> Usage | None:
             u = resp.get("usage")
     if not isinstance(u, dict):
         return None
-    # a token count is a non-negative JSON integer (type() is int: a bool is not one);
-    # every check inline, as this runs once per answer on every route that meters or limits
+    # a token count is a non-negative JSON integer (type() is int: a bool is not one) below MAX_TOKENS (JSON
+    # allows any size; one past SQLite's 64 bits cost the ledger its row); every check inline, as this runs
+    # once per answer on every route that meters or limits
     prompt = u.get("prompt_tokens")
     completion = u.get("completion_tokens")
-    p_ok = type(prompt) is int and prompt >= 0
-    c_ok = type(completion) is int and completion >= 0
+    p_ok = type(prompt) is int and 0 <= prompt < MAX_TOKENS
+    c_ok = type(completion) is int and 0 <= completion < MAX_TOKENS
     if p_ok or c_ok:
         pd = u.get("prompt_tokens_details")
         cd = u.get("completion_tokens_details")
     else:
         prompt = u.get("input_tokens")
         completion = u.get("output_tokens")
-        p_ok = type(prompt) is int and prompt >= 0
-        c_ok = type(completion) is int and completion >= 0
+        p_ok = type(prompt) is int and 0 <= prompt < MAX_TOKENS
+        c_ok = type(completion) is int and 0 <= completion < MAX_TOKENS
         if not (p_ok or c_ok):
             return None
         pd = u.get("input_tokens_details")
@@ -103,7 +108,7 @@ def usage_from(obj: Any) -> Usage | None:
     if not c_ok:
         completion = 0
     total = u.get("total_tokens")
-    if not (type(total) is int and total > 0):
+    if not (type(total) is int and 0 < total < MAX_TOKENS):
         total = prompt + completion
     cached = pd.get("cached_tokens") if isinstance(pd, dict) else 0
     reasoning = cd.get("reasoning_tokens") if isinstance(cd, dict) else 0
@@ -111,8 +116,8 @@ def usage_from(obj: Any) -> Usage | None:
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
-        cached_tokens=cached if type(cached) is int and cached >= 0 else 0,
-        reasoning_tokens=reasoning if type(reasoning) is int and reasoning >= 0 else 0,
+        cached_tokens=cached if type(cached) is int and 0 <= cached < MAX_TOKENS else 0,
+        reasoning_tokens=reasoning if type(reasoning) is int and 0 <= reasoning < MAX_TOKENS else 0,
     )
 
 

@@ -236,6 +236,9 @@ def test_request_ids_are_unique_and_time_ordered():
         ({"input_tokens": 1, "output_tokens": 2, "input_tokens_details": None, "output_tokens_details": []}, (1, 2, 3, 0, 0)),
         ({"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": "4"}, "completion_tokens_details": {"reasoning_tokens": -2}}, (1, 0, 1, 0, 0)),
         ({"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 1}, "completion_tokens_details": {"reasoning_tokens": 0}}, (1, 0, 1, 1, 0)),
+        # past any real count (JSON allows it; one past 64 bits cost the ledger its row): malformed, estimated
+        ({"prompt_tokens": 2**63, "completion_tokens": 2}, None),
+        ({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 2**64, "prompt_tokens_details": {"cached_tokens": 2**60}}, (1, 2, 3, 0, 0)),
     ],
 )
 def test_usage_counts_are_non_negative_integers_and_nothing_else(usage, want):

@@ -310,6 +310,9 @@ class SQLiteRecords(Records):
             except sqlite3.Error as e:  # the file, not a row: locked past the timeout, disk full, I/O
                 self._dropped(name, len(rows))
                 log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
+            except Exception as e:  # anything else: counted and logged, never the writer thread's end
+                self._dropped(name, len(rows))
+                log.error("sqlite: dropped %d rows of %s (%s)", len(rows), name, type(e).__name__)
             rows.clear()
         pending.clear()
         return 0
@@ -403,8 +406,10 @@ _NULL = float("nan")
 _ROWS_PER_STATEMENT = 64
 _MAX_VARIABLES = 999
 _PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
-#: errors caused by one row's values (a value SQLite cannot bind, a constraint), not by the file
-_ROW_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.DataError)
+#: errors caused by one row's values, not by the file: a value SQLite cannot bind or convert (an int past
+#: 64 bits is an OverflowError, a set a TypeError), a constraint
+_ROW_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.DataError,
+               OverflowError, TypeError, ValueError, KeyError)
 
 
 class _Values:

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import uuid
 
+import pytest
 import sqlite_utils
 
 from proxy.state import Table
@@ -134,6 +135,25 @@ async def test_a_row_sqlite_refuses_costs_only_itself(tmp_path):
         rec.append("log", {"ts": 100.0, "line": "after"})
         await rec.flush()
         assert rec.written == 100
+    finally:
+        await rec.close()
+
+
+@pytest.mark.parametrize("bad", [2**63, {1, 2}], ids=["int past 64 bits", "a set in a new column"])
+async def test_a_value_python_cannot_bind_costs_only_its_row_and_never_the_writer(tmp_path, bad):
+    """An int past 64 bits (an OverflowError) or a set (a TypeError) raised out of the writer thread, which
+    died: every row after it was lost, uncounted, and each flush timed out."""
+    rec = SQLiteRecords(tmp_path / "r.db", flush_interval_ms=20, timeout_ms=500)
+    try:
+        rec.ensure(Table("t", {"id": str, "n": int}))
+        rec.append("t", {"id": "a", "n": 1})
+        rec.append("t", {"id": "b", "n": bad} if isinstance(bad, int) else {"id": "b", "n": 2, "extra": bad})
+        rec.append("t", {"id": "c", "n": 3})
+        await rec.flush()
+        rec.append("t", {"id": "d", "n": 4})
+        await rec.flush()
+        assert rec._thread.is_alive() and rec.dropped == 1 and rec.written == 3
+        assert [r["id"] for r in rows_of(tmp_path / "r.db", "SELECT id FROM t ORDER BY id")] == ["a", "c", "d"]
     finally:
         await rec.close()
 
