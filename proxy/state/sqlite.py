@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import operator
 import re
@@ -452,6 +453,15 @@ def _params(rows: list[Any], cols: tuple[str, ...]) -> list[tuple[Any, ...]]:
     return params
 
 
+def kv_table(namespace: str) -> str:
+    """The table of a KV namespace: ``kv_<namespace>``; a name with characters a table name cannot hold
+    gets them as ``_`` and a hash of the whole name, so ``team.a``, ``team-a`` and ``team_a`` stay apart."""
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", namespace)
+    if safe != namespace:
+        safe += "_" + hashlib.sha256(namespace.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return "kv_" + safe
+
+
 class SQLiteKV(KV):
     """Bytes with a TTL in table ``kv_<namespace>`` of ``path``.
 
@@ -465,7 +475,7 @@ class SQLiteKV(KV):
     def __init__(self, path: Path, namespace: str, *, timeout_ms: int = 2000, max_bytes: int | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self.table = "kv_" + re.sub(r"[^A-Za-z0-9_]", "_", namespace)
+        self.table = kv_table(namespace)
         self.path = Path(path)
         self.max_bytes = max_bytes
         self._thread = _Thread("sluice-sqlite-kv", lambda: self._open(timeout_ms), timeout_ms / 1000)

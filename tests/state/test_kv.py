@@ -92,6 +92,22 @@ async def test_sqlite_kv_bound_evicts_oldest_written(tmp_path, clock):
         await kv.close()
 
 
+async def test_sqlite_kv_namespaces_that_differ_in_punctuation_are_apart(tmp_path, clock):
+    """team.a, team-a and team_a all mapped to table kv_team_a and read each other's entries (the memory and
+    Redis backends keep them apart)."""
+    kvs = [SQLiteKV(tmp_path / "kv.db", ns, clock=clock) for ns in ("team.a", "team-a", "team_a")]
+    try:
+        for i, kv in enumerate(kvs):
+            await kv.set("k", f"from {i}".encode())
+        assert [await kv.get("k") for kv in kvs] == [b"from 0", b"from 1", b"from 2"]
+        from proxy.state.sqlite import kv_table
+
+        assert kvs[2].table == "kv_team_a" and kv_table("cache") == "kv_cache"  # plain names keep their tables
+    finally:
+        for kv in kvs:
+            await kv.close()
+
+
 async def test_sqlite_kv_survives_reopen_and_namespaces_are_apart(tmp_path, clock):
     a = SQLiteKV(tmp_path / "kv.db", "a", clock=clock)
     b = SQLiteKV(tmp_path / "kv.db", "b", clock=clock)
