@@ -513,6 +513,10 @@ class SQLiteKV(KV):
         def run(conn: sqlite3.Connection) -> None:
             now = self._clock()
             size = len(key.encode()) + len(value)
+            if self.max_bytes is not None and size > self.max_bytes:
+                # larger than the whole store: kept, it would evict every other entry, then itself (as in memory)
+                conn.execute(f"DELETE FROM {self.table} WHERE key = ?", (key,))
+                return
             conn.execute(
                 f"INSERT OR REPLACE INTO {self.table} (key, value, expires, size, written) VALUES (?, ?, ?, ?, ?)",
                 (key, bytes(value), None if ttl_s is None else now + ttl_s, size, now),

@@ -108,6 +108,18 @@ async def test_sqlite_kv_namespaces_that_differ_in_punctuation_are_apart(tmp_pat
             await kv.close()
 
 
+async def test_an_entry_bigger_than_the_sqlite_kv_is_not_kept_and_evicts_nothing(tmp_path, clock):
+    """It was written, then evicted every other entry and itself: one oversized answer emptied the cache."""
+    kv = SQLiteKV(tmp_path / "kv.db", "c", clock=clock, max_bytes=100)
+    try:
+        await kv.set("a", b"x" * 40)
+        await kv.set("b", b"y" * 40)
+        await kv.set("a", b"z" * 500)  # too big: not kept, and the old value of its key goes too
+        assert await kv.get("a") is None and await kv.get("b") == b"y" * 40
+    finally:
+        await kv.close()
+
+
 async def test_sqlite_kv_survives_reopen_and_namespaces_are_apart(tmp_path, clock):
     a = SQLiteKV(tmp_path / "kv.db", "a", clock=clock)
     b = SQLiteKV(tmp_path / "kv.db", "b", clock=clock)
