@@ -102,8 +102,8 @@ class StateHub:
         key = (namespace, backend)
         found = self._kv.get(key)
         if found is not None:
-            if max_bytes is not None and isinstance(found, MemoryKV):
-                found.max_bytes = max_bytes
+            if max_bytes is not None and isinstance(found, (MemoryKV, SQLiteKV)):
+                found.max_bytes = max_bytes  # a reload's new bound applies (SQLite's writer reads it per write)
             return found
         kv: KV
         if backend == "memory":

@@ -109,6 +109,10 @@ async def test_hub_records_and_kv_are_singletons_and_close_flushes(tmp_path):
     assert hub.records("usage") is r
     assert hub.kv("cache") is hub.kv("cache")
     assert hub.kv("cache", "memory") is not hub.kv("cache")
+    # a reload's new bound reaches the store already open (SQLite kept its first one until a restart)
+    assert hub.kv("bounded", "sqlite", max_bytes=1000).max_bytes == 1000
+    assert hub.kv("bounded", "sqlite", max_bytes=500).max_bytes == 500
+    assert hub.kv("bounded", "sqlite").max_bytes == 500  # none given: the bound stays
     assert hub.counters() is hub.counters("memory")
     r.ensure(LOG)
     r.append("log", {"ts": 1.0, "line": "kept"})
