@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -189,6 +191,7 @@ def _probe_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if not path.is_dir():
         raise OSError("not a directory")
-    probe = path / ".sluice-probe"
+    # a name of this process's and thread's own: workers sharing state.dir removed each other's probe file
+    probe = path / f".sluice-probe-{os.getpid()}-{threading.get_ident()}"
     probe.write_bytes(b"")
     probe.unlink()

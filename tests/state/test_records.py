@@ -102,6 +102,30 @@ async def test_bad_table_name_is_refused(tmp_path):
         await rec.close()
 
 
+def test_the_state_dir_probe_of_one_process_leaves_anothers_alone(tmp_path):
+    """Workers sharing state.dir wrote and removed one fixed probe file: one removed another's between its
+    write and its unlink, and /readyz said SQLite was down (a third of probes in a tight loop)."""
+    import threading
+
+    from proxy.state import _probe_dir
+
+    errors: list[BaseException] = []
+
+    def probe_many() -> None:
+        try:
+            for _ in range(300):
+                _probe_dir(tmp_path)
+        except BaseException as e:  # collected, asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=probe_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and not list(tmp_path.glob(".sluice-probe*"))
+
+
 async def test_hub_records_and_kv_are_singletons_and_close_flushes(tmp_path):
     hub = StateHub(StateConfig(dir=tmp_path / "var"))
     await hub.start()
