@@ -100,7 +100,7 @@ class Cache(Plugin):
             "'redis' (shared by replicas), 'auto' (redis when state.redis is configured, else sqlite)."
         )
         max_bytes: int = Field(
-            256 * 1024 * 1024, ge=1024, le=1 << 40, description="Memory and SQLite backends: total bytes of entries kept before the least recently used are evicted."
+            256 * 1024 * 1024, ge=1024, le=1 << 40, description="Memory and SQLite backends: total bytes of entries kept before some are evicted (memory: the least recently used; SQLite: the oldest written)."
         )
         max_entry_bytes: int = Field(
             2 * 1024 * 1024, ge=256, le=256 * 1024 * 1024, description="Answers larger than this are not stored."
