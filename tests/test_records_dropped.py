@@ -1,8 +1,9 @@
-"""Ledger rows a records writer has to give up are counted where operators look: /metrics.
+"""Ledger rows under a lock: held, then written; those a writer has to give up are counted in /metrics.
 
-SQLite locked past ``state.sqlite_timeout_ms`` (another process holding the file, a backup)
-makes the writer drop the batch; the log says so, and ``sluice_records_dropped_total`` counts
-the rows by records file and table, so an alert can fire.
+SQLite locked past ``state.sqlite_timeout_ms`` (another process holding the file, a backup) dropped the
+batch: usage records lost. The writer now holds the rows and writes them, in order, once the lock goes;
+rows it gives up (the file still locked at close) are logged and counted in ``sluice_records_dropped_total``
+by records file and table, so an alert can fire.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def config(upstream: FakeUpstream) -> dict:
     }
 
 
-async def test_rows_given_up_under_a_held_lock_are_counted(upstream: FakeUpstream, tmp_path: Path):
+async def test_rows_under_a_held_lock_are_written_once_it_goes(upstream: FakeUpstream, tmp_path: Path):
     async with SluiceServer(config(upstream), tmp_path) as s:
         async def dropped() -> float:
             return value(await scrape(s), "sluice_records_dropped_total", records="ledger", table="ledger")
@@ -41,13 +42,36 @@ async def test_rows_given_up_under_a_held_lock_are_counted(upstream: FakeUpstrea
                     await client.chat.completions.create(**ask)
                 await s.wait_idle()
 
-                async def three() -> bool:
-                    return await dropped() >= 3
-
-                await wait_for(three, timeout=20, what="3 dropped rows counted")
+                ledger = s.runtime.state.records("ledger")
+                await wait_for(lambda: "ledger" in ledger._held, timeout=20, what="the rows held under the lock")
+                assert await dropped() == 0
             finally:
                 holder.execute("ROLLBACK")
                 holder.close()
-            assert await dropped() == 3
-    rows = sqlite3.connect(tmp_path / "ledger.db").execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
-    assert rows == 1
+            await ledger.flush()
+            assert not ledger._held and await dropped() == 0
+            rows = sqlite3.connect(tmp_path / "ledger.db").execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+            assert rows == 4  # none lost
+
+
+async def test_rows_still_locked_at_close_are_given_up_and_counted(tmp_path: Path):
+    from proxy.state import Table
+    from proxy.state.sqlite import SQLiteRecords
+
+    rec = SQLiteRecords(tmp_path / "r.db", timeout_ms=100, flush_interval_ms=20)
+    rec.ensure(Table("t", {"id": str}))
+    rec.append("t", {"id": "a"})
+    await rec.flush()
+    counted: list[tuple[str, int]] = []
+    rec.on_dropped = lambda table, n: counted.append((table, n))
+    holder = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        rec.append("t", {"id": "b"})
+        rec.append("t", {"id": "c"})
+        await wait_for(lambda: "t" in rec._held, timeout=20, what="the rows held under the lock")
+        await rec.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert counted == [("t", 2)] and rec.dropped == 2

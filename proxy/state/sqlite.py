@@ -128,6 +128,9 @@ class SQLiteRecords(Records):
         # writer thread only: known columns per table, and INSERT statements per column set
         self._cols: dict[str, frozenset[str]] = {}
         self._stmts: dict[tuple[str, tuple[str, ...], str | None, int], str] = {}
+        #: writer thread only: rows of each table a lock held past the timeout kept from the file, written
+        #: first at the next wakes (at most HELD_MAX a table; at close, what is still held is given up)
+        self._held: dict[str, list[Any]] = {}
         #: rows given up after a write error (logged); stays 0 in a healthy process
         self.dropped = 0
         #: called (on the writer thread) with a table's name and how many of its rows were given up
@@ -243,10 +246,14 @@ class SQLiteRecords(Records):
                     item[1]()
                 elif kind == "close":
                     self._write(db, pending)
+                    for name, rows in self._held.items():  # still locked: nothing more can be done
+                        self._dropped(name, len(rows))
+                        log.error("sqlite: gave up %d rows of %s at close: %s stayed locked", len(rows), name, self.path.name)
+                    self._held.clear()
                     conn.close()
                     item[1]()
                     return
-            if count:
+            if count or self._held:
                 self._write(db, pending)
 
     def _unwritable(self) -> None:
@@ -291,7 +298,12 @@ class SQLiteRecords(Records):
             t.create_index(list(idx), if_not_exists=True)
 
     def _write(self, db: Any, pending: dict[str, list[dict[str, Any]]]) -> int:
-        """Write every pending row: one transaction (one commit) per table per wake-up."""
+        """Write every pending row: one transaction (one commit) per table per wake-up. Rows a lock held
+        past the timeout kept out are held, in order, and tried first at the next wake-up."""
+        if self._held:
+            for name, rows in self._held.items():
+                pending.setdefault(name, [])[:0] = rows
+            self._held.clear()
         for name, rows in list(pending.items()):
             if not rows:
                 continue
@@ -308,7 +320,19 @@ class SQLiteRecords(Records):
                     log.warning("sqlite: a batch of %d rows of %s failed (%s); writing them one by one", len(rows), name, e)
                     for r in rows:
                         self._write(db, {name: [r]})
-            except sqlite3.Error as e:  # the file, not a row: locked past the timeout, disk full, I/O
+            except sqlite3.OperationalError as e:
+                if not _locked(e):  # disk full, I/O, a damaged file
+                    self._dropped(name, len(rows))
+                    log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
+                else:
+                    # another process holds the file (a backup, a VACUUM): the rows wait for the lock to go
+                    keep = rows[-HELD_MAX:]
+                    if len(rows) > len(keep):
+                        self._dropped(name, len(rows) - len(keep))
+                        log.error("sqlite: dropped %d rows of %s: %s stays locked", len(rows) - len(keep), name, self.path.name)
+                    log.warning("sqlite: %s is locked: %d rows of %s held for the next try", self.path.name, len(keep), name)
+                    self._held[name] = list(keep)
+            except sqlite3.Error as e:  # the file, not a row
                 self._dropped(name, len(rows))
                 log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
             except Exception as e:  # anything else: counted and logged, never the writer thread's end
@@ -407,6 +431,16 @@ _NULL = float("nan")
 _ROWS_PER_STATEMENT = 64
 _MAX_VARIABLES = 999
 _PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
+#: most rows of one table held while their file is locked (each about a few hundred bytes)
+HELD_MAX = 200_000
+
+
+def _locked(e: sqlite3.OperationalError) -> bool:
+    """The file is locked by another connection (SQLITE_BUSY, SQLITE_LOCKED): it will be free again."""
+    text = str(e).lower()
+    return "locked" in text or "busy" in text
+
+
 #: errors caused by one row's values, not by the file: a value SQLite cannot bind or convert (an int past
 #: 64 bits is an OverflowError, a set a TypeError), a constraint
 _ROW_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.DataError,
