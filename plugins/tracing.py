@@ -52,17 +52,17 @@ from ._otel import (
     server_address,
     truncate,
 )
-from .metrics import Bounded, OperationNames, finding_counts, route_name
+from .metrics import Bounded, OperationNames, error_type, finding_counts, route_name
 
 
 TRACE: StashKey[tuple[int, int, int | None, bool]] = StashKey("tracing.trace")  # trace id, span id, parent id, sampled
 OUTPUT: StashKey[str] = StashKey("tracing.output")
 #: a stream's captured completion so far, per choice index
 STREAMED: StashKey[dict[int, _Captured]] = StashKey("tracing.streamed")
-#: who had answered (``ctx.answered_by``, ``ctx.answer_reason``) when this plugin read the answer: a plugin that
-#: replaced it or cut its stream since changed them
 #: the client span id each attempt sent upstream in its ``traceparent``, by attempt index
 SENT_SPANS: StashKey[dict[int, int]] = StashKey("tracing.sent_spans")
+#: who had answered (``ctx.answered_by``, ``ctx.answer_reason``) when this plugin read the answer: a plugin that
+#: replaced it or cut its stream since changed them
 READ_FROM: StashKey[tuple[str | None, str | None]] = StashKey("tracing.read_from")
 ERROR_OUTCOMES = frozenset({"upstream_error", "plugin_error", "error"})
 #: the stream channels (plugins._pii_scope.stream_slots) whose text a captured completion gathers
@@ -570,8 +570,9 @@ class Tracing(Plugin):
                 instrumentation_scope=pipeline.scope,
             ))
         status = self._unset
-        if _server_failed(ctx.outcome, ctx.error_status or ctx.status):
-            attrs["error.type"] = _server_error_type(ctx.outcome, ctx.error_status or ctx.status)
+        ended = ctx.error_status or ctx.status  # a stream's error event after its 200 is what it ended in
+        if _server_failed(ctx.outcome, ended):
+            attrs["error.type"] = error_type(ended, ctx.outcome)
             status = Status(StatusCode.ERROR, attrs["error.type"])
         spans.append(ReadableSpan(
             f"{ctx.method} {route}", context=own, parent=parent, resource=pipeline.resource, attributes=attrs,
@@ -714,8 +715,9 @@ class Tracing(Plugin):
         if c.capture_content and body is not None:
             attrs.extend(_attr(k, v) for k, v in _captured(ctx, body, reached, c.max_content_chars))
         server_status = wire.STATUS_UNSET
-        if _server_failed(ctx.outcome, ctx.error_status or status):
-            why = _server_error_type(ctx.outcome, ctx.error_status or status)
+        ended = ctx.error_status or status  # a stream's error event after its 200 is what it ended in
+        if _server_failed(ctx.outcome, ended):
+            why = error_type(ended, ctx.outcome)
             attrs.append(_attr("error.type", why))
             server_status = wire.status_error(why)
 
@@ -832,12 +834,6 @@ def _server_failed(outcome: str | None, status: int | None) -> bool:
     if status is not None and status >= 400:
         return status >= 500
     return outcome in ERROR_OUTCOMES
-
-
-def _server_error_type(outcome: str | None, status: int | None) -> str:
-    """The server span's ``error.type``: its HTTP status when that is an error (an answer a plugin replaced
-    with a 5xx keeps the outcome "ok"), else the outcome that failed it."""
-    return str(status) if status is not None and status >= 400 else (outcome or "error")
 
 
 def _attr(key: str, value: Any) -> bytes:
