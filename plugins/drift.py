@@ -155,17 +155,26 @@ class Drift(Plugin):
             self._idle_timer = None
         for task in list(self._busy.values()):
             task.cancel()
-        live = self.runtime.shared("drift.instances", weakref.WeakSet)
-        live.discard(self)
+        self.runtime.shared("drift.instances", weakref.WeakSet).discard(self)
+        others = self._others()
         for key in sorted(set(self.compared) | set(self.degraded)):
-            route, model = key
-            # what a live instance (the reload's) published since is current: only the rest is cleared
-            taken = set().union(*(other.compared.get(key, ()) for other in live))
-            alarmed = self.alarms.get(key, set())
-            for feature in sorted(set(self.compared.get(key, ())) - taken):
-                self._clear(route, model, feature, feature in alarmed, "monitor stopped")
-            if key in self.degraded and not any(key in other.degraded for other in live):
-                self._clear_latency(route, model, "monitor stopped")
+            self._unpublish(key, "monitor stopped", others)
+
+    def _others(self) -> list[Drift]:
+        """The other live instances (a reload's, while this one's retired config drains)."""
+        return [o for o in self.runtime.shared("drift.instances", weakref.WeakSet) if o is not self]
+
+    def _unpublish(self, key: tuple[str, str], why: str, others: list[Drift]) -> None:
+        """Clear what this instance published for ``key`` (its features' gauges and alarms, its latency
+        degradation), but what another live instance publishes for the same route and model: those values
+        are current."""
+        route, model = key
+        taken = set().union(*(o.compared.get(key, ()) for o in others))
+        alarmed = self.alarms.get(key, set())
+        for feature in sorted(set(self.compared.get(key, ())) - taken):
+            self._clear(route, model, feature, feature in alarmed, why)
+        if key in self.degraded and not any(key in o.degraded for o in others):
+            self._clear_latency(route, model, why)
 
     # -- sampling ------------------------------------------------------------------------
     def monitor(self, key: tuple[str, str]) -> tuple[tuple[str, str], Monitor]:
@@ -341,22 +350,15 @@ class Drift(Plugin):
         its latency degradation), as when they are no longer compared; True while some monitor still shows
         values. Without samples nothing is compared: an alarm would otherwise stay on for good."""
         why = f"no samples for {self.idle_s:g}s"
-        # another live instance (a reload's, while this one's retired config drains) may publish the same series
-        others = [o for o in self.runtime.shared("drift.instances", weakref.WeakSet) if o is not self]
+        others = self._others()
         for key in sorted(set(self.compared) | set(self.degraded)):
             m = self.monitors.get(key)
             if (m is not None and now - m.last_sample < self.idle_s) or key in self._busy:
                 continue
-            route, model = key
-            taken = set().union(*(o.compared.get(key, ()) for o in others))
-            alarmed = self.alarms.pop(key, set())
-            for feature in sorted(self.compared.pop(key, ())):
-                if feature not in taken:
-                    self._clear(route, model, feature, feature in alarmed, why)
-            if key in self.degraded:
-                if not any(key in o.degraded for o in others):
-                    self._clear_latency(route, model, why)
-                del self.degraded[key]
+            self._unpublish(key, why, others)
+            self.alarms.pop(key, None)
+            self.compared.pop(key, None)
+            self.degraded.pop(key, None)
         return bool(self.compared or self.degraded)
 
     # -- reports -------------------------------------------------------------------------
@@ -392,11 +394,9 @@ class Drift(Plugin):
                 m.pin(m.current.snapshot())
                 pinned.append((r, mdl))
                 # what was compared against the old reference says nothing of the new one
-                alarmed = self.alarms.pop((r, mdl), set())
-                for feature in sorted(self.compared.pop((r, mdl), ())):
-                    self._clear(r, mdl, feature, feature in alarmed, "reference pinned")
-                if (r, mdl) in self.degraded:
-                    self._clear_latency(r, mdl, "reference pinned")
+                self._unpublish((r, mdl), "reference pinned", [])
+                self.alarms.pop((r, mdl), None)
+                self.compared.pop((r, mdl), None)
         return pinned
 
     @classmethod
