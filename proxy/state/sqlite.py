@@ -320,24 +320,16 @@ class SQLiteRecords(Records):
                     log.warning("sqlite: a batch of %d rows of %s failed (%s); writing them one by one", len(rows), name, e)
                     for r in rows:
                         self._write(db, {name: [r]})
-            except sqlite3.OperationalError as e:
-                if not _locked(e):  # disk full, I/O, a damaged file
-                    self._dropped(name, len(rows))
-                    log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
-                else:
+            except Exception as e:  # the file, not a row (or anything else: never the writer thread's end)
+                keep = rows[-HELD_MAX:] if isinstance(e, sqlite3.OperationalError) and _locked(e) else []
+                if keep:
                     # another process holds the file (a backup, a VACUUM): the rows wait for the lock to go
-                    keep = rows[-HELD_MAX:]
-                    if len(rows) > len(keep):
-                        self._dropped(name, len(rows) - len(keep))
-                        log.error("sqlite: dropped %d rows of %s: %s stays locked", len(rows) - len(keep), name, self.path.name)
                     log.warning("sqlite: %s is locked: %d rows of %s held for the next try", self.path.name, len(keep), name)
-                    self._held[name] = list(keep)
-            except sqlite3.Error as e:  # the file, not a row
-                self._dropped(name, len(rows))
-                log.error("sqlite: dropped %d rows of %s: %s", len(rows), name, e)
-            except Exception as e:  # anything else: counted and logged, never the writer thread's end
-                self._dropped(name, len(rows))
-                log.error("sqlite: dropped %d rows of %s (%s)", len(rows), name, type(e).__name__)
+                    self._held[name] = keep
+                if len(rows) > len(keep):  # disk full, I/O, a damaged file; or more held rows than HELD_MAX
+                    self._dropped(name, len(rows) - len(keep))
+                    log.error("sqlite: dropped %d rows of %s: %s", len(rows) - len(keep), name,
+                              e if isinstance(e, sqlite3.Error) else type(e).__name__)
             rows.clear()
         pending.clear()
         return 0
