@@ -443,7 +443,6 @@ class Auth(Plugin):
         name is never echoed: nothing from the request goes into an answer. An Azure-style path's
         deployment (``/openai/deployments/NAME/...``) is the model such an upstream runs, whatever the
         body says: it must be allowed too."""
-        path = api_path(ctx.path)
         deployment = deployment_of(ctx.path)
         if deployment is not None and not any(fnmatch.fnmatchcase(deployment, p) for p in allowed):
             raise ProxyError(403, "This API key is not allowed to use the requested model.", code="model_not_allowed",
@@ -455,6 +454,7 @@ class Auth(Plugin):
                              "models, is not open to it.", code="model_not_allowed", param="model", reason="model_not_allowed")
         model = ctx.model
         if model is None:
+            path = api_path(ctx.path)
             if path.startswith("models/"):
                 # a model by its id (read, or deleted: a fine-tuned one), whatever the method
                 if not any(fnmatch.fnmatchcase(path[7:], p) for p in allowed):

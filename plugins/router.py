@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from proxy import Context, Plugin, PluginConfig, ProxyError, Target, hookimpl
 from proxy.config import Model
+from proxy.upstream import overloaded
 
 from ._router_core import STRATEGIES, Candidate, TargetStats, estimate_tokens, features, parse_vllm_metrics
 from ._tokens import completion_allowance
@@ -317,8 +318,7 @@ class Router(Plugin):
                     code="context_length_exceeded", param="messages",
                 )
             # Every target is ejected or at its cap: fail fast rather than queue behind a broken upstream.
-            raise ProxyError(503, "Every upstream for this model is overloaded or unhealthy; retry shortly.",
-                             code="upstream_overloaded", headers={"retry-after": "1"})
+            raise overloaded()
         ctx.targets = targets[: c.max_targets]
         ctx.tags["alias"] = model
         self._routed_ok[model].inc()

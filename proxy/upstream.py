@@ -305,8 +305,7 @@ class UpstreamPool:
                     # full since it was chosen (the requests of a burst all passed the router before any was
                     # sent): the next target is tried at once, as the router would have; none left, 503
                     if last_error is None:
-                        last_error = ProxyError(503, "Every upstream for this model is overloaded or unhealthy; retry shortly.",
-                                                code="upstream_overloaded", headers={"retry-after": "1"})
+                        last_error = overloaded()
                     continue
                 if i:
                     now = time.perf_counter()
@@ -398,6 +397,13 @@ class UpstreamPool:
         cap = min(policy.max_backoff_s, policy.backoff_s * (2**n))
         jitter = random.uniform(0, cap) if cap > 0 else 0.0
         return max(jitter, retry_after or 0.0)
+
+
+def overloaded() -> ProxyError:
+    """The answer when every target of a request is full or out: fail fast (a router's choice, or the
+    core finding the targets full as it sends) rather than queue behind them."""
+    return ProxyError(503, "Every upstream for this model is overloaded or unhealthy; retry shortly.",
+                      code="upstream_overloaded", headers={"retry-after": "1"})
 
 
 def _before_attempt(ctx: Context, att: Attempt, headers: CIMultiDict[str]) -> None:
