@@ -39,6 +39,7 @@ class Item:
 #: Responses API input items that carry a tool's result (a function's, or a custom tool's)
 _TOOL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
 
+
 def extract(body: Any, endpoint: str, sources: frozenset[str], last_messages: int | None = None) -> list[Item]:
     """The texts of an OpenAI-style request a model will read as instructions or data.
 

@@ -59,7 +59,6 @@ _CONFUSABLES = {
 _QUOTES = {"‘": "'", "’": "'", "‛": "'", "′": "'", "“": '"', "”": '"', "„": '"'}
 
 
-
 def _latin_marks() -> dict[int, str | None]:
     """Latin letters with diacritics folded to their base letters (``ó`` to ``o``), and combining marks left
     over by NFKC (one after a letter it does not compose with) removed. A reader, and a model, read

@@ -226,10 +226,7 @@ class SluiceConfig(Model):
     @field_validator("prices")
     @classmethod
     def _prices(cls, v: dict[str, Any]) -> dict[str, Any]:
-        try:
-            parse_table(v, "")  # checked here, where a bad one is a load error naming it; kept as written
-        except ValueError as e:
-            raise ValueError(str(e).lstrip(".")) from None
+        parse_table(v, "")  # checked here, where a bad one is a load error naming it; kept as written
         return v
 
     def upstream_names(self) -> set[str]:

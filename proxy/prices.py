@@ -30,11 +30,13 @@ class PriceSpec(BaseModel):
 
 
 def parse_table(data: Mapping[str, Any], where: str) -> dict[str, PriceSpec]:
-    """Validate a ``{model: {input, cached_input, output}}`` mapping; errors name the model."""
+    """Validate a ``{model: {input, cached_input, output}}`` mapping; errors name the model (under ``where``,
+    when given)."""
     out: dict[str, PriceSpec] = {}
     for model, spec in data.items():
+        label = f"{where}.{model}" if where else str(model)
         if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}.{model}: expected a mapping with input, cached_input, output")
+            raise ValueError(f"{label}: expected a mapping with input, cached_input, output")
         try:
             out[str(model)] = PriceSpec.model_validate(dict(spec))
         except ValidationError as e:
@@ -42,5 +44,5 @@ def parse_table(data: Mapping[str, Any], where: str) -> dict[str, PriceSpec]:
                 f"{'.'.join(map(str, er['loc'])) or '<root>'}: {'unknown field' if er['type'] == 'extra_forbidden' else er['msg']}"
                 for er in e.errors()
             )
-            raise ValueError(f"{where}.{model}: {errs}") from None
+            raise ValueError(f"{label}: {errs}") from None
     return out
