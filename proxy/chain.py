@@ -422,6 +422,36 @@ def run_done_sync(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None =
     return None
 
 
+def run_done_batch(ctxs: list[Context], route: CompiledRoute, hooks: list[Hook]) -> list[tuple[Context, Rest]]:
+    """:func:`run_done_sync` for several finished requests of one route, hook by hook: each hook runs for
+    every request, in their order, before the next hook starts, so its code and data stay warm across the
+    batch instead of being fetched again after three other plugins' for each request. For each request the
+    hooks still run in the route's order, and for each hook the requests in theirs.
+
+    A request whose hook hands back a coroutine leaves the batch there: it is returned with the rest of
+    ``hooks``, as :func:`run_done_sync` returns it.
+    """
+    rests: list[tuple[Context, Rest]] = []
+    timed = route.timed
+    live = ctxs
+    for k, (plugin, fn, _, key) in enumerate(hooks):
+        t0 = clock() if timed else 0.0
+        left: list[Context] | None = None
+        for ctx in live:
+            try:
+                if (r := fn(ctx)) is not None and asyncio.iscoroutine(r):
+                    rests.append((ctx, (hooks[k + 1:], (plugin, r, key))))
+                    left = [c for c in live if c is not ctx] if left is None else [c for c in left if c is not ctx]
+            except Exception as exc:
+                _done_failed(ctx, plugin, exc)
+            finally:
+                if t0:
+                    t0 = _lap(ctx.timings.plugins, key, t0)
+        if left is not None:
+            live = left
+    return rests
+
+
 async def run_done(ctx: Context, route: CompiledRoute, hooks: list[Hook] | None = None,
                    waiting: tuple[Plugin, Any, str] | None = None) -> None:
     """The route's on_done hooks (or ``hooks``), awaiting the coroutines; ``waiting``, a hook's

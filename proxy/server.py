@@ -293,20 +293,26 @@ class Server:
             self._log_access(ctx, route)
 
     def run_batch(self) -> None:
-        """Run the on_done hooks of every finished request waiting for the batch, in arrival order."""
+        """Run the on_done hooks of every finished request waiting for the batch: hook by hook, each for the
+        requests in arrival order (``chain.run_done_batch``)."""
         if self._batch_timer is not None:
             self._batch_timer.cancel()
             self._batch_timer = None
         batch, self._batch = self._batch, []
-        for i, (ctx, route, gen) in enumerate(batch):
-            try:
-                # a plugin's failure is its own (isolated there)
-                if (rest := ch.run_done_sync(ctx, route, route.done_batched)) is not None:
-                    self._finish(ctx, route, gen, rest)
-            except BaseException:
-                self._batch[:0] = batch[i + 1:]  # the rest stays for the next batch
-                raise
-            finally:
+        try:
+            # hook by hook over each run of requests of one route (in a steady flow, the whole batch): a
+            # plugin's failure is its own (isolated there)
+            i, n = 0, len(batch)
+            while i < n:
+                route = batch[i][1]
+                j = i + 1
+                while j < n and batch[j][1] is route:
+                    j += 1
+                for ctx, rest in ch.run_done_batch([b[0] for b in batch[i:j]], route, route.done_batched):
+                    self._finish(ctx, route, next(b[2] for b in batch[i:j] if b[0] is ctx), rest)
+                i = j
+        finally:
+            for _, _, gen in batch:
                 gen.leave()
 
     @staticmethod

@@ -491,6 +491,60 @@ async def test_a_plain_on_done_returning_a_coroutine_holds_the_later_hooks_of_th
             await wait_for(lambda: s.server.generation.inflight == 0, timeout=10, what="the generation idle")
 
 
+class BatchA(Plugin):
+    """An observer's plain on_done that logs, fails for a request saying ``x-fail: 1`` and hands back a
+    coroutine (as metering counting a big prompt) for one saying ``x-wait: 1``."""
+
+    name = "batcha"
+    kind = "observer"
+    seen: list[tuple[str, str]] = []
+    gate: asyncio.Event | None = None
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> Any:
+        BatchA.seen.append(("a", ctx.request_id))
+        if ctx.headers.get("x-fail") == "1":
+            raise RuntimeError("observer broke")
+        if ctx.headers.get("x-wait") == "1":
+            return self._wait()
+        return None
+
+    async def _wait(self) -> None:
+        assert BatchA.gate is not None
+        await BatchA.gate.wait()
+
+
+class BatchB(Plugin):
+    name = "batchb"
+    kind = "observer"
+
+    @hookimpl
+    def on_done(self, ctx: Context) -> None:
+        BatchA.seen.append(("b", ctx.request_id))
+
+
+async def test_a_batch_runs_hook_by_hook_and_a_failure_or_a_wait_costs_only_its_request(upstream, tmp_path):
+    BatchA.seen, BatchA.gate = [], asyncio.Event()
+    conf = {"server": {"done_batch_ms": 1000}, "upstreams": {"u": {"url": upstream.url}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"batcha": {}}, {"batchb": {}}]}]}
+    with register_plugin(BatchA), register_plugin(BatchB):
+        async with SluiceServer(conf, tmp_path) as s, httpx.AsyncClient() as http:
+            ids = []
+            for h in ({}, {"x-fail": "1"}, {"x-wait": "1"}, {}):
+                ids.append((await http.get(f"{s.url}/models", headers=h)).headers["x-request-id"])
+            assert BatchA.seen == []
+            assert (await http.get(f"{s.admin_url}/metrics")).status_code == 200  # runs the batch
+            # the first hook for every request in order, then the second for each still in the batch: the
+            # one whose hook failed goes on, the one waiting leaves the batch
+            assert BatchA.seen == [("a", i) for i in ids] + [("b", ids[0]), ("b", ids[1]), ("b", ids[3])]
+            assert s.server.generation.inflight == 1
+            BatchA.gate.set()
+            await wait_for(lambda: BatchA.seen[-1] == ("b", ids[2]), timeout=10, what="the waiting request's second hook")
+            await wait_for(lambda: s.server.generation.inflight == 0, timeout=10, what="the generation idle")
+            text = (await http.get(f"{s.admin_url}/metrics")).text
+            assert 'sluice_plugin_errors_total{phase="on_done",plugin="batcha"} 1.0' in text
+
+
 async def test_a_batch_past_its_interval_runs_when_the_next_request_finishes_and_a_lone_one_on_a_later_timer(upstream, tmp_path):
     from proxy.server import DONE_BATCH_IDLE
 
