@@ -75,3 +75,35 @@ async def test_rows_still_locked_at_close_are_given_up_and_counted(tmp_path: Pat
         holder.execute("ROLLBACK")
         holder.close()
     assert counted == [("t", 2)] and rec.dropped == 2
+
+
+async def test_a_key_revoke_answers_only_once_its_row_is_in_the_file(upstream: FakeUpstream, tmp_path: Path):
+    """An admin revoke under another process's lock on keys.db used to answer 200 with the row only held in
+    the writer: a restart before the lock went lost the revoke. It now answers once the row is written, or
+    503 when the lock outlasts the flush's wait, and the held row is written once the lock goes."""
+    import aiohttp
+
+    conf = {"state": {"sqlite_timeout_ms": 100, "flush_interval_ms": 20},
+            "upstreams": {"demo": {"url": upstream.url}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"auth": {}}]}]}
+    async with SluiceServer(conf, tmp_path) as s, aiohttp.ClientSession(headers={"authorization": "Bearer admin-token"}) as http:
+        async with http.post(f"{s.admin_url}/admin/keys", json={"name": "svc"}) as r:
+            assert r.status == 201
+            key_id = (await r.json())["id"]
+        holder = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            async with http.delete(f"{s.admin_url}/admin/keys/{key_id}") as r:
+                assert r.status == 503 and (await r.json())["error"]["code"] == "state_unavailable"
+                assert r.headers["x-request-id"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+        def revoked_in_file() -> bool:
+            with sqlite3.connect(tmp_path / "keys.db") as db:
+                return db.execute("SELECT revoked_at FROM keys WHERE id = ?", (key_id,)).fetchone()[0] is not None
+
+        await wait_for(revoked_in_file, timeout=20, what="the held revoke written once the lock went")
+        async with http.get(f"{s.admin_url}/admin/keys") as r:
+            assert [k["status"] for k in (await r.json())["data"]] == ["revoked"]

@@ -173,6 +173,8 @@ class SQLiteRecords(Records):
             self._wake.set()
 
     async def flush(self) -> None:
+        """Every row appended so far is in the file; rows another process's lock holds out are waited for
+        (:class:`StateUnavailable` when they are still held after ``timeout_ms`` plus 5 s)."""
         await self._signal("flush", self.timeout_ms / 1000 + self.interval_s + 5)
 
     async def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = (), *,
@@ -224,6 +226,9 @@ class SQLiteRecords(Records):
             return
         db = sqlite_utils.Database(conn)
         pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        # flushes asked for while rows are held under another process's lock: answered once those are written
+        # (a key revoked is reported done only once it is in the file), or at close
+        flushes: list[Callable[[], None]] = []
         q = self._q
         while True:
             self._wake.wait(self.interval_s)
@@ -243,7 +248,10 @@ class SQLiteRecords(Records):
                     self._ensure(db, item[1])
                     self._cols.pop(item[1].name, None)
                 elif kind == "flush":
-                    item[1]()
+                    if self._held:
+                        flushes.append(item[1])
+                    else:
+                        item[1]()
                 elif kind == "close":
                     self._write(db, pending)
                     for name, rows in self._held.items():  # still locked: nothing more can be done
@@ -251,10 +259,16 @@ class SQLiteRecords(Records):
                         log.error("sqlite: gave up %d rows of %s at close: %s stayed locked", len(rows), name, self.path.name)
                     self._held.clear()
                     conn.close()
+                    for done in flushes:
+                        done()
                     item[1]()
                     return
             if count or self._held:
                 self._write(db, pending)
+            if flushes and not self._held:
+                for done in flushes:
+                    done()
+                flushes.clear()
 
     def _unwritable(self) -> None:
         """The file cannot be opened: count what arrives and answer waiters, never hang them."""
