@@ -13,6 +13,11 @@ from typing import Any
 import orjson
 
 ENTRY_VERSION = 1
+#: message fields a delta carries as objects of fragments: the legacy ``function_call`` (name, arguments)
+#: and ``audio`` (data, transcript; its ``id`` and ``expires_at`` whole)
+_OBJECT_FIELDS = frozenset({"function_call", "audio"})
+#: their string members sent whole, not as fragments
+_WHOLE = frozenset({"id"})
 
 
 class StreamAssembler:
@@ -54,7 +59,8 @@ class StreamAssembler:
 
     def _fold(self, ch: dict[str, Any]) -> None:
         idx = ch.get("index", 0)
-        acc = self.choices.setdefault(idx, {"index": idx, "parts": {}, "tools": {}, "finish_reason": None, "logprobs": None})
+        acc = self.choices.setdefault(idx, {"index": idx, "parts": {}, "objects": {}, "tools": {}, "finish_reason": None,
+                                            "logprobs": None})
         if ch.get("finish_reason") is not None:
             acc["finish_reason"] = ch["finish_reason"]
         lp = ch.get("logprobs")
@@ -94,6 +100,13 @@ class StreamAssembler:
             elif isinstance(v, str):
                 # content, refusal, reasoning_content...: every text field of a delta is a fragment
                 acc["parts"][k] = acc["parts"].get(k, "") + v
+            elif k in _OBJECT_FIELDS and isinstance(v, dict):
+                obj = acc["objects"].setdefault(k, {})
+                for sk, sv in v.items():
+                    if isinstance(sv, str) and sk not in _WHOLE:
+                        obj[sk] = obj.get(sk, "") + sv
+                    elif sv is not None:
+                        obj[sk] = sv
 
     @property
     def complete(self) -> bool:
@@ -111,6 +124,7 @@ class StreamAssembler:
                 msg: dict[str, Any] = {"role": acc.get("role", "assistant")}
                 msg.update(acc["parts"])
                 msg.setdefault("content", None)
+                msg.update(acc["objects"])
                 if acc["tools"]:
                     msg["tool_calls"] = [
                         {"id": t.get("id"), "type": t.get("type", "function"), "function": t["function"]}
@@ -161,7 +175,7 @@ def synthesise_chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         msg = ch.get("message") or {}
         out.append({**head, "choices": [{"index": idx, "delta": {"role": msg.get("role", "assistant"), "content": "" if isinstance(msg.get("content"), str) else None}, "logprobs": None, "finish_reason": None}]})
-        delta = {k: v for k, v in msg.items() if isinstance(v, str) and k != "role"}
+        delta = {k: v for k, v in msg.items() if (isinstance(v, str) and k != "role") or (k in _OBJECT_FIELDS and isinstance(v, dict))}
         if delta:
             out.append({**head, "choices": [{"index": idx, "delta": delta, "logprobs": ch.get("logprobs"), "finish_reason": None}]})
         tools = msg.get("tool_calls")

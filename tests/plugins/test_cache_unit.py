@@ -193,3 +193,33 @@ def test_recorded_vllm_answer_is_complete_and_replays_as_a_stream():
         asm.add(c)
     assert asm.body()["choices"][0]["message"]["content"] == body["choices"][0]["message"]["content"]
     assert not is_complete_body(orjson.loads((VLLM / "error_unknown_model.json").read_bytes()))
+
+
+def test_legacy_function_call_and_audio_deltas_assemble_and_replay():
+    """A streamed answer with the legacy ``function_call`` or with ``audio`` used to be cached without them:
+    a hit answered a function call with an empty message."""
+    head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    asm = StreamAssembler()
+    for c in (chunk({"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": ""}}),
+              chunk({"function_call": {"arguments": '{"city": '}}), chunk({"function_call": {"arguments": '"Oslo"}'}}),
+              chunk({}, "function_call")):
+        asm.add(c)
+    body = asm.body()
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": None,
+                                             "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    again = StreamAssembler()
+    for c in synthesise_chunks(body):
+        again.add(c)
+    assert again.body()["choices"] == body["choices"]
+
+    asm = StreamAssembler()
+    for c in (chunk({"role": "assistant", "audio": {"id": "audio_1", "transcript": "Hel"}}),
+              chunk({"audio": {"transcript": "lo", "data": "UklG"}}), chunk({"audio": {"data": "RiQA", "expires_at": 1700000000}}),
+              chunk({}, "stop")):
+        asm.add(c)
+    msg = asm.body()["choices"][0]["message"]
+    assert msg["audio"] == {"id": "audio_1", "transcript": "Hello", "data": "UklGRiQA", "expires_at": 1700000000}
