@@ -50,8 +50,9 @@ class ServerConfig(Model):
     done_batch_ms: float = Field(
         50.0, ge=0, le=1000,
         description="On routes whose on_done hooks are all plain functions, the observers' on_done (plugins of kind "
-        "'observer': metrics, metering, tracing, drift) runs in batches, in arrival order: each hook's code then runs "
-        "warm for several requests instead of cold after each. A batch runs when it holds 8 requests, or when a request "
+        "'observer': metrics, metering, tracing, drift) runs in batches, hook by hook: each hook for every request of "
+        "the batch in arrival order, then the next hook, so a hook's code runs warm for several requests instead of cold "
+        "after each. A batch runs when it holds 8 requests, or when a request "
         "finishes once the batch's first has waited this many milliseconds; when no request finishes, 4 times this "
         "after its first (a timer, which wakes an idle process, fires only then). Other plugins' on_done (a guard "
         "freeing a concurrency slot) runs at once, and so does the batch a request joins that must settle at once "

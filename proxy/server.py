@@ -312,6 +312,7 @@ class Server:
                     self._finish(ctx, route, next(b[2] for b in batch[i:j] if b[0] is ctx), rest)
                 i = j
         finally:
+            # a BaseException half-way (the process stopping: hooks catch every Exception) ends the batch there
             for _, _, gen in batch:
                 gen.leave()
 
