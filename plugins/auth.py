@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from proxy import AdminRoute, Command, Context, Identity, Plugin, PluginConfig, ProxyError, StashKey, hookimpl
 from proxy.openai import MODEL_PATHS, api_path, deployment_of
-from proxy.state import Limit
+from proxy.state import Limit, check_backends
 
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
@@ -315,6 +315,10 @@ class Auth(Plugin):
     name = "auth"
     kind = "guard"
     Config = AuthConfig
+
+    @classmethod
+    def check(cls, config: AuthConfig, sluice: Any) -> None:
+        check_backends(sluice, store=config.store if config.virtual_keys else "auto", failure_backend=config.failure_backend)
 
     def __init__(self, config: AuthConfig, runtime: Runtime) -> None:
         super().__init__(config, runtime)

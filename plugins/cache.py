@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from proxy import Context, Event, Plugin, PluginConfig, StashKey, hookimpl
 from proxy.openai import api_path
+from proxy.state import check_backends
 
 from ._cache_entry import StreamAssembler, is_complete_body, make_entry, read_entry, replay_chunks
 from ._cache_key import DEFAULT_IGNORED, credentials_of, request_key, scope_of
@@ -139,6 +140,10 @@ class Cache(Plugin):
             return self
 
     config: Config
+
+    @classmethod
+    def check(cls, config: Config, sluice: Any) -> None:
+        check_backends(sluice, backend=config.backend)
 
     async def start(self) -> None:
         c = self.config

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from proxy import (AdminRoute, Command, ConfigError, Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, Usage,
                    hookimpl)
 from proxy.openai import api_path
-from proxy.state import settle_after_lost_answer
+from proxy.state import check_backends, settle_after_lost_answer
 
 from ._tokens import NO_COMPLETION_PATHS, count_prompt_tokens, estimate_text, load_tokenizer
 from ._usage import (
@@ -295,6 +295,8 @@ class Metering(Plugin):
 
     @classmethod
     def check(cls, config: Config, sluice: Any) -> None:
+        if config.budgets or config.identity_budgets:
+            check_backends(sluice, budget_backend=config.budget_backend)
         # that each file is there; whether it loads is seen at start (loading takes a while, off the loop)
         for pattern, path in config.tokenizers.items():
             if not os.path.isfile(path) or not os.access(path, os.R_OK):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proxy import Context, Plugin, PluginConfig, ProxyError, StashKey, StateUnavailable, hookimpl
 from proxy.openai import deployment_of
-from proxy.state import Decision, Limit
+from proxy.state import Decision, Limit, check_backends
 
 from ._tokens import NO_COMPLETION_PATHS, completion_allowance, count_prompt_tokens, load_tokenizer, reservation
 
@@ -256,6 +256,10 @@ class RateLimit(Plugin):
     kind = "guard"
     Config = RateLimitConfig
     needs_usage = True
+
+    @classmethod
+    def check(cls, config: RateLimitConfig, sluice: Any) -> None:
+        check_backends(sluice, backend=config.backend)
 
     def __init__(self, config: RateLimitConfig, runtime: Runtime) -> None:
         super().__init__(config, runtime)

@@ -32,7 +32,10 @@ class ServerConfig(Model):
     port: int = Field(4000, ge=0, le=65535, description="Port for client traffic (0 picks a free port).")
     workers: int = Field(1, ge=1, le=64, description="Processes serving the port (SO_REUSEPORT); state is shared through SQLite or Redis.")
     max_body_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger bodies get 413. A route may lower or raise it."
+        32 * 1024 * 1024, ge=1024,
+        description="Largest request body accepted; larger bodies get 413. A route may lower or raise it: OpenAI's Files API "
+        "takes uploads up to 512 MB (batch input files up to 200 MB), so a route for /v1/files and /v1/uploads that "
+        "must pass them raises it there (a body is held in memory while it is checked and sent)."
     )
     body_timeout_s: float = Field(
         60.0, ge=0, le=3600,
@@ -137,9 +140,15 @@ class StateConfig(Model):
 
 class Timeouts(Model):
     connect: float = Field(5.0, gt=0, le=600, description="Seconds to open a connection to the upstream.")
-    first_byte: float = Field(120.0, gt=0, le=3600, description="Seconds from starting the request (connecting included) to the first byte of the answer.")
-    idle: float = Field(120.0, gt=0, le=3600, description="Longest silence between two reads of an answer (a stream's events).")
-    total: float = Field(900.0, gt=0, le=86400, description="Longest one upstream attempt may take, stream included.")
+    first_byte: float = Field(
+        600.0, gt=0, le=3600,
+        description="Seconds from starting the request (connecting included) to the first byte of the answer. The OpenAI "
+                    "SDKs wait 600 s for a read: a reasoning model can think for minutes before its first byte, and a "
+                    "shorter value here fails (and the SDK retries) calls that work direct.")
+    idle: float = Field(600.0, gt=0, le=3600, description="Longest silence between two reads of an answer (a stream's events; "
+                        "a reasoning model's stream can be silent for minutes while it thinks).")
+    total: float = Field(900.0, gt=0, le=86400, description="Longest one upstream attempt may take, stream included (raise it "
+                         "for long generations; keep ratelimit's lease_ttl_s above it).")
 
 
 class UpstreamConfig(Model):

@@ -69,7 +69,7 @@ class BodyTooLarge(Refusal):
     status, reason, code = 413, "request_too_large", "request_too_large"
 
     def __init__(self, limit: int) -> None:
-        self.message = f"The request body is larger than {limit} bytes."
+        self.message = f"The request body is larger than this server's limit of {limit} bytes (max_body_bytes)."
 
 
 class ExpectationFailed(Refusal):
@@ -286,6 +286,11 @@ class Handler:
             if ("." in path or "%" in path or "\\" in path) and has_dot_segments(path):
                 return refuse(server, rid, 400, "invalid_path", "The request path has '.' or '..' segments: send it normalised.",
                               "invalid_path")
+            if "upgrade" in request.headers and request.headers["upgrade"].lower() == "websocket":
+                # the Realtime API's WebSocket: not relayed (an upgrade stripped as hop-by-hop would reach the
+                # upstream as a plain GET, whose answer means nothing to the client)
+                return refuse(server, rid, 501, "websocket_not_supported", "WebSocket connections (the Realtime API) are not "
+                              "supported through this gateway.", "websocket_not_supported")
             route = gen.match(request.method, path, request.headers)
             if route is None:
                 return refuse(server, rid, 404, "route_not_found", f"No route for {request.method} {path}.", "route_not_found")

@@ -427,8 +427,15 @@ class Server:
         checks = await asyncio.gather(*(_probe(u) for u in gen.pool.upstreams.values()))
         ups = dict(zip(gen.pool.upstreams, checks))
         state = await self.runtime.state.check()
-        ok = all(ups.values()) and all(v in (True, "ok") for v in state.values())
-        return ok, {"status": "ready" if ok else "not ready", "upstreams": {k: "ok" if v else "unreachable" for k, v in ups.items()}, "state": state}
+        # ready while every route can reach one of its upstreams: with fallbacks over several model servers,
+        # one down (a pod rolled) must not take every replica out of service while the others answer
+        cut_off = [r.name for r in gen.routes if r.default_targets and not any(ups.get(t.upstream) for t in r.default_targets)]
+        ok = not cut_off and all(v in (True, "ok") for v in state.values())
+        out = {"status": "ready" if ok else "not ready", "upstreams": {k: "ok" if v else "unreachable" for k, v in ups.items()},
+               "state": state}
+        if cut_off:
+            out["routes_without_upstream"] = cut_off
+        return ok, out
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

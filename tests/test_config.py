@@ -224,7 +224,16 @@ def test_routes_that_each_take_some_requests_are_fine(tmp_path):
      "routes[0].chain[0].experiments.shadows[0].target.upstream: unknown upstream nope: add it to 'upstreams' (plugin experiments)"),
     ({"metering": {"tokenizers": {"m-*": "/nonexistent/tokenizer.json"}}},
      "routes[0].chain[0].metering.tokenizers.m-*: cannot read /nonexistent/tokenizer.json: no such readable file (plugin metering)"),
-], ids=["router", "experiment", "shadow", "tokenizer"])
+    ({"cache": {"backend": "redis"}}, "routes[0].chain[0].cache.backend: 'redis' needs state.redis in the config (plugin cache)"),
+    ({"ratelimit": {"backend": "redis", "requests_per_minute": 5}},
+     "routes[0].chain[0].ratelimit.backend: 'redis' needs state.redis in the config (plugin ratelimit)"),
+    ({"auth": {"store": "redis"}}, "routes[0].chain[0].auth.store: 'redis' needs state.redis in the config (plugin auth)"),
+    ({"auth": {"failure_backend": "redis"}},
+     "routes[0].chain[0].auth.failure_backend: 'redis' needs state.redis in the config (plugin auth)"),
+    ({"metering": {"budget_backend": "redis"}},
+     "routes[0].chain[0].metering.budget_backend: 'redis' needs state.redis in the config (plugin metering)"),
+], ids=["router", "experiment", "shadow", "tokenizer", "cache-redis", "ratelimit-redis", "auth-store-redis", "auth-failures-redis",
+        "budgets-redis"])
 def test_sluice_check_refuses_what_the_server_would_refuse_at_start(tmp_path, entry, message):
     # these were checked only when the plugin started: `sluice check` said ok, `sluice serve` refused
     path = write(tmp_path, {**BASE, "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [entry]}]})

@@ -101,6 +101,8 @@ async def test_body_over_limit_is_413(upstream, http, tmp_path):
     async with SluiceServer(route(upstream, max_body_bytes=2048), tmp_path) as s:
         r = await http.post(f"{s.url}/chat/completions", content=b"x" * 5000)
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        # the operator's setting is named, so a client can tell who to ask (an upload past it works direct)
+        assert r.json()["error"]["message"] == "The request body is larger than this server's limit of 2048 bytes (max_body_bytes)."
 
         async def chunks():
             for _ in range(10):

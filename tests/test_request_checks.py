@@ -244,6 +244,22 @@ async def test_a_path_with_dot_segments_is_refused(upstream: FakeUpstream, tmp_p
     assert upstream.requests == []
 
 
+async def test_a_websocket_upgrade_is_refused_in_the_openai_shape_and_h2c_is_ignored(upstream: FakeUpstream, tmp_path):
+    """The Realtime API's WebSocket is not relayed: stripped of its hop-by-hop Upgrade it reached the upstream
+    as a plain GET and the client got that GET's answer (aiohttp's text 400). An h2c upgrade offer is
+    ignored, as HTTP/1.1 allows, and the request answered as sent."""
+    async with SluiceServer(route(upstream, []), tmp_path) as s:
+        req = (b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: WebSocket\r\n"
+               b"sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        status, headers, body = await _raw(s.server.port, req)
+        assert status == 501 and headers["x-request-id"].startswith("req_")
+        assert orjson.loads(body)["error"]["code"] == "websocket_not_supported"
+        assert upstream.requests == []
+        req = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n"
+        status, _, body = await _raw(s.server.port, req)
+        assert status == 200 and orjson.loads(body)["object"] == "list"
+
+
 @pytest.mark.parametrize("path", ["/v1/models/gpt-3.5-turbo", "/v1/models/org%2Fmodel.v2", "/v1/models/a..b", "/v1/files/.hidden",
                                   "/v1/files/a%25252541", "/v1/files/x;..", "/v1/files/..x"])
 async def test_dots_inside_segments_are_not_dot_segments(upstream: FakeUpstream, tmp_path, path):

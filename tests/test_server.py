@@ -225,6 +225,25 @@ async def test_health_and_readiness(tmp_path):
             await up.stop()
             r = await http.get(f"{s.origin}/readyz")
             assert r.status_code == 503 and r.json()["upstreams"] == {"u": "unreachable"}
+            assert r.json()["routes_without_upstream"] == ["/v1/"]
+
+
+async def test_one_of_a_routes_fallback_upstreams_down_keeps_it_ready(tmp_path):
+    """/readyz turned 503 as soon as any upstream was unreachable: with a route over two model servers and one
+    rolled, every replica left the Service while the other server answered its requests."""
+    async with FakeUpstream() as a, FakeUpstream() as b, FakeUpstream() as other:
+        conf = {"upstreams": {"a": {"url": a.url}, "b": {"url": b.url}, "other": {"url": other.url}},
+                "routes": [{"name": "fleet", "match": {"path": "/v1/"}, "upstream": ["a", "b"]},
+                           {"name": "solo", "match": {"path": "/solo/"}, "upstream": "other"}]}
+        async with SluiceServer(conf, tmp_path) as s, httpx.AsyncClient() as http:
+            await a.stop()
+            r = await http.get(f"{s.origin}/readyz")
+            assert r.status_code == 200 and r.json()["upstreams"] == {"a": "unreachable", "b": "ok", "other": "ok"}
+            chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            assert (await http.post(f"{s.url}/chat/completions", json=chat)).status_code == 200
+            await other.stop()  # the only upstream of a route: that route cannot serve
+            r = await http.get(f"{s.origin}/readyz")
+            assert r.status_code == 503 and r.json()["routes_without_upstream"] == ["solo"]
 
 
 def write_cfg(tmp_path, data: dict[str, Any]):

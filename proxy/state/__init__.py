@@ -27,13 +27,22 @@ from .sqlite import SQLiteKV, SQLiteRecords
 
 __all__ = [
     "KV", "Counters", "Decision", "Limit", "LimitStatus", "Records", "StateHub", "SumStatus", "Table",
-    "settle_after_lost_answer",
+    "check_backends", "settle_after_lost_answer",
 ]
 
 log = logging.getLogger("sluice.state")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: default bound of a memory KV namespace
 DEFAULT_MEMORY_KV_BYTES = 64 * 1024 * 1024
+
+
+def check_backends(sluice: Any, **fields: str) -> None:
+    """For a plugin's ``check``: each field (its name in the plugin's config, its value) set to ``redis``
+    needs ``state.redis``, so ``sluice check``, a start and a reload refuse the file, naming the field,
+    rather than the plugin failing once it starts."""
+    for name, value in fields.items():
+        if value == "redis" and sluice.state.redis is None:
+            raise ValueError(f"{name}: 'redis' needs state.redis in the config")
 
 
 class StateHub:
