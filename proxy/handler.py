@@ -352,8 +352,13 @@ class Handler:
                 ctx.timings.upstream_start = ctx.attempts[0].start
                 ctx.timings.first_byte = att.first_byte
                 try:
-                    if up_resp.headers.get("content-type", "").startswith("text/event-stream"):
+                    ctype = up_resp.headers.get("content-type", "")
+                    if ctype.startswith("text/event-stream"):
                         resp = await self._relay(request, ctx, route, up_resp, up, att, injected, task)
+                        return resp
+                    if ctype and up_resp.status < 300 and not _json_media(ctype) and ctx.method != "HEAD":
+                        # speech audio, a file's content, NDJSON: relayed as they come, as the upstream sends them
+                        resp = await self._pass_body(request, ctx, up_resp, up, att, task)
                         return resp
                     # timeouts.idle holds between a buffered answer's reads too, as between a stream's events
                     data = await _read_body(up_resp.content, loop, task, up.config.timeouts.idle, self._deadline(att, up, loop))
@@ -605,6 +610,59 @@ class Handler:
                 await out.write_eof()
         return out
 
+    async def _pass_body(self, request: web.BaseRequest, ctx: Context, resp: aiohttp.ClientResponse, up: Upstream, att: Attempt,
+                         task: asyncio.Task[Any]) -> web.StreamResponse:
+        """A successful answer that is neither JSON nor SSE (speech audio played as it is made, a file's
+        content, an NDJSON stream), relayed piece by piece as it arrives, under the stream's idle and total
+        timeouts. No plugin reads it: ``on_response`` is for JSON answers and ``on_chunk`` for SSE events;
+        ``ctx.response`` stays ``None``. An upstream that stalls or breaks off cuts the client's connection,
+        so the client sees an incomplete body, not a whole one (there is no error event to send)."""
+        headers = response_headers(resp.headers)
+        if "content-length" in resp.headers and resp.headers.get("content-encoding", "identity").strip().lower() == "identity":
+            headers["content-length"] = resp.headers["content-length"]  # a download's size, for the client's progress
+        out = self._finish_headers(ctx, web.StreamResponse(status=resp.status, headers=headers))
+        ctx.status = resp.status
+        await out.prepare(request)
+        content = resp.content
+        loop = task.get_loop()
+        dog = Watchdog(loop, up.config.timeouts.idle, self._deadline(att, up, loop), task)
+        ctx.outcome = "upstream_error"  # until the body is all relayed
+        first = True
+        try:
+            while True:
+                dog.last = loop.time()  # only the wait on the upstream counts as idle
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                if first:
+                    ctx.timings.first_byte = time.perf_counter()
+                    first = False
+                await out.write(chunk)
+            att.end = ctx.timings.upstream_end = time.perf_counter()
+            ctx.outcome = "ok"
+            await out.write_eof()
+            return out
+        except asyncio.CancelledError:
+            if not dog.fired:
+                ctx.outcome = "client_gone"
+                raise
+            task.uncancel()
+            att.error, ctx.error_status = "timeout", 504
+            ctx.error = ("The upstream did not finish its answer in time." if loop.time() >= dog.deadline
+                         else "The upstream answer stalled.")
+        except CONNECT_ERRORS as e:
+            if isinstance(e, ConnectionResetError) and _client_gone(request):
+                ctx.outcome = "client_gone"
+                return out
+            att.error, ctx.error_status = "protocol", 502
+            ctx.error = "The upstream answer broke off."
+        finally:
+            dog.cancel()
+        ctx.outcome = "upstream_error"
+        if request.transport is not None:
+            request.transport.abort()  # the body is not whole: the client must not take it for whole
+        return out
+
     async def _end_broken(self, out: web.StreamResponse, ctx: Context, pipeline: ch.ChunkPipeline | None, err: ProxyError) -> None:
         """The upstream failed mid-stream: release what plugins hold, then say so in an error event."""
         try:
@@ -616,6 +674,13 @@ class Handler:
             ctx.outcome = "client_gone"
             return
         await self._stream_error(out, ctx, err)
+
+
+def _json_media(ctype: str) -> bool:
+    """A JSON answer, read whole for the plugins (``application/json``, ``text/json``, ``...+json``); NDJSON
+    and JSON Lines streams are not: they are relayed as they come."""
+    mt = ctype.partition(";")[0].strip().lower()
+    return mt == "application/json" or mt.endswith("+json") or mt == "text/json"
 
 
 async def _read_body(content: Any, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], idle: float,

@@ -65,6 +65,10 @@ def on_request(ctx: Context) -> None:
 def on_response(ctx: Context) -> None:
     """A buffered answer is in hand (from the upstream, or an early reply).
 
+    Buffered answers are JSON ones, errors of any type, and early replies. A successful
+    answer that is neither JSON nor SSE (speech audio, a file's content, NDJSON) is relayed
+    as it arrives and no hook sees it; SSE events go to ``on_chunk``.
+
     Runs in reverse chain order over the plugins the request passed through.
     May read or change ``ctx.response`` (``status``, ``headers``, ``body`` bytes,
     or ``ctx.response.json`` then ``ctx.response.set_json(...)``) and add
