@@ -107,3 +107,36 @@ async def test_a_key_revoke_answers_only_once_its_row_is_in_the_file(upstream: F
         await wait_for(revoked_in_file, timeout=20, what="the held revoke written once the lock went")
         async with http.get(f"{s.admin_url}/admin/keys") as r:
             assert [k["status"] for k in (await r.json())["data"]] == ["revoked"]
+
+
+async def test_a_key_write_the_file_refuses_is_an_error_not_a_success(upstream: FakeUpstream, tmp_path: Path):
+    """A revoke whose row the file refused (a full disk, an I/O error: here a trigger that aborts it) answered
+    200 "revoked" while the key stayed active and went on working. It is now 503 state_unavailable, the row
+    counted as given up; the next write, once the file takes it, succeeds. A key store that cannot be opened
+    at all refuses a create the same way, instead of handing out a secret that was never stored."""
+    import aiohttp
+
+    conf = {"state": {"sqlite_timeout_ms": 100, "flush_interval_ms": 20},
+            "upstreams": {"demo": {"url": upstream.url}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"auth": {}}]}]}
+    async with SluiceServer(conf, tmp_path) as s, aiohttp.ClientSession(headers={"authorization": "Bearer admin-token"}) as http:
+        async with http.post(f"{s.admin_url}/admin/keys", json={"name": "leaked"}) as r:
+            assert r.status == 201
+            key_id = (await r.json())["id"]
+        with sqlite3.connect(tmp_path / "keys.db") as db:
+            db.execute("CREATE TRIGGER refuse BEFORE INSERT ON keys WHEN NEW.revoked_at IS NOT NULL "
+                       "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        async with http.delete(f"{s.admin_url}/admin/keys/{key_id}") as r:
+            assert r.status == 503 and (await r.json())["error"]["code"] == "state_unavailable"
+        assert value(await scrape(s), "sluice_records_dropped_total", records="keys", table="keys") == 1
+        with sqlite3.connect(tmp_path / "keys.db") as db:
+            db.execute("DROP TRIGGER refuse")
+        async with http.delete(f"{s.admin_url}/admin/keys/{key_id}") as r:
+            assert r.status == 200 and (await r.json())["status"] == "revoked"
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keys.db").mkdir()  # a keys.db SQLite cannot open
+    conf["state"]["dir"] = str(tmp_path / "other")
+    async with SluiceServer(conf, tmp_path / "other") as s, aiohttp.ClientSession(headers={"authorization": "Bearer admin-token"}) as http:
+        async with http.post(f"{s.admin_url}/admin/keys", json={"name": "svc"}) as r:
+            assert r.status == 503 and "key" not in (await r.json())

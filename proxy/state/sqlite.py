@@ -133,6 +133,8 @@ class SQLiteRecords(Records):
         self._held: dict[str, list[Any]] = {}
         #: rows given up after a write error (logged); stays 0 in a healthy process
         self.dropped = 0
+        #: ``dropped`` when the last flush was answered (a flush fails if rows were given up since)
+        self._dropped_told = 0
         #: called (on the writer thread) with a table's name and how many of its rows were given up
         self.on_dropped: Callable[[str, int], None] | None = None
         self.written = 0
@@ -173,13 +175,16 @@ class SQLiteRecords(Records):
             self._wake.set()
 
     async def flush(self) -> None:
-        """Every row appended so far is in the file; rows another process's lock holds out are waited for
-        (:class:`StateUnavailable` when they are still held after ``timeout_ms`` plus 5 s)."""
+        """Every row appended so far is in the file; rows another process's lock holds out are waited for.
+        :class:`StateUnavailable` when they are still held after ``timeout_ms`` plus 5 s, or when a row was
+        given up since the last flush answered (a full disk, a read-only file): a caller that must know its
+        row is stored (a key revoked) is not told it is."""
         await self._signal("flush", self.timeout_ms / 1000 + self.interval_s + 5)
 
     async def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = (), *,
                     timeout_s: float | None = None) -> list[dict[str, Any]]:
-        await self.flush()
+        # what was appended first, without failing a read for rows given up before it
+        await self._signal("sync", self.timeout_ms / 1000 + self.interval_s + 5)
 
         def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             cur = conn.execute(sql, params)
@@ -201,9 +206,16 @@ class SQLiteRecords(Records):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
-        def done() -> None:
+        def settle(ok: bool) -> None:
+            if not fut.done():
+                if ok:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(StateUnavailable(f"rows could not be written to {self.path.name}", reason="sqlite_unavailable"))
+
+        def done(ok: bool = True) -> None:
             try:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+                loop.call_soon_threadsafe(settle, ok)
             except RuntimeError:  # the loop is gone: nobody is waiting any more
                 pass
 
@@ -228,7 +240,7 @@ class SQLiteRecords(Records):
         pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
         # flushes asked for while rows are held under another process's lock: answered once those are written
         # (a key revoked is reported done only once it is in the file), or at close
-        flushes: list[Callable[[], None]] = []
+        flushes: list[tuple[Any, ...]] = []
         q = self._q
         while True:
             self._wake.wait(self.interval_s)
@@ -247,11 +259,11 @@ class SQLiteRecords(Records):
                 if kind == "ensure":
                     self._ensure(db, item[1])
                     self._cols.pop(item[1].name, None)
-                elif kind == "flush":
+                elif kind == "flush" or kind == "sync":
                     if self._held:
-                        flushes.append(item[1])
+                        flushes.append(item)
                     else:
-                        item[1]()
+                        self._answer(item)
                 elif kind == "close":
                     self._write(db, pending)
                     for name, rows in self._held.items():  # still locked: nothing more can be done
@@ -259,15 +271,15 @@ class SQLiteRecords(Records):
                         log.error("sqlite: gave up %d rows of %s at close: %s stayed locked", len(rows), name, self.path.name)
                     self._held.clear()
                     conn.close()
-                    for done in flushes:
-                        done()
+                    for waiting in flushes:
+                        self._answer(waiting)
                     item[1]()
                     return
             if count or self._held:
                 self._write(db, pending)
             if flushes and not self._held:
-                for done in flushes:
-                    done()
+                for waiting in flushes:
+                    self._answer(waiting)
                 flushes.clear()
 
     def _unwritable(self) -> None:
@@ -280,10 +292,19 @@ class SQLiteRecords(Records):
                 item = q.popleft()
                 if item[0] == "row":
                     self._dropped(item[1], 1)
-                elif item[0] in ("flush", "close"):
+                elif item[0] == "close":
                     item[1]()
-                    if item[0] == "close":
-                        return
+                    return
+                elif item[0] != "ensure":
+                    self._answer(item)
+
+    def _answer(self, item: tuple[Any, ...]) -> None:
+        """Answer a flush: failed when a row was given up since the last flush answered (a sync, a read's
+        wait for what was appended before it, is answered all the same)."""
+        lost = self.dropped != self._dropped_told
+        if item[0] == "flush":
+            self._dropped_told = self.dropped
+        item[1](not lost or item[0] == "sync")
 
     def _dropped(self, table: str, n: int) -> None:
         self.dropped += n
