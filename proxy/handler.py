@@ -391,12 +391,17 @@ class Handler:
                 raise
             except ProxyError as e:
                 ctx.outcome = ctx.outcome or "error"
+                if _answer_started(request):
+                    return _cut(request, ctx, e.status)
                 ctx.status, ctx.error = e.status, e.message
                 resp = error_response(e.status, e.message, rid, code=e.code, headers=e.headers)
                 return resp
             except Exception as e:  # never a stack trace to the client
                 log.error("internal error %s request_id=%s", type(e).__name__, rid, exc_info=self.server.debug)
-                ctx.outcome, ctx.status = "error", 500
+                ctx.outcome = "error"
+                if _answer_started(request):
+                    return _cut(request, ctx, 500)
+                ctx.status = 500
                 resp = error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
                 return resp
             finally:
@@ -463,9 +468,17 @@ class Handler:
         except ConnectionResetError:
             ctx.outcome = "client_gone"
             return out
+        except Exception as e:  # as in _relay
+            self._failed_in_stream(ctx, e)
+            await self._stream_error(out, ctx, _INTERNAL)
         with contextlib.suppress(ConnectionResetError):
             await out.write_eof()  # the whole answer is written: a client that left after [DONE] had it
         return out
+
+    def _failed_in_stream(self, ctx: Context, e: Exception) -> None:
+        log.error("internal error %s after a stream's headers request_id=%s", type(e).__name__, ctx.request_id,
+                  exc_info=self.server.debug)
+        ctx.outcome = "error"
 
     async def _write_events(self, out: web.StreamResponse, ctx: Context, events: list[Event]) -> None:
         if events:
@@ -597,6 +610,11 @@ class Handler:
             att.error = "protocol"
             ctx.outcome = "upstream_error"
             await self._end_broken(out, ctx, pipeline, ProxyError(502, "The upstream stream broke off.", code="upstream_disconnected"))
+        except Exception as e:
+            # ours, after the headers went out (an event a plugin left unencodable): the stream ends with an
+            # error event; a second response written into its body would break the client's connection
+            self._failed_in_stream(ctx, e)
+            await self._stream_error(out, ctx, _INTERNAL)
         finally:
             dog.cancel()
             if tapped:
@@ -717,6 +735,24 @@ def _upstream_broke(ctx: Context, att: Attempt, kind: str, status: int, message:
     ctx.error = message
     ctx.status = status
     return error_response(status, message, ctx.request_id, code=code)
+
+
+_INTERNAL = ProxyError(500, "Sluice failed to process the request.", code="internal_error")
+
+
+def _answer_started(request: web.BaseRequest) -> bool:
+    """The answer's status line is out (a stream): an error can no longer be an answer of its own."""
+    writer = request.writer
+    return writer is not None and writer.output_size > 0
+
+
+def _cut(request: web.BaseRequest, ctx: Context, status: int) -> web.StreamResponse:
+    """A failure after the answer started, outside the relays' own handling: the connection is closed, so
+    the client sees the answer cut short, not a second response inside its body."""
+    ctx.error_status = status
+    if request.transport is not None:
+        request.transport.abort()
+    return web.StreamResponse()  # never sent: aiohttp finds the connection closed
 
 
 async def _send(request: web.BaseRequest, resp: web.StreamResponse, ctx: Context) -> None:

@@ -300,6 +300,35 @@ class Chunky(Plugin):
         return None
 
 
+class Unencodable(Plugin):
+    """Hands back, for the stream's second event, one that cannot be written (a set is not JSON)."""
+
+    name = "unencodable"
+
+    @hookimpl
+    def on_chunk(self, ctx: Context, event: Event) -> Any:
+        ctx.stash["n"] = n = ctx.stash.get("n", 0) + 1
+        return [Event.from_json({"bad": {1, 2}})] if n == 2 else None
+
+
+async def test_a_failure_of_ours_after_a_streams_headers_ends_it_with_an_error_event(upstream, tmp_path, caplog):
+    """An exception after the 200 and its headers went out made the handler write a whole second HTTP
+    response (a 500) into the stream's body: the SDK saw a broken connection (and retried the paid call).
+    The stream now ends with an OpenAI-shaped error event, logged in one line."""
+    with register_plugin(Unencodable):
+        async with SluiceServer(route(upstream, [{"unencodable": {}}]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+                stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b"}], stream=True)
+                got = []
+                with pytest.raises(openai.APIError) as err:
+                    async for c in stream:
+                        got.append(c)
+            await s.wait_idle()
+    assert len(got) <= 1 and err.value.code == "internal_error"  # the events read with the bad one go with it
+    assert "Sluice failed to process the request." in str(err.value.message)
+    assert "Traceback" not in caplog.text and "internal error TypeError after a stream's headers" in caplog.text
+
+
 @pytest.mark.parametrize("parse", [False, True], ids=["raw-relay", "parsed"])
 @pytest.mark.parametrize("client_asks", [False, True], ids=["client-no-usage", "client-usage"])
 async def test_usage_obtained_on_streams_without_changing_what_the_client_gets(upstream, tmp_path, parse, client_asks):
