@@ -704,6 +704,15 @@ class CreateKey(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 86400)
 
+    @field_validator("metadata")
+    @classmethod
+    def _storable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            orjson.dumps(v)  # as the record stores it (a key's metadata nested past 254 levels cannot be)
+        except TypeError:
+            raise ValueError("nested too deeply to store (254 levels at most)") from None
+        return v
+
 
 async def _admin_create(request: web.Request, runtime: Runtime) -> web.Response:
     try:

@@ -822,7 +822,7 @@ def usage_query(group_by: list[str], since: float | None = None, until: float | 
     """SQL summing the ledger per group (names from GROUPS only: never client text in SQL)."""
     bad = [g for g in group_by if g not in GROUPS]
     if bad:
-        raise ValueError(f"cannot group by {', '.join(bad)} (choose from {', '.join(GROUPS)})")
+        raise ValueError(f"cannot group by {', '.join(map(repr, bad))} (choose from {', '.join(GROUPS)})")
     bounded = since is not None or until is not None
     # with a time bound, "+" keeps SQLite from walking a whole (key_id, day) or (team, day)
     # index just to have its groups in order: the day range is the narrower way in

@@ -112,7 +112,7 @@ def make_admin_app(server: Server) -> web.Application:
         return web.json_response(
             {
                 "source": server.loaded.source,
-                "upstreams": {n: {"url": u.url, "kind": u.kind, "models": u.models} for n, u in cfg.upstreams.items()},
+                "upstreams": {n: {"url": shown_url(u.url), "kind": u.kind, "models": u.models} for n, u in cfg.upstreams.items()},
                 "routes": [
                     {"name": r.name, "prefix": r.prefix, "upstreams": [t.upstream for t in r.default_targets], "chain": [p.id for p in r.plugins]}
                     for r in sorted(server.generation.routes, key=lambda r: r.index)
@@ -136,3 +136,16 @@ def _bind(fn, server: Server) -> Handler:
         return await fn(request, server.generation.runtime)
 
     return handler
+
+
+def shown_url(url: str) -> str:
+    """An upstream's URL for the admin API: a password in it and the values of its query (a key some
+    providers take there) are masked; the rest is as configured."""
+    from yarl import URL
+
+    u = URL(url)
+    if u.password is not None:
+        u = u.with_password("***")
+    if u.query_string:
+        u = u.with_query([(k, "***") for k in u.query.keys()])
+    return str(u)

@@ -67,7 +67,8 @@ class ServerConfig(Model):
         description="Addresses or CIDRs of proxies in front of Sluice whose X-Forwarded-For is believed; "
         "ctx.client_ip is then the nearest address not in this list.",
     )
-    access_log: bool = Field(False, description="Log one line per request (request id, route, status, timings; never bodies or keys).")
+    access_log: bool = Field(False, description="Log one line per request (request id, route, status, timings; never bodies or keys), "
+                              "requests the core refused before any plugin ran included (outcome=refused).")
     memory_trim_s: float = Field(
         30.0, ge=0, le=3600,
         description="Every this many seconds, hand freed heap memory back to the system (glibc malloc_trim, off the loop), "

@@ -10,6 +10,7 @@ import orjson
 from multidict import CIMultiDict
 
 from .errors import ProxyError
+from .sse import JSONTooDeep, dump_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from .chain import CompiledRoute
@@ -233,7 +234,7 @@ class Response:
         return self._json
 
     def set_json(self, value: Any) -> None:
-        self._body = orjson.dumps(value)
+        self._body = dump_json(value)
         self._json = value
         self._answer = _UNPARSED
 
@@ -481,7 +482,10 @@ class Context:
     def body_bytes(self) -> bytes:
         """What to send upstream: the original bytes unless a plugin changed the body."""
         if self._body_changed:
-            return orjson.dumps(self._body)
+            try:
+                return dump_json(self._body)
+            except JSONTooDeep:
+                raise ProxyError(400, "The request body is nested too deeply to be sent on.", code="invalid_json") from None
         return self.raw
 
     def _json_field(self, name: str) -> Any:

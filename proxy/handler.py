@@ -100,8 +100,12 @@ class BodyStalled(Refusal):
 
 
 def refuse(server: Server, request_id: str, status: int, reason: str, message: str, code: str) -> web.Response:
-    """The answer to a request refused before any plugin ran, counted by ``reason``."""
+    """The answer to a request refused before any plugin ran, counted by ``reason``; with
+    ``server.access_log``, logged as served requests are (the reason is Sluice's word: nothing the client
+    sent is quoted), so a client's ``x-request-id`` can be found."""
     server.metrics.rejected.labels(reason=reason).inc()
+    if server.loaded is not None and server.loaded.config.server.access_log:
+        log.info("request_id=%s route=- status=%s outcome=refused answered_by=core:%s", request_id, status, reason)
     return error_response(status, message, request_id, code=code)
 
 

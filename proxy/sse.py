@@ -11,6 +11,27 @@ from typing import Any, Iterator
 
 import orjson
 
+
+class JSONTooDeep(TypeError):
+    """JSON nested deeper than even the standard library's encoder writes (about 990 levels)."""
+
+
+def dump_json(obj: Any) -> bytes:
+    """``orjson.dumps``; past its depth of 254 levels (``orjson.loads``, vLLM's parser and OpenAI take
+    1024), the standard library's encoder, so a body or an event a plugin changed is written as deep as
+    it came. Anything else orjson refuses (a value that is not JSON) raises as before."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError as e:
+        if "ecursion" not in str(e):
+            raise
+    import json
+
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except RecursionError:
+        raise JSONTooDeep("JSON nested too deep to write") from None
+
 _UNSET: Any = object()
 DONE_DATA = "[DONE]"
 
@@ -53,7 +74,7 @@ class Event:
     def data(self) -> str:
         if self._data is None:
             if self._json is not _UNSET:
-                self._data = orjson.dumps(self._json).decode()
+                self._data = dump_json(self._json).decode()
             else:
                 self._data = ""
         return self._data
@@ -103,7 +124,7 @@ class Event:
         if self.retry is not None:
             parts.append(b"retry: " + str(self.retry).encode() + b"\n")
         if self._data is None and self._json is not _UNSET:
-            parts.append(b"data: " + orjson.dumps(self._json) + b"\n")
+            parts.append(b"data: " + dump_json(self._json) + b"\n")
         else:
             for line in self.data.split("\n"):
                 parts.append(b"data: " + line.encode() + b"\n")

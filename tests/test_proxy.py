@@ -97,6 +97,18 @@ async def test_unknown_route_is_404_openai_shaped(upstream, http, tmp_path):
     assert r.headers["x-request-id"].startswith("req_")
 
 
+async def test_refused_requests_are_in_the_access_log(upstream, http, tmp_path, caplog):
+    """A request the core refused (404, 413, ...) had an x-request-id found in no log line, access log on."""
+    caplog.set_level("INFO", logger="sluice.access")
+    async with SluiceServer({**route(upstream, max_body_bytes=2048), "server": {"access_log": True}}, tmp_path) as s:
+        missing = await http.get(f"{s.origin}/nowhere/secret-path")
+        big = await http.post(f"{s.url}/chat/completions", content=b"x" * 5000)
+    for r, why in ((missing, "route_not_found"), (big, "request_too_large")):
+        rid = r.headers["x-request-id"]
+        assert f"request_id={rid} route=- status={r.status_code} outcome=refused answered_by=core:{why}" in caplog.text
+    assert "secret-path" not in caplog.text
+
+
 async def test_body_over_limit_is_413(upstream, http, tmp_path):
     async with SluiceServer(route(upstream, max_body_bytes=2048), tmp_path) as s:
         r = await http.post(f"{s.url}/chat/completions", content=b"x" * 5000)

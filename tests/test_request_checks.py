@@ -480,3 +480,30 @@ async def test_an_admin_endpoint_that_fails_answers_500_and_logs_only_the_kind(u
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and r.headers["x-request-id"].startswith("req_")
     assert SECRET not in r.text and SECRET not in caplog.text and "Traceback" not in caplog.text
     assert "admin: GET /admin/boom failed (KeyError)" in caplog.text
+
+
+@pytest.mark.parametrize("depth, status", [(300, 200), (1020, 400)])
+async def test_a_deep_body_the_core_rewrites_is_sent_as_deep_as_it_came(upstream: FakeUpstream, tmp_path, depth, status):
+    """orjson reads JSON 1,024 levels deep but writes only 254: a streamed request 300 levels deep on a route
+    that asks for stream usage (the core adds stream_options and writes the body again) answered 500
+    internal_error, though the upstream takes it. Now it is written as deep as it came; past what any encoder
+    here writes, it is a 400 invalid_json, not a 500."""
+    nested: Any = 1
+    for _ in range(depth):
+        nested = [nested]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "metadata_deep": nested}
+    async with SluiceServer(route(upstream, [{"metering": {}}]), tmp_path) as s, httpx.AsyncClient() as c:
+        r = await c.post(f"{s.url}/chat/completions", content=orjson.dumps(body) if depth < 250 else _deep_bytes(body, depth),
+                         headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        if status == 200:
+            assert r.text.rstrip().endswith("data: [DONE]")
+            assert upstream.requests[-1].json["stream_options"] == {"include_usage": True}
+        else:
+            assert r.json()["error"]["code"] == "invalid_json" and r.headers["x-request-id"]
+
+
+def _deep_bytes(body: dict[str, Any], depth: int) -> bytes:
+    """``body`` as JSON with ``metadata_deep`` nested ``depth`` lists deep (past what orjson writes)."""
+    rest = {k: v for k, v in body.items() if k != "metadata_deep"}
+    return orjson.dumps(rest)[:-1] + b',"metadata_deep":' + b"[" * depth + b"1" + b"]" * depth + b"}"

@@ -135,6 +135,16 @@ async def test_admin_reload_needs_token(upstream, tmp_path):
         assert r.status_code == 404
 
 
+async def test_the_admin_config_masks_credentials_in_upstream_urls(upstream, tmp_path):
+    port = upstream.url.split(":")[2].split("/")[0]
+    conf = {"upstreams": {"u": {"url": f"http://bob:URL-SECRET@127.0.0.1:{port}/v1?key=QUERY-SECRET"}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "u"}]}
+    async with SluiceServer(conf, tmp_path) as s, httpx.AsyncClient() as http:
+        r = await http.get(f"{s.admin_url}/admin/config", headers={"authorization": "Bearer admin-token"})
+        assert r.json()["upstreams"]["u"]["url"] == f"http://bob:***@127.0.0.1:{port}/v1?key=***"
+        assert "SECRET" not in r.text
+
+
 @pytest.mark.parametrize("how", ["env", "file"])
 async def test_an_empty_admin_token_opens_nothing(tmp_path, monkeypatch, how):
     """An empty token (an empty variable behind {$env: ...}) counted as a token, and "Bearer " + a no-break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 import openai
@@ -270,6 +271,11 @@ async def test_virtual_keys_end_to_end(tmp_path, store_config, sdk):
         assert status == 401
         status, bad = await _admin(s, "POST", "/admin/keys", {"limits": {"rpm": 5}})
         assert status == 400 and bad["error"]["message"] == "Invalid key spec: limits.rpm: Extra inputs are not permitted"
+        deep: Any = 1
+        for _ in range(300):
+            deep = [deep]
+        status, bad = await _admin(s, "POST", "/admin/keys", {"metadata": {"x": deep}})  # was a 500
+        assert status == 400 and "metadata: Value error, nested too deeply to store" in bad["error"]["message"]
         status, created = await _admin(s, "POST", "/admin/keys", {"name": "svc", "team": "blue", "models": ["sluice-*"],
                                                                   "limits": {"requests_per_minute": 100}, "expires_in_s": 3600})
         assert status == 201 and created["key"].startswith("sk-sluice-") and created["status"] == "active"

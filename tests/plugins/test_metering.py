@@ -264,6 +264,9 @@ async def test_usage_admin_endpoint_groups_and_formats(upstream: FakeUpstream, t
                 text = await r.text()
             async with http.get(f"{s.admin_url}/admin/usage", params={"group_by": "password"}) as r:
                 assert r.status == 400
+            # a line break in the value (quoted in the message) was a 500: an HTTP reason cannot hold one
+            async with http.get(f"{s.admin_url}/admin/usage", params={"group_by": "a\nb"}) as r:
+                assert r.status == 400 and "'a\\nb'" in (await r.json())["error"]["message"]
             async with aiohttp.ClientSession() as anon, anon.get(f"{s.admin_url}/admin/usage") as r:
                 assert r.status == 401
     (row,) = data["rows"]
@@ -272,7 +275,7 @@ async def test_usage_admin_endpoint_groups_and_formats(upstream: FakeUpstream, t
 
 
 def test_usage_query_rejects_unknown_groups_and_renders():
-    with pytest.raises(ValueError, match="cannot group by secret"):
+    with pytest.raises(ValueError, match="cannot group by 'secret'"):
         usage_query(["secret"])
     sql, params = usage_query(["key", "day"], since=1.0, key="k1")
     assert "GROUP BY 1, 2" in sql and params == [1.0, "1970-01-01", "k1"]
@@ -397,7 +400,7 @@ async def test_sluice_usage_command_reads_the_ledger(upstream: FakeUpstream, tmp
     out = run("--by", "model")
     assert out.returncode == 0 and "sluice-demo" in out.stdout and "requests" in out.stdout.splitlines()[0]
     out = run("--by", "secret")
-    assert out.returncode == 2 and "cannot group by secret" in out.stderr
+    assert out.returncode == 2 and "cannot group by 'secret'" in out.stderr
     (tmp_path / "ledger.db").write_bytes(b"this is not a database file" * 100)
     out = run("--by", "model")
     assert out.returncode == 1 and "cannot read the ledger: file is not a database" in out.stderr
