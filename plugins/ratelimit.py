@@ -668,17 +668,22 @@ class RateLimit(Plugin):
     def actual_tokens(self, ctx: Context, res: Reservation) -> int:
         """What the request really used, by the rules in docs/plugins/ratelimit.md."""
         u = ctx.usage
-        if u is not None:
+        if u is not None and (u.prompt_tokens or u.completion_tokens):  # all-zero usage is none, as metering reads it
             total = u.total_tokens or (u.prompt_tokens + u.completion_tokens)
             return max(0, int(total))
         reached = any(a.status is not None for a in ctx.attempts)
         streamed = ctx.stream_events or ctx.stream_bytes
-        if not reached or (ctx.status is not None and ctx.status >= 400 and not streamed):
-            return 0  # no upstream answer, or an error answer: nothing was generated
+        if not reached:
+            # the upstream had the request when Sluice hung up on it (client gone, first_byte timeout): its prompt
+            if any(a.error in ("cancelled", "timeout") and not a.unsent for a in ctx.attempts):
+                return res.prompt_tokens
+            return 0
+        if ctx.status is not None and ctx.status >= 400 and not streamed:
+            return 0  # an error answer: nothing was generated
         # the same estimates metering records, so limits and the ledger agree
         from ._usage import estimate_completion_tokens_from_response, estimate_completion_tokens_from_stream
 
-        if streamed:
+        if streamed or (ctx.response is None and ctx.status is not None and ctx.status < 300):
             return res.prompt_tokens + estimate_completion_tokens_from_stream(ctx)
         if ctx.response is not None and ctx.response.status < 300:
             return res.prompt_tokens + estimate_completion_tokens_from_response(ctx.response.json)
@@ -768,7 +773,7 @@ class RateLimit(Plugin):
         delta = 0
         if buckets:
             u = ctx.usage
-            if u is not None:  # the usual case, inline: the upstream's usage
+            if u is not None and (u.prompt_tokens or u.completion_tokens):  # the usual case, inline: the upstream's usage
                 delta = max(0, int(u.total_tokens or (u.prompt_tokens + u.completion_tokens))) - res.tokens
             else:
                 delta = self.actual_tokens(ctx, res) - res.tokens

@@ -187,8 +187,12 @@ async def _remaining_tokens(rl, runtime) -> int:
         (None, 500, 0, "nothing"),  # an upstream error: nothing generated
         (None, None, 0, "nothing"),  # never reached an upstream (a later plugin answered)
         (None, 200, 7, "stream"),  # a stream cut short: prompt plus one token per content event
-        (None, 200, 0, "reserved"),  # nothing to go by: the reservation stands
+        (None, 200, 0, "prompt"),  # a stream cut before its first event: its prompt (the reservation stood)
         ("response", 200, 0, "response"),  # an answer without usage: prompt plus its text, estimated
+        (Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0), 200, 7, "stream"),  # all-zero usage: none, estimated
+        ("cancelled", None, 0, "prompt"),  # the upstream had it, the client left first: its prompt (charged 0)
+        ("timeout", None, 0, "prompt"),  # the upstream had it and missed first_byte: its prompt (charged 0)
+        ("unsent", None, 0, "nothing"),  # cancelled before it was sent: nothing
     ],
 )
 async def test_reconcile_with_the_real_usage(runtime, usage, status, events, expected):
@@ -197,7 +201,11 @@ async def test_reconcile_with_the_real_usage(runtime, usage, status, events, exp
     ctx = _ctx(runtime)
     await call(rl.on_request, ctx)
     res = ctx.stash[RESERVATION]
-    if status is None:
+    if usage in ("cancelled", "timeout", "unsent"):  # an attempt that got no answer, as the core records it
+        ctx.attempts.append(Attempt(Target("up"), start=0.0, error="cancelled" if usage == "unsent" else usage,
+                                    unsent=usage == "unsent"))
+        ctx.usage = None
+    elif status is None:
         ctx.usage = None
     elif usage == "response":
         _finished(ctx, None, status, events)
@@ -206,7 +214,7 @@ async def test_reconcile_with_the_real_usage(runtime, usage, status, events, exp
         _finished(ctx, usage, status, events)
     await call(rl.on_done, ctx)
     # the cut stream: 7 events less the role's (no finish event came) are 6 tokens
-    used = {"used": 8, "nothing": 0, "stream": res.prompt_tokens + 6, "reserved": res.tokens, "response": res.prompt_tokens + 3}[expected]
+    used = {"used": 8, "nothing": 0, "stream": res.prompt_tokens + 6, "prompt": res.prompt_tokens, "response": res.prompt_tokens + 3}[expected]
     # no refill: the bucket shows exactly what was charged
     assert await _remaining_tokens(rl, runtime) == 100_000 - used
 
