@@ -188,17 +188,21 @@ def estimate_completion_tokens_from_stream(ctx: Any) -> int:
     the events the upstream sent (``ctx.stream_events``: counted as they arrive, so what a stream guard
     held back from the client counts; ``[DONE]`` and a hidden usage event are not counted).
 
-    A streamed answer carries at least one token per content event; the role event carries none, and
-    a finish event may carry none (OpenAI sends it apart, vLLM with the last token): both are taken
-    off, the finish event only when the stream got that far. Servers merge tokens under load, so this
-    is a lower bound. With no event count (no event boundary seen), events are reckoned from bytes.
+    A streamed answer carries at least one token per content event; each choice's role event carries
+    none, and its finish event may carry none (OpenAI sends it apart, vLLM with the last token): both
+    are taken off, a role event per choice asked for (``n``) and a finish event per choice that got
+    that far. Servers merge tokens under load, so this is a lower bound. With no event count (no event
+    boundary seen), events are reckoned from bytes.
     """
     events = ctx.stream_events
     if not events and ctx.stream_bytes:
         events = ctx.stream_bytes // EVENT_BYTES
     end = ctx.stream_end
-    finished = end is not None and bool(end.reasons)
-    return max(events - 1 - finished, 0)
+    finished = len(end.reasons) if end is not None else 0
+    body = ctx.json_body
+    n = body.get("n") if body is not None else None
+    choices = n if type(n) is int and 1 <= n <= 128 else 1
+    return max(events - choices - finished, 0)
 
 
 def max_output_tokens(body: Any, default: int) -> int:

@@ -309,8 +309,16 @@ class Cache(Plugin):
                 return "incomplete"
             body = asm.body()
             if "usage" not in body and ctx.usage is not None and not ctx.usage.estimated:
+                # the usage event was hidden from this client (it did not ask): rebuilt with its details, so
+                # a later hit reports the cached and reasoning tokens the upstream reported
                 u = ctx.usage
-                body["usage"] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+                usage: dict[str, Any] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                         "total_tokens": u.total_tokens}
+                if u.cached_tokens:
+                    usage["prompt_tokens_details"] = {"cached_tokens": u.cached_tokens}
+                if u.reasoning_tokens:
+                    usage["completion_tokens_details"] = {"reasoning_tokens": u.reasoning_tokens}
+                body["usage"] = usage
             entry = make_entry(body, asm.chunks)
         elif pending.body is not None:
             try:

@@ -449,3 +449,42 @@ async def test_a_stream_with_keep_alive_comments_and_retry_blocks_is_cached(tmp_
             assert again.headers["x-sluice-cache"] == "hit", again.text
             assert b'"content":"hello"' in again.content.replace(b" ", b"")
     assert len(calls) == 1
+
+
+async def test_a_stream_stored_without_its_usage_event_keeps_the_usage_details(tmp_path: Path):
+    """The first client streamed without include_usage: Sluice asked for the usage and hid its event, and the
+    entry was stored with three counts only. Every later hit then reported no cached or reasoning tokens,
+    where the upstream reports them."""
+    from aiohttp import web
+
+    from proxy.testing import serve_app
+
+    usage = {"prompt_tokens": 100, "completion_tokens": 30, "total_tokens": 130,
+             "prompt_tokens_details": {"cached_tokens": 40}, "completion_tokens_details": {"reasoning_tokens": 10}}
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        head = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        r = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await r.prepare(request)
+        for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": "Paris"}, None), ({}, "stop")):
+            ev = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            await r.write(b"data: " + orjson.dumps(ev) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await r.write(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
+        await r.write(b"data: [DONE]\n\n")
+        return r
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serve_app(app) as origin:
+        conf = {"upstreams": {"u": {"url": f"{origin}/v1"}},
+                "routes": [{"match": {"path": "/v1/"}, "upstream": "u", "chain": [{"cache": {"backend": "memory"}}]}]}
+        async with SluiceServer(conf, tmp_path) as s, openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+            first = [c async for c in await client.chat.completions.create(model="m", messages=MSG, stream=True)]
+            assert all(c.usage is None for c in first)
+            await s.wait_idle()
+            hit = await client.chat.completions.with_raw_response.create(model="m", messages=MSG)
+            assert hit.headers["x-sluice-cache"] == "hit"
+            u = hit.parse().usage
+            assert (u.prompt_tokens_details.cached_tokens, u.completion_tokens_details.reasoning_tokens) == (40, 10)

@@ -591,3 +591,23 @@ async def test_a_timed_out_attempt_that_had_the_request_bills_its_prompt_whateve
     assert row["estimated"] == 1 and row["completion_tokens"] == 0
     assert row["prompt_tokens"] == 3 + (len(prompt) + 3) // 4 + 3
     assert row["cost"] == pytest.approx(row["prompt_tokens"] * 2.0 / 1e6)
+
+
+@pytest.mark.parametrize("n, events, finished, expected", [
+    (None, 5, 1, 3),  # one choice: its role event and its finish event carry no token
+    (4, 4 + 12 + 4, 4, 12),  # four choices, three tokens each: four role and four finish events taken off
+    (2, 2 + 5, 0, 5),  # cut before any choice finished
+    (8, 3, 0, 0),  # never below zero
+])
+def test_a_cut_streams_estimate_takes_off_every_choices_role_and_finish_events(n, events, finished, expected):
+    """With n > 1 only one role and one finish event were taken off: the "lower bound" over-counted by
+    2(n-1) tokens, in the ledger and in the tokens-per-minute limit alike."""
+    from plugins._usage import estimate_completion_tokens_from_stream
+    from proxy.context import StreamEnd
+    from proxy.testing import make_context
+
+    body = {"model": "m", "messages": [], "stream": True, **({"n": n} if n else {})}
+    ctx = make_context(body)
+    ctx.stream_events = events
+    ctx.stream_end = StreamEnd("m", "c", reasons={i: "stop" for i in range(finished)})
+    assert estimate_completion_tokens_from_stream(ctx) == expected
