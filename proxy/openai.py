@@ -41,6 +41,10 @@ def request_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMult
             t = t.strip()
             if t and t in out:
                 del out[t]
+    # Sluice reads answers and sends them on decoded whatever the client accepts, and aiohttp's gzip decoder
+    # does not tell a stream cut short from a whole one (a cut answer went on as a complete 200): the upstream
+    # is asked for plain bytes, whose framing shows a cut
+    out["accept-encoding"] = "identity"
     return out
 
 

@@ -277,6 +277,33 @@ async def test_upstream_api_key_replaces_client_credentials(upstream, http, tmp_
     assert "api-key" not in {k.lower() for k in seen}
 
 
+async def test_a_gzip_answer_cut_short_is_not_passed_off_as_whole(http, tmp_path):
+    """aiohttp's gzip decoder took a gzip body cut short (with right framing) for a whole one: a 200 with
+    half a JSON body, or a stream that just stopped, recorded "ok". The upstream is now asked for plain
+    bytes (Sluice sends answers on decoded whatever the client accepts), whose framing shows a cut."""
+    import gzip as gz
+
+    seen: list[str | None] = []
+    whole = orjson.dumps({"id": "c", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "x" * 2000}, "finish_reason": "stop"}]})
+
+    async def chat(request: web.Request) -> web.Response:
+        ae = request.headers.get("accept-encoding")
+        seen.append(ae)
+        if ae and "gzip" in ae:  # as a compressing proxy that cuts its body short would answer
+            cut = gz.compress(whole)[:60]
+            return web.Response(body=cut, headers={"content-type": "application/json", "content-encoding": "gzip"})
+        return web.Response(body=whole, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serve_app(app) as origin, SluiceServer(route(f"{origin}/v1"), tmp_path) as s:
+        r = await http.post(f"{s.url}/chat/completions", json={"model": "m", "messages": []},
+                            headers={"accept-encoding": "gzip, deflate, br"})
+    assert seen == ["identity"]
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "x" * 2000
+
+
 @pytest.mark.parametrize("sent", [{}, {"user-agent": "raw/1"}, {"content-type": "text/plain"}, {"user-agent": "raw/1", "content-type": "text/plain"}])
 async def test_the_upstream_gets_no_user_agent_or_content_type_the_client_did_not_send(upstream, tmp_path, sent):
     async with SluiceServer(route(upstream), tmp_path) as s:
