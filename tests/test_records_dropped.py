@@ -140,3 +140,5 @@ async def test_a_key_write_the_file_refuses_is_an_error_not_a_success(upstream: 
     async with SluiceServer(conf, tmp_path / "other") as s, aiohttp.ClientSession(headers={"authorization": "Bearer admin-token"}) as http:
         async with http.post(f"{s.admin_url}/admin/keys", json={"name": "svc"}) as r:
             assert r.status == 503 and "key" not in (await r.json())
+        async with http.get(f"{s.admin_url}/readyz") as r:  # the keys (and usage) it cannot store: not ready
+            assert r.status == 503 and (await r.json())["state"]["sqlite"] == "down"

@@ -165,7 +165,8 @@ class StateHub:
                 out["redis"] = "breaker_open" if self.guard.is_open else "down"
         try:
             await asyncio.wait_for(asyncio.to_thread(_probe_dir, self.dir), self.config.sqlite_timeout_ms / 1000)
-            out["sqlite"] = "ok"
+            # a records file whose last write the file refused (a full disk): usage and keys are being lost
+            out["sqlite"] = "down" if any(r.failing for r in self._records.values()) else "ok"
         except (OSError, asyncio.TimeoutError):
             out["sqlite"] = "down"
         return out

@@ -135,6 +135,9 @@ class SQLiteRecords(Records):
         self.dropped = 0
         #: ``dropped`` when the last flush was answered (a flush fails if rows were given up since)
         self._dropped_told = 0
+        #: the file refused the last write (full disk, I/O error, cannot be opened; not one bad row): /readyz
+        #: says the SQLite state is down until a write goes through again
+        self.failing = False
         #: called (on the writer thread) with a table's name and how many of its rows were given up
         self.on_dropped: Callable[[str, int], None] | None = None
         self.written = 0
@@ -284,6 +287,7 @@ class SQLiteRecords(Records):
 
     def _unwritable(self) -> None:
         """The file cannot be opened: count what arrives and answer waiters, never hang them."""
+        self.failing = True
         q = self._q
         while True:
             self._wake.wait(self.interval_s)
@@ -346,6 +350,7 @@ class SQLiteRecords(Records):
                 retrying(lambda: self._insert(db, name, rows), self.timeout_ms)
                 self.written += len(rows)
                 self.batches += 1
+                self.failing = False
             except _ROW_ERRORS as e:
                 if len(rows) == 1:
                     self._dropped(name, 1)
@@ -357,6 +362,7 @@ class SQLiteRecords(Records):
                         self._write(db, {name: [r]})
             except Exception as e:  # the file, not a row (or anything else: never the writer thread's end)
                 keep = rows[-HELD_MAX:] if isinstance(e, sqlite3.OperationalError) and _locked(e) else []
+                self.failing = not keep
                 if keep:
                     # another process holds the file (a backup, a VACUUM): the rows wait for the lock to go
                     log.warning("sqlite: %s is locked: %d rows of %s held for the next try", self.path.name, len(keep), name)
