@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import aiohttp
 import openai
 
 from proxy.testing import FakeUpstream, SluiceServer, wait_for
@@ -77,19 +78,30 @@ async def test_rows_still_locked_at_close_are_given_up_and_counted(tmp_path: Pat
     assert counted == [("t", 2)] and rec.dropped == 2
 
 
+def keys_config(upstream: FakeUpstream) -> dict:
+    """Virtual keys in SQLite, with a short lock timeout and a quick writer."""
+    return {"state": {"sqlite_timeout_ms": 100, "flush_interval_ms": 20},
+            "upstreams": {"demo": {"url": upstream.url}},
+            "routes": [{"match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"auth": {}}]}]}
+
+
+def admin_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(headers={"authorization": "Bearer admin-token"})
+
+
+async def created_key(s: SluiceServer, http: aiohttp.ClientSession, name: str) -> str:
+    async with http.post(f"{s.admin_url}/admin/keys", json={"name": name}) as r:
+        assert r.status == 201
+        return (await r.json())["id"]
+
+
 async def test_a_key_revoke_answers_only_once_its_row_is_in_the_file(upstream: FakeUpstream, tmp_path: Path):
     """An admin revoke under another process's lock on keys.db used to answer 200 with the row only held in
     the writer: a restart before the lock went lost the revoke. It now answers once the row is written, or
     503 when the lock outlasts the flush's wait, and the held row is written once the lock goes."""
-    import aiohttp
-
-    conf = {"state": {"sqlite_timeout_ms": 100, "flush_interval_ms": 20},
-            "upstreams": {"demo": {"url": upstream.url}},
-            "routes": [{"match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"auth": {}}]}]}
-    async with SluiceServer(conf, tmp_path) as s, aiohttp.ClientSession(headers={"authorization": "Bearer admin-token"}) as http:
-        async with http.post(f"{s.admin_url}/admin/keys", json={"name": "svc"}) as r:
-            assert r.status == 201
-            key_id = (await r.json())["id"]
+    conf = keys_config(upstream)
+    async with SluiceServer(conf, tmp_path) as s, admin_session() as http:
+        key_id = await created_key(s, http, "svc")
         holder = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
         try:
             holder.execute("BEGIN EXCLUSIVE")
@@ -114,15 +126,9 @@ async def test_a_key_write_the_file_refuses_is_an_error_not_a_success(upstream: 
     200 "revoked" while the key stayed active and went on working. It is now 503 state_unavailable, the row
     counted as given up; the next write, once the file takes it, succeeds. A key store that cannot be opened
     at all refuses a create the same way, instead of handing out a secret that was never stored."""
-    import aiohttp
-
-    conf = {"state": {"sqlite_timeout_ms": 100, "flush_interval_ms": 20},
-            "upstreams": {"demo": {"url": upstream.url}},
-            "routes": [{"match": {"path": "/v1/"}, "upstream": "demo", "chain": [{"auth": {}}]}]}
-    async with SluiceServer(conf, tmp_path) as s, aiohttp.ClientSession(headers={"authorization": "Bearer admin-token"}) as http:
-        async with http.post(f"{s.admin_url}/admin/keys", json={"name": "leaked"}) as r:
-            assert r.status == 201
-            key_id = (await r.json())["id"]
+    conf = keys_config(upstream)
+    async with SluiceServer(conf, tmp_path) as s, admin_session() as http:
+        key_id = await created_key(s, http, "leaked")
         with sqlite3.connect(tmp_path / "keys.db") as db:
             db.execute("CREATE TRIGGER refuse BEFORE INSERT ON keys WHEN NEW.revoked_at IS NOT NULL "
                        "BEGIN SELECT RAISE(ABORT, 'refused'); END")
@@ -137,7 +143,7 @@ async def test_a_key_write_the_file_refuses_is_an_error_not_a_success(upstream: 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keys.db").mkdir()  # a keys.db SQLite cannot open
     conf["state"]["dir"] = str(tmp_path / "other")
-    async with SluiceServer(conf, tmp_path / "other") as s, aiohttp.ClientSession(headers={"authorization": "Bearer admin-token"}) as http:
+    async with SluiceServer(conf, tmp_path / "other") as s, admin_session() as http:
         async with http.post(f"{s.admin_url}/admin/keys", json={"name": "svc"}) as r:
             assert r.status == 503 and "key" not in (await r.json())
         async with http.get(f"{s.admin_url}/readyz") as r:  # the keys (and usage) it cannot store: not ready
