@@ -24,7 +24,7 @@ import functools
 import re
 from typing import Any, Callable, Iterable, Mapping
 
-import orjson
+from proxy.sse import dump_json
 
 #: how many UTF-8 bytes the estimate counts as one token
 BYTES_PER_TOKEN = 4
@@ -100,11 +100,11 @@ def _text_of_content(content: Any, count: Counter) -> int:
                 elif kind in ("image_url", "input_image", "image"):
                     n += IMAGE_TOKENS
                 elif kind in ("input_audio", "file", "input_file"):
-                    n += count(orjson.dumps(part).decode())
+                    n += count(dump_json(part).decode())
                 else:
                     n += count(str(part.get("text") or ""))
         return n
-    return count(orjson.dumps(content).decode())
+    return count(dump_json(content).decode())
 
 
 def _prompt(value: Any, count: Counter) -> int:
@@ -125,9 +125,9 @@ def _prompt(value: Any, count: Counter) -> int:
             elif isinstance(item, dict):  # responses API input items
                 n += PER_MESSAGE + _text_of_content(item.get("content"), count)
             else:
-                n += count(orjson.dumps(item).decode())
+                n += count(dump_json(item).decode())
         return n
-    return count(orjson.dumps(value).decode())
+    return count(dump_json(value).decode())
 
 
 def count_prompt_tokens(body: Any, model: str | None = None, *, tokenizer: Counter | None = None,
@@ -166,9 +166,9 @@ def count_prompt_tokens(body: Any, model: str | None = None, *, tokenizer: Count
                 if m.get("name"):
                     n += PER_NAME + count(str(m["name"]))
                 if m.get("tool_calls"):
-                    n += count(orjson.dumps(m["tool_calls"]).decode())
+                    n += count(dump_json(m["tool_calls"]).decode())
                 if m.get("function_call"):
-                    n += count(orjson.dumps(m["function_call"]).decode())
+                    n += count(dump_json(m["function_call"]).decode())
         n += REPLY_PRIMING
     if "prompt" in body:
         n += _prompt(body["prompt"], count)
@@ -179,7 +179,7 @@ def count_prompt_tokens(body: Any, model: str | None = None, *, tokenizer: Count
     if "tools" in body or "functions" in body:
         for extra in ("tools", "functions"):
             if body.get(extra):
-                n += count(orjson.dumps(body[extra]).decode())
+                n += count(dump_json(body[extra]).decode())
     return n
 
 

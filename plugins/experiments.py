@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 from proxy import AdminRoute, Command, Context, Event, Plugin, PluginConfig, StashKey, Target, hookimpl
 from proxy.config import Model
 from proxy.openai import CREDENTIAL_HEADERS
+from proxy.sse import dump_json
 from proxy.state import Table
 
 from ._experiments_stats import VariantSample, bucket, canary_verdict, experiment_report, pick, similarity
@@ -354,7 +355,7 @@ def _answer_of(body: Any) -> tuple[str, str | None]:
     if isinstance(msg, dict):
         text = msg.get("content") if isinstance(msg.get("content"), str) else ""
         if not text and msg.get("tool_calls"):
-            text = orjson.dumps(msg["tool_calls"]).decode()
+            text = dump_json(msg["tool_calls"]).decode()
     else:
         text = ch.get("text") if isinstance(ch.get("text"), str) else ""
     return text, ch.get("finish_reason")
@@ -547,7 +548,7 @@ class Experiments(Plugin):
         # the client's credentials are for the upstream it asked; the shadow upstream authenticates with its own api_key
         headers = {"x-sluice-shadow": sh.name}
         model = shadow_body.get("model")
-        return _ShadowJob(sh, ctx.endpoint, orjson.dumps(shadow_body), headers, model if isinstance(model, str) else None)
+        return _ShadowJob(sh, ctx.endpoint, dump_json(shadow_body), headers, model if isinstance(model, str) else None)
 
     def _launch(self, ctx: Context, a: _Assigned) -> None:
         """Send the prepared mirrors, now that the primary upstream answers.

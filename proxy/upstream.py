@@ -18,6 +18,7 @@ from yarl import URL
 
 from .config import UpstreamConfig
 from .context import Attempt, Context, Response, Target
+from .sse import dump_json
 from .errors import ProxyError
 from .openai import CREDENTIAL_HEADERS
 from .timers import Alarm
@@ -262,7 +263,7 @@ class UpstreamPool:
                 obj = None
             if isinstance(obj, dict) and obj.get("model") != target.model:
                 obj["model"] = target.model
-                body = orjson.dumps(obj)
+                body = dump_json(obj)
         return await self.get(target.upstream).call(method, endpoint, body, headers, timeout)
 
     async def send(
@@ -321,7 +322,7 @@ class UpstreamPool:
                 if target.model and ctx.model is not None and target.model != ctx.model:
                     b = dict(ctx.body)
                     b["model"] = target.model
-                    send_body = orjson.dumps(b)
+                    send_body = dump_json(b)
                 headers = up.headers_for(ctx.headers)
                 headers["x-request-id"] = ctx.request_id
                 url = up.url_for(tail, ctx.query)

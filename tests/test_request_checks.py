@@ -482,6 +482,31 @@ async def test_an_admin_endpoint_that_fails_answers_500_and_logs_only_the_kind(u
     assert "admin: GET /admin/boom failed (KeyError)" in caplog.text
 
 
+DEEP_CHAINS = {
+    # each writes the body again (or counts it) on its way: a router alias naming a model, tokens-per-minute
+    # counting the prompt (tool schemas included), the cache keying it
+    "router": {"chain": [{"router": {"aliases": {"chat": {"targets": [{"upstream": "u", "model": "sluice-demo"}]}}}}], "model": "chat"},
+    "ratelimit": {"chain": [{"ratelimit": {"tokens_per_minute": 1_000_000}}], "model": "m"},
+    "cache": {"chain": [{"cache": {"backend": "memory"}}], "model": "m"},
+}
+
+
+@pytest.mark.parametrize("name", list(DEEP_CHAINS))
+async def test_a_deep_body_passes_the_plugins_that_rewrite_or_count_it(upstream: FakeUpstream, tmp_path, name):
+    """A tool schema 300 levels deep answered 500 through a router alias and tokens-per-minute: both wrote or
+    counted the body with orjson, which writes 254 levels."""
+    head = orjson.dumps({"model": DEEP_CHAINS[name]["model"], "messages": [{"role": "user", "content": "hi"}]})
+    raw = head[:-1] + b',"tools":' + _tools_bytes(300) + b"}"
+    async with SluiceServer(route(upstream, DEEP_CHAINS[name]["chain"]), tmp_path) as s, httpx.AsyncClient() as c:
+        r = await c.post(f"{s.url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+
+
+def _tools_bytes(depth: int) -> bytes:
+    """A tools list whose function's parameters nest ``depth`` objects (past what orjson writes)."""
+    return b'[{"type":"function","function":{"name":"f","parameters":' + b'{"a":' * depth + b'"x"' + b"}" * depth + b"}}]"
+
+
 @pytest.mark.parametrize("depth, status", [(300, 200), (1020, 400)])
 async def test_a_deep_body_the_core_rewrites_is_sent_as_deep_as_it_came(upstream: FakeUpstream, tmp_path, depth, status):
     """orjson reads JSON 1,024 levels deep but writes only 254: a streamed request 300 levels deep on a route

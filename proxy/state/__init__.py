@@ -165,8 +165,8 @@ class StateHub:
                 out["redis"] = "breaker_open" if self.guard.is_open else "down"
         try:
             await asyncio.wait_for(asyncio.to_thread(_probe_dir, self.dir), self.config.sqlite_timeout_ms / 1000)
-            # a records file whose last write the file refused (a full disk): usage and keys are being lost
-            out["sqlite"] = "down" if any(r.failing for r in self._records.values()) else "ok"
+            # a records file that cannot be opened, or whose write the file refused lately: usage or keys are lost
+            out["sqlite"] = "down" if any(r.failing_now() for r in self._records.values()) else "ok"
         except (OSError, asyncio.TimeoutError):
             out["sqlite"] = "down"
         return out
@@ -203,5 +203,11 @@ def _probe_dir(path: Path) -> None:
         raise OSError("not a directory")
     # a name of this process's and thread's own: workers sharing state.dir removed each other's probe file
     probe = path / f".sluice-probe-{os.getpid()}-{threading.get_ident()}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    try:
+        # a block's worth, written through: an empty file takes no space, and a full disk passed the probe
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)

@@ -135,9 +135,9 @@ class SQLiteRecords(Records):
         self.dropped = 0
         #: ``dropped`` when the last flush was answered (a flush fails if rows were given up since)
         self._dropped_told = 0
-        #: the file refused the last write (full disk, I/O error, cannot be opened; not one bad row): /readyz
-        #: says the SQLite state is down until a write goes through again
-        self.failing = False
+        #: the file cannot be opened (for good), or the monotonic time the file last refused a write (a full
+        #: disk, an I/O error; not one bad row), cleared by a write that goes through: see failing_now()
+        self.failing: bool | float = False
         #: called (on the writer thread) with a table's name and how many of its rows were given up
         self.on_dropped: Callable[[str, int], None] | None = None
         self.written = 0
@@ -285,6 +285,12 @@ class SQLiteRecords(Records):
                     self._answer(waiting)
                 flushes.clear()
 
+    def failing_now(self) -> bool:
+        """For /readyz: the file cannot be opened, or refused a write within FAILING_FOR_S. Not for ever
+        after one refusal: a replica out of service gets no rows, and no write would clear it."""
+        f = self.failing
+        return f is True or (f is not False and time.monotonic() - f < FAILING_FOR_S)
+
     def _unwritable(self) -> None:
         """The file cannot be opened: count what arrives and answer waiters, never hang them."""
         self.failing = True
@@ -362,7 +368,8 @@ class SQLiteRecords(Records):
                         self._write(db, {name: [r]})
             except Exception as e:  # the file, not a row (or anything else: never the writer thread's end)
                 keep = rows[-HELD_MAX:] if isinstance(e, sqlite3.OperationalError) and _locked(e) else []
-                self.failing = not keep
+                if not keep:
+                    self.failing = time.monotonic()
                 if keep:
                     # another process holds the file (a backup, a VACUUM): the rows wait for the lock to go
                     log.warning("sqlite: %s is locked: %d rows of %s held for the next try", self.path.name, len(keep), name)
@@ -466,6 +473,8 @@ _MAX_VARIABLES = 999
 _PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
 #: most rows of one table held while their file is locked (each about a few hundred bytes)
 HELD_MAX = 200_000
+#: how long after a refused write /readyz says SQLite is down (the probe's own write sees a disk still full)
+FAILING_FOR_S = 30.0
 
 
 def _locked(e: sqlite3.OperationalError) -> bool:
