@@ -339,6 +339,8 @@ class ChunkPipeline:
                     r = fn(ctx, ev)
                     if is_async:
                         r = await r
+                    if r is not None and type(r) is not list:
+                        r = list(r)  # read here: a generator that fails, or an Event for a list, is the plugin's failure
                 except Exception as exc:
                     err = failure(ctx, plugin, "on_chunk", exc)
                     if err is not None:
@@ -364,6 +366,8 @@ class ChunkPipeline:
                 r = fn(ctx)
                 if is_async:
                     r = await r
+                if r is not None and type(r) is not list:
+                    r = list(r)  # as in push
             except Exception as exc:
                 err = failure(ctx, plugin, "on_stream_end", exc)
                 if err is not None:

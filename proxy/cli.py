@@ -50,8 +50,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
         print(f"sluice: warning: plugins could not be loaded ({type(e).__name__}: {e})", file=sys.stderr)
         classes = []
     for cls in classes:
-        for cmd in cls.commands():
+        try:
+            offered = cls.commands()
+        except Exception as e:  # one plugin's broken commands must not break every command
+            print(f"sluice: warning: plugin {cls.name}'s commands could not be loaded ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        for cmd in offered:
             words = cmd.name.split()
+            taken = words[0] in sub.choices if len(words) == 1 else (
+                words[0] in sub.choices and words[0] not in groups or (words[0] in groups and words[1] in groups[words[0]].choices))
+            if taken:
+                print(f"sluice: warning: plugin {cls.name}'s command {cmd.name!r} is taken: left out", file=sys.stderr)
+                continue
             if len(words) == 1:
                 cp = sub.add_parser(words[0], help=cmd.help)
             else:

@@ -123,6 +123,11 @@ def on_done(ctx: Context) -> None:
     ``ctx.answer`` gives what the answer said of itself (model, id, finish reasons,
     refusal), buffered or streamed, read once for every plugin. What one plugin's ``on_done`` records (``ctx.cost`` from metering, say) is
     seen by the plugins after it in the chain, so put producers before consumers.
+    One exception to chain order: with ``server.done_batch_ms`` (the default), on a route whose ``on_done``
+    hooks are all plain functions, the observers' (``kind = "observer"``) wait for the server's batch while
+    the other plugins' run at once, so a guard or transform runs its ``on_done`` before an observer's that
+    comes earlier in the chain. A plugin that reads what an observer records (``ctx.cost``) should be an
+    observer itself.
     Exceptions are logged and counted, never raised to anyone.
     """
 

@@ -10,6 +10,7 @@ from typing import Callable
 import pluggy
 
 from . import hookspecs
+from .errors import ConfigError
 from .hookspecs import REQUEST_HOOKS
 from .plugin import Plugin
 
@@ -26,10 +27,24 @@ def _check_class(cls: type) -> type[Plugin]:
         raise TypeError(f"{cls!r} is not a proxy.Plugin subclass")
     if not cls.name:
         raise TypeError(f"{cls.__qualname__} has no 'name'")
-    for hook in REQUEST_HOOKS:
-        fn = getattr(cls, hook, None)
-        if fn is not None and not hasattr(fn, hookspecs.PROJECT + "_impl"):
-            raise TypeError(f"{cls.__qualname__}.{hook} is not marked @hookimpl")
+    marker = hookspecs.PROJECT + "_impl"
+    for attr in dir(cls):
+        fn = getattr(cls, attr, None)
+        opts = getattr(fn, marker, None) if fn is not None else None
+        if attr in REQUEST_HOOKS and fn is not None and opts is None:
+            raise TypeError(f"{cls.__qualname__}.{attr} is not marked @hookimpl")
+        if opts is None:
+            continue
+        hook = opts.get("specname") or attr
+        if hook not in REQUEST_HOOKS:
+            # a misspelt hook would never run (a guard that never guards)
+            raise TypeError(f"{cls.__qualname__}.{attr} is marked @hookimpl but no hook is named {hook!r} "
+                            f"(hooks: {', '.join(REQUEST_HOOKS)})")
+        # the arguments pluggy checks when a chain is built, checked here so `sluice check` sees them too
+        spec = set(inspect.signature(getattr(hookspecs, hook)).parameters)
+        if unknown := [a for a in inspect.signature(fn).parameters if a != "self" and a not in spec]:
+            raise TypeError(f"{cls.__qualname__}.{attr} takes {', '.join(unknown)}: {hook} passes only "
+                            f"{', '.join(sorted(spec))}")
     return cls
 
 
@@ -62,7 +77,10 @@ def plugin_registry(refresh: bool = False) -> dict[str, type[Plugin]]:
     """Name -> plugin class, from entry points plus programmatic registrations."""
     global _cache
     if _cache is None or refresh:
-        _cache = _discover()
+        try:
+            _cache = _discover()
+        except Exception as e:  # a plugin package that fails to import or to register: one line, not a traceback
+            raise ConfigError(f"plugins could not be loaded: {type(e).__name__}: {e}") from None
     return {**_cache, **_extra}
 
 

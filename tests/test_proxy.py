@@ -350,6 +350,37 @@ class Unencodable(Plugin):
         return [Event.from_json({"bad": {1, 2}})] if n == 2 else None
 
 
+class BadGenerator(Plugin):
+    """A transform (fails open) whose on_chunk hands back a generator that fails as it is read."""
+
+    name = "badgen"
+    kind = "transform"
+
+    @hookimpl
+    def on_chunk(self, ctx: Context, event: Event) -> Any:
+        def events() -> Any:
+            raise RuntimeError("bug")
+            yield event
+
+        return events()
+
+
+async def test_an_on_chunk_result_that_fails_as_it_is_read_is_the_plugins_failure(upstream, tmp_path, caplog):
+    """The hook's result was read outside the failure policy: a generator that raised ended the stream with an
+    internal_error, uncounted and without the plugin's name. It is now the plugin's failure: a transform fails
+    open (the event goes on as it came), counted and named."""
+    with register_plugin(BadGenerator):
+        async with SluiceServer(route(upstream, [{"badgen": {}}]), tmp_path) as s:
+            async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as client:
+                stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b"}], stream=True)
+                text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(f"{s.admin_url}/metrics")).text
+    assert text.endswith("You said: a b")
+    assert 'sluice_plugin_errors_total{phase="on_chunk",plugin="badgen"}' in metrics
+    assert "plugin badgen failed in on_chunk (RuntimeError), failing open" in caplog.text
+
+
 async def test_a_failure_of_ours_after_a_streams_headers_ends_it_with_an_error_event(upstream, tmp_path, caplog):
     """An exception after the 200 and its headers went out made the handler write a whole second HTTP
     response (a 500) into the stream's body: the SDK saw a broken connection (and retried the paid call).
