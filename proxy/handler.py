@@ -104,7 +104,7 @@ def refuse(server: Server, request_id: str, status: int, reason: str, message: s
     ``server.access_log``, logged as served requests are (the reason is Sluice's word: nothing the client
     sent is quoted), so a client's ``x-request-id`` can be found."""
     server.metrics.rejected.labels(reason=reason).inc()
-    if server.loaded is not None and server.loaded.config.server.access_log:
+    if server.loaded.config.server.access_log:
         log.info("request_id=%s route=- status=%s outcome=refused answered_by=core:%s", request_id, status, reason)
     return error_response(status, message, request_id, code=code)
 
@@ -290,7 +290,7 @@ class Handler:
             if ("." in path or "%" in path or "\\" in path) and has_dot_segments(path):
                 return refuse(server, rid, 400, "invalid_path", "The request path has '.' or '..' segments: send it normalised.",
                               "invalid_path")
-            if "upgrade" in request.headers and request.headers["upgrade"].lower() == "websocket":
+            if (upgrade := request.headers.get("upgrade")) is not None and upgrade.lower() == "websocket":
                 # the Realtime API's WebSocket: not relayed (an upgrade stripped as hop-by-hop would reach the
                 # upstream as a plain GET, whose answer means nothing to the client)
                 return refuse(server, rid, 501, "websocket_not_supported", "WebSocket connections (the Realtime API) are not "
@@ -406,7 +406,7 @@ class Handler:
                 if _answer_started(request):
                     return _cut(request, ctx, 500)
                 ctx.status = 500
-                resp = error_response(500, "Sluice failed to process the request.", rid, code="internal_error")
+                resp = error_response(500, _INTERNAL.message, rid, code=_INTERNAL.code)
                 return resp
             finally:
                 ctx.timings.end = time.perf_counter()
@@ -473,16 +473,18 @@ class Handler:
             ctx.outcome = "client_gone"
             return out
         except Exception as e:  # as in _relay
-            self._failed_in_stream(ctx, e)
-            await self._stream_error(out, ctx, _INTERNAL)
+            await self._failed_in_stream(out, ctx, e)
         with contextlib.suppress(ConnectionResetError):
             await out.write_eof()  # the whole answer is written: a client that left after [DONE] had it
         return out
 
-    def _failed_in_stream(self, ctx: Context, e: Exception) -> None:
+    async def _failed_in_stream(self, out: web.StreamResponse, ctx: Context, e: Exception) -> None:
+        """A failure of ours after a stream's headers went out: logged, and the stream ends with an error
+        event (a second response written into its body would break the client's connection)."""
         log.error("internal error %s after a stream's headers request_id=%s", type(e).__name__, ctx.request_id,
                   exc_info=self.server.debug)
         ctx.outcome = "error"
+        await self._stream_error(out, ctx, _INTERNAL)
 
     async def _write_events(self, out: web.StreamResponse, ctx: Context, events: list[Event]) -> None:
         if events:
@@ -604,8 +606,7 @@ class Handler:
             task.uncancel()
             att.error = "timeout"
             ctx.outcome = "upstream_error"
-            why = ("The upstream did not finish its stream in time." if dog.loop.time() >= dog.deadline
-                   else "The upstream stream stalled.")
+            why = "The upstream did not finish its stream in time." if dog.overran() else "The upstream stream stalled."
             await self._end_broken(out, ctx, pipeline, ProxyError(504, why, code="upstream_timeout"))
         except CONNECT_ERRORS as e:
             if isinstance(e, ConnectionResetError) and _client_gone(request):
@@ -614,11 +615,8 @@ class Handler:
             att.error = "protocol"
             ctx.outcome = "upstream_error"
             await self._end_broken(out, ctx, pipeline, ProxyError(502, "The upstream stream broke off.", code="upstream_disconnected"))
-        except Exception as e:
-            # ours, after the headers went out (an event a plugin left unencodable): the stream ends with an
-            # error event; a second response written into its body would break the client's connection
-            self._failed_in_stream(ctx, e)
-            await self._stream_error(out, ctx, _INTERNAL)
+        except Exception as e:  # ours (an event a plugin left unencodable)
+            await self._failed_in_stream(out, ctx, e)
         finally:
             dog.cancel()
             if tapped:
@@ -639,10 +637,7 @@ class Handler:
         timeouts. No plugin reads it: ``on_response`` is for JSON answers and ``on_chunk`` for SSE events;
         ``ctx.response`` stays ``None``. An upstream that stalls or breaks off cuts the client's connection,
         so the client sees an incomplete body, not a whole one (there is no error event to send)."""
-        headers = response_headers(resp.headers)
-        if "content-length" in resp.headers and resp.headers.get("content-encoding", "identity").strip().lower() == "identity":
-            headers["content-length"] = resp.headers["content-length"]  # a download's size, for the client's progress
-        out = self._finish_headers(ctx, web.StreamResponse(status=resp.status, headers=headers))
+        out = self._finish_headers(ctx, web.StreamResponse(status=resp.status, headers=response_headers(resp.headers, keep_length=True)))
         ctx.status = resp.status
         await out.prepare(request)
         content = resp.content
@@ -669,20 +664,18 @@ class Handler:
                 ctx.outcome = "client_gone"
                 raise
             task.uncancel()
-            att.error, ctx.error_status = "timeout", 504
-            ctx.error = ("The upstream did not finish its answer in time." if loop.time() >= dog.deadline
-                         else "The upstream answer stalled.")
+            att.error, status = "timeout", 504
+            ctx.error = "The upstream did not finish its answer in time." if dog.overran() else "The upstream answer stalled."
         except CONNECT_ERRORS as e:
             if isinstance(e, ConnectionResetError) and _client_gone(request):
                 ctx.outcome = "client_gone"
                 return out
-            att.error, ctx.error_status = "protocol", 502
+            att.error, status = "protocol", 502
             ctx.error = "The upstream answer broke off."
         finally:
             dog.cancel()
         ctx.outcome = "upstream_error"
-        if request.transport is not None:
-            request.transport.abort()  # the body is not whole: the client must not take it for whole
+        _cut(request, ctx, status)  # the body is not whole: the client must not take it for whole
         return out
 
     async def _end_broken(self, out: web.StreamResponse, ctx: Context, pipeline: ch.ChunkPipeline | None, err: ProxyError) -> None:
@@ -751,8 +744,9 @@ def _answer_started(request: web.BaseRequest) -> bool:
 
 
 def _cut(request: web.BaseRequest, ctx: Context, status: int) -> web.StreamResponse:
-    """A failure after the answer started, outside the relays' own handling: the connection is closed, so
-    the client sees the answer cut short, not a second response inside its body."""
+    """A failure after the answer started that no error event can tell (a body relayed as it came, or one
+    outside the relays' own handling): the connection is closed, so the client sees the answer cut short,
+    not a whole one nor a second response inside its body."""
     ctx.error_status = status
     if request.transport is not None:
         request.transport.abort()

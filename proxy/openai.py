@@ -48,17 +48,17 @@ def request_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMult
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str], head: bool = False) -> CIMultiDict[str]:
+def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str], keep_length: bool = False) -> CIMultiDict[str]:
     """The upstream's headers for the client: framing ones dropped, its ``x-request-id`` renamed.
 
-    ``head``: the answer to a HEAD request, which has no body but says how long the GET's would be (RFC
-    9110 9.3.2): its ``Content-Length`` is kept, unless it is a compressed length (the client's GET gets
-    the body decoded)."""
+    ``keep_length``: the upstream's ``Content-Length`` is kept, unless it is a compressed length (the
+    client gets the body decoded): for the answer to a HEAD request, which has no body but says how long
+    the GET's would be (RFC 9110 9.3.2), and for a body relayed as it comes (a download's progress)."""
     out: CIMultiDict[str] = CIMultiDict(headers)
     for h in RESPONSE_DROP_ORDER:
         if h in out:
             del out[h]
-    if head and "content-length" in headers and headers.get("content-encoding", "identity").strip().lower() == "identity":
+    if keep_length and "content-length" in headers and headers.get("content-encoding", "identity").strip().lower() == "identity":
         out["content-length"] = headers["content-length"]
     if "x-request-id" in out:
         for v in out.popall("x-request-id"):

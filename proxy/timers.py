@@ -158,5 +158,9 @@ class Watchdog:
         else:
             self.handle = self.loop.call_at(due, self._check)
 
+    def overran(self) -> bool:
+        """Having fired: the deadline passed (else the upstream was idle too long)."""
+        return self.loop.time() >= self.deadline
+
     def cancel(self) -> None:
         self.handle.cancel()
