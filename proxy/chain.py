@@ -1,7 +1,7 @@
 """Routes and their hook lists, built once per config load; the phases that run them.
 
-pluggy validates each plugin's hooks, but the request path does not go through
-``pm.hook.x()``: with async hooks pluggy would stop at the first coroutine
+The registry checks each plugin's hooks, but the request path does not go through
+pluggy's ``pm.hook.x()``: with async hooks pluggy would stop at the first coroutine
 without awaiting it. Each route keeps plain lists of bound hook functions in
 chain order, and the phases below await them one by one.
 """

@@ -2,9 +2,9 @@
 
 A plugin is a class deriving from :class:`proxy.Plugin` whose methods carry
 ``@proxy.hookimpl``. Hooks may be ``async def`` or plain ``def``; the chain awaits
-coroutines one by one in the order below. pluggy validates the hook names and
-argument names when a chain is built, so a misspelt hook or argument fails the
-config load rather than being silently ignored.
+coroutines one by one in the order below. The hook names and argument names are
+checked when a plugin class is registered (``sluice check`` included), so a
+misspelt hook or argument fails the config load rather than being silently ignored.
 
 Order (the "onion"):
 

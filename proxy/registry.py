@@ -40,7 +40,7 @@ def _check_class(cls: type) -> type[Plugin]:
             # a misspelt hook would never run (a guard that never guards)
             raise TypeError(f"{cls.__qualname__}.{attr} is marked @hookimpl but no hook is named {hook!r} "
                             f"(hooks: {', '.join(REQUEST_HOOKS)})")
-        # the arguments pluggy checks when a chain is built, checked here so `sluice check` sees them too
+        # the arguments too (pluggy's rule: a hook may take fewer than its spec passes, never others)
         spec = set(inspect.signature(getattr(hookspecs, hook)).parameters)
         if unknown := [a for a in inspect.signature(fn).parameters if a != "self" and a not in spec]:
             raise TypeError(f"{cls.__qualname__}.{attr} takes {', '.join(unknown)}: {hook} passes only "
@@ -100,10 +100,9 @@ def register_plugin(cls: type) -> Callable[[], None]:
 
 
 def hook_functions(plugin: Plugin) -> dict[str, tuple[Callable, bool]]:
-    """The plugin's request hooks as (bound function, is_coroutine), validated by pluggy."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    pm.register(plugin, name=f"{plugin.id}@{id(plugin)}")  # validates names and arguments
+    """The plugin's request hooks as (bound function, is_coroutine), its class's hook names and arguments
+    checked as registration checks them (a class made outside the registry too)."""
+    _check_class(type(plugin))
     out = {}
     for hook in REQUEST_HOOKS:
         fn = getattr(plugin, hook, None)
