@@ -57,19 +57,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
             continue
         for cmd in offered:
             words = cmd.name.split()
-            taken = words[0] in sub.choices if len(words) == 1 else (
-                words[0] in sub.choices and words[0] not in groups or (words[0] in groups and words[1] in groups[words[0]].choices))
-            if taken:
+            try:  # argparse refuses a name taken (by Sluice's commands or another plugin's)
+                if len(words) == 1:
+                    cp = sub.add_parser(words[0], help=cmd.help)
+                else:
+                    group = groups.get(words[0])
+                    if group is None:
+                        gp = sub.add_parser(words[0], help=f"{words[0]} commands")
+                        group = groups[words[0]] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+                    cp = group.add_parser(words[1], help=cmd.help)
+            except argparse.ArgumentError:
                 print(f"sluice: warning: plugin {cls.name}'s command {cmd.name!r} is taken: left out", file=sys.stderr)
                 continue
-            if len(words) == 1:
-                cp = sub.add_parser(words[0], help=cmd.help)
-            else:
-                group = groups.get(words[0])
-                if group is None:
-                    gp = sub.add_parser(words[0], help=f"{words[0]} commands")
-                    group = groups[words[0]] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-                cp = group.add_parser(words[1], help=cmd.help)
             _config_arg(cp)
             cmd.configure(cp)
             cp.set_defaults(_plugin_command=cmd)
