@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import math
 import operator
 import re
 import sqlite3
@@ -135,9 +136,9 @@ class SQLiteRecords(Records):
         self.dropped = 0
         #: ``dropped`` when the last flush was answered (a flush fails if rows were given up since)
         self._dropped_told = 0
-        #: the file cannot be opened (for good), or the monotonic time the file last refused a write (a full
-        #: disk, an I/O error; not one bad row), cleared by a write that goes through: see failing_now()
-        self.failing: bool | float = False
+        #: the monotonic time the file last refused a write (a full disk, an I/O error; not one bad row),
+        #: -inf once a write goes through, +inf when the file cannot be opened at all: see failing_now()
+        self.refused_at = -math.inf
         #: called (on the writer thread) with a table's name and how many of its rows were given up
         self.on_dropped: Callable[[str, int], None] | None = None
         self.written = 0
@@ -288,12 +289,11 @@ class SQLiteRecords(Records):
     def failing_now(self) -> bool:
         """For /readyz: the file cannot be opened, or refused a write within FAILING_FOR_S. Not for ever
         after one refusal: a replica out of service gets no rows, and no write would clear it."""
-        f = self.failing
-        return f is True or (f is not False and time.monotonic() - f < FAILING_FOR_S)
+        return time.monotonic() - self.refused_at < FAILING_FOR_S
 
     def _unwritable(self) -> None:
         """The file cannot be opened: count what arrives and answer waiters, never hang them."""
-        self.failing = True
+        self.refused_at = math.inf
         q = self._q
         while True:
             self._wake.wait(self.interval_s)
@@ -356,7 +356,7 @@ class SQLiteRecords(Records):
                 retrying(lambda: self._insert(db, name, rows), self.timeout_ms)
                 self.written += len(rows)
                 self.batches += 1
-                self.failing = False
+                self.refused_at = -math.inf
             except _ROW_ERRORS as e:
                 if len(rows) == 1:
                     self._dropped(name, 1)
@@ -369,7 +369,7 @@ class SQLiteRecords(Records):
             except Exception as e:  # the file, not a row (or anything else: never the writer thread's end)
                 keep = rows[-HELD_MAX:] if isinstance(e, sqlite3.OperationalError) and _locked(e) else []
                 if not keep:
-                    self.failing = time.monotonic()
+                    self.refused_at = time.monotonic()
                 if keep:
                     # another process holds the file (a backup, a VACUUM): the rows wait for the lock to go
                     log.warning("sqlite: %s is locked: %d rows of %s held for the next try", self.path.name, len(keep), name)

@@ -181,6 +181,7 @@ async def test_a_refused_write_makes_sqlite_unready_for_a_while_not_for_ever(tmp
     """One refused write kept /readyz at 503 until a later write went through, which a replica out of service
     never gets: it stayed out after the disk had room again. It now counts for FAILING_FOR_S (the probe's own
     write sees a disk still full); a file that cannot be opened counts for good."""
+    import math
     import time
 
     from proxy.state.sqlite import FAILING_FOR_S
@@ -190,12 +191,12 @@ async def test_a_refused_write_makes_sqlite_unready_for_a_while_not_for_ever(tmp
     rec = hub.records("r")
     try:
         assert (await hub.check())["sqlite"] == "ok"
-        rec.failing = time.monotonic()  # as the writer marks a write the file refused
+        rec.refused_at = time.monotonic()  # as the writer marks a write the file refused
         assert (await hub.check())["sqlite"] == "down"
-        rec.failing = time.monotonic() - FAILING_FOR_S - 1
+        rec.refused_at = time.monotonic() - FAILING_FOR_S - 1
         assert (await hub.check())["sqlite"] == "ok"
-        rec.failing = True  # as the writer marks a file it cannot open
+        rec.refused_at = math.inf  # as the writer marks a file it cannot open
         assert (await hub.check())["sqlite"] == "down"
     finally:
-        rec.failing = False
+        rec.refused_at = -math.inf
         await hub.close()
