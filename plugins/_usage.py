@@ -183,6 +183,24 @@ def estimate_completion_tokens_from_response(body: Any) -> int:
 EVENT_BYTES = 200
 
 
+def reported_usage(ctx: Any) -> Usage | None:
+    """The upstream's usage, if it gave one that can be billed: all-zero usage on an answer is how
+    malformed usage reaches us (no real prompt has 0 tokens), and counts as none. Metering's ledger and
+    the tokens-per-minute limit read usage this one way."""
+    u = ctx.usage
+    if u is not None and (u.prompt_tokens or u.completion_tokens or not ctx.attempts):
+        return u
+    return None
+
+
+def upstream_had_it(ctx: Any) -> bool:
+    """Whether a request with no answer bills its prompt: the client left, or the upstream did not answer
+    in time, after it was sent (an attempt cancelled or timed out before it had a connection never reached
+    the upstream). Either way Sluice hung up on an upstream that had the request: any attempt, not only the
+    last (a timed-out attempt is followed by a retry or a fallback that may fail otherwise)."""
+    return any(a.error in ("cancelled", "timeout") and not a.unsent for a in ctx.attempts)
+
+
 def estimate_completion_tokens_from_stream(ctx: Any) -> int:
     """Tokens generated in a stream that gave no usage (cut short, or an upstream that reports none), from
     the events the upstream sent (``ctx.stream_events``: counted as they arrive, so what a stream guard

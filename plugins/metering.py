@@ -50,6 +50,8 @@ from ._usage import (
     estimate_prompt_tokens,
     max_output_tokens,
     parse_table,
+    reported_usage,
+    upstream_had_it,
 )
 from .metrics import ModelLabel, families, route_name, served_models
 
@@ -537,36 +539,19 @@ class Metering(Plugin):
         return ctx.model
 
     @staticmethod
-    def _reported(ctx: Context) -> Usage | None:
-        """The upstream's usage, if it gave one that can be billed."""
-        u = ctx.usage
-        # all-zero usage on an answer is how malformed usage reaches us: no real prompt has 0 tokens
-        if u is not None and (u.prompt_tokens or u.completion_tokens or not ctx.attempts):
-            return u
-        return None
-
-    @staticmethod
     def _answered(ctx: Context) -> bool:
         return any(a.status is not None and a.status < 400 for a in ctx.attempts)
-
-    @staticmethod
-    def _billed_unanswered(ctx: Context) -> bool:
-        """Whether a request with no answer bills its prompt: the client left, or the upstream did not answer
-        in time, after it was sent (an attempt cancelled or timed out before it had a connection never reached
-        the upstream). Either way Sluice hung up on an upstream that had the request: any attempt, not only the
-        last (a timed-out attempt is followed by a retry or a fallback that may fail otherwise)."""
-        return any(a.error in ("cancelled", "timeout") and not a.unsent for a in ctx.attempts)
 
     def usage_of(self, ctx: Context) -> Usage:
         """The request's usage: the upstream's, else an estimate marked so (for the endpoints that bill
         tokens: a model list, a file or an audio call has no tokens to estimate)."""
-        u = self._reported(ctx)
+        u = reported_usage(ctx)
         if u is not None:
             return u
         if not _bills_tokens(ctx):
             return Usage()
         if not self._answered(ctx):
-            if self._billed_unanswered(ctx):
+            if upstream_had_it(ctx):
                 # the client left while the upstream had the request: it bills the prompt
                 prompt = self._prompt_tokens(ctx.json_body, ctx.model, ctx)
                 return Usage(prompt, 0, prompt, estimated=True)
@@ -582,8 +567,8 @@ class Metering(Plugin):
     def _estimated_big_prompt(self, ctx: Context) -> tuple[Any, str | None] | None:
         """:meth:`_big_prompt` when the row's usage is an estimate that counts the prompt (a cut stream, an
         upstream without usage: :meth:`usage_of`)."""
-        if (len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES or not ctx.attempts or self._reported(ctx) is not None
-                or not _bills_tokens(ctx) or not (self._answered(ctx) or self._billed_unanswered(ctx))):
+        if (len(ctx.raw) <= TOKENIZE_OFF_LOOP_BYTES or not ctx.attempts or reported_usage(ctx) is not None
+                or not _bills_tokens(ctx) or not (self._answered(ctx) or upstream_had_it(ctx))):
             return None  # the size first: most requests stop there
         return self._big_prompt(ctx)
 

@@ -26,6 +26,8 @@ from proxy.openai import deployment_of
 from proxy.state import Decision, Limit, check_backends
 
 from ._tokens import NO_COMPLETION_PATHS, completion_allowance, count_prompt_tokens, load_tokenizer, reservation
+from ._usage import (estimate_completion_tokens_from_response, estimate_completion_tokens_from_stream, reported_usage,
+                     upstream_had_it)
 
 if TYPE_CHECKING:  # pragma: no cover
     from proxy.runtime import Runtime
@@ -667,22 +669,18 @@ class RateLimit(Plugin):
     # -- reconcile -----------------------------------------------------------------
     def actual_tokens(self, ctx: Context, res: Reservation) -> int:
         """What the request really used, by the rules in docs/plugins/ratelimit.md."""
-        u = ctx.usage
-        if u is not None and (u.prompt_tokens or u.completion_tokens):  # all-zero usage is none, as metering reads it
+        u = reported_usage(ctx)  # as the ledger reads it (all-zero usage is none)
+        if u is not None:
             total = u.total_tokens or (u.prompt_tokens + u.completion_tokens)
             return max(0, int(total))
         reached = any(a.status is not None for a in ctx.attempts)
         streamed = ctx.stream_events or ctx.stream_bytes
         if not reached:
             # the upstream had the request when Sluice hung up on it (client gone, first_byte timeout): its prompt
-            if any(a.error in ("cancelled", "timeout") and not a.unsent for a in ctx.attempts):
-                return res.prompt_tokens
-            return 0
+            return res.prompt_tokens if upstream_had_it(ctx) else 0
         if ctx.status is not None and ctx.status >= 400 and not streamed:
             return 0  # an error answer: nothing was generated
         # the same estimates metering records, so limits and the ledger agree
-        from ._usage import estimate_completion_tokens_from_response, estimate_completion_tokens_from_stream
-
         if streamed or (ctx.response is None and ctx.status is not None and ctx.status < 300):
             return res.prompt_tokens + estimate_completion_tokens_from_stream(ctx)
         if ctx.response is not None and ctx.response.status < 300:
@@ -772,8 +770,8 @@ class RateLimit(Plugin):
         buckets = res.token_buckets
         delta = 0
         if buckets:
-            u = ctx.usage
-            if u is not None and (u.prompt_tokens or u.completion_tokens):  # the usual case, inline: the upstream's usage
+            u = reported_usage(ctx)
+            if u is not None:  # the usual case, inline: the upstream's usage
                 delta = max(0, int(u.total_tokens or (u.prompt_tokens + u.completion_tokens))) - res.tokens
             else:
                 delta = self.actual_tokens(ctx, res) - res.tokens
